@@ -1,0 +1,97 @@
+"""The Pass contract. A pass is a pure function: (config, input model, data) -> output model + metrics.
+
+One file per pass under orchestrator/passes/, registered by type name in `registry.py` as a lazy import path
+so that `orch --help` never imports torch. Passes never import systems.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.job import Job, ModelArtifact, append_event
+
+
+class PassConfig(BaseModel):
+    """Base for every pass's config: frozen, and unknown keys are an error (the config reader names them)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PassError(Exception):
+    """A user-facing failure of a pass: one line that names the cause and the fix. No traceback is shown."""
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a pass needs from the system that runs it."""
+
+    cuda: bool = False
+    environment: str = "cpu-export"  # environments/<name>.conda.yaml family: cpu-export | cpu-train | gpu-train
+
+
+@dataclass
+class PassOutput:
+    model: ModelArtifact | None  # paths relative to out_dir (or absolute for pass-through inputs)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What the runner gives a pass: the job, where to write, and how to report progress and metrics."""
+
+    job: Job
+    out_dir: Path
+    emit: Callable[[dict[str, Any]], None] | None = None  # set by the runner; default appends to events.jsonl
+    secrets: dict[str, str] = field(default_factory=dict)  # resolved secret values, never logged
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        event = {"t": time.time(), **event}
+        if self.emit is not None:
+            self.emit(event)
+        else:
+            append_event(self.out_dir, event)
+
+    def log_metric(self, name: str, value: float, step: int | None = None) -> None:
+        self._emit({"type": "metric", "name": name, "value": float(value), "step": step})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self.log_metric(k, v, step)
+
+    def log_param(self, name: str, value: Any) -> None:
+        self._emit({"type": "param", "name": name, "value": str(value)})
+
+    def progress(self, done: int, total: int, desc: str = "") -> None:
+        """Progress for the host's rich progress bar (a line in events.jsonl / the job log)."""
+        self._emit({"type": "progress", "done": done, "total": total, "desc": desc})
+
+    def info(self, message: str) -> None:
+        self._emit({"type": "log", "message": message})
+
+
+class Pass(ABC):
+    """Subclass, set `type_name`, `Config`, `version`, `libraries`; implement `run`.
+
+    `version`: bump it when the pass's behaviour changes, so cached outputs of the old code are not reused.
+    `libraries`: distribution names whose versions go into the cache key.
+    """
+
+    type_name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    version: ClassVar[str] = "1"
+    libraries: ClassVar[tuple[str, ...]] = ()
+    needs_model: ClassVar[bool] = True
+
+    def requirements(self, config: PassConfig) -> Requirements:
+        return Requirements()
+
+    @abstractmethod
+    def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
+        """Do the work; write everything under ctx.out_dir; return the output model and final metrics."""

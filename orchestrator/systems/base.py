@@ -1,0 +1,67 @@
+"""The System contract: where a Job runs. One file per system; systems never import passes.
+
+A system only provides an environment and moves bytes: every system executes the same entry point,
+`python -m orchestrator.runner --job <job.json>`, so "works locally" means "works in Docker" means
+"works on Azure ML".
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+from orchestrator.job import Job, JobResult, JobState
+
+
+class SystemFailure(Exception):
+    """A user-facing failure of a system (submit refused, job failed): one line, with the log tail attached."""
+
+    def __init__(self, message: str, *, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class JobHandle(ABC):
+    """A submitted job. Holds enough state (system kind, job_id) to re-attach from another process."""
+
+    job_id: str
+
+    @abstractmethod
+    def status(self) -> JobState: ...
+
+    @abstractmethod
+    def wait(self, timeout: float | None = None) -> JobState:
+        """Block until the job is terminal (or timeout) and return the status: the reason matters."""
+
+    @abstractmethod
+    def logs(self, follow: bool = False) -> Iterator[str]:
+        """Log lines. With follow, until the job ends; raises if the stream ends before a terminal state."""
+
+    @abstractmethod
+    def cancel(self) -> bool:
+        """Stop the job. Idempotent; True if it was still running."""
+
+    @abstractmethod
+    def outputs(self, dest: Path | None = None) -> Path:
+        """The folder holding result.json and the pass outputs (downloaded into dest where remote)."""
+
+    def result(self, dest: Path | None = None) -> JobResult:
+        return JobResult.read(self.outputs(dest))
+
+
+class System(ABC):
+    """Subclasses: LocalSystem, DockerSystem, AzureMLSystem."""
+
+    kind: str
+
+    def prepare(self, job: Job) -> None:  # noqa: B027 - an optional hook, no-op by default
+        """Idempotent set-up before submit: build/reuse an environment image, upload code."""
+
+    @abstractmethod
+    def submit(self, job: Job) -> JobHandle:
+        """Start the job and return at once."""
+
+    @abstractmethod
+    def attach(self, job_id: str) -> JobHandle:
+        """A handle for a job submitted earlier (by this or another process)."""
