@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from orchestrator.job import Job, JobResult, JobState
 
@@ -54,6 +55,18 @@ class System(ABC):
     """Subclasses: LocalSystem, DockerSystem, AzureMLSystem."""
 
     kind: str
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **context: Any) -> System:
+        """Build from the json form of the workflow's system entry; `context` carries base_dir, cache_dir."""
+        return cls(**{k: v for k, v in config.items() if k != "type"})
+
+    def environment_fingerprint(self, libraries: tuple[str, ...]) -> dict[str, str]:
+        """What identifies the job's environment in cache keys: by default the versions of `libraries`
+        in this interpreter. Image-based systems return the hash of their environment spec instead."""
+        from orchestrator.runner import library_versions
+
+        return library_versions(libraries)
 
     def prepare(self, job: Job) -> None:  # noqa: B027 - an optional hook, no-op by default
         """Idempotent set-up before submit: build/reuse an environment image, upload code."""

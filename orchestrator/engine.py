@@ -1,0 +1,472 @@
+"""Plan and run the pass chain: one Job per pass, cached by content, on the host; evaluation on the target.
+
+Cache key of a pass = hash(pass type, pass version + code hash, normalized config, input model identity, the
+content of the data it names, the environment's library versions). The input identity of a pass that follows
+another is the previous pass's key (content-addressed by derivation), so the whole plan — which passes run and
+which come from the cache — is known on the client before anything is submitted.
+The engine never knows how a system moves bytes: it hands Jobs to `System.submit` and reads their results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator import __version__
+from orchestrator.cache import Cache, folder_size, stable_hash
+from orchestrator.job import EVENTS_FILE, Job, JobResult, JobState, JobTracking, ModelArtifact, atomic_write_text
+from orchestrator.passes.registry import load_pass
+from orchestrator.systems import KEYWORDS, make_system
+from orchestrator.systems.base import System, SystemFailure
+from orchestrator.tracking import EventTail, Tracker, flatten_params, resolve_tracking_uri
+
+
+class EngineError(Exception):
+    """A workflow failure for the user: one line, with the failing job's log tail attached."""
+
+    def __init__(self, message: str, *, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+class Reporter(Protocol):
+    """What the engine tells the UI (the CLI renders it with rich; tests pass a QuietReporter)."""
+
+    def plan(self, steps: list[Step]) -> None: ...
+    def step_start(self, step: Step) -> None: ...
+    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
+    def step_log(self, step: Step, line: str) -> None: ...
+    def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_end(self, step: Step, record: StepRecord) -> None: ...
+
+
+class QuietReporter:
+    def plan(self, steps: list[Step]) -> None: ...
+    def step_start(self, step: Step) -> None: ...
+    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
+    def step_log(self, step: Step, line: str) -> None: ...
+    def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_end(self, step: Step, record: StepRecord) -> None: ...
+
+
+@dataclass
+class Step:
+    """One planned pass run."""
+
+    name: str
+    pass_type: str
+    config: dict[str, Any]
+    role: str  # "host" (a pass) or "target" (evaluation)
+    system_name: str
+    key: str = ""
+    cached: bool = False
+    data_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepRecord:
+    name: str
+    pass_type: str
+    system: str
+    cache_key: str
+    cached: bool
+    status: str
+    duration_s: float
+    metrics: dict[str, float]
+    versions: dict[str, str]
+    output: dict[str, Any] | None
+    output_size_bytes: int = 0
+
+
+@dataclass
+class RunSummary:
+    steps: list[StepRecord]
+    final_model: ModelArtifact | None
+    metrics: dict[str, float]
+    output_dir: Path | None
+    mlflow_run_id: str | None
+    model_uri: str | None = None
+
+
+def _code_hash(pass_cls: type) -> str:
+    try:
+        return hashlib.sha256(inspect.getsource(inspect.getmodule(pass_cls)).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return "unknown"
+
+
+def _data_refs(config: Any, data_names: set[str]) -> list[str]:
+    """Data config names a pass config refers to (train_data_config, data_config, ... at any depth)."""
+    found: list[str] = []
+    if isinstance(config, dict):
+        for value in config.values():
+            found += _data_refs(value, data_names)
+    elif isinstance(config, list):
+        for value in config:
+            found += _data_refs(value, data_names)
+    elif isinstance(config, str) and config in data_names:
+        found.append(config)
+    return sorted(set(found))
+
+
+class Engine:
+    """Runs one workflow. `host`/`target` override the config's engine.host/target (system names or keywords)."""
+
+    def __init__(
+        self,
+        workflow: Any,
+        *,
+        host: str | None = None,
+        target: str | None = None,
+        tracking_uri: str | None = None,
+        tracking: bool = True,
+        reporter: Reporter | None = None,
+    ) -> None:
+        self.wf = workflow
+        self.base_dir = Path(workflow.base_dir)
+        eng = workflow.engine
+        self.cache = Cache(self._abs(eng.cache_dir or ".orch/cache"))
+        self.output_dir = self._abs(eng.output_dir) if eng.output_dir else None
+        self.host_name = host or eng.host or "local"
+        self.target_name = target or eng.target or self.host_name
+        self.reporter: Reporter = reporter or QuietReporter()
+        self.tracking_enabled = tracking
+        mlflow_cfg = getattr(eng, "mlflow", None)
+        self.tracking_uri = resolve_tracking_uri(tracking_uri, getattr(mlflow_cfg, "tracking_uri", None))
+        self.experiment = getattr(mlflow_cfg, "experiment_name", None) or "orch"
+        self.register_as = getattr(mlflow_cfg, "register_model_name", None)
+        self._systems: dict[str, System] = {}
+        self._data = {dc.name: dc for dc in workflow.data_configs}
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def _abs(self, p: str | Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    def system(self, name: str) -> System:
+        """A system by workflow name, or by keyword (local/docker/aml: the first such system in the config)."""
+        if name not in self._systems:
+            systems = self.wf.systems
+            if name in systems:
+                cfg = systems[name].model_dump(mode="json")
+                type_name = cfg.get("type", "LocalSystem")
+            elif name in KEYWORDS:
+                type_name = KEYWORDS[name]
+                match = [s for s in systems.values() if s.model_dump(mode="json").get("type") in (type_name, f"{type_name}System")]
+                cfg = match[0].model_dump(mode="json") if match else {"type": type_name}
+            else:
+                raise EngineError(f"engine host/target {name!r} is not a system in 'systems' nor one of local, docker, aml")
+            self._systems[name] = make_system(type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root)
+        return self._systems[name]
+
+    def _input_model(self) -> tuple[ModelArtifact, str]:
+        """The workflow's input model as an artifact, and its identity for cache keys."""
+        im = self.wf.input_model
+        from orchestrator.resources import resolve_model_ref
+
+        path, identity = resolve_model_ref(im.model_ref, base_dir=self.base_dir, cache=self.cache)
+        adapter = getattr(im, "adapter_path", None)
+        fmt = "hf"
+        if adapter:
+            adapter = str(self._abs(adapter))
+            identity = stable_hash([identity, self.cache.content_hash(adapter)])
+            fmt = "hf_adapter"
+        if Path(path).is_dir() and (Path(path) / "genai_config.json").exists():
+            fmt = "onnx_genai"
+        elif Path(path).is_dir() and any(Path(path).glob("*.onnx")) or str(path).endswith(".onnx"):
+            fmt = "onnx"
+        art = ModelArtifact(
+            format=fmt,
+            path=str(path),
+            adapter_path=adapter,
+            task=im.task or "text-generation",
+            trust_remote_code=bool(im.trust_remote_code),
+        )
+        return art, identity
+
+    def _data_files(self, names: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
+        """Json form of the named data configs, local data paths to hand the job, and their content hashes."""
+        from orchestrator.resources import resolve_data_files
+
+        configs, files, hashes = {}, {}, []
+        for name in names:
+            dc = self._data[name]
+            cfg = dc.model_dump(mode="json")
+            configs[name] = cfg
+            local = resolve_data_files(cfg, base_dir=self.base_dir, cache=self.cache)
+            if local is not None:
+                files[name] = str(local)
+                hashes.append(self.cache.content_hash(local))
+            hashes.append(stable_hash(cfg))
+        return configs, files, hashes
+
+    # ---- planning ---------------------------------------------------------------------------------------
+    def plan(self) -> list[Step]:
+        """Ordered steps with cache keys and hit/miss, decided on the client before anything is submitted."""
+        steps = [
+            Step(name, entry.type, dict(entry.config or {}), "host", self.host_name)
+            for name, entry in self.wf.passes.items()
+        ]
+        evaluator = self._evaluator_config()
+        if evaluator is not None:
+            steps.append(Step("evaluate", "Evaluate", evaluator, "target", self.target_name))
+        _, identity = self._input_model()
+        prev = identity
+        for step in steps:
+            pass_cls = load_pass(step.pass_type)
+            step.data_names = _data_refs(step.config, set(self._data))
+            _, _, data_hashes = self._data_files(step.data_names)
+            env = self.system(step.system_name).environment_fingerprint(tuple(pass_cls.libraries))
+            normalized = pass_cls.Config.model_validate(step.config).model_dump(mode="json")
+            step.key = stable_hash(
+                {
+                    "pass": step.pass_type,
+                    "pass_version": pass_cls.version,
+                    "code": _code_hash(pass_cls),
+                    "config": normalized,
+                    "input": prev,
+                    "data": data_hashes,
+                    "env": env,
+                    "accelerator": self._accelerator(step.system_name),
+                    "providers": self._providers(),
+                }
+            )[:32]
+            step.cached = self.cache.get(step.key) is not None
+            if step.role == "host":
+                prev = step.key
+        return steps
+
+    def _evaluator_config(self) -> dict[str, Any] | None:
+        name = getattr(self.wf.engine, "evaluator", None)
+        if not name:
+            return None
+        ev = self.wf.evaluators[name]
+        return {"metrics": [m.model_dump(mode="json", exclude_none=True) for m in ev.metrics]}
+
+    def _accelerator(self, system_name: str) -> str:
+        accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]
+        first = accs[0]
+        device = first.get("device") if isinstance(first, dict) else first
+        return "gpu" if str(device).lower() in ("gpu", "cuda") else "cpu"
+
+    def _providers(self) -> list[str]:
+        return list(getattr(self.wf.engine, "execution_providers", None) or ["CPUExecutionProvider"])
+
+    # ---- running ----------------------------------------------------------------------------------------
+    def run(self, *, dry_run: bool = False) -> tuple[list[Step], RunSummary | None]:
+        steps = self.plan()
+        self.reporter.plan(steps)
+        if dry_run:
+            return steps, None
+        tracker = Tracker(
+            self.tracking_uri,
+            self.experiment,
+            getattr(self.wf, "workflow_id", None) or "workflow",
+            enabled=self.tracking_enabled,
+        )
+        tracker.log_params(flatten_params(self.wf.to_json_dict()))
+        tracker.set_tag("orch.host", self.host_name)
+        tracker.set_tag("orch.target", self.target_name)
+        records: list[StepRecord] = []
+        model, _ = self._input_model()
+        status = "FAILED"
+        try:
+            for step in steps:
+                record, out_model = self._run_step(step, model, tracker)
+                records.append(record)
+                if step.role == "host" and out_model is not None:
+                    model = out_model
+            final_metrics = {f"{r.name}/{k}": v for r in records for k, v in r.metrics.items()}
+            summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id)
+            if self.output_dir is not None:
+                self.export(summary)
+                if model is not None:
+                    summary.model_uri = tracker.log_model(self.output_dir / "model", model.format, self.register_as)
+                    self._write_manifest(summary, steps)
+            status = "FINISHED"
+            return steps, summary
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.end(status)
+
+    def _run_step(self, step: Step, model: ModelArtifact, tracker: Tracker) -> tuple[StepRecord, ModelArtifact | None]:
+        self.reporter.step_start(step)
+        started = time.time()
+        entry = self.cache.get(step.key)
+        if entry is None:
+            system = self.system(step.system_name)
+            with self.cache.staging(step.key) as stage:
+                entry = self.cache.get(step.key)  # a concurrent run may have finished it while we waited
+                if entry is None:
+                    self._execute(step, system, model, stage, tracker)
+                    entry = self.cache.commit(
+                        step.key,
+                        stage,
+                        {"pass": step.name, "pass_type": step.pass_type, "system": step.system_name, "orch": __version__},
+                    )
+                    cached = False
+                else:
+                    cached = True
+        else:
+            cached = True
+        result = entry.result
+        out_model = result.model.with_root(entry.path) if result.model else None
+        if cached:  # metrics of a cached pass still belong in this run's record
+            for k, v in result.metrics.items():
+                tracker.log_metric(f"{step.name}/{k}", v)
+        record = StepRecord(
+            name=step.name,
+            pass_type=step.pass_type,
+            system=step.system_name,
+            cache_key=step.key,
+            cached=cached,
+            status=result.status.value,
+            duration_s=result.duration_s if not cached else time.time() - started,
+            metrics=result.metrics,
+            versions=result.versions,
+            output=out_model.model_dump(mode="json") if out_model else None,
+            output_size_bytes=folder_size(out_model.path) if out_model and Path(out_model.path).exists() else 0,
+        )
+        tracker.log_metric(f"{step.name}/duration_s", result.duration_s)
+        if record.output_size_bytes:
+            tracker.log_metric(f"{step.name}/model_size_bytes", record.output_size_bytes)
+        self.reporter.step_end(step, record)
+        return record, out_model
+
+    def _execute(self, step: Step, system: System, model: ModelArtifact, stage: Path, tracker: Tracker) -> None:
+        configs, files, _ = self._data_files(step.data_names)
+        secrets = {}
+        sys_cfg = self.wf.systems.get(step.system_name)
+        if sys_cfg is not None and getattr(sys_cfg, "hf_token", False):
+            secrets = system.secret_sources(["hf_token"]) if hasattr(system, "secret_sources") else {}
+        job = Job(
+            job_id=f"{step.name}-{step.key[:12]}-{uuid.uuid4().hex[:6]}",
+            pass_name=step.name,
+            pass_type=step.pass_type,
+            pass_config=step.config,
+            model=model,
+            data_configs=configs,
+            data_files=files,
+            output_dir=str(stage),
+            accelerator=self._accelerator(step.system_name),
+            execution_providers=self._providers(),
+            secrets=secrets,
+            tracking=JobTracking(mode="events", metric_prefix=f"{step.name}/"),
+            log_level=int(getattr(self.wf.engine, "log_severity_level", 3) or 3),
+        )
+        system.prepare(job)
+        handle = system.submit(job)
+        tail = EventTail(stage / EVENTS_FILE)
+        stop = threading.Event()
+
+        def pump_logs() -> None:
+            for line in handle.logs(follow=True):
+                self.reporter.step_log(step, line)
+                if stop.is_set():
+                    break
+
+        log_thread = threading.Thread(target=pump_logs, daemon=True)
+        log_thread.start()
+        try:
+            while True:
+                state = handle.wait(timeout=0.5)
+                for event in tail.read():
+                    self._on_event(step, event, tracker)
+                if state.is_terminal():
+                    break
+        except KeyboardInterrupt:
+            handle.cancel()
+            raise
+        finally:
+            stop.set()
+            log_thread.join(timeout=2)
+        for event in tail.read():
+            self._on_event(step, event, tracker)
+        out = handle.outputs(stage)
+        try:
+            result = JobResult.read(out)
+        except (FileNotFoundError, ValueError):
+            result = None
+        if state != JobState.COMPLETED or result is None or result.status != JobState.COMPLETED:
+            reason = (result.error if result else None) or f"job ended {state.value}"
+            tail_text = handle.log_tail() if hasattr(handle, "log_tail") else ""
+            raise EngineError(f"pass {step.name!r} ({step.pass_type}) failed on {step.system_name}: {reason}", log_tail=tail_text)
+
+    def _on_event(self, step: Step, event: dict[str, Any], tracker: Tracker) -> None:
+        kind = event.get("type")
+        if kind == "progress":
+            self.reporter.step_progress(step, int(event["done"]), int(event["total"]), event.get("desc", ""))
+        elif kind == "metric":
+            tracker.forward(event, f"{step.name}/")
+            self.reporter.step_metric(step, event["name"], event["value"])
+        elif kind == "param":
+            tracker.forward(event, f"{step.name}/")
+
+    # ---- outputs ----------------------------------------------------------------------------------------
+    def export(self, summary: RunSummary) -> None:
+        """Copy the final model into output_dir (adapter/ + model/ for an adapter, else model/), atomically."""
+        assert self.output_dir is not None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        model = summary.final_model
+        if model is None:
+            return
+        if model.format == "hf_adapter" and model.adapter_path:
+            _replace_dir(Path(model.adapter_path), self.output_dir / "adapter")
+        _replace_dir(Path(model.path), self.output_dir / "model")
+
+    def _write_manifest(self, summary: RunSummary, steps: list[Step]) -> None:
+        assert self.output_dir is not None
+        model_dir = self.output_dir / "model"
+        manifest = {
+            "orch_version": __version__,
+            "workflow_id": getattr(self.wf, "workflow_id", None),
+            "host": self.host_name,
+            "target": self.target_name,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "input_model": self.wf.input_model.model_dump(mode="json", exclude_none=True),
+            "passes": [r.__dict__ for r in summary.steps],
+            "final_model": {
+                "format": summary.final_model.format if summary.final_model else None,
+                "path": str(model_dir),
+                "sha256": self.cache.content_hash(model_dir) if model_dir.exists() else None,
+                "size_bytes": folder_size(model_dir) if model_dir.exists() else 0,
+            },
+            "metrics": summary.metrics,
+            "mlflow": {"tracking_uri": self.tracking_uri, "run_id": summary.mlflow_run_id, "model_uri": summary.model_uri},
+        }
+        atomic_write_text(self.output_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    """Copy src to dest via a temp sibling + rename: dest is either the old or the new copy, never half."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if src.is_dir():
+        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    else:
+        tmp.mkdir(parents=True)
+        shutil.copy2(src, tmp / src.name)
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link cache files into the output (no extra disk for multi-GB models), copy across filesystems."""
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,166 @@
+"""`python -m orchestrator.runner --job job.json`: the ONE entry point every system executes.
+
+Reads a Job, resolves its secrets (by name, from a mounted file or Key Vault: never from the job spec), runs the
+pass, streams metrics (events.jsonl for the host to forward, or straight to MLflow when the job runs where MLflow
+is set up for it, as on Azure ML), and leaves result.json in the output folder.
+Exit codes: 0 completed, 2 a user-facing pass error (one line on stderr), 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from orchestrator.job import Job, JobResult, JobState, append_event
+from orchestrator.passes.base import PassContext, PassError
+from orchestrator.passes.registry import load_pass
+
+CORE_LIBRARIES = ("torch", "transformers", "peft", "onnxruntime", "onnxruntime-genai", "onnx")
+
+
+def library_versions(names: tuple[str, ...] | list[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def resolve_secret(source: str) -> str:
+    """A secret source is `file:<path>` (Docker mounts) or `keyvault:<vault_url>#<name>` (Azure ML identity)."""
+    kind, _, ref = source.partition(":")
+    if kind == "file":
+        return Path(ref).read_text().strip()
+    if kind == "keyvault":
+        from azure.identity import DefaultAzureCredential
+        from azure.keyvault.secrets import SecretClient
+
+        vault_url, _, name = ref.partition("#")
+        client = SecretClient(vault_url=vault_url, credential=DefaultAzureCredential())
+        return client.get_secret(name).value or ""
+    raise PassError(f"unknown secret source kind {kind!r} (expected file: or keyvault:)")
+
+
+class _MlflowDirect:
+    """Logs events into the MLflow run the environment names (Azure ML sets MLFLOW_RUN_ID for the job)."""
+
+    def __init__(self, prefix: str) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.prefix = prefix
+        self.run_id = os.environ.get("MLFLOW_RUN_ID")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        client = self.mlflow.MlflowClient()
+        if not self.run_id:
+            return
+        if event["type"] == "metric":
+            client.log_metric(self.run_id, self.prefix + event["name"], event["value"], step=event.get("step") or 0)
+        elif event["type"] == "param":
+            client.log_param(self.run_id, self.prefix + event["name"], event["value"])
+
+
+def run_job(job: Job) -> JobResult:
+    out_dir = Path(job.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    direct = _MlflowDirect(job.tracking.metric_prefix) if job.tracking.mode == "direct" else None
+
+    def emit(event: dict[str, Any]) -> None:
+        append_event(out_dir, event)
+        if event["type"] == "log":
+            print(event["message"], flush=True)
+        if direct is not None:
+            direct(event)
+
+    started = time.time()
+    pass_cls = load_pass(job.pass_type)
+    versions = library_versions(tuple(pass_cls.libraries) or CORE_LIBRARIES)
+    try:
+        config = pass_cls.Config.model_validate(job.pass_config)
+        secrets = {name: resolve_secret(src) for name, src in job.secrets.items()}
+        if "hf_token" in secrets:  # huggingface_hub reads it from here; it never leaves this process
+            os.environ["HF_TOKEN"] = secrets["hf_token"]
+        ctx = PassContext(job=job, out_dir=out_dir, emit=emit, secrets=secrets)
+        emit({"t": time.time(), "type": "status", "status": JobState.RUNNING.value})
+        output = pass_cls().run(config, job.model, ctx)
+    except PassError as exc:
+        result = JobResult(
+            job_id=job.job_id,
+            pass_type=job.pass_type,
+            status=JobState.FAILED,
+            versions=versions,
+            duration_s=time.time() - started,
+            error=str(exc),
+        )
+        result.write(out_dir)
+        raise
+    result = JobResult(
+        job_id=job.job_id,
+        pass_type=job.pass_type,
+        status=JobState.COMPLETED,
+        model=output.model,
+        metrics=output.metrics,
+        versions=versions,
+        duration_s=time.time() - started,
+    )
+    result.write(out_dir)
+    emit({"t": time.time(), "type": "status", "status": JobState.COMPLETED.value})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m orchestrator.runner", description=__doc__)
+    ap.add_argument("--job", required=True, help="path of job.json")
+    ap.add_argument(
+        "--output-dir", help="override the job's output_dir (Azure ML binds ${{outputs.x}} to a path at run time)"
+    )
+    ap.add_argument("--model-path", help="override the input model's path (bound input on Azure ML)")
+    ap.add_argument("--adapter-path", help="override the input model's adapter path")
+    ap.add_argument("--data-file", action="append", default=[], help="NAME=PATH override of a data config's files")
+    args = ap.parse_args(argv)
+
+    job = Job.read(args.job)
+    updates: dict[str, Any] = {}
+    if args.output_dir:
+        updates["output_dir"] = args.output_dir
+    if job.model is not None and (args.model_path or args.adapter_path):
+        model_updates = {}
+        if args.model_path:
+            model_updates["path"] = args.model_path
+        if args.adapter_path:
+            model_updates["adapter_path"] = args.adapter_path
+        updates["model"] = job.model.model_copy(update=model_updates)
+    if args.data_file:
+        files = dict(job.data_files)
+        files.update(dict(item.split("=", 1) for item in args.data_file))
+        updates["data_files"] = files
+    if updates:
+        job = job.model_copy(update=updates)
+    try:
+        run_job(job)
+    except PassError as exc:
+        print(f"orch: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as exc:  # the traceback goes to the job log; the result names the cause
+        traceback.print_exc()
+        JobResult(
+            job_id=job.job_id,
+            pass_type=job.pass_type,
+            status=JobState.FAILED,
+            error=f"{type(exc).__name__}: {exc}",
+        ).write(job.output_dir)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

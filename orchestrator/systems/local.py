@@ -1,0 +1,196 @@
+"""LocalSystem: the runner in a subprocess of this machine, in its own process group.
+
+orch's words on this system: a Job is a child process `python -m orchestrator.runner --job <out>/job.json`;
+its log is <out>/job.log; cancel kills the whole process group (as MLflow's LocalSubmittedRun does), so
+dataloader workers and builder subprocesses die with it. `python_environment_path` runs the Job under another
+interpreter (a venv or conda env folder, or a python executable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from orchestrator.job import JOB_FILE, Job, JobResult, JobState
+from orchestrator.systems.base import JobHandle, System, SystemFailure
+
+LOG_FILE = "job.log"
+PID_FILE = "job.pid"
+ORCH_SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the orchestrator package
+
+
+def resolve_python(python_environment_path: str | None) -> str:
+    """The interpreter for jobs: this one, or the one inside python_environment_path (venv/conda) or the path."""
+    if not python_environment_path:
+        return sys.executable
+    p = Path(python_environment_path).expanduser()
+    for candidate in (p, p / "bin" / "python", p / "bin" / "python3", p / "python.exe", p / "Scripts" / "python.exe"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise SystemFailure(
+        f"python_environment_path {python_environment_path!r} has no python interpreter "
+        "(give a venv/conda folder or a python executable)"
+    )
+
+
+class LocalJobHandle(JobHandle):
+    def __init__(self, job_id: str, out_dir: Path, proc: subprocess.Popen | None = None) -> None:
+        self.job_id = job_id
+        self.out_dir = out_dir
+        self._proc = proc
+        self._canceled = False
+
+    def _pid(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.pid
+        pid_file = self.out_dir / PID_FILE
+        return int(pid_file.read_text()) if pid_file.exists() else None
+
+    def _alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        pid = self._pid()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def status(self) -> JobState:
+        if self._alive():
+            return JobState.RUNNING
+        if self._canceled:
+            return JobState.CANCELED
+        try:
+            return JobResult.read(self.out_dir).status
+        except (FileNotFoundError, ValueError):
+            return JobState.FAILED
+
+    def wait(self, timeout: float | None = None) -> JobState:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._alive():
+            if deadline is not None and time.monotonic() > deadline:
+                return JobState.RUNNING
+            if self._proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=0.2)
+            else:
+                time.sleep(0.2)
+        return self.status()
+
+    def logs(self, follow: bool = False) -> Iterator[str]:
+        path = self.out_dir / LOG_FILE
+        while not path.exists() and follow and self._alive():
+            time.sleep(0.1)
+        if not path.exists():
+            return
+        with path.open(errors="replace") as fh:
+            buf = ""
+            while True:
+                chunk = fh.readline()
+                if chunk:
+                    buf += chunk
+                    if buf.endswith("\n"):
+                        yield buf.rstrip("\n")
+                        buf = ""
+                    continue
+                if not follow or not self._alive():
+                    rest = fh.read()
+                    yield from (buf + rest).splitlines()
+                    return
+                time.sleep(0.1)
+
+    def cancel(self) -> bool:
+        pid = self._pid()
+        if pid is None or not self._alive():
+            return False
+        self._canceled = True
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(50):
+                if not self._alive():
+                    break
+                time.sleep(0.1)
+            else:
+                os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self._proc is not None:
+            self._proc.wait()
+        return True
+
+    def outputs(self, dest: Path | None = None) -> Path:
+        return self.out_dir
+
+    def log_tail(self, n: int = 30) -> str:
+        path = self.out_dir / LOG_FILE
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+class LocalSystem(System):
+    kind = "local"
+
+    def __init__(self, *, python_environment_path: str | None = None, accelerators: list[str] | None = None) -> None:
+        self.python = resolve_python(python_environment_path)
+        self.accelerators = accelerators or ["cpu"]
+
+    @classmethod
+    def from_config(cls, config: dict, **context: object) -> LocalSystem:
+        return cls(
+            python_environment_path=config.get("python_environment_path"),
+            accelerators=config.get("accelerators"),
+        )
+
+    def environment_fingerprint(self, libraries: tuple[str, ...]) -> dict[str, str]:
+        if self.python == sys.executable:
+            return super().environment_fingerprint(libraries)
+        code = (
+            "import json,sys,importlib.metadata as m\n"
+            "out={}\n"
+            "for n in sys.argv[1:]:\n"
+            "    try: out[n]=m.version(n)\n"
+            "    except m.PackageNotFoundError: pass\n"
+            "print(json.dumps(out))"
+        )
+        done = subprocess.run([self.python, "-c", code, *libraries], capture_output=True, text=True, check=True)
+        return json.loads(done.stdout)
+
+    def submit(self, job: Job) -> LocalJobHandle:
+        out_dir = Path(job.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        job_path = job.write(out_dir / JOB_FILE)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ORCH_SOURCE_ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable from a job unless the user says otherwise
+        log = (out_dir / LOG_FILE).open("ab")
+        try:
+            proc = subprocess.Popen(
+                [self.python, "-m", "orchestrator.runner", "--job", str(job_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=out_dir,
+                start_new_session=True,  # own process group: cancel kills the job and its children
+            )
+        finally:
+            log.close()
+        (out_dir / PID_FILE).write_text(str(proc.pid))
+        return LocalJobHandle(job.job_id, out_dir, proc)
+
+    def attach(self, job_id: str) -> LocalJobHandle:
+        """job_id is the job's output folder for local jobs."""
+        return LocalJobHandle(Path(job_id).name, Path(job_id))
