@@ -142,7 +142,9 @@ class Engine:
         mlflow_cfg = getattr(eng, "mlflow", None)
         self.tracking_uri = resolve_tracking_uri(tracking_uri, getattr(mlflow_cfg, "tracking_uri", None))
         self.experiment = getattr(mlflow_cfg, "experiment_name", None) or "orch"
-        self.register_as = getattr(mlflow_cfg, "register_model_name", None)
+        self.register_as = (
+            getattr(mlflow_cfg, "register_model_name", None) or getattr(workflow, "workflow_id", None) or "orch-model"
+        )
         self._systems: dict[str, System] = {}
         self._data = {dc.name: dc for dc in workflow.data_configs}
 

@@ -40,6 +40,16 @@ def resolve_python(python_environment_path: str | None) -> str:
     )
 
 
+def _detach_and_die_with_parent() -> None:
+    """In the child: its own process group (cancel kills the job and its children at once), and SIGKILL when
+    the orch process dies, even by kill -9, so no orphan keeps writing into a staging folder."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class LocalJobHandle(JobHandle):
     def __init__(self, job_id: str, out_dir: Path, proc: subprocess.Popen | None = None) -> None:
         self.job_id = job_id
@@ -184,7 +194,7 @@ class LocalSystem(System):
                 stdin=subprocess.DEVNULL,
                 env=env,
                 cwd=out_dir,
-                start_new_session=True,  # own process group: cancel kills the job and its children
+                preexec_fn=_detach_and_die_with_parent,
             )
         finally:
             log.close()

@@ -1,0 +1,413 @@
+"""`orch`: thin CLI. Parse flags, build a WorkflowConfig, call the engine, render progress.
+
+Errors users can fix print one line (`orch: error: ...`) and exit non-zero, never a traceback. Heavy libraries
+(torch, onnxruntime, docker, azure) are imported only inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fine-tune -> merge -> int4 ONNX -> evaluate small language models, on a laptop, in Docker and on Azure ML.",
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="The content-addressed pass cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+console = Console(stderr=True)
+out = Console()
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+HostOpt = Annotated[str | None, typer.Option("--host", help="system that runs the passes: a name in `systems`, or local|docker|aml")]
+TargetOpt = Annotated[str | None, typer.Option("--target", help="system that runs evaluation (default: the host)")]
+TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")]
+
+
+def fail(message: str, code: int = EXIT_USAGE, detail: str = "") -> typer.Exit:
+    console.print(f"[bold red]orch: error:[/] {message}", highlight=False)
+    if detail:
+        console.print(detail, style="dim", highlight=False, markup=False)
+    return typer.Exit(code)
+
+
+def _run_workflow(
+    source: Any,
+    *,
+    base_dir: Path | None = None,
+    host: str | None = None,
+    target: str | None = None,
+    tracking_uri: str | None = None,
+    dry_run: bool = False,
+    verbose: bool = False,
+    no_tracking: bool = False,
+) -> Any:
+    from orchestrator.config import load_workflow
+    from orchestrator.engine import Engine
+    from orchestrator.ui import RichReporter, metrics_table
+
+    wf = load_workflow(source, base_dir=base_dir)
+    for note in getattr(wf, "notes", []) or []:
+        console.print(f"[cyan]note:[/] {note}", highlight=False)
+    reporter = RichReporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
+    engine = Engine(wf, host=host, target=target, tracking_uri=tracking_uri, tracking=not no_tracking, reporter=reporter)
+    try:
+        steps, summary = engine.run(dry_run=dry_run)
+    finally:
+        reporter.stop()
+    if dry_run:
+        n_cached = sum(s.cached for s in steps)
+        out.print(f"dry run: {len(steps) - n_cached} pass(es) would run, {n_cached} from the cache; nothing was submitted")
+        return None
+    if summary.metrics:
+        console.print(metrics_table(summary.metrics))
+    if summary.output_dir:
+        out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
+    if summary.mlflow_run_id:
+        out.print(f"mlflow: run {summary.mlflow_run_id} at {engine.tracking_uri}")
+    return summary
+
+
+def _guarded(fn: Any) -> Any:
+    """Turn the errors a user can act on into one line + a non-zero exit."""
+    from orchestrator.cache import Cache  # noqa: F401  (cheap; keeps import errors out of the handler)
+
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        raise fail("interrupted; the running job was stopped", 130) from None
+    except Exception as exc:  # classified below; anything else is a bug and keeps its traceback
+        name = type(exc).__name__
+        if name == "ConfigError":
+            for line in str(exc).splitlines():
+                console.print(f"[bold red]orch: error:[/] {line}", highlight=False)
+            raise typer.Exit(EXIT_USAGE) from None
+        if name in ("FlagError", "ResourceError", "PassError", "EnvironmentSpecError"):
+            raise fail(str(exc), EXIT_USAGE) from None
+        if name in ("EngineError", "SystemFailure"):
+            raise fail(str(exc), EXIT_FAILED, getattr(exc, "log_tail", "")) from None
+        raise
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="workflow config (Olive format, JSON or YAML)")],
+    host: HostOpt = None,
+    target: TargetOpt = None,
+    tracking_uri: TrackingOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (what runs, what is cached) and stop")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream job logs")] = False,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
+) -> None:
+    """Run a workflow config: passes on the host, evaluation on the target."""
+    _guarded(
+        lambda: _run_workflow(
+            config,
+            host=host,
+            target=target,
+            tracking_uri=tracking_uri,
+            dry_run=dry_run,
+            verbose=verbose,
+            no_tracking=no_tracking,
+        )
+    )
+
+
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=EXTRA)
+def finetune(
+    ctx: typer.Context,
+    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m", help="local model folder or azureml:// model")],
+    output_path: Annotated[str, typer.Option("--output_path", "-o")],
+    data_name: Annotated[str, typer.Option("--data_name", "-d", help="`json`, or a data folder/file")],
+    method: Annotated[str, typer.Option("--method")] = "lora",
+    data_files: Annotated[str | None, typer.Option("--data_files")] = None,
+    train_split: Annotated[str, typer.Option("--train_split")] = "train",
+    eval_split: Annotated[str | None, typer.Option("--eval_split")] = None,
+    text_template: Annotated[str | None, typer.Option("--text_template")] = None,
+    text_field: Annotated[str | None, typer.Option("--text_field")] = None,
+    max_seq_len: Annotated[int, typer.Option("--max_seq_len")] = 1024,
+    target_modules: Annotated[str | None, typer.Option("--target_modules")] = None,
+    lora_r: Annotated[int, typer.Option("--lora_r")] = 64,
+    lora_alpha: Annotated[int, typer.Option("--lora_alpha")] = 16,
+    lora_dropout: Annotated[float, typer.Option("--lora_dropout")] = 0.05,
+    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
+    task: Annotated[str | None, typer.Option("--task", "-t")] = None,
+    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    host: HostOpt = None,
+    target: TargetOpt = None,
+    tracking_uri: TrackingOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
+) -> None:
+    """Olive's `finetune`: LoRA/QLoRA; other --name value flags go to the training arguments (e.g. --max_steps)."""
+    from orchestrator.olive_commands import finetune_workflow, parse_extra_args
+
+    def go() -> None:
+        workflow = finetune_workflow(
+            model_name_or_path=model_name_or_path,
+            output_path=output_path,
+            method=method,
+            data_name=data_name,
+            data_files=data_files,
+            train_split=train_split,
+            eval_split=eval_split,
+            text_template=text_template,
+            text_field=text_field,
+            max_seq_len=max_seq_len,
+            target_modules=target_modules,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            trust_remote_code=trust_remote_code,
+            task=task,
+            log_level=log_level,
+            training_args=parse_extra_args(list(ctx.args)),
+            host=host,
+            target=target,
+        )
+        _run_workflow(workflow, base_dir=Path.cwd(), tracking_uri=tracking_uri, dry_run=dry_run, verbose=log_level <= 1)
+
+    _guarded(go)
+
+
+@app.command("auto-opt")
+def auto_opt(
+    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
+    output_path: Annotated[str, typer.Option("--output_path", "-o")],
+    adapter_path: Annotated[str | None, typer.Option("--adapter_path")] = None,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    provider: Annotated[str | None, typer.Option("--provider")] = None,
+    precision: Annotated[str, typer.Option("--precision")] = "int4",
+    use_model_builder: Annotated[bool, typer.Option("--use_model_builder")] = False,
+    use_ort_genai: Annotated[bool, typer.Option("--use_ort_genai")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
+    task: Annotated[str | None, typer.Option("--task", "-t")] = None,
+    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    host: HostOpt = None,
+    target: TargetOpt = None,
+    tracking_uri: TrackingOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
+) -> None:
+    """Olive's `auto-opt`: (merge the adapter ->) export ONNX with onnxruntime-genai's model builder."""
+    from orchestrator.olive_commands import auto_opt_workflow
+
+    def go() -> None:
+        workflow = auto_opt_workflow(
+            model_name_or_path=model_name_or_path,
+            output_path=output_path,
+            adapter_path=adapter_path,
+            device=device,
+            provider=provider,
+            precision=precision,
+            use_model_builder=use_model_builder,
+            use_ort_genai=use_ort_genai,
+            trust_remote_code=trust_remote_code,
+            task=task,
+            log_level=log_level,
+            host=host,
+            target=target,
+        )
+        _run_workflow(workflow, base_dir=Path.cwd(), tracking_uri=tracking_uri, dry_run=dry_run, verbose=log_level <= 1)
+
+    _guarded(go)
+
+
+@app.command()
+def quantize(
+    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
+    output_path: Annotated[str, typer.Option("--output_path", "-o")],
+    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="awq | gptq (CUDA) | rtn (CPU)")] = "rtn",
+    precision: Annotated[str, typer.Option("--precision")] = "int4",
+    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
+    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    host: HostOpt = None,
+    tracking_uri: TrackingOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
+) -> None:
+    """Olive's `quantize`: int4 weights by AWQ/GPTQ (CUDA) or RTN (CPU, MatMulNBits / model builder)."""
+    from orchestrator.olive_commands import quantize_workflow
+
+    def go() -> None:
+        workflow = quantize_workflow(
+            model_name_or_path=model_name_or_path,
+            output_path=output_path,
+            algorithm=algorithm,
+            precision=precision,
+            trust_remote_code=trust_remote_code,
+            log_level=log_level,
+            cuda_available=_cuda_available(),
+            host=host,
+        )
+        _run_workflow(workflow, base_dir=Path.cwd(), tracking_uri=tracking_uri, dry_run=dry_run, verbose=log_level <= 1)
+
+    _guarded(go)
+
+
+def _cuda_available() -> bool:
+    if not any(Path("/dev").glob("nvidia*")):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+@app.command()
+def generate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="an ONNX GenAI model folder (output_dir/model)")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="one prompt; without it, chat interactively")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="apply the model's chat template")] = True,
+) -> None:
+    """Chat with (or complete a prompt with) an exported ONNX model, via onnxruntime-genai."""
+
+    def go() -> None:
+        from orchestrator.onnx_tools import generate as og_generate
+
+        model_dir = model / "model" if (model / "model" / "genai_config.json").exists() else model
+        if not (model_dir / "genai_config.json").exists():
+            raise fail(f"--model {model}: no genai_config.json there; give an ONNX GenAI folder (an orch output_dir/model)")
+        prompts = [prompt] if prompt is not None else None
+        while True:
+            if prompts is None:
+                try:
+                    text = console.input("[bold cyan]you>[/] ")
+                except (EOFError, KeyboardInterrupt):
+                    return
+                if text.strip() in ("", "exit", "quit"):
+                    return
+            else:
+                if not prompts:
+                    return
+                text = prompts.pop()
+            completion, n_tokens, seconds = og_generate(model_dir, text, max_new_tokens, chat=chat)
+            out.print(completion, highlight=False, markup=False)
+            console.print(f"[dim]{n_tokens} tokens in {seconds:.3f}s ({n_tokens / max(seconds, 1e-9):.1f} tok/s)[/]")
+
+    _guarded(go)
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".orch/cache")) -> None:
+    """List cached pass outputs."""
+    from rich.table import Table
+
+    from orchestrator.cache import Cache, folder_size
+
+    cache = Cache(cache_dir)
+    table = Table(title=f"cache {cache.root}")
+    for col in ("key", "pass", "type", "status", "size", "duration"):
+        table.add_column(col)
+    for e in cache.entries():
+        table.add_row(
+            e.key[:16],
+            str(e.meta.get("pass", "")),
+            e.result.pass_type,
+            e.result.status.value,
+            f"{folder_size(e.path) / 1e6:.1f} MB",
+            f"{e.result.duration_s:.1f}s",
+        )
+    out.print(table)
+
+
+@cache_app.command("clean")
+def cache_clean(
+    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".orch/cache"),
+    key: Annotated[str | None, typer.Option("--key", help="remove only entries whose key starts with this")] = None,
+) -> None:
+    """Remove cached pass outputs (all, or by key prefix)."""
+    from orchestrator.cache import Cache
+
+    cache = Cache(cache_dir)
+    if key:
+        n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key))
+    else:
+        n = cache.clean()
+    out.print(f"removed {n} cache entr{'y' if n == 1 else 'ies'}")
+
+
+@app.command("tiny-model")
+def tiny_model(
+    output: Annotated[Path, typer.Argument(help="folder to write the model into")],
+    corpus: Annotated[Path | None, typer.Option("--corpus", help="jsonl/text file whose text trains the tokenizer")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Build the embedded tiny Phi-3-architecture model + tokenizer (random weights; no hub needed)."""
+    from orchestrator.tiny_model import build_tiny_phi3
+
+    texts: list[str] = []
+    if corpus is not None:
+        for line in corpus.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                texts.append(" ".join(str(v) for v in row.values()) if isinstance(row, dict) else str(row))
+            except ValueError:
+                texts.append(line)
+    path = build_tiny_phi3(output, texts=texts, seed=seed)
+    out.print(f"wrote tiny Phi-3 model to {path}")
+
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "jobs" / "tone-classification"
+
+
+@app.command()
+def demo(
+    host: HostOpt = None,
+    target: TargetOpt = None,
+    tracking_uri: TrackingOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """The embedded default: build the tone data + tiny model if missing, then fine-tune -> merge -> int4 ONNX ->
+    evaluate -> a sample generation."""
+
+    def go() -> None:
+        sys.path.insert(0, str(DEMO_DIR))
+        from make_dataset import make_rows, write_jsonl  # the demo job's own data script
+
+        from orchestrator.tiny_model import build_tiny_phi3
+
+        data = DEMO_DIR / "dataset" / "dataset-classification.json"
+        if not data.exists():
+            write_jsonl(make_rows(400), data)
+        model_dir = DEMO_DIR / "models" / "tiny-phi3"
+        if not (model_dir / "config.json").exists():
+            console.print("building the tiny Phi-3 model ...")
+            texts = [" ".join(json.loads(line).values()) for line in data.read_text().splitlines()]
+            build_tiny_phi3(model_dir, texts=texts)
+        summary = _run_workflow(
+            DEMO_DIR / "config.json", host=host, target=target, tracking_uri=tracking_uri, verbose=verbose
+        )
+        if summary and summary.output_dir:
+            from orchestrator.onnx_tools import generate as og_generate
+
+            sample = "### Text: I won the lottery and could not stop smiling!\n### The tone is:\n"
+            text, n, secs = og_generate(summary.output_dir / "model", sample, 8, chat=False)
+            out.print(f"sample generation: {sample!r} -> {text!r} ({n} tokens, {secs * 1000:.1f} ms)")
+
+    _guarded(go)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

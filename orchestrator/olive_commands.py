@@ -1,0 +1,226 @@
+"""Olive's CLI commands (finetune, auto-opt, quantize) as workflow configs, flag for flag.
+
+Olive builds a workflow config from its flags and runs it; orch does the same, so `orch finetune ...` and a
+workflow file are one code path. Flags that Olive forwards to transformers' TrainingArguments (any
+`--name value` that finetune does not know) are collected into the LoRA pass's training_args.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+FINETUNE_DATA = "train_data"
+
+
+class FlagError(Exception):
+    """A flag orch cannot honour here: one line naming the flag and the fix."""
+
+
+def parse_extra_args(args: list[str]) -> dict[str, Any]:
+    """`--max_steps 100 --bf16 --lr_scheduler_type cosine` -> {"max_steps": 100, "bf16": True, ...}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        flag = args[i]
+        if not flag.startswith("--"):
+            raise FlagError(f"unexpected argument {flag!r} (training arguments are given as --name value)")
+        name, _, inline = flag[2:].partition("=")
+        name = name.replace("-", "_")
+        if inline:
+            out[name] = _coerce(inline)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[name] = _coerce(args[i + 1])
+            i += 2
+        else:
+            out[name] = True
+            i += 1
+    return out
+
+
+def _coerce(value: str) -> Any:
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def split_list(value: str | None) -> list[str] | None:
+    """Olive takes --target_modules "q_proj","k_proj" (the shell leaves q_proj,k_proj) or space separated."""
+    if not value:
+        return None
+    return [v.strip().strip('"').strip("'") for v in value.replace(" ", ",").split(",") if v.strip()]
+
+
+def input_model(model_name_or_path: str, *, trust_remote_code: bool, task: str | None, adapter_path: str | None = None
+                ) -> dict[str, Any]:
+    model: dict[str, Any] = {
+        "type": "HfModel",
+        "model_path": model_name_or_path,
+        "task": task or "text-generation",
+        "trust_remote_code": trust_remote_code,
+    }
+    if adapter_path:
+        model["adapter_path"] = adapter_path
+    return model
+
+
+def _engine(output_path: str, log_level: int, providers: list[str], host: str | None, target: str | None) -> dict:
+    return {
+        "output_dir": output_path,
+        "cache_dir": ".orch/cache",
+        "log_severity_level": log_level,
+        "execution_providers": providers,
+        "host": host or "local",
+        "target": target or host or "local",
+    }
+
+
+def finetune_workflow(
+    *,
+    model_name_or_path: str,
+    output_path: str,
+    method: str = "lora",
+    data_name: str,
+    data_files: str | None = None,
+    train_split: str = "train",
+    eval_split: str | None = None,
+    text_template: str | None = None,
+    text_field: str | None = None,
+    max_seq_len: int = 1024,
+    target_modules: str | None = None,
+    lora_r: int = 64,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    trust_remote_code: bool = False,
+    task: str | None = None,
+    log_level: int = 3,
+    training_args: dict[str, Any] | None = None,
+    host: str | None = None,
+    target: str | None = None,
+) -> dict[str, Any]:
+    method = method.lower()
+    if method not in ("lora", "qlora"):
+        raise FlagError(f"--method {method!r} is not supported; use lora or qlora")
+    params: dict[str, Any] = {"data_name": data_name, "split": train_split}
+    if data_files:
+        params["data_files"] = data_files
+    pre: dict[str, Any] = {"dataset_type": "corpus", "source_max_len": max_seq_len, "corpus_strategy": "join"}
+    if text_template:
+        pre["text_template"] = text_template.encode().decode("unicode_escape")
+    elif text_field:
+        pre["text_cols"] = [text_field]
+    else:
+        raise FlagError("finetune needs --text_template or --text_field to know which text to train on")
+    pass_config: dict[str, Any] = {
+        "train_data_config": FINETUNE_DATA,
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "training_args": dict(training_args or {}),
+    }
+    modules = split_list(target_modules)
+    if modules:
+        pass_config["target_modules"] = modules
+    if eval_split:
+        pass_config["train_split"] = train_split
+        pass_config["eval_split"] = eval_split
+    return {
+        "input_model": input_model(model_name_or_path, trust_remote_code=trust_remote_code, task=task),
+        "data_configs": [
+            {
+                "name": FINETUNE_DATA,
+                "type": "HuggingfaceContainer",
+                "load_dataset_config": params,
+                "pre_process_data_config": pre,
+            }
+        ],
+        "passes": {"f": {"type": "QLoRA" if method == "qlora" else "LoRA", **pass_config}},
+        "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, target),
+    }
+
+
+DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
+
+
+def auto_opt_workflow(
+    *,
+    model_name_or_path: str,
+    output_path: str,
+    adapter_path: str | None = None,
+    device: str = "cpu",
+    provider: str | None = None,
+    precision: str = "int4",
+    use_model_builder: bool = False,
+    use_ort_genai: bool = False,
+    trust_remote_code: bool = False,
+    task: str | None = None,
+    log_level: int = 3,
+    host: str | None = None,
+    target: str | None = None,
+) -> dict[str, Any]:
+    device = device.lower()
+    if device not in DEVICE_PROVIDERS:
+        raise FlagError(f"--device {device!r}: orch builds for cpu or gpu (npu needs a vendor toolchain not present)")
+    provider = provider or DEVICE_PROVIDERS[device]
+    if provider not in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+        raise FlagError(f"--provider {provider!r}: orch's builder path supports CPUExecutionProvider and CUDAExecutionProvider")
+    if precision not in ("int4", "fp16", "fp32"):
+        raise FlagError(f"--precision {precision!r}: the model builder exports int4, fp16 or fp32")
+    passes: dict[str, Any] = {}
+    if adapter_path:
+        passes["merge"] = {"type": "MergeAdapterWeights"}
+    # Olive's auto-opt without --use_model_builder searches conversions; orch always takes the builder path,
+    # which is what --use_ort_genai asks for on these models.
+    passes["builder"] = {"type": "ModelBuilder", "precision": precision}
+    return {
+        "input_model": input_model(
+            model_name_or_path, trust_remote_code=trust_remote_code, task=task, adapter_path=adapter_path
+        ),
+        "passes": passes,
+        "engine": _engine(output_path, log_level, [provider], host, target),
+    }
+
+
+def quantize_workflow(
+    *,
+    model_name_or_path: str,
+    output_path: str,
+    algorithm: str,
+    precision: str = "int4",
+    trust_remote_code: bool = False,
+    log_level: int = 3,
+    cuda_available: bool = False,
+    host: str | None = None,
+) -> dict[str, Any]:
+    algorithm = algorithm.lower()
+    if precision != "int4":
+        raise FlagError(f"--precision {precision!r}: orch quantizes weights to int4 (fp8 needs a GPU toolchain orch does not ship)")
+    model_path = Path(model_name_or_path)
+    is_onnx = model_path.suffix == ".onnx" or (model_path.is_dir() and any(model_path.glob("*.onnx")))
+    if algorithm in ("awq", "gptq"):
+        if not cuda_available and (host or "local") == "local":
+            raise FlagError(
+                f"--algorithm {algorithm} needs a CUDA GPU (activation-aware calibration runs on the GPU); this machine "
+                "has none. Use --algorithm rtn for CPU int4, or run with --host aml on a GPU cluster"
+            )
+        pass_cfg: dict[str, Any] = {"type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer", "bits": 4}
+    elif algorithm == "rtn":
+        pass_cfg = (
+            {"type": "OnnxMatMul4Quantizer", "block_size": 32}
+            if is_onnx
+            else {"type": "ModelBuilder", "precision": "int4"}
+        )
+    else:
+        raise FlagError(f"--algorithm {algorithm!r} is not supported; use awq, gptq (CUDA) or rtn (CPU)")
+    return {
+        "input_model": input_model(model_name_or_path, trust_remote_code=trust_remote_code, task=None),
+        "passes": {"quantize": pass_cfg},
+        "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
+    }
