@@ -30,9 +30,14 @@ out = Console()
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
-HostOpt = Annotated[str | None, typer.Option("--host", help="system that runs the passes: a name in `systems`, or local|docker|aml")]
+HostOpt = Annotated[
+    str | None, typer.Option("--host", help="system that runs the passes: a name in `systems`, or local|docker|aml")
+]
 TargetOpt = Annotated[str | None, typer.Option("--target", help="system that runs evaluation (default: the host)")]
-TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)"),
+]
 
 
 def fail(message: str, code: int = EXIT_USAGE, detail: str = "") -> typer.Exit:
@@ -61,14 +66,18 @@ def _run_workflow(
     for note in getattr(wf, "notes", []) or []:
         console.print(f"[cyan]note:[/] {note}", highlight=False)
     reporter = RichReporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
-    engine = Engine(wf, host=host, target=target, tracking_uri=tracking_uri, tracking=not no_tracking, reporter=reporter)
+    engine = Engine(
+        wf, host=host, target=target, tracking_uri=tracking_uri, tracking=not no_tracking, reporter=reporter
+    )
     try:
         steps, summary = engine.run(dry_run=dry_run)
     finally:
         reporter.stop()
     if dry_run:
         n_cached = sum(s.cached for s in steps)
-        out.print(f"dry run: {len(steps) - n_cached} pass(es) would run, {n_cached} from the cache; nothing was submitted")
+        out.print(
+            f"dry run: {len(steps) - n_cached} pass(es) would run, {n_cached} from the cache; nothing was submitted"
+        )
         return None
     if summary.metrics:
         console.print(metrics_table(summary.metrics))
@@ -108,7 +117,9 @@ def run(
     host: HostOpt = None,
     target: TargetOpt = None,
     tracking_uri: TrackingOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (what runs, what is cached) and stop")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the plan (what runs, what is cached) and stop")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream job logs")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
 ) -> None:
@@ -132,7 +143,9 @@ EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 @app.command(context_settings=EXTRA)
 def finetune(
     ctx: typer.Context,
-    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m", help="local model folder or azureml:// model")],
+    model_name_or_path: Annotated[
+        str, typer.Option("--model_name_or_path", "-m", help="local model folder or azureml:// model")
+    ],
     output_path: Annotated[str, typer.Option("--output_path", "-o")],
     data_name: Annotated[str, typer.Option("--data_name", "-d", help="`json`, or a data folder/file")],
     method: Annotated[str, typer.Option("--method")] = "lora",
@@ -272,7 +285,9 @@ def _cuda_available() -> bool:
 @app.command()
 def generate(
     model: Annotated[Path, typer.Option("--model", "-m", help="an ONNX GenAI model folder (output_dir/model)")],
-    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="one prompt; without it, chat interactively")] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="one prompt; without it, chat interactively")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
     chat: Annotated[bool, typer.Option("--chat/--raw", help="apply the model's chat template")] = True,
 ) -> None:
@@ -283,7 +298,9 @@ def generate(
 
         model_dir = model / "model" if (model / "model" / "genai_config.json").exists() else model
         if not (model_dir / "genai_config.json").exists():
-            raise fail(f"--model {model}: no genai_config.json there; give an ONNX GenAI folder (an orch output_dir/model)")
+            raise fail(
+                f"--model {model}: no genai_config.json there; give an ONNX GenAI folder (an orch output_dir/model)"
+            )
         prompts = [prompt] if prompt is not None else None
         while True:
             if prompts is None:
@@ -346,7 +363,9 @@ def cache_clean(
 @app.command("tiny-model")
 def tiny_model(
     output: Annotated[Path, typer.Argument(help="folder to write the model into")],
-    corpus: Annotated[Path | None, typer.Option("--corpus", help="jsonl/text file whose text trains the tokenizer")] = None,
+    corpus: Annotated[
+        Path | None, typer.Option("--corpus", help="jsonl/text file whose text trains the tokenizer")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Build the embedded tiny Phi-3-architecture model + tokenizer (random weights; no hub needed)."""

@@ -22,10 +22,19 @@ from typing import Any, Protocol
 
 from orchestrator import __version__
 from orchestrator.cache import Cache, folder_size, stable_hash
-from orchestrator.job import EVENTS_FILE, Job, JobResult, JobState, JobTracking, ModelArtifact, atomic_write_text
+from orchestrator.job import (
+    EVENTS_FILE,
+    Job,
+    JobResult,
+    JobState,
+    JobTracking,
+    ModelArtifact,
+    atomic_write_text,
+    is_uri,
+)
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems import KEYWORDS, make_system
-from orchestrator.systems.base import System, SystemFailure
+from orchestrator.systems.base import System
 from orchestrator.tracking import EventTail, Tracker, flatten_params, resolve_tracking_uri
 
 
@@ -162,10 +171,16 @@ class Engine:
                 type_name = cfg.get("type", "LocalSystem")
             elif name in KEYWORDS:
                 type_name = KEYWORDS[name]
-                match = [s for s in systems.values() if s.model_dump(mode="json").get("type") in (type_name, f"{type_name}System")]
+                match = [
+                    s
+                    for s in systems.values()
+                    if s.model_dump(mode="json").get("type") in (type_name, f"{type_name}System")
+                ]
                 cfg = match[0].model_dump(mode="json") if match else {"type": type_name}
             else:
-                raise EngineError(f"engine host/target {name!r} is not a system in 'systems' nor one of local, docker, aml")
+                raise EngineError(
+                    f"engine host/target {name!r} is not a system in 'systems' nor one of local, docker, aml"
+                )
             self._systems[name] = make_system(type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root)
         return self._systems[name]
 
@@ -314,7 +329,12 @@ class Engine:
                     entry = self.cache.commit(
                         step.key,
                         stage,
-                        {"pass": step.name, "pass_type": step.pass_type, "system": step.system_name, "orch": __version__},
+                        {
+                            "pass": step.name,
+                            "pass_type": step.pass_type,
+                            "system": step.system_name,
+                            "orch": __version__,
+                        },
                     )
                     cached = False
                 else:
@@ -337,7 +357,9 @@ class Engine:
             metrics=result.metrics,
             versions=result.versions,
             output=out_model.model_dump(mode="json") if out_model else None,
-            output_size_bytes=folder_size(out_model.path) if out_model and Path(out_model.path).exists() else 0,
+            output_size_bytes=folder_size(out_model.path)
+            if out_model and not is_uri(out_model.path) and Path(out_model.path).exists()
+            else 0,
         )
         tracker.log_metric(f"{step.name}/duration_s", result.duration_s)
         if record.output_size_bytes:
@@ -402,7 +424,9 @@ class Engine:
         if state != JobState.COMPLETED or result is None or result.status != JobState.COMPLETED:
             reason = (result.error if result else None) or f"job ended {state.value}"
             tail_text = handle.log_tail() if hasattr(handle, "log_tail") else ""
-            raise EngineError(f"pass {step.name!r} ({step.pass_type}) failed on {step.system_name}: {reason}", log_tail=tail_text)
+            raise EngineError(
+                f"pass {step.name!r} ({step.pass_type}) failed on {step.system_name}: {reason}", log_tail=tail_text
+            )
 
     def _on_event(self, step: Step, event: dict[str, Any], tracker: Tracker) -> None:
         kind = event.get("type")
@@ -423,8 +447,17 @@ class Engine:
         if model is None:
             return
         if model.format == "hf_adapter" and model.adapter_path:
-            _replace_dir(Path(model.adapter_path), self.output_dir / "adapter")
-        _replace_dir(Path(model.path), self.output_dir / "model")
+            _replace_dir(self._local(model.adapter_path), self.output_dir / "adapter")
+        _replace_dir(self._local(model.path), self.output_dir / "model")
+
+    def _local(self, path: str) -> Path:
+        """A local path for an artifact; a remote one (a job output left in the workspace) is downloaded once."""
+        if not is_uri(path):
+            return Path(path)
+        from orchestrator.azure_download import download_reference
+
+        local, _ = download_reference(path, cache=self.cache, field="final model")
+        return Path(local)
 
     def _write_manifest(self, summary: RunSummary, steps: list[Step]) -> None:
         assert self.output_dir is not None
@@ -444,7 +477,11 @@ class Engine:
                 "size_bytes": folder_size(model_dir) if model_dir.exists() else 0,
             },
             "metrics": summary.metrics,
-            "mlflow": {"tracking_uri": self.tracking_uri, "run_id": summary.mlflow_run_id, "model_uri": summary.model_uri},
+            "mlflow": {
+                "tracking_uri": self.tracking_uri,
+                "run_id": summary.mlflow_run_id,
+                "model_uri": summary.model_uri,
+            },
         }
         atomic_write_text(self.output_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
 

@@ -45,11 +45,16 @@ class ModelArtifact(BaseModel):
         """Resolve relative paths against `root` (a pass writes paths relative to its out_dir)."""
 
         def fix(p: str | None) -> str | None:
-            if p is None:
-                return None
+            if p is None or is_uri(p):
+                return p
             return p if os.path.isabs(p) else str(Path(root) / p)
 
         return self.model_copy(update={"path": fix(self.path), "adapter_path": fix(self.adapter_path)})
+
+
+def is_uri(value: str) -> bool:
+    """azureml://..., azureml:name:version, https://... : references that stay where they are."""
+    return "://" in value or value.startswith("azureml:")
 
 
 class JobTracking(BaseModel):

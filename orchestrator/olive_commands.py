@@ -58,8 +58,9 @@ def split_list(value: str | None) -> list[str] | None:
     return [v.strip().strip('"').strip("'") for v in value.replace(" ", ",").split(",") if v.strip()]
 
 
-def input_model(model_name_or_path: str, *, trust_remote_code: bool, task: str | None, adapter_path: str | None = None
-                ) -> dict[str, Any]:
+def input_model(
+    model_name_or_path: str, *, trust_remote_code: bool, task: str | None, adapter_path: str | None = None
+) -> dict[str, Any]:
     model: dict[str, Any] = {
         "type": "HfModel",
         "model_path": model_name_or_path,
@@ -170,7 +171,9 @@ def auto_opt_workflow(
         raise FlagError(f"--device {device!r}: orch builds for cpu or gpu (npu needs a vendor toolchain not present)")
     provider = provider or DEVICE_PROVIDERS[device]
     if provider not in ("CPUExecutionProvider", "CUDAExecutionProvider"):
-        raise FlagError(f"--provider {provider!r}: orch's builder path supports CPUExecutionProvider and CUDAExecutionProvider")
+        raise FlagError(
+            f"--provider {provider!r}: orch's builder path supports CPUExecutionProvider and CUDAExecutionProvider"
+        )
     if precision not in ("int4", "fp16", "fp32"):
         raise FlagError(f"--precision {precision!r}: the model builder exports int4, fp16 or fp32")
     passes: dict[str, Any] = {}
@@ -201,7 +204,9 @@ def quantize_workflow(
 ) -> dict[str, Any]:
     algorithm = algorithm.lower()
     if precision != "int4":
-        raise FlagError(f"--precision {precision!r}: orch quantizes weights to int4 (fp8 needs a GPU toolchain orch does not ship)")
+        raise FlagError(
+            f"--precision {precision!r}: orch quantizes weights to int4 (fp8 needs a GPU toolchain orch does not ship)"
+        )
     model_path = Path(model_name_or_path)
     is_onnx = model_path.suffix == ".onnx" or (model_path.is_dir() and any(model_path.glob("*.onnx")))
     if algorithm in ("awq", "gptq"):
