@@ -1,0 +1,247 @@
+"""The workflow's parts other than systems and passes: input model, data configs, evaluators, engine.
+
+Field names are Olive's, so Olive workflow files read as-is; where Olive has two spellings (older nested
+"config"/"params" levels, newer flat ones) the reader flattens before these models see the data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+
+from orchestrator.config.resources import (
+    LocalFile,
+    LocalFolder,
+    Resource,
+    Strict,
+    base_dir_of,
+    parse_resource,
+    resolve_path,
+    resource_field,
+)
+
+MODEL_TYPES = {"pytorchmodel": "PyTorchModel", "hfmodel": "HfModel"}
+DATASET_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})
+
+
+class HfConfig(Strict):
+    """Olive's hf_config: a hub id or local folder, and the kwargs for from_pretrained."""
+
+    model_name: str | None = None
+    task: str | None = None
+    model_class: str | None = None
+    model_loading_args: dict[str, Any] | None = None
+    from_pretrained_args: dict[str, Any] | None = None
+
+
+class InputModel(Strict):
+    """The model the first pass starts from (PyTorchModel / HfModel)."""
+
+    type: Literal["PyTorchModel", "HfModel"]
+    model_path: Resource | None = None
+    hf_config: HfConfig | None = None
+    model_file_format: str | None = None
+    task_name: str | None = Field(None, alias="task")  # read through .task (it also looks in hf_config)
+    trust_remote_code_flag: bool | None = Field(None, alias="trust_remote_code")  # read through .trust_remote_code
+    adapter_path: str | None = None  # a local PEFT adapter folder, resolved against the config's folder
+    load_kwargs: dict[str, Any] | None = None
+    model_attributes: dict[str, Any] | None = None
+    _model_ref: Any = PrivateAttr(None)
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _canonical_type(cls, v: Any) -> Any:
+        return MODEL_TYPES.get(v.lower(), v) if isinstance(v, str) else v
+
+    @field_validator("model_path", mode="before")
+    @classmethod
+    def _parse_path(cls, v: Any, info: ValidationInfo) -> Any:
+        return resource_field(v, info, hub_ok=True)
+
+    @field_validator("adapter_path", mode="after")
+    @classmethod
+    def _resolve_adapter(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else str(resolve_path(v, base_dir_of(info)))
+
+    @model_validator(mode="after")
+    def _locate(self, info: ValidationInfo) -> InputModel:
+        if self.model_path is not None:
+            self._model_ref = self.model_path
+        elif self.hf_config is not None and self.hf_config.model_name:
+            self._model_ref = parse_resource(self.hf_config.model_name, base_dir=base_dir_of(info), hub_ok=True)
+        else:
+            raise ValueError("no model given: set model_path or hf_config.model_name")
+        return self
+
+    @property
+    def model_ref(self) -> Any:
+        """The resource holding the weights: model_path if given, else hf_config.model_name parsed."""
+        return self._model_ref
+
+    @property
+    def task(self) -> str:
+        """task, else hf_config.task, else text-generation."""
+        return self.task_name or (self.hf_config.task if self.hf_config else None) or "text-generation"
+
+    @property
+    def trust_remote_code(self) -> bool:
+        """True if any of Olive's places says so (top level, load_kwargs, hf_config's loading args)."""
+        places: list[dict[str, Any] | None] = [self.load_kwargs]
+        if self.hf_config is not None:
+            places += [self.hf_config.model_loading_args, self.hf_config.from_pretrained_args]
+        return bool(self.trust_remote_code_flag) or any(bool(p.get("trust_remote_code")) for p in places if p)
+
+
+class LoadDatasetConfig(Strict):
+    """datasets.load_dataset arguments: data_name is a builder ("json") or a local folder/file or hub name."""
+
+    type: str | None = None  # Olive's older component name (e.g. "huggingface_dataset"); informational
+    data_name: str
+    data_files: str | list[str] | Resource | None = None
+    data_dir: str | None = None
+    subset: str | None = None
+    split: str | None = "train"
+
+    @field_validator("data_name", mode="after")
+    @classmethod
+    def _resolve_name(cls, v: str, info: ValidationInfo) -> str:
+        """A local folder/file resolves against the config's folder; builder and hub names stay."""
+        if v in DATASET_BUILDERS:
+            return v
+        path = resolve_path(v, base_dir_of(info))
+        return str(path) if path.exists() or v.startswith(("./", "../", "/", "~")) else v
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _parse_files(cls, v: Any, info: ValidationInfo) -> Any:
+        """Local paths become absolute strings; azureml URIs become resources (systems download/mount them)."""
+        if isinstance(v, list):
+            return [cls._one_file(x, info) for x in v]
+        if isinstance(v, str):
+            return cls._one_file(v, info)
+        return v
+
+    @staticmethod
+    def _one_file(v: Any, info: ValidationInfo) -> Any:
+        if not isinstance(v, str):
+            return v
+        res = parse_resource(v, base_dir=base_dir_of(info))
+        return str(res.path) if isinstance(res, LocalFolder | LocalFile) else res
+
+
+class PreProcessDataConfig(Strict):
+    """Olive's text-generation pre-processing: how rows become one "text" column and how long sequences are."""
+
+    type: str | None = None
+    dataset_type: Literal["corpus"] = "corpus"
+    text_cols: list[str] | None = None
+    text_template: str | None = None
+    corpus_strategy: Literal["join", "line-by-line"] = Field(
+        "line-by-line", validation_alias=AliasChoices("corpus_strategy", "strategy")
+    )
+    source_max_len: int = Field(1024, gt=0, validation_alias=AliasChoices("source_max_len", "max_seq_len"))
+    pad_to_max_len: bool = True
+    use_attention_mask: bool = True
+    max_samples: int | None = Field(None, gt=0)
+    add_special_tokens: bool | None = None
+
+    @field_validator("text_cols", mode="before")
+    @classmethod
+    def _one_col(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _text_source(self) -> PreProcessDataConfig:
+        if not self.text_cols and not self.text_template:
+            raise ValueError("give text_cols or text_template: they say which columns make the training text")
+        return self
+
+
+class DataConfig(Strict):
+    """One named data set (Olive's HuggingfaceContainer)."""
+
+    name: str = Field(min_length=1)
+    type: Literal["HuggingfaceContainer"] = "HuggingfaceContainer"
+    load_dataset_config: LoadDatasetConfig
+    pre_process_data_config: PreProcessDataConfig | None = None
+    user_script: str | None = None
+    script_dir: str | None = None
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _canonical(cls, v: Any) -> Any:
+        return "HuggingfaceContainer" if isinstance(v, str) and v.lower() == "huggingfacecontainer" else v
+
+    @field_validator("user_script", mode="after")
+    @classmethod
+    def _no_scripts(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("user scripts are not supported: orch runs no code from the config; use text_template")
+        return v
+
+
+class Goal(Strict):
+    type: Literal[
+        "threshold", "min-improvement", "percent-min-improvement", "max-degradation", "percent-max-degradation"
+    ]
+    value: float
+
+
+class SubType(Strict):
+    name: str
+    priority: int = -1
+    goal: Goal | None = None
+    higher_is_better: bool | None = None
+    metric_config: dict[str, Any] | None = None
+
+
+class Metric(Strict):
+    name: str
+    type: Literal["accuracy", "latency", "throughput", "perplexity", "custom"]
+    sub_types: list[SubType] = Field(default_factory=list)
+    data_config: str | None = None  # the name of one of data_configs
+    user_config: dict[str, Any] | None = None
+    backend: str | None = None
+
+
+class EvaluatorConfig(Strict):
+    metrics: list[Metric] = Field(min_length=1)
+
+
+class MlflowConfig(Strict):
+    """orch addition: where metrics and the final model go."""
+
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
+    register_model_name: str | None = None
+
+
+class EngineConfig(Strict):
+    """How the workflow runs. Olive's search is not done: passes run once, in the order written."""
+
+    host: str = "local"
+    target: str = "local"
+    cache_dir: Path = Path(".orch/cache")
+    output_dir: Path | None = None
+    log_severity_level: int = Field(1, ge=0, le=4)
+    execution_providers: list[str] | None = None
+    search_strategy: bool | dict[str, Any] | None = None
+    evaluator: str | None = None
+    clean_cache: bool = False
+    evaluate_input_model: bool = False
+    log_to_file: bool = False
+    mlflow: MlflowConfig | None = None
+
+    @field_validator("cache_dir", "output_dir", mode="after")
+    @classmethod
+    def _resolve(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return None if v is None else resolve_path(v, base_dir_of(info))
+
+
+class PassEntry(Strict):
+    """One pass: its registry type name and its config (checked against the pass's Config when importable)."""
+
+    type: str
+    config: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,148 @@
+"""Olive's `systems`: where passes (host) and evaluation (target) run.
+
+Accepted as Olive writes them: fields nested under "config" or flat, accelerators as ["gpu"] or as
+[{"device": "gpu", "execution_providers": [...]}] (normalized to the second form), the image of a container
+under aml_docker_config (Olive's AzureML), local_docker_config (Olive's Docker), docker_config or image_config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
+
+from orchestrator.config.resources import AzureMLClient, Strict, base_dir_of, resolve_path
+
+SYSTEM_TYPES = {
+    "localsystem": "LocalSystem",
+    "docker": "Docker",
+    "dockersystem": "Docker",
+    "azureml": "AzureML",
+    "azuremlsystem": "AzureML",
+    "pythonenvironment": "LocalSystem",
+}
+IMAGE_KEYS = ("docker_config", "aml_docker_config", "local_docker_config", "image_config")
+
+
+class Accelerator(Strict):
+    device: Literal["cpu", "gpu"] = "cpu"
+    execution_providers: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"device": data}
+        return data
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        v = v.lower() if isinstance(v, str) else v
+        return "gpu" if v == "cuda" else v
+
+
+class ImageConfig(Strict):
+    """The container image of a job: a base image + conda file, or a Dockerfile + build context, or a built image.
+
+    Paths resolve against the workflow file's folder; `dockerfile` is relative to `build_context_path`, as in
+    Olive and Azure ML.
+    """
+
+    base_image: str | None = None
+    conda_file_path: Path | None = None
+    dockerfile: str | None = None
+    build_context_path: Path | None = None
+    image_name: str | None = None
+    build_args: dict[str, str] | None = None
+    run_params: dict[str, Any] | None = None
+
+    @field_validator("conda_file_path", "build_context_path", mode="after")
+    @classmethod
+    def _resolve(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            return None
+        path = resolve_path(v, base_dir_of(info))
+        if not path.exists():
+            raise ValueError(f"{str(v)!r} not found (looked at {path})")
+        return path
+
+    @model_validator(mode="after")
+    def _complete(self) -> ImageConfig:
+        if self.dockerfile and not self.build_context_path:
+            raise ValueError("dockerfile needs build_context_path (the folder it is built in)")
+        if not (self.base_image or self.dockerfile or self.image_name):
+            raise ValueError("give base_image (+ conda_file_path), dockerfile + build_context_path, or image_name")
+        return self
+
+
+class _System(Strict):
+    accelerators: list[Accelerator] = Field(default_factory=lambda: [Accelerator()])
+    hf_token: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "docker_config" not in cls.model_fields:
+            return data
+        given = [k for k in IMAGE_KEYS if data.get(k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give the image once: {', '.join(given)} all set")
+        if given and given[0] != "docker_config":
+            data = {k: v for k, v in data.items() if k != given[0]} | {"docker_config": data[given[0]]}
+        return data
+
+
+class LocalSystemConfig(_System):
+    """Jobs run in a subprocess here, optionally under another interpreter or venv."""
+
+    type: Literal["LocalSystem"] = "LocalSystem"
+    python_environment_path: Path | None = None
+
+    @field_validator("python_environment_path", mode="after")
+    @classmethod
+    def _resolve(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is None:
+            return None
+        path = resolve_path(v, base_dir_of(info))
+        if not path.exists():
+            raise ValueError(f"{str(v)!r} not found (looked at {path}); give a venv/conda folder or a python")
+        return path
+
+
+class DockerSystemConfig(_System):
+    """Jobs run in a container of the local Docker engine."""
+
+    type: Literal["Docker"] = "Docker"
+    docker_config: ImageConfig | None = None
+    requirements_file: Path | None = None
+    is_dev: bool = False
+
+
+class AzureMLSystemConfig(_System):
+    """Jobs run as Azure ML command jobs on a compute cluster."""
+
+    type: Literal["AzureML"] = "AzureML"
+    aml_compute: str
+    docker_config: ImageConfig | None = None
+    aml_environment_config: dict[str, Any] | None = None
+    azureml_client: AzureMLClient | None = Field(
+        None, validation_alias=AliasChoices("azureml_client", "azureml_client_config")
+    )
+    instance_count: int = Field(1, ge=1)
+    resources: dict[str, Any] | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    is_dev: bool = False
+    datastores: str | None = None
+    requirements_file: Path | None = None
+
+
+SystemConfig = Annotated[LocalSystemConfig | DockerSystemConfig | AzureMLSystemConfig, Field(discriminator="type")]
+
+
+def canonical_system_type(value: Any) -> Any:
+    """'azureml' / 'AzureMLSystem' / 'PythonEnvironment' -> Olive's canonical names; others unchanged."""
+    if isinstance(value, str):
+        return SYSTEM_TYPES.get(value.lower(), value)
+    return value

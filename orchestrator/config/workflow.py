@@ -1,0 +1,347 @@
+"""Read a workflow file (Olive's format, JSON or YAML) into a checked WorkflowConfig, or say everything wrong.
+
+The reader first brings Olive's spellings to one shape (nested "config"/"params" levels flattened, engine keys
+at the top level moved under "engine", inline data configs named), remembering where each part was written so
+error paths match the user's file. Then pydantic checks the structure, each pass's config is checked against
+its pass class, and cross-references (data configs, systems, evaluator) are resolved. All problems are raised
+together in one ConfigError.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.config.errors import ConfigError, fmt_path, suggest, translate
+from orchestrator.config.models import DataConfig, EngineConfig, EvaluatorConfig, InputModel, PassEntry
+from orchestrator.config.resources import AzureMLClient
+from orchestrator.config.systems import SystemConfig, canonical_system_type
+from orchestrator.config.training_args import TrainingArgsError, normalize_training_args
+
+KEYWORDS = ("local", "docker", "aml")
+ENGINE_KEYS = tuple(EngineConfig.model_fields)
+DATA_REF_KEYS = ("train_data_config", "eval_data_config", "data_config")
+PASS_RUN_KEYS = ("disable_search",)  # Olive search-time keys: accepted and ignored (passes run once, in order)
+TRAINING_PASSES = ("LoRA", "QLoRA")
+
+
+class WorkflowConfig(BaseModel):
+    """A checked workflow. Relative paths are already resolved against `base_dir` (the config file's folder)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    input_model: InputModel
+    data_configs: list[DataConfig] = Field(default_factory=list)
+    systems: dict[str, SystemConfig] = Field(default_factory=dict)
+    passes: dict[str, PassEntry] = Field(default_factory=dict)
+    evaluators: dict[str, EvaluatorConfig] = Field(default_factory=dict)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    azureml_client: AzureMLClient | None = None
+    workflow_id: str | None = None
+    base_dir: Path = Field(default_factory=Path.cwd)
+    notes: list[str] = Field(default_factory=list)  # what the reader changed (renamed keys...), for the user
+
+    def data_config(self, name: str) -> DataConfig:
+        return next(dc for dc in self.data_configs if dc.name == name)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Normalized json form (for manifests and cache keys); load_workflow reads it back unchanged."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"base_dir", "notes"})
+
+
+class _Reader:
+    """One read: the problems and notes found so far, and where flattened levels were in the user's file."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+        self.nested: dict[tuple[Any, ...], str] = {}  # normalized path -> the key the user nested it under
+
+    def problem(self, path: list[Any] | tuple[Any, ...], msg: str) -> None:
+        self.problems.append(f"{fmt_path(self.relocate(list(path)))}: {msg}")
+
+    def relocate(self, path: list[Any]) -> list[Any]:
+        """A path in the flattened data -> the path in the user's file ("config"/"params" put back)."""
+        out: list[Any] = []
+        for i, el in enumerate(path):
+            out.append(el)
+            level = self.nested.get(tuple(path[: i + 1]))
+            if level and i + 1 < len(path) and path[i + 1] != "type":
+                out.append(level)
+        return out
+
+    def flatten(self, parent: Any, key: Any, path: tuple[Any, ...], level: str) -> None:
+        """parent[key] = {..., level: {...}} -> the two merged, remembering `level` for error paths."""
+        node = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(level), dict):
+            return
+        inner = node[level]
+        rest = {k: v for k, v in node.items() if k != level}
+        for k in sorted(set(rest) & set(inner) - {"type"}):
+            self.problem([*path, k], f"set both here and under {level!r}; keep one")
+        parent[key] = {**rest, **inner}
+        self.nested[path] = level
+
+
+def _read_file(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError([f"config file {path} not found"])
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        dupes: list[str] = []
+
+        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+            seen: dict[str, Any] = {}
+            for k, v in items:
+                if k in seen:
+                    dupes.append(k)
+                seen[k] = v
+            return seen
+
+        try:
+            data = json.loads(text, object_pairs_hook=pairs)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                [f"config file {path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
+            ) from None
+        if dupes:
+            raise ConfigError([f"config file {path}: key {k!r} appears twice in one object" for k in dupes])
+        return data
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"config file {path}: invalid YAML{where}: {what}"]) from None
+
+
+def load_workflow(source: str | Path | dict[str, Any], *, base_dir: Path | None = None) -> WorkflowConfig:
+    """A workflow file (.json / .yaml / .yml) or dict -> WorkflowConfig; raises ConfigError listing every problem.
+
+    Relative paths resolve against `base_dir`, by default the file's folder (the working directory for a dict).
+    """
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+        base = Path(base_dir or Path.cwd()).resolve()
+    else:
+        path = Path(source).expanduser()
+        raw = _read_file(path)
+        base = Path(base_dir or path.resolve().parent).resolve()
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the workflow must be a mapping of sections (input_model, passes, ...), got {raw!r}"])
+    reader = _Reader(base)
+    _normalize(raw, reader)
+    passes = _check_passes(raw, reader)
+    _check_references(raw, reader)
+    raw["passes"] = passes
+    context = {"base_dir": base}
+    try:
+        config = WorkflowConfig.model_validate({**raw, "base_dir": base, "notes": []}, context=context)
+    except ValidationError as exc:
+        reader.problems += translate(exc, WorkflowConfig, relocate=reader.relocate)
+        config = None
+    if reader.problems or config is None:
+        raise ConfigError(_unique(reader.problems))
+    config.notes = reader.notes
+    return config
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _normalize(raw: dict[str, Any], r: _Reader) -> None:
+    """Olive's alternative spellings -> one shape (in place)."""
+    for key in ("base_dir", "notes"):
+        if key in raw:
+            r.problem([key], "unknown key (set by the reader, not in the file)")
+            raw.pop(key)
+    engine = raw.get("engine")
+    if engine is None:
+        engine = raw["engine"] = {}
+    if isinstance(engine, dict):
+        for key in ENGINE_KEYS:
+            if key in raw:  # newer Olive puts host/target/evaluator/cache_dir... at the top level
+                value = raw.pop(key)
+                if key in engine and engine[key] != value:
+                    r.problem([key], f"also set as engine.{key} to {engine[key]!r}; keep one")
+                engine[key] = value
+        search = engine.get("search_strategy")
+        if search:
+            r.notes.append("engine.search_strategy ignored: orch runs every pass once, in the order written")
+    model = raw.get("input_model")
+    r.flatten(raw, "input_model", ("input_model",), "config")
+    model = raw.get("input_model")
+    if isinstance(model, dict):
+        for key in ("model_path",):
+            r.flatten(model, key, ("input_model", key), "config")
+    systems = raw.get("systems")
+    if isinstance(systems, dict):
+        for name in list(systems):
+            r.flatten(systems, name, ("systems", name), "config")
+            if isinstance(systems[name], dict) and "type" in systems[name]:
+                systems[name]["type"] = canonical_system_type(systems[name]["type"])
+    data_configs = raw.get("data_configs")
+    if isinstance(data_configs, dict):  # older Olive: {name: config}
+        raw["data_configs"] = data_configs = [
+            {"name": k, **v} if isinstance(v, dict) else v for k, v in data_configs.items()
+        ]
+    if isinstance(data_configs, list):
+        for i, dc in enumerate(data_configs):
+            _flatten_data_config(dc, ("data_configs", i), r)
+
+
+def _flatten_data_config(dc: Any, path: tuple[Any, ...], r: _Reader) -> None:
+    if not isinstance(dc, dict):
+        return
+    for part in ("load_dataset_config", "pre_process_data_config"):
+        r.flatten(dc, part, (*path, part), "params")
+    load = dc.get("load_dataset_config")
+    if isinstance(load, dict):
+        r.flatten(load, "data_files", (*path, "load_dataset_config", "data_files"), "config")
+
+
+def _data_names(raw: dict[str, Any]) -> list[str]:
+    dcs = raw.get("data_configs")
+    return (
+        [dc["name"] for dc in dcs if isinstance(dc, dict) and isinstance(dc.get("name"), str)]
+        if isinstance(dcs, list)
+        else []
+    )
+
+
+def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
+    """Each pass: known type, its data references, training_args normalized, config checked by its class."""
+    from orchestrator.passes.registry import PASSES, load_pass
+
+    passes = raw.get("passes", {})
+    out: dict[str, PassEntry] = {}
+    if passes is None:
+        return out
+    if not isinstance(passes, dict):
+        r.problem(["passes"], "expected a mapping of pass name -> {type, config}")
+        return out
+    for name, entry in passes.items():
+        where: tuple[Any, ...] = ("passes", name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            r.problem([*where, "type"], "required: the pass type, e.g. 'LoRA'")
+            continue
+        type_name = entry["type"]
+        if type_name not in PASSES:
+            canon = {k.lower(): k for k in PASSES}.get(type_name.lower())
+            if canon is None:
+                r.problem(
+                    [*where, "type"],
+                    f"unknown pass type {type_name!r}{suggest(type_name, PASSES)} (known: {', '.join(sorted(PASSES))})",
+                )
+                continue
+            type_name = canon
+        nested = isinstance(entry.get("config"), dict)
+        cfg_path = (*where, "config") if nested else where
+        if nested:
+            cfg = dict(entry["config"])
+            for key in entry:
+                if key not in ("type", "config", *PASS_RUN_KEYS):
+                    r.problem([*where, key], f"unknown key{suggest(key, ['type', 'config', *PASS_RUN_KEYS])}")
+        else:
+            cfg = {k: v for k, v in entry.items() if k not in ("type", "config", *PASS_RUN_KEYS)}
+        if entry.get("disable_search") is not None:
+            r.notes.append(f"{fmt_path([*where, 'disable_search'])} ignored: orch does no search")
+        _check_data_refs(cfg, cfg_path, raw, r)
+        if isinstance(cfg.get("training_args"), dict) and (type_name in TRAINING_PASSES or "training_args" in cfg):
+            try:
+                cfg["training_args"], notes = normalize_training_args(cfg["training_args"])
+            except TrainingArgsError as exc:
+                for key, msg in exc.problems:
+                    r.problem([*cfg_path, "training_args", key], msg)
+            else:
+                prefix = fmt_path(cfg_path)
+                r.notes += [f"{prefix}.{note}" for note in notes]
+        try:
+            pass_cls = load_pass(type_name)
+        except Exception as exc:  # a registered pass whose module is missing or broken: checked at run time
+            r.notes.append(
+                f"{fmt_path(where)}: config not checked here ({type_name} pass not importable: "
+                f"{type(exc).__name__}: {exc}); the job checks it when it runs"
+            )
+        else:
+            try:
+                pass_cls.Config.model_validate(cfg)
+            except ValidationError as exc:
+                r.problems += translate(exc, pass_cls.Config, prefix=cfg_path)
+        out[name] = PassEntry(type=type_name, config=cfg)
+    return out
+
+
+def _check_data_refs(cfg: dict[str, Any], cfg_path: tuple[Any, ...], raw: dict[str, Any], r: _Reader) -> None:
+    """train_data_config & co must name a data config; an inline one joins data_configs under its name."""
+    for key in DATA_REF_KEYS:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        known = _data_names(raw)
+        if isinstance(value, dict):  # Olive allows the data config inline
+            name = value.get("name")
+            if not isinstance(name, str) or not name:
+                r.problem([*cfg_path, key, "name"], "required key missing (an inline data config needs a name)")
+                continue
+            if name in known:
+                r.problem([*cfg_path, key, "name"], f"{name!r} is already a data config in data_configs")
+                continue
+            dcs = raw.setdefault("data_configs", [])
+            if isinstance(dcs, list):
+                dcs.append(value)
+                _flatten_data_config(value, ("data_configs", len(dcs) - 1), r)
+                r.notes.append(f"{fmt_path([*cfg_path, key])}: inline data config added to data_configs as {name!r}")
+            cfg[key] = name
+        elif isinstance(value, str) and value not in known:
+            r.problem(
+                [*cfg_path, key],
+                f"{value!r} is not a data config{suggest(value, known) if known else ''} "
+                f"(known: {', '.join(known) or 'none'})",
+            )
+
+
+def _check_references(raw: dict[str, Any], r: _Reader) -> None:
+    """Names that point elsewhere in the file: data configs unique, host/target systems, the evaluator."""
+    names = _data_names(raw)
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        r.problem(["data_configs"], f"data config name {name!r} is used more than once")
+    systems = raw.get("systems") if isinstance(raw.get("systems"), dict) else {}
+    engine = raw.get("engine") if isinstance(raw.get("engine"), dict) else {}
+    for key in ("host", "target"):
+        value = engine.get(key)
+        if isinstance(value, str) and value not in systems and value not in KEYWORDS:
+            close = suggest(value, [*systems, *KEYWORDS]) if systems or KEYWORDS else ""
+            close = close if close.startswith(";") else ""
+            r.problem(
+                ["engine", key],
+                f"{value!r} is not a system in 'systems' (known: {', '.join(sorted(systems)) or 'none'}) "
+                f"or one of {', '.join(KEYWORDS)}{close}",
+            )
+    evaluators = raw.get("evaluators") if isinstance(raw.get("evaluators"), dict) else {}
+    evaluator = engine.get("evaluator")
+    if isinstance(evaluator, str) and evaluator not in evaluators:
+        r.problem(
+            ["engine", "evaluator"],
+            f"{evaluator!r} is not in 'evaluators'{suggest(evaluator, evaluators) if evaluators else ''} "
+            f"(known: {', '.join(sorted(evaluators)) or 'none'})",
+        )
+    for ev_name, ev in evaluators.items():
+        metrics = ev.get("metrics") if isinstance(ev, dict) else None
+        for i, metric in enumerate(metrics if isinstance(metrics, list) else []):
+            ref = metric.get("data_config") if isinstance(metric, dict) else None
+            if isinstance(ref, str) and ref not in names:
+                r.problem(
+                    ["evaluators", ev_name, "metrics", i, "data_config"],
+                    f"{ref!r} is not a data config{suggest(ref, names) if names else ''} "
+                    f"(known: {', '.join(names) or 'none'})",
+                )
