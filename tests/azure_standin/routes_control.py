@@ -1,0 +1,522 @@
+"""ARM / MFE control-plane routes: workspace, environments, code snapshots, models, datastores, jobs, and the
+registry MFE routes. Response shapes follow the service's own samples (shared/azureml-rest-examples)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import state as st
+from .azurite import ACCOUNT, ACCOUNT_KEY
+from .web import Ctx, HttpError, Response, arm_error
+
+if TYPE_CHECKING:
+    from .server import StandIn
+    from .web import Router
+
+RP = "Microsoft.MachineLearningServices"
+W = (
+    r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.MachineLearningServices"
+    r"/workspaces/(?P<ws>[^/]+)"
+)
+REG = (
+    r"/subscriptions/(?P<sub>[^/]+)/resourceGroups/(?P<rg>[^/]+)/providers/Microsoft\.MachineLearningServices"
+    r"/registries/(?P<reg>[^/]+)"
+)
+# api-versions azure-ai-ml 1.35.2 uses (measured; see shared/local-azure.md). Unknown ones fail loudly.
+V_WS = {"2024-10-01-preview", "2025-01-01-preview", "2024-04-01-preview", "2023-08-01-preview"}
+V_ASSET = {"2023-04-01", "2023-04-01-preview", "2023-08-01-preview", "2024-01-01-preview", "2024-10-01-preview",
+           "2025-01-01-preview"}  # fmt: skip
+V_JOB = {"2025-01-01-preview", "2024-01-01-preview", "2023-04-01-preview", "2024-10-01-preview"}
+V_DS = {"2024-10-01-preview", "2023-04-01-preview", "2024-01-01-preview", "2025-01-01-preview"}
+V_REG = {"2021-10-01-dataplanepreview"}
+KINDS = {"environments": "environments", "codes": "codes", "models": "models", "data": "data"}
+# Properties that make a version immutable: a PUT with other values on an existing version is a 409.
+IMMUTABLE = {
+    "environments": ("image", "condaFile", "build", "inferenceConfig", "osType"),
+    "codes": ("codeUri",),
+    "models": ("modelUri", "modelType"),
+    "data": ("dataUri", "dataType"),
+}
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def _check_ws(ctx: Ctx, m: re.Match[str]) -> None:
+    if m["sub"] != st.SUBSCRIPTION:
+        raise HttpError(404, "SubscriptionNotFound", f"The subscription '{m['sub']}' could not be found.")
+    if m["rg"].lower() != st.RESOURCE_GROUP.lower():
+        raise HttpError(404, "ResourceGroupNotFound", f"Resource group '{m['rg']}' could not be found.")
+    if m["ws"].lower() != st.WORKSPACE.lower():
+        raise HttpError(404, "ResourceNotFound", f"Workspace '{m['ws']}' could not be found.")
+
+
+def ws_id(s: StandIn) -> str:
+    return s.workspace_id
+
+
+def _not_found(what: str) -> HttpError:
+    return HttpError(404, "UserError", f"{what} could not be found.")
+
+
+def workspace_body(s: StandIn) -> dict[str, Any]:
+    rg = f"/subscriptions/{st.SUBSCRIPTION}/resourceGroups/{st.RESOURCE_GROUP}/providers"
+    return {
+        "id": s.workspace_id,
+        "name": st.WORKSPACE,
+        "type": f"{RP}/workspaces",
+        "location": st.LOCATION,
+        "kind": "Default",
+        "tags": {},
+        "identity": {"principalId": st.JOB_IDENTITY_CLIENT_ID, "tenantId": st.TENANT, "type": "SystemAssigned"},
+        "sku": {"name": "Basic", "tier": "Basic"},
+        "properties": {
+            "friendlyName": st.WORKSPACE,
+            "description": "orch local Azure ML stand-in",
+            "storageAccount": f"{rg}/Microsoft.Storage/storageAccounts/{ACCOUNT}",
+            "keyVault": f"{rg}/Microsoft.KeyVault/vaults/orchkv",
+            "applicationInsights": f"{rg}/microsoft.insights/components/orchinsights",
+            "containerRegistry": f"{rg}/Microsoft.ContainerRegistry/registries/orchacr",
+            "discoveryUrl": f"{s.base_url}/discovery",
+            "mlFlowTrackingUri": s.mlflow_azureml_uri,
+            "workspaceId": "00000000-0000-0000-0000-0000000000e1",
+            "hbiWorkspace": False,
+            "provisioningState": "Succeeded",
+            "publicNetworkAccess": "Enabled",
+            "v1LegacyMode": False,
+            "enableDataIsolation": False,
+            "storageHnsEnabled": False,
+            "privateLinkCount": 0,
+            "allowPublicAccessWhenBehindVnet": False,
+            "tenantId": st.TENANT,
+            "notebookInfo": None,
+            "serviceProvisionedResourceGroup": None,
+        },
+        "systemData": st.system_data("2025-01-01T00:00:00.000Z"),
+    }
+
+
+def datastore_body(s: StandIn, name: str, container: str, is_default: bool) -> dict[str, Any]:
+    return {
+        "id": f"{s.workspace_id}/datastores/{name}",
+        "name": name,
+        "type": f"{RP}/workspaces/datastores",
+        "properties": {
+            "description": None,
+            "tags": {},
+            "isDefault": is_default,
+            "properties": {},
+            "credentials": {"credentialsType": "AccountKey", "secrets": {"secretsType": "AccountKey"}},
+            "datastoreType": "AzureBlob",
+            "accountName": ACCOUNT,
+            "containerName": container,
+            "endpoint": s.azurite.storage_endpoint,
+            "protocol": "https",
+            "serviceDataAccessAuthIdentity": "None",
+        },
+        "systemData": st.system_data("2025-01-01T00:00:00.000Z"),
+    }
+
+
+def seed_workspace(s: StandIn) -> None:
+    """Default datastores (workspaceblobstore = default, workspaceartifactstore) and their containers."""
+    with s.state.lock:
+        s.state.datastores["workspaceblobstore"] = datastore_body(s, "workspaceblobstore", st.BLOB_CONTAINER, True)
+        s.state.datastores["workspaceartifactstore"] = datastore_body(
+            s, "workspaceartifactstore", st.ARTIFACT_CONTAINER, False
+        )
+    for c in (st.BLOB_CONTAINER, st.ARTIFACT_CONTAINER):
+        s.azurite.ensure_container(c)
+
+
+def get_datastore(s: StandIn, name: str) -> dict[str, Any]:
+    with s.state.lock:
+        ds = s.state.datastores.get(name)
+    if ds is None:
+        raise _not_found(f"Datastore {name}")
+    return ds
+
+
+def seed_registry_model(
+    s: StandIn, registry: str, name: str, version: str, src: Path, *, model_type: str = "custom_model",
+    description: str = "", tags: dict[str, str] | None = None,
+) -> str:  # fmt: skip
+    container = st.REGISTRY_CONTAINER_PREFIX + re.sub(r"[^a-z0-9-]", "-", registry.lower())
+    prefix = f"LocalUpload/{uuid.uuid4().hex}/{src.name}"
+    s.azurite.upload_folder(src, container, prefix)
+    rest_type = {"custom_model": "CustomModel", "mlflow_model": "MLFlowModel", "triton_model": "TritonModel"}
+    reg_id = f"/subscriptions/{st.SUBSCRIPTION}/resourceGroups/{st.RESOURCE_GROUP}/providers/{RP}/registries/{registry}"
+    body = {
+        "id": f"azureml://registries/{registry}/models/{name}/versions/{version}",
+        "name": version,
+        "type": f"{RP}/registries/models/versions",
+        "properties": {
+            "description": description,
+            "tags": tags or {},
+            "properties": {},
+            "isAnonymous": False,
+            "isArchived": False,
+            "flavors": {},
+            "modelType": rest_type.get(model_type, model_type),
+            "modelUri": f"{s.azurite.account_url}/{container}/{prefix}",
+            "jobName": None,
+            "stage": "Development",
+            "provisioningState": "Succeeded",
+        },
+        "systemData": st.system_data(),
+        "_blob": {"container": container, "prefix": prefix},
+        "_arm_id": f"{reg_id}/models/{name}/versions/{version}",
+    }
+    with s.state.lock:
+        s.state.registries.add(registry)
+        s.state.registry_models[(registry, name, version)] = body
+    return f"azureml://registries/{registry}/models/{name}/versions/{version}"
+
+
+def _public(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if not k.startswith("_")}
+
+
+# ---- workspace ---------------------------------------------------------------------------------------
+def get_workspace(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    return Response(200, workspace_body(ctx.standin))
+
+
+# ---- versioned assets (environments, codes, models, data) ------------------------------------------------
+def _container_body(s: StandIn, kind: str, name: str) -> dict[str, Any]:
+    with s.state.lock:
+        versions = s.state.assets.get((kind, name), {})
+        meta = s.state.containers.get((kind, name), {})
+    nums = [int(v) for v in versions if v.isdigit()]
+    latest = str(max(nums)) if nums else (list(versions)[-1] if versions else None)
+    return {
+        "id": f"{s.workspace_id}/{kind}/{name}",
+        "name": name,
+        "type": f"{RP}/workspaces/{kind}",
+        "properties": {
+            "description": meta.get("description"),
+            "tags": meta.get("tags", {}),
+            "properties": {},
+            "isArchived": False,
+            "latestVersion": latest,
+            "nextVersion": str(max(nums) + 1) if nums else "1",
+            "provisioningState": "Succeeded",
+        },
+        "systemData": meta.get("systemData") or st.system_data(),
+    }
+
+
+def get_container(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    kind, name = m["kind"], m["name"]
+    with ctx.standin.state.lock:
+        exists = (kind, name) in ctx.standin.state.assets
+    if not exists:
+        return arm_error(404, "UserError", f"{kind[:-1] if kind != 'data' else 'data'} container {name} not found")
+    return Response(200, _container_body(ctx.standin, kind, name))
+
+
+def put_container(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    kind, name = m["kind"], m["name"]
+    props = ctx.json().get("properties", {})
+    with ctx.standin.state.lock:
+        ctx.standin.state.assets.setdefault((kind, name), {})
+        ctx.standin.state.containers[(kind, name)] = {
+            "description": props.get("description"), "tags": props.get("tags") or {}, "systemData": st.system_data()
+        }  # fmt: skip
+    return Response(200, _container_body(ctx.standin, kind, name))
+
+
+def _version_body(s: StandIn, kind: str, name: str, version: str, props: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"{s.workspace_id}/{kind}/{name}/versions/{version}",
+        "name": version,
+        "type": f"{RP}/workspaces/{kind}/versions",
+        "properties": props,
+        "systemData": st.system_data(),
+    }
+
+
+def _fill_defaults(kind: str, props: dict[str, Any]) -> dict[str, Any]:
+    props = copy.deepcopy(props)
+    props.setdefault("description", None)
+    props.setdefault("tags", {})
+    props.setdefault("properties", {})
+    props.setdefault("isAnonymous", False)
+    props.setdefault("isArchived", False)
+    props["provisioningState"] = "Succeeded"
+    if kind == "environments":
+        props.setdefault("osType", "Linux")
+        props.setdefault("autoRebuild", "Disabled")
+        props["environmentType"] = "UserCreated"
+        props.setdefault("stage", "Development")
+    elif kind == "models":
+        props.setdefault("flavors", {})  # without it Model._from_rest_object crashes
+        props.setdefault("modelType", "CustomModel")
+        props.setdefault("jobName", None)
+        props.setdefault("stage", "Development")
+    elif kind == "data":
+        props.setdefault("dataType", "uri_folder")
+    return props
+
+
+def put_version(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    s, kind, name, version = ctx.standin, m["kind"], m["name"], m["version"]
+    props = _fill_defaults(kind, ctx.json().get("properties", {}))
+    with s.state.lock:
+        versions = s.state.assets.setdefault((kind, name), {})
+        existing = versions.get(version)
+        if existing is not None:
+            old = existing["properties"]
+            changed = [k for k in IMMUTABLE[kind] if (old.get(k) or None) != (props.get(k) or None)]
+            if changed:
+                return arm_error(
+                    409, "UserError",
+                    f"{kind} {name}:{version} already exists with different {', '.join(changed)}; versions are immutable",
+                )  # fmt: skip
+            # Mutable fields (description, tags, stage, isArchived) update in place.
+            for k in ("description", "tags", "stage", "isArchived"):
+                if k in props:
+                    old[k] = props[k]
+            return Response(200, existing)
+        body = _version_body(s, kind, name, version, props)
+        versions[version] = body
+        s.state.containers.setdefault((kind, name), {"systemData": st.system_data()})
+    return Response(201, body)
+
+
+def get_version(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    kind, name, version = m["kind"], m["name"], m["version"]
+    with ctx.standin.state.lock:
+        body = ctx.standin.state.assets.get((kind, name), {}).get(version)
+    if body is None:
+        return arm_error(404, "UserError", f"{kind} {name}:{version} not found")
+    return Response(200, body)
+
+
+def list_versions(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    kind, name = m["kind"], m["name"]
+    with ctx.standin.state.lock:
+        items = list(ctx.standin.state.assets.get((kind, name), {}).values())
+    if "hash" in ctx.query:  # code snapshots: find an existing upload by content hash
+        h = ctx.query["hash"]
+        items = [
+            b for b in items
+            if (b["properties"].get("properties") or {}).get("hash_sha256") == h
+            and (b["properties"].get("properties") or {}).get("hash_version") == ctx.query.get("hashVersion")
+        ]  # fmt: skip
+    items.sort(key=lambda b: b["systemData"]["createdAt"], reverse="desc" in ctx.query.get("$orderBy", "desc"))
+    if "$top" in ctx.query:
+        items = items[: int(ctx.query["$top"])]
+    return Response(200, {"value": items})
+
+
+def start_pending_upload(ctx: Ctx, m: re.Match[str]) -> Response:
+    """A fresh temporary container per upload, with a container SAS, like the service's TemporaryBlobReference."""
+    _check_ws(ctx, m)
+    s = ctx.standin
+    body = ctx.json()
+    if body.get("pendingUploadType") not in ("TemporaryBlobReference", None):
+        raise HttpError(400, "UserError", f"unsupported pendingUploadType {body.get('pendingUploadType')!r}")
+    container = f"temp-{uuid.uuid4().hex[:24]}"
+    s.azurite.ensure_container(container)
+    with s.state.lock:
+        s.state.pending_uploads[container] = f"{m['kind']}/{m['name']}/{m['version']}"
+    return Response(
+        200,
+        {
+            "blobReferenceForConsumption": {
+                "blobUri": f"{s.azurite.account_url}/{container}",
+                "storageAccountArmId": f"/subscriptions/{st.SUBSCRIPTION}/resourceGroups/{st.RESOURCE_GROUP}"
+                f"/providers/Microsoft.Storage/storageAccounts/{ACCOUNT}",
+                "credential": {"credentialType": "SAS", "sasUri": s.azurite.container_sas_url(container)},
+            },
+            "pendingUploadId": body.get("pendingUploadId") or uuid.uuid4().hex,
+            "pendingUploadType": "TemporaryBlobReference",
+        },
+    )
+
+
+# ---- datastores ----------------------------------------------------------------------------------------
+def list_datastores(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    with ctx.standin.state.lock:
+        items = list(ctx.standin.state.datastores.values())
+    if ctx.query.get("isDefault", "").lower() == "true":
+        items = [d for d in items if d["properties"]["isDefault"]]
+    return Response(200, {"value": items})
+
+
+def get_datastore_route(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    return Response(200, get_datastore(ctx.standin, m["name"]))
+
+
+def list_secrets(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    get_datastore(ctx.standin, m["name"])
+    return Response(200, {"secretsType": "AccountKey", "key": ACCOUNT_KEY})
+
+
+# ---- jobs ----------------------------------------------------------------------------------------------
+def job_body(s: StandIn, job: st.JobRecord) -> dict[str, Any]:
+    props = copy.deepcopy(job.body)
+    props["status"] = job.status
+    props.setdefault("services", {})
+    props["services"]["Studio"] = {
+        "jobServiceType": "Studio", "port": None, "status": None, "errorMessage": None, "properties": None,
+        "endpoint": f"{s.base_url}/studio/runs/{job.name}?wsid={s.workspace_id}",
+    }  # fmt: skip
+    props["services"]["Tracking"] = {
+        "jobServiceType": "Tracking", "port": None, "status": None, "errorMessage": None, "properties": None,
+        "endpoint": s.mlflow_azureml_uri,
+    }  # fmt: skip
+    outputs = props.get("outputs") or {}
+    for oname, uri in job.output_uris.items():
+        if oname in outputs and not outputs[oname].get("uri"):
+            outputs[oname]["uri"] = uri
+    props["outputs"] = outputs
+    return {
+        "id": f"{s.workspace_id}/jobs/{job.name}",
+        "name": job.name,
+        "type": f"{RP}/workspaces/jobs",
+        "properties": props,
+        "systemData": st.system_data(job.created),
+    }
+
+
+def put_job(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    s, name = ctx.standin, m["name"]
+    props = ctx.json().get("properties") or {}
+    if props.get("jobType") != "Command":
+        raise HttpError(400, "UserError", f"stand-in runs Command jobs only, got {props.get('jobType')!r}")
+    with s.state.lock:
+        existing = s.state.jobs.get(name)
+        if existing is not None:
+            # Azure ML allows updating only tags/description/displayName of an existing job.
+            for k in ("tags", "description", "displayName"):
+                if k in props:
+                    existing.body[k] = props[k]
+            return Response(200, job_body(s, existing))
+        props.setdefault("experimentName", "Default")
+        props.setdefault("displayName", name)
+        props.setdefault("computeId", None)
+        props.setdefault("isArchived", False)
+        props.setdefault("properties", {})
+        props["properties"].setdefault("_azureml.ComputeTargetType", "local")
+        job = st.JobRecord(name=name, body=props, created=st.now_iso())
+        s.state.jobs[name] = job
+    s.executor.submit(job)
+    return Response(201, job_body(s, job))
+
+
+def get_job(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    with ctx.standin.state.lock:
+        job = ctx.standin.state.jobs.get(m["name"])
+        if job is None:
+            return arm_error(404, "UserError", f"Job {m['name']} not found")
+        return Response(200, job_body(ctx.standin, job))
+
+
+def list_jobs(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    with ctx.standin.state.lock:
+        items = [job_body(ctx.standin, j) for j in ctx.standin.state.jobs.values()]
+    return Response(200, {"value": items})
+
+
+def cancel_job(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    s = ctx.standin
+    with s.state.lock:
+        job = s.state.jobs.get(m["name"])
+    if job is None:
+        return arm_error(404, "UserError", f"Job {m['name']} not found")
+    s.executor.cancel(job)
+    loc = (
+        f"{s.base_url}/subscriptions/{st.SUBSCRIPTION}/providers/{RP}/locations/{st.LOCATION}"
+        f"/mfeOperationResults/jc:{st.WORKSPACE}:{job.name}?api-version={ctx.api_version}"
+    )
+    return Response(202, None, {"Location": loc, "Retry-After": "1"})
+
+
+def cancel_result(ctx: Ctx, m: re.Match[str]) -> Response:
+    with ctx.standin.state.lock:
+        job = ctx.standin.state.jobs.get(m["job"])
+    if job is None:
+        return arm_error(404, "UserError", f"Job {m['job']} not found")
+    if job.status in ("Completed", "Failed", "Canceled"):
+        return Response(200, None)
+    return Response(202, None, {"Location": ctx.standin.base_url + ctx.path + f"?api-version={ctx.api_version}",
+                                "Retry-After": "1"})  # fmt: skip
+
+
+# ---- registry (MFE) ------------------------------------------------------------------------------------
+def get_registry_model_version(ctx: Ctx, m: re.Match[str]) -> Response:
+    with ctx.standin.state.lock:
+        body = ctx.standin.state.registry_models.get((m["reg"], m["name"], m["version"]))
+    if body is None:
+        return arm_error(404, "UserError", f"model {m['name']}:{m['version']} not found in registry {m['reg']}")
+    return Response(200, _public(body))
+
+
+def get_registry_model_container(ctx: Ctx, m: re.Match[str]) -> Response:
+    with ctx.standin.state.lock:
+        versions = [v for (r, n, v) in ctx.standin.state.registry_models if r == m["reg"] and n == m["name"]]
+    if not versions:
+        return arm_error(404, "UserError", f"model {m['name']} not found in registry {m['reg']}")
+    nums = sorted(int(v) for v in versions if v.isdigit())
+    return Response(200, {
+        "id": f"azureml://registries/{m['reg']}/models/{m['name']}", "name": m["name"],
+        "type": f"{RP}/registries/models",
+        "properties": {"description": None, "tags": {}, "properties": {}, "isArchived": False,
+                       "latestVersion": str(nums[-1]) if nums else versions[-1],
+                       "nextVersion": str(nums[-1] + 1) if nums else None, "provisioningState": "Succeeded"},
+        "systemData": st.system_data(),
+    })  # fmt: skip
+
+
+def list_registry_model_versions(ctx: Ctx, m: re.Match[str]) -> Response:
+    with ctx.standin.state.lock:
+        items = [_public(b) for (r, n, _v), b in ctx.standin.state.registry_models.items()
+                 if r == m["reg"] and n == m["name"]]  # fmt: skip
+    items.reverse()
+    if "$top" in ctx.query:
+        items = items[: int(ctx.query["$top"])]
+    return Response(200, {"value": items})
+
+
+def register(r: Router) -> None:
+    mfe = r"(?:/mferp/managementfrontend)?"
+    kinds = r"(?P<kind>environments|codes|models|data)"
+    name = r"(?P<name>[^/]+)"
+    r.add("GET", mfe + W, get_workspace, api_versions=V_WS)
+    r.add("GET", mfe + W + rf"/{kinds}/{name}", get_container, api_versions=V_ASSET)
+    r.add("PUT", mfe + W + rf"/{kinds}/{name}", put_container, api_versions=V_ASSET)
+    r.add("GET", mfe + W + rf"/{kinds}/{name}/versions", list_versions, api_versions=V_ASSET)
+    r.add("GET", mfe + W + rf"/{kinds}/{name}/versions/(?P<version>[^/]+)", get_version, api_versions=V_ASSET)
+    r.add("PUT", mfe + W + rf"/{kinds}/{name}/versions/(?P<version>[^/]+)", put_version, api_versions=V_ASSET)
+    r.add("POST", mfe + W + rf"/{kinds}/{name}/versions/(?P<version>[^/]+)/startPendingUpload",
+          start_pending_upload, api_versions=V_ASSET)  # fmt: skip
+    r.add("GET", mfe + W + r"/datastores", list_datastores, api_versions=V_DS)
+    r.add("GET", mfe + W + rf"/datastores/{name}", get_datastore_route, api_versions=V_DS)
+    r.add("POST", mfe + W + rf"/datastores/{name}/listSecrets", list_secrets, api_versions=V_DS)
+    r.add("GET", mfe + W + r"/jobs", list_jobs, api_versions=V_JOB)
+    r.add("PUT", mfe + W + rf"/jobs/{name}", put_job, api_versions=V_JOB)
+    r.add("GET", mfe + W + rf"/jobs/{name}", get_job, api_versions=V_JOB)
+    r.add("POST", mfe + W + rf"/jobs/{name}/cancel", cancel_job, api_versions=V_JOB)
+    r.add("GET", r"/subscriptions/[^/]+/providers/Microsoft\.MachineLearningServices/locations/[^/]+"
+          r"/mfeOperationResults/jc:[^:/]+:(?P<job>[^/]+)", cancel_result, api_versions=V_JOB)  # fmt: skip
+    r.add("GET", mfe + REG + rf"/models/{name}", get_registry_model_container, api_versions=V_REG)
+    r.add("GET", mfe + REG + rf"/models/{name}/versions", list_registry_model_versions, api_versions=V_REG)
+    r.add("GET", mfe + REG + rf"/models/{name}/versions/(?P<version>[^/]+)", get_registry_model_version,
+          api_versions=V_REG)  # fmt: skip
