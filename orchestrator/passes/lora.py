@@ -1,0 +1,482 @@
+"""LoRA / QLoRA fine-tuning (Olive's "LoRA" and "QLoRA" passes) on peft + TRL's SFTTrainer.
+
+The pass reads Olive's config names as-is (lora_r, lora_alpha, double_quant, training_args with Olive's old
+TrainingArguments names), trains an adapter and writes `adapter/` (PEFT adapter + tokenizer); the base model is
+not copied: the output artifact points at it. It is written so that `torchrun --nproc_per_node N` runs it
+unchanged: the Trainer does the DDP work, rank 0 alone writes files and reports metrics.
+torch / transformers / peft / trl are imported inside functions only (the registry imports this module).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
+
+from pydantic import AliasChoices, Field, model_validator
+
+from orchestrator.job import ModelArtifact
+from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
+
+ADAPTER_DIR = "adapter"
+QLORA_NO_CUDA = (
+    "QLoRA needs a CUDA GPU (bitsandbytes 4-bit); this machine has none. Use LoRA (drop double_quant / "
+    "load_in_4bit) or run on a GPU system (--host aml with accelerators [gpu])"
+)
+# Olive's HFTrainingArguments defaults (QLoRA-paper values), applied where the user's training_args say nothing, so
+# an Olive workflow trains the same here. Differences: no max_steps=10000 (num_train_epochs governs unless set),
+# optim adamw_torch for LoRA (paged optimizers need bitsandbytes), gradient checkpointing on for QLoRA only.
+OLIVE_TRAINING_DEFAULTS: dict[str, Any] = {
+    "seed": 42,
+    "data_seed": 42,
+    "per_device_train_batch_size": 1,
+    "per_device_eval_batch_size": 1,
+    "gradient_accumulation_steps": 16,
+    "weight_decay": 0.0,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "constant",  # Olive's warmup_ratio 0.03 is a no-op with a constant schedule
+    "logging_steps": 10,
+}
+# report_to values users put in Olive configs. orch always forwards metrics itself (events.jsonl -> MLflow, or
+# the Azure ML run's MLflow), so none of them may make transformers import azureml / mlflow integrations.
+REPORT_TO_ACCEPTED = ("azure_ml", "azureml", "mlflow", "none")
+# Fused projections of known architectures, for the "target_modules not in this model" hint.
+FUSED_HINTS = {"qkv_proj": "q/k/v into qkv_proj", "gate_up_proj": "gate/up into gate_up_proj"}
+TORCH_DTYPES = Literal["bfloat16", "float16", "float32"]
+
+
+class TextSpec(Protocol):
+    """The part of orchestrator.data.TextDataSpec this pass reads."""
+
+    max_len: int
+    pad_to_max_len: bool
+    corpus_join: bool
+    use_attention_mask: bool
+
+
+class LoRAConfig(PassConfig):
+    """Olive's LoRA / QLoRA pass config (the names users already have in their workflow files)."""
+
+    target_modules: list[str] | None = None  # None: every linear layer except the LM head
+    lora_r: int = Field(64, gt=0, validation_alias=AliasChoices("lora_r", "r"))
+    lora_alpha: float = Field(16, gt=0, validation_alias=AliasChoices("lora_alpha", "alpha"))
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+    torch_dtype: TORCH_DTYPES = "bfloat16"  # CUDA only; CPU always trains in float32
+    allow_tf32: bool = True
+    ephemeral_gpu_offload: bool = False
+    # 4-bit (QLoRA) settings: any of load_in_4bit / double_quant on a "LoRA" pass makes it QLoRA.
+    load_in_4bit: bool = False
+    double_quant: bool = False
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: TORCH_DTYPES | None = None
+    # data
+    train_data_config: str
+    eval_data_config: str | None = None
+    eval_dataset_size: int | float | None = Field(None, gt=0)
+    train_split: str | None = None  # `olive finetune --train_split "train[:80%]"`
+    eval_split: str | None = None
+    training_args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> LoRAConfig:
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules is empty: leave it out to target every linear layer")
+        from orchestrator.config.training_args import normalize_training_args
+
+        normalize_training_args(dict(self.training_args))  # unknown keys fail at config time, not on the GPU
+        return self
+
+    @property
+    def four_bit(self) -> bool:
+        return self.load_in_4bit or self.double_quant
+
+
+class LoRAPass(Pass):
+    """Train a LoRA adapter; output format hf_adapter (path = the input base, adapter_path = adapter/)."""
+
+    type_name: ClassVar[str] = "LoRA"
+    Config: ClassVar[type[PassConfig]] = LoRAConfig
+    version: ClassVar[str] = "1"
+    libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
+    always_4bit: ClassVar[bool] = False
+
+    def is_qlora(self, config: LoRAConfig) -> bool:
+        return self.always_4bit or config.four_bit
+
+    def requirements(self, config: PassConfig) -> Requirements:
+        assert isinstance(config, LoRAConfig)
+        if self.is_qlora(config):
+            return Requirements(cuda=True, environment="gpu-train")
+        return Requirements(environment="cpu-train")
+
+    def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
+        assert isinstance(config, LoRAConfig)
+        import torch
+
+        # Refusals that need nothing loaded come first: no weights read, nothing written.
+        if self.is_qlora(config) and not torch.cuda.is_available():
+            raise PassError(QLORA_NO_CUDA)
+        if model is None or model.format != "hf":
+            got = "no model" if model is None else f"a {model.format} model"
+            hint = " (merge it first: MergeAdapterWeights)" if model and model.format == "hf_adapter" else ""
+            raise PassError(f"{self.type_name} needs an HF checkpoint (format hf) as input, got {got}{hint}")
+        targets = resolve_target_modules(model, config.target_modules)
+        train_ds, eval_ds, spec = self.load_data(config, ctx)
+        return self.train(config, model, ctx, train_ds, eval_ds, spec, targets=targets)
+
+    def load_data(self, config: LoRAConfig, ctx: PassContext) -> tuple[Any, Any, TextSpec]:
+        """Train/eval splits from the job's data configs (orchestrator.data does loading and templating)."""
+        from orchestrator.data import load_splits, text_spec
+
+        data_configs = ctx.job.data_configs
+        for name in (config.train_data_config, config.eval_data_config):
+            if name is not None and name not in data_configs:
+                known = ", ".join(sorted(data_configs)) or "none"
+                raise PassError(f"data config {name!r} is not in the workflow's data_configs (known: {known})")
+        seed = int(config.training_args.get("data_seed", OLIVE_TRAINING_DEFAULTS["data_seed"]))
+        base_dir = None  # relative data paths resolve against the working directory (the systems make them absolute)
+        train_dc = data_configs[config.train_data_config]
+        train_ds, eval_ds = load_splits(
+            train_dc,
+            base_dir=base_dir,
+            eval_dataset_size=None if config.eval_data_config else config.eval_dataset_size,
+            train_split=config.train_split,
+            eval_split=None if config.eval_data_config else config.eval_split,
+            seed=seed,
+            data_files_override=ctx.job.data_files.get(config.train_data_config),
+        )
+        if config.eval_data_config:
+            eval_ds, _ = load_splits(
+                data_configs[config.eval_data_config],
+                base_dir=base_dir,
+                train_split=config.eval_split,
+                seed=seed,
+                data_files_override=ctx.job.data_files.get(config.eval_data_config),
+            )
+        return train_ds, eval_ds, text_spec(train_dc)
+
+    def train(
+        self,
+        config: LoRAConfig,
+        model: ModelArtifact,
+        ctx: PassContext,
+        train_ds: Any,
+        eval_ds: Any,
+        spec: TextSpec,
+        *,
+        targets: list[str] | None = None,
+    ) -> PassOutput:
+        """Train on datasets with a templated "text" column; write adapter/ (rank 0) and return the artifact."""
+        import torch
+        import transformers
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraRuntimeConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import SFTConfig, SFTTrainer
+
+        qlora = self.is_qlora(config)
+        if qlora and not torch.cuda.is_available():
+            raise PassError(QLORA_NO_CUDA)
+        if targets is None:
+            targets = resolve_target_modules(model, config.target_modules)
+        cuda = torch.cuda.is_available()
+        base_path = str(Path(model.path).resolve())
+        sft_kwargs, notes = build_training_args(
+            config, ctx.out_dir, cuda=cuda, qlora=qlora, has_eval=eval_ds is not None
+        )
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        info = ctx.info if rank0 else (lambda _msg: None)
+        for note in notes:
+            info(note)
+
+        tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=model.trust_remote_code)
+        if tokenizer.pad_token is None:  # no resize: the embeddings stay frozen and out of the adapter
+            tokenizer.pad_token = tokenizer.eos_token
+        train_tok = tokenize(train_ds, tokenizer, spec)
+        eval_tok = tokenize(eval_ds, tokenizer, spec) if eval_ds is not None else None
+        if spec.pad_to_max_len:
+            sft_kwargs["pad_to_multiple_of"] = spec.max_len  # every sequence is <= max_len: pads to exactly it
+
+        load_kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+        if qlora:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise PassError("QLoRA needs bitsandbytes: pip install bitsandbytes==0.50.2") from None
+            from transformers import BitsAndBytesConfig
+
+            load_kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=config.quant_type,
+                bnb_4bit_use_double_quant=config.double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype or "bfloat16"),
+            )
+            load_kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one full copy per rank
+            load_kwargs["dtype"] = getattr(torch, config.compute_dtype or "bfloat16")
+        elif cuda:
+            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+            # float16 weights are unstable to train: keep fp32 master weights and use fp16 autocast instead.
+            load_kwargs["dtype"] = (
+                torch.float32 if config.torch_dtype == "float16" else getattr(torch, config.torch_dtype)
+            )
+            if config.torch_dtype == "float16":
+                sft_kwargs.setdefault("fp16", True)
+        else:
+            load_kwargs["dtype"] = torch.float32
+        transformers.set_seed(sft_kwargs["seed"])  # the LoRA A matrices are drawn at get_peft_model
+        base = AutoModelForCausalLM.from_pretrained(base_path, **load_kwargs)
+        if qlora:
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(
+                base, use_gradient_checkpointing=bool(sft_kwargs.get("activation_checkpointing"))
+            )
+        peft_model = get_peft_model(
+            base,
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=targets,
+                bias=config.bias,
+                modules_to_save=config.modules_to_save,
+                task_type="CAUSAL_LM",
+                runtime_config=LoraRuntimeConfig(ephemeral_gpu_offload=config.ephemeral_gpu_offload),
+            ),
+        )
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in peft_model.parameters())
+        if cuda:
+            from orchestrator.passes.lora_cuda import cuda_overrides
+
+            sft_kwargs = cuda_overrides(peft_model, sft_kwargs)
+        if rank0:
+            ctx.log_param("target_modules", ",".join(targets))
+            ctx.log_param("lora_r", config.lora_r)
+            ctx.log_param("lora_alpha", config.lora_alpha)
+            ctx.log_param("base_quantization", f"bnb-4bit-{config.quant_type}" if qlora else "none")
+            ctx.log_param("device", "cuda" if cuda else "cpu")
+        info(
+            f"{self.type_name}: r={config.lora_r} alpha={config.lora_alpha} on {', '.join(targets)}; "
+            f"{trainable:,} trainable of {total:,} parameters; {len(train_tok)} train / "
+            f"{len(eval_tok) if eval_tok is not None else 0} eval sequences of <= {spec.max_len} tokens"
+        )
+
+        resume = sft_kwargs.pop("resume_from_checkpoint", None)
+        trainer = SFTTrainer(
+            model=peft_model,
+            args=SFTConfig(**sft_kwargs),
+            train_dataset=train_tok,
+            eval_dataset=eval_tok,
+            processing_class=tokenizer,
+            callbacks=[metrics_callback(ctx, self.type_name)],
+        )
+        result = trainer.train(resume_from_checkpoint=resume)
+        runtime = float(result.metrics.get("train_runtime", 0.0))
+        tokens = float(trainer.state.num_input_tokens_seen)
+        metrics: dict[str, float] = {
+            "train_loss": float(result.training_loss),
+            "train_runtime_s": runtime,
+            "train_tokens": tokens,
+            "tokens_per_s": tokens / runtime if runtime > 0 else 0.0,
+            "train_steps": float(trainer.state.global_step),
+            "trainable_params": float(trainable),
+        }
+        if qlora:
+            metrics["base_4bit"] = 1.0
+        if eval_tok is not None:
+            eval_loss = float(trainer.evaluate()["eval_loss"])
+            metrics["eval_loss"] = eval_loss
+            metrics["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
+
+        if trainer.is_world_process_zero():
+            save_adapter(trainer.model, tokenizer, ctx.out_dir / ADAPTER_DIR)
+            shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
+            ctx.log_metrics(
+                {k: v for k, v in metrics.items() if k in ("eval_perplexity", "tokens_per_s")},
+                step=trainer.state.global_step,
+            )
+        trainer.accelerator.wait_for_everyone()
+        artifact = ModelArtifact(
+            format="hf_adapter",
+            path=base_path,
+            adapter_path=ADAPTER_DIR,
+            task=model.task,
+            trust_remote_code=model.trust_remote_code,
+            quantized=model.quantized,  # the 4-bit QLoRA base is a load-time view: the base on disk is unchanged
+        )
+        return PassOutput(model=artifact, metrics=metrics)
+
+
+class QLoRAPass(LoRAPass):
+    """Olive's QLoRA: the base is loaded in 4-bit (bitsandbytes nf4) for training; needs CUDA."""
+
+    type_name: ClassVar[str] = "QLoRA"
+    always_4bit: ClassVar[bool] = True
+
+
+def resolve_target_modules(model: ModelArtifact, requested: list[str] | None) -> list[str]:
+    """The module names to wrap, checked on a weightless (meta) copy of the model before anything trains.
+
+    A target that matches nothing would make peft train a silently smaller adapter (or fail deep inside), so any
+    missing name is an error that lists the linear modules the model does have.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=model.trust_remote_code)
+    head = skeleton.get_output_embeddings()
+    wrappable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    linear: list[str] = []
+    wrappable_names: list[str] = []
+    for name, module in skeleton.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's Conv1D
+        if is_linear or isinstance(module, wrappable):
+            wrappable_names.append(name)
+        leaf = name.rsplit(".", 1)[-1]
+        if is_linear and module is not head and leaf not in linear:
+            linear.append(leaf)
+    if requested is None or requested == ["all-linear"]:
+        return linear
+    missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in wrappable_names)]
+    if missing:
+        arch = (hf_config.architectures or [type(skeleton).__name__])[0]
+        hints = [FUSED_HINTS[m] for m in FUSED_HINTS if m in linear]
+        family = "Phi-3" if hf_config.model_type == "phi3" else f"This model ({hf_config.model_type})"
+        hint = f" {family} fuses {' and '.join(hints)}." if hints else ""
+        raise PassError(
+            f"target_modules {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not in this model "
+            f"({arch}); its linear modules are: {', '.join(linear)}.{hint}"
+        )
+    return list(requested)
+
+
+def build_training_args(
+    config: LoRAConfig, out_dir: Path, *, cuda: bool, qlora: bool, has_eval: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """SFTConfig kwargs: the user's training_args (Olive names normalized), Olive's defaults, orch's fixed parts."""
+    from orchestrator.config.training_args import TrainingArgsError, normalize_training_args
+
+    try:
+        args, notes = normalize_training_args(dict(config.training_args))
+    except TrainingArgsError as exc:
+        raise PassError(str(exc)) from None
+    notes = list(notes)
+    for key, value in OLIVE_TRAINING_DEFAULTS.items():
+        args.setdefault(key, value)
+    args.setdefault("optim", "paged_adamw_32bit" if qlora else "adamw_torch")
+    # transformers 5 renamed gradient_checkpointing* to activation_checkpointing* (old names still accepted)
+    for old in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):
+        new = old.replace("gradient", "activation")
+        if old in args:
+            args.setdefault(new, args.pop(old))
+    if args.setdefault("activation_checkpointing", qlora):
+        args.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+
+    report_to = args.pop("report_to", None) or "none"
+    for value in [report_to] if isinstance(report_to, str) else list(report_to):
+        if value not in REPORT_TO_ACCEPTED:
+            raise PassError(
+                f"training_args.report_to {value!r} is not supported: orch sends the training metrics to MLflow / "
+                f"Azure ML itself; use one of {', '.join(REPORT_TO_ACCEPTED)}"
+            )
+    if args.get("output_dir"):
+        notes.append(f"training_args.output_dir {args['output_dir']!r} ignored: checkpoints go under the pass output")
+    eval_strategy = str(args.get("eval_strategy", "no"))
+    if not has_eval and eval_strategy != "no":
+        notes.append(f"eval_strategy {eval_strategy!r} set to 'no': there is no eval data set")
+        args["eval_strategy"] = "no"
+    if cuda and qlora and args.get("fp16"):
+        args.pop("fp16")  # compute dtype of the 4-bit layers decides
+
+    args.update(
+        output_dir=str(out_dir / "checkpoints"),
+        report_to="none",
+        use_cpu=not cuda,
+        include_num_input_tokens_seen="non_padding",
+        # our own tokenization (corpus join / truncation) is passed pre-tokenized: TRL must not redo it
+        dataset_kwargs={"skip_prepare_dataset": True},
+        packing=False,
+        max_length=None,
+    )
+    args.setdefault("save_strategy", "no")  # the adapter is saved once at the end
+    args.setdefault("disable_tqdm", True)  # progress goes to ctx.progress; tqdm bars would flood the job log
+    args.setdefault("logging_first_step", True)
+    args.setdefault("ddp_find_unused_parameters", False)  # LoRA: frozen base params are never "unused" grads
+    if not cuda:
+        for key in ("bf16", "fp16", "tf32"):
+            args.pop(key, None)
+    return args, notes
+
+
+def tokenize(ds: Any, tokenizer: Any, spec: TextSpec) -> Any:
+    """input_ids per sequence: the corpus joined and cut into max_len blocks, or each text truncated to max_len.
+
+    EOS ends every text so the model learns where an answer stops. Padding is left to the collator (which masks
+    it out of the loss and, with pad_to_max_len, pads to max_len). use_attention_mask=False is Olive's way of
+    saying "no mask needed": with right padding and padded labels masked, the mask changes no loss.
+    """
+    from datasets import Dataset
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    encoded = tokenizer(list(ds["text"]), add_special_tokens=True)["input_ids"]
+    if spec.corpus_join:
+        stream = [tok for ids in encoded for tok in [*ids, *eos]]
+        blocks = [stream[i : i + spec.max_len] for i in range(0, len(stream), spec.max_len)]
+    else:
+        blocks = [[*ids, *eos][: spec.max_len] for ids in encoded]
+    blocks = [b for b in blocks if len(b) > 1]
+    if not blocks:
+        raise PassError("the training data is empty after tokenization: check the data config's text_template")
+    return Dataset.from_dict({"input_ids": blocks})
+
+
+def metrics_callback(ctx: PassContext, desc: str) -> Any:
+    """A TrainerCallback that streams loss / lr / grad norm / eval loss and progress through ctx (rank 0 only)."""
+    from transformers import TrainerCallback
+
+    names = {"loss": "train_loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
+
+    class _Metrics(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+            if not state.is_world_process_zero or not logs:
+                return
+            for key, name in names.items():
+                value = logs.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    ctx.log_metric(name, value, state.global_step)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            every = max(1, state.max_steps // 200)  # at most ~200 progress lines per run
+            if state.is_world_process_zero and (state.global_step % every == 0 or state.global_step == state.max_steps):
+                ctx.progress(state.global_step, state.max_steps, desc)
+
+    return _Metrics()
+
+
+def save_adapter(peft_model: Any, tokenizer: Any, dest: Path) -> Path:
+    """adapter_config.json + adapter_model.safetensors + tokenizer, via a temp folder renamed into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        peft_model.save_pretrained(tmp, save_embedding_layers=False, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        cfg = json.loads((tmp / "adapter_config.json").read_text())
+        if not cfg.get("target_modules"):
+            raise PassError("the saved adapter targets no modules (internal error)")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
