@@ -34,6 +34,12 @@ def suggest(key: str, valid: Iterable[str]) -> str:
     return f" (valid: {', '.join(valid)})" if valid else ""
 
 
+def nearest(key: str, valid: Iterable[str]) -> str:
+    """ "; did you mean 'x'?" for the closest valid name, else "" (for messages that list the names anyway)."""
+    close = difflib.get_close_matches(key, sorted(set(valid)), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def fmt_path(path: Sequence[str | int]) -> str:
     """('data_configs', 0, 'name') -> 'data_configs[0].name'."""
     out = ""

@@ -94,7 +94,17 @@ class InputModel(Strict):
         return bool(self.trust_remote_code_flag) or any(bool(p.get("trust_remote_code")) for p in places if p)
 
 
-class LoadDatasetConfig(Strict):
+class _Params(Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _unnest(cls, data: Any) -> Any:
+        """Older Olive nests these fields under "params"; accept that and the flat form."""
+        if isinstance(data, dict) and isinstance(data.get("params"), dict):
+            return {**{k: v for k, v in data.items() if k != "params"}, **data["params"]}
+        return data
+
+
+class LoadDatasetConfig(_Params):
     """datasets.load_dataset arguments: data_name is a builder ("json") or a local folder/file or hub name."""
 
     type: str | None = None  # Olive's older component name (e.g. "huggingface_dataset"); informational
@@ -131,7 +141,7 @@ class LoadDatasetConfig(Strict):
         return str(res.path) if isinstance(res, LocalFolder | LocalFile) else res
 
 
-class PreProcessDataConfig(Strict):
+class PreProcessDataConfig(_Params):
     """Olive's text-generation pre-processing: how rows become one "text" column and how long sequences are."""
 
     type: str | None = None

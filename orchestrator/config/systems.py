@@ -47,7 +47,8 @@ class ImageConfig(Strict):
     """The container image of a job: a base image + conda file, or a Dockerfile + build context, or a built image.
 
     Paths resolve against the workflow file's folder; `dockerfile` is relative to `build_context_path`, as in
-    Olive and Azure ML.
+    Olive and Azure ML. Existence is checked by the system that uses them: a workflow run on `local` must not
+    fail over the conda file of its `aml` system.
     """
 
     base_image: str | None = None
@@ -61,12 +62,7 @@ class ImageConfig(Strict):
     @field_validator("conda_file_path", "build_context_path", mode="after")
     @classmethod
     def _resolve(cls, v: Path | None, info: ValidationInfo) -> Path | None:
-        if v is None:
-            return None
-        path = resolve_path(v, base_dir_of(info))
-        if not path.exists():
-            raise ValueError(f"{str(v)!r} not found (looked at {path})")
-        return path
+        return None if v is None else resolve_path(v, base_dir_of(info))
 
     @model_validator(mode="after")
     def _complete(self) -> ImageConfig:
@@ -105,10 +101,7 @@ class LocalSystemConfig(_System):
     def _resolve(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         if v is None:
             return None
-        path = resolve_path(v, base_dir_of(info))
-        if not path.exists():
-            raise ValueError(f"{str(v)!r} not found (looked at {path}); give a venv/conda folder or a python")
-        return path
+        return resolve_path(v, base_dir_of(info))
 
 
 class DockerSystemConfig(_System):

@@ -264,7 +264,8 @@ def normalize_training_args(args: dict[str, Any]) -> tuple[dict[str, Any], list[
             if moved is None:
                 notes.append(f"training_args.{key}={value!r} dropped (the default in transformers 5)")
             else:
-                _move(out, notes, problems, key, moved[0], moved[1], f"{key} was removed in transformers 5")
+                why = f"{key}={value!r} is {moved[0]}={moved[1]!r} since transformers 5"
+                _move(out, notes, problems, key, moved[0], moved[1], why)
         elif key in ACCELERATOR_KEYS:
             cfg = dict(out.get("accelerator_config") or {})
             cfg[key] = value

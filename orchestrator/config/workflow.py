@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.config.errors import ConfigError, fmt_path, suggest, translate
+from orchestrator.config.errors import ConfigError, fmt_path, nearest, suggest, translate
 from orchestrator.config.models import DataConfig, EngineConfig, EvaluatorConfig, InputModel, PassEntry
 from orchestrator.config.resources import AzureMLClient
 from orchestrator.config.systems import SystemConfig, canonical_system_type
@@ -26,7 +26,6 @@ KEYWORDS = ("local", "docker", "aml")
 ENGINE_KEYS = tuple(EngineConfig.model_fields)
 DATA_REF_KEYS = ("train_data_config", "eval_data_config", "data_config")
 PASS_RUN_KEYS = ("disable_search",)  # Olive search-time keys: accepted and ignored (passes run once, in order)
-TRAINING_PASSES = ("LoRA", "QLoRA")
 
 
 class WorkflowConfig(BaseModel):
@@ -177,12 +176,10 @@ def _normalize(raw: dict[str, Any], r: _Reader) -> None:
         search = engine.get("search_strategy")
         if search:
             r.notes.append("engine.search_strategy ignored: orch runs every pass once, in the order written")
-    model = raw.get("input_model")
     r.flatten(raw, "input_model", ("input_model",), "config")
     model = raw.get("input_model")
     if isinstance(model, dict):
-        for key in ("model_path",):
-            r.flatten(model, key, ("input_model", key), "config")
+        r.flatten(model, "model_path", ("input_model", "model_path"), "config")
     systems = raw.get("systems")
     if isinstance(systems, dict):
         for name in list(systems):
@@ -240,7 +237,7 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
             if canon is None:
                 r.problem(
                     [*where, "type"],
-                    f"unknown pass type {type_name!r}{suggest(type_name, PASSES)} (known: {', '.join(sorted(PASSES))})",
+                    f"unknown pass type {type_name!r}{nearest(type_name, PASSES)} (known: {', '.join(sorted(PASSES))})",
                 )
                 continue
             type_name = canon
@@ -256,12 +253,14 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
         if entry.get("disable_search") is not None:
             r.notes.append(f"{fmt_path([*where, 'disable_search'])} ignored: orch does no search")
         _check_data_refs(cfg, cfg_path, raw, r)
-        if isinstance(cfg.get("training_args"), dict) and (type_name in TRAINING_PASSES or "training_args" in cfg):
+        to_check = cfg
+        if isinstance(cfg.get("training_args"), dict):
             try:
                 cfg["training_args"], notes = normalize_training_args(cfg["training_args"])
             except TrainingArgsError as exc:
                 for key, msg in exc.problems:
                     r.problem([*cfg_path, "training_args", key], msg)
+                to_check = {**cfg, "training_args": {}}  # reported above, not again by the pass's own check
             else:
                 prefix = fmt_path(cfg_path)
                 r.notes += [f"{prefix}.{note}" for note in notes]
@@ -274,7 +273,7 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
             )
         else:
             try:
-                pass_cls.Config.model_validate(cfg)
+                pass_cls.Config.model_validate(to_check)
             except ValidationError as exc:
                 r.problems += translate(exc, pass_cls.Config, prefix=cfg_path)
         out[name] = PassEntry(type=type_name, config=cfg)
@@ -305,8 +304,7 @@ def _check_data_refs(cfg: dict[str, Any], cfg_path: tuple[Any, ...], raw: dict[s
         elif isinstance(value, str) and value not in known:
             r.problem(
                 [*cfg_path, key],
-                f"{value!r} is not a data config{suggest(value, known) if known else ''} "
-                f"(known: {', '.join(known) or 'none'})",
+                f"{value!r} is not a data config{nearest(value, known)} (known: {', '.join(known) or 'none'})",
             )
 
 
@@ -320,8 +318,7 @@ def _check_references(raw: dict[str, Any], r: _Reader) -> None:
     for key in ("host", "target"):
         value = engine.get(key)
         if isinstance(value, str) and value not in systems and value not in KEYWORDS:
-            close = suggest(value, [*systems, *KEYWORDS]) if systems or KEYWORDS else ""
-            close = close if close.startswith(";") else ""
+            close = nearest(value, [*systems, *KEYWORDS])
             r.problem(
                 ["engine", key],
                 f"{value!r} is not a system in 'systems' (known: {', '.join(sorted(systems)) or 'none'}) "
@@ -332,7 +329,7 @@ def _check_references(raw: dict[str, Any], r: _Reader) -> None:
     if isinstance(evaluator, str) and evaluator not in evaluators:
         r.problem(
             ["engine", "evaluator"],
-            f"{evaluator!r} is not in 'evaluators'{suggest(evaluator, evaluators) if evaluators else ''} "
+            f"{evaluator!r} is not in 'evaluators'{nearest(evaluator, evaluators)} "
             f"(known: {', '.join(sorted(evaluators)) or 'none'})",
         )
     for ev_name, ev in evaluators.items():
@@ -342,6 +339,5 @@ def _check_references(raw: dict[str, Any], r: _Reader) -> None:
             if isinstance(ref, str) and ref not in names:
                 r.problem(
                     ["evaluators", ev_name, "metrics", i, "data_config"],
-                    f"{ref!r} is not a data config{suggest(ref, names) if names else ''} "
-                    f"(known: {', '.join(names) or 'none'})",
+                    f"{ref!r} is not a data config{nearest(ref, names)} (known: {', '.join(names) or 'none'})",
                 )

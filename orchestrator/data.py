@@ -1,0 +1,249 @@
+"""Data configs -> datasets.Dataset splits with one templated "text" column, ready for training/evaluation.
+
+The `datasets` library does the loading (json/csv/parquet files, or a folder it autodetects) and the split
+syntax ("train[:80%]"); this module adds Olive's text_template / text_cols rendering, the eval carve-out
+(eval_dataset_size) and one-line errors that name the data config, the path or the column at fault.
+`datasets` is imported inside functions: the registry and `orch --help` must not pay for it.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.config.errors import translate
+from orchestrator.config.models import DATASET_BUILDERS, DataConfig, PreProcessDataConfig
+from orchestrator.config.resources import LocalFile, LocalFolder, resolve_path
+from orchestrator.passes.base import PassError
+
+SUFFIX_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+_FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+
+
+class DataError(PassError):
+    """A data config that cannot be loaded as written: one line naming the data config and the fix."""
+
+
+@dataclass(frozen=True)
+class TextDataSpec:
+    """What the trainer needs from pre_process_data_config beyond the text itself."""
+
+    max_len: int = 1024  # source_max_len
+    pad_to_max_len: bool = True
+    corpus_join: bool = False  # corpus_strategy "join": concatenate texts and cut into max_len blocks
+    use_attention_mask: bool = True
+
+
+def text_spec(data_config: dict[str, Any]) -> TextDataSpec:
+    """The sequence settings of a data config (json form or Olive's nested form)."""
+    raw = data_config.get("pre_process_data_config")
+    if not raw:
+        return TextDataSpec()
+    pre = PreProcessDataConfig.model_validate(raw)
+    return TextDataSpec(
+        max_len=pre.source_max_len,
+        pad_to_max_len=pre.pad_to_max_len,
+        corpus_join=pre.corpus_strategy == "join",
+        use_attention_mask=pre.use_attention_mask,
+    )
+
+
+def load_splits(
+    data_config: dict[str, Any],
+    *,
+    base_dir: Path | None,
+    eval_dataset_size: float | int | None = None,
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    seed: int = 42,
+    data_files_override: str | None = None,
+) -> tuple[Any, Any | None]:
+    """(train, eval or None), each a datasets.Dataset with only a "text" column.
+
+    `train_split`/`eval_split` override the config's split ("train[:80%]" syntax). Without eval_split,
+    `eval_dataset_size` (a fraction < 1, or a row count) is carved out of train with train_test_split(seed).
+    `data_files_override` is the local path a system put the data at (a downloaded datastore file, a mount).
+    """
+    dc = _parse(data_config, base_dir)
+    train = _load(dc, train_split or dc.load_dataset_config.split or "train", base_dir, data_files_override)
+    pre = dc.pre_process_data_config
+    if pre is not None and pre.max_samples is not None:
+        train = train.select(range(min(pre.max_samples, len(train))))
+    train = render_text(train, pre, dc.name)
+    eval_ds = None
+    if eval_split:
+        eval_ds = render_text(_load(dc, eval_split, base_dir, data_files_override), pre, dc.name)
+    elif eval_dataset_size:
+        train, eval_ds = _carve(train, eval_dataset_size, seed, dc.name)
+    return train, eval_ds
+
+
+def _parse(data_config: dict[str, Any], base_dir: Path | None) -> DataConfig:
+    if isinstance(data_config, BaseModel):
+        data_config = data_config.model_dump(mode="json")
+    try:
+        return DataConfig.model_validate(data_config, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        name = data_config.get("name", "?") if isinstance(data_config, dict) else "?"
+        raise DataError(f"data config {name!r}: " + "; ".join(translate(exc, DataConfig))) from None
+
+
+def _source(dc: DataConfig, base_dir: Path | None, override: str | None) -> dict[str, Any]:
+    """load_dataset kwargs: a builder + data_files/data_dir, or a folder/hub name that datasets resolves."""
+    load = dc.load_dataset_config
+    name = load.data_name
+    files: Any = load.data_files
+    if override:
+        local = resolve_path(override, base_dir)
+        if local.is_dir():
+            return {"path": name, "data_dir": str(local)} if name in DATASET_BUILDERS else {"path": str(local)}
+        files = str(local)
+    if isinstance(files, LocalFile | LocalFolder):
+        files = str(files.path)
+    elif isinstance(files, BaseModel):
+        raise DataError(
+            f"data config {dc.name!r}: data_files is {getattr(files, 'uri', files)!r}, a remote resource: the "
+            "system must download or mount it and pass its local path (Job.data_files)"
+        )
+    if files is None:
+        path = Path(name)
+        if name in DATASET_BUILDERS:
+            raise DataError(f"data config {dc.name!r}: data_name {name!r} needs data_files (the file(s) to read)")
+        if path.is_absolute() and not path.exists():
+            raise DataError(f"data config {dc.name!r}: data_name {name!r} not found")
+        if path.is_file():
+            return {"path": SUFFIX_BUILDERS.get(path.suffix.lower(), "json"), "data_files": str(path)}
+        return {"path": name, **({"data_dir": load.data_dir} if load.data_dir else {})}
+    for f in [files] if isinstance(files, str) else list(files):
+        f = str(resolve_path(f, base_dir))
+        found = glob.glob(f, recursive=True) if glob.has_magic(f) else ([f] if Path(f).exists() else [])
+        if not found:
+            raise DataError(f"data config {dc.name!r}: data file {f!r} not found")
+    if isinstance(files, str):
+        files = str(resolve_path(files, base_dir))
+    else:
+        files = [str(resolve_path(f, base_dir)) for f in files]
+    first = files if isinstance(files, str) else files[0]
+    builder = name if name in DATASET_BUILDERS else SUFFIX_BUILDERS.get(Path(first).suffix.lower(), "json")
+    return {"path": builder, "data_files": files}
+
+
+def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | None) -> Any:
+    import datasets
+
+    kwargs = _source(dc, base_dir, override)
+    if dc.load_dataset_config.subset:
+        kwargs["name"] = dc.load_dataset_config.subset
+    try:
+        ds = datasets.load_dataset(**kwargs, split=split)
+    except (ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"data config {dc.name!r}: split {split!r}: {first}") from None
+    except Exception as exc:  # datasets raises many kinds (FileNotFoundError, DatasetNotFoundError, ArrowInvalid)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"data config {dc.name!r}: cannot load {kwargs['path']!r}: {first}") from None
+    if isinstance(ds, datasets.DatasetDict):  # split=None in the config: take train
+        ds = ds["train"]
+    return ds
+
+
+def template_columns(template: str) -> list[str]:
+    """The column names a text_template refers to. "{Best Answer}" names the column "Best Answer"."""
+    cols: list[str] = []
+    for m in _FIELD.finditer(template):
+        inner = m.group(1)
+        if inner is None:
+            continue
+        if not inner:
+            raise ValueError("text_template has an empty {} field: name a column, e.g. {prompt}")
+        cols.append(inner)
+    return cols
+
+
+def _render(template: str, row: dict[str, Any]) -> str:
+    """str.format over the row, where a whole {...} that is a column name wins (names may hold spaces or ':')."""
+
+    def field(m: re.Match[str]) -> str:
+        token = m.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        inner = m.group(1)
+        if inner in row:
+            value = row[inner]
+            return "" if value is None else str(value)
+        return ("{" + inner + "}").format_map(row)
+
+    return _FIELD.sub(field, template)
+
+
+def _base_name(inner: str, columns: list[str]) -> str:
+    """The column a field needs: itself if it is a column, else the name before format spec / attribute."""
+    if inner in columns:
+        return inner
+    try:
+        parsed = next(string.Formatter().parse("{" + inner + "}"))[1] or ""
+    except ValueError:
+        return inner
+    return re.split(r"[.\[]", parsed, maxsplit=1)[0]
+
+
+def render_text(ds: Any, pre: PreProcessDataConfig | None, name: str) -> Any:
+    """ds -> a Dataset with only "text": text_template over the row, else text_cols joined by newlines."""
+    columns = list(ds.column_names)
+    if pre is None:
+        if "text" not in columns:
+            raise DataError(
+                f"data config {name!r}: no pre_process_data_config and no 'text' column (columns: "
+                f"{', '.join(columns)}); add text_cols or text_template"
+            )
+        return ds.select_columns(["text"])
+    try:
+        fields = template_columns(pre.text_template) if pre.text_template else []
+    except ValueError as exc:
+        raise DataError(f"data config {name!r}: {exc}") from None
+    needed = [_base_name(f, columns) for f in fields] + ([] if pre.text_template else list(pre.text_cols or []))
+    for col in needed:
+        if col not in columns:
+            what = "text_template names" if pre.text_template else "text_cols names"
+            raise DataError(
+                f"data config {name!r}: {what} column {col!r} that the data does not have "
+                f"(columns: {', '.join(columns)})"
+            )
+    template, cols = pre.text_template, list(pre.text_cols or [])
+
+    def to_text(row: dict[str, Any]) -> dict[str, str]:
+        if template:
+            return {"text": _render(template, row)}
+        return {"text": "\n".join("" if row[c] is None else str(row[c]) for c in cols)}
+
+    try:
+        return ds.map(to_text, remove_columns=columns, desc=f"templating {name}")
+    except (KeyError, IndexError, AttributeError, ValueError) as exc:
+        raise DataError(f"data config {name!r}: text_template cannot be applied: {exc}") from None
+
+
+def _carve(train: Any, size: float | int, seed: int, name: str) -> tuple[Any, Any]:
+    """Split eval rows off train: size < 1 is a fraction, size >= 1 a row count."""
+    n = len(train)
+    if size < 0:
+        raise DataError(f"data config {name!r}: eval_dataset_size must be > 0, got {size!r}")
+    test_size: float | int = float(size) if size < 1 else int(size)
+    if (isinstance(test_size, int) and test_size >= n) or n < 2:
+        raise DataError(
+            f"data config {name!r}: eval_dataset_size {size!r} leaves no training rows ({n} rows in the split)"
+        )
+    parts = train.train_test_split(test_size=test_size, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
