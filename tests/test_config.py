@@ -459,6 +459,29 @@ def test_unknown_keys_in_nested_olive_sections_keep_user_paths(project: Path) ->
     assert any(p.startswith("evaluators.ev.metrics[0].type: Input should be 'accuracy'") for p in problems)
 
 
+def test_resource_and_system_type_errors(project: Path) -> None:
+    wf = seed_workflow(input_model=SEED_INPUT_REGISTRY)
+    wf["input_model"]["config"]["model_path"]["type"] = "azureml_regstry_model"
+    wf["data_configs"][1]["load_dataset_config"]["params"]["data_files"]["config"]["datastore_nam"] = "x"
+    wf["systems"]["azure_arc"]["type"] = "AzureMl2"
+    wf["systems"]["aml"]["config"]["accelerators"] = [{"device": "tpu"}]
+    problems = problems_of(wf, base_dir=project)
+    assert problems[0].startswith(
+        "input_model.config.model_path.type: unknown type 'azureml_regstry_model'; did you mean "
+        "'azureml_registry_model'? (known: local_folder, "
+    )
+    assert (
+        "data_configs[1].load_dataset_config.params.data_files.config.datastore_nam: unknown key; "
+        "did you mean 'datastore_name'?" in problems
+    )
+    assert (
+        "systems.azure_arc.type: unknown type 'AzureMl2'; did you mean 'AzureML'? (known: LocalSystem, Docker, "
+        "AzureML)" in problems
+    )
+    assert "systems.aml.config.accelerators[0].device: Input should be 'cpu' or 'gpu' (got 'tpu')" in problems
+    assert len(problems) == 4
+
+
 def test_unknown_pass_type_names_nearest(project: Path) -> None:
     wf = seed_workflow()
     wf["passes"]["builder"]["type"] = "ModelBuildr"

@@ -152,7 +152,16 @@ def translate(
         kind = e["type"]
         sub, owner = walk(root, loc)
         path = [*prefix, *sub]
-        if kind == "extra_forbidden":
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
+            key = str((e.get("ctx") or {}).get("discriminator", "")).strip("'")
+            path.append(key or "type")
+            if kind == "union_tag_not_found":
+                msg = "required key missing"
+            else:
+                tag = str(e["ctx"]["tag"])
+                known = [t.strip().strip("'") for t in str(e["ctx"]["expected_tags"]).split(",")]
+                msg = f"unknown type {tag!r}{nearest(tag, known)} (known: {', '.join(known)})"
+        elif kind == "extra_forbidden":
             valid = field_names(owner) if owner is not None else set()
             msg = f"unknown key{suggest(str(loc[-1]), valid)}"
         else:

@@ -7,9 +7,18 @@ Field names are Olive's, so Olive workflow files read as-is; where Olive has two
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.config.resources import (
     LocalFile,
@@ -24,6 +33,21 @@ from orchestrator.config.resources import (
 
 MODEL_TYPES = {"pytorchmodel": "PyTorchModel", "hfmodel": "HfModel"}
 DATASET_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})
+
+
+def _files_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "path"
+    if isinstance(value, list):
+        return "paths"
+    return "resource"
+
+
+# One path, several, or a resource; dispatched on the Python type so an error names only the form given.
+DataFiles = Annotated[
+    Annotated[str, Tag("path")] | Annotated[list[str], Tag("paths")] | Annotated[Resource, Tag("resource")],
+    Discriminator(_files_kind),
+]
 
 
 class HfConfig(Strict):
@@ -109,7 +133,7 @@ class LoadDatasetConfig(_Params):
 
     type: str | None = None  # Olive's older component name (e.g. "huggingface_dataset"); informational
     data_name: str
-    data_files: str | list[str] | Resource | None = None
+    data_files: DataFiles | None = None
     data_dir: str | None = None
     subset: str | None = None
     split: str | None = "train"
