@@ -37,7 +37,7 @@ fi
 # Blob URLs are https://{account}.blob.{storage_endpoint}; with storage_endpoint core.localhost:10000 the
 # host is devstoreaccount1.blob.core.localhost. The stand-in also patches name resolution in-process for its
 # own tests, so this is only needed for jobs and tools run by hand. Only as root, and only once.
-HOSTS_LINE="127.0.0.1 devstoreaccount1.blob.core.localhost"
+HOSTS_LINE="127.0.0.1 devstoreaccount1.blob.core.localhost orchkv.vault.localhost vault.localhost"
 if [ "$(id -u)" = "0" ] && [ -w /etc/hosts ]; then
     if ! grep -q "devstoreaccount1.blob.core.localhost" /etc/hosts; then
         echo "$HOSTS_LINE" >> /etc/hosts

@@ -313,6 +313,9 @@ class Executor:
             "SSL_CERT_FILE": str(s.tls.ca_bundle),
             **extra,
         }
+        # *.localhost (vault, blob hosts) -> 127.0.0.1 inside the job, without /etc/hosts.
+        hook = str(s.resolver_hook_dir())
+        env["PYTHONPATH"] = hook + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
         for k, v in (job.body.get("environmentVariables") or {}).items():
             env[k] = str(v)
         return env

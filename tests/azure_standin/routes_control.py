@@ -146,7 +146,6 @@ def seed_registry_model(
     container = st.REGISTRY_CONTAINER_PREFIX + re.sub(r"[^a-z0-9-]", "-", registry.lower())
     prefix = f"LocalUpload/{uuid.uuid4().hex}/{src.name}"
     s.azurite.upload_folder(src, container, prefix)
-    rest_type = {"custom_model": "CustomModel", "mlflow_model": "MLFlowModel", "triton_model": "TritonModel"}
     reg_id = f"/subscriptions/{st.SUBSCRIPTION}/resourceGroups/{st.RESOURCE_GROUP}/providers/{RP}/registries/{registry}"
     body = {
         "id": f"azureml://registries/{registry}/models/{name}/versions/{version}",
@@ -159,7 +158,7 @@ def seed_registry_model(
             "isAnonymous": False,
             "isArchived": False,
             "flavors": {},
-            "modelType": rest_type.get(model_type, model_type),
+            "modelType": model_type,  # the service keeps the SDK's snake-case asset type
             "modelUri": f"{s.azurite.account_url}/{container}/{prefix}",
             "jobName": None,
             "stage": "Development",
@@ -256,7 +255,7 @@ def _fill_defaults(kind: str, props: dict[str, Any]) -> dict[str, Any]:
         props.setdefault("stage", "Development")
     elif kind == "models":
         props.setdefault("flavors", {})  # without it Model._from_rest_object crashes
-        props.setdefault("modelType", "CustomModel")
+        props.setdefault("modelType", "custom_model")
         props.setdefault("jobName", None)
         props.setdefault("stage", "Development")
     elif kind == "data":

@@ -27,6 +27,23 @@ from .tls import TlsFiles, make_tls
 from .web import Ctx, HttpError, Response, Router, arm_error
 
 CLOUD_NAME = "LocalCloud"
+KEY_VAULT_NAME = "orchkv"
+_HOOK = """# Written by the orch Azure stand-in: *.localhost -> 127.0.0.1 for this job's Python (as Azure DNS would
+# resolve the vault and storage hosts). Only names ending in .localhost are touched.
+import socket as _s
+
+_orig = _s.getaddrinfo
+
+
+def _gai(host, *a, **k):
+    h = host.decode() if isinstance(host, bytes) else host
+    if isinstance(h, str) and h.lower().rstrip(".").endswith(".localhost"):
+        host = "127.0.0.1"
+    return _orig(host, *a, **k)
+
+
+_s.getaddrinfo = _gai
+"""
 SECRET_HEADERS = {"authorization", "x-ms-authorization-auxiliary", "secret", "x-identity-header"}
 
 
@@ -159,6 +176,13 @@ class StandIn:
             f"/providers/Microsoft.MachineLearningServices/workspaces/{st.WORKSPACE}"
         )
 
+    def resolver_hook_dir(self) -> Path:
+        """A folder with a sitecustomize.py that installs the *.localhost resolver; jobs get it on PYTHONPATH."""
+        d = self.tmp_dir / "pyhook"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "sitecustomize.py").write_text(_HOOK)
+        return d
+
     def workspace_path_prefix(self) -> str:
         return f"/mlflow/v2.0{self.workspace_id}"
 
@@ -174,11 +198,13 @@ class StandIn:
 
     @property
     def key_vault_url(self) -> str:
-        return self.base_url + "/"
+        """Like https://{vault}.vault.azure.net/: a sub-domain of the challenge resource, so SecretClient's
+        default verify_challenge_resource check passes. *.localhost resolves through the resolver hook."""
+        return f"https://{KEY_VAULT_NAME}.vault.localhost:{self.port}/"
 
     @property
     def key_vault_resource(self) -> str:
-        return self.base_url
+        return f"https://vault.localhost:{self.port}"
 
     def cloud_metadata(self) -> dict[str, str]:
         return {
