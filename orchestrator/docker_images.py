@@ -434,9 +434,13 @@ def _prune_build_stages(client: Any, env_hash: str) -> None:
     """Drop the build stage (caches, carried wheels) left untagged by the legacy builder."""
     import docker
 
-    for img in client.images.list(filters={"label": f"{LABEL_PREFIX}stage={env_hash}", "dangling": True}):
-        with contextlib.suppress(docker.errors.APIError):
-            client.images.remove(img.id, noprune=False)
+    for _ in range(8):  # each removal can leave its parent step dangling in turn
+        stale = client.images.list(filters={"label": f"{LABEL_PREFIX}stage={env_hash}", "dangling": True})
+        if not stale:
+            return
+        for img in stale:
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(img.id, noprune=False)
 
 
 def list_environments() -> list[dict[str, Any]]:

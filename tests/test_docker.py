@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -175,8 +176,9 @@ def test_real_pass_runs_in_container_as_caller_uid(
 ) -> None:
     """ModelBuilder int4 on the tiny Phi-3 in the default environment, as uid 1234: outputs belong to 1234."""
     uid = 1234
+    model = _own(Path(shutil.copytree(tiny_model, tmp_path / "model")), uid)  # the caller's own files
     system = DockerSystem(user=f"{uid}:{uid}")
-    job = _job(tmp_path, "mb-1", model=tiny_model)
+    job = _job(tmp_path, "mb-1", model=model)
     started = time.monotonic()
     handle = system.submit(job)
     lines = list(handle.logs(follow=True))
@@ -189,7 +191,7 @@ def test_real_pass_runs_in_container_as_caller_uid(
     assert (model_dir / "genai_config.json").exists() and (model_dir / "model.onnx").exists()
     for p in [out / "result.json", model_dir / "model.onnx", model_dir]:
         assert p.stat().st_uid == uid, p
-    assert lines and (out / LOG_FILE).read_text().splitlines()[: len(lines)] == lines
+    assert lines and (out / LOG_FILE).read_bytes().decode().split("\n")[: len(lines)] == lines
     assert result.versions.get("onnxruntime-genai") == "0.18.0"
     assert _containers(client, "mb-1") == []
     print(f"docker ModelBuilder job: {elapsed:.1f}s")
