@@ -558,3 +558,15 @@ def test_duplicate_json_key(tmp_path: Path) -> None:
     path = tmp_path / "dup.json"
     path.write_text('{"passes": {"lora": {"type": "LoRA"}, "lora": {"type": "LoRA"}}}')
     assert problems_of(path) == [f"config file {path}: key 'lora' appears twice in one object"]
+
+
+def test_evaluator_metrics_checked_by_the_evaluate_pass(project: Path) -> None:
+    wf = seed_workflow()
+    wf["engine"]["evaluator"] = "ev"
+    metric = {"name": "ppl", "type": "perplexity", "data_config": "dataset_default_train"}
+    wf["evaluators"] = {"ev": {"metrics": [{**metric, "user_config": {"max_samples": 8}}]}}
+    assert load_workflow(wf, base_dir=project).evaluators["ev"].metrics[0].user_config == {"max_samples": 8}
+    wf["evaluators"]["ev"]["metrics"][0]["user_config"] = {"max_sample": 8}
+    assert problems_of(wf, base_dir=project) == [
+        "evaluators.ev.metrics[0].user_config.max_sample: unknown key; did you mean 'max_samples'?"
+    ]

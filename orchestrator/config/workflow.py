@@ -147,6 +147,8 @@ def load_workflow(source: str | Path | dict[str, Any], *, base_dir: Path | None 
     except ValidationError as exc:
         reader.problems += translate(exc, WorkflowConfig, relocate=reader.relocate)
         config = None
+    if config is not None:
+        _check_evaluator(config, reader)
     if reader.problems or config is None:
         raise ConfigError(_unique(reader.problems))
     config.notes = reader.notes
@@ -341,3 +343,22 @@ def _check_references(raw: dict[str, Any], r: _Reader) -> None:
                     ["evaluators", ev_name, "metrics", i, "data_config"],
                     f"{ref!r} is not a data config{nearest(ref, names)} (known: {', '.join(names) or 'none'})",
                 )
+
+
+def _check_evaluator(config: WorkflowConfig, r: _Reader) -> None:
+    """The engine's evaluator runs as the Evaluate pass: check its metrics with that pass's Config now."""
+    from orchestrator.passes.registry import PASSES, load_pass
+
+    name = config.engine.evaluator
+    if not name or name not in config.evaluators or "Evaluate" not in PASSES:
+        return
+    metrics = [m.model_dump(mode="json", exclude_none=True) for m in config.evaluators[name].metrics]
+    try:
+        pass_cls = load_pass("Evaluate")
+    except Exception as exc:  # not written yet / broken: the job checks it when it runs
+        r.notes.append(f"evaluators.{name}: not checked here (Evaluate pass not importable: {type(exc).__name__})")
+        return
+    try:
+        pass_cls.Config.model_validate({"metrics": metrics})
+    except ValidationError as exc:
+        r.problems += translate(exc, pass_cls.Config, prefix=("evaluators", name))
