@@ -483,3 +483,35 @@ def remove_environment(name_or_tag: str, *, force: bool = False) -> list[str]:
 
                 raise SystemFailure(f"cannot remove {row['tag']}: {exc.explanation or exc}") from exc
     return removed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m orchestrator.docker_images base|build ENV|ls|rm NAME`: for CI set-up before the orch CLI."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m orchestrator.docker_images", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("base", help=f"build {DEFAULT_BASE_IMAGE} with debootstrap (skipped when present)")
+    b = sub.add_parser("build", help="build or reuse the image of a conda.yaml / env family")
+    b.add_argument("env")
+    b.add_argument("--base-image", default=DEFAULT_BASE_IMAGE)
+    b.add_argument("--installer", default="auto", choices=["auto", "uv", "pip"])
+    sub.add_parser("ls", help="list environment images")
+    r = sub.add_parser("rm", help="remove environment images by tag, env name or hash prefix")
+    r.add_argument("name")
+    args = ap.parse_args(argv)
+    if args.cmd == "base":
+        build_base_image(on_line=print)
+    elif args.cmd == "build":
+        built = build_environment(args.env, base_image=args.base_image, installer=args.installer, on_line=print)
+        print(f"{built.tag} {'built' if built.built else 'reused'} in {built.seconds:.1f}s")
+    elif args.cmd == "ls":
+        for row in list_environments():
+            print(f"{row['tag']:50} {row['installer']:5} {row['size_mb']:>8} MB  {row['file']}")
+    else:
+        print("\n".join(remove_environment(args.name)) or "nothing removed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
