@@ -253,9 +253,7 @@ class LoRAPass(Pass):
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in peft_model.parameters())
         if cuda:
-            from orchestrator.passes.lora_cuda import cuda_overrides
-
-            sft_kwargs = cuda_overrides(peft_model, sft_kwargs)
+            sft_kwargs = self.cuda_fast_path(peft_model, sft_kwargs, train_tok, info)
         if rank0:
             ctx.log_param("target_modules", ",".join(targets))
             ctx.log_param("lora_r", config.lora_r)
@@ -312,6 +310,26 @@ class LoRAPass(Pass):
             quantized=model.quantized,  # the 4-bit QLoRA base is a load-time view: the base on disk is unchanged
         )
         return PassOutput(model=artifact, metrics=metrics)
+
+    @staticmethod
+    def cuda_fast_path(model: Any, sft_kwargs: dict[str, Any], train_tok: Any, info: Any) -> dict[str, Any]:
+        """The GPU engineer's CUDA choices (orchestrator.passes.lora_cuda), with their reasons logged."""
+        import inspect
+
+        from orchestrator.passes.lora_cuda import cuda_overrides
+
+        if "notes" in inspect.signature(cuda_overrides).parameters:
+            notes: list[str] = []
+            sft_kwargs = {**sft_kwargs, "orch_max_len": max(len(ids) for ids in train_tok["input_ids"])}
+            out = cuda_overrides(model, sft_kwargs, notes=notes)
+            for note in notes:
+                info(f"cuda: {note}")
+        else:
+            out = cuda_overrides(model, sft_kwargs)
+        for old in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):  # its choice wins over ours
+            if old in out:
+                out[old.replace("gradient", "activation")] = out.pop(old)
+        return out
 
 
 class QLoRAPass(LoRAPass):
