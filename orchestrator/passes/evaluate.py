@@ -1,0 +1,420 @@
+"""Evaluate (Olive's name): perplexity, accuracy, latency and throughput of a model, on the target system.
+
+Olive-like metric configs: {name, type, data_config, sub_types: [{name}], user_config: {...}}; metric names
+are emitted as "<name>-<sub_type>" (Olive's joint names). Works on onnx_genai models through onnxruntime-genai
+and on hf / hf_adapter models through transformers (perplexity and accuracy), so the input and the output of
+a workflow are measured the same way. Accuracy scores each candidate label by its log-likelihood after the
+prompt (deterministic and meaningful even for tiny random models); `method: generate` compares greedy output.
+The model passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.job import ModelArtifact
+from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
+
+MetricType = Literal["perplexity", "accuracy", "latency", "throughput"]
+
+SUB_TYPES: dict[str, tuple[str, ...]] = {
+    "perplexity": ("perplexity", "eval_loss", "n_tokens"),
+    "accuracy": ("accuracy", "n_samples"),
+    "latency": ("prefill_p50_ms", "prefill_p90_ms", "prefill_avg_ms", "decode_ms_per_token"),
+    "throughput": ("decode_tokens_per_s", "e2e_tokens_per_s"),
+}
+# Olive's sub-type names, mapped onto ours (latency sub-types are about the prompt's prefill).
+ALIASES = {
+    "accuracy_score": "accuracy",
+    "avg": "prefill_avg_ms",
+    "p50": "prefill_p50_ms",
+    "p90": "prefill_p90_ms",
+    "loss": "eval_loss",
+}
+
+DEFAULT_LATENCY_TEXT = "the quick brown fox jumps over the lazy dog. I feel happy, sad, afraid and surprised today. "
+
+
+class SubType(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    priority: int | None = None
+    higher_is_better: bool | None = None
+    goal: dict[str, Any] | None = None
+    metric_config: dict[str, Any] | None = None  # Olive's per-sub-type library options; unused here
+
+
+class UserConfig(BaseModel):
+    """Per-metric knobs; Olive names where Olive has one (max_samples, warmup_num, repeat_test_num)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_samples: int | None = None
+    max_length: int = 512  # tokens per text for perplexity (longer texts are truncated)
+    label_col: str = "label"
+    labels: list[str] | None = None  # candidate labels; default: the distinct values of label_col
+    prompt_template: str | None = None  # "{text} ### The tone is: {tone}"; default: the data config's template
+    method: Literal["loglik", "generate"] = "loglik"
+    max_new_tokens: int = 32  # latency/throughput decode length; generate-accuracy uses 8 unless set lower
+    prompt: str | None = None  # latency prompt; default: prompt_tokens tokens of a fixed English text
+    prompt_tokens: int = 32
+    warmup_num: int = 2
+    repeat_test_num: int = 10
+    runs: int | None = None  # same as repeat_test_num (wins when set)
+    chat: bool = False  # wrap prompts in the tokenizer's chat template (latency, generate-accuracy)
+
+
+class MetricConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    type: MetricType
+    data_config: str | None = None
+    sub_types: list[SubType] = Field(default_factory=list)
+    user_config: UserConfig = Field(default_factory=UserConfig)
+    backend: str | None = None  # Olive's metric backend (torch_metrics, ...); metrics here are computed natively
+
+
+class EvaluateConfig(PassConfig):
+    """Which rows: `split` (datasets syntax, e.g. "test" or "train[80%:]") if set; else the rows that
+    eval_dataset_size carves off the data config's split (seed 42 = LoRA's data_seed: its held-out rows);
+    else the whole split."""
+
+    metrics: list[MetricConfig]
+    split: str | None = None
+    eval_dataset_size: float | int | None = Field(None, gt=0)
+    seed: int = 42
+
+
+# ---------------------------------------------------------------------------------------------- scorers
+
+
+class Scorer(Protocol):
+    """What the metrics need from a model, whatever runs it."""
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def logits(self, ids: Sequence[int]) -> Any: ...  # (len(ids), vocab) float32
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int) -> list[int]: ...
+    def chat_prompt(self, text: str) -> str: ...
+
+
+class HfScorer:
+    """transformers fp32 on CPU; hf_adapter = base model + PEFT adapter (not merged)."""
+
+    def __init__(self, model: ModelArtifact) -> None:
+        from transformers import AutoTokenizer
+
+        from orchestrator import onnx_tools
+
+        self.net = onnx_tools.load_hf_model(model.path, model.trust_remote_code)
+        tok_dir = model.path
+        if model.format == "hf_adapter":
+            from peft import PeftModel
+
+            if not model.adapter_path:
+                raise PassError("Evaluate: an hf_adapter model needs adapter_path")
+            self.net = PeftModel.from_pretrained(self.net, model.adapter_path).eval()
+            if (Path(model.adapter_path) / "tokenizer_config.json").exists():
+                tok_dir = model.adapter_path
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=model.trust_remote_code)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def logits(self, ids: Sequence[int]) -> Any:
+        from orchestrator import onnx_tools
+
+        return onnx_tools.hf_logits(self.net, ids)
+
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        import torch
+
+        with torch.no_grad():
+            out = self.net.generate(
+                torch.tensor([list(ids)]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        return [int(i) for i in out[0, len(ids) :]]
+
+    def chat_prompt(self, text: str) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+
+
+def make_scorer(model: ModelArtifact, execution_provider: str) -> Any:
+    """onnx_genai -> onnxruntime-genai; hf/hf_adapter -> transformers."""
+    if model.format == "onnx_genai":
+        from orchestrator import onnx_tools
+
+        return onnx_tools.GenaiModel(model.path, execution_provider)
+    if model.format in ("hf", "hf_adapter"):
+        return HfScorer(model)
+    raise PassError(
+        f"Evaluate: format {model.format!r} is not supported; evaluate an onnx_genai folder (ModelBuilder output) "
+        "or an HF checkpoint"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def _log_softmax(x: Any) -> Any:
+    import numpy as np
+
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def perplexity(scorer: Scorer, texts: Sequence[str], max_length: int = 512) -> dict[str, float]:
+    """Token-level perplexity = exp(mean next-token NLL) over all texts (each truncated to max_length)."""
+    total_nll, total = 0.0, 0
+    for text in texts:
+        ids = scorer.encode(text)[:max_length]
+        if len(ids) < 2:
+            continue
+        logp = _log_softmax(scorer.logits(ids)[:-1])
+        total_nll -= float(sum(logp[i, ids[i + 1]] for i in range(len(ids) - 1)))
+        total += len(ids) - 1
+    if total == 0:
+        raise PassError("Evaluate: perplexity needs texts of at least 2 tokens; the data gave none")
+    loss = total_nll / total
+    return {"perplexity": math.exp(loss), "eval_loss": loss, "n_tokens": float(total)}
+
+
+def continuation_logprob(scorer: Scorer, prompt: str, continuation: str) -> float:
+    """log p(continuation | prompt), over the tokens of encode(prompt + continuation) past the common prefix,
+    so BPE merges across the boundary are scored as the model saw them in training."""
+    p_ids = scorer.encode(prompt)
+    ids = scorer.encode(prompt + continuation)
+    k = 0
+    while k < min(len(p_ids), len(ids)) and p_ids[k] == ids[k]:
+        k += 1
+    k = max(k, 1)
+    if k >= len(ids):
+        return 0.0
+    logp = _log_softmax(scorer.logits(ids)[k - 1 : -1])
+    return float(sum(logp[j, ids[k + j]] for j in range(len(ids) - k)))
+
+
+def prompt_prefix(template: str, label_col: str) -> str:
+    """The template up to the label's placeholder: what the model sees before it should say the label."""
+    from orchestrator.data import template_columns
+
+    fields = template_columns(template)
+    if label_col not in fields:
+        raise PassError(
+            f"Evaluate: the prompt template has no {{{label_col}}} placeholder (fields: {fields}); set "
+            "user_config.prompt_template or user_config.label_col"
+        )
+    return template[: template.index("{" + label_col + "}")]
+
+
+def accuracy(
+    scorer: Scorer,
+    rows: Sequence[dict[str, Any]],
+    *,
+    template: str,
+    label_col: str,
+    labels: Sequence[str] | None = None,
+    method: str = "loglik",
+    max_new_tokens: int = 8,
+    chat: bool = False,
+) -> dict[str, float]:
+    """Fraction of rows whose label the model picks: the most likely candidate (loglik) or greedy output."""
+
+    def label_of(row: dict[str, Any]) -> str:
+        value = row[label_col]
+        return str(labels[value]) if labels is not None and isinstance(value, int) else str(value)
+
+    from orchestrator.data import _render
+
+    if not rows:
+        raise PassError("Evaluate: accuracy needs labelled rows; the data gave none")
+    prefix = prompt_prefix(template, label_col)
+    if label_col not in rows[0]:
+        raise PassError(
+            f"Evaluate: label_col {label_col!r} is not a column of the data (columns: {', '.join(rows[0])}); "
+            "set user_config.label_col"
+        )
+    candidates = list(labels) if labels else sorted({label_of(r) for r in rows})
+    correct = 0
+    for row in rows:
+        prompt = _render(prefix, {k: v for k, v in row.items() if k != label_col})
+        if chat:
+            prompt = scorer.chat_prompt(prompt)
+        gold = label_of(row)
+        if method == "loglik":
+            scores = [continuation_logprob(scorer, prompt, c) for c in candidates]
+            pred = candidates[max(range(len(candidates)), key=scores.__getitem__)]
+        else:
+            out = scorer.decode(scorer.generate_ids(scorer.encode(prompt), max_new_tokens)).strip().lower()
+            pred = next((c for c in candidates if out.startswith(c.lower())), None)
+        correct += pred == gold
+    return {"accuracy": correct / len(rows), "n_samples": float(len(rows))}
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    pos = (len(s) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def speed(scorer: Any, uc: UserConfig) -> dict[str, float]:
+    """Prefill (time to first token) and decode timings of greedy generation, after warmup runs."""
+    if not hasattr(scorer, "timed_generation"):
+        raise PassError("Evaluate: latency/throughput are measured on onnx_genai models; add a ModelBuilder pass")
+    if uc.prompt is not None:
+        text = scorer.chat_prompt(uc.prompt) if uc.chat else uc.prompt
+        ids = scorer.encode(text)
+    else:
+        base = scorer.encode(DEFAULT_LATENCY_TEXT)
+        ids = (base * (uc.prompt_tokens // len(base) + 1))[: uc.prompt_tokens]
+    if uc.max_new_tokens < 2:
+        raise PassError("Evaluate: latency/throughput need user_config.max_new_tokens >= 2")
+    for _ in range(uc.warmup_num):
+        scorer.timed_generation(ids, uc.max_new_tokens)
+    prefill, steps, e2e = [], [], []
+    for _ in range(max(1, uc.runs if uc.runs is not None else uc.repeat_test_num)):
+        p, s = scorer.timed_generation(ids, uc.max_new_tokens)
+        prefill.append(p)
+        steps.extend(s)
+        e2e.append((len(s) + 1) / (p + sum(s)))
+    decode_s = sum(steps) / len(steps)
+    return {
+        "prefill_p50_ms": _percentile(prefill, 0.5) * 1000,
+        "prefill_p90_ms": _percentile(prefill, 0.9) * 1000,
+        "prefill_avg_ms": statistics.fmean(prefill) * 1000,
+        "decode_ms_per_token": decode_s * 1000,
+        "decode_tokens_per_s": 1.0 / decode_s,
+        "e2e_tokens_per_s": statistics.fmean(e2e),
+        "prompt_tokens": float(len(ids)),
+    }
+
+
+class EvaluatePass(Pass):
+    """Measure a model; emit metrics; hand the model on unchanged."""
+
+    type_name = "Evaluate"
+    Config = EvaluateConfig
+    version = "1"
+    libraries = ("onnxruntime-genai", "onnxruntime", "transformers", "torch")
+
+    def requirements(self, config: PassConfig) -> Requirements:
+        return Requirements(cuda=False, environment="cpu-export")
+
+    def _data_config(self, ctx: PassContext, name: str) -> dict[str, Any]:
+        if name not in ctx.job.data_configs:
+            known = ", ".join(sorted(ctx.job.data_configs)) or "none"
+            raise PassError(f"Evaluate: data config {name!r} is not in the workflow's data_configs (known: {known})")
+        return ctx.job.data_configs[name]
+
+    def load_texts(self, ctx: PassContext, name: str, config: EvaluateConfig) -> list[str]:
+        """Templated texts of the evaluated rows (orchestrator.data does loading and templating, as for LoRA)."""
+        from orchestrator.data import load_splits
+
+        train, eval_ = load_splits(
+            self._data_config(ctx, name),
+            base_dir=None,  # relative data paths resolve against the working directory, as in LoRA
+            eval_dataset_size=None if config.split else config.eval_dataset_size,
+            train_split=config.split,
+            seed=config.seed,
+            data_files_override=ctx.job.data_files.get(name),
+        )
+        ds = eval_ if eval_ is not None else train
+        return [str(t) for t in ds["text"]]
+
+    def load_labelled(self, ctx: PassContext, name: str, config: EvaluateConfig) -> tuple[list[dict[str, Any]], str]:
+        """Raw rows (label column kept) of the same rows load_texts evaluates, and the data's text_template.
+
+        load_splits keeps only "text", so this mirrors it without the templating: same split, max_samples and
+        eval carve-out (train_test_split with the same seed picks the same rows).
+        """
+        from orchestrator import data
+
+        dc = data._parse(self._data_config(ctx, name), None)
+        override = ctx.job.data_files.get(name)
+        ds = data._load(dc, config.split or dc.load_dataset_config.split or "train", None, override)
+        pre = dc.pre_process_data_config
+        if pre is not None and pre.max_samples is not None:
+            ds = ds.select(range(min(pre.max_samples, len(ds))))
+        if not config.split and config.eval_dataset_size:
+            _, ds = data._carve(ds, config.eval_dataset_size, config.seed, dc.name)
+        template = (pre.text_template if pre is not None else None) or ""
+        return [dict(r) for r in ds], template
+
+    def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
+        assert isinstance(config, EvaluateConfig)
+        if model is None:
+            raise PassError("Evaluate needs an input model")
+        for metric in config.metrics:
+            known = set(SUB_TYPES[metric.type]) | {k for k, v in ALIASES.items() if v in SUB_TYPES[metric.type]}
+            unknown = [s.name for s in metric.sub_types if s.name not in known]
+            if unknown:
+                raise PassError(
+                    f"Evaluate: metric {metric.name!r} ({metric.type}) has unknown sub_types {unknown}; "
+                    f"known: {sorted(known)}"
+                )
+            if metric.type in ("perplexity", "accuracy") and not metric.data_config:
+                raise PassError(f"Evaluate: metric {metric.name!r} ({metric.type}) needs a data_config")
+
+        ep = ctx.job.execution_providers[0] if ctx.job.execution_providers else "CPUExecutionProvider"
+        t0 = time.perf_counter()
+        scorer = make_scorer(model, ep)
+        ctx.info(f"loaded {model.format} model from {model.path} in {time.perf_counter() - t0:.2f} s")
+        results: dict[str, float] = {}
+        for i, metric in enumerate(config.metrics):
+            ctx.progress(i, len(config.metrics), metric.name)
+            values = self._measure(metric, scorer, ctx, config)
+            wanted = [ALIASES.get(s.name, s.name) for s in metric.sub_types] or list(SUB_TYPES[metric.type])
+            names = [s.name for s in metric.sub_types] or wanted
+            for name, key in zip(names, wanted, strict=True):
+                results[f"{metric.name}-{name}"] = float(values[key])
+                ctx.log_metric(f"{metric.name}-{name}", values[key])
+        ctx.progress(len(config.metrics), len(config.metrics), "done")
+        passthrough = model.with_root(Path.cwd())
+        return PassOutput(model=passthrough, metrics=results)
+
+    def _measure(self, metric: MetricConfig, scorer: Any, ctx: PassContext, config: EvaluateConfig) -> dict[str, float]:
+        uc = metric.user_config
+        if metric.type in ("latency", "throughput"):
+            return speed(scorer, uc)
+        assert metric.data_config is not None
+        if metric.type == "perplexity":
+            texts = self.load_texts(ctx, metric.data_config, config)
+            return perplexity(scorer, texts[: uc.max_samples], uc.max_length)
+        rows, data_template = self.load_labelled(ctx, metric.data_config, config)
+        rows = rows[: uc.max_samples]
+        template = uc.prompt_template or data_template
+        if not template:
+            raise PassError(
+                f"Evaluate: accuracy metric {metric.name!r} needs user_config.prompt_template (e.g. "
+                f"'{{text}} ### The tone is: {{{uc.label_col}}}') or a data config with a text_template"
+            )
+        return accuracy(
+            scorer,
+            rows,
+            template=template,
+            label_col=uc.label_col,
+            labels=uc.labels,
+            method=uc.method,
+            max_new_tokens=min(uc.max_new_tokens, 8),
+            chat=uc.chat,
+        )
