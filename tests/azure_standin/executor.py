@@ -9,6 +9,7 @@ configured python (`python`/`python3` on PATH point at it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -410,9 +411,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         try:
             proc.wait(5)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     threading.Thread(target=later, daemon=True).start()

@@ -51,12 +51,16 @@ def msi_token(ctx: Ctx, m: re.Match[str]) -> Response:
     secret = ctx.headers.get("secret")
     with ctx.standin.state.lock:
         job = next((j for j in ctx.standin.state.jobs.values() if j.msi_secret == secret), None)
-    if job is None:
+    host = secret is not None and secret == ctx.standin.state.host_msi_secret
+    if job is None and not host:
         return Response(401, {"error": "invalid_request", "error_description": "unknown MSI secret"})
     resource = ctx.query.get("resource", "")
     if not resource:
         return Response(400, {"error": "invalid_request", "error_description": "resource is required"})
-    tok, exp = ctx.standin.state.issue_token(st.JOB_IDENTITY_CLIENT_ID, resource, job=job.name)
+    if job is not None:
+        tok, exp = ctx.standin.state.issue_token(st.JOB_IDENTITY_CLIENT_ID, resource, job=job.name)
+    else:
+        tok, exp = ctx.standin.state.issue_token(st.CLIENT_ID, resource)
     return Response(
         200,
         {

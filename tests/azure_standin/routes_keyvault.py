@@ -62,8 +62,8 @@ def get_secret(ctx: Ctx, m: re.Match[str]) -> Response:
         version = m["version"]
         found = [b for b in versions if not version or b["id"].endswith("/" + version)]
     if not found:
-        return Response(404, {"error": {"code": "SecretNotFound",
-                                        "message": f"A secret with (name/id) {m['name']} was not found in this key vault."}})  # fmt: skip
+        why = f"A secret with (name/id) {m['name']} was not found in this key vault."
+        return Response(404, {"error": {"code": "SecretNotFound", "message": why}})
     return Response(200, found[-1])
 
 

@@ -221,10 +221,11 @@ class StandIn:
         env = {
             "REQUESTS_CA_BUNDLE": str(self.tls.ca_bundle),
             "SSL_CERT_FILE": str(self.tls.ca_bundle),
-            "AZURE_TENANT_ID": st.TENANT,
-            "AZURE_CLIENT_ID": st.CLIENT_ID,
-            "AZURE_CLIENT_SECRET": st.CLIENT_SECRET,
-            "AZURE_AUTHORITY_HOST": self.base_url,
+            # Credentials: MSI_ENDPOINT/MSI_SECRET make ManagedIdentityCredential and DefaultAzureCredential get
+            # tokens from the stand-in. AZURE_CLIENT_ID/SECRET are deliberately NOT exported: EnvironmentCredential
+            # would run MSAL instance discovery against the public login host.
+            "MSI_ENDPOINT": f"{self.base_url}/msi/token",
+            "MSI_SECRET": self.state.host_msi_secret,
             "AZURE_SUBSCRIPTION_ID": st.SUBSCRIPTION,
             "AZURE_RESOURCE_GROUP": st.RESOURCE_GROUP,
             "AZUREML_WORKSPACE_NAME": st.WORKSPACE,
@@ -287,6 +288,9 @@ class StandIn:
 
     def stop(self) -> None:
         self.executor.shutdown()
+        # Kept for debugging: what the SDK asked, in order (no Authorization headers are ever stored).
+        with contextlib.suppress(OSError, TypeError):
+            (self.tmp_dir / "request-log.json").write_text(json.dumps(self.request_log, indent=1, default=str))
         if self._server:
             self._server.shutdown()
             self._server.server_close()
@@ -366,9 +370,7 @@ class StandIn:
                 return Response(
                     401,
                     {"error": {"code": "AuthenticationFailed", "message": "missing or invalid bearer token"}},
-                    {
-                        "WWW-Authenticate": f'Bearer authorization_uri="{self.base_url}/{st.TENANT}", error="invalid_token"'
-                    },
+                    {"WWW-Authenticate": f'Bearer authorization_uri="{self.base_url}/{st.TENANT}"'},
                 )
         return route.handler(ctx, match)
 

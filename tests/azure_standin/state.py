@@ -89,6 +89,9 @@ class State:
         self.unknown_requests: list[dict[str, Any]] = []
         self.faults: list[Fault] = []
         self.pending_uploads: dict[str, str] = {}  # container -> "codes/name/version"
+        # MSI secret for processes on the host (orch itself): ManagedIdentityCredential / DefaultAzureCredential
+        # with MSI_ENDPOINT + MSI_SECRET get tokens for the user principal, all on loopback.
+        self.host_msi_secret = secrets.token_urlsafe(24)
 
     # ---- tokens ---------------------------------------------------------------------------------------
     def issue_token(self, subject: str, audience: str, lifetime_s: int = 3600, **claims: Any) -> tuple[str, int]:
