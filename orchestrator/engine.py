@@ -266,7 +266,17 @@ class Engine:
         if not name:
             return None
         ev = self.wf.evaluators[name]
-        return {"metrics": [m.model_dump(mode="json", exclude_none=True) for m in ev.metrics]}
+        config: dict[str, Any] = {"metrics": [m.model_dump(mode="json", exclude_none=True) for m in ev.metrics]}
+        # Score on the rows the fine-tune held out: the same eval_dataset_size and data_seed as the LoRA pass
+        # that trained on that data, so accuracy is never measured on training rows.
+        data_names = {m.get("data_config") for m in config["metrics"]}
+        for entry in self.wf.passes.values():
+            cfg = entry.config or {}
+            if cfg.get("train_data_config") in data_names and cfg.get("eval_dataset_size"):
+                config["eval_dataset_size"] = cfg["eval_dataset_size"]
+                config["seed"] = int((cfg.get("training_args") or {}).get("data_seed", 42))
+                break
+        return config
 
     def _accelerator(self, system_name: str) -> str:
         accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]

@@ -63,7 +63,8 @@ def test_full_run_writes_model_and_manifest(full_run):
     lora = manifest["passes"][0]
     assert lora["metrics"]["train_loss"] > 0 and lora["versions"]["peft"]
     ev = manifest["passes"][-1]["metrics"]
-    assert 0.0 <= ev["accuracy"] <= 1.0 and ev["perplexity"] > 1.0
+    assert 0.0 <= ev["accuracy-accuracy"] <= 1.0 and ev["perplexity-perplexity"] > 1.0
+    assert ev["throughput-decode_tokens_per_s"] > 0 and ev["latency-prefill_p50_ms"] > 0
 
 
 def test_metrics_and_model_reach_mlflow(full_run):
@@ -75,12 +76,19 @@ def test_metrics_and_model_reach_mlflow(full_run):
     history = client.get_metric_history(run.info.run_id, "lora/train_loss")
     assert len(history) >= 4  # one per logging step, streamed while the pass ran
     assert history[-1].value < history[0].value  # the loss went down
-    for key in ("builder/duration_s", "builder/model_size_bytes", "evaluate/accuracy", "evaluate/perplexity"):
+    for key in (
+        "builder/duration_s",
+        "builder/model_size_bytes",
+        "evaluate/accuracy-accuracy",
+        "evaluate/perplexity-perplexity",
+    ):
         assert key in run.data.metrics, key
     assert run.data.params["passes.lora.config.lora_r"] == "16"
     versions = client.search_model_versions("name='tone-classification'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
     # the registered model is a pyfunc that generates with onnxruntime-genai
+    mlflow.set_tracking_uri(full_run["uri"])
+    mlflow.set_registry_uri(full_run["uri"])
     model = mlflow.pyfunc.load_model(f"models:/tone-classification/{versions[0].version}")
     completions = model.predict(["### Text: I won the lottery\n### The tone is:\n"], params={"max_new_tokens": 4})
     assert isinstance(completions[0], str)
