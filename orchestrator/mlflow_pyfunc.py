@@ -30,7 +30,7 @@ class GenerativeModel(mlflow.pyfunc.PythonModel):
             self.model = AutoModelForCausalLM.from_pretrained(self.path).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         prompts = list(model_input.iloc[:, 0]) if hasattr(model_input, "iloc") else list(model_input)
         max_new = int((params or {}).get("max_new_tokens", 32))
         return [self._generate(str(p), max_new) for p in prompts]

@@ -73,8 +73,12 @@ class Tracker:
         self.tracking_uri = tracking_uri
         if not enabled:
             return
+        import logging
+
         import mlflow
 
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
         self.client = mlflow.MlflowClient(tracking_uri)
