@@ -23,6 +23,10 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="The content-addressed pass cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+env_app = typer.Typer(
+    help="Docker environments: conda.yaml -> content-tagged images, reused without rebuilding.", no_args_is_help=True
+)
+app.add_typer(env_app, name="env")
 
 console = Console(stderr=True)
 out = Console()
@@ -104,7 +108,7 @@ def _guarded(fn: Any) -> Any:
             for line in str(exc).splitlines():
                 console.print(f"[bold red]orch: error:[/] {line}", highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
-        if name in ("FlagError", "ResourceError", "PassError", "EnvironmentSpecError"):
+        if name in ("FlagError", "ResourceError", "PassError", "EnvSpecError", "DataError", "TrainingArgsError"):
             raise fail(str(exc), EXIT_USAGE) from None
         if name in ("EngineError", "SystemFailure"):
             raise fail(str(exc), EXIT_FAILED, getattr(exc, "log_tail", "")) from None
@@ -381,6 +385,74 @@ def tiny_model(
                 texts.append(line)
     path = build_tiny_phi3(output, texts=texts, seed=seed)
     out.print(f"wrote tiny Phi-3 model to {path}")
+
+
+def _stream_line(line: str) -> None:
+    console.print(line, style="dim", highlight=False, markup=False)
+
+
+@env_app.command("base")
+def env_base(force: Annotated[bool, typer.Option("--force", help="rebuild even if the image exists")] = False) -> None:
+    """Build orch's default base image locally (debootstrap + docker import); skipped when it exists."""
+
+    def go() -> None:
+        from orchestrator.docker_images import build_base_image
+
+        image_id = build_base_image(on_line=_stream_line, force=force)
+        out.print(f"base image ready: {image_id[:19]}")
+
+    _guarded(go)
+
+
+@env_app.command("build")
+def env_build(
+    env: Annotated[str, typer.Argument(help="a conda.yaml path or an environment family (cpu-export, cpu-train, ...)")],
+    base_image: Annotated[str | None, typer.Option("--base-image")] = None,
+    installer: Annotated[str, typer.Option("--installer", help="auto | uv | pip")] = "auto",
+) -> None:
+    """Build (or reuse) the image of a conda.yaml; build output streams live."""
+
+    def go() -> None:
+        from orchestrator.docker_images import DEFAULT_BASE_IMAGE, build_environment
+
+        built = build_environment(
+            env, base_image=base_image or DEFAULT_BASE_IMAGE, installer=installer, on_line=_stream_line
+        )
+        out.print(f"{built.tag} {'built' if built.built else 'reused (no build)'} in {built.seconds:.1f}s")
+
+    _guarded(go)
+
+
+@env_app.command("ls")
+def env_ls() -> None:
+    """List the environment images orch built."""
+
+    def go() -> None:
+        from rich.table import Table
+
+        from orchestrator.docker_images import list_environments
+
+        table = Table(title="orch environments")
+        for col in ("tag", "env", "installer", "size", "file"):
+            table.add_column(col)
+        for row in list_environments():
+            table.add_row(row["tag"], row["env"], row["installer"], f"{row['size_mb']} MB", row["file"])
+        out.print(table)
+
+    _guarded(go)
+
+
+@env_app.command("rm")
+def env_rm(name: Annotated[str, typer.Argument(help="image tag, environment name or hash prefix")]) -> None:
+    """Remove environment images."""
+
+    def go() -> None:
+        from orchestrator.docker_images import remove_environment
+
+        removed = remove_environment(name)
+        out.print("\n".join(removed) or "nothing removed")
+
+    _guarded(go)
 
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "jobs" / "tone-classification"
