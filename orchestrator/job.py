@@ -81,6 +81,8 @@ class Job(BaseModel):
     data_files: dict[str, str] = Field(default_factory=dict)  # data config name -> local path override
     output_dir: str  # where the runner writes the pass outputs and result.json
     accelerator: Literal["cpu", "gpu"] = "cpu"
+    processes_per_node: int = Field(1, ge=1)  # >1: data-parallel, launched with torchrun (one code path for N=1, N>1)
+    nodes: int = Field(1, ge=1)  # Azure ML instance_count
     execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     secrets: dict[str, str] = Field(default_factory=dict)  # name -> secret *source* (file path / kv ref), never a value
     tracking: JobTracking = Field(default_factory=JobTracking)
