@@ -1,0 +1,459 @@
+"""Azure ML job control: `orch submit | status | logs | cancel | download | config`.
+
+Why one driver job per submit: `orch submit` must return once the work is queued, and a workflow is several
+passes whose order and cache are orch's business. So submit sends ONE command job that runs the whole workflow
+on the compute (`python -m orchestrator.cli aml-drive ...`, which is `orch run --host local --target local` with
+the job's bound inputs put in place of the workflow's Azure references), with the registry model and datastore
+data bound as job inputs, the final model as the job output `model`, and the workflow's metrics logged to the
+job's own MLflow run (studio charts, `orch status`). Before submitting, the client plans the run against its own
+cache: a fully cached run submits nothing and exports the cached model right away.
+(`orch run --host aml` is the other shape: one command job per pass, chained by reference, blocking.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+out = Console()
+config_app = typer.Typer(help="Per-machine Azure ML settings (~/.config/orch/profile.json).", no_args_is_help=True)
+DRIVER_OUTPUT = "model"
+BIND_PREFIX = "${orch.input:"  # a placeholder in the driver's workflow.json, replaced by a bound input path
+
+
+def _fail(message: str, code: int = 1, detail: str = "") -> typer.Exit:
+    console.print(f"[bold red]orch: error:[/] {message}", highlight=False)
+    if detail:
+        console.print(detail, style="dim", highlight=False, markup=False)
+    return typer.Exit(code)
+
+
+def _guard(fn: Any) -> Any:
+    """User-facing failures -> one line + exit 1; Ctrl-C -> exit 130 without touching the remote job."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        raise _fail("interrupted (the remote job keeps running; `orch cancel JOB` stops it)", 130) from None
+    except Exception as exc:
+        name = type(exc).__name__
+        if name in ("WorkspaceError", "SystemFailure", "DownloadError", "ConfigError", "ResourceError", "EngineError"):
+            raise _fail(str(exc), 2 if name in ("WorkspaceError", "ConfigError") else 1,
+                        getattr(exc, "log_tail", "")) from None  # fmt: skip
+        if name in ("ResourceNotFoundError", "HttpResponseError", "ClientAuthenticationError"):
+            raise _fail(str(exc).splitlines()[0]) from None
+        raise
+
+
+def _system(config_path: Path | None = None) -> Any:
+    """An AzureMLSystem from the workflow's AzureML system (if given) or from the workspace settings alone."""
+    from orchestrator.systems.azureml import AzureMLSystem
+
+    if config_path is None:
+        return AzureMLSystem(cache_dir=Path(".orch/cache"))
+    from orchestrator.config import load_workflow
+
+    wf = load_workflow(config_path)
+    cfg = _aml_system_config(wf)
+    return AzureMLSystem.from_config(cfg, base_dir=wf.base_dir, cache_dir=wf.engine.cache_dir)
+
+
+def _aml_system_config(wf: Any, name: str | None = None) -> dict[str, Any]:
+    systems = {k: v.model_dump(mode="json") for k, v in wf.systems.items()}
+    if name and name in systems:
+        return systems[name]
+    for cfg in systems.values():
+        if cfg.get("type") == "AzureML":
+            if wf.azureml_client and not cfg.get("azureml_client"):
+                cfg["azureml_client"] = wf.azureml_client.model_dump(mode="json", exclude_none=True)
+            return cfg
+    raise _fail("the workflow has no AzureML system in `systems` (add one: type AzureML, aml_compute, ...)", 2)
+
+
+# ---- submit ------------------------------------------------------------------------------------------------
+def _driver_workflow(wf: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """The workflow as the driver job sees it, and {input name: local path or azureml reference} to bind.
+
+    Model and data references become placeholders that the driver replaces with the bound input paths; the
+    run is local on the compute, its output folder is the job output."""
+    from orchestrator.azure_download import reference_uri
+    from orchestrator.resources import is_remote
+
+    doc = wf.to_json_dict()
+    binds: dict[str, str] = {}
+    im = doc["input_model"]
+    ref = wf.input_model.model_ref
+    dumped = ref.model_dump(mode="json", exclude_none=True) if hasattr(ref, "model_dump") else ref
+    if is_remote(dumped):
+        binds["model"] = reference_uri(dumped)
+    elif getattr(ref, "type", None) == "hf_hub":
+        binds = {}
+    else:
+        binds["model"] = str(getattr(ref, "path", ref))
+    if "model" in binds:
+        im["model_path"] = f"{BIND_PREFIX}model}}"
+    if im.get("adapter_path"):
+        binds["adapter"] = im["adapter_path"]
+        im["adapter_path"] = f"{BIND_PREFIX}adapter}}"
+    for i, dc in enumerate(doc.get("data_configs") or []):
+        params = dc.get("load_dataset_config") or {}
+        for key in ("data_files", "data_dir"):
+            value = params.get(key)
+            if value is None:
+                continue
+            name = f"data_{i}_{key}"
+            if isinstance(value, dict) or (isinstance(value, str) and value.startswith("azureml:")):
+                binds[name] = reference_uri(value)
+            elif isinstance(value, str) and Path(value).exists():
+                binds[name] = value
+            else:
+                continue
+            params[key] = f"{BIND_PREFIX}{name}}}"
+    doc["systems"] = {"local": {"type": "LocalSystem"}}
+    engine = doc.setdefault("engine", {})
+    engine.update(host="local", target="local", cache_dir=".orch-cache", output_dir=f"{BIND_PREFIX}{DRIVER_OUTPUT}}}")
+    engine.pop("mlflow", None)
+    doc.pop("azureml_client", None)
+    return doc, binds
+
+
+def submit_workflow(
+    config: Path, *, host: str | None = None, target: str | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """Plan on the client; if anything must run, submit one driver job and return {name, studio_url, ...}."""
+    from azure.ai.ml import Input, Output
+
+    from orchestrator.config import load_workflow
+    from orchestrator.engine import Engine
+    from orchestrator.systems.azureml import code_snapshot, input_for, new_job_name, output_uri, status_text
+
+    wf = load_workflow(config)
+    engine = Engine(wf, host=host or "aml", target=target or host or "aml", tracking=False)
+    steps = engine.plan()
+    if steps and all(s.cached for s in steps):
+        _, summary = engine.run()
+        return {"name": None, "cached": len(steps), "output_dir": str(summary.output_dir) if summary else None}
+    system = engine.system(engine.host_name)
+    doc, binds = _driver_workflow(wf)
+    inputs: dict[str, Any] = {}
+    args = [
+        "python -m orchestrator.cli aml-drive --config workflow.json",
+        f"--bind {DRIVER_OUTPUT}=${{{{outputs.{DRIVER_OUTPUT}}}}}",
+    ]
+    for key, value in binds.items():
+        kind, path = input_for(value)
+        inputs[key] = Input(type=kind, path=path)
+        args.append(f"--bind {key}=${{{{inputs.{key}}}}}")
+    env: dict[str, str] = {}
+    if getattr(wf.systems.get(engine.host_name), "hf_token", False) or any(
+        getattr(s, "hf_token", False) for s in wf.systems.values() if getattr(s, "type", "") == "AzureML"
+    ):
+        env["ORCH_HF_TOKEN_SOURCE"] = system.secret_sources(["hf_token"])["hf_token"]  # a reference, not a value
+    job_name = name or new_job_name(wf.workflow_id or "workflow")
+    code = code_snapshot(engine.cache.root, {"workflow.json": json.dumps(doc, indent=2, sort_keys=True).encode()})
+    created = system.submit_command(
+        name=job_name,
+        command=" ".join(args),
+        code=code,
+        inputs=inputs,
+        outputs={DRIVER_OUTPUT: Output(type="uri_folder", path=output_uri(job_name, DRIVER_OUTPUT), mode="rw_mount")},
+        display_name=f"orch {wf.workflow_id or 'workflow'}",
+        tags={"orch.workflow": wf.workflow_id or "workflow", "orch.kind": "driver",
+              "orch.plan": json.dumps([[s.name, s.key[:16], s.cached] for s in steps])},
+        environment_variables=env,
+    )  # fmt: skip
+    return {
+        "name": created.name,
+        "studio_url": getattr(created, "studio_url", None),
+        "status": status_text(created.status),
+    }
+
+
+# ---- the driver (runs on the compute) -----------------------------------------------------------------------
+class DriverReporter:
+    """The engine's progress inside the driver job: lines to the job log, metrics to the job's MLflow run."""
+
+    def __init__(self) -> None:
+        self.run_id = os.environ.get("MLFLOW_RUN_ID")
+        self.client = None
+        if self.run_id:
+            import mlflow
+
+            self.client = mlflow.MlflowClient()
+
+    def log_metric(self, name: str, value: float, step: int = 0) -> None:
+        if self.client is not None:
+            try:
+                self.client.log_metric(self.run_id, name, float(value), step=step)
+            except Exception as exc:  # noqa: BLE001 - a metric is not worth failing the workflow
+                print(f"orch: could not log metric {name}: {exc}", flush=True)
+
+    def plan(self, steps: list[Any]) -> None:
+        for s in steps:
+            print(f"orch: plan {s.name} ({s.pass_type}) {'cached' if s.cached else 'runs'}", flush=True)
+
+    def step_start(self, step: Any) -> None:
+        print(f"orch: >> {step.name} ({step.pass_type})", flush=True)
+
+    def step_progress(self, step: Any, done: int, total: int, desc: str) -> None: ...
+
+    def step_log(self, step: Any, line: str) -> None:
+        print(f"[{step.name}] {line}", flush=True)
+
+    def step_metric(self, step: Any, name: str, value: float) -> None:
+        self._steps = getattr(self, "_steps", {})
+        key = f"{step.name}/{name}"
+        self._steps[key] = self._steps.get(key, -1) + 1
+        self.log_metric(key, value, self._steps[key])
+
+    def step_end(self, step: Any, record: Any) -> None:
+        print(f"orch: << {step.name} {record.status} in {record.duration_s:.1f}s", flush=True)
+        self.log_metric(f"{step.name}/duration_s", record.duration_s)
+
+
+def _substitute(obj: Any, binds: dict[str, str]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _substitute(v, binds) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_substitute(v, binds) for v in obj]
+    if isinstance(obj, str) and obj.startswith(BIND_PREFIX) and obj.endswith("}"):
+        key = obj[len(BIND_PREFIX) : -1]
+        if key not in binds:
+            raise SystemExit(f"orch: error: workflow.json needs input {key!r} but the job did not bind it")
+        return binds[key]
+    return obj
+
+
+def drive(config: Path, binds: list[str]) -> int:
+    """Run the workflow locally on the compute with the job's bound inputs (the submitted driver job's command)."""
+    from orchestrator.config import load_workflow
+    from orchestrator.engine import Engine
+
+    bound = dict(b.split("=", 1) for b in binds)
+    source = os.environ.pop("ORCH_HF_TOKEN_SOURCE", None)
+    if source:
+        from orchestrator.runner import resolve_secret
+
+        os.environ["HF_TOKEN"] = resolve_secret(source)  # the value lives in this process tree only
+        print("orch: hf_token read from Key Vault", flush=True)
+    doc = _substitute(json.loads(config.read_text()), bound)
+    wf = load_workflow(doc, base_dir=Path.cwd())
+    reporter = DriverReporter()
+    engine = Engine(wf, host="local", target="local", tracking=False, reporter=reporter)
+    started = time.time()
+    _, summary = engine.run()
+    if summary is not None:
+        for k, v in summary.metrics.items():
+            reporter.log_metric(k, v)
+        print(f"orch: workflow finished in {time.time() - started:.1f}s; output {summary.output_dir}", flush=True)
+    return 0
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+def register(app: typer.Typer) -> None:
+    """Add the Azure ML commands to the main `orch` app (called from orchestrator/cli.py)."""
+    app.command("submit")(submit)
+    app.command("status")(status)
+    app.command("logs")(logs)
+    app.command("cancel")(cancel)
+    app.command("download")(download)
+    app.command("aml-drive", hidden=True)(aml_drive)
+    app.add_typer(config_app, name="config")
+
+
+def submit(
+    config: Annotated[Path, typer.Option("--config", "-c", help="workflow config (Olive format)")],
+    host: Annotated[str, typer.Option("--host", help="aml (the workflow's AzureML system)")] = "aml",
+    target: Annotated[str, typer.Option("--target")] = "aml",
+    name: Annotated[str | None, typer.Option("--name", help="job name (default orch-<workflow>-<uuid>)")] = None,
+) -> None:
+    """Queue the workflow as one Azure ML job and return: prints the job name and its studio URL."""
+
+    def go() -> None:
+        info = submit_workflow(config, host=host, target=target, name=name)
+        if info["name"] is None:
+            out.print(f"all {info['cached']} passes are cached; nothing submitted. output: {info['output_dir']}")
+            return
+        out.print(info["name"])
+        console.print(f"queued: {info['name']}  status {info['status']}\nstudio: {info['studio_url']}")
+        console.print(f"follow: orch logs {info['name']} -f   |   orch status {info['name']}")
+
+    _guard(go)
+
+
+def latest_metrics(handle: Any) -> dict[str, float]:
+    """The latest value of every metric of the job's MLflow run (run id = job name on Azure ML; the run
+    tagged azureml.runId / named after the job otherwise)."""
+    from orchestrator.azure_workspace import mlflow_client
+
+    client = mlflow_client(handle.ml)
+    run = None
+    try:
+        run = client.get_run(handle.name)
+    except Exception:  # noqa: BLE001 - not the run id here; search by name below
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string=f"tags.mlflow.runName = '{handle.name}'",
+            max_results=1,
+        )
+        run = runs[0] if runs else None
+    return dict(run.data.metrics) if run is not None else {}
+
+
+def status(job: Annotated[str, typer.Argument(help="job name")]) -> None:
+    """State of a job and the latest of its MLflow metrics."""
+
+    def go() -> None:
+        handle = _system().attach(job)
+        raw = handle.raw_status()
+        out.print(f"{job}: {raw}")
+        if handle.studio_url:
+            console.print(f"studio: {handle.studio_url}")
+        if raw == "Failed":
+            err = handle.error()
+            if err:
+                console.print(f"[bold red]error:[/] {err}", highlight=False, markup=False)
+        metrics = latest_metrics(handle)
+        for k in sorted(metrics):
+            out.print(f"  {k} = {metrics[k]:.6g}")
+        if raw == "Failed":
+            raise typer.Exit(1)
+
+    _guard(go)
+
+
+def logs(
+    job: Annotated[str, typer.Argument(help="job name")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
+) -> None:
+    """Print a job's log; -f follows it live (Ctrl-C stops following, never the job)."""
+
+    def go() -> None:
+        handle = _system().attach(job)
+        for line in handle.logs(follow=follow):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        if follow:
+            raw = handle.raw_status()
+            console.print(f"{job}: {raw}")
+            if raw == "Failed":
+                raise _fail(f"job {job} failed: {handle.error() or 'see the log above'}")
+
+    _guard(go)
+
+
+def cancel(job: Annotated[str, typer.Argument(help="job name")]) -> None:
+    """Cancel a job (idempotent)."""
+
+    def go() -> None:
+        handle = _system().attach(job)
+        was = handle.cancel()
+        out.print(f"{job}: {'canceled' if was else 'already ' + handle.raw_status()}")
+
+    _guard(go)
+
+
+def download(
+    job: Annotated[str, typer.Argument(help="job name")],
+    output_dir: Annotated[Path, typer.Option("--output", "-o", help="where to put the output")] = Path("."),
+    output: Annotated[
+        str | None, typer.Option("--output-name", help="which named output (default model/result)")
+    ] = None,
+    register_model: Annotated[
+        str | None, typer.Option("--register-model", help="also register the model as a workspace model NAME")
+    ] = None,
+) -> None:
+    """Download a finished job's output (the driver's `model`: manifest.json + model/) into a folder."""
+
+    def go() -> None:
+        from orchestrator.azure_download import download_reference
+        from orchestrator.cache import Cache
+        from orchestrator.engine import _replace_dir
+        from orchestrator.systems.azureml import RESULT_OUTPUT, output_uri
+
+        system = _system()
+        handle = system.attach(job)
+        remote = handle.ml.jobs.get(job)
+        names = list((remote.outputs or {}).keys())
+        which = output or (DRIVER_OUTPUT if DRIVER_OUTPUT in names else RESULT_OUTPUT)
+        raw = handle.raw_status()
+        if raw != "Completed":
+            raise _fail(f"job {job} is {raw}; only a Completed job's outputs are downloaded")
+        uri = getattr((remote.outputs or {}).get(which), "path", None) or output_uri(job, which)
+        local, _ = download_reference(uri, cache=Cache(system.cache_dir), field=f"{job}.{which}", ml_client=handle.ml)
+        dest = output_dir.resolve()
+        dest.mkdir(parents=True, exist_ok=True)
+        for child in sorted(Path(local).iterdir()):
+            target = dest / child.name
+            if child.is_dir():
+                _replace_dir(child, target)
+            else:
+                import shutil
+
+                shutil.copy2(child, target)
+        out.print(f"downloaded {job}.{which} to {dest}")
+        if register_model:
+            manifest = json.loads((dest / "manifest.json").read_text()) if (dest / "manifest.json").exists() else {}
+            model_uri = uri.rstrip("/") + ("/model/" if (Path(local) / "model").is_dir() else "/")
+            tags = {"orch.job": job, "orch.workflow": str(manifest.get("workflow_id")),
+                    "orch.passes": json.dumps([p.get("name") for p in manifest.get("passes", [])]),
+                    "orch.sha256": str((manifest.get("final_model") or {}).get("sha256"))}  # fmt: skip
+            m = system.register_model(register_model, model_uri, tags=tags, description=f"orch job {job}")
+            out.print(f"registered azureml:{m.name}:{m.version}")
+
+    _guard(go)
+
+
+def aml_drive(
+    config: Annotated[Path, typer.Option("--config")],
+    bind: Annotated[list[str], typer.Option("--bind", help="NAME=PATH of a bound input/output")],
+) -> None:
+    """(inside an Azure ML job) run the submitted workflow with the job's bound inputs."""
+    try:
+        code = drive(config, bind)
+    except Exception as exc:
+        name = type(exc).__name__
+        print(f"orch: error: {exc}", file=sys.stderr, flush=True)
+        tail = getattr(exc, "log_tail", "")
+        if tail:
+            print(tail, file=sys.stderr, flush=True)
+        raise typer.Exit(2 if name in ("ConfigError", "ResourceError", "PassError") else 1) from None
+    raise typer.Exit(code)
+
+
+@config_app.command("set")
+def config_set(
+    key: Annotated[str, typer.Argument(help="subscription_id | resource_group | workspace_name | key_vault_url | ...")],
+    value: Annotated[str, typer.Argument(help="the value ('' removes it)")],
+) -> None:
+    """Save one Azure ML setting for this machine (workflow files then need no azureml_client)."""
+    from orchestrator.azure_workspace import write_profile_value
+
+    _guard(lambda: out.print(f"{key} saved in {write_profile_value(key, value)}"))
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """The Azure ML settings in effect, and where each comes from (config > env > profile)."""
+    from orchestrator.azure_workspace import PROFILE_KEYS, WorkspaceError, profile_path, resolve_settings
+
+    try:
+        s = resolve_settings()
+        values = s.public()
+        for key in PROFILE_KEYS:
+            v = values.get(key)
+            if v is None:
+                continue
+            shown = json.dumps(v) if isinstance(v, dict) else v
+            out.print(f"{key} = {shown}   [dim]({s.sources.get(key, 'default')})[/]")
+    except WorkspaceError as exc:
+        console.print(f"[yellow]{exc}[/]")
+    out.print(f"profile: {profile_path()}")

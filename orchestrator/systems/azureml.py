@@ -1,0 +1,655 @@
+"""AzureMLSystem: each Job is an Azure ML command job, submitted with the real azure-ai-ml SDK.
+
+orch's words on this system:
+- environment: an Azure ML Environment built from the system's base image + conda file (or Dockerfile + build
+  context), named after the conda spec and versioned by the content hash; looked up before it is created, so it is
+  registered once and reused by every job and every run.
+- code: a snapshot folder holding the orchestrator package + the job's job.json, built deterministically under
+  <cache>/aml-code/<hash>/; the SDK uploads it once per content hash (it looks the hash up first).
+- inputs: local paths are uploaded by the SDK; azureml://datastores/..., azureml://registries/.../versions/N,
+  azureml:name:version and outputs of earlier jobs are passed through unchanged (typed uri_folder, uri_file,
+  custom_model); a local copy that orch downloaded from such a reference is passed as that reference again.
+- outputs: one named output `result` (result.json, events.jsonl + the pass outputs) at a fixed datastore path,
+  azureml://datastores/workspaceblobstore/paths/azureml/<job>/result/, so the next pass can take the model by
+  reference and only the final model is ever downloaded.
+- command: `python -m orchestrator.runner --job job.json --output-dir ${{outputs.result}} --model-path
+  ${{inputs.model}} ...`; metrics go straight to the workspace MLflow run of the job (tracking mode "direct").
+- job names are made on the client (orch-<pass>-<uuid>) before the first attempt, and a retried submit first GETs
+  the name: a timeout or dropped connection never creates a second job.
+- secrets: `hf_token: true` hands the job a Key Vault *reference*; the job reads the value with its own identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from orchestrator.job import JOB_FILE, RESULT_FILE, Job, JobResult, JobState, JobTracking, atomic_write_text, is_uri
+from orchestrator.systems.base import JobHandle, System, SystemFailure
+
+ORCH_PACKAGE = Path(__file__).resolve().parents[1]  # .../orchestrator
+DEFAULT_DATASTORE = "workspaceblobstore"
+RESULT_OUTPUT = "result"
+TRAINING_PASSES = ("LoRA", "QLoRA")
+SNAPSHOT_SUFFIXES = (".py", ".typed", ".json", ".yaml", ".yml", ".txt")
+STATE_MAP = {
+    "NotStarted": JobState.QUEUED,
+    "Queued": JobState.QUEUED,
+    "Preparing": JobState.QUEUED,
+    "Starting": JobState.QUEUED,
+    "Provisioning": JobState.QUEUED,
+    "Running": JobState.RUNNING,
+    "Finalizing": JobState.RUNNING,
+    "CancelRequested": JobState.RUNNING,
+    "Completed": JobState.COMPLETED,
+    "Failed": JobState.FAILED,
+    "NotResponding": JobState.FAILED,
+    "Canceled": JobState.CANCELED,
+}
+
+
+def output_uri(job_name: str, output: str = RESULT_OUTPUT, datastore: str = DEFAULT_DATASTORE) -> str:
+    """Where a job's named output lives: fixed at submit time, so it is known before the job ends."""
+    return f"azureml://datastores/{datastore}/paths/azureml/{job_name}/{output}/"
+
+
+def new_job_name(label: str) -> str:
+    """orch-<label>-<uuid>: made once per submission on the client, reused by every retry of it."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")[:40] or "job"
+    return f"orch-{slug}-{uuid.uuid4().hex[:10]}"
+
+
+def status_text(status: Any) -> str:
+    """The service's status word (the SDK hands back a JobStatus enum whose str() is 'JobStatus.X')."""
+    return str(getattr(status, "value", status) or "NotStarted")
+
+
+def map_state(status: Any) -> JobState:
+    return STATE_MAP.get(status_text(status), JobState.RUNNING)
+
+
+# ---- transient errors + idempotent create -----------------------------------------------------------------
+def is_transient(exc: BaseException) -> bool:
+    """429, 5xx, timeouts and dropped connections: worth another try."""
+    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+    if isinstance(exc, (ServiceRequestError, ServiceResponseError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, HttpResponseError):
+        code = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+        return code in (408, 429) or (code is not None and code >= 500)
+    return False
+
+
+def with_retries(fn: Callable[[], Any], *, what: str, attempts: int = 5, base_delay: float = 1.0) -> Any:
+    """Call fn, retrying transient errors with exponential backoff (on top of azure-core's own retries)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(min(base_delay * 2**attempt, 20))
+    raise AssertionError("unreachable")
+
+
+def create_job_once(ml: Any, job: Any, *, attempts: int = 5) -> Any:
+    """Create the job named job.name exactly once: before every (re)try, GET it; if it exists, that is ours."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    last: BaseException | None = None
+    for attempt in range(attempts):
+        try:
+            return ml.jobs.get(job.name)
+        except ResourceNotFoundError:
+            pass
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            last = exc
+            time.sleep(min(2**attempt, 20))
+            continue
+        try:
+            return ml.jobs.create_or_update(job)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            last = exc
+            time.sleep(min(2**attempt, 20))
+    raise SystemFailure(f"submitting Azure ML job {job.name} failed after {attempts} tries: {last}")
+
+
+# ---- code snapshot ------------------------------------------------------------------------------------------
+def _package_files() -> list[tuple[str, bytes]]:
+    files = []
+    for p in sorted(ORCH_PACKAGE.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix in SNAPSHOT_SUFFIXES:
+            files.append((f"orchestrator/{p.relative_to(ORCH_PACKAGE).as_posix()}", p.read_bytes()))
+    return files
+
+
+def code_snapshot(cache_dir: Path, extra: dict[str, bytes]) -> Path:
+    """A folder holding the orchestrator package + `extra` files, named by its content hash; built once.
+
+    Deterministic (sorted, no caches, fixed mtimes), so the SDK's content hash finds the earlier upload."""
+    files = sorted(_package_files() + list(extra.items()))
+    h = hashlib.sha256()
+    for name, data in files:
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    digest = h.hexdigest()[:24]
+    root = Path(cache_dir) / "aml-code"
+    final = root / digest
+    if (final / ".complete").exists():
+        return final
+    tmp = root / f".tmp-{digest}-{uuid.uuid4().hex[:6]}"
+    for name, data in files:
+        target = tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        os.utime(target, (0, 0))
+    (tmp / ".complete").write_text("")
+    os.utime(tmp / ".complete", (0, 0))
+    (tmp / ".amlignore").write_text(".complete\n.amlignore\n")
+    try:
+        os.replace(tmp, final)
+    except OSError:  # a concurrent builder won; same content
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def input_for(path: str) -> tuple[str, str]:
+    """(Input type, path) for an artifact: references pass through, local copies of references map back."""
+    from orchestrator.azure_download import origin_of
+
+    if not is_uri(path):
+        origin = origin_of(path)
+        if origin is not None:
+            path = origin
+    if path.startswith("azureml://registries/") or re.match(r"^azureml:[^/]", path):
+        return "custom_model", path
+    if is_uri(path):
+        return ("uri_file" if not path.endswith("/") and Path(path).suffix else "uri_folder"), path
+    return ("uri_file" if Path(path).is_file() else "uri_folder"), path
+
+
+def _input_name(prefix: str, name: str) -> str:
+    return prefix + re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+# ---- the system ------------------------------------------------------------------------------------------
+class AzureMLSystem(System):
+    kind = "azureml"
+
+    def __init__(
+        self,
+        *,
+        aml_compute: str | None = None,
+        accelerators: list[Any] | None = None,
+        docker_config: dict[str, Any] | None = None,
+        hf_token: bool = False,
+        instance_count: int = 1,
+        resources: dict[str, Any] | None = None,
+        tags: dict[str, str] | None = None,
+        azureml_client: dict[str, Any] | None = None,
+        base_dir: Path | str | None = None,
+        cache_dir: Path | str | None = None,
+        ml_client: Any = None,
+    ) -> None:
+        self.aml_compute = aml_compute
+        self.accelerators = accelerators or ["cpu"]
+        self.docker_config = {k: v for k, v in (docker_config or {}).items() if v is not None}
+        self.hf_token = hf_token
+        self.instance_count = instance_count
+        self.resources = dict(resources or {})
+        self.tags = dict(tags or {})
+        self.azureml_client = azureml_client or {}
+        self.base_dir = Path(base_dir or Path.cwd())
+        self.cache_dir = Path(cache_dir or (self.base_dir / ".orch" / "cache"))
+        self._ml = ml_client
+        self._settings: Any = None
+        self._environment: str | None = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **context: Any) -> AzureMLSystem:
+        cfg = dict(config.get("config") or config)
+        docker = cfg.get("docker_config") or cfg.get("aml_docker_config")
+        return cls(
+            aml_compute=cfg.get("aml_compute"),
+            accelerators=cfg.get("accelerators"),
+            docker_config=docker,
+            hf_token=bool(cfg.get("hf_token")),
+            instance_count=int(cfg.get("instance_count") or 1),
+            resources=cfg.get("resources"),
+            tags=cfg.get("tags"),
+            azureml_client=cfg.get("azureml_client") or context.get("azureml_client"),
+            base_dir=context.get("base_dir"),
+            cache_dir=context.get("cache_dir"),
+            ml_client=context.get("ml_client"),
+        )
+
+    # ---- workspace ----------------------------------------------------------------------------------------
+    @property
+    def settings(self) -> Any:
+        if self._settings is None:
+            from orchestrator.azure_workspace import WorkspaceError, resolve_settings
+
+            try:
+                self._settings = resolve_settings(self.azureml_client)
+            except WorkspaceError as exc:
+                raise SystemFailure(str(exc)) from None
+        return self._settings
+
+    @property
+    def ml(self) -> Any:
+        """The MLClient, made on first use (planning a cached run never touches the network)."""
+        if self._ml is None:
+            from orchestrator.azure_workspace import make_ml_client
+
+            self._ml = make_ml_client(self.settings)
+        return self._ml
+
+    @property
+    def compute(self) -> str | None:
+        return self.aml_compute or self.settings.compute
+
+    # ---- environment ------------------------------------------------------------------------------------
+    def _env_spec(self) -> dict[str, Any]:
+        """What decides the image: base image + normalized conda spec, or the build context's content."""
+        dc = self.docker_config
+        if dc.get("build_context_path"):
+            ctx = Path(dc["build_context_path"])
+            h = hashlib.sha256()
+            for p in sorted(ctx.rglob("*")):
+                if p.is_file():
+                    h.update(p.relative_to(ctx).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+            return {"build": h.hexdigest(), "dockerfile": dc.get("dockerfile") or "Dockerfile", "name": ctx.name}
+        image = dc.get("base_image") or dc.get("image_name")
+        if not image:
+            raise SystemFailure("AzureML system: give aml_docker_config.base_image + conda_file_path, or dockerfile")
+        spec: dict[str, Any] = {"image": image}
+        if dc.get("conda_file_path"):
+            from orchestrator.environments import load_env_spec
+
+            env = load_env_spec(dc["conda_file_path"])
+            spec.update(conda=env.hash(), name=env.name)
+        return spec
+
+    def environment_fingerprint(self, libraries: tuple[str, ...]) -> dict[str, str]:
+        spec = self._env_spec()
+        return {"aml_environment": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]}
+
+    def environment_id(self) -> str:
+        """azureml:<name>:<hash> of the job environment, registered once (looked up before it is created)."""
+        if self._environment:
+            return self._environment
+        from azure.ai.ml.entities import BuildContext, Environment
+        from azure.core.exceptions import ResourceNotFoundError
+
+        spec = self._env_spec()
+        version = self.environment_fingerprint(())["aml_environment"][:16]
+        name = re.sub(r"[^A-Za-z0-9_-]", "-", f"orch-{spec.get('name') or 'env'}").strip("-")[:200]
+        try:
+            env = with_retries(lambda: self.ml.environments.get(name, version=version), what="environment lookup")
+        except ResourceNotFoundError:
+            dc = self.docker_config
+            if "build" in spec:
+                entity = Environment(
+                    name=name, version=version,
+                    build=BuildContext(path=str(dc["build_context_path"]), dockerfile_path=spec["dockerfile"]),
+                )  # fmt: skip
+            else:
+                conda = None
+                if dc.get("conda_file_path"):
+                    from orchestrator.environments import load_env_spec
+
+                    conda = load_env_spec(dc["conda_file_path"]).to_conda_yaml()
+                entity = Environment(name=name, version=version, image=spec["image"], conda_file=_yaml(conda))
+            env = with_retries(lambda: self.ml.environments.create_or_update(entity), what="environment create")
+        self._environment = f"azureml:{env.name}:{env.version}"
+        return self._environment
+
+    # ---- secrets -----------------------------------------------------------------------------------------
+    def key_vault_url(self) -> str:
+        url = self.settings.key_vault_url
+        if not url:
+            ws = with_retries(lambda: self.ml.workspaces.get(self.settings.workspace_name), what="workspace")
+            kv = getattr(ws, "key_vault", None) or ""
+            if not kv:
+                raise SystemFailure("hf_token: no Key Vault known; `orch config set key_vault_url https://...`")
+            url = f"https://{kv.rstrip('/').rsplit('/', 1)[-1]}.vault.azure.net/"
+        return url if url.endswith("/") else url + "/"
+
+    def secret_sources(self, names: list[str]) -> dict[str, str]:
+        """name -> keyvault:<vault_url>#<secret>: a reference the job resolves with its own identity."""
+        out = {}
+        for name in names:
+            secret = self.settings.hf_token_secret_name if name == "hf_token" else name.replace("_", "-")
+            out[name] = f"keyvault:{self.key_vault_url()}#{secret}"
+        return out
+
+    # ---- submission --------------------------------------------------------------------------------------
+    def _distribution(self, pass_type: str) -> tuple[Any, Any]:
+        """(distribution, resources) for the job: PyTorch distribution for training passes that ask for more
+        than one process (instance_count > 1, or resources.process_count_per_instance > 1)."""
+        from azure.ai.ml import PyTorchDistribution
+        from azure.ai.ml.entities import JobResourceConfiguration
+
+        per_instance = int(self.resources.get("process_count_per_instance") or 1)
+        training = pass_type in TRAINING_PASSES
+        instances = self.instance_count if training else 1
+        res_kwargs = {k: self.resources[k] for k in ("instance_type", "shm_size", "docker_args") if k in self.resources}
+        resources = JobResourceConfiguration(instance_count=instances, **res_kwargs)
+        if training and (instances > 1 or per_instance > 1):
+            return PyTorchDistribution(process_count_per_instance=per_instance), resources
+        return None, resources
+
+    def submit_command(
+        self,
+        *,
+        name: str,
+        command: str,
+        code: Path,
+        inputs: dict[str, Any],
+        outputs: dict[str, Any],
+        display_name: str,
+        tags: dict[str, str],
+        environment_variables: dict[str, str] | None = None,
+        pass_type: str = "",
+    ) -> Any:
+        """Create one command job (environment ensured first); idempotent by name."""
+        from azure.ai.ml import command as command_job
+
+        distribution, resources = self._distribution(pass_type)
+        env_vars = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if not self.hf_token:
+            env_vars["HF_HUB_OFFLINE"] = "1"  # no hub token: jobs read models from inputs only
+        env_vars.update(environment_variables or {})
+        job = command_job(
+            name=name,
+            display_name=display_name,
+            experiment_name=self.settings.experiment_name,
+            code=str(code),
+            command=command,
+            environment=self.environment_id(),
+            compute=self.compute,
+            inputs=inputs,
+            outputs=outputs,
+            environment_variables=env_vars,
+            tags={**self.tags, **tags},
+            distribution=distribution,
+            instance_count=resources.instance_count,
+        )
+        job.resources = resources
+        return create_job_once(self.ml, job)
+
+    def submit(self, job: Job) -> AzureMLJobHandle:
+        from azure.ai.ml import Input, Output
+
+        name = new_job_name(job.pass_name)
+        inputs: dict[str, Any] = {}
+        args = ["python -m orchestrator.runner --job job.json", f"--output-dir ${{{{outputs.{RESULT_OUTPUT}}}}}"]
+        refs: dict[str, str] = {}
+        if job.model is not None:
+            kind, path = input_for(job.model.path)
+            inputs["model"] = Input(type=kind, path=path)
+            args.append("--model-path ${{inputs.model}}")
+            refs["model"] = path
+            if job.model.adapter_path:
+                kind, path = input_for(job.model.adapter_path)
+                inputs["adapter"] = Input(type=kind, path=path)
+                args.append("--adapter-path ${{inputs.adapter}}")
+                refs["adapter"] = path
+        for data_name, local in job.data_files.items():
+            key = _input_name("data_", data_name)
+            kind, path = input_for(local)
+            inputs[key] = Input(type=kind, path=path)
+            args.append(f"--data-file {data_name}=${{{{inputs.{key}}}}}")
+        remote_job = job.model_copy(
+            update={
+                "output_dir": "outputs",
+                "model": job.model.model_copy(update={"path": "input:model", "adapter_path": "input:adapter"
+                                                      if job.model.adapter_path else None}) if job.model else None,
+                "data_files": {k: f"input:{k}" for k in job.data_files},
+                "tracking": JobTracking(mode="direct", metric_prefix=job.tracking.metric_prefix),
+            }
+        )  # fmt: skip
+        code = code_snapshot(self.cache_dir, {JOB_FILE: remote_job.model_dump_json(indent=2).encode()})
+        result_uri = output_uri(name)
+        created = self.submit_command(
+            name=name,
+            command=" ".join(args),
+            code=code,
+            inputs=inputs,
+            outputs={RESULT_OUTPUT: Output(type="uri_folder", path=result_uri, mode="rw_mount")},
+            display_name=f"{job.pass_name} ({job.pass_type})",
+            tags={"orch.pass": job.pass_name, "orch.pass_type": job.pass_type, "orch.job_id": job.job_id,
+                  "orch.inputs": json.dumps(refs)},
+            pass_type=job.pass_type,
+        )  # fmt: skip
+        return AzureMLJobHandle(self, created.name, refs=refs, studio_url=getattr(created, "studio_url", None))
+
+    def attach(self, job_id: str) -> AzureMLJobHandle:
+        job = with_retries(lambda: self.ml.jobs.get(job_id), what="job lookup")
+        refs = json.loads((job.tags or {}).get("orch.inputs") or "{}")
+        return AzureMLJobHandle(self, job.name, refs=refs, studio_url=getattr(job, "studio_url", None))
+
+    # ---- registration ------------------------------------------------------------------------------------
+    def register_model(self, name: str, path: str, *, tags: dict[str, str], description: str = "") -> Any:
+        """Register a model folder (an azureml:// job output or a local folder) as a workspace model."""
+        from azure.ai.ml.entities import Model
+
+        model = Model(name=name, path=path, type="custom_model", tags=tags, description=description)
+        return with_retries(lambda: self.ml.models.create_or_update(model), what="model registration")
+
+
+def _yaml(text: str | None) -> str | None:
+    """The SDK takes a conda file path; write the normalized conda yaml next to the code snapshots."""
+    if text is None:
+        return None
+    import tempfile
+
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"orch-conda-{digest}.yaml"
+    if not path.exists():
+        atomic_write_text(path, text)
+    return str(path)
+
+
+# ---- handle --------------------------------------------------------------------------------------------------
+class AzureMLJobHandle(JobHandle):
+    """A command job in the workspace, by name: status, live logs from run history, cancel, outputs."""
+
+    def __init__(
+        self, system: AzureMLSystem, name: str, *, refs: dict[str, str] | None = None, studio_url: str | None = None
+    ) -> None:
+        self.system = system
+        self.job_id = name
+        self.name = name
+        self.refs = refs or {}
+        self.studio_url = studio_url
+        self._offsets: dict[str, int] = {}
+        self._log_text: list[str] = []
+
+    @property
+    def ml(self) -> Any:
+        return self.system.ml
+
+    def raw_status(self) -> str:
+        job = with_retries(lambda: self.ml.jobs.get(self.name), what="job status")
+        return status_text(job.status)
+
+    def status(self) -> JobState:
+        return map_state(self.raw_status())
+
+    def wait(self, timeout: float | None = None, poll: float = 2.0) -> JobState:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.status()
+            if state.is_terminal():
+                return state
+            if deadline is not None and time.monotonic() >= deadline:
+                return state
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
+    def error(self) -> str | None:
+        """The service's error message for a failed job (run history), one paragraph."""
+        details = with_retries(lambda: self.ml.jobs._runs_operations.get_run_details(self.name), what="run details")
+        err = getattr(details, "error", None)
+        inner = getattr(err, "error", None) if err is not None else None
+        return getattr(inner, "message", None) if inner is not None else None
+
+    def _log_urls(self) -> dict[str, str]:
+        details = with_retries(lambda: self.ml.jobs._runs_operations.get_run_details(self.name), what="run details")
+        files = getattr(details, "log_files", None) or {}
+        return {k: v for k, v in sorted(files.items()) if k.startswith("user_logs/") or "std_log" in k}
+
+    def _read_new(self) -> list[str]:
+        """New complete lines of every log file since the last read (resumable by byte offset)."""
+        import requests
+
+        lines: list[str] = []
+        for name, url in self._log_urls().items():
+            offset = self._offsets.get(name, 0)
+            resp = with_retries(
+                lambda url=url, offset=offset: _get_range(requests, url, offset), what="log read", attempts=4
+            )
+            if resp is None:
+                continue
+            end = resp.rfind(b"\n")
+            if end < 0:
+                continue
+            self._offsets[name] = offset + end + 1
+            lines += resp[: end + 1].decode(errors="replace").splitlines()
+        self._log_text = (self._log_text + lines)[-200:]
+        return lines
+
+    def logs(self, follow: bool = False, poll: float = 1.0) -> Iterator[str]:
+        """Job log lines; with follow, until the job is terminal. A stream that cannot be read any more before
+        the job ends raises SystemFailure (resume with `orch logs JOB -f`)."""
+        while True:
+            try:
+                state = self.status()
+                yield from self._read_new()
+            except SystemFailure:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                raise SystemFailure(
+                    f"log stream of {self.name} ended before the job finished ({type(exc).__name__}); "
+                    f"resume with `orch logs {self.name} -f`"
+                ) from None
+            if not follow or state.is_terminal():
+                if state.is_terminal():
+                    yield from self._flush_tail()
+                return
+            time.sleep(poll)
+
+    def _flush_tail(self) -> Iterator[str]:
+        """After the end: the last line of each log even without a newline."""
+        import requests
+
+        for name, url in self._log_urls().items():
+            data = _get_range(requests, url, self._offsets.get(name, 0))
+            if data:
+                self._offsets[name] = self._offsets.get(name, 0) + len(data)
+                for line in data.decode(errors="replace").splitlines():
+                    self._log_text.append(line)
+                    yield line
+
+    def log_tail(self, n: int = 30) -> str:
+        with contextlib.suppress(Exception):  # the tail is a courtesy; the error message matters more
+            list(self.logs(follow=False))
+        tail = "\n".join(self._log_text[-n:])
+        err = None
+        with contextlib.suppress(Exception):
+            err = self.error()
+        return f"{tail}\n{err}" if err else tail
+
+    def cancel(self) -> bool:
+        if self.status().is_terminal():
+            return False
+        poller = with_retries(lambda: self.ml.jobs.begin_cancel(self.name), what="cancel")
+        poller.result()
+        return True
+
+    def output_files(self, output: str = RESULT_OUTPUT) -> Any:
+        """(container client, prefix) of a named output (the fixed datastore path set at submit)."""
+        from orchestrator.azure_download import DATASTORE_RX, _datastore_source
+
+        job = with_retries(lambda: self.ml.jobs.get(self.name), what="job")
+        out = (job.outputs or {}).get(output)
+        uri = getattr(out, "path", None) or output_uri(self.name, output)
+        m = DATASTORE_RX.match(uri)
+        if not m:
+            raise SystemFailure(f"output {output} of {self.name} is not on a datastore ({uri})")
+        src = _datastore_source(self.ml, m[1], m[2])
+        return src, uri
+
+    def outputs(self, dest: Path | None = None) -> Path:
+        """result.json + events.jsonl + job.log into dest; model paths in result.json become azureml:// URIs of
+        the job's output (the model itself stays in the workspace until the final export)."""
+        from orchestrator.azure_download import safe_join
+
+        dest = Path(dest or (self.system.cache_dir / "aml-results" / self.name))
+        dest.mkdir(parents=True, exist_ok=True)
+        src, uri = self.output_files()
+        prefix = src.prefix.rstrip("/") + "/"
+        for fname in (RESULT_FILE, "events.jsonl"):
+            blob = src.container.get_blob_client(prefix + fname)
+            try:
+                data = with_retries(lambda blob=blob: blob.download_blob().readall(), what="output download")
+            except Exception as exc:  # noqa: BLE001 - a missing file is reported below by the engine
+                if type(exc).__name__ == "ResourceNotFoundError":
+                    continue
+                raise
+            atomic_write_text(safe_join(dest, fname), data.decode())
+        try:
+            log = "\n".join(self._log_text + list(self.logs(follow=False)))
+            atomic_write_text(dest / "job.log", log + "\n")
+        except Exception:  # noqa: BLE001 - the log is informative only
+            pass
+        if (dest / RESULT_FILE).exists():
+            result = JobResult.read(dest)
+            if result.model is not None:
+                result.model = result.model.model_copy(
+                    update={"path": self._remote(result.model.path, uri, "model"),
+                            "adapter_path": self._remote(result.model.adapter_path, uri, "adapter")}
+                )  # fmt: skip
+                result.write(dest)
+        return dest
+
+    def _remote(self, path: str | None, base_uri: str, field: str) -> str | None:
+        """A path the runner wrote -> where it is now: relative -> inside the output; absolute (a pass-through
+        input) -> the reference that input was given as."""
+        if path is None or is_uri(path):
+            return path
+        if os.path.isabs(path):
+            ref = self.refs.get(field)
+            if ref is None:
+                raise SystemFailure(f"job {self.name}: result names a local path {path} that is not an input")
+            return ref
+        return base_uri.rstrip("/") + "/" + Path(path).as_posix().removeprefix("./")
+
+
+def _get_range(requests: Any, url: str, offset: int) -> bytes | None:
+    """Bytes of a log blob from offset (HTTP Range); None when there is nothing new."""
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    resp = requests.get(url, headers=headers, timeout=30)
+    if resp.status_code in (404, 416):
+        return None
+    if resp.status_code >= 500 or resp.status_code == 429:
+        raise ConnectionError(f"log read answered {resp.status_code}")
+    resp.raise_for_status()
+    if offset and resp.status_code == 200:  # server ignored the range
+        return resp.content[offset:]
+    return resp.content
