@@ -59,7 +59,7 @@ def _system(config_path: Path | None = None) -> Any:
     from orchestrator.systems.azureml import AzureMLSystem
 
     if config_path is None:
-        return AzureMLSystem(cache_dir=Path(".orch/cache"))
+        return AzureMLSystem(cache_dir=Path(os.environ.get("ORCH_CACHE_DIR") or ".orch/cache"))
     from orchestrator.config import load_workflow
 
     wf = load_workflow(config_path)
@@ -120,7 +120,7 @@ def _driver_workflow(wf: Any) -> tuple[dict[str, Any], dict[str, str]]:
             params[key] = f"{BIND_PREFIX}{name}}}"
     doc["systems"] = {"local": {"type": "LocalSystem"}}
     engine = doc.setdefault("engine", {})
-    engine.update(host="local", target="local", cache_dir=".orch-cache", output_dir=f"{BIND_PREFIX}{DRIVER_OUTPUT}}}")
+    engine.update(host="local", target="local", cache_dir=".orch-cache", output_dir=f"{BIND_PREFIX}output}}")
     engine.pop("mlflow", None)
     doc.pop("azureml_client", None)
     return doc, binds
@@ -147,7 +147,7 @@ def submit_workflow(
     inputs: dict[str, Any] = {}
     args = [
         "python -m orchestrator.cli aml-drive --config workflow.json",
-        f"--bind {DRIVER_OUTPUT}=${{{{outputs.{DRIVER_OUTPUT}}}}}",
+        f"--bind output=${{{{outputs.{DRIVER_OUTPUT}}}}}",
     ]
     for key, value in binds.items():
         kind, path = input_for(value)
@@ -159,7 +159,7 @@ def submit_workflow(
     ):
         env["ORCH_HF_TOKEN_SOURCE"] = system.secret_sources(["hf_token"])["hf_token"]  # a reference, not a value
     job_name = name or new_job_name(wf.workflow_id or "workflow")
-    code = code_snapshot(engine.cache.root, {"workflow.json": json.dumps(doc, indent=2, sort_keys=True).encode()})
+    code = code_snapshot(engine.cache.root, {"workflow.json": json.dumps(doc, indent=2).encode()})
     created = system.submit_command(
         name=job_name,
         command=" ".join(args),

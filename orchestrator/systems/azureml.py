@@ -337,19 +337,23 @@ class AzureMLSystem(System):
         return out
 
     # ---- submission --------------------------------------------------------------------------------------
-    def _distribution(self, pass_type: str) -> tuple[Any, Any]:
-        """(distribution, resources) for the job: PyTorch distribution for training passes that ask for more
-        than one process (instance_count > 1, or resources.process_count_per_instance > 1)."""
+    def processes_for(self, pass_cls: type) -> int:
+        """Processes per node for data-parallel passes: resources.process_count_per_instance (default 1)."""
+        if not getattr(pass_cls, "data_parallel", False):
+            return 1
+        return int(self.resources.get("process_count_per_instance") or 1)
+
+    def _distribution(self, processes_per_node: int, data_parallel: bool) -> tuple[Any, Any]:
+        """(distribution, resources): Azure ML's PyTorch launcher starts processes_per_node ranks on each of
+        instance_count nodes (RANK/WORLD_SIZE/MASTER_ADDR set for the runner) when a pass runs data parallel."""
         from azure.ai.ml import PyTorchDistribution
         from azure.ai.ml.entities import JobResourceConfiguration
 
-        per_instance = int(self.resources.get("process_count_per_instance") or 1)
-        training = pass_type in TRAINING_PASSES
-        instances = self.instance_count if training else 1
+        instances = self.instance_count if data_parallel else 1
         res_kwargs = {k: self.resources[k] for k in ("instance_type", "shm_size", "docker_args") if k in self.resources}
         resources = JobResourceConfiguration(instance_count=instances, **res_kwargs)
-        if training and (instances > 1 or per_instance > 1):
-            return PyTorchDistribution(process_count_per_instance=per_instance), resources
+        if data_parallel and (instances > 1 or processes_per_node > 1):
+            return PyTorchDistribution(process_count_per_instance=processes_per_node), resources
         return None, resources
 
     def submit_command(
@@ -363,12 +367,13 @@ class AzureMLSystem(System):
         display_name: str,
         tags: dict[str, str],
         environment_variables: dict[str, str] | None = None,
-        pass_type: str = "",
+        processes_per_node: int = 1,
+        data_parallel: bool = False,
     ) -> Any:
         """Create one command job (environment ensured first); idempotent by name."""
         from azure.ai.ml import command as command_job
 
-        distribution, resources = self._distribution(pass_type)
+        distribution, resources = self._distribution(processes_per_node, data_parallel)
         env_vars = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         if not self.hf_token:
             env_vars["HF_HUB_OFFLINE"] = "1"  # no hub token: jobs read models from inputs only
@@ -433,7 +438,8 @@ class AzureMLSystem(System):
             display_name=f"{job.pass_name} ({job.pass_type})",
             tags={"orch.pass": job.pass_name, "orch.pass_type": job.pass_type, "orch.job_id": job.job_id,
                   "orch.inputs": json.dumps(refs)},
-            pass_type=job.pass_type,
+            processes_per_node=job.processes_per_node,
+            data_parallel=job.processes_per_node > 1 or job.pass_type in TRAINING_PASSES and self.instance_count > 1,
         )  # fmt: skip
         return AzureMLJobHandle(self, created.name, refs=refs, studio_url=getattr(created, "studio_url", None))
 
