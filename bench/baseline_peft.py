@@ -1,0 +1,253 @@
+"""The baseline: plain transformers Trainer + peft LoRA, as a user writes it without orch.
+
+bf16 (model loaded in bf16, Trainer bf16 autocast), sdpa attention, r=64 on every linear layer, each sample
+tokenized and truncated to max_len, batches padded to their longest sample by DataCollatorForLanguageModeling.
+
+Also home of what every benchmark runner shares (bench/olive_runner.py and bench/gpu_finetune.py import it):
+the LoRA / training settings, and `install_step_timer()`, which adds a callback to every transformers Trainer
+created in the process, whoever creates it (this script, Olive, orch's LoRA pass): per-step wall time between
+CUDA syncs, real (non-padding) tokens per step, per-step loss, and peak GPU memory.
+
+    python bench/baseline_peft.py --model DIR --data train.jsonl --steps 30 --warmup 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# The settings every row uses (the issue's: r=64 on all linear layers, bf16, 8 x 1024).
+SETTINGS: dict[str, Any] = {
+    "lora_r": 64,
+    "lora_alpha": 16,  # Olive's default, so `olive finetune` runs with the same value
+    "lora_dropout": 0.05,  # Olive's default (its CLI has no flag for it)
+    "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # every linear layer but the LM head
+    "batch_size": 8,
+    "max_len": 1024,
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "optim": "adamw_torch",
+    "seed": 42,
+}
+# BENCH_SETTINGS='{"max_len": 128, "batch_size": 2}' shrinks a run (CPU smoke tests); the GPU table uses the above.
+SETTINGS.update(json.loads(os.environ.get("BENCH_SETTINGS") or "{}"))
+
+
+class _Recorder:
+    """What the step timer collected, written as JSON by the runner."""
+
+    def __init__(self) -> None:
+        self.step_times: list[float] = []
+        self.step_tokens: list[int] = []
+        self.losses: dict[int, float] = {}
+        self.pending_tokens = 0
+        self.pending_embed_tokens = 0  # fallback count: input rows seen by the embedding layer (padding included)
+        self.t0: float | None = None
+        self.train_start: float | None = None
+        self.train_end: float | None = None
+
+
+RECORDER = _Recorder()
+
+
+def _count_tokens(kwargs: dict[str, Any]) -> int:
+    """Real tokens in a forward call: the attention mask's ones, or the row length for padding-free rows."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
+        return int(mask.sum())
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        return 0
+    pos = kwargs.get("position_ids")
+    labels = kwargs.get("labels")
+    if pos is not None and labels is not None and ids.shape[0] == 1:
+        # padding-free row: trailing pad (pad_to_multiple_of) carries position 0 and label -100 after the last sample
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is not None:
+            return int(cu[-1])
+    return int(ids.numel())
+
+
+def install_step_timer() -> None:
+    """Add the timing callback and a token-counting forward hook to every Trainer built from now on."""
+    import torch
+    import transformers
+    from transformers import TrainerCallback
+
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            _sync()
+            RECORDER.train_start = time.perf_counter()
+            RECORDER.t0 = RECORDER.train_start
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            _sync()
+            now = time.perf_counter()
+            RECORDER.step_times.append(now - (RECORDER.t0 or now))
+            RECORDER.step_tokens.append(RECORDER.pending_tokens or RECORDER.pending_embed_tokens)
+            RECORDER.pending_tokens = 0
+            RECORDER.pending_embed_tokens = 0
+            RECORDER.t0 = now
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                RECORDER.losses[int(state.global_step)] = float(logs["loss"])
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            _sync()
+            RECORDER.train_end = time.perf_counter()
+
+    def _hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        if module.training:
+            RECORDER.pending_tokens += _count_tokens(kwargs)
+
+    def _embed_hook(module: Any, args: tuple) -> None:
+        if module.training and args:
+            RECORDER.pending_embed_tokens += int(args[0].numel())
+
+    original_init = transformers.Trainer.__init__
+
+    def patched_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.add_callback(StepTimer())
+        self.model.register_forward_pre_hook(_hook, with_kwargs=True)
+        self.model.get_input_embeddings().register_forward_pre_hook(_embed_hook)
+
+    transformers.Trainer.__init__ = patched_init
+
+
+def summarize(system: str, warmup: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Steady-state numbers: median over the steps after `warmup` (compile / autotune / allocator warm-up excluded)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    times = RECORDER.step_times[warmup:]
+    tokens = RECORDER.step_tokens[warmup:]
+    per_step_tps = [n / t for n, t in zip(tokens, times, strict=True) if t > 0]
+    out: dict[str, Any] = {
+        "system": system,
+        "steps": len(RECORDER.step_times),
+        "warmup_steps": warmup,
+        "tokens_per_s_median": statistics.median(per_step_tps) if per_step_tps else 0.0,
+        "tokens_per_s_total": (sum(tokens) / sum(times)) if times and sum(times) > 0 else 0.0,
+        "step_time_median_s": statistics.median(times) if times else 0.0,
+        "tokens_per_step_mean": statistics.mean(tokens) if tokens else 0.0,
+        "peak_mem_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "peak_mem_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+        "losses": {str(k): v for k, v in sorted(RECORDER.losses.items())},
+        "step_times": RECORDER.step_times,
+        "step_tokens": RECORDER.step_tokens,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
+    if extra:
+        out.update(extra)
+    return out
+
+
+def read_texts(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    install_step_timer()
+    cuda = torch.cuda.is_available()
+    s = SETTINGS
+    set_seed(s["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = read_texts(data)
+    # the same token sequences as orch's LoRA pass: special tokens + text + EOS, cut at max_len
+    enc = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    ids = [[*x, tokenizer.eos_token_id][: s["max_len"]] for x in enc]
+    ds = Dataset.from_dict({"input_ids": ids})
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        attn_implementation="sdpa",
+        device_map={"": 0} if cuda else None,
+    )
+    set_seed(s["seed"])
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=s["lora_r"],
+            lora_alpha=s["lora_alpha"],
+            lora_dropout=s["lora_dropout"],
+            target_modules=s["target_modules"],
+            task_type="CAUSAL_LM",
+        ),
+    )
+    args = TrainingArguments(
+        output_dir=str(out_json.parent / "baseline_ckpt"),
+        per_device_train_batch_size=s["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=s["learning_rate"],
+        lr_scheduler_type=s["lr_scheduler_type"],
+        warmup_steps=s["warmup_steps"],
+        weight_decay=s["weight_decay"],
+        optim=s["optim"],
+        bf16=cuda,
+        use_cpu=not cuda,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=s["seed"],
+        data_seed=s["seed"],
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+    )
+    trainer.train()
+    result = summarize("transformers+peft (baseline)", warmup, {"attn": "sdpa", "batches": "padded to longest"})
+    out_json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="jsonl with a 'text' field")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", type=Path, required=True)
+    a = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    r = run(a.model, a.data, a.steps, a.warmup, a.json)
+    print(json.dumps({k: v for k, v in r.items() if k not in ("step_times", "step_tokens")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
