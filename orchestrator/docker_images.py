@@ -43,7 +43,7 @@ DEFAULT_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
 ENV_REPOSITORY = "orch/env"
-RECIPE_VERSION = "1"  # bump when the Dockerfile/install recipe below changes what an image holds
+RECIPE_VERSION = "2"  # bump when the Dockerfile/install recipe below changes what an image holds
 LABEL_PREFIX = "org.orch."
 ENVIRONMENTS_DIR = Path(orchestrator.__file__).resolve().parents[1] / "environments"
 
@@ -377,9 +377,9 @@ def _install_script(spec: EnvSpec, installer: str, pip_options: list[str], *, ha
         head += f"export PIP_CERT={ca} SSL_CERT_FILE={ca} REQUESTS_CA_BUNDLE={ca}\n"
     if installer in ("micromamba", "mamba", "conda"):
         return head + f"{installer} env create -y -p {ENV_PREFIX} -f /orch-build/environment.yaml\n"
-    if installer == "uv":
+    if installer == "uv":  # compiled bytecode: a read-only env would otherwise recompile torch on every run
         return head + (
-            "export UV_NO_CACHE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never\n"
+            "export UV_NO_CACHE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never UV_COMPILE_BYTECODE=1\n"
             f"/orch-build/uv venv --python /usr/bin/python3 {ENV_PREFIX}\n"
             f"/orch-build/uv pip install --python {ENV_PREFIX}/bin/python --index-strategy unsafe-best-match "
             f"{q} -r /orch-build/requirements.txt\n"
