@@ -283,7 +283,9 @@ class AzureMLSystem(System):
             spec.update(conda=env.hash(), name=env.name)
         return spec
 
-    def environment_fingerprint(self, libraries: tuple[str, ...]) -> dict[str, str]:
+    def environment_fingerprint(self, libraries: tuple[str, ...], environment: str | None = None) -> dict[str, str]:
+        """The hash of the Azure ML Environment spec (the system's image + conda file); `environment` (a pass's
+        family) is not used yet: an AzureML system names its environment in aml_docker_config."""
         spec = self._env_spec()
         return {"aml_environment": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]}
 
