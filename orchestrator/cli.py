@@ -495,6 +495,11 @@ def demo(
     _guarded(go)
 
 
+from orchestrator.cli_azure import register as _register_azure  # noqa: E402 - commands defined above first
+
+_register_azure(app)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
