@@ -23,38 +23,6 @@ HF_TOKEN = "hf_orch_test_TOKEN_8f3c2a91"
 REGISTRY = "orch-registry"
 
 
-def _add_registry_datarefs(s: Any) -> None:
-    """Until the stand-in serves it: the registry's getBlobReferenceSAS route, which the SDK's registry-model
-    download calls (POST .../registries/{r}/datarefs/{name}/versions/{v}, 2021-10-01-dataplanepreview)."""
-    from tests.azure_standin.web import Response, arm_error
-
-    if any("datarefs" in r.pattern.pattern for r in s.router.routes):
-        return
-    pattern = (
-        r"(?:/mferp/managementfrontend)?/subscriptions/[^/]+/resourceGroups/[^/]+/providers/"
-        r"Microsoft\.MachineLearningServices/registries/(?P<reg>[^/]+)/datarefs/(?P<name>[^/]+)/versions/(?P<ver>[^/]+)"
-    )
-
-    def handler(ctx: Any, m: re.Match[str]) -> Any:
-        with ctx.standin.state.lock:
-            body = ctx.standin.state.registry_models.get((m["reg"], m["name"], m["ver"]))
-        if body is None:
-            return arm_error(404, "UserError", f"model {m['name']}:{m['ver']} not found")
-        container = body["_blob"]["container"]
-        sas = ctx.standin.azurite.container_sas_url(container, write=False)
-        return Response(
-            200,
-            {
-                "blobReferenceForConsumption": {
-                    "blobUri": f"{ctx.standin.azurite.account_url}/{container}",
-                    "credential": {"credentialType": "SAS", "sasUri": sas},
-                }
-            },
-        )
-
-    s.router.add("POST", pattern, handler, api_versions={"2021-10-01-dataplanepreview"}, auth="bearer")
-
-
 @pytest.fixture(scope="module")
 def aml(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tone_data: Path) -> Iterator[dict[str, Any]]:
     """One stand-in for the module, with the tiny model in a registry, the tone data in the default datastore,
@@ -64,7 +32,6 @@ def aml(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tone_data: P
     tmp = tmp_path_factory.mktemp("aml")
     saved = dict(os.environ)
     with start_standin(tmp / "standin") as s:
-        _add_registry_datarefs(s)
         os.environ.update(s.settings["env"])
         os.environ["ORCH_AZURE_CLOUD"] = s.cloud_name
         os.environ["ORCH_AZURE_CLOUD_METADATA"] = json.dumps(s.cloud_metadata())

@@ -492,6 +492,23 @@ def list_registry_model_versions(ctx: Ctx, m: re.Match[str]) -> Response:
     return Response(200, {"value": items})
 
 
+def registry_blob_reference(ctx: Ctx, m: re.Match[str]) -> Response:
+    """getBlobReferenceSAS: where a registry model's files live, with a read/list SAS (the SDK's registry
+    model download calls it before listing the blobs)."""
+    with ctx.standin.state.lock:
+        body = ctx.standin.state.registry_models.get((m["reg"], m["name"], m["version"]))
+    if body is None:
+        return arm_error(404, "UserError", f"model {m['name']}:{m['version']} not found in registry {m['reg']}")
+    container = body["_blob"]["container"]
+    sas = ctx.standin.azurite.container_sas_url(container, write=False)
+    return Response(200, {
+        "blobReferenceForConsumption": {
+            "blobUri": f"{ctx.standin.azurite.account_url}/{container}",
+            "credential": {"credentialType": "SAS", "sasUri": sas},
+        }
+    })  # fmt: skip
+
+
 def register(r: Router) -> None:
     mfe = r"(?:/mferp/managementfrontend)?"
     kinds = r"(?P<kind>environments|codes|models|data)"
@@ -516,4 +533,6 @@ def register(r: Router) -> None:
     r.add("GET", mfe + REG + rf"/models/{name}", get_registry_model_container, api_versions=V_REG)
     r.add("GET", mfe + REG + rf"/models/{name}/versions", list_registry_model_versions, api_versions=V_REG)
     r.add("GET", mfe + REG + rf"/models/{name}/versions/(?P<version>[^/]+)", get_registry_model_version,
+          api_versions=V_REG)  # fmt: skip
+    r.add("POST", mfe + REG + rf"/datarefs/{name}/versions/(?P<version>[^/]+)", registry_blob_reference,
           api_versions=V_REG)  # fmt: skip
