@@ -112,6 +112,13 @@ def _code_hash(pass_cls: type) -> str:
         return "unknown"
 
 
+def _environment_for(job: Job) -> str:
+    """The environment family a job's pass asks for (cpu-export, cpu-train, gpu-train): systems that build
+    images use it when the workflow names no environment. Keeps systems from importing passes."""
+    pass_cls = load_pass(job.pass_type)
+    return pass_cls().requirements(pass_cls.Config.model_validate(job.pass_config)).environment
+
+
 def _data_refs(config: Any, data_names: set[str]) -> list[str]:
     """Data config names a pass config refers to (train_data_config, data_config, ... at any depth)."""
     found: list[str] = []
@@ -181,7 +188,9 @@ class Engine:
                 raise EngineError(
                     f"engine host/target {name!r} is not a system in 'systems' nor one of local, docker, aml"
                 )
-            self._systems[name] = make_system(type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root)
+            self._systems[name] = make_system(
+                type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root, environment_for=_environment_for
+            )
         return self._systems[name]
 
     def _input_model(self) -> tuple[ModelArtifact, str]:
@@ -241,8 +250,12 @@ class Engine:
             pass_cls = load_pass(step.pass_type)
             step.data_names = _data_refs(step.config, set(self._data))
             _, _, data_hashes = self._data_files(step.data_names)
-            env = self.system(step.system_name).environment_fingerprint(tuple(pass_cls.libraries))
-            normalized = pass_cls.Config.model_validate(step.config).model_dump(mode="json")
+            config = pass_cls.Config.model_validate(step.config)
+            requirements = pass_cls().requirements(config)
+            env = self.system(step.system_name).environment_fingerprint(
+                tuple(pass_cls.libraries), environment=requirements.environment
+            )
+            normalized = config.model_dump(mode="json")
             step.key = stable_hash(
                 {
                     "pass": step.pass_type,
@@ -393,6 +406,7 @@ class Engine:
             data_files=files,
             output_dir=str(stage),
             accelerator=self._accelerator(step.system_name),
+            processes_per_node=system.processes_for(load_pass(step.pass_type)),  # >1: data parallel (DDP passes)
             execution_providers=self._providers(),
             secrets=secrets,
             tracking=JobTracking(mode="events", metric_prefix=f"{step.name}/"),

@@ -4,6 +4,9 @@ Reads a Job, resolves its secrets (by name, from a mounted file or Key Vault: ne
 pass, streams metrics (events.jsonl for the host to forward, or straight to MLflow when the job runs where MLflow
 is set up for it, as on Azure ML), and leaves result.json in the output folder.
 Exit codes: 0 completed, 2 a user-facing pass error (one line on stderr), 1 anything unexpected.
+Data parallel (torchrun, or Azure ML's PyTorch distribution): every rank runs the pass; rank 0 (RANK) alone writes
+result.json and events.jsonl, the others write nothing of the runner's; a failing rank exits non-zero, which
+fails the launcher and so the job.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from orchestrator.job import Job, JobResult, JobState, append_event
+from orchestrator.job import RESULT_FILE, Job, JobResult, JobState, append_event
 from orchestrator.passes.base import PassContext, PassError
 from orchestrator.passes.registry import load_pass
 
@@ -69,12 +72,29 @@ class _MlflowDirect:
             client.log_param(self.run_id, self.prefix + event["name"], event["value"])
 
 
+def dist_rank() -> tuple[int, int]:
+    """(global rank, world size) as torchrun / Azure ML's launcher set them; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def await_rank0_result(out_dir: Path, timeout: float = 10.0) -> None:
+    """A failing rank > 0 waits a little for rank 0 (which usually fails the same way) to write result.json:
+    the launcher stops every rank as soon as one exits non-zero, and the cause belongs in the result."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (out_dir / RESULT_FILE).exists():
+        time.sleep(0.1)
+
+
 def run_job(job: Job) -> JobResult:
     out_dir = Path(job.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    direct = _MlflowDirect(job.tracking.metric_prefix) if job.tracking.mode == "direct" else None
+    rank, world = dist_rank()
+    writer = rank == 0  # one result.json and one event stream per job, whatever the number of ranks
+    direct = _MlflowDirect(job.tracking.metric_prefix) if job.tracking.mode == "direct" and writer else None
 
     def emit(event: dict[str, Any]) -> None:
+        if not writer:
+            return
         append_event(out_dir, event)
         if event["type"] == "log":
             print(event["message"], flush=True)
@@ -85,12 +105,17 @@ def run_job(job: Job) -> JobResult:
     pass_cls = load_pass(job.pass_type)
     versions = library_versions(tuple(pass_cls.libraries) or CORE_LIBRARIES)
     try:
+        if world > 1 and not pass_cls.data_parallel:
+            raise PassError(f"{job.pass_type} does not run data-parallel: give it processes_per_node 1 (got {world})")
         config = pass_cls.Config.model_validate(job.pass_config)
         secrets = {name: resolve_secret(src) for name, src in job.secrets.items()}
         if "hf_token" in secrets:  # huggingface_hub reads it from here; it never leaves this process
             os.environ["HF_TOKEN"] = secrets["hf_token"]
         ctx = PassContext(job=job, out_dir=out_dir, emit=emit, secrets=secrets)
         emit({"t": time.time(), "type": "status", "status": JobState.RUNNING.value})
+        if world > 1:
+            emit({"t": time.time(), "type": "param", "name": "world_size", "value": str(world)})
+            emit({"t": time.time(), "type": "log", "message": f"runner: data parallel, world_size={world}"})
         output = pass_cls().run(config, job.model, ctx)
     except PassError as exc:
         result = JobResult(
@@ -101,7 +126,8 @@ def run_job(job: Job) -> JobResult:
             duration_s=time.time() - started,
             error=str(exc),
         )
-        result.write(out_dir)
+        if writer:
+            result.write(out_dir)
         raise
     result = JobResult(
         job_id=job.job_id,
@@ -112,7 +138,8 @@ def run_job(job: Job) -> JobResult:
         versions=versions,
         duration_s=time.time() - started,
     )
-    result.write(out_dir)
+    if writer:
+        result.write(out_dir)
     emit({"t": time.time(), "type": "status", "status": JobState.COMPLETED.value})
     return result
 
@@ -149,15 +176,20 @@ def main(argv: list[str] | None = None) -> int:
         run_job(job)
     except PassError as exc:
         print(f"orch: error: {exc}", file=sys.stderr, flush=True)
+        if dist_rank()[0] != 0:
+            await_rank0_result(Path(job.output_dir))
         return 2
     except Exception as exc:  # the traceback goes to the job log; the result names the cause
         traceback.print_exc()
-        JobResult(
-            job_id=job.job_id,
-            pass_type=job.pass_type,
-            status=JobState.FAILED,
-            error=f"{type(exc).__name__}: {exc}",
-        ).write(job.output_dir)
+        if dist_rank()[0] != 0:
+            await_rank0_result(Path(job.output_dir))
+        else:
+            JobResult(
+                job_id=job.job_id,
+                pass_type=job.pass_type,
+                status=JobState.FAILED,
+                error=f"{type(exc).__name__}: {exc}",
+            ).write(job.output_dir)
         return 1
     return 0
 

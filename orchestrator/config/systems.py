@@ -76,6 +76,16 @@ class ImageConfig(Strict):
 class _System(Strict):
     accelerators: list[Accelerator] = Field(default_factory=lambda: [Accelerator()])
     hf_token: bool = False
+    # Data-parallel processes per node for passes that support it (LoRA/QLoRA: torchrun, or Azure ML's PyTorch
+    # distribution). "auto": one per visible GPU when accelerators ask for a GPU, else 1.
+    processes_per_node: int | Literal["auto"] = "auto"
+
+    @field_validator("processes_per_node", mode="before")
+    @classmethod
+    def _processes(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a positive integer or 'auto' (got {v!r})")
 
     @model_validator(mode="before")
     @classmethod

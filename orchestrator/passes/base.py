@@ -88,6 +88,9 @@ class Pass(ABC):
     version: ClassVar[str] = "1"
     libraries: ClassVar[tuple[str, ...]] = ()
     needs_model: ClassVar[bool] = True
+    # True: the pass runs unchanged under torchrun / Azure ML's PyTorch launcher (every rank calls run; the
+    # runner keeps result.json and events to rank 0), so systems may give it processes_per_node > 1.
+    data_parallel: ClassVar[bool] = False
 
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements()

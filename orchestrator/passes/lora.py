@@ -105,6 +105,7 @@ class LoRAPass(Pass):
     version: ClassVar[str] = "1"
     libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
     always_4bit: ClassVar[bool] = False
+    data_parallel: ClassVar[bool] = True  # DDP through the Trainer (torchrun / Azure ML PyTorch distribution)
 
     def is_qlora(self, config: LoRAConfig) -> bool:
         return self.always_4bit or config.four_bit
@@ -285,6 +286,7 @@ class LoRAPass(Pass):
             "tokens_per_s": tokens / runtime if runtime > 0 else 0.0,
             "train_steps": float(trainer.state.global_step),
             "trainable_params": float(trainable),
+            "world_size": float(trainer.args.world_size),  # data-parallel ranks: global batch = per-device x this
         }
         if qlora:
             metrics["base_4bit"] = 1.0
@@ -431,8 +433,12 @@ def build_training_args(
     args.setdefault("logging_first_step", True)
     args.setdefault("ddp_find_unused_parameters", False)  # LoRA: frozen base params are never "unused" grads
     if not cuda:
-        for key in ("bf16", "fp16", "tf32"):
-            args.pop(key, None)
+        args.pop("tf32", None)
+        # explicit False: TRL's SFTConfig turns bf16 on by default, which on CPU means bf16 autocast (~3e-3 relative
+        # error, different for each batch shape, so 1-rank and N-rank runs would disagree); CPU trains in float32
+        args.update(bf16=False, fp16=False)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU data parallel (CI's torchrun path): nccl needs CUDA
+            args.setdefault("ddp_backend", "gloo")
     return args, notes
 
 

@@ -61,12 +61,18 @@ class System(ABC):
         """Build from the json form of the workflow's system entry; `context` carries base_dir, cache_dir."""
         return cls(**{k: v for k, v in config.items() if k != "type"})
 
-    def environment_fingerprint(self, libraries: tuple[str, ...]) -> dict[str, str]:
+    def environment_fingerprint(self, libraries: tuple[str, ...], environment: str | None = None) -> dict[str, str]:
         """What identifies the job's environment in cache keys: by default the versions of `libraries`
-        in this interpreter. Image-based systems return the hash of their environment spec instead."""
+        in this interpreter. Image-based systems return the hash of the environment spec they would run
+        `environment` (a pass's Requirements.environment family, e.g. cpu-train) with instead."""
         from orchestrator.runner import library_versions
 
         return library_versions(libraries)
+
+    def processes_for(self, pass_cls: type) -> int:
+        """Data-parallel processes per node for a pass of this class (Job.processes_per_node); 1 by default.
+        Systems with a `processes_per_node` setting override it; only passes with `data_parallel` get N > 1."""
+        return 1
 
     def prepare(self, job: Job) -> None:  # noqa: B027 - an optional hook, no-op by default
         """Idempotent set-up before submit: build/reuse an environment image, upload code."""

@@ -34,8 +34,9 @@ from orchestrator.docker_images import (
     docker_client,
     resolve_env_file,
 )
-from orchestrator.environments import EnvSpecError, PipSettings
+from orchestrator.environments import EnvSpecError, PipSettings, load_env_spec
 from orchestrator.job import JOB_FILE, Job, JobResult, JobState, atomic_write_text
+from orchestrator.launch import ProcessesPerNode, resolve_processes, runner_command
 from orchestrator.systems.base import JobHandle, System, SystemFailure
 
 LOG_FILE = "job.log"
@@ -83,6 +84,7 @@ class DockerSystemConfig(BaseModel):
     hf_token: bool = False  # Azure ML: fetch from Key Vault; here the engine passes job.secrets["hf_token"]
     network: Literal["auto", "none", "host", "bridge"] = "auto"  # auto: none, host for direct MLflow
     shm_size: str = "1g"  # torch dataloader workers use /dev/shm
+    processes_per_node: ProcessesPerNode = "auto"  # data-parallel ranks (torchrun in the container) for DDP passes
     # Azure ML fields, so only `type` changes between systems:
     aml_compute: str | None = None
     azureml_client: dict[str, Any] | None = None
@@ -296,6 +298,42 @@ class DockerSystem(System):
         self._images: dict[str, str] = {}
         self._client: Any = None
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **context: Any) -> DockerSystem:
+        """From the workflow's json form: accelerators arrive as [{device, execution_providers}]."""
+        known = set(DockerSystemConfig.model_fields) | {"aml_docker_config", "local_docker_config"}
+        cfg = {k: v for k, v in config.items() if k in known and v is not None}
+        accs = cfg.get("accelerators") or []
+        cfg["accelerators"] = [a.get("device", "cpu") if isinstance(a, dict) else a for a in accs]
+        if not cfg["accelerators"]:
+            cfg.pop("accelerators")
+        return cls(cfg, config_dir=context.get("base_dir"), environment_for=context.get("environment_for"))
+
+    @property
+    def accelerators(self) -> list[str]:
+        return list(self.config.accelerators)
+
+    def _env_file(self, environment: str | None) -> tuple[str, Path]:
+        """(base image, conda.yaml) this system runs a job of the given environment family with."""
+        dc = self.config.docker_config
+        base = (dc.base_image if dc else None) or DEFAULT_BASE_IMAGE
+        if dc is not None and dc.conda_file_path:
+            return base, self._path(dc.conda_file_path)
+        env = self.config.environment or environment or DEFAULT_ENVIRONMENT
+        return base, self._path(str(env)) if str(env).endswith((".yaml", ".yml")) else resolve_env_file(env)
+
+    def environment_fingerprint(self, libraries: tuple[str, ...], environment: str | None = None) -> dict[str, str]:
+        """The image's content: base image + the normalized conda spec (its pins are the library versions)."""
+        dc = self.config.docker_config
+        if dc is not None and dc.dockerfile:
+            return {"dockerfile": str(self._path(dc.build_context_path or ".")), "docker_file": dc.dockerfile}
+        base, env_file = self._env_file(environment)
+        try:
+            spec_hash = load_env_spec(env_file).hash()
+        except EnvSpecError as exc:
+            raise SystemFailure(str(exc)) from exc
+        return {"base_image": base, "env_spec": spec_hash}
+
     @property
     def client(self) -> Any:
         if self._client is None:
@@ -311,16 +349,7 @@ class DockerSystem(System):
         dc = self.config.docker_config
         if dc is not None and dc.dockerfile:
             return self._dockerfile_image(dc)
-        base = (dc.base_image if dc else None) or DEFAULT_BASE_IMAGE
-        if dc is not None and dc.conda_file_path:
-            env: str | Path = self._path(dc.conda_file_path)
-        else:
-            env = (
-                self.config.environment
-                or (self.environment_for(job) if self.environment_for else None)
-                or DEFAULT_ENVIRONMENT
-            )
-            env = self._path(str(env)) if str(env).endswith((".yaml", ".yml")) else resolve_env_file(env)
+        base, env = self._env_file(self.environment_for(job) if self.environment_for else None)
         key = f"{base}|{env}"
         if key not in self._images:
             try:
@@ -355,6 +384,13 @@ class DockerSystem(System):
 
     def prepare(self, job: Job) -> None:
         self.image_for(job)
+
+    def processes_for(self, pass_cls: type) -> int:
+        return resolve_processes(
+            self.config.processes_per_node,
+            self.config.accelerators,
+            data_parallel=getattr(pass_cls, "data_parallel", False),
+        )
 
     def _container_job(self, job: Job) -> tuple[Job, list[Any], dict[str, str]]:
         """Rewrite a job to container paths; return it, the mounts, and container->host path map."""
@@ -457,7 +493,7 @@ class DockerSystem(System):
         try:
             container = self.client.containers.create(
                 image,
-                ["python", "-m", "orchestrator.runner", "--job", f"{OUT_MOUNT}/{CONTAINER_JOB_FILE}"],
+                runner_command(cjob, "python", f"{OUT_MOUNT}/{CONTAINER_JOB_FILE}"),
                 user=self.user,
                 environment=environment,
                 mounts=mounts,

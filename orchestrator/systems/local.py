@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator.job import JOB_FILE, Job, JobResult, JobState
+from orchestrator.launch import ProcessesPerNode, resolve_processes, runner_command
 from orchestrator.systems.base import JobHandle, System, SystemFailure
 
 LOG_FILE = "job.log"
@@ -151,18 +152,31 @@ class LocalJobHandle(JobHandle):
 class LocalSystem(System):
     kind = "local"
 
-    def __init__(self, *, python_environment_path: str | None = None, accelerators: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        python_environment_path: str | None = None,
+        accelerators: list[str] | None = None,
+        processes_per_node: ProcessesPerNode = "auto",
+    ) -> None:
         self.python = resolve_python(python_environment_path)
         self.accelerators = accelerators or ["cpu"]
+        self.processes_per_node = processes_per_node
 
     @classmethod
     def from_config(cls, config: dict, **context: object) -> LocalSystem:
         return cls(
             python_environment_path=config.get("python_environment_path"),
             accelerators=config.get("accelerators"),
+            processes_per_node=config.get("processes_per_node") or "auto",
         )
 
-    def environment_fingerprint(self, libraries: tuple[str, ...]) -> dict[str, str]:
+    def processes_for(self, pass_cls: type) -> int:
+        return resolve_processes(
+            self.processes_per_node, self.accelerators, data_parallel=getattr(pass_cls, "data_parallel", False)
+        )
+
+    def environment_fingerprint(self, libraries: tuple[str, ...], environment: str | None = None) -> dict[str, str]:
         if self.python == sys.executable:
             return super().environment_fingerprint(libraries)
         code = (
@@ -188,7 +202,7 @@ class LocalSystem(System):
         log = (out_dir / LOG_FILE).open("ab")
         try:
             proc = subprocess.Popen(
-                [self.python, "-m", "orchestrator.runner", "--job", str(job_path)],
+                runner_command(job, self.python, job_path),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
