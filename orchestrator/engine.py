@@ -266,6 +266,7 @@ class Engine:
                     "data": data_hashes,
                     "env": env,
                     "accelerator": self._accelerator(step.system_name),
+                    "processes": self.system(step.system_name).processes_for(pass_cls),
                     "providers": self._providers(),
                 }
             )[:32]

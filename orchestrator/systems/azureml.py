@@ -186,6 +186,15 @@ def _input_name(prefix: str, name: str) -> str:
 
 
 # ---- the system ------------------------------------------------------------------------------------------
+def _with_processes(resources: dict[str, Any] | None, processes_per_node: Any) -> dict[str, Any]:
+    """The system's `processes_per_node` (an int) is Azure ML's process_count_per_instance; "auto" leaves the
+    resources' own value (default 1), since the client cannot see the cluster's GPUs."""
+    out = dict(resources or {})
+    if isinstance(processes_per_node, int):
+        out["process_count_per_instance"] = processes_per_node
+    return out
+
+
 class AzureMLSystem(System):
     kind = "azureml"
 
@@ -228,7 +237,7 @@ class AzureMLSystem(System):
             docker_config=docker,
             hf_token=bool(cfg.get("hf_token")),
             instance_count=int(cfg.get("instance_count") or 1),
-            resources=cfg.get("resources"),
+            resources=_with_processes(cfg.get("resources"), cfg.get("processes_per_node")),
             tags=cfg.get("tags"),
             azureml_client=cfg.get("azureml_client") or context.get("azureml_client"),
             base_dir=context.get("base_dir"),
