@@ -211,3 +211,152 @@ def test_cu_seqlens_from_position_ids() -> None:
 
     cu, longest = lora_cuda.cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
     assert cu.tolist() == [0, 3, 5, 9] and longest == 4 and cu.dtype == torch.int32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# orchestrator/passes/awq_gptq.py (AWQ / GPTQ int4): the refusals, and the GPTQ layout that ModelBuilder reads.
+# (Kept in this module, the GPU engineer's test file; llm-compressor itself runs in the gpu-quantize environment.)
+
+
+def _awq_ctx(tmp_path, data_configs=None):
+    from orchestrator.job import Job
+    from orchestrator.passes.base import PassContext
+
+    job = Job(
+        job_id="t", pass_name="q", pass_type="GptqQuantizer", output_dir=str(tmp_path), data_configs=data_configs or {}
+    )
+    return PassContext(job=job, out_dir=tmp_path, emit=lambda e: None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "model_kwargs", "match"),
+    [
+        ({"bits": 8, "data_config": "d"}, {"format": "hf"}, "bits=8 is not supported"),
+        ({"data_config": "d"}, {"format": "hf_adapter", "adapter_path": "a"}, "MergeAdapterWeights"),
+        ({"data_config": "d"}, {"format": "onnx"}, "needs an HF checkpoint"),
+        ({"data_config": "d"}, {"format": "hf", "quantized": True}, "already quantized"),
+        ({}, {"format": "hf"}, "needs calibration data"),
+    ],
+)
+def test_awq_gptq_refusals_need_nothing_loaded(tmp_path, kwargs, model_kwargs, match) -> None:
+    from orchestrator.job import ModelArtifact
+    from orchestrator.passes.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig, GptqQuantizerPass
+    from orchestrator.passes.base import PassError
+
+    model = ModelArtifact(path=str(tmp_path / "nowhere"), **model_kwargs)
+    for cls in (GptqQuantizerPass, AutoAWQQuantizerPass):
+        with pytest.raises(PassError, match=match):
+            cls().run(AwqGptqConfig(**kwargs), model, _awq_ctx(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+def test_awq_gptq_config_takes_olive_names() -> None:
+    from orchestrator.passes.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig, GptqQuantizerPass
+
+    awq = AwqGptqConfig.model_validate({"w_bit": 4, "q_group_size": 64, "zero_point": True, "version": "GEMM"})
+    assert awq.bits == 4 and awq.group_size == 64 and not AutoAWQQuantizerPass().symmetric(awq)
+    gptq = AwqGptqConfig.model_validate({"bits": 4, "group_size": 128, "desc_act": True, "layers_block_name": "x"})
+    assert GptqQuantizerPass().symmetric(gptq) and AutoAWQQuantizerPass().symmetric(gptq) is False
+    with pytest.raises(ValueError, match="contradict"):
+        AwqGptqConfig(sym=True, zero_point=True)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        AwqGptqConfig(group_size=100)
+    assert GptqQuantizerPass().requirements(gptq).cuda
+
+
+def test_awq_without_cuda_is_refused_before_loading(tmp_path) -> None:
+    import torch
+
+    from orchestrator.job import ModelArtifact
+    from orchestrator.passes.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig
+    from orchestrator.passes.base import PassError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    model = ModelArtifact(format="hf", path=str(tmp_path / "nowhere"))
+    with pytest.raises(PassError, match="AWQ needs a CUDA GPU.*GPTQ"):
+        AutoAWQQuantizerPass().run(AwqGptqConfig(data_config="d"), model, _awq_ctx(tmp_path))
+
+
+def test_awq_gptq_without_llmcompressor_names_the_environment(tmp_path, monkeypatch) -> None:
+    """This venv (transformers 5.23) has no llm-compressor: the error says where AWQ/GPTQ run."""
+    import importlib.util
+
+    from orchestrator.passes.awq_gptq import check_llmcompressor
+    from orchestrator.passes.base import PassError
+
+    if importlib.util.find_spec("llmcompressor") is not None:
+        pytest.skip("llm-compressor is installed here")
+    with pytest.raises(PassError, match="gpu-quantize"):
+        check_llmcompressor()
+
+
+def _rtn_int4(weight, group_size: int):
+    """Round-to-nearest asymmetric int4 per group: (scale, zero_point) [out, groups], as llm-compressor gives."""
+    import torch
+
+    out_f, in_f = weight.shape
+    g = weight.reshape(out_f, in_f // group_size, group_size)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp_min(1e-8)
+    zp = torch.round(-lo / scale).clamp(0, 15)
+    return scale, zp
+
+
+def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> None:
+    """Grouped int4 in orch's GPTQ layout -> onnxruntime-genai builder: MatMulNBits with the checkpoint's codes,
+    and logits that match transformers running the same dequantized weights."""
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from orchestrator.onnx_tools import hf_encode, hf_logits, logits_parity, matmulnbits_nodes, onnx_model_file
+    from orchestrator.passes.awq_gptq import load_dequantized, pack_gptq, write_gptq_checkpoint
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_phi3)
+    gs = 32
+    params = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):  # the LM head too: the builder would RTN-quantize it otherwise
+            scale, zp = _rtn_int4(module.weight.data, gs)
+            packed, err = pack_gptq(module.weight.data, scale, zp, gs, sym=False)
+            assert 0 < err < 0.2 and packed["qweight"].shape == (module.in_features // 8, module.out_features)
+            # the reference model runs the dequantized weights (fp16 scales, as the checkpoint stores them)
+            s16 = scale.half().float()
+            q = torch.clamp(
+                torch.round(module.weight.data / s16.repeat_interleave(gs, 1)) + zp.repeat_interleave(gs, 1), 0, 15
+            )
+            module.weight.data = (q - zp.repeat_interleave(gs, 1)) * s16.repeat_interleave(gs, 1)
+            params[name] = (module.weight.data.clone(), s16, zp)
+    # fp16 storage of the rest: give the reference the same rounding
+    for p in model.parameters():
+        p.data = p.data.half().float()
+    ref_dir = tmp_path / "ref"
+    model.save_pretrained(ref_dir)
+    tok.save_pretrained(ref_dir)
+    errors = write_gptq_checkpoint(model, params, tmp_path / "gptq", group_size=gs, sym=False, tokenizer=tok)
+    assert len(errors) == 2 * 4 + 1 and max(errors.values()) < 1e-3  # weights already sit on the int4 grid
+    cfg = __import__("json").loads((tmp_path / "gptq" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["quantization_config"]["group_size"] == gs
+
+    out = tmp_path / "onnx"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "gptq"), "-o", str(out)]
+    opts = ["-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")]
+    subprocess.run([*cmd, *opts], check=True, capture_output=True)
+    nodes = matmulnbits_nodes(onnx_model_file(out))
+    # every linear layer (gate_up split into gate and up by the builder) and the LM head, at the checkpoint's groups
+    assert len(nodes) == 2 * 5 + 1 and {n["block_size"] for n in nodes} == {gs}, nodes
+    text = "the quick brown fox jumps over the lazy dog"
+    parity = logits_parity(ref_dir, out, text)
+    # load_dequantized reads the checkpoint back as the same reference model
+    ids = hf_encode(ref_dir, text)
+    # (the reference rounded its weights to fp16 once more: ~1e-4 apart)
+    assert abs(hf_logits(load_dequantized(tmp_path / "gptq"), ids) - hf_logits(ref_dir, ids)).max() < 2e-3
+    # what int4 itself changes: the original weights vs their dequantized codes
+    int4_effect = float(abs(hf_logits(tiny_phi3, ids) - hf_logits(ref_dir, ids)).max())
+    # the export computes with the checkpoint's codes (left: MatMulNBits' int8 activations, accuracy_level 4)
+    assert parity["max_abs_diff"] < 0.03 and parity["max_abs_diff"] < int4_effect / 3, (parity, int4_effect)
+    assert parity["greedy_agree"] >= 0.75, parity
