@@ -252,6 +252,10 @@ def quantize(
     precision: Annotated[str, typer.Option("--precision")] = "int4",
     trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
     log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    data_name: Annotated[str | None, typer.Option("--data_name", "-d", help="calibration data (awq/gptq)")] = None,
+    data_files: Annotated[str | None, typer.Option("--data_files")] = None,
+    text_template: Annotated[str | None, typer.Option("--text_template")] = None,
+    text_field: Annotated[str | None, typer.Option("--text_field")] = None,
     host: HostOpt = None,
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
@@ -269,6 +273,10 @@ def quantize(
             log_level=log_level,
             cuda_available=_cuda_available(),
             host=host,
+            data_name=data_name,
+            data_files=data_files,
+            text_template=text_template,
+            text_field=text_field,
         )
         _run_workflow(workflow, base_dir=Path.cwd(), tracking_uri=tracking_uri, dry_run=dry_run, verbose=log_level <= 1)
 
@@ -357,10 +365,7 @@ def cache_clean(
     from orchestrator.cache import Cache
 
     cache = Cache(cache_dir)
-    if key:
-        n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key))
-    else:
-        n = cache.clean()
+    n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key)) if key else cache.clean()
     out.print(f"removed {n} cache entr{'y' if n == 1 else 'ies'}")
 
 

@@ -201,8 +201,13 @@ def quantize_workflow(
     log_level: int = 3,
     cuda_available: bool = False,
     host: str | None = None,
+    data_name: str | None = None,
+    data_files: str | None = None,
+    text_template: str | None = None,
+    text_field: str | None = None,
 ) -> dict[str, Any]:
     algorithm = algorithm.lower()
+    data_configs: list[dict[str, Any]] = []
     if precision != "int4":
         raise FlagError(
             f"--precision {precision!r}: orch quantizes weights to int4 (fp8 needs a GPU toolchain orch does not ship)"
@@ -212,10 +217,28 @@ def quantize_workflow(
     if algorithm in ("awq", "gptq"):
         if not cuda_available and (host or "local") == "local":
             raise FlagError(
-                f"--algorithm {algorithm} needs a CUDA GPU (activation-aware calibration runs on the GPU); this machine "
-                "has none. Use --algorithm rtn for CPU int4, or run with --host aml on a GPU cluster"
+                f"--algorithm {algorithm} needs a CUDA GPU (activation-aware calibration runs on the GPU); this "
+                "machine has none. Use --algorithm rtn for CPU int4, or run with --host aml on a GPU cluster"
             )
-        pass_cfg: dict[str, Any] = {"type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer", "bits": 4}
+        if not data_name:
+            raise FlagError(f"--algorithm {algorithm} calibrates on data: give --data_name (and --data_files)")
+        pre: dict[str, Any] = {"dataset_type": "corpus"}
+        if text_template:
+            pre["text_template"] = text_template.encode().decode("unicode_escape")
+        else:
+            pre["text_cols"] = [text_field or "text"]
+        params: dict[str, Any] = {"data_name": data_name, "split": "train"}
+        if data_files:
+            params["data_files"] = data_files
+        data_configs.append(
+            {"name": "calibration", "type": "HuggingfaceContainer", "load_dataset_config": params,
+             "pre_process_data_config": pre}
+        )  # fmt: skip
+        pass_cfg: dict[str, Any] = {
+            "type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer",
+            "bits": 4,
+            "data_config": "calibration",
+        }
     elif algorithm == "rtn":
         pass_cfg = (
             {"type": "OnnxMatMul4Quantizer", "block_size": 32}
@@ -226,6 +249,7 @@ def quantize_workflow(
         raise FlagError(f"--algorithm {algorithm!r} is not supported; use awq, gptq (CUDA) or rtn (CPU)")
     return {
         "input_model": input_model(model_name_or_path, trust_remote_code=trust_remote_code, task=None),
+        "data_configs": data_configs,
         "passes": {"quantize": pass_cfg},
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
     }

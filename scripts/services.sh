@@ -20,7 +20,7 @@ fi
 if ! docker info >/dev/null 2>&1; then
   echo "services: starting dockerd"
   $SUDO mkdir -p /var/log
-  nohup $SUDO dockerd >/tmp/orch-dockerd.log 2>&1 &
+  $SUDO setsid nohup dockerd >/tmp/orch-dockerd.log 2>&1 < /dev/null &
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "services: dockerd did not start; see /tmp/orch-dockerd.log"; tail -20 /tmp/orch-dockerd.log; exit 1; }
 fi

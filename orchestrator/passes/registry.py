@@ -19,6 +19,8 @@ PASSES: dict[str, str] = {
     "OnnxMatMul4Quantizer": "orchestrator.passes.quantize:MatMulNBitsQuantizePass",
     "OnnxBlockWiseRtnQuantization": "orchestrator.passes.quantize:MatMulNBitsQuantizePass",
     "Evaluate": "orchestrator.passes.evaluate:EvaluatePass",
+    "GptqQuantizer": "orchestrator.passes.awq_gptq:GptqQuantizerPass",
+    "AutoAWQQuantizer": "orchestrator.passes.awq_gptq:AutoAWQQuantizerPass",
 }
 
 
