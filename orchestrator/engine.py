@@ -329,6 +329,13 @@ class Engine:
             summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id)
             if self.output_dir is not None:
                 self.export(summary)
+                from orchestrator.plots import plot_training_curves
+
+                png = plot_training_curves(
+                    {r.name: self.cache.entry_dir(r.cache_key) for r in records}, self.output_dir / "training.png"
+                )
+                if png is not None:
+                    tracker.log_artifact(png)
                 if model is not None:
                     summary.model_uri = tracker.log_model(self.output_dir / "model", model.format, self.register_as)
                     self._write_manifest(summary, steps)
@@ -519,6 +526,7 @@ def _replace_dir(src: Path, dest: Path) -> None:
     else:
         tmp.mkdir(parents=True)
         shutil.copy2(src, tmp / src.name)
+    tmp.chmod(0o755)  # staging folders are made 0700 (mkdtemp); the user's output is an ordinary folder
     old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
     if dest.exists():
         dest.rename(old)

@@ -129,11 +129,21 @@ class JobResult(BaseModel):
         return cls.model_validate_json((Path(out_dir) / RESULT_FILE).read_text())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write via a temp file in the same folder + rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result others (containers, CI) read is 0644
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

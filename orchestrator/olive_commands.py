@@ -142,7 +142,7 @@ def finetune_workflow(
                 "pre_process_data_config": pre,
             }
         ],
-        "passes": {"f": {"type": "QLoRA" if method == "qlora" else "LoRA", **pass_config}},
+        "passes": {"finetune": {"type": "QLoRA" if method == "qlora" else "LoRA", **pass_config}},
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, target),
     }
 

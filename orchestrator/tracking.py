@@ -104,6 +104,10 @@ class Tracker:
         if self.enabled:
             self.client.set_tag(self.run_id, key, value)
 
+    def log_artifact(self, path: Path) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path))
+
     def forward(self, event: dict[str, Any], prefix: str) -> None:
         """Forward one job event (metric or param) into the workflow run, namespaced by pass name."""
         if event.get("type") == "metric":

@@ -60,6 +60,7 @@ def test_full_run_writes_model_and_manifest(full_run):
     assert (out / "model" / "genai_config.json").exists()
     assert manifest["final_model"]["format"] == "onnx_genai"
     assert manifest["final_model"]["sha256"]
+    assert (out / "training.png").stat().st_size > 1000  # the loss curves, beside the model
     lora = manifest["passes"][0]
     assert lora["metrics"]["train_loss"] > 0 and lora["versions"]["peft"]
     ev = manifest["passes"][-1]["metrics"]
