@@ -45,6 +45,10 @@ def _write(tmp_path: Path, text: str, name: str = "env.conda.yaml") -> Path:
     return p
 
 
+# Deliberate departures from constraints.txt: llm-compressor 0.14 supports transformers 5.15-5.17 only.
+OWN_PINS = {"gpu-quantize.conda.yaml": ("transformers",)}
+
+
 def test_shipped_environments_are_valid_and_pinned_as_constraints() -> None:
     constraints = {}
     for line in (REPO / "constraints.txt").read_text().splitlines():
@@ -59,7 +63,7 @@ def test_shipped_environments_are_valid_and_pinned_as_constraints() -> None:
         for req in spec.pip_requirements:
             name, _, ver = req.partition("==")
             assert ver, f"{path}: {req} is not pinned"
-            if name.lower() in constraints:
+            if name.lower() in constraints and name.lower() not in OWN_PINS.get(path.name, ()):
                 assert constraints[name.lower()] == ver, f"{path}: {req} vs constraints {constraints[name.lower()]}"
     gpu = load_env_spec(REPO / "environments" / "gpu-train.conda.yaml")
     assert {"bitsandbytes", "liger-kernel", "torch", "peft", "trl"} <= gpu.requirement_names()

@@ -150,7 +150,8 @@ class StandIn:
             mod.register(self.router)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-        self.cloud_name = CLOUD_NAME
+        # The SDK registers a cloud by name once per process: a name per stand-in lets several run in one process
+        self.cloud_name = f"{CLOUD_NAME}{self.port}"
 
     # ---- names and URLs ------------------------------------------------------------------------------------
     @property
