@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from orchestrator.job import RESULT_FILE, JobResult, JobState, atomic_write_text
 
@@ -172,7 +172,12 @@ class Cache:
         for entry in self.entries():
             n += self.remove(entry.key)
         for stale in (self.root / "tmp").iterdir():
-            shutil.rmtree(stale, ignore_errors=True)
+            lock = FileLock(str(self.root / "locks" / f"{stale.name}.lock"))
+            try:
+                with lock.acquire(timeout=0):  # a staging folder whose run is alive is not ours to delete
+                    shutil.rmtree(stale, ignore_errors=True)
+            except Timeout:
+                continue
         return n
 
 

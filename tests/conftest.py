@@ -42,6 +42,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tone_rows: list[dict[st
     return build_tiny_phi3(tmp_path_factory.mktemp("models") / "tiny-phi3", texts=texts)
 
 
+def tone_data_config(tone_data: Path, name: str = "tone") -> dict[str, Any]:
+    """The json form of a data config over the tone file, as the engine puts it into a Job."""
+    return {
+        "name": name,
+        "type": "HuggingfaceContainer",
+        "load_dataset_config": {"data_name": "json", "data_files": str(tone_data), "split": "train"},
+        "pre_process_data_config": {"text_template": "### Text: {phrase}\n### The tone is:\n{tone}"},
+    }
+
+
 def demo_workflow() -> dict[str, Any]:
     """The embedded default workflow (jobs/tone-classification/config.json) as a dict."""
     return copy.deepcopy(json.loads((DEMO / "config.json").read_text()))

@@ -20,18 +20,13 @@ from orchestrator.launch import resolve_processes, runner_command
 from orchestrator.passes.lora import LoRAPass
 from orchestrator.passes.merge import MergeAdapterWeightsPass
 from orchestrator.systems.local import LocalSystem
+from tests.conftest import tone_data_config
 
 TOLERANCE = 1e-4  # max |w_1rank - w_2rank| over every adapter tensor; measured ~1e-6
 STEPS = 4
 
 
 def dp_job(out: Path, tiny_model: Path, tone_data: Path, processes: int) -> Job:
-    data_config = {
-        "name": "tone",
-        "type": "HuggingfaceContainer",
-        "load_dataset_config": {"data_name": "json", "data_files": str(tone_data), "split": "train"},
-        "pre_process_data_config": {"text_template": "### Text: {phrase}\n### The tone is:\n{tone}"},
-    }
     return Job(
         job_id=f"dp-{processes}",
         pass_name="lora",
@@ -51,7 +46,7 @@ def dp_job(out: Path, tiny_model: Path, tone_data: Path, processes: int) -> Job:
             },
         },
         model=ModelArtifact(format="hf", path=str(tiny_model)),
-        data_configs={"tone": data_config},
+        data_configs={"tone": tone_data_config(tone_data)},
         output_dir=str(out),
         processes_per_node=processes,
     )

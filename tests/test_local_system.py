@@ -12,15 +12,10 @@ import pytest
 from orchestrator.job import Job, JobResult, JobState, ModelArtifact
 from orchestrator.systems.base import SystemFailure
 from orchestrator.systems.local import LocalSystem
+from tests.conftest import tone_data_config
 
 
 def lora_job(tmp_path: Path, tiny_model: Path, tone_data: Path, max_steps: int) -> Job:
-    data_config = {
-        "name": "tone",
-        "type": "HuggingfaceContainer",
-        "load_dataset_config": {"data_name": "json", "data_files": str(tone_data), "split": "train"},
-        "pre_process_data_config": {"text_template": "### Text: {phrase}\n### The tone is:\n{tone}"},
-    }
     return Job(
         job_id="lora-test",
         pass_name="lora",
@@ -32,7 +27,7 @@ def lora_job(tmp_path: Path, tiny_model: Path, tone_data: Path, max_steps: int) 
             "training_args": {"max_steps": max_steps, "logging_steps": 1, "per_device_train_batch_size": 2},
         },
         model=ModelArtifact(format="hf", path=str(tiny_model)),
-        data_configs={"tone": data_config},
+        data_configs={"tone": tone_data_config(tone_data)},
         output_dir=str(tmp_path / "out"),
     )
 
