@@ -328,17 +328,7 @@ class Engine:
             final_metrics = {f"{r.name}/{k}": v for r in records for k, v in r.metrics.items()}
             summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id)
             if self.output_dir is not None:
-                self.export(summary)
-                from orchestrator.plots import plot_training_curves
-
-                png = plot_training_curves(
-                    {r.name: self.cache.entry_dir(r.cache_key) for r in records}, self.output_dir / "training.png"
-                )
-                if png is not None:
-                    tracker.log_artifact(png)
-                if model is not None:
-                    summary.model_uri = tracker.log_model(self.output_dir / "model", model.format, self.register_as)
-                    self._write_manifest(summary, steps)
+                self._publish(summary, records, steps, model, tracker)
             status = "FINISHED"
             return steps, summary
         except KeyboardInterrupt:
@@ -346,6 +336,36 @@ class Engine:
             raise
         finally:
             tracker.end(status)
+
+    def _publish(
+        self,
+        summary: RunSummary,
+        records: list[StepRecord],
+        steps: list[Step],
+        model: ModelArtifact | None,
+        tracker: Tracker,
+    ) -> None:
+        """Write model/, training.png and manifest.json into output_dir.
+
+        Two runs may share one output_dir (a retried job, two terminals): a file lock makes each run's
+        publication whole, so the folder never mixes one run's model with another's manifest.
+        """
+        from filelock import FileLock
+
+        from orchestrator.plots import plot_training_curves
+
+        assert self.output_dir is not None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.output_dir / ".orch-publish.lock")):
+            self.export(summary)
+            png = plot_training_curves(
+                {r.name: self.cache.entry_dir(r.cache_key) for r in records}, self.output_dir / "training.png"
+            )
+            if png is not None:
+                tracker.log_artifact(png)
+            if model is not None:
+                summary.model_uri = tracker.log_model(self.output_dir / "model", model.format, self.register_as)
+                self._write_manifest(summary, steps)
 
     def _run_step(self, step: Step, model: ModelArtifact, tracker: Tracker) -> tuple[StepRecord, ModelArtifact | None]:
         self.reporter.step_start(step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 from orchestrator.job import EVENTS_FILE
@@ -48,8 +49,12 @@ def plot_training_curves(step_dirs: dict[str, Path], out_png: Path) -> Path | No
         ax.legend()
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out_png)
+    # A name of its own per writer: two runs sharing an output_dir must not rename each other's temp file away.
+    tmp = out_png.with_name(f".{out_png.name}.{uuid.uuid4().hex[:8]}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(out_png)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out_png
