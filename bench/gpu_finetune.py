@@ -415,6 +415,8 @@ def how_text(system: str, r: dict[str, Any]) -> str:
         bits.append("Liger RMSNorm/SwiGLU/RoPE")
     if "input cast off" in plan:
         bits.append("no peft fp32 input cast")
+    if "fused LoRA layers:" in plan:
+        bits.append("fused LoRA layers (addmm epilogue)")
     if "checkpointing on" in plan:
         bits.append("grad checkpointing")
     if "torch.compile" in plan:

@@ -52,6 +52,7 @@ def test_h100_phi3_mini_gets_the_full_fast_path() -> None:
         "fused_linear_cross_entropy": False,
     }
     assert plan.gradient_checkpointing is False  # fits in 80 GB without it (the anchor ran at 47 GiB)
+    assert plan.fused_lora
     assert not plan.compile_layers
     assert len(plan.reasons) >= 5
 
@@ -109,13 +110,15 @@ def test_memory_estimate_matches_the_h100_anchor() -> None:
 def test_qlora_keeps_peft_input_cast() -> None:
     plan = plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {"gradient_checkpointing": True})
     assert not plan.disable_input_cast and plan.padding_free and plan.gradient_checkpointing is None
+    assert not plan.fused_lora  # bitsandbytes' 4-bit layers keep peft's forward
 
 
 def test_options_override_the_plan() -> None:
-    opts = parse_options("+compile, -liger,-padding_free,+gc")
-    assert opts == {"compile": True, "liger": False, "padding_free": False, "gc": True}
+    opts = parse_options("+compile, -liger,-padding_free,+gc,-fused_lora")
+    assert opts == {"compile": True, "liger": False, "padding_free": False, "gc": True, "fused_lora": False}
     plan = plan_cuda(H100, PHI3_MINI, {}, opts)
     assert plan.compile_layers and plan.liger is None and not plan.padding_free and plan.gradient_checkpointing
+    assert not plan.fused_lora
     with pytest.raises(ValueError, match="unknown option 'ligr'"):
         parse_options("-ligr")
 
@@ -136,6 +139,20 @@ def test_apply_plan_sets_sft_kwargs_and_model_attention(tiny_phi3) -> None:
     assert model.config._attn_implementation == VARLEN_ATTN
     lora_cuda.restore_attention(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_apply_plan_fuses_the_lora_layers(tiny_phi3) -> None:
+    import peft
+    import transformers
+
+    from orchestrator.passes.lora_fused import FUSED_ATTR
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv_proj", "down_proj"]))
+    plan = plan_cuda(H100, PHI3_MINI, {}, {"liger": False, "padding_free": False})
+    lora_cuda.apply_plan(plan, model, {})
+    fused = [name for name, m in model.named_modules() if getattr(m, FUSED_ATTR, False)]
+    assert len(fused) == 2 * 2 and all(n.endswith(("qkv_proj", "down_proj")) for n in fused)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,9 @@ What it picks, and why (bench/RESULTS.md has the measured effect on an H100):
   autocast then casts back to bf16 -- two full copies of every projection's input per step, for nothing.
 - Liger kernels (liger-kernel, when installed; model types it supports): fused RMSNorm, SwiGLU and RoPE. Not its
   fused linear cross-entropy: TRL's SFTTrainer already computes the loss with a chunked, fused LM head.
+- Fused LoRA layers (orchestrator/passes/lora_fused.py) under bf16/fp16 autocast, not for a 4-bit base: the LoRA
+  update is added inside the base matmul's epilogue and the backward is written by hand, which removes the
+  full-size `* scaling` and `+` passes over every projection's output; same saved tensors, same random masks.
 - Gradient checkpointing only when the step would not fit: an estimate of weights + activations against the GPU's
   memory (the constants are calibrated on the H100 anchor: Phi-3-mini, 8 x 1024 tokens, 47 GiB). A user's or the
   QLoRA pass's explicit `gradient_checkpointing=True` is kept.
@@ -34,8 +37,8 @@ Measured on an H100 (Phi-3-mini shape, r=64, 8 x 1024, bench/RESULTS.md): 2.21x 
 tokens/s on variable-length samples (padding-free alone 1.71x, Liger +10%), 1.41x on samples that are all 1024
 tokens long, with less peak memory (31.8 / 39.0 vs 51.8 / 51.3 GiB) and the same per-step loss (within 0.002).
 
-`ORCH_CUDA_FASTPATH` (comma list of +name / -name over liger, padding_free, input_cast, compile, gc) turns single
-choices on or off, for ablations and as an escape hatch; the default is the plan.
+`ORCH_CUDA_FASTPATH` (comma list of +name / -name over liger, padding_free, input_cast, fused_lora, compile, gc)
+turns single choices on or off, for ablations and as an escape hatch; the default is the plan.
 
 `restore_attention(model)` puts attn_implementation back to "sdpa" (the pass may call it before it saves or
 evaluates a padded batch: "orch_varlen" handles padding-free rows and right-padded causal batches only).
@@ -62,7 +65,7 @@ LIGER_MODEL_TYPES = frozenset({"phi3", "llama", "mistral", "qwen2", "qwen3", "ge
 ACT_HIDDEN_FACTOR = 12
 ACT_INTERMEDIATE_FACTOR = 4
 MEMORY_HEADROOM = 0.85  # plan to use at most this share of the GPU's memory
-OPTION_NAMES = ("liger", "padding_free", "input_cast", "compile", "gc")
+OPTION_NAMES = ("liger", "padding_free", "input_cast", "fused_lora", "compile", "gc")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class CudaPlan:
     padding_free: bool
     disable_input_cast: bool
     liger: dict[str, bool] | None  # kwargs for liger's apply_liger_kernel_to_<type>, None: not applied
+    fused_lora: bool  # LoRA update inside the base GEMM's epilogue (orchestrator/passes/lora_fused.py)
     gradient_checkpointing: bool | None  # None: leave sft_kwargs' value
     compile_layers: bool
     reasons: tuple[str, ...] = field(default_factory=tuple)
@@ -168,6 +172,18 @@ def plan_cuda(
     if disable_cast:
         reasons.append("peft input cast off: autocast runs the LoRA matmuls in half precision anyway")
 
+    fused_lora = False
+    if not opts.get("fused_lora", True):
+        reasons.append("fused LoRA layers off (ORCH_CUDA_FASTPATH)")
+    elif shape.get("quantized_4bit"):
+        reasons.append("peft's LoRA forward: the 4-bit base layers are bitsandbytes', not plain Linear")
+    elif bf16 or fp16:
+        fused_lora = True
+        reasons.append(
+            "fused LoRA layers: the LoRA update added inside the base matmul (addmm epilogue), hand-written "
+            "backward (no full-size scaling/add passes)"
+        )
+
     liger: dict[str, bool] | None = None
     if not opts.get("liger", True):
         reasons.append("Liger kernels off (ORCH_CUDA_FASTPATH)")
@@ -212,6 +228,7 @@ def plan_cuda(
         padding_free=padding_free,
         disable_input_cast=bool(disable_cast),
         liger=liger,
+        fused_lora=fused_lora,
         gradient_checkpointing=gc,
         compile_layers=compile_layers,
         reasons=tuple(reasons),
@@ -316,6 +333,10 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
                 module.cast_input_dtype_enabled = False
     if plan.liger is not None:
         apply_liger(model, plan.liger)
+    if plan.fused_lora:
+        from orchestrator.passes.lora_fused import fuse_lora_layers
+
+        fuse_lora_layers(model)
     if plan.compile_layers:
         compile_decoder_layers(model)
     return out

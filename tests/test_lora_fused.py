@@ -1,0 +1,159 @@
+"""The fused LoRA Linear (orchestrator/passes/lora_fused.py) against peft's own forward, on a real tiny Phi-3.
+
+Same seed, same batch: the fused layers must give peft's loss and peft's adapter gradients (fp32: to rounding;
+bf16 autocast: to bf16 rounding), the same training trajectory over several optimizer steps, no more saved
+activation bytes, and peft's behaviour wherever the fast path does not apply (adapters disabled, merged).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")  # the train extra is always installed by scripts/setup.sh; never skips in CI
+
+from orchestrator.passes.lora_fused import FUSED_ATTR, fuse_lora_layers, unfuse_lora_layers  # noqa: E402
+
+TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
+    from orchestrator.tiny_model import build_tiny_phi3
+
+    return build_tiny_phi3(tmp_path_factory.mktemp("tiny") / "model", num_layers=2, seed=3)
+
+
+def _peft_model(path, dropout: float, seed: int = 0):
+    import peft
+    import transformers
+
+    torch.manual_seed(seed)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, cfg)
+    # lora_B starts at zero: give it values so the LoRA path contributes and its gradients are not trivial
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False  # what lora_cuda does under autocast
+    return model
+
+
+def _batch(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 900, (2, 24), generator=gen)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _loss_and_grads(model, batch, *, seed: int, autocast: bool = False):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_matches_peft_in_fp32(tiny_phi3, dropout: float) -> None:
+    ref = _peft_model(tiny_phi3, dropout)
+    fused = _peft_model(tiny_phi3, dropout)
+    assert fuse_lora_layers(fused) == 2 * len(TARGETS)
+    batch = _batch()
+    loss_ref, g_ref = _loss_and_grads(ref, batch, seed=5)
+    loss_fused, g_fused = _loss_and_grads(fused, batch, seed=5)
+    assert torch.allclose(loss_fused, loss_ref, atol=1e-6, rtol=1e-6)
+    assert g_ref.keys() == g_fused.keys() and len(g_ref) == 4 * len(TARGETS)
+    for name, g in g_ref.items():
+        assert g.abs().max() > 0, name
+        assert torch.allclose(g_fused[name], g, atol=1e-6, rtol=1e-4), name
+
+
+def test_fused_matches_peft_under_bf16_autocast(tiny_phi3) -> None:
+    ref = _peft_model(tiny_phi3, 0.05)
+    fused = _peft_model(tiny_phi3, 0.05)
+    fuse_lora_layers(fused)
+    batch = _batch(1)
+    loss_ref, g_ref = _loss_and_grads(ref, batch, seed=7, autocast=True)
+    loss_fused, g_fused = _loss_and_grads(fused, batch, seed=7, autocast=True)
+    assert abs(float(loss_fused) - float(loss_ref)) < 2e-2  # bf16 rounds at different points
+    for name, g in g_ref.items():
+        assert g_fused[name].dtype == torch.float32  # the adapter's own dtype, as peft gives
+        cos = torch.nn.functional.cosine_similarity(g_fused[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+
+
+def test_training_trajectory_is_peft_s(tiny_phi3) -> None:
+    def train(model, steps: int = 6) -> list[float]:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(steps):
+            loss, _ = _loss_and_grads(model, _batch(step), seed=100 + step)
+            opt.step()
+            losses.append(float(loss))
+        return losses
+
+    ref = _peft_model(tiny_phi3, 0.05)
+    fused = _peft_model(tiny_phi3, 0.05)
+    fuse_lora_layers(fused)
+    l_ref, l_fused = train(ref), train(fused)
+    assert l_ref[-1] != l_ref[0]  # it trained
+    assert max(abs(a - b) for a, b in zip(l_ref, l_fused, strict=True)) < 1e-4, (l_ref, l_fused)
+
+
+def test_fused_saves_no_more_activation_bytes(tiny_phi3) -> None:
+    def saved_bytes(model) -> int:
+        """Bytes of the tensors autograd keeps for the backward, parameters excluded (they exist anyway)."""
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        model.train()
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**_batch())
+        return sum(seen.values())
+
+    ref = _peft_model(tiny_phi3, 0.05)
+    fused = _peft_model(tiny_phi3, 0.05)
+    fuse_lora_layers(fused)
+    assert saved_bytes(fused) <= saved_bytes(ref)
+
+
+def test_disabled_and_merged_adapters_fall_back_to_peft(tiny_phi3) -> None:
+    import transformers
+
+    fused = _peft_model(tiny_phi3, 0.0).eval()
+    fuse_lora_layers(fused)
+    ids = _batch()["input_ids"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3, attn_implementation="eager").eval()
+    with torch.no_grad():
+        with_lora = fused(input_ids=ids).logits
+        with fused.disable_adapter():
+            disabled = fused(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+        fused.merge_adapter()
+        merged = fused(input_ids=ids).logits
+        fused.unmerge_adapter()
+    assert torch.allclose(disabled, plain, atol=1e-6)
+    assert not torch.allclose(with_lora, plain, atol=1e-3)  # the adapter does something
+    assert torch.allclose(merged, with_lora, atol=1e-4)
+
+
+def test_unfuse_restores_peft_forward(tiny_phi3) -> None:
+    fused = _peft_model(tiny_phi3, 0.0)
+    n = fuse_lora_layers(fused)
+    assert fuse_lora_layers(fused) == 0  # idempotent
+    assert unfuse_lora_layers(fused) == n
+    assert not any(getattr(m, FUSED_ATTR, False) or "forward" in vars(m) for m in fused.modules())
