@@ -8,9 +8,7 @@ from typing import Any
 PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
 
 
-def log_model_folder(
-    mlflow: Any, run_id: str, model_dir: Path, model_format: str, register_as: str | None
-) -> str:
+def log_model_folder(mlflow: Any, run_id: str, model_dir: Path, model_format: str, register_as: str | None) -> str:
     """Log `model_dir` under the run as a pyfunc named "model"; register it when `register_as` is given."""
     requirements = ["onnxruntime-genai"] if model_format == "onnx_genai" else ["torch", "transformers"]
     with mlflow.start_run(run_id=run_id):

@@ -260,3 +260,25 @@ def test_tokenize_join_and_truncate(tiny_phi3: Path, tone_texts: list[str]) -> N
     assert sum(map(len, joined)) == n_tokens
     cut = tokenize(ds, tok, spec(max_len=8))["input_ids"]
     assert len(cut) == 50 and all(len(b) == 8 for b in cut)
+
+
+def test_checkpointing_is_spelled_for_the_installed_transformers() -> None:
+    """transformers <= 5.17 knows only gradient_checkpointing*: the pass must not hand it the new names."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from orchestrator.passes.lora import checkpointing_names_for
+
+    @dataclasses.dataclass
+    class OldTrainingArguments:  # the field names of transformers 5.17's TrainingArguments that matter here
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    kwargs = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    assert checkpointing_names_for(OldTrainingArguments, kwargs) == {
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    }
+    assert checkpointing_names_for(SFTConfig, kwargs) == kwargs  # the pinned transformers knows the new names
+    SFTConfig(output_dir="unused", use_cpu=True, bf16=False, **checkpointing_names_for(SFTConfig, kwargs))

@@ -270,7 +270,7 @@ class LoRAPass(Pass):
         resume = sft_kwargs.pop("resume_from_checkpoint", None)
         trainer = SFTTrainer(
             model=peft_model,
-            args=SFTConfig(**sft_kwargs),
+            args=SFTConfig(**checkpointing_names_for(SFTConfig, sft_kwargs)),
             train_dataset=train_tok,
             eval_dataset=eval_tok,
             processing_class=tokenizer,
@@ -332,6 +332,24 @@ class LoRAPass(Pass):
             if old in out:
                 out[old.replace("gradient", "activation")] = out.pop(old)
         return out
+
+
+def checkpointing_names_for(config_cls: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Spell gradient/activation checkpointing the way the installed transformers does.
+
+    transformers renamed `gradient_checkpointing*` to `activation_checkpointing*` after 5.17; 5.17 and earlier
+    (what many CUDA images ship) reject the new name, the later releases accept both.
+    """
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
+    if not known or "activation_checkpointing" in known:
+        return kwargs
+    out = dict(kwargs)
+    for new in ("activation_checkpointing", "activation_checkpointing_kwargs"):
+        if new in out:
+            out[new.replace("activation", "gradient")] = out.pop(new)
+    return out
 
 
 class QLoRAPass(LoRAPass):
