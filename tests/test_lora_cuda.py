@@ -377,3 +377,21 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
     # the export computes with the checkpoint's codes (left: MatMulNBits' int8 activations, accuracy_level 4)
     assert parity["max_abs_diff"] < 0.03 and parity["max_abs_diff"] < int4_effect / 3, (parity, int4_effect)
     assert parity["greedy_agree"] >= 0.75, parity
+
+    # orch's ModelBuilder pass with its defaults on the same checkpoint (what `orch quantize` -> ModelBuilder runs):
+    # the parity check against transformers is skipped for a pre-quantized input, and the generation check runs
+    from orchestrator.job import Job, ModelArtifact
+    from orchestrator.passes.base import PassContext
+    from orchestrator.passes.model_builder import ModelBuilderPass
+
+    events: list = []
+    job = Job(job_id="j", pass_name="mb", pass_type="ModelBuilder", output_dir=str(tmp_path / "mb"))
+    builder = ModelBuilderPass()
+    result = builder.run(
+        builder.Config(precision="int4"),
+        ModelArtifact(format="hf", path=str(tmp_path / "gptq"), quantized=True),
+        PassContext(job=job, out_dir=tmp_path / "mb", emit=events.append),
+    )
+    assert "parity_max_abs_diff" not in result.metrics and result.metrics["check_generated_tokens"] > 0
+    assert any("pre-quantized" in str(e.get("message", e)) for e in events)
+    assert len(matmulnbits_nodes(onnx_model_file(tmp_path / "mb" / "model"))) == 2 * 5 + 1
