@@ -34,8 +34,9 @@ What it picks, and why (bench/RESULTS.md has the measured effect on an H100):
   padding-free rows change length every step.
 
 Measured on an H100 (Phi-3-mini shape, r=64, 8 x 1024, bench/RESULTS.md): 2.21x the plain transformers+peft
-tokens/s on variable-length samples (padding-free alone 1.71x, Liger +10%), 1.41x on samples that are all 1024
-tokens long, with less peak memory (31.8 / 39.0 vs 51.8 / 51.3 GiB) and the same per-step loss (within 0.002).
+tokens/s on variable-length samples (padding-free alone 1.71x, Liger +10%), 1.52x on samples that are all 1024
+tokens long (fused LoRA layers +8.6% of that), with less peak memory (31.8 / 38.9 vs 51.8 / 51.3 GiB) and the same
+per-step loss (within 0.002).
 
 `ORCH_CUDA_FASTPATH` (comma list of +name / -name over liger, padding_free, input_cast, fused_lora, compile, gc)
 turns single choices on or off, for ablations and as an escape hatch; the default is the plan.
