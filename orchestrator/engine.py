@@ -37,6 +37,8 @@ from orchestrator.systems import KEYWORDS, make_system
 from orchestrator.systems.base import System
 from orchestrator.tracking import EventTail, Tracker, flatten_params, resolve_tracking_uri
 
+INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when engine.evaluate_input_model is set
+
 
 class EngineError(Exception):
     """A workflow failure for the user: one line, with the failing job's log tail attached."""
@@ -244,6 +246,10 @@ class Engine:
         evaluator = self._evaluator_config()
         if evaluator is not None:
             steps.append(Step("evaluate", "Evaluate", evaluator, "target", self.target_name))
+            if getattr(self.wf.engine, "evaluate_input_model", False):
+                # Olive's baseline: the same metrics on the same rows for the model the workflow starts from
+                baseline = {**evaluator, "skip_speed_unless_onnx": True}
+                steps.insert(0, Step(INPUT_EVAL_STEP, "Evaluate", baseline, "target", self.target_name))
         _, identity = self._input_model()
         prev = identity
         for step in steps:

@@ -118,6 +118,31 @@ def test_dry_run_prints_plan(full_run, tmp_path):
     assert plan == {"lora": True, "merge_adapter_weights": True, "builder": False, "evaluate": False}
 
 
+def test_evaluate_input_model_scores_the_starting_point(full_run, tmp_path):
+    """Olive's engine.evaluate_input_model: the evaluator also scores the input model, on the same held-out rows,
+    so the fine-tune's gain is a number in the manifest; the passes themselves come from the cache."""
+    wf = json.loads(full_run["cfg"].read_text())
+    wf["engine"].update(evaluate_input_model=True, output_dir=str(tmp_path / "out"))
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(wf))
+    proc = orch("run", "--config", str(cfg), "--no-tracking", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    passes = json.loads((tmp_path / "out" / "manifest.json").read_text())["passes"]
+    assert [(p["name"], p["cached"]) for p in passes] == [
+        ("evaluate_input", False),
+        ("lora", True),
+        ("merge_adapter_weights", True),
+        ("builder", True),
+        ("evaluate", True),
+    ]
+    before, after = passes[0]["metrics"], passes[-1]["metrics"]
+    assert 0.0 <= before["accuracy-accuracy"] <= 1.0
+    assert not any(k.startswith(("latency", "throughput")) for k in before)  # the HF input has no ONNX runtime
+    job_log = (full_run["tmp"] / "cache" / "runs" / passes[0]["cache_key"] / "job.log").read_text()
+    assert "latency (latency) skipped: measured on ONNX models only, this is hf" in job_log
+    assert after["perplexity-perplexity"] < before["perplexity-perplexity"]  # the fine-tune learned the data
+
+
 def test_config_error_is_one_line_without_traceback(tmp_path, workflow_factory):
     cfg = workflow_factory()
     wf = json.loads(cfg.read_text())

@@ -264,7 +264,7 @@ class EngineConfig(Strict):
     search_strategy: bool | dict[str, Any] | None = None
     evaluator: str | None = None
     clean_cache: bool = False
-    evaluate_input_model: bool = False
+    evaluate_input_model: bool = False  # True: the evaluator also scores the input model (step evaluate_input)
     log_to_file: bool = False
     mlflow: MlflowConfig | None = None
 

@@ -92,6 +92,9 @@ class EvaluateConfig(PassConfig):
     split: str | None = None
     eval_dataset_size: float | int | None = Field(None, gt=0)
     seed: int = 42
+    # set by the engine for engine.evaluate_input_model: an HF input model has no ONNX runtime to time, so its
+    # latency/throughput metrics are skipped (with a line in the log) instead of failing the run
+    skip_speed_unless_onnx: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- scorers
@@ -382,6 +385,10 @@ class EvaluatePass(Pass):
         results: dict[str, float] = {}
         for i, metric in enumerate(config.metrics):
             ctx.progress(i, len(config.metrics), metric.name)
+            timed = metric.type in ("latency", "throughput")
+            if timed and config.skip_speed_unless_onnx and model.format != "onnx_genai":
+                ctx.info(f"{metric.name} ({metric.type}) skipped: measured on ONNX models only, this is {model.format}")
+                continue
             values = self._measure(metric, scorer, ctx, config)
             wanted = [ALIASES.get(s.name, s.name) for s in metric.sub_types] or list(SUB_TYPES[metric.type])
             names = [s.name for s in metric.sub_types] or wanted
