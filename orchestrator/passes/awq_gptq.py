@@ -6,21 +6,31 @@ AWQModifier / GPTQModifier on every Linear layer but the LM head, W4A16 with gro
 
 The output is an HF checkpoint in the GPTQ layout (`qweight` int32 [in/8, out], `qzeros` int32 [groups, out/8]
 holding zero-1, `scales` fp16 [groups, out], `g_idx` [in]; config.json quantization_config quant_method "gptq"),
-whatever the algorithm: AWQ's smoothing scales are folded into the neighbouring layers, so what is left is plain
-grouped int4 with zero points. onnxruntime-genai's model builder (orch's ModelBuilder pass) reads this layout as
-a pre-quantized model and keeps its int4 values (MatMulNBits), so the ONNX model is the AWQ/GPTQ one, not a
+whatever the algorithm: AWQ's smoothing scales are folded into the neighbouring layers (llm-compressor divides the
+norm / previous Linear by them and multiplies the quantized Linear's input columns in place), so what is left is
+plain grouped int4 with zero points. onnxruntime-genai's model builder (orch's ModelBuilder pass) reads this layout
+as a pre-quantized model and keeps its int4 values (MatMulNBits), so the ONNX model is the AWQ/GPTQ one, not a
 re-quantization. Its format is "hf" with `quantized=True`: MergeAdapterWeights and LoRA refuse it.
+
+Zero points: llm-compressor (compressed-tensors) keeps int4 codes signed, q in [-8, 7], with an int8 zero point z
+in [-8, 7] (0 when symmetric); the GPTQ layout holds q + 8 in 0..15 with zero point z + 8 (collect_quant_params
+converts). Before the conversion, AWQ's zero points went in as if unsigned: half of every group's codes clipped to 0
+and negative zero points wrapped, a checkpoint far from the model (bench/gpu_quantize.py's first H100 run: int4 vs
+fp logits rel. L2 1.42 against 0.41 for round-to-nearest). Since then the packed codes are checked against
+llm-compressor's own quantized weights (compressed-tensors' fake_quantize) before anything is written.
 
 llm-compressor 0.14 supports transformers 5.15-5.17 (orch's train/export stack pins 5.23), so this pass runs in
 its own environment: `gpu-quantize` (transformers==5.17.0, llmcompressor==0.14.0.1, compressed-tensors==0.19.0).
 Errors that need nothing loaded come first and name the fix: bits other than 4, an input that is not a plain HF
-checkpoint (an adapter, ONNX, or already quantized), no calibration data, AWQ without a CUDA GPU (llm-compressor
-0.14's AWQ needs one; GPTQ also runs on CPU), llm-compressor missing or a transformers it does not support, and
-an architecture llm-compressor has no AWQ layer mapping for.
+checkpoint (an adapter, ONNX, or already quantized), no calibration data, AWQ without a CUDA GPU (unless
+ORCH_AWQ_CPU=1: llm-compressor 0.14's AWQ runs on CPU once the pinning of its activation cache is skipped, but its
+grid search is slow there; GPTQ also runs on CPU), llm-compressor missing or a transformers it does not support,
+and an architecture llm-compressor has no AWQ layer mapping for.
 
-Checked here on CPU (tiny Phi-3, llm-compressor 0.14.0.1 + transformers 5.17 in a side environment): GPTQ ->
-this layout -> onnxruntime-genai builder -> MatMulNBits (block = group_size) -> generation runs. Not yet measured
-on a GPU, and AWQ not run at all (CPU is refused, see above).
+Checked on CPU (tiny Phi-3, llm-compressor 0.14.0.1 + transformers 5.17 in a side environment): GPTQ and AWQ ->
+this layout -> onnxruntime-genai builder -> MatMulNBits (block = group_size) -> generation runs, the ONNX logits
+match the dequantized checkpoint, and AWQ's int4 error is that of round-to-nearest with zero points or better. On
+an H100: GPTQ (bench/RESULTS.md); AWQ's first run there had the zero-point bug above.
 
 `pack_gptq` / `write_gptq_checkpoint` need only torch: they also turn any grouped int4 (scale, zero point) result
 into the layout above (the tests use them with a round-to-nearest quantizer, no llm-compressor needed).
@@ -28,9 +38,11 @@ into the layout above (the tests use them with a round-to-nearest quantizer, no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,6 +54,10 @@ from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, P
 LLMCOMPRESSOR_PIN = "llmcompressor==0.14.0.1 compressed-tensors==0.19.0 transformers==5.17.0"
 LLMCOMPRESSOR_TRANSFORMERS = ("5.15.0", "5.17.0")  # llmcompressor 0.14.0.1's declared range (inclusive)
 GPTQ_CHECKPOINT = "model.safetensors"
+# packed int4 read back vs llm-compressor's own dequantized weight (both from the same weight and qparams, in fp32):
+# left is the fp16 storage of the scales, ~2e-4. A convention error (zero points, clipping, layout) gives O(1).
+REFERENCE_TOL = 0.01
+AWQ_CPU_ENV = "ORCH_AWQ_CPU"  # "1": run AWQ without a GPU (slow; tests and the bench's CPU reproduction)
 
 
 class AwqGptqConfig(PassConfig):
@@ -116,13 +132,18 @@ class _AwqGptqPass(Pass):
         self.check_device()
 
     def check_device(self) -> None:
-        """GPTQ also runs on CPU (slowly); llm-compressor 0.14's AWQ pins its activation cache for a GPU."""
+        """GPTQ also runs on CPU (slowly). AWQ on CPU only when asked for (AWQ_CPU_ENV=1): it runs correctly there
+        (run_llmcompressor skips the pinning of llm-compressor's activation cache, which needs a GPU), but its
+        grid search is many forward passes per layer: minutes for a 30 M-parameter model, hours for billions."""
+        import os
+
         import torch
 
-        if self.algorithm == "awq" and not torch.cuda.is_available():
+        if self.algorithm == "awq" and not torch.cuda.is_available() and os.environ.get(AWQ_CPU_ENV) != "1":
             raise PassError(
-                "AWQ needs a CUDA GPU (llm-compressor's AWQ caches activations in pinned memory for one); run it "
-                "on a GPU system, or use GPTQ (GptqQuantizer), which also runs on CPU"
+                "AWQ needs a CUDA GPU: on CPU llm-compressor's AWQ grid search is very slow (set "
+                f"{AWQ_CPU_ENV}=1 to run it anyway); run it on a GPU system, or use GPTQ (GptqQuantizer), which "
+                "also runs on CPU"
             )
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
@@ -180,11 +201,22 @@ class _AwqGptqPass(Pass):
         if not params:
             raise PassError(f"{self.type_name}: llm-compressor quantized no layer (internal error)")
         dest = ctx.out_dir / "model"
-        errors = write_gptq_checkpoint(hf, params, dest, group_size=config.group_size, sym=sym, tokenizer=tokenizer)
+        diffs: dict[str, float] = {}
+        errors = write_gptq_checkpoint(
+            hf,
+            params,
+            dest,
+            group_size=config.group_size,
+            sym=sym,
+            tokenizer=tokenizer,
+            reference=llmcompressor_reference(hf),
+            reference_diffs=diffs,
+        )
         seconds = time.perf_counter() - t0
         ctx.info(
             f"{self.type_name}: {len(params)} layers to int4 in {seconds:.0f}s; largest relative int4 error of a "
-            f"layer {max(errors.values()):.1e}"
+            f"layer {max(errors.values()):.1e} (vs the {'smoothed ' if self.algorithm == 'awq' else ''}weight), "
+            f"packed vs llm-compressor's own int4 weights {max(diffs.values()):.1e}"
         )
         artifact = ModelArtifact(
             format="hf", path="model", task=model.task, trust_remote_code=model.trust_remote_code, quantized=True
@@ -276,13 +308,14 @@ def run_llmcompressor(
 
         recipe = AWQModifier(**kwargs)
     try:
-        oneshot(
-            model=model,
-            dataset=calib,
-            recipe=recipe,
-            max_seq_length=config.max_seq_len,
-            num_calibration_samples=len(calib),
-        )
+        with unpinned_activation_cache():
+            oneshot(
+                model=model,
+                dataset=calib,
+                recipe=recipe,
+                max_seq_length=config.max_seq_len,
+                num_calibration_samples=len(calib),
+            )
     except (ValueError, KeyError, NotImplementedError) as exc:
         arch = type(model).__name__
         if algorithm == "awq" and "mapping" in str(exc).lower():
@@ -292,16 +325,87 @@ def run_llmcompressor(
         raise PassError(f"{algorithm.upper()} calibration failed on {arch}: {exc}") from exc
 
 
+@contextlib.contextmanager
+def unpinned_activation_cache() -> Iterator[None]:
+    """Without a CUDA GPU: llm-compressor 0.14's AWQ pins its cached activations (IntermediatesCache.pin_memory,
+    for faster host-to-GPU copies) and torch refuses to pin without an accelerator ("Cannot access accelerator
+    device"). Pinning changes no value, so on CPU it is skipped for the duration; with a GPU nothing changes."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    original = IntermediatesCache.pin_memory
+    IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        IntermediatesCache.pin_memory = original  # type: ignore[method-assign]
+
+
 def collect_quant_params(model: Any) -> dict[str, tuple[Any, Any, Any]]:
-    """{module name: (weight, weight_scale, weight_zero_point)} of every Linear llm-compressor quantized."""
+    """{module name: (weight, scale, zero point)} of every Linear llm-compressor quantized, in pack_gptq's terms.
+
+    After oneshot each such Linear holds `weight` (GPTQ: already on the int4 grid; AWQ: the smoothed full-precision
+    weight: the smoothing scales are folded into it and into the layer before, a norm or a Linear, and
+    QuantizationModifier only computes the qparams), `weight_scale` [out, groups] and `weight_zero_point` [out,
+    groups] int8, and `quantization_scheme.weights` (compressed-tensors' QuantizationArgs). compressed-tensors keeps
+    int4 codes signed, symmetric or not: q = clamp(round(w / s + z), -8, 7), w ~ (q - z) * s, z in [-8, 7] (0 when
+    symmetric). pack_gptq takes the unsigned codes a GPTQ checkpoint holds, q + 8, whose zero point is z + 8: the
+    zero point is converted here (unsigned_zero_point); None for a symmetric scheme.
+    """
     out = {}
     for name, module in model.named_modules():
         scale = getattr(module, "weight_scale", None)
         if scale is None or not hasattr(module, "weight"):
             continue
+        args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+        if args is None:
+            raise PassError(
+                f"{name} has a weight_scale but no quantization_scheme.weights: not the module state llm-compressor "
+                "0.14 leaves (internal error)"
+            )
         zp = getattr(module, "weight_zero_point", None)
-        out[name] = (module.weight.detach(), scale.detach(), None if zp is None else zp.detach())
+        out[name] = (module.weight.detach(), scale.detach(), unsigned_zero_point(zp, args, name))
     return out
+
+
+def unsigned_zero_point(zero_point: Any, args: Any, name: str = "weight") -> Any:
+    """compressed-tensors' weight zero point (signed int4 range: codes q in [-8, 7], w ~ (q - z) * s) -> the zero
+    point of the same codes shifted to 0..15 (z + 8), as pack_gptq and GPTQ checkpoints take it; None if symmetric.
+
+    `args`: the layer's QuantizationArgs (num_bits, type, symmetric, read by name: no compressed-tensors import)."""
+    kind = str(getattr(args.type, "value", args.type)).lower()
+    if kind != "int" or args.num_bits != 4:
+        raise PassError(f"{name}: quantized as {kind}{args.num_bits}, the GPTQ layout holds int4 (internal error)")
+    if args.symmetric:
+        if zero_point is not None and bool(zero_point.ne(0).any()):
+            raise PassError(f"{name}: symmetric scheme with non-zero zero points (internal error)")
+        return None
+    if zero_point is None:
+        raise PassError(f"{name}: asymmetric scheme without zero points (internal error)")
+    q_min = -(2 ** (args.num_bits - 1))  # compressed-tensors' calculate_range for type int
+    return zero_point.detach().float() - q_min
+
+
+def llmcompressor_reference(model: Any) -> Any:
+    """name -> that Linear's weight as llm-compressor itself quantizes it: compressed-tensors' fake_quantize with the
+    layer's own scale, zero point and args, in fp32 (as pack_gptq computes: in bf16 a few codes on rounding ties
+    would come out one step apart). What the packed codes must reproduce, whatever the conventions."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    modules = dict(model.named_modules())
+
+    def reference(name: str) -> Any:
+        m = modules[name]
+        zp = getattr(m, "weight_zero_point", None)
+        with torch.no_grad():
+            return fake_quantize(m.weight.float(), m.weight_scale.float(), zp, m.quantization_scheme.weights).cpu()
+
+    return reference
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +417,9 @@ def pack_gptq(weight: Any, scale: Any, zero_point: Any, group_size: int, sym: bo
     `weight` and its dequantized codes (GPTQ leaves weight at its quantized value: ~0; AWQ / round-to-nearest:
     the int4 rounding error, a few percent).
 
-    weight [out, in]; scale, zero_point [out, groups] (zero_point None or 0 for symmetric).
+    weight [out, in]; scale [out, groups]; zero_point [out, groups] in the unsigned convention of GPTQ / AutoAWQ
+    checkpoints: codes q in 0..15, w ~ (q - zero_point) * scale, so integers in 0..15 (llm-compressor's signed
+    zero points: convert with unsigned_zero_point). Symmetric: zero_point None (the zero point is 8).
     """
     import torch
 
@@ -326,16 +432,28 @@ def pack_gptq(weight: Any, scale: Any, zero_point: Any, group_size: int, sym: bo
     s = scale.float().cpu().reshape(out_f, -1)
     if s.shape[1] != groups:
         raise PassError(f"scale has {s.shape[1]} groups per row, expected {groups} (group_size {gs})")
-    z = torch.zeros_like(s) if zero_point is None else zero_point.float().cpu().reshape(out_f, -1)
-    s_full = s.repeat_interleave(gs, dim=1)
-    z_full = z.repeat_interleave(gs, dim=1)
     if sym:
-        q = torch.clamp(torch.round(w / s_full) + z_full, -8, 7) + 8  # signed codes -> 0..15, zero point 8
-        zeros = z + 8
+        if zero_point is not None and bool(zero_point.float().ne(8).any()):
+            raise PassError("symmetric int4 has zero point 8 for every group: pass zero_point=None")
+        zeros = torch.full_like(s, 8.0)
     else:
-        q = torch.clamp(torch.round(w / s_full) + z_full, 0, 15)
-        zeros = z
-    deq = (q - zeros.repeat_interleave(gs, dim=1)) * s_full
+        if zero_point is None:
+            raise PassError("asymmetric int4 (sym=False) needs zero points")
+        zeros = zero_point.float().cpu().reshape(out_f, -1)
+        if zeros.shape != s.shape:
+            raise PassError(f"zero points have shape {tuple(zeros.shape)}, scales {tuple(s.shape)}")
+        if bool(((zeros < 0) | (zeros > 15) | (zeros != zeros.round())).any()):
+            raise PassError(
+                f"zero points must be integers in 0..15 (codes 0..15, w = (q - zero) * scale), got "
+                f"{float(zeros.min()):g}..{float(zeros.max()):g}: llm-compressor's signed zero points (-8..7) need "
+                "unsigned_zero_point first"
+            )
+    s_full = s.repeat_interleave(gs, dim=1)
+    z_full = zeros.repeat_interleave(gs, dim=1)
+    # as compressed-tensors computes its signed codes, round(w / s + z) with z = zero - 8, then shifted by 8: the
+    # same rounding of ties (w / s = k + 1/2 is common with bf16 weights) and of sums, so the same codes
+    q = torch.clamp(torch.round(w / s_full + (z_full - 8)) + 8, 0, 15)
+    deq = (q - z_full) * s_full
     rel_err = float((deq - w).norm() / w.norm().clamp_min(1e-12))
     q = q.to(torch.int32)  # [out, in]
     zeros_i = zeros.round().to(torch.int32)  # [out, groups]
@@ -345,7 +463,8 @@ def pack_gptq(weight: Any, scale: Any, zero_point: Any, group_size: int, sym: bo
     for k in range(8):
         qweight |= qt[k::8, :] << (4 * k)
     qzeros = torch.zeros((groups, out_f // 8), dtype=torch.int32)
-    zt = ((zeros_i - 1) & 0xF).t().contiguous()  # [groups, out], GPTQ stores zero - 1
+    # GPTQ stores zero - 1 (a zero point 0 is stored as 15: readers add 1 and keep 4 bits, see unpack_gptq)
+    zt = ((zeros_i - 1) & 0xF).t().contiguous()  # [groups, out]
     for k in range(8):
         qzeros |= zt[:, k::8] << (4 * k)
     tensors = {
@@ -365,8 +484,14 @@ def write_gptq_checkpoint(
     group_size: int,
     sym: bool,
     tokenizer: Any = None,
+    reference: Any = None,
+    reference_diffs: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Save `model` with each quantized Linear as qweight/qzeros/scales/g_idx; returns the pack error per layer."""
+    """Save `model` with each quantized Linear as qweight/qzeros/scales/g_idx; returns the pack error per layer.
+
+    reference: name -> the layer's weight as the quantizer itself dequantizes it (llmcompressor_reference): the
+    packed codes read back (unpack_gptq) must match it to REFERENCE_TOL (relative L2), else PassError before
+    anything is written; the differences go to `reference_diffs` when given."""
     import torch
     from safetensors.torch import save_file
 
@@ -375,6 +500,16 @@ def write_gptq_checkpoint(
     for name, (weight, scale, zp) in params.items():
         tensors, err = pack_gptq(weight, scale, zp, group_size, sym)
         errors[name] = err
+        if reference is not None:
+            ref = reference(name).detach().float().cpu()
+            diff = float((unpack_gptq(tensors) - ref).norm() / ref.norm().clamp_min(1e-12))
+            if reference_diffs is not None:
+                reference_diffs[name] = diff
+            if not diff <= REFERENCE_TOL:
+                raise PassError(
+                    f"{name}: the packed int4 weight differs from the quantizer's own by {diff:.2e} (relative L2, "
+                    f"limit {REFERENCE_TOL:.0e}): the GPTQ layout would not hold the quantized model (internal error)"
+                )
         for suffix in ("weight", "weight_scale", "weight_zero_point", "weight_g_idx"):
             state.pop(f"{name}.{suffix}", None)
         for key, value in tensors.items():
@@ -416,7 +551,8 @@ def unpack_gptq(tensors: dict[str, Any]) -> Any:
     qweight, qzeros, scales, g_idx = (tensors[k] for k in ("qweight", "qzeros", "scales", "g_idx"))
     shifts = [4 * k for k in range(8)]
     q = torch.stack([(qweight >> s) & 0xF for s in shifts], dim=1).reshape(-1, qweight.shape[1])  # [in, out]
-    z = torch.stack([(qzeros >> s) & 0xF for s in shifts], dim=2).reshape(qzeros.shape[0], -1) + 1  # [groups, out]
+    # stored zero - 1; + 1 modulo 16 as onnxruntime-genai's builder reads it (a zero point 0 is stored as 15)
+    z = (torch.stack([(qzeros >> s) & 0xF for s in shifts], dim=2).reshape(qzeros.shape[0], -1) + 1) & 0xF
     g = g_idx.long()
     return ((q.float() - z[g].float()) * scales[g].float()).t().contiguous()
 
