@@ -26,11 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_md  # noqa: E402
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-START, END = "<!-- cpu-infer:start -->", "<!-- cpu-infer:end -->"
+SECTION = "cpu-infer"  # its markers in bench/RESULTS.md
 SIZES = {
     "vocab_size": 32000,
     "hidden_size": 1024,
@@ -194,15 +197,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def write_section(md: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"{START}\n## CPU inference (bench/cpu_inference.py)\n\n{md}\n{END}"
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    results_md.write_section(path, SECTION, f"## CPU inference (bench/cpu_inference.py)\n\n{md}")
 
 
 def cpu_name() -> str:

@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_md  # noqa: E402
 
 from orchestrator.docker_images import DEFAULT_BASE_IMAGE, build_base_image, build_environment, docker_client
 from orchestrator.job import Job, JobState, ModelArtifact
@@ -24,7 +28,7 @@ from orchestrator.systems.local import LocalSystem
 from orchestrator.tiny_model import build_tiny_phi3
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-START, END = "<!-- docker:start -->", "<!-- docker:end -->"
+SECTION = "docker"  # its markers in bench/RESULTS.md
 
 
 def _run(system: LocalSystem | DockerSystem, model: Path, out: Path, job_id: str) -> float:
@@ -69,13 +73,7 @@ def bench_builds(env: str) -> dict[str, tuple[float, float]]:
 
 
 def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{START}\n{text.rstrip()}\n{END}"
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(new)
+    results_md.write_section(RESULTS, SECTION, text.rstrip())
 
 
 def main() -> None:

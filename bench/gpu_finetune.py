@@ -43,6 +43,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
+import results_md  # noqa: E402
 from baseline_peft import SETTINGS, install_step_timer, read_texts, summarize  # noqa: E402
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -81,7 +82,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_ROWS = "baseline:var,orch:var,olive:var,qlora:var,baseline:fixed,orch:fixed"
-GPU_START, GPU_END = "<!-- gpu:start -->", "<!-- gpu:end -->"
+SECTION = "gpu"  # its markers in bench/RESULTS.md
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -445,15 +446,7 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
 
 
 def write_results_md(md: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{GPU_START}\n## GPU fine-tuning (bench/gpu_finetune.py)\n\n{md}\n{GPU_END}"
-    if GPU_START in text and GPU_END in text:
-        head, _, rest = text.partition(GPU_START)
-        _, _, tail = rest.partition(GPU_END)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    results_md.write_section(path, SECTION, f"## GPU fine-tuning (bench/gpu_finetune.py)\n\n{md}")
 
 
 def versions() -> str:

@@ -51,11 +51,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_md  # noqa: E402
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-START, END = "<!-- quantize:start -->", "<!-- quantize:end -->"
+SECTION = "quantize"  # its markers in bench/RESULTS.md
 SIZES = {
     "vocab_size": 4000,
     "hidden_size": 512,
@@ -729,15 +732,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def write_section(md: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"{START}\n## AWQ / GPTQ int4 quantization (bench/gpu_quantize.py)\n\n{md}\n{END}"
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    results_md.write_section(path, SECTION, f"## AWQ / GPTQ int4 quantization (bench/gpu_quantize.py)\n\n{md}")
 
 
 def main(argv: list[str] | None = None) -> int:
