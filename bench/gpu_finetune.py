@@ -116,35 +116,6 @@ def make_corpus(n: int, lexicon: int, lo: int, hi: int, seed: int) -> list[str]:
     return texts
 
 
-def build_tokenizer(texts: list[str], vocab_size: int, max_len: int) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from orchestrator.tiny_model import PHI3_CHAT_TEMPLATE, PHI3_SPECIAL_TOKENS
-
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=PHI3_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-        model_max_length=max_len,
-    )
-    tok.chat_template = PHI3_CHAT_TEMPLATE
-    return tok
-
-
 def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
     """Write work/model (bf16, random weights), work/data_var.jsonl and work/data_fixed.jsonl; reuse them if there."""
     import torch
@@ -161,7 +132,9 @@ def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
     words_hi = max(max_len - 24, 16)
     var = make_corpus(max(steps * 16, 400), shape["lexicon"], max(words_hi // 10, 8), words_hi, seed=1)
     fixed = make_corpus(max(steps * SETTINGS["batch_size"] + 16, 64), shape["lexicon"], max_len + 100, max_len + 120, 2)
-    tok = build_tokenizer(var + fixed, shape["vocab_size"], max_len)
+    from orchestrator.tiny_model import train_phi3_tokenizer
+
+    tok = train_phi3_tokenizer(var + fixed, shape["vocab_size"], max_len)
     for name, texts in (("var", var), ("fixed", fixed)):
         with open(work / f"data_{name}.jsonl", "w", encoding="utf-8") as f:
             for t in texts:

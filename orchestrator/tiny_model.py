@@ -7,10 +7,11 @@ the LM head and silently builds a wrong graph (../shared/FACTS.md).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from orchestrator.job import atomic_dir
 
 PHI3_SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<unk>", "<pad>"]
 
@@ -32,6 +33,34 @@ def _unsafe_widths(hidden: int, intermediate: int, heads: int, kv_heads: int) ->
     return {hidden, intermediate, 2 * intermediate, (heads + 2 * kv_heads) * head_dim, heads * head_dim}
 
 
+def train_phi3_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int) -> Any:
+    """A byte-level BPE trained on `texts`, with Phi-3's special tokens and chat template (no hub download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=PHI3_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        model_max_length=max_length,
+    )
+    tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+    return tokenizer
+
+
 def build_tiny_phi3(
     out_dir: Path | str,
     *,
@@ -50,32 +79,12 @@ def build_tiny_phi3(
     Written to a temp folder first and renamed into place, so a killed build never leaves half a model.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+    from transformers import Phi3Config, Phi3ForCausalLM
 
     out_dir = Path(out_dir)
     corpus = [t for t in texts if t] or [_FALLBACK_TEXT]
-    # Train a byte-level BPE; pad the model's vocab up to `vocab_size` rows if the trainer found fewer merges.
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=PHI3_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus * 4, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-        model_max_length=max_position_embeddings,
-    )
-    tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+    # pad the model's vocab up to `vocab_size` rows if the trainer found fewer merges
+    tokenizer = train_phi3_tokenizer(corpus * 4, vocab_size, max_position_embeddings)
     model_vocab = max(vocab_size, len(tokenizer))
     if model_vocab in _unsafe_widths(hidden_size, intermediate_size, num_heads, num_kv_heads):
         raise ValueError(
@@ -102,15 +111,7 @@ def build_tiny_phi3(
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config).eval()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

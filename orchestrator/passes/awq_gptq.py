@@ -40,15 +40,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import AliasChoices, Field, model_validator
 
-from orchestrator.job import ModelArtifact
+from orchestrator.job import ModelArtifact, atomic_dir
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 LLMCOMPRESSOR_PIN = "llmcompressor==0.14.0.1 compressed-tensors==0.19.0 transformers==5.17.0"
@@ -516,9 +514,7 @@ def write_gptq_checkpoint(
             state[f"{name}.{key}"] = value
     # the unquantized rest (embeddings, norms, LM head) in fp16, as GPTQ checkpoints ship it
     state = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with atomic_dir(dest) as tmp:
         save_file(state, str(tmp / GPTQ_CHECKPOINT), metadata={"format": "pt"})
         cfg = model.config.to_dict()
         cfg["torch_dtype"] = cfg["dtype"] = "float16"
@@ -535,12 +531,6 @@ def write_gptq_checkpoint(
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return errors
 
 

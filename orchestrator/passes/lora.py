@@ -13,13 +13,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import AliasChoices, Field, model_validator
 
-from orchestrator.job import ModelArtifact
+from orchestrator.job import ModelArtifact, atomic_dir
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 ADAPTER_DIR = "adapter"
@@ -507,18 +506,10 @@ def metrics_callback(ctx: PassContext, desc: str) -> Any:
 
 def save_adapter(peft_model: Any, tokenizer: Any, dest: Path) -> Path:
     """adapter_config.json + adapter_model.safetensors + tokenizer, via a temp folder renamed into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with atomic_dir(dest) as tmp:
         peft_model.save_pretrained(tmp, save_embedding_layers=False, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         cfg = json.loads((tmp / "adapter_config.json").read_text())
         if not cfg.get("target_modules"):
             raise PassError("the saved adapter targets no modules (internal error)")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

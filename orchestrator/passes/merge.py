@@ -7,12 +7,10 @@ changes nothing (an untrained LoRA has B = 0) is an error rather than a silent c
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import ClassVar
 
-from orchestrator.job import ModelArtifact
+from orchestrator.job import ModelArtifact, atomic_dir
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 MODEL_DIR = "model"
@@ -82,17 +80,9 @@ class MergeAdapterWeightsPass(Pass):
         tokenizer_src = adapter_path if (adapter_path / "tokenizer_config.json").exists() else base_path
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_src, trust_remote_code=model.trust_remote_code)
         dest = ctx.out_dir / MODEL_DIR
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{MODEL_DIR}."))
-        try:
+        with atomic_dir(dest) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)  # config, safetensors, generation_config.json
             tokenizer.save_pretrained(tmp)
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         metrics = {
             "changed_tensors": float(changed),
             "max_abs_delta": max_delta,
