@@ -235,8 +235,9 @@ def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path) ->
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def runner_main(run_row: Any, description: str | None, argv: list[str] | None = None) -> int:
+    """The command line every row runner shares: --model --data --steps --warmup --json, one summary line out."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="jsonl with a 'text' field")
     p.add_argument("--steps", type=int, default=30)
@@ -244,9 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, required=True)
     a = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    r = run(a.model, a.data, a.steps, a.warmup, a.json)
+    r = run_row(a.model, a.data, a.steps, a.warmup, a.json)
     print(json.dumps({k: v for k, v in r.items() if k not in ("step_times", "step_tokens")}), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

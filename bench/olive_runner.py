@@ -15,7 +15,6 @@ bench/README.md). Set OLIVE_DISABLE_TELEMETRY=1 (done here).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baseline_peft import SETTINGS, install_step_timer, summarize  # noqa: E402
+from baseline_peft import SETTINGS, install_step_timer, runner_main, summarize  # noqa: E402
 
 
 def olive_argv(model: Path, data: Path, steps: int, out_dir: Path, cuda: bool = True) -> list[str]:
@@ -115,16 +114,7 @@ def run(model: Path, data: Path, steps: int, warmup: int, out_json: Path) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True, help="jsonl with a 'text' field")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--json", type=Path, required=True)
-    a = p.parse_args(argv)
-    r = run(a.model, a.data, a.steps, a.warmup, a.json)
-    print(json.dumps({k: v for k, v in r.items() if k not in ("step_times", "step_tokens")}), flush=True)
-    return 0
+    return runner_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
