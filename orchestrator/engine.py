@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from filelock import FileLock
+
 from orchestrator import __version__
 from orchestrator.cache import Cache, folder_size, stable_hash
 from orchestrator.job import (
@@ -33,6 +35,7 @@ from orchestrator.job import (
     is_uri,
 )
 from orchestrator.passes.registry import load_pass
+from orchestrator.plots import plot_training_curves
 from orchestrator.systems import KEYWORDS, make_system
 from orchestrator.systems.base import System
 from orchestrator.tracking import EventTail, Tracker, flatten_params, resolve_tracking_uri
@@ -356,10 +359,6 @@ class Engine:
         Two runs may share one output_dir (a retried job, two terminals): a file lock makes each run's
         publication whole, so the folder never mixes one run's model with another's manifest.
         """
-        from filelock import FileLock
-
-        from orchestrator.plots import plot_training_curves
-
         assert self.output_dir is not None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.output_dir / ".orch-publish.lock")):
