@@ -8,10 +8,9 @@ activation bytes, and peft's behaviour wherever the fast path does not apply (ad
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")  # the train extra is always installed by scripts/setup.sh; never skips in CI
-
-from orchestrator.passes.lora_fused import FUSED_ATTR, fuse_lora_layers, unfuse_lora_layers  # noqa: E402
+from orchestrator.passes.lora_fused import FUSED_ATTR, fuse_lora_layers, unfuse_lora_layers
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
