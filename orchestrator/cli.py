@@ -500,7 +500,7 @@ def demo(
     _guarded(go)
 
 
-from orchestrator.cli_azure import register as _register_azure  # noqa: E402 - commands defined above first
+from orchestrator.systems.azureml.cli import register as _register_azure  # noqa: E402 - commands defined above first
 
 _register_azure(app)
 

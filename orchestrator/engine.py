@@ -511,7 +511,7 @@ class Engine:
         """A local path for an artifact; a remote one (a job output left in the workspace) is downloaded once."""
         if not is_uri(path):
             return Path(path)
-        from orchestrator.azure_download import download_reference
+        from orchestrator.systems.azureml.download import download_reference
 
         local, _ = download_reference(path, cache=self.cache, field="final model")
         return Path(local)

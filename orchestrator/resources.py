@@ -2,7 +2,7 @@
 
 Local folders/files resolve in place (identity: their content hash). azureml://datastores/..., azureml://registries/...
 and azureml:name:version references are immutable by version, so their identity is the reference itself; they are
-downloaded once into the cache by orchestrator.azure_download when a local host needs their bytes.
+downloaded once into the cache by orchestrator.systems.azureml.download when a local host needs their bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def resolve_model_ref(ref: Any, *, base_dir: Path, cache: Cache, field: str = "i
     """(local path, identity) of the input model."""
     ref = _as_dict(ref)
     if is_remote(ref):
-        from orchestrator.azure_download import download_reference
+        from orchestrator.systems.azureml.download import download_reference
 
         return download_reference(ref, cache=cache, field=field)
     if isinstance(ref, dict):
@@ -63,7 +63,7 @@ def resolve_data_files(data_config: dict[str, Any], *, base_dir: Path, cache: Ca
         if value is None:
             continue
         if is_remote(value):
-            from orchestrator.azure_download import download_reference
+            from orchestrator.systems.azureml.download import download_reference
 
             path, _ = download_reference(_as_dict(value), cache=cache, field=f"data_configs.{data_config.get('name')}")
             return Path(path)

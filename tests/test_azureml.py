@@ -191,8 +191,8 @@ def test_run_host_aml_chains_by_reference(aml: dict[str, Any], tmp_path: Path) -
 
 
 def test_download_once_and_refuses_escaping_entries(aml: dict[str, Any], tmp_path: Path) -> None:
-    from orchestrator.azure_download import DownloadError, download_reference, origin_of, safe_extract
     from orchestrator.cache import Cache
+    from orchestrator.systems.azureml.download import DownloadError, download_reference, origin_of, safe_extract
 
     s = aml["s"]
     cache = Cache(tmp_path / "cache")
@@ -216,7 +216,7 @@ def test_download_once_and_refuses_escaping_entries(aml: dict[str, Any], tmp_pat
 
 
 def test_config_set_and_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator.azure_workspace import resolve_settings
+    from orchestrator.systems.azureml.workspace import resolve_settings
 
     monkeypatch.setenv("ORCH_PROFILE", str(tmp_path / "profile.json"))
     for k in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME"):

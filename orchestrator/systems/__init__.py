@@ -11,8 +11,8 @@ SYSTEMS: dict[str, str] = {
     "LocalSystem": "orchestrator.systems.local:LocalSystem",
     "Docker": "orchestrator.systems.docker:DockerSystem",
     "DockerSystem": "orchestrator.systems.docker:DockerSystem",
-    "AzureML": "orchestrator.systems.azureml:AzureMLSystem",
-    "AzureMLSystem": "orchestrator.systems.azureml:AzureMLSystem",
+    "AzureML": "orchestrator.systems.azureml.system:AzureMLSystem",
+    "AzureMLSystem": "orchestrator.systems.azureml.system:AzureMLSystem",
 }
 
 # `--host local|docker|aml` keywords -> system type

@@ -118,7 +118,7 @@ class BlobSource:
 def _ml_client(ml_client: Any | None) -> Any:
     if ml_client is not None:
         return ml_client
-    from orchestrator.azure_workspace import make_ml_client, resolve_settings
+    from orchestrator.systems.azureml.workspace import make_ml_client, resolve_settings
 
     return make_ml_client(resolve_settings())
 
@@ -176,7 +176,7 @@ def _registry_source(ml: Any, registry: str, name: str, version: str) -> BlobSou
 
 
 def _cloud_kwargs(ml: Any) -> dict[str, Any]:
-    from orchestrator.azure_workspace import resolve_settings
+    from orchestrator.systems.azureml.workspace import resolve_settings
 
     try:
         s = resolve_settings()

@@ -168,7 +168,7 @@ def code_snapshot(cache_dir: Path, extra: dict[str, bytes]) -> Path:
 
 def input_for(path: str) -> tuple[str, str]:
     """(Input type, path) for an artifact: references pass through, local copies of references map back."""
-    from orchestrator.azure_download import origin_of
+    from orchestrator.systems.azureml.download import origin_of
 
     if not is_uri(path):
         origin = origin_of(path)
@@ -249,7 +249,7 @@ class AzureMLSystem(System):
     @property
     def settings(self) -> Any:
         if self._settings is None:
-            from orchestrator.azure_workspace import WorkspaceError, resolve_settings
+            from orchestrator.systems.azureml.workspace import WorkspaceError, resolve_settings
 
             try:
                 self._settings = resolve_settings(self.azureml_client)
@@ -261,7 +261,7 @@ class AzureMLSystem(System):
     def ml(self) -> Any:
         """The MLClient, made on first use (planning a cached run never touches the network)."""
         if self._ml is None:
-            from orchestrator.azure_workspace import make_ml_client
+            from orchestrator.systems.azureml.workspace import make_ml_client
 
             self._ml = make_ml_client(self.settings)
         return self._ml
@@ -601,7 +601,7 @@ class AzureMLJobHandle(JobHandle):
 
     def output_files(self, output: str = RESULT_OUTPUT) -> Any:
         """(container client, prefix) of a named output (the fixed datastore path set at submit)."""
-        from orchestrator.azure_download import DATASTORE_RX, _datastore_source
+        from orchestrator.systems.azureml.download import DATASTORE_RX, _datastore_source
 
         job = with_retries(lambda: self.ml.jobs.get(self.name), what="job")
         out = (job.outputs or {}).get(output)
@@ -615,7 +615,7 @@ class AzureMLJobHandle(JobHandle):
     def outputs(self, dest: Path | None = None) -> Path:
         """result.json + events.jsonl + job.log into dest; model paths in result.json become azureml:// URIs of
         the job's output (the model itself stays in the workspace until the final export)."""
-        from orchestrator.azure_download import safe_join
+        from orchestrator.systems.azureml.download import safe_join
 
         dest = Path(dest or (self.system.cache_dir / "aml-results" / self.name))
         dest.mkdir(parents=True, exist_ok=True)
