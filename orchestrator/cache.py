@@ -69,14 +69,23 @@ class Cache:
     """Pass outputs keyed by the hash of everything that determines them."""
 
     def __init__(self, root: Path | str) -> None:
+        # Folders are made on the first write, not here: a run refused by the pre-flight checks writes nothing.
         self.root = Path(root).resolve()
-        for sub in ("runs", "tmp", "locks"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._made = False
+
+    def ensure(self) -> Path:
+        """Create runs/, tmp/, locks/ (once per instance); returns the root."""
+        if not self._made:
+            for sub in ("runs", "tmp", "locks", "logs"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self._made = True
+        return self.root
 
     # ---- keys -------------------------------------------------------------------------------------------
     def content_hash(self, path: Path | str) -> str:
         """sha256 over (relative path, file sha256) of a file or folder; memoized by size+mtime."""
         path = Path(path).resolve()
+        self.ensure()
         memo_path = self.root / "hashes.json"
         with FileLock(str(self.root / "locks" / "hashes.lock")):
             memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
@@ -116,6 +125,7 @@ class Cache:
     @contextmanager
     def staging(self, key: str, timeout: float = -1) -> Iterator[Path]:
         """Hold the key's lock and yield an empty staging folder. Leftovers of a killed run are removed here."""
+        self.ensure()
         lock = FileLock(str(self.root / "locks" / f"{key}.lock"))
         with lock.acquire(timeout=timeout):
             stage = self.root / "tmp" / key
@@ -145,11 +155,14 @@ class Cache:
 
     @contextmanager
     def lock(self, key: str, timeout: float = -1) -> Iterator[None]:
+        self.ensure()
         with FileLock(str(self.root / "locks" / f"{key}.lock")).acquire(timeout=timeout):
             yield
 
     def entries(self) -> list[CacheEntry]:
         out = []
+        if not (self.root / "runs").is_dir():
+            return out
         for path in sorted((self.root / "runs").iterdir()):
             if (path / RESULT_FILE).exists():
                 entry = self.get(path.name)
@@ -171,6 +184,8 @@ class Cache:
         n = 0
         for entry in self.entries():
             n += self.remove(entry.key)
+        if not (self.root / "tmp").is_dir():
+            return n
         for stale in (self.root / "tmp").iterdir():
             lock = FileLock(str(self.root / "locks" / f"{stale.name}.lock"))
             try:

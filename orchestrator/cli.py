@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 app = typer.Typer(
     add_completion=False,
@@ -44,10 +45,23 @@ TrackingOpt = Annotated[
 ]
 
 
+def _redact(text: str) -> str:
+    from orchestrator.tracking import redact
+
+    return redact(text)
+
+
+def error_line(message: str) -> None:
+    """`orch: error: <message>` on one line; the message is plain text (never rich markup: `[...]` survives),
+    with credentials inside URIs masked."""
+    line = " ".join(_redact(str(message)).split("\n"))
+    console.print(Text("orch: error: ", style="bold red") + Text(line), highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = EXIT_USAGE, detail: str = "") -> typer.Exit:
-    console.print(f"[bold red]orch: error:[/] {message}", highlight=False)
+    error_line(message)
     if detail:
-        console.print(detail, style="dim", highlight=False, markup=False)
+        console.print(_redact(detail), style="dim", highlight=False, markup=False)
     return typer.Exit(code)
 
 
@@ -68,7 +82,7 @@ def _run_workflow(
 
     wf = load_workflow(source, base_dir=base_dir)
     for note in getattr(wf, "notes", []) or []:
-        console.print(f"[cyan]note:[/] {note}", highlight=False)
+        console.print(Text("note: ", style="cyan") + Text(note), highlight=False, soft_wrap=True)
     reporter = RichReporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
     engine = Engine(
         wf, host=host, target=target, tracking_uri=tracking_uri, tracking=not no_tracking, reporter=reporter
@@ -88,7 +102,7 @@ def _run_workflow(
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
     if summary.mlflow_run_id:
-        out.print(f"mlflow: run {summary.mlflow_run_id} at {engine.tracking_uri}")
+        out.print(f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)}", markup=False)
     return summary
 
 
@@ -102,17 +116,43 @@ def _guarded(fn: Any) -> Any:
         raise
     except KeyboardInterrupt:
         raise fail("interrupted; the running job was stopped", 130) from None
-    except Exception as exc:  # classified below; anything else is a bug and keeps its traceback
+    except Exception as exc:  # classified below; anything else is a bug: one line + its traceback in a file
         name = type(exc).__name__
         if name == "ConfigError":
             for line in str(exc).splitlines():
-                console.print(f"[bold red]orch: error:[/] {line}", highlight=False)
+                error_line(line)
             raise typer.Exit(EXIT_USAGE) from None
-        if name in ("FlagError", "ResourceError", "PassError", "EnvSpecError", "DataError", "TrainingArgsError"):
+        if name in (
+            "FlagError",
+            "ResourceError",
+            "PassError",
+            "EnvSpecError",
+            "DataError",
+            "TrainingArgsError",
+            "PreflightError",
+        ):
             raise fail(str(exc), EXIT_USAGE) from None
         if name in ("EngineError", "SystemFailure"):
-            raise fail(str(exc), EXIT_FAILED, getattr(exc, "log_tail", "")) from None
-        raise
+            # the one line names the pass, the cause and the full log's path; the tail only when it has no log
+            tail = "" if "full log: " in str(exc) else getattr(exc, "log_tail", "")
+            raise fail(str(exc), EXIT_FAILED, tail) from None
+        raise fail(f"internal error: {_first(exc)}; traceback in {_crash_log(exc)} (please report it)", 1) from None
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _crash_log(exc: BaseException) -> str:
+    """Write the traceback of an unexpected error to a file in the temp folder; returns its path."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="orch-error-", suffix=".log")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(_redact("".join(traceback.format_exception(exc))))
+    return path
 
 
 @app.command()
@@ -170,6 +210,7 @@ def finetune(
     target: TargetOpt = None,
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
 ) -> None:
     """Olive's `finetune`: LoRA/QLoRA; other --name value flags go to the training arguments (e.g. --max_steps)."""
     from orchestrator.olive_commands import finetune_workflow, parse_extra_args
@@ -197,7 +238,14 @@ def finetune(
             host=host,
             target=target,
         )
-        _run_workflow(workflow, base_dir=Path.cwd(), tracking_uri=tracking_uri, dry_run=dry_run, verbose=log_level <= 1)
+        _run_workflow(
+            workflow,
+            base_dir=Path.cwd(),
+            tracking_uri=tracking_uri,
+            dry_run=dry_run,
+            verbose=log_level <= 1,
+            no_tracking=no_tracking,
+        )
 
     _guarded(go)
 
@@ -219,6 +267,7 @@ def auto_opt(
     target: TargetOpt = None,
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
 ) -> None:
     """Olive's `auto-opt`: (merge the adapter ->) export ONNX with onnxruntime-genai's model builder."""
     from orchestrator.olive_commands import auto_opt_workflow
@@ -239,7 +288,14 @@ def auto_opt(
             host=host,
             target=target,
         )
-        _run_workflow(workflow, base_dir=Path.cwd(), tracking_uri=tracking_uri, dry_run=dry_run, verbose=log_level <= 1)
+        _run_workflow(
+            workflow,
+            base_dir=Path.cwd(),
+            tracking_uri=tracking_uri,
+            dry_run=dry_run,
+            verbose=log_level <= 1,
+            no_tracking=no_tracking,
+        )
 
     _guarded(go)
 
@@ -259,6 +315,7 @@ def quantize(
     host: HostOpt = None,
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
 ) -> None:
     """Olive's `quantize`: int4 weights by AWQ/GPTQ (CUDA) or RTN (CPU, MatMulNBits / model builder)."""
     from orchestrator.olive_commands import quantize_workflow
@@ -271,16 +328,28 @@ def quantize(
             precision=precision,
             trust_remote_code=trust_remote_code,
             log_level=log_level,
-            cuda_available=_cuda_available(),
+            cuda_available=_cuda_available() or _awq_on_cpu(algorithm),
             host=host,
             data_name=data_name,
             data_files=data_files,
             text_template=text_template,
             text_field=text_field,
         )
-        _run_workflow(workflow, base_dir=Path.cwd(), tracking_uri=tracking_uri, dry_run=dry_run, verbose=log_level <= 1)
+        _run_workflow(
+            workflow,
+            base_dir=Path.cwd(),
+            tracking_uri=tracking_uri,
+            dry_run=dry_run,
+            verbose=log_level <= 1,
+            no_tracking=no_tracking,
+        )
 
     _guarded(go)
+
+
+def _awq_on_cpu(algorithm: str) -> bool:
+    """ORCH_AWQ_CPU=1 runs AWQ on a CPU on purpose (slow, but correct): the flag check lets it through."""
+    return algorithm.lower() == "awq" and os.environ.get("ORCH_AWQ_CPU") == "1"
 
 
 def _cuda_available() -> bool:
@@ -505,9 +574,48 @@ from orchestrator.systems.azureml.cli import register as _register_azure  # noqa
 _register_azure(app)
 
 
-def main() -> None:
+def run_cli(argv: list[str] | None = None) -> int:
+    """The CLI as a function: exit code out, every error one line (usage errors too, not click's box)."""
+    import signal
+
+    try:  # typer >= 0.20 vendors click; its exceptions are not click's
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover - older typer
+        from click import exceptions as cx
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+
+    def on_term(signum: int, frame: Any) -> None:  # kill <pid>: stop the job and close the MLflow run KILLED
+        raise KeyboardInterrupt
+
+    if threading_main():
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="orch")
+    except cx.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `orch`: the help, as click prints it
+            print(exc.format_message())
+            return exc.exit_code
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        error_line(exc.format_message() + hint)
+        return EXIT_USAGE
+    except cx.ClickException as exc:
+        error_line(exc.format_message())
+        return exc.exit_code
+    except cx.Abort:
+        error_line("interrupted")
+        return 130
+    return rv if isinstance(rv, int) else 0
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main() -> None:
+    sys.exit(run_cli())
 
 
 if __name__ == "__main__":

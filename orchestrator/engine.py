@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import threading
 import time
@@ -36,11 +37,27 @@ from orchestrator.job import (
 )
 from orchestrator.passes.registry import load_pass
 from orchestrator.plots import plot_training_curves
+from orchestrator.preflight import (
+    PreflightError,
+    check_adapter_folder,
+    check_data_config,
+    check_model_folder,
+    check_name,
+    check_tracking_uri,
+    check_writable_dir,
+    local_data_paths,
+)
 from orchestrator.systems import KEYWORDS, make_system
 from orchestrator.systems.base import System
-from orchestrator.tracking import EventTail, Tracker, flatten_params, resolve_tracking_uri
+from orchestrator.tracking import EventTail, Tracker, flatten_params, redact, redact_obj, resolve_tracking_uri
 
 INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when engine.evaluate_input_model is set
+# Published outputs (see Engine._publish): output_dir/.orch-versions/<version>/{model,adapter,manifest.json,...}
+# holds each publication whole; output_dir/.orch-current is a symlink to the current one, switched by one rename;
+# output_dir/model, adapter, manifest.json, training.png are fixed symlinks through .orch-current.
+VERSIONS_DIR = ".orch-versions"
+CURRENT_LINK = ".orch-current"
+PUBLISHED = ("model", "adapter", "manifest.json", "training.png")
 
 
 class EngineError(Exception):
@@ -236,8 +253,75 @@ class Engine:
             if local is not None:
                 files[name] = str(local)
                 hashes.append(self.cache.content_hash(local))
+            # every local file the config reads, whatever its form (a path, a list, globs, a folder), by content
+            for fld, _, found in local_data_paths(cfg, self.base_dir):
+                hashes.append(stable_hash([fld, [self.cache.content_hash(p) for p in found]]))
             hashes.append(stable_hash(cfg))
         return configs, files, hashes
+
+    # ---- pre-flight -------------------------------------------------------------------------------------
+    def preflight(self, *, tracking: bool = True) -> None:
+        """Every input checked before anything is hashed, written or submitted (orchestrator/preflight.py):
+        raises PreflightError (one line: the field and the fix)."""
+        from orchestrator.resources import _as_dict, is_remote
+
+        check_name("workflow_id", getattr(self.wf, "workflow_id", None))
+        mlflow_cfg = getattr(self.wf.engine, "mlflow", None)
+        check_name("engine.mlflow.register_model_name", getattr(mlflow_cfg, "register_model_name", None))
+        check_writable_dir("engine.cache_dir", self.cache.root)
+        if self.output_dir is not None:
+            check_writable_dir("engine.output_dir", self.output_dir)
+        im = self.wf.input_model
+        ref = _as_dict(im.model_ref)
+        if not is_remote(ref):
+            raw = (
+                (ref.get("config") or {}).get("path") or ref.get("path") or ref.get("model_path")
+                if isinstance(ref, dict)
+                else ref
+            )
+            if raw:
+                path = self._abs(str(raw))
+                check_model_folder(path, "input_model.model_path")
+                self._check_not_overwritten(path, "input_model.model_path")
+            elif isinstance(ref, dict) and ref.get("type") == "hf_hub" and not self._host_is_aml():
+                raise PreflightError(
+                    f"input_model: {ref.get('name')!r} is neither a local folder (looked at "
+                    f"{self._abs(str(ref.get('name')))}) nor reachable: orch jobs on this host have no model hub; "
+                    "give a local model folder (config.json, weights, tokenizer) or an azureml:// model"
+                )
+        adapter = getattr(im, "adapter_path", None)
+        if adapter:
+            check_adapter_folder(self._abs(adapter), "input_model.adapter_path")
+            self._check_not_overwritten(self._abs(adapter), "input_model.adapter_path")
+        for i, dc in enumerate(self.wf.data_configs):
+            cfg = dc.model_dump(mode="json")
+            load = cfg.get("load_dataset_config") or {}
+            if load.get("data_name") in ("json", "csv", "parquet", "text", "arrow") and not load.get("data_files"):
+                raise PreflightError(
+                    f"data_configs[{i}].load_dataset_config: data_name {load['data_name']!r} needs data_files "
+                    "(the file(s) to read), e.g. --data_files data/train.jsonl"
+                )
+            check_data_config(cfg, self.base_dir, f"data_configs[{i}]")
+        if tracking and self.tracking_enabled:
+            check_tracking_uri(self.tracking_uri)
+
+    def _host_is_aml(self) -> bool:
+        sys_cfg = self.wf.systems.get(self.host_name)
+        type_name = sys_cfg.model_dump(mode="json").get("type", "") if sys_cfg is not None else self.host_name
+        return str(type_name).lower() in ("aml", "azureml", "azuremlsystem")
+
+    def _check_not_overwritten(self, path: Path, field: str) -> None:
+        """Publishing replaces output_dir/model and output_dir/adapter: an input there would be lost."""
+        if self.output_dir is None:
+            return
+        real = path.resolve()
+        for name in ("model", "adapter"):
+            dest = (self.output_dir / name).resolve()
+            if real == dest or dest in real.parents:
+                raise PreflightError(
+                    f"{field} {path} is inside the output folder {self.output_dir / name}, which this run "
+                    "replaces; give another --output_path / engine.output_dir"
+                )
 
     # ---- planning ---------------------------------------------------------------------------------------
     def plan(self) -> list[Step]:
@@ -312,10 +396,12 @@ class Engine:
 
     # ---- running ----------------------------------------------------------------------------------------
     def run(self, *, dry_run: bool = False) -> tuple[list[Step], RunSummary | None]:
+        self.preflight(tracking=not dry_run)
         steps = self.plan()
         self.reporter.plan(steps)
         if dry_run:
             return steps, None
+        self.cache.ensure()
         tracker = Tracker(
             self.tracking_uri,
             self.experiment,
@@ -354,23 +440,45 @@ class Engine:
         model: ModelArtifact | None,
         tracker: Tracker,
     ) -> None:
-        """Write model/, training.png and manifest.json into output_dir.
+        """Publish model/ (+ adapter/), training.png and manifest.json into output_dir, atomically as a whole.
 
-        Two runs may share one output_dir (a retried job, two terminals): a file lock makes each run's
-        publication whole, so the folder never mixes one run's model with another's manifest.
+        Everything is written into a fresh output_dir/.orch-versions/<version>/ (real copies, or reflinks where
+        the filesystem has them: never hard links, so editing an output cannot change the cache, and onnx's
+        hard-link check passes), then output_dir/.orch-current is switched to it by one rename. The visible
+        names (output_dir/model, manifest.json, ...) are symlinks through .orch-current, so a model and its
+        manifest always change together; a run killed before the switch leaves the previous publication
+        whole, and its half-written version folder is removed by the next publish. A file lock serializes runs
+        sharing one output_dir.
         """
         assert self.output_dir is not None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.output_dir / ".orch-publish.lock")):
-            self.export(summary)
+            versions = self.output_dir / VERSIONS_DIR
+            version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+            vdir = versions / version
+            vdir.mkdir(parents=True)
+            self.export(summary, vdir)
             png = plot_training_curves(
-                {r.name: self.cache.entry_dir(r.cache_key) for r in records}, self.output_dir / "training.png"
+                {r.name: self.cache.entry_dir(r.cache_key) for r in records}, vdir / "training.png"
             )
             if png is not None:
                 tracker.log_artifact(png)
             if model is not None:
-                summary.model_uri = tracker.log_model(self.output_dir / "model", model.format, self.register_as)
-                self._write_manifest(summary, steps)
+                summary.model_uri = tracker.log_model(vdir / "model", model.format, self.register_as)
+                self._write_manifest(summary, steps, vdir)
+            _switch_current(self.output_dir, version)
+
+    def export(self, summary: RunSummary, dest: Path | None = None) -> None:
+        """Copy the final model into dest (default output_dir): adapter/ + model/ for an adapter, else model/."""
+        dest = dest or self.output_dir
+        assert dest is not None
+        dest.mkdir(parents=True, exist_ok=True)
+        model = summary.final_model
+        if model is None:
+            return
+        if model.format == "hf_adapter" and model.adapter_path:
+            _replace_dir(self._local(model.adapter_path), dest / "adapter")
+        _replace_dir(self._local(model.path), dest / "model")
 
     def _run_step(self, step: Step, model: ModelArtifact, tracker: Tracker) -> tuple[StepRecord, ModelArtifact | None]:
         self.reporter.step_start(step)
@@ -480,10 +588,29 @@ class Engine:
             result = None
         if state != JobState.COMPLETED or result is None or result.status != JobState.COMPLETED:
             reason = (result.error if result else None) or f"job ended {state.value}"
+            reason = reason.strip().splitlines()[0] if reason.strip() else f"job ended {state.value}"
             tail_text = handle.log_tail() if hasattr(handle, "log_tail") else ""
+            log = self._keep_log(stage, job.job_id, tail_text)
             raise EngineError(
-                f"pass {step.name!r} ({step.pass_type}) failed on {step.system_name}: {reason}", log_tail=tail_text
+                f"pass {step.name!r} ({step.pass_type}) failed on {step.system_name} (input {model.path}): "
+                f"{redact(reason)}" + (f"; full log: {log}" if log else ""),
+                log_tail=tail_text,
             )
+
+    def _keep_log(self, stage: Path, job_id: str, tail: str) -> Path | None:
+        """The failed job's log (with its traceback) outlives the staging folder: <cache>/logs/<job_id>.log."""
+        dest = self.cache.ensure() / "logs" / f"{job_id}.log"
+        src = stage / "job.log"
+        try:
+            if src.is_file():
+                shutil.copyfile(src, dest)
+            elif tail:
+                dest.write_text(tail)
+            else:
+                return None
+        except OSError:
+            return None
+        return dest
 
     def _on_event(self, step: Step, event: dict[str, Any], tracker: Tracker) -> None:
         kind = event.get("type")
@@ -496,17 +623,6 @@ class Engine:
             tracker.forward(event, f"{step.name}/")
 
     # ---- outputs ----------------------------------------------------------------------------------------
-    def export(self, summary: RunSummary) -> None:
-        """Copy the final model into output_dir (adapter/ + model/ for an adapter, else model/), atomically."""
-        assert self.output_dir is not None
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        model = summary.final_model
-        if model is None:
-            return
-        if model.format == "hf_adapter" and model.adapter_path:
-            _replace_dir(self._local(model.adapter_path), self.output_dir / "adapter")
-        _replace_dir(self._local(model.path), self.output_dir / "model")
-
     def _local(self, path: str) -> Path:
         """A local path for an artifact; a remote one (a job output left in the workspace) is downloaded once."""
         if not is_uri(path):
@@ -516,9 +632,9 @@ class Engine:
         local, _ = download_reference(path, cache=self.cache, field="final model")
         return Path(local)
 
-    def _write_manifest(self, summary: RunSummary, steps: list[Step]) -> None:
+    def _write_manifest(self, summary: RunSummary, steps: list[Step], vdir: Path) -> None:
         assert self.output_dir is not None
-        model_dir = self.output_dir / "model"
+        model_dir = vdir / "model"
         manifest = {
             "orch_version": __version__,
             "workflow_id": getattr(self.wf, "workflow_id", None),
@@ -529,7 +645,7 @@ class Engine:
             "passes": [r.__dict__ for r in summary.steps],
             "final_model": {
                 "format": summary.final_model.format if summary.final_model else None,
-                "path": str(model_dir),
+                "path": str(self.output_dir / "model"),
                 "sha256": self.cache.content_hash(model_dir) if model_dir.exists() else None,
                 "size_bytes": folder_size(model_dir) if model_dir.exists() else 0,
             },
@@ -540,17 +656,18 @@ class Engine:
                 "model_uri": summary.model_uri,
             },
         }
-        atomic_write_text(self.output_dir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+        manifest = redact_obj(manifest)  # credentials inside URIs (tracking, SAS) never reach the file
+        atomic_write_text(vdir / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 
 def _replace_dir(src: Path, dest: Path) -> None:
     """Copy src to dest via a temp sibling + rename: dest is either the old or the new copy, never half."""
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     if src.is_dir():
-        shutil.copytree(src, tmp, copy_function=_link_or_copy)
+        shutil.copytree(src, tmp, copy_function=copy_file, symlinks=False)
     else:
         tmp.mkdir(parents=True)
-        shutil.copy2(src, tmp / src.name)
+        copy_file(str(src), str(tmp / src.name))
     tmp.chmod(0o755)  # staging folders are made 0700 (mkdtemp); the user's output is an ordinary folder
     old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
     if dest.exists():
@@ -559,11 +676,51 @@ def _replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    """Hard-link cache files into the output (no extra disk for multi-GB models), copy across filesystems."""
-    import os
+FICLONE = 0x40049409  # linux/fs.h: share the blocks copy-on-write (btrfs, xfs, overlay on them)
 
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+
+def copy_file(src: str, dst: str) -> str:
+    """A real copy: a reflink where the filesystem offers one (instant, no extra disk), else bytes. Never a
+    hard link: an output that shares an inode with the cache (or the user's input model) lets an edit of one
+    change the other, and onnx refuses external data with several links."""
+    import fcntl
+
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        except OSError:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    shutil.copystat(src, dst)
+    return dst
+
+
+def _switch_current(output_dir: Path, version: str) -> None:
+    """Point output_dir/.orch-current at the version (one atomic rename), keep the visible names as links
+    through it, and remove every other version folder."""
+    target = Path(VERSIONS_DIR) / version
+    tmp = output_dir / f"{CURRENT_LINK}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.symlink_to(target)
+    os.replace(tmp, output_dir / CURRENT_LINK)
+    vdir = output_dir / target
+    for name in PUBLISHED:
+        link = output_dir / name
+        wanted = Path(CURRENT_LINK) / name
+        if not (vdir / name).exists():
+            if link.is_symlink():
+                link.unlink()
+            continue
+        if link.is_symlink() and Path(os.readlink(link)) == wanted:
+            continue
+        if link.exists() and not link.is_symlink():  # a real folder/file from before versioned publishing
+            trash = output_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
+            link.rename(trash)
+            if trash.is_dir():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                trash.unlink(missing_ok=True)
+        tmp = output_dir / f".{name}.link-{uuid.uuid4().hex[:8]}"
+        tmp.symlink_to(wanted)
+        os.replace(tmp, link)
+    for old in (output_dir / VERSIONS_DIR).iterdir():
+        if old.name != version:
+            shutil.rmtree(old, ignore_errors=True)

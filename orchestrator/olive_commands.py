@@ -51,6 +51,17 @@ def _coerce(value: str) -> Any:
     return value
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+
+
+def decode_escapes(text: str) -> str:
+    """The backslash escapes a shell leaves in a template (\\n, \\t, \\\\) -> characters; everything else,
+    non-ASCII text included, stays as typed (unicode_escape would decode UTF-8 bytes as Latin-1)."""
+    import re
+
+    return re.sub(r"\\([ntr\\\"'])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def split_list(value: str | None) -> list[str] | None:
     """Olive takes --target_modules "q_proj","k_proj" (the shell leaves q_proj,k_proj) or space separated."""
     if not value:
@@ -114,7 +125,7 @@ def finetune_workflow(
         params["data_files"] = data_files
     pre: dict[str, Any] = {"dataset_type": "corpus", "source_max_len": max_seq_len, "corpus_strategy": "join"}
     if text_template:
-        pre["text_template"] = text_template.encode().decode("unicode_escape")
+        pre["text_template"] = decode_escapes(text_template)
     elif text_field:
         pre["text_cols"] = [text_field]
     else:
@@ -224,7 +235,7 @@ def quantize_workflow(
             raise FlagError(f"--algorithm {algorithm} calibrates on data: give --data_name (and --data_files)")
         pre: dict[str, Any] = {"dataset_type": "corpus"}
         if text_template:
-            pre["text_template"] = text_template.encode().decode("unicode_escape")
+            pre["text_template"] = decode_escapes(text_template)
         else:
             pre["text_cols"] = [text_field or "text"]
         params: dict[str, Any] = {"data_name": data_name, "split": "train"}

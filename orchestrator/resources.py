@@ -7,6 +7,7 @@ downloaded once into the cache by orchestrator.systems.azureml.download when a l
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ def resolve_data_files(data_config: dict[str, Any], *, base_dir: Path, cache: Ca
 
             path, _ = download_reference(_as_dict(value), cache=cache, field=f"data_configs.{data_config.get('name')}")
             return Path(path)
+        if isinstance(value, str) and glob.has_magic(value):
+            return None  # a pattern: data.py expands it where the job runs (the engine hashes every match)
         if isinstance(value, str):
             p = Path(value).expanduser()
             p = p if p.is_absolute() else (base_dir / p)

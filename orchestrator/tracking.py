@@ -8,11 +8,45 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 SECRET_HINTS = ("token", "secret", "password", "key", "credential", "sas")
+# user:password@ (or a bare token@) in a URI, and secret-looking query parameters (SAS sig=, token=, ...)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&;](?:sig|signature|token|access_token|password|passwd|pwd|secret|api_key|apikey|key|"
+    r"client_secret|sas|se?kret)=)(?P<value>[^&#\s'\"]+)",
+    re.IGNORECASE,
+)
+HTTP_TIMEOUT_S = "10"  # MLflow's own default is 120 s with 7 retries: a dead server would hang minutes
+HTTP_MAX_RETRIES = "1"
+
+
+def redact(text: str) -> str:
+    """Credentials inside URIs in any text -> ***: `https://u:pw@host` -> `https://u:***@host`,
+    `https://tok@host` -> `https://***@host`, `?sig=...` -> `?sig=***`."""
+    if not isinstance(text, str) or ("@" not in text and "=" not in text):
+        return text
+
+    def userinfo(m: re.Match[str]) -> str:
+        if m.group("pw") is not None:
+            return f"{m.group('scheme')}{m.group('user')}:***@"
+        return f"{m.group('scheme')}***@"
+
+    return _QUERY_SECRET.sub(lambda m: m.group("key") + "***", _USERINFO.sub(userinfo, text))
+
+
+def redact_obj(obj: Any) -> Any:
+    """redact() over every string of a JSON-like object."""
+    if isinstance(obj, dict):
+        return {k: redact_obj(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact_obj(v) for v in obj]
+    return redact(obj) if isinstance(obj, str) else obj
 
 
 def default_tracking_uri(cwd: Path | None = None) -> str:
@@ -34,9 +68,9 @@ def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
             else:
                 out.update(flatten_params(v, key))
     elif isinstance(obj, list):
-        out[prefix] = json.dumps(obj, default=str)[:500]
+        out[prefix] = redact(json.dumps(obj, default=str))[:500]
     else:
-        out[prefix] = str(obj)[:500]
+        out[prefix] = redact(str(obj))[:500]
     return out
 
 
@@ -64,8 +98,55 @@ class EventTail:
                 continue
 
 
+def _store_lock_path(tracking_uri: str | None) -> Path | None:
+    """The file that serializes store creation for a local store (sqlite db / file store), else None."""
+    if not tracking_uri:
+        return None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        return db.with_name(db.name + ".orch-lock")
+    if tracking_uri.startswith("file:"):
+        from urllib.parse import urlparse
+
+        return Path(urlparse(tracking_uri).path) / ".orch-lock"
+    if "://" not in tracking_uri:
+        return Path(tracking_uri) / ".orch-lock"
+    return None
+
+
+def _proc_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid it names
+    one process, whatever pids the kernel reuses later. None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_token() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_proc_start(os.getpid()) or 0}"
+
+
+def _alive(token: str) -> bool:
+    host, _, rest = token.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname():
+        return True  # another machine's run: not ours to judge
+    try:
+        return _proc_start(int(pid)) == start
+    except ValueError:
+        return True
+
+
 class Tracker:
-    """The workflow's MLflow run. Methods are no-ops when tracking is off."""
+    """The workflow's MLflow run. Methods are no-ops when tracking is off.
+
+    Two first runs on one new sqlite db would both run MLflow's schema migration and crash (or leave the db
+    half-migrated): store creation, experiment lookup/creation and run creation happen under a file lock beside
+    the db. Each run is tagged with its process (host:pid:start time); a run whose process is gone (kill -9)
+    is closed as KILLED by the next run in the same experiment.
+    """
 
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str, *, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -75,17 +156,48 @@ class Tracker:
             return
         import logging
 
-        import mlflow
-
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES)
+        import mlflow
+        from filelock import FileLock
+
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
-        self.client = mlflow.MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        self.experiment_id = exp_id
-        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags={"orch.workflow": run_name}).info.run_id
+        lock_path = _store_lock_path(tracking_uri)
+        lock = FileLock(str(lock_path), timeout=300) if lock_path is not None else None
+        if lock is not None:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        try:
+            self.client = mlflow.MlflowClient(tracking_uri)
+            exp = self.client.get_experiment_by_name(experiment)  # creates / migrates the store (under the lock)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            self.experiment_id = exp_id
+            self.closed_stale = self._close_dead_runs()
+            tags = {"orch.workflow": run_name, "orch.process": process_token()}
+            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _close_dead_runs(self) -> list[str]:
+        """RUNNING runs of this experiment whose process (by its orch.process tag) no longer exists -> KILLED."""
+        closed = []
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=200
+            )
+        except Exception:  # a server without search support: nothing to close, the run itself still works
+            return closed
+        for run in runs:
+            token = run.data.tags.get("orch.process")
+            if token and not _alive(token):
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_id)
+        return closed
 
     def log_params(self, params: dict[str, str]) -> None:
         if not self.enabled or not params:

@@ -280,6 +280,72 @@ def normalize_training_args(args: dict[str, Any]) -> tuple[dict[str, Any], list[
             notes.append(f"training_args.{key} dropped: {DROPPED[key]}")
         else:
             problems.append((key, f"unknown key{suggest(key, ACCEPTED)}"))
+    problems += check_values(out)
     if problems:
         raise TrainingArgsError(problems)
     return out, notes
+
+
+# Value rules of the training arguments users set most, checked at config time so a typo ("ten", -1e-4, 0)
+# stops before any job is submitted instead of deep inside transformers after the model has loaded.
+# kind: "int", "number" (int or float), "bool"; bound: (operator, limit) on the value.
+VALUE_RULES: dict[str, tuple[str, tuple[str, float] | None]] = {
+    "max_steps": ("int", (">=", -1)),
+    "num_train_epochs": ("number", (">", 0)),
+    "learning_rate": ("number", (">", 0)),
+    "per_device_train_batch_size": ("int", (">=", 1)),
+    "per_device_eval_batch_size": ("int", (">=", 1)),
+    "gradient_accumulation_steps": ("int", (">=", 1)),
+    "eval_accumulation_steps": ("int", (">=", 1)),
+    "logging_steps": ("number", (">", 0)),
+    "eval_steps": ("number", (">", 0)),
+    "save_steps": ("number", (">", 0)),
+    "save_total_limit": ("int", (">=", 0)),
+    "warmup_steps": ("number", (">=", 0)),
+    "weight_decay": ("number", (">=", 0)),
+    "max_grad_norm": ("number", (">=", 0)),
+    "adam_beta1": ("number", (">=", 0)),
+    "adam_beta2": ("number", (">=", 0)),
+    "adam_epsilon": ("number", (">", 0)),
+    "label_smoothing_factor": ("number", (">=", 0)),
+    "dataloader_num_workers": ("int", (">=", 0)),
+    "seed": ("int", (">=", 0)),
+    "data_seed": ("int", (">=", 0)),
+    "max_length": ("int", (">=", 1)),
+    "bf16": ("bool", None),
+    "fp16": ("bool", None),
+    "gradient_checkpointing": ("bool", None),
+    "packing": ("bool", None),
+    "do_train": ("bool", None),
+    "do_eval": ("bool", None),
+    "use_cpu": ("bool", None),
+}
+_KIND_TEXT = {"int": "a whole number", "number": "a number", "bool": "true or false"}
+
+
+def check_values(args: dict[str, Any]) -> list[tuple[str, str]]:
+    """[(key, problem)] for values of the wrong type or out of range (None means 'the default' and passes)."""
+    problems: list[tuple[str, str]] = []
+    for key, value in args.items():
+        rule = VALUE_RULES.get(key)
+        if rule is None or value is None:
+            continue
+        kind, bound = rule
+        is_bool = isinstance(value, bool)
+        ok = (
+            is_bool
+            if kind == "bool"
+            else not is_bool and (isinstance(value, int) if kind == "int" else isinstance(value, int | float))
+        )
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            ok = True
+        if not ok:
+            problems.append((key, f"expected {_KIND_TEXT[kind]}, got {value!r}"))
+            continue
+        if bound is not None:
+            op, limit = bound
+            if not (value >= limit if op == ">=" else value > limit):
+                problems.append((key, f"must be {op} {limit:g}, got {value!r}"))
+            elif key == "max_steps" and value == 0:
+                problems.append((key, "must be >= 1 (or -1: train num_train_epochs), got 0"))
+    return problems

@@ -1,0 +1,351 @@
+"""Checks that run before the first pass: everything a run will read or write, looked at once, read-only.
+
+A bad input should cost the user a second, not a fine-tune: the engine calls `preflight` before it plans
+(hashes), submits or opens MLflow, and every problem is one line naming the field and the fix. Nothing here
+writes a file. Remote references (azureml:..., datastores) are checked where they are downloaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from orchestrator.job import is_uri
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+JSON_PARSE_LIMIT = 256 << 20  # parse whole data files up to this size; bigger ones: the first rows
+ROWS_CHECKED = 1000
+
+
+class PreflightError(Exception):
+    """An input that cannot work: one line naming the field and the fix (raised before anything runs)."""
+
+
+def check_name(field: str, value: str | None) -> None:
+    """workflow_id & co name MLflow runs, registered models and folders: no '/', ':', spaces."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not NAME.match(value):
+        raise PreflightError(
+            f"{field} {value!r}: use letters, digits, '.', '_' and '-' only (at most 128, starting with a letter "
+            "or digit); it names the MLflow run, the registered model and folders"
+        )
+
+
+def check_writable_dir(field: str, path: Path) -> None:
+    """path is a folder we can write, or can be created: never a file, never under a read-only parent."""
+    if path.exists() and not path.is_dir():
+        raise PreflightError(f"{field} {path} is a file, not a folder; give a folder path (it is created if missing)")
+    probe = path
+    while not probe.exists():
+        parent = probe.parent
+        if parent == probe:
+            break
+        probe = parent
+    if probe.exists() and not probe.is_dir():
+        raise PreflightError(f"{field} {path}: {probe} is a file, so the folder cannot be created there")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == path else f" ({probe} is not writable, so it cannot be created)"
+        raise PreflightError(f"{field} {path} is not writable{where}; choose a folder you can write to")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise PreflightError(f"{what}: {path} is not readable (permission denied)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PreflightError(f"{what}: {path} is not valid JSON ({_first_line(exc)}); restore it") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_safetensors(path: Path, what: str) -> None:
+    """The header of a .safetensors file parses and its tensors fit in the file (a truncated copy fails here)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n <= 0 or n > min(size - 8, 100 << 20):
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(n))
+    except PermissionError:
+        raise PreflightError(f"{what}: {path} is not readable (permission denied)") from None
+    except (ValueError, UnicodeDecodeError, struct.error) as exc:
+        raise PreflightError(f"{what}: {path} is not a valid safetensors file ({_first_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise PreflightError(f"{what}: {path} is not a valid safetensors file (header is not a mapping)")
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if ends and 8 + n + max(ends) > size:
+        raise PreflightError(
+            f"{what}: {path} is truncated ({size} bytes, its header describes {8 + n + max(ends)}); copy it again"
+        )
+
+
+def check_model_folder(path: Path, what: str, *, needs_tokenizer: bool = True) -> str:
+    """A local input model: readable, and either ONNX (GenAI) or an HF checkpoint with config, weights and
+    tokenizer. Returns the format found (hf, onnx, onnx_genai)."""
+    if not path.exists():
+        raise PreflightError(f"{what}: {path} not found; give a local model folder (with config.json and weights)")
+    if path.is_file():
+        if path.suffix == ".onnx":
+            return "onnx"
+        raise PreflightError(
+            f"{what}: {path} is a file; give the model folder that holds it (config.json, weights, tokenizer)"
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise PreflightError(f"{what}: {path} is not readable (permission denied)")
+    if (path / "genai_config.json").exists():
+        _read_json(path / "genai_config.json", what)
+        return "onnx_genai"
+    if any(path.glob("*.onnx")):
+        return "onnx"
+    config = path / "config.json"
+    if not config.exists():
+        raise PreflightError(
+            f"{what}: {path} has no config.json; give a Hugging Face model folder (config.json, weights, tokenizer)"
+        )
+    cfg = _read_json(config, what)
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise PreflightError(f"{what}: {config} has no model_type; it is not a transformers model config")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("pytorch_model*.bin")):
+        raise PreflightError(f"{what}: {path} has no weights (*.safetensors or pytorch_model*.bin)")
+    for w in weights:
+        check_safetensors(w, what)
+    if needs_tokenizer and not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise PreflightError(
+            f"{what}: {path} has no tokenizer (tokenizer.json or tokenizer.model); copy the base model's tokenizer "
+            "files into it"
+        )
+    if (path / "tokenizer.json").exists():
+        _read_json(path / "tokenizer.json", what)
+    return "hf"
+
+
+def check_adapter_folder(path: Path, what: str) -> None:
+    if not path.exists():
+        raise PreflightError(f"{what}: {path} not found; give the adapter folder a LoRA run wrote (adapter/)")
+    if not path.is_dir():
+        raise PreflightError(f"{what}: {path} is a file; give the adapter folder (adapter_config.json + weights)")
+    if not (path / "adapter_config.json").exists():
+        raise PreflightError(f"{what}: {path} has no adapter_config.json; it is not a PEFT adapter folder")
+    _read_json(path / "adapter_config.json", what)
+    for w in sorted(path.glob("*.safetensors")):
+        check_safetensors(w, what)
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+def local_data_paths(data_config: dict[str, Any], base_dir: Path) -> list[tuple[str, str, list[Path]]]:
+    """(field, as written, local matches) for every local path a data config reads: data_files as a string, a
+    list or globs, data_name or data_dir when they are paths. Remote references are left out."""
+    load = data_config.get("load_dataset_config") or {}
+    out: list[tuple[str, str, list[Path]]] = []
+    files = load.get("data_files")
+    for i, value in enumerate(files if isinstance(files, list) else [files]):
+        if not isinstance(value, str) or is_uri(value):
+            continue
+        field = "data_files" if not isinstance(files, list) else f"data_files[{i}]"
+        out.append((field, value, _matches(value, base_dir)))
+    for key in ("data_name", "data_dir"):
+        value = load.get(key)
+        if isinstance(value, str) and not is_uri(value):
+            p = _abs(value, base_dir)
+            if p.exists() or key == "data_dir" or value.startswith(("./", "../", "/", "~")):
+                out.append((key, value, [p] if p.exists() else []))
+    return out
+
+
+def _abs(value: str, base_dir: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def _matches(value: str, base_dir: Path) -> list[Path]:
+    p = _abs(value, base_dir)
+    if glob.has_magic(str(p)):
+        return [Path(m) for m in sorted(glob.glob(str(p), recursive=True))]
+    return [p] if p.exists() else []
+
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet", ".arrow")
+
+
+def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -> None:
+    """Each local file a data config names exists, is readable, is not empty, parses, and has the columns
+    its text_template / text_cols name (checked on the first rows)."""
+    pre = data_config.get("pre_process_data_config") or {}
+    columns = _needed_columns(pre)
+    for field, written, found in local_data_paths(data_config, base_dir):
+        label = f"{where}.load_dataset_config.{field}"
+        if not found:
+            hint = "matches no file" if glob.has_magic(written) else f"not found (looked at {_abs(written, base_dir)})"
+            raise PreflightError(f"{label}: {written!r} {hint}")
+        files: list[Path] = []
+        for p in found:
+            if p.is_dir():
+                if not os.access(p, os.R_OK | os.X_OK):
+                    raise PreflightError(f"{label}: folder {p} is not readable (permission denied)")
+                inner = [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in DATA_SUFFIXES]
+                if not inner and field != "data_dir":
+                    raise PreflightError(f"{label}: folder {p} holds no data file ({', '.join(DATA_SUFFIXES)})")
+                files += inner
+            else:
+                files.append(p)
+        for f in files:
+            check_data_file(f, label, columns)
+
+
+def _needed_columns(pre: dict[str, Any]) -> list[str]:
+    template = pre.get("text_template")
+    if template:
+        from orchestrator.data import template_columns
+
+        try:
+            fields = template_columns(template)
+        except ValueError as exc:
+            raise PreflightError(f"pre_process_data_config.text_template: {exc}") from None
+        return [c for c in fields if c]
+    cols = pre.get("text_cols")
+    return [cols] if isinstance(cols, str) else list(cols or [])
+
+
+def check_data_file(path: Path, label: str, columns: list[str]) -> None:
+    if not os.access(path, os.R_OK):
+        raise PreflightError(f"{label}: {path} is not readable (permission denied)")
+    size = path.stat().st_size
+    if size == 0:
+        raise PreflightError(f"{label}: {path} is empty; it needs at least one row")
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        rows = _json_rows(path, label, size)
+    elif suffix == ".csv":
+        rows = _csv_rows(path, label)
+    elif suffix == ".txt":
+        if not path.read_bytes()[: 1 << 20].strip():
+            raise PreflightError(f"{label}: {path} has only blank lines; it needs at least one row")
+        return
+    else:
+        return  # parquet/arrow: binary formats datasets checks itself
+    if not rows:
+        raise PreflightError(f"{label}: {path} has no rows")
+    first = rows[0]
+    if not isinstance(first, dict):
+        raise PreflightError(f"{label}: {path} rows must be JSON objects (one per line), got {type(first).__name__}")
+    # "{Best Answer}" is a column; "{row.x}", "{a[0]}", "{n:>5}", "{s!r}" need the column before the suffix
+    missing = [c for c in columns if c not in first and re.split(r"[.\[:!]", c, maxsplit=1)[0] not in first]
+    if missing:
+        raise PreflightError(
+            f"{label}: {path} has no column {missing[0]!r} that the text_template/text_cols names "
+            f"(columns: {', '.join(map(str, first)) or 'none'})"
+        )
+
+
+def _json_rows(path: Path, label: str, size: int) -> list[Any]:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            head = fh.read(4096).lstrip()
+            if head.startswith("[") and size <= JSON_PARSE_LIMIT:  # a JSON document holding a list of rows
+                fh.seek(0)
+                data = json.load(fh)
+                return list(data[:ROWS_CHECKED]) if isinstance(data, list) else [data]
+            fh.seek(0)
+            rows: list[Any] = []
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as exc:
+                    if lineno == 1 and size <= JSON_PARSE_LIMIT:  # maybe one pretty-printed JSON object
+                        try:
+                            fh.seek(0)
+                            data = json.load(fh)
+                        except ValueError:
+                            pass
+                        else:
+                            return _rows_of(data)
+                    raise PreflightError(
+                        f"{label}: {path} line {lineno} is not valid JSON ({_first_line(exc)}); fix or remove it"
+                    ) from None
+                if len(rows) >= ROWS_CHECKED:
+                    break
+            return rows
+    except UnicodeDecodeError:
+        raise PreflightError(f"{label}: {path} is not UTF-8 text; save it as UTF-8 JSON lines") from None
+    except ValueError as exc:
+        raise PreflightError(f"{label}: {path} is not valid JSON ({_first_line(exc)})") from None
+
+
+def _rows_of(data: Any) -> list[Any]:
+    """A JSON document as datasets reads it: a list of rows, or a mapping of columns (or one row)."""
+    if isinstance(data, list):
+        return data[:ROWS_CHECKED]
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        n = min(len(v) for v in data.values())
+        return [{k: v[i] for k, v in data.items()} for i in range(min(n, ROWS_CHECKED))]
+    return [data]
+
+
+def _csv_rows(path: Path, label: str) -> list[Any]:
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = []
+            for row in reader:
+                rows.append(row)
+                if len(rows) >= ROWS_CHECKED:
+                    break
+            return rows
+    except UnicodeDecodeError:
+        raise PreflightError(f"{label}: {path} is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise PreflightError(f"{label}: {path} is not valid CSV ({exc})") from None
+
+
+# ---- tracking ---------------------------------------------------------------------------------------------
+def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
+    """An http(s) MLflow server answers /health within seconds; a sqlite store's folder is writable."""
+    from orchestrator.tracking import redact
+
+    if uri.startswith(("http://", "https://")):
+        import time
+        import urllib.error
+        import urllib.request
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(uri)
+        bare = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), "", "", ""))
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(bare.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+                resp.read(64)
+        except urllib.error.HTTPError:
+            return  # it answered: a proxy or an old server without /health; the client reports auth errors itself
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise PreflightError(
+                f"tracking URI {redact(uri)} does not answer ({_first_line(reason)}, after "
+                f"{time.monotonic() - started:.1f}s); start the MLflow server, give another --tracking-uri, or "
+                "run with --no-tracking"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if db.exists() and not db.is_file():
+            raise PreflightError(f"tracking URI {uri}: {db} is a folder; give the path of a .db file")
+        check_writable_dir(f"tracking URI {uri}: the folder", db.parent)
+        if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+            raise PreflightError(f"tracking URI {uri}: {db} is not writable; give another --tracking-uri")
