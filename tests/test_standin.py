@@ -1,5 +1,6 @@
 """The local Azure stand-in, driven by the real, unpatched azure-ai-ml / azure-identity / azure-keyvault-secrets
-SDKs and a real MLflow server. Needs Azurite: `bash infra/install-azurite.sh` (npm, pinned)."""
+SDKs and a real MLflow server; jobs run in containers of their own environment image on the real Docker engine.
+Needs Azurite (`bash infra/install-azurite.sh`), a running dockerd and orch's base image (`orch env base`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,16 +17,29 @@ if str(REPO) not in sys.path:  # `tests` is a namespace package: importable from
     sys.path.insert(0, str(REPO))
 
 from tests.azure_standin import StandIn, start_standin  # noqa: E402
+from tests.azure_standin import state as st  # noqa: E402
 
 pytestmark = pytest.mark.azure
 
 HF_TOKEN = "hf_standin_test_token_4f8a2c"  # a fake value; the test checks where it travels
 REGISTRY = "orch-registry"
 
+# The job environment: what the job script imports, and nothing else (no torch: the host venv must not leak in).
+JOB_CONDA = {
+    "name": "orch-standin-job",
+    "dependencies": ["python=3.11", "pip", {"pip": [
+        "mlflow-skinny==3.15.0", "azureml-mlflow==1.62.0.post6", "azure-identity==1.27.0",
+        "azure-keyvault-secrets==4.12.0", "azure-storage-blob==12.27.1",
+    ]}],
+}  # fmt: skip
+
 JOB_SCRIPT = """
-import hashlib, os, pathlib, sys
+import hashlib, importlib.util, os, pathlib, sys
 
 run_id = os.environ["MLFLOW_RUN_ID"]  # mlflow.start_run() consumes it from the environment
+print("tracking:", os.environ["MLFLOW_TRACKING_URI"].split(":")[0], flush=True)
+print("torch importable:", importlib.util.find_spec("torch") is not None, flush=True)
+print("python:", sys.executable, flush=True)
 import mlflow
 from azure.identity import ManagedIdentityCredential
 from azure.keyvault.secrets import SecretClient
@@ -75,11 +90,10 @@ def env(ml):
 
     return ml.environments.create_or_update(
         Environment(
-            name="orch-standin-env",
-            image="mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest",
-            conda_file={"name": "orch", "dependencies": ["python=3.11", {"pip": ["mlflow==3.17.2"]}]},
+            name="orch-standin-env", image="mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04:latest",
+            conda_file=JOB_CONDA,
         )
-    )
+    )  # fmt: skip
 
 
 def _code(tmp: Path, script: str) -> Path:
@@ -105,7 +119,7 @@ def test_environment_is_reused(ml, env, standin: StandIn) -> None:
     changed = ml.environments.create_or_update(Environment(name=env.name, image=env.image + "-other"))
     assert changed.version == "2"  # a different image makes a new version, as on Azure ML
     put = standin.requests("PUT", rf"/environments/{env.name}/versions/1$")[0]
-    assert "condaFile" in put["body"] and "python=3.11" in put["body"]
+    assert "condaFile" in put["body"] and "azureml-mlflow" in put["body"]
 
 
 def test_command_job_end_to_end(ml, env, standin: StandIn, tmp_path: Path, capsys) -> None:
@@ -130,6 +144,17 @@ def test_command_job_end_to_end(ml, env, standin: StandIn, tmp_path: Path, capsy
     assert "model files: ['config.json', 'weights.bin']" in streamed
     assert "data files: ['train.txt']" in streamed and "job done" in streamed
     assert ml.jobs.get(created.name).status == "Completed"
+    # It ran in its environment's image, not in this venv: azureml:// tracking, no torch, the conda env's python.
+    assert "tracking: azureml" in streamed and "torch importable: False" in streamed
+    assert "python: /azureml-envs/orch-standin-env/bin/python" in streamed
+    record = standin.state.jobs[created.name]
+    assert record.image and record.image.startswith("azureml-standin/env:orch-standin-env-")
+    for state in ("Starting", "Preparing", "Queued", "Running", "Finalizing", "Completed"):
+        assert state in record.status_history
+    assert record.status_history.index("Preparing") < record.status_history.index("Running")
+    build_log = standin.azurite.download_bytes(st.ARTIFACT_CONTAINER, f"ExperimentRun/dcid.{created.name}/"
+                                               "azureml-logs/20_image_build_log.txt").decode()  # fmt: skip
+    assert "Building image" in build_log or "found in the workspace's image cache" in build_log
 
     ml.jobs.download(created.name, download_path=str(tmp_path / "dl"), all=True)
     assert (tmp_path / "dl/named-outputs/out/result.txt").read_text() == "CALM AND KIND\n"
@@ -147,9 +172,8 @@ def test_command_job_end_to_end(ml, env, standin: StandIn, tmp_path: Path, capsy
     assert any(r["path"] == "/msi/token" and r["status"] == 200 for r in standin.request_log)
 
     # MLflow metrics logged inside the job are in the MLflow server, on the run the stand-in made.
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=standin.mlflow_uri)
+    client = _mlflow_client(standin)
     runs = client.search_runs(
         [client.get_experiment_by_name("standin-e2e").experiment_id], f"tags.azureml.runId = '{created.name}'"
     )
@@ -181,7 +205,18 @@ def test_failing_job(ml, env, tmp_path: Path) -> None:
     assert ml.jobs.get(job.name).status == "Failed"
 
 
-def test_cancel_kills_the_process_group(ml, env, standin: StandIn, tmp_path: Path) -> None:
+def _mlflow_client(standin: StandIn) -> Any:
+    """A plain MlflowClient on the workspace endpoint with a user token, as orch status reads it."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ["MLFLOW_TRACKING_TOKEN"] = standin.mlflow_token()
+    return MlflowClient(tracking_uri=standin.mlflow_uri)
+
+
+def test_cancel_stops_the_container(ml, env, standin: StandIn, tmp_path: Path) -> None:
+    import docker
     from azure.ai.ml import command
 
     script = (
@@ -192,31 +227,30 @@ def test_cancel_kills_the_process_group(ml, env, standin: StandIn, tmp_path: Pat
             code=str(_code(tmp_path / "src", script)), command="python main.py", environment=env, compute="cpu-cluster"
         )  # fmt: skip
     )
-    deadline = time.monotonic() + 30
-    while ml.jobs.get(job.name).status != "Running" and time.monotonic() < deadline:
-        time.sleep(0.3)
-    pid = standin.state.jobs[job.name].pid
-    assert pid is not None
+    _wait_status(ml, job.name, "Running")
+    client = docker.from_env()
+    label = {"label": f"azureml-standin.job={job.name}"}
+    assert len(client.containers.list(filters=label)) == 1
     ml.jobs.begin_cancel(job.name).result()
-    assert standin.wait_job(job.name, 30) == "Canceled"
+    assert standin.wait_job(job.name, 60) == "Canceled"
     assert ml.jobs.get(job.name).status == "Canceled"
-    deadline = time.monotonic() + 10
-    while _live_group_members(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _live_group_members(pid) == []  # the whole group (python and its `sleep` child) is gone
+    assert client.containers.list(all=True, filters=label) == []  # the container (python and `sleep`) is gone
 
 
-def _live_group_members(pgid: int) -> list[int]:
-    """Processes of a process group that are not zombies (an orphaned zombie waits for init to reap it)."""
-    live = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            live.append(int(stat.parent.name))
-    return live
+def _wait_status(ml: Any, name: str, wanted: str, timeout: float = 300) -> list[str]:
+    """Poll jobs.get until `wanted`; returns every status seen, in order, without repeats."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = ml.jobs.get(name).status
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == wanted:
+            return seen
+        if status in ("Completed", "Failed", "Canceled"):
+            raise AssertionError(f"job {name} ended {status} waiting for {wanted}; seen {seen}")
+        time.sleep(0.1)
+    raise AssertionError(f"job {name} not {wanted} after {timeout}s; seen {seen}")
 
 
 def test_models_local_path_and_registry(ml, standin: StandIn, tmp_path: Path) -> None:
@@ -289,3 +323,132 @@ def test_host_managed_identity_route(standin: StandIn, monkeypatch: pytest.Monke
                 "interactive_browser")  # fmt: skip
     cred = DefaultAzureCredential(**{f"exclude_{k}_credential": True for k in excluded})
     assert standin.secret_client(cred).get_secret("hf-token").value == HF_TOKEN
+
+
+def _cmd(tmp: Path, script: str, **kw: Any) -> Any:
+    from azure.ai.ml import command
+
+    kw.setdefault("compute", "cpu-cluster")
+    return command(code=str(_code(tmp, script)), command="python main.py", **kw)
+
+
+def test_missing_package_fails_the_job(ml, env, tmp_path: Path) -> None:
+    """The job's environment has no torch: importing it fails the job exactly as on Azure ML."""
+    job = ml.jobs.create_or_update(_cmd(tmp_path / "src", "import torch\n", environment=env))
+    _wait_status(ml, job.name, "Failed")
+    error = ml.jobs.get(job.name).properties
+    details = ml.jobs._runs_operations.get_run_details(job.name)  # the run-history error the studio shows
+    assert "ModuleNotFoundError: No module named" in str(details.error) and "torch" in str(details.error), error
+
+
+def test_unknown_compute_environment_and_code_are_refused(ml, env, standin: StandIn, tmp_path: Path) -> None:
+    from azure.core.exceptions import HttpResponseError
+
+    with pytest.raises(HttpResponseError, match="Compute 'no-such-cluster' is not found"):
+        ml.jobs.create_or_update(_cmd(tmp_path / "a", "print(1)\n", environment=env, compute="no-such-cluster"))
+    with pytest.raises(HttpResponseError) as exc:
+        ml.jobs.create_or_update(_cmd(tmp_path / "b", "print(1)\n", environment="azureml:no-such-env:7"))
+    assert exc.value.status_code in (400, 404)
+    assert ml.compute.get("cpu-cluster").size == "Standard_DS3_v2"
+    assert {c.name for c in ml.compute.list()} >= {"cpu-cluster", "cpu-lowpri", "gpu-cluster"}
+    assert not [j for j in standin.state.jobs.values() if "no-such" in str(j.body.get("computeId"))]
+
+
+def test_job_put_is_immutable(ml, env, standin: StandIn, tmp_path: Path) -> None:
+    """An identical re-PUT answers 200 (a retried submit is harmless); a changed definition is a 400."""
+    import requests
+
+    job = ml.jobs.create_or_update(_cmd(tmp_path / "src", "import time; time.sleep(1)\n", environment=env))
+    put = [r for r in standin.requests("PUT", rf"/jobs/{job.name}$") if r["status"] == 201][-1]
+    url = f"{standin.base_url}{put['path']}"
+    token = standin.credential().get_token(f"{standin.aml_audience}.default").token
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    kw = {"params": put["query"], "headers": headers, "verify": standin.settings["ca_bundle"], "timeout": 30}
+    same = requests.put(url, data=put["body"], **kw)
+    assert same.status_code == 200, same.text
+    import json
+
+    changed = json.loads(put["body"])
+    changed["properties"]["command"] = "python other.py"
+    refused = requests.put(url, data=json.dumps(changed), **kw)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "JobPropertyImmutable"
+    assert "'command'" in refused.json()["error"]["message"]
+    assert standin.state.jobs[job.name].body["command"] == "python main.py"
+    assert standin.wait_job(job.name) == "Completed"
+
+
+def test_token_audience_is_checked_per_service(standin: StandIn) -> None:
+    import requests
+
+    cred = standin.credential()
+    vault_token = cred.get_token(f"{standin.key_vault_resource}/.default").token
+    ws = f"{standin.base_url}{standin.workspace_id}?api-version=2024-10-01-preview"
+    r = requests.get(ws, headers={"Authorization": f"Bearer {vault_token}"}, verify=standin.settings["ca_bundle"])
+    assert r.status_code == 401 and r.json()["error"]["code"] == "InvalidAuthenticationTokenAudience"
+    mlflow_api = f"{standin.mlflow_uri}/api/2.0/mlflow/experiments/search"
+    r = requests.post(mlflow_api, json={"max_results": 1}, verify=standin.settings["ca_bundle"])
+    assert r.status_code == 401  # the workspace MLflow endpoint needs a token
+    r = requests.post(mlflow_api, json={"max_results": 1}, headers={"Authorization": f"Bearer {vault_token}"},
+                      verify=standin.settings["ca_bundle"])  # fmt: skip
+    assert r.status_code == 401
+    arm_token = cred.get_token(f"{standin.aml_audience}.default").token
+    r = requests.post(mlflow_api, json={"max_results": 1}, headers={"Authorization": f"Bearer {arm_token}"},
+                      verify=standin.settings["ca_bundle"])  # fmt: skip
+    assert r.status_code == 200, r.text
+    arm_on_vault = requests.get(f"{standin.key_vault_url}secrets/hf-token?api-version=7.5",
+                                headers={"Authorization": f"Bearer {arm_token}"}, verify=standin.settings["ca_bundle"])
+    assert arm_on_vault.status_code == 401
+
+
+def test_not_responding_and_preempted_low_priority_job(ml, env, standin: StandIn, tmp_path: Path) -> None:
+    """A node that stops answering shows NotResponding and recovers; a preempted low-priority job is queued again
+    and runs from the start to Completed."""
+    import requests
+
+    script = "import time\nfor i in range(8):\n    print('tick', i, flush=True)\n    time.sleep(0.5)\n"
+    job = ml.jobs.create_or_update(_cmd(tmp_path / "src", script, environment=env, compute="cpu-lowpri"))
+    _wait_status(ml, job.name, "Running")
+    admin = f"{standin.base_url}/_standin/jobs/{job.name}"
+    ca = standin.settings["ca_bundle"]
+    assert requests.post(f"{admin}/pause", verify=ca, timeout=30).status_code == 200
+    _wait_status(ml, job.name, "NotResponding", timeout=30)
+    assert requests.post(f"{admin}/resume", verify=ca, timeout=30).status_code == 200
+    _wait_status(ml, job.name, "Running", timeout=30)
+    assert requests.post(f"{admin}/preempt", verify=ca, timeout=30).status_code == 200
+    seen = _wait_status(ml, job.name, "Completed", timeout=120)
+    assert seen[:2] == ["Queued", "Running"] or "Queued" in seen, seen
+    record = standin.state.jobs[job.name]
+    assert record.attempts == 2
+    log = Path(record.log_dir, "user_logs", "std_log.txt").read_text()
+    assert "preempted; job requeued (attempt 2)" in log and log.count("tick 7") == 1
+    dedicated = ml.jobs.create_or_update(_cmd(tmp_path / "d", "import time; time.sleep(2)\n", environment=env))
+    _wait_status(ml, dedicated.name, "Running")
+    assert requests.post(f"{standin.base_url}/_standin/jobs/{dedicated.name}/preempt", verify=ca).status_code == 409
+    assert standin.wait_job(dedicated.name) == "Completed"
+
+
+def test_distribution_starts_every_rank(ml, env, standin: StandIn, tmp_path: Path) -> None:
+    """instance_count 2 x process_count_per_instance 2: four ranks in two node containers, a log file each."""
+    from azure.ai.ml import PyTorchDistribution
+
+    script = "import os\ne = os.environ\nprint('rank', e['RANK'], 'of', e['WORLD_SIZE'], 'node', e['NODE_RANK'])\n"
+    job = ml.jobs.create_or_update(
+        _cmd(tmp_path / "src", script, environment=env, instance_count=2,
+             distribution=PyTorchDistribution(process_count_per_instance=2))
+    )  # fmt: skip
+    assert standin.wait_job(job.name) == "Completed"
+    logs = Path(standin.state.jobs[job.name].log_dir, "user_logs")
+    for rank in range(4):
+        text = (logs / f"std_log_process_{rank}.txt").read_text()
+        assert f"rank {rank} of 4 node {rank // 2}" in text
+
+
+def test_lost_answer_to_a_committed_put_makes_one_job(ml, env, standin: StandIn, tmp_path: Path) -> None:
+    """The service commits the PUT, the answer is lost: the SDK's retry re-PUTs the same body (200), one job."""
+    name = f"lost-answer-{int(time.time())}"
+    standin.inject_fault(rf"/jobs/{name}$", "commit-drop", count=1, method="PUT")
+    job = ml.jobs.create_or_update(_cmd(tmp_path / "src", "print('once')\n", environment=env, name=name))
+    puts = standin.requests("PUT", rf"/jobs/{name}$")
+    assert puts[0]["fault"] == "commit-drop" and puts[-1]["status"] == 200, [(p["fault"], p["status"]) for p in puts]
+    assert [j for j in standin.state.jobs if j == name] == [name] and job.name == name
+    assert standin.wait_job(name) == "Completed"

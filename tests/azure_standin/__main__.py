@@ -1,10 +1,13 @@
 """Start the local Azure stand-in by hand:
 
     python -m tests.azure_standin [--dir DIR] [--port PORT] [--seed-model NAME=PATH] [--seed-datastore PATH=SRC]
-                                  [--secret NAME=VALUE] [--registry NAME] [--python PYTHON] [--env-file FILE]
+                                  [--secret NAME=VALUE] [--registry NAME] [--state-delay S]
+                                  [--image-alias PREFIX=IMAGE] [--env-file FILE]
 
-It starts Azurite, an MLflow server and the TLS stand-in, prints the settings orch needs (and the shell exports),
-and runs until Ctrl-C. See infra/local-azure.md."""
+It starts Azurite, an MLflow server and the TLS stand-in, prints the settings orch needs (and the shell exports,
+also written to DIR/env.sh: `source DIR/env.sh` points orch and the SDK at it), and runs until Ctrl-C. Jobs run in
+containers of their environment's image on the local Docker engine (tests/azure_standin/images.py).
+See infra/local-azure.md."""
 
 from __future__ import annotations
 
@@ -40,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="upload a local file/folder to workspaceblobstore at PATH")  # fmt: skip
     p.add_argument("--secret", action="append", default=[], metavar="NAME=VALUE", help="a Key Vault secret")
     p.add_argument("--registry", default="orch-registry", help="registry name for --seed-model")
-    p.add_argument("--python", help="interpreter that runs jobs (default: this one)")
+    p.add_argument("--state-delay", type=float, default=1.0, help="seconds each job state lasts at least")
+    p.add_argument("--image-alias", action="append", default=[], metavar="PREFIX=IMAGE",
+                   help="serve base images starting with PREFIX from the local IMAGE (default: "
+                        "mcr.microsoft.com/azureml/=orch/base:bookworm-py311)")  # fmt: skip
     p.add_argument("--env-file", type=Path, help="also write the shell exports to this file")
     a = p.parse_args(argv)
 
@@ -51,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     with start_standin(
         folder,
         port=a.port,
-        python=a.python,
+        state_delay_s=a.state_delay,
+        image_aliases=_pairs(a.image_alias, "image-alias") or None,
         seed_models={k: Path(v) for k, v in _pairs(a.seed_model, "seed-model").items()},
         seed_datastore={k: Path(v) for k, v in _pairs(a.seed_datastore, "seed-datastore").items()},
         secrets=_pairs(a.secret, "secret"),

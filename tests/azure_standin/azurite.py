@@ -155,6 +155,9 @@ class Azurite:
             n += 1
         return n
 
+    def download_bytes(self, container: str, blob: str) -> bytes:
+        return self.service().get_blob_client(container, blob).download_blob().readall()
+
     def blob_exists(self, container: str, blob: str) -> bool:
         return self.service().get_blob_client(container, blob).exists()
 

@@ -1,11 +1,19 @@
-"""Runs submitted command jobs the way Azure ML does, on this machine: fetch the code snapshot from Azurite,
-bind ${{inputs.x}} / ${{outputs.y}} to folders, run the command in a subprocess (own process group) with the
-environment variables Azure ML sets, stream stdout+stderr to user_logs/std_log.txt in the artifact store,
-upload outputs to azureml/{job}/{output}/ on the default datastore, and move the job through
-NotStarted -> Queued -> Preparing -> Running -> Finalizing -> Completed | Failed | Canceled.
+"""Runs submitted command jobs the way Azure ML does: in a container of the job's own environment image.
 
-The job's environment (image + conda file) is recorded, not built: the command runs with the stand-in's
-configured python (`python`/`python3` on PATH point at it)."""
+Lifecycle (each state held for at least `state_delay_s`, so a client polling sees it):
+    NotStarted -> Starting -> Preparing (environment image build; its log is azureml-logs/20_image_build_log.txt)
+    -> Queued -> Running -> Finalizing (outputs uploaded) -> Completed | Failed | Canceled
+with CancelRequested on cancel, NotResponding while a node stops answering (`pause`), and a preempted low-priority
+job going back to Queued and starting again (`preempt`).
+
+A job runs in `instance_count` containers (one per node) of the image built from its registered Environment, with
+host networking (the job reaches the stand-in, Azurite and MLflow on 127.0.0.1 as a job reaches the workspace's
+endpoints) and nothing from the host's Python: a package missing from the conda file fails the job as it would on
+Azure ML. Code snapshot, inputs and outputs are folders bound where Azure ML mounts them
+(/mnt/azureml/cr/j/<id>/exe/wd and .../cap/data-capability/wd/...), `${{inputs.x}}` / `${{outputs.y}}` bound to
+those paths; a PyTorch distribution starts process_count_per_instance ranks on each node with RANK / LOCAL_RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT / NODE_RANK set, each rank logging to user_logs/std_log_process_<rank>.txt.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +21,8 @@ import contextlib
 import os
 import re
 import shlex
-import signal
-import subprocess
+import shutil
+import socket
 import threading
 import time
 import traceback
@@ -25,6 +33,7 @@ from urllib.parse import urlsplit
 import requests
 
 from . import state as st
+from .images import BuildError, ImageBuilder
 from .routes_runhistory import log_prefix
 
 if TYPE_CHECKING:
@@ -36,13 +45,17 @@ DS_RX = re.compile(
     r"workspaces/[^/]+/)?datastores/(?P<ds>[^/]+)/paths/(?P<path>.*)$"
 )
 REG_MODEL_RX = re.compile(r"^azureml://registries/(?P<reg>[^/]+)/models/(?P<name>[^/]+)/versions/(?P<ver>[^/]+)$")
-ASSET_RX = re.compile(r"/(?P<kind>models|data)/(?P<name>[^/]+)/versions/(?P<ver>[^/]+)$")
+ASSET_RX = re.compile(r"/(?P<kind>models|data|environments|codes)/(?P<name>[^/]+)/versions/(?P<ver>[^/]+)$")
 SHORT_ASSET_RX = re.compile(r"^azureml:(?P<name>[^:/]+):(?P<ver>[^:/]+)$")
-# Host variables that must not leak into a job: a job authenticates as its own identity.
-SCRUB_PREFIXES = ("AZURE_", "MLFLOW_", "AZUREML_", "MSI_", "IDENTITY_")
+BUILD_LOG = "azureml-logs/20_image_build_log.txt"
+CONTAINER_LABEL = "azureml-standin.job"
 
 
 class JobError(Exception):
+    """A user error that fails the job (bad input, missing asset), shown in the job's error."""
+
+
+class Preempted(Exception):
     pass
 
 
@@ -50,9 +63,10 @@ class Executor:
     def __init__(self, standin: StandIn):
         self.s = standin
         self.threads: dict[str, threading.Thread] = {}
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.containers: dict[str, list[Any]] = {}
         self.lock = threading.Lock()
         self.root = standin.tmp_dir / "jobs"
+        self.builder = ImageBuilder(standin.image_aliases)
 
     # ---- public -----------------------------------------------------------------------------------------
     def submit(self, job: st.JobRecord) -> None:
@@ -66,10 +80,28 @@ class Executor:
                 return
             job.cancel_requested = True
             job.status = "CancelRequested"
-        with self.lock:
-            proc = self.procs.get(job.name)
-        if proc is not None:
-            _kill_group(proc)
+        self._stop_containers(job.name)
+
+    def pause(self, job: st.JobRecord) -> None:
+        """A node stops answering: the containers freeze, the job reports NotResponding."""
+        for c in self._containers(job.name):
+            with contextlib.suppress(Exception):
+                c.pause()
+        with self.s.state.lock:
+            job.paused = True
+
+    def resume(self, job: st.JobRecord) -> None:
+        for c in self._containers(job.name):
+            with contextlib.suppress(Exception):
+                c.unpause()
+        with self.s.state.lock:
+            job.paused = False
+
+    def preempt(self, job: st.JobRecord) -> None:
+        """A low-priority node is taken back: the job's containers die and the job is queued again."""
+        with self.s.state.lock:
+            job.preempt_requested = True
+        self._stop_containers(job.name, timeout=0)
 
     def shutdown(self) -> None:
         with self.s.state.lock:
@@ -77,7 +109,18 @@ class Executor:
         for j in jobs:
             self.cancel(j)
         for t in list(self.threads.values()):
-            t.join(timeout=15)
+            t.join(timeout=30)
+
+    def _containers(self, name: str) -> list[Any]:
+        with self.lock:
+            return list(self.containers.get(name, []))
+
+    def _stop_containers(self, name: str, timeout: int = 5) -> None:
+        for c in self._containers(name):
+            with contextlib.suppress(Exception):
+                c.unpause()
+            with contextlib.suppress(Exception):
+                c.stop(timeout=timeout)  # SIGTERM, SIGKILL after `timeout` s: the whole process tree goes
 
     # ---- the run ----------------------------------------------------------------------------------------
     def _set(self, job: st.JobRecord, status: str, **fields: Any) -> None:
@@ -85,111 +128,251 @@ class Executor:
             if job.status == "CancelRequested" and status not in TERMINAL:
                 return
             job.status = status
+            job.status_history.append(status)
             for k, v in fields.items():
                 setattr(job, k, v)
 
+    def _hold(self, job: st.JobRecord) -> None:
+        """Keep the current state visible for state_delay_s (returns early on cancel)."""
+        end = time.monotonic() + self.s.state_delay_s
+        while time.monotonic() < end and not job.cancel_requested:
+            time.sleep(0.05)
+
     def _run_safe(self, job: st.JobRecord) -> None:
         wd = self.root / job.name
-        log_path = wd / "user_logs" / "std_log.txt"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.touch()
-        job.log_path = str(log_path)
+        logs = wd / "logs"
+        (logs / "user_logs").mkdir(parents=True, exist_ok=True)
+        (logs / "azureml-logs").mkdir(parents=True, exist_ok=True)
+        job.log_path = str(logs / "user_logs" / "std_log.txt")
+        job.log_dir = str(logs)
         status, error = "Failed", None
         try:
-            status, error = self._run(job, wd, log_path)
-        except JobError as e:
+            status, error = self._run(job, wd, logs)
+        except (JobError, BuildError) as e:
             error = {"code": "UserError", "message": str(e)}
-            with open(log_path, "a") as fh:
+            with open(logs / ("azureml-logs/20_image_build_log.txt" if isinstance(e, BuildError) else
+                              "user_logs/std_log.txt"), "a") as fh:  # fmt: skip
                 fh.write(f"\nazure stand-in: {e}\n")
         except Exception as e:  # noqa: BLE001 - a stand-in bug fails the job with the traceback
             error = {"code": "SystemError", "message": f"stand-in executor: {type(e).__name__}: {e}"}
-            with open(log_path, "a") as fh:
+            with open(logs / "user_logs" / "std_log.txt", "a") as fh:
                 fh.write(traceback.format_exc())
+        finally:
+            self._remove_containers(job.name)
         if job.cancel_requested:
             status, error = "Canceled", None
         try:
-            self._upload_log(job, log_path)
+            self._upload_logs(job)
         except Exception:  # noqa: BLE001 - the status matters more than a last log upload
             traceback.print_exc()
         self._end_mlflow_run(job, status)
-        self._set(job, status, error=error, end_time=st.now_iso())
         with self.s.state.lock:
+            job.error, job.end_time = error, st.now_iso()
             job.status = status  # also from CancelRequested
+            job.status_history.append(status)
 
-    def _run(self, job: st.JobRecord, wd: Path, log_path: Path) -> tuple[str, dict[str, Any] | None]:
-        self._set(job, "Queued")
+    def _run(self, job: st.JobRecord, wd: Path, logs: Path) -> tuple[str, dict[str, Any] | None]:
+        props = job.body
+        self._set(job, "Starting")
         self._start_mlflow_run(job)
+        self._hold(job)
         if job.cancel_requested:
             return "Canceled", None
         self._set(job, "Preparing", start_time=st.now_iso())
-        props = job.body
-        code_dir = wd / "code"
-        code_dir.mkdir(parents=True, exist_ok=True)
-        if props.get("codeId"):
-            self._fetch_code(props["codeId"], code_dir)
-        bindings: dict[str, str] = {}
-        env_inputs: dict[str, str] = {}
-        for name, spec in (props.get("inputs") or {}).items():
-            value = self._bind_input(name, spec or {}, wd / "inputs" / name)
-            bindings[f"inputs.{name}"] = value
-            env_inputs[f"AZURE_ML_INPUT_{name}"] = value
-        out_dirs: dict[str, Path] = {}
-        for name, spec in (props.get("outputs") or {}).items():
-            d = wd / "outputs" / name
-            d.mkdir(parents=True, exist_ok=True)
-            out_dirs[name] = d
-            spec = spec or {}
-            bindings[f"outputs.{name}"] = str(d / name) if spec.get("jobOutputType") == "uri_file" else str(d)
-            env_inputs[f"AZURE_ML_OUTPUT_{name}"] = bindings[f"outputs.{name}"]
-        command = _substitute(props.get("command") or "", bindings)
-        env = self._job_env(job, env_inputs, wd)
-        with open(log_path, "ab") as log:
+        image = self._prepare_image(job, wd, logs)
+        self._hold(job)
+        attempt = 0
+        while True:
+            attempt += 1
             if job.cancel_requested:
                 return "Canceled", None
-            self._set(job, "Running")
-            proc = subprocess.Popen(
-                ["bash", "-c", command], cwd=str(code_dir), env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-            with self.lock:
-                self.procs[job.name] = proc
-            job.pid = proc.pid
+            self._set(job, "Queued")
+            self._hold(job)
             if job.cancel_requested:
-                _kill_group(proc)
-            timeout = _timeout_s(props)
-            started = time.monotonic()
-            last_size, last_upload = -1, 0.0
-            while proc.poll() is None:
-                time.sleep(0.2)
-                now = time.monotonic()
-                if timeout and now - started > timeout:
-                    _kill_group(proc)
-                    proc.wait()
-                    return "Failed", {"code": "UserError", "message": f"job exceeded its timeout of {timeout}s"}
-                if now - last_upload > 1.0:
-                    size = log_path.stat().st_size
-                    if size != last_size:
-                        self._upload_log(job, log_path)
-                        last_size = size
-                    last_upload = now
-            with self.lock:
-                self.procs.pop(job.name, None)
-        job.exit_code = proc.returncode
+                return "Canceled", None
+            try:
+                exit_code, out_dirs = self._attempt(job, wd / f"attempt-{attempt}", logs, image, attempt)
+            except Preempted:
+                with self.s.state.lock:
+                    job.preempt_requested = False
+                    job.attempts = attempt + 1
+                with open(logs / "user_logs" / "std_log.txt", "a") as fh:
+                    fh.write(f"\nazure stand-in: low-priority node preempted; job requeued (attempt {attempt + 1})\n")
+                continue
+            break
+        job.exit_code = exit_code
         if job.cancel_requested:
             return "Canceled", None
+        if exit_code is None:
+            return "Failed", {"code": "UserError", "message": f"job exceeded its timeout of {_timeout_s(props)}s"}
         self._set(job, "Finalizing")
         for name, d in out_dirs.items():
             uri = self._upload_output(job, name, (props.get("outputs") or {}).get(name) or {}, d)
             with self.s.state.lock:
                 job.output_uris[name] = uri
-        if proc.returncode != 0:
-            tail = _tail(log_path)
+        self._hold(job)
+        if exit_code != 0:
             return "Failed", {
                 "code": "UserError",
-                "message": f"Execution failed. User process 'bash' exited with status code {proc.returncode}. "
-                f"Please check log file 'user_logs/std_log.txt' for error details. Error: {tail}",
+                "message": f"Execution failed. User process 'bash' exited with status code {exit_code}. "
+                f"Please check log file 'user_logs/std_log.txt' for error details. Error: {_tail(logs)}",
             }
         return "Completed", None
+
+    # ---- Preparing: the environment image ---------------------------------------------------------------
+    def _prepare_image(self, job: st.JobRecord, wd: Path, logs: Path) -> str:
+        env_id = job.body.get("environmentId") or ""
+        m = ASSET_RX.search(env_id) or SHORT_ASSET_RX.match(env_id)
+        if not m:
+            raise JobError(f"environmentId {env_id!r} is not an environment version id")
+        with self.s.state.lock:
+            env = self.s.state.assets.get(("environments", m["name"]), {}).get(m["ver"])
+        if env is None:
+            raise JobError(f"environment {m['name']}:{m['ver']} not found")
+        env_props = env["properties"]
+        build_log = logs / BUILD_LOG
+        context_dir = None
+        if env_props.get("build"):
+            context_dir = wd / "build-context"
+            n = self._download_uri(env_props["build"].get("contextUri") or "", context_dir)
+            if n == 0:
+                raise BuildError(f"environment build context {env_props['build'].get('contextUri')} is empty")
+        uploader = _PeriodicUpload(lambda: self._upload_logs(job))
+        with open(build_log, "a", buffering=1) as fh, uploader:
+
+            def line(text: str) -> None:
+                fh.write(text + "\n")
+                uploader.poke()
+
+            built = self.builder.ensure(env_props, m["name"], context_dir=context_dir, log=line)
+        job.image = built.tag
+        return built.tag
+
+    # ---- Running: containers -----------------------------------------------------------------------------
+    def _attempt(
+        self, job: st.JobRecord, wd: Path, logs: Path, image: str, attempt: int
+    ) -> tuple[int | None, dict[str, Path]]:
+        import docker
+
+        props = job.body
+        jid = job.run_uuid.replace("-", "")
+        root = f"/mnt/azureml/cr/j/{jid}"
+        cap = f"{root}/cap/data-capability/wd"
+        exe = f"{root}/exe/wd"
+        shutil.rmtree(wd, ignore_errors=True)
+        code_dir = wd / "code"
+        code_dir.mkdir(parents=True)
+        if props.get("codeId"):
+            self._fetch_code(props["codeId"], code_dir)
+        volumes: dict[str, dict[str, str]] = {str(code_dir): {"bind": exe, "mode": "rw"}}
+        bindings: dict[str, str] = {}
+        env_io: dict[str, str] = {}
+        for name, spec in (props.get("inputs") or {}).items():
+            spec = spec or {}
+            if spec.get("jobInputType") == "literal":
+                bindings[f"inputs.{name}"] = str(spec.get("value", ""))
+                continue
+            if (spec.get("mode") or "").lower() == "direct":
+                bindings[f"inputs.{name}"] = spec.get("uri") or ""
+                env_io[f"AZURE_ML_INPUT_{name}"] = bindings[f"inputs.{name}"]
+                continue
+            host = wd / "inputs" / name
+            inner = self._bind_input(name, spec, host)
+            mount = f"{cap}/INPUT_{name}"
+            volumes[str(host)] = {"bind": mount, "mode": "ro"}
+            bindings[f"inputs.{name}"] = mount + inner
+            env_io[f"AZURE_ML_INPUT_{name}"] = bindings[f"inputs.{name}"]
+        out_dirs: dict[str, Path] = {}
+        for name, spec in (props.get("outputs") or {}).items():
+            spec = spec or {}
+            host = wd / "outputs" / name
+            host.mkdir(parents=True)
+            host.chmod(0o777)
+            out_dirs[name] = host
+            mount = f"{cap}/{name}"
+            volumes[str(host)] = {"bind": mount, "mode": "rw"}
+            bindings[f"outputs.{name}"] = f"{mount}/{name}" if spec.get("jobOutputType") == "uri_file" else mount
+            env_io[f"AZURE_ML_OUTPUT_{name}"] = bindings[f"outputs.{name}"]
+        command = _substitute(props.get("command") or "", bindings)
+        dist = props.get("distribution") or {}
+        nodes = int((props.get("resources") or {}).get("instanceCount") or 1)
+        per_node = int(dist.get("processCountPerInstance") or 1) if dist.get("distributionType") == "PyTorch" else 1
+        distributed = bool(dist) and nodes * per_node > 1
+        life = wd / "lifecycler"
+        life.mkdir()
+        (life / "command.sh").write_text(command + "\n")
+        (life / "launch.sh").write_text(_LAUNCHER)
+        user_logs = logs / "user_logs"
+        user_logs.chmod(0o777)
+        volumes[str(life)] = {"bind": f"{root}/cap/lifecycler/wd", "mode": "ro"}
+        volumes[str(user_logs)] = {"bind": f"{root}/cap/lifecycler/user_logs", "mode": "rw"}
+        volumes[str(self.s.tls.ca_bundle)] = {"bind": "/etc/azureml-standin/ca.pem", "mode": "ro"}
+        base_env = self._job_env(job, env_io, exe)
+        master_port = _free_port()
+        client = docker.from_env(timeout=120)
+        if job.cancel_requested:
+            return None, out_dirs
+        started = time.monotonic()
+        containers = []
+        for node in range(nodes):
+            env = {
+                **base_env,
+                "STANDIN_PROCESSES": str(per_node),
+                "STANDIN_NODE_RANK": str(node),
+                "STANDIN_DISTRIBUTED": "1" if distributed else "0",
+                "STANDIN_LIFECYCLER": f"{root}/cap/lifecycler",
+                "AZUREML_CR_NODE_RANK": str(node),
+            }
+            if distributed:
+                env.update(
+                    WORLD_SIZE=str(nodes * per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port),
+                    NODE_RANK=str(node), GROUP_RANK=str(node), LOCAL_WORLD_SIZE=str(per_node),
+                    AZ_BATCH_MASTER_NODE=f"127.0.0.1:{master_port}", AZ_BATCHAI_MPI_MASTER_NODE="127.0.0.1",
+                )  # fmt: skip
+            c = client.containers.run(
+                image, ["bash", f"{root}/cap/lifecycler/wd/launch.sh"], detach=True, working_dir=exe,
+                environment=env, volumes=volumes, network_mode="host", user=f"{os.getuid()}:{os.getgid()}",
+                extra_hosts=self.s.extra_hosts(), labels={CONTAINER_LABEL: job.name}, shm_size="1g",
+                name=f"standin-{job.name[:40]}-a{attempt}-n{node}-{jid[:6]}",
+            )  # fmt: skip
+            containers.append(c)
+            with self.lock:
+                self.containers.setdefault(job.name, []).append(c)
+        self._set(job, "Running")
+        timeout = _timeout_s(props)
+        uploader = _PeriodicUpload(lambda: self._upload_logs(job))
+        with uploader:
+            codes: dict[str, int] = {}
+            while len(codes) < len(containers):
+                time.sleep(0.2)
+                uploader.poke()
+                if job.preempt_requested:
+                    self._stop_containers(job.name, timeout=0)
+                    self._remove_containers(job.name)
+                    raise Preempted()
+                if job.paused:
+                    self._set(job, "NotResponding")
+                elif job.status == "NotResponding":
+                    self._set(job, "Running")
+                for c in containers:
+                    if c.id in codes:
+                        continue
+                    c.reload()
+                    if c.status in ("exited", "dead"):
+                        codes[c.id] = int(c.attrs["State"]["ExitCode"])
+                        if codes[c.id] != 0:  # one failed node ends the job, as on Azure ML
+                            self._stop_containers(job.name)
+                if timeout and time.monotonic() - started > timeout and not job.paused:
+                    self._stop_containers(job.name)
+                    return None, out_dirs
+        return max(codes.values(), key=abs), out_dirs
+
+    def _remove_containers(self, name: str) -> None:
+        with self.lock:
+            cs = self.containers.pop(name, [])
+        for c in cs:
+            with contextlib.suppress(Exception):
+                c.remove(force=True)
 
     # ---- code, inputs, outputs ------------------------------------------------------------------------
     def _fetch_code(self, code_id: str, dest: Path) -> None:
@@ -235,19 +418,17 @@ class Executor:
         raise JobError(f"cannot resolve input uri {uri!r}")
 
     def _bind_input(self, name: str, spec: dict[str, Any], dest: Path) -> str:
-        kind = spec.get("jobInputType", "")
-        if kind == "literal":
-            return str(spec.get("value", ""))
+        """Download an input into dest; returns the path inside the mount ('' for a folder, /file for a file)."""
         uri = spec.get("uri") or ""
         if not uri:
             raise JobError(f"input {name!r} has no uri")
         n = self._download_uri(uri, dest)
         if n == 0:
             raise JobError(f"input {name!r}: nothing found at {uri}")
-        if kind == "uri_file":
+        if spec.get("jobInputType") == "uri_file":
             files = [p for p in dest.rglob("*") if p.is_file()]
-            return str(files[0])
-        return str(dest)
+            return "/" + files[0].relative_to(dest).as_posix()
+        return ""
 
     def _upload_output(self, job: st.JobRecord, name: str, spec: dict[str, Any], folder: Path) -> str:
         uri = spec.get("uri")
@@ -262,29 +443,29 @@ class Executor:
             self.s.azurite.upload_folder(folder, ds["properties"]["containerName"], path)
         return f"azureml://datastores/{ds_name}/paths/{path}/"
 
-    def _upload_log(self, job: st.JobRecord, log_path: Path) -> None:
-        self.s.azurite.upload_bytes(
-            st.ARTIFACT_CONTAINER, log_prefix(job.name) + "user_logs/std_log.txt", log_path.read_bytes()
-        )
+    def _upload_logs(self, job: st.JobRecord) -> None:
+        """Every log file of the job (user_logs/*, azureml-logs/*) to the run's artifact prefix."""
+        if not job.log_dir:
+            return
+        root = Path(job.log_dir)
+        for p in sorted(root.rglob("*.txt")):
+            data = p.read_bytes()
+            key = p.relative_to(root).as_posix()
+            if job.uploaded_sizes.get(key) == len(data):
+                continue
+            self.s.azurite.upload_bytes(st.ARTIFACT_CONTAINER, log_prefix(job.name) + key, data)
+            with self.s.state.lock:
+                job.uploaded_sizes[key] = len(data)
 
     # ---- environment -----------------------------------------------------------------------------------
-    def _job_env(self, job: st.JobRecord, extra: dict[str, str], wd: Path) -> dict[str, str]:
+    def _job_env(self, job: st.JobRecord, extra: dict[str, str], exe: str) -> dict[str, str]:
         s = self.s
-        bin_dir = wd / "bin"
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        for exe in ("python", "python3"):
-            # A wrapper, not a symlink: a symlinked venv python loses its venv (sys.prefix).
-            shim = bin_dir / exe
-            shim.write_text(f'#!/bin/sh\nexec {shlex.quote(s.python)} "$@"\n')
-            shim.chmod(0o755)
-        base = {k: v for k, v in os.environ.items() if not k.startswith(SCRUB_PREFIXES)}
-        base.pop("REQUESTS_CA_BUNDLE", None)
-        base.pop("SSL_CERT_FILE", None)
-        token, exp = s.state.issue_token(st.JOB_IDENTITY_CLIENT_ID, s.base_url + "/", job=job.name)
+        token, exp = s.state.issue_token(st.JOB_IDENTITY_CLIENT_ID, s.aml_audience, job=job.name)
         exp_name = job.body.get("experimentName") or "Default"
+        ca = "/etc/azureml-standin/ca.pem"
         env = {
-            **base,
-            "PATH": f"{bin_dir}{os.pathsep}{base.get('PATH', '/usr/bin:/bin')}",
+            "HOME": "/tmp",
+            "PYTHONUNBUFFERED": "1",
             "AZUREML_RUN_ID": job.name,
             "AZUREML_ROOT_RUN_ID": job.name,
             "AZUREML_ARM_SUBSCRIPTION": st.SUBSCRIPTION,
@@ -297,36 +478,33 @@ class Executor:
             "AZUREML_DISCOVERY_SERVICE_ENDPOINT": f"{s.base_url}/discovery",
             "AZUREML_RUN_TOKEN": token,
             "AZUREML_RUN_TOKEN_EXPIRY": str(exp),
-            # Cloud: the SDK and azureml-mlflow load "LocalCloud" from the stand-in's ARM metadata route.
+            "AZUREML_CR_EXECUTION_WORKING_DIR_PATH": exe,
+            # Cloud: azureml-mlflow / the SDK load this cloud's endpoints from the stand-in's ARM metadata route.
             "AZUREML_CURRENT_CLOUD": s.cloud_name,
             "ARM_CLOUD_METADATA_URL": f"{s.base_url}/metadata/endpoints?api-version=2019-05-01",
-            # MLflow: https form of the workspace tracking URI (plain mlflow), run/experiment made for the job.
-            "MLFLOW_TRACKING_URI": s.mlflow_uri,
+            # MLflow, as Azure ML sets it: the workspace's azureml:// URI (needs azureml-mlflow in the environment),
+            # a token, and the job's run and experiment.
+            "MLFLOW_TRACKING_URI": s.mlflow_azureml_uri,
             "MLFLOW_TRACKING_TOKEN": token,
             "MLFLOW_RUN_ID": job.mlflow_run_id or "",
             "MLFLOW_EXPERIMENT_ID": job.mlflow_experiment_id or "",
+            "MLFLOW_EXPERIMENT_NAME": exp_name,
             # Managed identity, as on Azure ML compute: ManagedIdentityCredential -> MSI_ENDPOINT with `secret`.
             "MSI_ENDPOINT": f"{s.base_url}/msi/token",
             "MSI_SECRET": job.msi_secret,
             "DEFAULT_IDENTITY_CLIENT_ID": st.JOB_IDENTITY_CLIENT_ID,
             # The stand-in's CA (Azure's certificates are public; these are not).
-            "REQUESTS_CA_BUNDLE": str(s.tls.ca_bundle),
-            "SSL_CERT_FILE": str(s.tls.ca_bundle),
+            "REQUESTS_CA_BUNDLE": ca,
+            "SSL_CERT_FILE": ca,
             **extra,
         }
-        # *.localhost (vault, blob hosts) -> 127.0.0.1 inside the job, without /etc/hosts.
-        hook = str(s.resolver_hook_dir())
-        env["PYTHONPATH"] = hook + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
-        for k, v in (job.body.get("environmentVariables") or {}).items():
-            env[k] = str(v)
+        env.update({k: str(v) for k, v in (job.body.get("environmentVariables") or {}).items()})
         return env
 
-    # ---- mlflow -----------------------------------------------------------------------------------------
     def _mlflow(self, method: str, endpoint: str, **kw: Any) -> dict[str, Any]:
-        url = f"{self.s.mlflow_uri}/api/2.0/mlflow/{endpoint}"
-        r = requests.request(method, url, verify=str(self.s.tls.ca_bundle), timeout=30, **kw)
+        r = requests.request(method, f"{self.s.mlflow.uri}/api/2.0/mlflow/{endpoint}", timeout=30, **kw)
         if r.status_code >= 400:
-            return {"_error": r.status_code, "_text": r.text}
+            return {"error": r.status_code, "text": r.text}
         return r.json()
 
     def _start_mlflow_run(self, job: st.JobRecord) -> None:
@@ -363,6 +541,48 @@ class Executor:
             traceback.print_exc()
 
 
+# Azure ML's lifecycler on each node: start the ranks of this node, each logging to its own file.
+_LAUNCHER = r"""#!/bin/bash
+n=${STANDIN_PROCESSES:-1}; node=${STANDIN_NODE_RANK:-0}; logs=$STANDIN_LIFECYCLER/user_logs
+pids=()
+for ((i = 0; i < n; i++)); do
+  rank=$((node * n + i))
+  if [ "$STANDIN_DISTRIBUTED" = 1 ]; then
+    log=$logs/std_log_process_$rank.txt
+    RANK=$rank LOCAL_RANK=$i bash "$STANDIN_LIFECYCLER/wd/command.sh" >>"$log" 2>&1 &
+  else
+    bash "$STANDIN_LIFECYCLER/wd/command.sh" >>"$logs/std_log.txt" 2>&1 &
+  fi
+  pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
+rc=0
+for p in "${pids[@]}"; do wait "$p"; c=$?; [ "$rc" = 0 ] && rc=$c; done
+exit $rc
+"""
+
+
+class _PeriodicUpload:
+    """Calls `fn` at most once a second while poked, and once more at exit (log files to the artifact store)."""
+
+    def __init__(self, fn: Any, every: float = 1.0):
+        self.fn, self.every, self.last = fn, every, 0.0
+
+    def poke(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            with contextlib.suppress(Exception):
+                self.fn()
+
+    def __enter__(self) -> _PeriodicUpload:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with contextlib.suppress(Exception):
+            self.fn()
+
+
 def _substitute(command: str, bindings: dict[str, str]) -> str:
     """${{inputs.x}} / ${{outputs.y}} -> paths; $[[ ... ]] optional blocks kept only when all their
     references are bound (Azure ML's rule for optional inputs)."""
@@ -392,26 +612,19 @@ def _timeout_s(props: dict[str, Any]) -> float | None:
     return int(h or 0) * 3600 + int(mi or 0) * 60 + float(se or 0)
 
 
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(text[-lines:])
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Cancel: SIGTERM the job's process group, SIGKILL after 5 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-
-    def later() -> None:
+def _tail(logs: Path, lines: int = 5) -> str:
+    files = sorted((logs / "user_logs").glob("std_log*.txt"))
+    for path in files:
         try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            text = path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            continue
+        if text:
+            return " | ".join(text[-lines:])
+    return ""
 
-    threading.Thread(target=later, daemon=True).start()
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,8 +1,10 @@
 """A real MLflow tracking server behind the workspace tracking URI.
 
-Azure ML serves MLflow at https://<region>.api.azureml.ms/mlflow/v2.0/<workspace ARM path>; the server here runs
-with that path as --static-prefix and with TLS, so both plain mlflow (https form) and azureml-mlflow (azureml://
-form, rewritten to https) reach it at the same path."""
+Azure ML serves MLflow at https://<region>.api.azureml.ms/mlflow/v2.0/<workspace ARM path>, behind the workspace's
+bearer-token check. The server here listens on plain http on loopback with that path as --static-prefix; clients
+never reach it directly: the TLS stand-in serves /mlflow/v2.0/... after checking the token and forwards to it
+(routes_mlflow.py), so both plain mlflow (https form + MLFLOW_TRACKING_TOKEN) and azureml-mlflow (azureml:// form,
+rewritten to https) go through the same authenticated endpoint."""
 
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ class MlflowServer:
 
     @property
     def uri(self) -> str:
-        """The https tracking URI that plain mlflow accepts (MLFLOW_TRACKING_URI inside jobs)."""
-        return f"https://127.0.0.1:{self.port}{self.prefix}"
+        """The server's own address (no auth): for the stand-in's proxy and its own run bookkeeping only."""
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -41,7 +43,6 @@ class MlflowServer:
             "--port", str(self.port),
             "--workers", "1",
             "--static-prefix", self.prefix,
-            "--uvicorn-opts", f"--ssl-keyfile {self.key} --ssl-certfile {self.cert}",
         ]  # fmt: skip
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime

@@ -33,6 +33,15 @@ V_ASSET = {"2023-04-01", "2023-04-01-preview", "2023-08-01-preview"}
 V_JOB = {"2025-01-01-preview", "2024-01-01-preview", "2023-04-01-preview"}
 V_DS = {"2024-10-01-preview"}
 V_REG = {"2021-10-01-dataplanepreview"}
+V_COMPUTE = {"2023-08-01-preview", "2024-04-01-preview"}
+# The workspace's computes: (vm size, priority, max nodes). Low priority nodes can be preempted (`preempt`).
+COMPUTES = {
+    "cpu-cluster": ("Standard_DS3_v2", "Dedicated", 4),
+    "cpu-lowpri": ("Standard_DS3_v2", "LowPriority", 4),
+    "gpu-cluster": ("Standard_NC24ads_A100_v4", "Dedicated", 2),
+}
+# Job properties Azure ML lets a re-PUT change; any other difference is JobPropertyImmutable.
+JOB_MUTABLE = ("tags", "description", "displayName", "properties")
 KINDS = {"environments": "environments", "codes": "codes", "models": "models", "data": "data"}
 # Properties that make a version immutable: a PUT with other values on an existing version is a 409.
 IMMUTABLE = {
@@ -129,6 +138,67 @@ def seed_workspace(s: StandIn) -> None:
         )
     for c in (st.BLOB_CONTAINER, st.ARTIFACT_CONTAINER):
         s.azurite.ensure_container(c)
+    with s.state.lock:
+        for name, (size, priority, nodes) in COMPUTES.items():
+            s.state.computes[name] = compute_body(s, name, size, priority, nodes)
+
+
+def compute_body(s: StandIn, name: str, vm_size: str, priority: str, max_nodes: int) -> dict[str, Any]:
+    """An AmlCompute cluster, shaped like the service's sample (Compute/get/AmlCompute.json)."""
+    return {
+        "id": f"{s.workspace_id}/computes/{name}",
+        "type": f"{RP}/workspaces/computes",
+        "name": name,
+        "location": st.LOCATION,
+        "tags": {},
+        "identity": None,
+        "sku": None,
+        "properties": {
+            "description": None,
+            "createdOn": "2026-01-01T00:00:00.0000000+00:00",
+            "modifiedOn": "2026-01-01T00:00:00.0000000+00:00",
+            "computeType": "AmlCompute",
+            "computeLocation": st.LOCATION,
+            "provisioningState": "Succeeded",
+            "provisioningErrors": None,
+            "isAttachedCompute": False,
+            "disableLocalAuth": True,
+            "properties": {
+                "vmSize": vm_size,
+                "vmPriority": priority,
+                "osType": "Linux",
+                "virtualMachineImage": None,
+                "isolatedNetwork": False,
+                "subnet": None,
+                "scaleSettings": {"maxNodeCount": max_nodes, "minNodeCount": 0, "nodeIdleTimeBeforeScaleDown": "PT2M"},
+                "remoteLoginPortPublicAccess": "Disabled",
+                "allocationState": "Steady",
+                "allocationStateTransitionTime": "2026-01-01T00:00:00.000Z",
+                "errors": None,
+                "currentNodeCount": 0,
+                "targetNodeCount": 0,
+                "nodeStateCounts": {"preparingNodeCount": 0, "runningNodeCount": 0, "idleNodeCount": 0,
+                                    "unusableNodeCount": 0, "leavingNodeCount": 0, "preemptedNodeCount": 0},
+                "enableNodePublicIp": False,
+            },
+        },
+    }  # fmt: skip
+
+
+def get_compute(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    with ctx.standin.state.lock:
+        body = ctx.standin.state.computes.get(m["name"].lower())
+    if body is None:
+        raise HttpError(404, "ResourceNotFound", f"The Resource '{RP}/workspaces/{st.WORKSPACE}/computes/"
+                        f"{m['name']}' under resource group '{st.RESOURCE_GROUP}' was not found.")  # fmt: skip
+    return Response(200, body)
+
+
+def list_computes(ctx: Ctx, m: re.Match[str]) -> Response:
+    _check_ws(ctx, m)
+    with ctx.standin.state.lock:
+        return Response(200, {"value": list(ctx.standin.state.computes.values())})
 
 
 def get_datastore(s: StandIn, name: str) -> dict[str, Any]:
@@ -395,24 +465,83 @@ def put_job(ctx: Ctx, m: re.Match[str]) -> Response:
     props = ctx.json().get("properties") or {}
     if props.get("jobType") != "Command":
         raise HttpError(400, "UserError", f"stand-in runs Command jobs only, got {props.get('jobType')!r}")
+    sent = copy.deepcopy(props)
     with s.state.lock:
         existing = s.state.jobs.get(name)
         if existing is not None:
-            # Azure ML allows updating only tags/description/displayName of an existing job.
-            for k in ("tags", "description", "displayName"):
-                if k in props:
-                    existing.body[k] = props[k]
+            changed = sorted(k for k in set(sent) | set(existing.request_props)
+                             if sent.get(k) != existing.request_props.get(k))  # fmt: skip
+            immutable = [k for k in changed if k not in JOB_MUTABLE]
+            if immutable:
+                raise HttpError(400, "JobPropertyImmutable",
+                                f"The property '{immutable[0]}' of job '{name}' cannot be changed: a job's "
+                                f"definition is immutable once created (changed: {', '.join(immutable)})")  # fmt: skip
+            for k in changed:  # tags / description / displayName / properties may be updated
+                existing.body[k] = copy.deepcopy(sent.get(k))
+                existing.request_props[k] = copy.deepcopy(sent.get(k))
             return Response(200, job_body(s, existing))
+    _check_job_references(s, props)
+    with s.state.lock:
+        if name in s.state.jobs:  # a concurrent PUT of the same name won the race: treat as a re-PUT
+            return Response(200, job_body(s, s.state.jobs[name]))
         props.setdefault("experimentName", "Default")
         props.setdefault("displayName", name)
         props.setdefault("computeId", None)
         props.setdefault("isArchived", False)
         props.setdefault("properties", {})
         props["properties"].setdefault("_azureml.ComputeTargetType", "local")
-        job = st.JobRecord(name=name, body=props, created=st.now_iso())
+        job = st.JobRecord(name=name, body=props, created=st.now_iso(), request_props=sent)
         s.state.jobs[name] = job
     s.executor.submit(job)
     return Response(201, job_body(s, job))
+
+
+def _check_job_references(s: StandIn, props: dict[str, Any]) -> None:
+    """What Azure ML checks at submission: the compute, environment version and code version must exist."""
+    compute = props.get("computeId")
+    if compute:
+        cname = compute.rstrip("/").rsplit("/", 1)[-1]
+        with s.state.lock:
+            known = cname.lower() in s.state.computes
+            names = ", ".join(sorted(s.state.computes))
+        if not known:
+            raise HttpError(400, "UserError", f"Compute '{cname}' is not found in workspace '{st.WORKSPACE}'. "
+                            f"Computes in this workspace: {names}")  # fmt: skip
+    for field_name, kind in (("environmentId", "environments"), ("codeId", "codes")):
+        ref = props.get(field_name)
+        if not ref:
+            if field_name == "environmentId":
+                raise HttpError(400, "UserError", "A command job needs an environment (environmentId)")
+            continue
+        mm = re.search(rf"/{kind}/(?P<name>[^/]+)/versions/(?P<ver>[^/]+)$", ref) or re.match(
+            r"^azureml:(?P<name>[^:/]+):(?P<ver>[^:/]+)$", ref
+        )
+        with s.state.lock:
+            found = mm is not None and mm["ver"] in s.state.assets.get((kind, mm["name"]), {})
+        if not found:
+            raise HttpError(404, "UserError", f"{field_name} {ref!r}: no such {kind[:-1]} version in workspace "
+                            f"'{st.WORKSPACE}'")  # fmt: skip
+
+
+def job_action(ctx: Ctx, m: re.Match[str]) -> Response:
+    """Admin: make a node stop answering (pause), answer again (resume), or preempt a low-priority job."""
+    s = ctx.standin
+    with s.state.lock:
+        job = s.state.jobs.get(m["name"])
+    if job is None:
+        return arm_error(404, "UserError", f"Job {m['name']} not found")
+    action = m["action"]
+    if action == "preempt":
+        cname = (job.body.get("computeId") or "").rstrip("/").rsplit("/", 1)[-1].lower()
+        compute = s.state.computes.get(cname)
+        if compute is None or compute["properties"]["properties"]["vmPriority"] != "LowPriority":
+            return arm_error(409, "Conflict", f"job {job.name} does not run on a low-priority compute")
+        s.executor.preempt(job)
+    elif action == "pause":
+        s.executor.pause(job)
+    else:
+        s.executor.resume(job)
+    return Response(200, {"name": job.name, "status": job.status})
 
 
 def get_job(ctx: Ctx, m: re.Match[str]) -> Response:
@@ -521,6 +650,10 @@ def register(r: Router) -> None:
     r.add("PUT", mfe + W + rf"/{kinds}/{name}/versions/(?P<version>[^/]+)", put_version, api_versions=V_ASSET)
     r.add("POST", mfe + W + rf"/{kinds}/{name}/versions/(?P<version>[^/]+)/startPendingUpload",
           start_pending_upload, api_versions=V_ASSET)  # fmt: skip
+    r.add("GET", mfe + W + r"/computes", list_computes, api_versions=V_COMPUTE)
+    r.add("GET", mfe + W + rf"/computes/{name}", get_compute, api_versions=V_COMPUTE)
+    r.add("POST", rf"/_standin/jobs/{name}/(?P<action>pause|resume|preempt)", job_action, api_versions=None,
+          auth="admin")  # fmt: skip
     r.add("GET", mfe + W + r"/datastores", list_datastores, api_versions=V_DS)
     r.add("GET", mfe + W + rf"/datastores/{name}", get_datastore_route, api_versions=V_DS)
     r.add("POST", mfe + W + rf"/datastores/{name}/listSecrets", list_secrets, api_versions=V_DS)

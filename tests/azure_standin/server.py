@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from . import routes_auth, routes_control, routes_keyvault, routes_runhistory
+from . import routes_auth, routes_control, routes_keyvault, routes_mlflow, routes_runhistory
 from . import state as st
-from .azurite import Azurite, free_port
+from .azurite import ACCOUNT, Azurite, free_port
 from .executor import Executor
 from .mlflow_server import MlflowServer
 from .tls import TlsFiles, make_tls
@@ -136,17 +135,25 @@ class _Server(ThreadingHTTPServer):
 class StandIn:
     """Everything the SDK needs, on 127.0.0.1. Use `start_standin()`; attributes below are the test API."""
 
-    def __init__(self, tmp_dir: Path, *, port: int | None = None, python: str | None = None):
+    def __init__(
+        self,
+        tmp_dir: Path,
+        *,
+        port: int | None = None,
+        state_delay_s: float = 0.5,
+        image_aliases: dict[str, str] | None = None,
+    ):
         self.tmp_dir = Path(tmp_dir)
+        self.state_delay_s = state_delay_s  # how long each lifecycle state lasts at least
+        self.image_aliases = image_aliases  # base image prefix -> local image (None: images.DEFAULT_ALIASES)
         self.state = st.State()
         self.port = port or free_port()
         self.tls = make_tls(self.tmp_dir / "tls")
         self.azurite = Azurite(self.tmp_dir / "azurite", self.tls.cert, self.tls.key, self.tls.ca_bundle)
         self.mlflow = MlflowServer(self.tmp_dir / "mlflow", self.workspace_path_prefix(), self.tls.cert, self.tls.key)
-        self.python = python or os.environ.get("STANDIN_JOB_PYTHON") or sys.executable
         self.executor = Executor(self)
         self.router = Router()
-        for mod in (routes_auth, routes_control, routes_runhistory, routes_keyvault):
+        for mod in (routes_auth, routes_control, routes_runhistory, routes_keyvault, routes_mlflow):
             mod.register(self.router)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -189,13 +196,27 @@ class StandIn:
 
     @property
     def mlflow_uri(self) -> str:
-        """https form of the workspace tracking URI (what plain mlflow accepts)."""
-        return self.mlflow.uri
+        """https form of the workspace tracking URI (plain mlflow with MLFLOW_TRACKING_TOKEN set)."""
+        return f"{self.base_url}/mlflow/v2.0{self.workspace_id}"
 
     @property
     def mlflow_azureml_uri(self) -> str:
         """azureml:// form, as the workspace reports it (azureml-mlflow rewrites v1.0 -> v2.0 and uses https)."""
-        return f"azureml://127.0.0.1:{self.mlflow.port}/mlflow/v1.0{self.workspace_id}"
+        return f"azureml://127.0.0.1:{self.port}/mlflow/v1.0{self.workspace_id}"
+
+    @property
+    def aml_audience(self) -> str:
+        """The resource id of the control plane, run history and MLflow (resource_manager in cloud metadata)."""
+        return self.base_url + "/"
+
+    def extra_hosts(self) -> dict[str, str]:
+        """Host names a job container resolves to the stand-in's loopback services (its /etc/hosts)."""
+        return {f"{ACCOUNT}.blob.core.localhost": "127.0.0.1", f"{KEY_VAULT_NAME}.vault.localhost": "127.0.0.1",
+                "vault.localhost": "127.0.0.1"}  # fmt: skip
+
+    def mlflow_token(self) -> str:
+        """A user token for the workspace MLflow endpoint (what `orch status` gets from its credential)."""
+        return self.state.issue_token(st.CLIENT_ID, self.aml_audience)[0]
 
     @property
     def key_vault_url(self) -> str:
@@ -233,6 +254,9 @@ class StandIn:
             "AZURE_KEYVAULT_URL": self.key_vault_url,
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "MLFLOW_TRACKING_SERVER_CERT_PATH": str(self.tls.ca_bundle),
+            # orch's workspace settings: the cloud is this stand-in's (the SDK's sovereign-cloud path)
+            "ORCH_AZURE_CLOUD": self.cloud_name,
+            "ORCH_AZURE_CLOUD_METADATA": json.dumps(self.cloud_metadata()),
         }
         return {
             "subscription_id": st.SUBSCRIPTION,
@@ -352,12 +376,14 @@ class StandIn:
                 f"azure stand-in: api-version {ctx.api_version!r} is not served for {route.name}; "
                 f"served: {sorted(route.api_versions)}",
             )
+        fault = None
         if route.auth != "admin":
             fault = self.state.take_fault(ctx.method, ctx.path)
             if fault is not None:
                 entry["fault"] = fault.kind
                 if fault.kind == "drop":
                     return None
+            if fault is not None and fault.kind != "commit-drop":  # commit-drop: after authentication, below
                 status = int(fault.kind)
                 return Response(
                     status,
@@ -367,12 +393,24 @@ class StandIn:
                 )  # fmt: skip
         if route.auth == "bearer":
             claims = self.state.check_token(ctx.headers.get("authorization"))
+            challenge = {"WWW-Authenticate": f'Bearer authorization_uri="{self.base_url}/{st.TENANT}"'}
             if claims is None:
                 return Response(
+                    401, {"error": {"code": "AuthenticationFailed", "message": "missing or invalid bearer token"}},
+                    challenge,
+                )  # fmt: skip
+            if not st.audience_ok(claims, {self.aml_audience}):
+                return Response(
                     401,
-                    {"error": {"code": "AuthenticationFailed", "message": "missing or invalid bearer token"}},
-                    {"WWW-Authenticate": f'Bearer authorization_uri="{self.base_url}/{st.TENANT}"'},
-                )
+                    {"error": {"code": "InvalidAuthenticationTokenAudience",
+                               "message": f"The access token has been obtained for wrong audience or resource "
+                                          f"'{claims.get('aud')}'. It should exactly match with one of the allowed "
+                                          f"audiences '{self.aml_audience}'."}},
+                    challenge,
+                )  # fmt: skip
+        if fault is not None and fault.kind == "commit-drop":
+            route.handler(ctx, match)  # the service commits the request; the answer never arrives
+            return None
         return route.handler(ctx, match)
 
     def _unknown(self, ctx: Ctx, why: str) -> None:
@@ -405,11 +443,12 @@ class StandIn:
             self.state.request_log.clear()
 
     def inject_fault(self, path_regex: str, kind: str | int = 503, count: int = 1, method: str | None = None) -> Any:
-        """Answer the next `count` requests whose path matches `path_regex` (and `method`) with 429, 503, or
-        a dropped connection ("drop")."""
+        """Answer the next `count` requests whose path matches `path_regex` (and `method`) with 429, 503, a
+        dropped connection ("drop"), or carry them out and then drop the connection ("commit-drop": the
+        service committed the request but the client never hears so)."""
         kind = str(kind)
-        if kind not in ("429", "503", "drop"):
-            raise ValueError("fault kind must be 429, 503 or 'drop'")
+        if kind not in ("429", "503", "drop", "commit-drop"):
+            raise ValueError("fault kind must be 429, 503, 'drop' or 'commit-drop'")
         fault = st.Fault(re.compile(path_regex, re.IGNORECASE), kind, count, method.upper() if method else None)
         with self.state.lock:
             self.state.faults.append(fault)
@@ -464,7 +503,7 @@ class StandIn:
 
         return SecretClient(self.key_vault_url, credential or self.credential())
 
-    def wait_job(self, name: str, timeout: float = 60) -> str:
+    def wait_job(self, name: str, timeout: float = 600) -> str:
         """Wait for a job to reach a terminal state; returns the status."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -504,7 +543,8 @@ def start_standin(
     tmp_dir: Path | str,
     *,
     port: int | None = None,
-    python: str | None = None,
+    state_delay_s: float = 0.5,
+    image_aliases: dict[str, str] | None = None,
     seed_models: dict[str, Path | str] | None = None,
     seed_datastore: dict[str, Path | str] | None = None,
     secrets: dict[str, str] | None = None,
@@ -516,7 +556,7 @@ def start_standin(
     seed_models: name -> folder, registered as azureml://registries/{registry}/models/{name}/versions/1.
     seed_datastore: path -> local file/folder, uploaded to workspaceblobstore at that path.
     """
-    s = StandIn(Path(tmp_dir), port=port, python=python)
+    s = StandIn(Path(tmp_dir), port=port, state_delay_s=state_delay_s, image_aliases=image_aliases)
     s.start(set_env=set_env)
     try:
         for name, src in (seed_models or {}).items():

@@ -46,7 +46,7 @@ def system_data(created: str | None = None) -> dict[str, Any]:
 @dataclass
 class Fault:
     pattern: re.Pattern[str]
-    kind: str  # "429" | "503" | "drop"
+    kind: str  # "429" | "503" | "drop" (no answer) | "commit-drop" (the request takes effect, the answer is lost)
     remaining: int
     method: str | None = None
     hits: int = 0
@@ -71,6 +71,14 @@ class JobRecord:
     pid: int | None = None
     run_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
     exit_code: int | None = None
+    request_props: dict[str, Any] = field(default_factory=dict)  # the first PUT's properties, exactly as sent
+    status_history: list[str] = field(default_factory=lambda: ["NotStarted"])
+    log_dir: str | None = None
+    uploaded_sizes: dict[str, int] = field(default_factory=dict)  # log file -> bytes uploaded
+    image: str | None = None  # the environment image the job ran in
+    paused: bool = False  # a node stopped answering (NotResponding)
+    preempt_requested: bool = False
+    attempts: int = 1
 
 
 class State:
@@ -81,6 +89,7 @@ class State:
         self.assets: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self.containers: dict[tuple[str, str], dict[str, Any]] = {}
         self.datastores: dict[str, dict[str, Any]] = {}
+        self.computes: dict[str, dict[str, Any]] = {}  # lower-case name -> compute resource
         self.jobs: dict[str, JobRecord] = {}
         self.registry_models: dict[tuple[str, str, str], dict[str, Any]] = {}  # (registry, name, version)
         self.registries: set[str] = set()
@@ -111,7 +120,8 @@ class State:
         return jwt.encode(payload, self.signing_key, algorithm="HS256"), exp
 
     def check_token(self, auth_header: str | None) -> dict[str, Any] | None:
-        """The claims of a valid bearer token issued by this stand-in, else None."""
+        """The claims of a valid (signed, unexpired) bearer token issued by this stand-in, else None. The
+        audience is the caller's to check (`audience_ok`): each service accepts its own."""
         if not auth_header or not auth_header.lower().startswith("bearer "):
             return None
         try:
@@ -131,3 +141,9 @@ class State:
                     f.hits += 1
                     return f
         return None
+
+
+def audience_ok(claims: dict[str, Any], allowed: set[str]) -> bool:
+    """ARM and Key Vault compare the token's `aud` with their own resource ids (a trailing / is ignored)."""
+    aud = str(claims.get("aud", "")).rstrip("/").lower()
+    return aud in {a.rstrip("/").lower() for a in allowed}
