@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from azure.core.exceptions import ResourceNotFoundError
+
 from . import state as st
 from .routes_control import W
 from .web import Ctx, Response, arm_error
@@ -73,11 +75,7 @@ def run_dict(s: StandIn, job: st.JobRecord, details: bool) -> dict[str, Any]:
         "runTypeV2": {"orchestrator": "Execution", "traits": ["azureml.commandjob"]},
     }
     if details:
-        d["logFiles"] = (
-            {name: s.azurite.blob_sas_url(st.ARTIFACT_CONTAINER, log_prefix(job.name) + name) for name in LOG_BLOBS}
-            if job.log_path
-            else {}
-        )
+        d["logFiles"] = log_files(s, job)
     else:
         d["experimentId"] = job.mlflow_experiment_id
         d["displayName"] = props.get("displayName")
@@ -86,6 +84,21 @@ def run_dict(s: StandIn, job: st.JobRecord, details: bool) -> dict[str, Any]:
             oname: {"assetId": _output_asset_id(s, job.name, oname), "type": "uri_folder"} for oname in job.output_uris
         }
     return d
+
+
+# ---- logFiles: every blob under the job's log prefix -------------------------------------------------------
+def log_files(s: StandIn, job: st.JobRecord) -> dict[str, str]:
+    """name -> read SAS URL of every blob under the job's log prefix in the artifact container, as Azure ML lists
+    them (azureml-logs/20_image_build_log.txt while Preparing, user_logs/std_log.txt or one
+    user_logs/std_log_process_N.txt per rank), plus LOG_BLOBS once the executor has started the job's log."""
+    prefix = log_prefix(job.name)
+    names = set(LOG_BLOBS) if job.log_path else set()
+    try:
+        cc = s.azurite.service().get_container_client(st.ARTIFACT_CONTAINER)
+        names.update(b.name[len(prefix) :] for b in cc.list_blobs(name_starts_with=prefix))
+    except ResourceNotFoundError:  # no artifact container yet: no logs
+        pass
+    return {name: s.azurite.blob_sas_url(st.ARTIFACT_CONTAINER, prefix + name) for name in sorted(names)}
 
 
 def _output_asset_id(s: StandIn, job: str, output: str) -> str:

@@ -144,21 +144,60 @@ def status(job: Annotated[str, typer.Argument(help="job name")]) -> None:
 
 def logs(
     job: Annotated[str, typer.Argument(help="job name")],
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends, resuming")] = False,
+    from_start: Annotated[bool, typer.Option("--from-start", help="with -f: replay from the start")] = False,
+    all_ranks: Annotated[bool, typer.Option("--all-ranks", help="every rank, lines prefixed \\[rank N]")] = False,
+    rank: Annotated[int | None, typer.Option("--rank", min=0, help="this rank's log (default 0)")] = None,
 ) -> None:
-    """Print a job's log; -f follows it live (Ctrl-C stops following, never the job)."""
+    """Print a job's log (rank 0's by default); -f follows it live (Ctrl-C stops following, never the job).
+
+    Without -f: the whole current log from its start, every time (the saved -f position is neither used nor
+    moved). With -f: continues where the previous `orch logs JOB -f` stopped (Ctrl-C, a crash, a lost
+    connection; position per log file in <cache>/aml-logs/<job>.json, ORCH_CACHE_DIR), --from-start replays.
+    Dropped connections, timeouts and 429/5xx are retried (a dim notice each). While the job is Preparing, the
+    environment image build log is shown, lines prefixed \\[image build]."""
+    from orchestrator.systems.azureml.logstream import redact_sas
+
+    if all_ranks and rank is not None:
+        raise _fail("--all-ranks and --rank exclude each other", 2)
+
+    def notice(message: str) -> None:
+        console.print(message, style="dim", highlight=False, markup=False, soft_wrap=True)
 
     def go() -> None:
         handle = _system().attach(job)
-        for line in handle.logs(follow=follow):
-            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        stream = handle.logs(follow=follow, ranks="all" if all_ranks else (rank or 0), resume=follow,
+                             from_start=from_start, on_notice=notice)  # fmt: skip
+        try:
+            for line in stream:
+                out.print(line, highlight=False, markup=False, soft_wrap=True)
+        except KeyboardInterrupt:
+            stream.close()  # saves the position: the line being printed comes again next time
+            again = f"; `orch logs {job} -f` continues from here" if follow else ""
+            raise _fail(f"interrupted (the remote job keeps running){again}", 130) from None
+        finally:
+            stream.close()
         if follow:
             raw = handle.raw_status()
             console.print(f"{job}: {raw}")
             if raw == "Failed":
-                raise _fail(f"job {job} failed: {handle.error() or 'see the log above'}")
+                raise _fail(redact_sas(f"job {job} failed: {handle.error() or 'see the log above'}"))
 
-    _guard(go)
+    def guarded() -> None:
+        """Every failure is one line without a SAS signature (requests' messages carry the URL)."""
+        try:
+            go()
+        except (typer.Exit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            name = type(exc).__name__
+            known = name in ("SystemFailure", "WorkspaceError", "ConfigError")
+            text = str(exc).strip() if known else f"{name}: {str(exc).strip()}"
+            first = (text.splitlines() or [name])[0]
+            raise _fail(redact_sas(first), 2 if name in ("WorkspaceError", "ConfigError") else 1,
+                        redact_sas(getattr(exc, "log_tail", "") or "")) from None  # fmt: skip
+
+    _guard(guarded)
 
 
 def cancel(job: Annotated[str, typer.Argument(help="job name")]) -> None:

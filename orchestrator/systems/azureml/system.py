@@ -493,8 +493,10 @@ class AzureMLJobHandle(JobHandle):
         self.name = name
         self.refs = refs or {}
         self.studio_url = studio_url
-        self._offsets: dict[str, int] = {}
+        self._offsets: dict[str, int] = {}  # log file -> bytes already shown (see logs())
         self._log_text: list[str] = []
+        self._log_status = "NotStarted"  # the status seen by the last log poll
+        self._logs_done: set[str] = set()  # files read to their end (the build log once the job runs)
 
     @property
     def ml(self) -> Any:
@@ -524,64 +526,119 @@ class AzureMLJobHandle(JobHandle):
         inner = getattr(err, "error", None) if err is not None else None
         return getattr(inner, "message", None) if inner is not None else None
 
-    def _log_urls(self) -> dict[str, str]:
-        details = with_retries(lambda: self.ml.jobs._runs_operations.get_run_details(self.name), what="run details")
-        files = getattr(details, "log_files", None) or {}
-        return {k: v for k, v in sorted(files.items()) if k.startswith("user_logs/") or "std_log" in k}
+    # ---- logs: files, offsets, retries and SAS redaction live in logstream.py ------------------------------
+    def logs(
+        self,
+        follow: bool = False,
+        poll: float | None = None,
+        *,
+        ranks: int | str = 0,
+        resume: bool = False,
+        from_start: bool = False,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> Iterator[str]:
+        """Job log lines: rank 0's by default, one rank's (ranks=N) or every rank's (ranks="all", each line
+        prefixed "[rank N] "); while the job is Preparing (or has no user log yet) also the environment image
+        build log, prefixed "[image build] ". With follow, until the job is terminal.
 
-    def _read_new(self) -> list[str]:
-        """New complete lines of every log file since the last read (resumable by byte offset)."""
+        resume: the byte offset per log file is read from and saved to <cache>/aml-logs/<job>.json (atomic
+        writes; saved after every poll and when the generator is closed), so a later call continues where this
+        one stopped; from_start ignores the saved offsets. A line counts as consumed once the consumer asks for
+        the next one: after a Ctrl-C or close() the line being handled when it stopped comes again, none is
+        skipped. Without resume the offsets live in this handle only (the whole log, read incrementally).
+
+        Transient errors (dropped connections, timeouts, a body cut short, 429/5xx) are retried with capped
+        backoff, each retry announced through on_notice; a poll that fails logstream.RETRY_ATTEMPTS times in a
+        row, or any other error, raises SystemFailure (for a follow that has not seen a terminal state: the
+        stream ended before the job finished). Lines, notices and errors never carry a SAS signature."""
         import requests
 
-        lines: list[str] = []
-        for name, url in self._log_urls().items():
-            offset = self._offsets.get(name, 0)
-            resp = with_retries(
-                lambda url=url, offset=offset: _get_range(requests, url, offset), what="log read", attempts=4
-            )
-            if resp is None:
-                continue
-            end = resp.rfind(b"\n")
-            if end < 0:
-                continue
-            self._offsets[name] = offset + end + 1
-            lines += resp[: end + 1].decode(errors="replace").splitlines()
-        self._log_text = (self._log_text + lines)[-200:]
-        return lines
+        from orchestrator.systems.azureml import logstream as ls
 
-    def logs(self, follow: bool = False, poll: float = 1.0) -> Iterator[str]:
-        """Job log lines; with follow, until the job is terminal. A stream that cannot be read any more before
-        the job ends raises SystemFailure (resume with `orch logs JOB -f`)."""
-        while True:
-            try:
-                state = self.status()
-                yield from self._read_new()
-            except SystemFailure:
-                raise
-            except Exception as exc:
-                if not is_transient(exc):
+        poll = ls.POLL_S if poll is None else poll
+        store = ls.OffsetStore(self.system.cache_dir, self.name) if resume else None
+        saved: dict[str, int] | None = None
+        if store is not None:
+            self._offsets = {} if from_start else store.load()
+            saved = None if from_start else dict(self._offsets)
+        failures = 0
+        session = requests.Session()
+        try:
+            while True:
+                try:
+                    yield from self._poll_logs(session, ranks, strict=not follow)
+                except SystemFailure:
                     raise
-                raise SystemFailure(
-                    f"log stream of {self.name} ended before the job finished ({type(exc).__name__}); "
-                    f"resume with `orch logs {self.name} -f`"
-                ) from None
-            if not follow or state.is_terminal():
-                if state.is_terminal():
-                    yield from self._flush_tail()
-                return
-            time.sleep(poll)
+                except Exception as exc:
+                    if not ls.is_transient(exc):
+                        raise SystemFailure(f"reading the log of {self.name} failed: {ls.describe(exc)}") from None
+                    failures += 1
+                    if failures >= ls.RETRY_ATTEMPTS:
+                        if follow and not map_state(self._log_status).is_terminal():
+                            raise SystemFailure(
+                                f"log stream of {self.name} ended before the job finished ({self._log_status}) "
+                                f"after {failures} tries: {ls.describe(exc)}; "
+                                f"`orch logs {self.name} -f` resumes where it stopped"
+                            ) from None
+                        raise SystemFailure(
+                            f"reading the log of {self.name} failed after {failures} tries: {ls.describe(exc)}"
+                        ) from None
+                    delay = ls.backoff(failures)
+                    if on_notice is not None:
+                        on_notice(
+                            f"log read: {ls.describe(exc, 160)}; retry {failures}/{ls.RETRY_ATTEMPTS - 1} "
+                            f"in {delay:.1f}s"
+                        )
+                    time.sleep(delay)
+                    continue
+                failures = 0
+                if store is not None and self._offsets != saved:
+                    store.save(self._offsets)
+                    saved = dict(self._offsets)
+                if not follow or map_state(self._log_status).is_terminal():
+                    return
+                time.sleep(poll)
+        finally:
+            session.close()
+            if store is not None and self._offsets != saved:
+                with contextlib.suppress(OSError):
+                    store.save(self._offsets)
 
-    def _flush_tail(self) -> Iterator[str]:
-        """After the end: the last line of each log even without a newline."""
-        import requests
+    def _poll_logs(self, session: Any, ranks: int | str, *, strict: bool) -> Iterator[str]:
+        """One poll: the job's status (kept in _log_status), then the new lines of each file to show, in order
+        image build log, rank 0, 1, ... Only complete lines until the job is terminal (or, for the build log,
+        past Preparing); each file's offset moves past a line when the consumer comes back for the next."""
+        from orchestrator.systems.azureml import logstream as ls
 
-        for name, url in self._log_urls().items():
-            data = _get_range(requests, url, self._offsets.get(name, 0))
+        raw = status_text(self.ml.jobs.get(self.name).status)
+        self._log_status = raw
+        details = self.ml.jobs._runs_operations.get_run_details(self.name)
+        files = dict(sorted((getattr(details, "log_files", None) or {}).items()))  # name -> SAS URL: never shown
+        by_rank = ls.rank_logs(files)
+        terminal = map_state(raw).is_terminal()
+        chosen: list[tuple[str, str]] = []  # (file, line prefix)
+        building = raw in ls.PRE_RUN_STATES or self._offsets.get(ls.BUILD_LOG, 0) > 0 or not by_rank
+        if ls.BUILD_LOG in files and ls.BUILD_LOG not in self._logs_done and building:
+            chosen.append((ls.BUILD_LOG, "[image build] "))
+        if ranks == "all":
+            chosen += [(name, f"[rank {r}] ") for r, name in by_rank.items()]
+        elif ranks in by_rank:
+            chosen.append((by_rank[int(ranks)], ""))
+        elif by_rank and (terminal or strict):
+            have = ", ".join(str(r) for r in by_rank)
+            raise SystemFailure(f"job {self.name} has no log for rank {ranks} (logs of ranks: {have})")
+        for name, prefix in chosen:
+            build_over = name == ls.BUILD_LOG and raw not in ls.PRE_RUN_STATES
+            data = ls.get_range(session, files[name], self._offsets.get(name, 0), name)
             if data:
-                self._offsets[name] = self._offsets.get(name, 0) + len(data)
-                for line in data.decode(errors="replace").splitlines():
-                    self._log_text.append(line)
+                end = len(data) if (terminal or build_over) else data.rfind(b"\n") + 1
+                for piece in data[:end].splitlines(keepends=True):
+                    line = prefix + ls.redact_sas(piece.decode(errors="replace").rstrip("\r\n"))
+                    self._log_text = (self._log_text + [line])[-200:]
                     yield line
+                    self._offsets[name] = self._offsets.get(name, 0) + len(piece)
+            if build_over:
+                self._logs_done.add(name)
 
     def log_tail(self, n: int = 30) -> str:
         with contextlib.suppress(Exception):  # the tail is a courtesy; the error message matters more
@@ -656,17 +713,3 @@ class AzureMLJobHandle(JobHandle):
                 raise SystemFailure(f"job {self.name}: result names a local path {path} that is not an input")
             return ref
         return base_uri.rstrip("/") + "/" + Path(path).as_posix().removeprefix("./")
-
-
-def _get_range(requests: Any, url: str, offset: int) -> bytes | None:
-    """Bytes of a log blob from offset (HTTP Range); None when there is nothing new."""
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    resp = requests.get(url, headers=headers, timeout=30)
-    if resp.status_code in (404, 416):
-        return None
-    if resp.status_code >= 500 or resp.status_code == 429:
-        raise ConnectionError(f"log read answered {resp.status_code}")
-    resp.raise_for_status()
-    if offset and resp.status_code == 200:  # server ignored the range
-        return resp.content[offset:]
-    return resp.content
