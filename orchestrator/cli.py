@@ -83,6 +83,11 @@ def _run_workflow(
     wf = load_workflow(source, base_dir=base_dir)
     for note in getattr(wf, "notes", []) or []:
         console.print(Text("note: ", style="cyan") + Text(note), highlight=False, soft_wrap=True)
+    if wf.engine.clean_cache and not dry_run:  # Olive's clean_cache: nothing from earlier runs is reused
+        from orchestrator.cache import Cache
+
+        removed = Cache(wf.engine.cache_dir).clean()
+        console.print(Text("note: ", style="cyan") + Text(f"clean_cache: removed {removed} cached pass output(s)"))
     reporter = RichReporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
     engine = Engine(
         wf, host=host, target=target, tracking_uri=tracking_uri, tracking=not no_tracking, reporter=reporter
@@ -101,6 +106,11 @@ def _run_workflow(
         console.print(metrics_table(summary.metrics))
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
+        for package in wf.engine.packaging_config or []:  # Olive's Zipfile packaging of the output model
+            import shutil
+
+            zipped = shutil.make_archive(str(summary.output_dir / package.name), "zip", summary.output_dir / "model")
+            out.print(f"packaged: {zipped}")
     if summary.mlflow_run_id:
         out.print(f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)}", markup=False)
     return summary
@@ -132,6 +142,10 @@ def _guarded(fn: Any) -> Any:
             "PreflightError",
         ):
             raise fail(str(exc), EXIT_USAGE) from None
+        if type(exc).__module__.startswith("mlflow."):  # the tracking server failed mid-run
+            raise fail(
+                f"tracking failed: {_first(exc)} (rerun with --no-tracking to skip MLflow)", EXIT_FAILED
+            ) from None
         if name in ("EngineError", "SystemFailure"):
             # the one line names the pass, the cause and the full log's path; the tail only when it has no log
             tail = "" if "full log: " in str(exc) else getattr(exc, "log_tail", "")
@@ -588,7 +602,8 @@ def run_cli(argv: list[str] | None = None) -> int:
     def on_term(signum: int, frame: Any) -> None:  # kill <pid>: stop the job and close the MLflow run KILLED
         raise KeyboardInterrupt
 
-    if threading_main():
+    previous = signal.getsignal(signal.SIGTERM) if threading_main() else None
+    if previous is not None:
         signal.signal(signal.SIGTERM, on_term)
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="orch")
@@ -605,6 +620,9 @@ def run_cli(argv: list[str] | None = None) -> int:
     except cx.Abort:
         error_line("interrupted")
         return 130
+    finally:
+        if previous is not None:  # run_cli called in-process (tests) leaves the caller's handler as it was
+            signal.signal(signal.SIGTERM, previous)
     return rv if isinstance(rv, int) else 0
 
 

@@ -43,6 +43,7 @@ from orchestrator.preflight import (
     check_data_config,
     check_model_folder,
     check_name,
+    check_split,
     check_tracking_uri,
     check_writable_dir,
     local_data_paths,
@@ -302,6 +303,12 @@ class Engine:
                     "(the file(s) to read), e.g. --data_files data/train.jsonl"
                 )
             check_data_config(cfg, self.base_dir, f"data_configs[{i}]")
+            check_split(f"data_configs[{i}].load_dataset_config.split", load.get("split"), cfg)
+        data = {dc.name: dc.model_dump(mode="json") for dc in self.wf.data_configs}
+        for name, entry in self.wf.passes.items():
+            pass_cfg = entry.config or {}
+            for key in ("train_split", "eval_split"):
+                check_split(f"passes.{name}.{key}", pass_cfg.get(key), data.get(pass_cfg.get("train_data_config")))
         if tracking and self.tracking_enabled:
             check_tracking_uri(self.tracking_uri)
 
@@ -452,6 +459,9 @@ class Engine:
         """
         assert self.output_dir is not None
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self._job_output():
+            self._publish_flat(summary, records, steps, model, tracker)
+            return
         with FileLock(str(self.output_dir / ".orch-publish.lock")):
             versions = self.output_dir / VERSIONS_DIR
             version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
@@ -467,6 +477,38 @@ class Engine:
                 summary.model_uri = tracker.log_model(vdir / "model", model.format, self.register_as)
                 self._write_manifest(summary, steps, vdir)
             _switch_current(self.output_dir, version)
+
+    def _job_output(self) -> bool:
+        """output_dir is an Azure ML job output (AZURE_ML_OUTPUT_<name>), or ORCH_PUBLISH=flat: the service
+        commits that folder as a whole when the job ends and uploads files, not links, so it is written flat."""
+        if os.environ.get("ORCH_PUBLISH") == "flat":
+            return True
+        assert self.output_dir is not None
+        here = self.output_dir.resolve()
+        for key, value in os.environ.items():
+            if key.startswith("AZURE_ML_OUTPUT_") and value and Path(value).resolve() == here:
+                return True
+        return False
+
+    def _publish_flat(
+        self,
+        summary: RunSummary,
+        records: list[StepRecord],
+        steps: list[Step],
+        model: ModelArtifact | None,
+        tracker: Tracker,
+    ) -> None:
+        """model/ (+ adapter/), training.png and manifest.json straight into output_dir (real copies)."""
+        assert self.output_dir is not None
+        self.export(summary, self.output_dir)
+        png = plot_training_curves(
+            {r.name: self.cache.entry_dir(r.cache_key) for r in records}, self.output_dir / "training.png"
+        )
+        if png is not None:
+            tracker.log_artifact(png)
+        if model is not None:
+            summary.model_uri = tracker.log_model(self.output_dir / "model", model.format, self.register_as)
+            self._write_manifest(summary, steps, self.output_dir)
 
     def export(self, summary: RunSummary, dest: Path | None = None) -> None:
         """Copy the final model into dest (default output_dir): adapter/ + model/ for an adapter, else model/."""

@@ -316,6 +316,30 @@ def _csv_rows(path: Path, label: str) -> list[Any]:
         raise PreflightError(f"{label}: {path} is not valid CSV ({exc})") from None
 
 
+_SLICE = r"(\[\s*-?\d*%?\s*:\s*-?\d*%?\s*\](?:\((?:closest|pct1_dropremainder)\))?)?"
+SPLIT = re.compile(rf"^\s*[\w.-]+{_SLICE}(\s*\+\s*[\w.-]+{_SLICE})*\s*$")
+
+
+def check_split(field: str, split: str | None, data_config: dict[str, Any] | None = None) -> None:
+    """A datasets split expression ("train", "train[:80%]", "train[10:20]+test"): the syntax, and for data read
+    from data_files (one file or a list) the split name, which is then always "train"."""
+    if split is None:
+        return
+    if not isinstance(split, str) or not SPLIT.match(split):
+        raise PreflightError(
+            f"{field} {split!r} is not a split expression; write e.g. train, train[:80%], train[80%:] or train[:100]"
+        )
+    load = (data_config or {}).get("load_dataset_config") or {}
+    if isinstance(load.get("data_files"), str | list):
+        names = {re.split(r"[\[\s]", part.strip(), maxsplit=1)[0] for part in split.split("+")}
+        wrong = sorted(names - {"train"})
+        if wrong:
+            raise PreflightError(
+                f"{field} {split!r}: data read from data_files has one split, 'train' (not {wrong[0]!r}); carve "
+                "parts of it with slices, e.g. train[:80%] and train[80%:]"
+            )
+
+
 # ---- tracking ---------------------------------------------------------------------------------------------
 def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
     """An http(s) MLflow server answers /health within seconds; a sqlite store's folder is writable."""

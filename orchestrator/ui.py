@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -36,13 +37,13 @@ class RichReporter:
             table.add_column(col)
         for i, s in enumerate(steps, 1):
             cache = "[green]hit[/]" if s.cached else "[yellow]run[/]"
-            table.add_row(str(i), s.name, s.pass_type, f"{s.system_name} ({s.role})", cache)
+            table.add_row(str(i), escape(s.name), s.pass_type, escape(f"{s.system_name} ({s.role})"), cache)
         self.console.print(table)
 
     def step_start(self, step: Step) -> None:
         if not self.progress.live.is_started:
             self.progress.start()
-        self.tasks[step.name] = self.progress.add_task(f"{step.name} ({step.pass_type})", total=None, info="")
+        self.tasks[step.name] = self.progress.add_task(escape(f"{step.name} ({step.pass_type})"), total=None, info="")
         self.latest[step.name] = {}
 
     def step_progress(self, step: Step, done: int, total: int, desc: str) -> None:
@@ -52,7 +53,8 @@ class RichReporter:
         if self.verbose:
             self.progress.console.print(f"[dim]{step.name}|[/] {line}", highlight=False, markup=False)
         else:
-            self.progress.update(self.tasks[step.name], info=line.strip()[:60])
+            # the info column is rendered as markup: a log line's "[...]" must print as written
+            self.progress.update(self.tasks[step.name], info=escape(line.strip()[:60]))
 
     def step_metric(self, step: Step, name: str, value: float) -> None:
         self.latest[step.name][name] = value

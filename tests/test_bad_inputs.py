@@ -302,6 +302,18 @@ CASES: list[tuple[str, Any, int, tuple[str, ...]]] = [
         2,
         ("data[train].jsonl'", "matches no file"),
     ),
+    (
+        "split_syntax",
+        lambda c: ft("--train_split", "train[:80%", "--eval_split", "train[80%:]"),
+        2,
+        ("split 'train[:80%'", "not a split expression"),
+    ),
+    (
+        "split_name_not_in_files",
+        lambda c: ft("--train_split", "train", "--eval_split", "validation"),
+        2,
+        ("passes.finetune.eval_split 'validation'", "one split, 'train'"),
+    ),
     # outputs, cache, names
     ("output_is_file", lambda c: ft(out="d.jsonl"), 2, ("engine.output_dir", "d.jsonl is a file")),
     ("output_under_file", lambda c: ft(out="d.jsonl/sub"), 2, ("so the folder cannot be created",)),
@@ -593,7 +605,7 @@ def _nlinks(folder: Path) -> set[int]:
     return {p.stat().st_nlink for p in folder.rglob("*") if p.is_file()}
 
 
-def test_outputs_are_copies_and_publish_is_atomic(case: Path, capsys) -> None:
+def test_outputs_are_copies_and_publish_is_atomic(case: Path, capsys, monkeypatch) -> None:
     """auto-opt --precision fp32 then quantize --algorithm rtn on its output (onnx refused hard-linked external
     data); editing an output in place leaves the cache alone; model + manifest switch together."""
     rc, out, err = cli(["auto-opt", "-m", "m", "--precision", "fp32", "-o", "fp32", "--no-tracking"], capsys)
@@ -632,3 +644,11 @@ def test_outputs_are_copies_and_publish_is_atomic(case: Path, capsys) -> None:
     assert rc == 0, out + err
     assert not half.exists() and len(list(versions.iterdir())) == 1
     assert (case / "fp32/model").resolve().parent == (case / "fp32/manifest.json").resolve().parent
+
+    # an Azure ML job output (the service commits it whole and uploads files, not links) is written flat
+    flat = case / "flat"
+    monkeypatch.setenv("AZURE_ML_OUTPUT_MODEL", str(flat))
+    rc, out, err = cli(["auto-opt", "-m", "m", "--precision", "fp32", "-o", "flat", "--no-tracking"], capsys)
+    assert rc == 0, out + err
+    assert not (flat / "model").is_symlink() and (flat / "model").is_dir() and _nlinks(flat / "model") == {1}
+    assert json.loads((flat / "manifest.json").read_text())["final_model"]["sha256"] == again["final_model"]["sha256"]
