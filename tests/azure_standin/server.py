@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from . import routes_auth, routes_control, routes_keyvault, routes_mlflow, routes_runhistory
+from . import openapi, routes_auth, routes_control, routes_keyvault, routes_mlflow, routes_runhistory
 from . import state as st
 from .azurite import ACCOUNT, Azurite, free_port
 from .executor import Executor
@@ -408,6 +408,15 @@ class StandIn:
                                           f"audiences '{self.aml_audience}'."}},
                     challenge,
                 )  # fmt: skip
+        if route.api_versions is not None and ctx.method in ("PUT", "POST", "PATCH") and ctx.body:
+            try:  # the body against the service's OpenAPI schema for this api-version (a refusal is a real 400)
+                openapi.check_request(ctx.method, ctx.path, ctx.api_version, ctx.json())
+            except HttpError as e:
+                with self.state.lock:
+                    self.state.refused_bodies.append(
+                        {"method": ctx.method, "path": ctx.path, "api_version": ctx.api_version, "why": e.message}
+                    )
+                raise
         if fault is not None and fault.kind == "commit-drop":
             route.handler(ctx, match)  # the service commits the request; the answer never arrives
             return None

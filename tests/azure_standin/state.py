@@ -96,6 +96,7 @@ class State:
         self.secrets: dict[str, list[dict[str, Any]]] = {}  # name -> versions, newest last
         self.request_log: list[dict[str, Any]] = []
         self.unknown_requests: list[dict[str, Any]] = []
+        self.refused_bodies: list[dict[str, Any]] = []  # bodies the OpenAPI check answered 400 (openapi/)
         self.faults: list[Fault] = []
         self.pending_uploads: dict[str, str] = {}  # container -> "codes/name/version"
         # MSI secret for processes on the host (orch itself): ManagedIdentityCredential / DefaultAzureCredential
