@@ -20,7 +20,7 @@ from orchestrator.job import is_uri
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-JSON_PARSE_LIMIT = 256 << 20  # parse whole data files up to this size; bigger ones: the first rows
+JSON_PARSE_LIMIT = 32 << 20  # parse a whole JSON document up to this size; JSON lines: the first rows only
 ROWS_CHECKED = 1000
 
 
@@ -240,6 +240,8 @@ def check_data_file(path: Path, label: str, columns: list[str]) -> None:
         return
     else:
         return  # parquet/arrow: binary formats datasets checks itself
+    if rows is None:
+        return
     if not rows:
         raise PreflightError(f"{label}: {path} has no rows")
     first = rows[0]
@@ -254,11 +256,13 @@ def check_data_file(path: Path, label: str, columns: list[str]) -> None:
         )
 
 
-def _json_rows(path: Path, label: str, size: int) -> list[Any]:
+def _json_rows(path: Path, label: str, size: int) -> list[Any] | None:
     try:
         with path.open(encoding="utf-8") as fh:
             head = fh.read(4096).lstrip()
-            if head.startswith("[") and size <= JSON_PARSE_LIMIT:  # a JSON document holding a list of rows
+            if head.startswith("["):  # a JSON document holding a list of rows
+                if size > JSON_PARSE_LIMIT:
+                    return None  # too big to parse twice; datasets reports its own errors for it
                 fh.seek(0)
                 data = json.load(fh)
                 return list(data[:ROWS_CHECKED]) if isinstance(data, list) else [data]

@@ -652,3 +652,29 @@ def test_outputs_are_copies_and_publish_is_atomic(case: Path, capsys, monkeypatc
     assert rc == 0, out + err
     assert not (flat / "model").is_symlink() and (flat / "model").is_dir() and _nlinks(flat / "model") == {1}
     assert json.loads((flat / "manifest.json").read_text())["final_model"]["sha256"] == again["final_model"]["sha256"]
+
+
+def test_valid_inputs_in_every_form_pass_the_checks(case: Path, capsys) -> None:
+    """No false alarms: JSON lines, a JSON array, a JSON mapping of columns, CSV, a glob, a folder, a
+    non-ASCII template, a model given through a symlink all pass the checks (dry run: nothing is computed)."""
+    rows = [json.loads(line) for line in (case / "d.jsonl").read_text().splitlines()]
+    _write(case / "arr.json", json.dumps(rows, indent=2))
+    _write(case / "cols.json", json.dumps({k: [r[k] for r in rows] for k in rows[0]}, indent=2))
+    _write(case / "t.csv", "phrase,tone\n" + "".join(f'"{r["phrase"]}",{r["tone"]}\n' for r in rows))
+    (case / "shards").mkdir()
+    shutil.copy(case / "d.jsonl", case / "shards" / "a.jsonl")
+    (case / "link").symlink_to(case / "m")
+    forms = [
+        ft(),
+        ft(data="arr.json"),
+        ft(data="cols.json"),
+        ft(data="t.csv"),
+        ft(data="shards/*.jsonl"),
+        ft("--train_split", "train[:80%]", "--eval_split", "train[80%:]"),
+        ft(template="<|user|>\\n{phrase} — «café»\\n<|assistant|>\\n{tone}"),
+        ft(model="link"),
+        ["finetune", "-m", "m", "-d", "./shards", "--text_template", TEMPLATE, "-o", "o"],
+    ]
+    for args in forms:
+        rc, out, err = cli([*args, "--dry-run"], capsys)
+        assert rc == 0 and "would run" in out, (args, out + err)
