@@ -356,10 +356,20 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
         from urllib.parse import urlsplit, urlunsplit
 
         parts = urlsplit(uri)
-        bare = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), "", "", ""))
+        host = parts.netloc.rsplit("@", 1)[-1]  # credentials stay out of the probe (and of urllib's parser)
+        if not host:
+            raise PreflightError(f"tracking URI {redact(uri)} has no host; write e.g. http://127.0.0.1:5000")
+        bare = urlunsplit((parts.scheme, host, parts.path, "", ""))
+        context = None
+        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":  # as the MLflow client does
+            import ssl
+
+            context = ssl._create_unverified_context()  # noqa: S323
         started = time.monotonic()
         try:
-            with urllib.request.urlopen(bare.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(  # noqa: S310
+                bare.rstrip("/") + "/health", timeout=timeout, context=context
+            ) as resp:
                 resp.read(64)
         except urllib.error.HTTPError:
             return  # it answered: a proxy or an old server without /health; the client reports auth errors itself
