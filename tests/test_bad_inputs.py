@@ -678,3 +678,16 @@ def test_valid_inputs_in_every_form_pass_the_checks(case: Path, capsys) -> None:
     for args in forms:
         rc, out, err = cli([*args, "--dry-run"], capsys)
         assert rc == 0 and "would run" in out, (args, out + err)
+
+
+def test_the_orch_command_itself_prints_one_line(case: Path) -> None:
+    """The installed entry point (main -> run_cli) in its own process: a flag of the wrong type is one line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *map(str, ft("--lora_r", "many"))],
+        cwd=case,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80"},
+    )
+    assert_one_line(proc.returncode, proc.stdout, proc.stderr, "--lora_r", "integer")
