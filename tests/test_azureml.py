@@ -33,6 +33,7 @@ def aml(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tone_data: P
     saved = dict(os.environ)
     with start_standin(tmp / "standin") as s:
         os.environ.update(s.settings["env"])
+        os.environ["MLFLOW_TRACKING_TOKEN"] = s.mlflow_token()  # the workspace MLflow endpoint needs a token
         os.environ["ORCH_AZURE_CLOUD"] = s.cloud_name
         os.environ["ORCH_AZURE_CLOUD_METADATA"] = json.dumps(s.cloud_metadata())
         os.environ["ORCH_PROFILE"] = str(tmp / "profile.json")
@@ -57,9 +58,10 @@ def _workflow(
     wf["passes"]["lora"]["config"].update(lora)
     if passes is not None:
         wf["passes"] = {k: v for k, v in wf["passes"].items() if k in passes}
-    wf["systems"]["aml"]["config"]["aml_docker_config"]["conda_file_path"] = str(
-        REPO / "environments" / "gpu-train.conda.yaml"
-    )
+    # The CPU compute and the whole-workflow CPU environment: the stand-in builds it into an image (no CUDA here)
+    aml = wf["systems"]["aml"]["config"]
+    aml.update(aml_compute="cpu-cluster", accelerators=["cpu"])
+    aml["aml_docker_config"]["conda_file_path"] = str(REPO / "environments" / "aml-cpu.conda.yaml")
     wf["engine"].pop("evaluator", None)
     wf["engine"].update(host="aml", target="aml", cache_dir=str(tmp / "cache"), output_dir=str(tmp / "out"))
     path = tmp / "config.json"

@@ -85,17 +85,26 @@ def submit(
     config: Annotated[Path, typer.Option("--config", "-c", help="workflow config (Olive format)")],
     host: Annotated[str, typer.Option("--host", help="aml (the workflow's AzureML system)")] = "aml",
     target: Annotated[str, typer.Option("--target")] = "aml",
-    name: Annotated[str | None, typer.Option("--name", help="job name (default orch-<workflow>-<uuid>)")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="job name (default orch-<workflow>-<hash of the job definition>)")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="submit a new job even if this workflow's job is still running")
+    ] = False,
 ) -> None:
-    """Queue the workflow as one Azure ML job and return: prints the job name and its studio URL."""
+    """Queue the workflow as one Azure ML job and return: prints the job name and its studio URL. An unchanged
+    workflow whose job is still live is attached to, not submitted again (--force submits anyway)."""
 
     def go() -> None:
-        info = submit_workflow(config, host=host, target=target, name=name)
+        info = submit_workflow(config, host=host, target=target, name=name, force=force)
         if info["name"] is None:
             out.print(f"all {info['cached']} passes are cached; nothing submitted. output: {info['output_dir']}")
             return
         out.print(info["name"])
-        console.print(f"queued: {info['name']}  status {info['status']}\nstudio: {info['studio_url']}")
+        verb = "attached to live job" if info.get("attached") else "queued:"
+        console.print(f"{verb} {info['name']}  status {info['status']}\nstudio: {info['studio_url']}")
+        if info.get("attached"):
+            console.print("(the same workflow is already running; --force submits another job)")
         console.print(f"follow: orch logs {info['name']} -f   |   orch status {info['name']}")
 
     _guard(go)

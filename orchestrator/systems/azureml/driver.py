@@ -70,14 +70,26 @@ def _driver_workflow(wf: Any) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def submit_workflow(
-    config: Path, *, host: str | None = None, target: str | None = None, name: str | None = None
+    config: Path, *, host: str | None = None, target: str | None = None, name: str | None = None, force: bool = False
 ) -> dict[str, Any]:
-    """Plan on the client; if anything must run, submit one driver job and return {name, studio_url, ...}."""
+    """Plan on the client; if anything must run, submit one driver job and return {name, studio_url, ...}.
+
+    Exactly once: the job is named after its definition (plan, code snapshot, inputs, environment, compute), so
+    an unchanged workflow whose job is still live is attached to (`attached: True`) instead of submitted twice,
+    unless `force`; a PUT whose answer was lost is found by that name on the retry (create_job_once)."""
     from azure.ai.ml import Input, Output
 
     from orchestrator.config import load_workflow
     from orchestrator.engine import Engine
-    from orchestrator.systems.azureml.system import code_snapshot, input_for, new_job_name, output_uri, status_text
+    from orchestrator.systems.azureml.system import (
+        OUTPUT_MODE,
+        claim_job_name,
+        code_snapshot,
+        definition_name,
+        input_for,
+        output_uri,
+        status_text,
+    )
 
     wf = load_workflow(config)
     engine = Engine(wf, host=host or "aml", target=target or host or "aml", tracking=False)
@@ -101,14 +113,24 @@ def submit_workflow(
         getattr(s, "hf_token", False) for s in wf.systems.values() if getattr(s, "type", "") == "AzureML"
     ):
         env["ORCH_HF_TOKEN_SOURCE"] = system.secret_sources(["hf_token"])["hf_token"]  # a reference, not a value
-    job_name = name or new_job_name(wf.workflow_id or "workflow")
     code = code_snapshot(engine.cache.root, {"workflow.json": json.dumps(doc, indent=2).encode()})
+    system.check_compute()
+    if name:
+        job_name, live = name, None
+    else:
+        definition = {"code": code.name, "binds": binds, "command": args, "env": sorted(env),
+                      "environment": system.environment_id(), "compute": system.compute}  # fmt: skip
+        job_name, live = claim_job_name(system.ml, definition_name(wf.workflow_id or "workflow", definition),
+                                        force=force)  # fmt: skip
+    if live is not None:
+        return {"name": live.name, "studio_url": getattr(live, "studio_url", None),
+                "status": status_text(live.status), "attached": True}  # fmt: skip
     created = system.submit_command(
         name=job_name,
         command=" ".join(args),
         code=code,
         inputs=inputs,
-        outputs={DRIVER_OUTPUT: Output(type="uri_folder", path=output_uri(job_name, DRIVER_OUTPUT), mode="rw_mount")},
+        outputs={DRIVER_OUTPUT: Output(type="uri_folder", path=output_uri(job_name, DRIVER_OUTPUT), mode=OUTPUT_MODE)},
         display_name=f"orch {wf.workflow_id or 'workflow'}",
         tags={"orch.workflow": wf.workflow_id or "workflow", "orch.kind": "driver",
               "orch.plan": json.dumps([[s.name, s.key[:16], s.cached] for s in steps])},
@@ -118,6 +140,7 @@ def submit_workflow(
         "name": created.name,
         "studio_url": getattr(created, "studio_url", None),
         "status": status_text(created.status),
+        "attached": False,
     }
 
 

@@ -36,9 +36,13 @@ from typing import Any
 from orchestrator.job import JOB_FILE, RESULT_FILE, Job, JobResult, JobState, JobTracking, atomic_write_text, is_uri
 from orchestrator.systems.base import JobHandle, System, SystemFailure
 
-ORCH_PACKAGE = Path(__file__).resolve().parents[1]  # .../orchestrator
+ORCH_PACKAGE = Path(__file__).resolve().parents[2]  # .../orchestrator (this file: orchestrator/systems/azureml/)
 DEFAULT_DATASTORE = "workspaceblobstore"
 RESULT_OUTPUT = "result"
+# Outputs are written to the node's local disk and uploaded when the job ends ("upload"), not written through a
+# blobfuse mount ("rw_mount"): orch's writers publish by renaming a finished temp folder, and a directory rename on
+# blobfuse over flat-namespace storage is a copy + delete per blob, not atomic (infra/local-azure.md).
+OUTPUT_MODE = "upload"
 TRAINING_PASSES = ("LoRA", "QLoRA")
 SNAPSHOT_SUFFIXES = (".py", ".typed", ".json", ".yaml", ".yml", ".txt")
 STATE_MAP = {
@@ -50,9 +54,10 @@ STATE_MAP = {
     "Running": JobState.RUNNING,
     "Finalizing": JobState.RUNNING,
     "CancelRequested": JobState.RUNNING,
+    "NotResponding": JobState.RUNNING,  # a node missed heartbeats; Azure ML keeps the job and it may recover
+    "Paused": JobState.RUNNING,
     "Completed": JobState.COMPLETED,
     "Failed": JobState.FAILED,
-    "NotResponding": JobState.FAILED,
     "Canceled": JobState.CANCELED,
 }
 
@@ -63,9 +68,35 @@ def output_uri(job_name: str, output: str = RESULT_OUTPUT, datastore: str = DEFA
 
 
 def new_job_name(label: str) -> str:
-    """orch-<label>-<uuid>: made once per submission on the client, reused by every retry of it."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")[:40] or "job"
-    return f"orch-{slug}-{uuid.uuid4().hex[:10]}"
+    """orch-<label>-<uuid>: a fresh name, for `--name`-less submits that must never attach (tests, --force)."""
+    return f"orch-{_slug(label)}-{uuid.uuid4().hex[:10]}"
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", label.lower()).strip("-")[:40] or "job"
+
+
+def definition_name(label: str, definition: Any) -> str:
+    """orch-<label>-<hash of the job's definition>: the same workflow submitted twice gets the same name, so a
+    submit retried after a lost answer, or run again while its job is live, finds that job instead of a twin."""
+    digest = hashlib.sha256(json.dumps(definition, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"orch-{_slug(label)}-{digest}"
+
+
+def claim_job_name(ml: Any, base: str, *, force: bool = False, limit: int = 50) -> tuple[str, Any]:
+    """(name, live job or None) for a definition-named job: a live job of that definition is returned to attach to
+    (unless `force`); a finished one is never reused (Azure ML job names are unique forever): -2, -3, ... follow."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    for i in range(1, limit + 1):
+        name = base if i == 1 else f"{base}-{i}"
+        try:
+            existing = with_retries(lambda n=name: ml.jobs.get(n), what="job lookup")
+        except ResourceNotFoundError:
+            return name, None
+        if not force and map_state(existing.status) in (JobState.QUEUED, JobState.RUNNING):
+            return name, existing
+    raise SystemFailure(f"{limit} jobs named {base}-N exist already; pass --name")
 
 
 def status_text(status: Any) -> str:
@@ -367,6 +398,26 @@ class AzureMLSystem(System):
             return PyTorchDistribution(process_count_per_instance=processes_per_node), resources
         return None, resources
 
+    def check_compute(self) -> None:
+        """Refuse an unknown compute before anything is uploaded or submitted (validate before compute)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        name = self.compute
+        if not name:
+            return  # serverless
+        try:
+            with_retries(lambda: self.ml.compute.get(name), what="compute lookup")
+        except ResourceNotFoundError:
+            try:
+                known = sorted(c.name for c in self.ml.compute.list())
+            except Exception:  # noqa: BLE001 - the names are a hint only
+                known = []
+            hint = f" (computes in the workspace: {', '.join(known)})" if known else ""
+            raise SystemFailure(
+                f"aml_compute {name!r} does not exist in workspace {self.settings.workspace_name}{hint}: "
+                "set systems.<name>.config.aml_compute to one of them"
+            ) from None
+
     def submit_command(
         self,
         *,
@@ -410,7 +461,6 @@ class AzureMLSystem(System):
     def submit(self, job: Job) -> AzureMLJobHandle:
         from azure.ai.ml import Input, Output
 
-        name = new_job_name(job.pass_name)
         inputs: dict[str, Any] = {}
         args = ["python -m orchestrator.runner --job job.json", f"--output-dir ${{{{outputs.{RESULT_OUTPUT}}}}}"]
         refs: dict[str, str] = {}
@@ -439,13 +489,19 @@ class AzureMLSystem(System):
             }
         )  # fmt: skip
         code = code_snapshot(self.cache_dir, {JOB_FILE: remote_job.model_dump_json(indent=2).encode()})
+        self.check_compute()
+        definition = {"code": code.name, "inputs": refs, "command": args, "environment": self.environment_id(),
+                      "compute": self.compute, "processes": job.processes_per_node}  # fmt: skip
+        name, live = claim_job_name(self.ml, definition_name(job.pass_name, definition))
+        if live is not None:  # the same pass on the same inputs is running already: follow it, not a twin
+            return AzureMLJobHandle(self, live.name, refs=refs, studio_url=getattr(live, "studio_url", None))
         result_uri = output_uri(name)
         created = self.submit_command(
             name=name,
             command=" ".join(args),
             code=code,
             inputs=inputs,
-            outputs={RESULT_OUTPUT: Output(type="uri_folder", path=result_uri, mode="rw_mount")},
+            outputs={RESULT_OUTPUT: Output(type="uri_folder", path=result_uri, mode=OUTPUT_MODE)},
             display_name=f"{job.pass_name} ({job.pass_type})",
             tags={"orch.pass": job.pass_name, "orch.pass_type": job.pass_type, "orch.job_id": job.job_id,
                   "orch.inputs": json.dumps(refs)},
