@@ -282,8 +282,11 @@ def auto_opt(
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    num_splits: Annotated[int | None, typer.Option("--num-splits", "--num_splits", help="refused")] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help="refused: no splitting")] = None,
+    cost_model: Annotated[str | None, typer.Option("--cost-model", "--cost_model", help="refused")] = None,
 ) -> None:
-    """Olive's `auto-opt`: (merge the adapter ->) export ONNX with onnxruntime-genai's model builder."""
+    """Olive's `auto-opt` / `optimize`: (merge the adapter ->) export ONNX with onnxruntime-genai's builder."""
     from orchestrator.olive_commands import auto_opt_workflow
 
     def go() -> None:
@@ -301,6 +304,7 @@ def auto_opt(
             log_level=log_level,
             host=host,
             target=target,
+            split_flags={"--num-splits": num_splits, "--memory": memory, "--cost-model": cost_model},
         )
         _run_workflow(
             workflow,
@@ -582,6 +586,26 @@ def demo(
 
     _guarded(go)
 
+
+app.command("optimize", help="Olive's `optimize`: the same as auto-opt (the model builder path).")(auto_opt)
+
+
+def _refusal(why: str) -> Any:
+    def refuse(ctx: typer.Context) -> None:
+        raise fail(why)
+
+    return refuse
+
+
+def _register_olive_refusals() -> None:
+    """Olive commands orch does not run: each answers one line naming what to use instead."""
+    from orchestrator.olive_commands import UNSUPPORTED_COMMANDS
+
+    for name, why in UNSUPPORTED_COMMANDS.items():
+        app.command(name, context_settings=EXTRA, help=f"not supported: {why}")(_refusal(f"{name}: {why}"))
+
+
+_register_olive_refusals()
 
 from orchestrator.systems.azureml.cli import register as _register_azure  # noqa: E402 - commands defined above first
 

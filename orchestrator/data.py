@@ -127,17 +127,30 @@ def _source(dc: DataConfig, base_dir: Path | None, override: str | None) -> dict
         if path.is_file():
             return {"path": SUFFIX_BUILDERS.get(path.suffix.lower(), "json"), "data_files": str(path)}
         return {"path": name, **({"data_dir": load.data_dir} if load.data_dir else {})}
-    for f in [files] if isinstance(files, str) else list(files):
-        f = str(resolve_path(f, base_dir))
-        found = glob.glob(f, recursive=True) if glob.has_magic(f) else ([f] if Path(f).exists() else [])
-        if not found:
-            raise DataError(f"data config {dc.name!r}: data file {f!r} not found")
-    if isinstance(files, str):
-        files = str(resolve_path(files, base_dir))
-    else:
-        files = [str(resolve_path(f, base_dir)) for f in files]
-    first = files if isinstance(files, str) else files[0]
-    builder = name if name in DATASET_BUILDERS else SUFFIX_BUILDERS.get(Path(first).suffix.lower(), "json")
+    # relative files: against the config's folder, or (as datasets does) inside a local data_name folder
+    roots = [base_dir] + ([Path(name)] if Path(name).is_dir() else [])
+
+    def local(f: str) -> str:
+        rel = Path(f)
+        if base_dir is not None and rel.is_absolute() and rel.is_relative_to(base_dir):  # resolved by the reader
+            rel = rel.relative_to(base_dir)
+        for root in roots:
+            cand = str(resolve_path(rel, root))
+            if glob.glob(cand, recursive=True) if glob.has_magic(cand) else Path(cand).exists():
+                return cand
+        raise DataError(f"data config {dc.name!r}: data file {str(resolve_path(f, base_dir))!r} not found")
+
+    def each(v: Any) -> Any:
+        return local(v) if isinstance(v, str) else [local(f) for f in v]
+
+    files = {split: each(v) for split, v in files.items()} if isinstance(files, dict) else each(files)
+    flat = (
+        [f for v in files.values() for f in ([v] if isinstance(v, str) else v)]
+        if isinstance(files, dict)
+        else ([files] if isinstance(files, str) else files)
+    )
+    suffixes = Path(flat[0].removesuffix(".gz").removesuffix(".zst")).suffix.lower()
+    builder = name if name in DATASET_BUILDERS else SUFFIX_BUILDERS.get(suffixes, "json")
     return {"path": builder, "data_files": files}
 
 
@@ -157,6 +170,15 @@ def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | Non
         raise DataError(f"data config {dc.name!r}: cannot load {kwargs['path']!r}: {first}") from None
     if isinstance(ds, datasets.DatasetDict):  # split=None in the config: take train
         ds = ds["train"]
+    filters = dc.load_dataset_config.col_filters
+    if filters:  # Olive's col_filters: rows whose columns equal the given values
+        missing = [c for c in filters if c not in ds.column_names]
+        if missing:
+            raise DataError(
+                f"data config {dc.name!r}: col_filters names column(s) {', '.join(missing)} that the data does not "
+                f"have (columns: {', '.join(ds.column_names)})"
+            )
+        ds = ds.filter(lambda row: all(row[c] == v for c, v in filters.items()), desc=f"col_filters {dc.name}")
     return ds
 
 

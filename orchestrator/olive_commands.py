@@ -69,6 +69,32 @@ def split_list(value: str | None) -> list[str] | None:
     return [v.strip().strip('"').strip("'") for v in value.replace(" ", ",").split(",") if v.strip()]
 
 
+# Phi-3-family checkpoints (Phi-3, Phi-3.5, Phi-4-mini: model_type "phi3") fuse these projections.
+PHI3_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+              "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}  # fmt: skip
+
+
+def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[str]:
+    """Tutorials list q_proj,k_proj,v_proj,gate_proj,up_proj for Phi-3-family models, which have the fused
+    qkv_proj / gate_up_proj instead: map them (what the user means) and say so in one line."""
+    import json
+    import sys
+
+    cfg = Path(model_name_or_path) / "config.json"
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    except (OSError, ValueError):
+        model_type = None
+    if model_type != "phi3" or not set(modules) & set(PHI3_FUSED):
+        return modules
+    mapped = list(dict.fromkeys(PHI3_FUSED.get(m, m) for m in modules))
+    sys.stderr.write(
+        f"note: --target_modules {','.join(modules)} -> {','.join(mapped)} (this Phi-3-family model fuses "
+        "q/k/v into qkv_proj and gate/up into gate_up_proj)\n"
+    )
+    return mapped
+
+
 def input_model(
     model_name_or_path: str, *, trust_remote_code: bool, task: str | None, adapter_path: str | None = None
 ) -> dict[str, Any]:
@@ -139,7 +165,7 @@ def finetune_workflow(
     }
     modules = split_list(target_modules)
     if modules:
-        pass_config["target_modules"] = modules
+        pass_config["target_modules"] = fused_target_modules(modules, model_name_or_path)
     if eval_split:
         pass_config["train_split"] = train_split
         pass_config["eval_split"] = eval_split
@@ -160,6 +186,15 @@ def finetune_workflow(
 
 DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
 
+# Olive commands with no orch counterpart, and what to use instead (the CLI answers with this one line).
+UNSUPPORTED_COMMANDS = {
+    "generate-adapter": "orch merges adapters into the model (no separate ONNX adapter weights); use "
+    "`orch auto-opt --adapter_path ADAPTER`",
+    "convert-adapters": "orch merges adapters into the model; use `orch auto-opt --adapter_path ADAPTER`",
+    "capture-onnx-graph": "use `orch auto-opt --precision fp32` (the model builder's ONNX export)",
+    "tune-session-params": "orch does no session tuning; an evaluator with a latency metric reports latency",
+}
+
 
 def auto_opt_workflow(
     *,
@@ -176,7 +211,14 @@ def auto_opt_workflow(
     log_level: int = 3,
     host: str | None = None,
     target: str | None = None,
+    split_flags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    for flag, value in (split_flags or {}).items():
+        if value is not None:
+            raise FlagError(
+                f"{flag}: model splitting is not supported; orch builds one ONNX model per execution provider "
+                f"(drop {flag})"
+            )
     device = device.lower()
     if device not in DEVICE_PROVIDERS:
         raise FlagError(f"--device {device!r}: orch builds for cpu or gpu (npu needs a vendor toolchain not present)")
@@ -185,8 +227,8 @@ def auto_opt_workflow(
         raise FlagError(
             f"--provider {provider!r}: orch's builder path supports CPUExecutionProvider and CUDAExecutionProvider"
         )
-    if precision not in ("int4", "fp16", "fp32"):
-        raise FlagError(f"--precision {precision!r}: the model builder exports int4, fp16 or fp32")
+    if precision not in ("int4", "int8", "fp16", "fp32"):
+        raise FlagError(f"--precision {precision!r}: the model builder exports int4, int8, fp16 or fp32")
     passes: dict[str, Any] = {}
     if adapter_path:
         passes["merge"] = {"type": "MergeAdapterWeights"}

@@ -40,12 +40,17 @@ def _files_kind(value: Any) -> str:
         return "path"
     if isinstance(value, list):
         return "paths"
+    if isinstance(value, dict) and "type" not in value:  # Olive / datasets: {split: file or files}
+        return "splits"
     return "resource"
 
 
 # One path, several, or a resource; dispatched on the Python type so an error names only the form given.
 DataFiles = Annotated[
-    Annotated[str, Tag("path")] | Annotated[list[str], Tag("paths")] | Annotated[Resource, Tag("resource")],
+    Annotated[str, Tag("path")]
+    | Annotated[list[str], Tag("paths")]
+    | Annotated[dict[str, str | list[str]], Tag("splits")]
+    | Annotated[Resource, Tag("resource")],
     Discriminator(_files_kind),
 ]
 
@@ -137,6 +142,7 @@ class LoadDatasetConfig(_Params):
     data_dir: str | None = None
     subset: str | None = None
     split: str | None = "train"
+    col_filters: dict[str, str | int | float | bool] | None = None  # keep rows whose columns equal these values
 
     @field_validator("data_name", mode="after")
     @classmethod
@@ -155,6 +161,8 @@ class LoadDatasetConfig(_Params):
             return [cls._one_file(x, info) for x in v]
         if isinstance(v, str):
             return cls._one_file(v, info)
+        if isinstance(v, dict) and "type" not in v:
+            return {k: cls._parse_files(x, info) for k, x in v.items()}
         return v
 
     @staticmethod
@@ -181,15 +189,34 @@ class PreProcessDataConfig(_Params):
     max_samples: int | None = Field(None, gt=0)
     add_special_tokens: bool | None = None
 
+    random_seed: int | None = None  # Olive: for its random strategies, which are refused below
+
     @field_validator("text_cols", mode="before")
     @classmethod
     def _one_col(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @field_validator("corpus_strategy", mode="before")
+    @classmethod
+    def _random_strategies(cls, v: Any) -> Any:
+        if isinstance(v, str) and v in ("join-random", "line-by-line-random", "join-sliding-window"):
+            raise ValueError(
+                f"strategy {v!r} is not supported: orch packs 'join' (contiguous source_max_len blocks) or "
+                "'line-by-line'; use one of those"
+            )
+        return v
+
+    @field_validator("random_seed")
+    @classmethod
+    def _no_random(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise ValueError("random_seed is for Olive's random strategies, which orch does not run; drop it")
+        return v
+
     @model_validator(mode="after")
     def _text_source(self) -> PreProcessDataConfig:
-        if not self.text_cols and not self.text_template:
-            raise ValueError("give text_cols or text_template: they say which columns make the training text")
+        if not self.text_cols and not self.text_template:  # Olive's default: the "text" column
+            object.__setattr__(self, "text_cols", ["text"])
         return self
 
 
@@ -206,6 +233,11 @@ class DataConfig(Strict):
     @field_validator("type", mode="before")
     @classmethod
     def _canonical(cls, v: Any) -> Any:
+        if isinstance(v, str) and "dummydatacontainer" in v.lower():
+            raise ValueError(
+                f"{v} (random token ids) is not supported: orch's latency/throughput metrics run the model on "
+                "held-out rows of a HuggingfaceContainer; name one instead"
+            )
         return "HuggingfaceContainer" if isinstance(v, str) and v.lower() == "huggingfacecontainer" else v
 
     @field_validator("user_script", mode="after")
@@ -243,6 +275,16 @@ class Metric(Strict):
 class EvaluatorConfig(Strict):
     metrics: list[Metric] = Field(min_length=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _olive_evaluator_types(cls, data: Any) -> Any:
+        if isinstance(data, dict) and str(data.get("type", "")).lower() == "lmevaluator":
+            raise ValueError(
+                "Olive's LMEvaluator (lm-evaluation-harness tasks) is not supported: use an evaluator with "
+                "metrics (perplexity, accuracy, latency, throughput)"
+            )
+        return data
+
 
 class MlflowConfig(Strict):
     """orch addition: where metrics and the final model go."""
@@ -250,6 +292,14 @@ class MlflowConfig(Strict):
     tracking_uri: str | None = None
     experiment_name: str | None = None
     register_model_name: str | None = None
+
+
+class PackagingConfig(Strict):
+    """Olive's packaging_config entry: Zipfile is honoured (output_dir/<name>.zip of the published model/)."""
+
+    type: Literal["Zipfile"]
+    name: str = "OutputModel"
+    config: dict[str, Any] | None = None
 
 
 class EngineConfig(Strict):
@@ -267,6 +317,12 @@ class EngineConfig(Strict):
     evaluate_input_model: bool = False  # True: the evaluator also scores the input model (step evaluate_input)
     log_to_file: bool = False
     mlflow: MlflowConfig | None = None
+    packaging_config: list[PackagingConfig] | None = None  # Olive: also a single entry
+
+    @field_validator("packaging_config", mode="before")
+    @classmethod
+    def _one_package(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
 
     @field_validator("cache_dir", "output_dir", mode="after")
     @classmethod

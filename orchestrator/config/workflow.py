@@ -10,12 +10,14 @@ together in one ConfigError.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from orchestrator.config import olive_keys
 from orchestrator.config.errors import ConfigError, fmt_path, nearest, suggest, translate
 from orchestrator.config.models import DataConfig, EngineConfig, EvaluatorConfig, InputModel, PassEntry
 from orchestrator.config.resources import AzureMLClient
@@ -196,11 +198,13 @@ def _normalize(raw: dict[str, Any], r: _Reader) -> None:
     if isinstance(data_configs, list):
         for i, dc in enumerate(data_configs):
             _flatten_data_config(dc, ("data_configs", i), r)
+    olive_keys.apply(raw, r)  # cosmetic keys, pass_flows, execution providers from the target's accelerators
 
 
 def _flatten_data_config(dc: Any, path: tuple[Any, ...], r: _Reader) -> None:
     if not isinstance(dc, dict):
         return
+    olive_keys.params_config(dc, path, r)  # Olive < 0.7's params_config form
     for part in ("load_dataset_config", "pre_process_data_config"):
         r.flatten(dc, part, (*path, part), "params")
     load = dc.get("load_dataset_config")
@@ -219,7 +223,7 @@ def _data_names(raw: dict[str, Any]) -> list[str]:
 
 def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
     """Each pass: known type, its data references, training_args normalized, config checked by its class."""
-    from orchestrator.passes.registry import PASSES, load_pass
+    from orchestrator.passes.registry import PASSES, load_pass, unsupported_hint
 
     passes = raw.get("passes", {})
     out: dict[str, PassEntry] = {}
@@ -236,6 +240,9 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
         type_name = entry["type"]
         if type_name not in PASSES:
             canon = {k.lower(): k for k in PASSES}.get(type_name.lower())
+            if canon is None and unsupported_hint(type_name):
+                r.problem([*where, "type"], str(unsupported_hint(type_name)))
+                continue
             if canon is None:
                 r.problem(
                     [*where, "type"],
@@ -359,6 +366,12 @@ def _check_evaluator(config: WorkflowConfig, r: _Reader) -> None:
         r.notes.append(f"evaluators.{name}: not checked here (Evaluate pass not importable: {type(exc).__name__})")
         return
     try:
-        pass_cls.Config.model_validate({"metrics": metrics})
+        checked = pass_cls.Config.model_validate({"metrics": metrics})
     except ValidationError as exc:
         r.problems += translate(exc, pass_cls.Config, prefix=("evaluators", name))
+        return
+    check = getattr(importlib.import_module(pass_cls.__module__), "unknown_sub_types", None)
+    for i, metric in enumerate(getattr(checked, "metrics", [])):  # before any pass runs, not after all did
+        problem = check(metric) if check else None
+        if problem:
+            r.problem(["evaluators", name, "metrics", i, "sub_types"], problem)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
@@ -82,6 +82,29 @@ class MetricConfig(BaseModel):
     user_config: UserConfig = Field(default_factory=UserConfig)
     backend: str | None = None  # Olive's metric backend (torch_metrics, ...); metrics here are computed natively
 
+    @model_validator(mode="before")
+    @classmethod
+    def _olive_perplexity(cls, data: Any) -> Any:
+        """Olive writes perplexity as type accuracy with sub_type perplexity: the same metric here."""
+        if isinstance(data, dict) and data.get("type") == "accuracy":
+            subs = [s.get("name") if isinstance(s, dict) else s for s in data.get("sub_types") or []]
+            if subs and all(s == "perplexity" for s in subs):
+                return {**data, "type": "perplexity"}
+        return data
+
+    @model_validator(mode="after")
+    def _known_sub_types_and_goals(self) -> MetricConfig:
+        """Checked when the config is read, not after every pass ran (sub_types: unknown_sub_types)."""
+        for s in self.sub_types:
+            kind = (s.goal or {}).get("type")
+            if s.goal is not None and (kind != "threshold" or not isinstance(s.goal.get("value"), int | float)):
+                raise ValueError(
+                    f"metric {self.name!r} sub_type {s.name!r}: goal {s.goal} is not supported: orch compares "
+                    'against a fixed value ({"type": "threshold", "value": N}); the improvement/degradation '
+                    "goals need Olive's search over candidates"
+                )
+        return self
+
 
 class EvaluateConfig(PassConfig):
     """Which rows: `split` (datasets syntax, e.g. "test" or "train[80%:]") if set; else the rows that
@@ -98,6 +121,21 @@ class EvaluateConfig(PassConfig):
 
 
 # ---------------------------------------------------------------------------------------------- scorers
+
+
+def unknown_sub_types(metric: MetricConfig) -> str | None:
+    """The one-line problem of a metric whose sub_types this pass does not compute, else None."""
+    known = set(SUB_TYPES[metric.type]) | {k for k, v in ALIASES.items() if v in SUB_TYPES[metric.type]}
+    unknown = [s.name for s in metric.sub_types if s.name not in known]
+    if not unknown:
+        return None
+    return f"metric {metric.name!r} ({metric.type}) has unknown sub_types {unknown}; known: {sorted(known)}"
+
+
+def _higher_is_better(sub_type: str) -> bool:
+    """Olive's defaults: accuracy and throughput up, perplexity / loss / latency down."""
+    key = ALIASES.get(sub_type, sub_type)
+    return key in ("accuracy", "decode_tokens_per_s", "e2e_tokens_per_s", "n_samples", "n_tokens")
 
 
 class Scorer(Protocol):
@@ -368,13 +406,9 @@ class EvaluatePass(Pass):
         if model is None:
             raise PassError("Evaluate needs an input model")
         for metric in config.metrics:
-            known = set(SUB_TYPES[metric.type]) | {k for k, v in ALIASES.items() if v in SUB_TYPES[metric.type]}
-            unknown = [s.name for s in metric.sub_types if s.name not in known]
-            if unknown:
-                raise PassError(
-                    f"Evaluate: metric {metric.name!r} ({metric.type}) has unknown sub_types {unknown}; "
-                    f"known: {sorted(known)}"
-                )
+            problem = unknown_sub_types(metric)
+            if problem:
+                raise PassError(f"Evaluate: {problem}")
             if metric.type in ("perplexity", "accuracy") and not metric.data_config:
                 raise PassError(f"Evaluate: metric {metric.name!r} ({metric.type}) needs a data_config")
 
@@ -395,6 +429,16 @@ class EvaluatePass(Pass):
             for name, key in zip(names, wanted, strict=True):
                 results[f"{metric.name}-{name}"] = float(values[key])
                 ctx.log_metric(f"{metric.name}-{name}", values[key])
+            for sub in metric.sub_types:  # Olive's threshold goals: compared and reported, 1 = met
+                if sub.goal is not None:
+                    value, target = results[f"{metric.name}-{sub.name}"], float(sub.goal["value"])
+                    higher = sub.higher_is_better if sub.higher_is_better is not None else _higher_is_better(sub.name)
+                    met = value >= target if higher else value <= target
+                    results[f"{metric.name}-{sub.name}-goal_met"] = float(met)
+                    ctx.info(
+                        f"goal {metric.name}-{sub.name} {'>=' if higher else '<='} {target:g}: "
+                        f"{value:.4g} -> {'met' if met else 'NOT met'}"
+                    )
         ctx.progress(len(config.metrics), len(config.metrics), "done")
         passthrough = model.with_root(Path.cwd())
         return PassOutput(model=passthrough, metrics=results)

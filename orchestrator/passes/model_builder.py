@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from orchestrator.job import ModelArtifact, atomic_write_text
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
@@ -67,6 +67,21 @@ class ModelBuilderConfig(PassConfig):
     parity_tolerance: float = 1e-4  # fp32 fails when max |logit diff| >= this
     check_parity: bool = True  # int4/int8/fp16: log parity metrics (fp32 always checks)
     check_generation: bool = True  # load with og and generate a few tokens after building
+    # Olive's fields with one meaning here: the builder always writes one external-data file next to model.onnx
+    save_as_external_data: Literal[True] = True
+    all_tensors_to_one_file: Literal[True] = True
+    metadata_only: bool = False
+
+    @field_validator("metadata_only")
+    @classmethod
+    def _no_metadata_only(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(
+                "metadata_only (genai_config.json for an ONNX model from OnnxConversion) is not supported: orch's "
+                "ModelBuilder builds the whole model from the HF checkpoint; drop metadata_only and the "
+                "OnnxConversion/OrtTransformersOptimization passes before it"
+            )
+        return v
 
 
 def resolve_execution_provider(config: ModelBuilderConfig, job_providers: list[str]) -> str:
@@ -243,12 +258,21 @@ class ModelBuilderPass(Pass):
             raise PassError(f"ModelBuilder: {hf_dir} has no config.json; point input_model at an HF checkpoint folder")
 
         ep = resolve_execution_provider(config, ctx.job.execution_providers)
-        if ep not in _VALID[config.precision]:
-            ok = ", ".join(sorted(p for p, eps in _VALID.items() if ep in eps))
-            raise PassError(
-                f"ModelBuilder: precision {config.precision} is not supported on {ep} by onnxruntime-genai's "
-                f"builder; on {ep} use one of: {ok}"
-            )
+        # Olive builds one model per execution provider of the target; the first is the chain's model/, the
+        # others go to model/<ep>/ (each a complete onnxruntime-genai folder)
+        extra_eps: list[str] = []
+        if config.execution_provider is None and config.device is None:
+            for raw in ctx.job.execution_providers[1:]:
+                other = resolve_execution_provider(config.model_copy(update={"execution_provider": raw}), [])
+                if other != ep and other not in extra_eps:
+                    extra_eps.append(other)
+        for one in (ep, *extra_eps):
+            if one not in _VALID[config.precision]:
+                ok = ", ".join(sorted(p for p, eps in _VALID.items() if one in eps))
+                raise PassError(
+                    f"ModelBuilder: precision {config.precision} is not supported on {one} by onnxruntime-genai's "
+                    f"builder; on {one} use one of: {ok}"
+                )
 
         impostors = lm_head_impostors(hf_dir, model.trust_remote_code)
         if impostors:
@@ -275,6 +299,13 @@ class ModelBuilderPass(Pass):
         t0 = time.perf_counter()
         try:
             run_builder(hf_dir, tmp, config.precision, ep, cache, options, ctx.info)
+            for other in extra_eps:
+                ctx.info(f"building {config.precision} ONNX for {other} into {OUTPUT_DIR}/{other}/")
+                run_builder(
+                    hf_dir, tmp / other, config.precision, other, cache, self.builder_options(config, other, model),
+                    ctx.info,
+                )  # fmt: skip
+                ctx.info(f"{OUTPUT_DIR}/{other}/: built for {other}; not run here (checks run on CPU only)")
         except PassError:
             raise
         except Exception as exc:  # the builder raises bare Exceptions/ValueErrors for user-fixable inputs
@@ -292,6 +323,7 @@ class ModelBuilderPass(Pass):
             "build_s": build_s,
             "model_size_bytes": float(onnx_tools.model_size_bytes(tmp)),
             "matmulnbits_nodes": float(onnx_tools.matmulnbits_count(tmp)),
+            "execution_providers_built": float(1 + len(extra_eps)),
         }
         ctx.progress(1, 3, "check")
         metrics |= self._check(config, ep, hf_dir, tmp, ctx, prequantized=model.quantized)

@@ -34,6 +34,15 @@ class QuantizeConfig(PassConfig):
     check_prompt: str = "the quick brown fox jumps over the lazy dog. I feel happy, sad, afraid and surprised."
 
 
+def genai_provider(model_dir: Path) -> str:
+    """The execution provider an onnxruntime-genai folder was built for ("cpu" when it names none)."""
+    import json
+
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    options = decoder.get("session_options", {}).get("provider_options") or []
+    return next(iter(options[0]), "cpu") if options and isinstance(options[0], dict) else "cpu"
+
+
 class MatMulNBitsQuantizePass(Pass):
     """ONNX (fp32/fp16) -> the same model with MatMul weights in 4-bit blocks (MatMulNBits)."""
 
@@ -46,7 +55,7 @@ class MatMulNBitsQuantizePass(Pass):
         return Requirements(cuda=False, environment="cpu-export")
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
-        assert isinstance(config, QuantizeConfig)
+        assert isinstance(config, PassConfig)  # QuantizeConfig, or a subclass pass's own (OnnxHqqQuantization)
         from orchestrator import onnx_tools
 
         if model is None or model.format not in ("onnx", "onnx_genai"):
@@ -101,7 +110,10 @@ class MatMulNBitsQuantizePass(Pass):
             f"{size_before / 1e6:.2f} MB -> {size_after / 1e6:.2f} MB"
         )
         ctx.progress(1, 2, "check")
-        if config.check_generation and (tmp / onnx_tools.GENAI_CONFIG).exists():
+        provider = genai_provider(tmp) if (tmp / onnx_tools.GENAI_CONFIG).exists() else "cpu"
+        if config.check_generation and provider != "cpu":
+            ctx.info(f"generation check skipped: the model targets {provider} and the check runs on CPU only")
+        elif config.check_generation and (tmp / onnx_tools.GENAI_CONFIG).exists():
             metrics |= self._check(config, src_dir, tmp, ctx)
         elif config.check_generation:
             metrics |= self._check_ort(src, tmp / src.name, ctx)

@@ -21,7 +21,50 @@ PASSES: dict[str, str] = {
     "Evaluate": "orchestrator.passes.evaluate:EvaluatePass",
     "GptqQuantizer": "orchestrator.passes.awq_gptq:GptqQuantizerPass",
     "AutoAWQQuantizer": "orchestrator.passes.awq_gptq:AutoAWQQuantizerPass",
+    "Gptq": "orchestrator.passes.awq_gptq:GptqQuantizerPass",  # Olive >= 0.10's name for GptqQuantizer
+    "OnnxHqqQuantization": "orchestrator.passes.onnx_hqq:OnnxHqqQuantizationPass",
 }
+
+_BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"
+# Olive passes orch does not run, and what to use instead: the config reader names them in one line each.
+UNSUPPORTED: dict[str, str] = {
+    "OnnxConversion": f"use {_BUILDER}",
+    "OptimumConversion": f"use {_BUILDER}",
+    "OrtTransformersOptimization": "ModelBuilder's graph is already fused (GroupQueryAttention, SkipLayerNorm); "
+    "use ModelBuilder and drop this pass",
+    "OnnxDynamicQuantization": "use ModelBuilder precision int8, or OnnxMatMul4Quantizer for int4 weights",
+    "OnnxStaticQuantization": "static QDQ quantization is for NPUs; use OnnxMatMul4Quantizer or ModelBuilder int4",
+    "ExtractAdapters": "keep the adapter merged (MergeAdapterWeights -> ModelBuilder)",
+    "IncDynamicQuantization": "Intel Neural Compressor is not part of orch; use OnnxMatMul4Quantizer",
+    "IncStaticQuantization": "Intel Neural Compressor is not part of orch; use OnnxMatMul4Quantizer",
+    "OrtSessionParamsTuning": "orch does no session tuning; drop the pass (an evaluator reports latency)",
+    "OrtPerfTuning": "orch does no session tuning; drop the pass (an evaluator reports latency)",
+    "SelectiveMixedPrecision": "mixed int4/int8 is not supported; use ModelBuilder int4 or int8",
+    "QuaRot": "rotation-based quantization is not supported; use GptqQuantizer (CUDA) or ModelBuilder int4",
+    "Rtn": "the PyTorch-level RTN quantizer is not supported; use ModelBuilder precision int4 (RTN) or "
+    "OnnxBlockWiseRtnQuantization after an fp32/fp16 ModelBuilder",
+    "SparseGPT": "pruning is not supported",
+    "SliceGPT": "pruning is not supported",
+    "TorchTRTConversion": "TensorRT is not supported; use ModelBuilder",
+    "GraphSurgeries": "graph surgeries are not supported; ModelBuilder's graph is used as built",
+    "MatMulNBitsToQDQ": "QDQ conversion is for NPUs and is not supported",
+    "SplitModel": "model splitting is not supported",
+    "CaptureSplitInfo": "model splitting is not supported",
+    "StaticLLM": "static-shape NPU models are not supported",
+    "EPContextBinaryGenerator": "NPU context binaries are not supported",
+    "ComposeOnnxModels": "model splitting is not supported",
+    "LoftQ": "use LoRA or QLoRA",
+    "DoRA": "use LoRA",
+    "LoHa": "use LoRA",
+    "LoKr": "use LoRA",
+}
+UNSUPPORTED["Quarot"] = UNSUPPORTED["QuaRot"]
+
+
+def unsupported_hint(type_name: str) -> str | None:
+    """'OnnxConversion is not supported here: use ...' for a known Olive pass orch does not run, else None."""
+    canon = {k.lower(): k for k in UNSUPPORTED}.get(type_name.lower())
+    return None if canon is None else f"Olive pass {canon} is not supported by orch: {UNSUPPORTED[canon]}"
 
 
 def pass_types() -> list[str]:

@@ -1,0 +1,143 @@
+"""Olive keys with no field of their own in orch's models: each is honoured, refused, or (purely cosmetic)
+accepted with a note that says so. Nothing is dropped silently.
+
+Called by the reader on the raw mapping after the engine keys were gathered, before pydantic sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Keys that change nothing a run produces: accepted with a note.
+COSMETIC = {
+    "$schema": "an editor's JSON-schema pointer",
+    "no_artifacts": "orch writes no run artifacts besides output_dir's model/, manifest.json and training.png",
+    "verbose": "orch's verbosity is log_severity_level / --verbose",
+}
+DEFAULT_EP = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def apply(raw: dict[str, Any], reader: Any) -> None:
+    """Cosmetic keys noted and removed, pass_flows applied, execution providers taken from the target system."""
+    for key, why in COSMETIC.items():
+        if key in raw:
+            raw.pop(key)
+            reader.notes.append(f"{key}: accepted, changes nothing ({why})")
+    _pass_flows(raw, reader)
+    _execution_providers(raw, reader)
+    _load_kwargs(raw, reader)
+    if isinstance(raw.get("engine"), dict):
+        engine_notes(raw["engine"], reader)
+
+
+def _pass_flows(raw: dict[str, Any], reader: Any) -> None:
+    """Olive's pass_flows: one flow = run those passes in that order; several = several models, refused."""
+    if "pass_flows" not in raw:
+        return
+    flows = raw.pop("pass_flows")
+    passes = raw.get("passes") if isinstance(raw.get("passes"), dict) else {}
+    if not isinstance(flows, list) or not all(isinstance(f, list) for f in flows) or not flows:
+        reader.problem(["pass_flows"], 'expected a list of pass-name lists, e.g. [["convert", "quantize"]]')
+        return
+    if len(flows) > 1:
+        reader.problem(
+            ["pass_flows"],
+            f"{len(flows)} flows: orch runs one chain of passes per workflow; write one config per flow "
+            "(or keep one flow)",
+        )
+        return
+    flow = flows[0]
+    unknown = [p for p in flow if p not in passes]
+    if unknown:
+        reader.problem(["pass_flows", 0], f"names no pass in 'passes': {', '.join(map(str, unknown))}")
+        return
+    dropped = [p for p in passes if p not in flow]
+    raw["passes"] = {name: passes[name] for name in flow}
+    note = f"pass_flows: runs {' -> '.join(flow)}"
+    reader.notes.append(note + (f" (not in the flow, not run: {', '.join(dropped)})" if dropped else ""))
+
+
+def _execution_providers(raw: dict[str, Any], reader: Any) -> None:
+    """Olive takes the execution providers from the target system's accelerators; so does orch, when
+    engine.execution_providers does not set them. A gpu accelerator without a list means CUDA, as in Olive."""
+    engine = raw.get("engine")
+    systems = raw.get("systems")
+    if not isinstance(engine, dict) or engine.get("execution_providers") or not isinstance(systems, dict):
+        return
+    target = engine.get("target") or engine.get("host")
+    system = systems.get(target) if isinstance(target, str) else None
+    if not isinstance(system, dict):
+        return
+    accelerators = system.get("accelerators")
+    if not isinstance(accelerators, list):
+        return
+    eps: list[str] = []
+    for acc in accelerators:
+        if isinstance(acc, str):
+            acc = {"device": acc}
+        if not isinstance(acc, dict):
+            return
+        listed = acc.get("execution_providers")
+        if isinstance(listed, list):
+            eps += [ep for ep in listed if isinstance(ep, str) and ep not in eps]
+        elif str(acc.get("device", "cpu")).lower() in DEFAULT_EP:
+            ep = DEFAULT_EP[str(acc.get("device", "cpu")).lower()]
+            if ep not in eps:
+                eps.append(ep)
+    if eps and eps != ["CPUExecutionProvider"]:
+        engine["execution_providers"] = eps
+        reader.notes.append(f"execution providers from systems.{target}.accelerators: {', '.join(eps)}")
+
+
+def engine_notes(engine: dict[str, Any], reader: Any) -> None:
+    """Engine keys orch reads elsewhere or not at all, said out loud."""
+    if engine.get("log_to_file"):
+        reader.notes.append("log_to_file: every pass's full log is already a file in the cache (named on failure)")
+
+
+_LOAD_KEYS = {"data_name", "subset", "split", "data_files", "data_dir", "col_filters"}
+
+
+def params_config(dc: dict[str, Any], path: tuple[Any, ...], reader: Any) -> None:
+    """Olive < 0.7's `params_config` (+ `component_kwargs`) -> load_dataset_config / pre_process_data_config."""
+    params = dc.get("params_config")
+    if not isinstance(params, dict):
+        return
+    if "load_dataset_config" in dc or "pre_process_data_config" in dc:
+        reader.problem([*path, "params_config"], "give params_config or load/pre_process_data_config, not both")
+        return
+    dc.pop("params_config")
+    params = dict(params)
+    kwargs = params.pop("component_kwargs", None) or {}
+    load = {k: params.pop(k) for k in list(params) if k in _LOAD_KEYS}
+    load |= kwargs.get("load_dataset") or {}
+    pre = dict(params) | (kwargs.get("pre_process_data") or {})  # the rest are pre-processing arguments
+    for other in sorted(set(kwargs) - {"load_dataset", "pre_process_data"}):
+        reader.problem([*path, "params_config", "component_kwargs", other], "only load_dataset and pre_process_data")
+    dc["load_dataset_config"] = load
+    if pre:
+        dc["pre_process_data_config"] = pre
+    reader.notes.append(
+        f"data_configs {dc.get('name')!r}: params_config read as load_dataset_config + pre_process_data_config"
+    )
+
+
+# from_pretrained kwargs that cannot change an exported model: passes load the checkpoint their own way
+_NO_EFFECT = {"attn_implementation", "_attn_implementation", "torch_dtype", "dtype", "low_cpu_mem_usage", "device_map"}
+
+
+def _load_kwargs(raw: dict[str, Any], reader: Any) -> None:
+    """input_model.load_kwargs: trust_remote_code is read; kwargs that only steer loading are noted; the rest
+    (quantization_config, revision, ...) would change the model and are refused."""
+    model = raw.get("input_model")
+    kwargs = model.get("load_kwargs") if isinstance(model, dict) else None
+    if not isinstance(kwargs, dict):
+        return
+    noted = sorted(k for k in kwargs if k in _NO_EFFECT)
+    if noted:
+        reader.notes.append(
+            f"input_model.load_kwargs {', '.join(noted)}: accepted, no effect (ModelBuilder reads the checkpoint "
+            "itself; LoRA/QLoRA choose dtype and attention for the device)"
+        )
+    for key in sorted(set(kwargs) - _NO_EFFECT - {"trust_remote_code"}):
+        reader.problem(["input_model", "load_kwargs", key], "not supported: orch loads checkpoints as saved; drop it")

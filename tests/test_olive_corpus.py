@@ -1,0 +1,281 @@
+"""Real Olive configs and CLI lines (tests/olive_corpus/, sources and forced rewrites in corpus.json), each run
+as written in a workspace of its own: hub ids point at the tiny Phi-3 model (./tiny-model), hub data sets at
+local files with the same columns (./data/...). Each entry must end as corpus.json says: with its artifacts on
+disk, or with a one-line error that names the unsupported pass/key and what to use. Nothing ends silently.
+
+`python -m tests.test_olive_corpus [ID ...]` prints every entry's outcome and the corpus figure without asserting.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.onnx_tools import matmulnbits_count
+from orchestrator.passes.quantize import genai_provider
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "tests" / "olive_corpus"
+ENTRIES: list[dict[str, Any]] = json.loads((CORPUS / "corpus.json").read_text())
+
+
+def _rows(n: int = 120) -> list[dict[str, str]]:
+    sys.path.insert(0, str(REPO / "jobs" / "tone-classification"))
+    from make_dataset import make_rows
+
+    return make_rows(n, seed=7)
+
+
+# Local stand-ins for the hub data sets: the same columns as the real ones, rows made from the tone phrases.
+def _data(kind: str) -> list[dict[str, str]]:
+    rows = _rows()
+    if kind == "tone":  # xxyyzzz/phrase_classification
+        return [{"phrase": r["phrase"], "tone": r["tone"]} for r in rows]
+    if kind == "tiny_codes":  # nampdn-ai/tiny-codes
+        return [{"programming_language": "Python", "prompt": r["phrase"], "response": r["tone"]} for r in rows]
+    if kind == "text":  # wikitext, c4, openassistant-guanaco: one "text" column
+        return [{"text": f"### Human: {r['phrase']} ### Assistant: {r['tone']}"} for r in rows]
+    if kind == "qa":  # the workshop's teacher-generated train_data.jsonl
+        return [{"Question": r["phrase"], "Answer": r["tone"]} for r in rows]
+    if kind == "prompts":  # the blog post's data/ folder
+        return [{"system_prompt": "Name the tone.", "prompt": r["phrase"], "ground_truth": r["tone"]} for r in rows]
+    raise KeyError(kind)
+
+
+def write_data(root: Path, spec: dict[str, str]) -> None:
+    for rel, kind in spec.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(r) + "\n" for r in _data(kind))
+        if path.suffix == ".gz":
+            path.write_bytes(gzip.compress(text.encode()))
+        else:
+            path.write_text(text)
+
+
+def commands(entry: dict[str, Any]) -> list[list[str]]:
+    """The orch command lines of an entry: `olive run --config FILE`, or the .cli file's olive commands."""
+    file = entry["file"]
+    if not file.endswith(".cli"):
+        return [["run", "--config", file]]
+    text = (CORPUS / file).read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        if line.strip():
+            argv = shlex.split(line)
+            assert argv[0] == "olive", line
+            out.append(argv[1:])
+    return out
+
+
+@dataclass
+class Outcome:
+    kind: str  # "runs" | "refused" | "failed"
+    detail: str
+    seconds: float
+
+
+def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path) -> Outcome:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "tiny-model").symlink_to(tiny_model, target_is_directory=True)
+    write_data(work, entry.get("data", {}))
+    if not entry["file"].endswith(".cli"):
+        (work / entry["file"]).write_text((CORPUS / entry["file"]).read_text())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "MLFLOW_TRACKING_URI": f"sqlite:///{work}/ml.db"}
+    t0 = time.perf_counter()
+    for argv in commands(entry):
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *argv],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+        if proc.returncode != 0:
+            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("orch: error:")]
+            clean = bool(errors) and "Traceback" not in proc.stderr
+            detail = "\n".join(errors) if clean else proc.stderr[-3000:]
+            return Outcome("refused" if clean else "failed", detail, time.perf_counter() - t0)
+    missing = [p for p in entry.get("outputs", []) if not (work / p).exists()]
+    if missing:
+        return Outcome("failed", f"exit 0 but missing {missing}", time.perf_counter() - t0)
+    for rel, provider in entry.get("providers", {}).items():  # the model was built for the EP the config asks
+        got = genai_provider(work / rel)
+        if got != provider:
+            return Outcome("failed", f"exit 0 but {rel} targets {got}, not {provider}", time.perf_counter() - t0)
+    for rel in entry.get("int4", []):  # a quantizer pass really quantized
+        if not matmulnbits_count(work / rel):
+            return Outcome("failed", f"exit 0 but {rel} has no MatMulNBits", time.perf_counter() - t0)
+    return Outcome("runs", "", time.perf_counter() - t0)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["id"] for e in ENTRIES])
+def test_corpus_entry(entry: dict[str, Any], tmp_path: Path, tiny_model: Path) -> None:
+    outcome = run_entry(entry, tmp_path / "work", tiny_model)
+    expect = entry["expect"]
+    assert outcome.kind == expect, f"{entry['id']}: expected {expect}, got {outcome.kind}: {outcome.detail}"
+    if expect == "refused":  # one line per problem, each naming the pass/key and what to use
+        assert all(line.startswith("orch: error: ") for line in outcome.detail.splitlines()), outcome.detail
+        for part in entry["error"]:
+            assert part in outcome.detail, f"{part!r} not in {outcome.detail!r}"
+
+
+def test_corpus_records_source_and_rewrites() -> None:
+    for e in ENTRIES:
+        assert e["source"]["path"] and e["source"]["repo"], e["id"]
+        text = (CORPUS / e["file"]).read_text()
+        for rw in e["rewrites"]:
+            assert rw["to"] in text, (e["id"], rw)
+        assert e["expect"] in ("runs", "refused"), e["id"]
+        assert e["expect"] == "refused" or e.get("outputs"), f"{e['id']}: a run names the artifacts it must leave"
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from orchestrator.tiny_model import build_tiny_phi3
+
+    wanted = set(sys.argv[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = _rows(240)
+        model = build_tiny_phi3(Path(tmp) / "tiny-phi3", texts=[f"{r['phrase']} {r['tone']}" for r in rows])
+        counts: dict[str, int] = {}
+        for e in ENTRIES:
+            if wanted and e["id"] not in wanted:
+                continue
+            o = run_entry(e, Path(tmp) / e["id"], model)
+            counts[o.kind] = counts.get(o.kind, 0) + 1
+            print(f"{e['id']:40s} {o.kind:8s} {o.seconds:6.1f}s  {o.detail.splitlines()[0] if o.detail else ''}")
+            if o.kind == "failed":
+                print(o.detail[-1500:])
+        print(counts)
+
+
+# ---- the pieces the corpus needs, one by one (fast) ----------------------------------------------------------
+
+
+def _wf(**extra: Any) -> dict[str, Any]:
+    return {
+        "input_model": {"type": "HfModel", "model_path": "./m"},
+        "passes": {"a": {"type": "ModelBuilder", "precision": "int4"}, "b": {"type": "OnnxMatMul4Quantizer"}},
+        **extra,
+    }
+
+
+def test_execution_providers_come_from_the_target_systems_accelerators(tmp_path: Path) -> None:
+    from orchestrator.config import load_workflow
+
+    eps = ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    systems = {
+        "gpu": {"type": "LocalSystem", "accelerators": [{"device": "gpu", "execution_providers": eps}]},
+        "bare": {"type": "LocalSystem", "accelerators": ["gpu"]},
+    }
+    wf = load_workflow(_wf(systems=systems, target="gpu"), base_dir=tmp_path)
+    assert wf.engine.execution_providers == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    assert any("systems.gpu.accelerators" in n for n in wf.notes)
+    assert load_workflow(_wf(systems=systems, target="bare"), base_dir=tmp_path).engine.execution_providers == [
+        "CUDAExecutionProvider"
+    ]
+    explicit = _wf(systems=systems, target="gpu", execution_providers=["CPUExecutionProvider"])
+    assert load_workflow(explicit, base_dir=tmp_path).engine.execution_providers == ["CPUExecutionProvider"]
+
+
+def test_olive_only_keys_are_honoured_refused_or_noted(tmp_path: Path) -> None:
+    from orchestrator.config import ConfigError, load_workflow
+
+    wf = load_workflow(
+        _wf(**{"$schema": "x", "no_artifacts": True, "pass_flows": [["b", "a"]], "clean_cache": True,
+               "packaging_config": {"type": "Zipfile", "name": "Out"}}),
+        base_dir=tmp_path,
+    )  # fmt: skip
+    assert list(wf.passes) == ["b", "a"]  # the one flow's order
+    assert wf.engine.clean_cache and wf.engine.packaging_config[0].name == "Out"
+    assert any(n.startswith("$schema: accepted, changes nothing") for n in wf.notes)
+    assert any(n.startswith("no_artifacts: accepted") for n in wf.notes)
+    with pytest.raises(ConfigError) as exc:
+        load_workflow(_wf(pass_flows=[["a"], ["a", "b"]]), base_dir=tmp_path)
+    assert "pass_flows: 2 flows" in str(exc.value)
+    bad = _wf(evaluators={"e": {"type": "LMEvaluator", "tasks": ["hellaswag"]}})
+    bad["passes"]["c"] = {"type": "OrtTransformersOptimization", "model_type": "gpt2"}
+    bad["passes"]["a"]["metadata_only"] = True
+    with pytest.raises(ConfigError) as exc:
+        load_workflow(bad, base_dir=tmp_path)
+    text = str(exc.value)
+    assert "LMEvaluator" in text and "OrtTransformersOptimization is not supported by orch" in text
+    assert "metadata_only" in text and "drop metadata_only" in text
+
+
+def test_olive_current_quantizer_names_resolve() -> None:
+    from orchestrator.passes.awq_gptq import GptqQuantizerPass
+    from orchestrator.passes.onnx_hqq import OnnxHqqQuantizationPass
+    from orchestrator.passes.registry import load_pass
+
+    assert load_pass("Gptq") is GptqQuantizerPass
+    assert load_pass("OnnxHqqQuantization") is OnnxHqqQuantizationPass
+
+
+def test_phi3_target_modules_map_to_the_fused_projections(tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    from orchestrator.olive_commands import fused_target_modules
+
+    asked = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert fused_target_modules(asked, str(tiny_model)) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    note = capsys.readouterr().err.strip()
+    assert len(note.splitlines()) == 1 and "fuses" in note
+    assert fused_target_modules(["q_proj"], "/nonexistent") == ["q_proj"]  # not a Phi-3 folder: unchanged
+
+
+def test_hqq_int4_parity_with_transformers(tmp_path: Path, tiny_model: Path) -> None:
+    from orchestrator import onnx_tools
+    from orchestrator.job import Job, ModelArtifact
+    from orchestrator.passes.base import PassContext
+    from orchestrator.passes.model_builder import ModelBuilderPass
+    from orchestrator.passes.onnx_hqq import OnnxHqqQuantizationPass
+
+    def run(p: Any, out: Path, model: ModelArtifact, **cfg: Any) -> Any:
+        job = Job(job_id="j", pass_name="p", pass_type=p.type_name, output_dir=str(out))
+        return p.run(p.Config(**cfg), model, PassContext(job=job, out_dir=out, emit=lambda e: None))
+
+    run(ModelBuilderPass(), tmp_path / "fp32", ModelArtifact(format="hf", path=str(tiny_model)), precision="fp32")
+    fp32 = tmp_path / "fp32" / "model"
+    res = run(OnnxHqqQuantizationPass(), tmp_path / "hqq", ModelArtifact(format="onnx_genai", path=str(fp32)))
+    out = tmp_path / "hqq" / "model"
+    assert res.model is not None and res.model.quantized and onnx_tools.matmulnbits_count(out) > 0
+    ref = onnx_tools.logits_parity(tiny_model, fp32)
+    got = onnx_tools.logits_parity(tiny_model, out)
+    assert ref["max_abs_diff"] < 1e-4  # the fp32 export matches transformers
+    assert 0 < got["max_abs_diff"] < 1.0 and got["greedy_agree"] > 0.5  # int4 HQQ stays close
+
+
+def test_olive_data_config_forms(tmp_path: Path) -> None:
+    """params_config, col_filters, {split: file} data_files (relative to a data folder), the default text column."""
+    from orchestrator.config import load_workflow
+    from orchestrator.data import load_splits
+
+    rows = [{"text": f"row {i}", "lang": "Python" if i % 2 else "C"} for i in range(10)]
+    (tmp_path / "d" / "en").mkdir(parents=True)
+    (tmp_path / "d" / "en" / "part.json.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))  # noqa: E501
+    old_form = {"name": "old", "type": "HuggingfaceContainer", "params_config": {
+        "data_name": "./d", "split": "train", "data_files": {"train": "en/part.json.gz"},
+        "component_kwargs": {"load_dataset": {"col_filters": {"lang": "Python"}}, "pre_process_data": {
+            "text_cols": ["text"], "source_max_len": 64}}}}  # fmt: skip
+    wf = load_workflow(_wf(data_configs=[old_form]), base_dir=tmp_path)
+    assert any("params_config read as" in n for n in wf.notes)
+    dc = wf.data_config("old").model_dump(mode="json")
+    train, _ = load_splits(dc, base_dir=tmp_path)
+    assert len(train) == 5 and train[0]["text"] == "row 1"  # only the Python rows
+    default_col = {"name": "plain", "load_dataset_config": {"data_name": "./d", "data_files": ["en/part.json.gz"]},
+                   "pre_process_data_config": {"max_samples": 3}}  # fmt: skip
+    wf = load_workflow(_wf(data_configs=[default_col]), base_dir=tmp_path)
+    train, _ = load_splits(wf.data_config("plain").model_dump(mode="json"), base_dir=tmp_path)
+    assert list(train["text"]) == ["row 0", "row 1", "row 2"]  # Olive's default text column
