@@ -170,6 +170,42 @@ def test_retried_submit_creates_one_job(aml: dict[str, Any], tmp_path: Path) -> 
     _orch("cancel", name)
 
 
+def test_lost_answer_and_resubmit_attach_to_one_job(aml: dict[str, Any], tmp_path: Path) -> None:
+    """The PUT is committed but its answer is lost: one job. The same workflow submitted again while that job is
+    live attaches to it; --force submits a second one; an unknown compute is refused before any upload."""
+    s = aml["s"]
+    config = _workflow(tmp_path, aml, passes=["builder"])
+    s.inject_fault(r"/jobs/orch-tone-classification-", "commit-drop", count=1, method="PUT")
+    before = set(s.state.jobs)
+    name = _submit(config)
+    s.clear_faults()
+    assert sorted(set(s.state.jobs) - before) == [name]
+    puts = [r for r in s.request_log if r["method"] == "PUT" and r["path"].endswith(f"/jobs/{name}")]
+    assert puts[0]["fault"] == "commit-drop" and {r["status"] for r in puts[1:]} <= {200}
+
+    again = _orch("submit", "--config", str(config), "--host", "aml", "--target", "aml")
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip().splitlines()[0] == name and "attached to live job" in again.output
+    assert sorted(set(s.state.jobs) - before) == [name]
+    forced = _orch("submit", "--config", str(config), "--host", "aml", "--target", "aml", "--force")
+    assert forced.exit_code == 0, forced.output
+    second = forced.stdout.strip().splitlines()[0]
+    assert second == f"{name}-2" and sorted(set(s.state.jobs) - before) == sorted([name, second])
+    for n in (name, second):
+        _orch("cancel", n)
+
+    wf = json.loads(config.read_text())
+    wf["systems"]["aml"]["config"]["aml_compute"] = "no-such-cluster"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(wf))
+    uploads = len(s.requests("POST", r"/startPendingUpload$"))
+    res = _orch("submit", "--config", str(bad), "--host", "aml", "--target", "aml")
+    assert res.exit_code != 0 and "aml_compute 'no-such-cluster' does not exist" in res.output
+    assert "cpu-cluster" in res.output and "Traceback" not in res.output
+    assert len(s.requests("POST", r"/startPendingUpload$")) == uploads
+    assert sorted(set(s.state.jobs) - before) == sorted([name, second])
+
+
 def test_run_host_aml_chains_by_reference(aml: dict[str, Any], tmp_path: Path) -> None:
     """`orch run --host aml`: one command job per pass; the next pass takes the previous output by azureml://
     reference; only the final model is downloaded."""
