@@ -247,7 +247,7 @@ class ImageBuilder:
             digest = hashlib.sha256(json.dumps([RECIPE, base.id, conda]).encode()).hexdigest()[:16]
             dockerfile = "Dockerfile"
             context = None
-        tag = f"{IMAGE_REPO}:{re.sub(r'[^a-z0-9_.-]', '-', env_name.lower())[:60]}-{digest}"
+        tag = f"{IMAGE_REPO}:{digest}"  # by content, as Azure ML's image cache: any name with this spec reuses it
         with self._lock(tag):
             try:
                 client.images.get(tag)
@@ -262,7 +262,7 @@ class ImageBuilder:
             log(f"Building image {tag} for environment {env_name}")
             with _serve_find_links() as find_links:
                 if context is None:
-                    context = _conda_context(base_ref, conda, env_name.lower(), find_links)  # type: ignore[arg-type]
+                    context = _conda_context(base_ref, conda, f"azureml_{digest}", find_links)  # type: ignore[arg-type]
                 self._build(client, context, dockerfile, tag, log)
             return BuiltEnv(tag, built=True)
 
