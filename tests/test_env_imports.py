@@ -53,7 +53,8 @@ AML_ENVS = {"aml-cpu", "gpu-train"}
 LOCAL = {"make_dataset"}  # the demo's data script, imported from jobs/ by `orch demo`
 # Installed with what the file lists (a dependency of a listed package, never imported without it).
 TRANSITIVE = {"click", "triton", "numpy", "safetensors", "huggingface_hub", "requests", "packaging", "jinja2",
-              "tqdm", "jwt", "sentencepiece", "psutil", "urllib3", "ml_dtypes", "azure.core", "google", "pydantic_core"}  # fmt: skip
+              "tqdm", "jwt", "sentencepiece", "psutil", "urllib3", "ml_dtypes", "azure.core", "google",
+              "pydantic_core"}  # fmt: skip
 
 
 def _env_names() -> list[str]:
