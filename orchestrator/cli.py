@@ -590,6 +590,36 @@ def demo(
 app.command("optimize", help="Olive's `optimize`: the same as auto-opt (the model builder path).")(auto_opt)
 
 
+@app.command("capture-onnx-graph")
+def capture_onnx_graph(
+    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
+    output_path: Annotated[str, typer.Option("--output_path", "-o")],
+    adapter_path: Annotated[str | None, typer.Option("--adapter_path")] = None,
+    use_model_builder: Annotated[bool, typer.Option("--use_model_builder")] = False,
+    use_dynamo_exporter: Annotated[bool, typer.Option("--use_dynamo_exporter")] = False,
+    precision: Annotated[str, typer.Option("--precision")] = "fp32",
+    torch_dtype: Annotated[str | None, typer.Option("--torch_dtype")] = None,
+    target_opset: Annotated[int, typer.Option("--target_opset")] = 17,
+    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
+    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    host: HostOpt = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking")] = False,
+) -> None:
+    """Olive's `capture-onnx-graph`: torch's ONNX exporter (OnnxConversion), or the model builder."""
+    from orchestrator.olive_commands import capture_onnx_graph_workflow
+
+    def go() -> None:
+        workflow = capture_onnx_graph_workflow(
+            model_name_or_path=model_name_or_path, output_path=output_path, adapter_path=adapter_path,
+            use_model_builder=use_model_builder, use_dynamo_exporter=use_dynamo_exporter, precision=precision,
+            torch_dtype=torch_dtype, target_opset=target_opset, trust_remote_code=trust_remote_code,
+            log_level=log_level, host=host,
+        )  # fmt: skip
+        _run_workflow(workflow, base_dir=Path.cwd(), verbose=log_level <= 1, no_tracking=no_tracking)
+
+    _guarded(go)
+
+
 def _refusal(why: str) -> Any:
     def refuse(ctx: typer.Context) -> None:
         raise fail(why)

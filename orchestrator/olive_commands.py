@@ -191,7 +191,6 @@ UNSUPPORTED_COMMANDS = {
     "generate-adapter": "orch merges adapters into the model (no separate ONNX adapter weights); use "
     "`orch auto-opt --adapter_path ADAPTER`",
     "convert-adapters": "orch merges adapters into the model; use `orch auto-opt --adapter_path ADAPTER`",
-    "capture-onnx-graph": "use `orch auto-opt --precision fp32` (the model builder's ONNX export)",
     "tune-session-params": "orch does no session tuning; an evaluator with a latency metric reports latency",
 }
 
@@ -304,5 +303,46 @@ def quantize_workflow(
         "input_model": input_model(model_name_or_path, trust_remote_code=trust_remote_code, task=None),
         "data_configs": data_configs,
         "passes": {"quantize": pass_cfg},
+        "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
+    }
+
+
+def capture_onnx_graph_workflow(
+    *,
+    model_name_or_path: str,
+    output_path: str,
+    adapter_path: str | None = None,
+    use_model_builder: bool = False,
+    use_dynamo_exporter: bool = False,
+    precision: str = "fp32",
+    torch_dtype: str | None = None,
+    target_opset: int = 17,
+    trust_remote_code: bool = False,
+    log_level: int = 3,
+    host: str | None = None,
+) -> dict[str, Any]:
+    """Olive's capture-onnx-graph: torch's exporter (OnnxConversion), or the model builder with --use_model_builder."""
+    passes: dict[str, Any] = {}
+    if use_model_builder:
+        if adapter_path:
+            passes["merge"] = {"type": "MergeAdapterWeights"}
+        passes["builder"] = {"type": "ModelBuilder", "precision": precision}
+    else:
+        if precision not in ("fp32", "fp16"):
+            raise FlagError(f"--precision {precision!r}: torch's exporter writes fp32 or fp16; use --use_model_builder")
+        dtype = torch_dtype or ("float16" if precision == "fp16" else None)
+        passes["conversion"] = {
+            "type": "OnnxConversion",
+            "use_dynamo_exporter": use_dynamo_exporter,
+            "target_opset": target_opset,
+            "merge_adapter_weights": bool(adapter_path),
+            "save_metadata_for_token_generation": True,
+            **({"torch_dtype": dtype} if dtype else {}),
+        }
+    return {
+        "input_model": input_model(
+            model_name_or_path, trust_remote_code=trust_remote_code, task=None, adapter_path=adapter_path
+        ),
+        "passes": passes,
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
     }

@@ -207,12 +207,12 @@ def test_olive_only_keys_are_honoured_refused_or_noted(tmp_path: Path) -> None:
         load_workflow(_wf(pass_flows=[["a"], ["a", "b"]]), base_dir=tmp_path)
     assert "pass_flows: 2 flows" in str(exc.value)
     bad = _wf(evaluators={"e": {"type": "LMEvaluator", "tasks": ["hellaswag"]}})
-    bad["passes"]["c"] = {"type": "OrtTransformersOptimization", "model_type": "gpt2"}
+    bad["passes"]["c"] = {"type": "SelectiveMixedPrecision", "algorithm": "k_quant_mixed"}
     bad["passes"]["a"]["metadata_only"] = True
     with pytest.raises(ConfigError) as exc:
         load_workflow(bad, base_dir=tmp_path)
     text = str(exc.value)
-    assert "LMEvaluator" in text and "OrtTransformersOptimization is not supported by orch" in text
+    assert "LMEvaluator" in text and "SelectiveMixedPrecision is not supported by orch" in text
     assert "metadata_only" in text and "drop metadata_only" in text
 
 
@@ -264,7 +264,9 @@ def test_olive_data_config_forms(tmp_path: Path) -> None:
 
     rows = [{"text": f"row {i}", "lang": "Python" if i % 2 else "C"} for i in range(10)]
     (tmp_path / "d" / "en").mkdir(parents=True)
-    (tmp_path / "d" / "en" / "part.json.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))  # noqa: E501
+    (tmp_path / "d" / "en" / "part.json.gz").write_bytes(
+        gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    )  # noqa: E501
     old_form = {"name": "old", "type": "HuggingfaceContainer", "params_config": {
         "data_name": "./d", "split": "train", "data_files": {"train": "en/part.json.gz"},
         "component_kwargs": {"load_dataset": {"col_filters": {"lang": "Python"}}, "pre_process_data": {
@@ -279,3 +281,57 @@ def test_olive_data_config_forms(tmp_path: Path) -> None:
     wf = load_workflow(_wf(data_configs=[default_col]), base_dir=tmp_path)
     train, _ = load_splits(wf.data_config("plain").model_dump(mode="json"), base_dir=tmp_path)
     assert list(train["text"]) == ["row 0", "row 1", "row 2"]  # Olive's default text column
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_conversion_optimization_dynamic_quant_parity(tmp_path: Path, tiny_model: Path, dynamo: bool) -> None:
+    """OnnxConversion (torch.onnx, both exporters) -> OrtTransformersOptimization -> OnnxDynamicQuantization,
+    each against the transformers logits of the tiny Phi-3."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator import onnx_tools
+    from orchestrator.job import Job, ModelArtifact
+    from orchestrator.passes.base import PassContext
+    from orchestrator.passes.onnx_conversion import OnnxConversionPass
+    from orchestrator.passes.onnx_dynamic_quant import OnnxDynamicQuantizationPass
+    from orchestrator.passes.ort_optimize import OrtTransformersOptimizationPass
+
+    def run(p: Any, out: Path, model: ModelArtifact, **cfg: Any) -> Any:
+        job = Job(job_id="j", pass_name="p", pass_type=p.type_name, output_dir=str(out))
+        res = p.run(p.Config(**cfg), model, PassContext(job=job, out_dir=out, emit=lambda e: None))
+        return res, res.model.with_root(out)
+
+    ids = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids]), use_cache=False).logits[0].numpy()
+    _, onnx_fp32 = run(
+        OnnxConversionPass(), tmp_path / "c", ModelArtifact(format="hf", path=str(tiny_model)),
+        use_dynamo_exporter=dynamo, save_metadata_for_token_generation=True,
+    )  # fmt: skip
+    assert (Path(onnx_fp32.path) / "tokenizer.json").is_file()
+    assert np.abs(onnx_tools.ort_logits(onnx_fp32.path, ids) - ref).max() < 1e-4
+    res, optimized = run(OrtTransformersOptimizationPass(), tmp_path / "o", onnx_fp32, model_type="gpt2", opt_level=0)
+    assert np.abs(onnx_tools.ort_logits(optimized.path, ids) - ref).max() < 1e-3
+    res, q = run(OnnxDynamicQuantizationPass(), tmp_path / "q", optimized)
+    got = onnx_tools.ort_logits(q.path, ids)
+    assert q.quantized and res.metrics["size_after_bytes"] < res.metrics["size_before_bytes"]
+    assert np.abs(got - ref).max() < 1.0 and (got.argmax(-1) == ref.argmax(-1)).mean() > 0.5
+
+
+def test_capture_onnx_graph_and_refused_commands(tmp_path: Path, tiny_model: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/ml.db"}
+
+    def orch(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "orchestrator.cli", *args]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+
+    cap = orch("capture-onnx-graph", "-m", str(tiny_model), "-o", "cap", "--no-tracking")
+    assert cap.returncode == 0, cap.stderr[-2000:]
+    assert (tmp_path / "cap/model/model.onnx").is_file() and (tmp_path / "cap/model/tokenizer.json").is_file()
+    for name in ("generate-adapter", "convert-adapters", "tune-session-params"):
+        proc = orch(name, "--model_name_or_path", str(tiny_model), "--adapter_format", "onnx")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"orch: error: {name}: "), proc.stderr

@@ -32,6 +32,8 @@ class QuantizeConfig(PassConfig):
     algorithm: Literal["DEFAULT", "RTN"] | None = None  # both mean the default blockwise RTN quantizer
     check_generation: bool = True  # onnx_genai: generate a few tokens and compare logits with the input model
     check_prompt: str = "the quick brown fox jumps over the lazy dog. I feel happy, sad, afraid and surprised."
+    save_as_external_data: Literal[True] = True  # Olive's; the quantized model always has one model.onnx.data
+    all_tensors_to_one_file: Literal[True] = True
 
 
 def genai_provider(model_dir: Path) -> str:

@@ -23,16 +23,15 @@ PASSES: dict[str, str] = {
     "AutoAWQQuantizer": "orchestrator.passes.awq_gptq:AutoAWQQuantizerPass",
     "Gptq": "orchestrator.passes.awq_gptq:GptqQuantizerPass",  # Olive >= 0.10's name for GptqQuantizer
     "OnnxHqqQuantization": "orchestrator.passes.onnx_hqq:OnnxHqqQuantizationPass",
+    "OnnxConversion": "orchestrator.passes.onnx_conversion:OnnxConversionPass",
+    "OrtTransformersOptimization": "orchestrator.passes.ort_optimize:OrtTransformersOptimizationPass",
+    "OnnxDynamicQuantization": "orchestrator.passes.onnx_dynamic_quant:OnnxDynamicQuantizationPass",
 }
 
 _BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"
 # Olive passes orch does not run, and what to use instead: the config reader names them in one line each.
 UNSUPPORTED: dict[str, str] = {
-    "OnnxConversion": f"use {_BUILDER}",
     "OptimumConversion": f"use {_BUILDER}",
-    "OrtTransformersOptimization": "ModelBuilder's graph is already fused (GroupQueryAttention, SkipLayerNorm); "
-    "use ModelBuilder and drop this pass",
-    "OnnxDynamicQuantization": "use ModelBuilder precision int8, or OnnxMatMul4Quantizer for int4 weights",
     "OnnxStaticQuantization": "static QDQ quantization is for NPUs; use OnnxMatMul4Quantizer or ModelBuilder int4",
     "ExtractAdapters": "keep the adapter merged (MergeAdapterWeights -> ModelBuilder)",
     "IncDynamicQuantization": "Intel Neural Compressor is not part of orch; use OnnxMatMul4Quantizer",

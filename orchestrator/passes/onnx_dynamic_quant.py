@@ -1,0 +1,86 @@
+"""OnnxDynamicQuantization (Olive's name): onnxruntime.quantization.quantize_dynamic on a plain ONNX model.
+
+int8 weights, activations quantized at run time (no calibration data). The logits move (it is int8), so the
+pass reports how far from the input graph they are and how often the greedy token agrees, and fails only if
+the quantized graph does not run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Literal
+
+from orchestrator.job import ModelArtifact
+from orchestrator.passes.base import Pass, PassConfig, PassContext, PassOutput, Requirements
+from orchestrator.passes.onnx_common import copy_side_files, onnx_input, resave
+
+OUTPUT_DIR = "model"
+PARITY_IDS = [5, 9, 33, 12, 7, 100, 4, 8, 21, 17, 3, 44]
+
+
+class DynamicQuantConfig(PassConfig):
+    """Olive's OnnxDynamicQuantization fields."""
+
+    weight_type: Literal["QInt8", "QUInt8"] = "QInt8"
+    per_channel: bool = False
+    reduce_range: bool = False
+    op_types_to_quantize: list[str] | None = None
+    nodes_to_exclude: list[str] | None = None
+    nodes_to_quantize: list[str] | None = None
+    quant_format: Literal["QOperator"] = "QOperator"
+    save_as_external_data: bool = True
+    all_tensors_to_one_file: bool = True
+
+
+class OnnxDynamicQuantizationPass(Pass):
+    type_name = "OnnxDynamicQuantization"
+    Config = DynamicQuantConfig
+    version = "1"
+    libraries = ("onnxruntime", "onnx")
+
+    def requirements(self, config: PassConfig) -> Requirements:
+        return Requirements(cuda=False, environment="cpu-export")
+
+    def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
+        assert isinstance(config, DynamicQuantConfig)
+        import numpy as np
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from orchestrator import onnx_tools
+
+        src = onnx_input(model, self.type_name)
+        tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        quantize_dynamic(
+            str(src),
+            str(tmp / "model.onnx"),
+            weight_type=getattr(QuantType, config.weight_type),
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            op_types_to_quantize=config.op_types_to_quantize,
+            nodes_to_exclude=config.nodes_to_exclude,
+            nodes_to_quantize=config.nodes_to_quantize,
+            use_external_data_format=True,
+            # fused contrib ops (OrtTransformersOptimization) have no shape-inference types: their outputs are fp32
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+        resave(tmp / "model.onnx", external=config.save_as_external_data)
+        copy_side_files(src.parent, tmp)
+        ref = onnx_tools.ort_logits(src, PARITY_IDS).astype(np.float32)
+        got = onnx_tools.ort_logits(tmp / "model.onnx", PARITY_IDS).astype(np.float32)
+        metrics = {
+            "logits_max_abs_diff_vs_input": float(np.abs(got - ref).max()),
+            "greedy_token_agreement_vs_input": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+            "size_before_bytes": float(onnx_tools.model_size_bytes(src)),
+            "size_after_bytes": float(onnx_tools.model_size_bytes(tmp / "model.onnx")),
+        }
+        ctx.info(f"int8 dynamic: {metrics}")
+        final = ctx.out_dir / OUTPUT_DIR
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        ctx.log_metrics(metrics)
+        return PassOutput(
+            model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task, quantized=True), metrics=metrics
+        )

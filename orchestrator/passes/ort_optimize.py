@@ -1,0 +1,105 @@
+"""OrtTransformersOptimization (Olive's name): onnxruntime's own transformers optimizer on a plain ONNX model.
+
+`onnxruntime.transformers.optimizer.optimize_model` fuses what it recognizes for `model_type` (Olive configs
+pass "gpt2" for decoder LMs; 0 heads / hidden size = detect from the graph), optionally converts to fp16. The
+result must reproduce the input graph's logits on CPU (fp32: max |diff| < parity_tolerance) or the pass fails.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from orchestrator.job import ModelArtifact
+from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
+from orchestrator.passes.onnx_common import copy_side_files, onnx_input, save_one_data_file
+
+OUTPUT_DIR = "model"
+PARITY_IDS = [5, 9, 33, 12, 7, 100, 4, 8, 21, 17, 3, 44]
+
+
+class OrtOptimizeConfig(PassConfig):
+    """Olive's OrtTransformersOptimization fields."""
+
+    model_type: str = "gpt2"
+    num_heads: int = 0
+    hidden_size: int = 0
+    opt_level: int | None = None
+    only_onnxruntime: bool = False
+    use_gpu: bool = False
+    float16: bool = False
+    keep_io_types: bool = True
+    optimization_options: dict[str, Any] | None = None
+    use_gqa: bool = False
+    save_as_external_data: bool = True
+    all_tensors_to_one_file: bool = True
+    parity_tolerance: float = 1e-3
+
+
+class OrtTransformersOptimizationPass(Pass):
+    type_name = "OrtTransformersOptimization"
+    Config = OrtOptimizeConfig
+    version = "1"
+    libraries = ("onnxruntime", "onnx")
+
+    def requirements(self, config: PassConfig) -> Requirements:
+        return Requirements(cuda=False, environment="cpu-export")
+
+    def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
+        assert isinstance(config, OrtOptimizeConfig)
+        import numpy as np
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        from orchestrator import onnx_tools
+
+        src = onnx_input(model, self.type_name)
+        if config.use_gqa:
+            raise PassError(
+                "OrtTransformersOptimization: use_gqa needs the KV-cache graph of Olive's exporter; use ModelBuilder, "
+                "whose graph already uses GroupQueryAttention"
+            )
+        options = FusionOptions(config.model_type)
+        for key, value in (config.optimization_options or {}).items():
+            if not hasattr(options, key):
+                raise PassError(f"OrtTransformersOptimization: unknown optimization_options key {key!r}")
+            setattr(options, key, value)
+        try:
+            opt = optimize_model(
+                str(src),
+                model_type=config.model_type,
+                num_heads=config.num_heads,
+                hidden_size=config.hidden_size,
+                opt_level=config.opt_level,
+                optimization_options=options,
+                use_gpu=config.use_gpu,
+                only_onnxruntime=config.only_onnxruntime,
+            )
+        except (ValueError, KeyError, AssertionError) as exc:
+            raise PassError(f"OrtTransformersOptimization (model_type {config.model_type!r}): {exc}") from None
+        if config.float16:
+            opt.convert_float_to_float16(keep_io_types=config.keep_io_types)
+        tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        domains = {o.domain for o in opt.model.opset_import}
+        if "com.microsoft" not in domains and any(n.domain == "com.microsoft" for n in opt.model.graph.node):
+            import onnx
+
+            opt.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # fused contrib ops
+        save_one_data_file(opt.model, tmp / "model.onnx", external=config.save_as_external_data)
+        copy_side_files(src.parent, tmp)
+        fused = {k: float(v) for k, v in (opt.get_fused_operator_statistics() or {}).items() if v}
+        ctx.info(f"fused operators: {fused or 'none'}")
+        ref = onnx_tools.ort_logits(src, PARITY_IDS).astype(np.float32)
+        got = onnx_tools.ort_logits(tmp / "model.onnx", PARITY_IDS).astype(np.float32)
+        diff = float(np.abs(got - ref).max())
+        ctx.info(f"optimized vs input logits: max |diff| {diff:.3g}")
+        if not config.float16 and not diff < config.parity_tolerance:
+            raise PassError(f"OrtTransformersOptimization: optimized logits differ from the input's by {diff:.3g}")
+        final = ctx.out_dir / OUTPUT_DIR
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        metrics = {"parity_max_abs_diff_vs_input": diff, **{f"fused_{k}": v for k, v in fused.items()}}
+        ctx.log_metrics(metrics)
+        return PassOutput(model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task), metrics=metrics)
