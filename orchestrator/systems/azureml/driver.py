@@ -109,9 +109,8 @@ def submit_workflow(
         inputs[key] = Input(type=kind, path=path)
         args.append(f"--bind {key}=${{{{inputs.{key}}}}}")
     env: dict[str, str] = {}
-    if getattr(wf.systems.get(engine.host_name), "hf_token", False) or any(
-        getattr(s, "hf_token", False) for s in wf.systems.values() if getattr(s, "type", "") == "AzureML"
-    ):
+    used = {engine.host_name, engine.target_name}
+    if any(getattr(wf.systems.get(n), "hf_token", False) for n in used):  # the systems this run uses, no other
         env["ORCH_HF_TOKEN_SOURCE"] = system.secret_sources(["hf_token"])["hf_token"]  # a reference, not a value
     code = code_snapshot(engine.cache.root, {"workflow.json": json.dumps(doc, indent=2).encode()})
     system.check_compute()
