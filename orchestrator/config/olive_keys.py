@@ -14,6 +14,7 @@ COSMETIC = {
     "no_artifacts": "orch writes no run artifacts besides output_dir's model/, manifest.json and training.png",
     "verbose": "orch's verbosity is log_severity_level / --verbose",
 }
+BUILDABLE_EPS = ("CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider", "WebGpuExecutionProvider")
 DEFAULT_EP = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -84,6 +85,14 @@ def _execution_providers(raw: dict[str, Any], reader: Any) -> None:
             ep = DEFAULT_EP[str(acc.get("device", "cpu")).lower()]
             if ep not in eps:
                 eps.append(ep)
+    unbuildable = [ep for ep in eps if ep not in BUILDABLE_EPS]
+    if unbuildable:  # said now, not after the passes before ModelBuilder ran
+        reader.problem(
+            ["systems", target, "accelerators"],
+            f"execution provider(s) {', '.join(unbuildable)}: orch builds models for "
+            f"{', '.join(BUILDABLE_EPS)} (NPU toolchains are not part of orch)",
+        )
+        return
     if eps and eps != ["CPUExecutionProvider"]:
         engine["execution_providers"] = eps
         reader.notes.append(f"execution providers from systems.{target}.accelerators: {', '.join(eps)}")
