@@ -136,17 +136,36 @@ _NO_EFFECT = {"attn_implementation", "_attn_implementation", "torch_dtype", "dty
 
 
 def _load_kwargs(raw: dict[str, Any], reader: Any) -> None:
-    """input_model.load_kwargs: trust_remote_code is read; kwargs that only steer loading are noted; the rest
-    (quantization_config, revision, ...) would change the model and are refused."""
+    """input_model.load_kwargs (and hf_config's loading args): trust_remote_code is read; kwargs that only steer
+    loading are noted; the rest (quantization_config, revision, ...) would change the model and are refused.
+    The other input_model keys orch does not read are said out loud too."""
     model = raw.get("input_model")
-    kwargs = model.get("load_kwargs") if isinstance(model, dict) else None
-    if not isinstance(kwargs, dict):
+    if not isinstance(model, dict):
         return
-    noted = sorted(k for k in kwargs if k in _NO_EFFECT)
-    if noted:
+    hf = model.get("hf_config") if isinstance(model.get("hf_config"), dict) else {}
+    places = [(("input_model", "load_kwargs"), model.get("load_kwargs"))]
+    places += [(("input_model", "hf_config", k), hf.get(k)) for k in ("from_pretrained_args", "model_loading_args")]
+    for where, kwargs in places:
+        if not isinstance(kwargs, dict):
+            continue
+        noted = sorted(k for k in kwargs if k in _NO_EFFECT)
+        if noted:
+            reader.notes.append(
+                f"{'.'.join(where)} {', '.join(noted)}: accepted, no effect (ModelBuilder reads the checkpoint "
+                "itself; LoRA/QLoRA choose dtype and attention for the device)"
+            )
+        for key in sorted(set(kwargs) - _NO_EFFECT - {"trust_remote_code"}):
+            reader.problem([*where, key], "not supported: orch loads checkpoints as saved; drop it")
+    cls = hf.get("model_class")
+    if isinstance(cls, str):
+        if cls.endswith("ForCausalLM"):
+            reader.notes.append(f"hf_config.model_class {cls}: the class config.json names is loaded (AutoModel)")
+        else:
+            reader.problem(["input_model", "hf_config", "model_class"], f"{cls}: orch handles *ForCausalLM models")
+    if model.get("model_file_format"):
         reader.notes.append(
-            f"input_model.load_kwargs {', '.join(noted)}: accepted, no effect (ModelBuilder reads the checkpoint "
-            "itself; LoRA/QLoRA choose dtype and attention for the device)"
+            f"input_model.model_file_format {model['model_file_format']}: not read; the model folder must hold "
+            "config.json and the weights"
         )
-    for key in sorted(set(kwargs) - _NO_EFFECT - {"trust_remote_code"}):
-        reader.problem(["input_model", "load_kwargs", key], "not supported: orch loads checkpoints as saved; drop it")
+    if model.get("model_attributes"):
+        reader.problem(["input_model", "model_attributes"], "overrides are not applied; edit config.json instead")
