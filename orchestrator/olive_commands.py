@@ -95,6 +95,12 @@ def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[st
     return mapped
 
 
+def data_files_arg(value: str) -> str | list[str]:
+    """Olive's --data_files takes one path or a comma-separated list."""
+    parts = [v.strip() for v in value.split(",") if v.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
 def input_model(
     model_name_or_path: str, *, trust_remote_code: bool, task: str | None, adapter_path: str | None = None
 ) -> dict[str, Any]:
@@ -148,7 +154,7 @@ def finetune_workflow(
         raise FlagError(f"--method {method!r} is not supported; use lora or qlora")
     params: dict[str, Any] = {"data_name": data_name, "split": train_split}
     if data_files:
-        params["data_files"] = data_files
+        params["data_files"] = data_files_arg(data_files)
     pre: dict[str, Any] = {"dataset_type": "corpus", "source_max_len": max_seq_len, "corpus_strategy": "join"}
     if text_template:
         pre["text_template"] = decode_escapes(text_template)
@@ -281,7 +287,7 @@ def quantize_workflow(
             pre["text_cols"] = [text_field or "text"]
         params: dict[str, Any] = {"data_name": data_name, "split": "train"}
         if data_files:
-            params["data_files"] = data_files
+            params["data_files"] = data_files_arg(data_files)
         data_configs.append(
             {"name": "calibration", "type": "HuggingfaceContainer", "load_dataset_config": params,
              "pre_process_data_config": pre}

@@ -335,3 +335,12 @@ def test_capture_onnx_graph_and_refused_commands(tmp_path: Path, tiny_model: Pat
         proc = orch(name, "--model_name_or_path", str(tiny_model), "--adapter_format", "onnx")
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"orch: error: {name}: "), proc.stderr
+
+
+def test_cli_data_files_comma_list() -> None:
+    from orchestrator.olive_commands import finetune_workflow
+
+    wf = finetune_workflow(
+        model_name_or_path="m", output_path="o", data_name="json", data_files="a.jsonl, b.jsonl", text_field="t"
+    )
+    assert wf["data_configs"][0]["load_dataset_config"]["data_files"] == ["a.jsonl", "b.jsonl"]
