@@ -130,6 +130,17 @@ def test_submit_logs_status_download(aml: dict[str, Any], tmp_path: Path) -> Non
     assert others == [], [o["path"] for o in others]
     assert HF_TOKEN not in Path(s.state.jobs[name].log_path).read_text()
     assert all(HF_TOKEN not in v for v in run.data.params.values())
+    # Nothing orch wrote on this machine (client cache, log offsets, outputs, profile) holds the token or a SAS
+    # signature, and nothing it printed does.
+    leaks = []
+    for root in (aml["tmp"] / "client-cache", tmp_path):
+        for f in (p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size < 2e6):
+            data = f.read_bytes()
+            if HF_TOKEN.encode() in data or b"sig=" in data and b"sig=REDACTED" not in data:
+                leaks.append(str(f))
+    assert leaks == []
+    for out in (res.output, _orch("logs", name).output, _orch("status", name).output):
+        assert "sig=" not in out.replace("sig=REDACTED", "") and HF_TOKEN not in out
     print(f"submit -> completed -> downloaded in {time.monotonic() - started:.1f}s")
 
 

@@ -452,3 +452,30 @@ def test_lost_answer_to_a_committed_put_makes_one_job(ml, env, standin: StandIn,
     assert puts[0]["fault"] == "commit-drop" and puts[-1]["status"] == 200, [(p["fault"], p["status"]) for p in puts]
     assert [j for j in standin.state.jobs if j == name] == [name] and job.name == name
     assert standin.wait_job(name) == "Completed"
+
+
+def test_dockerfile_environment_is_built_from_its_context(ml, standin: StandIn, tmp_path: Path) -> None:
+    """Environment(build=BuildContext): the uploaded context is docker-built, and the job runs in that image."""
+    from azure.ai.ml.entities import BuildContext, Environment
+
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        "FROM mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04\nCOPY marker.txt /opt/marker.txt\n"
+        "RUN ln -s /usr/bin/python3 /usr/local/bin/python\n"
+    )
+    (ctx / "marker.txt").write_text(f"built from context {tmp_path.name}\n")
+    env = ml.environments.create_or_update(Environment(name="orch-dockerfile-env", build=BuildContext(path=str(ctx))))
+    job = ml.jobs.create_or_update(
+        _cmd(tmp_path / "src", "print(open('/opt/marker.txt').read(), flush=True)\n", environment=env)
+    )
+    assert standin.wait_job(job.name) == "Completed", standin.state.jobs[job.name].error
+    log = Path(standin.state.jobs[job.name].log_dir, "user_logs", "std_log.txt").read_text()
+    assert f"built from context {tmp_path.name}" in log
+
+    # A base image that is neither local nor an alias fails the build before anything tries a registry.
+    (ctx / "Dockerfile").write_text("FROM ghcr.io/someone/private:1\n")
+    bad = ml.environments.create_or_update(Environment(name="orch-unpullable-env", build=BuildContext(path=str(ctx))))
+    job = ml.jobs.create_or_update(_cmd(tmp_path / "src2", "print(1)\n", environment=bad))
+    assert standin.wait_job(job.name) == "Failed"
+    assert "ghcr.io/someone/private:1 could not be pulled" in standin.state.jobs[job.name].error["message"]

@@ -225,8 +225,9 @@ class ImageBuilder:
         if build:
             if context_dir is None:
                 raise BuildError("environment build context was not downloaded")
-            context = _tar_folder(context_dir)
             dockerfile = build.get("dockerfilePath") or "Dockerfile"
+            self._localize_from_lines(client, context_dir / dockerfile)
+            context = _tar_folder(context_dir)
             digest = hashlib.sha256(RECIPE.encode() + dockerfile.encode() + context).hexdigest()[:16]
             base_ref, conda = None, None
         else:
@@ -265,6 +266,34 @@ class ImageBuilder:
                     context = _conda_context(base_ref, conda, f"azureml_{digest}", find_links)  # type: ignore[arg-type]
                 self._build(client, context, dockerfile, tag, log)
             return BuiltEnv(tag, built=True)
+
+    def _localize_from_lines(self, client: Any, dockerfile: Path) -> None:
+        """FROM lines through the image aliases (a registry mirror, in effect); an image that is not local fails
+        the build here, before the engine would try to pull it from a registry this machine cannot reach."""
+        import docker
+
+        if not dockerfile.is_file():
+            raise BuildError(f"build context has no {dockerfile.name}")
+        stages: set[str] = set()
+        lines = []
+        for line in dockerfile.read_text().splitlines():
+            m = re.match(r"^(\s*FROM\s+)(--platform=\S+\s+)?(\S+)(\s+AS\s+(\S+))?\s*$", line, re.IGNORECASE)
+            if m:
+                image = m[3]
+                if image.lower() not in stages and image != "scratch":
+                    local = resolve_base(image, self.aliases)
+                    try:
+                        client.images.get(local)
+                    except docker.errors.ImageNotFound:
+                        raise BuildError(
+                            f"Image build failed: base image {image} could not be pulled (no registry is reachable "
+                            f"from the stand-in; build it locally as {local})"
+                        ) from None
+                    line = f"{m[1]}{m[2] or ''}{local}{m[4] or ''}"
+                if m[5]:
+                    stages.add(m[5].lower())
+            lines.append(line)
+        dockerfile.write_text("\n".join(lines) + "\n")
 
     def _build(self, client: Any, context: bytes, dockerfile: str, tag: str, log: LineSink) -> None:
         tail: list[str] = []
