@@ -2,6 +2,8 @@
 
 bf16 (model loaded in bf16, Trainer bf16 autocast), sdpa attention, r=64 on every linear layer, each sample
 tokenized and truncated to max_len, batches padded to their longest sample by DataCollatorForLanguageModeling.
+`--qlora`: the same with the base loaded by bitsandbytes in 4 bits (nf4, double quant, bf16 compute) and peft's
+`prepare_model_for_kbit_training` with gradient checkpointing, the QLoRA recipe as peft / bitsandbytes document it.
 
 Also home of what every benchmark runner shares (bench/olive_runner.py and bench/gpu_finetune.py import it):
 the LoRA / training settings, and `install_step_timer()`, which adds a callback to every transformers Trainer
@@ -37,6 +39,8 @@ SETTINGS: dict[str, Any] = {
     "optim": "adamw_torch",
     "seed": 42,
 }
+# The QLoRA baseline's activation checkpointing (peft's prepare_model_for_kbit_training recipe)
+CHECKPOINTING = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
 # BENCH_SETTINGS='{"max_len": 128, "batch_size": 2}' shrinks a run (CPU smoke tests); the GPU table uses the above.
 SETTINGS.update(json.loads(os.environ.get("BENCH_SETTINGS") or "{}"))
 
@@ -92,8 +96,12 @@ def install_step_timer() -> None:
             RECORDER.train_start = time.perf_counter()
             RECORDER.t0 = RECORDER.train_start
 
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            _profiler_step(state.global_step + 1)
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             _sync()
+            _profiler_step_end(state.global_step)
             now = time.perf_counter()
             RECORDER.step_times.append(now - (RECORDER.t0 or now))
             RECORDER.step_tokens.append(RECORDER.pending_tokens or RECORDER.pending_embed_tokens)
@@ -128,13 +136,101 @@ def install_step_timer() -> None:
     transformers.Trainer.__init__ = patched_init
 
 
+# BENCH_PROFILE="DIR:FIRST:COUNT" profiles steps FIRST..FIRST+COUNT-1 with torch.profiler and writes
+# DIR/profile.txt (kernels by GPU time) and DIR/profile.json (the same, summed into categories). The steps it covers
+# are slower (the profiler's own cost): take tokens/s from a run without it.
+_PROFILE: dict[str, Any] = {}
+
+
+def _profile_spec() -> tuple[Path, int, int] | None:
+    spec = os.environ.get("BENCH_PROFILE")
+    if not spec:
+        return None
+    where, first, count = spec.rsplit(":", 2)
+    return Path(where), int(first), int(count)
+
+
+def _profiler_step(step: int) -> None:
+    spec = _profile_spec()
+    if spec is None or step != spec[1] or _PROFILE:
+        return
+    import torch
+
+    prof = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], record_shapes=False
+    )
+    prof.__enter__()
+    _PROFILE.update(prof=prof, first=step, last=step + spec[2] - 1, where=spec[0])
+
+
+def _profiler_step_end(step: int) -> None:
+    if not _PROFILE or "done" in _PROFILE or step != _PROFILE["last"]:
+        return
+    prof = _PROFILE["prof"]
+    prof.__exit__(None, None, None)
+    _PROFILE["done"] = True
+    n_steps = _PROFILE["last"] - _PROFILE["first"] + 1
+    write_profile(prof, _PROFILE["where"], n_steps)
+
+
+KERNEL_CATEGORIES = (
+    # (category, substrings of the kernel name, lower case); first match wins
+    ("attention (flash / cudnn)", ("flash", "fmha", "cudnn", "attn")),
+    ("GEMM (cuBLAS / CUTLASS)", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "sm80", "cublas", "wgmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("LM head loss (Triton)", ("forward_kernel", "backward_kernel", "cross_entropy", "element_mul")),
+    ("Liger / orch Triton", ("rms_norm", "swiglu", "rope", "dropout_grad_add", "_kernel")),
+    ("dropout", ("dropout", "bernoulli", "philox")),
+    ("copies / casts", ("copy", "cat", "to_copy", "convert")),
+    ("reductions", ("reduce", "norm", "sum")),
+    ("elementwise", ("elementwise", "vectorized", "fill", "zero")),
+)
+
+
+def write_profile(prof: Any, where: Path, n_steps: int) -> None:
+    """Kernels by GPU time (per step) into where/profile.txt and the categories into where/profile.json."""
+    where.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for evt in prof.key_averages():
+        dev = getattr(evt, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(evt, "self_cuda_time_total", 0)
+        if dev and getattr(evt, "device_type", None) is not None and "CUDA" in str(evt.device_type):
+            rows.append((evt.key, dev / 1e3 / n_steps, evt.count // max(n_steps, 1)))
+    if not rows:  # older profilers mark no device_type on kernels: take every event with device time
+        for evt in prof.key_averages():
+            dev = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+            if dev:
+                rows.append((evt.key, dev / 1e3 / n_steps, evt.count // max(n_steps, 1)))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    cats: dict[str, float] = {}
+    for name, ms, _ in rows:
+        low = name.lower()
+        cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    lines = [f"GPU kernel time per step: {total:.1f} ms over {n_steps} profiled steps", ""]
+    for cat, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{ms:9.2f} ms {100 * ms / max(total, 1e-9):5.1f}%  {cat}")
+    lines += ["", "   ms/step   calls/step  kernel"]
+    for name, ms, calls in rows[:80]:
+        lines.append(f"{ms:10.3f} {calls:10d}  {name[:160]}")
+    (where / "profile.txt").write_text("\n".join(lines) + "\n")
+    (where / "profile.json").write_text(
+        json.dumps({"total_ms_per_step": total, "categories": cats, "top": rows[:80]}, indent=1)
+    )
+
+
 def summarize(system: str, warmup: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Steady-state numbers: median over the steps after `warmup` (compile / autotune / allocator warm-up excluded)."""
     import torch
 
     cuda = torch.cuda.is_available()
-    times = RECORDER.step_times[warmup:]
-    tokens = RECORDER.step_tokens[warmup:]
+    # steps under the profiler (BENCH_PROFILE) are slower: they stay out of the median
+    skip = set(range(_PROFILE["first"], _PROFILE["last"] + 1)) if _PROFILE else set()
+    keep = [i for i in range(warmup, len(RECORDER.step_times)) if i + 1 not in skip]
+    times = [RECORDER.step_times[i] for i in keep]
+    tokens = [RECORDER.step_tokens[i] for i in keep]
     per_step_tps = [n / t for n, t in zip(tokens, times, strict=True) if t > 0]
     out: dict[str, Any] = {
         "system": system,
@@ -150,6 +246,7 @@ def summarize(system: str, warmup: int, extra: dict[str, Any] | None = None) -> 
         "step_times": RECORDER.step_times,
         "step_tokens": RECORDER.step_tokens,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "profiled_steps": sorted(skip),
     }
     if extra:
         out.update(extra)
@@ -161,7 +258,7 @@ def read_texts(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path) -> dict[str, Any]:
+def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, qlora: bool = False) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -187,12 +284,29 @@ def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path) ->
     ids = [[*x, tokenizer.eos_token_id][: s["max_len"]] for x in enc]
     ds = Dataset.from_dict({"input_ids": ids})
 
+    load: dict[str, Any] = {}
+    if qlora:
+        from transformers import BitsAndBytesConfig
+
+        load["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=torch.bfloat16 if cuda else torch.float32,
         attn_implementation="sdpa",
         device_map={"": 0} if cuda else None,
+        **load,
     )
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     set_seed(s["seed"])
     model = get_peft_model(
         model,
@@ -222,6 +336,7 @@ def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path) ->
         seed=s["seed"],
         data_seed=s["seed"],
         disable_tqdm=True,
+        **(CHECKPOINTING if qlora else {}),
     )
     trainer = Trainer(
         model=model,
@@ -230,7 +345,8 @@ def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path) ->
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
     )
     trainer.train()
-    result = summarize("transformers+peft (baseline)", warmup, {"attn": "sdpa", "batches": "padded to longest"})
+    name = "transformers+peft+bitsandbytes QLoRA (baseline)" if qlora else "transformers+peft (baseline)"
+    result = summarize(name, warmup, {"attn": "sdpa", "batches": "padded to longest", "qlora": qlora})
     out_json.write_text(json.dumps(result, indent=1))
     return result
 

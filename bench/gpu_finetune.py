@@ -18,9 +18,14 @@ Rows (system:data[:ORCH_CUDA_FASTPATH]):
   olive     bench/olive_runner.py: Olive 0.13 `olive finetune` (its CLI, same settings)
   orch      orchestrator.passes.lora.LoRAPass.train (orch's real pass; it picks its CUDA fast path itself)
   qlora     orchestrator.passes.lora.QLoRAPass.train (bitsandbytes nf4 + double quant)
+  qlora_baseline  bench/baseline_peft.py --qlora: transformers + peft + bitsandbytes (nf4, double quant,
+            prepare_model_for_kbit_training with gradient checkpointing): the QLoRA row's own baseline
+Shapes: phi3-mini (default), phi4-mini (GQA 24/8 heads, vocab 200,064, tied embeddings, partial RoPE 0.75).
+`--profile ROW` profiles the last two steps of that row (bench/baseline_peft.py BENCH_PROFILE; those steps are
+left out of its median) and writes profile_<n>.txt beside the row's log.
 Numbers: tokens/s = real (non-padding) tokens per second, median of the per-step rates after the warm-up steps;
 peak memory = torch.cuda.max_memory_allocated of the row's process; MFU = tokens/s x (4 N + causal attention
-FLOPs per token of the data's samples) / 989 TFLOP/s (H100 SXM dense bf16), N = all parameters.
+FLOPs per token of the data's samples) / 989 TFLOP/s (H100 / H200 SXM dense bf16), N = all parameters.
 """
 
 from __future__ import annotations
@@ -56,6 +61,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         "intermediate_size": 8192,
         "vocab_size": 32064,
         "max_position_embeddings": 4096,
+        "lexicon": 6000,
+    },
+    # Phi-4-mini's shape: grouped-query attention (24 query heads of 128, 8 KV heads), a 200,064-token vocabulary
+    # with tied embeddings, RoPE on 3/4 of each head (3.84 B parameters)
+    "phi4-mini": {
+        "hidden_size": 3072,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "vocab_size": 200064,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "partial_rotary_factor": 0.75,
         "lexicon": 6000,
     },
     # a 2-layer model of full width: a quick check of every code path on the GPU
@@ -156,7 +175,8 @@ def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=bool(shape.get("tie_word_embeddings", False)),
+        **({"partial_rotary_factor": shape["partial_rotary_factor"]} if "partial_rotary_factor" in shape else {}),
     )
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -185,6 +205,7 @@ def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
         "steps": steps,
         "n_params": n_params,
         "config": {k: v for k, v in shape.items() if k != "lexicon"},
+        "tokenizer_vocab": len(tok),
         "lengths": {"var": lengths(var), "fixed": lengths(fixed)},
         "prepare_s": time.perf_counter() - t0,
     }
@@ -254,12 +275,16 @@ def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json:
     output = pass_cls().train(config, artifact, ctx, train_ds, None, spec)
     wall = time.perf_counter() - t0
     plan = lora_cuda.LAST_PLAN
+    from orchestrator.passes import lora_kernels
+
+    splits = {" ".join(map(str, k[:4])): v for k, v in lora_kernels._SPLIT_CACHE.items()}
     result = summarize(
         f"orch {pass_cls.type_name}",
         warmup,
         {
             "plan": list(plan.reasons) if plan else [],
             "fastpath_options": os.environ.get("ORCH_CUDA_FASTPATH", ""),
+            "split_picks": splits,  # the skinny-GEMM splits lora_kernels timed and kept, per shape
             "pass_metrics": output.metrics,
             "pass_wall_s": wall,
             "pass_log": [e.get("message") for e in events if e.get("type") == "log"],
@@ -292,74 +317,101 @@ def loss_at(r: dict[str, Any], step: int) -> float | None:
     return losses.get(str(step))
 
 
+def baseline_of(system: str) -> str:
+    """The row a system's ratio is taken against: QLoRA against the QLoRA baseline, the rest against the bf16 one."""
+    return "qlora_baseline" if system in ("qlora", "qlora_baseline") else "baseline"
+
+
 def render(results: dict[str, Any]) -> str:
-    meta = results["meta"]
+    metas = results.get("metas") or {results["meta"]["shape"]: results["meta"]}
     rows = results["rows"]
+    first = next(iter(metas.values()))
     lines = [
         f"Measured {results.get('date', '')} on {results.get('device', '?')}; {results.get('versions', '')}.",
-        f"Model: Phi3ForCausalLM, {meta['shape']} shape, {meta['n_params'] / 1e9:.2f} B parameters, random weights. "
         f"LoRA r={SETTINGS['lora_r']}, alpha={SETTINGS['lora_alpha']}, dropout={SETTINGS['lora_dropout']} on "
         f"{', '.join(SETTINGS['target_modules'])}; batch {SETTINGS['batch_size']} x max {SETTINGS['max_len']} tokens, "
         f"AdamW lr {SETTINGS['learning_rate']} constant; {results['steps']} steps, tokens/s = median over steps "
-        f"{results['warmup'] + 1}-{results['steps']} (real tokens, padding excluded).",
+        f"{results['warmup'] + 1}-{results['steps']} (real tokens, padding excluded). Random weights, bf16.",
         "",
     ]
+    for shape, meta in metas.items():
+        cfg = meta["config"]
+        lines.append(
+            f"- Model `{shape}`: Phi3ForCausalLM, {meta['n_params'] / 1e9:.2f} B parameters, hidden "
+            f"{cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads / "
+            f"{cfg['num_key_value_heads']} KV heads, vocab {cfg['vocab_size']:,}"
+            + (", tied embeddings" if cfg.get("tie_word_embeddings") else "")
+            + (f", partial RoPE {cfg['partial_rotary_factor']}" if cfg.get("partial_rotary_factor") else "")
+        )
+    lines.append("")
     multi = len({r.get("session", 1) for r in rows}) > 1
     if multi:
         lines.append(
             "Rows marked (run N) come from the N-th call of this script, each on a fresh machine of the same kind; "
-            "every ratio is taken against the baseline (and Olive) of the same run."
+            "every ratio is taken against the baseline of the same run (QLoRA: the QLoRA baseline)."
         )
         lines.append("")
-    for data in ("var", "fixed"):
-        data_rows = [r for r in rows if r.get("data") == data]
-        if not data_rows:
-            continue
-        lens = meta["lengths"][data]
-        lines.append(
-            f"**Data `{data}`**: {len(lens)} samples, {min(lens)}-{max(lens)} tokens (mean {statistics.mean(lens):.0f})"
-            + (" — every row sees the same texts" if data == "var" else " — every sample exactly the max length")
-        )
-        lines.append("")
-
-        def ref(system: str, session: int, rows: list[dict[str, Any]] = data_rows) -> dict[str, Any] | None:
-            return next(
-                (r for r in rows if r["row"].startswith(system) and r.get("ok") and r.get("session", 1) == session),
-                None,
-            )
-
-        fpt = flops_per_token(meta, data)
-        n_loss = results["steps"]
-        lines.append(
-            f"| system | tokens/s | vs baseline | vs Olive | peak mem (alloc / reserved GiB) | MFU "
-            f"| loss @ step {n_loss} | loss @ 10 | how |"
-        )
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
-        for r in data_rows:
-            if not r.get("ok"):
-                lines.append(f"| {r['row']} | failed | | | | | | | {r.get('error', '')[:160]} |")
+    n_loss = results["steps"]
+    for shape, meta in metas.items():
+        for data in ("var", "fixed"):
+            data_rows = [r for r in rows if r.get("data") == data and r.get("shape", first["shape"]) == shape]
+            if not data_rows:
                 continue
-            tps = r["tokens_per_s_median"]
-            session = r.get("session", 1)
-            base, olive = ref("baseline", session), ref("olive", session)
-            mfu = tps * fpt / peak_flops(r.get("device", ""))
-            vb = f"{tps / base['tokens_per_s_median']:.2f}x" if base else "-"
-            vo = f"{tps / olive['tokens_per_s_median']:.2f}x" if olive else "-"
-            loss_n, loss_10 = loss_at(r, n_loss), loss_at(r, 10)
-            how = how_text(r["row"].split(":")[0], r)
+            lens = meta["lengths"][data]
             lines.append(
-                f"| {r['system']}{' [' + r['fastpath_options'] + ']' if r.get('fastpath_options') else ''}"
-                f"{f' (run {session})' if multi else ''} "
-                f"| {tps:,.0f} | {vb} | {vo} | {r['peak_mem_allocated_gib']:.1f} / {r['peak_mem_reserved_gib']:.1f} "
-                f"| {mfu:.1%} | {loss_n if loss_n is None else f'{loss_n:.3f}'} "
-                f"| {loss_10 if loss_10 is None else f'{loss_10:.3f}'} | {how} |"
+                f"**`{shape}`, data `{data}`**: {len(lens)} samples, {min(lens)}-{max(lens)} tokens "
+                f"(mean {statistics.mean(lens):.0f})"
+                + (" — every row sees the same texts" if data == "var" else " — every sample exactly the max length")
             )
-        lines.append("")
+            lines.append("")
+
+            def ref(system: str, session: int, rows: list[dict[str, Any]] = data_rows) -> dict[str, Any] | None:
+                return next(
+                    (
+                        r
+                        for r in rows
+                        if r["row"].split(":")[0] == system and r.get("ok") and r.get("session", 1) == session
+                    ),
+                    None,
+                )
+
+            fpt = flops_per_token(meta, data)
+            has_olive = any(r["row"].startswith("olive") for r in data_rows)
+            olive_col = " vs Olive |" if has_olive else ""
+            lines.append(
+                f"| system | tokens/s | vs its baseline |{olive_col} peak mem (alloc / reserved GiB) | MFU "
+                f"| loss @ step {n_loss} | loss @ 10 | step 1 s | how |"
+            )
+            lines.append("|---|---:|---:|" + ("---:|" if has_olive else "") + "---:|---:|---:|---:|---:|---|")
+            for r in data_rows:
+                if not r.get("ok"):
+                    blanks = "| | | | | | |" + (" |" if has_olive else "")
+                    lines.append(f"| {r['row']} | failed {blanks} {r.get('error', '')[:160]} |")
+                    continue
+                tps = r["tokens_per_s_median"]
+                session = r.get("session", 1)
+                system = r["row"].split(":")[0]
+                base = ref(baseline_of(system), session)
+                olive = ref("olive", session)
+                mfu = tps * fpt / peak_flops(r.get("device", ""))
+                vb = f"{tps / base['tokens_per_s_median']:.2f}x" if base else "-"
+                vo = (f" {tps / olive['tokens_per_s_median']:.2f}x |" if olive else " - |") if has_olive else ""
+                loss_n, loss_10 = loss_at(r, n_loss), loss_at(r, 10)
+                step1 = (r.get("step_times") or [None])[0]
+                lines.append(
+                    f"| {r['system']}{' [' + r['fastpath_options'] + ']' if r.get('fastpath_options') else ''}"
+                    f"{f' (run {session})' if multi else ''} "
+                    f"| {tps:,.0f} | {vb} |{vo} {r['peak_mem_allocated_gib']:.1f} / {r['peak_mem_reserved_gib']:.1f} "
+                    f"| {mfu:.1%} | {loss_n if loss_n is None else f'{loss_n:.3f}'} "
+                    f"| {loss_10 if loss_10 is None else f'{loss_10:.3f}'} "
+                    f"| {step1 if step1 is None else f'{step1:.1f}'} | {how_text(system, r)} |"
+                )
+            lines.append("")
     for note in results.get("notes", []):
         lines.append(f"- {note}")
     if results.get("notes"):
         lines.append("")
-    plans = {r["row"]: r.get("plan") for r in rows if r.get("ok") and r.get("plan")}
+    plans = {f"{r.get('shape', '')} {r['row']}".strip(): r.get("plan") for r in rows if r.get("ok") and r.get("plan")}
     if plans:
         lines.append("What orch picked on this GPU (orchestrator/passes/lora_cuda.py, printed by the pass):")
         lines.append("")
@@ -376,6 +428,8 @@ def render(results: dict[str, Any]) -> str:
 def how_text(system: str, r: dict[str, Any]) -> str:
     if system == "baseline":
         return "HF Trainer, sdpa, batches padded to the longest"
+    if system == "qlora_baseline":
+        return "HF Trainer, bitsandbytes nf4 + double quant, prepare_model_for_kbit_training, grad checkpointing, sdpa"
     if system == "olive":
         return (
             "Olive's join: texts concatenated into full 1024 blocks (samples see each other); grad checkpointing "
@@ -385,34 +439,50 @@ def how_text(system: str, r: dict[str, Any]) -> str:
     bits = []
     if "padding-free batches:" in plan:
         bits.append("padding-free + varlen attention")
+    if "cuDNN SDPA" in plan:
+        bits.append("cuDNN attention on equal-length rows")
     if "Liger kernels:" in plan:
-        bits.append("Liger RMSNorm/SwiGLU/RoPE")
+        bits.append("Liger RMSNorm/RoPE" + ("" if "SwiGLU: orch" in plan else "/SwiGLU"))
+    if "SwiGLU: orch" in plan:
+        bits.append("orch SwiGLU kernel")
+    if "q, k, v split" in plan:
+        bits.append("qkv split")
     if "input cast off" in plan:
         bits.append("no peft fp32 input cast")
     if "fused LoRA layers:" in plan:
-        bits.append("fused LoRA layers (addmm epilogue)")
+        bits.append("fused LoRA layers (addmm epilogue, dropout grad kernel)")
     if "checkpointing on" in plan:
         bits.append("grad checkpointing")
     if "torch.compile" in plan:
         bits.append("torch.compile per decoder layer")
-    bits.append("TRL fused LM head")
+    if "adamw_torch_fused" in plan:
+        bits.append("fused AdamW")
+    bits.append("Liger fused linear CE" if "Liger's fused linear cross-entropy" in plan else "TRL fused LM head")
     if system == "qlora":
         bits.insert(0, "nf4 + double quant base")
     return ", ".join(bits)
 
 
 def merge_results(paths: list[Path]) -> dict[str, Any]:
-    """One table from several runs (same shape and steps): run N's rows carry session=N."""
+    """One table from several runs (same steps; shapes may differ): run N's rows carry session=N and their shape.
+
+    Runs of different shapes count as one session per shape (their ratios are within a run either way)."""
     merged: dict[str, Any] | None = None
-    for n, path in enumerate(paths, start=1):
+    seen: dict[str, int] = {}
+    for path in paths:
         res = json.loads(Path(path).read_text())
+        shape = res["meta"]["shape"]
+        seen[shape] = seen.get(shape, 0) + 1
         for r in res["rows"]:
-            r["session"] = n
+            r["session"] = seen[shape]
+            r["shape"] = shape
         if merged is None:
             merged = res
+            merged["metas"] = {shape: res["meta"]}
         else:
-            if (res["meta"]["shape"], res["steps"]) != (merged["meta"]["shape"], merged["steps"]):
-                raise SystemExit(f"{path}: another model shape or step count than {paths[0]}")
+            if res["steps"] != merged["steps"]:
+                raise SystemExit(f"{path}: another step count than {paths[0]}")
+            merged["metas"].setdefault(shape, res["meta"])
             merged["rows"] += res["rows"]
     assert merged is not None
     return merged
@@ -451,6 +521,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "rows": [],
     }
     deadline = time.monotonic() + args.budget_s
+    profile_rows = {r.strip() for r in (args.profile or "").split(",") if r.strip()}
     for spec in [r.strip() for r in args.rows.split(",") if r.strip()]:
         system, _, rest = spec.partition(":")
         data, _, opts = rest.partition(":")
@@ -465,6 +536,9 @@ def orchestrate(args: argparse.Namespace) -> int:
         cmd += ["--json", str(row_json)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         env["ORCH_CUDA_FASTPATH"] = opts
+        if spec in profile_rows:
+            prof_dir = out / f"profile_{len(results['rows'])}"
+            env["BENCH_PROFILE"] = f"{prof_dir}:{args.steps - 1}:2"
         t0 = time.perf_counter()
         log = out / f"row_{len(results['rows'])}_{system}_{data}.log"
         try:
@@ -477,7 +551,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         wall = time.perf_counter() - t0
         if rc == 0 and row_json.exists():
             r = json.loads(row_json.read_text())
-            r.update(row=spec, data=data, ok=True, row_wall_s=wall)
+            r.update(row=spec, data=data, ok=True, row_wall_s=wall, shape=args.shape)
             results["device"] = r.get("device", results["device"])
             r["how"] = how_text(system, r)
         else:
@@ -501,6 +575,8 @@ def row_main(args: argparse.Namespace) -> int:
 
     if args.system == "baseline":
         run_baseline(args.model, args.data, args.steps, args.warmup, args.json)
+    elif args.system == "qlora_baseline":
+        run_baseline(args.model, args.data, args.steps, args.warmup, args.json, qlora=True)
     elif args.system == "olive":
         olive_runner.run(args.model, args.data, args.steps, args.warmup, args.json)
     elif args.system in ("orch", "qlora"):
@@ -571,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=3600, help="stop starting rows after this many seconds")
     p.add_argument("--row-timeout-s", type=float, default=300)
+    p.add_argument("--profile", default="", help="comma list of row specs whose last two steps are profiled")
     p.add_argument(
         "--render", type=Path, nargs="+", help="results.json of one or more runs: render them into bench/RESULTS.md"
     )

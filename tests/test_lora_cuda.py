@@ -47,14 +47,52 @@ def test_h100_phi3_mini_gets_the_full_fast_path() -> None:
     assert plan.liger == {
         "rope": True,
         "rms_norm": True,
-        "swiglu": True,
+        "swiglu": False,  # orch's SwiGLU kernel instead (reads gate/up in place)
         "cross_entropy": False,
-        "fused_linear_cross_entropy": False,
+        "fused_linear_cross_entropy": False,  # never Liger's model patch: orch's trainer calls Liger's FLCE itself
     }
     assert plan.gradient_checkpointing is False  # fits in 80 GB without it (the anchor ran at 47 GiB)
     assert plan.fused_lora
+    assert plan.qkv_split and plan.swiglu and plan.flce and plan.fused_adamw and plan.splitk
+    assert plan.cudnn_attn  # Hopper: equal-length rows through cuDNN's attention
     assert not plan.compile_layers
     assert len(plan.reasons) >= 5
+
+
+def test_new_choices_each_turn_off_and_need_their_packages() -> None:
+    off = plan_cuda(H100, PHI3_MINI, {}, parse_options("-qkv_split,-swiglu,-flce,-fused_adamw"))
+    assert not (off.qkv_split or off.swiglu or off.flce or off.fused_adamw)
+    assert off.liger is not None and off.liger["swiglu"]  # Liger's SwiGLU is back when orch's is off
+    bare = plan_cuda({**H100, "has_liger": False, "has_triton": False}, PHI3_MINI, {})
+    assert not bare.swiglu and not bare.flce and bare.qkv_split  # the split needs no kernel
+    llama = plan_cuda(H100, {**PHI3_MINI, "model_type": "llama"}, {})
+    assert not llama.qkv_split and not llama.swiglu  # separate q/k/v and gate/up projections: nothing to split
+    assert not plan_cuda(H100, PHI3_MINI, {"optim": "adamw_8bit"}).fused_adamw  # another optimizer is kept
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"cudnn_attn": False}).cudnn_attn
+    assert not plan_cuda({**H100, "capability": (8, 0)}, PHI3_MINI, {}).cudnn_attn  # measured on Hopper only
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"fused_lora": False}).splitk
+
+
+def test_split_gemms_compute_the_plain_products() -> None:
+    import torch
+
+    from orchestrator.passes import lora_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1030, 48, generator=gen, dtype=torch.float64)
+    b = torch.randn(1030, 16, generator=gen, dtype=torch.float64)
+    for s in (1, 2, 4, 8):  # 1030 rows: the split leaves a remainder the plain GEMM adds
+        assert torch.allclose(lora_kernels._wgrad_split(a, b, s).double(), a.t() @ b, atol=1e-4)
+    x = torch.randn(300, 64, generator=gen)
+    bt = torch.randn(16, 64, generator=gen)
+    for s in (1, 2, 4):
+        assert torch.allclose(lora_kernels._tall_split(x, bt, s), x @ bt.t(), atol=1e-4)
+    assert torch.equal(lora_kernels.lora_wgrad(a.float(), b.float()), (a.float().t() @ b.float()))  # CPU: plain
+
+
+def test_flce_chunks_hold_about_a_gib_of_logits() -> None:
+    assert lora_cuda.flce_chunk_mem_const(8192, 3072) == 21  # Phi-4-mini, 8 x 1024: chunks of 2048 tokens
+    assert lora_cuda.flce_chunk_mem_const(1 << 20, 4096) == 1  # never below Liger's default
 
 
 def test_flash_attn_package_is_preferred_when_installed() -> None:
@@ -139,6 +177,178 @@ def test_apply_plan_sets_sft_kwargs_and_model_attention(tiny_phi3) -> None:
     assert model.config._attn_implementation == VARLEN_ATTN
     lora_cuda.restore_attention(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_apply_plan_picks_fused_adamw_for_adamw_torch(tiny_phi3) -> None:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    opts = {"liger": False, "padding_free": False, "fused_lora": False, "qkv_split": False, "swiglu": False}
+    plan = plan_cuda(H100, PHI3_MINI, {"optim": "adamw_torch"}, opts)
+    assert lora_cuda.apply_plan(plan, model, {"optim": "adamw_torch"})["optim"] == "adamw_torch_fused"
+    other = plan_cuda(H100, PHI3_MINI, {"optim": "sgd"}, opts)
+    assert lora_cuda.apply_plan(other, model, {"optim": "sgd"})["optim"] == "sgd"
+
+
+def _loss_and_grads(model, batch, *, loss_fn=None):
+    import torch
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _lora_model(path, seed: int = 0):
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def _ids(seed: int = 0, batch: int = 2, length: int = 20):
+    import torch
+
+    ids = torch.randint(10, 900, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_split_qkv_and_orch_swiglu_leave_loss_and_gradients_unchanged(tiny_phi3) -> None:
+    import torch
+
+    ref = _lora_model(tiny_phi3)
+    patched = _lora_model(tiny_phi3)
+    n_layers = patched.get_base_model().config.num_hidden_layers
+    assert lora_cuda.split_qkv_attention(patched) == n_layers
+    assert lora_cuda.orch_swiglu_mlp(patched) == n_layers
+    batch = _ids()
+    l_ref, g_ref = _loss_and_grads(ref, batch)
+    l_new, g_new = _loss_and_grads(patched, batch)
+    assert torch.allclose(l_new, l_ref, atol=1e-6)
+    assert g_ref.keys() == g_new.keys() and g_ref
+    for name, g in g_ref.items():
+        assert torch.allclose(g_new[name], g, atol=1e-6, rtol=1e-5), name
+
+
+def test_swiglu_reference_is_phi3_mlp_arithmetic() -> None:
+    import torch
+
+    from orchestrator.passes.lora_kernels import swiglu
+
+    u = torch.randn(5, 3, 16, dtype=torch.bfloat16)
+    gate, up = u.chunk(2, dim=-1)
+    assert torch.equal(swiglu(u), up * torch.nn.functional.silu(gate))  # CPU: the torch reference
+
+
+class _TrainerStub:
+    """What fused_ce_loss reads of TRL's SFTTrainer."""
+
+    def __init__(self) -> None:
+        from collections import defaultdict
+        from types import SimpleNamespace
+
+        self.args = SimpleNamespace(loss_type="nll", world_size=1)
+        self.compute_loss_func = None
+        self.label_smoother = None
+        self.aux_loss_enabled = False
+        self._metrics = {"train": defaultdict(list)}
+        self._total_train_tokens = 0
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_fused_ce_loss_is_the_models_own_loss(tiny_phi3, padding_free: bool) -> None:
+    import torch
+
+    ref = _lora_model(tiny_phi3)
+    new = _lora_model(tiny_phi3)
+    batch = _ids(3)
+    if padding_free:  # two samples laid end to end, as TRL's padding-free collator gives them
+        ids = batch["input_ids"].reshape(1, -1)
+        labels = ids.clone()
+        labels[0, 20] = -100  # the second sample's first token is not predicted from the first sample
+        pos = torch.cat([torch.arange(20), torch.arange(20)]).unsqueeze(0)
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    else:
+        batch["labels"][1, 15:] = -100  # padding
+    stub = _TrainerStub()
+
+    def orch_loss(model, b):
+        return lora_cuda.fused_ce_loss(stub, model, b, None, lora_cuda.reference_flce)
+
+    # use_cache=False as TRL's compute_loss sets it (with a cache, transformers masks a packed row as one sequence)
+    l_ref, g_ref = _loss_and_grads(ref, {**batch, "use_cache": False})
+    l_new, g_new = _loss_and_grads(new, batch, loss_fn=orch_loss)
+    assert torch.allclose(l_new, l_ref, atol=1e-5), (float(l_new), float(l_ref))
+    for name, g in g_ref.items():
+        assert torch.allclose(g_new[name], g, atol=1e-6, rtol=1e-4), name
+    assert len(stub._metrics["train"]["mean_token_accuracy"]) == 1
+    assert stub._total_train_tokens == (40 if padding_free else 40)
+
+
+def test_fused_ce_loss_runs_the_backbone_under_the_trainers_autocast(tiny_phi3) -> None:
+    """On a GPU the Trainer's bf16 comes from accelerate wrapping the model's forward: the loss must apply it to the
+    backbone itself (a bf16 base with fp32 adapters fails outside autocast)."""
+    import torch
+
+    model = _lora_model(tiny_phi3)
+    model.get_base_model().to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False  # what lora_cuda does under autocast
+    stub = _TrainerStub()
+    with pytest.raises(RuntimeError, match="dtype"):  # the GPU failure this guards against: no autocast
+        lora_cuda.fused_ce_loss(stub, model.train(), _ids(), None, lora_cuda.reference_flce)
+
+    class Accelerator:
+        @staticmethod
+        def autocast():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    stub.accelerator = Accelerator()
+    loss = lora_cuda.fused_ce_loss(stub, model.train(), _ids(), None, lora_cuda.reference_flce)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_fused_ce_loss_leaves_eval_and_other_losses_to_trl(tiny_phi3) -> None:
+    model = _lora_model(tiny_phi3)
+    stub = _TrainerStub()
+    batch = _ids()
+    model.eval()
+    assert lora_cuda.fused_ce_loss(stub, model, batch, None, lora_cuda.reference_flce) is None
+    model.train()
+    stub.args.loss_type = "dft"
+    assert lora_cuda.fused_ce_loss(stub, model, batch, None, lora_cuda.reference_flce) is None
+    stub.args.loss_type, stub.args.world_size = "nll", 2
+    assert lora_cuda.fused_ce_loss(stub, model, batch, None, lora_cuda.reference_flce) is None
+
+
+def test_sft_trainer_class_subclasses_only_for_flce() -> None:
+    class Base:
+        pass
+
+    assert lora_cuda.sft_trainer_class(Base, None) is Base
+    no = plan_cuda(H100, PHI3_MINI, {}, {"flce": False})
+    assert lora_cuda.sft_trainer_class(Base, no) is Base
+    cls = lora_cuda.sft_trainer_class(Base, plan_cuda(H100, PHI3_MINI, {}))
+    assert issubclass(cls, Base) and cls is not Base and hasattr(cls, "compute_loss")
 
 
 def test_apply_plan_fuses_the_lora_layers(tiny_phi3) -> None:

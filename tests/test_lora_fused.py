@@ -156,3 +156,38 @@ def test_unfuse_restores_peft_forward(tiny_phi3) -> None:
     assert fuse_lora_layers(fused) == 0  # idempotent
     assert unfuse_lora_layers(fused) == n
     assert not any(getattr(m, FUSED_ATTR, False) or "forward" in vars(m) for m in fused.modules())
+
+
+def test_dropout_inside_the_fused_function_is_peft_arithmetic() -> None:
+    """The CUDA path's function (dropout drawn inside, its mask kept for the input gradient) on CPU tensors: the
+    same output and gradients as peft's graph with the mask native_dropout draws for the same seed."""
+    from orchestrator.passes.lora_fused import _dropout_fn
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 32, generator=gen, requires_grad=True)
+    w = torch.randn(24, 32, generator=gen)
+    a = torch.randn(16, 32, generator=gen, requires_grad=True)
+    b = torch.randn(24, 16, generator=gen, requires_grad=True)
+    g = torch.randn(6, 5, 24, generator=gen)
+    torch.manual_seed(3)
+    out = _dropout_fn().apply(x, w, None, a, b, 0.5, 0.1, torch.float32)
+    out.backward(g)
+
+    torch.manual_seed(3)
+    _, mask = torch.native_dropout(x.detach().reshape(-1, 32), 0.1, True)
+    x2, a2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    flat = x2.reshape(-1, 32)
+    ref = flat @ w.t() + 0.5 * ((flat * mask / 0.9) @ a2.t()) @ b2.t()
+    ref.backward(g.reshape(-1, 24))
+    assert torch.allclose(out.reshape(-1, 24), ref, atol=1e-5)
+    for got, want in ((x.grad, x2.grad), (a.grad, a2.grad), (b.grad, b2.grad)):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert 0 < int((~mask).sum()) < mask.numel()  # some elements were dropped, not all
+
+
+def test_fused_dropout_runs_inside_only_on_cuda_with_triton() -> None:
+    from orchestrator.passes.lora_fused import _fused_dropout_p
+
+    drop = torch.nn.Dropout(0.05).train()
+    assert _fused_dropout_p(drop, torch.zeros(2, 3), 64) is None  # CPU: the layer's own module, as peft
+    assert _fused_dropout_p(torch.nn.Identity(), torch.zeros(2, 3), 64) is None

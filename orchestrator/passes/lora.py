@@ -267,7 +267,13 @@ class LoRAPass(Pass):
         )
 
         resume = sft_kwargs.pop("resume_from_checkpoint", None)
-        trainer = SFTTrainer(
+        trainer_cls = SFTTrainer
+        if cuda:
+            from orchestrator.passes import lora_cuda
+
+            # the plan cuda_fast_path just applied: its loss choice needs a trainer subclass
+            trainer_cls = lora_cuda.sft_trainer_class(SFTTrainer, lora_cuda.LAST_PLAN)
+        trainer = trainer_cls(
             model=peft_model,
             args=SFTConfig(**checkpointing_names_for(SFTConfig, sft_kwargs)),
             train_dataset=train_tok,

@@ -47,6 +47,7 @@ evaluates a padded batch: "orch_varlen" handles padding-free rows and right-padd
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from collections.abc import Mapping
@@ -66,7 +67,25 @@ LIGER_MODEL_TYPES = frozenset({"phi3", "llama", "mistral", "qwen2", "qwen3", "ge
 ACT_HIDDEN_FACTOR = 12
 ACT_INTERMEDIATE_FACTOR = 4
 MEMORY_HEADROOM = 0.85  # plan to use at most this share of the GPU's memory
-OPTION_NAMES = ("liger", "padding_free", "input_cast", "fused_lora", "compile", "gc")
+OPTION_NAMES = (
+    "liger",
+    "padding_free",
+    "input_cast",
+    "fused_lora",
+    "compile",
+    "gc",
+    "qkv_split",
+    "swiglu",
+    "flce",
+    "fused_adamw",
+    "cudnn_attn",
+    "splitk",
+    "fused_dropout",
+)
+# Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
+QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
+# Model types whose MLP is one fused gate_up_proj followed by silu(gate) * up (Phi3MLP)
+FUSED_GATE_UP_MODEL_TYPES = frozenset({"phi3"})
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,13 @@ class CudaPlan:
     fused_lora: bool  # LoRA update inside the base GEMM's epilogue (orchestrator/passes/lora_fused.py)
     gradient_checkpointing: bool | None  # None: leave sft_kwargs' value
     compile_layers: bool
+    qkv_split: bool = False  # Phi3Attention's q/k/v taken with split (backward: one cat, not 3 zero-filled copies)
+    swiglu: bool = False  # orch's SwiGLU kernel on the fused gate_up output (lora_kernels.swiglu), not Liger's
+    flce: bool = False  # the loss through Liger's fused linear cross-entropy instead of TRL's chunked LM head
+    fused_adamw: bool = False  # optim adamw_torch -> adamw_torch_fused (the same update in one kernel)
+    splitk: bool = False  # the fused LoRA layers' skinny GEMMs split along their reduction (autotuned per shape)
+    fused_dropout: bool = False  # LoRA dropout inside the fused layers, its input gradient by one Triton kernel
+    cudnn_attn: bool = False  # rows of equal-length samples: cuDNN SDPA over (samples, seq) instead of varlen FA2
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -184,6 +210,32 @@ def plan_cuda(
             "fused LoRA layers: the LoRA update added inside the base matmul (addmm epilogue), hand-written "
             "backward (no full-size scaling/add passes)"
         )
+    fused_dropout = bool(fused_lora and opts.get("fused_dropout", True) and device.get("has_triton", True))
+    if fused_dropout:
+        reasons.append(
+            "LoRA dropout inside the fused layers (native_dropout: peft's masks), its input gradient added by one "
+            "Triton kernel"
+        )
+    splitk = bool(fused_lora and opts.get("splitk", True))
+    if splitk:
+        reasons.append(
+            "LoRA's skinny GEMMs (rank-sized side, long reduction) split into batched parts where that is faster "
+            "(timed once per shape)"
+        )
+
+    has_triton = bool(device.get("has_triton", device.get("has_liger")))
+    swiglu = False
+    if model_type in FUSED_GATE_UP_MODEL_TYPES:
+        if not opts.get("swiglu", True):
+            reasons.append("orch SwiGLU kernel off (ORCH_CUDA_FASTPATH)")
+        elif not has_triton:
+            reasons.append("no orch SwiGLU kernel: Triton is not installed")
+        else:
+            swiglu = True
+            reasons.append(
+                "SwiGLU: orch's Triton kernel reads gate and up in place from the fused gate_up output and writes "
+                "its gradient as one tensor (no contiguous copies of the halves, no cat)"
+            )
 
     liger: dict[str, bool] | None = None
     if not opts.get("liger", True):
@@ -196,11 +248,25 @@ def plan_cuda(
         liger = {
             "rope": True,
             "rms_norm": True,
-            "swiglu": True,
+            "swiglu": not swiglu,
             "cross_entropy": False,
-            "fused_linear_cross_entropy": False,  # TRL's SFTTrainer fuses the LM head with the loss itself
+            # never through Liger's model patch: TRL's SFTTrainer replaces the model's forward with its fused LM
+            # head; orch's trainer subclass calls Liger's fused linear cross-entropy itself (flce below)
+            "fused_linear_cross_entropy": False,
         }
-        reasons.append("Liger kernels: fused RMSNorm, SwiGLU, RoPE (the loss is TRL's fused LM head)")
+        reasons.append(f"Liger kernels: fused RMSNorm, {'' if swiglu else 'SwiGLU, '}RoPE")
+
+    flce = False
+    if not opts.get("flce", True):
+        reasons.append("loss: TRL's chunked LM head (Liger fused linear cross-entropy off by ORCH_CUDA_FASTPATH)")
+    elif not device.get("has_liger"):
+        reasons.append("loss: TRL's chunked LM head (liger-kernel is not installed)")
+    else:
+        flce = True
+        reasons.append(
+            "loss: Liger's fused linear cross-entropy (the LM head GEMM and the loss gradient in one chunked pass: "
+            "two vocabulary-size GEMMs per step where TRL's head recomputes the logits in the backward, three)"
+        )
 
     gc: bool | None = None
     total = float(device.get("total_memory_gib", 0.0))
@@ -223,6 +289,30 @@ def plan_cuda(
     if compile_layers:
         reasons.append("torch.compile of each decoder layer (ORCH_CUDA_FASTPATH)")
 
+    qkv_split = False
+    if model_type in QKV_SPLIT_MODEL_TYPES:
+        if opts.get("qkv_split", True):
+            qkv_split = True
+            reasons.append(
+                "attention: q, k, v split from the fused qkv output (its backward is one cat instead of three "
+                "zero-filled qkv-size copies summed)"
+            )
+        else:
+            reasons.append("attention: transformers' q/k/v slicing (qkv_split off by ORCH_CUDA_FASTPATH)")
+
+    optim = str(sft_kwargs.get("optim", "adamw_torch"))
+    fused_adamw = optim == "adamw_torch" and opts.get("fused_adamw", True)
+    if fused_adamw:
+        reasons.append("optimizer: adamw_torch as adamw_torch_fused (the same AdamW update, one kernel per step)")
+
+    cudnn_attn = bool(padding_free and major >= 9 and opts.get("cudnn_attn", True))
+    if cudnn_attn:
+        reasons.append(
+            "attention: rows of equal-length samples (fixed-length data) through cuDNN's SDPA as a causal batch "
+            "(Hopper: 0.77 vs 1.06 ms per Phi-3-mini layer for 8 x 1024 tokens, bench/gpu_kernels.py); other "
+            "rows through the varlen kernel"
+        )
+
     return CudaPlan(
         bf16=bf16,
         attn_implementation=attn,
@@ -232,6 +322,13 @@ def plan_cuda(
         fused_lora=fused_lora,
         gradient_checkpointing=gc,
         compile_layers=compile_layers,
+        qkv_split=qkv_split,
+        swiglu=swiglu,
+        flce=flce,
+        fused_adamw=fused_adamw,
+        cudnn_attn=cudnn_attn,
+        splitk=splitk,
+        fused_dropout=fused_dropout,
         reasons=tuple(reasons),
     )
 
@@ -254,6 +351,7 @@ def probe_device(index: int | None = None) -> dict[str, Any]:
         "total_memory_gib": props.total_memory / 2**30,
         "has_liger": importlib.util.find_spec("liger_kernel") is not None
         and importlib.util.find_spec("triton") is not None,
+        "has_triton": importlib.util.find_spec("triton") is not None,
         "has_varlen_attn": _varlen_fn() is not None,
         "has_flash_attn": importlib.util.find_spec("flash_attn") is not None,
     }
@@ -332,11 +430,22 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    if plan.fused_adamw and out.get("optim", "adamw_torch") == "adamw_torch":
+        out["optim"] = "adamw_torch_fused"
+    global _CUDNN_UNIFORM
+    _CUDNN_UNIFORM = plan.cudnn_attn
     if plan.liger is not None:
         apply_liger(model, plan.liger)
+    if plan.qkv_split:
+        split_qkv_attention(model)
+    if plan.swiglu:
+        orch_swiglu_mlp(model)
     if plan.fused_lora:
+        from orchestrator.passes import lora_kernels
         from orchestrator.passes.lora_fused import fuse_lora_layers
 
+        lora_kernels.SPLIT_ENABLED = plan.splitk
+        lora_kernels.DROPOUT_KERNEL_ENABLED = plan.fused_dropout
         fuse_lora_layers(model)
     if plan.compile_layers:
         compile_decoder_layers(model)
@@ -377,6 +486,249 @@ def apply_liger(model: Any, kwargs: Mapping[str, bool]) -> None:
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(model=_base_model(model), **dict(kwargs))
+
+
+PATCHED_ATTR = "_orch_patched_forward"
+
+
+def _phi3_attention_forward(
+    self: Any,
+    hidden_states: Any,
+    position_embeddings: tuple[Any, Any],
+    attention_mask: Any,
+    past_key_values: Any = None,
+    **kwargs: Any,
+) -> tuple[Any, Any]:
+    """transformers' Phi3Attention.forward with q, k, v taken by `split` instead of three slices.
+
+    The same values (split returns the slices' views); the difference is the backward: a slice's backward writes a
+    zero tensor of the whole qkv size and copies its part in, and autograd then adds the three (six full-size passes
+    over the qkv gradient per layer); split's backward is one cat.
+    """
+    from transformers.models.phi3 import modeling_phi3
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    qkv = self.qkv_proj(hidden_states)
+    q_size = self.config.num_attention_heads * self.head_dim
+    kv_size = self.num_key_value_heads * self.head_dim
+    query_states, key_states, value_states = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    query_states = query_states.view(hidden_shape).transpose(1, 2)
+    key_states = key_states.view(hidden_shape).transpose(1, 2)
+    value_states = value_states.view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    # looked up at call time: Liger's RoPE patch replaces the module's function
+    query_states, key_states = modeling_phi3.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+    attention_interface = modeling_phi3.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, modeling_phi3.eager_attention_forward
+    )
+    attn_output, attn_weights = attention_interface(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        sliding_window=getattr(self.config, "sliding_window", None),
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    attn_output = self.o_proj(attn_output)
+    return attn_output, attn_weights
+
+
+def split_qkv_attention(model: Any) -> int:
+    """Give every Phi3Attention of the model the split-qkv forward; returns how many modules got it."""
+    import types
+
+    try:
+        from transformers.models.phi3 import modeling_phi3
+    except ImportError:
+        return 0
+    needed = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward", "apply_rotary_pos_emb")
+    if not all(hasattr(modeling_phi3, name) for name in needed):
+        return 0  # another transformers layout: keep its own forward
+    count = 0
+    for module in _base_model(model).modules():
+        if type(module).__name__ == "Phi3Attention" and hasattr(module, "qkv_proj"):
+            module.forward = types.MethodType(_phi3_attention_forward, module)
+            setattr(module, PATCHED_ATTR, True)
+            count += 1
+    return count
+
+
+def _fused_gate_up_mlp_forward(self: Any, hidden_states: Any) -> Any:
+    """Phi3MLP.forward: down_proj(silu(gate) * up) with gate, up read in place from gate_up_proj's output."""
+    from orchestrator.passes.lora_kernels import swiglu
+
+    return self.down_proj(swiglu(self.gate_up_proj(hidden_states)))
+
+
+def orch_swiglu_mlp(model: Any) -> int:
+    """Give every fused gate_up MLP (Phi3MLP, or Liger's replacement of it) orch's SwiGLU; returns the count."""
+    import types
+
+    count = 0
+    for module in _base_model(model).modules():
+        cfg = getattr(module, "config", None)
+        act = str(getattr(cfg, "hidden_act", ""))
+        if (
+            type(module).__name__ in ("Phi3MLP", "LigerPhi3SwiGLUMLP")
+            and hasattr(module, "gate_up_proj")
+            and hasattr(module, "down_proj")
+            and act in ("silu", "swish")
+        ):
+            module.forward = types.MethodType(_fused_gate_up_mlp_forward, module)
+            setattr(module, PATCHED_ATTR, True)
+            count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss: Liger's fused linear cross-entropy in TRL's SFTTrainer
+
+
+FLCE_LOGITS_BUDGET = 1 << 30  # bytes of transient logits Liger's fused linear cross-entropy may hold per chunk
+
+
+def flce_chunk_mem_const(tokens: int, hidden: int, budget: int = FLCE_LOGITS_BUDGET) -> int:
+    """Liger's chunk_mem_const for ~budget bytes of bf16 logits per chunk.
+
+    Liger sizes its token chunks so that a chunk's logits hold about chunk_mem_const x tokens x hidden values; its
+    default (1) cuts a 200,064-token vocabulary into chunks of 128 tokens, GEMMs too thin to run near the GPU's
+    rate (bench/gpu_kernels.py: 61 ms for Phi-4-mini's head and loss over 8 x 1024 tokens, 49 ms for TRL's head).
+    """
+    return max(1, budget // max(1, tokens * hidden * 2))
+
+
+def _liger_flce(weight: Any, hidden: Any, labels: Any) -> tuple[Any, Any]:
+    """(sum of the token losses, token accuracy) through Liger's fused linear cross-entropy (chunked, no logits)."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    loss, _, accuracy, _ = LigerFusedLinearCrossEntropyFunction.apply(
+        hidden,
+        weight,
+        labels,
+        None,  # bias
+        None,  # ce_weight
+        -100,  # ignore_index
+        0.0,  # lse_square_scale
+        0.0,  # label_smoothing
+        "sum",  # reduction
+        None,  # softcap
+        False,  # return_z_loss
+        None,  # accum_dtype
+        False,  # use_token_scaling
+        True,  # return_token_accuracy
+        False,  # return_predicted_tokens
+        None,  # ce_impl
+        None,  # ce_mode
+        flce_chunk_mem_const(hidden.shape[0], hidden.shape[1]),
+    )
+    return loss, accuracy
+
+
+def reference_flce(weight: Any, hidden: Any, labels: Any) -> tuple[Any, Any]:
+    """What _liger_flce computes, in plain torch (full logits): the CPU tests' stand-in for the Triton kernels."""
+    import torch
+
+    logits = (hidden @ weight.to(hidden.dtype).t()).float()
+    valid = labels != -100
+    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    correct = (logits.argmax(-1) == labels) & valid
+    return loss, correct.sum() / valid.sum().clamp(min=1)
+
+
+def fused_ce_loss(trainer: Any, model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any, ce: Any) -> Any:
+    """The training loss of TRL's SFTTrainer.compute_loss through `ce` (a fused linear cross-entropy); None when
+    TRL's own path must run (eval, another loss type, a loss function or label smoother, data parallel, a head
+    with bias / softcapping / logit scale, or a model without the usual backbone + lm_head layout).
+
+    Same loss as TRL's: the summed negative log-likelihood of the next-token labels (-100 ignored), divided by
+    num_items_in_batch (or the number of labelled tokens). TRL's entropy metric is not computed (it needs the full
+    softmax); its mean_token_accuracy and num_tokens metrics are kept.
+    """
+    import torch
+
+    if not model.training or getattr(trainer, "compute_loss_func", None) is not None:
+        return None
+    if getattr(trainer, "label_smoother", None) is not None or getattr(trainer, "aux_loss_enabled", False):
+        return None
+    args = trainer.args
+    if str(getattr(args, "loss_type", "nll")) != "nll" or int(getattr(args, "world_size", 1)) > 1:
+        return None
+    labels = inputs.get("labels")
+    if labels is None:
+        return None
+    base = _base_model(model)
+    backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if backbone is None or head is None or getattr(head, "bias", None) is not None or backbone is base:
+        return None
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+    kwargs["use_cache"] = False
+    # the Trainer's mixed precision: accelerate applies it by wrapping the prepared model's forward, which this
+    # call of the backbone does not go through
+    accelerator = getattr(trainer, "accelerator", None)
+    amp = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+    with amp:
+        hidden = backbone(**kwargs).last_hidden_state
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1).to(h.device)
+        if labels.shape[0] > 1:  # padded batches: score only the labelled positions (padding-free rows have few)
+            keep = y != -100
+            h, y = h[keep], y[keep]
+        weight = head.weight
+        if torch.is_autocast_enabled(h.device.type):
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight = h.to(dtype), weight.to(dtype)  # one cast of an fp32 head per step, not one per chunk
+        loss_sum, accuracy = ce(weight, h, y)
+    num_tokens = (y != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
+
+    metrics = getattr(trainer, "_metrics", None)
+    if isinstance(metrics, Mapping) and "train" in metrics:
+        metrics["train"]["mean_token_accuracy"].append(float(accuracy))
+        if hasattr(trainer, "_total_train_tokens"):
+            if "attention_mask" in inputs:
+                n_tok = int(inputs["attention_mask"].sum())
+            elif "position_ids" in inputs:
+                n_tok = int(inputs["position_ids"].size(1))
+            else:
+                n_tok = int(inputs["input_ids"].numel())
+            trainer._total_train_tokens += n_tok // int(getattr(trainer, "_tp_size", 1) or 1)
+            metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+    return loss
+
+
+def sft_trainer_class(base_cls: Any, plan: CudaPlan | None) -> Any:
+    """base_cls (TRL's SFTTrainer), or a subclass whose training loss is Liger's fused linear cross-entropy."""
+    if plan is None or not plan.flce:
+        return base_cls
+
+    class OrchSFTTrainer(base_cls):  # type: ignore[misc, valid-type]
+        orch_ce = staticmethod(_liger_flce)
+
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            if not return_outputs:
+                loss = fused_ce_loss(self, model, inputs, num_items_in_batch, self.orch_ce)
+                if loss is not None:
+                    return loss
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+
+    OrchSFTTrainer.__qualname__ = OrchSFTTrainer.__name__ = f"Orch{base_cls.__name__}"
+    return OrchSFTTrainer
 
 
 def compile_decoder_layers(model: Any) -> None:
@@ -511,6 +863,12 @@ def varlen_attention_forward(
         # prepare_model_for_kbit_training): compute in the autocast dtype, as transformers' flash path does
         half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
         q, k, v = q.to(half), k.to(half), v.to(half)
+    n_samples = cu.numel() - 1
+    if _CUDNN_UNIFORM and q.is_cuda and n_samples > 0 and int(max_len) * n_samples == q.shape[0]:
+        # every sample of the row has the same length (fixed-length data): a plain causal batch for cuDNN
+        out = _uniform_sdpa(q, k, v, n_samples, int(max_len), scaling)
+        if out is not None:
+            return out.to(out_dtype).unsqueeze(0), None
     out = _varlen_call(q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_len), scaling)
     if out is not None:
         out = out.to(out_dtype)
@@ -520,6 +878,25 @@ def varlen_attention_forward(
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = _segment_attention(q, k, v, cu, scaling)
     return out.unsqueeze(0), None
+
+
+_CUDNN_UNIFORM = False  # set by apply_plan (plan.cudnn_attn)
+
+
+def _uniform_sdpa(q: Any, k: Any, v: Any, n: int, seq: int, scaling: float | None) -> Any:
+    """Causal attention of n equal-length samples laid end to end, (T, H, D) in and out, through cuDNN SDPA."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qb, kb, vb = (t.contiguous().view(n, seq, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = F.scaled_dot_product_attention(
+                qb, kb, vb, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
+            )
+    except RuntimeError:
+        return None  # this torch / cuDNN cannot run the shape: the varlen kernel does
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2])
 
 
 def register_varlen_attention() -> None:

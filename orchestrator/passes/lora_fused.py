@@ -15,8 +15,14 @@ GEMM (beta=1, alpha=scaling), and a backward written by hand that:
 - saves exactly what peft's autograd graph saves (the dropped-out input and the (tokens x r) intermediate), so
   peak memory is not higher.
 
-Dropout keeps running through the layer's own `nn.Dropout` module outside the fused function, so the random masks
-are the ones peft would draw with the same seed (tests compare losses and gradients with peft's own forward).
+Dropout (peft's `lora_dropout`, 0.05 in Olive's and the benchmark's configs) on CUDA runs inside the fused
+function: `torch.native_dropout`, the very call `nn.Dropout` makes on CUDA (same random numbers for the same seed,
+so the masks are peft's), keeping its mask for the backward, where the LoRA path's input gradient
+`((g B s) A) * mask / (1 - p)` is added into the base path's by one Triton kernel (lora_kernels.py) instead of
+eager autograd's four passes (write `gh @ A`, dropout's backward, then the sum of the two input gradients). Elsewhere
+(CPU, no Triton, a LoRA rank the kernel does not take) dropout runs through the layer's own `nn.Dropout` module
+outside the fused function, as before: the masks are peft's there too (tests compare losses and gradients with
+peft's own forward).
 
 Only the plain case is fused: one active adapter, vanilla LoRA (no DoRA or other variant), no LoRA bias, adapters
 enabled and not merged, a plain `torch.nn.Linear` base with frozen weights (not bitsandbytes 4-bit: QLoRA keeps
@@ -39,65 +45,133 @@ FUSED_ATTR = "_orch_fused_lora"
 def _lora_function() -> Any:
     import torch
 
+    from orchestrator.passes.lora_kernels import lora_tall, lora_wgrad
+
     class LoraLinearFunction(torch.autograd.Function):
-        """out = x @ W^T + bias + scaling * (xd @ A^T) @ B^T, with xd the (possibly dropped-out) LoRA input."""
+        """out = x @ W^T + bias + scaling * (xd @ A^T) @ B^T, with xd the (possibly dropped-out) LoRA input.
+
+        a, b are the adapter's own parameters (peft keeps them in fp32), cast to the compute dtype inside; their
+        gradients come back in the parameters' dtype, accumulated in fp32 (no bf16 round trip).
+        """
 
         @staticmethod
-        def forward(ctx: Any, x: Any, xd: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float) -> Any:
+        def forward(
+            ctx: Any, x: Any, xd: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float, dtype: Any
+        ) -> Any:
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
             same = xd is x
             xd2 = x2 if same else xd.reshape(-1, xd.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
+                a16, b16 = a.to(dtype), b.to(dtype)
                 out = torch.nn.functional.linear(x2, weight, bias)
-                h = xd2 @ a.t()
-                out.addmm_(h, b.t(), alpha=scaling)
+                h = lora_tall(xd2, a16)
+                out.addmm_(h, b16.t(), alpha=scaling)
             ctx.same = same
             ctx.scaling = scaling
+            ctx.dtypes = (a.dtype, b.dtype)
             # keep only what the gradients asked for need (a frozen first layer's input needs no gradient)
-            need_x, need_xd, _, _, need_a, need_b, _ = ctx.needs_input_grad
+            need_x, need_xd, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
             need_x = need_x or (same and need_xd)
             ctx.save_for_backward(
                 xd2 if need_a else None,
                 h if need_b else None,
                 weight if need_x else None,
-                a if (need_x or need_xd) else None,
-                b,
+                a16 if (need_x or need_xd) else None,
+                b16,
             )
             return out.view(*lead, out.shape[-1])
 
         @staticmethod
         def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
-            xd2, h, weight, a, b = ctx.saved_tensors
-            need_x, need_xd, _, _, need_a, need_b, _ = ctx.needs_input_grad
+            xd2, h, weight, a16, b16 = ctx.saved_tensors
+            need_x, need_xd, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
             if ctx.same:
                 need_x = need_x or need_xd
             lead = grad_out.shape[:-1]
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_xd = grad_a = grad_b = None
             with torch.autocast(device_type=g.device.type, enabled=False):
-                gh = (g @ b).mul_(ctx.scaling)  # (tokens, r): small
+                gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
                 if need_b:
-                    grad_b = (g.t() @ h).mul_(ctx.scaling)
+                    grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
                 if need_a:
-                    grad_a = gh.t() @ xd2
+                    grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
                 if need_x:
                     grad_x = g @ weight
                     if ctx.same:
-                        grad_x.addmm_(gh, a)  # the LoRA path's input gradient, added inside the GEMM
+                        grad_x.addmm_(gh, a16)  # the LoRA path's input gradient, added inside the GEMM
                 if need_xd and not ctx.same:
-                    grad_xd = gh @ a
+                    grad_xd = gh @ a16
             if grad_x is not None:
                 grad_x = grad_x.view(*lead, grad_x.shape[-1])
             if grad_xd is not None:
                 grad_xd = grad_xd.view(*lead, grad_xd.shape[-1])
             # when x and xd are one tensor, grad_x holds both paths' gradients and the xd slot stays None
-            return grad_x, grad_xd, None, None, grad_a, grad_b, None
+            return grad_x, grad_xd, None, None, grad_a, grad_b, None, None
 
     return LoraLinearFunction
 
 
+def _lora_dropout_function() -> Any:
+    import torch
+
+    from orchestrator.passes.lora_kernels import lora_dropout_grad_add_, lora_tall, lora_wgrad
+
+    class LoraLinearDropoutFunction(torch.autograd.Function):
+        """out = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T, dropout drawn inside (native_dropout)."""
+
+        @staticmethod
+        def forward(
+            ctx: Any, x: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float, p: float, dtype: Any
+        ) -> Any:
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                a16, b16 = a.to(dtype), b.to(dtype)
+                xd2, mask = torch.native_dropout(x2, p, True)
+                out = torch.nn.functional.linear(x2, weight, bias)
+                h = lora_tall(xd2, a16)
+                out.addmm_(h, b16.t(), alpha=scaling)
+            ctx.scaling = scaling
+            ctx.keep_scale = 1.0 / (1.0 - p)
+            ctx.dtypes = (a.dtype, b.dtype)
+            need_x, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
+            ctx.save_for_backward(
+                xd2 if need_a else None,
+                h if need_b else None,
+                weight if need_x else None,
+                a16 if need_x else None,
+                b16,
+                mask if need_x else None,
+            )
+            return out.view(*lead, out.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
+            xd2, h, weight, a16, b16, mask = ctx.saved_tensors
+            need_x, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
+            lead = grad_out.shape[:-1]
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_x = grad_a = grad_b = None
+            with torch.autocast(device_type=g.device.type, enabled=False):
+                gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
+                if need_b:
+                    grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
+                if need_a:
+                    grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
+                if need_x:
+                    grad_x = g @ weight
+                    lora_dropout_grad_add_(grad_x, gh, a16, mask, ctx.keep_scale)
+            if grad_x is not None:
+                grad_x = grad_x.view(*lead, grad_x.shape[-1])
+            return grad_x, None, None, grad_a, grad_b, None, None, None
+
+    return LoraLinearDropoutFunction
+
+
 _FUNCTION: Any = None
+_DROPOUT_FUNCTION: Any = None
 
 
 def _fn() -> Any:
@@ -105,6 +179,27 @@ def _fn() -> Any:
     if _FUNCTION is None:
         _FUNCTION = _lora_function()
     return _FUNCTION
+
+
+def _dropout_fn() -> Any:
+    global _DROPOUT_FUNCTION
+    if _DROPOUT_FUNCTION is None:
+        _DROPOUT_FUNCTION = _lora_dropout_function()
+    return _DROPOUT_FUNCTION
+
+
+def _fused_dropout_p(dropout: Any, x: Any, rank: int) -> float | None:
+    """The dropout probability when the dropout can run inside the fused function, else None."""
+    import torch
+
+    from orchestrator.passes.lora_kernels import dropout_grad_add_supported, triton_available
+
+    if type(dropout) is not torch.nn.Dropout or not dropout.training or dropout.inplace:
+        return None
+    p = float(dropout.p)
+    if not 0.0 < p < 1.0 or not x.is_cuda or not triton_available() or not dropout_grad_add_supported(rank):
+        return None
+    return p
 
 
 def _compute_dtype(x: Any, *weights: Any) -> Any:
@@ -157,17 +252,14 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         return type(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
     xc = x.to(dtype)  # no copy when x is in the compute dtype already (the usual case)
+    p = _fused_dropout_p(dropout, xc, a.shape[0])
+    if p is not None:
+        return _dropout_fn().apply(
+            xc, weight.to(dtype), None if bias is None else bias.to(dtype), a, b, float(scaling), p, dtype
+        )
     xd = dropout(xc)  # the layer's own module: the same random mask peft would draw
     # the output is in the compute dtype, as peft's is (the base layer's output under autocast)
-    return _fn().apply(
-        xc,
-        xd,
-        weight.to(dtype),
-        None if bias is None else bias.to(dtype),
-        a.to(dtype),
-        b.to(dtype),
-        float(scaling),
-    )
+    return _fn().apply(xc, xd, weight.to(dtype), None if bias is None else bias.to(dtype), a, b, float(scaling), dtype)
 
 
 def fuse_lora_layers(model: Any) -> int:

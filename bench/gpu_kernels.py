@@ -1,0 +1,373 @@
+"""Kernel-level checks and timings of orch's CUDA LoRA path on the GPU, at the bench shapes (one short call).
+
+    python bench/gpu_kernels.py --out OUT          # ~1 min on an H100 / H200: OUT/kernels.json + a table
+
+1. Ceilings of this GPU: a large bf16 GEMM (TFLOP/s) and a device-to-device copy (GB/s, read + write).
+2. Correctness on fresh random inputs (bf16, against the torch reference in fp32): orch's LoRA-dropout gradient
+   kernel and SwiGLU kernel (lora_kernels.py); the fused LoRA layer with dropout against peft's own layer with the
+   same seed (same dropout masks: native_dropout is what nn.Dropout calls on CUDA).
+3. Timings (forward + backward, median of triton.testing.do_bench) at 8 x 1024 tokens: each LoRA projection of a
+   Phi-3-mini / Phi-4-mini layer through peft, orch's fused layer with dropout outside (before) and inside
+   (now); SwiGLU (Liger vs orch); q/k/v slicing vs split; attention (varlen flash vs SDPA flash vs cuDNN); the
+   LM head + loss (TRL's chunked head vs Liger's fused linear cross-entropy); the base GEMMs alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+T = 8 * 1024
+SHAPES = {
+    # name: (hidden, intermediate, q heads, kv heads, head_dim, vocab)
+    "phi3-mini": (3072, 8192, 32, 32, 96, 32064),
+    "phi4-mini": (3072, 8192, 24, 8, 128, 200064),
+}
+
+
+def bench_ms(fn: Any, reps: int = 30) -> float:
+    import torch
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize()
+    return float(do_bench(fn, warmup=5, rep=reps * 4, return_mode="median"))
+
+
+def rel_err(a: Any, b: Any) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def ceilings(res: dict[str, Any]) -> None:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench_ms(lambda: a @ b)
+    res["gemm_8192_tflops"] = 2 * 8192**3 / ms / 1e9
+    x = torch.empty(2**29, device="cuda", dtype=torch.uint8).random_()  # 512 MiB
+    y = torch.empty_like(x)
+    ms = bench_ms(lambda: y.copy_(x))
+    res["copy_gbs"] = 2 * x.numel() / ms / 1e6
+
+
+def lora_layer(d_in: int, d_out: int, dropout: float, seed: int = 0) -> Any:
+    """One peft LoRA Linear (r=64, alpha 16) over a frozen bf16 base, adapters in fp32 (peft's default)."""
+    import peft
+    import torch
+
+    torch.manual_seed(seed)
+
+    class One(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(d_in, d_out, bias=False, device="cuda", dtype=torch.bfloat16)
+
+        def forward(self, x: Any) -> Any:
+            return self.proj(x)
+
+    model = peft.get_peft_model(
+        One(), peft.LoraConfig(r=64, lora_alpha=16, lora_dropout=dropout, target_modules=["proj"])
+    )
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.02)  # nonzero B: the LoRA path contributes
+    layer.cast_input_dtype_enabled = False
+    layer.train()
+    return layer
+
+
+def fwd_bwd(layer: Any, x: Any, g: Any) -> Any:
+    import torch
+
+    def run() -> None:
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x)
+        out.backward(g)
+
+    return run
+
+
+def correctness(res: dict[str, Any]) -> None:
+    import torch
+
+    from orchestrator.passes import lora_kernels
+    from orchestrator.passes.lora_fused import fuse_lora_layers
+
+    checks: dict[str, float] = {}
+    for rows, cols, r in ((8192, 3072, 64), (1000, 8192, 64), (777, 3072, 16), (4096, 3072, 128)):
+        gx = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        gh = torch.randn(rows, r, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(r, cols, device="cuda", dtype=torch.bfloat16) * 0.1
+        mask = torch.rand(rows, cols, device="cuda") > 0.05
+        ref = gx.float() + (gh.float() @ a.float()) * mask * (1 / 0.95)
+        got = lora_kernels.lora_dropout_grad_add_(gx.clone(), gh, a, mask, 1 / 0.95)
+        checks[f"dropout_grad_add {rows}x{cols} r{r}"] = rel_err(got, ref)
+    for rows, inter in ((8192, 8192), (333, 1000)):
+        u = torch.randn(rows, 2 * inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dc = torch.randn(rows, inter, device="cuda", dtype=torch.bfloat16)
+        uf = u.detach().float().requires_grad_(True)
+        ref = torch.nn.functional.silu(uf[:, :inter]) * uf[:, inter:]
+        ref.backward(dc.float())
+        got = lora_kernels.swiglu(u)
+        got.backward(dc)
+        checks[f"swiglu fwd {rows}x{inter}"] = rel_err(got, ref)
+        checks[f"swiglu bwd {rows}x{inter}"] = rel_err(u.grad, uf.grad)
+    # fused LoRA layer with dropout inside vs peft's layer: same seed, same masks
+    for d_in, d_out in ((3072, 9216), (8192, 3072)):
+        ref_layer = lora_layer(d_in, d_out, 0.05)
+        fused_layer = lora_layer(d_in, d_out, 0.05)
+        fuse_lora_layers(fused_layer)
+        x = torch.randn(2048, d_in, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn(2048, d_out, device="cuda", dtype=torch.bfloat16)
+        outs = []
+        for layer in (ref_layer, fused_layer):
+            xi = x.clone().requires_grad_(True)
+            torch.manual_seed(11)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = layer(xi)
+            out.backward(g)
+            outs.append(
+                (out.float(), xi.grad.float(), layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
+            )
+        for name, a, b in zip(("out", "grad_x", "grad_A", "grad_B"), outs[1], outs[0], strict=True):
+            checks[f"fused dropout layer vs peft {d_in}->{d_out} {name}"] = rel_err(a, b)
+    # cuDNN attention over equal-length samples, grouped-query heads (Phi-4-mini) included, vs per-sample fp32
+    from orchestrator.passes import lora_cuda
+
+    for hq, hkv, hd in ((32, 32, 96), (24, 8, 128)):
+        n, seq = 4, 512
+        q = torch.randn(n * seq, hq, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(n * seq, hkv, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(n * seq, hkv, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        cu = torch.arange(0, n * seq + 1, seq, device="cuda", dtype=torch.int32)
+        g = torch.randn(n * seq, hq, hd, device="cuda", dtype=torch.bfloat16)
+        got = lora_cuda._uniform_sdpa(q, k, v, n, seq, hd**-0.5)
+        if got is None:
+            checks[f"cudnn uniform {hq}/{hkv} heads"] = float("nan")
+            continue
+        dq, dk, dv = torch.autograd.grad(got, (q, k, v), g)
+        rep = hq // hkv
+        kf, vf = (t.detach().float().repeat_interleave(rep, dim=1).requires_grad_(True) for t in (k, v))
+        qf = q.detach().float().requires_grad_(True)
+        ref = lora_cuda._segment_attention(qf, kf, vf, cu, hd**-0.5)
+        rq, rk, rv = torch.autograd.grad(ref, (qf, kf, vf), g.float())
+        rk = rk.view(rk.shape[0], hkv, rep, hd).sum(2)
+        rv = rv.view(rv.shape[0], hkv, rep, hd).sum(2)
+        for name, a, b in (("out", got, ref), ("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+            checks[f"cudnn uniform {hq}/{hkv} heads {name}"] = rel_err(a, b)
+    res["correctness_rel_err"] = checks
+
+
+def splits(res: dict[str, Any]) -> None:
+    """The skinny LoRA GEMMs at 8 x 1024 tokens: the plain GEMM vs each split (ms), and the split lora_kernels picks."""
+    import torch
+
+    from orchestrator.passes import lora_kernels
+
+    out: dict[str, Any] = {}
+    for width in (3072, 8192, 9216, 16384):
+        x = torch.randn(T, width, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(T, 64, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(64, width, device="cuda", dtype=torch.bfloat16)
+        for s in lora_kernels.SPLITS:
+            out[f"wgrad {width}x64 s={s}"] = bench_ms(lambda s=s, x=x, r=r: lora_kernels._wgrad_split(x, r, s))
+            out[f"tall {width}->64 s={s}"] = bench_ms(lambda s=s, x=x, a=a: lora_kernels._tall_split(x, a, s))
+        lora_kernels.lora_wgrad(x, r)
+        lora_kernels.lora_tall(x, a)
+    out["picked"] = {" ".join(map(str, k[:4])): v for k, v in lora_kernels._SPLIT_CACHE.items()}
+    res["splits_ms"] = out
+
+
+class _Timings(dict):
+    """name -> ms; a measurement that fails records its error instead of stopping the others."""
+
+    def __init__(self, res: dict[str, Any]) -> None:
+        super().__init__()
+        self.res = res
+
+    def __setitem__(self, name: str, fn: Any) -> None:
+        if not callable(fn):
+            super().__setitem__(name, fn)
+            return
+        try:
+            super().__setitem__(name, bench_ms(fn))
+        except Exception as e:  # noqa: BLE001 - one failing variant is a result, the rest still run
+            self.res.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:300]
+
+
+def timings(res: dict[str, Any]) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from orchestrator.passes import lora_cuda, lora_fused, lora_kernels
+
+    t = _Timings(res)
+    res["timings_ms"] = t
+    hidden, inter = 3072, 8192
+    for name, (d_in, d_out) in {
+        "qkv phi3": (hidden, 3 * hidden),
+        "qkv phi4": (hidden, hidden + 2 * 1024),
+        "o": (hidden, hidden),
+        "gate_up": (hidden, 2 * inter),
+        "down": (inter, hidden),
+    }.items():
+        x = torch.randn(T, d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(T, d_out, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16)
+        t[f"{name}: base GEMM fwd+dgrad"] = lambda x=x, w=w, g=g: (F.linear(x.detach(), w), g @ w)
+        peft_layer = lora_layer(d_in, d_out, 0.05)
+        t[f"{name}: peft LoRA p=0.05"] = fwd_bwd(peft_layer, x, g)
+        fused = lora_layer(d_in, d_out, 0.05)
+        lora_fused.fuse_lora_layers(fused)
+        t[f"{name}: orch fused, dropout inside"] = fwd_bwd(fused, x, g)
+        saved = lora_kernels.triton_available
+        lora_kernels.triton_available = lambda: False  # type: ignore[assignment]  # the path before this change
+        try:
+            t[f"{name}: orch fused, dropout outside (before)"] = fwd_bwd(fused, x, g)
+        finally:
+            lora_kernels.triton_available = saved  # type: ignore[assignment]
+        nodrop = lora_layer(d_in, d_out, 0.0)
+        lora_fused.fuse_lora_layers(nodrop)
+        t[f"{name}: orch fused, p=0"] = fwd_bwd(nodrop, x, g)
+        del x, g, w, peft_layer, fused, nodrop
+
+    # SwiGLU
+    u = torch.randn(T, 2 * inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dc = torch.randn(T, inter, device="cuda", dtype=torch.bfloat16)
+    t["swiglu: orch"] = lambda: lora_kernels.swiglu(u).backward(dc)
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+        def liger() -> None:
+            gate, up = u.chunk(2, dim=-1)
+            LigerSiLUMulFunction.apply(gate, up).backward(dc)
+
+        t["swiglu: liger"] = liger
+    except ImportError:
+        pass
+
+    # q/k/v slicing vs split (backward of the three views into the qkv gradient)
+    qkv = torch.randn(T, 3 * hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gq = torch.randn(T, hidden, device="cuda", dtype=torch.bfloat16)
+
+    def sliced() -> None:
+        q, k, v = qkv[..., :hidden], qkv[..., hidden : 2 * hidden], qkv[..., 2 * hidden :]
+        torch.autograd.backward([q, k, v], [gq, gq, gq])
+
+    def split() -> None:
+        q, k, v = qkv.split([hidden, hidden, hidden], dim=-1)
+        torch.autograd.backward([q, k, v], [gq, gq, gq])
+
+    t["qkv grad: slices"] = sliced
+    t["qkv grad: split"] = split
+
+    # attention: 8 samples of 1024, causal
+    for shape, (_, _, hq, hkv, hd, vocab) in SHAPES.items():
+        q = torch.randn(T, hq, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(T, hkv, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(T, hkv, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        go = torch.randn(T, hq, hd, device="cuda", dtype=torch.bfloat16)
+        cu = torch.arange(0, T + 1, 1024, device="cuda", dtype=torch.int32)
+        t[f"attn {shape}: varlen flash"] = lambda q=q, k=k, v=v, cu=cu, go=go, hd=hd: lora_cuda._varlen_call(
+            q, k, v, cu, 1024, hd**-0.5
+        ).backward(go)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+
+            def sdpa(q=q, k=k, v=v, go=go, hq=hq, hkv=hkv, backend=backend) -> None:
+                qb = q.view(8, 1024, hq, -1).transpose(1, 2)
+                kb = k.view(8, 1024, hkv, -1).transpose(1, 2)
+                vb = v.view(8, 1024, hkv, -1).transpose(1, 2)
+                with sdpa_kernel([backend]):
+                    out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=hq != hkv)
+                out.transpose(1, 2).reshape(T, hq, -1).backward(go)
+
+            t[f"attn {shape}: sdpa {backend.name}"] = sdpa
+        if hq == hkv:
+            try:
+                ref = lora_cuda._segment_attention(q.float(), k.float(), v.float(), cu, hd**-0.5)
+                got = lora_cuda._uniform_sdpa(q, k, v, 8, 1024, hd**-0.5)
+                if got is not None:
+                    res.setdefault("correctness_rel_err", {})[f"cudnn uniform attention {shape}"] = rel_err(got, ref)
+            except Exception as e:  # noqa: BLE001
+                res.setdefault("errors", {})[f"cudnn uniform {shape}"] = f"{type(e).__name__}: {e}"[:300]
+        # LM head + loss
+        h = torch.randn(T, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        wv = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+        y = torch.randint(0, vocab, (T,), device="cuda")
+        try:
+            from trl.kernels import ChunkedLogProbFunction
+
+            def trl_head(h=h, wv=wv, y=y) -> None:
+                lp, _, _, _, _ = ChunkedLogProbFunction.apply(
+                    h, wv, None, y, 1.0, 32768, None, 1.0, ("log_probs", "entropy", "is_top1")
+                )
+                (-lp.sum() / T).backward()
+
+            t[f"lm head+loss {shape}: TRL chunked"] = trl_head
+        except ImportError:
+            pass
+        try:
+            ce = lora_cuda._liger_flce
+
+            def liger_head(h=h, wv=wv, y=y, ce=ce) -> None:
+                loss, _ = ce(wv, h, y)
+                (loss / T).backward()
+
+            t[f"lm head+loss {shape}: Liger FLCE"] = liger_head
+            l_ref, _ = lora_cuda.reference_flce(wv[:4096], h[:512].detach(), y[:512] % 4096)
+            l_got, _ = ce(wv[:4096], h[:512].detach(), y[:512] % 4096)
+            res.setdefault("correctness_rel_err", {})[f"liger flce vs torch {shape}"] = rel_err(l_got, l_ref)
+        except Exception as e:  # noqa: BLE001
+            res.setdefault("errors", {})[f"liger flce {shape}"] = f"{type(e).__name__}: {e}"[:300]
+        del q, k, v, go, h, wv
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", default="ceilings,correctness,splits,timings", help="comma list of the parts to run")
+    args = p.parse_args(argv)
+    import torch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        import triton
+
+        res["triton"] = triton.__version__
+    except ImportError:
+        pass
+    t0 = time.perf_counter()
+    steps = {"ceilings": ceilings, "correctness": correctness, "splits": splits, "timings": timings}
+    for step in (steps[name] for name in args.steps.split(",")):
+        try:
+            step(res)
+        except Exception as e:  # noqa: BLE001 - keep what the other steps measured
+            import traceback
+
+            res.setdefault("errors", {})[step.__name__] = traceback.format_exc()[-2000:]
+            print(f"{step.__name__} FAILED: {e}", flush=True)
+        (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    res["wall_s"] = time.perf_counter() - t0
+    (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("timings_ms", "correctness_rel_err")}, indent=1))
+    for key in ("correctness_rel_err", "splits_ms", "timings_ms"):
+        for name, value in res.get(key, {}).items():
+            print(f"{key[:4]} {value:12.5g}  {name}" if isinstance(value, float) else f"{key[:4]} {name}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Small Triton kernels for the CUDA LoRA path, each with a torch reference of the same arithmetic.
+
+Both remove full-size memory passes that eager PyTorch makes around the big GEMMs of a LoRA training step once
+padding is gone (bench/RESULTS.md has the profile):
+
+- `lora_dropout_grad_add_(grad_x, gh, a, mask, scale)`: the LoRA path's input gradient under LoRA dropout,
+  `grad_x += ((gh @ a) * mask) * scale`, in one kernel that reads `grad_x` and the dropout mask once and writes
+  `grad_x` once. Eager autograd writes `gh @ a`, reads it again with the mask in dropout's backward, writes that,
+  and reads both input gradients to add them: about 13 bytes per element against 5.
+- `swiglu(u)`: Phi-3's fused `gate_up_proj` output `u = [gate | up]` to `silu(gate) * up`, reading the two halves
+  in place (Liger's SwiGLU first copies each half into a contiguous tensor) and writing the input gradient as one
+  `[d gate | d up]` tensor in the backward (no `cat` of the two halves). Liger's rounding: `silu(gate)` is rounded
+  to the activation dtype before the product, as transformers' eager `up * act_fn(gate)` does.
+
+The kernels run only on CUDA tensors with Triton installed; anything else takes the torch reference, which the CPU
+tests compare against peft / transformers and which the GPU check (bench/gpu_kernels.py) compares the kernels with.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(*tensors: Any) -> bool:
+    return triton_available() and all(t.is_cuda for t in tensors)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dropout_grad_add_kernel(
+        gx_ptr,
+        gh_ptr,
+        a_ptr,
+        m_ptr,
+        n_rows,
+        n_cols,
+        stride_gx,
+        stride_gh,
+        stride_a,
+        stride_m,
+        scale,
+        R: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ranks = tl.arange(0, R)
+        row_ok = rows < n_rows
+        col_ok = cols < n_cols
+        gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=col_ok[None, :], other=0.0)
+        acc = tl.dot(gh, a)  # fp32 [BLOCK_M, BLOCK_N]
+        ok = row_ok[:, None] & col_ok[None, :]
+        keep = tl.load(m_ptr + rows[:, None] * stride_m + cols[None, :], mask=ok, other=0)
+        gx_ptrs = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
+        gx = tl.load(gx_ptrs, mask=ok, other=0.0).to(tl.float32)
+        gx += tl.where(keep != 0, acc * scale, 0.0)
+        tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def swiglu_fwd_kernel(u_ptr, c_ptr, n_cols, stride_u, stride_c, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        gate = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0)
+        up = tl.load(u_ptr + row * stride_u + n_cols + cols, mask=ok, other=0.0)
+        g = gate.to(tl.float32)
+        # silu rounded to the activation dtype first (eager's act_fn(gate)), then the product rounded once: a
+        # product of two bf16 / fp16 values is exact in fp32, so this is the half-precision multiply's result
+        silu = (g * tl.sigmoid(g)).to(up.dtype).to(tl.float32)
+        tl.store(c_ptr + row * stride_c + cols, (silu * up.to(tl.float32)).to(c_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def swiglu_bwd_kernel(u_ptr, dc_ptr, du_ptr, n_cols, stride_u, stride_dc, stride_du, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        g = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(u_ptr + row * stride_u + n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+        dc = tl.load(dc_ptr + row * stride_dc + cols, mask=ok, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        d_gate = dc * (silu * (1 - sig) + sig) * up
+        d_up = dc * silu
+        tl.store(du_ptr + row * stride_du + cols, d_gate.to(du_ptr.dtype.element_ty), mask=ok)
+        tl.store(du_ptr + row * stride_du + n_cols + cols, d_up.to(du_ptr.dtype.element_ty), mask=ok)
+
+    return dropout_grad_add_kernel, swiglu_fwd_kernel, swiglu_bwd_kernel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA dropout: the LoRA path's input gradient added into the base path's
+
+
+DROPOUT_KERNEL_ENABLED = True  # lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-fused_dropout: dropout outside)
+
+
+def dropout_grad_add_supported(rank: int) -> bool:
+    """tl.dot needs the inner size to be a power of two of at least 16."""
+    return DROPOUT_KERNEL_ENABLED and rank >= 16 and rank & (rank - 1) == 0 and rank <= 256
+
+
+def lora_dropout_grad_add_reference(grad_x: Any, gh: Any, a: Any, mask: Any, scale: float) -> Any:
+    """grad_x += ((gh @ a) * mask) * scale, in torch (what eager autograd computes through dropout's backward)."""
+    grad_x += (gh @ a) * mask * scale
+    return grad_x
+
+
+def lora_dropout_grad_add_(grad_x: Any, gh: Any, a: Any, mask: Any, scale: float) -> Any:
+    """In place: grad_x (T, K) += ((gh (T, r) @ a (r, K)) * mask (T, K, bool)) * scale; returns grad_x."""
+    rank = gh.shape[-1]
+    if not (_use_triton(grad_x, gh, a, mask) and dropout_grad_add_supported(rank)):
+        return lora_dropout_grad_add_reference(grad_x, gh, a, mask, scale)
+    import triton
+
+    kernel = _kernels()[0]
+    assert grad_x.stride(-1) == 1 and mask.stride(-1) == 1 and a.stride(-1) == 1 and gh.stride(-1) == 1
+    n_rows, n_cols = grad_x.shape
+    gh = gh.to(grad_x.dtype)
+    a = a.to(grad_x.dtype)
+    block_m, block_n = (64, 128) if rank <= 64 else (64, 64)
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    kernel[grid](
+        grad_x,
+        gh,
+        a,
+        mask.view(torch_uint8()),
+        n_rows,
+        n_cols,
+        grad_x.stride(0),
+        gh.stride(0),
+        a.stride(0),
+        mask.stride(0),
+        float(scale),
+        R=rank,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return grad_x
+
+
+def torch_uint8() -> Any:
+    import torch
+
+    return torch.uint8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SwiGLU over a fused [gate | up] projection
+
+
+def swiglu_reference(u: Any) -> Any:
+    """silu(gate) * up with transformers' eager rounding (silu rounded to u's dtype first)."""
+    import torch
+
+    gate, up = u.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _swiglu_function() -> Any:
+    import torch
+    import triton
+
+    class SwiGLUFunction(torch.autograd.Function):
+        """c = silu(u[..., :I]) * u[..., I:]; saves u (what Liger saves, as two halves), returns du in one tensor."""
+
+        @staticmethod
+        def forward(ctx: Any, u: Any) -> Any:
+            lead, width = u.shape[:-1], u.shape[-1]
+            n_cols = width // 2
+            u2 = u.reshape(-1, width)
+            if u2.stride(-1) != 1:
+                u2 = u2.contiguous()
+            c = torch.empty((u2.shape[0], n_cols), device=u.device, dtype=u.dtype)
+            block = 1024
+            _kernels()[1][(u2.shape[0], triton.cdiv(n_cols, block))](
+                u2, c, n_cols, u2.stride(0), c.stride(0), BLOCK=block, num_warps=4
+            )
+            ctx.save_for_backward(u2)
+            ctx.lead = lead
+            return c.view(*lead, n_cols)
+
+        @staticmethod
+        def backward(ctx: Any, dc: Any) -> Any:
+            (u2,) = ctx.saved_tensors
+            n_cols = u2.shape[-1] // 2
+            dc2 = dc.reshape(-1, n_cols)
+            if dc2.stride(-1) != 1:
+                dc2 = dc2.contiguous()
+            du = torch.empty_like(u2)
+            block = 1024
+            _kernels()[2][(u2.shape[0], triton.cdiv(n_cols, block))](
+                u2, dc2, du, n_cols, u2.stride(0), dc2.stride(0), du.stride(0), BLOCK=block, num_warps=4
+            )
+            return du.view(*ctx.lead, u2.shape[-1])
+
+    return SwiGLUFunction
+
+
+_SWIGLU: Any = None
+
+
+def swiglu(u: Any) -> Any:
+    """silu(gate) * up for u = [gate | up] (last dim): the Triton kernel on CUDA, the torch reference elsewhere."""
+    global _SWIGLU
+    if not _use_triton(u) or u.shape[-1] % 2:
+        return swiglu_reference(u)
+    if _SWIGLU is None:
+        _SWIGLU = _swiglu_function()
+    return _SWIGLU.apply(u)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The LoRA matrices' skinny GEMMs, split along their long reduction and autotuned per shape
+
+# LoRA's four small GEMMs per layer and step have one small side (the rank, 64) and a long reduction: the tokens
+# (A's and B's weight gradients, T x M -> M x r) or the layer width (h = x A^T, g B: T x K -> T x r). cuBLAS picks
+# one tile grid for these, with few tiles along the small side, and can leave most of an H100's 132 SMs idle.
+# Splitting the reduction into s batched GEMMs (one strided bmm) and summing the s partial products in fp32 gives
+# s times the tiles. Which s pays depends on the shape and the GPU, so the first call of each shape (token counts
+# bucketed by powers of two) times s in SPLITS and keeps the fastest, s = 1 (the plain GEMM) included; that costs
+# a few milliseconds and a device sync once per shape.
+SPLITS = (1, 2, 4, 8, 16)
+SPLIT_ENABLED = True  # lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-splitk: always the plain GEMM)
+_SPLIT_CACHE: dict[tuple, int] = {}
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _wgrad_split(a: Any, b: Any, s: int) -> Any:
+    """a^T @ b (a: (T, M), b: (T, N)) in fp32, the T reduction split into s batched parts."""
+    import torch
+
+    if s == 1:
+        return (a.t() @ b).float()
+    n_rows = a.shape[0]
+    chunk = n_rows // s
+    main = chunk * s
+    out = torch.bmm(a[:main].reshape(s, chunk, a.shape[1]).transpose(1, 2), b[:main].reshape(s, chunk, b.shape[1]))
+    out = out.sum(0, dtype=torch.float32)
+    if main < n_rows:
+        out += (a[main:].t() @ b[main:]).float()
+    return out
+
+
+def _tall_split(a: Any, bt: Any, s: int) -> Any:
+    """a @ bt^T (a: (T, K), bt: (N, K) with N small), the K reduction split into s batched parts."""
+    import torch
+
+    if s == 1:
+        return a @ bt.t()
+    n_rows, k = a.shape
+    part = k // s
+    a3 = a.reshape(n_rows, s, part).transpose(0, 1)  # (s, T, K/s), a strided batch: no copy
+    b3 = bt.reshape(bt.shape[0], s, part).permute(1, 2, 0)  # (s, K/s, N)
+    return torch.bmm(a3, b3).sum(0, dtype=torch.float32).to(a.dtype)
+
+
+def _pick_split(fn: Any, a: Any, b: Any, ok: Any) -> int:
+    import torch
+
+    best, best_ms = 1, float("inf")
+    for s in SPLITS:
+        if not ok(s):
+            continue
+        fn(a, b, s)  # warm-up (cuBLAS handles, workspace)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            fn(a, b, s)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        if ms < best_ms:
+            best, best_ms = s, ms
+    return best
+
+
+def lora_wgrad(a: Any, b: Any) -> Any:
+    """a^T @ b in fp32 for a (T, M), b (T, N): the LoRA matrices' weight gradients (reduction over tokens)."""
+    n_rows = a.shape[0]
+    if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and a.is_contiguous() and b.is_contiguous()):
+        return (a.t() @ b).float()
+    key = ("w", a.shape[1], b.shape[1], _bucket(n_rows), a.dtype, a.device.index)
+    s = _SPLIT_CACHE.get(key)
+    if s is None:
+        s = _SPLIT_CACHE[key] = _pick_split(_wgrad_split, a, b, lambda s: n_rows // s >= 256)
+    return _wgrad_split(a, b, s)
+
+
+def lora_tall(a: Any, bt: Any) -> Any:
+    """a @ bt^T for a (T, K), bt (N, K) contiguous with N small: h = x A^T and g B of a LoRA layer."""
+    n_rows, k = a.shape
+    if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and a.is_contiguous() and bt.is_contiguous()):
+        return a @ bt.t()
+    key = ("t", k, bt.shape[0], _bucket(n_rows), a.dtype, a.device.index)
+    s = _SPLIT_CACHE.get(key)
+    if s is None:
+        s = _SPLIT_CACHE[key] = _pick_split(_tall_split, a, bt, lambda s: k % s == 0 and k // s >= 256)
+    return _tall_split(a, bt, s)
