@@ -85,13 +85,15 @@ class Outcome:
     seconds: float
 
 
-def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path) -> Outcome:
+def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: Path | None = None) -> Outcome:
+    """Run an entry's commands in `work`; one MLflow store for all entries (its schema is created once)."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "tiny-model").symlink_to(tiny_model, target_is_directory=True)
     write_data(work, entry.get("data", {}))
     if not entry["file"].endswith(".cli"):
         (work / entry["file"]).write_text((CORPUS / entry["file"]).read_text())
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "MLFLOW_TRACKING_URI": f"sqlite:///{work}/ml.db"}
+    db = tracking_db or work / "ml.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     t0 = time.perf_counter()
     for argv in commands(entry):
         proc = subprocess.run(
@@ -120,9 +122,14 @@ def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path) -> Outcome:
     return Outcome("runs", "", time.perf_counter() - t0)
 
 
+@pytest.fixture(scope="module")
+def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mlflow") / "corpus.db"
+
+
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["id"] for e in ENTRIES])
-def test_corpus_entry(entry: dict[str, Any], tmp_path: Path, tiny_model: Path) -> None:
-    outcome = run_entry(entry, tmp_path / "work", tiny_model)
+def test_corpus_entry(entry: dict[str, Any], tmp_path: Path, tiny_model: Path, tracking_db: Path) -> None:
+    outcome = run_entry(entry, tmp_path / "work", tiny_model, tracking_db)
     expect = entry["expect"]
     assert outcome.kind == expect, f"{entry['id']}: expected {expect}, got {outcome.kind}: {outcome.detail}"
     if expect == "refused":  # one line per problem, each naming the pass/key and what to use
@@ -154,7 +161,7 @@ if __name__ == "__main__":
         for e in ENTRIES:
             if wanted and e["id"] not in wanted:
                 continue
-            o = run_entry(e, Path(tmp) / e["id"], model)
+            o = run_entry(e, Path(tmp) / e["id"], model, Path(tmp) / "corpus.db")
             counts[o.kind] = counts.get(o.kind, 0) + 1
             print(f"{e['id']:40s} {o.kind:8s} {o.seconds:6.1f}s  {o.detail.splitlines()[0] if o.detail else ''}")
             if o.kind == "failed":
