@@ -671,7 +671,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     except cx.ClickException as exc:
         error_line(exc.format_message())
         return exc.exit_code
-    except cx.Abort:
+    except typer.Abort:  # typer >= 0.26 keeps Abort in typer.exceptions, not in its vendored click
         error_line("interrupted")
         return 130
     finally:
