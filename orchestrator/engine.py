@@ -156,6 +156,17 @@ def _data_refs(config: Any, data_names: set[str]) -> list[str]:
     return sorted(set(found))
 
 
+def _cuda_available() -> bool:
+    if not any(Path("/dev").glob("nvidia*")):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
 class Engine:
     """Runs one workflow. `host`/`target` override the config's engine.host/target (system names or keywords)."""
 
@@ -309,12 +320,28 @@ class Engine:
             pass_cfg = entry.config or {}
             for key in ("train_split", "eval_split"):
                 check_split(f"passes.{name}.{key}", pass_cfg.get(key), data.get(pass_cfg.get("train_data_config")))
+        self._check_evaluator_device()
         if tracking and self.tracking_enabled:
             check_tracking_uri(self.tracking_uri)
 
-    def _host_is_aml(self) -> bool:
-        sys_cfg = self.wf.systems.get(self.host_name)
-        type_name = sys_cfg.model_dump(mode="json").get("type", "") if sys_cfg is not None else self.host_name
+    def _check_evaluator_device(self) -> None:
+        """The evaluator runs the model with the first execution provider on the target: a CUDA-only target on
+        this machine without a CUDA GPU is refused now, not after every pass ran."""
+        if not getattr(self.wf.engine, "evaluator", None) or self._host_is_aml(self.target_name):
+            return
+        first = self._providers()[0]
+        if first == "CPUExecutionProvider" or (first == "CUDAExecutionProvider" and _cuda_available()):
+            return
+        lacks = "no CUDA GPU" if first == "CUDAExecutionProvider" else f"no {first} runtime"
+        raise PreflightError(
+            f"engine.evaluator: the target {self.target_name!r} evaluates with {first} (its first execution "
+            f"provider) and this machine has {lacks}; list CPUExecutionProvider first, drop the evaluator, "
+            "or run on a GPU system"
+        )
+
+    def _host_is_aml(self, name: str | None = None) -> bool:
+        sys_cfg = self.wf.systems.get(name or self.host_name)
+        type_name = sys_cfg.model_dump(mode="json").get("type", "") if sys_cfg is not None else (name or self.host_name)
         return str(type_name).lower() in ("aml", "azureml", "azuremlsystem")
 
     def _check_not_overwritten(self, path: Path, field: str) -> None:

@@ -351,3 +351,67 @@ def test_cli_data_files_comma_list() -> None:
         model_name_or_path="m", output_path="o", data_name="json", data_files="a.jsonl, b.jsonl", text_field="t"
     )
     assert wf["data_configs"][0]["load_dataset_config"]["data_files"] == ["a.jsonl", "b.jsonl"]
+
+
+def _ev_wf(metrics: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return _wf(
+        data_configs=[{"name": "d", "load_dataset_config": {"data_name": "json", "data_files": ["x.jsonl"]}}],
+        evaluators={"e": {"metrics": metrics}}, evaluator="e", **extra,
+    )  # fmt: skip
+
+
+def test_evaluator_metric_config_and_backend_honoured_or_refused_at_load(tmp_path: Path) -> None:
+    from orchestrator.config import ConfigError, load_workflow
+    from orchestrator.passes.evaluate import EvaluateConfig
+
+    ok = [
+        {"name": "lat", "type": "latency", "backend": "torch_metrics",
+         "sub_types": [{"name": "avg", "metric_config": {"warmup_num": 1, "repeat_test_num": 3, "sleep_num": 0.5}}]},
+        {"name": "acc", "type": "accuracy", "data_config": "d", "user_config": {"batch_size": 4},
+         "sub_types": [{"name": "accuracy_score", "metric_config": {"task": "multiclass", "num_classes": 4}}]},
+    ]  # fmt: skip
+    wf = load_workflow(_ev_wf(ok), base_dir=tmp_path)
+    assert any("backend torch_metrics accepted" in n for n in wf.notes)
+    assert any("batch_size 4 accepted, changes no value" in n for n in wf.notes)
+    dumped = [m.model_dump(mode="json", exclude_none=True) for m in wf.evaluators["e"].metrics]
+    lat, acc = EvaluateConfig.model_validate({"metrics": dumped}).metrics
+    assert (lat.user_config.warmup_num, lat.user_config.repeat_test_num, lat.user_config.sleep_num) == (1, 3, 0.5)
+    assert acc.user_config.num_classes == 4
+    bad = {
+        "backend 'huggingface_metrics' is not supported": {"backend": "huggingface_metrics"},
+        "metric_config task='multilabel' is not supported": {
+            "sub_types": [{"name": "accuracy", "metric_config": {"task": "multilabel"}}]},
+        "disagrees with user_config.num_classes": {"user_config": {"num_classes": 3},
+            "sub_types": [{"name": "accuracy", "metric_config": {"num_classes": 4}}]},
+    }  # fmt: skip
+    for msg, change in bad.items():
+        metric = {"name": "x", "type": "accuracy", "data_config": "d", "sub_types": [{"name": "accuracy"}], **change}
+        with pytest.raises(ConfigError, match=msg):
+            load_workflow(_ev_wf([metric]), base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="batch_size 2 is not supported for latency"):
+        load_workflow(_ev_wf([{"name": "l", "type": "latency", "user_config": {"batch_size": 2}}]), base_dir=tmp_path)
+
+
+def test_cuda_only_evaluator_and_awq_without_data_refused_before_compute(tmp_path: Path, tiny_model: Path) -> None:
+    import torch
+
+    from orchestrator.config import ConfigError, load_workflow
+    from orchestrator.engine import Engine
+    from orchestrator.preflight import PreflightError
+
+    gpu = {"gpu": {"type": "LocalSystem", "accelerators": [{"device": "gpu"}]}}
+    raw = _ev_wf([{"name": "l", "type": "latency"}], systems=gpu, target="gpu")
+    raw["input_model"]["model_path"] = str(tiny_model)
+    (tmp_path / "x.jsonl").write_text('{"text": "a b"}\n')
+    engine = Engine(load_workflow(raw, base_dir=tmp_path), tracking=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(PreflightError, match="evaluates with CUDAExecutionProvider .* no CUDA GPU"):
+            engine.preflight(tracking=False)
+    raw["systems"]["gpu"]["accelerators"] = [{"device": "gpu", "execution_providers": [
+        "CPUExecutionProvider", "CUDAExecutionProvider"]}]  # fmt: skip
+    Engine(load_workflow(raw, base_dir=tmp_path), tracking=False).preflight(tracking=False)
+    awq = _wf()
+    awq["passes"] = {"q": {"type": "AutoAWQQuantizer", "w_bit": 3}}
+    with pytest.raises(ConfigError) as exc:
+        load_workflow(awq, base_dir=tmp_path)
+    assert "AutoAWQQuantizer needs calibration data" in str(exc.value) and "bits=3" in str(exc.value)

@@ -282,9 +282,12 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
             )
         else:
             try:
-                pass_cls.Config.model_validate(to_check)
+                checked = pass_cls.Config.model_validate(to_check)
             except ValidationError as exc:
                 r.problems += translate(exc, pass_cls.Config, prefix=cfg_path)
+            else:  # a pass's own refusals that need nothing loaded: now, not once earlier passes ran
+                for msg in getattr(pass_cls, "config_problems", lambda c: [])(checked):
+                    r.problem(where, msg)
         out[name] = PassEntry(type=type_name, config=cfg)
     return out
 
@@ -370,8 +373,11 @@ def _check_evaluator(config: WorkflowConfig, r: _Reader) -> None:
     except ValidationError as exc:
         r.problems += translate(exc, pass_cls.Config, prefix=("evaluators", name))
         return
-    check = getattr(importlib.import_module(pass_cls.__module__), "unknown_sub_types", None)
+    module = importlib.import_module(pass_cls.__module__)
+    check = getattr(module, "unknown_sub_types", None)
+    notes = getattr(module, "olive_notes", None)
     for i, metric in enumerate(getattr(checked, "metrics", [])):  # before any pass runs, not after all did
+        r.notes += notes(metric) if notes else []
         problem = check(metric) if check else None
         if problem:
             r.problem(["evaluators", name, "metrics", i, "sub_types"], problem)

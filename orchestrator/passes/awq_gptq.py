@@ -107,6 +107,20 @@ class _AwqGptqPass(Pass):
             return not config.zero_point
         return self.algorithm == "gptq"  # GPTQ's usual default; AWQ keeps zero points
 
+    @classmethod
+    def config_problems(cls, config: PassConfig) -> list[str]:
+        """What the workflow reader refuses when the config is read (the same lines check() raises later)."""
+        assert isinstance(config, AwqGptqConfig)
+        out = []
+        if config.bits != 4:
+            out.append(f"{cls.type_name}: bits={config.bits} is not supported: orch's AWQ/GPTQ produce int4 (W4A16)")
+        if config.data_config is None:
+            out.append(
+                f"{cls.type_name} needs calibration data: set data_config to one of the workflow's data configs "
+                "(a few hundred samples of the text the model will see); Olive's pileval default is not fetched"
+            )
+        return out
+
     def check(self, config: AwqGptqConfig, model: ModelArtifact | None) -> None:
         """Refusals that need nothing loaded: one line each, with the fix."""
         if config.bits != 4:

@@ -49,7 +49,9 @@ class SubType(BaseModel):
     priority: int | None = None
     higher_is_better: bool | None = None
     goal: dict[str, Any] | None = None
-    metric_config: dict[str, Any] | None = None  # Olive's per-sub-type library options; unused here
+    # Olive's per-sub-type library options: MetricConfig maps the keys orch's evaluator has onto user_config
+    # and refuses the rest, so none is ignored
+    metric_config: dict[str, Any] | None = None
 
 
 class UserConfig(BaseModel):
@@ -68,6 +70,9 @@ class UserConfig(BaseModel):
     prompt_tokens: int = 32
     warmup_num: int = 2
     repeat_test_num: int = 10
+    sleep_num: float = Field(0, ge=0)  # seconds slept between timed runs (Olive's LatencyMetricConfig)
+    num_classes: int | None = Field(None, gt=0)  # checked against the candidate labels (Olive's torchmetrics arg)
+    batch_size: int = Field(1, gt=0)  # rows are scored one by one: a batch changes no perplexity/accuracy value
     runs: int | None = None  # same as repeat_test_num (wins when set)
     chat: bool = False  # wrap prompts in the tokenizer's chat template (latency, generate-accuracy)
 
@@ -80,7 +85,7 @@ class MetricConfig(BaseModel):
     data_config: str | None = None
     sub_types: list[SubType] = Field(default_factory=list)
     user_config: UserConfig = Field(default_factory=UserConfig)
-    backend: str | None = None  # Olive's metric backend (torch_metrics, ...); metrics here are computed natively
+    backend: Literal["torch_metrics"] | None = None  # Olive's default backend: what orch computes natively
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +96,41 @@ class MetricConfig(BaseModel):
             if subs and all(s == "perplexity" for s in subs):
                 return {**data, "type": "perplexity"}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _olive_metric_config(cls, data: Any) -> Any:
+        """Olive's backend and sub_types[].metric_config: what orch's evaluator has is mapped onto user_config,
+        the rest refused (a one-line error when the config is read), so nothing is ignored."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("backend") not in (None, "torch_metrics"):
+            raise ValueError(
+                f"metric {data.get('name')!r}: backend {data['backend']!r} is not supported: orch computes "
+                "perplexity/accuracy/latency itself (as Olive's default torch_metrics backend does); drop backend"
+            )
+        user = dict(data.get("user_config") or {})
+        for sub in data.get("sub_types") or []:
+            mc = sub.get("metric_config") if isinstance(sub, dict) else None
+            if not mc:
+                continue
+            for key, value in mc.items():
+                mapped = _map_metric_config(str(data.get("type")), key, value, data.get("name"))
+                if mapped is None:
+                    continue
+                ukey, uvalue = mapped
+                if ukey in user and user[ukey] != uvalue:
+                    raise ValueError(
+                        f"metric {data.get('name')!r}: metric_config {key}={value!r} disagrees with "
+                        f"user_config.{ukey}={user[ukey]!r}; keep one"
+                    )
+                user[ukey] = uvalue
+        if user.get("batch_size", 1) != 1 and data.get("type") in ("latency", "throughput"):
+            raise ValueError(
+                f"metric {data.get('name')!r}: batch_size {user['batch_size']} is not supported for "
+                f"{data.get('type')}: orch times batch-1 generation (tokens/s of one stream)"
+            )
+        return {**data, "user_config": user} if user or "user_config" in data else data
 
     @model_validator(mode="after")
     def _known_sub_types_and_goals(self) -> MetricConfig:
@@ -104,6 +144,42 @@ class MetricConfig(BaseModel):
                     "goals need Olive's search over candidates"
                 )
         return self
+
+
+def _map_metric_config(kind: str, key: str, value: Any, name: Any) -> tuple[str, Any] | None:
+    """One Olive metric_config key -> (user_config key, value), None when it is Olive's default (a no-op),
+    ValueError when orch's evaluator cannot do it."""
+    if kind in ("latency", "throughput") and key in ("warmup_num", "repeat_test_num", "sleep_num"):
+        return key, value
+    if kind == "accuracy":
+        if key == "num_classes":
+            return key, value
+        if (key, value) in (("task", "multiclass"), ("task", "binary"), ("top_k", 1), ("average", "micro")):
+            return None  # exact match over the candidate labels is torchmetrics' multiclass micro top-1
+    if kind == "perplexity" and key == "ignore_index" and value in (None, -100):
+        return None  # no padded tokens are scored
+    raise ValueError(
+        f"metric {name!r} ({kind}): metric_config {key}={value!r} is not supported: orch's {kind} takes "
+        + {
+            "latency": "warmup_num, repeat_test_num, sleep_num",
+            "throughput": "warmup_num, repeat_test_num, sleep_num",
+            "accuracy": "num_classes, task multiclass/binary, top_k 1, average micro (exact label match)",
+            "perplexity": "no options (ignore_index -100 only)",
+        }.get(kind, "none")
+    )
+
+
+def olive_notes(metric: MetricConfig) -> list[str]:
+    """What the reader says about a checked metric's Olive keys that are accepted without changing a value."""
+    notes = []
+    if metric.backend:
+        notes.append(f"metric {metric.name!r}: backend {metric.backend} accepted (orch computes it natively)")
+    if metric.user_config.batch_size != 1:
+        notes.append(
+            f"metric {metric.name!r}: batch_size {metric.user_config.batch_size} accepted, changes no value "
+            f"(rows are scored one by one)"
+        )
+    return notes
 
 
 class EvaluateConfig(PassConfig):
@@ -277,6 +353,7 @@ def accuracy(
     method: str = "loglik",
     max_new_tokens: int = 8,
     chat: bool = False,
+    num_classes: int | None = None,
 ) -> dict[str, float]:
     """Fraction of rows whose label the model picks: the most likely candidate (loglik) or greedy output."""
 
@@ -295,6 +372,11 @@ def accuracy(
             "set user_config.label_col"
         )
     candidates = list(labels) if labels else sorted({label_of(r) for r in rows})
+    if num_classes is not None and len(candidates) != num_classes:
+        raise PassError(
+            f"Evaluate: num_classes {num_classes} but the candidate labels are {len(candidates)} ({candidates}); "
+            "fix num_classes or set user_config.labels"
+        )
     correct = 0
     for row in rows:
         prompt = _render(prefix, {k: v for k, v in row.items() if k != label_col})
@@ -334,6 +416,8 @@ def speed(scorer: Any, uc: UserConfig) -> dict[str, float]:
         scorer.timed_generation(ids, uc.max_new_tokens)
     prefill, steps, e2e = [], [], []
     for _ in range(max(1, uc.runs if uc.runs is not None else uc.repeat_test_num)):
+        if uc.sleep_num and prefill:
+            time.sleep(uc.sleep_num)
         p, s = scorer.timed_generation(ids, uc.max_new_tokens)
         prefill.append(p)
         steps.extend(s)
@@ -468,4 +552,5 @@ class EvaluatePass(Pass):
             method=uc.method,
             max_new_tokens=min(uc.max_new_tokens, 8),
             chat=uc.chat,
+            num_classes=uc.num_classes,
         )
