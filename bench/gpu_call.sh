@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine (`run` tool), phases picked by name; everything lands under $OUT.
 #
-#   bash bench/gpu_call.sh setup check kernels rows:phi3-mini:ROWS[:PROFILE] cli quant
+#   bash bench/gpu_call.sh setup check kernels rows@phi3-mini@ROWS[@PROFILE] cli quant bundle
 #
 # setup    installs the carried wheels: .whl -> /tmp/site (fine-tuning stack, transformers 5.23), .whl_cli ->
 #          /tmp/site_cli (MLflow for the CLI run), .whl_awq + the shared ones -> /tmp/siteq (llm-compressor, on the
 #          image's transformers 5.17 as bench/README describes); skipped when already there (a warm machine)
 # check    versions + varlen attention vs SDPA (gpu_finetune.py check)
 # kernels  bench/gpu_kernels.py (correctness and timings of orch's kernels)
-# rows@SHAPE@ROWS[@PROFILE]  bench/gpu_finetune.py on SHAPE, ROWS with '+' between row specs (row specs hold
-#          ':'; '/' between fast-path options as usual), PROFILE a row spec to profile
+# rows@SHAPE@ROWS[@PROFILE]  bench/gpu_finetune.py on SHAPE, ROWS with '%' between row specs (row specs hold
+#          ':', their options '/' and '+name'), PROFILE a row spec to profile
 # kernels[@PARTS]  PARTS: gpu_kernels.py --steps, '+' between them
 # bundle   packs every small file under $OUT (not quant/) into $OUT/bundle.tgz: the tool returns at most 8 files
 # cli      bench/gpu_cli_finetune.py run (orch finetune through the CLI)
@@ -52,7 +52,7 @@ for phase in "$@"; do
       ;;
     rows@*)
       IFS=@ read -r _ shape rows profile <<<"$phase"
-      rows=${rows//+/,}
+      rows=${rows//%/,}
       budget=${BUDGET_S:-420}
       PYTHONPATH=/tmp/site:$REPO timeout $((budget + 240)) python3 bench/gpu_finetune.py --shape "$shape" \
         --work "/tmp/ob_$shape" --out "/tmp/bout_$shape" --steps 20 --warmup 5 --budget-s "$budget" \

@@ -137,13 +137,19 @@ def render(res: dict[str, Any]) -> str:
     m = res.get("manifest") or {}
     for key in ("train_loss", "tokens_per_s", "train_steps", "train_runtime_s", "trainable_params"):
         value = _find(m, key)
-        if value is not None:
-            lines.append(f"- {key}: {value:,.4g}" if isinstance(value, (int, float)) else f"- {key}: {value}")
+        if isinstance(value, (int, float)):
+            lines.append(f"- {key}: {value:,.0f}" if abs(value) >= 100 else f"- {key}: {value:.4g}")
+        elif value is not None:
+            lines.append(f"- {key}: {value}")
     if res.get("cuda_lines"):
         lines.append("- the LoRA pass's CUDA choices (its log):")
         lines += [f"  - {c}" for c in res["cuda_lines"]]
     if res.get("outputs"):
-        lines.append(f"- output folder: {', '.join(res['outputs'][:12])}")
+        # the output's entries link into .orch-versions/<version>/ (orch publishes each run as a new version)
+        parts = [o.split("/") for o in res["outputs"]]
+        names = {q[2] if q[0] == ".orch-versions" and len(q) > 2 else q[0] for q in parts}
+        top = sorted(names - {".orch-publish.lock"})
+        lines.append(f"- output folder: {', '.join(top)}")
     if res["rc"] != 0:
         lines.append("- log tail: " + " | ".join(res.get("log_tail", [])[-6:]))
     return "\n".join(lines) + "\n"

@@ -439,8 +439,8 @@ def how_text(system: str, r: dict[str, Any]) -> str:
     bits = []
     if "padding-free batches:" in plan:
         bits.append("padding-free + varlen attention")
-    if "cuDNN SDPA" in plan:
-        bits.append("cuDNN attention on equal-length rows")
+    if "cuDNN's SDPA" in plan and r.get("data") == "fixed":
+        bits.append("cuDNN attention (equal-length rows)")
     if "Liger kernels:" in plan:
         bits.append("Liger RMSNorm/RoPE" + ("" if "SwiGLU: orch" in plan else "/SwiGLU"))
     if "SwiGLU: orch" in plan:
@@ -450,7 +450,8 @@ def how_text(system: str, r: dict[str, Any]) -> str:
     if "input cast off" in plan:
         bits.append("no peft fp32 input cast")
     if "fused LoRA layers:" in plan:
-        bits.append("fused LoRA layers (addmm epilogue, dropout grad kernel)")
+        inside = ", dropout inside" if "LoRA dropout inside" in plan else ""
+        bits.append(f"fused LoRA layers (addmm epilogue{inside})")
     if "checkpointing on" in plan:
         bits.append("grad checkpointing")
     if "torch.compile" in plan:
@@ -651,9 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--render", type=Path, nargs="+", help="results.json of one or more runs: render them into bench/RESULTS.md"
     )
+    p.add_argument("--notes", type=Path, help="with --render: a text file of notes (paragraphs) under the tables")
     args = p.parse_args(argv)
     if args.render:
         results = merge_results(args.render)
+        if args.notes:  # one note per paragraph (blank-line separated) of the file
+            paras = [" ".join(b.split()) for b in args.notes.read_text().split("\n\n") if b.strip()]
+            results["notes"] = [*results.get("notes", []), *paras]
         write_results_md(render(results), BENCH / "RESULTS.md")
         return 0
     return orchestrate(args)

@@ -9,7 +9,7 @@ tested without a GPU:
   a `CudaPlan` with a reason for every choice.
 - `apply_plan(plan, model, sft_kwargs)` does it: SFTConfig kwargs, the attention kernel, Liger kernels, peft flags.
 
-What it picks, and why (bench/RESULTS.md has the measured effect on an H100):
+What it picks, and why (bench/RESULTS.md has the measured effect):
 - bf16 autocast (`bf16=True`) where the GPU has bf16 (Ampere and newer), unless the user asked for fp16.
 - Padding-free batches (TRL `padding_free=True`): the batch's sequences are laid end to end in one row with
   `position_ids` restarting at 0 and `cu_seq_lens_*` marking where each sample starts, so no FLOP is spent on
@@ -21,11 +21,20 @@ What it picks, and why (bench/RESULTS.md has the measured effect on an H100):
 - peft's input cast off (`cast_input_dtype_enabled=False` on every LoRA layer) under bf16 autocast: peft keeps the
   adapter weights in fp32 and by default casts each LoRA layer's input to fp32 before the LoRA matmuls, which
   autocast then casts back to bf16 -- two full copies of every projection's input per step, for nothing.
-- Liger kernels (liger-kernel, when installed; model types it supports): fused RMSNorm, SwiGLU and RoPE. Not its
-  fused linear cross-entropy: TRL's SFTTrainer already computes the loss with a chunked, fused LM head.
+- Liger kernels (liger-kernel, when installed; model types it supports): fused RMSNorm and RoPE (and SwiGLU where
+  orch's own kernel does not apply).
+- The loss through Liger's fused linear cross-entropy, called by an SFTTrainer subclass (`sft_trainer_class`) with
+  ~1 GiB logits chunks: two vocabulary-size GEMMs per step (TRL's chunked head recomputes the logits in its
+  backward: three), same loss (TRL's entropy metric is not computed). Eval, data parallel, other loss types and
+  heads with bias / softcapping go to TRL's own compute_loss.
 - Fused LoRA layers (orchestrator/passes/lora_fused.py) under bf16/fp16 autocast, not for a 4-bit base: the LoRA
   update is added inside the base matmul's epilogue and the backward is written by hand, which removes the
   full-size `* scaling` and `+` passes over every projection's output; same saved tensors, same random masks.
+  LoRA dropout runs inside them (native_dropout, peft's masks) with a Triton kernel for its input gradient.
+- Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
+  zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
+- Rows whose samples all have one length (fixed-length data) through cuDNN's SDPA as a causal batch on Hopper.
+- adamw_torch as adamw_torch_fused (the same update in one kernel).
 - Gradient checkpointing only when the step would not fit: an estimate of weights + activations against the GPU's
   memory (the constants are calibrated on the H100 anchor: Phi-3-mini, 8 x 1024 tokens, 47 GiB). A user's or the
   QLoRA pass's explicit `gradient_checkpointing=True` is kept.
@@ -33,13 +42,13 @@ What it picks, and why (bench/RESULTS.md has the measured effect on an H100):
   pay (the one H100 attempt was still compiling after 70 s, with dynamo warnings on Liger's Triton kernels), and
   padding-free rows change length every step.
 
-Measured on an H100 (Phi-3-mini shape, r=64, 8 x 1024, bench/RESULTS.md): 2.21x the plain transformers+peft
-tokens/s on variable-length samples (padding-free alone 1.71x, Liger +10%), 1.52x on samples that are all 1024
-tokens long (fused LoRA layers +8.6% of that), with less peak memory (31.8 / 38.9 vs 51.8 / 51.3 GiB) and the same
-per-step loss (within 0.002).
+Measured on an H200 (r=64, 8 x 1024, dropout 0.05, bench/RESULTS.md), samples all 1024 tokens long: 1.62x the plain
+transformers+peft tokens/s for the Phi-3-mini shape (MFU 41.5%, 39.0 vs 51.3 GiB) and 1.70x for Phi-4-mini's
+(43.9%, 37.2 vs 63.6 GiB), per-step loss within 0.002; QLoRA 2.2x its transformers+peft+bitsandbytes baseline on
+variable-length samples with less memory. Earlier on an H100: 2.21x on variable-length samples.
 
-`ORCH_CUDA_FASTPATH` (comma list of +name / -name over liger, padding_free, input_cast, fused_lora, compile, gc)
-turns single choices on or off, for ablations and as an escape hatch; the default is the plan.
+`ORCH_CUDA_FASTPATH` (comma list of +name / -name over OPTION_NAMES) turns single choices on or off, for ablations
+and as an escape hatch; the default is the plan.
 
 `restore_attention(model)` puts attn_implementation back to "sdpa" (the pass may call it before it saves or
 evaluates a padded batch: "orch_varlen" handles padding-free rows and right-padded causal batches only).

@@ -227,13 +227,15 @@ def swiglu(u: Any) -> Any:
 # The LoRA matrices' skinny GEMMs, split along their long reduction and autotuned per shape
 
 # LoRA's four small GEMMs per layer and step have one small side (the rank, 64) and a long reduction: the tokens
-# (A's and B's weight gradients, T x M -> M x r) or the layer width (h = x A^T, g B: T x K -> T x r). cuBLAS picks
-# one tile grid for these, with few tiles along the small side, and can leave most of an H100's 132 SMs idle.
-# Splitting the reduction into s batched GEMMs (one strided bmm) and summing the s partial products in fp32 gives
-# s times the tiles. Which s pays depends on the shape and the GPU, so the first call of each shape (token counts
-# bucketed by powers of two) times s in SPLITS and keeps the fastest, s = 1 (the plain GEMM) included; that costs
-# a few milliseconds and a device sync once per shape.
+# (A's and B's weight gradients, T x M -> M x r) or the layer width (h = x A^T, g B: T x K -> T x r). Splitting the
+# reduction into s batched GEMMs (one strided bmm) and summing the s partial products in fp32 gives s times the
+# tiles, which pays where a GEMM library leaves most SMs idle on such shapes. The first call of each shape (token
+# counts bucketed by powers of two) times s in SPLITS and keeps a split only if it beats the plain GEMM by
+# SPLIT_MIN_GAIN; that costs a few milliseconds and a device sync once per shape.
+# Measured on an H200 (bench/gpu_kernels.py, 8 x 1024 tokens): cuBLAS already streams these at ~3.4 TB/s (plain
+# GEMM 0.03-0.08 ms, no split faster by more than the timing noise), so there the plain GEMM is kept.
 SPLITS = (1, 2, 4, 8, 16)
+SPLIT_MIN_GAIN = 0.05  # a split must be this much faster than the plain GEMM (timing noise is ~3%)
 SPLIT_ENABLED = True  # lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-splitk: always the plain GEMM)
 _SPLIT_CACHE: dict[tuple, int] = {}
 
@@ -274,7 +276,7 @@ def _tall_split(a: Any, bt: Any, s: int) -> Any:
 def _pick_split(fn: Any, a: Any, b: Any, ok: Any) -> int:
     import torch
 
-    best, best_ms = 1, float("inf")
+    best, best_ms, plain_ms = 1, float("inf"), float("inf")
     for s in SPLITS:
         if not ok(s):
             continue
@@ -286,9 +288,11 @@ def _pick_split(fn: Any, a: Any, b: Any, ok: Any) -> int:
         end.record()
         end.synchronize()
         ms = start.elapsed_time(end)
+        if s == 1:
+            plain_ms = ms
         if ms < best_ms:
             best, best_ms = s, ms
-    return best
+    return best if best_ms < (1 - SPLIT_MIN_GAIN) * plain_ms else 1
 
 
 def lora_wgrad(a: Any, b: Any) -> Any:
