@@ -620,6 +620,65 @@ def capture_onnx_graph(
     _guarded(go)
 
 
+@app.command("generate-adapter")
+def generate_adapter(
+    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
+    output_path: Annotated[str, typer.Option("--output_path", "-o")],
+    adapter_path: Annotated[str | None, typer.Option("--adapter_path")] = None,
+    adapter_type: Annotated[str, typer.Option("--adapter_type")] = "lora",
+    adapter_format: Annotated[str, typer.Option("--adapter_format")] = "onnx_adapter",
+    precision: Annotated[str, typer.Option("--precision")] = "int4",
+    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
+    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    host: HostOpt = None,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking")] = False,
+) -> None:
+    """Olive's `generate-adapter`: base ONNX model with LoRA inputs + model/adapter_weights.onnx_adapter. -m is an
+    ONNX folder built from an adapter (ExtractAdapters on it), or an HF base model with --adapter_path (built)."""
+    from orchestrator.olive_commands import FlagError, generate_adapter_workflow
+
+    def go() -> None:
+        if adapter_type.lower() != "lora":
+            raise FlagError(f"--adapter_type {adapter_type!r}: orch builds LoRA adapters only (no DoRA / LoHa)")
+        if (Path(model_name_or_path) / "model.onnx").is_file():
+            from orchestrator.passes.extract_adapters import extract
+
+            fmt = "numpy" if adapter_format == "numpy" else "onnx_adapter"
+            weights = extract(Path(model_name_or_path), Path(output_path) / "model", save_format=fmt)
+            print(f"{len(weights)} LoRA weights -> inputs; {output_path}/model", file=sys.stderr)
+            return
+        workflow = generate_adapter_workflow(
+            model_name_or_path=model_name_or_path, adapter_path=adapter_path or "", output_path=output_path,
+            adapter_format=adapter_format, precision=precision, trust_remote_code=trust_remote_code,
+            log_level=log_level, host=host,
+        )  # fmt: skip
+        _run_workflow(workflow, base_dir=Path.cwd(), verbose=log_level <= 1, no_tracking=no_tracking)
+
+    _guarded(go)
+
+
+@app.command("convert-adapters")
+def convert_adapters_cmd(
+    adapter_path: Annotated[str, typer.Option("--adapter_path")],
+    output_path: Annotated[str, typer.Option("--output_path", "-o")],
+    adapter_format: Annotated[str, typer.Option("--adapter_format")] = "onnx_adapter",
+    dtype: Annotated[str, typer.Option("--dtype")] = "float32",
+    model_name_or_path: Annotated[str | None, typer.Option("--model_name_or_path", "-m")] = None,
+    quantize_int4: Annotated[bool, typer.Option("--quantize_int4", help="refused: adapters stay float")] = False,
+) -> None:
+    """Olive's `convert-adapters`: a PEFT LoRA folder -> .onnx_adapter for the base model auto-opt built."""
+    from orchestrator.olive_commands import convert_adapters
+
+    def go() -> None:
+        out = convert_adapters(
+            adapter_path=adapter_path, output_path=output_path, adapter_format=adapter_format, dtype=dtype,
+            model_name_or_path=model_name_or_path, quantize_int4=quantize_int4,
+        )  # fmt: skip
+        print(f"adapter weights written to {out}", file=sys.stderr)
+
+    _guarded(go)
+
+
 def _refusal(why: str) -> Any:
     def refuse(ctx: typer.Context) -> None:
         raise fail(why)

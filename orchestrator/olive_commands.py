@@ -7,6 +7,7 @@ workflow file are one code path. Flags that Olive forwards to transformers' Trai
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -194,9 +195,6 @@ DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider
 
 # Olive commands with no orch counterpart, and what to use instead (the CLI answers with this one line).
 UNSUPPORTED_COMMANDS = {
-    "generate-adapter": "orch merges adapters into the model (no separate ONNX adapter weights); use "
-    "`orch auto-opt --adapter_path ADAPTER`",
-    "convert-adapters": "orch merges adapters into the model; use `orch auto-opt --adapter_path ADAPTER`",
     "tune-session-params": "orch does no session tuning; an evaluator with a latency metric reports latency",
 }
 
@@ -235,11 +233,11 @@ def auto_opt_workflow(
     if precision not in ("int4", "int8", "fp16", "fp32"):
         raise FlagError(f"--precision {precision!r}: the model builder exports int4, int8, fp16 or fp32")
     passes: dict[str, Any] = {}
-    if adapter_path:
-        passes["merge"] = {"type": "MergeAdapterWeights"}
     # Olive's auto-opt without --use_model_builder searches conversions; orch always takes the builder path,
     # which is what --use_ort_genai asks for on these models.
     passes["builder"] = {"type": "ModelBuilder", "precision": precision}
+    if adapter_path:  # as Olive: the adapter stays separate, model/adapter_weights.onnx_adapter beside the base
+        passes["extract_adapters"] = {"type": "ExtractAdapters"}
     return {
         "input_model": input_model(
             model_name_or_path, trust_remote_code=trust_remote_code, task=task, adapter_path=adapter_path
@@ -352,3 +350,74 @@ def capture_onnx_graph_workflow(
         "passes": passes,
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
     }
+
+
+def generate_adapter_workflow(
+    *,
+    model_name_or_path: str,
+    adapter_path: str,
+    output_path: str,
+    adapter_format: str = "onnx_adapter",
+    precision: str = "int4",
+    provider: str = "CPUExecutionProvider",
+    trust_remote_code: bool = False,
+    log_level: int = 3,
+    host: str | None = None,
+) -> dict[str, Any]:
+    """Olive's generate-adapter: an ONNX model whose LoRA weights are inputs + the adapter weights file. Olive
+    takes an ONNX model exported with the adapter; orch builds that model itself (ModelBuilder from the base
+    model and the adapter), then runs ExtractAdapters."""
+    formats = {"onnx_adapter": "onnx_adapter", "numpy": "numpy"}
+    if adapter_format not in formats:
+        raise FlagError(f"--adapter_format {adapter_format!r}: use onnx_adapter or numpy")
+    if not adapter_path:
+        raise FlagError("--adapter_path is required: orch builds the ONNX model from the base model + the adapter")
+    return {
+        "input_model": input_model(
+            model_name_or_path, trust_remote_code=trust_remote_code, task=None, adapter_path=adapter_path
+        ),
+        "passes": {
+            "builder": {"type": "ModelBuilder", "precision": precision},
+            "extract_adapters": {"type": "ExtractAdapters", "save_format": formats[adapter_format]},
+        },
+        "engine": _engine(output_path, log_level, [provider], host, host),
+    }
+
+
+def convert_adapters(
+    *,
+    adapter_path: str,
+    output_path: str,
+    adapter_format: str = "onnx_adapter",
+    dtype: str = "float32",
+    model_name_or_path: str | None = None,
+    quantize_int4: bool = False,
+) -> Path:
+    """Olive's convert-adapters: a PEFT LoRA folder -> one adapter weights file for the base model that
+    ModelBuilder + ExtractAdapters built (the builder's weight names). Phi-3's fused projections are split with the
+    base model's config.json: --model_name_or_path, else the adapter's base_model_name_or_path."""
+    from orchestrator.passes.base import PassError
+    from orchestrator.passes.extract_adapters import convert_peft_adapter, save_adapter
+
+    if quantize_int4:
+        raise FlagError("--quantize_int4: orch keeps adapters float (the int4 base model's LoRA inputs are float)")
+    if adapter_format not in ("onnx_adapter", "numpy"):
+        raise FlagError(f"--adapter_format {adapter_format!r}: use onnx_adapter or numpy")
+    if dtype not in ("float32", "float16"):
+        raise FlagError(f"--dtype {dtype!r}: use float32 or float16")
+    adapter = Path(adapter_path)
+    base = model_name_or_path
+    if base is None and (adapter / "adapter_config.json").is_file():
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    hf_config = None
+    if base and (Path(base) / "config.json").is_file():
+        hf_config = json.loads((Path(base) / "config.json").read_text())
+    try:
+        weights = convert_peft_adapter(adapter, hf_config, dtype)
+    except PassError as exc:
+        raise FlagError(str(exc)) from None
+    out = Path(output_path)
+    suffix = ".npz" if adapter_format == "numpy" else ".onnx_adapter"
+    if out.suffix != suffix:
+        out = out.with_name(out.name + suffix)
+    return save_adapter(weights, out)

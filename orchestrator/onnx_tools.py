@@ -116,7 +116,9 @@ def og_provider(execution_provider: str) -> str:
 class GenaiModel:
     """An onnxruntime-genai model + tokenizer loaded once, for many logits/generate calls (loading is the slow part)."""
 
-    def __init__(self, model_dir: Path | str, execution_provider: str = "cpu") -> None:
+    def __init__(self, model_dir: Path | str, execution_provider: str = "cpu", *, use_adapter: bool = True) -> None:
+        """A folder holding adapter_weights.onnx_adapter (ExtractAdapters) runs with that adapter active, as the
+        fine-tuned model; use_adapter=False runs the base model."""
         import onnxruntime_genai as og
 
         self.og = og
@@ -128,6 +130,11 @@ class GenaiModel:
             config.append_provider(self.provider)
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
+        self.adapters = None
+        adapter_file = self.model_dir / "adapter_weights.onnx_adapter"
+        if use_adapter and adapter_file.is_file():
+            self.adapters = og.Adapters(self.model)
+            self.adapters.load(str(adapter_file), "adapter")
         genai = json.loads((self.model_dir / GENAI_CONFIG).read_text())
         self.context_length = int(genai["model"].get("context_length", 2048))
         self.vocab_size = int(genai["model"]["vocab_size"])
@@ -148,7 +155,10 @@ class GenaiModel:
     def _generator(self, max_length: int, **search: Any) -> Any:
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(max_length=max_length, **search)
-        return self.og.Generator(self.model, params)
+        gen = self.og.Generator(self.model, params)
+        if self.adapters is not None:
+            gen.set_active_adapter(self.adapters, "adapter")
+        return gen
 
     def logits(self, ids: Sequence[int]) -> Any:
         """Logits of every position, shape (len(ids), vocab), float32: one prefill over the whole sequence."""
@@ -303,8 +313,10 @@ def logits_parity(
     prompt: str | Sequence[int] = DEFAULT_PARITY_TEXT,
     *,
     execution_provider: str = "cpu",
+    adapter: str | Path | None = None,
 ) -> dict[str, float]:
-    """Compare transformers and ONNX logits on the same token ids (tokenized by the HF tokenizer).
+    """Compare transformers and ONNX logits on the same token ids (tokenized by the HF tokenizer); with
+    `adapter` (a PEFT folder) the reference is transformers + peft, unmerged.
 
     Returns max_abs_diff and mean_abs_diff over all positions x vocab, greedy_agree = fraction of positions
     whose argmax token is the same, and n_tokens. onnx_genai folders run through onnxruntime-genai, plain ONNX
@@ -313,7 +325,12 @@ def logits_parity(
     import numpy as np
 
     ids = hf_encode(hf_dir, prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    ref = hf_logits(hf_dir, ids)
+    if adapter is not None:
+        from peft import PeftModel
+
+        ref = hf_logits(PeftModel.from_pretrained(load_hf_model(hf_dir), str(adapter)).eval(), ids)
+    else:
+        ref = hf_logits(hf_dir, ids)
     if (Path(onnx_dir) / GENAI_CONFIG).exists():
         got = GenaiModel(onnx_dir, execution_provider).logits(ids)
     else:

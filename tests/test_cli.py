@@ -67,7 +67,8 @@ def test_seed_finetune_then_auto_opt_then_generate(tmp_path: Path, tiny_model: P
     assert opt.returncode == 0, opt.stderr[-3000:]
     assert (tmp_path / "models/onnx/model/genai_config.json").exists()
     passes = [p["pass_type"] for p in json.loads((tmp_path / "models/onnx/manifest.json").read_text())["passes"]]
-    assert passes == ["MergeAdapterWeights", "ModelBuilder"]
+    assert passes == ["ModelBuilder", "ExtractAdapters"]  # as Olive: the adapter is not merged
+    assert (tmp_path / "models/onnx/model/adapter_weights.onnx_adapter").is_file()
 
     gen = orch(
         "generate", "--model", "models/onnx", "--prompt", "I won the lottery", "--max-new-tokens", "6", cwd=tmp_path

@@ -128,9 +128,9 @@ def test_lm_head_trap_refused(tiny_hf: Path, tmp_path: Path) -> None:
 
 def test_refusals(tiny_hf: Path, tmp_path: Path) -> None:
     hf = ModelArtifact(format="hf", path=str(tiny_hf))
-    adapter = ModelArtifact(format="hf_adapter", path=str(tiny_hf), adapter_path=str(tmp_path))
-    with pytest.raises(PassError, match="MergeAdapterWeights"):
-        run_builder_pass(tmp_path, adapter)
+    qlora = ModelArtifact(format="hf_adapter", path=str(tiny_hf), adapter_path=str(tmp_path), quantized=True)
+    with pytest.raises(PassError, match="QLoRA adapter .*MergeAdapterWeights"):
+        run_builder_pass(tmp_path, qlora)
     with pytest.raises(PassError, match="fp16 is not supported on cpu"):
         run_builder_pass(tmp_path, hf, precision="fp16")
     with pytest.raises(PassError, match="MergeAdapterWeights"):

@@ -6,9 +6,11 @@ builder silently builds a wrong graph when any nn.Linear besides lm_head has out
 models are refused before building, and an fp32 build must reproduce the transformers logits (max |diff| <
 parity_tolerance) or the pass fails. int4/int8 builds record the same parity numbers as metrics only.
 
-Adapters: an `hf_adapter` input is refused (merge it first). The builder can take `adapter_path`, but it then
-emits unfused LoRA MatMuls (no packed QKV, LoRA weights quantized along with the base), which is slower and
-cannot be checked against a single reference model the way a merged checkpoint can.
+Adapters: an `hf_adapter` input is built with the builder's `adapter_path`: unfused projections with a LoRA_A /
+LoRA_B MatMul pair beside each adapted one. In int4/int8 builds the LoRA MatMuls are excluded from quantization
+(nodes_to_exclude), so ExtractAdapters can lift them out as a float, swappable adapter. An fp32 build is checked
+against transformers + peft (the adapter unmerged). `extra_options.adapter_path` is refused: give the adapter
+as the input model (input_model.adapter_path, or a LoRA pass before), so caching sees its content.
 """
 
 from __future__ import annotations
@@ -233,12 +235,22 @@ class ModelBuilderPass(Pass):
                 opts["accuracy_level"] = str(level)
             if config.int4_op_types_to_quantize:
                 opts["op_types_to_quantize"] = "/".join(config.int4_op_types_to_quantize)
+        if model.format == "hf_adapter":
+            opts["adapter_path"] = str(model.adapter_path)
+            if config.precision in ("int4", "int8"):  # LoRA weights stay float: a swappable adapter
+                from orchestrator.passes.extract_adapters import lora_node_names
+
+                layers = int(json.loads((Path(model.path) / "config.json").read_text())["num_hidden_layers"])
+                opts["nodes_to_exclude"] = ",".join(lora_node_names(layers))
         for key, value in config.extra_options.items():
             if key == "adapter_path":
                 raise PassError(
-                    "ModelBuilder: extra_options.adapter_path is not supported; merge the adapter first "
-                    "(add a MergeAdapterWeights pass before ModelBuilder)"
+                    "ModelBuilder: extra_options.adapter_path is not supported; give the adapter as the input "
+                    "model (input_model.adapter_path / --adapter_path), or merge it first (MergeAdapterWeights)"
                 )
+            if key == "nodes_to_exclude" and "nodes_to_exclude" in opts:
+                opts[key] = f"{opts[key]},{_option_str(value)}"
+                continue
             opts[key] = _option_str(value)
         return opts
 
@@ -246,12 +258,12 @@ class ModelBuilderPass(Pass):
         assert isinstance(config, ModelBuilderConfig)
         if model is None:
             raise PassError("ModelBuilder needs an input model: set input_model to an HF checkpoint folder")
-        if model.format == "hf_adapter":
+        if model.format == "hf_adapter" and (model.quantized or not model.adapter_path):
             raise PassError(
-                "ModelBuilder got a LoRA adapter (hf_adapter): merge the adapter first (add a MergeAdapterWeights "
-                "pass before ModelBuilder), so the ONNX graph gets fused, fully quantized weights"
+                "ModelBuilder: a QLoRA adapter (quantized base) or an adapter without adapter_path cannot be built "
+                "unmerged; merge it first (MergeAdapterWeights)"
             )
-        if model.format != "hf":
+        if model.format not in ("hf", "hf_adapter"):
             raise PassError(f"ModelBuilder builds from an HF checkpoint (format 'hf'), got format {model.format!r}")
         hf_dir = Path(model.path)
         if not (hf_dir / "config.json").exists():
@@ -326,7 +338,9 @@ class ModelBuilderPass(Pass):
             "execution_providers_built": float(1 + len(extra_eps)),
         }
         ctx.progress(1, 3, "check")
-        metrics |= self._check(config, ep, hf_dir, tmp, ctx, prequantized=model.quantized)
+        if model.format == "hf_adapter":
+            self._check_lora_float(tmp)
+        metrics |= self._check(config, ep, hf_dir, tmp, ctx, prequantized=model.quantized, adapter=model.adapter_path)
 
         if final.exists():
             shutil.rmtree(final)
@@ -337,6 +351,20 @@ class ModelBuilderPass(Pass):
             model=ModelArtifact(format="onnx_genai", path=OUTPUT_DIR, task=model.task, quantized=False),
             metrics=metrics,
         )
+
+    @staticmethod
+    def _check_lora_float(model_dir: Path) -> None:
+        import onnx
+
+        from orchestrator.passes.extract_adapters import LORA_NODE
+
+        proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+        lora = [n for n in proto.graph.node if LORA_NODE.match(n.name)]
+        if not lora:
+            raise PassError("ModelBuilder: built from an adapter, but the graph has no LoRA MatMul")
+        quantized = [n.name for n in lora if n.op_type != "MatMul"]
+        if quantized:
+            raise PassError(f"ModelBuilder: LoRA MatMul(s) got quantized despite nodes_to_exclude: {quantized[:3]}")
 
     @staticmethod
     def _apply_search(model_dir: Path, search: dict[str, Any]) -> None:
@@ -360,6 +388,7 @@ class ModelBuilderPass(Pass):
         ctx: PassContext,
         *,
         prequantized: bool = False,
+        adapter: str | None = None,
     ) -> dict[str, float]:
         """Parity with transformers (a hard gate for fp32) and a short og generation, where this host can run it."""
         from orchestrator import onnx_tools
@@ -373,7 +402,7 @@ class ModelBuilderPass(Pass):
             # environment does not carry; the int4 values are the checkpoint's own, so the generation check remains
             ctx.info("parity vs transformers skipped: the input is a pre-quantized (GPTQ-layout) checkpoint")
         elif config.precision == "fp32" or config.check_parity:
-            parity = onnx_tools.logits_parity(hf_dir, model_dir, config.parity_prompt)
+            parity = onnx_tools.logits_parity(hf_dir, model_dir, config.parity_prompt, adapter=adapter)
             metrics["parity_max_abs_diff"] = parity["max_abs_diff"]
             metrics["parity_mean_abs_diff"] = parity["mean_abs_diff"]
             metrics["greedy_token_agreement"] = parity["greedy_agree"]

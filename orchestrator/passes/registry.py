@@ -26,6 +26,7 @@ PASSES: dict[str, str] = {
     "OnnxConversion": "orchestrator.passes.onnx_conversion:OnnxConversionPass",
     "OrtTransformersOptimization": "orchestrator.passes.ort_optimize:OrtTransformersOptimizationPass",
     "OnnxDynamicQuantization": "orchestrator.passes.onnx_dynamic_quant:OnnxDynamicQuantizationPass",
+    "ExtractAdapters": "orchestrator.passes.extract_adapters:ExtractAdaptersPass",
 }
 
 _BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"
@@ -33,7 +34,6 @@ _BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"
 UNSUPPORTED: dict[str, str] = {
     "OptimumConversion": f"use {_BUILDER}",
     "OnnxStaticQuantization": "static QDQ quantization is for NPUs; use OnnxMatMul4Quantizer or ModelBuilder int4",
-    "ExtractAdapters": "keep the adapter merged (MergeAdapterWeights -> ModelBuilder)",
     "IncDynamicQuantization": "Intel Neural Compressor is not part of orch; use OnnxMatMul4Quantizer",
     "IncStaticQuantization": "Intel Neural Compressor is not part of orch; use OnnxMatMul4Quantizer",
     "OrtSessionParamsTuning": "orch does no session tuning; drop the pass (an evaluator reports latency)",

@@ -1,0 +1,143 @@
+"""The unmerged adapter flow: ModelBuilder from an hf_adapter -> ExtractAdapters -> base model with LoRA inputs +
+adapter_weights.onnx_adapter, loaded by onnxruntime-genai's og.Adapters (what the Phi cookbook's app does), and
+`convert-adapters` writing the same file straight from the PEFT folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IDS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA on the tiny Phi-3's fused projections, B non-zero (an untrained adapter would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    modules = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    peft = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=modules, lora_dropout=0.0))
+    torch.manual_seed(0)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    peft.save_pretrained(out)
+    return out
+
+
+def _run(p: Any, out: Path, model: Any, **cfg: Any) -> Any:
+    from orchestrator.job import Job
+    from orchestrator.passes.base import PassContext
+
+    job = Job(job_id="j", pass_name="p", pass_type=p.type_name, output_dir=str(out))
+    res = p.run(p.Config(**cfg), model, PassContext(job=job, out_dir=out, emit=lambda e: None))
+    return res, res.model.with_root(out)
+
+
+def _references(tiny_model: Path, adapter: Path) -> tuple[Any, Any]:
+    import torch
+    from peft import PeftModel
+
+    from orchestrator import onnx_tools
+
+    net = onnx_tools.load_hf_model(tiny_model)
+    base = onnx_tools.hf_logits(net, IDS)
+    with torch.no_grad():
+        tuned = onnx_tools.hf_logits(PeftModel.from_pretrained(net, str(adapter)).eval(), IDS)
+    return base, tuned
+
+
+def _build(tmp: Path, tiny_model: Path, adapter: Path, precision: str) -> Path:
+    from orchestrator.job import ModelArtifact
+    from orchestrator.passes.extract_adapters import ExtractAdaptersPass
+    from orchestrator.passes.model_builder import ModelBuilderPass
+
+    hf_adapter = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
+    _, built = _run(ModelBuilderPass(), tmp / "mb", hf_adapter, precision=precision)
+    res, extracted = _run(ExtractAdaptersPass(), tmp / "ex", built)
+    assert res.metrics["adapter_weights"] == 28  # 2 layers x (q, k, v, o, gate, up, down) x (A, B)
+    return Path(extracted.path)
+
+
+def test_fp32_adapter_parity_with_peft_and_base_without_it(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
+    from orchestrator import onnx_tools
+    from orchestrator.passes.extract_adapters import ADAPTER_FILE, convert_peft_adapter, load_adapter
+
+    folder = _build(tmp_path, tiny_model, adapter, "fp32")
+    assert (folder / ADAPTER_FILE).is_file() and (folder / "genai_config.json").is_file()
+    ref_base, ref_tuned = _references(tiny_model, adapter)
+    tuned = onnx_tools.GenaiModel(folder).logits(IDS)  # og.Adapters + set_active_adapter
+    base = onnx_tools.GenaiModel(folder, use_adapter=False).logits(IDS)  # the empty default LoRA inputs
+    assert np.abs(tuned - ref_tuned).max() < 1e-4
+    assert np.abs(base - ref_base).max() < 1e-4
+    assert np.abs(tuned - base).max() > 0.1  # the adapter does something
+    # convert-adapters: the same tensors, straight from the PEFT folder
+    extracted = load_adapter(folder / ADAPTER_FILE)
+    converted = convert_peft_adapter(adapter, json.loads((tiny_model / "config.json").read_text()))
+    assert sorted(converted) == sorted(extracted)
+    assert max(float(np.abs(converted[k] - extracted[k]).max()) for k in converted) < 1e-6
+
+
+def test_int4_base_keeps_the_adapter_float(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
+    from orchestrator import onnx_tools
+
+    folder = _build(tmp_path, tiny_model, adapter, "int4")
+    assert onnx_tools.matmulnbits_count(folder) > 0  # the base is int4
+    ref_base, ref_tuned = _references(tiny_model, adapter)
+    tuned = onnx_tools.GenaiModel(folder).logits(IDS)
+    base = onnx_tools.GenaiModel(folder, use_adapter=False).logits(IDS)
+    # the adapter's delta on the int4 base is the float adapter's delta on the fp32 model
+    delta, ref_delta = tuned - base, ref_tuned - ref_base
+    rel = float(np.linalg.norm(delta - ref_delta) / np.linalg.norm(ref_delta))
+    assert rel < 0.3, rel  # int4 activations move it a little; a lost or quantized adapter gives ~1
+
+
+def test_extract_adapters_refusals(tmp_path: Path, tiny_model: Path) -> None:
+    from orchestrator.config import ConfigError, load_workflow
+
+    wf = {"input_model": {"type": "HfModel", "model_path": "./m"},
+          "passes": {"b": {"type": "ModelBuilder", "precision": "int4"},
+                     "x": {"type": "ExtractAdapters", "make_inputs": False}}}  # fmt: skip
+    with pytest.raises(ConfigError, match="make_inputs false .* not supported"):
+        load_workflow(wf, base_dir=tmp_path)
+
+
+def test_cli_convert_and_generate_adapter(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/ml.db"}
+
+    def orch(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "orchestrator.cli", *args]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+
+    conv = orch("convert-adapters", "--adapter_path", str(adapter), "--output_path", "conv/a.onnx_adapter",
+                "--model_name_or_path", str(tiny_model))  # fmt: skip
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    assert (tmp_path / "conv/a.onnx_adapter").is_file()
+    ao = orch("auto-opt", "-m", str(tiny_model), "--adapter_path", str(adapter), "--precision", "int4",
+              "--use_model_builder", "-o", "ao", "--no-tracking")  # fmt: skip
+    assert ao.returncode == 0, ao.stderr[-3000:]
+    assert (tmp_path / "ao/model/genai_config.json").is_file()
+    from orchestrator.passes.extract_adapters import load_adapter
+
+    built = load_adapter(tmp_path / "ao/model/adapter_weights.onnx_adapter")
+    converted = load_adapter(tmp_path / "conv/a.onnx_adapter")  # fits the base auto-opt built, name for name
+    assert sorted(built) == sorted(converted)
+    assert max(float(np.abs(built[k] - converted[k]).max()) for k in built) < 1e-6
+    ga = orch("generate-adapter", "-m", str(tiny_model), "--adapter_path", str(adapter), "--adapter_format", "numpy",
+              "-o", "ga", "--no-tracking")  # fmt: skip
+    assert ga.returncode == 0, ga.stderr[-3000:]
+    assert (tmp_path / "ga/model/adapter_weights.npz").is_file()
+    bad = orch("convert-adapters", "--adapter_path", str(adapter), "-o", "x", "--quantize_int4")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("orch: error: --quantize_int4"), bad.stderr
