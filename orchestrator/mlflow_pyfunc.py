@@ -6,6 +6,7 @@ Self-contained on purpose (it imports nothing from orch): MLflow copies this fil
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import mlflow.pyfunc
@@ -24,6 +25,11 @@ class GenerativeModel(mlflow.pyfunc.PythonModel):
             self.og = og
             self.model = og.Model(self.path)
             self.tokenizer = og.Tokenizer(self.model)
+            self.adapters = None  # an ExtractAdapters folder generates as the fine-tuned model, adapter active
+            adapter = os.path.join(self.path, "adapter_weights.onnx_adapter")
+            if os.path.isfile(adapter):
+                self.adapters = og.Adapters(self.model)
+                self.adapters.load(adapter, "adapter")
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,6 +48,8 @@ class GenerativeModel(mlflow.pyfunc.PythonModel):
             gp = og.GeneratorParams(self.model)
             gp.set_search_options(max_length=len(ids) + max_new, do_sample=False)
             gen = og.Generator(self.model, gp)
+            if self.adapters is not None:
+                gen.set_active_adapter(self.adapters, "adapter")
             gen.append_tokens(ids)
             while not gen.is_done():
                 gen.generate_next_token()

@@ -415,3 +415,7 @@ def test_cuda_only_evaluator_and_awq_without_data_refused_before_compute(tmp_pat
     with pytest.raises(ConfigError) as exc:
         load_workflow(awq, base_dir=tmp_path)
     assert "AutoAWQQuantizer needs calibration data" in str(exc.value) and "bits=3" in str(exc.value)
+    awq["passes"]["q"] = {"type": "AutoAWQQuantizer", "data_config": "d", "version": "GEMM"}
+    awq["data_configs"] = [{"name": "d", "load_dataset_config": {"data_name": "json", "data_files": ["x.jsonl"]}}]
+    notes = load_workflow(awq, base_dir=tmp_path).notes
+    assert any(n.startswith("passes.q: version: accepted, no effect") for n in notes), notes

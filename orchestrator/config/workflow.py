@@ -288,6 +288,8 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
             else:  # a pass's own refusals that need nothing loaded: now, not once earlier passes ran
                 for msg in getattr(pass_cls, "config_problems", lambda c: [])(checked):
                     r.problem(where, msg)
+                for msg in getattr(pass_cls, "config_notes", lambda c: [])(checked):
+                    r.notes.append(f"{fmt_path(where)}: {msg}")
         out[name] = PassEntry(type=type_name, config=cfg)
     return out
 

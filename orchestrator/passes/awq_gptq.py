@@ -59,7 +59,7 @@ AWQ_CPU_ENV = "ORCH_AWQ_CPU"  # "1": run AWQ without a GPU (slow; tests and the 
 
 
 class AwqGptqConfig(PassConfig):
-    """Olive's GptqQuantizer / AutoAWQQuantizer fields; those with no meaning here are accepted and ignored."""
+    """Olive's GptqQuantizer / AutoAWQQuantizer fields; those with no meaning here are accepted with a note."""
 
     bits: int = Field(4, validation_alias=AliasChoices("bits", "w_bit"))
     group_size: int = Field(128, validation_alias=AliasChoices("group_size", "q_group_size"))
@@ -106,6 +106,19 @@ class _AwqGptqPass(Pass):
         if config.zero_point is not None:
             return not config.zero_point
         return self.algorithm == "gptq"  # GPTQ's usual default; AWQ keeps zero points
+
+    @classmethod
+    def config_notes(cls, config: PassConfig) -> list[str]:
+        """Olive fields accepted for compatibility that change nothing here: said when the config is read."""
+        inert = ("layers_block_name", "outside_layer_modules", "inside_layer_modules", "static_groups",
+                 "true_sequential", "input_model_dtype", "version", "duo_scaling", "export_compatible")  # fmt: skip
+        given = sorted(k for k in config.model_fields_set if k in inert)
+        if not given:
+            return []
+        return [
+            f"{', '.join(given)}: accepted, no effect (llm-compressor finds the layers and writes the GPTQ layout "
+            "itself)"
+        ]
 
     @classmethod
     def config_problems(cls, config: PassConfig) -> list[str]:
