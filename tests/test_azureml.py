@@ -201,7 +201,9 @@ def test_lost_answer_and_resubmit_attach_to_one_job(aml: dict[str, Any], tmp_pat
     forced = _orch("submit", "--config", str(config), "--host", "aml", "--target", "aml", "--force")
     assert forced.exit_code == 0, forced.output
     second = forced.stdout.strip().splitlines()[0]
-    assert second == f"{name}-2" and sorted(set(s.state.jobs) - before) == sorted([name, second])
+    base = re.sub(r"-\d+$", "", name) if not re.search(r"-[0-9a-f]{10}$", name) else name
+    assert second != name and re.fullmatch(re.escape(base) + r"-\d+", second), (name, second)
+    assert sorted(set(s.state.jobs) - before) == sorted([name, second])
     for n in (name, second):
         _orch("cancel", n)
 

@@ -45,8 +45,13 @@ def _write(tmp_path: Path, text: str, name: str = "env.conda.yaml") -> Path:
     return p
 
 
-# Deliberate departures from constraints.txt: llm-compressor 0.14 supports transformers 5.15-5.17 only.
-OWN_PINS = {"gpu-quantize.conda.yaml": ("transformers",)}
+# Deliberate departures from constraints.txt: llm-compressor 0.14 supports transformers 5.15-5.17 only;
+# azureml-mlflow 1.62 (azureml:// tracking in Azure ML jobs) caps azure-storage-blob at 12.27.
+OWN_PINS = {
+    "gpu-quantize.conda.yaml": ("transformers",),
+    "aml-cpu.conda.yaml": ("azure-storage-blob",),
+    "gpu-train.conda.yaml": ("azure-storage-blob",),
+}
 
 
 def test_shipped_environments_are_valid_and_pinned_as_constraints() -> None:
