@@ -678,6 +678,66 @@ def _demo_recorded(
     return manifest, run_id
 
 
+@app.command("ui")
+def ui_command(
+    manifest: Annotated[
+        Path | None,
+        typer.Option("--manifest", help="a workflow output's manifest.json (default: the last `orch demo`'s)"),
+    ] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="another run of the same tracking store")] = None,
+    tracking_uri: TrackingOpt = None,
+    port: Annotated[int | None, typer.Option("--port", help="local MLflow server port (default: a free one)")] = None,
+    screenshot: Annotated[
+        Path | None,
+        typer.Option("--screenshot", help="write a PNG of the run's loss chart (headless Chromium) and exit"),
+    ] = None,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="print the URL only")] = False,
+) -> None:
+    """The MLflow UI on a workflow's run: a local MLflow server over its tracking store, opened on the run's
+    charts (loss curves, metrics); Ctrl-C stops it."""
+
+    def go() -> None:
+        import time
+
+        from orchestrator import ui
+
+        if manifest is None:
+            candidates = [DEMO_DIR / "outputs" / "smollm2" / "manifest.json", DEMO_DIR / "outputs" / "manifest.json"]
+            found = next((c for c in candidates if c.is_file()), candidates[0])
+        else:
+            found = manifest
+        try:
+            if run_id and tracking_uri:
+                uri, rid = tracking_uri, run_id
+            else:
+                recorded_uri, recorded_run = ui.mlflow_run_ref(found)
+                uri, rid = tracking_uri or recorded_uri, run_id or recorded_run
+            experiment = ui.experiment_of(uri, rid)
+            proc, base = ui.start_mlflow_ui(uri, port=port)
+        except ui.UiError as exc:
+            raise fail(f"ui: {exc}") from None
+        try:
+            page = ui.run_page_url(base, experiment, rid)
+            if screenshot is not None:
+                ui.capture_page(ui.metric_page_url(base, experiment, rid, "lora/train_loss"), screenshot)
+                out.print(f"screenshot of run {rid}'s loss chart: {screenshot}")
+                return
+            out.print(f"MLflow UI on run {rid}: {page}  (Ctrl-C stops the server)", markup=False)
+            if not no_browser:
+                import webbrowser
+
+                webbrowser.open(page)
+            while proc.poll() is None:
+                time.sleep(0.5)
+            raise fail(f"ui: the MLflow server exited with {proc.returncode}", EXIT_FAILED)
+        except ui.UiError as exc:
+            raise fail(f"ui: {exc}") from None
+        finally:
+            ui.stop_mlflow_ui(proc)
+
+    _guarded(go)
+
+
 app.command("optimize", help="Olive's `optimize`: the same as auto-opt (the model builder path).")(auto_opt)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -82,3 +84,167 @@ def metrics_table(metrics: dict[str, Any], title: str = "metrics") -> Table:
     for k, v in metrics.items():
         table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
     return table
+
+
+# ---------------------------------------------------------------------------------------------- `orch ui`
+# The MLflow UI on one run: a local `mlflow server` over the run's tracking store (sqlite), and the run page's URL.
+
+
+def mlflow_run_ref(manifest_path: Path) -> tuple[str, str]:
+    """(tracking_uri, run_id) recorded by a published workflow run (output_dir/manifest.json)."""
+    import json
+
+    if not manifest_path.is_file():
+        raise UiError(f"{manifest_path} does not exist: run the workflow first (`orch demo`, `orch run ...`)")
+    mlflow_info = json.loads(manifest_path.read_text()).get("mlflow") or {}
+    if not mlflow_info.get("run_id") or not mlflow_info.get("tracking_uri"):
+        raise UiError(f"{manifest_path} names no MLflow run (was it run with --no-tracking?)")
+    return str(mlflow_info["tracking_uri"]), str(mlflow_info["run_id"])
+
+
+def experiment_of(tracking_uri: str, run_id: str) -> str:
+    """The experiment id of a run (read-only sqlite query: no MLflow import, no store migration)."""
+    import sqlite3
+
+    db = sqlite_path(tracking_uri)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        row = conn.execute("SELECT experiment_id FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+    if row is None:
+        raise UiError(f"run {run_id} is not in {tracking_uri}")
+    return str(row[0])
+
+
+def sqlite_path(tracking_uri: str) -> Path:
+    if not tracking_uri.startswith("sqlite:///"):
+        raise UiError(f"orch ui serves local sqlite tracking stores; {tracking_uri} is a server: open it in a browser")
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    if not db.is_file():
+        raise UiError(f"tracking store {db} does not exist")
+    return db
+
+
+def run_page_url(base_url: str, experiment_id: str, run_id: str, tab: str = "model-metrics") -> str:
+    """The MLflow UI's page of one run (React router hash URL); tab model-metrics holds the loss charts."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}/{tab}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class UiError(RuntimeError):
+    """A one-line problem of `orch ui` (what is missing and the fix)."""
+
+
+def start_mlflow_ui(tracking_uri: str, *, port: int | None = None, log_path: Path | None = None) -> tuple[Any, str]:
+    """Start `mlflow server` on 127.0.0.1 over a sqlite store; returns (process, base URL) once /health answers.
+
+    One worker and no job execution: healthy in ~10 s with ~0.5 GB, where the default start spawns 15 processes
+    (../shared/FACTS.md). The caller stops the process (stop_mlflow_ui)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    db = sqlite_path(tracking_uri)
+    port = port or free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log_path = log_path or Path(tempfile.gettempdir()) / f"orch-mlflow-ui-{port}.log"
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-600:]
+            raise UiError(f"mlflow server exited with {proc.returncode}; log {log_path}: {' '.join(tail.split())}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, base
+        except OSError:
+            time.sleep(0.5)
+    stop_mlflow_ui(proc)
+    raise UiError(f"mlflow server did not answer {base}/health within 90 s; log {log_path}")
+
+
+def stop_mlflow_ui(proc: Any) -> None:
+    """Stop the server this module started (its own process group: the worker goes with it)."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+def metric_page_url(base_url: str, experiment_id: str, run_id: str, key: str) -> str:
+    """The MLflow UI's chart page of one metric of one run (the route its "Plot chart" links build)."""
+    import json
+    from urllib.parse import quote
+
+    runs, exps, keys = json.dumps([run_id]), json.dumps([experiment_id]), json.dumps([key])
+    query = (
+        f"?runs={quote(runs)}&metric={quote(json.dumps(key))}&experiments={quote(exps)}"
+        f"&plot_metric_keys={quote(keys)}&plot_layout={quote('{}')}&x_axis=step&y_axis_scale=linear"
+        "&line_smoothness=1&show_point=false&deselected_curves=%5B%5D&last_linear_y_axis_range=%5B%5D"
+    )
+    return f"{base_url.rstrip('/')}/#/metric{query}"
+
+
+CHROMIUM_HINT = "apt-get install -y chromium (scripts/services.sh installs it)"
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+def chromium_binary() -> str:
+    import shutil
+
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise UiError(f"chromium is not installed: {CHROMIUM_HINT}")
+
+
+def capture_page(url: str, screenshot: Path, *, budget_ms: int = 20000, size: str = "1400,1000") -> str:
+    """Load a page of the local MLflow UI in headless Chromium (the React app runs for budget_ms of virtual
+    time), write a PNG screenshot and return the rendered DOM. A fresh profile each call; nothing but the page's
+    own server is contacted (background networking, component updates and sync are off)."""
+    import subprocess
+    import tempfile
+
+    if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
+        raise UiError(f"capture_page loads the local MLflow UI only, not {url}")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="orch-chromium-") as profile:
+        cmd = [chromium_binary(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}"]
+        cmd += [f"--virtual-time-budget={budget_ms}", f"--screenshot={screenshot}", "--dump-dom", url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0 or not screenshot.is_file():
+        tail = " ".join(proc.stderr.split()[-40:])
+        raise UiError(f"chromium failed on {url} (exit {proc.returncode}): {tail}")
+    return proc.stdout

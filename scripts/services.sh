@@ -11,6 +11,8 @@ need_apt=()
 command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+# headless Chromium for tests/test_ui.py (the MLflow UI of a run, screenshot + DOM); Debian's package, no downloads
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "services: apt-get install ${need_apt[*]}"
   $SUDO apt-get update -qq
