@@ -52,7 +52,7 @@ def test_cancel_kills_the_process_group(tmp_path, tiny_model, tone_data):
     handle = LocalSystem().submit(lora_job(tmp_path, tiny_model, tone_data, max_steps=5000))
     events = tmp_path / "out" / "events.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (events.exists() and '"progress"' in events.read_text()):
+    while time.time() < deadline and not (events.exists() and '"train_loss"' in events.read_text()):  # training
         time.sleep(0.2)
     pid = handle._pid()
     assert handle.cancel() is True
