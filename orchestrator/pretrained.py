@@ -87,9 +87,11 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
     """GGUF -> fp32 safetensors HF folder at dest, atomically (temp folder + rename; nothing on failure)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from orchestrator.tiny_model import _unsafe_widths  # the builder's LM-head trap, checked on real sizes
 
+    hf_logging.disable_progress_bar()  # one line says what happens (ensure_smollm2), not two bars
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     cfg = model.config
