@@ -339,6 +339,8 @@ def quantize(
     from orchestrator.olive_commands import quantize_workflow
 
     def go() -> None:
+        from orchestrator.launch import cuda_available as _cuda_available
+
         workflow = quantize_workflow(
             model_name_or_path=model_name_or_path,
             output_path=output_path,
@@ -368,17 +370,6 @@ def quantize(
 def _awq_on_cpu(algorithm: str) -> bool:
     """ORCH_AWQ_CPU=1 runs AWQ on a CPU on purpose (slow, but correct): the flag check lets it through."""
     return algorithm.lower() == "awq" and os.environ.get("ORCH_AWQ_CPU") == "1"
-
-
-def _cuda_available() -> bool:
-    if not any(Path("/dev").glob("nvidia*")):
-        return False
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
 
 
 @app.command()

@@ -35,6 +35,7 @@ from orchestrator.job import (
     atomic_write_text,
     is_uri,
 )
+from orchestrator.launch import cuda_available
 from orchestrator.passes.registry import load_pass
 from orchestrator.plots import plot_training_curves
 from orchestrator.preflight import (
@@ -154,17 +155,6 @@ def _data_refs(config: Any, data_names: set[str]) -> list[str]:
     elif isinstance(config, str) and config in data_names:
         found.append(config)
     return sorted(set(found))
-
-
-def _cuda_available() -> bool:
-    if not any(Path("/dev").glob("nvidia*")):
-        return False
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
 
 
 class Engine:
@@ -330,7 +320,7 @@ class Engine:
         if not getattr(self.wf.engine, "evaluator", None) or self._host_is_aml(self.target_name):
             return
         first = self._providers()[0]
-        if first == "CPUExecutionProvider" or (first == "CUDAExecutionProvider" and _cuda_available()):
+        if first == "CPUExecutionProvider" or (first == "CUDAExecutionProvider" and cuda_available()):
             return
         lacks = "no CUDA GPU" if first == "CUDAExecutionProvider" else f"no {first} runtime"
         raise PreflightError(
@@ -494,15 +484,7 @@ class Engine:
             version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
             vdir = versions / version
             vdir.mkdir(parents=True)
-            self.export(summary, vdir)
-            png = plot_training_curves(
-                {r.name: self.cache.entry_dir(r.cache_key) for r in records}, vdir / "training.png"
-            )
-            if png is not None:
-                tracker.log_artifact(png)
-            if model is not None:
-                summary.model_uri = tracker.log_model(vdir / "model", model.format, self.register_as)
-                self._write_manifest(summary, steps, vdir)
+            self._write_publication(vdir, summary, records, steps, model, tracker)
             _switch_current(self.output_dir, version)
 
     def _job_output(self) -> bool:
@@ -527,15 +509,26 @@ class Engine:
     ) -> None:
         """model/ (+ adapter/), training.png and manifest.json straight into output_dir (real copies)."""
         assert self.output_dir is not None
-        self.export(summary, self.output_dir)
-        png = plot_training_curves(
-            {r.name: self.cache.entry_dir(r.cache_key) for r in records}, self.output_dir / "training.png"
-        )
+        self._write_publication(self.output_dir, summary, records, steps, model, tracker)
+
+    def _write_publication(
+        self,
+        folder: Path,
+        summary: RunSummary,
+        records: list[StepRecord],
+        steps: list[Step],
+        model: ModelArtifact | None,
+        tracker: Tracker,
+    ) -> None:
+        """What one publication holds, written into `folder`: the model, the loss curves, the manifest."""
+        self.export(summary, folder)
+        curves = {r.name: self.cache.entry_dir(r.cache_key) for r in records}
+        png = plot_training_curves(curves, folder / "training.png")
         if png is not None:
             tracker.log_artifact(png)
         if model is not None:
-            summary.model_uri = tracker.log_model(self.output_dir / "model", model.format, self.register_as)
-            self._write_manifest(summary, steps, self.output_dir)
+            summary.model_uri = tracker.log_model(folder / "model", model.format, self.register_as)
+            self._write_manifest(summary, steps, folder)
 
     def export(self, summary: RunSummary, dest: Path | None = None) -> None:
         """Copy the final model into dest (default output_dir): adapter/ + model/ for an adapter, else model/."""

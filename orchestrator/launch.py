@@ -73,6 +73,18 @@ def visible_cuda_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def cuda_available() -> bool:
+    """A usable CUDA device in this process: no /dev/nvidia* means none, without importing torch."""
+    if not any(Path("/dev").glob("nvidia*")):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
 def resolve_processes(setting: ProcessesPerNode, accelerators: Iterable[Any] | None, *, data_parallel: bool) -> int:
     """Processes per node for one pass: 1 unless the pass is data-parallel; "auto" = visible GPUs when the
     system's accelerators ask for a GPU, else 1 (CPU data parallel is for tests: set an integer)."""
