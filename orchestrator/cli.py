@@ -77,8 +77,6 @@ def _run_workflow(
     no_tracking: bool = False,
 ) -> Any:
     from orchestrator.config import load_workflow
-    from orchestrator.engine import Engine
-    from orchestrator.ui import RichReporter, metrics_table
 
     wf = load_workflow(source, base_dir=base_dir)
     for note in getattr(wf, "notes", []) or []:
@@ -88,6 +86,27 @@ def _run_workflow(
 
         removed = Cache(wf.engine.cache_dir).clean()
         console.print(Text("note: ", style="cyan") + Text(f"clean_cache: removed {removed} cached pass output(s)"))
+    summary = None
+    for flow, flow_wf in wf.flow_workflows():  # Olive's pass_flows: one run (and output model) per flow
+        if flow is not None:
+            console.print(Text(f"flow {flow}: ", style="bold") + Text(" -> ".join(flow_wf.passes)), highlight=False)
+        summary = _run_one(flow_wf, host, target, tracking_uri, dry_run, verbose, no_tracking)
+    return summary
+
+
+def _run_one(
+    wf: Any,
+    host: str | None,
+    target: str | None,
+    tracking_uri: str | None,
+    dry_run: bool,
+    verbose: bool,
+    no_tracking: bool,
+) -> Any:
+    """One engine run of a checked workflow: progress, the metrics table, the output and packaging lines."""
+    from orchestrator.engine import Engine
+    from orchestrator.ui import RichReporter, metrics_table
+
     reporter = RichReporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
     engine = Engine(
         wf, host=host, target=target, tracking_uri=tracking_uri, tracking=not no_tracking, reporter=reporter

@@ -21,6 +21,7 @@ from orchestrator.config.errors import translate
 from orchestrator.config.models import DATASET_BUILDERS, DataConfig, PreProcessDataConfig
 from orchestrator.config.resources import LocalFile, LocalFolder, resolve_path
 from orchestrator.passes.base import PassError
+from orchestrator.passes.dummy_data import dummy_inputs  # noqa: F401  (the dummy containers' inputs live there)
 
 SUFFIX_BUILDERS = {
     ".json": "json",
@@ -78,6 +79,11 @@ def load_splits(
     `data_files_override` is the local path a system put the data at (a downloaded datastore file, a mount).
     """
     dc = _parse(data_config, base_dir)
+    if dc.is_dummy:
+        raise DataError(
+            f"data config {dc.name!r} is a {dc.type} (random token ids, for latency metrics): it has no text to "
+            "train or score on; name a HuggingfaceContainer here"
+        )
     train = _load(dc, train_split or dc.load_dataset_config.split or "train", base_dir, data_files_override)
     pre = dc.pre_process_data_config
     if pre is not None and pre.max_samples is not None:

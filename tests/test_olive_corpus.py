@@ -116,6 +116,11 @@ def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: 
         got = genai_provider(work / rel)
         if got != provider:
             return Outcome("failed", f"exit 0 but {rel} targets {got}, not {provider}", time.perf_counter() - t0)
+    for rel, names in entry.get("metrics", {}).items():  # the evaluator's metrics reached the manifest
+        got = json.loads((work / rel).read_text()).get("metrics", {})
+        absent = [n for n in names if not isinstance(got.get(n), int | float)]
+        if absent:
+            return Outcome("failed", f"exit 0 but {rel} lacks metrics {absent}", time.perf_counter() - t0)
     for rel in entry.get("int4", []):  # a quantizer pass really quantized
         if not matmulnbits_count(work / rel):
             return Outcome("failed", f"exit 0 but {rel} has no MatMulNBits", time.perf_counter() - t0)
@@ -210,9 +215,16 @@ def test_olive_only_keys_are_honoured_refused_or_noted(tmp_path: Path) -> None:
     assert wf.engine.clean_cache and wf.engine.packaging_config[0].name == "Out"
     assert any(n.startswith("$schema: accepted, changes nothing") for n in wf.notes)
     assert any(n.startswith("no_artifacts: accepted") for n in wf.notes)
+    two = load_workflow(_wf(pass_flows=[["a"], ["a", "b"]], output_dir="out"), base_dir=tmp_path)
+    runs = two.flow_workflows()  # one run (and output folder) per flow, named by its last pass
+    assert [(name, list(w.passes), w.engine.output_dir) for name, w in runs] == [
+        ("a", ["a"], tmp_path / "out" / "a"),
+        ("b", ["a", "b"], tmp_path / "out" / "b"),
+    ]
+    assert any(n.startswith("pass_flows: 2 flows") for n in two.notes)
     with pytest.raises(ConfigError) as exc:
-        load_workflow(_wf(pass_flows=[["a"], ["a", "b"]]), base_dir=tmp_path)
-    assert "pass_flows: 2 flows" in str(exc.value)
+        load_workflow(_wf(pass_flows=[["a"], ["zz"]]), base_dir=tmp_path)
+    assert "names no pass in 'passes': zz" in str(exc.value)
     bad = _wf(evaluators={"e": {"type": "LMEvaluator", "tasks": ["hellaswag"]}})
     bad["passes"]["c"] = {"type": "SelectiveMixedPrecision", "algorithm": "k_quant_mixed"}
     bad["passes"]["a"]["metadata_only"] = True
@@ -419,3 +431,73 @@ def test_cuda_only_evaluator_and_awq_without_data_refused_before_compute(tmp_pat
     awq["data_configs"] = [{"name": "d", "load_dataset_config": {"data_name": "json", "data_files": ["x.jsonl"]}}]
     notes = load_workflow(awq, base_dir=tmp_path).notes
     assert any(n.startswith("passes.q: version: accepted, no effect") for n in notes), notes
+
+
+def _run_pass(p: Any, out: Path, model: Any, data_configs: dict[str, Any] | None = None, **cfg: Any) -> Any:
+    from orchestrator.job import Job
+    from orchestrator.passes.base import PassContext
+
+    job = Job(job_id="j", pass_name="p", pass_type=p.type_name, output_dir=str(out), data_configs=data_configs or {})
+    return p.run(p.Config(**cfg), model, PassContext(job=job, out_dir=out, emit=lambda e: None))
+
+
+def test_onnx_conversion_graph_has_a_kv_cache_and_dummy_latency_times_it(tmp_path: Path, tiny_model: Path) -> None:
+    """Olive's decoder export: one graph for the prompt (empty past) and for cached decode steps, checked against
+    transformers both ways; the dummy containers feed it with Olive's default shapes, and Evaluate times it."""
+    import onnxruntime as ort
+
+    from orchestrator.job import ModelArtifact
+    from orchestrator.passes.base import PassError
+    from orchestrator.passes.dummy_data import dummy_inputs, session_inputs
+    from orchestrator.passes.evaluate import EvaluatePass
+    from orchestrator.passes.onnx_conversion import OnnxConversionPass
+
+    res = _run_pass(OnnxConversionPass(), tmp_path / "c", ModelArtifact(format="hf", path=str(tiny_model)),
+                    save_metadata_for_token_generation=True)  # fmt: skip
+    assert res.metrics["parity_max_abs_diff"] < 1e-4  # max of the prompt and the cached-step diffs
+    model_dir = tmp_path / "c" / "model"
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and "past_key_values.0.key" in names
+    assert "present.0.key" in [o.name for o in sess.get_outputs()]
+
+    token = {"name": "tok", "type": "TransformersTokenDummyDataContainer", "load_dataset_config": {}}
+    feed = dummy_inputs(token, session_inputs(sess), model_dir)[0]
+    cfg = json.loads((model_dir / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert feed["input_ids"].shape == (1, 1) and feed["attention_mask"].shape == (1, 9)
+    assert feed["past_key_values.0.key"].shape == (1, cfg["num_key_value_heads"], 8, head_dim)
+    assert feed["position_ids"].tolist() == [[8]]
+    logits = sess.run(["logits"], feed)[0]
+    assert logits.shape == (1, 1, cfg["vocab_size"])
+
+    prompt = {"name": "prompt", "type": "TransformersPromptDummyDataContainer", "load_dataset_config": {}}
+    inputs_no_kv = [i for i in session_inputs(sess) if not i.name.startswith("past")]
+    with pytest.raises(PassError, match="past_seq_len 0"):
+        dummy_inputs(token, inputs_no_kv, model_dir)
+    assert dummy_inputs(prompt, inputs_no_kv, model_dir)[0]["input_ids"].shape == (1, 8)
+    with pytest.raises(PassError, match="input_names"):
+        dummy_inputs({"name": "d", "type": "DummyDataContainer", "load_dataset_config": {"input_names": ["x"],
+                      "input_shapes": [[1]]}}, session_inputs(sess), model_dir)  # fmt: skip
+
+    metrics = [{"name": "lat", "type": "latency", "data_config": "tok", "sub_types": [{"name": "avg"}, {"name": "p90"}]}]
+    ev = _run_pass(EvaluatePass(), tmp_path / "e", ModelArtifact(format="onnx", path=str(model_dir)),
+                   data_configs={"tok": token}, metrics=metrics)  # fmt: skip
+    assert ev.metrics["lat-avg"] > 0 and ev.metrics["lat-p90"] >= ev.metrics["lat-avg"] * 0.5
+    bad = [{"name": "ppl", "type": "perplexity", "data_config": "tok"}]
+    with pytest.raises(PassError, match="random token ids only serve latency"):
+        _run_pass(EvaluatePass(), tmp_path / "e2", ModelArtifact(format="onnx", path=str(model_dir)),
+                  data_configs={"tok": token}, metrics=bad)  # fmt: skip
+
+
+def test_dummy_containers_are_refused_where_text_is_needed(tmp_path: Path) -> None:
+    from orchestrator.config import ConfigError, load_workflow
+    from orchestrator.data import DataError, load_splits
+
+    dummy = {"name": "tok", "type": "TransformersTokenDummyDataContainer", "load_dataset_config": {"model_name": "x"}}
+    wf = load_workflow(_wf(data_configs=[dummy]), base_dir=tmp_path)
+    assert any("model_name accepted, changes nothing" in n for n in wf.notes)
+    with pytest.raises(DataError, match="no text to train or score on"):
+        load_splits(wf.data_config("tok").model_dump(mode="json"), base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="shared_kv"):
+        load_workflow(_wf(data_configs=[{**dummy, "load_dataset_config": {"shared_kv": True}}]), base_dir=tmp_path)

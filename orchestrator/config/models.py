@@ -220,25 +220,122 @@ class PreProcessDataConfig(_Params):
         return self
 
 
+DUMMY_CONTAINERS = ("TransformersPromptDummyDataContainer", "TransformersTokenDummyDataContainer", "DummyDataContainer")
+DataContainerType = Literal[
+    "HuggingfaceContainer", "TransformersPromptDummyDataContainer", "TransformersTokenDummyDataContainer",
+    "DummyDataContainer",
+]  # fmt: skip
+
+
+class DummyDataParams(_Params):
+    """Olive's dummy containers (load_dataset_config params): random model inputs of fixed shapes, for latency.
+
+    The transformers containers feed a decoder graph: input_ids (batch 1, seq_len), an all-ones attention mask
+    over past + new tokens, position_ids, and past_seq_len positions of KV cache named ort_past_key_name /
+    ort_past_value_name ("<id>" = the layer). Olive's defaults: prompt seq_len 8 / past 0, token seq_len 1 /
+    past 8. DummyDataContainer feeds input_names with input_shapes / input_types as given.
+    """
+
+    type: str | None = None  # Olive's component name; informational
+    seq_len: int | None = Field(None, gt=0)
+    past_seq_len: int | None = Field(None, ge=0)
+    max_seq_len: int = Field(2048, gt=0)
+    max_samples: int = Field(32, gt=0)
+    use_fp16: bool | None = None  # checked against the graph's KV dtype when the data is made
+    ort_past_key_name: str = "past_key_values.<id>.key"
+    ort_past_value_name: str = "past_key_values.<id>.value"
+    model_name: str | None = None  # Olive reads the model's config from it; orch reads the graph + config.json
+    model_framework: str | None = None
+    trust_remote_code: bool | None = None
+    shared_kv: bool = False
+    generative: bool = False
+    input_names: list[str] | None = None
+    input_shapes: list[list[int]] | None = None
+    input_types: list[str] | None = None
+
+    @field_validator("shared_kv", "generative")
+    @classmethod
+    def _no_directml_buffers(cls, v: bool, info: ValidationInfo) -> bool:
+        if v:
+            raise ValueError(
+                f"{info.field_name}: true is for Olive's DirectML LLM sample (shared KV buffers / generation "
+                "loops); orch's dummy data feeds one forward pass; drop it"
+            )
+        return v
+
+    @field_validator("model_framework")
+    @classmethod
+    def _onnx_only(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() != "onnx":
+            raise ValueError(f"model_framework {v!r}: orch's dummy data feeds ONNX graphs only; drop it or use ONNX")
+        return v
+
+    @model_validator(mode="after")
+    def _shapes_match(self) -> DummyDataParams:
+        lists = [x for x in (self.input_names, self.input_shapes, self.input_types) if x is not None]
+        if lists and len({len(x) for x in lists}) != 1:
+            raise ValueError("input_names, input_shapes and input_types must have one entry per input")
+        if self.input_shapes is not None and self.input_names is None:
+            raise ValueError("input_shapes needs input_names (the graph inputs they feed)")
+        return self
+
+
+def _load_kind(v: Any) -> str:
+    """A load_dataset_config of only dummy-container params (seq_len, ...) is one; anything else reads a data set
+    (so a missing data_name is reported as such)."""
+    if isinstance(v, dict):
+        keys = (set(v) - {"params"} | set(v.get("params") or {})) - {"type"}
+        return "dummy" if keys and keys <= set(DummyDataParams.model_fields) else "data"
+    return "dummy" if isinstance(v, DummyDataParams) else "data"
+
+
 class DataConfig(Strict):
-    """One named data set (Olive's HuggingfaceContainer)."""
+    """One named data set: Olive's HuggingfaceContainer (rows of text), or one of its dummy containers."""
 
     name: str = Field(min_length=1)
-    type: Literal["HuggingfaceContainer"] = "HuggingfaceContainer"
-    load_dataset_config: LoadDatasetConfig
+    type: DataContainerType = "HuggingfaceContainer"
+    load_dataset_config: (
+        Annotated[
+            Annotated[LoadDatasetConfig, Tag("data")] | Annotated[DummyDataParams, Tag("dummy")],
+            Discriminator(_load_kind),
+        ]
+        | None
+    ) = None
     pre_process_data_config: PreProcessDataConfig | None = None
     user_script: str | None = None
     script_dir: str | None = None
 
+    @property
+    def is_dummy(self) -> bool:
+        return self.type in DUMMY_CONTAINERS
+
     @field_validator("type", mode="before")
     @classmethod
     def _canonical(cls, v: Any) -> Any:
-        if isinstance(v, str) and "dummydatacontainer" in v.lower():
-            raise ValueError(
-                f"{v} (random token ids) is not supported: orch's latency/throughput metrics run the model on "
-                "held-out rows of a HuggingfaceContainer; name one instead"
-            )
-        return "HuggingfaceContainer" if isinstance(v, str) and v.lower() == "huggingfacecontainer" else v
+        known = {t.lower(): t for t in ("HuggingfaceContainer", *DUMMY_CONTAINERS)}
+        return known.get(v.lower(), v) if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_dummy_params(cls, data: Any) -> Any:
+        dummy = isinstance(data, dict) and cls._canonical(data.get("type")) in DUMMY_CONTAINERS
+        if dummy and data.get("load_dataset_config") in ({}, {"params": {}}):
+            return {k: v for k, v in data.items() if k != "load_dataset_config"}
+        return data
+
+    @model_validator(mode="after")
+    def _load_config_of_type(self) -> DataConfig:
+        """A dummy container's load_dataset_config holds shape params; a HuggingfaceContainer's a data set."""
+        if self.is_dummy:
+            if self.pre_process_data_config is not None:
+                raise ValueError(f"{self.type} makes random inputs: pre_process_data_config does not apply; drop it")
+            if isinstance(self.load_dataset_config, LoadDatasetConfig):
+                raise ValueError(f"{self.type} makes random inputs: load_dataset_config.data_name does not apply")
+            if self.load_dataset_config is None:
+                object.__setattr__(self, "load_dataset_config", DummyDataParams())
+        elif not isinstance(self.load_dataset_config, LoadDatasetConfig):
+            raise ValueError("load_dataset_config.data_name is required for a HuggingfaceContainer (a data set)")
+        return self
 
     @field_validator("user_script", mode="after")
     @classmethod

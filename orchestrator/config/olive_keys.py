@@ -25,6 +25,7 @@ def apply(raw: dict[str, Any], reader: Any) -> None:
             raw.pop(key)
             reader.notes.append(f"{key}: accepted, changes nothing ({why})")
     _pass_flows(raw, reader)
+    _dummy_data_notes(raw, reader)
     _execution_providers(raw, reader)
     _load_kwargs(raw, reader)
     if isinstance(raw.get("engine"), dict):
@@ -32,7 +33,9 @@ def apply(raw: dict[str, Any], reader: Any) -> None:
 
 
 def _pass_flows(raw: dict[str, Any], reader: Any) -> None:
-    """Olive's pass_flows: one flow = run those passes in that order; several = several models, refused."""
+    """Olive's pass_flows: each flow runs those passes in that order from the input model, and yields its own
+    output model. One flow: the workflow's passes become that chain. Several: kept for flow_workflows(), which
+    gives each flow its own run into output_dir/<flow name> (shared leading passes come from the cache)."""
     if "pass_flows" not in raw:
         return
     flows = raw.pop("pass_flows")
@@ -40,22 +43,46 @@ def _pass_flows(raw: dict[str, Any], reader: Any) -> None:
     if not isinstance(flows, list) or not all(isinstance(f, list) for f in flows) or not flows:
         reader.problem(["pass_flows"], 'expected a list of pass-name lists, e.g. [["convert", "quantize"]]')
         return
-    if len(flows) > 1:
-        reader.problem(
-            ["pass_flows"],
-            f"{len(flows)} flows: orch runs one chain of passes per workflow; write one config per flow "
-            "(or keep one flow)",
-        )
+    for i, flow in enumerate(flows):
+        unknown = [p for p in flow if p not in passes]
+        if unknown:
+            reader.problem(["pass_flows", i], f"names no pass in 'passes': {', '.join(map(str, unknown))}")
+            return
+        if not flow:
+            reader.problem(["pass_flows", i], "an empty flow; list the passes it runs")
+            return
+    used = {p for flow in flows for p in flow}
+    dropped = [p for p in passes if p not in used]
+    suffix = f" (in no flow, not run: {', '.join(dropped)})" if dropped else ""
+    if len(flows) == 1:
+        raw["passes"] = {name: passes[name] for name in flows[0]}
+        reader.notes.append(f"pass_flows: runs {' -> '.join(flows[0])}{suffix}")
         return
-    flow = flows[0]
-    unknown = [p for p in flow if p not in passes]
-    if unknown:
-        reader.problem(["pass_flows", 0], f"names no pass in 'passes': {', '.join(map(str, unknown))}")
-        return
-    dropped = [p for p in passes if p not in flow]
-    raw["passes"] = {name: passes[name] for name in flow}
-    note = f"pass_flows: runs {' -> '.join(flow)}"
-    reader.notes.append(note + (f" (not in the flow, not run: {', '.join(dropped)})" if dropped else ""))
+    raw["pass_flows"] = flows
+    names = flow_names(flows)
+    lines = "; ".join(f"{n}: {' -> '.join(f)}" for n, f in zip(names, flows, strict=True))
+    reader.notes.append(f"pass_flows: {len(flows)} flows, one output model each ({lines}){suffix}")
+
+
+def _dummy_data_notes(raw: dict[str, Any], reader: Any) -> None:
+    """Dummy containers' keys that Olive uses to find shapes orch reads from the graph itself."""
+    for dc in raw.get("data_configs") or []:
+        if not isinstance(dc, dict) or "dummydatacontainer" not in str(dc.get("type", "")).lower():
+            continue
+        load = dc.get("load_dataset_config") or {}
+        params = {**load, **(load.get("params") or {})} if isinstance(load, dict) else {}
+        given = sorted(k for k in ("model_name", "trust_remote_code", "model_framework") if k in params)
+        if given:
+            reader.notes.append(
+                f"data config {dc.get('name')!r}: {', '.join(given)} accepted, changes nothing (orch takes the "
+                "input names, KV heads and vocabulary from the ONNX graph and its config.json)"
+            )
+
+
+def flow_names(flows: list[list[str]]) -> list[str]:
+    """Each flow's name (its output folder): its last pass's name, numbered where two flows end alike."""
+    lasts = [f[-1] for f in flows]
+    return [last if lasts.count(last) == 1 else f"flow{i + 1}_{last}" for i, last in enumerate(lasts)]
 
 
 def _execution_providers(raw: dict[str, Any], reader: Any) -> None:

@@ -45,6 +45,25 @@ class WorkflowConfig(BaseModel):
     workflow_id: str | None = None
     base_dir: Path = Field(default_factory=Path.cwd)
     notes: list[str] = Field(default_factory=list)  # what the reader changed (renamed keys...), for the user
+    pass_flows: list[list[str]] | None = None  # Olive's several flows (one flow is applied to passes when read)
+
+    def flow_workflows(self) -> list[tuple[str | None, WorkflowConfig]]:
+        """The runs this workflow makes: itself, or one per pass flow (its passes in order, its own output_dir
+        folder and workflow_id), as Olive gives one output model per flow."""
+        if not self.pass_flows:
+            return [(None, self)]
+        runs: list[tuple[str | None, WorkflowConfig]] = []
+        for name, flow in zip(olive_keys.flow_names(self.pass_flows), self.pass_flows, strict=True):
+            engine = self.engine.model_copy(
+                update={"output_dir": None if self.engine.output_dir is None else self.engine.output_dir / name}
+            )
+            runs.append((name, self.model_copy(update={
+                "passes": {p: self.passes[p] for p in flow},
+                "engine": engine,
+                "workflow_id": f"{self.workflow_id or 'workflow'}-{name}",
+                "pass_flows": None,
+            })))  # fmt: skip
+        return runs
 
     def data_config(self, name: str) -> DataConfig:
         return next(dc for dc in self.data_configs if dc.name == name)

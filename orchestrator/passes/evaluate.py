@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -24,6 +24,9 @@ from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, P
 
 MetricType = Literal["perplexity", "accuracy", "latency", "throughput"]
 
+# Olive's latency sub-types: statistics of timed session runs, in ms. On a dummy data container they time one
+# forward pass of the graph on its inputs (as Olive does); on an onnx_genai model without one, the prompt's prefill.
+OLIVE_LATENCY = ("avg", "max", "min", "p50", "p75", "p90", "p95", "p99", "p999")
 SUB_TYPES: dict[str, tuple[str, ...]] = {
     "perplexity": ("perplexity", "eval_loss", "n_tokens"),
     "accuracy": ("accuracy", "n_samples"),
@@ -202,6 +205,8 @@ class EvaluateConfig(PassConfig):
 def unknown_sub_types(metric: MetricConfig) -> str | None:
     """The one-line problem of a metric whose sub_types this pass does not compute, else None."""
     known = set(SUB_TYPES[metric.type]) | {k for k, v in ALIASES.items() if v in SUB_TYPES[metric.type]}
+    if metric.type == "latency":
+        known |= set(OLIVE_LATENCY)
     unknown = [s.name for s in metric.sub_types if s.name not in known]
     if not unknown:
         return None
@@ -400,6 +405,31 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
+    """Olive's latency sub-types (ms) of timed runs."""
+    ms = [x * 1000 for x in seconds]
+    quantiles = {"p50": 0.5, "p75": 0.75, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p999": 0.999}
+    return {
+        "avg": statistics.fmean(ms), "max": max(ms), "min": min(ms),
+        **{name: _percentile(ms, q) for name, q in quantiles.items()},
+    }  # fmt: skip
+
+
+def session_latency(session: Any, feed: dict[str, Any], uc: UserConfig) -> dict[str, float]:
+    """Olive's ONNX latency: warmup_num runs, then repeat_test_num timed runs of session.run on one input
+    (sleep_num s between them)."""
+    for _ in range(uc.warmup_num):
+        session.run(None, feed)
+    times = []
+    for _ in range(max(1, uc.runs if uc.runs is not None else uc.repeat_test_num)):
+        if uc.sleep_num and times:
+            time.sleep(uc.sleep_num)
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return latency_stats(times)
+
+
 def speed(scorer: Any, uc: UserConfig) -> dict[str, float]:
     """Prefill (time to first token) and decode timings of greedy generation, after warmup runs."""
     if not hasattr(scorer, "timed_generation"):
@@ -424,6 +454,7 @@ def speed(scorer: Any, uc: UserConfig) -> dict[str, float]:
         e2e.append((len(s) + 1) / (p + sum(s)))
     decode_s = sum(steps) / len(steps)
     return {
+        **latency_stats(prefill),
         "prefill_p50_ms": _percentile(prefill, 0.5) * 1000,
         "prefill_p90_ms": _percentile(prefill, 0.9) * 1000,
         "prefill_avg_ms": statistics.fmean(prefill) * 1000,
@@ -485,6 +516,40 @@ class EvaluatePass(Pass):
         template = (pre.text_template if pre is not None else None) or ""
         return [dict(r) for r in ds], template
 
+    def _dummy_config(self, ctx: PassContext, name: str | None) -> dict[str, Any] | None:
+        from orchestrator.config.models import DUMMY_CONTAINERS
+
+        if not name:
+            return None
+        dc = self._data_config(ctx, name)
+        return dc if dc.get("type") in DUMMY_CONTAINERS else None
+
+    def _session_latency(
+        self, model: ModelArtifact, dummy: dict[str, Any], ep: str, uc: UserConfig, ctx: PassContext
+    ) -> dict[str, float]:
+        """Time the model's ONNX graph on the dummy container's inputs (plain ONNX or onnx_genai folders), in
+        one InferenceSession on the target's execution provider (never a silent fallback to another EP)."""
+        import onnxruntime as ort
+
+        from orchestrator import onnx_tools
+        from orchestrator.passes.dummy_data import dummy_inputs, session_inputs
+
+        if model.format not in ("onnx", "onnx_genai"):
+            raise PassError(
+                f"Evaluate: {dummy['type']} feeds ONNX graphs; this model is {model.format} (add an ONNX pass)"
+            )
+        if ep not in ort.get_available_providers():
+            raise PassError(
+                f"Evaluate: latency on {ep} needs an onnxruntime build with it (this one has "
+                f"{', '.join(ort.get_available_providers())}); run the evaluator on a system that has it"
+            )
+        model_file = onnx_tools.onnx_model_file(model.path)
+        session = ort.InferenceSession(str(model_file), providers=[ep])
+        feeds = dummy_inputs(dummy, session_inputs(session), Path(model.path))
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in list(feeds[0].items())[:4])
+        ctx.info(f"latency on {dummy['type']} {dummy['name']!r} ({shapes}, ...) with {ep}")
+        return session_latency(session, feeds[0], uc)
+
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, EvaluateConfig)
         if model is None:
@@ -497,20 +562,33 @@ class EvaluatePass(Pass):
                 raise PassError(f"Evaluate: metric {metric.name!r} ({metric.type}) needs a data_config")
 
         ep = ctx.job.execution_providers[0] if ctx.job.execution_providers else "CPUExecutionProvider"
-        t0 = time.perf_counter()
-        scorer = make_scorer(model, ep)
-        ctx.info(f"loaded {model.format} model from {model.path} in {time.perf_counter() - t0:.2f} s")
+        scorers: list[Any] = []
+
+        def scorer() -> Any:  # loaded once, only for metrics that need it (dummy-data latency does not)
+            if not scorers:
+                t0 = time.perf_counter()
+                scorers.append(make_scorer(model, ep))
+                ctx.info(f"loaded {model.format} model from {model.path} in {time.perf_counter() - t0:.2f} s")
+            return scorers[0]
+
         results: dict[str, float] = {}
         for i, metric in enumerate(config.metrics):
             ctx.progress(i, len(config.metrics), metric.name)
             timed = metric.type in ("latency", "throughput")
-            if timed and config.skip_speed_unless_onnx and model.format != "onnx_genai":
+            if timed and config.skip_speed_unless_onnx and model.format not in ("onnx_genai", "onnx"):
                 ctx.info(f"{metric.name} ({metric.type}) skipped: measured on ONNX models only, this is {model.format}")
                 continue
-            values = self._measure(metric, scorer, ctx, config)
-            wanted = [ALIASES.get(s.name, s.name) for s in metric.sub_types] or list(SUB_TYPES[metric.type])
-            names = [s.name for s in metric.sub_types] or wanted
-            for name, key in zip(names, wanted, strict=True):
+            values = self._measure(metric, scorer, ctx, config, model, ep)
+            names = [s.name for s in metric.sub_types] or [k for k in SUB_TYPES[metric.type] if k in values] or [
+                k for k in OLIVE_LATENCY if k in values
+            ]
+            for name in names:
+                key = name if name in values else ALIASES.get(name, name)
+                if key not in values:
+                    raise PassError(
+                        f"Evaluate: metric {metric.name!r} sub_type {name!r} is not measured on this model "
+                        f"({model.format}); measured: {', '.join(sorted(values))}"
+                    )
                 results[f"{metric.name}-{name}"] = float(values[key])
                 ctx.log_metric(f"{metric.name}-{name}", values[key])
             for sub in metric.sub_types:  # Olive's threshold goals: compared and reported, 1 = met
@@ -527,14 +605,37 @@ class EvaluatePass(Pass):
         passthrough = model.with_root(Path.cwd())
         return PassOutput(model=passthrough, metrics=results)
 
-    def _measure(self, metric: MetricConfig, scorer: Any, ctx: PassContext, config: EvaluateConfig) -> dict[str, float]:
+    def _measure(
+        self,
+        metric: MetricConfig,
+        scorer: Callable[[], Any],
+        ctx: PassContext,
+        config: EvaluateConfig,
+        model: ModelArtifact,
+        ep: str,
+    ) -> dict[str, float]:
         uc = metric.user_config
+        dummy = self._dummy_config(ctx, metric.data_config)
+        if dummy is not None:
+            if metric.type != "latency":
+                raise PassError(
+                    f"Evaluate: metric {metric.name!r} ({metric.type}) on {dummy['type']} {metric.data_config!r}: "
+                    "random token ids only serve latency; name a HuggingfaceContainer"
+                )
+            return self._session_latency(model, dummy, ep, uc, ctx)
+        if model.format == "onnx":
+            raise PassError(
+                f"Evaluate: metric {metric.name!r} ({metric.type}) on a plain ONNX graph: orch measures these on "
+                "onnx_genai models (add ModelBuilder, or ModelBuilder metadata_only); a latency metric can time "
+                "the graph on a TransformersPromptDummyDataContainer / TransformersTokenDummyDataContainer"
+            )
         if metric.type in ("latency", "throughput"):
-            return speed(scorer, uc)
+            return speed(scorer(), uc)
         assert metric.data_config is not None
         if metric.type == "perplexity":
             texts = self.load_texts(ctx, metric.data_config, config)
-            return perplexity(scorer, texts[: uc.max_samples], uc.max_length)
+            return perplexity(scorer(), texts[: uc.max_samples], uc.max_length)
+        scorer = scorer()  # type: ignore[assignment]
         rows, data_template = self.load_labelled(ctx, metric.data_config, config)
         rows = rows[: uc.max_samples]
         template = uc.prompt_template or data_template

@@ -1,17 +1,19 @@
 """OnnxConversion (Olive's name): HF causal LM -> ONNX with torch's own exporter (TorchScript, or dynamo).
 
-The graph takes input_ids + attention_mask (dynamic batch and sequence) and returns the full-sequence logits
-(no KV cache: for KV-cached generation use ModelBuilder, which also fuses attention). Measured on the tiny
-Phi-3: both exporters reproduce transformers to 3.6e-7; TorchScript exports in 0.3 s, dynamo in 6.6 s, so
-Olive's default (use_dynamo_exporter false) stays the default. fp32 exports must match the transformers logits
-(max |diff| < parity_tolerance) or the pass fails.
+The graph is Olive's decoder export with KV cache: inputs input_ids, attention_mask (past + new positions),
+position_ids and past_key_values.<layer>.key/value (batch, kv_heads, past, head_dim; empty for a prompt);
+outputs logits and present.<layer>.key/value. So one graph serves prompt processing and token generation
+(Olive's dummy-data latency metrics, ModelBuilder metadata_only). Measured on the tiny Phi-3: both exporters
+reproduce transformers to 3.6e-7; TorchScript exports in 0.3 s, dynamo in 6.6 s, so Olive's default
+(use_dynamo_exporter false) stays the default. fp32 exports must match the transformers logits of a prompt and
+of one cached decode step (max |diff| < parity_tolerance) or the pass fails.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from orchestrator.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
@@ -48,8 +50,69 @@ def load_hf(model: ModelArtifact, merge: bool, dtype: str | None) -> object:
         from peft import PeftModel
 
         hf = PeftModel.from_pretrained(hf, model.adapter_path).merge_and_unload()
-    hf.config.use_cache = False  # a prefill graph: no KV cache inputs or outputs
     return hf.eval()
+
+
+def kv_layout(config: Any) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+def kv_decoder(inner: Any) -> Any:
+    """Wrap an HF causal LM for export; the class is made here so that importing this module needs no torch."""
+    import torch
+
+    class KVDecoder(torch.nn.Module):
+        """HF causal LM with its KV cache as flat tensors: (ids, mask, positions, past...) -> (logits, present...)."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> tuple[Any, ...]:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.inner.config)
+            for i in range(len(past) // 2):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True,
+            )  # fmt: skip
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    return KVDecoder(inner)
+
+
+def kv_parity(hf: Any, onnx_path: Path, ids: list[int]) -> tuple[float, float]:
+    """max |logits diff| vs transformers: of a prompt (all but the last id, empty cache) and of one cached
+    decode step (the last id after the prompt's present tensors), so both uses of the graph are checked."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float().numpy()
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    kv_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    layers, kv_heads, head_dim = kv_layout(hf.config)
+    float_type = np.float16 if kv_inputs and kv_inputs[0].type == "tensor(float16)" else np.float32
+    n = len(ids) - 1
+    feed = {"input_ids": np.asarray([ids[:n]], np.int64), "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None]}  # fmt: skip
+    for i in kv_inputs:
+        feed[i.name] = np.zeros((1, kv_heads, 0, head_dim), float_type)
+    out = sess.run(None, feed)
+    prompt_diff = float(np.abs(out[0][0].astype(np.float32) - ref[:n]).max())
+    feed = {"input_ids": np.asarray([[ids[n]]], np.int64), "attention_mask": np.ones((1, n + 1), np.int64),
+            "position_ids": np.asarray([[n]], np.int64)}  # fmt: skip
+    for i, value in zip(kv_inputs, out[1:], strict=True):
+        feed[i.name] = value
+    step = sess.run(None, feed)
+    return prompt_diff, float(np.abs(step[0][0, 0].astype(np.float32) - ref[n]).max())
 
 
 class OnnxConversionPass(Pass):
@@ -63,7 +126,6 @@ class OnnxConversionPass(Pass):
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, OnnxConversionConfig)
-        import numpy as np
         import torch
 
         from orchestrator import onnx_tools
@@ -78,45 +140,50 @@ class OnnxConversionPass(Pass):
         if config.device == "cuda":
             ctx.info("device cuda: traced on CPU instead (the exported graph does not depend on the device)")
 
-        class Logits(torch.nn.Module):
-            def __init__(self, inner: torch.nn.Module) -> None:
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-                return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-        wrapped = Logits(hf).eval()
-        ids = torch.tensor([PARITY_IDS[:8]])
-        mask = torch.ones_like(ids)
+        wrapped = kv_decoder(hf).eval()
+        layers, kv_heads, head_dim = kv_layout(hf.config)
+        dtype = next(hf.parameters()).dtype
+        ids = torch.tensor([PARITY_IDS[:4]])
+        traced_past = 3  # traced with a non-empty cache; the axes are dynamic, empty past works too (checked)
+        mask = torch.ones(1, traced_past + ids.shape[1], dtype=torch.long)
+        pos = torch.arange(traced_past, traced_past + ids.shape[1])[None]
+        past = [torch.zeros(1, kv_heads, traced_past, head_dim, dtype=dtype) for _ in range(2 * layers)]
         tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         dst = tmp / "model.onnx"
-        names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["logits"]}
-        ctx.info(f"exporting with torch.onnx ({'dynamo' if config.use_dynamo_exporter else 'TorchScript'})")
+        past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        input_names = ["input_ids", "attention_mask", "position_ids", *past_names]
+        names = {"input_names": input_names, "output_names": ["logits", *present_names]}
+        ctx.info(f"exporting with torch.onnx ({'dynamo' if config.use_dynamo_exporter else 'TorchScript'}), KV cache")
         with torch.no_grad():
             if config.use_dynamo_exporter:
-                batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-                shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-                torch.onnx.export(wrapped, (ids, mask), str(dst), dynamo=True, dynamic_shapes=shapes,
+                auto = torch.export.Dim.AUTO
+                kv = tuple([{0: auto, 2: auto}] * len(past))  # *past is one tuple argument to torch.export
+                shapes = [{0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, kv]
+                torch.onnx.export(wrapped, (ids, mask, pos, *past), str(dst), dynamo=True, dynamic_shapes=shapes,
                                   opset_version=config.target_opset, external_data=True, **names)  # fmt: skip
             else:
-                axes = {n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask", "logits")}
-                torch.onnx.export(wrapped, (ids, mask), str(dst), dynamo=False, dynamic_axes=axes,
+                axes = {
+                    "input_ids": {0: "batch_size", 1: "sequence_length"},
+                    "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+                    "position_ids": {0: "batch_size", 1: "sequence_length"},
+                    "logits": {0: "batch_size", 1: "sequence_length"},
+                    **{n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names},
+                    **{n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names},
+                }
+                torch.onnx.export(wrapped, (ids, mask, pos, *past), str(dst), dynamo=False, dynamic_axes=axes,
                                   opset_version=config.target_opset, **names)  # fmt: skip
         resave(dst, external=config.save_as_external_data)
         if config.save_metadata_for_token_generation:
             for name in METADATA:
                 if (Path(model.path) / name).is_file():
                     shutil.copy2(Path(model.path) / name, tmp / name)
-        # parity vs transformers on a longer sequence than the one traced (the axes must really be dynamic)
-        with torch.no_grad():
-            ref = wrapped(torch.tensor([PARITY_IDS]), torch.ones(1, len(PARITY_IDS), dtype=torch.long)).float().numpy()
-        got = onnx_tools.ort_logits(dst, PARITY_IDS).astype(np.float32)
-        diff = float(np.abs(got - ref[0]).max())  # ort_logits: (seq, vocab) of the one sequence
+        prompt_diff, step_diff = kv_parity(hf, dst, PARITY_IDS)
+        diff = max(prompt_diff, step_diff)
         metrics = {"parity_max_abs_diff": diff, "model_size_bytes": float(onnx_tools.model_size_bytes(dst))}
-        ctx.info(f"ONNX vs transformers logits: max |diff| {diff:.3g}")
+        ctx.info(f"ONNX vs transformers logits: max |diff| {prompt_diff:.3g} (prompt), {step_diff:.3g} (cached step)")
         if (config.torch_dtype or "float32") == "float32" and not diff < config.parity_tolerance:
             raise PassError(f"OnnxConversion: exported logits differ from transformers by {diff:.3g}")
         final = ctx.out_dir / OUTPUT_DIR

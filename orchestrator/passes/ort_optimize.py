@@ -54,11 +54,6 @@ class OrtTransformersOptimizationPass(Pass):
         from orchestrator import onnx_tools
 
         src = onnx_input(model, self.type_name)
-        if config.use_gqa:
-            raise PassError(
-                "OrtTransformersOptimization: use_gqa needs the KV-cache graph of Olive's exporter; use ModelBuilder, "
-                "whose graph already uses GroupQueryAttention"
-            )
         options = FusionOptions(config.model_type)
         for key, value in (config.optimization_options or {}).items():
             if not hasattr(options, key):
@@ -79,6 +74,7 @@ class OrtTransformersOptimizationPass(Pass):
             raise PassError(f"OrtTransformersOptimization (model_type {config.model_type!r}): {exc}") from None
         if config.float16:
             opt.convert_float_to_float16(keep_io_types=config.keep_io_types)
+        gqa = replace_attention_with_gqa(opt, src, ctx) if config.use_gqa else None
         tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -101,5 +97,38 @@ class OrtTransformersOptimizationPass(Pass):
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         metrics = {"parity_max_abs_diff_vs_input": diff, **{f"fused_{k}": v for k, v in fused.items()}}
+        if gqa is not None:
+            metrics["gqa_nodes"] = float(gqa)
         ctx.log_metrics(metrics)
         return PassOutput(model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task), metrics=metrics)
+
+
+def replace_attention_with_gqa(opt: Any, src: Any, ctx: PassContext) -> int:
+    """Olive's use_gqa: onnxruntime's replace_mha_with_gqa on the fused MultiHeadAttention nodes (KV heads from
+    config.json beside the model). Returns how many nodes became GroupQueryAttention; 0 (said in the log) when
+    the fusions for model_type found no attention to fuse in this graph."""
+    import json
+
+    from onnxruntime.transformers.convert_generation import replace_mha_with_gqa
+
+    mha = [n for n in opt.model.graph.node if n.op_type == "MultiHeadAttention"]
+    if not mha:
+        ctx.info(
+            "use_gqa: no MultiHeadAttention node to replace (the fusions found no attention in this graph); "
+            "the graph keeps its attention as exported"
+        )
+        return 0
+    config_file = src.parent / "config.json"
+    if not config_file.is_file():
+        raise PassError(
+            "OrtTransformersOptimization use_gqa needs the model's config.json beside model.onnx (its KV heads): "
+            "set save_metadata_for_token_generation in OnnxConversion"
+        )
+    cfg = json.loads(config_file.read_text())
+    kv_heads = int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
+    replace_mha_with_gqa(opt, "attention_mask", kv_num_heads=kv_heads)
+    opt.prune_graph()
+    opt.update_graph()
+    count = sum(n.op_type == "GroupQueryAttention" for n in opt.model.graph.node)
+    ctx.info(f"use_gqa: {len(mha)} MultiHeadAttention -> {count} GroupQueryAttention (kv heads {kv_heads})")
+    return count
