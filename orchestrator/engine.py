@@ -9,8 +9,6 @@ The engine never knows how a system moves bytes: it hands Jobs to `System.submit
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -130,10 +128,10 @@ class RunSummary:
 
 
 def _code_hash(pass_cls: type) -> str:
-    try:
-        return hashlib.sha256(inspect.getsource(inspect.getmodule(pass_cls)).encode()).hexdigest()[:16]
-    except (OSError, TypeError):
-        return "unknown"
+    """The pass's module and every orchestrator module it imports (a changed helper must miss the cache)."""
+    from orchestrator.code_identity import code_hash
+
+    return code_hash(pass_cls.__module__)
 
 
 def _environment_for(job: Job) -> str:

@@ -227,12 +227,10 @@ def test_olive_only_keys_are_honoured_refused_or_noted(tmp_path: Path) -> None:
     assert "names no pass in 'passes': zz" in str(exc.value)
     bad = _wf(evaluators={"e": {"type": "LMEvaluator", "tasks": ["hellaswag"]}})
     bad["passes"]["c"] = {"type": "SelectiveMixedPrecision", "algorithm": "k_quant_mixed"}
-    bad["passes"]["a"]["metadata_only"] = True
     with pytest.raises(ConfigError) as exc:
         load_workflow(bad, base_dir=tmp_path)
     text = str(exc.value)
-    assert "LMEvaluator" in text and "SelectiveMixedPrecision is not supported by orch" in text
-    assert "metadata_only" in text and "drop metadata_only" in text
+    assert "LMEvaluator" in text
 
 
 def test_olive_current_quantizer_names_resolve() -> None:
@@ -480,7 +478,8 @@ def test_onnx_conversion_graph_has_a_kv_cache_and_dummy_latency_times_it(tmp_pat
         dummy_inputs({"name": "d", "type": "DummyDataContainer", "load_dataset_config": {"input_names": ["x"],
                       "input_shapes": [[1]]}}, session_inputs(sess), model_dir)  # fmt: skip
 
-    metrics = [{"name": "lat", "type": "latency", "data_config": "tok", "sub_types": [{"name": "avg"}, {"name": "p90"}]}]
+    subs = [{"name": "avg"}, {"name": "p90"}]
+    metrics = [{"name": "lat", "type": "latency", "data_config": "tok", "sub_types": subs}]
     ev = _run_pass(EvaluatePass(), tmp_path / "e", ModelArtifact(format="onnx", path=str(model_dir)),
                    data_configs={"tok": token}, metrics=metrics)  # fmt: skip
     assert ev.metrics["lat-avg"] > 0 and ev.metrics["lat-p90"] >= ev.metrics["lat-avg"] * 0.5
@@ -501,3 +500,41 @@ def test_dummy_containers_are_refused_where_text_is_needed(tmp_path: Path) -> No
         load_splits(wf.data_config("tok").model_dump(mode="json"), base_dir=tmp_path)
     with pytest.raises(ConfigError, match="shared_kv"):
         load_workflow(_wf(data_configs=[{**dummy, "load_dataset_config": {"shared_kv": True}}]), base_dir=tmp_path)
+
+
+def test_model_builder_metadata_only_makes_the_exported_graph_a_genai_model(tmp_path: Path, tiny_model: Path) -> None:
+    """OnnxConversion -> OrtTransformersOptimization -> ModelBuilder metadata_only (Olive's LLM chain): the same
+    graph, now with genai_config.json; onnxruntime-genai's logits equal the graph's, cached decoding agrees."""
+    from orchestrator import onnx_tools
+    from orchestrator.job import ModelArtifact
+    from orchestrator.passes.base import PassError
+    from orchestrator.passes.model_builder import ModelBuilderPass
+    from orchestrator.passes.onnx_conversion import OnnxConversionPass
+    from orchestrator.passes.ort_optimize import OrtTransformersOptimizationPass
+
+    hf = ModelArtifact(format="hf", path=str(tiny_model))
+
+    def onnx(folder: str) -> ModelArtifact:
+        return ModelArtifact(format="onnx", path=str(tmp_path / folder / "model"))
+
+    _run_pass(OnnxConversionPass(), tmp_path / "bare", hf)  # no tokenizer beside the graph
+    with pytest.raises(PassError, match="save_metadata_for_token_generation"):
+        _run_pass(ModelBuilderPass(), tmp_path / "m0", onnx("bare"), metadata_only=True)
+    _run_pass(OnnxConversionPass(), tmp_path / "c", hf, save_metadata_for_token_generation=True)
+    _run_pass(OrtTransformersOptimizationPass(), tmp_path / "o", onnx("c"), opt_level=0, keep_io_types=False)
+    res = _run_pass(ModelBuilderPass(), tmp_path / "m", onnx("o"), metadata_only=True, precision="fp16")
+    out = tmp_path / "m" / "model"
+    assert res.model.format == "onnx_genai" and (out / "genai_config.json").is_file()
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["filename"] == "model.onnx"
+    assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert res.metrics["genai_vs_graph_max_abs_diff"] < 1e-3 and res.metrics["cached_decode_agreement"] == 1.0
+    assert onnx_tools.generate(out, "hello", 4).n_tokens > 0
+
+
+def test_cache_key_code_covers_the_helpers_a_pass_imports() -> None:
+    from orchestrator.code_identity import _closure, _source_path, code_hash
+
+    files = {n for n in _closure("orchestrator.passes.model_builder") if _source_path(n)}
+    assert {"orchestrator.passes.genai_metadata", "orchestrator.onnx_tools", "orchestrator.passes.base"} <= files
+    assert code_hash("orchestrator.passes.model_builder") != code_hash("orchestrator.passes.quantize")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from orchestrator.job import ModelArtifact, atomic_write_text
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
@@ -72,18 +72,7 @@ class ModelBuilderConfig(PassConfig):
     # Olive's fields with one meaning here: the builder always writes one external-data file next to model.onnx
     save_as_external_data: Literal[True] = True
     all_tensors_to_one_file: Literal[True] = True
-    metadata_only: bool = False
-
-    @field_validator("metadata_only")
-    @classmethod
-    def _no_metadata_only(cls, v: bool) -> bool:
-        if v:
-            raise ValueError(
-                "metadata_only (genai_config.json for an ONNX model from OnnxConversion) is not supported: orch's "
-                "ModelBuilder builds the whole model from the HF checkpoint; drop metadata_only and the "
-                "OnnxConversion/OrtTransformersOptimization passes before it"
-            )
-        return v
+    metadata_only: bool = False  # an ONNX decoder graph in: write genai_config.json + tokenizer files for it
 
 
 def resolve_execution_provider(config: ModelBuilderConfig, job_providers: list[str]) -> str:
@@ -258,6 +247,12 @@ class ModelBuilderPass(Pass):
         assert isinstance(config, ModelBuilderConfig)
         if model is None:
             raise PassError("ModelBuilder needs an input model: set input_model to an HF checkpoint folder")
+        if config.metadata_only:
+            from orchestrator.passes.genai_metadata import write_genai_metadata
+
+            ep = resolve_execution_provider(config, ctx.job.execution_providers)
+            return write_genai_metadata(model, ep, config.precision, ctx, lambda hf, out, opts: run_builder(
+                hf, out, config.precision, ep, ctx.out_dir / ".builder_cache", opts, ctx.info))  # fmt: skip
         if model.format == "hf_adapter" and (model.quantized or not model.adapter_path):
             raise PassError(
                 "ModelBuilder: a QLoRA adapter (quantized base) or an adapter without adapter_path cannot be built "
