@@ -301,8 +301,10 @@ def auto_opt(
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
-    num_splits: Annotated[int | None, typer.Option("--num-splits", "--num_splits", help="refused")] = None,
-    memory: Annotated[str | None, typer.Option("--memory", help="refused: no splitting")] = None,
+    num_splits: Annotated[
+        int | None, typer.Option("--num-splits", "--num_splits", "--num_split", help="split into N pipeline parts")
+    ] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help="refused: give --num-splits")] = None,
     cost_model: Annotated[str | None, typer.Option("--cost-model", "--cost_model", help="refused")] = None,
 ) -> None:
     """Olive's `auto-opt` / `optimize`: (merge the adapter ->) export ONNX with onnxruntime-genai's builder."""

@@ -216,12 +216,16 @@ def auto_opt_workflow(
     target: str | None = None,
     split_flags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    for flag, value in (split_flags or {}).items():
-        if value is not None:
+    flags = split_flags or {}
+    for flag in ("--memory", "--cost-model"):
+        if flags.get(flag) is not None:
             raise FlagError(
-                f"{flag}: model splitting is not supported; orch builds one ONNX model per execution provider "
-                f"(drop {flag})"
+                f"{flag}: splitting by memory / a cost model is not supported; give the number of parts "
+                "(--num-splits N)"
             )
+    num_splits = flags.get("--num-splits")
+    if num_splits is not None and int(num_splits) < 2:
+        raise FlagError(f"--num-splits {num_splits}: give 2 or more parts (or drop the flag)")
     device = device.lower()
     if device not in DEVICE_PROVIDERS:
         raise FlagError(f"--device {device!r}: orch builds for cpu or gpu (npu needs a vendor toolchain not present)")
@@ -238,6 +242,9 @@ def auto_opt_workflow(
     passes["builder"] = {"type": "ModelBuilder", "precision": precision}
     if adapter_path:  # as Olive: the adapter stays separate, model/adapter_weights.onnx_adapter beside the base
         passes["extract_adapters"] = {"type": "ExtractAdapters"}
+    if num_splits is not None:  # as Olive's CaptureSplitInfo + SplitModel: embeddings and LM head parts of their own
+        passes["split_model"] = {"type": "SplitModel", "num_splits": int(num_splits),
+                                 "unique_embeds_lm_head_splits": True}  # fmt: skip
     return {
         "input_model": input_model(
             model_name_or_path, trust_remote_code=trust_remote_code, task=task, adapter_path=adapter_path

@@ -538,3 +538,34 @@ def test_cache_key_code_covers_the_helpers_a_pass_imports() -> None:
     files = {n for n in _closure("orchestrator.passes.model_builder") if _source_path(n)}
     assert {"orchestrator.passes.genai_metadata", "orchestrator.onnx_tools", "orchestrator.passes.base"} <= files
     assert code_hash("orchestrator.passes.model_builder") != code_hash("orchestrator.passes.quantize")
+
+
+def test_split_model_makes_a_genai_pipeline_that_generates_like_the_whole(tmp_path: Path, tiny_model: Path) -> None:
+    """Olive's CaptureSplitInfo + SplitModel (auto-opt --num-splits): parts in sequence == the whole graph, and
+    onnxruntime-genai's decoder-pipeline generates the same tokens; CaptureSplitInfo's plan moves into SplitModel."""
+    from orchestrator.config import ConfigError, load_workflow
+    from orchestrator.job import ModelArtifact
+    from orchestrator.passes.model_builder import ModelBuilderPass
+    from orchestrator.passes.split_model import SplitModelPass
+
+    wf = load_workflow({"input_model": {"type": "HfModel", "model_path": "./m"}, "passes": {
+        "cap": {"type": "CaptureSplitInfo", "num_splits": 2, "unique_embeds_lm_head_splits": True},
+        "mb": {"type": "ModelBuilder"}, "split": {"type": "SplitModel"}}}, base_dir=tmp_path)  # fmt: skip
+    assert list(wf.passes) == ["mb", "split"]
+    assert wf.passes["split"].config == {"num_splits": 2, "unique_embeds_lm_head_splits": True}
+    alone = {"input_model": {"type": "HfModel", "model_path": "./m"},
+             "passes": {"cap": {"type": "CaptureSplitInfo", "num_splits": 2}}}  # fmt: skip
+    with pytest.raises(ConfigError, match="no SplitModel pass after it"):
+        load_workflow(alone, base_dir=tmp_path)
+
+    _run_pass(ModelBuilderPass(), tmp_path / "mb", ModelArtifact(format="hf", path=str(tiny_model)), precision="int4")
+    built = ModelArtifact(format="onnx_genai", path=str(tmp_path / "mb" / "model"))
+    res = _run_pass(SplitModelPass(), tmp_path / "s", built, num_splits=2)
+    out = tmp_path / "s" / "model"
+    genai = json.loads((out / "genai_config.json").read_text())
+    stages = genai["model"]["decoder"]["pipeline"][0]
+    assert genai["model"]["type"] == "decoder-pipeline" and list(stages) == ["split_0", "split_1"]
+    assert "past_key_values.0.key" in stages["split_0"]["inputs"]
+    assert "past_key_values.1.key" in stages["split_1"]["inputs"]
+    assert res.metrics["parts_vs_whole_max_abs_diff"] < 1e-4 and res.metrics["pipeline_generated_tokens"] == 8
+    assert not (out / "model.onnx").exists() and (out / "model_split_1.onnx.data").is_file()

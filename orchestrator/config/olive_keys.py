@@ -25,6 +25,7 @@ def apply(raw: dict[str, Any], reader: Any) -> None:
             raw.pop(key)
             reader.notes.append(f"{key}: accepted, changes nothing ({why})")
     _pass_flows(raw, reader)
+    _capture_split_info(raw, reader)
     _dummy_data_notes(raw, reader)
     _execution_providers(raw, reader)
     _load_kwargs(raw, reader)
@@ -62,6 +63,43 @@ def _pass_flows(raw: dict[str, Any], reader: Any) -> None:
     names = flow_names(flows)
     lines = "; ".join(f"{n}: {' -> '.join(f)}" for n, f in zip(names, flows, strict=True))
     reader.notes.append(f"pass_flows: {len(flows)} flows, one output model each ({lines}){suffix}")
+
+
+def _capture_split_info(raw: dict[str, Any], reader: Any) -> None:
+    """Olive's CaptureSplitInfo plans the parts that a later SplitModel cuts; orch's SplitModel does both, so
+    CaptureSplitInfo's num_splits / unique_embeds_lm_head_splits move into the SplitModel after it."""
+    passes = raw.get("passes")
+    if not isinstance(passes, dict):
+        return
+    names = list(passes)
+    for i, name in enumerate(names):
+        entry = passes[name]
+        if not isinstance(entry, dict) or str(entry.get("type", "")).lower() != "capturesplitinfo":
+            continue
+        cfg = {**entry, **(entry.get("config") or {})}
+        for key in ("cost_model", "memory"):
+            if cfg.get(key) is not None:
+                reader.problem(["passes", name, key], "splitting by cost model / memory is unsupported; set num_splits")
+                return
+        if cfg.get("block_to_split") not in (None, "", "model.layers"):
+            reader.problem(["passes", name, "block_to_split"], "orch splits the decoder layers only; drop it")
+            return
+        if cfg.get("num_splits") is None:
+            reader.problem(["passes", name, "num_splits"], "required: the number of layer groups (2 or more)")
+            return
+        later = [n for n in names[i + 1 :] if isinstance(passes[n], dict)]
+        split = next((n for n in later if str(passes[n].get("type", "")).lower() == "splitmodel"), None)
+        if split is None:
+            reader.problem(["passes", name], "CaptureSplitInfo plans a split that no SplitModel pass after it makes")
+            return
+        target = passes[split]
+        into = target["config"] if isinstance(target.get("config"), dict) else target
+        into.setdefault("num_splits", cfg["num_splits"])
+        into.setdefault("unique_embeds_lm_head_splits", bool(cfg.get("unique_embeds_lm_head_splits", False)))
+        del passes[name]
+        reader.notes.append(f"passes.{name} (CaptureSplitInfo): num_splits {cfg['num_splits']} planned by "
+                            f"passes.{split} (orch's SplitModel plans and cuts in one pass)")  # fmt: skip
+        return
 
 
 def _dummy_data_notes(raw: dict[str, Any], reader: Any) -> None:

@@ -126,11 +126,19 @@ def _named_inputs(params: dict[str, Any], inputs: Sequence[GraphInput], rng: Any
 
 
 def _model_config(model_dir: Path | None) -> dict[str, Any]:
+    """config.json beside the graph (an OnnxConversion folder), else the same numbers from genai_config.json."""
     import json
 
-    if model_dir is None or not (model_dir / "config.json").is_file():
+    if model_dir is None:
         return {}
-    return json.loads((model_dir / "config.json").read_text())
+    if (model_dir / "config.json").is_file():
+        return json.loads((model_dir / "config.json").read_text())
+    if (model_dir / "genai_config.json").is_file():
+        model = json.loads((model_dir / "genai_config.json").read_text())["model"]
+        decoder = model.get("decoder", {})
+        return {"vocab_size": model.get("vocab_size"), "head_dim": decoder.get("head_size"),
+                "num_key_value_heads": decoder.get("num_key_value_heads")}  # fmt: skip
+    return {}
 
 
 def _vocab_size(inputs: Sequence[GraphInput], config: dict[str, Any]) -> int:

@@ -27,6 +27,7 @@ PASSES: dict[str, str] = {
     "OrtTransformersOptimization": "orchestrator.passes.ort_optimize:OrtTransformersOptimizationPass",
     "OnnxDynamicQuantization": "orchestrator.passes.onnx_dynamic_quant:OnnxDynamicQuantizationPass",
     "ExtractAdapters": "orchestrator.passes.extract_adapters:ExtractAdaptersPass",
+    "SplitModel": "orchestrator.passes.split_model:SplitModelPass",  # CaptureSplitInfo's num_splits is read into it
 }
 
 _BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"
@@ -47,11 +48,10 @@ UNSUPPORTED: dict[str, str] = {
     "TorchTRTConversion": "TensorRT is not supported; use ModelBuilder",
     "GraphSurgeries": "graph surgeries are not supported; ModelBuilder's graph is used as built",
     "MatMulNBitsToQDQ": "QDQ conversion is for NPUs and is not supported",
-    "SplitModel": "model splitting is not supported",
-    "CaptureSplitInfo": "model splitting is not supported",
     "StaticLLM": "static-shape NPU models are not supported",
     "EPContextBinaryGenerator": "NPU context binaries are not supported",
-    "ComposeOnnxModels": "model splitting is not supported",
+    "ComposeOnnxModels": "composing split ONNX models is not supported; SplitModel writes an onnxruntime-genai "
+    "pipeline of its parts",
     "LoftQ": "use LoRA or QLoRA",
     "DoRA": "use LoRA",
     "LoHa": "use LoRA",
