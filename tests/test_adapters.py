@@ -141,3 +141,28 @@ def test_cli_convert_and_generate_adapter(tmp_path: Path, tiny_model: Path, adap
     assert (tmp_path / "ga/model/adapter_weights.npz").is_file()
     bad = orch("convert-adapters", "--adapter_path", str(adapter), "-o", "x", "--quantize_int4")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("orch: error: --quantize_int4"), bad.stderr
+
+
+def test_onnx_conversion_keeps_an_adapter_unmerged_or_merges_it(tmp_path: Path, tiny_model: Path, adapter: Path):
+    """Olive's OnnxConversion of a PEFT model: the LoRA MatMuls stay in the graph unless merge_adapter_weights;
+    both graphs reproduce transformers + peft (prompt and cached step), and the adapter changes the logits."""
+    import onnx
+
+    from orchestrator import onnx_tools
+    from orchestrator.job import ModelArtifact
+    from orchestrator.passes.onnx_conversion import OnnxConversionPass
+
+    model = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
+    unmerged, _ = _run(OnnxConversionPass(), tmp_path / "u", model)
+    merged, _ = _run(OnnxConversionPass(), tmp_path / "m", model, merge_adapter_weights=True)
+    assert unmerged.metrics["parity_max_abs_diff"] < 1e-4 and merged.metrics["parity_max_abs_diff"] < 1e-4
+
+    def lora_nodes(folder: str) -> int:
+        graph = onnx.load(str(tmp_path / folder / "model" / "model.onnx"), load_external_data=False).graph
+        return sum("/base_layer/" in n.name for n in graph.node)  # peft's wrapped projection beside its A/B
+
+    assert lora_nodes("u") == 8 and lora_nodes("m") == 0  # 4 adapted projections x 2 layers
+    base, _ = _run(OnnxConversionPass(), tmp_path / "b", ModelArtifact(format="hf", path=str(tiny_model)))
+    with_adapter = onnx_tools.ort_logits(tmp_path / "u" / "model", IDS)
+    without = onnx_tools.ort_logits(tmp_path / "b" / "model", IDS)
+    assert abs(with_adapter - without).max() > 1e-3

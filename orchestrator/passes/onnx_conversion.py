@@ -32,7 +32,7 @@ class OnnxConversionConfig(PassConfig):
     target_opset: int = 17
     use_dynamo_exporter: bool = False
     torch_dtype: Literal["float32", "float16"] | None = None
-    merge_adapter_weights: bool = False  # an hf_adapter input: merge it in memory first (else refused)
+    merge_adapter_weights: bool = False  # an hf_adapter input: merge it in memory first (else LoRA MatMuls stay)
     save_as_external_data: bool = True  # weights in model.onnx.data (one file: all_tensors_to_one_file)
     all_tensors_to_one_file: Literal[True] = True
     save_metadata_for_token_generation: bool = False
@@ -49,7 +49,10 @@ def load_hf(model: ModelArtifact, merge: bool, dtype: str | None) -> object:
     if model.format == "hf_adapter":
         from peft import PeftModel
 
-        hf = PeftModel.from_pretrained(hf, model.adapter_path).merge_and_unload()
+        hf = PeftModel.from_pretrained(hf, model.adapter_path)
+        # merged: one plain graph; unmerged (Olive's default): the LoRA A/B MatMuls stay beside each adapted
+        # projection, so ExtractAdapters can lift them out as a swappable adapter
+        hf = hf.merge_and_unload() if merge else hf
     return hf.eval()
 
 
@@ -132,10 +135,11 @@ class OnnxConversionPass(Pass):
 
         if model is None or model.format not in ("hf", "hf_adapter"):
             raise PassError(f"OnnxConversion exports HF checkpoints, got {model.format if model else 'no model'!r}")
-        if model.format == "hf_adapter" and not config.merge_adapter_weights:
-            raise PassError(
-                "OnnxConversion got a LoRA adapter: set merge_adapter_weights: true (or add MergeAdapterWeights)"
-            )
+        if model.format == "hf_adapter" and model.quantized:
+            ctx.info("QLoRA adapter: exported over the base model's full-precision weights (as Olive does)")
+        if model.format == "hf_adapter":
+            how = "merged into the weights" if config.merge_adapter_weights else "kept unmerged (A/B MatMuls)"
+            ctx.info(f"LoRA adapter {how}")
         hf = load_hf(model, config.merge_adapter_weights, config.torch_dtype)
         if config.device == "cuda":
             ctx.info("device cuda: traced on CPU instead (the exported graph does not depend on the device)")
