@@ -85,8 +85,17 @@ class Outcome:
     seconds: float
 
 
+def on_this_machine(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry as this machine must end it: a config that needs CUDA says under "on_cuda" what it must do
+    where a GPU is (runs, with its outputs); without one it is refused in one line naming CUDA."""
+    import torch
+
+    return {**entry, **entry["on_cuda"]} if "on_cuda" in entry and torch.cuda.is_available() else entry
+
+
 def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: Path | None = None) -> Outcome:
     """Run an entry's commands in `work`; one MLflow store for all entries (its schema is created once)."""
+    entry = on_this_machine(entry)
     work.mkdir(parents=True, exist_ok=True)
     (work / "tiny-model").symlink_to(tiny_model, target_is_directory=True)
     write_data(work, entry.get("data", {}))
@@ -135,6 +144,7 @@ def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["id"] for e in ENTRIES])
 def test_corpus_entry(entry: dict[str, Any], tmp_path: Path, tiny_model: Path, tracking_db: Path) -> None:
     outcome = run_entry(entry, tmp_path / "work", tiny_model, tracking_db)
+    entry = on_this_machine(entry)
     expect = entry["expect"]
     assert outcome.kind == expect, f"{entry['id']}: expected {expect}, got {outcome.kind}: {outcome.detail}"
     if expect == "refused":  # one line per problem, each naming the pass/key and what to use

@@ -69,6 +69,7 @@ class LoRAConfig(PassConfig):
     torch_dtype: TORCH_DTYPES = "bfloat16"  # CUDA only; CPU always trains in float32
     allow_tf32: bool = True
     ephemeral_gpu_offload: bool = False
+    device_map: Literal["auto", "current_device"] | None = None  # Olive's; see LoRAPass.config_notes
     # 4-bit (QLoRA) settings: any of load_in_4bit / double_quant on a "LoRA" pass makes it QLoRA.
     load_in_4bit: bool = False
     double_quant: bool = False
@@ -103,6 +104,17 @@ class LoRAPass(Pass):
     Config: ClassVar[type[PassConfig]] = LoRAConfig
     version: ClassVar[str] = "1"
     libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
+
+    @classmethod
+    def config_notes(cls, config: PassConfig) -> list[str]:
+        """Olive fields accepted with what they mean here, said when the config is read."""
+        assert isinstance(config, LoRAConfig)
+        if config.device_map is None:
+            return []
+        return [
+            f"device_map {config.device_map!r}: each training process loads the whole model onto its own device "
+            "(Olive's current_device); layers are not spread over several GPUs"
+        ]
     always_4bit: ClassVar[bool] = False
     data_parallel: ClassVar[bool] = True  # DDP through the Trainer (torchrun / Azure ML PyTorch distribution)
 
