@@ -230,7 +230,13 @@ def generate(
 # ---------------------------------------------------------------------------------------------- plain onnxruntime
 
 
-def ort_logits(onnx_path: Path | str, ids: Sequence[int], *, providers: Sequence[str] = ("CPUExecutionProvider",)):
+def ort_logits(
+    onnx_path: Path | str,
+    ids: Sequence[int],
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    extra: dict[str, Any] | None = None,
+):
     """Full-sequence logits from a decoder graph with plain onnxruntime: empty past KV, all-ones mask.
 
     For ONNX folders without genai_config.json (format "onnx"). The KV head size comes from the graph when it
@@ -244,8 +250,11 @@ def ort_logits(onnx_path: Path | str, ids: Sequence[int], *, providers: Sequence
     seq = np.asarray([list(ids)], dtype=np.int64)
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
     feeds: dict[str, Any] = {}
+    feeds.update(extra or {})  # e.g. the LoRA weights ExtractAdapters made inputs
     for inp in sess.get_inputs():
         dtype = dtypes.get(inp.type, np.int64)
+        if inp.name in feeds:
+            continue
         if inp.name == "input_ids":
             feeds[inp.name] = seq.astype(dtype)
         elif inp.name == "attention_mask":

@@ -166,3 +166,28 @@ def test_onnx_conversion_keeps_an_adapter_unmerged_or_merges_it(tmp_path: Path, 
     with_adapter = onnx_tools.ort_logits(tmp_path / "u" / "model", IDS)
     without = onnx_tools.ort_logits(tmp_path / "b" / "model", IDS)
     assert abs(with_adapter - without).max() > 1e-3
+
+
+def test_extract_adapters_from_a_torch_exported_peft_graph(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
+    """Olive's OnnxConversion -> ExtractAdapters -> ModelBuilder metadata_only: the LoRA weights of the unmerged
+    torch graph become inputs + adapter_weights.onnx_adapter; with them fed back the logits are the adapter's,
+    without them the base model's; onnxruntime-genai agrees with the graph both ways (metadata_only's check)."""
+    import numpy as np
+
+    from orchestrator import onnx_tools
+    from orchestrator.job import ModelArtifact
+    from orchestrator.passes.extract_adapters import ADAPTER_FILE, ExtractAdaptersPass, load_adapter
+    from orchestrator.passes.model_builder import ModelBuilderPass
+    from orchestrator.passes.onnx_conversion import OnnxConversionPass
+
+    model = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
+    _, exported = _run(OnnxConversionPass(), tmp_path / "c", model, save_metadata_for_token_generation=True)
+    res, extracted = _run(ExtractAdaptersPass(), tmp_path / "e", exported)
+    weights = load_adapter(tmp_path / "e" / "model" / ADAPTER_FILE)
+    assert res.metrics["adapter_weights"] == 16 and "model.layers.0.self_attn.qkv_proj.lora_A.weight" in weights
+    full = onnx_tools.ort_logits(tmp_path / "c" / "model", IDS)
+    fed = onnx_tools.ort_logits(tmp_path / "e" / "model", IDS, extra=weights)
+    base = onnx_tools.ort_logits(tmp_path / "e" / "model", IDS)  # the empty default: no adapter
+    assert np.abs(fed - full).max() < 1e-5 and np.abs(base - full).max() > 1e-3
+    built, _ = _run(ModelBuilderPass(), tmp_path / "m", extracted, metadata_only=True)
+    assert built.metrics["adapter_cached_decode_agreement"] == 1.0 and built.metrics["cached_decode_agreement"] == 1.0

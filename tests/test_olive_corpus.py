@@ -118,7 +118,7 @@ def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: 
             clean = bool(errors) and "Traceback" not in proc.stderr
             detail = "\n".join(errors) if clean else proc.stderr[-3000:]
             return Outcome("refused" if clean else "failed", detail, time.perf_counter() - t0)
-    missing = [p for p in entry.get("outputs", []) if not (work / p).exists()]
+    missing = [p for p in entry.get("outputs", []) if not list(work.glob(p))]  # a glob: no output_dir = the cache
     if missing:
         return Outcome("failed", f"exit 0 but missing {missing}", time.perf_counter() - t0)
     for rel, provider in entry.get("providers", {}).items():  # the model was built for the EP the config asks

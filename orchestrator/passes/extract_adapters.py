@@ -43,6 +43,31 @@ def weight_name(node_name: str) -> str:
     return ".".join([*parts[:-1], "weight"])
 
 
+def peft_export_lora_nodes(graph: Any) -> dict[str, str]:
+    """LoRA MatMuls of a torch-exported PEFT model (OnnxConversion of an unmerged adapter) -> weight names.
+
+    TorchScript drops the lora_A / lora_B module names, so they are found by shape of the graph: beside each
+    `<scope>/base_layer/MatMul`, lora_A is the other MatMul of the same scope on the same input, and lora_B the
+    MatMul that consumes lora_A's output. Names as Olive gives them: model.layers.0.self_attn.qkv_proj.lora_A.weight.
+    """
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    by_input: dict[str, list[Any]] = {}
+    for n in matmuls:
+        by_input.setdefault(n.input[0], []).append(n)
+    out: dict[str, str] = {}
+    for base in (n for n in matmuls if n.name.endswith("/base_layer/MatMul")):
+        scope = base.name[: -len("/base_layer/MatMul")]
+        a = next((n for n in by_input.get(base.input[0], []) if n is not base and n.name.startswith(scope + "/")), None)
+        b = next((n for n in by_input.get(a.output[0], []) if n.name.startswith(scope + "/")), None) if a else None
+        if a is None or b is None:
+            continue
+        module = scope[scope.index("model/layers.") :] if "model/layers." in scope else scope.lstrip("/")
+        prefix = module.replace("/", ".")
+        out[a.name] = f"{prefix}.lora_A.weight"
+        out[b.name] = f"{prefix}.lora_B.weight"
+    return out
+
+
 def lora_node_names(num_layers: int) -> list[str]:
     """Every LoRA MatMul name the builder can emit: given to it as nodes_to_exclude so int4/int8 builds keep the
     adapter weights float (a swappable adapter; names the model lacks are ignored by the builder)."""
@@ -106,8 +131,10 @@ def extract(
     inits = {t.name: t for t in proto.graph.initializer}
     weights: dict[str, Any] = {}
     quantized = []
+    names = {n.name: weight_name(n.name) for n in proto.graph.node if LORA_NODE.match(n.name)}
+    names |= peft_export_lora_nodes(proto.graph)
     for node in proto.graph.node:
-        if not LORA_NODE.match(node.name):
+        if node.name not in names:
             continue
         if node.op_type != "MatMul":
             quantized.append(node.name)
@@ -115,7 +142,7 @@ def extract(
         old = node.input[1]
         if old not in inits:  # already an input
             continue
-        new = weight_name(node.name)
+        new = names[node.name]
         weights[new] = numpy_helper.to_array(inits[old])
         node.input[1] = new
     if quantized:
@@ -125,8 +152,8 @@ def extract(
         )
     if not weights:
         raise PassError(
-            f"ExtractAdapters: no LoRA MatMul in {src} (nodes named /model/layers.N/.../lora_A/MatMul): build the "
-            "model from an adapter (ModelBuilder with an hf_adapter input / auto-opt --adapter_path)"
+            f"ExtractAdapters: no LoRA MatMul in {src} (ModelBuilder's /model/layers.N/.../lora_A/MatMul, or a PEFT "
+            "projection's base_layer beside its A/B MatMuls): build or export the model from an adapter, unmerged"
         )
     used = {i for n in proto.graph.node for i in n.input}
     keep = [t for t in proto.graph.initializer if t.name in used]

@@ -112,40 +112,49 @@ def write_genai_metadata(
 
 
 def check_metadata(model_dir: Path, graph: Path, execution_provider: str, ctx: PassContext) -> dict[str, Any]:
-    """onnxruntime-genai's logits == the graph's own (plain onnxruntime) on a prompt, and it generates."""
-    import numpy as np
-
-    from orchestrator import onnx_tools
+    """onnxruntime-genai's logits == the graph's own (plain onnxruntime) on a prompt, and greedy decoding through
+    genai's KV cache == the full-sequence argmax; with an extracted adapter, both with it active and without."""
+    from orchestrator.passes.extract_adapters import ADAPTER_FILE, load_adapter
 
     if execution_provider != "cpu":
         ctx.info(f"checks skipped: genai_config targets {execution_provider} and they run on CPU only")
         return {}
-    og_model = onnx_tools.GenaiModel(model_dir, "cpu")
+    metrics = _check_one(model_dir, graph, ctx, adapter=None)
+    if (model_dir / ADAPTER_FILE).is_file():
+        adapter = load_adapter(model_dir / ADAPTER_FILE)
+        with_adapter = _check_one(model_dir, graph, ctx, adapter=adapter)
+        metrics |= {f"adapter_{k}": v for k, v in with_adapter.items()}
+    return metrics
+
+
+def _check_one(model_dir: Path, graph: Path, ctx: PassContext, adapter: dict[str, Any] | None) -> dict[str, Any]:
+    import numpy as np
+
+    from orchestrator import onnx_tools
+
+    label = "with the adapter" if adapter is not None else "base"
+    og_model = onnx_tools.GenaiModel(model_dir, "cpu", use_adapter=adapter is not None)
     got = np.asarray(og_model.logits(PARITY_IDS), dtype=np.float32)
-    ref = onnx_tools.ort_logits(graph, PARITY_IDS).astype(np.float32)
+    ref = onnx_tools.ort_logits(graph, PARITY_IDS, extra=adapter).astype(np.float32)
     diff = float(np.abs(got - ref).max())
-    ctx.info(f"onnxruntime-genai vs the graph's own logits: max |diff| {diff:.3g}")
+    ctx.info(f"onnxruntime-genai vs the graph's own logits ({label}): max |diff| {diff:.3g}")
     if not diff < 1e-3:
         raise PassError(
-            f"ModelBuilder metadata_only: onnxruntime-genai's logits differ from the graph's by {diff:.3g}; the "
-            "genai_config.json does not describe this graph"
+            f"ModelBuilder metadata_only: onnxruntime-genai's logits ({label}) differ from the graph's by {diff:.3g}; "
+            "the genai_config.json does not describe this graph"
         )
     prompt = PARITY_IDS[:4]
     new = og_model.generate_ids(prompt, 8)
     if not new:
         raise PassError("ModelBuilder metadata_only: the model loads but generates no tokens")
-    # greedy decoding through genai's KV cache must pick what the full sequence's logits pick at every step
-    full = onnx_tools.ort_logits(graph, prompt + new)
+    full = onnx_tools.ort_logits(graph, prompt + new, extra=adapter)
     expected = [int(t) for t in np.argmax(full[len(prompt) - 1 : -1], axis=-1)]
     agree = sum(a == b for a, b in zip(expected, new, strict=True)) / len(new)
-    ctx.info(f"og generated {len(new)} tokens; cached decoding agrees with full-sequence argmax on {agree:.0%}")
+    ctx.info(f"og generated {len(new)} tokens ({label}); cached decoding == full-sequence argmax on {agree:.0%}")
     if agree < 1.0:
         raise PassError(
-            f"ModelBuilder metadata_only: cached decoding through onnxruntime-genai disagrees with the graph's "
-            f"full-sequence logits ({agree:.0%} of tokens); the KV cache is not fed as the graph expects"
+            f"ModelBuilder metadata_only: cached decoding through onnxruntime-genai ({label}) disagrees with the "
+            f"graph's full-sequence logits ({agree:.0%} of tokens); the KV cache is not fed as the graph expects"
         )
-    return {
-        "genai_vs_graph_max_abs_diff": diff,
-        "check_generated_tokens": float(len(new)),
-        "cached_decode_agreement": agree,
-    }
+    return {"genai_vs_graph_max_abs_diff": diff, "check_generated_tokens": float(len(new)),
+            "cached_decode_agreement": agree}  # fmt: skip
