@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator.engine import Step, StepRecord
 
@@ -53,7 +54,8 @@ class RichReporter:
 
     def step_log(self, step: Step, line: str) -> None:
         if self.verbose:
-            self.progress.console.print(f"[dim]{step.name}|[/] {line}", highlight=False, markup=False)
+            # a Text: the step name dim, the log line exactly as written (no markup is read from it)
+            self.progress.console.print(Text(f"{step.name}| ", style="dim") + Text(line), highlight=False)
         else:
             # the info column is rendered as markup: a log line's "[...]" must print as written
             self.progress.update(self.tasks[step.name], info=escape(line.strip()[:60]))
