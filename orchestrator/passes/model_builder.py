@@ -304,6 +304,9 @@ class ModelBuilderPass(Pass):
         ctx.info(f"building {config.precision} ONNX for {ep} from {hf_dir}")
         ctx.progress(0, 3, "build")
         t0 = time.perf_counter()
+        from orchestrator.passes.olive_quant import stage_for_builder
+
+        hf_dir = stage_for_builder(hf_dir, ctx.out_dir / ".olive_staged")  # Olive checkpoint, quantized embedding
         try:
             run_builder(hf_dir, tmp, config.precision, ep, cache, options, ctx.info)
             for other in extra_eps:
@@ -320,6 +323,7 @@ class ModelBuilderPass(Pass):
             raise PassError(f"ModelBuilder: onnxruntime-genai's builder failed: {type(exc).__name__}: {exc}") from exc
         finally:
             shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(ctx.out_dir / ".olive_staged", ignore_errors=True)
         build_s = time.perf_counter() - t0
         if config.search:
             self._apply_search(tmp, config.search)

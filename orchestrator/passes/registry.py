@@ -21,7 +21,11 @@ PASSES: dict[str, str] = {
     "Evaluate": "orchestrator.passes.evaluate:EvaluatePass",
     "GptqQuantizer": "orchestrator.passes.awq_gptq:GptqQuantizerPass",
     "AutoAWQQuantizer": "orchestrator.passes.awq_gptq:AutoAWQQuantizerPass",
-    "Gptq": "orchestrator.passes.awq_gptq:GptqQuantizerPass",  # Olive >= 0.10's name for GptqQuantizer
+    # Olive >= 0.10's Gptq writes the Olive quantized checkpoint (per-layer bits); GptqQuantizer stays llm-compressor
+    "Gptq": "orchestrator.passes.olive_gptq:OliveGptqPass",
+    "SelectiveMixedPrecision": "orchestrator.passes.mixed_precision:SelectiveMixedPrecisionPass",
+    "Rtn": "orchestrator.passes.rtn:RtnPass",
+    "GraphSurgeries": "orchestrator.passes.graph_surgeries:GraphSurgeriesPass",
     "OnnxHqqQuantization": "orchestrator.passes.onnx_hqq:OnnxHqqQuantizationPass",
     "OnnxConversion": "orchestrator.passes.onnx_conversion:OnnxConversionPass",
     "OrtTransformersOptimization": "orchestrator.passes.ort_optimize:OrtTransformersOptimizationPass",
@@ -39,14 +43,10 @@ UNSUPPORTED: dict[str, str] = {
     "IncStaticQuantization": "Intel Neural Compressor is not part of orch; use OnnxMatMul4Quantizer",
     "OrtSessionParamsTuning": "orch does no session tuning; drop the pass (an evaluator reports latency)",
     "OrtPerfTuning": "orch does no session tuning; drop the pass (an evaluator reports latency)",
-    "SelectiveMixedPrecision": "mixed int4/int8 is not supported; use ModelBuilder int4 or int8",
     "QuaRot": "rotation-based quantization is not supported; use GptqQuantizer (CUDA) or ModelBuilder int4",
-    "Rtn": "the PyTorch-level RTN quantizer is not supported; use ModelBuilder precision int4 (RTN) or "
-    "OnnxBlockWiseRtnQuantization after an fp32/fp16 ModelBuilder",
     "SparseGPT": "pruning is not supported",
     "SliceGPT": "pruning is not supported",
     "TorchTRTConversion": "TensorRT is not supported; use ModelBuilder",
-    "GraphSurgeries": "graph surgeries are not supported; ModelBuilder's graph is used as built",
     "MatMulNBitsToQDQ": "QDQ conversion is for NPUs and is not supported",
     "StaticLLM": "static-shape NPU models are not supported",
     "EPContextBinaryGenerator": "NPU context binaries are not supported",
