@@ -63,7 +63,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory, tied_model: Path, tone_data:
            "overrides": {"lm_head": {"bits": 8}, "model.embed_tokens": {"bits": 8}}}  # fmt: skip
     m3, _, _ = _run("Rtn", rtn, m2, root / "r", tone_data)
     m4, met4, _ = _run("ModelBuilder", {"precision": "int4"}, m3, root / "m", tone_data)
-    m5, met5, log5 = _run("GraphSurgeries", {"surgeries": [{"surgeon": "TieWordEmbeddings"}]}, m4, root / "t", tone_data)
+    tie = {"surgeries": [{"surgeon": "TieWordEmbeddings"}]}
+    m5, met5, log5 = _run("GraphSurgeries", tie, m4, root / "t", tone_data)
     return {"smp": m1, "smp_metrics": met1, "gptq": m2, "gptq_log": log2, "rtn": m3, "built": m4, "tied": m5,
             "built_metrics": met4, "tied_metrics": met5, "tie_log": log5, "root": root}  # fmt: skip
 
