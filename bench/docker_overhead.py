@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_md  # noqa: E402
 
-from orchestrator.docker_images import DEFAULT_BASE_IMAGE, build_base_image, build_environment, docker_client
-from orchestrator.job import Job, JobState, ModelArtifact
-from orchestrator.systems.docker import DockerSystem
+from orchestrator.core.job import Job, JobState, ModelArtifact
+from orchestrator.passes.tiny_model import build_tiny_phi3
+from orchestrator.systems.docker.images import DEFAULT_BASE_IMAGE, build_base_image, build_environment, docker_client
+from orchestrator.systems.docker.system import DockerSystem
 from orchestrator.systems.local import LocalSystem
-from orchestrator.tiny_model import build_tiny_phi3
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "docker"  # its markers in bench/RESULTS.md

@@ -16,8 +16,8 @@ something to learn), a BPE tokenizer trained on it, written as jsonl; two sets, 
 Rows (system:data[:ORCH_CUDA_FASTPATH]):
   baseline  bench/baseline_peft.py: plain transformers Trainer + peft
   olive     bench/olive_runner.py: Olive 0.13 `olive finetune` (its CLI, same settings)
-  orch      orchestrator.passes.lora.LoRAPass.train (orch's real pass; it picks its CUDA fast path itself)
-  qlora     orchestrator.passes.lora.QLoRAPass.train (bitsandbytes nf4 + double quant)
+  orch      orchestrator.passes.lora.train.LoRAPass.train (orch's real pass; it picks its CUDA fast path itself)
+  qlora     orchestrator.passes.lora.train.QLoRAPass.train (bitsandbytes nf4 + double quant)
   qlora_baseline  bench/baseline_peft.py --qlora: transformers + peft + bitsandbytes (nf4, double quant,
             prepare_model_for_kbit_training with gradient checkpointing): the QLoRA row's own baseline
 Shapes: phi3-mini (default), phi4-mini (GQA 24/8 heads, vocab 200,064, tied embeddings, partial RoPE 0.75).
@@ -151,7 +151,7 @@ def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
     words_hi = max(max_len - 24, 16)
     var = make_corpus(max(steps * 16, 400), shape["lexicon"], max(words_hi // 10, 8), words_hi, seed=1)
     fixed = make_corpus(max(steps * SETTINGS["batch_size"] + 16, 64), shape["lexicon"], max_len + 100, max_len + 120, 2)
-    from orchestrator.tiny_model import train_phi3_tokenizer
+    from orchestrator.passes.tiny_model import train_phi3_tokenizer
 
     tok = train_phi3_tokenizer(var + fixed, shape["vocab_size"], max_len)
     for name, texts in (("var", var), ("fixed", fixed)):
@@ -220,10 +220,10 @@ def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
 def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, qlora: bool) -> dict:
     from datasets import Dataset
 
-    from orchestrator.job import Job, ModelArtifact
-    from orchestrator.passes import lora_cuda
+    from orchestrator.core.job import Job, ModelArtifact
     from orchestrator.passes.base import PassContext
-    from orchestrator.passes.lora import LoRAConfig, LoRAPass, QLoRAPass
+    from orchestrator.passes.lora.train import LoRAConfig, LoRAPass, QLoRAPass
+    from orchestrator.passes.lora.train import cuda as lora_cuda
 
     install_step_timer()
     s = SETTINGS
@@ -275,7 +275,7 @@ def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json:
     output = pass_cls().train(config, artifact, ctx, train_ds, None, spec)
     wall = time.perf_counter() - t0
     plan = lora_cuda.LAST_PLAN
-    from orchestrator.passes import lora_kernels
+    from orchestrator.passes.lora.train import kernels as lora_kernels
 
     splits = {" ".join(map(str, k[:4])): v for k, v in lora_kernels._SPLIT_CACHE.items()}
     result = summarize(
@@ -413,7 +413,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append("")
     plans = {f"{r.get('shape', '')} {r['row']}".strip(): r.get("plan") for r in rows if r.get("ok") and r.get("plan")}
     if plans:
-        lines.append("What orch picked on this GPU (orchestrator/passes/lora_cuda.py, printed by the pass):")
+        lines.append("What orch picked on this GPU (orchestrator/passes/lora/cuda.py, printed by the pass):")
         lines.append("")
         first = next(iter(plans.items()))
         for reason in first[1]:
@@ -600,7 +600,7 @@ def check() -> int:
             print(f"import {mod}: ok {getattr(m, '__version__', '')}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every failure, keep going
             print(f"import {mod}: FAILED {type(e).__name__}: {e}"[:300], flush=True)
-    from orchestrator.passes import lora_cuda
+    from orchestrator.passes.lora.train import cuda as lora_cuda
 
     dev = lora_cuda.probe_device()
     print("device:", dev, flush=True)

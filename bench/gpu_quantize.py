@@ -5,8 +5,8 @@ Two phases, because the GPU machine has no onnxruntime(-genai) and this one has 
 1. `run`, on the GPU machine: builds a ~31 M-parameter Phi-3-architecture model with random weights (seed 0, hidden
    512, 8 layers, intermediate 1536, vocab 4000: every Linear input width a multiple of group_size 128) and a
    calibration file of generated text, then runs each algorithm as `orch quantize --algorithm awq|gptq --precision
-   int4 --data_name json --data_files calib.jsonl` does: the workflow from orchestrator.olive_commands.
-   quantize_workflow, read by orchestrator.config.load_workflow, handed as a Job to orchestrator.runner.run_job (the
+   int4 --data_name json --data_files calib.jsonl` does: the workflow from orchestrator.olive.commands.
+   quantize_workflow, read by orchestrator.schema.load_workflow, handed as a Job to orchestrator.runner.run_job (the
    entry point every system runs), so the pass loads its calibration data through its data_config. Recorded per
    algorithm: wall seconds of run_job, torch.cuda.max_memory_allocated/reserved, the checkpoint size, the pass's log,
    the error if it failed (one failing algorithm does not stop the other; results.json is rewritten after every
@@ -147,7 +147,7 @@ def error_text(exc: BaseException) -> str:
 
 
 def build_model(work: Path) -> Path:
-    from orchestrator.tiny_model import build_tiny_phi3
+    from orchestrator.passes.tiny_model import build_tiny_phi3
 
     hf = work / "hf"
     if not (hf / "config.json").exists():
@@ -171,9 +171,9 @@ def count_params(hf: Path) -> int:
 
 def make_job(algo: str, hf: Path, calib: Path, work: Path, gpu: bool) -> Any:
     """The Job `orch quantize --algorithm ALGO --precision int4 --data_name json --data_files CALIB` would run."""
-    from orchestrator.config import load_workflow
-    from orchestrator.job import Job, JobTracking, ModelArtifact
-    from orchestrator.olive_commands import quantize_workflow
+    from orchestrator.core.job import Job, JobTracking, ModelArtifact
+    from orchestrator.olive import load_workflow
+    from orchestrator.olive.commands import quantize_workflow
 
     # cuda_available=True: the CLI refuses awq/gptq on a machine without CUDA; the CPU run goes past it (the pass
     # itself then runs GPTQ on CPU, and AWQ with ORCH_AWQ_CPU=1, which `run --device cpu` sets).
@@ -519,8 +519,8 @@ def export_one(algo: str, ckpt: Path, work: Path) -> dict[str, Any]:
     """orch's ModelBuilder pass (int4, CPU) on the checkpoint, as a workflow's second pass would get it."""
     import numpy as np
 
-    from orchestrator import onnx_tools
-    from orchestrator.job import Job, JobTracking, ModelArtifact
+    from orchestrator.core.job import Job, JobTracking, ModelArtifact
+    from orchestrator.passes import onnx_tools
     from orchestrator.passes.awq_gptq import load_dequantized
     from orchestrator.passes.base import PassError
     from orchestrator.runner import run_job

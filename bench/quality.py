@@ -76,7 +76,7 @@ def held_out_rows(work: Path) -> Path:
     (its first 32 rows, in the demo's order)."""
     from datasets import load_dataset
 
-    from orchestrator import data
+    from orchestrator.passes import data
 
     rows = load_dataset("json", data_files=str(DEMO / "dataset" / "dataset-classification.json"), split="train")
     _, held_out = data._carve(rows, 0.2, 42, "dataset_default_train")
@@ -109,9 +109,9 @@ def prequantized_row(algo: str, ckpt: Path, work: Path, quantize_s: float | None
     and LoRA refuse quantized checkpoints, and the engine's input model is never marked quantized)."""
     import shutil
 
-    from orchestrator.cache import folder_size
-    from orchestrator.config import load_workflow
-    from orchestrator.job import Job, JobTracking, ModelArtifact
+    from orchestrator.core.cache import folder_size
+    from orchestrator.core.job import Job, JobTracking, ModelArtifact
+    from orchestrator.olive import load_workflow
     from orchestrator.runner import run_job
 
     export = Job(
@@ -166,7 +166,7 @@ def measure(work: Path) -> dict[str, Any]:
     import torch
     import transformers
 
-    from orchestrator.cache import folder_size
+    from orchestrator.core.cache import folder_size
 
     work.mkdir(parents=True, exist_ok=True)
     merged = merged_checkpoint()

@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from orchestrator.job import RESULT_FILE, Job, JobResult, JobState, append_event
+from orchestrator.core.job import RESULT_FILE, Job, JobResult, JobState, append_event
 from orchestrator.passes.base import PassContext, PassError
 from orchestrator.passes.registry import load_pass
 

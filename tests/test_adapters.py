@@ -38,7 +38,7 @@ def adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(p: Any, out: Path, model: Any, **cfg: Any) -> Any:
-    from orchestrator.job import Job
+    from orchestrator.core.job import Job
     from orchestrator.passes.base import PassContext
 
     job = Job(job_id="j", pass_name="p", pass_type=p.type_name, output_dir=str(out))
@@ -50,7 +50,7 @@ def _references(tiny_model: Path, adapter: Path) -> tuple[Any, Any]:
     import torch
     from peft import PeftModel
 
-    from orchestrator import onnx_tools
+    from orchestrator.passes import onnx_tools
 
     net = onnx_tools.load_hf_model(tiny_model)
     base = onnx_tools.hf_logits(net, IDS)
@@ -60,7 +60,7 @@ def _references(tiny_model: Path, adapter: Path) -> tuple[Any, Any]:
 
 
 def _build(tmp: Path, tiny_model: Path, adapter: Path, precision: str) -> Path:
-    from orchestrator.job import ModelArtifact
+    from orchestrator.core.job import ModelArtifact
     from orchestrator.passes.extract_adapters import ExtractAdaptersPass
     from orchestrator.passes.model_builder import ModelBuilderPass
 
@@ -72,7 +72,7 @@ def _build(tmp: Path, tiny_model: Path, adapter: Path, precision: str) -> Path:
 
 
 def test_fp32_adapter_parity_with_peft_and_base_without_it(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
-    from orchestrator import onnx_tools
+    from orchestrator.passes import onnx_tools
     from orchestrator.passes.extract_adapters import ADAPTER_FILE, convert_peft_adapter, load_adapter
 
     folder = _build(tmp_path, tiny_model, adapter, "fp32")
@@ -91,7 +91,7 @@ def test_fp32_adapter_parity_with_peft_and_base_without_it(tmp_path: Path, tiny_
 
 
 def test_int4_base_keeps_the_adapter_float(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
-    from orchestrator import onnx_tools
+    from orchestrator.passes import onnx_tools
 
     folder = _build(tmp_path, tiny_model, adapter, "int4")
     assert onnx_tools.matmulnbits_count(folder) > 0  # the base is int4
@@ -105,7 +105,8 @@ def test_int4_base_keeps_the_adapter_float(tmp_path: Path, tiny_model: Path, ada
 
 
 def test_extract_adapters_refusals(tmp_path: Path, tiny_model: Path) -> None:
-    from orchestrator.config import ConfigError, load_workflow
+    from orchestrator.olive import load_workflow
+    from orchestrator.schema import ConfigError
 
     wf = {"input_model": {"type": "HfModel", "model_path": "./m"},
           "passes": {"b": {"type": "ModelBuilder", "precision": "int4"},
@@ -148,8 +149,8 @@ def test_onnx_conversion_keeps_an_adapter_unmerged_or_merges_it(tmp_path: Path, 
     both graphs reproduce transformers + peft (prompt and cached step), and the adapter changes the logits."""
     import onnx
 
-    from orchestrator import onnx_tools
-    from orchestrator.job import ModelArtifact
+    from orchestrator.core.job import ModelArtifact
+    from orchestrator.passes import onnx_tools
     from orchestrator.passes.onnx_conversion import OnnxConversionPass
 
     model = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
@@ -174,8 +175,8 @@ def test_extract_adapters_from_a_torch_exported_peft_graph(tmp_path: Path, tiny_
     without them the base model's; onnxruntime-genai agrees with the graph both ways (metadata_only's check)."""
     import numpy as np
 
-    from orchestrator import onnx_tools
-    from orchestrator.job import ModelArtifact
+    from orchestrator.core.job import ModelArtifact
+    from orchestrator.passes import onnx_tools
     from orchestrator.passes.extract_adapters import ADAPTER_FILE, ExtractAdaptersPass, load_adapter
     from orchestrator.passes.model_builder import ModelBuilderPass
     from orchestrator.passes.onnx_conversion import OnnxConversionPass

@@ -132,7 +132,7 @@ def _interrupt_after(n: int) -> Iterator[list[str]]:
     """The boundary of an interrupted follow: `out.print` of the CLI raises KeyboardInterrupt (what Ctrl-C does
     there) when asked to print line n+1, so exactly n lines were shown. The next `orch logs -f` must start with
     line n+1: a line counts as shown once its print returned."""
-    from orchestrator.systems.azureml import cli as aml_cli
+    from orchestrator.cli import azure as aml_cli
 
     shown: list[str] = []
     real = aml_cli.out.print

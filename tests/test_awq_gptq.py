@@ -41,7 +41,7 @@ GS = 32
 
 @pytest.fixture(scope="module")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
-    from orchestrator.tiny_model import build_tiny_phi3
+    from orchestrator.passes.tiny_model import build_tiny_phi3
 
     # hidden 128, intermediate 352: every Linear input width a multiple of GS
     return build_tiny_phi3(tmp_path_factory.mktemp("tiny") / "model", num_layers=2, seed=5)
@@ -201,7 +201,7 @@ def test_awq_state_round_trips_through_the_checkpoint_and_the_model_builder(tmp_
     import transformers
     from safetensors.torch import load_file
 
-    from orchestrator.onnx_tools import GenaiModel, hf_encode, matmulnbits_nodes, onnx_model_file
+    from orchestrator.passes.onnx_tools import GenaiModel, hf_encode, matmulnbits_nodes, onnx_model_file
 
     gen = torch.Generator().manual_seed(0)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_phi3)

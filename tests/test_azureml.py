@@ -119,7 +119,7 @@ def test_submit_logs_status_download(aml: dict[str, Any], tmp_path: Path) -> Non
     assert (dest / "model" / "genai_config.json").exists()
     assert json.loads((dest / "manifest.json").read_text())["final_model"]["format"] == "onnx_genai"
     assert "registered azureml:tone-int4:1" in res.output
-    from orchestrator.onnx_tools import generate
+    from orchestrator.passes.onnx_tools import generate
 
     text, n_tokens, _ = generate(dest / "model", "### Text: what a lovely day\n### The tone is:\n", 4, chat=False)
     assert n_tokens > 0 and isinstance(text, str)
@@ -243,7 +243,7 @@ def test_run_host_aml_chains_by_reference(aml: dict[str, Any], tmp_path: Path) -
 
 
 def test_download_once_and_refuses_escaping_entries(aml: dict[str, Any], tmp_path: Path) -> None:
-    from orchestrator.cache import Cache
+    from orchestrator.core.cache import Cache
     from orchestrator.systems.azureml.download import DownloadError, download_reference, origin_of, safe_extract
 
     s = aml["s"]

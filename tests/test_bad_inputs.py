@@ -441,7 +441,7 @@ def test_dead_tracking_server_fails_in_seconds_with_secrets_masked(case: Path, c
 
 
 def test_secret_forms_are_redacted() -> None:
-    from orchestrator.tracking import flatten_params, redact, redact_obj
+    from orchestrator.engine.tracking import flatten_params, redact, redact_obj
 
     assert redact("https://u:pw@host:5000/x") == "https://u:***@host:5000/x"
     assert redact("https://ghp_tok@host") == "https://***@host"
@@ -455,7 +455,7 @@ def test_secret_forms_are_redacted() -> None:
 
 
 def test_text_template_keeps_non_ascii() -> None:
-    from orchestrator.olive_commands import finetune_workflow
+    from orchestrator.olive.commands import finetune_workflow
 
     wf = finetune_workflow(
         model_name_or_path="m",
@@ -478,8 +478,8 @@ def test_awq_on_cpu_env_works_through_the_cli(case: Path, capsys, monkeypatch) -
 
 # ---- cache keys -----------------------------------------------------------------------------------------------
 def _keys(case: Path, data_files: Any) -> list[str]:
-    from orchestrator.config import load_workflow
     from orchestrator.engine import Engine
+    from orchestrator.olive import load_workflow
 
     wf = load_workflow(_wf_with(case, "data_configs.0.load_dataset_config.data_files", data_files), base_dir=case)
     return [s.key for s in Engine(wf, tracking=False).plan()]
@@ -508,8 +508,8 @@ def test_cache_keys_cover_lists_globs_and_folders_by_content(case: Path) -> None
 
 
 def test_cache_key_covers_a_data_folder(case: Path) -> None:
-    from orchestrator.config import load_workflow
     from orchestrator.engine import Engine
+    from orchestrator.olive import load_workflow
 
     (case / "dd").mkdir()
     shutil.copy(case / "d.jsonl", case / "dd" / "train.jsonl")
@@ -528,7 +528,7 @@ def test_cache_key_covers_a_data_folder(case: Path) -> None:
 # ---- MLflow tracking -------------------------------------------------------------------------------------------
 TRACKER = """
 import sys, time
-from orchestrator.tracking import Tracker
+from orchestrator.engine.tracking import Tracker
 t = Tracker(sys.argv[1], "exp", "run", enabled=True)
 print(t.run_id, flush=True)
 if len(sys.argv) > 2:
@@ -564,7 +564,7 @@ def test_concurrent_first_runs_share_a_new_sqlite_db(tmp_path: Path) -> None:
 def test_a_run_killed_with_9_is_closed_as_killed_by_the_next(tmp_path: Path) -> None:
     import mlflow
 
-    from orchestrator.tracking import Tracker
+    from orchestrator.engine.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     victim = _py(uri, "hang")

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.config import (
+from orchestrator.olive import load_workflow
+from orchestrator.passes import registry
+from orchestrator.passes.lora.training_args import (
+    SFT_CONFIG_FIELDS,
+    TRAINING_ARGUMENTS_FIELDS,
+    TrainingArgsError,
+    normalize_training_args,
+)
+from orchestrator.schema import (
     AzureMLDatastore,
     AzureMLModel,
     AzureMLRegistryModel,
@@ -18,12 +26,8 @@ from orchestrator.config import (
     HfHubModel,
     LocalFile,
     LocalFolder,
-    load_workflow,
-    normalize_training_args,
     parse_resource,
 )
-from orchestrator.config.training_args import SFT_CONFIG_FIELDS, TRAINING_ARGUMENTS_FIELDS, TrainingArgsError
-from orchestrator.passes import registry
 
 # The seed 001 snippets (Olive's Phi-3 fine-tuning tutorial), assembled as a user would.
 SEED_INPUT_LOCAL = {

@@ -1,4 +1,4 @@
-"""orchestrator.data on real files through the real `datasets` library: templates, splits, eval carve-out, errors."""
+"""orchestrator.passes.data on real files through the real `datasets` library: templates, splits, eval carve-out."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import load_workflow
-from orchestrator.data import DataError, TextDataSpec, load_splits, text_spec
+from orchestrator.olive import load_workflow
 from orchestrator.passes.base import PassError
+from orchestrator.passes.data import DataError, TextDataSpec, load_splits, text_spec
 
 ROWS = [{"Question": f"q{i}", "Best Answer": f"a{i}", "tone": "Joy" if i % 2 else "Sad", "n": i} for i in range(10)]
 

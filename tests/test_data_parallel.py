@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config.systems import LocalSystemConfig
-from orchestrator.job import Job, JobResult, JobState, ModelArtifact
-from orchestrator.launch import resolve_processes, runner_command
-from orchestrator.passes.lora import LoRAPass
+from orchestrator.core.job import Job, JobResult, JobState, ModelArtifact
+from orchestrator.core.launch import resolve_processes, runner_command
+from orchestrator.passes.lora.train import LoRAPass
 from orchestrator.passes.merge import MergeAdapterWeightsPass
+from orchestrator.schema.systems import LocalSystemConfig
 from orchestrator.systems.local import LocalSystem
 from tests.conftest import tone_data_config
 

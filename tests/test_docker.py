@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.docker_images import (
+from orchestrator.core.job import Job, JobState, ModelArtifact
+from orchestrator.systems.base import SystemFailure
+from orchestrator.systems.docker.images import (
     DEFAULT_BASE_IMAGE,
     BuiltImage,
     build_base_image,
@@ -24,10 +26,8 @@ from orchestrator.docker_images import (
     docker_client,
     list_environments,
 )
-from orchestrator.environments import EnvSpecError
-from orchestrator.job import Job, JobState, ModelArtifact
-from orchestrator.systems.base import SystemFailure
-from orchestrator.systems.docker import CONTAINER_JOB_FILE, LOG_FILE, DockerSystem
+from orchestrator.systems.docker.system import CONTAINER_JOB_FILE, LOG_FILE, DockerSystem
+from orchestrator.systems.environments import EnvSpecError
 
 pytestmark = pytest.mark.docker
 

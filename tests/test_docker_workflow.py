@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def env_images() -> set[str]:
-    from orchestrator.docker_images import list_environments
+    from orchestrator.systems.docker.images import list_environments
 
     return {row["id"] for row in list_environments()}
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from orchestrator.cache import Cache
-from orchestrator.config import load_workflow
+from orchestrator.core.cache import Cache
 from orchestrator.engine import Engine
+from orchestrator.olive import load_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 

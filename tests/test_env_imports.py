@@ -23,16 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 ENVIRONMENTS = REPO / "environments"
 PASSES = "orchestrator.passes."
 RUNNER = ["orchestrator.runner"]
-DRIVER = ["orchestrator.cli", "orchestrator.systems.azureml.driver", "orchestrator.engine", "orchestrator.plots"]
+DRIVER = ["orchestrator.cli", "orchestrator.engine.aml_driver", "orchestrator.engine", "orchestrator.engine.plots"]
 AML_JOB = ["azureml.mlflow", "azure.identity", "azure.keyvault.secrets"]  # azureml:// tracking, Key Vault
-CPU_TRAIN = [PASSES + "lora", PASSES + "merge"]
+CPU_TRAIN = [PASSES + "lora.train", PASSES + "merge"]
 CPU_EXPORT = [PASSES + "model_builder", PASSES + "quantize", PASSES + "evaluate"]
 # Which code runs in which environment (passes by their requirements().environment; the driver job runs all).
 RUNS_IN: dict[str, list[str]] = {
     "cpu-train": RUNNER + CPU_TRAIN,
     "cpu-export": RUNNER + CPU_EXPORT,
     "aml-cpu": RUNNER + DRIVER + CPU_TRAIN + CPU_EXPORT + AML_JOB,
-    "gpu-train": RUNNER + DRIVER + CPU_TRAIN + [PASSES + "lora_cuda", PASSES + "lora_fused"] + CPU_EXPORT + AML_JOB,
+    "gpu-train": RUNNER + DRIVER + CPU_TRAIN + [PASSES + "lora.cuda", PASSES + "lora.fused"] + CPU_EXPORT + AML_JOB,
     "gpu-quantize": RUNNER + [PASSES + "awq_gptq"],
 }
 # import name -> distribution name, where they differ
@@ -113,7 +113,7 @@ def _is_module(name: str) -> bool:
 
 
 def _listed(conda: Path) -> set[str]:
-    from orchestrator.environments import load_env_spec
+    from orchestrator.systems.environments import load_env_spec
 
     spec = load_env_spec(conda)
     return {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in spec.pip_requirements}
@@ -188,7 +188,7 @@ def _run_imports(image: str, modules: list[str]) -> str:
 @pytest.mark.docker
 @pytest.mark.parametrize("env", ["cpu-train", "cpu-export"])
 def test_docker_image_imports_its_modules(env: str) -> None:
-    from orchestrator.docker_images import build_environment
+    from orchestrator.systems.docker.images import build_environment
 
     built = build_environment(env)  # DockerSystem's image of the file (reused when test_docker built it)
     modules = RUNS_IN[env] + (sorted(_cpu_export_extra()) if env == "cpu-export" else [])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.environments import (
+from orchestrator.systems.environments import (
     EnvSpecError,
     PipSettings,
     load_env_spec,

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.job import Job, ModelArtifact
+from orchestrator.core.job import Job, ModelArtifact
 from orchestrator.passes.base import PassContext, PassError, PassOutput
 from orchestrator.passes.evaluate import EvaluatePass, prompt_prefix
 from orchestrator.passes.model_builder import ModelBuilderPass
-from orchestrator.tiny_model import build_tiny_phi3
+from orchestrator.passes.tiny_model import build_tiny_phi3
 
 TONES = ["Sad", "Joy", "Fear", "Surprise"]
 PHRASES = {

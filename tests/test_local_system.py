@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.job import Job, JobResult, JobState, ModelArtifact
+from orchestrator.core.job import Job, JobResult, JobState, ModelArtifact
 from orchestrator.systems.base import SystemFailure
 from orchestrator.systems.local import LocalSystem
 from tests.conftest import tone_data_config

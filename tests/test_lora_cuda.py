@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.passes import lora_cuda
-from orchestrator.passes.lora_cuda import (
+from orchestrator.passes.lora.cuda import (
     VARLEN_ATTN,
     estimate_step_memory_gib,
     parse_options,
     plan_cuda,
 )
+from orchestrator.passes.lora.train import cuda as lora_cuda
 
 H100 = {
     "name": "NVIDIA H100 80GB HBM3",
@@ -76,7 +76,7 @@ def test_new_choices_each_turn_off_and_need_their_packages() -> None:
 def test_split_gemms_compute_the_plain_products() -> None:
     import torch
 
-    from orchestrator.passes import lora_kernels
+    from orchestrator.passes.lora.train import kernels as lora_kernels
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(1030, 48, generator=gen, dtype=torch.float64)
@@ -246,7 +246,7 @@ def test_split_qkv_and_orch_swiglu_leave_loss_and_gradients_unchanged(tiny_phi3)
 def test_swiglu_reference_is_phi3_mlp_arithmetic() -> None:
     import torch
 
-    from orchestrator.passes.lora_kernels import swiglu
+    from orchestrator.passes.lora.kernels import swiglu
 
     u = torch.randn(5, 3, 16, dtype=torch.bfloat16)
     gate, up = u.chunk(2, dim=-1)
@@ -355,7 +355,7 @@ def test_apply_plan_fuses_the_lora_layers(tiny_phi3) -> None:
     import peft
     import transformers
 
-    from orchestrator.passes.lora_fused import FUSED_ATTR
+    from orchestrator.passes.lora.fused import FUSED_ATTR
 
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv_proj", "down_proj"]))
@@ -367,7 +367,7 @@ def test_apply_plan_fuses_the_lora_layers(tiny_phi3) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
-    from orchestrator.tiny_model import build_tiny_phi3
+    from orchestrator.passes.tiny_model import build_tiny_phi3
 
     return build_tiny_phi3(tmp_path_factory.mktemp("tiny") / "model", num_layers=2, seed=1)
 
@@ -446,7 +446,7 @@ def test_cu_seqlens_from_position_ids() -> None:
 
 
 def _awq_ctx(tmp_path, data_configs=None):
-    from orchestrator.job import Job
+    from orchestrator.core.job import Job
     from orchestrator.passes.base import PassContext
 
     job = Job(
@@ -466,7 +466,7 @@ def _awq_ctx(tmp_path, data_configs=None):
     ],
 )
 def test_awq_gptq_refusals_need_nothing_loaded(tmp_path, kwargs, model_kwargs, match) -> None:
-    from orchestrator.job import ModelArtifact
+    from orchestrator.core.job import ModelArtifact
     from orchestrator.passes.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig, GptqQuantizerPass
     from orchestrator.passes.base import PassError
 
@@ -494,7 +494,7 @@ def test_awq_gptq_config_takes_olive_names() -> None:
 def test_awq_without_cuda_is_refused_before_loading(tmp_path) -> None:
     import torch
 
-    from orchestrator.job import ModelArtifact
+    from orchestrator.core.job import ModelArtifact
     from orchestrator.passes.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig
     from orchestrator.passes.base import PassError
 
@@ -539,8 +539,8 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
     import torch
     import transformers
 
-    from orchestrator.onnx_tools import hf_encode, hf_logits, logits_parity, matmulnbits_nodes, onnx_model_file
     from orchestrator.passes.awq_gptq import load_dequantized, pack_gptq, write_gptq_checkpoint
+    from orchestrator.passes.onnx_tools import hf_encode, hf_logits, logits_parity, matmulnbits_nodes, onnx_model_file
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_phi3)
@@ -590,7 +590,7 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
 
     # orch's ModelBuilder pass with its defaults on the same checkpoint (what `orch quantize` -> ModelBuilder runs):
     # the parity check against transformers is skipped for a pre-quantized input, and the generation check runs
-    from orchestrator.job import Job, ModelArtifact
+    from orchestrator.core.job import Job, ModelArtifact
     from orchestrator.passes.base import PassContext
     from orchestrator.passes.model_builder import ModelBuilderPass
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator import onnx_tools
-from orchestrator.job import Job, ModelArtifact
+from orchestrator.core.job import Job, ModelArtifact
+from orchestrator.passes import onnx_tools
 from orchestrator.passes.base import PassContext, PassError, PassOutput
 from orchestrator.passes.model_builder import ModelBuilderPass, lm_head_impostors, resolve_execution_provider
-from orchestrator.tiny_model import build_tiny_phi3
+from orchestrator.passes.tiny_model import build_tiny_phi3
 
 
 def run_builder_pass(

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.onnx_tools import matmulnbits_count
+from orchestrator.passes.onnx_tools import matmulnbits_count
 from orchestrator.passes.quantize import genai_provider
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_corpus_records_source_and_rewrites() -> None:
 if __name__ == "__main__":
     import tempfile
 
-    from orchestrator.tiny_model import build_tiny_phi3
+    from orchestrator.passes.tiny_model import build_tiny_phi3
 
     wanted = set(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +196,7 @@ def _wf(**extra: Any) -> dict[str, Any]:
 
 
 def test_execution_providers_come_from_the_target_systems_accelerators(tmp_path: Path) -> None:
-    from orchestrator.config import load_workflow
+    from orchestrator.olive import load_workflow
 
     eps = ["CPUExecutionProvider", "CUDAExecutionProvider"]
     systems = {
@@ -214,7 +214,8 @@ def test_execution_providers_come_from_the_target_systems_accelerators(tmp_path:
 
 
 def test_olive_only_keys_are_honoured_refused_or_noted(tmp_path: Path) -> None:
-    from orchestrator.config import ConfigError, load_workflow
+    from orchestrator.olive import load_workflow
+    from orchestrator.schema import ConfigError
 
     wf = load_workflow(
         _wf(**{"$schema": "x", "no_artifacts": True, "pass_flows": [["b", "a"]], "clean_cache": True,
@@ -253,7 +254,7 @@ def test_olive_current_quantizer_names_resolve() -> None:
 
 
 def test_phi3_target_modules_map_to_the_fused_projections(tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
-    from orchestrator.olive_commands import fused_target_modules
+    from orchestrator.olive.commands import fused_target_modules
 
     asked = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert fused_target_modules(asked, str(tiny_model)) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -263,8 +264,8 @@ def test_phi3_target_modules_map_to_the_fused_projections(tiny_model: Path, caps
 
 
 def test_hqq_int4_parity_with_transformers(tmp_path: Path, tiny_model: Path) -> None:
-    from orchestrator import onnx_tools
-    from orchestrator.job import Job, ModelArtifact
+    from orchestrator.core.job import Job, ModelArtifact
+    from orchestrator.passes import onnx_tools
     from orchestrator.passes.base import PassContext
     from orchestrator.passes.model_builder import ModelBuilderPass
     from orchestrator.passes.onnx_hqq import OnnxHqqQuantizationPass
@@ -286,8 +287,8 @@ def test_hqq_int4_parity_with_transformers(tmp_path: Path, tiny_model: Path) -> 
 
 def test_olive_data_config_forms(tmp_path: Path) -> None:
     """params_config, col_filters, {split: file} data_files (relative to a data folder), the default text column."""
-    from orchestrator.config import load_workflow
-    from orchestrator.data import load_splits
+    from orchestrator.olive import load_workflow
+    from orchestrator.passes.data import load_splits
 
     rows = [{"text": f"row {i}", "lang": "Python" if i % 2 else "C"} for i in range(10)]
     (tmp_path / "d" / "en").mkdir(parents=True)
@@ -318,8 +319,8 @@ def test_onnx_conversion_optimization_dynamic_quant_parity(tmp_path: Path, tiny_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from orchestrator import onnx_tools
-    from orchestrator.job import Job, ModelArtifact
+    from orchestrator.core.job import Job, ModelArtifact
+    from orchestrator.passes import onnx_tools
     from orchestrator.passes.base import PassContext
     from orchestrator.passes.onnx_conversion import OnnxConversionPass
     from orchestrator.passes.onnx_dynamic_quant import OnnxDynamicQuantizationPass
@@ -365,7 +366,7 @@ def test_capture_onnx_graph_and_refused_commands(tmp_path: Path, tiny_model: Pat
 
 
 def test_cli_data_files_comma_list() -> None:
-    from orchestrator.olive_commands import finetune_workflow
+    from orchestrator.olive.commands import finetune_workflow
 
     wf = finetune_workflow(
         model_name_or_path="m", output_path="o", data_name="json", data_files="a.jsonl, b.jsonl", text_field="t"
@@ -381,8 +382,9 @@ def _ev_wf(metrics: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 
 def test_evaluator_metric_config_and_backend_honoured_or_refused_at_load(tmp_path: Path) -> None:
-    from orchestrator.config import ConfigError, load_workflow
+    from orchestrator.olive import load_workflow
     from orchestrator.passes.evaluate import EvaluateConfig
+    from orchestrator.schema import ConfigError
 
     ok = [
         {"name": "lat", "type": "latency", "backend": "torch_metrics",
@@ -415,9 +417,10 @@ def test_evaluator_metric_config_and_backend_honoured_or_refused_at_load(tmp_pat
 def test_cuda_only_evaluator_and_awq_without_data_refused_before_compute(tmp_path: Path, tiny_model: Path) -> None:
     import torch
 
-    from orchestrator.config import ConfigError, load_workflow
     from orchestrator.engine import Engine
-    from orchestrator.preflight import PreflightError
+    from orchestrator.engine.preflight import PreflightError
+    from orchestrator.olive import load_workflow
+    from orchestrator.schema import ConfigError
 
     gpu = {"gpu": {"type": "LocalSystem", "accelerators": [{"device": "gpu"}]}}
     raw = _ev_wf([{"name": "l", "type": "latency"}], systems=gpu, target="gpu")
@@ -442,7 +445,7 @@ def test_cuda_only_evaluator_and_awq_without_data_refused_before_compute(tmp_pat
 
 
 def _run_pass(p: Any, out: Path, model: Any, data_configs: dict[str, Any] | None = None, **cfg: Any) -> Any:
-    from orchestrator.job import Job
+    from orchestrator.core.job import Job
     from orchestrator.passes.base import PassContext
 
     job = Job(job_id="j", pass_name="p", pass_type=p.type_name, output_dir=str(out), data_configs=data_configs or {})
@@ -454,7 +457,7 @@ def test_onnx_conversion_graph_has_a_kv_cache_and_dummy_latency_times_it(tmp_pat
     transformers both ways; the dummy containers feed it with Olive's default shapes, and Evaluate times it."""
     import onnxruntime as ort
 
-    from orchestrator.job import ModelArtifact
+    from orchestrator.core.job import ModelArtifact
     from orchestrator.passes.base import PassError
     from orchestrator.passes.dummy_data import dummy_inputs, session_inputs
     from orchestrator.passes.evaluate import EvaluatePass
@@ -500,8 +503,9 @@ def test_onnx_conversion_graph_has_a_kv_cache_and_dummy_latency_times_it(tmp_pat
 
 
 def test_dummy_containers_are_refused_where_text_is_needed(tmp_path: Path) -> None:
-    from orchestrator.config import ConfigError, load_workflow
-    from orchestrator.data import DataError, load_splits
+    from orchestrator.olive import load_workflow
+    from orchestrator.passes.data import DataError, load_splits
+    from orchestrator.schema import ConfigError
 
     dummy = {"name": "tok", "type": "TransformersTokenDummyDataContainer", "load_dataset_config": {"model_name": "x"}}
     wf = load_workflow(_wf(data_configs=[dummy]), base_dir=tmp_path)
@@ -515,8 +519,8 @@ def test_dummy_containers_are_refused_where_text_is_needed(tmp_path: Path) -> No
 def test_model_builder_metadata_only_makes_the_exported_graph_a_genai_model(tmp_path: Path, tiny_model: Path) -> None:
     """OnnxConversion -> OrtTransformersOptimization -> ModelBuilder metadata_only (Olive's LLM chain): the same
     graph, now with genai_config.json; onnxruntime-genai's logits equal the graph's, cached decoding agrees."""
-    from orchestrator import onnx_tools
-    from orchestrator.job import ModelArtifact
+    from orchestrator.core.job import ModelArtifact
+    from orchestrator.passes import onnx_tools
     from orchestrator.passes.base import PassError
     from orchestrator.passes.model_builder import ModelBuilderPass
     from orchestrator.passes.onnx_conversion import OnnxConversionPass
@@ -543,20 +547,21 @@ def test_model_builder_metadata_only_makes_the_exported_graph_a_genai_model(tmp_
 
 
 def test_cache_key_code_covers_the_helpers_a_pass_imports() -> None:
-    from orchestrator.code_identity import _closure, _source_path, code_hash
+    from orchestrator.core.code_identity import _closure, _source_path, code_hash
 
     files = {n for n in _closure("orchestrator.passes.model_builder") if _source_path(n)}
-    assert {"orchestrator.passes.genai_metadata", "orchestrator.onnx_tools", "orchestrator.passes.base"} <= files
+    assert {"orchestrator.passes.genai_metadata", "orchestrator.passes.onnx_tools", "orchestrator.passes.base"} <= files
     assert code_hash("orchestrator.passes.model_builder") != code_hash("orchestrator.passes.quantize")
 
 
 def test_split_model_makes_a_genai_pipeline_that_generates_like_the_whole(tmp_path: Path, tiny_model: Path) -> None:
     """Olive's CaptureSplitInfo + SplitModel (auto-opt --num-splits): parts in sequence == the whole graph, and
     onnxruntime-genai's decoder-pipeline generates the same tokens; CaptureSplitInfo's plan moves into SplitModel."""
-    from orchestrator.config import ConfigError, load_workflow
-    from orchestrator.job import ModelArtifact
+    from orchestrator.core.job import ModelArtifact
+    from orchestrator.olive import load_workflow
     from orchestrator.passes.model_builder import ModelBuilderPass
     from orchestrator.passes.split_model import SplitModelPass
+    from orchestrator.schema import ConfigError
 
     wf = load_workflow({"input_model": {"type": "HfModel", "model_path": "./m"}, "passes": {
         "cap": {"type": "CaptureSplitInfo", "num_splits": 2, "unique_embeds_lm_head_splits": True},

@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from orchestrator import onnx_tools
-from orchestrator.job import Job, ModelArtifact
+from orchestrator.core.job import Job, ModelArtifact
+from orchestrator.passes import onnx_tools
 from orchestrator.passes.base import PassContext, PassError, PassOutput
 from orchestrator.passes.model_builder import ModelBuilderPass
 from orchestrator.passes.quantize import MatMulNBitsQuantizePass
 from orchestrator.passes.registry import load_pass
-from orchestrator.tiny_model import build_tiny_phi3
+from orchestrator.passes.tiny_model import build_tiny_phi3
 
 
 def run_pass(p: Any, out: Path, model: ModelArtifact, **cfg: Any) -> PassOutput:

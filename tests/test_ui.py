@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import ui
+from orchestrator.cli import render as ui
 from orchestrator.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def lora_run(tmp_path: Path) -> tuple[Path, str]:
     `orch run` took 70 s on 2 busy cores, past this test's budget; tests/test_engine.py covers what it logs."""
     import json
 
-    from orchestrator.tracking import Tracker
+    from orchestrator.engine.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     tracker = Tracker(uri, "orch", "tone-classification")

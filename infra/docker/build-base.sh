@@ -4,4 +4,4 @@
 # Needs: root, a running dockerd, debootstrap, and http://deb.debian.org reachable.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-exec "${PYTHON:-.venv/bin/python}" -m orchestrator.docker_images base
+exec "${PYTHON:-.venv/bin/python}" -m orchestrator.systems.docker.images base

@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 
 from pydantic import AliasChoices, Field, model_validator
 
-from orchestrator.job import ModelArtifact, atomic_dir
+from orchestrator.core.job import ModelArtifact, atomic_dir
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 LLMCOMPRESSOR_PIN = "llmcompressor==0.14.0.1 compressed-tensors==0.19.0 transformers==5.17.0"
@@ -180,7 +180,7 @@ class _AwqGptqPass(Pass):
         return self.quantize(config, model, ctx, texts)
 
     def calibration_texts(self, config: AwqGptqConfig, ctx: PassContext) -> list[str]:
-        from orchestrator.data import load_splits
+        from orchestrator.passes.data import load_splits
 
         data_configs = ctx.job.data_configs
         if config.data_config not in data_configs:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.job import Job, ModelArtifact, append_event
+from orchestrator.core.job import Job, ModelArtifact, append_event
 
 
 class PassConfig(BaseModel):

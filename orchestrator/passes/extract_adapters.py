@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
-from orchestrator.job import ModelArtifact
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 ADAPTER_FILE = "adapter_weights.onnx_adapter"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.job import ModelArtifact, atomic_write_text
+from orchestrator.core.job import ModelArtifact, atomic_write_text
 from orchestrator.passes.base import PassContext, PassError, PassOutput
 
 OUTPUT_DIR = "model"
@@ -62,7 +62,7 @@ def write_genai_metadata(
     build_config: Callable[[Path, Path, dict[str, str]], None],
 ) -> PassOutput:
     """onnx folder in -> onnx_genai folder out: the same graph + genai_config.json + tokenizer files."""
-    from orchestrator import onnx_tools
+    from orchestrator.passes import onnx_tools
 
     if model.format != "onnx":
         raise PassError(
@@ -130,7 +130,7 @@ def check_metadata(model_dir: Path, graph: Path, execution_provider: str, ctx: P
 def _check_one(model_dir: Path, graph: Path, ctx: PassContext, adapter: dict[str, Any] | None) -> dict[str, Any]:
     import numpy as np
 
-    from orchestrator import onnx_tools
+    from orchestrator.passes import onnx_tools
 
     label = "with the adapter" if adapter is not None else "base"
     og_model = onnx_tools.GenaiModel(model_dir, "cpu", use_adapter=adapter is not None)

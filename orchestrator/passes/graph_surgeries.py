@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.job import ModelArtifact, atomic_dir
+from orchestrator.core.job import ModelArtifact, atomic_dir
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput
 
 SURGEONS = ("TieWordEmbeddings",)
@@ -59,7 +59,7 @@ class GraphSurgeriesPass(Pass):
             raise PassError("GraphSurgeries needs an ONNX model (a ModelBuilder output) as input")
         import onnx_ir as ir
 
-        from orchestrator import onnx_tools
+        from orchestrator.passes import onnx_tools
 
         src = Path(model.path)
         onnx_path = onnx_tools.onnx_model_file(src)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import ClassVar
 
-from orchestrator.job import ModelArtifact, atomic_dir
+from orchestrator.core.job import ModelArtifact, atomic_dir
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 MODEL_DIR = "model"

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from orchestrator.job import ModelArtifact, atomic_dir
+from orchestrator.core.job import ModelArtifact, atomic_dir
 from orchestrator.passes import olive_quant as oq
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput
 

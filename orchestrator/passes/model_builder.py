@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from orchestrator.job import ModelArtifact, atomic_write_text
+from orchestrator.core.job import ModelArtifact, atomic_write_text
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
@@ -328,7 +328,7 @@ class ModelBuilderPass(Pass):
         if config.search:
             self._apply_search(tmp, config.search)
 
-        from orchestrator import onnx_tools
+        from orchestrator.passes import onnx_tools
 
         metrics: dict[str, float] = {
             "build_s": build_s,
@@ -390,7 +390,7 @@ class ModelBuilderPass(Pass):
         adapter: str | None = None,
     ) -> dict[str, float]:
         """Parity with transformers (a hard gate for fp32) and a short og generation, where this host can run it."""
-        from orchestrator import onnx_tools
+        from orchestrator.passes import onnx_tools
 
         metrics: dict[str, float] = {}
         if ep != "cpu":

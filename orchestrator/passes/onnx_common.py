@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from orchestrator.job import ModelArtifact
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import PassError
 
 DATA_NAME = "model.onnx.data"
@@ -39,7 +39,7 @@ def resave(dst: Path, *, external: bool = True) -> None:
 
 def onnx_input(model: ModelArtifact | None, pass_name: str) -> Path:
     """The .onnx file of an 'onnx' input (a plain ONNX folder); one line when the input is something else."""
-    from orchestrator import onnx_tools
+    from orchestrator.passes import onnx_tools
 
     if model is None or model.format != "onnx":
         got = "no model" if model is None else f"format {model.format!r}"

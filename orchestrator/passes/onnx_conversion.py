@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.job import ModelArtifact
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 from orchestrator.passes.onnx_common import resave
 
@@ -131,7 +131,7 @@ class OnnxConversionPass(Pass):
         assert isinstance(config, OnnxConversionConfig)
         import torch
 
-        from orchestrator import onnx_tools
+        from orchestrator.passes import onnx_tools
 
         if model is None or model.format not in ("hf", "hf_adapter"):
             raise PassError(f"OnnxConversion exports HF checkpoints, got {model.format if model else 'no model'!r}")

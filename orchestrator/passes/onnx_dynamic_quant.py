@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from typing import Literal
 
-from orchestrator.job import ModelArtifact
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassOutput, Requirements
 from orchestrator.passes.onnx_common import copy_side_files, onnx_input, resave
 
@@ -47,7 +47,7 @@ class OnnxDynamicQuantizationPass(Pass):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from orchestrator import onnx_tools
+        from orchestrator.passes import onnx_tools
 
         src = onnx_input(model, self.type_name)
         tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from orchestrator.job import ModelArtifact
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 from orchestrator.passes.onnx_common import copy_side_files, onnx_input, save_one_data_file
 
@@ -51,7 +51,7 @@ class OrtTransformersOptimizationPass(Pass):
         from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
-        from orchestrator import onnx_tools
+        from orchestrator.passes import onnx_tools
 
         src = onnx_input(model, self.type_name)
         options = FusionOptions(config.model_type)

@@ -12,8 +12,8 @@ import importlib
 from orchestrator.passes.base import Pass
 
 PASSES: dict[str, str] = {
-    "LoRA": "orchestrator.passes.lora:LoRAPass",
-    "QLoRA": "orchestrator.passes.lora:QLoRAPass",
+    "LoRA": "orchestrator.passes.lora.train:LoRAPass",
+    "QLoRA": "orchestrator.passes.lora.train:QLoRAPass",
     "MergeAdapterWeights": "orchestrator.passes.merge:MergeAdapterWeightsPass",
     "ModelBuilder": "orchestrator.passes.model_builder:ModelBuilderPass",
     "OnnxMatMul4Quantizer": "orchestrator.passes.quantize:MatMulNBitsQuantizePass",

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from orchestrator.job import ModelArtifact
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes import olive_quant as oq
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput
 

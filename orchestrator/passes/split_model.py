@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from orchestrator.job import ModelArtifact, atomic_write_text
+from orchestrator.core.job import ModelArtifact, atomic_write_text
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 OUTPUT_DIR = "model"
@@ -117,7 +117,7 @@ def pipeline_logits_diff(whole: Path, parts: Path, stages: list[dict[str, Any]],
     import numpy as np
     import onnxruntime as ort
 
-    from orchestrator import onnx_tools
+    from orchestrator.passes import onnx_tools
 
     try:
         ref = onnx_tools.ort_logits(whole, ids)
@@ -159,7 +159,7 @@ class SplitModelPass(Pass):
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, SplitModelConfig)
-        from orchestrator import onnx_tools
+        from orchestrator.passes import onnx_tools
 
         if model is None or model.format != "onnx_genai":
             got = "no model" if model is None else f"format {model.format!r}"

@@ -9,8 +9,8 @@ from orchestrator.systems.base import System, SystemFailure
 
 SYSTEMS: dict[str, str] = {
     "LocalSystem": "orchestrator.systems.local:LocalSystem",
-    "Docker": "orchestrator.systems.docker:DockerSystem",
-    "DockerSystem": "orchestrator.systems.docker:DockerSystem",
+    "Docker": "orchestrator.systems.docker.system:DockerSystem",
+    "DockerSystem": "orchestrator.systems.docker.system:DockerSystem",
     "AzureML": "orchestrator.systems.azureml.system:AzureMLSystem",
     "AzureMLSystem": "orchestrator.systems.azureml.system:AzureMLSystem",
 }

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.job import Job, JobResult, JobState
+from orchestrator.core.job import Job, JobResult, JobState
 
 
 class SystemFailure(Exception):

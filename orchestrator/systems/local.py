@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from orchestrator.job import JOB_FILE, Job, JobResult, JobState
-from orchestrator.launch import ProcessesPerNode, resolve_processes, runner_command
+from orchestrator.core.job import JOB_FILE, Job, JobResult, JobState
+from orchestrator.core.launch import ProcessesPerNode, resolve_processes, runner_command
 from orchestrator.systems.base import JobHandle, System, SystemFailure
 
 LOG_FILE = "job.log"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from orchestrator.cache import Cache, stable_hash
+from orchestrator.core.cache import Cache, stable_hash
 
 REGISTRY_RX = re.compile(r"^azureml://registries/([^/]+)/models/([^/]+)/versions/([^/]+)/?$")
 DATASTORE_RX = re.compile(

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from orchestrator.job import atomic_write_text
+from orchestrator.core.job import atomic_write_text
 
 BUILD_LOG = "azureml-logs/20_image_build_log.txt"
 SINGLE_LOG = "user_logs/std_log.txt"

@@ -33,7 +33,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.job import JOB_FILE, RESULT_FILE, Job, JobResult, JobState, JobTracking, atomic_write_text, is_uri
+from orchestrator.core.job import (
+    JOB_FILE,
+    RESULT_FILE,
+    Job,
+    JobResult,
+    JobState,
+    JobTracking,
+    atomic_write_text,
+    is_uri,
+)
 from orchestrator.systems.base import JobHandle, System, SystemFailure
 
 ORCH_PACKAGE = Path(__file__).resolve().parents[2]  # .../orchestrator (this file: orchestrator/systems/azureml/)
@@ -317,7 +326,7 @@ class AzureMLSystem(System):
             raise SystemFailure("AzureML system: give aml_docker_config.base_image + conda_file_path, or dockerfile")
         spec: dict[str, Any] = {"image": image}
         if dc.get("conda_file_path"):
-            from orchestrator.environments import load_env_spec
+            from orchestrator.systems.environments import load_env_spec
 
             env = load_env_spec(dc["conda_file_path"])
             spec.update(conda=env.hash(), name=env.name)
@@ -351,7 +360,7 @@ class AzureMLSystem(System):
             else:
                 conda = None
                 if dc.get("conda_file_path"):
-                    from orchestrator.environments import load_env_spec
+                    from orchestrator.systems.environments import load_env_spec
 
                     conda = load_env_spec(dc["conda_file_path"]).to_conda_yaml()
                 entity = Environment(name=name, version=version, image=spec["image"], conda_file=_yaml(conda))

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from orchestrator.job import JOB_FILE, Job
+from orchestrator.core.job import JOB_FILE, Job
 
 ProcessesPerNode = Annotated[int, Field(ge=1)] | Literal["auto"]
 

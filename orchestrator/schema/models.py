@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.config.resources import (
+from orchestrator.schema.resources import (
     LocalFile,
     LocalFolder,
     Resource,

@@ -6,7 +6,7 @@ import json
 import uuid
 from pathlib import Path
 
-from orchestrator.job import EVENTS_FILE
+from orchestrator.core.job import EVENTS_FILE
 
 CURVES = ("train_loss", "eval_loss")
 

@@ -27,7 +27,7 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   ~1 GiB logits chunks: two vocabulary-size GEMMs per step (TRL's chunked head recomputes the logits in its
   backward: three), same loss (TRL's entropy metric is not computed). Eval, data parallel, other loss types and
   heads with bias / softcapping go to TRL's own compute_loss.
-- Fused LoRA layers (orchestrator/passes/lora_fused.py) under bf16/fp16 autocast, not for a 4-bit base: the LoRA
+- Fused LoRA layers (orchestrator/passes/lora/fused.py) under bf16/fp16 autocast, not for a 4-bit base: the LoRA
   update is added inside the base matmul's epilogue and the backward is written by hand, which removes the
   full-size `* scaling` and `+` passes over every projection's output; same saved tensors, same random masks.
   LoRA dropout runs inside them (native_dropout, peft's masks) with a Triton kernel for its input gradient.
@@ -104,7 +104,7 @@ class CudaPlan:
     padding_free: bool
     disable_input_cast: bool
     liger: dict[str, bool] | None  # kwargs for liger's apply_liger_kernel_to_<type>, None: not applied
-    fused_lora: bool  # LoRA update inside the base GEMM's epilogue (orchestrator/passes/lora_fused.py)
+    fused_lora: bool  # LoRA update inside the base GEMM's epilogue (orchestrator/passes/lora/fused.py)
     gradient_checkpointing: bool | None  # None: leave sft_kwargs' value
     compile_layers: bool
     qkv_split: bool = False  # Phi3Attention's q/k/v taken with split (backward: one cat, not 3 zero-filled copies)
@@ -450,8 +450,8 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.swiglu:
         orch_swiglu_mlp(model)
     if plan.fused_lora:
-        from orchestrator.passes import lora_kernels
-        from orchestrator.passes.lora_fused import fuse_lora_layers
+        from orchestrator.passes.lora.fused import fuse_lora_layers
+        from orchestrator.passes.lora.train import kernels as lora_kernels
 
         lora_kernels.SPLIT_ENABLED = plan.splitk
         lora_kernels.DROPOUT_KERNEL_ENABLED = plan.fused_dropout
@@ -572,7 +572,7 @@ def split_qkv_attention(model: Any) -> int:
 
 def _fused_gate_up_mlp_forward(self: Any, hidden_states: Any) -> Any:
     """Phi3MLP.forward: down_proj(silu(gate) * up) with gate, up read in place from gate_up_proj's output."""
-    from orchestrator.passes.lora_kernels import swiglu
+    from orchestrator.passes.lora.kernels import swiglu
 
     return self.down_proj(swiglu(self.gate_up_proj(hidden_states)))
 

@@ -46,7 +46,7 @@ TrackingOpt = Annotated[
 
 
 def _redact(text: str) -> str:
-    from orchestrator.tracking import redact
+    from orchestrator.engine.tracking import redact
 
     return redact(text)
 
@@ -76,13 +76,13 @@ def _run_workflow(
     verbose: bool = False,
     no_tracking: bool = False,
 ) -> Any:
-    from orchestrator.config import load_workflow
+    from orchestrator.olive import load_workflow
 
     wf = load_workflow(source, base_dir=base_dir)
     for note in getattr(wf, "notes", []) or []:
         console.print(Text("note: ", style="cyan") + Text(note), highlight=False, soft_wrap=True)
     if wf.engine.clean_cache and not dry_run:  # Olive's clean_cache: nothing from earlier runs is reused
-        from orchestrator.cache import Cache
+        from orchestrator.core.cache import Cache
 
         removed = Cache(wf.engine.cache_dir).clean()
         console.print(Text("note: ", style="cyan") + Text(f"clean_cache: removed {removed} cached pass output(s)"))
@@ -104,8 +104,8 @@ def _run_one(
     no_tracking: bool,
 ) -> Any:
     """One engine run of a checked workflow: progress, the metrics table, the output and packaging lines."""
+    from orchestrator.cli.render import RichReporter, metrics_table
     from orchestrator.engine import Engine
-    from orchestrator.ui import RichReporter, metrics_table
 
     reporter = RichReporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
     engine = Engine(
@@ -137,7 +137,7 @@ def _run_one(
 
 def _guarded(fn: Any) -> Any:
     """Turn the errors a user can act on into one line + a non-zero exit."""
-    from orchestrator.cache import Cache  # noqa: F401  (cheap; keeps import errors out of the handler)
+    from orchestrator.core.cache import Cache  # noqa: F401  (cheap; keeps import errors out of the handler)
 
     try:
         return fn()
@@ -246,7 +246,7 @@ def finetune(
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
 ) -> None:
     """Olive's `finetune`: LoRA/QLoRA; other --name value flags go to the training arguments (e.g. --max_steps)."""
-    from orchestrator.olive_commands import finetune_workflow, parse_extra_args
+    from orchestrator.olive.commands import finetune_workflow, parse_extra_args
 
     def go() -> None:
         workflow = finetune_workflow(
@@ -308,7 +308,7 @@ def auto_opt(
     cost_model: Annotated[str | None, typer.Option("--cost-model", "--cost_model", help="refused")] = None,
 ) -> None:
     """Olive's `auto-opt` / `optimize`: (merge the adapter ->) export ONNX with onnxruntime-genai's builder."""
-    from orchestrator.olive_commands import auto_opt_workflow
+    from orchestrator.olive.commands import auto_opt_workflow
 
     def go() -> None:
         workflow = auto_opt_workflow(
@@ -357,10 +357,10 @@ def quantize(
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
 ) -> None:
     """Olive's `quantize`: int4 weights by AWQ/GPTQ (CUDA) or RTN (CPU, MatMulNBits / model builder)."""
-    from orchestrator.olive_commands import quantize_workflow
+    from orchestrator.olive.commands import quantize_workflow
 
     def go() -> None:
-        from orchestrator.launch import cuda_available as _cuda_available
+        from orchestrator.core.launch import cuda_available as _cuda_available
 
         workflow = quantize_workflow(
             model_name_or_path=model_name_or_path,
@@ -405,7 +405,7 @@ def generate(
     """Chat with (or complete a prompt with) an exported ONNX model, via onnxruntime-genai."""
 
     def go() -> None:
-        from orchestrator.onnx_tools import generate as og_generate
+        from orchestrator.passes.onnx_tools import generate as og_generate
 
         model_dir = model / "model" if (model / "model" / "genai_config.json").exists() else model
         if not (model_dir / "genai_config.json").exists():
@@ -437,7 +437,7 @@ def cache_ls(cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".or
     """List cached pass outputs."""
     from rich.table import Table
 
-    from orchestrator.cache import Cache, folder_size
+    from orchestrator.core.cache import Cache, folder_size
 
     cache = Cache(cache_dir)
     table = Table(title=f"cache {cache.root}")
@@ -461,7 +461,7 @@ def cache_clean(
     key: Annotated[str | None, typer.Option("--key", help="remove only entries whose key starts with this")] = None,
 ) -> None:
     """Remove cached pass outputs (all, or by key prefix)."""
-    from orchestrator.cache import Cache
+    from orchestrator.core.cache import Cache
 
     cache = Cache(cache_dir)
     n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key)) if key else cache.clean()
@@ -477,7 +477,7 @@ def tiny_model(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Build the embedded tiny Phi-3-architecture model + tokenizer (random weights; no hub needed)."""
-    from orchestrator.tiny_model import build_tiny_phi3
+    from orchestrator.passes.tiny_model import build_tiny_phi3
 
     texts: list[str] = []
     if corpus is not None:
@@ -500,7 +500,7 @@ def env_base(force: Annotated[bool, typer.Option("--force", help="rebuild even i
     """Build orch's default base image locally (debootstrap + docker import); skipped when it exists."""
 
     def go() -> None:
-        from orchestrator.docker_images import build_base_image
+        from orchestrator.systems.docker.images import build_base_image
 
         image_id = build_base_image(on_line=_stream_line, force=force)
         out.print(f"base image ready: {image_id[:19]}")
@@ -517,7 +517,7 @@ def env_build(
     """Build (or reuse) the image of a conda.yaml; build output streams live."""
 
     def go() -> None:
-        from orchestrator.docker_images import DEFAULT_BASE_IMAGE, build_environment
+        from orchestrator.systems.docker.images import DEFAULT_BASE_IMAGE, build_environment
 
         built = build_environment(
             env, base_image=base_image or DEFAULT_BASE_IMAGE, installer=installer, on_line=_stream_line
@@ -534,7 +534,7 @@ def env_ls() -> None:
     def go() -> None:
         from rich.table import Table
 
-        from orchestrator.docker_images import list_environments
+        from orchestrator.systems.docker.images import list_environments
 
         table = Table(title="orch environments")
         for col in ("tag", "env", "installer", "size", "file"):
@@ -551,7 +551,7 @@ def env_rm(name: Annotated[str, typer.Argument(help="image tag, environment name
     """Remove environment images."""
 
     def go() -> None:
-        from orchestrator.docker_images import remove_environment
+        from orchestrator.systems.docker.images import remove_environment
 
         removed = remove_environment(name)
         out.print("\n".join(removed) or "nothing removed")
@@ -559,7 +559,7 @@ def env_rm(name: Annotated[str, typer.Argument(help="image tag, environment name
     _guarded(go)
 
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "jobs" / "tone-classification"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "jobs" / "tone-classification"
 DEMO_SAMPLE = "### Text: I won the lottery and could not stop smiling!\n### The tone is:\n"
 
 
@@ -588,7 +588,7 @@ def demo(
         if not data.exists():
             write_jsonl(make_rows(400), data)
         if tiny:
-            from orchestrator.tiny_model import build_tiny_phi3
+            from orchestrator.passes.tiny_model import build_tiny_phi3
 
             config = DEMO_DIR / "config.json"
             model_dir = DEMO_DIR / "models" / "tiny-phi3"
@@ -597,7 +597,7 @@ def demo(
                 texts = [" ".join(json.loads(line).values()) for line in data.read_text().splitlines()]
                 build_tiny_phi3(model_dir, texts=texts)
         else:
-            from orchestrator.pretrained import PretrainedError, ensure_smollm2
+            from orchestrator.passes.pretrained import PretrainedError, ensure_smollm2
 
             config = DEMO_DIR / "smollm2.json"
             try:
@@ -624,7 +624,7 @@ def demo(
                 return
             output_dir = summary.output_dir
             console.print(_demo_table(summary.metrics, [vars(r) for r in summary.steps]))
-        from orchestrator.onnx_tools import generate as og_generate
+        from orchestrator.passes.onnx_tools import generate as og_generate
 
         text, n, secs = og_generate(output_dir / "model", DEMO_SAMPLE, 8, chat=False)
         out.print(f"sample generation: {DEMO_SAMPLE!r} -> {text!r} ({n} tokens, {secs * 1000:.1f} ms)")
@@ -659,8 +659,8 @@ def _demo_recorded(
     else (a change, another tracking server, a missing run): None, and the workflow runs as usual."""
     import sqlite3
 
-    from orchestrator.config import load_workflow
     from orchestrator.engine import Engine
+    from orchestrator.olive import load_workflow
 
     wf = load_workflow(config)
     engine = Engine(wf, host=host, target=target, tracking_uri=tracking_uri, tracking=False)
@@ -711,7 +711,7 @@ def ui_command(
     def go() -> None:
         import time
 
-        from orchestrator import ui
+        from orchestrator.cli import render as ui
 
         if manifest is None:
             candidates = [DEMO_DIR / "outputs" / "smollm2" / "manifest.json", DEMO_DIR / "outputs" / "manifest.json"]
@@ -769,7 +769,7 @@ def capture_onnx_graph(
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking")] = False,
 ) -> None:
     """Olive's `capture-onnx-graph`: torch's ONNX exporter (OnnxConversion), or the model builder."""
-    from orchestrator.olive_commands import capture_onnx_graph_workflow
+    from orchestrator.olive.commands import capture_onnx_graph_workflow
 
     def go() -> None:
         workflow = capture_onnx_graph_workflow(
@@ -798,7 +798,7 @@ def generate_adapter(
 ) -> None:
     """Olive's `generate-adapter`: base ONNX model with LoRA inputs + model/adapter_weights.onnx_adapter. -m is an
     ONNX folder built from an adapter (ExtractAdapters on it), or an HF base model with --adapter_path (built)."""
-    from orchestrator.olive_commands import FlagError, generate_adapter_workflow
+    from orchestrator.olive.commands import FlagError, generate_adapter_workflow
 
     def go() -> None:
         if adapter_type.lower() != "lora":
@@ -830,7 +830,7 @@ def convert_adapters_cmd(
     quantize_int4: Annotated[bool, typer.Option("--quantize_int4", help="refused: adapters stay float")] = False,
 ) -> None:
     """Olive's `convert-adapters`: a PEFT LoRA folder -> .onnx_adapter for the base model auto-opt built."""
-    from orchestrator.olive_commands import convert_adapters
+    from orchestrator.olive.commands import convert_adapters
 
     def go() -> None:
         out = convert_adapters(
@@ -851,7 +851,7 @@ def _refusal(why: str) -> Any:
 
 def _register_olive_refusals() -> None:
     """Olive commands orch does not run: each answers one line naming what to use instead."""
-    from orchestrator.olive_commands import UNSUPPORTED_COMMANDS
+    from orchestrator.olive.commands import UNSUPPORTED_COMMANDS
 
     for name, why in UNSUPPORTED_COMMANDS.items():
         app.command(name, context_settings=EXTRA, help=f"not supported: {why}")(_refusal(f"{name}: {why}"))
@@ -859,7 +859,7 @@ def _register_olive_refusals() -> None:
 
 _register_olive_refusals()
 
-from orchestrator.systems.azureml.cli import register as _register_azure  # noqa: E402 - commands defined above first
+from orchestrator.cli.azure import register as _register_azure  # noqa: E402 - commands defined above first
 
 _register_azure(app)
 

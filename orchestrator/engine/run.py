@@ -22,8 +22,8 @@ from typing import Any, Protocol
 from filelock import FileLock
 
 from orchestrator import __version__
-from orchestrator.cache import Cache, folder_size, stable_hash
-from orchestrator.job import (
+from orchestrator.core.cache import Cache, folder_size, stable_hash
+from orchestrator.core.job import (
     EVENTS_FILE,
     Job,
     JobResult,
@@ -33,10 +33,9 @@ from orchestrator.job import (
     atomic_write_text,
     is_uri,
 )
-from orchestrator.launch import cuda_available
-from orchestrator.passes.registry import load_pass
-from orchestrator.plots import plot_training_curves
-from orchestrator.preflight import (
+from orchestrator.core.launch import cuda_available
+from orchestrator.engine.plots import plot_training_curves
+from orchestrator.engine.preflight import (
     PreflightError,
     check_adapter_folder,
     check_data_config,
@@ -47,9 +46,10 @@ from orchestrator.preflight import (
     check_writable_dir,
     local_data_paths,
 )
+from orchestrator.engine.tracking import EventTail, Tracker, flatten_params, redact, redact_obj, resolve_tracking_uri
+from orchestrator.passes.registry import load_pass
 from orchestrator.systems import KEYWORDS, make_system
 from orchestrator.systems.base import System
-from orchestrator.tracking import EventTail, Tracker, flatten_params, redact, redact_obj, resolve_tracking_uri
 
 INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when engine.evaluate_input_model is set
 # Published outputs (see Engine._publish): output_dir/.orch-versions/<version>/{model,adapter,manifest.json,...}
@@ -129,7 +129,7 @@ class RunSummary:
 
 def _code_hash(pass_cls: type) -> str:
     """The pass's module and every orchestrator module it imports (a changed helper must miss the cache)."""
-    from orchestrator.code_identity import code_hash
+    from orchestrator.core.code_identity import code_hash
 
     return code_hash(pass_cls.__module__)
 
@@ -218,7 +218,7 @@ class Engine:
     def _input_model(self) -> tuple[ModelArtifact, str]:
         """The workflow's input model as an artifact, and its identity for cache keys."""
         im = self.wf.input_model
-        from orchestrator.resources import resolve_model_ref
+        from orchestrator.engine.resources import resolve_model_ref
 
         path, identity = resolve_model_ref(im.model_ref, base_dir=self.base_dir, cache=self.cache)
         adapter = getattr(im, "adapter_path", None)
@@ -242,7 +242,7 @@ class Engine:
 
     def _data_files(self, names: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
         """Json form of the named data configs, local data paths to hand the job, and their content hashes."""
-        from orchestrator.resources import resolve_data_files
+        from orchestrator.engine.resources import resolve_data_files
 
         configs, files, hashes = {}, {}, []
         for name in names:
@@ -261,9 +261,9 @@ class Engine:
 
     # ---- pre-flight -------------------------------------------------------------------------------------
     def preflight(self, *, tracking: bool = True) -> None:
-        """Every input checked before anything is hashed, written or submitted (orchestrator/preflight.py):
+        """Every input checked before anything is hashed, written or submitted (orchestrator/engine/preflight.py):
         raises PreflightError (one line: the field and the fix)."""
-        from orchestrator.resources import _as_dict, is_remote
+        from orchestrator.engine.resources import _as_dict, is_remote
 
         check_name("workflow_id", getattr(self.wf, "workflow_id", None))
         mlflow_cfg = getattr(self.wf.engine, "mlflow", None)

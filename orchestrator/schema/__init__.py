@@ -1,13 +1,13 @@
-"""Workflow configuration: Olive's JSON/YAML format read into checked pydantic models.
+"""The Olive-format models, defined once: input model, data configs, systems, resources, evaluators.
 
-`load_workflow(path_or_dict)` is the one entry point; every problem in a file comes back at once in a
-ConfigError, each as `json.path: what is wrong; did you mean ...`.
+Pure pydantic (no passes, no systems imported): every other room reads these shapes. Reading a workflow file
+into them (`orchestrator.olive.load_workflow`) lives in olive/, because it also checks pass configs.
 """
 
 from __future__ import annotations
 
-from orchestrator.config.errors import ConfigError
-from orchestrator.config.models import (
+from orchestrator.schema.errors import ConfigError
+from orchestrator.schema.models import (
     DataConfig,
     EngineConfig,
     EvaluatorConfig,
@@ -19,7 +19,7 @@ from orchestrator.config.models import (
     PassEntry,
     PreProcessDataConfig,
 )
-from orchestrator.config.resources import (
+from orchestrator.schema.resources import (
     AzureMLClient,
     AzureMLDatastore,
     AzureMLModel,
@@ -30,7 +30,7 @@ from orchestrator.config.resources import (
     Resource,
     parse_resource,
 )
-from orchestrator.config.systems import (
+from orchestrator.schema.systems import (
     Accelerator,
     AzureMLSystemConfig,
     DockerSystemConfig,
@@ -38,8 +38,6 @@ from orchestrator.config.systems import (
     LocalSystemConfig,
     SystemConfig,
 )
-from orchestrator.config.training_args import normalize_training_args
-from orchestrator.config.workflow import WorkflowConfig, load_workflow
 
 __all__ = [
     "Accelerator",
@@ -67,8 +65,5 @@ __all__ = [
     "PreProcessDataConfig",
     "Resource",
     "SystemConfig",
-    "WorkflowConfig",
-    "load_workflow",
-    "normalize_training_args",
     "parse_resource",
 ]

@@ -17,11 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.config.errors import translate
-from orchestrator.config.models import DATASET_BUILDERS, DataConfig, PreProcessDataConfig
-from orchestrator.config.resources import LocalFile, LocalFolder, resolve_path
 from orchestrator.passes.base import PassError
 from orchestrator.passes.dummy_data import dummy_inputs  # noqa: F401  (the dummy containers' inputs live there)
+from orchestrator.schema.errors import translate
+from orchestrator.schema.models import DATASET_BUILDERS, DataConfig, PreProcessDataConfig
+from orchestrator.schema.resources import LocalFile, LocalFolder, resolve_path
 
 SUFFIX_BUILDERS = {
     ".json": "json",

@@ -11,7 +11,7 @@ import glob
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cache import Cache
+from orchestrator.core.cache import Cache
 
 REMOTE_TYPES = {"azureml_registry_model", "azureml_datastore", "azureml_model", "azureml_data"}
 

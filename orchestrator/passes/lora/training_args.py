@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from orchestrator.config.errors import suggest
+from orchestrator.schema.errors import suggest
 
 TRAINING_ARGUMENTS_FIELDS = frozenset(
     {

@@ -231,7 +231,7 @@ class Tracker:
         """Log the final model as an MLflow pyfunc (ONNX GenAI or HF folder) and register it; returns its URI."""
         if not self.enabled:
             return None
-        from orchestrator.mlflow_model import log_model_folder
+        from orchestrator.engine.mlflow_model import log_model_folder
 
         return log_model_folder(self.mlflow, self.run_id, model_dir, model_format, register_as)
 

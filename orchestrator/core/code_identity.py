@@ -40,7 +40,7 @@ def _closure(root: str) -> set[str]:
 @cache
 def _source_path(module_name: str) -> Path | None:
     """The file of an orchestrator module, found on disk (no import); None for names that are not modules."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]  # the orchestrator package (this file: orchestrator/core/)
     parts = module_name.split(".")[1:]
     package = root.joinpath(*parts, "__init__.py")
     if package.is_file():

@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from orchestrator.job import is_uri
+from orchestrator.core.job import is_uri
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -212,7 +212,7 @@ def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -
 def _needed_columns(pre: dict[str, Any]) -> list[str]:
     template = pre.get("text_template")
     if template:
-        from orchestrator.data import template_columns
+        from orchestrator.passes.data import template_columns
 
         try:
             fields = template_columns(template)
@@ -347,7 +347,7 @@ def check_split(field: str, split: str | None, data_config: dict[str, Any] | Non
 # ---- tracking ---------------------------------------------------------------------------------------------
 def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
     """An http(s) MLflow server answers /health within seconds; a sqlite store's folder is writable."""
-    from orchestrator.tracking import redact
+    from orchestrator.engine.tracking import redact
 
     if uri.startswith(("http://", "https://")):
         import time

@@ -17,12 +17,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.config import olive_keys
-from orchestrator.config.errors import ConfigError, fmt_path, nearest, suggest, translate
-from orchestrator.config.models import DataConfig, EngineConfig, EvaluatorConfig, InputModel, PassEntry
-from orchestrator.config.resources import AzureMLClient
-from orchestrator.config.systems import SystemConfig, canonical_system_type
-from orchestrator.config.training_args import TrainingArgsError, normalize_training_args
+from orchestrator.olive import keys as olive_keys
+from orchestrator.passes.lora.training_args import TrainingArgsError, normalize_training_args
+from orchestrator.schema.errors import ConfigError, fmt_path, nearest, suggest, translate
+from orchestrator.schema.models import DataConfig, EngineConfig, EvaluatorConfig, InputModel, PassEntry
+from orchestrator.schema.resources import AzureMLClient
+from orchestrator.schema.systems import SystemConfig, canonical_system_type
 
 KEYWORDS = ("local", "docker", "aml")
 ENGINE_KEYS = tuple(EngineConfig.model_fields)

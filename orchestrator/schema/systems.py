@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 
-from orchestrator.config.resources import AzureMLClient, Strict, base_dir_of, resolve_path
+from orchestrator.schema.resources import AzureMLClient, Strict, base_dir_of, resolve_path
 
 SYSTEM_TYPES = {
     "localsystem": "LocalSystem",

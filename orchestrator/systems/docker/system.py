@@ -27,17 +27,17 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 import orchestrator
-from orchestrator.docker_images import (
+from orchestrator.core.job import JOB_FILE, Job, JobResult, JobState, atomic_write_text
+from orchestrator.core.launch import ProcessesPerNode, resolve_processes, runner_command
+from orchestrator.systems.base import JobHandle, System, SystemFailure
+from orchestrator.systems.docker.images import (
     DEFAULT_BASE_IMAGE,
     LABEL_PREFIX,
     build_environment,
     docker_client,
     resolve_env_file,
 )
-from orchestrator.environments import EnvSpecError, PipSettings, load_env_spec
-from orchestrator.job import JOB_FILE, Job, JobResult, JobState, atomic_write_text
-from orchestrator.launch import ProcessesPerNode, resolve_processes, runner_command
-from orchestrator.systems.base import JobHandle, System, SystemFailure
+from orchestrator.systems.environments import EnvSpecError, PipSettings, load_env_spec
 
 LOG_FILE = "job.log"
 CONTAINER_JOB_FILE = "job.docker.json"
@@ -377,7 +377,7 @@ class DockerSystem(System):
             return tag
         except docker.errors.ImageNotFound:
             pass
-        from orchestrator.docker_images import _docker_build
+        from orchestrator.systems.docker.images import _docker_build
 
         _docker_build(self.client, ctx, tag, self.on_build_line, dockerfile=dockerfile)
         return tag

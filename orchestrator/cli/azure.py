@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from orchestrator.systems.azureml.driver import DRIVER_OUTPUT, drive, submit_workflow
+from orchestrator.engine.aml_driver import DRIVER_OUTPUT, drive, submit_workflow
 
 console = Console(stderr=True)
 out = Console()
@@ -50,7 +50,7 @@ def _system(config_path: Path | None = None) -> Any:
 
     if config_path is None:
         return AzureMLSystem(cache_dir=Path(os.environ.get("ORCH_CACHE_DIR") or ".orch/cache"))
-    from orchestrator.config import load_workflow
+    from orchestrator.olive import load_workflow
 
     wf = load_workflow(config_path)
     cfg = _aml_system_config(wf)
@@ -233,8 +233,8 @@ def download(
     """Download a finished job's output (the driver's `model`: manifest.json + model/) into a folder."""
 
     def go() -> None:
-        from orchestrator.cache import Cache
-        from orchestrator.engine import _replace_dir
+        from orchestrator.core.cache import Cache
+        from orchestrator.engine.run import _replace_dir
         from orchestrator.systems.azureml.download import download_reference
         from orchestrator.systems.azureml.system import RESULT_OUTPUT, output_uri
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from orchestrator.job import RESULT_FILE, JobResult, JobState, atomic_write_text
+from orchestrator.core.job import RESULT_FILE, JobResult, JobState, atomic_write_text
 
 META_FILE = "meta.json"
 

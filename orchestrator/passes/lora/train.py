@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import AliasChoices, Field, model_validator
 
-from orchestrator.job import ModelArtifact, atomic_dir
+from orchestrator.core.job import ModelArtifact, atomic_dir
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 ADAPTER_DIR = "adapter"
@@ -49,7 +49,7 @@ TORCH_DTYPES = Literal["bfloat16", "float16", "float32"]
 
 
 class TextSpec(Protocol):
-    """The part of orchestrator.data.TextDataSpec this pass reads."""
+    """The part of orchestrator.passes.data.TextDataSpec this pass reads."""
 
     max_len: int
     pad_to_max_len: bool
@@ -87,7 +87,7 @@ class LoRAConfig(PassConfig):
     def _check(self) -> LoRAConfig:
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules is empty: leave it out to target every linear layer")
-        from orchestrator.config.training_args import normalize_training_args
+        from orchestrator.passes.lora.training_args import normalize_training_args
 
         normalize_training_args(dict(self.training_args))  # unknown keys fail at config time, not on the GPU
         return self
@@ -143,8 +143,8 @@ class LoRAPass(Pass):
         return self.train(config, model, ctx, train_ds, eval_ds, spec, targets=targets)
 
     def load_data(self, config: LoRAConfig, ctx: PassContext) -> tuple[Any, Any, TextSpec]:
-        """Train/eval splits from the job's data configs (orchestrator.data does loading and templating)."""
-        from orchestrator.data import load_splits, text_spec
+        """Train/eval splits from the job's data configs (orchestrator.passes.data does loading and templating)."""
+        from orchestrator.passes.data import load_splits, text_spec
 
         data_configs = ctx.job.data_configs
         for name in (config.train_data_config, config.eval_data_config):
@@ -281,7 +281,7 @@ class LoRAPass(Pass):
         resume = sft_kwargs.pop("resume_from_checkpoint", None)
         trainer_cls = SFTTrainer
         if cuda:
-            from orchestrator.passes import lora_cuda
+            from orchestrator.passes.lora.train import cuda as lora_cuda
 
             # the plan cuda_fast_path just applied: its loss choice needs a trainer subclass
             trainer_cls = lora_cuda.sft_trainer_class(SFTTrainer, lora_cuda.LAST_PLAN)
@@ -332,10 +332,10 @@ class LoRAPass(Pass):
 
     @staticmethod
     def cuda_fast_path(model: Any, sft_kwargs: dict[str, Any], train_tok: Any, info: Any) -> dict[str, Any]:
-        """The GPU engineer's CUDA choices (orchestrator.passes.lora_cuda), with their reasons logged."""
+        """The GPU engineer's CUDA choices (orchestrator.passes.lora.cuda), with their reasons logged."""
         import inspect
 
-        from orchestrator.passes.lora_cuda import cuda_overrides
+        from orchestrator.passes.lora.cuda import cuda_overrides
 
         if "notes" in inspect.signature(cuda_overrides).parameters:
             notes: list[str] = []
@@ -419,7 +419,7 @@ def build_training_args(
     config: LoRAConfig, out_dir: Path, *, cuda: bool, qlora: bool, has_eval: bool
 ) -> tuple[dict[str, Any], list[str]]:
     """SFTConfig kwargs: the user's training_args (Olive names normalized), Olive's defaults, orch's fixed parts."""
-    from orchestrator.config.training_args import TrainingArgsError, normalize_training_args
+    from orchestrator.passes.lora.training_args import TrainingArgsError, normalize_training_args
 
     try:
         args, notes = normalize_training_args(dict(config.training_args))

@@ -28,7 +28,7 @@ def _driver_workflow(wf: Any) -> tuple[dict[str, Any], dict[str, str]]:
 
     Model and data references become placeholders that the driver replaces with the bound input paths; the
     run is local on the compute, its output folder is the job output."""
-    from orchestrator.resources import is_remote
+    from orchestrator.engine.resources import is_remote
     from orchestrator.systems.azureml.download import reference_uri
 
     doc = wf.to_json_dict()
@@ -79,8 +79,8 @@ def submit_workflow(
     unless `force`; a PUT whose answer was lost is found by that name on the retry (create_job_once)."""
     from azure.ai.ml import Input, Output
 
-    from orchestrator.config import load_workflow
     from orchestrator.engine import Engine
+    from orchestrator.olive import load_workflow
     from orchestrator.systems.azureml.system import (
         OUTPUT_MODE,
         claim_job_name,
@@ -200,8 +200,8 @@ def _substitute(obj: Any, binds: dict[str, str]) -> Any:
 
 def drive(config: Path, binds: list[str]) -> int:
     """Run the workflow locally on the compute with the job's bound inputs (the submitted driver job's command)."""
-    from orchestrator.config import load_workflow
     from orchestrator.engine import Engine
+    from orchestrator.olive import load_workflow
 
     bound = dict(b.split("=", 1) for b in binds)
     source = os.environ.pop("ORCH_HF_TOKEN_SOURCE", None)
