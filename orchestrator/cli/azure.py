@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from orchestrator.core.errors import EXIT_FAILED, OrchError, exit_code
 from orchestrator.engine.aml_driver import DRIVER_OUTPUT, drive, submit_workflow
 
 console = Console(stderr=True)
@@ -27,7 +28,8 @@ def _fail(message: str, code: int = 1, detail: str = "") -> typer.Exit:
 
 
 def _guard(fn: Any) -> Any:
-    """User-facing failures -> one line + exit 1; Ctrl-C -> exit 130 without touching the remote job."""
+    """User-facing failures -> one line + their exit code (core.errors: 2 bad input, 1 a failed run); Ctrl-C -> exit
+    130 without touching the remote job."""
     try:
         return fn()
     except typer.Exit:
@@ -35,10 +37,9 @@ def _guard(fn: Any) -> Any:
     except KeyboardInterrupt:
         raise _fail("interrupted (the remote job keeps running; `orch cancel JOB` stops it)", 130) from None
     except Exception as exc:
+        if isinstance(exc, OrchError):  # the one code map (core.errors): bad input 2, a failed run 1
+            raise _fail(str(exc), exc.exit_code, getattr(exc, "log_tail", "")) from None
         name = type(exc).__name__
-        if name in ("WorkspaceError", "SystemFailure", "DownloadError", "ConfigError", "ResourceError", "EngineError"):
-            raise _fail(str(exc), 2 if name in ("WorkspaceError", "ConfigError") else 1,
-                        getattr(exc, "log_tail", "")) from None  # fmt: skip
         if name in ("ResourceNotFoundError", "HttpResponseError", "ClientAuthenticationError"):
             raise _fail(str(exc).splitlines()[0]) from None
         raise
@@ -200,10 +201,10 @@ def logs(
             raise
         except Exception as exc:
             name = type(exc).__name__
-            known = name in ("SystemFailure", "WorkspaceError", "ConfigError")
+            known = isinstance(exc, OrchError)
             text = str(exc).strip() if known else f"{name}: {str(exc).strip()}"
             first = (text.splitlines() or [name])[0]
-            raise _fail(redact_sas(first), 2 if name in ("WorkspaceError", "ConfigError") else 1,
+            raise _fail(redact_sas(first), exit_code(exc) or EXIT_FAILED,
                         redact_sas(getattr(exc, "log_tail", "") or "")) from None  # fmt: skip
 
     _guard(guarded)
@@ -279,12 +280,11 @@ def aml_drive(
     try:
         code = drive(config, bind)
     except Exception as exc:
-        name = type(exc).__name__
         print(f"orch: error: {exc}", file=sys.stderr, flush=True)
         tail = getattr(exc, "log_tail", "")
         if tail:
             print(tail, file=sys.stderr, flush=True)
-        raise typer.Exit(2 if name in ("ConfigError", "ResourceError", "PassError") else 1) from None
+        raise typer.Exit(exit_code(exc) or EXIT_FAILED) from None
     raise typer.Exit(code)
 
 

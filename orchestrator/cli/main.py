@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from orchestrator.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, RunFailure, UserError
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -32,8 +34,6 @@ app.add_typer(env_app, name="env")
 console = Console(stderr=True)
 out = Console()
 
-EXIT_USAGE = 2
-EXIT_FAILED = 1
 
 HostOpt = Annotated[
     str | None, typer.Option("--host", help="system that runs the passes: a name in `systems`, or local|docker|aml")
@@ -136,7 +136,7 @@ def _run_one(
 
 
 def _guarded(fn: Any) -> Any:
-    """Turn the errors a user can act on into one line + a non-zero exit."""
+    """Turn the errors a user can act on into one line + a non-zero exit (core.errors: the one code map)."""
     from orchestrator.core.cache import Cache  # noqa: F401  (cheap; keeps import errors out of the handler)
 
     try:
@@ -144,32 +144,24 @@ def _guarded(fn: Any) -> Any:
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        raise fail("interrupted; the running job was stopped", 130) from None
+        raise fail("interrupted; the running job was stopped", EXIT_INTERRUPTED) from None
     except Exception as exc:  # classified below; anything else is a bug: one line + its traceback in a file
-        name = type(exc).__name__
-        if name == "ConfigError":
-            for line in str(exc).splitlines():
-                error_line(line)
-            raise typer.Exit(EXIT_USAGE) from None
-        if name in (
-            "FlagError",
-            "ResourceError",
-            "PassError",
-            "EnvSpecError",
-            "DataError",
-            "TrainingArgsError",
-            "PreflightError",
-        ):
-            raise fail(str(exc), EXIT_USAGE) from None
-        if type(exc).__module__.startswith("mlflow."):  # the tracking server failed mid-run
-            raise fail(
-                f"tracking failed: {_first(exc)} (rerun with --no-tracking to skip MLflow)", EXIT_FAILED
-            ) from None
-        if name in ("EngineError", "SystemFailure"):
-            # the one line names the pass, the cause and the full log's path; the tail only when it has no log
-            tail = "" if "full log: " in str(exc) else getattr(exc, "log_tail", "")
-            raise fail(str(exc), EXIT_FAILED, tail) from None
-        raise fail(f"internal error: {_first(exc)}; traceback in {_crash_log(exc)} (please report it)", 1) from None
+        raise classify(exc) from None
+
+
+def classify(exc: Exception) -> typer.Exit:
+    """The one place an exception becomes what the user sees and the exit code (by isinstance, not by name)."""
+    if isinstance(exc, UserError):
+        for line in exc.lines():
+            error_line(line)
+        return typer.Exit(exc.exit_code)
+    if type(exc).__module__.startswith("mlflow."):  # the tracking server failed mid-run
+        return fail(f"tracking failed: {_first(exc)} (rerun with --no-tracking to skip MLflow)", EXIT_FAILED)
+    if isinstance(exc, RunFailure):
+        # the one line names the pass, the cause and the full log's path; the tail only when it has no log
+        tail = "" if "full log: " in str(exc) else exc.log_tail
+        return fail(str(exc), exc.exit_code, tail)
+    return fail(f"internal error: {_first(exc)}; traceback in {_crash_log(exc)} (please report it)", EXIT_FAILED)
 
 
 def _first(exc: BaseException) -> str:
@@ -895,7 +887,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Abort:  # typer >= 0.26 keeps Abort in typer.exceptions, not in its vendored click
         error_line("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         if previous is not None:  # run_cli called in-process (tests) leaves the caller's handler as it was
             signal.signal(signal.SIGTERM, previous)

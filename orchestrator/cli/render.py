@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.core.errors import RunFailure
 from orchestrator.engine import Step, StepRecord
 
 SHOWN_METRICS = ("train_loss", "eval_loss", "accuracy", "perplexity", "tokens_per_s", "parity_max_abs_diff")
@@ -138,7 +139,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class UiError(RuntimeError):
+class UiError(RunFailure, RuntimeError):
     """A one-line problem of `orch ui` (what is missing and the fix)."""
 
 

@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.errors import UserError
 from orchestrator.core.job import is_uri
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -24,7 +25,7 @@ JSON_PARSE_LIMIT = 32 << 20  # parse a whole JSON document up to this size; JSON
 ROWS_CHECKED = 1000
 
 
-class PreflightError(Exception):
+class PreflightError(UserError):
     """An input that cannot work: one line naming the field and the fix (raised before anything runs)."""
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.cache import Cache
+from orchestrator.core.errors import UserError
 
 REMOTE_TYPES = {"azureml_registry_model", "azureml_datastore", "azureml_model", "azureml_data"}
 
 
-class ResourceError(Exception):
+class ResourceError(UserError):
     """A reference that cannot be resolved: one line naming the field and the fix."""
 
 

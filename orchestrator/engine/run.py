@@ -23,6 +23,7 @@ from filelock import FileLock
 
 from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size, stable_hash
+from orchestrator.core.errors import RunFailure
 from orchestrator.core.job import (
     EVENTS_FILE,
     Job,
@@ -60,12 +61,8 @@ CURRENT_LINK = ".orch-current"
 PUBLISHED = ("model", "adapter", "manifest.json", "training.png")
 
 
-class EngineError(Exception):
+class EngineError(RunFailure):
     """A workflow failure for the user: one line, with the failing job's log tail attached."""
-
-    def __init__(self, message: str, *, log_tail: str = "") -> None:
-        super().__init__(message)
-        self.log_tail = log_tail
 
 
 class Reporter(Protocol):

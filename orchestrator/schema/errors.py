@@ -14,15 +14,21 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ValidationError
 
+from orchestrator.core.errors import UserError
+
 Loc = tuple[str | int, ...]
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """Every problem found in a workflow config; str() is one line per problem."""
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+    def lines(self) -> list[str]:
+        """One printed line per problem (every problem of a file is reported at once)."""
+        return str(self).splitlines()
 
 
 def suggest(key: str, valid: Iterable[str]) -> str:

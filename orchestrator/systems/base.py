@@ -12,15 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.errors import RunFailure
 from orchestrator.core.job import Job, JobResult, JobState
 
 
-class SystemFailure(Exception):
+class SystemFailure(RunFailure):
     """A user-facing failure of a system (submit refused, job failed): one line, with the log tail attached."""
-
-    def __init__(self, message: str, *, log_tail: str = "") -> None:
-        super().__init__(message)
-        self.log_tail = log_tail
 
 
 class JobHandle(ABC):

@@ -28,6 +28,8 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
+from orchestrator.core.errors import UserError
+
 ENV_PREFIX = "/opt/orch-env"  # where an environment lives inside an image
 # orch's runtime imports: its source is mounted, not installed, so every environment must carry these.
 ORCH_RUNTIME_DEPS: dict[str, tuple[str, ...]] = {
@@ -44,7 +46,7 @@ _FLAG_OPTIONS = {"--pre", "--no-index"}
 _CONDA_TOOLING = {"pip", "setuptools", "wheel"}
 
 
-class EnvSpecError(ValueError):
+class EnvSpecError(UserError, ValueError):
     """A conda.yaml (or its fit with an image) is wrong: one line, naming the file and the field."""
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from orchestrator.core.errors import UserError
 from orchestrator.schema.errors import suggest
 
 TRAINING_ARGUMENTS_FIELDS = frozenset(
@@ -199,7 +200,7 @@ FSDP_KEYS = {
 }
 
 
-class TrainingArgsError(ValueError):
+class TrainingArgsError(UserError, ValueError):
     """Unknown training_args keys; `.problems` is [(key, message)], str() one '; '-joined line."""
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from orchestrator.core.cache import Cache, stable_hash
+from orchestrator.core.errors import RunFailure
 
 REGISTRY_RX = re.compile(r"^azureml://registries/([^/]+)/models/([^/]+)/versions/([^/]+)/?$")
 DATASTORE_RX = re.compile(
@@ -43,7 +44,7 @@ REF_FILE = "ref.json"
 DATA_DIR = "data"
 
 
-class DownloadError(Exception):
+class DownloadError(RunFailure):
     """A remote artifact could not be fetched or failed its checks: one line naming the field and reference."""
 
 

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.errors import RunFailure
 from orchestrator.core.job import atomic_write_text
 
 BUILD_LOG = "azureml-logs/20_image_build_log.txt"
@@ -46,7 +47,7 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class LogReadError(Exception):
+class LogReadError(RunFailure):
     """A log blob answered an HTTP error. `retry`: worth another poll (429/5xx; 403/404 of a file read before,
     where a fresh SAS URL from run history may help)."""
 

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.errors import UserError
+
 PROFILE_KEYS = {
     "subscription_id": "Azure subscription id",
     "resource_group": "resource group of the workspace",
@@ -48,7 +50,7 @@ CONFIG_KEYS = {"subscription_id", "resource_group", "workspace_name"}  # Olive's
 PUBLIC_AUTHORITIES = ("login.microsoftonline.com", "login.chinacloudapi.cn", "login.microsoftonline.us")
 
 
-class WorkspaceError(Exception):
+class WorkspaceError(UserError):
     """A workspace setting is missing or malformed: one line naming the setting and how to give it."""
 
 
