@@ -235,7 +235,7 @@ def download(
 
     def go() -> None:
         from orchestrator.core.cache import Cache
-        from orchestrator.engine.run import _replace_dir
+        from orchestrator.core.fs import replace_dir
         from orchestrator.systems.azureml.download import download_reference
         from orchestrator.systems.azureml.system import RESULT_OUTPUT, output_uri
 
@@ -254,7 +254,7 @@ def download(
         for child in sorted(Path(local).iterdir()):
             target = dest / child.name
             if child.is_dir():
-                _replace_dir(child, target)
+                replace_dir(child, target)
             else:
                 import shutil
 

@@ -352,7 +352,7 @@ def quantize(
     from orchestrator.olive.commands import quantize_workflow
 
     def go() -> None:
-        from orchestrator.core.launch import cuda_available as _cuda_available
+        from orchestrator.core.gpu import cuda_available as _cuda_available
 
         workflow = quantize_workflow(
             model_name_or_path=model_name_or_path,

@@ -25,7 +25,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from orchestrator.core.job import RESULT_FILE, JobResult, JobState, atomic_write_text
+from orchestrator.core.fs import atomic_write_text
+from orchestrator.core.job import RESULT_FILE, JobResult, JobState
 
 META_FILE = "meta.json"
 

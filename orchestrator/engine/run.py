@@ -24,6 +24,8 @@ from filelock import FileLock
 from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size, stable_hash
 from orchestrator.core.errors import RunFailure
+from orchestrator.core.fs import atomic_write_text, replace_dir, replace_link
+from orchestrator.core.gpu import cuda_available, wants_gpu
 from orchestrator.core.job import (
     EVENTS_FILE,
     Job,
@@ -31,10 +33,8 @@ from orchestrator.core.job import (
     JobState,
     JobTracking,
     ModelArtifact,
-    atomic_write_text,
     is_uri,
 )
-from orchestrator.core.launch import cuda_available
 from orchestrator.engine.plots import plot_training_curves
 from orchestrator.engine.preflight import (
     PreflightError,
@@ -406,9 +406,7 @@ class Engine:
 
     def _accelerator(self, system_name: str) -> str:
         accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]
-        first = accs[0]
-        device = first.get("device") if isinstance(first, dict) else first
-        return "gpu" if str(device).lower() in ("gpu", "cuda") else "cpu"
+        return "gpu" if wants_gpu(accs[:1]) else "cpu"  # the first accelerator decides, as Olive's does
 
     def _providers(self) -> list[str]:
         return list(getattr(self.wf.engine, "execution_providers", None) or ["CPUExecutionProvider"])
@@ -534,8 +532,8 @@ class Engine:
         if model is None:
             return
         if model.format == "hf_adapter" and model.adapter_path:
-            _replace_dir(self._local(model.adapter_path), dest / "adapter")
-        _replace_dir(self._local(model.path), dest / "model")
+            replace_dir(self._local(model.adapter_path), dest / "adapter")
+        replace_dir(self._local(model.path), dest / "model")
 
     def _run_step(self, step: Step, model: ModelArtifact, tracker: Tracker) -> tuple[StepRecord, ModelArtifact | None]:
         self.reporter.step_start(step)
@@ -717,47 +715,11 @@ class Engine:
         atomic_write_text(vdir / "manifest.json", json.dumps(manifest, indent=2, default=str))
 
 
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Copy src to dest via a temp sibling + rename: dest is either the old or the new copy, never half."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    if src.is_dir():
-        shutil.copytree(src, tmp, copy_function=copy_file, symlinks=False)
-    else:
-        tmp.mkdir(parents=True)
-        copy_file(str(src), str(tmp / src.name))
-    tmp.chmod(0o755)  # staging folders are made 0700 (mkdtemp); the user's output is an ordinary folder
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-FICLONE = 0x40049409  # linux/fs.h: share the blocks copy-on-write (btrfs, xfs, overlay on them)
-
-
-def copy_file(src: str, dst: str) -> str:
-    """A real copy: a reflink where the filesystem offers one (instant, no extra disk), else bytes. Never a
-    hard link: an output that shares an inode with the cache (or the user's input model) lets an edit of one
-    change the other, and onnx refuses external data with several links."""
-    import fcntl
-
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        try:
-            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-        except OSError:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-    shutil.copystat(src, dst)
-    return dst
-
-
 def _switch_current(output_dir: Path, version: str) -> None:
     """Point output_dir/.orch-current at the version (one atomic rename), keep the visible names as links
     through it, and remove every other version folder."""
     target = Path(VERSIONS_DIR) / version
-    tmp = output_dir / f"{CURRENT_LINK}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.symlink_to(target)
-    os.replace(tmp, output_dir / CURRENT_LINK)
+    replace_link(output_dir / CURRENT_LINK, target)
     vdir = output_dir / target
     for name in PUBLISHED:
         link = output_dir / name
@@ -775,9 +737,7 @@ def _switch_current(output_dir: Path, version: str) -> None:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 trash.unlink(missing_ok=True)
-        tmp = output_dir / f".{name}.link-{uuid.uuid4().hex[:8]}"
-        tmp.symlink_to(wanted)
-        os.replace(tmp, link)
+        replace_link(link, wanted)
     for old in (output_dir / VERSIONS_DIR).iterdir():
         if old.name != version:
             shutil.rmtree(old, ignore_errors=True)

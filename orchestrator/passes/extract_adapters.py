@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator
 
+from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
@@ -170,17 +171,13 @@ def extract(
             empty_shape = list(arr.shape)
             empty_shape[dim] = 0
             proto.graph.initializer.append(numpy_helper.from_array(np.zeros(empty_shape, arr.dtype), name))
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(out_dir)
     for f in model_dir.iterdir():
         if f.is_file() and f.name not in ("model.onnx", "model.onnx.data", ADAPTER_FILE, NUMPY_FILE):
             shutil.copy2(f, tmp / f.name)
     onnx.save(proto, str(tmp / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     save_adapter(weights, tmp / (NUMPY_FILE if save_format == "numpy" else ADAPTER_FILE))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    commit_dir(tmp, out_dir)
     return weights
 
 

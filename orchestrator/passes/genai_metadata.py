@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.job import ModelArtifact, atomic_write_text
+from orchestrator.core.fs import atomic_write_text, commit_dir, fresh_dir
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import PassContext, PassError, PassOutput
 
 OUTPUT_DIR = "model"
@@ -80,9 +81,7 @@ def write_genai_metadata(
     inputs, outputs, kv_dtype = graph_io(src)
     if (precision == "fp16") != (kv_dtype == "float16"):
         ctx.info(f"metadata_only: precision {precision} given; the graph's own types are kept (KV cache {kv_dtype})")
-    tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
     ctx.info(f"writing genai_config.json for {src.name} (config_only build for {execution_provider})")
     try:
         build_config(src_dir, tmp, {"config_only": "true", "hf_token": "false"})
@@ -104,8 +103,7 @@ def write_genai_metadata(
             shutil.copy2(item, tmp / item.name)
     metrics = check_metadata(tmp, src, execution_provider, ctx)
     final = ctx.out_dir / OUTPUT_DIR
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    commit_dir(tmp, final)
     ctx.log_metrics(metrics)
     out = ModelArtifact(format="onnx_genai", path=OUTPUT_DIR, task=model.task, quantized=model.quantized)
     return PassOutput(model=out, metrics=metrics)

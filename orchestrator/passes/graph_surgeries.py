@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.core.job import ModelArtifact, atomic_dir
+from orchestrator.core.fs import atomic_dir
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput
 
 SURGEONS = ("TieWordEmbeddings",)

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import ClassVar
 
-from orchestrator.core.job import ModelArtifact, atomic_dir
+from orchestrator.core.fs import atomic_dir
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 MODEL_DIR = "model"

@@ -24,7 +24,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from orchestrator.core.job import ModelArtifact, atomic_dir
+from orchestrator.core.fs import atomic_dir
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes import olive_quant as oq
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput
 

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from orchestrator.core.job import ModelArtifact, atomic_write_text
+from orchestrator.core.fs import atomic_write_text, commit_dir
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
@@ -341,9 +342,7 @@ class ModelBuilderPass(Pass):
             self._check_lora_float(tmp)
         metrics |= self._check(config, ep, hf_dir, tmp, ctx, prequantized=model.quantized, adapter=model.adapter_path)
 
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        commit_dir(tmp, final)
         ctx.progress(3, 3, "done")
         ctx.log_metrics(metrics)
         return PassOutput(

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.job import atomic_dir
+from orchestrator.core.fs import atomic_dir
 from orchestrator.passes.base import PassContext, PassError
 
 CHECKPOINT = "model.safetensors"

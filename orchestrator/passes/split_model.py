@@ -18,7 +18,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from orchestrator.core.job import ModelArtifact, atomic_write_text
+from orchestrator.core.fs import atomic_write_text, commit_dir, fresh_dir
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 OUTPUT_DIR = "model"
@@ -170,9 +171,7 @@ class SplitModelPass(Pass):
         if "pipeline" in decoder:
             raise PassError("SplitModel: the model is already a pipeline; split the ModelBuilder output once")
         src = src_dir / decoder["filename"]
-        tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         ctx.info(f"splitting {src.name} into {config.num_splits} layer groups" +
                  (" + embeddings + LM head" if config.unique_embeds_lm_head_splits else ""))  # fmt: skip
         stages = split_graph(src, tmp, config)
@@ -209,8 +208,7 @@ class SplitModelPass(Pass):
         else:
             ctx.info(f"onnxruntime-genai check skipped: the model targets {', '.join(providers)}")
         final = ctx.out_dir / OUTPUT_DIR
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        commit_dir(tmp, final)
         ctx.log_metrics(metrics)
         out = ModelArtifact(format="onnx_genai", path=OUTPUT_DIR, task=model.task, quantized=model.quantized)
         return PassOutput(model=out, metrics=metrics)

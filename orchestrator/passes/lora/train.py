@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import AliasChoices, Field, model_validator
 
-from orchestrator.core.job import ModelArtifact, atomic_dir
+from orchestrator.core.fs import atomic_dir
+from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 ADAPTER_DIR = "adapter"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.errors import RunFailure
-from orchestrator.core.job import atomic_write_text
+from orchestrator.core.fs import atomic_write_text
 
 BUILD_LOG = "azureml-logs/20_image_build_log.txt"
 SINGLE_LOG = "user_logs/std_log.txt"

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.fs import atomic_write_text
 from orchestrator.core.job import (
     JOB_FILE,
     RESULT_FILE,
@@ -40,7 +41,6 @@ from orchestrator.core.job import (
     JobResult,
     JobState,
     JobTracking,
-    atomic_write_text,
     is_uri,
 )
 from orchestrator.systems.base import JobHandle, System, SystemFailure

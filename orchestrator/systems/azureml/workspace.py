@@ -75,7 +75,7 @@ def read_profile(path: Path | None = None) -> dict[str, Any]:
 
 def write_profile_value(key: str, value: str, path: Path | None = None) -> Path:
     """`orch config set KEY VALUE`: atomically update one key of the per-machine profile."""
-    from orchestrator.core.job import atomic_write_text
+    from orchestrator.core.fs import atomic_write_text
 
     if key not in PROFILE_KEYS:
         raise WorkspaceError(f"unknown setting {key!r}; known: {', '.join(PROFILE_KEYS)}")

@@ -27,7 +27,9 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 import orchestrator
-from orchestrator.core.job import JOB_FILE, Job, JobResult, JobState, atomic_write_text
+from orchestrator.core.fs import atomic_write_text
+from orchestrator.core.gpu import wants_gpu
+from orchestrator.core.job import JOB_FILE, Job, JobResult, JobState
 from orchestrator.core.launch import ProcessesPerNode, resolve_processes, runner_command
 from orchestrator.systems.base import JobHandle, System, SystemFailure
 from orchestrator.systems.docker.images import (
@@ -483,7 +485,7 @@ class DockerSystem(System):
             for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
                 if os.environ.get(key):
                     environment[key] = os.environ[key]
-        gpu = job.accelerator == "gpu" or "gpu" in [a.lower() for a in self.config.accelerators]
+        gpu = job.accelerator == "gpu" or wants_gpu(self.config.accelerators)
         device_requests = [DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None
         labels = {
             _label("kind"): "job",

@@ -1,0 +1,110 @@
+"""Atomic writes, in one place: a reader (the cache, a container, the user) sees the old file or folder or the
+new one, never half of one. Everything here is a temp name beside the destination + one rename, because a
+rename within a folder is atomic and a copy is not."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write via a temp file in the same folder + rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result others (containers, CI) read is 0644
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def fresh_dir(dest: Path) -> Path:
+    """An empty work folder `.<name>.tmp` beside `dest` (left over from a killed run: cleared first); a pass
+    fills it and hands it to `commit_dir`. Fixed name: a pass's staging folder is its own, never shared."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, dest: Path) -> Path:
+    """Put a finished temp folder in place of `dest` (an older `dest` is removed first)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a temp folder beside `dest`, renamed to `dest` when the block ends well and removed when it fails:
+    a reader sees the old folder or the new one, never a half-written model."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        yield tmp
+        commit_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Copy src to dest via a temp sibling + rename: dest is either the old or the new copy, never half."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if src.is_dir():
+        shutil.copytree(src, tmp, copy_function=copy_file, symlinks=False)
+    else:
+        tmp.mkdir(parents=True)
+        copy_file(str(src), str(tmp / src.name))
+    tmp.chmod(0o755)  # staging folders are made 0700 (mkdtemp); the user's output is an ordinary folder
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_link(link: Path, target: Path | str) -> None:
+    """Point the symlink `link` at `target` by one rename (a reader follows the old target or the new one)."""
+    tmp = link.with_name(f".{link.name}.link-{uuid.uuid4().hex[:8]}")
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+FICLONE = 0x40049409  # linux/fs.h: share the blocks copy-on-write (btrfs, xfs, overlay on them)
+
+
+def copy_file(src: str, dst: str) -> str:
+    """A real copy: a reflink where the filesystem offers one (instant, no extra disk), else bytes. Never a
+    hard link: an output that shares an inode with the cache (or the user's input model) lets an edit of one
+    change the other, and onnx refuses external data with several links."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        except OSError:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    shutil.copystat(src, dst)
+    return dst
