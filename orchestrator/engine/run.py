@@ -49,8 +49,8 @@ from orchestrator.engine.preflight import (
 )
 from orchestrator.engine.tracking import EventTail, Tracker, flatten_params, redact, redact_obj, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
-from orchestrator.systems import KEYWORDS, make_system
 from orchestrator.systems.base import System
+from orchestrator.systems.registry import KEYWORDS, MAIN_KEYWORDS, is_azureml, make_system
 
 INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when engine.evaluate_input_model is set
 # Published outputs (see Engine._publish): output_dir/.orch-versions/<version>/{model,adapter,manifest.json,...}
@@ -205,7 +205,7 @@ class Engine:
                 cfg = match[0].model_dump(mode="json") if match else {"type": type_name}
             else:
                 raise EngineError(
-                    f"engine host/target {name!r} is not a system in 'systems' nor one of local, docker, aml"
+                    f"engine host/target {name!r} is not a system in 'systems' nor one of {', '.join(MAIN_KEYWORDS)}"
                 )
             self._systems[name] = make_system(
                 type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root, environment_for=_environment_for
@@ -327,7 +327,7 @@ class Engine:
     def _host_is_aml(self, name: str | None = None) -> bool:
         sys_cfg = self.wf.systems.get(name or self.host_name)
         type_name = sys_cfg.model_dump(mode="json").get("type", "") if sys_cfg is not None else (name or self.host_name)
-        return str(type_name).lower() in ("aml", "azureml", "azuremlsystem")
+        return is_azureml(str(type_name))
 
     def _check_not_overwritten(self, path: Path, field: str) -> None:
         """Publishing replaces output_dir/model and output_dir/adapter: an input there would be lost."""

@@ -22,9 +22,10 @@ from orchestrator.passes.lora.training_args import TrainingArgsError, normalize_
 from orchestrator.schema.errors import ConfigError, fmt_path, nearest, suggest, translate
 from orchestrator.schema.models import DataConfig, EngineConfig, EvaluatorConfig, InputModel, PassEntry
 from orchestrator.schema.resources import AzureMLClient
-from orchestrator.schema.systems import SystemConfig, canonical_system_type
+from orchestrator.schema.systems import SystemConfig
+from orchestrator.systems.registry import KEYWORDS as HOST_WORDS
+from orchestrator.systems.registry import MAIN_KEYWORDS, canonical_type
 
-KEYWORDS = ("local", "docker", "aml")
 ENGINE_KEYS = tuple(EngineConfig.model_fields)
 DATA_REF_KEYS = ("train_data_config", "eval_data_config", "data_config")
 PASS_RUN_KEYS = ("disable_search",)  # Olive search-time keys: accepted and ignored (passes run once, in order)
@@ -208,7 +209,7 @@ def _normalize(raw: dict[str, Any], r: _Reader) -> None:
         for name in list(systems):
             r.flatten(systems, name, ("systems", name), "config")
             if isinstance(systems[name], dict) and "type" in systems[name]:
-                systems[name]["type"] = canonical_system_type(systems[name]["type"])
+                systems[name]["type"] = canonical_type(systems[name]["type"])
     data_configs = raw.get("data_configs")
     if isinstance(data_configs, dict):  # older Olive: {name: config}
         raw["data_configs"] = data_configs = [
@@ -350,12 +351,12 @@ def _check_references(raw: dict[str, Any], r: _Reader) -> None:
     engine = raw.get("engine") if isinstance(raw.get("engine"), dict) else {}
     for key in ("host", "target"):
         value = engine.get(key)
-        if isinstance(value, str) and value not in systems and value not in KEYWORDS:
-            close = nearest(value, [*systems, *KEYWORDS])
+        if isinstance(value, str) and value not in systems and value not in HOST_WORDS:
+            close = nearest(value, [*systems, *MAIN_KEYWORDS])
             r.problem(
                 ["engine", key],
                 f"{value!r} is not a system in 'systems' (known: {', '.join(sorted(systems)) or 'none'}) "
-                f"or one of {', '.join(KEYWORDS)}{close}",
+                f"or one of {', '.join(MAIN_KEYWORDS)}{close}",
             )
     evaluators = raw.get("evaluators") if isinstance(raw.get("evaluators"), dict) else {}
     evaluator = engine.get("evaluator")

@@ -14,14 +14,6 @@ from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model
 
 from orchestrator.schema.resources import AzureMLClient, Strict, base_dir_of, resolve_path
 
-SYSTEM_TYPES = {
-    "localsystem": "LocalSystem",
-    "docker": "Docker",
-    "dockersystem": "Docker",
-    "azureml": "AzureML",
-    "azuremlsystem": "AzureML",
-    "pythonenvironment": "LocalSystem",
-}
 IMAGE_KEYS = ("docker_config", "aml_docker_config", "local_docker_config", "image_config")
 
 
@@ -115,12 +107,27 @@ class LocalSystemConfig(_System):
 
 
 class DockerSystemConfig(_System):
-    """Jobs run in a container of the local Docker engine."""
+    """Jobs run in a container of the local Docker engine (the one definition: DockerSystem reads this too)."""
 
     type: Literal["Docker"] = "Docker"
     docker_config: ImageConfig | None = None
     requirements_file: Path | None = None
     is_dev: bool = False
+    environment: str | None = None  # an orch family (cpu-export) or conda.yaml path when no docker_config
+    network: Literal["auto", "none", "host", "bridge"] = "auto"  # auto: none, host for direct MLflow
+    shm_size: str = "1g"  # torch dataloader workers use /dev/shm
+
+    @model_validator(mode="after")
+    def _one_image_kind(self) -> DockerSystemConfig:
+        dc = self.docker_config
+        if dc is not None and dc.dockerfile and (dc.base_image or dc.conda_file_path):
+            raise ValueError("docker_config: give base_image (+ conda_file_path) or dockerfile + build_context_path")
+        return self
+
+    @property
+    def devices(self) -> list[str]:
+        """The accelerators as device names (["cpu"], ["gpu"]): what the container is started with."""
+        return [a.device for a in self.accelerators]
 
 
 class AzureMLSystemConfig(_System):
@@ -142,10 +149,3 @@ class AzureMLSystemConfig(_System):
 
 
 SystemConfig = Annotated[LocalSystemConfig | DockerSystemConfig | AzureMLSystemConfig, Field(discriminator="type")]
-
-
-def canonical_system_type(value: Any) -> Any:
-    """'azureml' / 'AzureMLSystem' / 'PythonEnvironment' -> Olive's canonical names; others unchanged."""
-    if isinstance(value, str):
-        return SYSTEM_TYPES.get(value.lower(), value)
-    return value

@@ -22,15 +22,14 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from typing import Any
 
 import orchestrator
 from orchestrator.core.fs import atomic_write_text
 from orchestrator.core.gpu import wants_gpu
 from orchestrator.core.job import JOB_FILE, Job, JobResult, JobState
-from orchestrator.core.launch import ProcessesPerNode, resolve_processes, runner_command
+from orchestrator.core.launch import resolve_processes, runner_command
+from orchestrator.schema.systems import DockerSystemConfig, ImageConfig
 from orchestrator.systems.base import JobHandle, System, SystemFailure
 from orchestrator.systems.docker.images import (
     DEFAULT_BASE_IMAGE,
@@ -50,48 +49,6 @@ OUT_MOUNT = "/orch/out"
 IN_MOUNT = "/orch/in"
 SECRETS_MOUNT = "/run/secrets"
 ORCH_SOURCE_ROOT = Path(orchestrator.__file__).resolve().parents[1]
-
-
-class DockerConfig(BaseModel):
-    """Azure ML's aml_docker_config shape: an image from base_image + conda file, or from a Dockerfile."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    base_image: str | None = None
-    conda_file_path: str | None = None
-    dockerfile: str | None = None
-    build_context_path: str | None = None
-    name: str | None = None  # Azure ML Environment name: informational here
-    version: str | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> DockerConfig:
-        if self.dockerfile and (self.base_image or self.conda_file_path):
-            raise ValueError("give either base_image (+ conda_file_path) or dockerfile + build_context_path")
-        if self.dockerfile and not self.build_context_path:
-            raise ValueError("dockerfile needs build_context_path")
-        return self
-
-
-class DockerSystemConfig(BaseModel):
-    """The `config` of a {"type": "Docker"} system; Azure ML-only fields are accepted and ignored here."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-    accelerators: list[str] = Field(default_factory=lambda: ["cpu"])
-    docker_config: DockerConfig | None = Field(
-        default=None, validation_alias=AliasChoices("docker_config", "aml_docker_config", "local_docker_config")
-    )
-    environment: str | None = None  # an orch family (cpu-export) or conda.yaml path when no docker_config
-    hf_token: bool = False  # Azure ML: fetch from Key Vault; here the engine passes job.secrets["hf_token"]
-    network: Literal["auto", "none", "host", "bridge"] = "auto"  # auto: none, host for direct MLflow
-    shm_size: str = "1g"  # torch dataloader workers use /dev/shm
-    processes_per_node: ProcessesPerNode = "auto"  # data-parallel ranks (torchrun in the container) for DDP passes
-    # Azure ML fields, so only `type` changes between systems:
-    aml_compute: str | None = None
-    azureml_client: dict[str, Any] | None = None
-    is_dev: bool | None = None
-    instance_count: int | None = None
 
 
 def _label(key: str) -> str:
@@ -289,10 +246,12 @@ class DockerSystem(System):
     ) -> None:
         """environment_for(job) names an env family/file for jobs when the config names none (the engine maps
         a pass's Requirements.environment); `user` defaults to the caller's uid:gid."""
-        self.config = (
-            config if isinstance(config, DockerSystemConfig) else DockerSystemConfig.model_validate(config or {})
-        )
         self.config_dir = Path(config_dir or Path.cwd())
+        self.config = (
+            config
+            if isinstance(config, DockerSystemConfig)
+            else DockerSystemConfig.model_validate(config or {}, context={"base_dir": self.config_dir})
+        )
         self.environment_for = environment_for
         self.user = user or f"{os.getuid()}:{os.getgid()}"
         self.pip_settings = pip_settings
@@ -303,24 +262,22 @@ class DockerSystem(System):
     @classmethod
     def from_config(cls, config: dict[str, Any], **context: Any) -> DockerSystem:
         """From the workflow's json form: accelerators arrive as [{device, execution_providers}]."""
-        known = set(DockerSystemConfig.model_fields) | {"aml_docker_config", "local_docker_config"}
-        cfg = {k: v for k, v in config.items() if k in known and v is not None}
-        accs = cfg.get("accelerators") or []
-        cfg["accelerators"] = [a.get("device", "cpu") if isinstance(a, dict) else a for a in accs]
-        if not cfg["accelerators"]:
-            cfg.pop("accelerators")
+        known = (set(DockerSystemConfig.model_fields) - {"type"}) | {"aml_docker_config", "local_docker_config"}
+        cfg = {k: v for k, v in config.items() if k in known and v is not None}  # Azure ML-only fields dropped
+        if not cfg.get("accelerators"):
+            cfg.pop("accelerators", None)
         return cls(cfg, config_dir=context.get("base_dir"), environment_for=context.get("environment_for"))
 
     @property
     def accelerators(self) -> list[str]:
-        return list(self.config.accelerators)
+        return self.config.devices
 
     def _env_file(self, environment: str | None) -> tuple[str, Path]:
         """(base image, conda.yaml) this system runs a job of the given environment family with."""
         dc = self.config.docker_config
         base = (dc.base_image if dc else None) or DEFAULT_BASE_IMAGE
         if dc is not None and dc.conda_file_path:
-            return base, self._path(dc.conda_file_path)
+            return base, self._path(str(dc.conda_file_path))
         env = self.config.environment or environment or DEFAULT_ENVIRONMENT
         return base, self._path(str(env)) if str(env).endswith((".yaml", ".yml")) else resolve_env_file(env)
 
@@ -363,9 +320,9 @@ class DockerSystem(System):
             self._images[key] = built.tag
         return self._images[key]
 
-    def _dockerfile_image(self, dc: DockerConfig) -> str:
+    def _dockerfile_image(self, dc: ImageConfig) -> str:
         """A user Dockerfile (Azure ML's dockerfile + build_context_path): tag = hash of the context's files."""
-        ctx = self._path(dc.build_context_path or ".")
+        ctx = self._path(str(dc.build_context_path or "."))
         dockerfile = dc.dockerfile or "Dockerfile"
         h = hashlib.sha256(f"{orchestrator.__version__}|{dockerfile}".encode())
         for f in sorted(p for p in ctx.rglob("*") if p.is_file()):
@@ -390,7 +347,7 @@ class DockerSystem(System):
     def processes_for(self, pass_cls: type) -> int:
         return resolve_processes(
             self.config.processes_per_node,
-            self.config.accelerators,
+            self.accelerators,
             data_parallel=getattr(pass_cls, "data_parallel", False),
         )
 
@@ -485,7 +442,7 @@ class DockerSystem(System):
             for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
                 if os.environ.get(key):
                     environment[key] = os.environ[key]
-        gpu = job.accelerator == "gpu" or wants_gpu(self.config.accelerators)
+        gpu = job.accelerator == "gpu" or wants_gpu(self.accelerators)
         device_requests = [DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None
         labels = {
             _label("kind"): "job",
