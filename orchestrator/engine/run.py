@@ -52,6 +52,7 @@ from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
 from orchestrator.systems.registry import KEYWORDS, MAIN_KEYWORDS, is_azureml, make_system
 
+EVALUATE = "Evaluate"  # the pass type that runs the workflow's evaluator
 INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when engine.evaluate_input_model is set
 # Published outputs (see Engine._publish): output_dir/.orch-versions/<version>/{model,adapter,manifest.json,...}
 # holds each publication whole; output_dir/.orch-current is a symlink to the current one, switched by one rename;
@@ -136,20 +137,6 @@ def _environment_for(job: Job) -> str:
     images use it when the workflow names no environment. Keeps systems from importing passes."""
     pass_cls = load_pass(job.pass_type)
     return pass_cls().requirements(pass_cls.Config.model_validate(job.pass_config)).environment
-
-
-def _data_refs(config: Any, data_names: set[str]) -> list[str]:
-    """Data config names a pass config refers to (train_data_config, data_config, ... at any depth)."""
-    found: list[str] = []
-    if isinstance(config, dict):
-        for value in config.values():
-            found += _data_refs(value, data_names)
-    elif isinstance(config, list):
-        for value in config:
-            found += _data_refs(value, data_names)
-    elif isinstance(config, str) and config in data_names:
-        found.append(config)
-    return sorted(set(found))
 
 
 class Engine:
@@ -302,9 +289,8 @@ class Engine:
             check_split(f"data_configs[{i}].load_dataset_config.split", load.get("split"), cfg)
         data = {dc.name: dc.model_dump(mode="json") for dc in self.wf.data_configs}
         for name, entry in self.wf.passes.items():
-            pass_cfg = entry.config or {}
-            for key in ("train_split", "eval_split"):
-                check_split(f"passes.{name}.{key}", pass_cfg.get(key), data.get(pass_cfg.get("train_data_config")))
+            for ref in load_pass(entry.type).split_refs(entry.config or {}):
+                check_split(f"passes.{name}.{ref.field}", ref.split, data.get(ref.data_config or ""))
         self._check_evaluator_device()
         if tracking and self.tracking_enabled:
             check_tracking_uri(self.tracking_uri)
@@ -351,16 +337,16 @@ class Engine:
         ]
         evaluator = self._evaluator_config()
         if evaluator is not None:
-            steps.append(Step("evaluate", "Evaluate", evaluator, "target", self.target_name))
+            steps.append(Step("evaluate", EVALUATE, evaluator, "target", self.target_name))
             if getattr(self.wf.engine, "evaluate_input_model", False):
                 # Olive's baseline: the same metrics on the same rows for the model the workflow starts from
-                baseline = {**evaluator, "skip_speed_unless_onnx": True}
-                steps.insert(0, Step(INPUT_EVAL_STEP, "Evaluate", baseline, "target", self.target_name))
+                baseline = load_pass(EVALUATE).baseline_config(evaluator)
+                steps.insert(0, Step(INPUT_EVAL_STEP, EVALUATE, baseline, "target", self.target_name))
         _, identity = self._input_model()
         prev = identity
         for step in steps:
             pass_cls = load_pass(step.pass_type)
-            step.data_names = _data_refs(step.config, set(self._data))
+            step.data_names = pass_cls.data_refs(step.config, set(self._data))
             _, _, data_hashes = self._data_files(step.data_names)
             config = pass_cls.Config.model_validate(step.config)
             requirements = pass_cls().requirements(config)
@@ -388,21 +374,21 @@ class Engine:
         return steps
 
     def _evaluator_config(self) -> dict[str, Any] | None:
+        """The evaluation step's config: the Evaluate pass builds it from the evaluator's metrics and the rows
+        a training pass held out of the metrics' data (the engine reads neither pass's keys)."""
         name = getattr(self.wf.engine, "evaluator", None)
         if not name:
             return None
         ev = self.wf.evaluators[name]
-        config: dict[str, Any] = {"metrics": [m.model_dump(mode="json", exclude_none=True) for m in ev.metrics]}
-        # Score on the rows the fine-tune held out: the same eval_dataset_size and data_seed as the LoRA pass
-        # that trained on that data, so accuracy is never measured on training rows.
-        data_names = {m.get("data_config") for m in config["metrics"]}
+        metrics = [m.model_dump(mode="json", exclude_none=True) for m in ev.metrics]
+        data_names = {m.get("data_config") for m in metrics}
+        held = None
         for entry in self.wf.passes.values():
-            cfg = entry.config or {}
-            if cfg.get("train_data_config") in data_names and cfg.get("eval_dataset_size"):
-                config["eval_dataset_size"] = cfg["eval_dataset_size"]
-                config["seed"] = int((cfg.get("training_args") or {}).get("data_seed", 42))
+            held = load_pass(entry.type).held_out(entry.config or {})
+            if held is not None and held.data_config in data_names:
                 break
-        return config
+            held = None
+        return load_pass(EVALUATE).evaluator_config(metrics, held)
 
     def _accelerator(self, system_name: str) -> str:
         accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]

@@ -37,6 +37,25 @@ class Requirements:
     environment: str = "cpu-export"  # environments/<name>.conda.yaml family: cpu-export | cpu-train | gpu-train
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Rows a pass kept out of training (carved off `data_config` by size and seed): evaluation scores on these
+    same rows, so accuracy is never measured on training rows."""
+
+    data_config: str
+    size: float | int
+    seed: int
+
+
+@dataclass(frozen=True)
+class SplitRef:
+    """A split a pass config names (`field`: its key), of the data config `data_config`: checked before a run."""
+
+    field: str
+    split: str | None
+    data_config: str | None
+
+
 @dataclass
 class PassOutput:
     model: ModelArtifact | None  # paths relative to out_dir (or absolute for pass-through inputs)
@@ -96,6 +115,36 @@ class Pass(ABC):
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements()
 
+    # What the engine asks of a pass config, so the engine never reads a pass's own keys (raw json form:
+    # asked before the config is validated into Config).
+    @classmethod
+    def data_refs(cls, config: dict[str, Any], data_names: set[str]) -> list[str]:
+        """Data config names the config refers to (train_data_config, data_config, ... at any depth)."""
+        return _data_refs(config, data_names)
+
+    @classmethod
+    def held_out(cls, config: dict[str, Any]) -> HeldOut | None:
+        """The rows this pass holds out of training, if it trains (an evaluator scores on the same rows)."""
+        return None
+
+    @classmethod
+    def split_refs(cls, config: dict[str, Any]) -> list[SplitRef]:
+        """The dataset splits this config names, for the pre-flight check."""
+        return []
+
     @abstractmethod
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         """Do the work; write everything under ctx.out_dir; return the output model and final metrics."""
+
+
+def _data_refs(config: Any, data_names: set[str]) -> list[str]:
+    found: list[str] = []
+    if isinstance(config, dict):
+        for value in config.values():
+            found += _data_refs(value, data_names)
+    elif isinstance(config, list):
+        for value in config:
+            found += _data_refs(value, data_names)
+    elif isinstance(config, str) and config in data_names:
+        found.append(config)
+    return sorted(set(found))

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.core.job import ModelArtifact
-from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
+from orchestrator.passes.base import HeldOut, Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 MetricType = Literal["perplexity", "accuracy", "latency", "throughput"]
 
@@ -475,6 +475,22 @@ class EvaluatePass(Pass):
 
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements(cuda=False, environment="cpu-export")
+
+    @classmethod
+    def evaluator_config(cls, metrics: list[dict[str, Any]], held_out: HeldOut | None) -> dict[str, Any]:
+        """The config of the run's evaluation step: the workflow evaluator's metrics, scored on the rows a
+        fine-tune held out (its eval_dataset_size and seed) when it trained on the metrics' data."""
+        config: dict[str, Any] = {"metrics": metrics}
+        if held_out is not None:
+            config["eval_dataset_size"] = held_out.size
+            config["seed"] = held_out.seed
+        return config
+
+    @classmethod
+    def baseline_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Olive's baseline (engine.evaluate_input_model): the same metrics on the same rows for the input model;
+        an HF input has no ONNX runtime to time, so its speed metrics are skipped."""
+        return {**config, "skip_speed_unless_onnx": True}
 
     def _data_config(self, ctx: PassContext, name: str) -> dict[str, Any]:
         if name not in ctx.job.data_configs:

@@ -20,7 +20,16 @@ from pydantic import AliasChoices, Field, model_validator
 
 from orchestrator.core.fs import atomic_dir
 from orchestrator.core.job import ModelArtifact
-from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
+from orchestrator.passes.base import (
+    HeldOut,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassError,
+    PassOutput,
+    Requirements,
+    SplitRef,
+)
 
 ADAPTER_DIR = "adapter"
 QLORA_NO_CUDA = (
@@ -105,6 +114,19 @@ class LoRAPass(Pass):
     Config: ClassVar[type[PassConfig]] = LoRAConfig
     version: ClassVar[str] = "1"
     libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
+
+    @classmethod
+    def held_out(cls, config: dict[str, Any]) -> HeldOut | None:
+        """eval_dataset_size rows carved off train_data_config with training_args.data_seed."""
+        if not config.get("train_data_config") or not config.get("eval_dataset_size"):
+            return None
+        seed = int((config.get("training_args") or {}).get("data_seed", OLIVE_TRAINING_DEFAULTS["data_seed"]))
+        return HeldOut(config["train_data_config"], config["eval_dataset_size"], seed)
+
+    @classmethod
+    def split_refs(cls, config: dict[str, Any]) -> list[SplitRef]:
+        data = config.get("train_data_config")
+        return [SplitRef(key, config.get(key), data) for key in ("train_split", "eval_split")]
 
     @classmethod
     def config_notes(cls, config: PassConfig) -> list[str]:
