@@ -1,41 +1,28 @@
-"""Plan and run the pass chain: one Job per pass, cached by content, on the host; evaluation on the target.
+"""The Engine: plan and run the pass chain: one Job per pass, cached by content, on the host; evaluation on the target.
 
 Cache key of a pass = hash(pass type, pass version + code hash, normalized config, input model identity, the
 content of the data it names, the environment's library versions). The input identity of a pass that follows
 another is the previous pass's key (content-addressed by derivation), so the whole plan — which passes run and
 which come from the cache — is known on the client before anything is submitted.
 The engine never knows how a system moves bytes: it hands Jobs to `System.submit` and reads their results.
+Its parts: steps (what is planned and reported), plan (steps and their cache keys), inputs (the input model and
+data made local), execute (one job followed to its end), publish (output_dir and the manifest), preflight.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-from filelock import FileLock
+from typing import Any
 
 from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size, stable_hash
-from orchestrator.core.errors import RunFailure
-from orchestrator.core.fs import atomic_write_text, replace_dir, replace_link
 from orchestrator.core.gpu import cuda_available, wants_gpu
-from orchestrator.core.job import (
-    EVENTS_FILE,
-    Job,
-    JobResult,
-    JobState,
-    JobTracking,
-    ModelArtifact,
-    is_uri,
-)
-from orchestrator.engine.plots import plot_training_curves
+from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
+from orchestrator.engine.execute import follow_job
+from orchestrator.engine.inputs import model_format
+from orchestrator.engine.plan import environment_for, initial_steps, step_key
 from orchestrator.engine.preflight import (
     PreflightError,
     check_adapter_folder,
@@ -47,96 +34,21 @@ from orchestrator.engine.preflight import (
     check_writable_dir,
     local_data_paths,
 )
-from orchestrator.engine.tracking import EventTail, Tracker, flatten_params, redact, redact_obj, resolve_tracking_uri
+from orchestrator.engine.publish import Publisher
+from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine's public names)
+    EVALUATE,
+    INPUT_EVAL_STEP,
+    EngineError,
+    QuietReporter,
+    Reporter,
+    RunSummary,
+    Step,
+    StepRecord,
+)
+from orchestrator.engine.tracking import Tracker, flatten_params, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
 from orchestrator.systems.registry import KEYWORDS, MAIN_KEYWORDS, is_azureml, make_system
-
-EVALUATE = "Evaluate"  # the pass type that runs the workflow's evaluator
-INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when engine.evaluate_input_model is set
-# Published outputs (see Engine._publish): output_dir/.orch-versions/<version>/{model,adapter,manifest.json,...}
-# holds each publication whole; output_dir/.orch-current is a symlink to the current one, switched by one rename;
-# output_dir/model, adapter, manifest.json, training.png are fixed symlinks through .orch-current.
-VERSIONS_DIR = ".orch-versions"
-CURRENT_LINK = ".orch-current"
-PUBLISHED = ("model", "adapter", "manifest.json", "training.png")
-
-
-class EngineError(RunFailure):
-    """A workflow failure for the user: one line, with the failing job's log tail attached."""
-
-
-class Reporter(Protocol):
-    """What the engine tells the UI (the CLI renders it with rich; tests pass a QuietReporter)."""
-
-    def plan(self, steps: list[Step]) -> None: ...
-    def step_start(self, step: Step) -> None: ...
-    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
-    def step_log(self, step: Step, line: str) -> None: ...
-    def step_metric(self, step: Step, name: str, value: float) -> None: ...
-    def step_end(self, step: Step, record: StepRecord) -> None: ...
-
-
-class QuietReporter:
-    def plan(self, steps: list[Step]) -> None: ...
-    def step_start(self, step: Step) -> None: ...
-    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
-    def step_log(self, step: Step, line: str) -> None: ...
-    def step_metric(self, step: Step, name: str, value: float) -> None: ...
-    def step_end(self, step: Step, record: StepRecord) -> None: ...
-
-
-@dataclass
-class Step:
-    """One planned pass run."""
-
-    name: str
-    pass_type: str
-    config: dict[str, Any]
-    role: str  # "host" (a pass) or "target" (evaluation)
-    system_name: str
-    key: str = ""
-    cached: bool = False
-    data_names: list[str] = field(default_factory=list)
-
-
-@dataclass
-class StepRecord:
-    name: str
-    pass_type: str
-    system: str
-    cache_key: str
-    cached: bool
-    status: str
-    duration_s: float
-    metrics: dict[str, float]
-    versions: dict[str, str]
-    output: dict[str, Any] | None
-    output_size_bytes: int = 0
-
-
-@dataclass
-class RunSummary:
-    steps: list[StepRecord]
-    final_model: ModelArtifact | None
-    metrics: dict[str, float]
-    output_dir: Path | None
-    mlflow_run_id: str | None
-    model_uri: str | None = None
-
-
-def _code_hash(pass_cls: type) -> str:
-    """The pass's module and every orchestrator module it imports (a changed helper must miss the cache)."""
-    from orchestrator.core.code_identity import code_hash
-
-    return code_hash(pass_cls.__module__)
-
-
-def _environment_for(job: Job) -> str:
-    """The environment family a job's pass asks for (cpu-export, cpu-train, gpu-train): systems that build
-    images use it when the workflow names no environment. Keeps systems from importing passes."""
-    pass_cls = load_pass(job.pass_type)
-    return pass_cls().requirements(pass_cls.Config.model_validate(job.pass_config)).environment
 
 
 class Engine:
@@ -169,6 +81,9 @@ class Engine:
         )
         self._systems: dict[str, System] = {}
         self._data = {dc.name: dc for dc in workflow.data_configs}
+        self.publisher = Publisher(
+            workflow, self.cache, self.output_dir, self.host_name, self.target_name, self.tracking_uri, self.register_as
+        )
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _abs(self, p: str | Path) -> Path:
@@ -195,7 +110,7 @@ class Engine:
                     f"engine host/target {name!r} is not a system in 'systems' nor one of {', '.join(MAIN_KEYWORDS)}"
                 )
             self._systems[name] = make_system(
-                type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root, environment_for=_environment_for
+                type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root, environment_for=environment_for
             )
         return self._systems[name]
 
@@ -206,15 +121,10 @@ class Engine:
 
         path, identity = resolve_model_ref(im.model_ref, base_dir=self.base_dir, cache=self.cache)
         adapter = getattr(im, "adapter_path", None)
-        fmt = "hf"
         if adapter:
             adapter = str(self._abs(adapter))
             identity = stable_hash([identity, self.cache.content_hash(adapter)])
-            fmt = "hf_adapter"
-        if Path(path).is_dir() and (Path(path) / "genai_config.json").exists():
-            fmt = "onnx_genai"
-        elif Path(path).is_dir() and any(Path(path).glob("*.onnx")) or str(path).endswith(".onnx"):
-            fmt = "onnx"
+        fmt = model_format(path, has_adapter=bool(adapter))
         art = ModelArtifact(
             format=fmt,
             path=str(path),
@@ -331,17 +241,7 @@ class Engine:
     # ---- planning ---------------------------------------------------------------------------------------
     def plan(self) -> list[Step]:
         """Ordered steps with cache keys and hit/miss, decided on the client before anything is submitted."""
-        steps = [
-            Step(name, entry.type, dict(entry.config or {}), "host", self.host_name)
-            for name, entry in self.wf.passes.items()
-        ]
-        evaluator = self._evaluator_config()
-        if evaluator is not None:
-            steps.append(Step("evaluate", EVALUATE, evaluator, "target", self.target_name))
-            if getattr(self.wf.engine, "evaluate_input_model", False):
-                # Olive's baseline: the same metrics on the same rows for the model the workflow starts from
-                baseline = load_pass(EVALUATE).baseline_config(evaluator)
-                steps.insert(0, Step(INPUT_EVAL_STEP, EVALUATE, baseline, "target", self.target_name))
+        steps = initial_steps(self.wf, self.host_name, self.target_name)
         _, identity = self._input_model()
         prev = identity
         for step in steps:
@@ -353,42 +253,21 @@ class Engine:
             env = self.system(step.system_name).environment_fingerprint(
                 tuple(pass_cls.libraries), environment=requirements.environment
             )
-            normalized = config.model_dump(mode="json")
-            step.key = stable_hash(
-                {
-                    "pass": step.pass_type,
-                    "pass_version": pass_cls.version,
-                    "code": _code_hash(pass_cls),
-                    "config": normalized,
-                    "input": prev,
-                    "data": data_hashes,
-                    "env": env,
-                    "accelerator": self._accelerator(step.system_name),
-                    "processes": self.system(step.system_name).processes_for(pass_cls),
-                    "providers": self._providers(),
-                }
-            )[:32]
+            step.key = step_key(
+                step.pass_type,
+                pass_cls,
+                config,
+                prev,
+                data_hashes,
+                env,
+                accelerator=self._accelerator(step.system_name),
+                processes=self.system(step.system_name).processes_for(pass_cls),
+                providers=self._providers(),
+            )
             step.cached = self.cache.get(step.key) is not None
             if step.role == "host":
                 prev = step.key
         return steps
-
-    def _evaluator_config(self) -> dict[str, Any] | None:
-        """The evaluation step's config: the Evaluate pass builds it from the evaluator's metrics and the rows
-        a training pass held out of the metrics' data (the engine reads neither pass's keys)."""
-        name = getattr(self.wf.engine, "evaluator", None)
-        if not name:
-            return None
-        ev = self.wf.evaluators[name]
-        metrics = [m.model_dump(mode="json", exclude_none=True) for m in ev.metrics]
-        data_names = {m.get("data_config") for m in metrics}
-        held = None
-        for entry in self.wf.passes.values():
-            held = load_pass(entry.type).held_out(entry.config or {})
-            if held is not None and held.data_config in data_names:
-                break
-            held = None
-        return load_pass(EVALUATE).evaluator_config(metrics, held)
 
     def _accelerator(self, system_name: str) -> str:
         accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]
@@ -426,7 +305,7 @@ class Engine:
             final_metrics = {f"{r.name}/{k}": v for r in records for k, v in r.metrics.items()}
             summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id)
             if self.output_dir is not None:
-                self._publish(summary, records, steps, model, tracker)
+                self.publisher.publish(summary, records, steps, model, tracker)
             status = "FINISHED"
             return steps, summary
         except KeyboardInterrupt:
@@ -435,91 +314,10 @@ class Engine:
         finally:
             tracker.end(status)
 
-    def _publish(
-        self,
-        summary: RunSummary,
-        records: list[StepRecord],
-        steps: list[Step],
-        model: ModelArtifact | None,
-        tracker: Tracker,
-    ) -> None:
-        """Publish model/ (+ adapter/), training.png and manifest.json into output_dir, atomically as a whole.
 
-        Everything is written into a fresh output_dir/.orch-versions/<version>/ (real copies, or reflinks where
-        the filesystem has them: never hard links, so editing an output cannot change the cache, and onnx's
-        hard-link check passes), then output_dir/.orch-current is switched to it by one rename. The visible
-        names (output_dir/model, manifest.json, ...) are symlinks through .orch-current, so a model and its
-        manifest always change together; a run killed before the switch leaves the previous publication
-        whole, and its half-written version folder is removed by the next publish. A file lock serializes runs
-        sharing one output_dir.
-        """
-        assert self.output_dir is not None
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self._job_output():
-            self._publish_flat(summary, records, steps, model, tracker)
-            return
-        with FileLock(str(self.output_dir / ".orch-publish.lock")):
-            versions = self.output_dir / VERSIONS_DIR
-            version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-            vdir = versions / version
-            vdir.mkdir(parents=True)
-            self._write_publication(vdir, summary, records, steps, model, tracker)
-            _switch_current(self.output_dir, version)
 
-    def _job_output(self) -> bool:
-        """output_dir is an Azure ML job output (AZURE_ML_OUTPUT_<name>), or ORCH_PUBLISH=flat: the service
-        commits that folder as a whole when the job ends and uploads files, not links, so it is written flat."""
-        if os.environ.get("ORCH_PUBLISH") == "flat":
-            return True
-        assert self.output_dir is not None
-        here = self.output_dir.resolve()
-        for key, value in os.environ.items():
-            if key.startswith("AZURE_ML_OUTPUT_") and value and Path(value).resolve() == here:
-                return True
-        return False
 
-    def _publish_flat(
-        self,
-        summary: RunSummary,
-        records: list[StepRecord],
-        steps: list[Step],
-        model: ModelArtifact | None,
-        tracker: Tracker,
-    ) -> None:
-        """model/ (+ adapter/), training.png and manifest.json straight into output_dir (real copies)."""
-        assert self.output_dir is not None
-        self._write_publication(self.output_dir, summary, records, steps, model, tracker)
 
-    def _write_publication(
-        self,
-        folder: Path,
-        summary: RunSummary,
-        records: list[StepRecord],
-        steps: list[Step],
-        model: ModelArtifact | None,
-        tracker: Tracker,
-    ) -> None:
-        """What one publication holds, written into `folder`: the model, the loss curves, the manifest."""
-        self.export(summary, folder)
-        curves = {r.name: self.cache.entry_dir(r.cache_key) for r in records}
-        png = plot_training_curves(curves, folder / "training.png")
-        if png is not None:
-            tracker.log_artifact(png)
-        if model is not None:
-            summary.model_uri = tracker.log_model(folder / "model", model.format, self.register_as)
-            self._write_manifest(summary, steps, folder)
-
-    def export(self, summary: RunSummary, dest: Path | None = None) -> None:
-        """Copy the final model into dest (default output_dir): adapter/ + model/ for an adapter, else model/."""
-        dest = dest or self.output_dir
-        assert dest is not None
-        dest.mkdir(parents=True, exist_ok=True)
-        model = summary.final_model
-        if model is None:
-            return
-        if model.format == "hf_adapter" and model.adapter_path:
-            replace_dir(self._local(model.adapter_path), dest / "adapter")
-        replace_dir(self._local(model.path), dest / "model")
 
     def _run_step(self, step: Step, model: ModelArtifact, tracker: Tracker) -> tuple[StepRecord, ModelArtifact | None]:
         self.reporter.step_start(step)
@@ -594,136 +392,11 @@ class Engine:
             tracking=JobTracking(mode="events", metric_prefix=f"{step.name}/"),
             log_level=int(getattr(self.wf.engine, "log_severity_level", 3) or 3),
         )
-        system.prepare(job)
-        handle = system.submit(job)
-        tail = EventTail(stage / EVENTS_FILE)
-        stop = threading.Event()
+        follow_job(step, job, system, model, stage, tracker, self.reporter, self.cache)
 
-        def pump_logs() -> None:
-            for line in handle.logs(follow=True):
-                self.reporter.step_log(step, line)
-                if stop.is_set():
-                    break
 
-        log_thread = threading.Thread(target=pump_logs, daemon=True)
-        log_thread.start()
-        try:
-            while True:
-                state = handle.wait(timeout=0.5)
-                for event in tail.read():
-                    self._on_event(step, event, tracker)
-                if state.is_terminal():
-                    break
-        except KeyboardInterrupt:
-            handle.cancel()
-            raise
-        finally:
-            stop.set()
-            log_thread.join(timeout=2)
-        for event in tail.read():
-            self._on_event(step, event, tracker)
-        out = handle.outputs(stage)
-        try:
-            result = JobResult.read(out)
-        except (FileNotFoundError, ValueError):
-            result = None
-        if state != JobState.COMPLETED or result is None or result.status != JobState.COMPLETED:
-            reason = (result.error if result else None) or f"job ended {state.value}"
-            reason = reason.strip().splitlines()[0] if reason.strip() else f"job ended {state.value}"
-            tail_text = handle.log_tail() if hasattr(handle, "log_tail") else ""
-            log = self._keep_log(stage, job.job_id, tail_text)
-            raise EngineError(
-                f"pass {step.name!r} ({step.pass_type}) failed on {step.system_name} (input {model.path}): "
-                f"{redact(reason)}" + (f"; full log: {log}" if log else ""),
-                log_tail=tail_text,
-            )
-
-    def _keep_log(self, stage: Path, job_id: str, tail: str) -> Path | None:
-        """The failed job's log (with its traceback) outlives the staging folder: <cache>/logs/<job_id>.log."""
-        dest = self.cache.ensure() / "logs" / f"{job_id}.log"
-        src = stage / "job.log"
-        try:
-            if src.is_file():
-                shutil.copyfile(src, dest)
-            elif tail:
-                dest.write_text(tail)
-            else:
-                return None
-        except OSError:
-            return None
-        return dest
-
-    def _on_event(self, step: Step, event: dict[str, Any], tracker: Tracker) -> None:
-        kind = event.get("type")
-        if kind == "progress":
-            self.reporter.step_progress(step, int(event["done"]), int(event["total"]), event.get("desc", ""))
-        elif kind == "metric":
-            tracker.forward(event, f"{step.name}/")
-            self.reporter.step_metric(step, event["name"], event["value"])
-        elif kind == "param":
-            tracker.forward(event, f"{step.name}/")
 
     # ---- outputs ----------------------------------------------------------------------------------------
-    def _local(self, path: str) -> Path:
-        """A local path for an artifact; a remote one (a job output left in the workspace) is downloaded once."""
-        if not is_uri(path):
-            return Path(path)
-        from orchestrator.systems.azureml.download import download_reference
-
-        local, _ = download_reference(path, cache=self.cache, field="final model")
-        return Path(local)
-
-    def _write_manifest(self, summary: RunSummary, steps: list[Step], vdir: Path) -> None:
-        assert self.output_dir is not None
-        model_dir = vdir / "model"
-        manifest = {
-            "orch_version": __version__,
-            "workflow_id": getattr(self.wf, "workflow_id", None),
-            "host": self.host_name,
-            "target": self.target_name,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "input_model": self.wf.input_model.model_dump(mode="json", exclude_none=True),
-            "passes": [r.__dict__ for r in summary.steps],
-            "final_model": {
-                "format": summary.final_model.format if summary.final_model else None,
-                "path": str(self.output_dir / "model"),
-                "sha256": self.cache.content_hash(model_dir) if model_dir.exists() else None,
-                "size_bytes": folder_size(model_dir) if model_dir.exists() else 0,
-            },
-            "metrics": summary.metrics,
-            "mlflow": {
-                "tracking_uri": self.tracking_uri,
-                "run_id": summary.mlflow_run_id,
-                "model_uri": summary.model_uri,
-            },
-        }
-        manifest = redact_obj(manifest)  # credentials inside URIs (tracking, SAS) never reach the file
-        atomic_write_text(vdir / "manifest.json", json.dumps(manifest, indent=2, default=str))
-
-
-def _switch_current(output_dir: Path, version: str) -> None:
-    """Point output_dir/.orch-current at the version (one atomic rename), keep the visible names as links
-    through it, and remove every other version folder."""
-    target = Path(VERSIONS_DIR) / version
-    replace_link(output_dir / CURRENT_LINK, target)
-    vdir = output_dir / target
-    for name in PUBLISHED:
-        link = output_dir / name
-        wanted = Path(CURRENT_LINK) / name
-        if not (vdir / name).exists():
-            if link.is_symlink():
-                link.unlink()
-            continue
-        if link.is_symlink() and Path(os.readlink(link)) == wanted:
-            continue
-        if link.exists() and not link.is_symlink():  # a real folder/file from before versioned publishing
-            trash = output_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            link.rename(trash)
-            if trash.is_dir():
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                trash.unlink(missing_ok=True)
-        replace_link(link, wanted)
-    for old in (output_dir / VERSIONS_DIR).iterdir():
-        if old.name != version:
-            shutil.rmtree(old, ignore_errors=True)
+    def export(self, summary: RunSummary, dest: Path | None = None) -> None:
+        """Copy the final model into dest (default output_dir): adapter/ + model/ for an adapter, else model/."""
+        self.publisher.export(summary, dest)

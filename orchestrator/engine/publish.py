@@ -1,0 +1,194 @@
+"""Publishing a run's result into output_dir: model/ (+ adapter/), training.png and manifest.json, replaced as a
+whole (a versioned folder + one symlink switch), and the model logged to MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from orchestrator import __version__
+from orchestrator.core.cache import Cache, folder_size
+from orchestrator.core.fs import atomic_write_text, replace_dir, replace_link
+from orchestrator.core.job import ModelArtifact, is_uri
+from orchestrator.engine.plots import plot_training_curves
+from orchestrator.engine.steps import RunSummary, Step, StepRecord
+from orchestrator.engine.tracking import Tracker, redact_obj
+
+# Published outputs (see Publisher.publish): output_dir/.orch-versions/<version>/{model,adapter,manifest.json,...}
+# holds each publication whole; output_dir/.orch-current is a symlink to the current one, switched by one rename;
+# output_dir/model, adapter, manifest.json, training.png are fixed symlinks through .orch-current.
+VERSIONS_DIR = ".orch-versions"
+CURRENT_LINK = ".orch-current"
+PUBLISHED = ("model", "adapter", "manifest.json", "training.png")
+
+
+@dataclass
+class Publisher:
+    """Writes one workflow's publications; the engine hands it the summary of a finished run."""
+
+    wf: Any
+    cache: Cache
+    output_dir: Path | None
+    host_name: str
+    target_name: str
+    tracking_uri: str
+    register_as: str
+
+    def publish(
+        self,
+        summary: RunSummary,
+        records: list[StepRecord],
+        steps: list[Step],
+        model: ModelArtifact | None,
+        tracker: Tracker,
+    ) -> None:
+        """Publish model/ (+ adapter/), training.png and manifest.json into output_dir, atomically as a whole.
+
+        Everything is written into a fresh output_dir/.orch-versions/<version>/ (real copies, or reflinks where
+        the filesystem has them: never hard links, so editing an output cannot change the cache, and onnx's
+        hard-link check passes), then output_dir/.orch-current is switched to it by one rename. The visible
+        names (output_dir/model, manifest.json, ...) are symlinks through .orch-current, so a model and its
+        manifest always change together; a run killed before the switch leaves the previous publication
+        whole, and its half-written version folder is removed by the next publish. A file lock serializes runs
+        sharing one output_dir.
+        """
+        assert self.output_dir is not None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self._job_output():
+            self._publish_flat(summary, records, steps, model, tracker)
+            return
+        with FileLock(str(self.output_dir / ".orch-publish.lock")):
+            versions = self.output_dir / VERSIONS_DIR
+            version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+            vdir = versions / version
+            vdir.mkdir(parents=True)
+            self._write_publication(vdir, summary, records, steps, model, tracker)
+            _switch_current(self.output_dir, version)
+
+    def _job_output(self) -> bool:
+        """output_dir is an Azure ML job output (AZURE_ML_OUTPUT_<name>), or ORCH_PUBLISH=flat: the service
+        commits that folder as a whole when the job ends and uploads files, not links, so it is written flat."""
+        if os.environ.get("ORCH_PUBLISH") == "flat":
+            return True
+        assert self.output_dir is not None
+        here = self.output_dir.resolve()
+        for key, value in os.environ.items():
+            if key.startswith("AZURE_ML_OUTPUT_") and value and Path(value).resolve() == here:
+                return True
+        return False
+
+    def _publish_flat(
+        self,
+        summary: RunSummary,
+        records: list[StepRecord],
+        steps: list[Step],
+        model: ModelArtifact | None,
+        tracker: Tracker,
+    ) -> None:
+        """model/ (+ adapter/), training.png and manifest.json straight into output_dir (real copies)."""
+        assert self.output_dir is not None
+        self._write_publication(self.output_dir, summary, records, steps, model, tracker)
+
+    def _write_publication(
+        self,
+        folder: Path,
+        summary: RunSummary,
+        records: list[StepRecord],
+        steps: list[Step],
+        model: ModelArtifact | None,
+        tracker: Tracker,
+    ) -> None:
+        """What one publication holds, written into `folder`: the model, the loss curves, the manifest."""
+        self.export(summary, folder)
+        curves = {r.name: self.cache.entry_dir(r.cache_key) for r in records}
+        png = plot_training_curves(curves, folder / "training.png")
+        if png is not None:
+            tracker.log_artifact(png)
+        if model is not None:
+            summary.model_uri = tracker.log_model(folder / "model", model.format, self.register_as)
+            self._write_manifest(summary, steps, folder)
+
+    def export(self, summary: RunSummary, dest: Path | None = None) -> None:
+        """Copy the final model into dest (default output_dir): adapter/ + model/ for an adapter, else model/."""
+        dest = dest or self.output_dir
+        assert dest is not None
+        dest.mkdir(parents=True, exist_ok=True)
+        model = summary.final_model
+        if model is None:
+            return
+        if model.format == "hf_adapter" and model.adapter_path:
+            replace_dir(self._local(model.adapter_path), dest / "adapter")
+        replace_dir(self._local(model.path), dest / "model")
+
+    def _local(self, path: str) -> Path:
+        """A local path for an artifact; a remote one (a job output left in the workspace) is downloaded once."""
+        if not is_uri(path):
+            return Path(path)
+        from orchestrator.systems.azureml.download import download_reference
+
+        local, _ = download_reference(path, cache=self.cache, field="final model")
+        return Path(local)
+
+    def _write_manifest(self, summary: RunSummary, steps: list[Step], vdir: Path) -> None:
+        assert self.output_dir is not None
+        model_dir = vdir / "model"
+        manifest = {
+            "orch_version": __version__,
+            "workflow_id": getattr(self.wf, "workflow_id", None),
+            "host": self.host_name,
+            "target": self.target_name,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "input_model": self.wf.input_model.model_dump(mode="json", exclude_none=True),
+            "passes": [r.__dict__ for r in summary.steps],
+            "final_model": {
+                "format": summary.final_model.format if summary.final_model else None,
+                "path": str(self.output_dir / "model"),
+                "sha256": self.cache.content_hash(model_dir) if model_dir.exists() else None,
+                "size_bytes": folder_size(model_dir) if model_dir.exists() else 0,
+            },
+            "metrics": summary.metrics,
+            "mlflow": {
+                "tracking_uri": self.tracking_uri,
+                "run_id": summary.mlflow_run_id,
+                "model_uri": summary.model_uri,
+            },
+        }
+        manifest = redact_obj(manifest)  # credentials inside URIs (tracking, SAS) never reach the file
+        atomic_write_text(vdir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+
+
+def _switch_current(output_dir: Path, version: str) -> None:
+    """Point output_dir/.orch-current at the version (one atomic rename), keep the visible names as links
+    through it, and remove every other version folder."""
+    target = Path(VERSIONS_DIR) / version
+    replace_link(output_dir / CURRENT_LINK, target)
+    vdir = output_dir / target
+    for name in PUBLISHED:
+        link = output_dir / name
+        wanted = Path(CURRENT_LINK) / name
+        if not (vdir / name).exists():
+            if link.is_symlink():
+                link.unlink()
+            continue
+        if link.is_symlink() and Path(os.readlink(link)) == wanted:
+            continue
+        if link.exists() and not link.is_symlink():  # a real folder/file from before versioned publishing
+            trash = output_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
+            link.rename(trash)
+            if trash.is_dir():
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                trash.unlink(missing_ok=True)
+        replace_link(link, wanted)
+    for old in (output_dir / VERSIONS_DIR).iterdir():
+        if old.name != version:
+            shutil.rmtree(old, ignore_errors=True)
+

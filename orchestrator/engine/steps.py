@@ -1,0 +1,77 @@
+"""What the engine plans and reports: steps, their records, the run's summary, and the reporter protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator.core.errors import RunFailure
+from orchestrator.core.job import ModelArtifact
+
+EVALUATE = "Evaluate"  # the pass type that runs the workflow's evaluator
+INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when engine.evaluate_input_model is set
+
+
+class EngineError(RunFailure):
+    """A workflow failure for the user: one line, with the failing job's log tail attached."""
+
+
+class Reporter(Protocol):
+    """What the engine tells the UI (the CLI renders it with rich; tests pass a QuietReporter)."""
+
+    def plan(self, steps: list[Step]) -> None: ...
+    def step_start(self, step: Step) -> None: ...
+    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
+    def step_log(self, step: Step, line: str) -> None: ...
+    def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_end(self, step: Step, record: StepRecord) -> None: ...
+
+
+class QuietReporter:
+    def plan(self, steps: list[Step]) -> None: ...
+    def step_start(self, step: Step) -> None: ...
+    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
+    def step_log(self, step: Step, line: str) -> None: ...
+    def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_end(self, step: Step, record: StepRecord) -> None: ...
+
+
+@dataclass
+class Step:
+    """One planned pass run."""
+
+    name: str
+    pass_type: str
+    config: dict[str, Any]
+    role: str  # "host" (a pass) or "target" (evaluation)
+    system_name: str
+    key: str = ""
+    cached: bool = False
+    data_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepRecord:
+    name: str
+    pass_type: str
+    system: str
+    cache_key: str
+    cached: bool
+    status: str
+    duration_s: float
+    metrics: dict[str, float]
+    versions: dict[str, str]
+    output: dict[str, Any] | None
+    output_size_bytes: int = 0
+
+
+@dataclass
+class RunSummary:
+    steps: list[StepRecord]
+    final_model: ModelArtifact | None
+    metrics: dict[str, float]
+    output_dir: Path | None
+    mlflow_run_id: str | None
+    model_uri: str | None = None
+
