@@ -12,7 +12,6 @@ fails the launcher and so the job.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import sys
 import time
@@ -21,35 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.job import RESULT_FILE, Job, JobResult, JobState, append_event
+from orchestrator.core.secrets import SecretError
+from orchestrator.core.secrets import resolve_secret as _resolve_secret
+from orchestrator.core.versions import library_versions
 from orchestrator.passes.base import PassContext, PassError
 from orchestrator.passes.registry import load_pass
 
 CORE_LIBRARIES = ("torch", "transformers", "peft", "onnxruntime", "onnxruntime-genai", "onnx")
 
 
-def library_versions(names: tuple[str, ...] | list[str]) -> dict[str, str]:
-    out = {}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 def resolve_secret(source: str) -> str:
-    """A secret source is `file:<path>` (Docker mounts) or `keyvault:<vault_url>#<name>` (Azure ML identity)."""
-    kind, _, ref = source.partition(":")
-    if kind == "file":
-        return Path(ref).read_text().strip()
-    if kind == "keyvault":
-        from azure.identity import DefaultAzureCredential
-        from azure.keyvault.secrets import SecretClient
-
-        vault_url, _, name = ref.partition("#")
-        client = SecretClient(vault_url=vault_url, credential=DefaultAzureCredential())
-        return client.get_secret(name).value or ""
-    raise PassError(f"unknown secret source kind {kind!r} (expected file: or keyvault:)")
+    """core.secrets.resolve_secret, its refusal as a PassError: a job's one-line failure, like a pass's."""
+    try:
+        return _resolve_secret(source)
+    except SecretError as exc:
+        raise PassError(str(exc)) from exc
 
 
 class _MlflowDirect:

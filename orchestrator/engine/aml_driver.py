@@ -206,7 +206,7 @@ def drive(config: Path, binds: list[str]) -> int:
     bound = dict(b.split("=", 1) for b in binds)
     source = os.environ.pop("ORCH_HF_TOKEN_SOURCE", None)
     if source:
-        from orchestrator.runner import resolve_secret
+        from orchestrator.core.secrets import resolve_secret
 
         os.environ["HF_TOKEN"] = resolve_secret(source)  # the value lives in this process tree only
         print("orch: hf_token read from Key Vault", flush=True)

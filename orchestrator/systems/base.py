@@ -62,7 +62,7 @@ class System(ABC):
         """What identifies the job's environment in cache keys: by default the versions of `libraries`
         in this interpreter. Image-based systems return the hash of the environment spec they would run
         `environment` (a pass's Requirements.environment family, e.g. cpu-train) with instead."""
-        from orchestrator.runner import library_versions
+        from orchestrator.core.versions import library_versions
 
         return library_versions(libraries)
 

@@ -1,0 +1,181 @@
+"""The package's shape, checked on the real source (docs/ARCHITECTURE.md draws it).
+
+Imports are read with ast from every module of orchestrator/, function-level imports included (a lazy import is
+still a dependency), and folded onto the rooms: orchestrator.<room>. The rooms must not import each other in a
+cycle, passes and systems must not know each other, and nothing new may stand loose at the package's top level.
+`orch --help` is run in a fresh interpreter to see that it loads no torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "orchestrator"
+# Loose modules allowed at the top: the package marker, and the runner (`python -m orchestrator.runner` is the
+# command line every system sends into a process, container or Azure ML job).
+LOOSE_ALLOWED = {"__init__", "runner"}
+ROOMS = {"cli", "core", "engine", "olive", "passes", "schema", "systems"}
+# Who may import whom (besides itself): the layering the rooms are built on, lowest first.
+ALLOWED = {
+    "core": set(),
+    "schema": {"core"},
+    "passes": {"core", "schema"},
+    "systems": {"core", "schema"},
+    "olive": {"core", "schema", "passes", "systems"},
+    "runner": {"core", "passes"},
+    "engine": {"core", "schema", "passes", "systems", "olive"},
+    "cli": {"core", "schema", "passes", "systems", "olive", "engine"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """orchestrator modules `path` imports, anywhere in the file, relative imports resolved."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {n for n in found if n.startswith("orchestrator.")}
+
+
+def _room(module: str) -> str | None:
+    """orchestrator.passes.lora.train -> passes; orchestrator.runner -> runner; a name that is no file -> None."""
+    first = module.split(".")[1]
+    if (PACKAGE / first).is_dir() or (PACKAGE / f"{first}.py").is_file():
+        return first
+    return None  # `from orchestrator import __version__`: an attribute of the package, not a room
+
+
+def room_graph() -> dict[str, dict[str, list[str]]]:
+    """room -> {imported room: ["a.module -> b.module", ...]}."""
+    graph: dict[str, dict[str, list[str]]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        src = _module_name(path)
+        if src == "orchestrator":
+            continue
+        a = _room(src)
+        assert a is not None
+        for target in _imports(path):
+            b = _room(target)
+            if b is not None and b != a:
+                graph.setdefault(a, {}).setdefault(b, []).append(f"{src} -> {target}")
+    return graph
+
+
+def _cycle(graph: dict[str, dict[str, list[str]]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, {})):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_rooms_import_each_other_without_cycles() -> None:
+    graph = room_graph()
+    cycle = _cycle(graph)
+    why = [graph[a][b][0] for a, b in zip(cycle, cycle[1:], strict=False)] if cycle else []
+    assert cycle is None, f"import cycle between rooms: {' -> '.join(cycle or [])} ({'; '.join(why)})"
+
+
+def test_each_room_imports_only_the_rooms_below_it() -> None:
+    graph = room_graph()
+    assert set(graph) | {b for deps in graph.values() for b in deps} <= set(ALLOWED), "a room not in ALLOWED"
+    wrong = {
+        f"{a} -> {b}": deps[b][:3] for a, deps in graph.items() for b in deps if b not in ALLOWED.get(a, set())
+    }
+    assert wrong == {}, f"imports against the layering: {json.dumps(wrong, indent=1)}"
+
+
+def test_passes_and_systems_do_not_know_each_other() -> None:
+    graph = room_graph()
+    assert "systems" not in graph.get("passes", {}), graph.get("passes", {}).get("systems")
+    assert "passes" not in graph.get("systems", {}), graph.get("systems", {}).get("passes")
+
+
+def test_no_loose_modules_at_the_top_level() -> None:
+    loose = {p.stem for p in PACKAGE.glob("*.py")}
+    assert loose <= LOOSE_ALLOWED, f"put these in a room: {sorted(loose - LOOSE_ALLOWED)}"
+    rooms = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert rooms == ROOMS, f"rooms changed: {sorted(rooms ^ ROOMS)} (update ROOMS, ALLOWED and ARCHITECTURE.md)"
+
+
+def test_orch_help_imports_no_heavy_library() -> None:
+    """`orch --help` (and so every command's start) loads no torch, onnxruntime, transformers, docker or azure."""
+    code = (
+        "import sys, json\n"
+        "from orchestrator.cli.main import run_cli\n"
+        "rc = run_cli(['--help'])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'onnxruntime', 'onnx', 'transformers', 'peft', 'datasets', 'docker', 'azure'))\n"
+        "import orchestrator\n"
+        "print(json.dumps({'rc': rc, 'heavy': heavy, 'file': orchestrator.__file__}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["file"] == str(PACKAGE / "__init__.py")  # this checkout's code, not an installed copy
+    assert out["rc"] == 0 and out["heavy"] == [], out
+
+
+def test_one_system_registry_names_every_system() -> None:
+    """The registry's config models are the schema's system models, and every class path points at a module."""
+    import importlib.util
+
+    from orchestrator.schema.systems import SystemConfig
+    from orchestrator.systems.registry import KEYWORDS, KINDS, canonical_type, kind_of
+
+    union = typing.get_args(typing.get_args(SystemConfig)[0])
+    assert {k.config_model for k in KINDS} == set(union)
+    for k in KINDS:
+        assert importlib.util.find_spec(k.target.partition(":")[0]) is not None, k.target
+        assert typing.get_args(k.config_model.model_fields["type"].annotation) == (k.type_name,)
+        for alias in (k.type_name, *k.aliases):
+            assert canonical_type(alias.lower()) == k.type_name and kind_of(alias) is k
+    assert KEYWORDS == {"local": "LocalSystem", "docker": "Docker", "aml": "AzureML", "azureml": "AzureML"}
+
+
+def test_the_engine_reads_no_pass_keys() -> None:
+    """What a pass's config means (its data, held-out rows, splits) the pass says; the engine never names its keys."""
+    keys = ("train_data_config", "eval_dataset_size", "data_seed", "train_split", "eval_split", "training_args")
+    found = {
+        f"{path.relative_to(REPO)}:{node.lineno}: {node.value!r}"
+        for path in (PACKAGE / "engine").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in keys
+    }
+    assert found == set(), sorted(found)
