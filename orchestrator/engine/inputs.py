@@ -1,8 +1,14 @@
-"""The workflow's input model as the engine sees it: which format a model folder holds."""
+"""What a run starts from, made local and identified for cache keys: the input model (its format told from its
+files) and the data configs a step names (every file they read hashed by content)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from orchestrator.core.cache import Cache, stable_hash
+from orchestrator.core.job import ModelArtifact
+from orchestrator.engine.preflight import local_data_paths
 
 
 def model_format(path: str | Path, *, has_adapter: bool = False) -> str:
@@ -14,3 +20,44 @@ def model_format(path: str | Path, *, has_adapter: bool = False) -> str:
     elif path.is_dir() and any(path.glob("*.onnx")) or str(path).endswith(".onnx"):
         fmt = "onnx"
     return fmt
+
+
+def input_model(im: Any, *, base_dir: Path, cache: Cache) -> tuple[ModelArtifact, str]:
+    """The workflow's input model as an artifact, and its identity for cache keys (+ the adapter's content)."""
+    from orchestrator.engine.resources import resolve_model_ref
+
+    path, identity = resolve_model_ref(im.model_ref, base_dir=base_dir, cache=cache)
+    adapter = getattr(im, "adapter_path", None)
+    if adapter:
+        p = Path(adapter).expanduser()
+        adapter = str(p if p.is_absolute() else (base_dir / p).resolve())
+        identity = stable_hash([identity, cache.content_hash(adapter)])
+    art = ModelArtifact(
+        format=model_format(path, has_adapter=bool(adapter)),
+        path=str(path),
+        adapter_path=adapter,
+        task=im.task or "text-generation",
+        trust_remote_code=bool(im.trust_remote_code),
+    )
+    return art, identity
+
+
+def data_files(
+    data_configs: list[Any], *, base_dir: Path, cache: Cache
+) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
+    """Json form of the data configs, local data paths to hand the job, and their content hashes."""
+    from orchestrator.engine.resources import resolve_data_files
+
+    configs, files, hashes = {}, {}, []
+    for dc in data_configs:
+        cfg = dc.model_dump(mode="json")
+        configs[dc.name] = cfg
+        local = resolve_data_files(cfg, base_dir=base_dir, cache=cache)
+        if local is not None:
+            files[dc.name] = str(local)
+            hashes.append(cache.content_hash(local))
+        # every local file the config reads, whatever its form (a path, a list, globs, a folder), by content
+        for fld, _, found in local_data_paths(cfg, base_dir):
+            hashes.append(stable_hash([fld, [cache.content_hash(p) for p in found]]))
+        hashes.append(stable_hash(cfg))
+    return configs, files, hashes

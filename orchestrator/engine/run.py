@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import __version__
-from orchestrator.core.cache import Cache, folder_size, stable_hash
+from orchestrator.core.cache import Cache, folder_size
 from orchestrator.core.gpu import cuda_available, wants_gpu
 from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
 from orchestrator.engine.execute import follow_job
-from orchestrator.engine.inputs import model_format
+from orchestrator.engine.inputs import data_files, input_model
 from orchestrator.engine.plan import environment_for, initial_steps, step_key
 from orchestrator.engine.preflight import (
     PreflightError,
@@ -32,7 +32,6 @@ from orchestrator.engine.preflight import (
     check_split,
     check_tracking_uri,
     check_writable_dir,
-    local_data_paths,
 )
 from orchestrator.engine.publish import Publisher
 from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine's public names)
@@ -48,7 +47,7 @@ from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine'
 from orchestrator.engine.tracking import Tracker, flatten_params, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
-from orchestrator.systems.registry import KEYWORDS, MAIN_KEYWORDS, is_azureml, make_system
+from orchestrator.systems.registry import MAIN_KEYWORDS, is_azureml, make_system, system_config
 
 
 class Engine:
@@ -93,22 +92,12 @@ class Engine:
     def system(self, name: str) -> System:
         """A system by workflow name, or by keyword (local/docker/aml: the first such system in the config)."""
         if name not in self._systems:
-            systems = self.wf.systems
-            if name in systems:
-                cfg = systems[name].model_dump(mode="json")
-                type_name = cfg.get("type", "LocalSystem")
-            elif name in KEYWORDS:
-                type_name = KEYWORDS[name]
-                match = [
-                    s
-                    for s in systems.values()
-                    if s.model_dump(mode="json").get("type") in (type_name, f"{type_name}System")
-                ]
-                cfg = match[0].model_dump(mode="json") if match else {"type": type_name}
-            else:
+            found = system_config(name, {k: s.model_dump(mode="json") for k, s in self.wf.systems.items()})
+            if found is None:
                 raise EngineError(
                     f"engine host/target {name!r} is not a system in 'systems' nor one of {', '.join(MAIN_KEYWORDS)}"
                 )
+            type_name, cfg = found
             self._systems[name] = make_system(
                 type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root, environment_for=environment_for
             )
@@ -116,42 +105,11 @@ class Engine:
 
     def _input_model(self) -> tuple[ModelArtifact, str]:
         """The workflow's input model as an artifact, and its identity for cache keys."""
-        im = self.wf.input_model
-        from orchestrator.engine.resources import resolve_model_ref
-
-        path, identity = resolve_model_ref(im.model_ref, base_dir=self.base_dir, cache=self.cache)
-        adapter = getattr(im, "adapter_path", None)
-        if adapter:
-            adapter = str(self._abs(adapter))
-            identity = stable_hash([identity, self.cache.content_hash(adapter)])
-        fmt = model_format(path, has_adapter=bool(adapter))
-        art = ModelArtifact(
-            format=fmt,
-            path=str(path),
-            adapter_path=adapter,
-            task=im.task or "text-generation",
-            trust_remote_code=bool(im.trust_remote_code),
-        )
-        return art, identity
+        return input_model(self.wf.input_model, base_dir=self.base_dir, cache=self.cache)
 
     def _data_files(self, names: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
         """Json form of the named data configs, local data paths to hand the job, and their content hashes."""
-        from orchestrator.engine.resources import resolve_data_files
-
-        configs, files, hashes = {}, {}, []
-        for name in names:
-            dc = self._data[name]
-            cfg = dc.model_dump(mode="json")
-            configs[name] = cfg
-            local = resolve_data_files(cfg, base_dir=self.base_dir, cache=self.cache)
-            if local is not None:
-                files[name] = str(local)
-                hashes.append(self.cache.content_hash(local))
-            # every local file the config reads, whatever its form (a path, a list, globs, a folder), by content
-            for fld, _, found in local_data_paths(cfg, self.base_dir):
-                hashes.append(stable_hash([fld, [self.cache.content_hash(p) for p in found]]))
-            hashes.append(stable_hash(cfg))
-        return configs, files, hashes
+        return data_files([self._data[n] for n in names], base_dir=self.base_dir, cache=self.cache)
 
     # ---- pre-flight -------------------------------------------------------------------------------------
     def preflight(self, *, tracking: bool = True) -> None:

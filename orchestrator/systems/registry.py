@@ -69,6 +69,19 @@ def is_azureml(name_or_type: str) -> bool:
     return canonical_type(KEYWORDS.get(value.lower(), value)) == "AzureML"
 
 
+def system_config(name: str, systems: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    """(type, config) for a workflow system name, or for a keyword (local/docker/aml: the first system of that
+    type in `systems`, else its defaults); None when the name is neither."""
+    if name in systems:
+        cfg = systems[name]
+        return cfg.get("type", "LocalSystem"), cfg
+    if name not in KEYWORDS:
+        return None
+    type_name = KEYWORDS[name]
+    match = [cfg for cfg in systems.values() if cfg.get("type") in (type_name, f"{type_name}System")]
+    return type_name, (match[0] if match else {"type": type_name})
+
+
 def system_class(type_name: str) -> type[System]:
     return kind_of(type_name).load()
 
