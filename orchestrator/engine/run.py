@@ -18,21 +18,12 @@ from typing import Any
 
 from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size
-from orchestrator.core.gpu import cuda_available, wants_gpu
+from orchestrator.core.gpu import wants_gpu
 from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
 from orchestrator.engine.execute import follow_job
 from orchestrator.engine.inputs import data_files, input_model
 from orchestrator.engine.plan import environment_for, initial_steps, step_key
-from orchestrator.engine.preflight import (
-    PreflightError,
-    check_adapter_folder,
-    check_data_config,
-    check_model_folder,
-    check_name,
-    check_split,
-    check_tracking_uri,
-    check_writable_dir,
-)
+from orchestrator.engine.preflight import WorkflowCheck
 from orchestrator.engine.publish import Publisher
 from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine's public names)
     EVALUATE,
@@ -47,7 +38,7 @@ from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine'
 from orchestrator.engine.tracking import Tracker, flatten_params, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
-from orchestrator.systems.registry import MAIN_KEYWORDS, is_azureml, make_system, system_config
+from orchestrator.systems.registry import MAIN_KEYWORDS, make_system, system_config
 
 
 class Engine:
@@ -113,88 +104,18 @@ class Engine:
 
     # ---- pre-flight -------------------------------------------------------------------------------------
     def preflight(self, *, tracking: bool = True) -> None:
-        """Every input checked before anything is hashed, written or submitted (orchestrator/engine/preflight.py):
+        """Every input checked before anything is hashed, written or submitted (engine/preflight.py):
         raises PreflightError (one line: the field and the fix)."""
-        from orchestrator.engine.resources import _as_dict, is_remote
-
-        check_name("workflow_id", getattr(self.wf, "workflow_id", None))
-        mlflow_cfg = getattr(self.wf.engine, "mlflow", None)
-        check_name("engine.mlflow.register_model_name", getattr(mlflow_cfg, "register_model_name", None))
-        check_writable_dir("engine.cache_dir", self.cache.root)
-        if self.output_dir is not None:
-            check_writable_dir("engine.output_dir", self.output_dir)
-        im = self.wf.input_model
-        ref = _as_dict(im.model_ref)
-        if not is_remote(ref):
-            raw = (
-                (ref.get("config") or {}).get("path") or ref.get("path") or ref.get("model_path")
-                if isinstance(ref, dict)
-                else ref
-            )
-            if raw:
-                path = self._abs(str(raw))
-                check_model_folder(path, "input_model.model_path")
-                self._check_not_overwritten(path, "input_model.model_path")
-            elif isinstance(ref, dict) and ref.get("type") == "hf_hub" and not self._host_is_aml():
-                raise PreflightError(
-                    f"input_model: {ref.get('name')!r} is neither a local folder (looked at "
-                    f"{self._abs(str(ref.get('name')))}) nor reachable: orch jobs on this host have no model hub; "
-                    "give a local model folder (config.json, weights, tokenizer) or an azureml:// model"
-                )
-        adapter = getattr(im, "adapter_path", None)
-        if adapter:
-            check_adapter_folder(self._abs(adapter), "input_model.adapter_path")
-            self._check_not_overwritten(self._abs(adapter), "input_model.adapter_path")
-        for i, dc in enumerate(self.wf.data_configs):
-            cfg = dc.model_dump(mode="json")
-            load = cfg.get("load_dataset_config") or {}
-            if load.get("data_name") in ("json", "csv", "parquet", "text", "arrow") and not load.get("data_files"):
-                raise PreflightError(
-                    f"data_configs[{i}].load_dataset_config: data_name {load['data_name']!r} needs data_files "
-                    "(the file(s) to read), e.g. --data_files data/train.jsonl"
-                )
-            check_data_config(cfg, self.base_dir, f"data_configs[{i}]")
-            check_split(f"data_configs[{i}].load_dataset_config.split", load.get("split"), cfg)
-        data = {dc.name: dc.model_dump(mode="json") for dc in self.wf.data_configs}
-        for name, entry in self.wf.passes.items():
-            for ref in load_pass(entry.type).split_refs(entry.config or {}):
-                check_split(f"passes.{name}.{ref.field}", ref.split, data.get(ref.data_config or ""))
-        self._check_evaluator_device()
-        if tracking and self.tracking_enabled:
-            check_tracking_uri(self.tracking_uri)
-
-    def _check_evaluator_device(self) -> None:
-        """The evaluator runs the model with the first execution provider on the target: a CUDA-only target on
-        this machine without a CUDA GPU is refused now, not after every pass ran."""
-        if not getattr(self.wf.engine, "evaluator", None) or self._host_is_aml(self.target_name):
-            return
-        first = self._providers()[0]
-        if first == "CPUExecutionProvider" or (first == "CUDAExecutionProvider" and cuda_available()):
-            return
-        lacks = "no CUDA GPU" if first == "CUDAExecutionProvider" else f"no {first} runtime"
-        raise PreflightError(
-            f"engine.evaluator: the target {self.target_name!r} evaluates with {first} (its first execution "
-            f"provider) and this machine has {lacks}; list CPUExecutionProvider first, drop the evaluator, "
-            "or run on a GPU system"
-        )
-
-    def _host_is_aml(self, name: str | None = None) -> bool:
-        sys_cfg = self.wf.systems.get(name or self.host_name)
-        type_name = sys_cfg.model_dump(mode="json").get("type", "") if sys_cfg is not None else (name or self.host_name)
-        return is_azureml(str(type_name))
-
-    def _check_not_overwritten(self, path: Path, field: str) -> None:
-        """Publishing replaces output_dir/model and output_dir/adapter: an input there would be lost."""
-        if self.output_dir is None:
-            return
-        real = path.resolve()
-        for name in ("model", "adapter"):
-            dest = (self.output_dir / name).resolve()
-            if real == dest or dest in real.parents:
-                raise PreflightError(
-                    f"{field} {path} is inside the output folder {self.output_dir / name}, which this run "
-                    "replaces; give another --output_path / engine.output_dir"
-                )
+        WorkflowCheck(
+            self.wf,
+            base_dir=self.base_dir,
+            cache_root=self.cache.root,
+            output_dir=self.output_dir,
+            host_name=self.host_name,
+            target_name=self.target_name,
+            providers=self._providers(),
+            tracking_uri=self.tracking_uri,
+        ).run(tracking=tracking and self.tracking_enabled)
 
     # ---- planning ---------------------------------------------------------------------------------------
     def plan(self) -> list[Step]:
