@@ -52,10 +52,24 @@ def _data(kind: str) -> list[dict[str, str]]:
     raise KeyError(kind)
 
 
+def _hub_readme(folder: Path) -> str:
+    """A hub data repo's README front matter: one config per sub-folder (wikitext's "wikitext-2-raw-v1", ...),
+    so `load_dataset(folder, subset)` reads a local copy laid out as the hub repo is."""
+    lines = ["---", "configs:"]
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        lines += [f"- config_name: {sub.name}", "  data_files:"]
+        for f in sorted(sub.glob("*.jsonl")):
+            lines += [f"  - split: {f.stem}", f"    path: {sub.name}/{f.name}"]
+    return "\n".join([*lines, "---", ""])
+
+
 def write_data(root: Path, spec: dict[str, str]) -> None:
-    for rel, kind in spec.items():
+    for rel, kind in sorted(spec.items(), key=lambda kv: kv[1] == "hf_configs"):  # data files before the README
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "hf_configs":
+            path.write_text(_hub_readme(path.parent))
+            continue
         text = "".join(json.dumps(r) + "\n" for r in _data(kind))
         if path.suffix == ".gz":
             path.write_bytes(gzip.compress(text.encode()))
@@ -93,10 +107,27 @@ def on_this_machine(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, **entry["on_cuda"]} if "on_cuda" in entry and torch.cuda.is_available() else entry
 
 
+def tied_twin(tiny_model: Path) -> Path:
+    """The tiny model with lm_head tied to its embedding, saved beside it once (same tokenizer)."""
+    dest = tiny_model.parent / f"{tiny_model.name}-tied"
+    if not dest.exists():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.save_pretrained(dest)
+        AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
+    return dest
+
+
 def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: Path | None = None) -> Outcome:
     """Run an entry's commands in `work`; one MLflow store for all entries (its schema is created once)."""
     entry = on_this_machine(entry)
     work.mkdir(parents=True, exist_ok=True)
+    if entry.get("model") == "tied":  # the real model ties lm_head to the embedding (Qwen3-0.6B): so does its stand-in
+        tiny_model = tied_twin(tiny_model)
     (work / "tiny-model").symlink_to(tiny_model, target_is_directory=True)
     write_data(work, entry.get("data", {}))
     if not entry["file"].endswith(".cli"):
