@@ -125,14 +125,28 @@ def _run_one(
         console.print(metrics_table(summary.metrics))
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
-        for package in wf.engine.packaging_config or []:  # Olive's Zipfile packaging of the output model
-            import shutil
-
-            zipped = shutil.make_archive(str(summary.output_dir / package.name), "zip", summary.output_dir / "model")
-            out.print(f"packaged: {zipped}")
+    _package(wf, summary, out)
     if summary.mlflow_run_id:
         out.print(f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)}", markup=False)
     return summary
+
+
+def _package(wf: Any, summary: Any, out: Any) -> None:
+    """Olive's Zipfile packaging of the output model: <output_dir>/<name>.zip of model/; with no output_dir,
+    of the final model's folder into the working directory (Olive's default output folder)."""
+    import shutil
+
+    for package in wf.engine.packaging_config or []:
+        if summary.output_dir:
+            dest, src = summary.output_dir / f"{package.name}.zip", summary.output_dir / "model"
+        elif summary.final_model is not None and Path(summary.final_model.path).is_dir():
+            dest, src = Path.cwd() / f"{package.name}.zip", Path(summary.final_model.path)
+        else:
+            out.print(f"packaging_config {package.name}: the workflow produced no model folder to package")
+            continue
+        tmp = shutil.make_archive(str(dest.with_name(f".{dest.stem}.partial")), "zip", src)
+        os.replace(tmp, dest)  # a killed run leaves no half zip under the real name
+        out.print(f"packaged: {dest}")
 
 
 def _guarded(fn: Any) -> Any:
