@@ -856,6 +856,29 @@ def convert_adapters_cmd(
     _guarded(go)
 
 
+@app.command("tune-session-params", context_settings={**EXTRA, "help_option_names": []})
+def tune_session_params(ctx: typer.Context, host: HostOpt = None) -> None:
+    """Olive's `tune-session-params`: time onnxruntime session settings for an ONNX model (OrtSessionParamsTuning)
+    and write the fastest as <output_path>/<accelerator>.json (Olive's inference settings). Flags as Olive's."""
+    from orchestrator import olive_commands as oc
+
+    def go() -> None:
+        args = oc.tune_session_params_parser().parse_args(ctx.args)
+        summary = _run_workflow(oc.tune_session_params_workflow(args, host=host), base_dir=Path.cwd(),
+                                verbose=args.log_level <= 1, no_tracking=False)  # fmt: skip
+        if summary is None or summary.final_model is None:
+            return
+        from orchestrator.job import atomic_write_text
+        from orchestrator.onnx_tools import SETTINGS_FILE
+
+        settings = json.loads((Path(summary.final_model.path) / SETTINGS_FILE).read_text())
+        dest = Path(args.output_path) / f"{oc.accelerator_key(args.device, settings['execution_provider'][0])}.json"
+        atomic_write_text(dest, json.dumps(settings, indent=4) + "\n")
+        print(f"Inference session parameters are saved to {dest}", file=sys.stderr)
+
+    _guarded(go)
+
+
 def _refusal(why: str) -> Any:
     def refuse(ctx: typer.Context) -> None:
         raise fail(why)

@@ -130,6 +130,9 @@ def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: 
         tiny_model = tied_twin(tiny_model)
     (work / "tiny-model").symlink_to(tiny_model, target_is_directory=True)
     write_data(work, entry.get("data", {}))
+    for dest, src in entry.get("files", {}).items():  # files the config reads beside it: a user_script, data
+        (work / dest).parent.mkdir(parents=True, exist_ok=True)
+        (work / dest).write_bytes((CORPUS / src).read_bytes())
     if not entry["file"].endswith(".cli"):
         (work / entry["file"]).write_text((CORPUS / entry["file"]).read_text())
     db = tracking_db or work / "ml.db"
@@ -379,7 +382,7 @@ def test_onnx_conversion_optimization_dynamic_quant_parity(tmp_path: Path, tiny_
     assert np.abs(got - ref).max() < 1.0 and (got.argmax(-1) == ref.argmax(-1)).mean() > 0.5
 
 
-def test_capture_onnx_graph_and_refused_commands(tmp_path: Path, tiny_model: Path) -> None:
+def test_capture_onnx_graph_then_tune_session_params(tmp_path: Path, tiny_model: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/ml.db"}
 
     def orch(*args: str) -> subprocess.CompletedProcess:
@@ -389,10 +392,19 @@ def test_capture_onnx_graph_and_refused_commands(tmp_path: Path, tiny_model: Pat
     cap = orch("capture-onnx-graph", "-m", str(tiny_model), "-o", "cap", "--no-tracking")
     assert cap.returncode == 0, cap.stderr[-2000:]
     assert (tmp_path / "cap/model/model.onnx").is_file() and (tmp_path / "cap/model/tokenizer.json").is_file()
-    for name in ("tune-session-params",):
-        proc = orch(name, "--model_name_or_path", str(tiny_model), "--adapter_format", "onnx")
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"orch: error: {name}: "), proc.stderr
+    # Olive's flags and list syntax; the captured graph has a KV cache, so the token-with-past dummy inputs
+    tune = orch("tune-session-params", "-m", "cap/model", "-o", "tuned", "--predict_with_kv_cache",
+                "--intra_thread_num_list", "1", "2", "--execution_mode_list", "0")  # fmt: skip
+    assert tune.returncode == 0, tune.stderr[-2000:]
+    settings = json.loads((tmp_path / "tuned/cpu-cpu.json").read_text())
+    assert settings["execution_provider"] == ["CPUExecutionProvider"]
+    assert settings["session_options"] == {} or settings["session_options"]["intra_op_num_threads"] in (1, 2)
+    manifest = json.loads((tmp_path / "tuned/manifest.json").read_text())
+    assert manifest["metrics"]["session_params_tuning/settings_tried"] == 3  # defaults + sequential x {1, 2}
+    bad = orch("tune-session-params", "-m", "cap/model", "--intra_thread_num_list", "two")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and lines == ["orch: error: tune-session-params: argument --intra_thread_num_list: "
+                                             "invalid int value: 'two'"], bad.stderr  # fmt: skip
 
 
 def test_cli_data_files_comma_list() -> None:
