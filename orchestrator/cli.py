@@ -357,7 +357,7 @@ def auto_opt(
 def quantize(
     model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
     output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="awq | gptq (CUDA) | rtn (CPU)")] = "rtn",
+    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="awq | gptq (llm-compressor) | rtn")] = "rtn",
     precision: Annotated[str, typer.Option("--precision")] = "int4",
     trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
     log_level: Annotated[int, typer.Option("--log_level")] = 3,
@@ -370,12 +370,11 @@ def quantize(
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
 ) -> None:
-    """Olive's `quantize`: int4 weights by AWQ/GPTQ (CUDA) or RTN (CPU, MatMulNBits / model builder)."""
+    """Olive's `quantize`: int4 weights by AWQ/GPTQ (llm-compressor, its own environment) or RTN (MatMulNBits /
+    model builder)."""
     from orchestrator.olive_commands import quantize_workflow
 
     def go() -> None:
-        from orchestrator.launch import cuda_available as _cuda_available
-
         workflow = quantize_workflow(
             model_name_or_path=model_name_or_path,
             output_path=output_path,
@@ -383,7 +382,6 @@ def quantize(
             precision=precision,
             trust_remote_code=trust_remote_code,
             log_level=log_level,
-            cuda_available=_cuda_available() or _awq_on_cpu(algorithm),
             host=host,
             data_name=data_name,
             data_files=data_files,
@@ -400,11 +398,6 @@ def quantize(
         )
 
     _guarded(go)
-
-
-def _awq_on_cpu(algorithm: str) -> bool:
-    """ORCH_AWQ_CPU=1 runs AWQ on a CPU on purpose (slow, but correct): the flag check lets it through."""
-    return algorithm.lower() == "awq" and os.environ.get("ORCH_AWQ_CPU") == "1"
 
 
 @app.command()

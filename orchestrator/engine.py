@@ -138,7 +138,20 @@ def _environment_for(job: Job) -> str:
     """The environment family a job's pass asks for (cpu-export, cpu-train, gpu-train): systems that build
     images use it when the workflow names no environment. Keeps systems from importing passes."""
     pass_cls = load_pass(job.pass_type)
-    return pass_cls().requirements(pass_cls.Config.model_validate(job.pass_config)).environment
+    env = pass_cls().requirements(pass_cls.Config.model_validate(job.pass_config)).environment
+    return for_accelerator(env, job.accelerator)
+
+
+def for_accelerator(environment: str, accelerator: str) -> str:
+    """A gpu-* family's CPU sibling (gpu-quantize -> cpu-quantize) for a job on a CPU, when there is one: its
+    torch is the CPU build, so a CPU system never installs CUDA wheels it cannot use."""
+    from orchestrator.docker_images import ENVIRONMENTS_DIR
+
+    if accelerator == "cpu" and environment.startswith("gpu-"):
+        sibling = "cpu-" + environment.removeprefix("gpu-")
+        if (ENVIRONMENTS_DIR / f"{sibling}.conda.yaml").exists():
+            return sibling
+    return environment
 
 
 def _data_refs(config: Any, data_names: set[str]) -> list[str]:
@@ -368,7 +381,8 @@ class Engine:
             config = pass_cls.Config.model_validate(step.config)
             requirements = pass_cls().requirements(config)
             env = self.system(step.system_name).environment_fingerprint(
-                tuple(pass_cls.libraries), environment=requirements.environment
+                tuple(pass_cls.libraries),
+                environment=for_accelerator(requirements.environment, self._accelerator(step.system_name)),
             )
             normalized = config.model_dump(mode="json")
             step.key = stable_hash(

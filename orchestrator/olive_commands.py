@@ -320,7 +320,6 @@ def quantize_workflow(
     precision: str = "int4",
     trust_remote_code: bool = False,
     log_level: int = 3,
-    cuda_available: bool = False,
     host: str | None = None,
     data_name: str | None = None,
     data_files: str | None = None,
@@ -336,11 +335,6 @@ def quantize_workflow(
     model_path = Path(model_name_or_path)
     is_onnx = model_path.suffix == ".onnx" or (model_path.is_dir() and any(model_path.glob("*.onnx")))
     if algorithm in ("awq", "gptq"):
-        if not cuda_available and (host or "local") == "local":
-            raise FlagError(
-                f"--algorithm {algorithm} needs a CUDA GPU (activation-aware calibration runs on the GPU); this "
-                "machine has none. Use --algorithm rtn for CPU int4, or run with --host aml on a GPU cluster"
-            )
         if not data_name:
             raise FlagError(f"--algorithm {algorithm} calibrates on data: give --data_name (and --data_files)")
         pre: dict[str, Any] = {"dataset_type": "corpus"}
@@ -367,7 +361,7 @@ def quantize_workflow(
             else {"type": "ModelBuilder", "precision": "int4"}
         )
     else:
-        raise FlagError(f"--algorithm {algorithm!r} is not supported; use awq, gptq (CUDA) or rtn (CPU)")
+        raise FlagError(f"--algorithm {algorithm!r} is not supported; use awq, gptq or rtn")
     return {
         "input_model": input_model(model_name_or_path, trust_remote_code=trust_remote_code, task=None),
         "data_configs": data_configs,

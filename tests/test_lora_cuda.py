@@ -488,7 +488,12 @@ def test_awq_gptq_config_takes_olive_names() -> None:
         AwqGptqConfig(sym=True, zero_point=True)
     with pytest.raises(ValueError, match="multiple of 8"):
         AwqGptqConfig(group_size=100)
-    assert GptqQuantizerPass().requirements(gptq).cuda
+    req = GptqQuantizerPass().requirements(gptq)  # llm-compressor's environment; a CPU job gets its CPU sibling
+    assert req.environment == "gpu-quantize" and not req.cuda
+    from orchestrator.engine import for_accelerator
+
+    assert for_accelerator("gpu-quantize", "cpu") == "cpu-quantize" and for_accelerator("gpu-quantize", "gpu") == (
+        "gpu-quantize")  # fmt: skip
 
 
 def test_awq_without_cuda_is_refused_before_loading(tmp_path) -> None:
@@ -500,8 +505,12 @@ def test_awq_without_cuda_is_refused_before_loading(tmp_path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    model = ModelArtifact(format="hf", path=str(tmp_path / "nowhere"))
-    with pytest.raises(PassError, match="AWQ needs a CUDA GPU.*GPTQ"):
+    big = tmp_path / "big"
+    big.mkdir()
+    with (big / "model.safetensors").open("wb") as f:  # 1 GiB of weights, sparse: only the size is read
+        f.truncate(2**30)
+    model = ModelArtifact(format="hf", path=str(big))
+    with pytest.raises(PassError, match="AWQ needs a CUDA GPU for this model's 1024 MB.*GPTQ"):
         AutoAWQQuantizerPass().run(AwqGptqConfig(data_config="d"), model, _awq_ctx(tmp_path))
 
 

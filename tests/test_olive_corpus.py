@@ -107,16 +107,32 @@ def on_this_machine(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, **entry["on_cuda"]} if "on_cuda" in entry and torch.cuda.is_available() else entry
 
 
-def tied_twin(tiny_model: Path) -> Path:
-    """The tiny model with lm_head tied to its embedding, saved beside it once (same tokenizer)."""
-    dest = tiny_model.parent / f"{tiny_model.name}-tied"
+# Stand-ins for properties of the real model a config relies on: Qwen3-0.6B ties lm_head to the embedding;
+# Phi-3.5's widths divide by AWQ/GPTQ's default group of 128 (the tiny model's MLP width, 352, does not).
+MODEL_VARIANTS: dict[str, dict[str, Any]] = {
+    "tied": {"tie_word_embeddings": True},
+    "group128": {"intermediate_size": 384},
+}
+
+
+def model_variant(tiny_model: Path, kind: str) -> Path:
+    """The tiny model with config changes (MODEL_VARIANTS), saved beside it once, same tokenizer; a tied
+    variant keeps the weights with lm_head = embedding, others are re-initialized (seed 0)."""
+    dest = tiny_model.parent / f"{tiny_model.name}-{kind}"
     if not dest.exists():
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-        model.config.tie_word_embeddings = True
-        model.lm_head.weight = model.model.embed_tokens.weight
+        if kind == "tied":
+            model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+            model.config.tie_word_embeddings = True
+            model.lm_head.weight = model.model.embed_tokens.weight
+        else:
+            config = AutoConfig.from_pretrained(tiny_model)
+            for key, value in MODEL_VARIANTS[kind].items():
+                setattr(config, key, value)
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         model.save_pretrained(dest)
         AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
     return dest
@@ -126,8 +142,8 @@ def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: 
     """Run an entry's commands in `work`; one MLflow store for all entries (its schema is created once)."""
     entry = on_this_machine(entry)
     work.mkdir(parents=True, exist_ok=True)
-    if entry.get("model") == "tied":  # the real model ties lm_head to the embedding (Qwen3-0.6B): so does its stand-in
-        tiny_model = tied_twin(tiny_model)
+    if entry.get("model"):  # a property of the real model the config relies on (MODEL_VARIANTS)
+        tiny_model = model_variant(tiny_model, entry["model"])
     (work / "tiny-model").symlink_to(tiny_model, target_is_directory=True)
     write_data(work, entry.get("data", {}))
     for dest, src in entry.get("files", {}).items():  # files the config reads beside it: a user_script, data

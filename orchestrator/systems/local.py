@@ -32,8 +32,9 @@ from orchestrator.systems.base import JobHandle, System, SystemFailure
 LOG_FILE = "job.log"
 PID_FILE = "job.pid"
 ORCH_SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the orchestrator package
-# Environments whose pins conflict with orch's install (cpu-inc: numpy<2, onnx 1.16): their jobs get a venv.
-SIDE_ENVIRONMENTS = frozenset({"cpu-inc"})
+# Environments whose pins conflict with orch's install (cpu-inc: numpy<2, onnx 1.16; *-quantize: llm-compressor's
+# transformers 5.17): their jobs get a venv of their own.
+SIDE_ENVIRONMENTS = frozenset({"cpu-inc", "cpu-quantize", "gpu-quantize"})
 
 
 def resolve_python(python_environment_path: str | None) -> str:
