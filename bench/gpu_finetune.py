@@ -222,8 +222,8 @@ def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json:
 
     from orchestrator.core.job import Job, ModelArtifact
     from orchestrator.passes.base import PassContext
+    from orchestrator.passes.lora import cuda as lora_cuda
     from orchestrator.passes.lora.train import LoRAConfig, LoRAPass, QLoRAPass
-    from orchestrator.passes.lora.train import cuda as lora_cuda
 
     install_step_timer()
     s = SETTINGS
@@ -275,7 +275,7 @@ def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json:
     output = pass_cls().train(config, artifact, ctx, train_ds, None, spec)
     wall = time.perf_counter() - t0
     plan = lora_cuda.LAST_PLAN
-    from orchestrator.passes.lora.train import kernels as lora_kernels
+    from orchestrator.passes.lora import kernels as lora_kernels
 
     splits = {" ".join(map(str, k[:4])): v for k, v in lora_kernels._SPLIT_CACHE.items()}
     result = summarize(
@@ -600,7 +600,7 @@ def check() -> int:
             print(f"import {mod}: ok {getattr(m, '__version__', '')}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every failure, keep going
             print(f"import {mod}: FAILED {type(e).__name__}: {e}"[:300], flush=True)
-    from orchestrator.passes.lora.train import cuda as lora_cuda
+    from orchestrator.passes.lora import cuda as lora_cuda
 
     dev = lora_cuda.probe_device()
     print("device:", dev, flush=True)

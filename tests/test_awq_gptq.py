@@ -277,15 +277,20 @@ def test_awq_state_round_trips_through_the_checkpoint_and_the_model_builder(tmp_
     assert float((got.argmax(-1) == ref.argmax(-1)).mean()) >= 0.75
 
 
-def test_awq_on_cpu_only_when_asked(monkeypatch) -> None:
-    """AWQ without a GPU: refused with the way out named; ORCH_AWQ_CPU=1 lets it run (llm-compressor's AWQ is
-    correct on CPU once its activation cache is not pinned, only slow)."""
+def test_awq_on_cpu_for_small_models_or_when_asked(monkeypatch, tmp_path, tiny_phi3) -> None:
+    """AWQ without a GPU: small models run (minutes), larger ones are refused with the way out named unless
+    ORCH_AWQ_CPU=1 (llm-compressor's AWQ is correct on CPU once its activation cache is not pinned, only slow)."""
     from orchestrator.passes import awq_gptq
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv(awq_gptq.AWQ_CPU_ENV, raising=False)
+    big = tmp_path / "big"
+    big.mkdir()
+    with (big / "model.safetensors").open("wb") as f:  # sparse: only the size is read
+        f.truncate(awq_gptq.AWQ_CPU_MAX_BYTES + 1)
     with pytest.raises(PassError, match=f"AWQ needs a CUDA GPU.*{awq_gptq.AWQ_CPU_ENV}=1.*GPTQ"):
-        awq_gptq.AutoAWQQuantizerPass().check_device()
-    awq_gptq.GptqQuantizerPass().check_device()
+        awq_gptq.AutoAWQQuantizerPass().check_device(str(big))
+    awq_gptq.AutoAWQQuantizerPass().check_device(str(tiny_phi3))  # ~1 MB of weights: runs
+    awq_gptq.GptqQuantizerPass().check_device(str(big))
     monkeypatch.setenv(awq_gptq.AWQ_CPU_ENV, "1")
-    awq_gptq.AutoAWQQuantizerPass().check_device()
+    awq_gptq.AutoAWQQuantizerPass().check_device(str(big))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.passes.lora import cuda as lora_cuda
 from orchestrator.passes.lora.cuda import (
     VARLEN_ATTN,
     estimate_step_memory_gib,
     parse_options,
     plan_cuda,
 )
-from orchestrator.passes.lora.train import cuda as lora_cuda
 
 H100 = {
     "name": "NVIDIA H100 80GB HBM3",
@@ -76,7 +76,7 @@ def test_new_choices_each_turn_off_and_need_their_packages() -> None:
 def test_split_gemms_compute_the_plain_products() -> None:
     import torch
 
-    from orchestrator.passes.lora.train import kernels as lora_kernels
+    from orchestrator.passes.lora import kernels as lora_kernels
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(1030, 48, generator=gen, dtype=torch.float64)
@@ -488,7 +488,12 @@ def test_awq_gptq_config_takes_olive_names() -> None:
         AwqGptqConfig(sym=True, zero_point=True)
     with pytest.raises(ValueError, match="multiple of 8"):
         AwqGptqConfig(group_size=100)
-    assert GptqQuantizerPass().requirements(gptq).cuda
+    req = GptqQuantizerPass().requirements(gptq)  # llm-compressor's environment; a CPU job gets its CPU sibling
+    assert req.environment == "gpu-quantize" and not req.cuda
+    from orchestrator.engine.plan import for_accelerator
+
+    assert for_accelerator("gpu-quantize", "cpu") == "cpu-quantize" and for_accelerator("gpu-quantize", "gpu") == (
+        "gpu-quantize")  # fmt: skip
 
 
 def test_awq_without_cuda_is_refused_before_loading(tmp_path) -> None:
@@ -500,8 +505,12 @@ def test_awq_without_cuda_is_refused_before_loading(tmp_path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    model = ModelArtifact(format="hf", path=str(tmp_path / "nowhere"))
-    with pytest.raises(PassError, match="AWQ needs a CUDA GPU.*GPTQ"):
+    big = tmp_path / "big"
+    big.mkdir()
+    with (big / "model.safetensors").open("wb") as f:  # 1 GiB of weights, sparse: only the size is read
+        f.truncate(2**30)
+    model = ModelArtifact(format="hf", path=str(big))
+    with pytest.raises(PassError, match="AWQ needs a CUDA GPU for this model's 1024 MB.*GPTQ"):
         AutoAWQQuantizerPass().run(AwqGptqConfig(data_config="d"), model, _awq_ctx(tmp_path))
 
 

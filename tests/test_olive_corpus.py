@@ -52,10 +52,24 @@ def _data(kind: str) -> list[dict[str, str]]:
     raise KeyError(kind)
 
 
+def _hub_readme(folder: Path) -> str:
+    """A hub data repo's README front matter: one config per sub-folder (wikitext's "wikitext-2-raw-v1", ...),
+    so `load_dataset(folder, subset)` reads a local copy laid out as the hub repo is."""
+    lines = ["---", "configs:"]
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        lines += [f"- config_name: {sub.name}", "  data_files:"]
+        for f in sorted(sub.glob("*.jsonl")):
+            lines += [f"  - split: {f.stem}", f"    path: {sub.name}/{f.name}"]
+    return "\n".join([*lines, "---", ""])
+
+
 def write_data(root: Path, spec: dict[str, str]) -> None:
-    for rel, kind in spec.items():
+    for rel, kind in sorted(spec.items(), key=lambda kv: kv[1] == "hf_configs"):  # data files before the README
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "hf_configs":
+            path.write_text(_hub_readme(path.parent))
+            continue
         text = "".join(json.dumps(r) + "\n" for r in _data(kind))
         if path.suffix == ".gz":
             path.write_bytes(gzip.compress(text.encode()))
@@ -93,12 +107,48 @@ def on_this_machine(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, **entry["on_cuda"]} if "on_cuda" in entry and torch.cuda.is_available() else entry
 
 
+# Stand-ins for properties of the real model a config relies on: Qwen3-0.6B ties lm_head to the embedding;
+# Phi-3.5's widths divide by AWQ/GPTQ's default group of 128 (the tiny model's MLP width, 352, does not).
+MODEL_VARIANTS: dict[str, dict[str, Any]] = {
+    "tied": {"tie_word_embeddings": True},
+    "group128": {"intermediate_size": 384},
+}
+
+
+def model_variant(tiny_model: Path, kind: str) -> Path:
+    """The tiny model with config changes (MODEL_VARIANTS), saved beside it once, same tokenizer; a tied
+    variant keeps the weights with lm_head = embedding, others are re-initialized (seed 0)."""
+    dest = tiny_model.parent / f"{tiny_model.name}-{kind}"
+    if not dest.exists():
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        if kind == "tied":
+            model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+            model.config.tie_word_embeddings = True
+            model.lm_head.weight = model.model.embed_tokens.weight
+        else:
+            config = AutoConfig.from_pretrained(tiny_model)
+            for key, value in MODEL_VARIANTS[kind].items():
+                setattr(config, key, value)
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        model.save_pretrained(dest)
+        AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
+    return dest
+
+
 def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: Path | None = None) -> Outcome:
     """Run an entry's commands in `work`; one MLflow store for all entries (its schema is created once)."""
     entry = on_this_machine(entry)
     work.mkdir(parents=True, exist_ok=True)
+    if entry.get("model"):  # a property of the real model the config relies on (MODEL_VARIANTS)
+        tiny_model = model_variant(tiny_model, entry["model"])
     (work / "tiny-model").symlink_to(tiny_model, target_is_directory=True)
     write_data(work, entry.get("data", {}))
+    for dest, src in entry.get("files", {}).items():  # files the config reads beside it: a user_script, data
+        (work / dest).parent.mkdir(parents=True, exist_ok=True)
+        (work / dest).write_bytes((CORPUS / src).read_bytes())
     if not entry["file"].endswith(".cli"):
         (work / entry["file"]).write_text((CORPUS / entry["file"]).read_text())
     db = tracking_db or work / "ml.db"
@@ -349,7 +399,7 @@ def test_onnx_conversion_optimization_dynamic_quant_parity(tmp_path: Path, tiny_
     assert np.abs(got - ref).max() < 1.0 and (got.argmax(-1) == ref.argmax(-1)).mean() > 0.5
 
 
-def test_capture_onnx_graph_and_refused_commands(tmp_path: Path, tiny_model: Path) -> None:
+def test_capture_onnx_graph_then_tune_session_params(tmp_path: Path, tiny_model: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/ml.db"}
 
     def orch(*args: str) -> subprocess.CompletedProcess:
@@ -359,10 +409,19 @@ def test_capture_onnx_graph_and_refused_commands(tmp_path: Path, tiny_model: Pat
     cap = orch("capture-onnx-graph", "-m", str(tiny_model), "-o", "cap", "--no-tracking")
     assert cap.returncode == 0, cap.stderr[-2000:]
     assert (tmp_path / "cap/model/model.onnx").is_file() and (tmp_path / "cap/model/tokenizer.json").is_file()
-    for name in ("tune-session-params",):
-        proc = orch(name, "--model_name_or_path", str(tiny_model), "--adapter_format", "onnx")
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"orch: error: {name}: "), proc.stderr
+    # Olive's flags and list syntax; the captured graph has a KV cache, so the token-with-past dummy inputs
+    tune = orch("tune-session-params", "-m", "cap/model", "-o", "tuned", "--predict_with_kv_cache",
+                "--intra_thread_num_list", "1", "2", "--execution_mode_list", "0")  # fmt: skip
+    assert tune.returncode == 0, tune.stderr[-2000:]
+    settings = json.loads((tmp_path / "tuned/cpu-cpu.json").read_text())
+    assert settings["execution_provider"] == ["CPUExecutionProvider"]
+    assert settings["session_options"] == {} or settings["session_options"]["intra_op_num_threads"] in (1, 2)
+    manifest = json.loads((tmp_path / "tuned/manifest.json").read_text())
+    assert manifest["metrics"]["session_params_tuning/settings_tried"] == 3  # defaults + sequential x {1, 2}
+    bad = orch("tune-session-params", "-m", "cap/model", "--intra_thread_num_list", "two")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and lines == ["orch: error: tune-session-params: argument --intra_thread_num_list: "
+                                             "invalid int value: 'two'"], bad.stderr  # fmt: skip
 
 
 def test_cli_data_files_comma_list() -> None:

@@ -125,14 +125,28 @@ def _run_one(
         console.print(metrics_table(summary.metrics))
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
-        for package in wf.engine.packaging_config or []:  # Olive's Zipfile packaging of the output model
-            import shutil
-
-            zipped = shutil.make_archive(str(summary.output_dir / package.name), "zip", summary.output_dir / "model")
-            out.print(f"packaged: {zipped}")
+    _package(wf, summary, out)
     if summary.mlflow_run_id:
         out.print(f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)}", markup=False)
     return summary
+
+
+def _package(wf: Any, summary: Any, out: Any) -> None:
+    """Olive's Zipfile packaging of the output model: <output_dir>/<name>.zip of model/; with no output_dir,
+    of the final model's folder into the working directory (Olive's default output folder)."""
+    import shutil
+
+    for package in wf.engine.packaging_config or []:
+        if summary.output_dir:
+            dest, src = summary.output_dir / f"{package.name}.zip", summary.output_dir / "model"
+        elif summary.final_model is not None and Path(summary.final_model.path).is_dir():
+            dest, src = Path.cwd() / f"{package.name}.zip", Path(summary.final_model.path)
+        else:
+            out.print(f"packaging_config {package.name}: the workflow produced no model folder to package")
+            continue
+        tmp = shutil.make_archive(str(dest.with_name(f".{dest.stem}.partial")), "zip", src)
+        os.replace(tmp, dest)  # a killed run leaves no half zip under the real name
+        out.print(f"packaged: {dest}")
 
 
 def _guarded(fn: Any) -> Any:
@@ -335,7 +349,7 @@ def auto_opt(
 def quantize(
     model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
     output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="awq | gptq (CUDA) | rtn (CPU)")] = "rtn",
+    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="awq | gptq (llm-compressor) | rtn")] = "rtn",
     precision: Annotated[str, typer.Option("--precision")] = "int4",
     trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
     log_level: Annotated[int, typer.Option("--log_level")] = 3,
@@ -348,12 +362,11 @@ def quantize(
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
 ) -> None:
-    """Olive's `quantize`: int4 weights by AWQ/GPTQ (CUDA) or RTN (CPU, MatMulNBits / model builder)."""
+    """Olive's `quantize`: int4 weights by AWQ/GPTQ (llm-compressor, its own environment) or RTN (MatMulNBits /
+    model builder)."""
     from orchestrator.olive.commands import quantize_workflow
 
     def go() -> None:
-        from orchestrator.core.gpu import cuda_available as _cuda_available
-
         workflow = quantize_workflow(
             model_name_or_path=model_name_or_path,
             output_path=output_path,
@@ -361,7 +374,6 @@ def quantize(
             precision=precision,
             trust_remote_code=trust_remote_code,
             log_level=log_level,
-            cuda_available=_cuda_available() or _awq_on_cpu(algorithm),
             host=host,
             data_name=data_name,
             data_files=data_files,
@@ -378,11 +390,6 @@ def quantize(
         )
 
     _guarded(go)
-
-
-def _awq_on_cpu(algorithm: str) -> bool:
-    """ORCH_AWQ_CPU=1 runs AWQ on a CPU on purpose (slow, but correct): the flag check lets it through."""
-    return algorithm.lower() == "awq" and os.environ.get("ORCH_AWQ_CPU") == "1"
 
 
 @app.command()
@@ -830,6 +837,29 @@ def convert_adapters_cmd(
             model_name_or_path=model_name_or_path, quantize_int4=quantize_int4,
         )  # fmt: skip
         print(f"adapter weights written to {out}", file=sys.stderr)
+
+    _guarded(go)
+
+
+@app.command("tune-session-params", context_settings={**EXTRA, "help_option_names": []})
+def tune_session_params(ctx: typer.Context, host: HostOpt = None) -> None:
+    """Olive's `tune-session-params`: time onnxruntime session settings for an ONNX model (OrtSessionParamsTuning)
+    and write the fastest as <output_path>/<accelerator>.json (Olive's inference settings). Flags as Olive's."""
+    from orchestrator import olive_commands as oc
+
+    def go() -> None:
+        args = oc.tune_session_params_parser().parse_args(ctx.args)
+        summary = _run_workflow(oc.tune_session_params_workflow(args, host=host), base_dir=Path.cwd(),
+                                verbose=args.log_level <= 1, no_tracking=False)  # fmt: skip
+        if summary is None or summary.final_model is None:
+            return
+        from orchestrator.core.job import atomic_write_text
+        from orchestrator.passes.onnx_tools import SETTINGS_FILE
+
+        settings = json.loads((Path(summary.final_model.path) / SETTINGS_FILE).read_text())
+        dest = Path(args.output_path) / f"{oc.accelerator_key(args.device, settings['execution_provider'][0])}.json"
+        atomic_write_text(dest, json.dumps(settings, indent=4) + "\n")
+        print(f"Inference session parameters are saved to {dest}", file=sys.stderr)
 
     _guarded(go)
 

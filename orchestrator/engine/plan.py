@@ -27,7 +27,20 @@ def environment_for(job: Job) -> str:
     """The environment family a job's pass asks for (cpu-export, cpu-train, gpu-train): systems that build
     images use it when the workflow names no environment. Keeps systems from importing passes."""
     pass_cls = load_pass(job.pass_type)
-    return pass_cls().requirements(pass_cls.Config.model_validate(job.pass_config)).environment
+    env = pass_cls().requirements(pass_cls.Config.model_validate(job.pass_config)).environment
+    return for_accelerator(env, job.accelerator)
+
+
+def for_accelerator(environment: str, accelerator: str) -> str:
+    """A gpu-* family's CPU sibling (gpu-quantize -> cpu-quantize) for a job on a CPU, when there is one: its
+    torch is the CPU build, so a CPU system never installs CUDA wheels it cannot use."""
+    from orchestrator.systems.docker.images import ENVIRONMENTS_DIR
+
+    if accelerator == "cpu" and environment.startswith("gpu-"):
+        sibling = "cpu-" + environment.removeprefix("gpu-")
+        if (ENVIRONMENTS_DIR / f"{sibling}.conda.yaml").exists():
+            return sibling
+    return environment
 
 
 def evaluator_config(wf: Any) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from orchestrator.core.gpu import wants_gpu
 from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
 from orchestrator.engine.execute import follow_job
 from orchestrator.engine.inputs import data_files, input_model
-from orchestrator.engine.plan import environment_for, initial_steps, step_key
+from orchestrator.engine.plan import environment_for, for_accelerator, initial_steps, step_key
 from orchestrator.engine.preflight import WorkflowCheck
 from orchestrator.engine.publish import Publisher
 from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine's public names)
@@ -130,7 +130,8 @@ class Engine:
             config = pass_cls.Config.model_validate(step.config)
             requirements = pass_cls().requirements(config)
             env = self.system(step.system_name).environment_fingerprint(
-                tuple(pass_cls.libraries), environment=requirements.environment
+                tuple(pass_cls.libraries),
+                environment=for_accelerator(requirements.environment, self._accelerator(step.system_name)),
             )
             step.key = step_key(
                 step.pass_type,

@@ -7,6 +7,7 @@ workflow file are one code path. Flags that Olive forwards to transformers' Trai
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -196,9 +197,66 @@ def finetune_workflow(
 DEVICE_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
 
 # Olive commands with no orch counterpart, and what to use instead (the CLI answers with this one line).
-UNSUPPORTED_COMMANDS = {
-    "tune-session-params": "orch does no session tuning; an evaluator with a latency metric reports latency",
-}
+UNSUPPORTED_COMMANDS: dict[str, str] = {}
+
+
+class _FlagParser(argparse.ArgumentParser):
+    """argparse with Olive's grammar (space-separated lists), failing with one FlagError line, not a usage dump."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise FlagError(f"{self.prog}: {message}")
+
+
+def tune_session_params_parser() -> argparse.ArgumentParser:
+    """Olive's `tune-session-params` flags (olive/cli/session_params_tuning.py), same names and list syntax."""
+    p = _FlagParser(prog="tune-session-params", add_help=True)
+    p.add_argument("-m", "--model_name_or_path", required=True)
+    p.add_argument("-o", "--output_path", default="tuned-inference-settings")
+    p.add_argument("--cpu_cores", type=int)
+    p.add_argument("--io_bind", action="store_true")
+    p.add_argument("--enable_cuda_graph", action="store_true")
+    p.add_argument("--execution_mode_list", type=int, nargs="*")
+    p.add_argument("--opt_level_list", type=int, nargs="*")
+    p.add_argument("--trt_fp16_enable", action="store_true")
+    p.add_argument("--intra_thread_num_list", type=int, nargs="*")
+    p.add_argument("--inter_thread_num_list", type=int, nargs="*")
+    p.add_argument("--extra_session_config", type=json.loads)
+    p.add_argument("--disable_force_evaluate_other_eps", action="store_true")
+    p.add_argument("--enable_profiling", action="store_true")
+    p.add_argument("--predict_with_kv_cache", action="store_true")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--provider", "--providers_list", dest="providers", nargs="*")
+    p.add_argument("--log_level", type=int, default=3)
+    return p
+
+
+def tune_session_params_workflow(args: argparse.Namespace, host: str | None = None) -> dict[str, Any]:
+    """The workflow Olive's tune-session-params runs: one OrtSessionParamsTuning pass over dummy inputs of the
+    graph (a prompt, or one token with a KV cache under --predict_with_kv_cache)."""
+    providers = args.providers or [DEVICE_PROVIDERS[args.device]]
+    providers = [p if p.endswith("ExecutionProvider") else f"{p}ExecutionProvider" for p in providers]
+    keys = ("cpu_cores", "io_bind", "enable_cuda_graph", "execution_mode_list", "opt_level_list", "trt_fp16_enable",
+            "intra_thread_num_list", "inter_thread_num_list", "extra_session_config", "enable_profiling")  # fmt: skip
+    tuning = {k: getattr(args, k) for k in keys if getattr(args, k) not in (None, False)}
+    container = "TransformersTokenDummyDataContainer" if args.predict_with_kv_cache else (
+        "TransformersPromptDummyDataContainer")  # fmt: skip
+    return {
+        "input_model": input_model(args.model_name_or_path, trust_remote_code=False, task=None),
+        "data_configs": [{"name": "session_params_tuning_data", "type": container}],
+        "passes": {
+            "session_params_tuning": {
+                "type": "OrtSessionParamsTuning", "data_config": "session_params_tuning_data",
+                "providers_list": providers, "force_evaluate_other_eps": not args.disable_force_evaluate_other_eps,
+                **tuning,
+            }
+        },
+        "engine": _engine(args.output_path, args.log_level, providers, host, host),
+    }  # fmt: skip
+
+
+def accelerator_key(device: str, provider: str) -> str:
+    """Olive's name for an accelerator spec, which its tune-session-params output file is named by: cpu-cpu."""
+    return f"{device}-{provider.removesuffix('ExecutionProvider').lower()}"
 
 
 def auto_opt_workflow(
@@ -264,7 +322,6 @@ def quantize_workflow(
     precision: str = "int4",
     trust_remote_code: bool = False,
     log_level: int = 3,
-    cuda_available: bool = False,
     host: str | None = None,
     data_name: str | None = None,
     data_files: str | None = None,
@@ -280,11 +337,6 @@ def quantize_workflow(
     model_path = Path(model_name_or_path)
     is_onnx = model_path.suffix == ".onnx" or (model_path.is_dir() and any(model_path.glob("*.onnx")))
     if algorithm in ("awq", "gptq"):
-        if not cuda_available and (host or "local") == "local":
-            raise FlagError(
-                f"--algorithm {algorithm} needs a CUDA GPU (activation-aware calibration runs on the GPU); this "
-                "machine has none. Use --algorithm rtn for CPU int4, or run with --host aml on a GPU cluster"
-            )
         if not data_name:
             raise FlagError(f"--algorithm {algorithm} calibrates on data: give --data_name (and --data_files)")
         pre: dict[str, Any] = {"dataset_type": "corpus"}
@@ -311,7 +363,7 @@ def quantize_workflow(
             else {"type": "ModelBuilder", "precision": "int4"}
         )
     else:
-        raise FlagError(f"--algorithm {algorithm!r} is not supported; use awq, gptq (CUDA) or rtn (CPU)")
+        raise FlagError(f"--algorithm {algorithm!r} is not supported; use awq, gptq or rtn")
     return {
         "input_model": input_model(model_name_or_path, trust_remote_code=trust_remote_code, task=None),
         "data_configs": data_configs,

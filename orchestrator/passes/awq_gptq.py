@@ -22,9 +22,10 @@ llm-compressor's own quantized weights (compressed-tensors' fake_quantize) befor
 llm-compressor 0.14 supports transformers 5.15-5.17 (orch's train/export stack pins 5.23), so this pass runs in
 its own environment: `gpu-quantize` (transformers==5.17.0, llmcompressor==0.14.0.1, compressed-tensors==0.19.0).
 Errors that need nothing loaded come first and name the fix: bits other than 4, an input that is not a plain HF
-checkpoint (an adapter, ONNX, or already quantized), no calibration data, AWQ without a CUDA GPU (unless
-ORCH_AWQ_CPU=1: llm-compressor 0.14's AWQ runs on CPU once the pinning of its activation cache is skipped, but its
-grid search is slow there; GPTQ also runs on CPU), llm-compressor missing or a transformers it does not support,
+checkpoint (an adapter, ONNX, or already quantized), no calibration data, AWQ without a CUDA GPU on a model
+larger than AWQ_CPU_MAX_BYTES (unless ORCH_AWQ_CPU=1: llm-compressor 0.14's AWQ runs on CPU once the pinning of its
+activation cache is skipped, but its grid search is slow there; GPTQ also runs on CPU; CPU jobs get the
+cpu-quantize environment), llm-compressor missing or a transformers it does not support,
 and an architecture llm-compressor has no AWQ layer mapping for.
 
 Checked on CPU (tiny Phi-3, llm-compressor 0.14.0.1 + transformers 5.17 in a side environment): GPTQ and AWQ ->
@@ -56,7 +57,14 @@ GPTQ_CHECKPOINT = "model.safetensors"
 # packed int4 read back vs llm-compressor's own dequantized weight (both from the same weight and qparams, in fp32):
 # left is the fp16 storage of the scales, ~2e-4. A convention error (zero points, clipping, layout) gives O(1).
 REFERENCE_TOL = 0.01
-AWQ_CPU_ENV = "ORCH_AWQ_CPU"  # "1": run AWQ without a GPU (slow; tests and the bench's CPU reproduction)
+AWQ_CPU_ENV = "ORCH_AWQ_CPU"  # "1": run AWQ without a GPU whatever the model's size (slow)
+AWQ_CPU_MAX_BYTES = 64 * 2**20  # AWQ on CPU without asking: models up to ~16 M fp32 parameters (a few minutes)
+
+
+def weights_bytes(model_path: str) -> int | None:
+    """Bytes of a checkpoint's weight files (*.safetensors / *.bin), None when the folder has none."""
+    files = [p for pat in ("*.safetensors", "*.bin") for p in Path(model_path).glob(pat)]
+    return sum(p.stat().st_size for p in files) if files else None
 
 
 class AwqGptqConfig(PassConfig):
@@ -99,7 +107,8 @@ class _AwqGptqPass(Pass):
     libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers", "llmcompressor", "compressed-tensors")
 
     def requirements(self, config: PassConfig) -> Requirements:
-        return Requirements(cuda=True, environment="gpu-quantize")
+        # llm-compressor's own environment; the engine takes its CPU sibling (cpu-quantize) for a CPU job
+        return Requirements(cuda=False, environment="gpu-quantize")
 
     def symmetric(self, config: AwqGptqConfig) -> bool:
         if config.sym is not None:
@@ -155,22 +164,28 @@ class _AwqGptqPass(Pass):
                 f"{self.type_name} needs calibration data: set data_config to one of the workflow's data configs "
                 "(a few hundred samples of the text the model will see)"
             )
-        self.check_device()
+        self.check_device(model.path)
 
-    def check_device(self) -> None:
-        """GPTQ also runs on CPU (slowly). AWQ on CPU only when asked for (AWQ_CPU_ENV=1): it runs correctly there
-        (run_llmcompressor skips the pinning of llm-compressor's activation cache, which needs a GPU), but its
-        grid search is many forward passes per layer: minutes for a 30 M-parameter model, hours for billions."""
+    def check_device(self, model_path: str | None = None) -> None:
+        """GPTQ runs on CPU (slowly). AWQ on CPU runs for small models (weights up to AWQ_CPU_MAX_BYTES: minutes)
+        and, for larger ones, only when asked (AWQ_CPU_ENV=1): llm-compressor's AWQ is correct there
+        (run_llmcompressor skips the pinning of its activation cache, which needs a GPU), but its grid search is
+        many forward passes per layer: measured 3.5 min for 8 of SmolLM2-135M's 30 layers on 2 cores."""
         import os
 
         import torch
 
-        if self.algorithm == "awq" and not torch.cuda.is_available() and os.environ.get(AWQ_CPU_ENV) != "1":
-            raise PassError(
-                "AWQ needs a CUDA GPU: on CPU llm-compressor's AWQ grid search is very slow (set "
-                f"{AWQ_CPU_ENV}=1 to run it anyway); run it on a GPU system, or use GPTQ (GptqQuantizer), which "
-                "also runs on CPU"
-            )
+        if self.algorithm != "awq" or torch.cuda.is_available() or os.environ.get(AWQ_CPU_ENV) == "1":
+            return
+        size = weights_bytes(model_path) if model_path else None
+        if size is not None and size <= AWQ_CPU_MAX_BYTES:
+            return
+        what = f"this model's {size / 2**20:.0f} MB of weights" if size else "a model of unknown size"
+        raise PassError(
+            f"AWQ needs a CUDA GPU for {what}: on CPU llm-compressor's AWQ grid search takes about 10 minutes per "
+            f"100 M parameters on 2 cores (set {AWQ_CPU_ENV}=1 to run it anyway); run it on a GPU system, or use "
+            "GPTQ (GptqQuantizer), which is faster on CPU"
+        )
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, AwqGptqConfig)
@@ -205,7 +220,7 @@ class _AwqGptqPass(Pass):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.check_device()
+        self.check_device(model.path)
         sym = self.symmetric(config)
         t0 = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)

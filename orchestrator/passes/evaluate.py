@@ -560,7 +560,9 @@ class EvaluatePass(Pass):
                 f"{', '.join(ort.get_available_providers())}); run the evaluator on a system that has it"
             )
         model_file = onnx_tools.onnx_model_file(model.path)
-        session = ort.InferenceSession(str(model_file), providers=[ep])
+        session, tuned = onnx_tools.tuned_session(model_file, ep)
+        if tuned is not None:
+            ctx.info(f"session settings from {onnx_tools.SETTINGS_FILE}: {tuned.get('session_options')}")
         feeds = dummy_inputs(dummy, session_inputs(session), Path(model.path))
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in list(feeds[0].items())[:4])
         ctx.info(f"latency on {dummy['type']} {dummy['name']!r} ({shapes}, ...) with {ep}")

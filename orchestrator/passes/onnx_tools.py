@@ -353,3 +353,42 @@ def logits_parity(
         "greedy_agree": float((got.argmax(-1) == ref.argmax(-1)).mean()),
         "n_tokens": float(len(ids)),
     }
+
+
+# ---- the session settings OrtSessionParamsTuning picked (Olive's inference_settings) ---------------------------
+
+SETTINGS_FILE = "inference_settings.json"
+
+
+def session_options(settings: dict[str, Any]) -> Any:
+    """onnxruntime.SessionOptions from the session_options part of inference_settings."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if settings.get("execution_mode") is not None:
+        so.execution_mode = ort.ExecutionMode(settings["execution_mode"])
+    if settings.get("graph_optimization_level") is not None:
+        so.graph_optimization_level = ort.GraphOptimizationLevel(settings["graph_optimization_level"])
+    if settings.get("intra_op_num_threads") is not None:
+        so.intra_op_num_threads = int(settings["intra_op_num_threads"])
+    if settings.get("inter_op_num_threads") is not None:
+        so.inter_op_num_threads = int(settings["inter_op_num_threads"])
+    for key, value in (settings.get("extra_session_config") or {}).items():
+        so.add_session_config_entry(str(key), str(value))
+    so.enable_profiling = bool(settings.get("enable_profiling"))
+    return so
+
+
+def tuned_session(model_file: Path | str, provider: str) -> tuple[Any, dict[str, Any] | None]:
+    """An InferenceSession on `provider` with the tuned settings saved beside the model when they are for that
+    provider (else onnxruntime's defaults); returns the settings used (None: defaults)."""
+    import onnxruntime as ort
+
+    model_file = Path(model_file)
+    path = model_file.parent / SETTINGS_FILE
+    settings = json.loads(path.read_text()) if path.exists() else None
+    if settings is None or settings.get("execution_provider", [None])[0] != provider:
+        return ort.InferenceSession(str(model_file), providers=[provider]), None
+    so = session_options(settings.get("session_options") or {})
+    opts = settings.get("provider_options") or [{}]
+    return ort.InferenceSession(str(model_file), so, providers=[provider], provider_options=opts[:1]), settings

@@ -32,6 +32,9 @@ PASSES: dict[str, str] = {
     "OnnxDynamicQuantization": "orchestrator.passes.onnx_dynamic_quant:OnnxDynamicQuantizationPass",
     "ExtractAdapters": "orchestrator.passes.extract_adapters:ExtractAdaptersPass",
     "SplitModel": "orchestrator.passes.split_model:SplitModelPass",  # CaptureSplitInfo's num_splits is read into it
+    "IncDynamicQuantization": "orchestrator.passes.inc_quantize:IncDynamicQuantizationPass",  # cpu-inc venv
+    "OrtSessionParamsTuning": "orchestrator.passes.session_tuning:OrtSessionParamsTuningPass",
+    "OrtPerfTuning": "orchestrator.passes.session_tuning:OrtSessionParamsTuningPass",  # its name before Olive 0.8
 }
 
 _BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"
@@ -39,10 +42,8 @@ _BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"
 UNSUPPORTED: dict[str, str] = {
     "OptimumConversion": f"use {_BUILDER}",
     "OnnxStaticQuantization": "static QDQ quantization is for NPUs; use OnnxMatMul4Quantizer or ModelBuilder int4",
-    "IncDynamicQuantization": "Intel Neural Compressor is not part of orch; use OnnxMatMul4Quantizer",
-    "IncStaticQuantization": "Intel Neural Compressor is not part of orch; use OnnxMatMul4Quantizer",
-    "OrtSessionParamsTuning": "orch does no session tuning; drop the pass (an evaluator reports latency)",
-    "OrtPerfTuning": "orch does no session tuning; drop the pass (an evaluator reports latency)",
+    "IncStaticQuantization": "INC static quantization (calibrated QOperator/QDQ) is not run; use "
+    "IncDynamicQuantization or OnnxMatMul4Quantizer",
     "QuaRot": "rotation-based quantization is not supported; use GptqQuantizer (CUDA) or ModelBuilder int4",
     "SparseGPT": "pruning is not supported",
     "SliceGPT": "pruning is not supported",

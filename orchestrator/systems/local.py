@@ -4,6 +4,10 @@ orch's words on this system: a Job is a child process `python -m orchestrator.ru
 its log is <out>/job.log; cancel kills the whole process group (as MLflow's LocalSubmittedRun does), so
 dataloader workers and builder subprocesses die with it. `python_environment_path` runs the Job under another
 interpreter (a venv or conda env folder, or a python executable).
+
+A pass whose environment conflicts with orch's own install (SIDE_ENVIRONMENTS: its pins cannot live beside
+the export environment's) runs in a venv of that environment's conda.yaml, built once (ORCH_ENV_CACHE) and
+reused while the spec's hash is the same: the same packaging Docker and Azure ML do with an image.
 """
 
 from __future__ import annotations
@@ -11,20 +15,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from orchestrator.core.job import JOB_FILE, Job, JobResult, JobState
 from orchestrator.core.launch import ProcessesPerNode, resolve_processes, runner_command
 from orchestrator.systems.base import JobHandle, System, SystemFailure
+from orchestrator.systems.docker.images import resolve_env_file
+from orchestrator.systems.environments import EnvSpec, EnvSpecError, load_env_spec, realize_venv
 
 LOG_FILE = "job.log"
 PID_FILE = "job.pid"
 ORCH_SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the orchestrator package
+# Environments whose pins conflict with orch's install (cpu-inc: numpy<2, onnx 1.16; *-quantize: llm-compressor's
+# transformers 5.17): their jobs get a venv of their own.
+SIDE_ENVIRONMENTS = frozenset({"cpu-inc", "cpu-quantize", "gpu-quantize"})
 
 
 def resolve_python(python_environment_path: str | None) -> str:
@@ -158,10 +168,16 @@ class LocalSystem(System):
         python_environment_path: str | None = None,
         accelerators: list[str] | None = None,
         processes_per_node: ProcessesPerNode = "auto",
+        environment_for: Callable[[Job], str | None] | None = None,
+        env_cache: Path | None = None,
     ) -> None:
         self.python = resolve_python(python_environment_path)
+        self.pinned_python = python_environment_path is not None  # the user's interpreter runs every job
         self.accelerators = accelerators or ["cpu"]
         self.processes_per_node = processes_per_node
+        self.environment_for = environment_for
+        # shared by every workflow, as Docker's images are: ORCH_ENV_CACHE, else ~/.cache/orch/envs
+        self.env_cache = env_cache or Path(os.environ.get("ORCH_ENV_CACHE", "~/.cache/orch/envs")).expanduser()
 
     @classmethod
     def from_config(cls, config: dict, **context: object) -> LocalSystem:
@@ -169,7 +185,48 @@ class LocalSystem(System):
             python_environment_path=config.get("python_environment_path"),
             accelerators=config.get("accelerators"),
             processes_per_node=config.get("processes_per_node") or "auto",
+            environment_for=context.get("environment_for"),  # type: ignore[arg-type]
         )
+
+    def side_environment(self, environment: str | None) -> str | None:
+        """The environment family a job runs in a venv of its own, or None for this interpreter."""
+        return None if self.pinned_python or environment not in SIDE_ENVIRONMENTS else environment
+
+    def _side_spec(self, environment: str) -> EnvSpec:
+        try:
+            return load_env_spec(resolve_env_file(environment))
+        except EnvSpecError as exc:
+            raise SystemFailure(str(exc)) from exc
+
+    def python_for(self, job: Job) -> str:
+        """The interpreter that runs `job`: a side environment's venv (built here once), else self.python."""
+        env = self.side_environment(self.environment_for(job) if self.environment_for else None)
+        if env is None:
+            return self.python
+        spec = self._side_spec(env)
+        dest = self.env_cache / f"{env}-{spec.hash()[:12]}"
+        if (dest / ".orch-env.json").exists():
+            return str(dest / "bin" / "python")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock
+
+        with FileLock(str(dest) + ".lock"):
+            if not (dest / ".orch-env.json").exists():
+                shutil.rmtree(dest, ignore_errors=True)  # no stamp: a build that died half-way
+                log = dest.parent / f"{dest.name}.log"
+                print(f"orch: building the {env} environment for this pass (once): {dest}; log {log}", file=sys.stderr)
+                t0 = time.perf_counter()
+                with log.open("w") as fh:
+                    try:
+                        realize_venv(spec, dest, on_line=lambda line: print(line, file=fh, flush=True))
+                    except EnvSpecError as exc:
+                        shutil.rmtree(dest, ignore_errors=True)
+                        raise SystemFailure(f"environment {env}: {exc}; log {log}") from exc
+                print(f"orch: {env} environment ready in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        return str(dest / "bin" / "python")
+
+    def prepare(self, job: Job) -> None:
+        self.python_for(job)
 
     def processes_for(self, pass_cls: type) -> int:
         return resolve_processes(
@@ -177,6 +234,9 @@ class LocalSystem(System):
         )
 
     def environment_fingerprint(self, libraries: tuple[str, ...], environment: str | None = None) -> dict[str, str]:
+        side = self.side_environment(environment)
+        if side is not None:  # the venv holds exactly the spec's pins: its hash names it, as an image's does
+            return {"env_spec": self._side_spec(side).hash()}
         if self.python == sys.executable:
             return super().environment_fingerprint(libraries)
         code = (
@@ -202,7 +262,7 @@ class LocalSystem(System):
         log = (out_dir / LOG_FILE).open("ab")
         try:
             proc = subprocess.Popen(
-                runner_command(job, self.python, job_path),
+                runner_command(job, self.python_for(job), job_path),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

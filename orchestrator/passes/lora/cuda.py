@@ -450,8 +450,8 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.swiglu:
         orch_swiglu_mlp(model)
     if plan.fused_lora:
+        from orchestrator.passes.lora import kernels as lora_kernels
         from orchestrator.passes.lora.fused import fuse_lora_layers
-        from orchestrator.passes.lora.train import kernels as lora_kernels
 
         lora_kernels.SPLIT_ENABLED = plan.splitk
         lora_kernels.DROPOUT_KERNEL_ENABLED = plan.fused_dropout

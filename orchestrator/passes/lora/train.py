@@ -304,7 +304,7 @@ class LoRAPass(Pass):
         resume = sft_kwargs.pop("resume_from_checkpoint", None)
         trainer_cls = SFTTrainer
         if cuda:
-            from orchestrator.passes.lora.train import cuda as lora_cuda
+            from orchestrator.passes.lora import cuda as lora_cuda
 
             # the plan cuda_fast_path just applied: its loss choice needs a trainer subclass
             trainer_cls = lora_cuda.sft_trainer_class(SFTTrainer, lora_cuda.LAST_PLAN)
