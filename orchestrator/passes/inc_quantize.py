@@ -11,11 +11,11 @@ from the input graph they are and how often the greedy token agrees, as OnnxDyna
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 from orchestrator.passes.onnx_common import copy_side_files, onnx_input
@@ -105,9 +105,7 @@ class IncDynamicQuantizationPass(Pass):
         q_model = quantization.fit(str(src), ptq)
         if q_model is None:
             raise PassError("IncDynamicQuantization: neural-compressor returned no quantized model (see the job log)")
-        tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         data_name = config.external_data_name or "model.onnx.data"
         onnx.save_model(
             q_model.model,
@@ -138,8 +136,7 @@ class IncDynamicQuantizationPass(Pass):
         ctx.progress(1, 1, "INC dynamic int8")
         ctx.info(f"INC dynamic int8: {metrics}")
         final = ctx.out_dir / OUTPUT_DIR
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        commit_dir(tmp, final)
         ctx.log_metrics(metrics)
         return PassOutput(
             model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task, quantized=True), metrics=metrics

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from orchestrator.core.fs import commit_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 from orchestrator.passes.onnx_tools import SETTINGS_FILE, session_options
@@ -224,8 +225,7 @@ class OrtSessionParamsTuningPass(Pass):
         base_ms = results[0][0]
         (tmp / SETTINGS_FILE).write_text(json.dumps(best, indent=2) + "\n")
         final = ctx.out_dir / OUTPUT_DIR
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        commit_dir(tmp, final)
         metrics = {
             "latency_ms_baseline": base_ms,
             "latency_ms_tuned": best_ms,
