@@ -179,3 +179,26 @@ def test_the_engine_reads_no_pass_keys() -> None:
         if isinstance(node, ast.Constant) and node.value in keys
     }
     assert found == set(), sorted(found)
+
+
+def test_every_error_is_a_user_error_or_a_run_failure() -> None:
+    """The CLI picks an exit code by isinstance (core.errors): an exception class of orch's own must be one of the
+    two kinds, or its errors would show as internal ones."""
+    import importlib
+    import pkgutil
+
+    import orchestrator
+    from orchestrator.core.errors import OrchError
+
+    loose = []
+    for info in pkgutil.walk_packages(orchestrator.__path__, "orchestrator."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        loose += [
+            f"{info.name}.{value.__name__}"
+            for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == info.name
+            and not issubclass(value, OrchError)
+        ]
+    assert loose == [], f"subclass UserError or RunFailure: {loose}"
