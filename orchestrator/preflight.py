@@ -188,7 +188,10 @@ def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -
     """Each local file a data config names exists, is readable, is not empty, parses, and has the columns
     its text_template / text_cols name (checked on the first rows)."""
     pre = data_config.get("pre_process_data_config") or {}
-    columns = _needed_columns(pre)
+    scripted = _scripted(data_config)
+    if "load_dataset" in scripted:  # the user_script's function reads the data its own way (checked when it runs)
+        return
+    columns = [] if "pre_process_data" in scripted else _needed_columns(pre)
     for field, written, found in local_data_paths(data_config, base_dir):
         label = f"{where}.load_dataset_config.{field}"
         if not found:
@@ -207,6 +210,16 @@ def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -
                 files.append(p)
         for f in files:
             check_data_file(f, label, columns)
+
+
+def _scripted(data_config: dict[str, Any]) -> set[str]:
+    """The components a data config's user_script does ("load_dataset", "pre_process_data")."""
+    if not data_config.get("user_script"):
+        return set()
+    from orchestrator.config.models import DataConfig
+
+    dc = DataConfig.model_validate(data_config)
+    return {kind for kind in ("load_dataset", "pre_process_data") if dc.script_component(kind) is not None}
 
 
 def _needed_columns(pre: dict[str, Any]) -> list[str]:

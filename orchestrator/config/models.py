@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.config.errors import field_names
 from orchestrator.config.resources import (
     LocalFile,
     LocalFolder,
@@ -136,13 +137,14 @@ class _Params(Strict):
 class LoadDatasetConfig(_Params):
     """datasets.load_dataset arguments: data_name is a builder ("json") or a local folder/file or hub name."""
 
-    type: str | None = None  # Olive's older component name (e.g. "huggingface_dataset"); informational
+    type: str | None = None  # Olive's component name: a user_script's function, else informational
     data_name: str
     data_files: DataFiles | None = None
     data_dir: str | None = None
     subset: str | None = None
     split: str | None = "train"
     col_filters: dict[str, str | int | float | bool] | None = None  # keep rows whose columns equal these values
+    component_kwargs: dict[str, Any] = Field(default_factory=dict)  # a user_script function's own arguments
 
     @field_validator("data_name", mode="after")
     @classmethod
@@ -190,6 +192,7 @@ class PreProcessDataConfig(_Params):
     add_special_tokens: bool | None = None
 
     random_seed: int | None = None  # Olive: for its random strategies, which are refused below
+    component_kwargs: dict[str, Any] = Field(default_factory=dict)  # a user_script function's own arguments
 
     @field_validator("text_cols", mode="before")
     @classmethod
@@ -337,12 +340,81 @@ class DataConfig(Strict):
             raise ValueError("load_dataset_config.data_name is required for a HuggingfaceContainer (a data set)")
         return self
 
-    @field_validator("user_script", mode="after")
+    @model_validator(mode="before")
     @classmethod
-    def _no_scripts(cls, v: str | None) -> str | None:
-        if v is not None:
-            raise ValueError("user scripts are not supported: orch runs no code from the config; use text_template")
-        return v
+    def _script_kwargs(cls, data: Any) -> Any:
+        """With a user_script component named, the keys orch does not know are that function's arguments."""
+        if not isinstance(data, dict) or not data.get("user_script"):
+            return data
+        from orchestrator import user_script
+
+        data = dict(data)
+        for part, model, kind in _SCRIPT_PARTS:
+            sub = data.get(part)
+            if not isinstance(sub, dict):
+                continue
+            if isinstance(sub.get("params"), dict):
+                sub = {**{k: v for k, v in sub.items() if k != "params"}, **sub["params"]}
+            if sub.get("type") is None or sub["type"] in user_script.OLIVE_BUILTIN.get(kind, ()):
+                continue
+            known = field_names(model)
+            extra = {k: v for k, v in sub.items() if k not in known}
+            data[part] = {k: v for k, v in sub.items() if k in known}
+            data[part]["component_kwargs"] = {**(sub.get("component_kwargs") or {}), **extra}
+        return data
+
+    @field_validator("user_script", "script_dir", mode="after")
+    @classmethod
+    def _script_path(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """Olive's user_script / script_dir, relative to the config's folder."""
+        if v is None:
+            return None
+        path = resolve_path(v, base_dir_of(info))
+        if info.field_name == "user_script" and not path.is_file():
+            raise ValueError(f"file {str(path)!r} not found")
+        if info.field_name == "script_dir" and not path.is_dir():
+            raise ValueError(f"folder {str(path)!r} not found")
+        return str(path)
+
+    @model_validator(mode="after")
+    def _script_components(self) -> DataConfig:
+        """The components named must be the script's (loaded here: it runs where the config is read and in the
+        job), and the arguments given must be ones the functions take."""
+        if self.user_script is None or self.is_dummy:
+            return self
+        from orchestrator import user_script
+
+        for part, _, kind in _SCRIPT_PARTS:
+            sub = getattr(self, part)
+            if sub is None:
+                continue
+            try:
+                fn = user_script.component(self.user_script, self.script_dir, kind, sub.type)
+            except user_script.UserScriptError as exc:
+                raise ValueError(f"user_script: {exc}") from None
+            if fn is None:
+                continue
+            bad = user_script.unknown_args(fn, set(sub.component_kwargs), skip_first=kind != "load_dataset")
+            if bad:
+                raise ValueError(
+                    f"{part}.{bad[0]}: {sub.type}() in {Path(self.user_script).name} takes no argument {bad[0]!r}"
+                )
+        return self
+
+    def script_component(self, kind: str) -> Any:
+        """The user_script function for "load_dataset" / "pre_process_data", or None (orch does that part)."""
+        if self.user_script is None:
+            return None
+        from orchestrator import user_script
+
+        sub = self.load_dataset_config if kind == "load_dataset" else self.pre_process_data_config
+        return user_script.component(self.user_script, self.script_dir, kind, getattr(sub, "type", None))
+
+
+_SCRIPT_PARTS = (
+    ("load_dataset_config", LoadDatasetConfig, "load_dataset"),
+    ("pre_process_data_config", PreProcessDataConfig, "pre_process_data"),
+)
 
 
 class Goal(Strict):

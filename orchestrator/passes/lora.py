@@ -204,6 +204,8 @@ class LoRAPass(Pass):
         )
         rank0 = int(os.environ.get("RANK", "0")) == 0
         info = ctx.info if rank0 else (lambda _msg: None)
+        if ctx.job.accelerator == "gpu" and not cuda:  # QLoRA was refused above; a LoRA adapter is the same on CPU
+            info(f"{self.type_name}: accelerator gpu asked, no CUDA here: training on CPU (the same adapter, slower)")
         for note in notes:
             info(note)
 
@@ -463,6 +465,10 @@ def build_training_args(
         packing=False,
         max_length=None,
     )
+    best = args.get("load_best_model_at_end") and str(args.get("eval_strategy", "no")) != "no"
+    if best and "save_strategy" not in args:  # the best checkpoint is loaded back: saved as often as evaluated
+        args["save_strategy"] = args["eval_strategy"]
+        notes.append(f"save_strategy {args['save_strategy']!r} (as eval_strategy): load_best_model_at_end")
     args.setdefault("save_strategy", "no")  # the adapter is saved once at the end
     args.setdefault("disable_tqdm", True)  # progress goes to ctx.progress; tqdm bars would flood the job log
     args.setdefault("logging_first_step", True)
