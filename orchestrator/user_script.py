@@ -147,7 +147,7 @@ def component(
     if name is None or name in OLIVE_BUILTIN.get(kind, ()):
         return None
     have = ", ".join(sorted(found[kind])) or "nothing"
-    raise UserScriptError(f"{kind} type {name!r} is not registered by {Path(path).name} (it registers: {have})")
+    raise UserScriptError(f"{name!r} is not a {kind} component of {Path(path).name} (it registers: {have})")
 
 
 def call_args(fn: Callable[..., Any], params: dict[str, Any], *, skip_first: bool) -> dict[str, Any]:

@@ -384,14 +384,18 @@ class DataConfig(Strict):
             return self
         from orchestrator import user_script
 
+        try:
+            user_script.load(self.user_script, self.script_dir)
+        except user_script.UserScriptError as exc:
+            raise ValueError(f"user_script: {exc}") from None
         for part, _, kind in _SCRIPT_PARTS:
             sub = getattr(self, part)
             if sub is None:
                 continue
             try:
                 fn = user_script.component(self.user_script, self.script_dir, kind, sub.type)
-            except user_script.UserScriptError as exc:
-                raise ValueError(f"user_script: {exc}") from None
+            except user_script.UserScriptError as exc:  # Olive < 0.7 wrote it as components.<kind>.type
+                raise ValueError(f"{part}.type: {exc}") from None
             if fn is None:
                 continue
             bad = user_script.unknown_args(fn, set(sub.component_kwargs), skip_first=kind != "load_dataset")
