@@ -269,6 +269,8 @@ class Engine:
             # every local file the config reads, whatever its form (a path, a list, globs, a folder), by content
             for fld, _, found in local_data_paths(cfg, self.base_dir):
                 hashes.append(stable_hash([fld, [self.cache.content_hash(p) for p in found]]))
+            if cfg.get("user_script"):  # the script's code makes the rows: a changed script is new data
+                hashes.append(stable_hash(["user_script", self.cache.content_hash(Path(cfg["user_script"]))]))
             hashes.append(stable_hash(cfg))
         return configs, files, hashes
 
@@ -306,8 +308,17 @@ class Engine:
         if adapter:
             check_adapter_folder(self._abs(adapter), "input_model.adapter_path")
             self._check_not_overwritten(self._abs(adapter), "input_model.adapter_path")
+        # a user_script runs where the data is read; --host / --target may name a system the reader did not check
+        names = dict.fromkeys([self.host_name, self.target_name])
+        remote = [n for n in names if self._system_type(n) in ("docker", "aml")]
         for i, dc in enumerate(self.wf.data_configs):
             cfg = dc.model_dump(mode="json")
+            if cfg.get("user_script") and remote:
+                raise PreflightError(
+                    f"data_configs[{i}].user_script: runs only on LocalSystem for now ({', '.join(remote)} is not "
+                    "one); the script is not shipped with the job: run on a LocalSystem, or use "
+                    "load_dataset_config + text_template instead of a script"
+                )
             load = cfg.get("load_dataset_config") or {}
             if load.get("data_name") in ("json", "csv", "parquet", "text", "arrow") and not load.get("data_files"):
                 raise PreflightError(
@@ -339,6 +350,14 @@ class Engine:
             f"provider) and this machine has {lacks}; list CPUExecutionProvider first, drop the evaluator, "
             "or run on a GPU system"
         )
+
+    def _system_type(self, name: str) -> str:
+        """The system's kind ("local", "docker", "aml"; "" when unknown) without building it."""
+        sys_cfg = self.wf.systems.get(name)
+        type_name = str(sys_cfg.model_dump(mode="json").get("type") or "LocalSystem" if sys_cfg else name).lower()
+        kinds = {"local": "local", "localsystem": "local", "pythonenvironment": "local", "docker": "docker",
+                 "dockersystem": "docker", "aml": "aml", "azureml": "aml", "azuremlsystem": "aml"}  # fmt: skip
+        return kinds.get(type_name, "")
 
     def _host_is_aml(self, name: str | None = None) -> bool:
         sys_cfg = self.wf.systems.get(name or self.host_name)

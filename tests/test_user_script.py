@@ -120,3 +120,19 @@ def test_registry_stand_in_matches_olive_names(tmp_path: Path) -> None:
     assert set(found["post_process_data"]) == {"post"} and set(found["dataloader"]) == {"dl"}
     assert set(found["pre_process_data"]) == {"default_pre_process_data"}
     assert "olive" not in sys.modules
+
+
+def test_engine_refuses_a_remote_host_and_keys_the_cache_on_the_script(tmp_path: Path, tiny_model: Path) -> None:
+    from orchestrator.engine import Engine
+    from orchestrator.preflight import PreflightError
+
+    _files(tmp_path)
+    raw = _wf(OLIVE_06)
+    raw["input_model"]["model_path"] = str(tiny_model)
+    wf = load_workflow(raw, base_dir=tmp_path)
+    Engine(wf, tracking=False).preflight(tracking=False)  # local: fine
+    with pytest.raises(PreflightError, match=r"^data_configs\[0\]\.user_script: runs only on LocalSystem"):
+        Engine(wf, host="docker", tracking=False).preflight(tracking=False)  # --host docker on the command line
+    before = Engine(wf, tracking=False)._data_files(["d"])[2]
+    (tmp_path / "script.py").write_text(SCRIPT + "\n# changed\n")
+    assert Engine(wf, tracking=False)._data_files(["d"])[2] != before  # new script code, new cache key
