@@ -44,8 +44,12 @@ class TextDataSpec:
 
     max_len: int = 1024  # source_max_len
     pad_to_max_len: bool = True
-    corpus_join: bool = False  # corpus_strategy "join": concatenate texts and cut into max_len blocks
+    corpus_join: bool = False  # a join strategy: texts concatenated into one token stream before cutting
     use_attention_mask: bool = True
+    strategy: str = "line-by-line"  # Olive's corpus strategy (orchestrator.passes.text_blocks packs it)
+    max_samples: int | None = None  # sequences the random strategies draw
+    random_seed: int | None = None
+    stride: int | None = None  # join-sliding-window
 
 
 def text_spec(data_config: dict[str, Any]) -> TextDataSpec:
@@ -57,8 +61,12 @@ def text_spec(data_config: dict[str, Any]) -> TextDataSpec:
     return TextDataSpec(
         max_len=pre.source_max_len,
         pad_to_max_len=pre.pad_to_max_len,
-        corpus_join=pre.corpus_strategy == "join",
+        corpus_join=pre.corpus_strategy.startswith("join"),
         use_attention_mask=pre.use_attention_mask,
+        strategy=pre.corpus_strategy,
+        max_samples=pre.max_samples,
+        random_seed=pre.random_seed,
+        stride=pre.stride,
     )
 
 
@@ -86,8 +94,8 @@ def load_splits(
         )
     train = _load(dc, train_split or dc.load_dataset_config.split or "train", base_dir, data_files_override)
     train, pre = _script_pre_process(dc, train)
-    if pre is not None and pre.max_samples is not None:
-        train = train.select(range(min(pre.max_samples, len(train))))
+    if pre is not None and pre.max_samples is not None and "random" not in pre.corpus_strategy:
+        train = train.select(range(min(pre.max_samples, len(train))))  # random strategies draw max_samples later
     train = render_text(train, pre, dc.name)
     eval_ds = None
     if eval_split:

@@ -182,16 +182,17 @@ class PreProcessDataConfig(_Params):
     dataset_type: Literal["corpus"] = "corpus"
     text_cols: list[str] | None = None
     text_template: str | None = None
-    corpus_strategy: Literal["join", "line-by-line"] = Field(
-        "line-by-line", validation_alias=AliasChoices("corpus_strategy", "strategy")
-    )
+    corpus_strategy: Literal["join", "line-by-line", "join-random", "line-by-line-random", "join-sliding-window"] = (
+        Field("line-by-line", validation_alias=AliasChoices("corpus_strategy", "strategy"))
+    )  # orchestrator.passes.text_blocks packs them as Olive does
+    stride: int | None = Field(None, gt=0)  # join-sliding-window's step
     source_max_len: int = Field(1024, gt=0, validation_alias=AliasChoices("source_max_len", "max_seq_len"))
     pad_to_max_len: bool = True
     use_attention_mask: bool = True
     max_samples: int | None = Field(None, gt=0)
     add_special_tokens: bool | None = None
 
-    random_seed: int | None = None  # Olive: for its random strategies, which are refused below
+    random_seed: int | None = None  # Olive: the seed of its random strategies (required by them)
     component_kwargs: dict[str, Any] = Field(default_factory=dict)  # a user_script function's own arguments
 
     @field_validator("text_cols", mode="before")
@@ -199,22 +200,23 @@ class PreProcessDataConfig(_Params):
     def _one_col(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("corpus_strategy", mode="before")
-    @classmethod
-    def _random_strategies(cls, v: Any) -> Any:
-        if isinstance(v, str) and v in ("join-random", "line-by-line-random", "join-sliding-window"):
+    @model_validator(mode="after")
+    def _strategy_needs(self) -> PreProcessDataConfig:
+        """Olive's rules: random strategies need max_samples and random_seed, the sliding window a stride; a seed
+        or stride another strategy would not read is refused rather than ignored."""
+        random = "random" in self.corpus_strategy
+        if random and (self.max_samples is None or self.random_seed is None):
             raise ValueError(
-                f"strategy {v!r} is not supported: orch packs 'join' (contiguous source_max_len blocks) or "
-                "'line-by-line'; use one of those"
+                f"strategy {self.corpus_strategy!r} draws sequences at random: set max_samples and random_seed"
             )
-        return v
-
-    @field_validator("random_seed")
-    @classmethod
-    def _no_random(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("random_seed is for Olive's random strategies, which orch does not run; drop it")
-        return v
+        if not random and self.random_seed is not None:
+            raise ValueError(
+                f"random_seed is read only by the random strategies (join-random, line-by-line-random), not "
+                f"{self.corpus_strategy!r}; drop it or pick one of those"
+            )
+        if (self.corpus_strategy == "join-sliding-window") != (self.stride is not None):
+            raise ValueError("stride goes with strategy 'join-sliding-window' (and it needs one)")
+        return self
 
     @model_validator(mode="after")
     def _text_source(self) -> PreProcessDataConfig:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from pydantic import AliasChoices, Field, model_validator
 
 from orchestrator.job import ModelArtifact, atomic_dir
+from orchestrator.passes import text_blocks
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 
 ADAPTER_DIR = "adapter"
@@ -55,6 +56,10 @@ class TextSpec(Protocol):
     pad_to_max_len: bool
     corpus_join: bool
     use_attention_mask: bool
+    strategy: str
+    max_samples: int | None
+    random_seed: int | None
+    stride: int | None
 
 
 class LoRAConfig(PassConfig):
@@ -484,7 +489,8 @@ def build_training_args(
 
 
 def tokenize(ds: Any, tokenizer: Any, spec: TextSpec) -> Any:
-    """input_ids per sequence: the corpus joined and cut into max_len blocks, or each text truncated to max_len.
+    """input_ids per sequence, packed by Olive's strategy (orchestrator.passes.text_blocks): the corpus joined and
+    cut into max_len blocks (contiguous, sliding or random), or each text truncated to max_len (in order or drawn).
 
     EOS ends every text so the model learns where an answer stops. Padding is left to the collator (which masks
     it out of the loss and, with pad_to_max_len, pads to max_len). use_attention_mask=False is Olive's way of
@@ -494,11 +500,13 @@ def tokenize(ds: Any, tokenizer: Any, spec: TextSpec) -> Any:
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     encoded = tokenizer(list(ds["text"]), add_special_tokens=True)["input_ids"]
-    if spec.corpus_join:
-        stream = [tok for ids in encoded for tok in [*ids, *eos]]
-        blocks = [stream[i : i + spec.max_len] for i in range(0, len(stream), spec.max_len)]
-    else:
-        blocks = [[*ids, *eos][: spec.max_len] for ids in encoded]
+    try:
+        blocks = text_blocks.pack(
+            [[*ids, *eos] for ids in encoded], spec.strategy, spec.max_len, max_samples=spec.max_samples,
+            random_seed=spec.random_seed, stride=spec.stride,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise PassError(f"data: {exc}") from None
     blocks = [b for b in blocks if len(b) > 1]
     if not blocks:
         raise PassError("the training data is empty after tokenization: check the data config's text_template")
