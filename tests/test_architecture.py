@@ -157,7 +157,7 @@ def test_one_system_registry_names_every_system() -> None:
     import importlib.util
 
     from orchestrator.schema.systems import SystemConfig
-    from orchestrator.systems.registry import KEYWORDS, KINDS, canonical_type, kind_of
+    from orchestrator.systems.registry import KEYWORDS, KINDS, canonical_type, keyword_of, kind_of
 
     union = typing.get_args(typing.get_args(SystemConfig)[0])
     assert {k.config_model for k in KINDS} == set(union)
@@ -166,6 +166,7 @@ def test_one_system_registry_names_every_system() -> None:
         assert typing.get_args(k.config_model.model_fields["type"].annotation) == (k.type_name,)
         for alias in (k.type_name, *k.aliases):
             assert canonical_type(alias.lower()) == k.type_name and kind_of(alias) is k
+            assert keyword_of(alias) == k.keywords[0]
     assert KEYWORDS == {"local": "LocalSystem", "docker": "Docker", "aml": "AzureML", "azureml": "AzureML"}
 
 

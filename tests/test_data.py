@@ -142,5 +142,58 @@ def test_json_form_from_the_workflow_reader(tmp_path: Path, qa_file: Path) -> No
     dc = load_workflow(wf, base_dir=tmp_path).data_configs[0].model_dump(mode="json")
     train, _ = load_splits(dc, base_dir=None)
     assert list(train["text"]) == ["q0", "q1", "q2", "q3"]  # max_samples
-    assert text_spec(dc) == TextDataSpec(max_len=256, pad_to_max_len=False, corpus_join=True, use_attention_mask=True)
+    assert text_spec(dc) == TextDataSpec(
+        max_len=256, pad_to_max_len=False, corpus_join=True, use_attention_mask=True, strategy="join", max_samples=4
+    )
     assert text_spec({"name": "x"}) == TextDataSpec()
+
+
+# ---- Olive's text-generation strategies (orchestrator.passes.text_blocks) -----------------------------------------
+def test_strategies_pack_as_olive_does() -> None:
+    from orchestrator.passes.text_blocks import pack
+
+    texts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    assert pack(texts, "line-by-line", 2) == [[1, 2], [4, 5], [6, 7], [10]]
+    assert pack(texts, "join", 4) == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert pack(texts, "join-sliding-window", 4, stride=2) == [[1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8], [7, 8, 9, 10]]
+    drawn = pack(texts, "join-random", 4, max_samples=5, random_seed=3)
+    assert len(drawn) == 5 and all(len(b) == 4 for b in drawn)
+    stream = [t for ids in texts for t in ids]
+    assert all(any(stream[i : i + 4] == b for i in range(len(stream))) for b in drawn)  # runs of the joined text
+    assert drawn == pack(texts, "join-random", 4, max_samples=5, random_seed=3)  # the seed fixes the draw
+    assert drawn != pack(texts, "join-random", 4, max_samples=5, random_seed=4)
+    lines = pack(texts, "line-by-line-random", 3, max_samples=6, random_seed=0)
+    assert len(lines) == 6 and all(b in [ids[:3] for ids in texts] for b in lines)
+    with pytest.raises(ValueError, match="no run of 20 tokens"):
+        pack(texts, "join-random", 20, max_samples=2, random_seed=0)
+
+
+def test_random_strategies_need_their_seed_and_a_seed_needs_them() -> None:
+    from pydantic import ValidationError
+
+    from orchestrator.schema.models import PreProcessDataConfig
+
+    ok = PreProcessDataConfig(strategy="join-random", max_samples=8, random_seed=42, source_max_len=64)
+    assert ok.corpus_strategy == "join-random"
+    with pytest.raises(ValidationError, match="set max_samples and random_seed"):
+        PreProcessDataConfig(strategy="join-random", max_samples=8)
+    with pytest.raises(ValidationError, match="random_seed is read only by the random strategies"):
+        PreProcessDataConfig(strategy="join", random_seed=1)
+    with pytest.raises(ValidationError, match="stride goes with strategy 'join-sliding-window'"):
+        PreProcessDataConfig(strategy="join-sliding-window")
+
+
+def test_join_random_trains_on_drawn_blocks(tiny_model: Path) -> None:
+    """The LoRA tokenizer packs join-random: max_samples full blocks drawn from the whole data, not its first rows."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.passes.data import text_spec
+    from orchestrator.passes.lora.train import tokenize
+
+    dc = {"name": "d", "pre_process_data_config": {"strategy": "join-random", "max_samples": 7, "random_seed": 1,
+                                                   "source_max_len": 16}}  # fmt: skip
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"text": [f"row {i} says hello there" for i in range(40)]})
+    out = tokenize(ds, AutoTokenizer.from_pretrained(tiny_model), text_spec(dc))
+    assert len(out) == 7 and all(len(ids) == 16 for ids in out["input_ids"])

@@ -49,7 +49,9 @@ def make_ctx(out_dir: Path, model: Path, pass_type: str = "LoRA") -> PassContext
 
 
 def spec(max_len: int = 64, join: bool = False, pad: bool = False) -> SimpleNamespace:
-    return SimpleNamespace(max_len=max_len, pad_to_max_len=pad, corpus_join=join, use_attention_mask=False)
+    return SimpleNamespace(max_len=max_len, pad_to_max_len=pad, corpus_join=join, use_attention_mask=False,
+                           strategy="join" if join else "line-by-line", max_samples=None, random_seed=None,
+                           stride=None)  # fmt: skip
 
 
 def events(out_dir: Path) -> list[dict]:
@@ -282,3 +284,30 @@ def test_checkpointing_is_spelled_for_the_installed_transformers() -> None:
     }
     assert checkpointing_names_for(SFTConfig, kwargs) == kwargs  # the pinned transformers knows the new names
     SFTConfig(output_dir="unused", use_cpu=True, bf16=False, **checkpointing_names_for(SFTConfig, kwargs))
+
+
+def test_gpu_accelerator_without_cuda_trains_lora_on_cpu_and_keeps_the_best(tmp_path: Path, tiny_phi3: Path) -> None:
+    """Olive's open_llama LoRA (c05): accelerators [gpu], load_best_model_at_end with eval/save every N steps."""
+    import torch
+    from datasets import Dataset
+
+    if torch.cuda.is_available():
+        pytest.skip("the note is for machines without CUDA")
+    texts = [TEMPLATE.format(**r) for r in tone_rows(40)]
+    config = LoRAConfig(
+        train_data_config="tone",
+        lora_r=4,
+        training_args={"per_device_train_batch_size": 8, "max_steps": 4, "eval_strategy": "steps",
+                       "eval_steps": 2, "save_steps": 2, "load_best_model_at_end": True},
+    )  # fmt: skip
+    base = make_ctx(tmp_path, tiny_phi3)
+    ctx = PassContext(job=base.job.model_copy(update={"accelerator": "gpu"}), out_dir=tmp_path)
+    artifact = ModelArtifact(format="hf", path=str(tiny_phi3))
+    train, evalset = Dataset.from_dict({"text": texts[:32]}), Dataset.from_dict({"text": texts[32:]})
+    out = LoRAPass().train(config, artifact, ctx, train, evalset, spec())
+    assert out.model is not None and out.model.adapter_path is not None
+    assert (tmp_path / out.model.adapter_path / "adapter_model.safetensors").is_file()
+    logs = [e["message"] for e in events(tmp_path) if e["type"] == "log"]
+    assert any("accelerator gpu asked, no CUDA here: training on CPU" in m for m in logs), logs
+    assert any(m.startswith("save_strategy 'steps' (as eval_strategy): load_best_model_at_end") for m in logs)
+    assert any(e["type"] == "metric" and e["name"] == "eval_loss" for e in events(tmp_path))  # (was ValueError)

@@ -48,7 +48,8 @@ def adapter_artifact(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Mo
             "gradient_accumulation_steps": 1,
         },
     )
-    spec = SimpleNamespace(max_len=48, pad_to_max_len=False, corpus_join=False, use_attention_mask=False)
+    spec = SimpleNamespace(max_len=48, pad_to_max_len=False, corpus_join=False, use_attention_mask=False,
+                           strategy="line-by-line", max_samples=None, random_seed=None, stride=None)  # fmt: skip
     res = LoRAPass().train(
         config,
         ModelArtifact(format="hf", path=str(base)),

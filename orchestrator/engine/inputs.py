@@ -59,5 +59,7 @@ def data_files(
         # every local file the config reads, whatever its form (a path, a list, globs, a folder), by content
         for fld, _, found in local_data_paths(cfg, base_dir):
             hashes.append(stable_hash([fld, [cache.content_hash(p) for p in found]]))
+        if cfg.get("user_script"):  # the script's code makes the rows: a changed script is new data
+            hashes.append(stable_hash(["user_script", cache.content_hash(Path(cfg["user_script"]))]))
         hashes.append(stable_hash(cfg))
     return configs, files, hashes

@@ -21,7 +21,7 @@ from orchestrator.core.errors import UserError
 from orchestrator.core.gpu import cuda_available
 from orchestrator.core.job import is_uri
 from orchestrator.passes.registry import load_pass
-from orchestrator.systems.registry import is_azureml
+from orchestrator.systems.registry import is_azureml, keyword_of
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -193,7 +193,10 @@ def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -
     """Each local file a data config names exists, is readable, is not empty, parses, and has the columns
     its text_template / text_cols name (checked on the first rows)."""
     pre = data_config.get("pre_process_data_config") or {}
-    columns = _needed_columns(pre)
+    scripted = _scripted(data_config)
+    if "load_dataset" in scripted:  # the user_script's function reads the data its own way (checked when it runs)
+        return
+    columns = [] if "pre_process_data" in scripted else _needed_columns(pre)
     for field, written, found in local_data_paths(data_config, base_dir):
         label = f"{where}.load_dataset_config.{field}"
         if not found:
@@ -212,6 +215,16 @@ def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -
                 files.append(p)
         for f in files:
             check_data_file(f, label, columns)
+
+
+def _scripted(data_config: dict[str, Any]) -> set[str]:
+    """The components a data config's user_script does ("load_dataset", "pre_process_data")."""
+    if not data_config.get("user_script"):
+        return set()
+    from orchestrator.schema.models import DataConfig
+
+    dc = DataConfig.model_validate(data_config)
+    return {kind for kind in ("load_dataset", "pre_process_data") if dc.script_component(kind) is not None}
 
 
 def _needed_columns(pre: dict[str, Any]) -> list[str]:
@@ -444,8 +457,17 @@ class WorkflowCheck:
         if adapter:
             check_adapter_folder(self._abs(adapter), "input_model.adapter_path")
             self._check_not_overwritten(self._abs(adapter), "input_model.adapter_path")
+        # a user_script runs where the data is read; --host / --target may name a system the reader did not check
+        names = dict.fromkeys([self.host_name, self.target_name])
+        remote = [n for n in names if self._system_type(n) in ("docker", "aml")]
         for i, dc in enumerate(self.wf.data_configs):
             cfg = dc.model_dump(mode="json")
+            if cfg.get("user_script") and remote:
+                raise PreflightError(
+                    f"data_configs[{i}].user_script: runs only on LocalSystem for now ({', '.join(remote)} is not "
+                    "one); the script is not shipped with the job: run on a LocalSystem, or use "
+                    "load_dataset_config + text_template instead of a script"
+                )
             load = cfg.get("load_dataset_config") or {}
             if load.get("data_name") in ("json", "csv", "parquet", "text", "arrow") and not load.get("data_files"):
                 raise PreflightError(
@@ -476,6 +498,11 @@ class WorkflowCheck:
             f"provider) and this machine has {lacks}; list CPUExecutionProvider first, drop the evaluator, "
             "or run on a GPU system"
         )
+
+    def _system_type(self, name: str) -> str:
+        """The system's kind ("local", "docker", "aml"; "" when unknown) without building it."""
+        sys_cfg = self.wf.systems.get(name)
+        return keyword_of(str(sys_cfg.model_dump(mode="json").get("type") or "LocalSystem") if sys_cfg else name)
 
     def host_is_aml(self, name: str | None = None) -> bool:
         sys_cfg = self.wf.systems.get(name or self.host_name)

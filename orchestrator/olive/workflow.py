@@ -162,6 +162,7 @@ def load_workflow(source: str | Path | dict[str, Any], *, base_dir: Path | None 
     _normalize(raw, reader)
     passes = _check_passes(raw, reader)
     _check_references(raw, reader)
+    _script_systems(raw, reader)
     raw["passes"] = passes
     context = {"base_dir": base}
     try:
@@ -225,11 +226,73 @@ def _flatten_data_config(dc: Any, path: tuple[Any, ...], r: _Reader) -> None:
     if not isinstance(dc, dict):
         return
     olive_keys.params_config(dc, path, r)  # Olive < 0.7's params_config form
+    _components(dc, path, r)
     for part in ("load_dataset_config", "pre_process_data_config"):
         r.flatten(dc, part, (*path, part), "params")
     load = dc.get("load_dataset_config")
     if isinstance(load, dict):
         r.flatten(load, "data_files", (*path, "load_dataset_config", "data_files"), "config")
+
+
+_COMPONENT_PARTS = {"load_dataset": "load_dataset_config", "pre_process_data": "pre_process_data_config"}
+
+
+def _components(dc: dict[str, Any], path: tuple[Any, ...], r: _Reader) -> None:
+    """Olive < 0.7's `components` ({load_dataset: {type, params}, ...}) -> load/pre_process_data_config's type
+    and params (params_config / component_kwargs, read before, win over a component's params, as in Olive)."""
+    comps = dc.pop("components", None)
+    if comps is None:
+        return
+    if not isinstance(comps, dict):
+        r.problem([*path, "components"], "expected a mapping {load_dataset: {type, params}, pre_process_data: ...}")
+        return
+    for kind, comp in comps.items():
+        where = (*path, "components", kind)
+        if kind in ("post_process_data", "dataloader"):
+            r.problem(
+                where,
+                f"{kind} components are not run by orch (its passes tokenize, batch and score the text rows "
+                "themselves); drop it, or do the work in load_dataset / pre_process_data",
+            )
+            continue
+        if kind not in _COMPONENT_PARTS:
+            r.problem(where, f"unknown data component{suggest(str(kind), [*_COMPONENT_PARTS, 'post_process_data'])}")
+            continue
+        if not isinstance(comp, dict):
+            r.problem(where, "expected {type: <function name>, params: {...}}")
+            continue
+        for key in sorted(set(comp) - {"type", "params", "name"}):
+            r.problem([*where, key], f"unknown key{suggest(key, ['type', 'params', 'name'])}")
+        target = dc.setdefault(_COMPONENT_PARTS[kind], {})
+        if not isinstance(target, dict):
+            continue
+        if comp.get("type") is not None:
+            target["type"] = comp["type"]
+        for k, v in (comp.get("params") or {}).items():
+            target.setdefault(k, v)
+
+
+def _script_systems(raw: dict[str, Any], r: _Reader) -> None:
+    """A data config's user_script runs where the data is loaded: only a LocalSystem has the file today."""
+    dcs = raw.get("data_configs") if isinstance(raw.get("data_configs"), list) else []
+    systems = raw.get("systems") if isinstance(raw.get("systems"), dict) else {}
+    engine = raw.get("engine") if isinstance(raw.get("engine"), dict) else {}
+    remote = []
+    for key in ("host", "target"):
+        name = engine.get(key)
+        spec = systems.get(name) if isinstance(name, str) else None
+        kind = spec.get("type") if isinstance(spec, dict) else {"docker": "Docker", "aml": "AzureML"}.get(str(name))
+        if kind and kind != "LocalSystem":
+            remote.append(f"engine.{key} {name!r} is a {kind}System")
+    if not remote:
+        return
+    for i, dc in enumerate(dcs):
+        if isinstance(dc, dict) and dc.get("user_script"):
+            r.problem(
+                ["data_configs", i, "user_script"],
+                f"runs only on LocalSystem for now ({'; '.join(remote)}); the script is not shipped with the job: "
+                "run on a LocalSystem, or use load_dataset_config + text_template instead of a script",
+            )
 
 
 def _data_names(raw: dict[str, Any]) -> list[str]:

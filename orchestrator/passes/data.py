@@ -44,8 +44,12 @@ class TextDataSpec:
 
     max_len: int = 1024  # source_max_len
     pad_to_max_len: bool = True
-    corpus_join: bool = False  # corpus_strategy "join": concatenate texts and cut into max_len blocks
+    corpus_join: bool = False  # a join strategy: texts concatenated into one token stream before cutting
     use_attention_mask: bool = True
+    strategy: str = "line-by-line"  # Olive's corpus strategy (orchestrator.passes.text_blocks packs it)
+    max_samples: int | None = None  # sequences the random strategies draw
+    random_seed: int | None = None
+    stride: int | None = None  # join-sliding-window
 
 
 def text_spec(data_config: dict[str, Any]) -> TextDataSpec:
@@ -57,8 +61,12 @@ def text_spec(data_config: dict[str, Any]) -> TextDataSpec:
     return TextDataSpec(
         max_len=pre.source_max_len,
         pad_to_max_len=pre.pad_to_max_len,
-        corpus_join=pre.corpus_strategy == "join",
+        corpus_join=pre.corpus_strategy.startswith("join"),
         use_attention_mask=pre.use_attention_mask,
+        strategy=pre.corpus_strategy,
+        max_samples=pre.max_samples,
+        random_seed=pre.random_seed,
+        stride=pre.stride,
     )
 
 
@@ -85,13 +93,14 @@ def load_splits(
             "train or score on; name a HuggingfaceContainer here"
         )
     train = _load(dc, train_split or dc.load_dataset_config.split or "train", base_dir, data_files_override)
-    pre = dc.pre_process_data_config
-    if pre is not None and pre.max_samples is not None:
-        train = train.select(range(min(pre.max_samples, len(train))))
+    train, pre = _script_pre_process(dc, train)
+    if pre is not None and pre.max_samples is not None and "random" not in pre.corpus_strategy:
+        train = train.select(range(min(pre.max_samples, len(train))))  # random strategies draw max_samples later
     train = render_text(train, pre, dc.name)
     eval_ds = None
     if eval_split:
-        eval_ds = render_text(_load(dc, eval_split, base_dir, data_files_override), pre, dc.name)
+        eval_raw, _ = _script_pre_process(dc, _load(dc, eval_split, base_dir, data_files_override))
+        eval_ds = render_text(eval_raw, pre, dc.name)
     elif eval_dataset_size:
         train, eval_ds = _carve(train, eval_dataset_size, seed, dc.name)
     return train, eval_ds
@@ -163,6 +172,9 @@ def _source(dc: DataConfig, base_dir: Path | None, override: str | None) -> dict
 def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | None) -> Any:
     import datasets
 
+    script_fn = dc.script_component("load_dataset")
+    if script_fn is not None:
+        return _script_load(dc, script_fn, split)
     kwargs = _source(dc, base_dir, override)
     if dc.load_dataset_config.subset:
         kwargs["name"] = dc.load_dataset_config.subset
@@ -186,6 +198,63 @@ def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | Non
             )
         ds = ds.filter(lambda row: all(row[c] == v for c, v in filters.items()), desc=f"col_filters {dc.name}")
     return ds
+
+
+def _as_dataset(out: Any, dc: DataConfig, what: str) -> Any:
+    """A user_script component's result as a datasets.Dataset (a DatasetDict's train split, a list of rows)."""
+    import datasets
+
+    if isinstance(out, datasets.DatasetDict) and "train" in out:
+        out = out["train"]
+    if isinstance(out, list) and all(isinstance(r, dict) for r in out):
+        out = datasets.Dataset.from_list(out)
+    if not isinstance(out, datasets.Dataset):
+        raise DataError(
+            f"data config {dc.name!r}: user_script {what} returned {type(out).__name__}; orch needs a "
+            "datasets.Dataset (or a list of row dicts) of text columns"
+        )
+    return out
+
+
+def _script_call(dc: DataConfig, fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # the script's own failure: one line naming the function, not a traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(
+            f"data config {dc.name!r}: user_script {what} {fn.__name__}() failed: {type(exc).__name__}: {first}"
+        ) from None
+
+
+def _script_load(dc: DataConfig, fn: Any, split: str) -> Any:
+    """Olive's DataContainer.load_dataset: fn(**params), params = the load config's fields its signature names
+    + its own arguments (component_kwargs)."""
+    from orchestrator.schema.user_script import call_args
+
+    load = dc.load_dataset_config
+    fields = {k: v for k, v in load.model_dump().items() if k not in ("type", "component_kwargs") and v is not None}
+    if isinstance(load.data_files, LocalFile | LocalFolder):
+        fields["data_files"] = str(load.data_files.path)
+    fields["split"] = split
+    kwargs = call_args(fn, {**fields, **load.component_kwargs}, skip_first=False)
+    return _as_dataset(_script_call(dc, fn, "load_dataset", **kwargs), dc, "load_dataset")
+
+
+def _script_pre_process(dc: DataConfig, ds: Any) -> tuple[Any, PreProcessDataConfig | None]:
+    """Olive's DataContainer.pre_process: fn(dataset, **params). orch still renders the "text" column after it;
+    a text_template / text_cols the function takes is its own (not applied again)."""
+    from orchestrator.schema.user_script import call_args
+
+    pre = dc.pre_process_data_config
+    fn = dc.script_component("pre_process_data")
+    if fn is None or pre is None:
+        return ds, pre
+    fields = {k: v for k, v in pre.model_dump().items() if k not in ("type", "component_kwargs") and v is not None}
+    kwargs = call_args(fn, {**fields, **pre.component_kwargs}, skip_first=True)
+    out = _as_dataset(_script_call(dc, fn, "pre_process_data", ds, **kwargs), dc, "pre_process_data")
+    if {"text_template", "text_cols"} & set(kwargs):
+        pre = pre.model_copy(update={"text_template": None, "text_cols": ["text"]})
+    return out, pre
 
 
 def template_columns(template: str) -> list[str]:

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.schema.errors import field_names
 from orchestrator.schema.resources import (
     LocalFile,
     LocalFolder,
@@ -136,13 +137,14 @@ class _Params(Strict):
 class LoadDatasetConfig(_Params):
     """datasets.load_dataset arguments: data_name is a builder ("json") or a local folder/file or hub name."""
 
-    type: str | None = None  # Olive's older component name (e.g. "huggingface_dataset"); informational
+    type: str | None = None  # Olive's component name: a user_script's function, else informational
     data_name: str
     data_files: DataFiles | None = None
     data_dir: str | None = None
     subset: str | None = None
     split: str | None = "train"
     col_filters: dict[str, str | int | float | bool] | None = None  # keep rows whose columns equal these values
+    component_kwargs: dict[str, Any] = Field(default_factory=dict)  # a user_script function's own arguments
 
     @field_validator("data_name", mode="after")
     @classmethod
@@ -180,38 +182,41 @@ class PreProcessDataConfig(_Params):
     dataset_type: Literal["corpus"] = "corpus"
     text_cols: list[str] | None = None
     text_template: str | None = None
-    corpus_strategy: Literal["join", "line-by-line"] = Field(
-        "line-by-line", validation_alias=AliasChoices("corpus_strategy", "strategy")
-    )
+    corpus_strategy: Literal["join", "line-by-line", "join-random", "line-by-line-random", "join-sliding-window"] = (
+        Field("line-by-line", validation_alias=AliasChoices("corpus_strategy", "strategy"))
+    )  # orchestrator.passes.text_blocks packs them as Olive does
+    stride: int | None = Field(None, gt=0)  # join-sliding-window's step
     source_max_len: int = Field(1024, gt=0, validation_alias=AliasChoices("source_max_len", "max_seq_len"))
     pad_to_max_len: bool = True
     use_attention_mask: bool = True
     max_samples: int | None = Field(None, gt=0)
     add_special_tokens: bool | None = None
 
-    random_seed: int | None = None  # Olive: for its random strategies, which are refused below
+    random_seed: int | None = None  # Olive: the seed of its random strategies (required by them)
+    component_kwargs: dict[str, Any] = Field(default_factory=dict)  # a user_script function's own arguments
 
     @field_validator("text_cols", mode="before")
     @classmethod
     def _one_col(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("corpus_strategy", mode="before")
-    @classmethod
-    def _random_strategies(cls, v: Any) -> Any:
-        if isinstance(v, str) and v in ("join-random", "line-by-line-random", "join-sliding-window"):
+    @model_validator(mode="after")
+    def _strategy_needs(self) -> PreProcessDataConfig:
+        """Olive's rules: random strategies need max_samples and random_seed, the sliding window a stride; a seed
+        or stride another strategy would not read is refused rather than ignored."""
+        random = "random" in self.corpus_strategy
+        if random and (self.max_samples is None or self.random_seed is None):
             raise ValueError(
-                f"strategy {v!r} is not supported: orch packs 'join' (contiguous source_max_len blocks) or "
-                "'line-by-line'; use one of those"
+                f"strategy {self.corpus_strategy!r} draws sequences at random: set max_samples and random_seed"
             )
-        return v
-
-    @field_validator("random_seed")
-    @classmethod
-    def _no_random(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("random_seed is for Olive's random strategies, which orch does not run; drop it")
-        return v
+        if not random and self.random_seed is not None:
+            raise ValueError(
+                f"random_seed is read only by the random strategies (join-random, line-by-line-random), not "
+                f"{self.corpus_strategy!r}; drop it or pick one of those"
+            )
+        if (self.corpus_strategy == "join-sliding-window") != (self.stride is not None):
+            raise ValueError("stride goes with strategy 'join-sliding-window' (and it needs one)")
+        return self
 
     @model_validator(mode="after")
     def _text_source(self) -> PreProcessDataConfig:
@@ -337,12 +342,85 @@ class DataConfig(Strict):
             raise ValueError("load_dataset_config.data_name is required for a HuggingfaceContainer (a data set)")
         return self
 
-    @field_validator("user_script", mode="after")
+    @model_validator(mode="before")
     @classmethod
-    def _no_scripts(cls, v: str | None) -> str | None:
-        if v is not None:
-            raise ValueError("user scripts are not supported: orch runs no code from the config; use text_template")
-        return v
+    def _script_kwargs(cls, data: Any) -> Any:
+        """With a user_script component named, the keys orch does not know are that function's arguments."""
+        if not isinstance(data, dict) or not data.get("user_script"):
+            return data
+        from orchestrator.schema import user_script
+
+        data = dict(data)
+        for part, model, kind in _SCRIPT_PARTS:
+            sub = data.get(part)
+            if not isinstance(sub, dict):
+                continue
+            if isinstance(sub.get("params"), dict):
+                sub = {**{k: v for k, v in sub.items() if k != "params"}, **sub["params"]}
+            if sub.get("type") is None or sub["type"] in user_script.OLIVE_BUILTIN.get(kind, ()):
+                continue
+            known = field_names(model)
+            extra = {k: v for k, v in sub.items() if k not in known}
+            data[part] = {k: v for k, v in sub.items() if k in known}
+            data[part]["component_kwargs"] = {**(sub.get("component_kwargs") or {}), **extra}
+        return data
+
+    @field_validator("user_script", "script_dir", mode="after")
+    @classmethod
+    def _script_path(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """Olive's user_script / script_dir, relative to the config's folder."""
+        if v is None:
+            return None
+        path = resolve_path(v, base_dir_of(info))
+        if info.field_name == "user_script" and not path.is_file():
+            raise ValueError(f"file {str(path)!r} not found")
+        if info.field_name == "script_dir" and not path.is_dir():
+            raise ValueError(f"folder {str(path)!r} not found")
+        return str(path)
+
+    @model_validator(mode="after")
+    def _script_components(self) -> DataConfig:
+        """The components named must be the script's (loaded here: it runs where the config is read and in the
+        job), and the arguments given must be ones the functions take."""
+        if self.user_script is None or self.is_dummy:
+            return self
+        from orchestrator.schema import user_script
+
+        try:
+            user_script.load(self.user_script, self.script_dir)
+        except user_script.UserScriptError as exc:
+            raise ValueError(f"user_script: {exc}") from None
+        for part, _, kind in _SCRIPT_PARTS:
+            sub = getattr(self, part)
+            if sub is None:
+                continue
+            try:
+                fn = user_script.component(self.user_script, self.script_dir, kind, sub.type)
+            except user_script.UserScriptError as exc:  # Olive < 0.7 wrote it as components.<kind>.type
+                raise ValueError(f"{part}.type: {exc}") from None
+            if fn is None:
+                continue
+            bad = user_script.unknown_args(fn, set(sub.component_kwargs), skip_first=kind != "load_dataset")
+            if bad:
+                raise ValueError(
+                    f"{part}.{bad[0]}: {sub.type}() in {Path(self.user_script).name} takes no argument {bad[0]!r}"
+                )
+        return self
+
+    def script_component(self, kind: str) -> Any:
+        """The user_script function for "load_dataset" / "pre_process_data", or None (orch does that part)."""
+        if self.user_script is None:
+            return None
+        from orchestrator.schema import user_script
+
+        sub = self.load_dataset_config if kind == "load_dataset" else self.pre_process_data_config
+        return user_script.component(self.user_script, self.script_dir, kind, getattr(sub, "type", None))
+
+
+_SCRIPT_PARTS = (
+    ("load_dataset_config", LoadDatasetConfig, "load_dataset"),
+    ("pre_process_data_config", PreProcessDataConfig, "pre_process_data"),
+)
 
 
 class Goal(Strict):

@@ -82,6 +82,13 @@ def system_config(name: str, systems: dict[str, dict[str, Any]]) -> tuple[str, d
     return type_name, (match[0] if match else {"type": type_name})
 
 
+def keyword_of(name_or_type: str) -> str:
+    """A type name, alias or host keyword -> its kind's main keyword (local, docker, aml); "" when unknown."""
+    value = str(name_or_type)
+    found = _BY_NAME.get(KEYWORDS.get(value.lower(), value).lower())
+    return found.keywords[0] if found else ""
+
+
 def system_class(type_name: str) -> type[System]:
     return kind_of(type_name).load()
 

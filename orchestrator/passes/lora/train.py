@@ -20,6 +20,7 @@ from pydantic import AliasChoices, Field, model_validator
 
 from orchestrator.core.fs import atomic_dir
 from orchestrator.core.job import ModelArtifact
+from orchestrator.passes import text_blocks
 from orchestrator.passes.base import (
     HeldOut,
     Pass,
@@ -65,6 +66,10 @@ class TextSpec(Protocol):
     pad_to_max_len: bool
     corpus_join: bool
     use_attention_mask: bool
+    strategy: str
+    max_samples: int | None
+    random_seed: int | None
+    stride: int | None
 
 
 class LoRAConfig(PassConfig):
@@ -227,6 +232,8 @@ class LoRAPass(Pass):
         )
         rank0 = int(os.environ.get("RANK", "0")) == 0
         info = ctx.info if rank0 else (lambda _msg: None)
+        if ctx.job.accelerator == "gpu" and not cuda:  # QLoRA was refused above; a LoRA adapter is the same on CPU
+            info(f"{self.type_name}: accelerator gpu asked, no CUDA here: training on CPU (the same adapter, slower)")
         for note in notes:
             info(note)
 
@@ -486,6 +493,10 @@ def build_training_args(
         packing=False,
         max_length=None,
     )
+    best = args.get("load_best_model_at_end") and str(args.get("eval_strategy", "no")) != "no"
+    if best and "save_strategy" not in args:  # the best checkpoint is loaded back: saved as often as evaluated
+        args["save_strategy"] = args["eval_strategy"]
+        notes.append(f"save_strategy {args['save_strategy']!r} (as eval_strategy): load_best_model_at_end")
     args.setdefault("save_strategy", "no")  # the adapter is saved once at the end
     args.setdefault("disable_tqdm", True)  # progress goes to ctx.progress; tqdm bars would flood the job log
     args.setdefault("logging_first_step", True)
@@ -501,7 +512,8 @@ def build_training_args(
 
 
 def tokenize(ds: Any, tokenizer: Any, spec: TextSpec) -> Any:
-    """input_ids per sequence: the corpus joined and cut into max_len blocks, or each text truncated to max_len.
+    """input_ids per sequence, packed by Olive's strategy (orchestrator.passes.text_blocks): the corpus joined and
+    cut into max_len blocks (contiguous, sliding or random), or each text truncated to max_len (in order or drawn).
 
     EOS ends every text so the model learns where an answer stops. Padding is left to the collator (which masks
     it out of the loss and, with pad_to_max_len, pads to max_len). use_attention_mask=False is Olive's way of
@@ -511,11 +523,13 @@ def tokenize(ds: Any, tokenizer: Any, spec: TextSpec) -> Any:
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     encoded = tokenizer(list(ds["text"]), add_special_tokens=True)["input_ids"]
-    if spec.corpus_join:
-        stream = [tok for ids in encoded for tok in [*ids, *eos]]
-        blocks = [stream[i : i + spec.max_len] for i in range(0, len(stream), spec.max_len)]
-    else:
-        blocks = [[*ids, *eos][: spec.max_len] for ids in encoded]
+    try:
+        blocks = text_blocks.pack(
+            [[*ids, *eos] for ids in encoded], spec.strategy, spec.max_len, max_samples=spec.max_samples,
+            random_seed=spec.random_seed, stride=spec.stride,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise PassError(f"data: {exc}") from None
     blocks = [b for b in blocks if len(b) > 1]
     if not blocks:
         raise PassError("the training data is empty after tokenization: check the data config's text_template")
