@@ -845,7 +845,7 @@ def convert_adapters_cmd(
 def tune_session_params(ctx: typer.Context, host: HostOpt = None) -> None:
     """Olive's `tune-session-params`: time onnxruntime session settings for an ONNX model (OrtSessionParamsTuning)
     and write the fastest as <output_path>/<accelerator>.json (Olive's inference settings). Flags as Olive's."""
-    from orchestrator import olive_commands as oc
+    from orchestrator.olive import commands as oc
 
     def go() -> None:
         args = oc.tune_session_params_parser().parse_args(ctx.args)
