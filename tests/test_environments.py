@@ -49,6 +49,8 @@ def _write(tmp_path: Path, text: str, name: str = "env.conda.yaml") -> Path:
 # azureml-mlflow 1.62 (azureml:// tracking in Azure ML jobs) caps azure-storage-blob at 12.27.
 OWN_PINS = {
     "gpu-quantize.conda.yaml": ("transformers",),
+    "cpu-quantize.conda.yaml": ("transformers",),  # llm-compressor 0.14: transformers 5.15-5.17
+    "cpu-inc.conda.yaml": ("onnx", "numpy", "setuptools"),  # neural-compressor 2.6: onnx<1.17, numpy<2
     "aml-cpu.conda.yaml": ("azure-storage-blob",),
     "gpu-train.conda.yaml": ("azure-storage-blob",),
 }

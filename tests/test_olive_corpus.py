@@ -296,10 +296,12 @@ def test_olive_only_keys_are_honoured_refused_or_noted(tmp_path: Path) -> None:
 
 def test_olive_current_quantizer_names_resolve() -> None:
     from orchestrator.passes.awq_gptq import GptqQuantizerPass
+    from orchestrator.passes.olive_gptq import OliveGptqPass
     from orchestrator.passes.onnx_hqq import OnnxHqqQuantizationPass
     from orchestrator.passes.registry import load_pass
 
-    assert load_pass("Gptq") is GptqQuantizerPass
+    assert load_pass("Gptq") is OliveGptqPass  # Olive >= 0.10's Gptq writes its own quantized checkpoint
+    assert load_pass("GptqQuantizer") is GptqQuantizerPass  # the llm-compressor one
     assert load_pass("OnnxHqqQuantization") is OnnxHqqQuantizationPass
 
 
