@@ -41,21 +41,11 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """orchestrator modules `path` imports, anywhere in the file, relative imports resolved."""
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
-    return {n for n in found if n.startswith("orchestrator.")}
+    """orchestrator modules `path` imports, anywhere in the file, relative imports resolved (code_identity's
+    reader: the cache key and this test see the same graph)."""
+    from orchestrator.core.code_identity import orchestrator_imports
+
+    return {n for n in orchestrator_imports(_module_name(path)) if n.startswith("orchestrator.")}
 
 
 def _room(module: str) -> str | None:

@@ -62,8 +62,8 @@ class Publisher:
         """
         assert self.output_dir is not None
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self._job_output():
-            self._publish_flat(summary, records, steps, model, tracker)
+        if self._job_output():  # straight into output_dir (real copies): the service uploads it as it is
+            self._write_publication(self.output_dir, summary, records, steps, model, tracker)
             return
         with FileLock(str(self.output_dir / ".orch-publish.lock")):
             versions = self.output_dir / VERSIONS_DIR
@@ -84,18 +84,6 @@ class Publisher:
             if key.startswith("AZURE_ML_OUTPUT_") and value and Path(value).resolve() == here:
                 return True
         return False
-
-    def _publish_flat(
-        self,
-        summary: RunSummary,
-        records: list[StepRecord],
-        steps: list[Step],
-        model: ModelArtifact | None,
-        tracker: Tracker,
-    ) -> None:
-        """model/ (+ adapter/), training.png and manifest.json straight into output_dir (real copies)."""
-        assert self.output_dir is not None
-        self._write_publication(self.output_dir, summary, records, steps, model, tracker)
 
     def _write_publication(
         self,

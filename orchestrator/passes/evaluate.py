@@ -415,19 +415,25 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
     }  # fmt: skip
 
 
+def timed_runs(run: Callable[[], Any], warmup: int, repeat: int, sleep: float = 0.0) -> list[float]:
+    """Seconds of `repeat` calls of run() after `warmup` untimed ones (sleep s between timed calls)."""
+    for _ in range(warmup):
+        run()
+    times: list[float] = []
+    for _ in range(max(1, repeat)):
+        if sleep and times:
+            time.sleep(sleep)
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def session_latency(session: Any, feed: dict[str, Any], uc: UserConfig) -> dict[str, float]:
     """Olive's ONNX latency: warmup_num runs, then repeat_test_num timed runs of session.run on one input
     (sleep_num s between them)."""
-    for _ in range(uc.warmup_num):
-        session.run(None, feed)
-    times = []
-    for _ in range(max(1, uc.runs if uc.runs is not None else uc.repeat_test_num)):
-        if uc.sleep_num and times:
-            time.sleep(uc.sleep_num)
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return latency_stats(times)
+    repeat = uc.runs if uc.runs is not None else uc.repeat_test_num
+    return latency_stats(timed_runs(lambda: session.run(None, feed), uc.warmup_num, repeat, uc.sleep_num or 0.0))
 
 
 def speed(scorer: Any, uc: UserConfig) -> dict[str, float]:

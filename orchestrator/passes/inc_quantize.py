@@ -18,10 +18,10 @@ from pydantic import Field, model_validator
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
-from orchestrator.passes.onnx_common import copy_side_files, onnx_input
+from orchestrator.passes.onnx_common import copy_side_files, logits_shift, onnx_input
 
 OUTPUT_DIR = "model"
-PARITY_IDS = [5, 9, 33, 12, 7, 100, 4, 8, 21, 17, 3, 44]
+INT8_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "ConvInteger")
 INC_PIN = "neural-compressor==2.6 (environments/cpu-inc.conda.yaml)"
 
 
@@ -84,7 +84,6 @@ class IncDynamicQuantizationPass(Pass):
                 f"run it on a LocalSystem without python_environment_path (orch builds the cpu-inc venv), or "
                 f"install {INC_PIN}"
             ) from None
-        import numpy as np
         import onnx
 
         from orchestrator.passes import onnx_tools
@@ -117,8 +116,7 @@ class IncDynamicQuantizationPass(Pass):
             convert_attribute=config.convert_attribute,
         )
         copy_side_files(src.parent, tmp)
-        ops = [n.op_type for n in onnx.load(str(tmp / "model.onnx"), load_external_data=False).graph.node]
-        int8_ops = sum(op in ("MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "ConvInteger") for op in ops)
+        int8_ops = sum(n.op_type in INT8_OPS for n in q_model.model.graph.node)
         if not int8_ops:
             raise PassError("IncDynamicQuantization: INC quantized no operator of this graph (no MatMul found?)")
         metrics = {
@@ -127,10 +125,7 @@ class IncDynamicQuantizationPass(Pass):
             "size_after_bytes": float(onnx_tools.model_size_bytes(tmp / "model.onnx")),
         }
         if any(i.name == "input_ids" for i in q_model.model.graph.input):  # a decoder: how far the logits moved
-            ref = onnx_tools.ort_logits(src, PARITY_IDS).astype(np.float32)
-            got = onnx_tools.ort_logits(tmp / "model.onnx", PARITY_IDS).astype(np.float32)
-            metrics["logits_max_abs_diff_vs_input"] = float(np.abs(got - ref).max())
-            metrics["greedy_token_agreement_vs_input"] = float((got.argmax(-1) == ref.argmax(-1)).mean())
+            metrics.update(logits_shift(src, tmp / "model.onnx"))
         else:
             ctx.info("not a decoder graph (no input_ids): logits parity not measured")
         ctx.progress(1, 1, "INC dynamic int8")

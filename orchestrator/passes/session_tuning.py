@@ -17,15 +17,15 @@ import json
 import os
 import shutil
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
-from orchestrator.core.fs import commit_dir
+from orchestrator.core.fs import commit_dir, copy_file, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
+from orchestrator.passes.evaluate import timed_runs
 from orchestrator.passes.onnx_tools import SETTINGS_FILE, session_options
 
 OUTPUT_DIR = "model"
@@ -172,16 +172,10 @@ class OrtSessionParamsTuningPass(Pass):
             str(model_file), so, providers=settings["execution_provider"], provider_options=settings["provider_options"]
         )
         run = self._runner(sess, feed, settings.get("io_bind", False))
-        for _ in range(config.warmup_num):
-            run()
-        times = []
-        for _ in range(config.repeat_test_num):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1000)
+        times = timed_runs(run, config.warmup_num, config.repeat_test_num)
         if config.enable_profiling:
             sess.end_profiling()
-        return statistics.median(times)
+        return statistics.median(times) * 1000
 
     def _runner(self, sess: Any, feed: dict[str, Any], io_bind: bool) -> Any:
         if not io_bind:
@@ -208,9 +202,9 @@ class OrtSessionParamsTuningPass(Pass):
             ctx.info("io_bind: CPUExecutionProvider keeps tensors in host memory, so binding changes nothing there "
                      "(Olive skips it too); io_bind is timed on the other providers only")  # fmt: skip
         feed = self._inputs(config, model_file, ctx)
-        tmp = ctx.out_dir / f".{OUTPUT_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src_dir, tmp)
+        final = ctx.out_dir / OUTPUT_DIR
+        tmp = fresh_dir(final)
+        shutil.copytree(src_dir, tmp, copy_function=copy_file, dirs_exist_ok=True)  # reflinks where the fs has them
         baseline = {"execution_provider": providers[:1], "provider_options": [{}], "session_options": {},
                     "io_bind": False}  # fmt: skip
         trials = [baseline, *self.candidates(config, providers)]
@@ -219,12 +213,12 @@ class OrtSessionParamsTuningPass(Pass):
             ms = self._time(model_file, settings, feed, config, ctx.out_dir)
             results.append((ms, settings))
             ctx.progress(i + 1, len(trials), "session settings")
-            ctx.info(f"{ms:8.3f} ms  {json.dumps(settings['session_options']) or 'onnxruntime defaults'} "
+            so = settings["session_options"]
+            ctx.info(f"{ms:8.3f} ms  {json.dumps(so) if so else 'onnxruntime defaults'} "
                      f"{settings['execution_provider'][0]} io_bind={settings['io_bind']}")  # fmt: skip
         best_ms, best = min(results, key=lambda r: r[0])
         base_ms = results[0][0]
         (tmp / SETTINGS_FILE).write_text(json.dumps(best, indent=2) + "\n")
-        final = ctx.out_dir / OUTPUT_DIR
         commit_dir(tmp, final)
         metrics = {
             "latency_ms_baseline": base_ms,

@@ -149,6 +149,21 @@ class EnvSpec:
         return yaml.safe_dump(doc, sort_keys=False)
 
 
+ENVIRONMENTS_DIR = Path(__file__).resolve().parents[2] / "environments"  # the repo's environments/*.conda.yaml
+
+
+def resolve_env_file(env: str | Path) -> Path:
+    """An environment by family name (cpu-export -> environments/cpu-export.conda.yaml) or by path."""
+    p = Path(env)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    candidate = ENVIRONMENTS_DIR / f"{env}.conda.yaml"
+    if not candidate.exists():
+        known = sorted(f.name.removesuffix(".conda.yaml") for f in ENVIRONMENTS_DIR.glob("*.conda.yaml"))
+        raise EnvSpecError(f"{env}: no such environment file or family (known: {', '.join(known)})")
+    return candidate
+
+
 def load_env_spec(path: Path | str) -> EnvSpec:
     """Parse and validate a conda.yaml; every problem is an EnvSpecError naming the file and the field."""
     path = Path(path)
@@ -402,6 +417,17 @@ def serve_local_indexes(settings: PipSettings) -> Iterator[PipSettings]:
 # Local realization
 
 
+VENV_STAMP = ".orch-env.json"  # written last by realize_venv: its presence means the venv is whole
+
+
+def venv_realized(spec: EnvSpec, dest: Path) -> bool:
+    """dest holds a finished venv of exactly this spec (realize_venv's stamp names its hash)."""
+    stamp = dest / VENV_STAMP
+    return (dest / "bin" / "python").exists() and stamp.exists() and json.loads(stamp.read_text()).get(
+        "hash"
+    ) == spec.hash()
+
+
 def realize_venv(
     spec: EnvSpec | Path | str,
     dest: Path | str,
@@ -420,9 +446,10 @@ def realize_venv(
     spec.check_python(found, image=f"this host ({sys.executable})")
     dest = Path(dest)
     python = dest / "bin" / "python"
-    stamp = dest / ".orch-env.json"
-    if python.exists() and stamp.exists() and json.loads(stamp.read_text()).get("hash") == spec.hash():
+    stamp = dest / VENV_STAMP
+    if venv_realized(spec, dest):
         return python
+    shutil.rmtree(dest, ignore_errors=True)  # no stamp for this spec: another spec's venv or a build that died
     uv = Path(sys.executable).parent / "uv"
     uv_bin = str(uv) if uv.is_file() else shutil.which("uv")
     use_uv = installer == "uv" or (installer == "auto" and uv_bin is not None)

@@ -26,8 +26,14 @@ from pathlib import Path
 from orchestrator.core.job import JOB_FILE, Job, JobResult, JobState
 from orchestrator.core.launch import ProcessesPerNode, resolve_processes, runner_command
 from orchestrator.systems.base import JobHandle, System, SystemFailure
-from orchestrator.systems.docker.images import resolve_env_file
-from orchestrator.systems.environments import EnvSpec, EnvSpecError, load_env_spec, realize_venv
+from orchestrator.systems.environments import (
+    EnvSpec,
+    EnvSpecError,
+    load_env_spec,
+    realize_venv,
+    resolve_env_file,
+    venv_realized,
+)
 
 LOG_FILE = "job.log"
 PID_FILE = "job.pid"
@@ -176,6 +182,7 @@ class LocalSystem(System):
         self.accelerators = accelerators or ["cpu"]
         self.processes_per_node = processes_per_node
         self.environment_for = environment_for
+        self._specs: dict[str, EnvSpec] = {}
         # shared by every workflow, as Docker's images are: ORCH_ENV_CACHE, else ~/.cache/orch/envs
         self.env_cache = env_cache or Path(os.environ.get("ORCH_ENV_CACHE", "~/.cache/orch/envs")).expanduser()
 
@@ -193,10 +200,12 @@ class LocalSystem(System):
         return None if self.pinned_python or environment not in SIDE_ENVIRONMENTS else environment
 
     def _side_spec(self, environment: str) -> EnvSpec:
-        try:
-            return load_env_spec(resolve_env_file(environment))
-        except EnvSpecError as exc:
-            raise SystemFailure(str(exc)) from exc
+        if environment not in self._specs:  # read once per system: plan, prepare and submit all ask
+            try:
+                self._specs[environment] = load_env_spec(resolve_env_file(environment))
+            except EnvSpecError as exc:
+                raise SystemFailure(str(exc)) from exc
+        return self._specs[environment]
 
     def python_for(self, job: Job) -> str:
         """The interpreter that runs `job`: a side environment's venv (built here once), else self.python."""
@@ -205,14 +214,13 @@ class LocalSystem(System):
             return self.python
         spec = self._side_spec(env)
         dest = self.env_cache / f"{env}-{spec.hash()[:12]}"
-        if (dest / ".orch-env.json").exists():
+        if venv_realized(spec, dest):
             return str(dest / "bin" / "python")
         dest.parent.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock
 
-        with FileLock(str(dest) + ".lock"):
-            if not (dest / ".orch-env.json").exists():
-                shutil.rmtree(dest, ignore_errors=True)  # no stamp: a build that died half-way
+        with FileLock(str(dest) + ".lock"):  # two runs wanting the same venv: one builds, the other waits
+            if not venv_realized(spec, dest):
                 log = dest.parent / f"{dest.name}.log"
                 print(f"orch: building the {env} environment for this pass (once): {dest}; log {log}", file=sys.stderr)
                 t0 = time.perf_counter()

@@ -33,6 +33,7 @@ from orchestrator.systems.environments import (
     EnvSpecError,
     PipSettings,
     load_env_spec,
+    resolve_env_file,
     serve_local_indexes,
 )
 
@@ -45,7 +46,6 @@ BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
 ENV_REPOSITORY = "orch/env"
 RECIPE_VERSION = "2"  # bump when the Dockerfile/install recipe below changes what an image holds
 LABEL_PREFIX = "org.orch."
-ENVIRONMENTS_DIR = Path(orchestrator.__file__).resolve().parents[1] / "environments"
 
 
 def docker_client() -> Any:
@@ -219,18 +219,6 @@ def environment_tag(spec: EnvSpec, base_image_id: str, *, version: str | None = 
     )
     digest = hashlib.sha256(payload.encode()).hexdigest()
     return f"{ENV_REPOSITORY}:{spec.name}-{digest[:16]}", digest
-
-
-def resolve_env_file(env: str | Path) -> Path:
-    """An environment by family name (cpu-export -> environments/cpu-export.conda.yaml) or by path."""
-    p = Path(env)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        return p
-    candidate = ENVIRONMENTS_DIR / f"{env}.conda.yaml"
-    if not candidate.exists():
-        known = sorted(f.name.removesuffix(".conda.yaml") for f in ENVIRONMENTS_DIR.glob("*.conda.yaml"))
-        raise EnvSpecError(f"{env}: no such environment file or family (known: {', '.join(known)})")
-    return candidate
 
 
 def build_environment(

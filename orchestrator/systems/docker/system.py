@@ -36,9 +36,8 @@ from orchestrator.systems.docker.images import (
     LABEL_PREFIX,
     build_environment,
     docker_client,
-    resolve_env_file,
 )
-from orchestrator.systems.environments import EnvSpecError, PipSettings, load_env_spec
+from orchestrator.systems.environments import EnvSpecError, PipSettings, load_env_spec, resolve_env_file
 
 LOG_FILE = "job.log"
 CONTAINER_JOB_FILE = "job.docker.json"
