@@ -194,202 +194,106 @@ def _crash_log(exc: BaseException) -> str:
     return path
 
 
-@app.command()
+OLIVE_RUN = "Olive's run flags"
+
+
+@app.command(context_settings={"allow_extra_args": False})
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="workflow config (Olive format, JSON or YAML)")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", "--run-config", "--run_config", help="workflow config (Olive format, JSON "
+                           "or YAML)")  # fmt: skip
+    ],
     host: HostOpt = None,
     target: TargetOpt = None,
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="print the plan (what runs, what is cached) and stop")
+        bool, typer.Option("--dry-run", "--dry_run", help="print the plan (what runs, what is cached) and stop")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream job logs")] = False,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
-) -> None:
-    """Run a workflow config: passes on the host, evaluation on the target."""
-    _guarded(
-        lambda: _run_workflow(
-            config,
-            host=host,
-            target=target,
-            tracking_uri=tracking_uri,
-            dry_run=dry_run,
-            verbose=verbose,
-            no_tracking=no_tracking,
-        )
-    )
-
-
-EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-@app.command(context_settings=EXTRA)
-def finetune(
-    ctx: typer.Context,
-    model_name_or_path: Annotated[
-        str, typer.Option("--model_name_or_path", "-m", help="local model folder or azureml:// model")
-    ],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    data_name: Annotated[str, typer.Option("--data_name", "-d", help="`json`, or a data folder/file")],
-    method: Annotated[str, typer.Option("--method")] = "lora",
-    data_files: Annotated[str | None, typer.Option("--data_files")] = None,
-    train_split: Annotated[str, typer.Option("--train_split")] = "train",
-    eval_split: Annotated[str | None, typer.Option("--eval_split")] = None,
-    text_template: Annotated[str | None, typer.Option("--text_template")] = None,
-    text_field: Annotated[str | None, typer.Option("--text_field")] = None,
-    max_seq_len: Annotated[int, typer.Option("--max_seq_len")] = 1024,
-    target_modules: Annotated[str | None, typer.Option("--target_modules")] = None,
-    lora_r: Annotated[int, typer.Option("--lora_r")] = 64,
-    lora_alpha: Annotated[int, typer.Option("--lora_alpha")] = 16,
-    lora_dropout: Annotated[float, typer.Option("--lora_dropout")] = 0.05,
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    task: Annotated[str | None, typer.Option("--task", "-t")] = None,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
-    host: HostOpt = None,
-    target: TargetOpt = None,
-    tracking_uri: TrackingOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    list_required_packages: Annotated[bool, typer.Option(
+        "--list_required_packages", "--list-required-packages", "--packages", rich_help_panel=OLIVE_RUN,
+        help="list the environments and packages the workflow's passes need, and exit")] = False,
+    setup: Annotated[bool, typer.Option("--setup", rich_help_panel=OLIVE_RUN, help="Olive 0.7-0.8: build the "
+                                        "environments the passes need (side venvs on this host), and exit")] = False,
+    tempdir: Annotated[str | None, typer.Option("--tempdir", rich_help_panel=OLIVE_RUN,
+                                                help="root folder for temporary files")] = None,
+    package_config: Annotated[str | None, typer.Option("--package-config", "--package_config",
+        rich_help_panel=OLIVE_RUN, help="refused: Olive's pass package registry; orch's passes are built in")] = None,
+    model_name_or_path: Annotated[str | None, typer.Option("--model_name_or_path", "--model-name-or-path", "-m",
+        rich_help_panel=OLIVE_RUN, help="replace the workflow's input model")] = None,
+    output_path: Annotated[str | None, typer.Option("--output_path", "--output-path", "-o", rich_help_panel=OLIVE_RUN,
+                                                    help="replace the workflow's output_dir")] = None,
+    task: Annotated[str | None, typer.Option("--task", "-t", rich_help_panel=OLIVE_RUN,
+                                             help="task of the replacing model (-m)")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code", "--trust-remote-code",
+        rich_help_panel=OLIVE_RUN, help="trust remote code of the replacing model (-m)")] = False,
+    adapter_path: Annotated[str | None, typer.Option("--adapter_path", "--adapter-path", "-a",
+        rich_help_panel=OLIVE_RUN, help="adapter of the replacing model (-m)")] = None,
+    test: Annotated[str | None, typer.Option("--test", rich_help_panel=OLIVE_RUN, metavar="[DIR]",
+        help="run on a random 2-layer copy of the input model (built once at DIR, default "
+             "<output_dir>/test_model)")] = None,
+    model_script: Annotated[str | None, typer.Option("--model_script", "--model-script", rich_help_panel=OLIVE_RUN,
+        help="refused: PyTorch model-loader scripts are not run")] = None,
+    script_dir: Annotated[str | None, typer.Option("--script_dir", "--script-dir", rich_help_panel=OLIVE_RUN,
+                                                   help="refused with --model_script")] = None,
+    log_level: Annotated[int | None, typer.Option("--log_level", "--log-level", rich_help_panel=OLIVE_RUN,
+                                                  help="replace the workflow's log_severity_level")] = None,
+    disable_telemetry: Annotated[bool, typer.Option("--disable_telemetry", "--disable-telemetry",
+        rich_help_panel=OLIVE_RUN, help="accepted: orch sends no telemetry")] = False,
 ) -> None:
-    """Olive's `finetune`: LoRA/QLoRA; other --name value flags go to the training arguments (e.g. --max_steps)."""
-    from orchestrator.olive.commands import finetune_workflow, parse_extra_args
+    """Run a workflow config: passes on the host, evaluation on the target. Olive's `run` flags replace the
+    input model (-m, -a, --test), output_dir (-o) and log level."""
+    from orchestrator.cli.olive import set_tempdir
+    from orchestrator.olive.commands import run_overrides
 
-    def go() -> None:
-        workflow = finetune_workflow(
-            model_name_or_path=model_name_or_path,
-            output_path=output_path,
-            method=method,
-            data_name=data_name,
-            data_files=data_files,
-            train_split=train_split,
-            eval_split=eval_split,
-            text_template=text_template,
-            text_field=text_field,
-            max_seq_len=max_seq_len,
-            target_modules=target_modules,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            trust_remote_code=trust_remote_code,
-            task=task,
-            log_level=log_level,
-            training_args=parse_extra_args(list(ctx.args)),
-            host=host,
-            target=target,
-        )
-        _run_workflow(
-            workflow,
-            base_dir=Path.cwd(),
-            tracking_uri=tracking_uri,
-            dry_run=dry_run,
-            verbose=log_level <= 1,
-            no_tracking=no_tracking,
-        )
+    def go() -> Any:
+        set_tempdir(tempdir)
+        source, base_dir, notes = run_overrides(
+            config, package_config=package_config, model_name_or_path=model_name_or_path, output_path=output_path,
+            task=task, trust_remote_code=trust_remote_code, adapter_path=adapter_path, test=test,
+            model_script=model_script or script_dir, log_level=log_level, dry_run=dry_run or list_required_packages,
+        )  # fmt: skip
+        for line in notes:
+            console.print(Text("note: ", style="cyan") + Text(line), highlight=False, soft_wrap=True)
+        if list_required_packages or setup:
+            return _packages(source, base_dir, host=host, target=target, setup=setup)
+        return _run_workflow(
+            source, base_dir=base_dir, host=host, target=target, tracking_uri=tracking_uri, dry_run=dry_run,
+            verbose=verbose or (log_level is not None and log_level <= 1), no_tracking=no_tracking,
+        )  # fmt: skip
 
     _guarded(go)
 
 
-@app.command("auto-opt")
-def auto_opt(
-    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    adapter_path: Annotated[str | None, typer.Option("--adapter_path")] = None,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
-    provider: Annotated[str | None, typer.Option("--provider")] = None,
-    precision: Annotated[str, typer.Option("--precision")] = "int4",
-    use_model_builder: Annotated[bool, typer.Option("--use_model_builder")] = False,
-    use_ort_genai: Annotated[bool, typer.Option("--use_ort_genai")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    task: Annotated[str | None, typer.Option("--task", "-t")] = None,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
-    host: HostOpt = None,
-    target: TargetOpt = None,
-    tracking_uri: TrackingOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
-    num_splits: Annotated[
-        int | None, typer.Option("--num-splits", "--num_splits", "--num_split", help="split into N pipeline parts")
-    ] = None,
-    memory: Annotated[str | None, typer.Option("--memory", help="refused: give --num-splits")] = None,
-    cost_model: Annotated[str | None, typer.Option("--cost-model", "--cost_model", help="refused")] = None,
-) -> None:
-    """Olive's `auto-opt` / `optimize`: (merge the adapter ->) export ONNX with onnxruntime-genai's builder."""
-    from orchestrator.olive.commands import auto_opt_workflow
+def _packages(source: Any, base_dir: Path | None, *, host: str | None, target: str | None, setup: bool) -> None:
+    """Olive's --list_required_packages / --setup: the environment each pass runs in and its packages; --setup
+    builds the side environments on this host (what a first run would build)."""
+    import tempfile
 
-    def go() -> None:
-        workflow = auto_opt_workflow(
-            model_name_or_path=model_name_or_path,
-            output_path=output_path,
-            adapter_path=adapter_path,
-            device=device,
-            provider=provider,
-            precision=precision,
-            use_model_builder=use_model_builder,
-            use_ort_genai=use_ort_genai,
-            trust_remote_code=trust_remote_code,
-            task=task,
-            log_level=log_level,
-            host=host,
-            target=target,
-            split_flags={"--num-splits": num_splits, "--memory": memory, "--cost-model": cost_model},
-        )
-        _run_workflow(
-            workflow,
-            base_dir=Path.cwd(),
-            tracking_uri=tracking_uri,
-            dry_run=dry_run,
-            verbose=log_level <= 1,
-            no_tracking=no_tracking,
-        )
+    from orchestrator.core.job import Job
+    from orchestrator.engine import Engine
+    from orchestrator.olive import load_workflow
+    from orchestrator.systems.environments import load_env_spec, resolve_env_file
 
-    _guarded(go)
+    wf = load_workflow(source, base_dir=base_dir)
+    engine = Engine(wf, host=host, target=target, tracking=False)
+    from orchestrator.engine.plan import environment_for
 
-
-@app.command()
-def quantize(
-    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="awq | gptq (llm-compressor) | rtn")] = "rtn",
-    precision: Annotated[str, typer.Option("--precision")] = "int4",
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
-    data_name: Annotated[str | None, typer.Option("--data_name", "-d", help="calibration data (awq/gptq)")] = None,
-    data_files: Annotated[str | None, typer.Option("--data_files")] = None,
-    text_template: Annotated[str | None, typer.Option("--text_template")] = None,
-    text_field: Annotated[str | None, typer.Option("--text_field")] = None,
-    host: HostOpt = None,
-    tracking_uri: TrackingOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
-) -> None:
-    """Olive's `quantize`: int4 weights by AWQ/GPTQ (llm-compressor, its own environment) or RTN (MatMulNBits /
-    model builder)."""
-    from orchestrator.olive.commands import quantize_workflow
-
-    def go() -> None:
-        workflow = quantize_workflow(
-            model_name_or_path=model_name_or_path,
-            output_path=output_path,
-            algorithm=algorithm,
-            precision=precision,
-            trust_remote_code=trust_remote_code,
-            log_level=log_level,
-            host=host,
-            data_name=data_name,
-            data_files=data_files,
-            text_template=text_template,
-            text_field=text_field,
-        )
-        _run_workflow(
-            workflow,
-            base_dir=Path.cwd(),
-            tracking_uri=tracking_uri,
-            dry_run=dry_run,
-            verbose=log_level <= 1,
-            no_tracking=no_tracking,
-        )
-
-    _guarded(go)
+    shown: set[str] = set()
+    for step in engine.plan():
+        job = Job(job_id=f"setup-{step.name}", pass_name=step.name, pass_type=step.pass_type, pass_config=step.config,
+                  output_dir=tempfile.gettempdir(), accelerator=engine._accelerator(step.system_name))  # fmt: skip
+        env = environment_for(job)
+        spec = load_env_spec(resolve_env_file(env))
+        out.print(f"{step.name} ({step.pass_type}) on {step.system_name}: environment {env}", markup=False)
+        if env not in shown:
+            shown.add(env)
+            out.print("  " + " ".join(spec.pip_requirements), markup=False, highlight=False)
+        if setup and step.role == "host":
+            engine.system(step.system_name).prepare(job)
+    if setup:
+        out.print("environments ready", markup=False)
 
 
 @app.command()
@@ -749,137 +653,10 @@ def ui_command(
     _guarded(go)
 
 
-app.command("optimize", help="Olive's `optimize`: the same as auto-opt (the model builder path).")(auto_opt)
+from orchestrator.cli.olive import register as _register_olive  # noqa: E402 - helpers defined above first
 
-
-@app.command("capture-onnx-graph")
-def capture_onnx_graph(
-    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    adapter_path: Annotated[str | None, typer.Option("--adapter_path")] = None,
-    use_model_builder: Annotated[bool, typer.Option("--use_model_builder")] = False,
-    use_dynamo_exporter: Annotated[bool, typer.Option("--use_dynamo_exporter")] = False,
-    precision: Annotated[str, typer.Option("--precision")] = "fp32",
-    torch_dtype: Annotated[str | None, typer.Option("--torch_dtype")] = None,
-    target_opset: Annotated[int, typer.Option("--target_opset")] = 17,
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
-    host: HostOpt = None,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking")] = False,
-) -> None:
-    """Olive's `capture-onnx-graph`: torch's ONNX exporter (OnnxConversion), or the model builder."""
-    from orchestrator.olive.commands import capture_onnx_graph_workflow
-
-    def go() -> None:
-        workflow = capture_onnx_graph_workflow(
-            model_name_or_path=model_name_or_path, output_path=output_path, adapter_path=adapter_path,
-            use_model_builder=use_model_builder, use_dynamo_exporter=use_dynamo_exporter, precision=precision,
-            torch_dtype=torch_dtype, target_opset=target_opset, trust_remote_code=trust_remote_code,
-            log_level=log_level, host=host,
-        )  # fmt: skip
-        _run_workflow(workflow, base_dir=Path.cwd(), verbose=log_level <= 1, no_tracking=no_tracking)
-
-    _guarded(go)
-
-
-@app.command("generate-adapter")
-def generate_adapter(
-    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    adapter_path: Annotated[str | None, typer.Option("--adapter_path")] = None,
-    adapter_type: Annotated[str, typer.Option("--adapter_type")] = "lora",
-    adapter_format: Annotated[str, typer.Option("--adapter_format")] = "onnx_adapter",
-    precision: Annotated[str, typer.Option("--precision")] = "int4",
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
-    host: HostOpt = None,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking")] = False,
-) -> None:
-    """Olive's `generate-adapter`: base ONNX model with LoRA inputs + model/adapter_weights.onnx_adapter. -m is an
-    ONNX folder built from an adapter (ExtractAdapters on it), or an HF base model with --adapter_path (built)."""
-    from orchestrator.olive.commands import FlagError, generate_adapter_workflow
-
-    def go() -> None:
-        if adapter_type.lower() != "lora":
-            raise FlagError(f"--adapter_type {adapter_type!r}: orch builds LoRA adapters only (no DoRA / LoHa)")
-        if (Path(model_name_or_path) / "model.onnx").is_file():
-            from orchestrator.passes.extract_adapters import extract
-
-            fmt = "numpy" if adapter_format == "numpy" else "onnx_adapter"
-            weights = extract(Path(model_name_or_path), Path(output_path) / "model", save_format=fmt)
-            print(f"{len(weights)} LoRA weights -> inputs; {output_path}/model", file=sys.stderr)
-            return
-        workflow = generate_adapter_workflow(
-            model_name_or_path=model_name_or_path, adapter_path=adapter_path or "", output_path=output_path,
-            adapter_format=adapter_format, precision=precision, trust_remote_code=trust_remote_code,
-            log_level=log_level, host=host,
-        )  # fmt: skip
-        _run_workflow(workflow, base_dir=Path.cwd(), verbose=log_level <= 1, no_tracking=no_tracking)
-
-    _guarded(go)
-
-
-@app.command("convert-adapters")
-def convert_adapters_cmd(
-    adapter_path: Annotated[str, typer.Option("--adapter_path")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    adapter_format: Annotated[str, typer.Option("--adapter_format")] = "onnx_adapter",
-    dtype: Annotated[str, typer.Option("--dtype")] = "float32",
-    model_name_or_path: Annotated[str | None, typer.Option("--model_name_or_path", "-m")] = None,
-    quantize_int4: Annotated[bool, typer.Option("--quantize_int4", help="refused: adapters stay float")] = False,
-) -> None:
-    """Olive's `convert-adapters`: a PEFT LoRA folder -> .onnx_adapter for the base model auto-opt built."""
-    from orchestrator.olive.commands import convert_adapters
-
-    def go() -> None:
-        out = convert_adapters(
-            adapter_path=adapter_path, output_path=output_path, adapter_format=adapter_format, dtype=dtype,
-            model_name_or_path=model_name_or_path, quantize_int4=quantize_int4,
-        )  # fmt: skip
-        print(f"adapter weights written to {out}", file=sys.stderr)
-
-    _guarded(go)
-
-
-@app.command("tune-session-params", context_settings={**EXTRA, "help_option_names": []})
-def tune_session_params(ctx: typer.Context, host: HostOpt = None) -> None:
-    """Olive's `tune-session-params`: time onnxruntime session settings for an ONNX model (OrtSessionParamsTuning)
-    and write the fastest as <output_path>/<accelerator>.json (Olive's inference settings). Flags as Olive's."""
-    from orchestrator.olive import commands as oc
-
-    def go() -> None:
-        args = oc.tune_session_params_parser().parse_args(ctx.args)
-        summary = _run_workflow(oc.tune_session_params_workflow(args, host=host), base_dir=Path.cwd(),
-                                verbose=args.log_level <= 1, no_tracking=False)  # fmt: skip
-        if summary is None or summary.final_model is None:
-            return
-        from orchestrator.core.job import atomic_write_text
-        from orchestrator.passes.onnx_tools import SETTINGS_FILE
-
-        settings = json.loads((Path(summary.final_model.path) / SETTINGS_FILE).read_text())
-        dest = Path(args.output_path) / f"{oc.accelerator_key(args.device, settings['execution_provider'][0])}.json"
-        atomic_write_text(dest, json.dumps(settings, indent=4) + "\n")
-        print(f"Inference session parameters are saved to {dest}", file=sys.stderr)
-
-    _guarded(go)
-
-
-def _refusal(why: str) -> Any:
-    def refuse(ctx: typer.Context) -> None:
-        raise fail(why)
-
-    return refuse
-
-
-def _register_olive_refusals() -> None:
-    """Olive commands orch does not run: each answers one line naming what to use instead."""
-    from orchestrator.olive.commands import UNSUPPORTED_COMMANDS
-
-    for name, why in UNSUPPORTED_COMMANDS.items():
-        app.command(name, context_settings=EXTRA, help=f"not supported: {why}")(_refusal(f"{name}: {why}"))
-
-
-_register_olive_refusals()
+_register_olive(app, run_workflow=lambda wf, **kw: _run_workflow(wf, **kw), guarded=lambda fn: _guarded(fn),
+                console=console, out=out)  # fmt: skip
 
 from orchestrator.cli.azure import register as _register_azure  # noqa: E402 - commands defined above first
 
@@ -904,6 +681,9 @@ def run_cli(argv: list[str] | None = None) -> int:
     if previous is not None:
         signal.signal(signal.SIGTERM, on_term)
     try:
+        from orchestrator.cli.olive import normalize
+
+        argv = normalize(list(sys.argv[1:] if argv is None else argv))  # Olive's list / optional-value flags
         rv = app(args=argv, standalone_mode=False, prog_name="orch")
     except cx.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # plain `orch`: the help, as click prints it

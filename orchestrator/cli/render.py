@@ -75,6 +75,9 @@ class RichReporter:
         if step.role == "target" or step is None:
             self.stop()
 
+    def note(self, text: str) -> None:
+        self.console.print(Text("note: ", style="cyan") + Text(text), highlight=False, soft_wrap=True)
+
     def stop(self) -> None:
         if self.progress.live.is_started:
             self.progress.stop()

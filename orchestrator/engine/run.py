@@ -18,12 +18,12 @@ from typing import Any
 
 from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size
-from orchestrator.core.gpu import wants_gpu
+from orchestrator.core.gpu import cuda_available, wants_gpu
 from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
 from orchestrator.engine.execute import follow_job
 from orchestrator.engine.inputs import data_files, input_model
 from orchestrator.engine.plan import environment_for, for_accelerator, initial_steps, step_key
-from orchestrator.engine.preflight import WorkflowCheck
+from orchestrator.engine.preflight import PreflightError, WorkflowCheck
 from orchestrator.engine.publish import Publisher
 from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine's public names)
     EVALUATE,
@@ -38,7 +38,7 @@ from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine'
 from orchestrator.engine.tracking import Tracker, flatten_params, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
-from orchestrator.systems.registry import MAIN_KEYWORDS, make_system, system_config
+from orchestrator.systems.registry import MAIN_KEYWORDS, is_azureml, make_system, system_config
 
 
 class Engine:
@@ -116,6 +116,47 @@ class Engine:
             providers=self._providers(),
             tracking_uri=self.tracking_uri,
         ).run(tracking=tracking and self.tracking_enabled)
+        self._check_devices()
+
+    def _check_devices(self) -> None:
+        """A system on this host that asks for a GPU this host lacks: a CUDA-only pass is refused now (one line,
+        what to use instead), the others run on CPU in their CPU environment, said once. Never a GPU environment
+        built (CUDA wheels downloaded) for a machine that cannot use it."""
+        said: set[str] = set()
+        for step in initial_steps(self.wf, self.host_name, self.target_name):
+            if step.role != "host" or not self._on_this_host(step.system_name):
+                continue
+            pass_cls = load_pass(step.pass_type)
+            req = pass_cls().requirements(pass_cls.Config.model_validate(step.config))
+            if req.cuda and not cuda_available():
+                why = req.without_cuda or f"{step.pass_type} needs a CUDA GPU; run it on a GPU system"
+                raise PreflightError(f"passes.{step.name} ({step.pass_type}): {why}")
+            if step.system_name in said or not self._gpu_missing(step.system_name):
+                continue
+            said.add(step.system_name)
+            env = for_accelerator(req.environment, "cpu")
+            moved = f" (environment {req.environment} -> {env})" if env != req.environment else ""
+            self._note(
+                f"system {step.system_name!r} asks for a GPU and this host has no CUDA GPU: its passes run on the "
+                f"CPU{moved}; run on a GPU host (or --host aml) for the GPU path"
+            )
+
+    def _gpu_missing(self, system_name: str) -> bool:
+        """The system asks for a GPU (its first accelerator, as Olive reads it), runs on this host (not Azure ML)
+        and this host has no usable CUDA device."""
+        accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]
+        return wants_gpu(accs[:1]) and self._on_this_host(system_name) and not cuda_available()
+
+    def _on_this_host(self, system_name: str) -> bool:
+        """Local and Docker systems use this machine's devices; Azure ML brings its own."""
+        sys_cfg = self.wf.systems.get(system_name)
+        kind = str(sys_cfg.model_dump(mode="json").get("type", "")) if sys_cfg is not None else system_name
+        return not is_azureml(kind)
+
+    def _note(self, text: str) -> None:
+        note = getattr(self.reporter, "note", None)
+        if note is not None:
+            note(text)
 
     # ---- planning ---------------------------------------------------------------------------------------
     def plan(self) -> list[Step]:
@@ -150,8 +191,12 @@ class Engine:
         return steps
 
     def _accelerator(self, system_name: str) -> str:
+        """The device a job runs on: the system's first accelerator decides, as Olive's does; a GPU asked on
+        this host without one is the CPU (_check_devices said so, or refused a CUDA-only pass)."""
         accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]
-        return "gpu" if wants_gpu(accs[:1]) else "cpu"  # the first accelerator decides, as Olive's does
+        if not wants_gpu(accs[:1]) or self._gpu_missing(system_name):
+            return "cpu"
+        return "gpu"
 
     def _providers(self) -> list[str]:
         return list(getattr(self.wf.engine, "execution_providers", None) or ["CPUExecutionProvider"])

@@ -35,6 +35,7 @@ class Requirements:
 
     cuda: bool = False
     environment: str = "cpu-export"  # environments/<name>.conda.yaml family: cpu-export | cpu-train | gpu-train
+    without_cuda: str = ""  # cuda=True: why it cannot run without a GPU and what to use instead (one line)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Literal
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassOutput, Requirements
-from orchestrator.passes.onnx_common import copy_side_files, logits_shift, onnx_input, resave
+from orchestrator.passes.onnx_common import copy_side_files, input_weight_nodes, logits_shift, onnx_input, resave
 
 OUTPUT_DIR = "model"
 
@@ -48,6 +48,9 @@ class OnnxDynamicQuantizationPass(Pass):
         from orchestrator.passes import onnx_tools
 
         src = onnx_input(model, self.type_name)
+        kept = input_weight_nodes(onnx.load(str(src), load_external_data=False))
+        if kept:
+            ctx.info(f"{len(kept)} MatMuls take their weight from a graph input (LoRA adapter inputs): kept float")
         tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         quantize_dynamic(
             str(src),
@@ -56,7 +59,7 @@ class OnnxDynamicQuantizationPass(Pass):
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,
             op_types_to_quantize=config.op_types_to_quantize,
-            nodes_to_exclude=config.nodes_to_exclude,
+            nodes_to_exclude=[*(config.nodes_to_exclude or []), *kept],
             nodes_to_quantize=config.nodes_to_quantize,
             use_external_data_format=True,
             # fused contrib ops (OrtTransformersOptimization) have no shape-inference types: their outputs are fp32

@@ -457,24 +457,84 @@ def realize_venv(
         raise EnvSpecError("installer uv: no uv binary on this host")
     settings = pip_settings if pip_settings is not None else PipSettings.from_host()
     reqs = list(spec.pip_requirements)
+    # every index the install will read answers now, or the build stops in seconds naming it (an unreachable
+    # index would otherwise keep the installer retrying for many minutes)
+    probe_indexes(package_indexes(settings, spec.pip_options), cert=settings.cert, what=spec.name or str(spec.source))
     if use_uv:
         args = settings.as_pip_args() + spec.pip_options
         _run([uv_bin, "venv", "--python", sys.executable, str(dest)], on_line)  # type: ignore[list-item]
         _run(
             [uv_bin, "pip", "install", "--python", str(python), "--index-strategy", "unsafe-best-match", *args, *reqs],
             on_line,
+            env=INSTALLER_TIMEOUTS,
         )  # type: ignore[list-item]
     else:
         _run([sys.executable, "-m", "venv", str(dest)], on_line)
         # pip reads the host's pip config itself; pass only explicit settings and the spec's own options
         explicit = settings.as_pip_args() if pip_settings is not None else []
-        _run([str(python), "-m", "pip", "install", *explicit, *spec.pip_options, *reqs], on_line)
+        _run([str(python), "-m", "pip", "install", *PIP_TIMEOUTS, *explicit, *spec.pip_options, *reqs], on_line)
     stamp.write_text(json.dumps({"hash": spec.hash(), "source": str(spec.source)}))
     return python
 
 
-def _run(cmd: list[str], on_line: Callable[[str], None] | None) -> None:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+# A stalled download fails after a minute and is retried once, not the installers' defaults (pip: 5 retries with
+# backoff; uv: several minutes per request): a build that cannot progress ends with the installer's error.
+INSTALLER_TIMEOUTS = {"UV_HTTP_TIMEOUT": "60", "UV_HTTP_RETRIES": "1"}
+PIP_TIMEOUTS = ["--timeout", "60", "--retries", "1"]
+INDEX_PROBE_TIMEOUT_S = 10.0
+
+
+def package_indexes(settings: PipSettings, pip_options: list[str]) -> list[str]:
+    """The index URLs an install reads: the spec's --index-url, else the host's (PyPI when none is set), and
+    every --extra-index-url of both."""
+    main: str | None = None
+    extra: list[str] = []
+    for i, opt in enumerate(pip_options):
+        name, eq, inline = opt.partition("=")
+        value = inline if eq else (pip_options[i + 1] if i + 1 < len(pip_options) else "")
+        if name in ("--index-url", "-i") and value:
+            main = value
+        elif name == "--extra-index-url" and value:
+            extra.append(value)
+    no_index = settings.no_index or "--no-index" in pip_options
+    urls = [] if no_index else [main or settings.index_url or "https://pypi.org/simple"]
+    return list(dict.fromkeys([*urls, *settings.extra_index_urls, *extra]))
+
+
+def probe_indexes(urls: list[str], *, cert: str | None = None, what: str = "",
+                  timeout: float = INDEX_PROBE_TIMEOUT_S) -> None:  # fmt: skip
+    """Each index answers an HTTP request within `timeout` seconds (any status: it is there), a file:// index
+    exists; else EnvSpecError naming the index, how long it was given, and what to do."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=cert) if cert and os.path.isfile(cert) else None
+    for url in urls:
+        local = _local_path(url)
+        if local is not None:
+            if not local.exists():
+                raise EnvSpecError(f"{what}: package index {url} does not exist on this host; fix the index setting")
+            continue
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout, context=context):
+                pass
+        except urllib.error.HTTPError:
+            continue  # it answered: reachable (a 401/404 is the installer's to report)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise EnvSpecError(
+                f"{what}: package index {url} is unreachable from this host ({type(reason).__name__}: {reason}; "
+                f"waited {timeout:.0f} s); nothing was installed. Reach it (proxy, VPN), point pip at a mirror "
+                "(PIP_INDEX_URL / PIP_EXTRA_INDEX_URL), or run this pass where the index is reachable"
+            ) from None
+
+
+def _run(cmd: list[str], on_line: Callable[[str], None] | None, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+        env={**os.environ, **env} if env else None,
+    )  # fmt: skip
     assert proc.stdout is not None
     tail: list[str] = []
     for line in proc.stdout:

@@ -152,7 +152,7 @@ class LoRAPass(Pass):
     def requirements(self, config: PassConfig) -> Requirements:
         assert isinstance(config, LoRAConfig)
         if self.is_qlora(config):
-            return Requirements(cuda=True, environment="gpu-train")
+            return Requirements(cuda=True, environment="gpu-train", without_cuda=QLORA_NO_CUDA)
         return Requirements(environment="cpu-train")
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
