@@ -197,6 +197,7 @@ def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -
     if "load_dataset" in scripted:  # the user_script's function reads the data its own way (checked when it runs)
         return
     columns = [] if "pre_process_data" in scripted else _needed_columns(pre)
+    chat = pre.get("message_col") or "messages" if pre.get("chat_template") and not scripted else None
     for field, written, found in local_data_paths(data_config, base_dir):
         label = f"{where}.load_dataset_config.{field}"
         if not found:
@@ -214,7 +215,7 @@ def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -
             else:
                 files.append(p)
         for f in files:
-            check_data_file(f, label, columns)
+            check_data_file(f, label, columns, chat_col=chat)
 
 
 def _scripted(data_config: dict[str, Any]) -> set[str]:
@@ -228,6 +229,8 @@ def _scripted(data_config: dict[str, Any]) -> set[str]:
 
 
 def _needed_columns(pre: dict[str, Any]) -> list[str]:
+    if pre.get("chat_template"):  # rows are messages (check_data_file's chat_col), not text columns
+        return []
     template = pre.get("text_template")
     if template:
         from orchestrator.passes.data import template_columns
@@ -241,7 +244,7 @@ def _needed_columns(pre: dict[str, Any]) -> list[str]:
     return [cols] if isinstance(cols, str) else list(cols or [])
 
 
-def check_data_file(path: Path, label: str, columns: list[str]) -> None:
+def check_data_file(path: Path, label: str, columns: list[str], *, chat_col: str | None = None) -> None:
     if not os.access(path, os.R_OK):
         raise PreflightError(f"{label}: {path} is not readable (permission denied)")
     size = path.stat().st_size
@@ -265,6 +268,16 @@ def check_data_file(path: Path, label: str, columns: list[str]) -> None:
     first = rows[0]
     if not isinstance(first, dict):
         raise PreflightError(f"{label}: {path} rows must be JSON objects (one per line), got {type(first).__name__}")
+    if chat_col is not None:
+        from orchestrator.passes.data import row_messages
+
+        if row_messages(first, chat_col, list(first)) is None:
+            raise PreflightError(
+                f"{label}: {path}: chat_template (--use_chat_template) needs chat rows: a {chat_col!r} column of "
+                "{role, content} messages, ShareGPT 'conversations', or instruction columns (instruction/input/"
+                f"output, prompt/response, question/answer); its columns are {', '.join(map(str, first)) or 'none'}"
+            )
+        return
     # "{Best Answer}" is a column; "{row.x}", "{a[0]}", "{n:>5}", "{s!r}" need the column before the suffix
     missing = [c for c in columns if c not in first and re.split(r"[.\[:!]", c, maxsplit=1)[0] not in first]
     if missing:

@@ -180,6 +180,27 @@ def _kind(p: Path) -> str:
     return "hf"
 
 
+def adapter_kind(adapter_path: str | None) -> str:
+    """lora, dora, loha, lokr, ... of a local PEFT folder ("lora" when none or unreadable)."""
+    if not adapter_path or not Path(adapter_path).is_dir():
+        return "lora"
+    from orchestrator.passes.extract_adapters import adapter_type
+
+    return adapter_type(Path(adapter_path))
+
+
+def merge_first(passes: dict[str, Any], kind: str, notes: list[str]) -> dict[str, Any]:
+    """A DoRA / LoHa / LoKr adapter has no onnxruntime-genai adapter form: merge it before the export, and the
+    adapter is no longer lifted out (ExtractAdapters dropped); said in one note."""
+    out = {"merge": {"type": "MergeAdapterWeights"}}
+    out.update({k: v for k, v in passes.items() if v.get("type") != "ExtractAdapters"})
+    notes.append(
+        f"the {kind.upper()} adapter is merged into the model before export (onnxruntime-genai's adapters are LoRA "
+        "A/B pairs, so it cannot stay a separate adapter file)"
+    )
+    return out
+
+
 def input_model(
     model_name_or_path: str, *, trust_remote_code: bool, task: str | None, adapter_path: str | None = None
 ) -> dict[str, Any]:
@@ -658,6 +679,9 @@ def build_auto_opt(g: Given, host: str | None, target: str | None) -> Plan:
         split_flags={"--num-splits": g["num_splits"], "--cost-model": g["cost_model"]},
         onnx_input=model.kind == "onnx",
     )
+    kind = adapter_kind(model.adapter_path)
+    if kind != "lora":
+        wf["passes"] = merge_first(wf["passes"], kind, plan.notes)
     remote(g, wf, plan)
     plan.workflow = wf
     return plan
@@ -791,6 +815,8 @@ def build_optimize(g: Given, host: str | None, target: str | None) -> Plan:
         }
     if model.adapter_path and hf:
         passes["extract_adapters"] = {"type": "ExtractAdapters"}
+        if adapter_kind(model.adapter_path) != "lora":
+            passes = merge_first(passes, adapter_kind(model.adapter_path), plan.notes)
     if provider == "WebGpuExecutionProvider":
         plan.notes.append(
             "WebGpuExecutionProvider: the model builder writes fp32 logits itself (Olive's "
@@ -1165,6 +1191,15 @@ def build_capture(g: Given, host: str | None) -> Plan:
         conversion_device=g.get("conversion_device", "cpu"),
         builder_options=builder,
     )
+    kind = adapter_kind(model.adapter_path)
+    if kind != "lora" and g["use_model_builder"]:
+        wf["passes"] = merge_first(wf["passes"], kind, plan.notes)
+    elif kind != "lora":  # torch's exporter takes any PEFT adapter: merged, its weights are in the graph
+        wf["passes"]["conversion"]["merge_adapter_weights"] = True
+        plan.notes.append(
+            f"the {kind.upper()} adapter is merged into the exported graph (onnxruntime-genai's "
+            "adapters are LoRA A/B pairs: generate-adapter cannot lift it out)"
+        )
     remote(g, wf, plan)
     plan.workflow = wf
     return plan
@@ -1230,6 +1265,12 @@ def build_generate_adapter(g: Given, host: str | None) -> Plan:
             f"--adapter_type {adapter_type}: onnxruntime-genai takes LoRA A/B pairs as adapter inputs; a "
             f"{adapter_type.upper()} adapter has no such form: merge it into the model "
             "(MergeAdapterWeights) and export the merged model"
+        )
+    kind = adapter_kind(model.adapter_path)
+    if model.kind != "onnx" and kind != "lora":
+        raise FlagError(
+            f"--adapter_path: a {kind.upper()} adapter has no onnxruntime-genai adapter form (LoRA A/B "
+            "pairs); merge it and export the merged model: orch auto-opt -m BASE --adapter_path ADAPTER"
         )
     if model.kind == "onnx" and g["adapter_path"]:
         plan.notes.append("--adapter_path: not used: -m is already an ONNX model exported with its adapter")

@@ -26,6 +26,7 @@ def apply(raw: dict[str, Any], reader: Any) -> None:
             reader.notes.append(f"{key}: accepted, changes nothing ({why})")
     _pass_flows(raw, reader)
     _capture_split_info(raw, reader)
+    _adapter_chain(raw, reader)
     _dummy_data_notes(raw, reader)
     _execution_providers(raw, reader)
     _load_kwargs(raw, reader)
@@ -100,6 +101,36 @@ def _capture_split_info(raw: dict[str, Any], reader: Any) -> None:
         reader.notes.append(f"passes.{name} (CaptureSplitInfo): num_splits {cfg['num_splits']} planned by "
                             f"passes.{split} (orch's SplitModel plans and cuts in one pass)")  # fmt: skip
         return
+
+
+NOT_LORA = {"dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def _adapter_chain(raw: dict[str, Any], reader: Any) -> None:
+    """A DoRA / LoHa / LoKr adapter (its pass, or LoRA with use_dora) has no onnxruntime-genai adapter form: a
+    ModelBuilder or ExtractAdapters after it, with no MergeAdapterWeights between, is refused now (one line,
+    what to add) instead of failing after training."""
+    passes = raw.get("passes")
+    if not isinstance(passes, dict):
+        return
+    pending: tuple[str, str] | None = None
+    for name, entry in passes.items():
+        if not isinstance(entry, dict):
+            continue
+        cfg = {**entry, **(entry.get("config") or {})}
+        kind = str(entry.get("type", "")).lower()
+        if kind in NOT_LORA or (kind in ("lora", "qlora") and cfg.get("use_dora")):
+            pending = (name, NOT_LORA.get(kind, "DoRA"))
+        elif kind in ("lora", "qlora", "mergeadapterweights"):
+            pending = None
+        elif pending and (kind == "extractadapters" or (kind == "modelbuilder" and not cfg.get("metadata_only"))):
+            reader.problem(
+                ["passes", name],
+                f"a {pending[1]} adapter (passes.{pending[0]}) cannot stay separate: onnxruntime-genai's adapters "
+                f"are LoRA A/B pairs; add a MergeAdapterWeights pass before passes.{name}"
+                + (" and drop ExtractAdapters" if kind == "extractadapters" else ""),
+            )
+            return
 
 
 def _dummy_data_notes(raw: dict[str, Any], reader: Any) -> None:

@@ -50,6 +50,8 @@ class TextDataSpec:
     max_samples: int | None = None  # sequences the random strategies draw
     random_seed: int | None = None
     stride: int | None = None  # join-sliding-window
+    add_special_tokens: bool | None = None  # None: the tokenizer's BOS + an EOS after each text (orch's default)
+    chat: bool = False  # rendered by a chat template, which carries its own special tokens
 
 
 def text_spec(data_config: dict[str, Any]) -> TextDataSpec:
@@ -67,6 +69,8 @@ def text_spec(data_config: dict[str, Any]) -> TextDataSpec:
         max_samples=pre.max_samples,
         random_seed=pre.random_seed,
         stride=pre.stride,
+        add_special_tokens=pre.add_special_tokens,
+        chat=bool(pre.chat_template),
     )
 
 
@@ -79,12 +83,14 @@ def load_splits(
     eval_split: str | None = None,
     seed: int = 42,
     data_files_override: str | None = None,
+    tokenizer: str | None = None,
 ) -> tuple[Any, Any | None]:
     """(train, eval or None), each a datasets.Dataset with only a "text" column.
 
     `train_split`/`eval_split` override the config's split ("train[:80%]" syntax). Without eval_split,
     `eval_dataset_size` (a fraction < 1, or a row count) is carved out of train with train_test_split(seed).
     `data_files_override` is the local path a system put the data at (a downloaded datastore file, a mount).
+    `tokenizer` (a model folder) renders rows with its chat template when the config asks for chat_template.
     """
     dc = _parse(data_config, base_dir)
     if dc.is_dummy:
@@ -96,11 +102,11 @@ def load_splits(
     train, pre = _script_pre_process(dc, train)
     if pre is not None and pre.max_samples is not None and "random" not in pre.corpus_strategy:
         train = train.select(range(min(pre.max_samples, len(train))))  # random strategies draw max_samples later
-    train = render_text(train, pre, dc.name)
+    train = render_text(train, pre, dc.name, tokenizer=tokenizer)
     eval_ds = None
     if eval_split:
         eval_raw, _ = _script_pre_process(dc, _load(dc, eval_split, base_dir, data_files_override))
-        eval_ds = render_text(eval_raw, pre, dc.name)
+        eval_ds = render_text(eval_raw, pre, dc.name, tokenizer=tokenizer)
     elif eval_dataset_size:
         train, eval_ds = _carve(train, eval_dataset_size, seed, dc.name)
     return train, eval_ds
@@ -297,8 +303,79 @@ def _base_name(inner: str, columns: list[str]) -> str:
     return re.split(r"[.\[]", parsed, maxsplit=1)[0]
 
 
-def render_text(ds: Any, pre: PreProcessDataConfig | None, name: str) -> Any:
-    """ds -> a Dataset with only "text": text_template over the row, else text_cols joined by newlines."""
+# Row shapes that are a conversation without a messages column, as (user columns, assistant column): Alpaca,
+# Dolly, prompt/response and question/answer data sets. The first whose columns a row has is used.
+INSTRUCTION_FORMS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("instruction", "input"), "output"),
+    (("instruction", "context"), "response"),
+    (("prompt",), "response"),
+    (("prompt",), "completion"),
+    (("question",), "answer"),
+    (("Question",), "Answer"),
+    (("input",), "output"),
+)
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def row_messages(row: dict[str, Any], message_col: str, columns: list[str]) -> list[dict[str, str]] | None:
+    """A row as chat messages: its message column ({role, content} dicts), ShareGPT `conversations`
+    ({from, value}), or instruction data (INSTRUCTION_FORMS: user = the prompt columns, assistant = the answer)."""
+    value = row.get(message_col)
+    if value is None and message_col == "messages" and "conversations" in row:
+        value = row["conversations"]
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        out = []
+        for m in value:
+            role = m.get("role") or _SHAREGPT_ROLES.get(str(m.get("from", "")).lower())
+            content = m.get("content", m.get("value"))
+            if role is None or content is None:
+                return None
+            out.append({"role": str(role), "content": str(content)})
+        return out
+    for prompt_cols, answer_col in INSTRUCTION_FORMS:
+        if prompt_cols[0] in columns and answer_col in columns:
+            prompt = "\n\n".join(str(row[c]) for c in prompt_cols if c in columns and row.get(c) not in (None, ""))
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row[answer_col] or "")}]
+    return None
+
+
+def _chat_text(ds: Any, pre: PreProcessDataConfig, name: str, tokenizer: str | None) -> Any:
+    """Olive's chat_template: each row's messages through the tokenizer's chat template (or a given one)."""
+    if tokenizer is None:
+        raise DataError(
+            f"data config {name!r}: chat_template needs the model's tokenizer, which this pass does not load; give "
+            "text_template or text_cols"
+        )
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    custom = pre.chat_template if isinstance(pre.chat_template, str) else None
+    if custom is None and not getattr(tok, "chat_template", None):
+        raise DataError(
+            f"data config {name!r}: the tokenizer of {tokenizer} has no chat template: give one (chat_template: "
+            "'<jinja>') or a text_template instead of --use_chat_template"
+        )
+    columns = list(ds.column_names)
+    first = ds[0] if len(ds) else {}
+    if len(ds) and row_messages(first, pre.message_col, columns) is None:
+        raise DataError(
+            f"data config {name!r}: chat_template needs chat rows: a {pre.message_col!r} column of "
+            "{role, content} messages, ShareGPT 'conversations', or instruction columns (instruction/input/output, "
+            f"prompt/response, question/answer); the data has {', '.join(columns)}"
+        )
+
+    def to_text(row: dict[str, Any]) -> dict[str, str]:
+        messages = row_messages(row, pre.message_col, columns) or []
+        return {"text": tok.apply_chat_template(messages, tokenize=False, chat_template=custom)}
+
+    return ds.map(to_text, remove_columns=columns, desc=f"chat template {name}")
+
+
+def render_text(ds: Any, pre: PreProcessDataConfig | None, name: str, *, tokenizer: str | None = None) -> Any:
+    """ds -> a Dataset with only "text": the chat template over the row's messages (chat_template), the
+    text_template over the row, else text_cols joined by newlines."""
+    if pre is not None and pre.chat_template:
+        return _chat_text(ds, pre, name, tokenizer)
     columns = list(ds.column_names)
     if pre is None:
         if "text" not in columns:

@@ -197,6 +197,17 @@ def extract(
     return weights
 
 
+def adapter_type(adapter_dir: Path) -> str:
+    """A PEFT folder's adapter kind: lora, dora (LoRA with use_dora), loha, lokr, ... ("lora" when unreadable:
+    the reader of the weights reports that)."""
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return "lora"
+    kind = str(cfg.get("peft_type", "LORA")).lower()
+    return "dora" if kind == "lora" and cfg.get("use_dora") else kind
+
+
 def _split_rows(b: Any, sizes: list[int]) -> list[Any]:
     out, start = [], 0
     for size in sizes:
@@ -274,7 +285,7 @@ class ExtractAdaptersConfig(PassConfig):
     """Olive's fields. make_inputs=False (weights as external initializers bound through SessionOptions) has no
     onnxruntime-genai loader, so it is refused; only LoRA adapters are built by ModelBuilder."""
 
-    adapter_type: Literal["lora"] = "lora"
+    adapter_type: Literal["lora", "dora", "loha"] = "lora"  # Olive's AdapterType; only lora is extracted here
     make_inputs: bool = True
     dynamic_lora_r: bool = True
     optional_inputs: bool = True
@@ -291,6 +302,14 @@ class ExtractAdaptersConfig(PassConfig):
         return v
 
 
+def not_lora_problem(adapter_type: str) -> str:
+    return (
+        f"ExtractAdapters adapter_type {adapter_type}: a {adapter_type.upper()} adapter is not lifted out as ONNX "
+        "inputs here (onnxruntime-genai's adapters are LoRA A/B pairs with an empty default); merge it into the "
+        "model before export (MergeAdapterWeights) and drop ExtractAdapters"
+    )
+
+
 class ExtractAdaptersPass(Pass):
     """onnx_genai folder with LoRA MatMuls -> the same folder with LoRA inputs + adapter_weights.onnx_adapter."""
 
@@ -302,8 +321,15 @@ class ExtractAdaptersPass(Pass):
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements(cuda=False, environment="cpu-export")
 
+    @classmethod
+    def config_problems(cls, config: PassConfig) -> list[str]:
+        assert isinstance(config, ExtractAdaptersConfig)
+        return [] if config.adapter_type == "lora" else [not_lora_problem(config.adapter_type)]
+
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, ExtractAdaptersConfig)
+        if config.adapter_type != "lora":
+            raise PassError(not_lora_problem(config.adapter_type))
         if model is None or model.format not in ("onnx_genai", "onnx"):
             got = "no model" if model is None else f"format {model.format!r}"
             raise PassError(f"ExtractAdapters needs an ONNX model built from an adapter (ModelBuilder), got {got}")

@@ -261,6 +261,15 @@ class ModelBuilderPass(Pass):
             )
         if model.format not in ("hf", "hf_adapter"):
             raise PassError(f"ModelBuilder builds from an HF checkpoint (format 'hf'), got format {model.format!r}")
+        if model.format == "hf_adapter":
+            from orchestrator.passes.extract_adapters import adapter_type
+
+            kind = adapter_type(Path(model.adapter_path or ""))
+            if kind != "lora":
+                raise PassError(
+                    f"ModelBuilder: a {kind.upper()} adapter cannot be built unmerged (the builder and "
+                    "onnxruntime-genai's adapters are LoRA A/B pairs); merge it first (MergeAdapterWeights)"
+                )
         hf_dir = Path(model.path)
         if not (hf_dir / "config.json").exists():
             raise PassError(f"ModelBuilder: {hf_dir} has no config.json; point input_model at an HF checkpoint folder")

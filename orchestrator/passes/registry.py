@@ -14,6 +14,9 @@ from orchestrator.passes.base import Pass
 PASSES: dict[str, str] = {
     "LoRA": "orchestrator.passes.lora.train:LoRAPass",
     "QLoRA": "orchestrator.passes.lora.train:QLoRAPass",
+    "DoRA": "orchestrator.passes.lora.train:DoRAPass",
+    "LoHa": "orchestrator.passes.lora.train:LoHaPass",
+    "LoKr": "orchestrator.passes.lora.train:LoKrPass",
     "MergeAdapterWeights": "orchestrator.passes.merge:MergeAdapterWeightsPass",
     "ModelBuilder": "orchestrator.passes.model_builder:ModelBuilderPass",
     "OnnxMatMul4Quantizer": "orchestrator.passes.quantize:MatMulNBitsQuantizePass",
@@ -53,10 +56,7 @@ UNSUPPORTED: dict[str, str] = {
     "EPContextBinaryGenerator": "NPU context binaries are not supported",
     "ComposeOnnxModels": "composing split ONNX models is not supported; SplitModel writes an onnxruntime-genai "
     "pipeline of its parts",
-    "LoftQ": "use LoRA or QLoRA",
-    "DoRA": "use LoRA",
-    "LoHa": "use LoRA",
-    "LoKr": "use LoRA",
+    "LoftQ": "LoftQ's quantization-aware LoRA initialization is not run; use LoRA (or QLoRA on CUDA)",
 }
 UNSUPPORTED["Quarot"] = UNSUPPORTED["QuaRot"]
 

@@ -191,6 +191,9 @@ class PreProcessDataConfig(_Params):
     use_attention_mask: bool = True
     max_samples: int | None = Field(None, gt=0)
     add_special_tokens: bool | None = None
+    # Olive's chat form: each row's messages rendered with the tokenizer's chat template (True) or this Jinja one
+    chat_template: bool | str | None = None
+    message_col: str = "messages"
 
     random_seed: int | None = None  # Olive: the seed of its random strategies (required by them)
     component_kwargs: dict[str, Any] = Field(default_factory=dict)  # a user_script function's own arguments
@@ -220,6 +223,8 @@ class PreProcessDataConfig(_Params):
 
     @model_validator(mode="after")
     def _text_source(self) -> PreProcessDataConfig:
+        if self.chat_template and self.text_template:
+            raise ValueError("give chat_template or text_template, not both")
         if not self.text_cols and not self.text_template:  # Olive's default: the "text" column
             object.__setattr__(self, "text_cols", ["text"])
         return self
