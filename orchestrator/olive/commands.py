@@ -215,7 +215,7 @@ def input_model(
     return model
 
 
-def make_test_model(src: str, dest: Path, trust_remote_code: bool = False) -> Path:
+def make_test_model(src: str, dest: Path, trust_remote_code: bool = False, layers: int = 2) -> Path:
     """Olive's --test: a randomly initialized copy of the model's architecture with 2 hidden layers and its
     tokenizer, saved once at dest (reused when it is there)."""
     if (dest / "config.json").is_file():
@@ -226,7 +226,7 @@ def make_test_model(src: str, dest: Path, trust_remote_code: bool = False) -> Pa
     config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if hasattr(config, key):
-            setattr(config, key, min(2, int(getattr(config, key))))
+            setattr(config, key, min(layers, int(getattr(config, key))))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     from orchestrator.core.fs import atomic_dir

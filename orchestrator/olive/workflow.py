@@ -28,7 +28,8 @@ from orchestrator.systems.registry import MAIN_KEYWORDS, canonical_type
 
 ENGINE_KEYS = tuple(EngineConfig.model_fields)
 DATA_REF_KEYS = ("train_data_config", "eval_data_config", "data_config")
-PASS_RUN_KEYS = ("disable_search",)  # Olive search-time keys: accepted and ignored (passes run once, in order)
+# Olive's per-pass run keys (RunPassConfig), beside type/config: search and per-pass host/evaluator (keys.pass_run_keys)
+PASS_RUN_KEYS = ("disable_search", "evaluator", "host", "clean_run_cache", "output_name")
 
 
 class WorkflowConfig(BaseModel):
@@ -192,7 +193,7 @@ def _normalize(raw: dict[str, Any], r: _Reader) -> None:
     if engine is None:
         engine = raw["engine"] = {}
     if isinstance(engine, dict):
-        for key in ENGINE_KEYS:
+        for key in (*ENGINE_KEYS, *olive_keys.ENGINE_NOTES):
             if key in raw:  # newer Olive puts host/target/evaluator/cache_dir... at the top level
                 value = raw.pop(key)
                 if key in engine and engine[key] != value:
@@ -344,6 +345,13 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
             cfg = {k: v for k, v in entry.items() if k not in ("type", "config", *PASS_RUN_KEYS)}
         if entry.get("disable_search") is not None:
             r.notes.append(f"{fmt_path([*where, 'disable_search'])} ignored: orch does no search")
+        olive_keys.pass_run_keys(entry, where, raw, r)
+        try:
+            fields = set(load_pass(type_name).Config.model_fields)
+        except Exception:  # not importable: its job checks the config when it runs
+            fields = None
+        if fields is not None:
+            olive_keys.pass_keys(type_name, cfg, cfg_path, fields, r)
         _check_data_refs(cfg, cfg_path, raw, r)
         to_check = cfg
         if isinstance(cfg.get("training_args"), dict):

@@ -78,6 +78,12 @@ class UserConfig(BaseModel):
     batch_size: int = Field(1, gt=0)  # rows are scored one by one: a batch changes no perplexity/accuracy value
     runs: int | None = None  # same as repeat_test_num (wins when set)
     chat: bool = False  # wrap prompts in the tokenizer's chat template (latency, generate-accuracy)
+    # Olive's session options for the timed graph (an OrtSessionParamsTuning result's shape); latency on a dummy
+    # data container runs with them
+    inference_settings: dict[str, Any] | None = None
+    io_bind: bool = False  # Olive's I/O binding: noted (olive_notes)
+    shared_kv_buffer: bool = False  # Olive's DirectML KV buffer sharing: noted
+    run_kwargs: dict[str, Any] | None = None  # Olive's extra session.run kwargs: noted
 
 
 class MetricConfig(BaseModel):
@@ -177,6 +183,18 @@ def olive_notes(metric: MetricConfig) -> list[str]:
     notes = []
     if metric.backend:
         notes.append(f"metric {metric.name!r}: backend {metric.backend} accepted (orch computes it natively)")
+    uc = metric.user_config
+    if uc.io_bind:
+        notes.append(f"metric {metric.name!r}: io_bind accepted, no effect on the values (CPU tensors are already "
+                     "where the session runs; onnxruntime-genai binds its own buffers)")  # fmt: skip
+    if uc.shared_kv_buffer:
+        notes.append(f"metric {metric.name!r}: shared_kv_buffer accepted, no effect (onnxruntime-genai manages "
+                     "the KV cache buffers)")  # fmt: skip
+    if uc.inference_settings:
+        notes.append(f"metric {metric.name!r}: inference_settings apply to latency timed on a dummy data container's "
+                     "graph; onnxruntime-genai generation runs with genai_config.json's session options")  # fmt: skip
+    if uc.run_kwargs:
+        notes.append(f"metric {metric.name!r}: run_kwargs accepted, no effect (sessions run with their defaults)")
     if metric.user_config.batch_size != 1:
         notes.append(
             f"metric {metric.name!r}: batch_size {metric.user_config.batch_size} accepted, changes no value "
@@ -566,7 +584,7 @@ class EvaluatePass(Pass):
                 f"{', '.join(ort.get_available_providers())}); run the evaluator on a system that has it"
             )
         model_file = onnx_tools.onnx_model_file(model.path)
-        session, tuned = onnx_tools.tuned_session(model_file, ep)
+        session, tuned = onnx_tools.tuned_session(model_file, ep, uc.inference_settings)
         if tuned is not None:
             ctx.info(f"session settings from {onnx_tools.SETTINGS_FILE}: {tuned.get('session_options')}")
         feeds = dummy_inputs(dummy, session_inputs(session), Path(model.path))

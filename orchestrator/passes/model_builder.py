@@ -74,6 +74,22 @@ class ModelBuilderConfig(PassConfig):
     save_as_external_data: Literal[True] = True
     all_tensors_to_one_file: Literal[True] = True
     metadata_only: bool = False  # an ONNX decoder graph in: write genai_config.json + tokenizer files for it
+    # Olive's builder switches, passed to the builder under its names (builder.py --extra_options)
+    int4_algo_config: str | None = None  # default | rtn | k_quant | rtn_last | k_quant_last | k_quant_mixed | ...
+    int4_nodes_to_exclude: list[str] | None = None
+    exclude_embeds: bool = False  # the graph takes inputs_embeds: no text-only parity/generation check
+    exclude_lm_head: bool = False  # the graph outputs hidden states: no logits check
+    include_hidden_states: bool = False
+    enable_cuda_graph: bool | None = None
+    use_qdq: bool = False
+    use_8bits_moe: bool = False
+    use_webgpu_fp32: bool = False  # Olive's WebGPU fp32 variant: the builder's precision fp32
+    use_cuda_bf16: bool = False  # Olive's CUDA bf16 variant: the builder's precision bf16
+
+    @property
+    def checkable(self) -> bool:
+        """Text in, logits out: the graph transformers and onnxruntime-genai can be compared on."""
+        return not (self.exclude_embeds or self.exclude_lm_head)
 
 
 def resolve_execution_provider(config: ModelBuilderConfig, job_providers: list[str]) -> str:
@@ -210,6 +226,16 @@ class ModelBuilderPass(Pass):
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements(cuda=False, environment="cpu-export")
 
+    @classmethod
+    def config_notes(cls, config: PassConfig) -> list[str]:
+        assert isinstance(config, ModelBuilderConfig)
+        out = []
+        if config.use_cuda_bf16:
+            out.append("use_cuda_bf16: accepted, no effect; give precision bf16 for a bf16 CUDA build")
+        if config.use_webgpu_fp32:
+            out.append("use_webgpu_fp32: accepted, no effect; give precision fp32 for an fp32 WebGPU build")
+        return out
+
     def builder_options(self, config: ModelBuilderConfig, ep: str, model: ModelArtifact) -> dict[str, str]:
         """Our typed fields -> the builder's KEY=VALUE options; explicit extra_options win."""
         opts: dict[str, str] = {"hf_token": "false"}
@@ -225,13 +251,23 @@ class ModelBuilderPass(Pass):
                 opts["accuracy_level"] = str(level)
             if config.int4_op_types_to_quantize:
                 opts["op_types_to_quantize"] = "/".join(config.int4_op_types_to_quantize)
+        if config.int4_algo_config:
+            opts["int4_algo_config"] = config.int4_algo_config
+        if config.int4_nodes_to_exclude:
+            opts["nodes_to_exclude"] = ",".join(config.int4_nodes_to_exclude)
+        for key in ("exclude_embeds", "exclude_lm_head", "include_hidden_states", "use_qdq", "use_8bits_moe"):
+            if getattr(config, key):
+                opts[key] = "true"
+        if config.enable_cuda_graph is not None:
+            opts["enable_cuda_graph"] = _option_str(config.enable_cuda_graph)
         if model.format == "hf_adapter":
             opts["adapter_path"] = str(model.adapter_path)
             if config.precision in ("int4", "int8"):  # LoRA weights stay float: a swappable adapter
                 from orchestrator.passes.extract_adapters import lora_node_names
 
                 layers = int(json.loads((Path(model.path) / "config.json").read_text())["num_hidden_layers"])
-                opts["nodes_to_exclude"] = ",".join(lora_node_names(layers))
+                lora = ",".join(lora_node_names(layers))
+                opts["nodes_to_exclude"] = f"{opts['nodes_to_exclude']},{lora}" if "nodes_to_exclude" in opts else lora
         for key, value in config.extra_options.items():
             if key == "adapter_path":
                 raise PassError(
@@ -403,6 +439,9 @@ class ModelBuilderPass(Pass):
         metrics: dict[str, float] = {}
         if ep != "cpu":
             ctx.info(f"post-build checks skipped: the model targets {ep} and they run on CPU only")
+            return metrics
+        if not config.checkable:
+            ctx.info("post-build checks skipped: exclude_embeds / exclude_lm_head leave no text-in, logits-out graph")
             return metrics
         if prequantized:
             # an AWQ/GPTQ checkpoint: transformers loads it only through optimum / gptqmodel, which the export

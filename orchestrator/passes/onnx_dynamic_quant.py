@@ -7,7 +7,9 @@ the quantized graph does not run.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import Field
 
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
@@ -27,6 +29,7 @@ class DynamicQuantConfig(PassConfig):
     nodes_to_exclude: list[str] | None = None
     nodes_to_quantize: list[str] | None = None
     quant_format: Literal["QOperator"] = "QOperator"
+    extra_options: dict[str, Any] = Field(default_factory=dict)  # onnxruntime quantize_dynamic's extra_options
     save_as_external_data: bool = True
     all_tensors_to_one_file: bool = True
 
@@ -63,7 +66,7 @@ class OnnxDynamicQuantizationPass(Pass):
             nodes_to_quantize=config.nodes_to_quantize,
             use_external_data_format=True,
             # fused contrib ops (OrtTransformersOptimization) have no shape-inference types: their outputs are fp32
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, **config.extra_options},
         )
         resave(tmp / "model.onnx", external=config.save_as_external_data)
         copy_side_files(src.parent, tmp)

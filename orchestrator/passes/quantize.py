@@ -27,6 +27,7 @@ class QuantizeConfig(PassConfig):
     is_symmetric: bool = True
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = None  # None: 4 (int8 compute) on CPU, the EP default elsewhere
     bits: Literal[4, 8] = 4
+    axis: Literal[0] = 0  # Olive's; MatMulNBits blocks run along the input dimension (axis 0) only
     nodes_to_exclude: list[str] | None = None  # e.g. ["/lm_head/MatMul"]
     nodes_to_include: list[str] | None = None
     op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = None  # default: MatMul

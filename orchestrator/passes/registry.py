@@ -30,6 +30,7 @@ PASSES: dict[str, str] = {
     "Rtn": "orchestrator.passes.rtn:RtnPass",
     "GraphSurgeries": "orchestrator.passes.graph_surgeries:GraphSurgeriesPass",
     "OnnxHqqQuantization": "orchestrator.passes.onnx_hqq:OnnxHqqQuantizationPass",
+    "OnnxKQuantQuantization": "orchestrator.passes.onnx_kquant:OnnxKQuantQuantizationPass",
     "OnnxConversion": "orchestrator.passes.onnx_conversion:OnnxConversionPass",
     "OrtTransformersOptimization": "orchestrator.passes.ort_optimize:OrtTransformersOptimizationPass",
     "OnnxDynamicQuantization": "orchestrator.passes.onnx_dynamic_quant:OnnxDynamicQuantizationPass",
@@ -58,6 +59,52 @@ UNSUPPORTED: dict[str, str] = {
     "pipeline of its parts",
     "LoftQ": "LoftQ's quantization-aware LoRA initialization is not run; use LoRA (or QLoRA on CUDA)",
 }
+_NPU = "NPU toolchains (QNN, SNPE, Vitis AI, QAIRT) are not part of orch; build for CPU, CUDA, DirectML or WebGPU"
+_OPENVINO = "the OpenVINO toolchain is not part of orch; use ModelBuilder for CPU / GPU"
+_VENDOR_QUANT = (
+    "vendor quantizers (AMD Quark, NVIDIA ModelOpt, Qualcomm AIMET) are not part of orch; use Gptq / Rtn / "
+    "OnnxBlockWiseRtnQuantization"
+)
+for _name in ("QNNConversion", "QNNContextBinaryGenerator", "QNNModelLibGenerator", "QNNPreprocess", "SNPEConversion",
+              "SNPEQuantization", "SNPEtoONNXConversion", "QairtEncapsulation", "QairtGenAIBuilder", "QairtMHA2SHA",
+              "QairtPipelinePass", "QairtPreparation", "VitisAIAddMetaData", "VitisAIQuantization",
+              "VitisGenerateModelLLM", "VitisGenerateModelSD", "VitisQDQQuantizer", "VitisQOpQuantizer",
+              "RyzenGenerateModelLLM", "MixedPrecisionOverrides", "DynamicToFixedShape", "InputNCHWtoNHWC",
+              "PowerOfTwoMethod"):  # fmt: skip
+    UNSUPPORTED.setdefault(_name, _NPU)
+for _name in ("OpenVINOConversion", "OpenVINOEncapsulation", "OpenVINOIoUpdate", "OpenVINOOptimumConversion",
+              "OpenVINOQuantization", "OpenVINOQuantizationWithAccuracy", "OpenVINOWeightCompression"):  # fmt: skip
+    UNSUPPORTED.setdefault(_name, _OPENVINO)
+for _name in ("QuarkQuantization", "QuarkQuantizationVitisAI", "NVModelOptQuantization", "NVModelOptGraphSurgery",
+              "AimetQuantization", "GptqModel", "OnnxBnb4Quantization", "OnnxQuantization", "quantize_static",
+              "OnnxQuantizationPreprocess", "QuantizationAwareTraining", "KQuant", "SpinQuant",
+              "AutoClip"):  # fmt: skip
+    UNSUPPORTED.setdefault(_name, _VENDOR_QUANT)
+UNSUPPORTED.update(
+    {
+        "MobiusBuilder": "MobiusBuilder (mobius-ai) is not part of orch; use ModelBuilder",
+        "OptimumMerging": f"use {_BUILDER}: its decoder already serves the prompt and the cached steps",
+        "PyTorchTensorParallel": "tensor-parallel sharding is not supported; the models here fit one device",
+        "MoEExpertsDistributor": "mixture-of-experts sharding is not supported",
+        "SDLoRA": "diffusion models are not supported",
+        "OrtMixedPrecision": "use ModelBuilder precision fp16 or OrtTransformersOptimization float16",
+        "OnnxFloatToFloat16": "use ModelBuilder precision fp16, or OrtTransformersOptimization float16 (with "
+        "force_fp32_ops for the op types to keep)",
+        "OnnxIODataTypeConverter": "the model builder writes float32 logits; for an fp16 graph keep_io_types in "
+        "OrtTransformersOptimization",
+        "OnnxIOFloat16ToFloat32": "the model builder writes float32 logits; for an fp16 graph keep_io_types in "
+        "OrtTransformersOptimization",
+        "OnnxPeepholeOptimizer": "use OrtTransformersOptimization (onnxruntime's fusions) or ModelBuilder",
+        "OnnxScriptFusion": "use OrtTransformersOptimization (onnxruntime's fusions) or ModelBuilder",
+        "OnnxModelOptimizer": "use OrtTransformersOptimization (onnxruntime's fusions) or ModelBuilder",
+        "OnnxOpVersionConversion": "OnnxConversion writes the target_opset asked",
+        "OnnxDiscrepancyCheck": "orch checks every export against transformers itself (parity metrics)",
+        "AppendPrePostProcessingOps": "pre/post-processing graphs (onnxruntime-extensions) are not added",
+        "InsertBeamSearch": "onnxruntime-genai runs the search (genai_config.json search options)",
+        "AddOliveMetadata": "the output folder's manifest.json records what ran",
+        "CaptureLayerAnnotations": "layer annotations are for NPU partitioning, not supported",
+    }
+)
 UNSUPPORTED["Quarot"] = UNSUPPORTED["QuaRot"]
 
 
