@@ -228,6 +228,7 @@ class Engine:
                 if step.role == "host" and out_model is not None:
                     model = out_model
             final_metrics = {f"{r.name}/{k}": v for r in records for k, v in r.metrics.items()}
+            final_metrics |= self._baseline_comparison(steps, records, tracker)
             summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id)
             if self.output_dir is not None:
                 self.publisher.publish(summary, records, steps, model, tracker)
@@ -239,10 +240,23 @@ class Engine:
         finally:
             tracker.end(status)
 
-
-
-
-
+    def _baseline_comparison(self, steps: list[Step], records: list[StepRecord], tracker: Tracker) -> dict[str, float]:
+        """Olive's relative goals: the final evaluation against the input model's (engine.evaluate_input_model),
+        compared by the Evaluate pass once both are known; each result is a note and a metric."""
+        by_name = {r.name: r for r in records}
+        final = next((s for s in steps if s.role == "target" and s.name != INPUT_EVAL_STEP), None)
+        if final is None or INPUT_EVAL_STEP not in by_name or final.name not in by_name:
+            return {}
+        compare = getattr(load_pass(final.pass_type), "compare_with_baseline", None)
+        if compare is None:
+            return {}
+        results, lines = compare(final.config, by_name[INPUT_EVAL_STEP].metrics, by_name[final.name].metrics)
+        for line in lines:
+            self._note(line)
+        out = {f"{final.name}/{k}": v for k, v in results.items()}
+        for k, v in out.items():
+            tracker.log_metric(k, v)
+        return out
 
     def _run_step(self, step: Step, model: ModelArtifact, tracker: Tracker) -> tuple[StepRecord, ModelArtifact | None]:
         self.reporter.step_start(step)
@@ -318,8 +332,6 @@ class Engine:
             log_level=int(getattr(self.wf.engine, "log_severity_level", 3) or 3),
         )
         follow_job(step, job, system, model, stage, tracker, self.reporter, self.cache)
-
-
 
     # ---- outputs ----------------------------------------------------------------------------------------
     def export(self, summary: RunSummary, dest: Path | None = None) -> None:

@@ -37,6 +37,7 @@ def apply(raw: dict[str, Any], reader: Any) -> None:
     _top_level(raw, reader)
     if isinstance(raw.get("engine"), dict):
         engine_notes(raw["engine"], reader)
+        _relative_goals(raw, reader)
 
 
 def _pass_flows(raw: dict[str, Any], reader: Any) -> None:
@@ -384,6 +385,38 @@ def _input_model_keys(raw: dict[str, Any], reader: Any) -> None:
         )
 
 
+# data-config parameters Olive's components take that change nothing here, and why
+DATA_PARAM_NOTES: dict[str, dict[str, str]] = {
+    "load_dataset_config": {
+        "trust_remote_code": "datasets reads the data files; no dataset script is run",
+        "streaming": "the rows are read whole (small fine-tuning and calibration sets)",
+    },
+    "pre_process_data_config": {
+        "trust_remote_code": "the tokenizer is the model's, loaded by the pass",
+        "joiner": "the join strategies concatenate the token streams with the tokenizer's EOS between texts",
+        "padding_side": "the collator pads on the right and masks the padding out of the loss",
+        "processing_batch_size": "rows are rendered in one map",
+        "random_retries": "random windows are drawn from texts long enough for them",
+    },
+}
+
+
+def data_params(dc: dict[str, Any], path: tuple[Any, ...], reader: Any) -> None:
+    """Component parameters of Olive's HuggingfaceContainer with no effect here: noted and dropped."""
+    if not isinstance(dc, dict) or "dummydatacontainer" in str(dc.get("type", "")).lower():
+        return
+    for part, notes in DATA_PARAM_NOTES.items():
+        cfg = dc.get(part)
+        if not isinstance(cfg, dict):
+            continue
+        for key, why in notes.items():
+            if key in cfg:
+                value = cfg.pop(key)
+                reader.notes.append(
+                    f"data_configs {dc.get('name')!r}: {part}.{key} {value!r}: accepted, no effect ({why})"
+                )
+
+
 _LOAD_KEYS = {"data_name", "subset", "split", "data_files", "data_dir", "col_filters"}
 
 
@@ -587,3 +620,26 @@ def pass_run_keys(entry: dict[str, Any], where: tuple[Any, ...], raw: dict[str, 
                 f"{prefix}.{key}: accepted, no effect (each pass's output is cached by content; "
                 "the final model is output_dir/model)"
             )
+
+
+def _relative_goals(raw: dict[str, Any], reader: Any) -> None:
+    """Olive's improvement/degradation goals compare with the input model's metrics, which Olive computes by
+    default (evaluate_input_model): orch evaluates the input model too when the engine's evaluator has one."""
+    engine = raw["engine"]
+    name = engine.get("evaluator")
+    evaluators = raw.get("evaluators") if isinstance(raw.get("evaluators"), dict) else {}
+    ev = evaluators.get(name) if isinstance(name, str) else None
+    metrics = ev.get("metrics") if isinstance(ev, dict) else None
+    relative = [
+        f"{m.get('name')}-{sub.get('name')}"
+        for m in metrics or []
+        if isinstance(m, dict)
+        for sub in m.get("sub_types") or []
+        if isinstance(sub, dict) and isinstance(sub.get("goal"), dict) and sub["goal"].get("type") != "threshold"
+    ]
+    if relative and engine.get("evaluate_input_model") is not False:
+        engine["evaluate_input_model"] = True
+        reader.notes.append(
+            f"goals {', '.join(relative)} compare with the input model: it is evaluated too "
+            "(engine.evaluate_input_model, Olive's default)"
+        )

@@ -199,6 +199,16 @@ def _normalize(raw: dict[str, Any], r: _Reader) -> None:
                 if key in engine and engine[key] != value:
                     r.problem([key], f"also set as engine.{key} to {engine[key]!r}; keep one")
                 engine[key] = value
+        for key in ("host", "target"):  # Olive allows the system itself here: it becomes a named system
+            if isinstance(engine.get(key), dict):
+                systems = raw.setdefault("systems", {})
+                if isinstance(systems, dict):
+                    name = f"{key}_system"
+                    while name in systems:
+                        name += "_"
+                    systems[name] = engine[key]
+                    engine[key] = name
+                    r.notes.append(f"engine.{key}: the system given inline is systems.{name}")
         search = engine.get("search_strategy")
         if search:
             r.notes.append("engine.search_strategy ignored: orch runs every pass once, in the order written")
@@ -233,6 +243,7 @@ def _flatten_data_config(dc: Any, path: tuple[Any, ...], r: _Reader) -> None:
     load = dc.get("load_dataset_config")
     if isinstance(load, dict):
         r.flatten(load, "data_files", (*path, "load_dataset_config", "data_files"), "config")
+    olive_keys.data_params(dc, path, r)
 
 
 _COMPONENT_PARTS = {"load_dataset": "load_dataset_config", "pre_process_data": "pre_process_data_config"}
@@ -318,6 +329,12 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
         return out
     for name, entry in passes.items():
         where: tuple[Any, ...] = ("passes", name)
+        if isinstance(entry, list):  # Olive >= 0.10: a list of alternative configs for its search
+            if len(entry) != 1:
+                r.problem(list(where), f"{len(entry)} alternative configs: Olive searches over them, orch runs each "
+                          "pass once; keep one")  # fmt: skip
+                continue
+            entry = entry[0]
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             r.problem([*where, "type"], "required: the pass type, e.g. 'LoRA'")
             continue

@@ -146,13 +146,55 @@ class MetricConfig(BaseModel):
         """Checked when the config is read, not after every pass ran (sub_types: unknown_sub_types)."""
         for s in self.sub_types:
             kind = (s.goal or {}).get("type")
-            if s.goal is not None and (kind != "threshold" or not isinstance(s.goal.get("value"), int | float)):
+            if s.goal is not None and (kind not in GOAL_TYPES or not isinstance(s.goal.get("value"), int | float)):
                 raise ValueError(
-                    f"metric {self.name!r} sub_type {s.name!r}: goal {s.goal} is not supported: orch compares "
-                    'against a fixed value ({"type": "threshold", "value": N}); the improvement/degradation '
-                    "goals need Olive's search over candidates"
+                    f"metric {self.name!r} sub_type {s.name!r}: goal {s.goal} is not supported: give "
+                    f'{{"type": one of {", ".join(GOAL_TYPES)}, "value": N}}'
                 )
         return self
+
+
+# Olive's goal types: a fixed value, or a change from the input model's value (engine.evaluate_input_model)
+GOAL_TYPES = ("threshold", "min-improvement", "max-degradation", "percent-min-improvement", "percent-max-degradation")
+
+
+def goal_target(goal: dict[str, Any], higher: bool, baseline: float | None) -> float | None:
+    """The value a goal asks for: the threshold itself, or the input model's value moved by the allowed change
+    (None when a relative goal has no baseline)."""
+    kind, value = goal["type"], float(goal["value"])
+    if kind == "threshold":
+        return value
+    if baseline is None:
+        return None
+    step = value if not kind.startswith("percent") else abs(baseline) * value / 100
+    better = kind.endswith("improvement")
+    return baseline + step if higher == better else baseline - step
+
+
+def relative_goals(config: dict[str, Any], baseline: dict[str, float], final: dict[str, float]) -> tuple[
+        dict[str, float], list[str]]:  # fmt: skip
+    """Olive's improvement/degradation goals of an Evaluate config, compared once both the input model's and the
+    final model's metrics are known: ({metric-sub-goal_met: 0/1}, one line each)."""
+    checked = EvaluateConfig.model_validate(config)
+    out: dict[str, float] = {}
+    lines: list[str] = []
+    for metric in checked.metrics:
+        for sub in metric.sub_types:
+            if sub.goal is None or sub.goal["type"] == "threshold":
+                continue
+            key = f"{metric.name}-{sub.name}"
+            higher = sub.higher_is_better if sub.higher_is_better is not None else _higher_is_better(sub.name)
+            target = goal_target(sub.goal, higher, baseline.get(key))
+            if target is None or key not in final:
+                lines.append(f"goal {key} ({sub.goal['type']} {sub.goal['value']:g}) not compared: the input model "
+                             "has no value for it (an HF model has no ONNX session to time)")  # fmt: skip
+                continue
+            met = final[key] >= target if higher else final[key] <= target
+            out[f"{key}-goal_met"] = float(met)
+            verdict = "met" if met else "NOT met"
+            lines.append(f"goal {key} ({sub.goal['type']} {sub.goal['value']:g} from {baseline[key]:.4g}): "
+                         f"{'>=' if higher else '<='} {target:.4g}: {final[key]:.4g} -> {verdict}")  # fmt: skip
+    return out, lines
 
 
 def _map_metric_config(kind: str, key: str, value: Any, name: Any) -> tuple[str, Any] | None:
@@ -511,6 +553,13 @@ class EvaluatePass(Pass):
         return config
 
     @classmethod
+    def compare_with_baseline(
+        cls, config: dict[str, Any], baseline: dict[str, float], final: dict[str, float]
+    ) -> tuple[dict[str, float], list[str]]:
+        """The engine's call once the input model's and the final model's metrics are in: relative goals."""
+        return relative_goals(config, baseline, final)
+
+    @classmethod
     def baseline_config(cls, config: dict[str, Any]) -> dict[str, Any]:
         """Olive's baseline (engine.evaluate_input_model): the same metrics on the same rows for the input model;
         an HF input has no ONNX runtime to time, so its speed metrics are skipped."""
@@ -621,9 +670,11 @@ class EvaluatePass(Pass):
                 ctx.info(f"{metric.name} ({metric.type}) skipped: measured on ONNX models only, this is {model.format}")
                 continue
             values = self._measure(metric, scorer, ctx, config, model, ep)
-            names = [s.name for s in metric.sub_types] or [k for k in SUB_TYPES[metric.type] if k in values] or [
-                k for k in OLIVE_LATENCY if k in values
-            ]
+            names = (
+                [s.name for s in metric.sub_types]
+                or [k for k in SUB_TYPES[metric.type] if k in values]
+                or [k for k in OLIVE_LATENCY if k in values]
+            )
             for name in names:
                 key = name if name in values else ALIASES.get(name, name)
                 if key not in values:
@@ -634,7 +685,7 @@ class EvaluatePass(Pass):
                 results[f"{metric.name}-{name}"] = float(values[key])
                 ctx.log_metric(f"{metric.name}-{name}", values[key])
             for sub in metric.sub_types:  # Olive's threshold goals: compared and reported, 1 = met
-                if sub.goal is not None:
+                if sub.goal is not None and sub.goal["type"] == "threshold":
                     value, target = results[f"{metric.name}-{sub.name}"], float(sub.goal["value"])
                     higher = sub.higher_is_better if sub.higher_is_better is not None else _higher_is_better(sub.name)
                     met = value >= target if higher else value <= target
