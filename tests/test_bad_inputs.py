@@ -173,11 +173,11 @@ CASES: list[tuple[str, Any, int, tuple[str, ...]]] = [
     ("lora_r_zero", lambda c: ft("--lora_r", "0"), 2, ("lora_r", "greater than 0")),
     ("lora_dropout_one", lambda c: ft("--lora_dropout", "1.5"), 2, ("lora_dropout", "less than 1")),
     ("lora_alpha_negative", lambda c: ft("--lora_alpha", "-1"), 2, ("lora_alpha",)),
-    ("max_seq_len_zero", lambda c: ft("--max_seq_len", "0"), 2, ("source_max_len", "greater than 0")),
+    ("max_seq_len_zero", lambda c: ft("--max_seq_len", "0"), 2, ("max_seq_len", "greater than 0")),
     ("max_seq_len_word", lambda c: ft("--max_seq_len", "long"), 2, ("--max_seq_len",)),
     ("missing_output", lambda c: ["finetune", "-m", "m", "-d", "json"], 2, ("Missing option", "--output_path")),
-    ("method_unknown", lambda c: ft("--method", "dora"), 2, ("--method 'dora'", "lora or qlora")),
-    ("no_text_source", lambda c: ft(template=None), 2, ("--text_template or --text_field",)),
+    ("method_unknown", lambda c: ft("--method", "lorax"), 2, ("--method 'lorax'", "lora, qlora, dora, loha, lokr")),
+    ("no_text_source", lambda c: ft(template=None), 2, ("no column 'text'",)),  # Olive's default text column
     ("unknown_command", lambda c: ["finetun"], 2, ("No such command", "finetune")),
     ("unexpected_argument", lambda c: ft("stray"), 2, ("unexpected argument 'stray'",)),
     # the input model
@@ -397,9 +397,9 @@ CASES: list[tuple[str, Any, int, tuple[str, ...]]] = [
         ("tracking URI", "is a folder"),
     ),
     # Olive's other commands
-    ("quantize_precision", lambda c: ["quantize", "-m", "m", "--precision", "int8", "-o", "q"], 2, ("'int8'",)),
-    ("quantize_algorithm", lambda c: ["quantize", "-m", "m", "-a", "hqq", "-o", "q"], 2, ("'hqq' is not supported",)),
-    ("quantize_awq_no_data", lambda c: ["quantize", "-m", "m", "-a", "awq", "-o", "q"], 2, ("give --data_name",)),
+    ("quantize_precision", lambda c: ["quantize", "-m", "m", "--precision", "fp8", "-o", "q"], 2, ("'fp8'",)),
+    ("quantize_algorithm", lambda c: ["quantize", "-m", "m", "--algorithm", "hqq", "-o", "q"], 2, ("HQQ quantizes",)),
+    ("quantize_awq_no_data", lambda c: ["quantize", "-m", "m", "--algorithm", "awq", "-o", "q"], 2, ("--data_name",)),
     ("auto_opt_device", lambda c: ["auto-opt", "-m", "m", "--device", "npu", "-o", "o"], 2, ("--device 'npu'",)),
     ("auto_opt_precision", lambda c: ["auto-opt", "-m", "m", "--precision", "int2", "-o", "o"], 2, ("'int2'",)),
     ("auto_opt_provider", lambda c: ["auto-opt", "-m", "m", "--provider", "Foo", "-o", "o"], 2, ("'Foo'",)),
@@ -469,7 +469,7 @@ def test_text_template_keeps_non_ascii() -> None:
 
 def test_awq_on_cpu_goes_through_the_cli(case: Path, capsys) -> None:
     """`quantize --algorithm awq` plans on a machine without CUDA (the pass decides by the model's size)."""
-    args = ["quantize", "-m", "m", "-a", "awq", "-o", "q", "-d", "json", "--data_files", "d.jsonl"]
+    args = ["quantize", "-m", "m", "--algorithm", "awq", "-o", "q", "-d", "json", "--data_files", "d.jsonl"]
     rc, out, err = cli([*args, "--text_field", "phrase", "--dry-run"], capsys)
     assert rc == 0, out + err
     assert "1 pass(es) would run" in out
@@ -612,7 +612,7 @@ def test_outputs_are_copies_and_publish_is_atomic(case: Path, capsys, monkeypatc
     model = case / "fp32" / "model"
     assert _nlinks(model) == {1}
     assert _nlinks(case / ".orch/cache/runs") == {1}
-    rc, out, err = cli(["quantize", "-m", "fp32/model", "-a", "rtn", "-o", "q", "--no-tracking"], capsys)
+    rc, out, err = cli(["quantize", "-m", "fp32/model", "--algorithm", "rtn", "-o", "q", "--no-tracking"], capsys)
     assert rc == 0, out + err
     assert (case / "q/model").is_dir() and _nlinks(case / "q/model") == {1}
 

@@ -394,7 +394,6 @@ QUANTIZE = Command(
         Flag(
             "--algorithm",
             "awq | gptq | rtn | hqq (ONNX) | dynamic / static (ONNX int8)",
-            short="-a",
             default="rtn",
             choices=QUANT_ALGORITHMS,
             group=QUANT,
