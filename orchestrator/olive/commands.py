@@ -336,9 +336,9 @@ def quantize_workflow(
         )
     model_path = Path(model_name_or_path)
     is_onnx = model_path.suffix == ".onnx" or (model_path.is_dir() and any(model_path.glob("*.onnx")))
-    if algorithm in ("awq", "gptq"):
-        if not data_name:
-            raise FlagError(f"--algorithm {algorithm} calibrates on data: give --data_name (and --data_files)")
+    if algorithm in ("awq", "gptq") and not data_name:  # as Olive: the pass's default calibration set (hub)
+        pass_cfg: dict[str, Any] = {"type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer", "bits": 4}
+    elif algorithm in ("awq", "gptq"):
         pre: dict[str, Any] = {"dataset_type": "corpus"}
         if text_template:
             pre["text_template"] = decode_escapes(text_template)
@@ -351,7 +351,7 @@ def quantize_workflow(
             {"name": "calibration", "type": "HuggingfaceContainer", "load_dataset_config": params,
              "pre_process_data_config": pre}
         )  # fmt: skip
-        pass_cfg: dict[str, Any] = {
+        pass_cfg = {
             "type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer",
             "bits": 4,
             "data_config": "calibration",
