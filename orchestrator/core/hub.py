@@ -102,20 +102,21 @@ def _local_copy_hint(ref: HubRef) -> str:
     )
 
 
-def _cached(ref: HubRef, patterns: list[str] | None = None) -> Path | None:
-    """The snapshot folder of the revision in the HF cache, if there is one (no network)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def _cached(ref: HubRef) -> Path | None:
+    """The snapshot folder of the revision in the HF cache, if there is one (no network). Read from the cache's
+    documented layout (<repo>/refs/<branch or tag> -> <repo>/snapshots/<commit>/): huggingface_hub's own
+    local_files_only lookup refuses a snapshot that holds only some of the repo's files, which is what orch keeps."""
+    from huggingface_hub import constants
 
-    try:
-        return Path(
-            snapshot_download(
-                ref.repo_id, repo_type=ref.repo_type, revision=ref.sha or ref.revision, allow_patterns=patterns,
-                local_files_only=True,
-            )
-        )  # fmt: skip
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        return None
+    repo = Path(constants.HF_HUB_CACHE) / f"{ref.repo_type}s--{ref.repo_id.replace('/', '--')}"
+    rev = ref.sha or ref.revision or "main"
+    if not re.fullmatch(r"[0-9a-f]{40}", rev):
+        try:
+            rev = (repo / "refs" / rev).read_text().strip()
+        except OSError:
+            return None
+    snap = repo / "snapshots" / rev
+    return snap if snap.is_dir() else None
 
 
 def pin(ref: HubRef, *, field: str) -> tuple[HubRef, list[str]]:
@@ -188,7 +189,7 @@ def fetch(ref: HubRef, patterns: list[str], *, field: str) -> Path:
     if key in _FETCHED:
         return _FETCHED[key]
     what = f"{field}: {ref.repo_type} {ref.repo_id}"
-    cached = _cached(ref, patterns)
+    cached = _cached(ref)
     if cached is not None and _complete(cached, patterns):
         _FETCHED[key] = cached
         return cached
@@ -209,8 +210,26 @@ def fetch(ref: HubRef, patterns: list[str], *, field: str) -> Path:
     except (HfHubHTTPError, httpx.HTTPError, OSError) as exc:
         raise HubError(f"{what}: download from {endpoint()} failed ({type(exc).__name__}: {_first_line(exc)}); "
                        f"{_local_copy_hint(ref)}") from None  # fmt: skip
+    _record_ref(path, ref)
     _FETCHED[key] = path
     return path
+
+
+def _record_ref(snapshot: Path, ref: HubRef) -> None:
+    """Downloaded by commit (so the files are the pinned ones), the cache is told which commit the asked branch
+    or tag was, as huggingface_hub does itself: an offline run then finds `main` (or the tag) in the cache."""
+    rev = ref.revision or "main"
+    if ref.sha is None or rev == ref.sha:
+        return
+    refs = snapshot.parent.parent / "refs" / rev
+    try:
+        refs.parent.mkdir(parents=True, exist_ok=True)
+        if not refs.exists() or refs.read_text().strip() != ref.sha:
+            tmp = refs.with_name(f".{refs.name}.{os.getpid()}")
+            tmp.write_text(ref.sha)
+            os.replace(tmp, refs)
+    except OSError:
+        pass  # a read-only cache: the next offline run falls back to asking for the commit itself
 
 
 def model_files(files: list[str]) -> list[str]:

@@ -185,7 +185,8 @@ class Engine:
         tracker.set_tag("orch.host", self.host_name)
         tracker.set_tag("orch.target", self.target_name)
         records: list[StepRecord] = []
-        model, _ = self._input_model()
+        model, input_identity = self._input_model()
+        tracker.set_tag("orch.input_model", input_identity)
         status = "FAILED"
         try:
             for step in steps:
@@ -194,7 +195,8 @@ class Engine:
                 if step.role == "host" and out_model is not None:
                     model = out_model
             final_metrics = {f"{r.name}/{k}": v for r in records for k, v in r.metrics.items()}
-            summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id)
+            summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id,
+                                 input_identity=input_identity)  # fmt: skip
             if self.output_dir is not None:
                 self.publisher.publish(summary, records, steps, model, tracker)
             status = "FINISHED"
