@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # No test may reach the real hub: the default endpoint is a closed loopback port (connection refused at once);
 # tests that load from a hub start tests/hub_standin and point HF_ENDPOINT at it (hub_env).
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="orch-tests-hf-")  # never the developer's own HF cache
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 HUB_TOKEN = "hf_standin_private_token_7c1e"  # a fake value the stand-in accepts for its private repos
 
 

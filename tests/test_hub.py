@@ -300,3 +300,17 @@ def test_hub_stand_in_is_strict(hub: Any) -> None:
     assert exc.value.code == 404 and hub.unknown_requests[-1]["path"] == "/api/spaces/acme/app"
     hub.unknown_requests.clear()  # expected here; the fixture asserts none are left
 
+
+
+def test_phi3_target_modules_map_for_a_hub_id(hub: Any, tmp_path: Path) -> None:
+    """`finetune -m microsoft/Phi-4-mini-instruct --target_modules q_proj,...`: the model type comes from the hub
+    config (Phi-3 family: fused qkv_proj / gate_up_proj), as for a local folder."""
+    asked = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+    code = ("from orchestrator.olive.commands import fused_target_modules as f; "
+            f"print(f({asked!r}, 'microsoft/Phi-4-mini-instruct'))")
+    proc = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path / "hf"), capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "['qkv_proj', 'o_proj', 'gate_up_proj']"
+    snaps = snapshot_files(tmp_path / "hf", "microsoft/Phi-4-mini-instruct")
+    assert list(snaps.values()) == [["config.json"]]  # only what the question needs

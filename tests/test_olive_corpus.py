@@ -471,7 +471,7 @@ def test_evaluator_metric_config_and_backend_honoured_or_refused_at_load(tmp_pat
         load_workflow(_ev_wf([{"name": "l", "type": "latency", "user_config": {"batch_size": 2}}]), base_dir=tmp_path)
 
 
-def test_cuda_only_evaluator_and_awq_without_data_refused_before_compute(tmp_path: Path, tiny_model: Path) -> None:
+def test_cuda_only_evaluator_refused_and_awq_without_data_reads_the_default(tmp_path: Path, tiny_model: Path) -> None:
     import torch
 
     from orchestrator.engine import Engine
@@ -494,7 +494,10 @@ def test_cuda_only_evaluator_and_awq_without_data_refused_before_compute(tmp_pat
     awq["passes"] = {"q": {"type": "AutoAWQQuantizer", "w_bit": 3}}
     with pytest.raises(ConfigError) as exc:
         load_workflow(awq, base_dir=tmp_path)
-    assert "AutoAWQQuantizer needs calibration data" in str(exc.value) and "bits=3" in str(exc.value)
+    assert "bits=3" in str(exc.value) and "calibration" not in str(exc.value)  # no data: Olive's default, below
+    awq["passes"]["q"] = {"type": "AutoAWQQuantizer"}
+    notes = load_workflow(awq, base_dir=tmp_path).notes
+    assert any("no data_config: Olive's default calibration data, mit-han-lab/pile-val-backup" in n for n in notes)
     awq["passes"]["q"] = {"type": "AutoAWQQuantizer", "data_config": "d", "version": "GEMM"}
     awq["data_configs"] = [{"name": "d", "load_dataset_config": {"data_name": "json", "data_files": ["x.jsonl"]}}]
     notes = load_workflow(awq, base_dir=tmp_path).notes

@@ -85,6 +85,8 @@ def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[st
     import sys
 
     cfg = Path(model_name_or_path) / "config.json"
+    if not cfg.is_file():
+        cfg = _hub_config(model_name_or_path) or cfg
     try:
         model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
     except (OSError, ValueError):
@@ -97,6 +99,24 @@ def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[st
         "q/k/v into qkv_proj and gate/up into gate_up_proj)\n"
     )
     return mapped
+
+
+def _hub_config(model_name_or_path: str) -> Path | None:
+    """A hub model id's config.json (from the HF cache, or downloaded: the run downloads it anyway); None for a
+    path, or when the hub cannot say (the run's pre-flight reports that in one line)."""
+    from orchestrator.schema.resources import HUB_NAME
+
+    if Path(model_name_or_path).exists() or not HUB_NAME.match(model_name_or_path):
+        return None
+    from orchestrator.core import hub
+
+    try:
+        pinned, files = hub.pin(hub.HubRef(model_name_or_path), field="--model_name_or_path")
+        if "config.json" not in files:
+            return None
+        return hub.fetch(pinned, ["config.json"], field="--model_name_or_path") / "config.json"
+    except hub.HubError:
+        return None
 
 
 def data_files_arg(value: str) -> str | list[str]:
