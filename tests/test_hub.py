@@ -314,3 +314,25 @@ def test_phi3_target_modules_map_for_a_hub_id(hub: Any, tmp_path: Path) -> None:
     assert proc.stdout.strip().splitlines()[-1] == "['qkv_proj', 'o_proj', 'gate_up_proj']"
     snaps = snapshot_files(tmp_path / "hf", "microsoft/Phi-4-mini-instruct")
     assert list(snaps.values()) == [["config.json"]]  # only what the question needs
+
+
+def test_azure_ml_driver_workflow_pins_the_clients_commits(hub: Any, tmp_path: Path) -> None:
+    """`orch submit`: the driver job reads the hub on the compute, at the commits the client pinned (a branch
+    moving in between changes nothing), and its job asks for hub access (no HF_HUB_OFFLINE there)."""
+    wf = {"input_model": {"type": "HfModel", "model_path": PHI3},
+          "passes": {"g": {"type": "Gptq"}}}  # fmt: skip
+    (tmp_path / "wf.json").write_text(json.dumps(wf))
+    code = ("import json; from orchestrator.olive import load_workflow; "
+            "from orchestrator.engine.aml_driver import _driver_workflow, reads_hub; "
+            "doc, binds = _driver_workflow(load_workflow('wf.json')); "
+            "print(json.dumps({'doc': doc, 'binds': binds, 'reads_hub': reads_hub(doc)}))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=hub_env(hub, tmp_path / "hf"),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    sha = hub.repos[("model", PHI3)].commit("main").sha
+    wiki = hub.repos[("dataset", "Salesforce/wikitext")].commit("main").sha
+    assert out["doc"]["input_model"]["model_path"] == {"type": "hf_hub", "name": PHI3, "revision": sha}
+    [dc] = out["doc"]["data_configs"]
+    assert dc["load_dataset_config"]["revision"] == wiki and out["binds"] == {} and out["reads_hub"] is True
+    assert snapshot_files(tmp_path / "hf", PHI3) == {}  # the client downloaded nothing: the compute will
