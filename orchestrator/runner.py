@@ -89,12 +89,12 @@ def fetch_hub_refs(job: Job, emit: Any) -> Job:
         files = dict(job.data_files)
         for name, value in job.data_files.items():
             if is_hub_uri(value):
-                load = (job.data_configs.get(name) or {}).get("load_dataset_config") or {}
-                files[name] = str(materialize(value, field=f"data_configs.{name}", load=load))
+                files[name] = str(materialize(value, field=f"data_configs.{name}"))
         updates["data_files"] = files
     except UserError as exc:  # HubError: the one line names the reference and the fix
         raise PassError(str(exc)) from None
-    emit({"t": time.time(), "type": "log", "message": f"runner: downloaded {', '.join(refs)} from the hub"})
+    shown = ", ".join(r.split("?", 1)[0] for r in refs)
+    emit({"t": time.time(), "type": "log", "message": f"runner: downloaded {shown} from the hub"})
     return job.model_copy(update=updates)
 
 

@@ -240,16 +240,18 @@ def _write_wf(folder: Path, model: str, revision: str) -> Path:
 def test_job_side_download_of_pinned_references(hub: Any, tmp_path: Path) -> None:
     """What an Azure ML job does with the hf:// references its job.json carries (the runner, on the compute):
     downloads the pinned commit of the model and the data config's files, then runs the pass on the local copies."""
+    from orchestrator.core.hub import HubRef
     from orchestrator.core.job import Job, ModelArtifact
 
     sha = hub.repos[("model", PHI3)].commit("main").sha
     wiki = hub.repos[("dataset", "Salesforce/wikitext")].commit("main").sha
+    files = ("README.md", *(f"wikitext-2-raw-v1/{s}-00000-of-00001.parquet" for s in ("test", "train", "validation")))
     dc = {"name": "wiki", "load_dataset_config": {"data_name": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1",
                                                   "split": "train"}, "pre_process_data_config": {"text_cols": ["text"]}}
     job = Job(job_id="j", pass_name="q", pass_type="Gptq", output_dir=str(tmp_path / "out"),
               pass_config={"data_config": "wiki", "num_calibration_samples": 4, "max_seq_len": 32},
               model=ModelArtifact(format="hf", path=f"hf://{PHI3}@{sha}"), data_configs={"wiki": dc},
-              data_files={"wiki": f"hf://datasets/Salesforce/wikitext@{wiki}"})  # fmt: skip
+              data_files={"wiki": HubRef("Salesforce/wikitext", "dataset", None, wiki, files).uri})  # fmt: skip
     job.write(tmp_path / "job.json")
     proc = subprocess.run([sys.executable, "-m", "orchestrator.runner", "--job", str(tmp_path / "job.json")],
                           env=hub_env(hub, tmp_path / "hf"), capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -258,6 +260,7 @@ def test_job_side_download_of_pinned_references(hub: Any, tmp_path: Path) -> Non
     assert (tmp_path / "out/model/config.json").is_file()
     assert json.loads((tmp_path / "out/result.json").read_text())["status"] == "Completed"
     assert list(snapshot_files(tmp_path / "hf", PHI3)) == [sha]
+    assert snapshot_files(tmp_path / "hf", "Salesforce/wikitext", "datasets") == {wiki: sorted(files)}
 
 
 def test_docker_mounts_an_hf_cache_snapshot_with_its_blobs(hub: Any, tmp_path: Path) -> None:

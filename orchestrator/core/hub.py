@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from orchestrator.core.errors import UserError
 
@@ -28,7 +29,6 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 DATASET_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})
 # a model's files orch reads: config, weights, tokenizer, chat template, remote code (no README, ONNX, GGUF, flax)
 MODEL_FILE = re.compile(r"^[^/]+\.(json|safetensors|bin|model|txt|py|jinja|tiktoken)$")
-DATASET_META = ("README.md", ".huggingface.yaml", "dataset_infos.json")
 _PINNED: dict[tuple[str, str, str], tuple[HubRef, list[str]]] = {}
 _FETCHED: dict[tuple[str, tuple[str, ...]], Path] = {}
 
@@ -43,20 +43,23 @@ class HubRef:
     repo_type: str = "model"  # "model" | "dataset"
     revision: str | None = None  # as asked: a branch, a tag or a commit (None: main)
     sha: str | None = None  # the commit it is pinned to
+    files: tuple[str, ...] = ()  # the files a job reads (a data config's, chosen on the client); () = a model's
 
     @property
     def uri(self) -> str:
         kind = "datasets/" if self.repo_type == "dataset" else ""
-        return f"{HF_SCHEME}{kind}{self.repo_id}@{self.sha or self.revision or 'main'}"
+        files = f"?files={','.join(quote(f, safe='/*-_.') for f in self.files)}" if self.files else ""
+        return f"{HF_SCHEME}{kind}{self.repo_id}@{self.sha or self.revision or 'main'}{files}"
 
     @classmethod
     def parse(cls, uri: str) -> HubRef:
-        rest = uri.removeprefix(HF_SCHEME)
+        rest, _, query = uri.removeprefix(HF_SCHEME).partition("?files=")
         repo_type = "dataset" if rest.startswith("datasets/") else "model"
         rest = rest.removeprefix("datasets/")
         repo_id, _, rev = rest.partition("@")
         sha = rev if re.fullmatch(r"[0-9a-f]{40}", rev or "") else None
-        return cls(repo_id, repo_type, rev or None, sha)
+        files = tuple(unquote(f) for f in query.split(",") if f)
+        return cls(repo_id, repo_type, rev or None, sha, files)
 
 
 def is_hub_uri(value: Any) -> bool:
@@ -241,38 +244,12 @@ def model_files(files: list[str]) -> list[str]:
     return sorted(chosen)
 
 
-def dataset_files(ref: HubRef, files: list[str], load: dict[str, Any], *, field: str) -> list[str]:
-    """What loading one data config reads of a dataset repo: its data_files (repo paths or patterns) if given, else
-    every data file of the config (subset) as `datasets` resolves it (all its splits: a local copy must hold each
-    file its README names), plus the card and metadata files."""
-    meta = [f for f in files if f in DATASET_META]
-    given = load.get("data_files")
-    if given:
-        values = given.values() if isinstance(given, dict) else [given]
-        return meta + sorted({p for v in values for p in ([v] if isinstance(v, str) else v)})
-    if offline():
-        return files  # the cached snapshot as it is
-    import datasets
-
-    try:
-        builder = datasets.load_dataset_builder(
-            ref.repo_id, load.get("subset"), revision=ref.sha, data_dir=load.get("data_dir")
-        )
-    except Exception as exc:  # datasets raises many kinds (ValueError for an unknown config, DataFilesNotFoundError)
-        raise HubError(f"{field}: dataset {ref.repo_id}: {_first_line(exc)}") from None
-    prefix = f"hf://datasets/{ref.repo_id}@{ref.sha}/"
-    found = {
-        str(f).removeprefix(prefix)
-        for split_files in (builder.config.data_files or {}).values()
-        for f in split_files
-    }
-    return meta + sorted(found)
-
-
-def materialize(uri: str, *, field: str, load: dict[str, Any] | None = None) -> Path:
-    """A job's hf:// reference -> a local snapshot folder, downloaded where the job runs (Azure ML)."""
-    ref, files = pin(HubRef.parse(uri), field=field)
-    wanted = model_files(files) if ref.repo_type == "model" else dataset_files(ref, files, load or {}, field=field)
+def materialize(uri: str, *, field: str) -> Path:
+    """A job's hf:// reference -> a local snapshot folder, downloaded where the job runs (Azure ML): the files the
+    client chose (a data config's; else the whole dataset repo), or a model's config, weights and tokenizer."""
+    asked = HubRef.parse(uri)
+    ref, files = pin(asked, field=field)
+    wanted = list(asked.files) or (model_files(files) if ref.repo_type == "model" else files)
     return fetch(ref, wanted, field=field)
 
 

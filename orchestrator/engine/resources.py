@@ -95,11 +95,41 @@ def hub_dataset(data_config: dict[str, Any], *, fetch: bool = True) -> tuple[str
         return None
     field = f"data_configs.{data_config.get('name')}.load_dataset_config.data_name"
     pinned, files = hub.pin(hub.HubRef(name, "dataset", params.get("revision")), field=field)
-    wanted = hub.dataset_files(pinned, files, params, field=field)
-    identity = f"{pinned.uri}:{','.join(wanted)}"
+    wanted = dataset_files(pinned, files, params, field=field)
+    ref = hub.HubRef(pinned.repo_id, "dataset", pinned.revision, pinned.sha, tuple(wanted))
     if not fetch:
-        return pinned.uri, identity
-    return str(hub.fetch(pinned, wanted, field=field)), identity
+        return ref.uri, ref.uri
+    return str(hub.fetch(pinned, wanted, field=field)), ref.uri
+
+
+DATASET_META = ("README.md", ".huggingface.yaml", "dataset_infos.json")
+
+
+def dataset_files(ref: Any, files: list[str], load: dict[str, Any], *, field: str) -> list[str]:
+    """What loading one data config reads of a dataset repo: its data_files (repo paths or patterns) if given, else
+    every data file of the config (subset) as `datasets` resolves it (all its splits: a local copy must hold each
+    file its README names), plus the card and metadata files."""
+    from orchestrator.core import hub
+
+    meta = [f for f in files if f in DATASET_META]
+    given = load.get("data_files")
+    if given:
+        values = given.values() if isinstance(given, dict) else [given]
+        return meta + sorted({p for v in values for p in ([v] if isinstance(v, str) else v)})
+    if hub.offline():
+        return files  # the cached snapshot as it is
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(
+            ref.repo_id, load.get("subset"), revision=ref.sha, data_dir=load.get("data_dir")
+        )
+    except Exception as exc:  # datasets raises many kinds (ValueError for an unknown config, DataFilesNotFoundError)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResourceError(f"{field}: dataset {ref.repo_id}: {first}") from None
+    prefix = f"hf://datasets/{ref.repo_id}@{ref.sha}/"
+    found = {str(f).removeprefix(prefix) for split in (builder.config.data_files or {}).values() for f in split}
+    return meta + sorted(found)
 
 
 def resolve_data_files(data_config: dict[str, Any], *, base_dir: Path, cache: Cache) -> Path | None:
