@@ -119,7 +119,14 @@ def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[st
     qkv_proj / gate_up_proj instead: map them (what the user means) and say so in one line."""
     import sys
 
-    if _model_type(model_name_or_path) != "phi3" or not set(modules) & set(PHI3_FUSED):
+    model_type = _model_type(model_name_or_path)
+    if model_type is None:
+        cfg = _hub_config(model_name_or_path)
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type") if cfg is not None and cfg.is_file() else None
+        except (OSError, ValueError):
+            model_type = None
+    if model_type != "phi3" or not set(modules) & set(PHI3_FUSED):
         return modules
     mapped = list(dict.fromkeys(PHI3_FUSED.get(m, m) for m in modules))
     sys.stderr.write(
@@ -127,6 +134,24 @@ def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[st
         "q/k/v into qkv_proj and gate/up into gate_up_proj)\n"
     )
     return mapped
+
+
+def _hub_config(model_name_or_path: str) -> Path | None:
+    """A hub model id's config.json (from the HF cache, or downloaded: the run downloads it anyway); None for a
+    path, or when the hub cannot say (the run's pre-flight reports that in one line)."""
+    from orchestrator.schema.resources import HUB_NAME
+
+    if Path(model_name_or_path).exists() or not HUB_NAME.match(model_name_or_path):
+        return None
+    from orchestrator.core import hub
+
+    try:
+        pinned, files = hub.pin(hub.HubRef(model_name_or_path), field="--model_name_or_path")
+        if "config.json" not in files:
+            return None
+        return hub.fetch(pinned, ["config.json"], field="--model_name_or_path") / "config.json"
+    except hub.HubError:
+        return None
 
 
 def data_files_arg(value: str) -> str | list[str]:
@@ -949,18 +974,15 @@ def quantize_workflow(
         if impl in ("inc", "inc_dynamic", "ort", "matmul4"):
             raise FlagError(f"--implementation {impl}: quantizes ONNX models; -m is a Hugging Face model")
         data = calibration()
+        # without --data_name, as Olive: the pass's own default calibration set (a hub data set)
         if algorithm == "awq":
-            if not data:
-                raise FlagError(f"--algorithm {algorithm} calibrates on data: give --data_name (and --data_files)")
-            pass_cfg: dict[str, Any] = {"type": "AutoAWQQuantizer", "bits": bits, "data_config": data}
+            pass_cfg: dict[str, Any] = {"type": "AutoAWQQuantizer", "bits": bits}
         elif impl in ("autogptq", "gptq"):
-            if not data:
-                raise FlagError(f"--algorithm {algorithm} calibrates on data: give --data_name (and --data_files)")
-            pass_cfg = {"type": "GptqQuantizer", "bits": bits, "data_config": data}
+            pass_cfg = {"type": "GptqQuantizer", "bits": bits}
         else:  # Olive >= 0.10's default implementation: its own Gptq
             pass_cfg = {"type": "Gptq", "bits": bits, "sym": precision.startswith("int")}
-            if data:
-                pass_cfg["data_config"] = data
+        if data:
+            pass_cfg["data_config"] = data
         if g.given("max_seq_len"):
             pass_cfg["max_seq_len"] = int(g["max_seq_len"])
         if g.given("max_samples") and g["max_samples"]:
