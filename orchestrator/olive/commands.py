@@ -285,6 +285,10 @@ def common(g: Given, plan: Plan) -> None:
             "--account_name/--container_name: Olive's Azure Blob shared cache is not used: orch caches every pass by "
             "content in engine.cache_dir (on Azure ML in the workspace's datastore); drop the flags"
         )
+    if g["model_variant"] and g["model_variant"] != "auto":
+        raise FlagError(
+            f"--model_variant {g['model_variant']}: diffusion models are not supported; orch exports language models"
+        )
     if g["model_script"] or g["script_dir"]:
         raise FlagError(
             "--model_script: PyTorch model-loader scripts (_model_loader) are not run by orch: give a Hugging Face "

@@ -598,6 +598,11 @@ CAPTURE = Command(
         ),
         Flag("--use_mobius_builder", "MobiusBuilder (mobius-ai): refused", kind="flag", group=OTHER),
         Flag(
+            "--model_variant",
+            "diffusion model variant (sd, sdxl, ...): refused, diffusion models are not supported",
+            group=OTHER,
+        ),
+        Flag(
             "--fixed_param_dict",
             "fix dynamic dimensions, e.g. batch_size=1,max_length=128 (refused: the "
             "genai decoder keeps dynamic shapes)",

@@ -352,6 +352,8 @@ class ModelBuilderPass(Pass):
         t0 = time.perf_counter()
         from orchestrator.passes.olive_quant import stage_for_builder
 
+        source_dir = hf_dir  # the checks read the checkpoint as given (the staged copy is gone by then)
+        prequantized = model.quantized or "quantization_config" in json.loads((hf_dir / "config.json").read_text())
         hf_dir = stage_for_builder(hf_dir, ctx.out_dir / ".olive_staged")  # Olive checkpoint, quantized embedding
         try:
             run_builder(hf_dir, tmp, config.precision, ep, cache, options, ctx.info)
@@ -385,7 +387,7 @@ class ModelBuilderPass(Pass):
         ctx.progress(1, 3, "check")
         if model.format == "hf_adapter":
             self._check_lora_float(tmp)
-        metrics |= self._check(config, ep, hf_dir, tmp, ctx, prequantized=model.quantized, adapter=model.adapter_path)
+        metrics |= self._check(config, ep, source_dir, tmp, ctx, prequantized=prequantized, adapter=model.adapter_path)
 
         commit_dir(tmp, final)
         ctx.progress(3, 3, "done")
