@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.passes.base import PassConfig, PassContext
+from orchestrator.passes.base import PassConfig, PassContext, PassError
 from orchestrator.passes.quantize import MatMulNBitsQuantizePass
 
 
@@ -48,7 +48,14 @@ class OnnxKQuantQuantizationPass(MatMulNBitsQuantizePass):
             nodes_to_exclude=config.nodes_to_exclude,
             algo_config=algo,
         )
-        quant.process()
+        try:
+            quant.process()
+        except ValueError as exc:  # a weight whose input width the k-quant blocks do not divide
+            raise PassError(
+                f"OnnxKQuantQuantization: onnxruntime's k-quant cannot quantize this model ({exc}); its blocks need "
+                "the MatMul input widths divisible by 128: exclude those nodes (nodes_to_exclude) or use "
+                "OnnxBlockWiseRtnQuantization"
+            ) from None
         data = dst.parent / f"{dst.name}.data"
         data.unlink(missing_ok=True)
         quant.model.save_model_to_file(str(dst), use_external_data_format=True)
