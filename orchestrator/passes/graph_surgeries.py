@@ -1,7 +1,8 @@
 """GraphSurgeries (Olive): named edits of an ONNX graph. orch runs one surgeon, TieWordEmbeddings: the token
 embedding Gather is replaced by a GatherBlockQuantized that reads the LM head's MatMulNBits weight, scales and
 zero points (through Reshape nodes, no copy), and the embedding table is dropped, so the two share one quantized
-initializer (Qwen3-0.6B ties them: the model gets smaller by the float embedding table).
+initializer (Qwen3-0.6B ties them: the model gets smaller by the float embedding table). In a float build (fp16 /
+fp32) the LM head reads the embedding table instead, through a Gemm with transB (Olive's unquantized tie).
 
 It is a real tie only if the two were the same matrix: the embedding is compared with the LM head's dequantized
 weight first, and the surgery refuses a model whose embedding differs (tie_word_embeddings false) instead of
@@ -93,6 +94,60 @@ def _unpack(packed: Any, bits: int) -> Any:
     return np.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1).astype(np.float32)
 
 
+def _reads_head_weight(g: Any, head: Any) -> bool:
+    """The builder's own tie of a float model: the embedding Gather reads Transpose(LM head weight)."""
+    w = head.inputs[1]
+    return any(n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].producer() is not None
+               and n.inputs[0].producer().op_type == "Transpose" and n.inputs[0].producer().inputs[0] is w
+               for n in g)  # fmt: skip
+
+
+def _tie_float(m: Any, gather: Any, head: Any) -> str:
+    """A float model (fp16/fp32 build): the LM head MatMul(x, W[H, V]) becomes Gemm(x as 2-D, E[V, H], transB=1)
+    reading the embedding table itself, reshaped back to x's leading dims; W is dropped (Olive's unquantized tie)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    g = m.graph
+    emb_v, w_v = gather.inputs[0], head.inputs[1]
+    emb = emb_v.const_value.numpy().astype(np.float32)
+    w = w_v.const_value.numpy().astype(np.float32)
+    if emb.shape != w.T.shape:
+        raise PassError(f"TieWordEmbeddings: embedding {emb.shape} does not match the LM head {w.shape} transposed")
+    rel = float(np.linalg.norm(w.T - emb) / max(np.linalg.norm(emb), 1e-12))
+    if not rel <= 1e-3:
+        raise PassError(
+            f"TieWordEmbeddings: the embedding differs from the LM head (relative L2 {rel:.2f}): the model's "
+            "embeddings are not tied (tie_word_embeddings false), tying them would change its outputs"
+        )
+    vocab, hidden = emb.shape
+    base = "/lm_head"
+
+    def const(name: str, values: list[int]) -> Any:
+        v = ir.Value(name=name, const_value=ir.tensor(np.array(values, dtype=np.int64), name=name))
+        g.register_initializer(v)
+        return v
+
+    x = head.inputs[0]
+    flat = ir.Node("", "Reshape", [x, const(f"{base}/tied_2d_shape", [-1, hidden])], name=f"{base}/TiedFlatten")
+    gemm = ir.Node("", "Gemm", [flat.outputs[0], emb_v], attributes=[ir.AttrInt64("transB", 1)], name=f"{base}/Gemm")
+    shape = ir.Node("", "Shape", [x], attributes=[ir.AttrInt64("end", -1)], name=f"{base}/TiedLeadingDims")
+    dims = ir.Node("", "Concat", [shape.outputs[0], const(f"{base}/tied_vocab", [vocab])],
+                   attributes=[ir.AttrInt64("axis", 0)], name=f"{base}/TiedOutShape")  # fmt: skip
+    back = ir.Node("", "Reshape", [gemm.outputs[0], dims.outputs[0]], name=f"{base}/TiedReshape")
+    out = back.outputs[0]
+    out.dtype, out.shape = head.outputs[0].dtype, head.outputs[0].shape
+    g.insert_before(head, [flat, gemm, shape, dims, back])
+    was_output = head.outputs[0].is_graph_output()
+    name = head.outputs[0].name
+    ir.convenience.replace_all_uses_with(head.outputs[0], out, replace_graph_outputs=True)
+    g.remove(head, safe=True)
+    if was_output:
+        out.name = name
+    del g.initializers[w_v.name]
+    return f"LM head ({hidden}x{vocab}) reads the embedding table through a Gemm (rel. diff {rel:.1e}); copy dropped"
+
+
 def tie_word_embeddings(m: Any) -> str:
     """Point the embedding lookup at the LM head's MatMulNBits weight; refuse if they are not the same matrix."""
     import numpy as np
@@ -101,6 +156,12 @@ def tie_word_embeddings(m: Any) -> str:
     g = m.graph
     gathers = [n for n in g if n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].is_initializer()]
     lm = [n for n in g if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")]
+    float_heads = [n for n in g if n.op_type == "MatMul" and n.name.startswith("/lm_head/")
+                   and n.inputs[1] is not None and n.inputs[1].is_initializer()]  # fmt: skip
+    if len(gathers) == 1 and not lm and len(float_heads) == 1:
+        return _tie_float(m, gathers[0], float_heads[0])
+    if not gathers and len(float_heads) == 1 and _reads_head_weight(g, float_heads[0]):
+        return "already tied: the builder's embedding lookup reads the LM head's weight (Transpose); nothing to do"
     if len(gathers) != 1 or len(lm) != 1:
         raise PassError(
             f"TieWordEmbeddings: expected one float embedding Gather and one LM-head MatMulNBits, found "
