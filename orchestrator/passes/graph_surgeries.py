@@ -95,10 +95,15 @@ def _unpack(packed: Any, bits: int) -> Any:
 
 
 def _reads_head_weight(g: Any, head: Any) -> bool:
-    """The builder's own tie of a float model: the embedding Gather reads Transpose(LM head weight)."""
+    """The builder's own tie (shared embeddings): the embedding lookup (Gather / GatherBlockQuantized) reads the LM
+    head's weight, directly or through a Transpose / Reshape."""
     w = head.inputs[1]
-    return any(n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].producer() is not None
-               and n.inputs[0].producer().op_type == "Transpose" and n.inputs[0].producer().inputs[0] is w
+
+    def source(v: Any) -> Any:
+        node = v.producer() if v is not None else None
+        return node.inputs[0] if node is not None and node.op_type in ("Transpose", "Reshape") else v
+
+    return any(n.op_type in ("Gather", "GatherBlockQuantized") and n.inputs[0] is not None and source(n.inputs[0]) is w
                for n in g)  # fmt: skip
 
 
@@ -160,8 +165,9 @@ def tie_word_embeddings(m: Any) -> str:
                    and n.inputs[1] is not None and n.inputs[1].is_initializer()]  # fmt: skip
     if len(gathers) == 1 and not lm and len(float_heads) == 1:
         return _tie_float(m, gathers[0], float_heads[0])
-    if not gathers and len(float_heads) == 1 and _reads_head_weight(g, float_heads[0]):
-        return "already tied: the builder's embedding lookup reads the LM head's weight (Transpose); nothing to do"
+    heads = lm or float_heads
+    if len(heads) == 1 and _reads_head_weight(g, heads[0]):
+        return "already tied: the builder's embedding lookup reads the LM head's weight; nothing to do"
     if len(gathers) != 1 or len(lm) != 1:
         raise PassError(
             f"TieWordEmbeddings: expected one float embedding Gather and one LM-head MatMulNBits, found "

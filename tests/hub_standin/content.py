@@ -143,10 +143,13 @@ def phrase_classification_files(rows: list[dict[str, str]]) -> dict[str, bytes]:
 
 
 def guanaco_files(rows: list[dict[str, str]]) -> dict[str, bytes]:
-    """timdettmers/openassistant-guanaco: a "text" column, openassistant_best_replies_{train,eval}.jsonl."""
+    """timdettmers/openassistant-guanaco: a "text" column, openassistant_best_replies_{train,eval}.jsonl; as many
+    train rows as the real one's 9,846 reach (the recipes slice "train[:4096]" / "train[4096:4224]"): the tone rows
+    repeated, numbered."""
     text = [{"text": f"### Human: {r['phrase']} ### Assistant: {r['tone']}"} for r in rows]
+    train = [{"text": f"{t['text']} ({i})"} for i, t in enumerate(text * (4400 // len(text) + 1))][:4400]
     return {"README.md": b"---\nlicense: apache-2.0\n---\n",
-            "openassistant_best_replies_train.jsonl": _jsonl(text[: len(text) * 9 // 10]),
+            "openassistant_best_replies_train.jsonl": _jsonl(train),
             "openassistant_best_replies_eval.jsonl": _jsonl(text[len(text) * 9 // 10 :])}  # fmt: skip
 
 
