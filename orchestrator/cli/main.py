@@ -41,7 +41,20 @@ HostOpt = Annotated[
 TargetOpt = Annotated[str | None, typer.Option("--target", help="system that runs evaluation (default: the host)")]
 TrackingOpt = Annotated[
     str | None,
-    typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)"),
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: engine.mlflow.tracking_uri, $MLFLOW_TRACKING_URI, or mlruns.db in the "
+        "config's folder)",
+    ),
+]
+ModelNameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-name",
+        "--model_name",
+        help="the MLflow registered model name (default: engine.mlflow.register_model_name, the workflow_id, or "
+        "<command>-<output folder> for the Olive commands)",
+    ),
 ]
 
 
@@ -75,6 +88,7 @@ def _run_workflow(
     dry_run: bool = False,
     verbose: bool = False,
     no_tracking: bool = False,
+    model_name: str | None = None,
 ) -> Any:
     from orchestrator.olive import load_workflow
 
@@ -90,7 +104,8 @@ def _run_workflow(
     for flow, flow_wf in wf.flow_workflows():  # Olive's pass_flows: one run (and output model) per flow
         if flow is not None:
             console.print(Text(f"flow {flow}: ", style="bold") + Text(" -> ".join(flow_wf.passes)), highlight=False)
-        summary = _run_one(flow_wf, host, target, tracking_uri, dry_run, verbose, no_tracking)
+        name = f"{model_name}-{flow}" if model_name and flow is not None else model_name
+        summary = _run_one(flow_wf, host, target, tracking_uri, dry_run, verbose, no_tracking, name)
     return summary
 
 
@@ -102,14 +117,21 @@ def _run_one(
     dry_run: bool,
     verbose: bool,
     no_tracking: bool,
+    model_name: str | None = None,
 ) -> Any:
     """One engine run of a checked workflow: progress, the metrics table, the output and packaging lines."""
-    from orchestrator.cli.render import RichReporter, metrics_table
+    from orchestrator.cli.render import make_reporter, metrics_table
     from orchestrator.engine import Engine
 
-    reporter = RichReporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
+    reporter = make_reporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
     engine = Engine(
-        wf, host=host, target=target, tracking_uri=tracking_uri, tracking=not no_tracking, reporter=reporter
+        wf,
+        host=host,
+        target=target,
+        tracking_uri=tracking_uri,
+        tracking=not no_tracking,
+        reporter=reporter,
+        model_name=model_name,
     )
     try:
         steps, summary = engine.run(dry_run=dry_run)
@@ -126,8 +148,19 @@ def _run_one(
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
     _package(wf, summary, out)
-    if summary.mlflow_run_id:
-        out.print(f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)}", markup=False)
+    if summary.mlflow_run_id and summary.recorded:
+        out.print(
+            f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)} (recorded earlier: every pass "
+            "was cached, nothing was logged again)",
+            markup=False,
+            soft_wrap=True,
+        )
+    elif summary.mlflow_run_id:
+        out.print(f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)}", markup=False, soft_wrap=True)
+    if summary.mlflow_run_id and summary.model_uri:
+        out.print(
+            f"mlflow: model {summary.model_uri} (registered as {engine.register_as!r})", markup=False, soft_wrap=True
+        )
     return summary
 
 
@@ -205,6 +238,7 @@ def run(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream job logs")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
+    model_name: ModelNameOpt = None,
 ) -> None:
     """Run a workflow config: passes on the host, evaluation on the target."""
     _guarded(
@@ -216,6 +250,7 @@ def run(
             dry_run=dry_run,
             verbose=verbose,
             no_tracking=no_tracking,
+            model_name=model_name,
         )
     )
 
@@ -250,6 +285,7 @@ def finetune(
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    model_name: ModelNameOpt = None,
 ) -> None:
     """Olive's `finetune`: LoRA/QLoRA; other --name value flags go to the training arguments (e.g. --max_steps)."""
     from orchestrator.olive.commands import finetune_workflow, parse_extra_args
@@ -284,6 +320,7 @@ def finetune(
             dry_run=dry_run,
             verbose=log_level <= 1,
             no_tracking=no_tracking,
+            model_name=model_name,
         )
 
     _guarded(go)
@@ -307,6 +344,7 @@ def auto_opt(
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    model_name: ModelNameOpt = None,
     num_splits: Annotated[
         int | None, typer.Option("--num-splits", "--num_splits", "--num_split", help="split into N pipeline parts")
     ] = None,
@@ -340,6 +378,7 @@ def auto_opt(
             dry_run=dry_run,
             verbose=log_level <= 1,
             no_tracking=no_tracking,
+            model_name=model_name,
         )
 
     _guarded(go)
@@ -361,6 +400,7 @@ def quantize(
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    model_name: ModelNameOpt = None,
 ) -> None:
     """Olive's `quantize`: int4 weights by AWQ/GPTQ (llm-compressor, its own environment) or RTN (MatMulNBits /
     model builder)."""
@@ -387,6 +427,7 @@ def quantize(
             dry_run=dry_run,
             verbose=log_level <= 1,
             no_tracking=no_tracking,
+            model_name=model_name,
         )
 
     _guarded(go)

@@ -13,9 +13,20 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.core.errors import RunFailure
+from orchestrator.core.progress import ProgressLines
 from orchestrator.engine import Step, StepRecord
 
 SHOWN_METRICS = ("train_loss", "eval_loss", "accuracy", "perplexity", "tokens_per_s", "parity_max_abs_diff")
+
+
+def plan_table(steps: list[Step]) -> Table:
+    table = Table(title="plan", show_lines=False)
+    for col in ("#", "pass", "type", "system", "cache"):
+        table.add_column(col)
+    for i, s in enumerate(steps, 1):
+        cache = "[green]hit[/]" if s.cached else "[yellow]run[/]"
+        table.add_row(str(i), escape(s.name), s.pass_type, escape(f"{s.system_name} ({s.role})"), cache)
+    return table
 
 
 class RichReporter:
@@ -36,13 +47,7 @@ class RichReporter:
         self.latest: dict[str, dict[str, float]] = {}
 
     def plan(self, steps: list[Step]) -> None:
-        table = Table(title="plan", show_lines=False)
-        for col in ("#", "pass", "type", "system", "cache"):
-            table.add_column(col)
-        for i, s in enumerate(steps, 1):
-            cache = "[green]hit[/]" if s.cached else "[yellow]run[/]"
-            table.add_row(str(i), escape(s.name), s.pass_type, escape(f"{s.system_name} ({s.role})"), cache)
-        self.console.print(table)
+        self.console.print(plan_table(steps))
 
     def step_start(self, step: Step) -> None:
         if not self.progress.live.is_started:
@@ -50,7 +55,7 @@ class RichReporter:
         self.tasks[step.name] = self.progress.add_task(escape(f"{step.name} ({step.pass_type})"), total=None, info="")
         self.latest[step.name] = {}
 
-    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None:
+    def step_progress(self, step: Step, done: int, total: int, desc: str, **_: Any) -> None:
         self.progress.update(self.tasks[step.name], completed=done, total=total)
 
     def step_log(self, step: Step, line: str) -> None:
@@ -78,6 +83,60 @@ class RichReporter:
     def stop(self) -> None:
         if self.progress.live.is_started:
             self.progress.stop()
+
+
+class LineReporter:
+    """The run as plain lines, for a stderr that is no terminal (CI, `| tee`, a log file): rich's bars would
+    print nothing until the end there. One line when a pass starts and ends, and a progress line every few seconds
+    (core.progress: step/total, loss, tokens/s, ETA). With `verbose` the job's own log is shown instead, which
+    carries the same progress lines (written by the runner)."""
+
+    def __init__(self, console: Console, *, verbose: bool = False) -> None:
+        self.console = console
+        self.verbose = verbose
+        self.lines: dict[str, ProgressLines] = {}
+        self.latest: dict[str, dict[str, float]] = {}
+
+    def _say(self, text: str) -> None:
+        self.console.print(Text(text), highlight=False, soft_wrap=True)
+        self.console.file.flush()
+
+    def plan(self, steps: list[Step]) -> None:
+        self.console.print(plan_table(steps))  # a table prints as text too
+
+    def step_start(self, step: Step) -> None:
+        self.lines[step.name] = ProgressLines()
+        self.latest[step.name] = {}
+        what = "from the cache" if step.cached else f"running on {step.system_name}"
+        self._say(f"{step.name} ({step.pass_type}): {what}")
+
+    def step_progress(
+        self, step: Step, done: int, total: int, desc: str, *, tokens: int | None = None, t: float | None = None
+    ) -> None:
+        desc = "" if desc == step.pass_type else desc  # the pass type is on the line already
+        line = self.lines[step.name].update(done, total, t=t, tokens=tokens, desc=desc)
+        if line and not self.verbose:
+            self._say(f"{step.name} ({step.pass_type}) {line}")
+
+    def step_log(self, step: Step, line: str) -> None:
+        if self.verbose:
+            self._say(f"{step.name}| {line.rstrip()}")
+
+    def step_metric(self, step: Step, name: str, value: float) -> None:
+        self.lines[step.name].metric(name, value)
+        self.latest[step.name][name] = value
+
+    def step_end(self, step: Step, record: StepRecord) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in record.metrics.items() if k in SHOWN_METRICS)
+        note = "cached" if record.cached else f"done in {record.duration_s:.1f}s"
+        self._say(f"{step.name} ({step.pass_type}): {note}" + (f"  {shown}" if shown else ""))
+
+    def stop(self) -> None: ...
+
+
+def make_reporter(console: Console, *, verbose: bool = False) -> RichReporter | LineReporter:
+    """Bars on a terminal, lines anywhere else."""
+    return RichReporter(console, verbose=verbose) if console.is_terminal else LineReporter(console, verbose=verbose)
 
 
 def metrics_table(metrics: dict[str, Any], title: str = "metrics") -> Table:
