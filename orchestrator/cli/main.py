@@ -760,14 +760,20 @@ def ui_command(
     run_id: Annotated[str | None, typer.Option("--run-id", help="another run of the same tracking store")] = None,
     tracking_uri: TrackingOpt = None,
     port: Annotated[int | None, typer.Option("--port", help="local MLflow server port (default: a free one)")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="write a PNG of the run's loss curves and before/after metrics (matplotlib) and exit"
+        ),
+    ] = None,
     screenshot: Annotated[
         Path | None,
-        typer.Option("--screenshot", help="write a PNG of the run's loss chart (headless Chromium) and exit"),
+        typer.Option("--screenshot", help="write a PNG of the MLflow UI's loss chart (headless Chromium) and exit"),
     ] = None,
     no_browser: Annotated[bool, typer.Option("--no-browser", help="print the URL only")] = False,
 ) -> None:
     """The MLflow UI on a workflow's run: a local MLflow server over its tracking store, opened on the run's
-    charts (loss curves, metrics); Ctrl-C stops it."""
+    charts (loss curves, metrics); Ctrl-C stops it. --plot draws the same without a browser."""
 
     def go() -> None:
         import time
@@ -785,15 +791,29 @@ def ui_command(
             else:
                 recorded_uri, recorded_run = ui.mlflow_run_ref(found)
                 uri, rid = tracking_uri or recorded_uri, run_id or recorded_run
+            if plot is not None:  # matplotlib from MLflow's metric history: no server, no browser
+                from orchestrator.engine.plots import plot_mlflow_run
+
+                picture = plot_mlflow_run(uri, rid, plot)
+                for line in picture.describe():
+                    console.print(Text(f"  {line}"), highlight=False, soft_wrap=True)
+                out.print(f"plot of run {rid}: {plot}", markup=False, soft_wrap=True)
+                return
             experiment = ui.experiment_of(uri, rid)
-            proc, base = ui.start_mlflow_ui(uri, port=port)
+            keys: list[str] = []
+            if screenshot is not None:  # what is missing is said before any server starts
+                ui.chromium_binary()
+                keys = ui.loss_metric_keys(uri, rid)
+                if not keys:
+                    raise ui.UiError(f"run {rid} logged no loss-like metric: no chart to capture")
+            proc, base = ui.start_mlflow_ui(uri, port=port, screenshot=screenshot is not None)
         except ui.UiError as exc:
             raise fail(f"ui: {exc}") from None
         try:
             page = ui.run_page_url(base, experiment, rid)
             if screenshot is not None:
-                ui.capture_page(ui.metric_page_url(base, experiment, rid, "lora/train_loss"), screenshot)
-                out.print(f"screenshot of run {rid}'s loss chart: {screenshot}")
+                ui.capture_page(ui.metric_page_url(base, experiment, rid, keys), screenshot)
+                out.print(f"screenshot of run {rid}'s loss chart ({', '.join(keys)}): {screenshot}", markup=False)
                 return
             out.print(f"MLflow UI on run {rid}: {page}  (Ctrl-C stops the server)", markup=False)
             if not no_browser:

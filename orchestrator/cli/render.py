@@ -176,6 +176,18 @@ def experiment_of(tracking_uri: str, run_id: str) -> str:
     return str(row[0])
 
 
+def loss_metric_keys(tracking_uri: str, run_id: str) -> list[str]:
+    """The run's loss-like metric keys, whatever the pass calls them (read-only sqlite query)."""
+    import sqlite3
+
+    from orchestrator.engine.plots import is_loss
+
+    db = sqlite_path(tracking_uri)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", (run_id,)).fetchall()
+    return sorted(key for (key,) in rows if is_loss(key.rpartition("/")[2]))
+
+
 def sqlite_path(tracking_uri: str) -> Path:
     if not tracking_uri.startswith("sqlite:///"):
         raise UiError(f"orch ui serves local sqlite tracking stores; {tracking_uri} is a server: open it in a browser")
@@ -202,11 +214,20 @@ class UiError(RunFailure, RuntimeError):
     """A one-line problem of `orch ui` (what is missing and the fix)."""
 
 
-def start_mlflow_ui(tracking_uri: str, *, port: int | None = None, log_path: Path | None = None) -> tuple[Any, str]:
+# The name headless Chromium loads the UI by for screenshots. MLflow's UI opens its assistant panel over a quarter
+# of the page when it is served from "localhost" / "127.0.0.1"; from another name that still is loopback (Chromium
+# resolves *.localhost itself) it does not. The server is told to accept this Host header.
+SCREENSHOT_HOST = "orch-ui.localhost"
+
+
+def start_mlflow_ui(
+    tracking_uri: str, *, port: int | None = None, log_path: Path | None = None, screenshot: bool = False
+) -> tuple[Any, str]:
     """Start `mlflow server` on 127.0.0.1 over a sqlite store; returns (process, base URL) once /health answers.
 
     One worker and no job execution: healthy in ~10 s with ~0.5 GB, where the default start spawns 15 processes
-    (../shared/FACTS.md). The caller stops the process (stop_mlflow_ui)."""
+    (../shared/FACTS.md). With `screenshot` the base URL uses SCREENSHOT_HOST. The caller stops the process
+    (stop_mlflow_ui)."""
     import os
     import subprocess
     import sys
@@ -222,6 +243,8 @@ def start_mlflow_ui(tracking_uri: str, *, port: int | None = None, log_path: Pat
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if screenshot:
+        cmd += ["--allowed-hosts", ",".join(f"{h}:{port}" for h in ("127.0.0.1", "localhost", SCREENSHOT_HOST))]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 90
@@ -232,7 +255,7 @@ def start_mlflow_ui(tracking_uri: str, *, port: int | None = None, log_path: Pat
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
                 if resp.status == 200:
-                    return proc, base
+                    return proc, (f"http://{SCREENSHOT_HOST}:{port}" if screenshot else base)
         except OSError:
             time.sleep(0.5)
     stop_mlflow_ui(proc)
@@ -256,21 +279,23 @@ def stop_mlflow_ui(proc: Any) -> None:
         proc.wait(timeout=5)
 
 
-def metric_page_url(base_url: str, experiment_id: str, run_id: str, key: str) -> str:
-    """The MLflow UI's chart page of one metric of one run (the route its "Plot chart" links build)."""
+def metric_page_url(base_url: str, experiment_id: str, run_id: str, key: str | list[str]) -> str:
+    """The MLflow UI's chart page of one run's metrics, drawn in one chart (the route its "Plot chart" links
+    build)."""
     import json
     from urllib.parse import quote
 
-    runs, exps, keys = json.dumps([run_id]), json.dumps([experiment_id]), json.dumps([key])
+    keys_list = [key] if isinstance(key, str) else list(key)
+    runs, exps, keys = json.dumps([run_id]), json.dumps([experiment_id]), json.dumps(keys_list)
     query = (
-        f"?runs={quote(runs)}&metric={quote(json.dumps(key))}&experiments={quote(exps)}"
+        f"?runs={quote(runs)}&metric={quote(json.dumps(keys_list[0]))}&experiments={quote(exps)}"
         f"&plot_metric_keys={quote(keys)}&plot_layout={quote('{}')}&x_axis=step&y_axis_scale=linear"
         "&line_smoothness=1&show_point=false&deselected_curves=%5B%5D&last_linear_y_axis_range=%5B%5D"
     )
     return f"{base_url.rstrip('/')}/#/metric{query}"
 
 
-CHROMIUM_HINT = "apt-get install -y chromium (scripts/services.sh installs it)"
+CHROMIUM_HINT = "apt-get install -y chromium (scripts/services.sh installs it), or `orch ui --plot PNG` (matplotlib)"
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -299,11 +324,12 @@ def capture_page(url: str, screenshot: Path, *, budget_ms: int = 20000, size: st
     import subprocess
     import tempfile
 
-    if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
+    if not url.startswith(("http://127.0.0.1:", "http://localhost:", f"http://{SCREENSHOT_HOST}:")):
         raise UiError(f"capture_page loads the local MLflow UI only, not {url}")
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="orch-chromium-") as profile:
         cmd = [chromium_binary(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}"]
+        cmd += [f"--host-resolver-rules=MAP {SCREENSHOT_HOST} 127.0.0.1"]  # loopback, never a DNS query
         cmd += [f"--virtual-time-budget={budget_ms}", f"--screenshot={screenshot}", "--dump-dom", url]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if proc.returncode != 0 or not screenshot.is_file():

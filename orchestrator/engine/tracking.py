@@ -87,6 +87,15 @@ def resolve_tracking_uri(flag: str | None, config_uri: str | None, base_dir: Pat
     return default_tracking_uri(base_dir)
 
 
+def local_artifact_root(tracking_uri: str | None) -> str | None:
+    """Where a local sqlite store's artifacts go: beside the db (<db folder>/mlruns/), not under whatever folder
+    the run was started from (MLflow's default for a new experiment is ./mlruns of the current folder)."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///") :])
+    return (db.parent / "mlruns").resolve().as_uri() if db.is_absolute() else None
+
+
 def plan_key(register_as: str, steps: list[tuple[str, str]]) -> str:
     """What a workflow run records, as one hash: the model name and every (step name, cache key). Two runs with
     the same plan key logged the same things; a run whose passes are all cached reuses the first one's record."""
@@ -241,7 +250,11 @@ class Tracker:
         try:
             self.client = mlflow.MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)  # creates / migrates the store (under the lock)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else self.client.create_experiment(experiment, artifact_location=local_artifact_root(tracking_uri))
+            )
             self.experiment_id = exp_id
             self.closed_stale = self._close_dead_runs()
             if start:
