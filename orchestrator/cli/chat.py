@@ -63,12 +63,20 @@ class ChatSession:
     def reset(self) -> None:
         self.history.clear()
 
+    @property
+    def trained_chat(self) -> bool:
+        """The model was fine-tuned on chat-templated messages (so the chat template is the trained one)."""
+        return self.prompt_format is not None and self.prompt_format.kind == "chat_template"
+
     def describe(self) -> str:
         """Which template is used, in one line."""
         if self.mode == "trained":
             assert self.prompt_format is not None
             return f"template: the one the model was fine-tuned with, {self.prompt_format.describe()}"
         if self.mode == "chat":
+            if self.trained_chat:
+                assert self.prompt_format is not None
+                return f"template: the one the model was fine-tuned with, {self.prompt_format.describe()}"
             why = ""
             if self.prompt_format is not None and not self.prompt_format.answers:
                 why = " (the fine-tune's texts had no template)"
@@ -90,7 +98,10 @@ class ChatSession:
             for said, answered in history:
                 messages += [{"role": "user", "content": said}, {"role": "assistant", "content": answered}]
             messages.append({"role": "user", "content": message})
-            text = m.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            custom = self.prompt_format.template if self.trained_chat and self.prompt_format else None
+            text = m.tokenizer.apply_chat_template(
+                json.dumps(messages), template_str=custom, add_generation_prompt=True
+            )
             return m.encode(text)
         return m.encode("".join(said + answered for said, answered in history) + message)
 
@@ -128,6 +139,8 @@ def choose_mode(requested: bool | None, prompt_format: PromptFormat | None, has_
         return "raw"
     if prompt_format is not None and prompt_format.answers:
         return "trained"
+    if prompt_format is not None and prompt_format.kind == "chat_template":
+        return "chat"
     return "chat" if has_chat_template else "raw"
 
 

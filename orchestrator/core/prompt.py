@@ -26,12 +26,14 @@ class PromptFormat(BaseModel):
 
     kind `text_template`: Olive's text_template; its last field is the answer, the text before it the prompt.
     kind `text_cols`: the columns joined by newlines; the last column is the answer.
+    kind `chat_template`: each row's messages through a chat template (`template`: a custom one; None: the
+    tokenizer's); generation applies the same template to the conversation.
     kind `text`: the texts were used as they are (no format is known: generation falls back to a chat template).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["text_template", "text_cols", "text"]
+    kind: Literal["text_template", "text_cols", "chat_template", "text"]
     template: str | None = None
     columns: list[str] = []
     source: str = ""  # where it was recorded, e.g. "LoRA pass 'lora', data config 'train'"
@@ -74,6 +76,9 @@ class PromptFormat(BaseModel):
 
     def describe(self) -> str:
         """One line for the user: what the prompt looks like around their message."""
+        if self.kind == "chat_template":
+            which = "a chat template of its own" if self.template else "the tokenizer's chat template"
+            return which + (f" ({self.source})" if self.source else "")
         if not self.answers:
             return "the training texts had no recorded template"
         shown = self.prompt("<your message>")

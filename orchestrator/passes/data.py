@@ -264,6 +264,9 @@ def prompt_format(data_config: dict[str, Any], source: str = "") -> PromptFormat
     pre = dc.pre_process_data_config
     if pre is None or dc.script_component("pre_process_data") is not None:  # a script builds the text itself
         return PromptFormat(kind="text", source=source)
+    chat = getattr(pre, "chat_template", None)  # rows of messages through a chat template
+    if chat:
+        return PromptFormat(kind="chat_template", template=chat if isinstance(chat, str) else None, source=source)
     if pre.text_template:
         return PromptFormat(kind="text_template", template=pre.text_template, source=source)
     if pre.text_cols and len(pre.text_cols) > 1:
