@@ -77,11 +77,15 @@ class ChatSession:
             if self.trained_chat:
                 assert self.prompt_format is not None
                 return f"template: the one the model was fine-tuned with, {self.prompt_format.describe()}"
-            why = ""
-            if self.prompt_format is not None and not self.prompt_format.answers:
-                why = " (the fine-tune's texts had no template)"
-            return f"template: the tokenizer's chat template{why}"
-        return "template: none (--raw): the text goes to the model as typed"
+            return f"template: the tokenizer's chat template{self._trained_note()}"
+        return f"template: none (--raw): the text goes to the model as typed{self._trained_note()}"
+
+    def _trained_note(self) -> str:
+        if self.prompt_format is None:
+            return ""
+        if self.prompt_format.answers:
+            return f" (it was fine-tuned on {self.prompt_format.describe()}: leave out --chat/--raw to use that)"
+        return " (the fine-tune's texts had no template)"
 
     def conversation_ids(self, message: str, history: list[tuple[str, str]]) -> list[int]:
         """Token ids of the whole conversation up to the model's answer to `message`."""
