@@ -20,7 +20,10 @@ from orchestrator.engine.tracking import read_events
 
 Points = list[tuple[int, float]]
 FINAL_EVAL_STEP = "evaluate"
+EVAL_STEPS = (INPUT_EVAL_STEP, FINAL_EVAL_STEP)
 MAX_EVAL_PANELS = 6
+# logged for every step by the engine, or counts of what was scored: not results to compare before and after
+NOT_RESULTS = ("duration_s", "model_size_bytes", "n_samples", "n_tokens")
 
 
 class NothingToPlot(UserError):
@@ -41,7 +44,7 @@ class RunPicture:
     after: dict[str, float] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not any(any(c.values()) for c in self.curves.values()) and not (self.before or self.after)
+        return not any(any(c.values()) for c in self.curves.values()) and not self.eval_metrics()
 
     def describe(self) -> list[str]:
         """One line per panel: what was drawn (for the user, and for tests that read it)."""
@@ -55,9 +58,15 @@ class RunPicture:
         return lines
 
     def eval_metrics(self) -> list[str]:
-        both = [m for m in self.after if m in self.before]
-        rest = [m for m in {**self.after, **self.before} if m not in both]
-        return (both + rest)[:MAX_EVAL_PANELS]
+        """The evaluation's results, those known before and after first (at most MAX_EVAL_PANELS)."""
+        results = [m for m in {**self.after, **self.before} if not m.endswith(NOT_RESULTS)]
+        both = [m for m in results if m in self.before and m in self.after]
+        rest = [m for m in results if m not in both]
+        groups: dict[str, str] = {}  # one of each evaluator metric (latency-..., throughput-...) before its others
+        for m in rest:
+            groups.setdefault(m.partition("-")[0], m)
+        firsts = list(groups.values())
+        return (both + firsts + [m for m in rest if m not in firsts])[:MAX_EVAL_PANELS]
 
 
 def picture_from_events(step_dirs: dict[str, Path]) -> RunPicture:
@@ -70,7 +79,7 @@ def picture_from_events(step_dirs: dict[str, Path]) -> RunPicture:
             if event.get("type") != "metric":
                 continue
             metric, value = str(event.get("name")), float(event["value"])
-            if is_loss(metric) and event.get("step") is not None:
+            if is_loss(metric) and event.get("step") is not None and name not in EVAL_STEPS:
                 curves.setdefault(metric, []).append((int(event["step"]), value))
             finals[metric] = value
         if curves:
@@ -90,7 +99,7 @@ def picture_from_mlflow(client: Any, run_id: str) -> RunPicture:
         step, _, metric = key.partition("/")
         if not metric:
             step, metric = "run", key
-        if is_loss(metric):
+        if is_loss(metric) and step not in EVAL_STEPS:  # an evaluation's loss is a result, drawn below
             history = client.get_metric_history(run_id, key)
             picture.curves.setdefault(step, {})[metric] = sorted((int(m.step), float(m.value)) for m in history)
         if step == INPUT_EVAL_STEP:

@@ -278,12 +278,15 @@ class Tracker:
         """The latest finished run of this experiment that recorded `plan` (tag orch.plan), or None."""
         if not self.enabled:
             return None
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`orch.plan` = '{plan}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`orch.plan` = '{plan}' and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+        except Exception:  # noqa: BLE001 - a store without tag search: a new run records it, as before
+            return None
         if not runs:
             return None
         run = runs[0]
