@@ -265,6 +265,8 @@ class Engine:
             data_configs=configs,
             data_files=files,
             output_dir=str(stage),
+            # outlives this attempt (the staging folder does not): a pass that can resume checkpoints here
+            checkpoint_dir=str(self.cache.partial_dir(step.key) / "checkpoints"),
             accelerator=self._accelerator(step.system_name),
             processes_per_node=system.processes_for(load_pass(step.pass_type)),  # >1: data parallel (DDP passes)
             execution_providers=self._providers(),
