@@ -217,6 +217,7 @@ class Engine:
                             "pass_type": step.pass_type,
                             "system": step.system_name,
                             "orch": __version__,
+                            "resumed_from_step": step.resumed_from_step,
                         },
                     )
                     cached = False
@@ -243,6 +244,7 @@ class Engine:
             output_size_bytes=folder_size(out_model.path)
             if out_model and not is_uri(out_model.path) and Path(out_model.path).exists()
             else 0,
+            resumed_from_step=entry.meta.get("resumed_from_step"),  # how the entry was made, cached or not
         )
         tracker.log_metric(f"{step.name}/duration_s", result.duration_s)
         if record.output_size_bytes:
