@@ -296,3 +296,21 @@ def test_lora_in_a_container_checkpoints_into_the_mounted_folder_and_resumes(tmp
     events = [json.loads(line) for line in (tmp_path / "out2" / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["type"] == "resume"] == [4]
     assert "resumed from step 4" in (tmp_path / "out2" / "job.log").read_text()
+
+
+def test_partial_folders_go_at_commit_and_at_clean_unless_their_run_is_alive(tmp_path: Path) -> None:
+    from orchestrator.core.job import JobResult, JobState
+
+    cache = Cache(tmp_path / "cache")
+    with cache.staging("done") as stage:
+        (cache.partial_dir("done") / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+        JobResult(job_id="j", pass_type="LoRA", status=JobState.COMPLETED).write(stage)
+        cache.commit("done", stage, {})
+    assert cache.get("done") is not None and not cache.partial_dir("done").exists()
+
+    (cache.partial_dir("killed") / "checkpoints").mkdir(parents=True)  # a kill -9 left it: nobody holds the lock
+    (cache.partial_dir("running") / "checkpoints").mkdir(parents=True)
+    with cache.lock("running"):  # a live run of that key
+        cache.clean()
+        assert not cache.partial_dir("killed").exists()
+        assert cache.partial_dir("running").exists()
