@@ -78,4 +78,5 @@ class RunSummary:
     output_dir: Path | None
     mlflow_run_id: str | None
     model_uri: str | None = None
+    input_identity: str | None = None  # what the run started from: hf://<id>@<commit>, or the content hash
 
