@@ -71,11 +71,17 @@ class RichReporter:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in self.latest[step.name].items() if k in SHOWN_METRICS)
         self.progress.update(self.tasks[step.name], info=shown)
 
+    def step_note(self, step: Step, message: str) -> None:
+        """A line that stays (the info column only shows the latest one): e.g. `lora: resumed from step 20`."""
+        self.progress.console.print(Text(f"{step.name}: ", style="cyan") + Text(message), highlight=False)
+
     def step_end(self, step: Step, record: StepRecord) -> None:
         task = self.tasks[step.name]
         total = self.progress.tasks[task].total or 1
         shown = ", ".join(f"{k}={v:.4g}" for k, v in record.metrics.items() if k in SHOWN_METRICS)
         note = "cached" if record.cached else f"{record.duration_s:.1f}s"
+        if record.resumed_from_step is not None and not record.cached:
+            note += f" (resumed from step {record.resumed_from_step})"
         self.progress.update(task, completed=total, total=total, info=f"{note} {shown}")
         if step.role == "target" or step is None:
             self.stop()
@@ -121,6 +127,9 @@ class LineReporter:
     def step_log(self, step: Step, line: str) -> None:
         if self.verbose:
             self._say(f"{step.name}| {line.rstrip()}")
+
+    def step_note(self, step: Step, message: str) -> None:
+        self._say(f"{step.name}: {message}")
 
     def step_metric(self, step: Step, name: str, value: float) -> None:
         self.lines[step.name].metric(name, value)

@@ -224,6 +224,7 @@ class Tracker:
         one adopted (`adopt`)."""
         self.enabled = enabled
         self.run_id: str | None = None
+        self._logged: set[tuple[str, int]] = set()  # (metric, step) forwarded from jobs: each is logged once
         self.tracking_uri = tracking_uri
         self.run_name = run_name
         self.recorded = False  # True: run_id is an earlier run this one only points to
@@ -336,15 +337,31 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path))
 
     def forward(self, event: dict[str, Any], prefix: str) -> None:
-        """Forward one job event (metric or param) into the workflow run, namespaced by pass name."""
+        """Forward one job event (metric or param) into the workflow run, namespaced by pass name. A metric step
+        already in the run (a resumed attempt's replayed history, a step redone after the last checkpoint) is
+        not logged again."""
         if event.get("type") == "metric":
-            self.log_metric(prefix + event["name"], event["value"], event.get("step"))
+            name, step = prefix + event["name"], event.get("step")
+            if step is not None:
+                if (name, int(step)) in self._logged:
+                    return
+                self._logged.add((name, int(step)))
+            self.log_metric(name, event["value"], step)
         elif event.get("type") == "param" and self.writing:
             self.client.log_param(self.run_id, (prefix + event["name"])[:250], str(event["value"])[:500])
 
+    def resume(self, prefix: str) -> None:
+        """A job resumed from a checkpoint: learn which steps of its metrics this run holds already (none for a
+        fresh run; those of the earlier attempt when the run is the same, as on an Azure ML requeue)."""
+        if not self.writing:
+            return
+        for name in self.client.get_run(self.run_id).data.metrics:
+            if name.startswith(prefix):
+                self._logged.update((name, m.step) for m in self.client.get_metric_history(self.run_id, name))
+
     def replay(self, events: list[dict[str, Any]], prefix: str) -> None:
         """A cached pass's recorded metrics and params, as its run logged them: every step of its loss history
-        with the original step numbers and times (not one point at step 0)."""
+        with the original step numbers and times (not one point at step 0); each (metric, step) once."""
         if not self.writing:
             return
         from mlflow.entities import Metric, Param
@@ -352,9 +369,12 @@ class Tracker:
         metrics, params = [], {}
         for event in events:
             if event.get("type") == "metric":
+                name, step = (prefix + event["name"])[:250], int(event.get("step") or 0)
+                if (name, step) in self._logged:
+                    continue
+                self._logged.add((name, step))
                 stamp = int(float(event.get("t") or 0) * 1000)
-                step = int(event.get("step") or 0)
-                metrics.append(Metric((prefix + event["name"])[:250], float(event["value"]), stamp, step))
+                metrics.append(Metric(name, float(event["value"]), stamp, step))
             elif event.get("type") == "param":
                 params[(prefix + event["name"])[:250]] = str(event["value"])[:500]
         for i in range(0, len(metrics), 1000):  # MLflow's batch limits: 1000 metrics, 100 params
