@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from orchestrator.core.errors import UserError
 from orchestrator.core.prompt import PromptFormat, read_prompt_format
 
 Mode = Literal["trained", "chat", "raw"]
@@ -37,6 +38,10 @@ def recorded_format(model_dir: Path) -> PromptFormat | None:
         return PromptFormat.model_validate(recorded) if recorded else None
     except ValueError:
         return None
+
+
+class ChatError(UserError):
+    """A message the model cannot take (longer than its context): one line, exit 2 for --prompt."""
 
 
 @dataclass
@@ -70,13 +75,10 @@ class ChatSession:
 
     def describe(self) -> str:
         """Which template is used, in one line."""
-        if self.mode == "trained":
+        if self.mode == "trained" or (self.mode == "chat" and self.trained_chat):
             assert self.prompt_format is not None
             return f"template: the one the model was fine-tuned with, {self.prompt_format.describe()}"
         if self.mode == "chat":
-            if self.trained_chat:
-                assert self.prompt_format is not None
-                return f"template: the one the model was fine-tuned with, {self.prompt_format.describe()}"
             return f"template: the tokenizer's chat template{self._trained_note()}"
         return f"template: none (--raw): the text goes to the model as typed{self._trained_note()}"
 
@@ -123,7 +125,9 @@ class ChatSession:
         ids = self.fit(message)
         room = self.model.context_length - len(ids)
         if room <= 0:
-            raise ValueError(f"the message is {len(ids)} tokens; the model's context is {self.model.context_length}")
+            raise ChatError(
+                f"the message is {len(ids)} tokens; the model's context is {self.model.context_length} tokens"
+            )
         started = time.perf_counter()
         tokens: list[int] = []
         for token, piece in self.model.stream(ids, min(self.max_new_tokens, room), **self.search):
@@ -191,9 +195,9 @@ def chat_loop(session: ChatSession, *, out: TextIO, err: TextIO, read: Callable[
             out.write("\n")
             say("(answer stopped; it is not kept in the conversation)\n")
             continue
-        except ValueError as exc:
+        except ChatError as exc:
             out.write("\n")
-            say(f"orch: {exc}: /reset or a shorter message\n")
+            say(f"orch: {exc}: a shorter message\n")
             continue
         out.write("\n")
         out.flush()
