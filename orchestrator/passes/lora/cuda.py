@@ -90,6 +90,8 @@ OPTION_NAMES = (
     "cudnn_attn",
     "splitk",
     "fused_dropout",
+    "nosync",
+    "mlp_recompute",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -114,6 +116,8 @@ class CudaPlan:
     splitk: bool = False  # the fused LoRA layers' skinny GEMMs split along their reduction (autotuned per shape)
     fused_dropout: bool = False  # LoRA dropout inside the fused layers, its input gradient by one Triton kernel
     cudnn_attn: bool = False  # rows of equal-length samples: cuDNN SDPA over (samples, seq) instead of varlen FA2
+    nosync: bool = False  # no host sync in the training step (metrics on the device, token counts from the CPU batch)
+    mlp_recompute: bool = False  # down_proj's backward recomputes silu(gate) * up instead of keeping it (memory)
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -322,6 +326,22 @@ def plan_cuda(
             "rows through the varlen kernel"
         )
 
+    nosync = bool(opts.get("nosync", True))
+    if nosync:
+        reasons.append(
+            "no host sync in the training step: token counts from the CPU batch, the loss metrics kept on the device "
+            "and read when the Trainer logs, no per-step NaN check of the logged loss (logging_nan_inf_filter off), "
+            "padding-free sample boundaries computed with the batch on the CPU"
+        )
+    mlp_recompute = bool(
+        fused_lora and swiglu and model_type in FUSED_GATE_UP_MODEL_TYPES and opts.get("mlp_recompute", True)
+    )
+    if mlp_recompute:
+        reasons.append(
+            "MLP: down_proj's LoRA backward recomputes silu(gate) * up from the gate_up output it keeps anyway, "
+            "instead of keeping its own (tokens x intermediate) input: one activation fewer per layer"
+        )
+
     return CudaPlan(
         bf16=bf16,
         attn_implementation=attn,
@@ -338,6 +358,8 @@ def plan_cuda(
         cudnn_attn=cudnn_attn,
         splitk=splitk,
         fused_dropout=fused_dropout,
+        nosync=nosync,
+        mlp_recompute=mlp_recompute,
         reasons=tuple(reasons),
     )
 
@@ -439,6 +461,8 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    if plan.nosync:
+        out.setdefault("logging_nan_inf_filter", False)  # its isnan/isinf check reads the loss every step
     if plan.fused_adamw and out.get("optim", "adamw_torch") == "adamw_torch":
         out["optim"] = "adamw_torch_fused"
     global _CUDNN_UNIFORM
@@ -448,7 +472,7 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.qkv_split:
         split_qkv_attention(model)
     if plan.swiglu:
-        orch_swiglu_mlp(model)
+        orch_swiglu_mlp(model, recompute=plan.mlp_recompute)
     if plan.fused_lora:
         from orchestrator.passes.lora import kernels as lora_kernels
         from orchestrator.passes.lora.fused import fuse_lora_layers
@@ -570,15 +594,29 @@ def split_qkv_attention(model: Any) -> int:
     return count
 
 
+MLP_RECOMPUTE_ATTR = "_orch_mlp_recompute"
+
+
 def _fused_gate_up_mlp_forward(self: Any, hidden_states: Any) -> Any:
-    """Phi3MLP.forward: down_proj(silu(gate) * up) with gate, up read in place from gate_up_proj's output."""
+    """Phi3MLP.forward: down_proj(silu(gate) * up) with gate, up read in place from gate_up_proj's output; with
+    recompute on, the SwiGLU and a fused LoRA down_proj run as one function that keeps only gate_up's output."""
     from orchestrator.passes.lora.kernels import swiglu
 
-    return self.down_proj(swiglu(self.gate_up_proj(hidden_states)))
+    u = self.gate_up_proj(hidden_states)
+    if getattr(self, MLP_RECOMPUTE_ATTR, False):
+        from orchestrator.passes.lora.fused import swiglu_down
+
+        out = swiglu_down(self.down_proj, u)
+        if out is not None:
+            return out
+    return self.down_proj(swiglu(u))
 
 
-def orch_swiglu_mlp(model: Any) -> int:
-    """Give every fused gate_up MLP (Phi3MLP, or Liger's replacement of it) orch's SwiGLU; returns the count."""
+def orch_swiglu_mlp(model: Any, recompute: bool = False) -> int:
+    """Give every fused gate_up MLP (Phi3MLP, or Liger's replacement of it) orch's SwiGLU; returns the count.
+
+    recompute: down_proj's backward recomputes the SwiGLU output (fused.swiglu_down) where down_proj is a fused
+    LoRA layer at call time; elsewhere the MLP runs as without it."""
     import types
 
     count = 0
@@ -593,6 +631,7 @@ def orch_swiglu_mlp(model: Any) -> int:
         ):
             module.forward = types.MethodType(_fused_gate_up_mlp_forward, module)
             setattr(module, PATCHED_ATTR, True)
+            setattr(module, MLP_RECOMPUTE_ATTR, recompute)
             count += 1
     return count
 
@@ -652,6 +691,128 @@ def reference_flce(weight: Any, hidden: Any, labels: Any) -> tuple[Any, Any]:
     return loss, correct.sum() / valid.sum().clamp(min=1)
 
 
+_CHUNKED_CE: Any = None
+# the arguments orch passes to Liger's cross-entropy kernel (liger-kernel 0.8.x); another signature: Liger's own path
+_LIGER_CE_ARGS = frozenset(
+    {
+        "X_ptr",
+        "X_stride",
+        "Y_ptr",
+        "Y_stride",
+        "weight_ptr",
+        "loss_ptr",
+        "z_loss_ptr",
+        "loss_stride",
+        "token_accuracy_ptr",
+        "token_accuracy_stride",
+        "predicted_tokens_ptr",
+        "predicted_tokens_stride",
+        "n_cols",
+        "n_non_ignore",
+        "sum_non_ignore_weight",
+        "weight_sum",
+        "ignore_index",
+        "lse_square_scale",
+        "label_smoothing",
+        "reduction",
+        "softcap",
+        "RETURN_Z_LOSS",
+        "RETURN_TOKEN_ACCURACY",
+        "RETURN_PREDICTED_TOKENS",
+        "BLOCK_SIZE",
+        "HAS_WEIGHT",
+        "HAS_SOFTCAPPING",
+        "HAS_GRADIENTS",
+    }
+)
+
+
+def _chunked_ce_function() -> Any:
+    """An autograd Function: the LM head GEMM and the cross-entropy in token chunks, Liger's Triton kernel for the
+    loss and its gradient, and no host sync (Liger's own fused linear cross-entropy reads the number of labelled
+    tokens with .item() in the forward and compares the output gradient with 1.0 on the host in the backward)."""
+    import torch
+    import triton
+    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+
+    if not _LIGER_CE_ARGS.issubset(getattr(liger_cross_entropy_kernel, "arg_names", ())):
+        return None
+
+    class ChunkedLinearCrossEntropy(torch.autograd.Function):
+        """(sum of token losses, number of correct argmax tokens) of hidden @ weight^T against labels (-100 ignored).
+
+        The sum reduction needs no count of labelled tokens; the caller divides by its own count on the device.
+        """
+
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, labels: Any) -> Any:
+            n_tokens, vocab = hidden.shape[0], weight.shape[0]
+            chunk = max(1, min(n_tokens, FLCE_LOGITS_BUDGET // (2 * vocab)))
+            loss_1d = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)  # ignored rows stay 0
+            correct_1d = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            logits = torch.empty((chunk, vocab), dtype=hidden.dtype, device=hidden.device)
+            labels = labels.contiguous()
+            for start in range(0, n_tokens, chunk):
+                end = min(start + chunk, n_tokens)
+                block = logits[: end - start]
+                torch.mm(hidden[start:end], weight.t(), out=block)
+                liger_cross_entropy_kernel[(end - start,)](
+                    X_ptr=block,
+                    X_stride=block.stride(-2),
+                    Y_ptr=labels[start:end],
+                    Y_stride=1,
+                    weight_ptr=None,
+                    loss_ptr=loss_1d[start:end],
+                    z_loss_ptr=None,
+                    loss_stride=1,
+                    token_accuracy_ptr=correct_1d[start:end],
+                    token_accuracy_stride=1,
+                    predicted_tokens_ptr=None,
+                    predicted_tokens_stride=0,
+                    n_cols=vocab,
+                    n_non_ignore=1,  # read by the "mean" reduction only
+                    sum_non_ignore_weight=1,
+                    weight_sum=0.0,
+                    ignore_index=-100,
+                    lse_square_scale=0.0,
+                    label_smoothing=0.0,
+                    reduction="sum",
+                    softcap=None,
+                    RETURN_Z_LOSS=False,
+                    RETURN_TOKEN_ACCURACY=True,
+                    RETURN_PREDICTED_TOKENS=False,
+                    BLOCK_SIZE=min(32768, triton.next_power_of_2(vocab)),
+                    HAS_WEIGHT=False,
+                    HAS_SOFTCAPPING=False,
+                    HAS_GRADIENTS=grad is not None,
+                    num_warps=32,
+                )
+                if grad is not None:  # the kernel left d loss / d logits in the chunk's logits
+                    torch.mm(block, weight, out=grad[start:end])
+            ctx.save_for_backward(grad)
+            return loss_1d.sum(), correct_1d.sum()
+
+        @staticmethod
+        def backward(ctx: Any, grad_loss: Any, _grad_correct: Any) -> tuple[Any, None, None]:
+            (grad,) = ctx.saved_tensors
+            return (None if grad is None else grad * grad_loss.to(grad.dtype)), None, None
+
+    return ChunkedLinearCrossEntropy
+
+
+def chunked_flce(weight: Any, hidden: Any, labels: Any) -> tuple[Any, Any]:
+    """(sum of the token losses, token accuracy) as device tensors, no host sync: orch's chunk loop around Liger's
+    cross-entropy kernel (Liger's own function where this liger-kernel has another kernel signature)."""
+    global _CHUNKED_CE
+    if _CHUNKED_CE is None:
+        _CHUNKED_CE = _chunked_ce_function() or False
+    if not _CHUNKED_CE:
+        return _liger_flce(weight, hidden, labels)
+    loss, correct = _CHUNKED_CE.apply(hidden, weight, labels)
+    return loss, correct / (labels != -100).sum().clamp(min=1)
+
+
 def fused_ce_loss(trainer: Any, model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any, ce: Any) -> Any:
     """The training loss of TRL's SFTTrainer.compute_loss through `ce` (a fused linear cross-entropy); None when
     TRL's own path must run (eval, another loss type, a loss function or label smoother, data parallel, a head
@@ -704,10 +865,11 @@ def fused_ce_loss(trainer: Any, model: Any, inputs: Mapping[str, Any], num_items
 
     metrics = getattr(trainer, "_metrics", None)
     if isinstance(metrics, Mapping) and "train" in metrics:
-        metrics["train"]["mean_token_accuracy"].append(float(accuracy))
+        # kept on the device (no host sync in the step): OrchSFTTrainer.log reads them when it logs
+        metrics["train"]["mean_token_accuracy"].append(accuracy.detach())
         if hasattr(trainer, "_total_train_tokens"):
             if "attention_mask" in inputs:
-                n_tok = int(inputs["attention_mask"].sum())
+                n_tok = inputs["attention_mask"].sum()
             elif "position_ids" in inputs:
                 n_tok = int(inputs["position_ids"].size(1))
             else:
@@ -717,24 +879,103 @@ def fused_ce_loss(trainer: Any, model: Any, inputs: Mapping[str, Any], num_items
     return loss
 
 
+STEP_TOKENS_KEY = "orch_step_tokens"  # a batch's real token count, counted on the CPU by StepMetadataCollator
+
+
+def add_step_metadata(batch: dict[str, Any], padding_free: bool) -> dict[str, Any]:
+    """A collated batch (CPU tensors) with its real token count under STEP_TOKENS_KEY and, for a padding-free row,
+    cu_seq_lens_q/k and max_length_q/k where the collator gave none (TRL < 1.16): computed here on the CPU, since
+    the attention would otherwise derive them from position_ids on the GPU with host syncs in every layer."""
+    ids = batch.get("input_ids")
+    pos = batch.get("position_ids")
+    mask = batch.get("attention_mask")
+    packed_row = padding_free and pos is not None and ids is not None and ids.shape[0] == 1 and mask is None
+    if packed_row and "cu_seq_lens_q" not in batch and not pos.is_cuda:
+        cu, longest = cu_seqlens_from_position_ids(pos)
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+        batch["max_length_q"] = batch["max_length_k"] = longest
+    if mask is not None and mask.dim() == 2 and not mask.is_cuda:
+        batch[STEP_TOKENS_KEY] = int(mask.sum())
+    elif packed_row and "cu_seq_lens_q" in batch and not batch["cu_seq_lens_q"].is_cuda:
+        batch[STEP_TOKENS_KEY] = int(batch["cu_seq_lens_q"][-1])
+    elif ids is not None:
+        batch[STEP_TOKENS_KEY] = int(ids.numel())
+    return batch
+
+
+class StepMetadataCollator:
+    """The trainer's own data collator, followed by add_step_metadata (attributes read through to the inner one)."""
+
+    def __init__(self, inner: Any, padding_free: bool) -> None:
+        self.inner = inner
+        self.padding_free = padding_free
+
+    def __call__(self, features: Any) -> Any:
+        return add_step_metadata(self.inner(features), self.padding_free)
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
+def _host_value(value: Any) -> Any:
+    """A device scalar as a Python number (one sync, at logging time); anything else unchanged."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) and getattr(value, "numel", lambda: 0)() == 1 else value
+
+
 def sft_trainer_class(base_cls: Any, plan: CudaPlan | None) -> Any:
-    """base_cls (TRL's SFTTrainer), or a subclass whose training loss is Liger's fused linear cross-entropy."""
-    if plan is None or not plan.flce:
+    """base_cls (TRL's SFTTrainer), or a subclass with the plan's training-step choices: the loss through a fused
+    linear cross-entropy (plan.flce) and no host sync in the step (plan.nosync): token counts from the CPU batch,
+    TRL's metrics kept on the device and read when the Trainer logs."""
+    if plan is None or not (plan.flce or plan.nosync):
         return base_cls
 
     class OrchSFTTrainer(base_cls):  # type: ignore[misc, valid-type]
-        orch_ce = staticmethod(_liger_flce)
+        orch_ce = staticmethod(chunked_flce)
+        orch_plan = plan
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if plan.nosync and getattr(self, "data_collator", None) is not None:
+                self.data_collator = StepMetadataCollator(self.data_collator, plan.padding_free)
+
+        def _prepare_inputs(self, inputs: Any) -> Any:
+            if isinstance(inputs, Mapping) and STEP_TOKENS_KEY in inputs:
+                inputs = {k: v for k, v in inputs.items() if k != STEP_TOKENS_KEY}
+            return super()._prepare_inputs(inputs)
+
+        def _track_num_input_tokens(self, inputs: Any) -> None:
+            count = inputs.get(STEP_TOKENS_KEY) if isinstance(inputs, Mapping) else None
+            mode = str(getattr(self.args, "include_num_input_tokens_seen", "no"))
+            if count is not None and int(getattr(self.args, "world_size", 1)) == 1 and mode not in ("no", "False"):
+                self.state.num_input_tokens_seen += int(count)  # counted on the CPU batch: no .item() on the GPU
+                return
+            if isinstance(inputs, Mapping):
+                inputs = {k: v for k, v in inputs.items() if k != STEP_TOKENS_KEY}
+            super()._track_num_input_tokens(inputs)
 
         def compute_loss(
             self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
-            if not return_outputs:
+            if plan.flce and not return_outputs:
                 loss = fused_ce_loss(self, model, inputs, num_items_in_batch, self.orch_ce)
                 if loss is not None:
                     return loss
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+
+        def log(self, logs: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+            # the metrics the loss kept on the device, read now (the Trainer syncs when it logs anyway)
+            for store in (getattr(self, "_metrics", None) or {}).values():
+                for key in list(store):
+                    store[key] = [_host_value(v) for v in store[key]]
+            if hasattr(self, "_total_train_tokens"):
+                self._total_train_tokens = _host_value(self._total_train_tokens)
+            return super().log({k: _host_value(v) for k, v in logs.items()}, *args, **kwargs)
 
     OrchSFTTrainer.__qualname__ = OrchSFTTrainer.__name__ = f"Orch{base_cls.__name__}"
     return OrchSFTTrainer

@@ -210,6 +210,49 @@ def _swiglu_function() -> Any:
     return SwiGLUFunction
 
 
+def swiglu_backward_reference(u: Any, dc: Any) -> Any:
+    """d/du of silu(gate) * up for u = [gate | up], in fp32 or wider (the Triton backward's arithmetic), in u's dtype."""
+    import torch
+
+    wide = torch.promote_types(u.dtype, torch.float32)
+    gate, up = u.to(wide).chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    dcf = dc.to(wide)
+    return torch.cat([dcf * (silu * (1 - sig) + sig) * up, dcf * silu], dim=-1).to(u.dtype)
+
+
+def swiglu_forward_2d(u2: Any) -> Any:
+    """silu(gate) * up of a 2-D contiguous u2 = [gate | up]: the Triton kernel on CUDA, the torch reference else."""
+    import torch
+
+    if not _use_triton(u2):
+        return swiglu_reference(u2)
+    import triton
+
+    n_cols = u2.shape[-1] // 2
+    c = torch.empty((u2.shape[0], n_cols), device=u2.device, dtype=u2.dtype)
+    grid = (u2.shape[0], triton.cdiv(n_cols, 1024))
+    _kernels()[1][grid](u2, c, n_cols, u2.stride(0), c.stride(0), BLOCK=1024, num_warps=4)
+    return c
+
+
+def swiglu_backward_2d(u2: Any, dc2: Any) -> Any:
+    """The gradient of swiglu_forward_2d at u2 for the output gradient dc2, as one [d gate | d up] tensor."""
+    import torch
+
+    if not _use_triton(u2, dc2):
+        return swiglu_backward_reference(u2, dc2)
+    import triton
+
+    n_cols = u2.shape[-1] // 2
+    du = torch.empty_like(u2)
+    _kernels()[2][(u2.shape[0], triton.cdiv(n_cols, 1024))](
+        u2, dc2, du, n_cols, u2.stride(0), dc2.stride(0), du.stride(0), BLOCK=1024, num_warps=4
+    )
+    return du
+
+
 _SWIGLU: Any = None
 
 
