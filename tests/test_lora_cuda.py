@@ -389,7 +389,8 @@ def test_step_metadata_counts_tokens_and_marks_samples_on_the_cpu() -> None:
         {**packed, "cu_seq_lens_q": torch.tensor([0, 9], dtype=torch.int32)}, padding_free=True
     )
     assert given["cu_seq_lens_q"].tolist() == [0, 9] and "max_length_q" not in given
-    padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])}
+    mask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": mask}
     out = lora_cuda.add_step_metadata(dict(padded), padding_free=False)
     assert out[lora_cuda.STEP_TOKENS_KEY] == 7 and "cu_seq_lens_q" not in out
 
@@ -406,9 +407,9 @@ def test_orch_trainer_trains_like_trl_with_no_step_sync(tiny_phi3, tmp_path) -> 
         ids = [list(range(10 + i, 40 + i)) for i in range(8)]
         args = SFTConfig(
             output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=3,
-            report_to="none", use_cpu=True, bf16=False, padding_free=True, dataset_kwargs={"skip_prepare_dataset": True},
-            include_num_input_tokens_seen="non_padding", logging_nan_inf_filter=False, seed=3, data_seed=3,
-            save_strategy="no", disable_tqdm=True, max_length=None,
+            report_to="none", use_cpu=True, bf16=False, padding_free=True, logging_nan_inf_filter=False,
+            dataset_kwargs={"skip_prepare_dataset": True}, include_num_input_tokens_seen="non_padding", seed=3,
+            data_seed=3, save_strategy="no", disable_tqdm=True, max_length=None,
         )  # fmt: skip
         lora_cuda.register_varlen_attention()
         model.base_model.model.config._attn_implementation = VARLEN_ATTN

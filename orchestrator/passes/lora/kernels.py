@@ -211,7 +211,7 @@ def _swiglu_function() -> Any:
 
 
 def swiglu_backward_reference(u: Any, dc: Any) -> Any:
-    """d/du of silu(gate) * up for u = [gate | up], in fp32 or wider (the Triton backward's arithmetic), in u's dtype."""
+    """d/du of silu(gate) * up for u = [gate | up], at least fp32 (the Triton backward's arithmetic), in u's dtype."""
     import torch
 
     wide = torch.promote_types(u.dtype, torch.float32)
