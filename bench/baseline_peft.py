@@ -192,7 +192,7 @@ def _profiler_step(step: int) -> None:
     import torch
 
     prof = torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], record_shapes=False
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], record_shapes=True
     )
     prof.__enter__()
     _PROFILE.update(prof=prof, first=step, last=step + spec[2] - 1, where=spec[0])
@@ -250,6 +250,17 @@ def write_profile(prof: Any, where: Path, n_steps: int) -> None:
     lines += ["", "   ms/step   calls/step  kernel"]
     for name, ms, calls in rows[:80]:
         lines.append(f"{ms:10.3f} {calls:10d}  {name[:160]}")
+    # which tensors the memory-bound ops move: the CPU-side op with its input shapes and the GPU time it caused
+    ops = ("aten::copy_", "aten::cat", "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::fill_", "aten::sum")
+    shaped = []
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.key in ops:
+            dev = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if dev:
+                shaped.append((evt.key, str(evt.input_shapes)[:110], dev / 1e3 / n_steps, evt.count // max(n_steps, 1)))
+    shaped.sort(key=lambda r: -r[2])
+    lines += ["", "   ms/step   calls/step  op [input shapes]"]
+    lines += [f"{ms:10.3f} {calls:10d}  {key} {shapes}" for key, shapes, ms, calls in shaped[:30]]
     (where / "profile.txt").write_text("\n".join(lines) + "\n")
     (where / "profile.json").write_text(
         json.dumps({"total_ms_per_step": total, "categories": cats, "top": rows[:80]}, indent=1)

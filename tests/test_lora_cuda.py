@@ -226,13 +226,16 @@ def _ids(seed: int = 0, batch: int = 2, length: int = 20):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def test_split_qkv_and_orch_swiglu_leave_loss_and_gradients_unchanged(tiny_phi3) -> None:
+@pytest.mark.parametrize("rope", [False, True])
+def test_split_qkv_and_orch_swiglu_leave_loss_and_gradients_unchanged(tiny_phi3, rope: bool) -> None:
+    """rope: q, k, v and RoPE through lora_kernels.qkv_rope (its torch reference here; the Triton kernels are checked
+    against it on the GPU by bench/gpu_kernels.py)."""
     import torch
 
     ref = _lora_model(tiny_phi3)
     patched = _lora_model(tiny_phi3)
     n_layers = patched.get_base_model().config.num_hidden_layers
-    assert lora_cuda.split_qkv_attention(patched) == n_layers
+    assert lora_cuda.split_qkv_attention(patched, rope=rope) == n_layers
     assert lora_cuda.orch_swiglu_mlp(patched) == n_layers
     batch = _ids()
     l_ref, g_ref = _loss_and_grads(ref, batch)
@@ -361,6 +364,29 @@ def test_nosync_and_mlp_recompute_are_planned_and_turn_off() -> None:
     assert not plan_cuda(H100, PHI3_MINI, {}, {"swiglu": False}).mlp_recompute  # it rides on orch's SwiGLU
     assert not plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {}).mlp_recompute  # no fused 4-bit layers
     assert not plan_cuda(H100, {**PHI3_MINI, "model_type": "llama"}, {}).mlp_recompute
+
+
+def test_qkv_rope_and_qlora_bf16_are_planned_where_they_apply() -> None:
+    plan = plan_cuda(H100, PHI3_MINI, {})
+    assert plan.qkv_rope and not plan.qlora_bf16
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"qkv_rope": False}).qkv_rope
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"qkv_split": False}).qkv_rope  # it replaces the split forward's slices
+    assert not plan_cuda({**H100, "has_triton": False, "has_liger": False}, PHI3_MINI, {}).qkv_rope
+    q = plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {})
+    assert q.qlora_bf16 and any("QLoRA: the frozen norms" in r for r in q.reasons)
+    assert not plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {"fp16": True}).qlora_bf16
+
+
+def test_frozen_params_to_leaves_adapters_in_fp32(tiny_phi3) -> None:
+    import torch
+
+    model = _lora_model(tiny_phi3)
+    for param in model.parameters():  # what prepare_model_for_kbit_training leaves: everything fp32
+        param.data = param.data.float()
+    n = lora_cuda.frozen_params_to(model, "bfloat16")
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert n == len(frozen) and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
 def test_apply_plan_turns_the_per_step_nan_check_off_unless_the_user_set_it(tiny_phi3) -> None:

@@ -92,6 +92,8 @@ OPTION_NAMES = (
     "fused_dropout",
     "nosync",
     "mlp_recompute",
+    "qkv_rope",
+    "qlora_bf16",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -118,6 +120,8 @@ class CudaPlan:
     cudnn_attn: bool = False  # rows of equal-length samples: cuDNN SDPA over (samples, seq) instead of varlen FA2
     nosync: bool = False  # no host sync in the training step (metrics on the device, token counts from the CPU batch)
     mlp_recompute: bool = False  # down_proj's backward recomputes silu(gate) * up instead of keeping it (memory)
+    qkv_rope: bool = False  # q, k, v + RoPE out of the fused qkv in one Triton pass each way (lora_kernels.qkv_rope)
+    qlora_bf16: bool = False  # a 4-bit base's frozen fp32-upcast parameters back to bf16 (no fp32 residual stream)
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -326,6 +330,19 @@ def plan_cuda(
             "rows through the varlen kernel"
         )
 
+    qkv_rope = bool(qkv_split and has_triton and opts.get("qkv_rope", True))
+    if qkv_rope:
+        reasons.append(
+            "attention: q, k (RoPE applied) and v written by one Triton kernel from the fused qkv output, each "
+            "contiguous, and the qkv gradient by one kernel (no strided copies around RoPE and attention, no cat)"
+        )
+    qlora_bf16 = bool(shape.get("quantized_4bit") and bf16 and opts.get("qlora_bf16", True))
+    if qlora_bf16:
+        reasons.append(
+            "QLoRA: the frozen norms, embeddings and LM head back to bf16 after peft's prepare_model_for_kbit_training "
+            "upcast them to fp32 (bf16 autocast computes in bf16 anyway; an fp32 residual stream doubles the bytes "
+            "of every norm, residual add and cast, and the memory of every kept activation)"
+        )
     nosync = bool(opts.get("nosync", True))
     if nosync:
         reasons.append(
@@ -360,6 +377,8 @@ def plan_cuda(
         fused_dropout=fused_dropout,
         nosync=nosync,
         mlp_recompute=mlp_recompute,
+        qkv_rope=qkv_rope,
+        qlora_bf16=qlora_bf16,
         reasons=tuple(reasons),
     )
 
@@ -461,6 +480,8 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    if plan.qlora_bf16:
+        frozen_params_to(model, "bfloat16")
     if plan.nosync:
         out.setdefault("logging_nan_inf_filter", False)  # its isnan/isinf check reads the loss every step
     if plan.fused_adamw and out.get("optim", "adamw_torch") == "adamw_torch":
@@ -470,7 +491,7 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.liger is not None:
         apply_liger(model, plan.liger)
     if plan.qkv_split:
-        split_qkv_attention(model)
+        split_qkv_attention(model, rope=plan.qkv_rope)
     if plan.swiglu:
         orch_swiglu_mlp(model, recompute=plan.mlp_recompute)
     if plan.fused_lora:
@@ -483,6 +504,21 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.compile_layers:
         compile_decoder_layers(model)
     return out
+
+
+def frozen_params_to(model: Any, dtype_name: str) -> int:
+    """Cast the frozen fp32 floating-point parameters (not 4-bit weights, not the adapters) to `dtype_name`;
+    returns how many. peft's prepare_model_for_kbit_training upcasts them for fp16 stability."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad or param.dtype != torch.float32 or type(param).__name__ == "Params4bit":
+            continue
+        param.data = param.data.to(dtype)
+        count += 1
+    return count
 
 
 def _is_checkpointing(base: Any) -> bool:
@@ -543,16 +579,35 @@ def _phi3_attention_forward(
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     qkv = self.qkv_proj(hidden_states)
-    q_size = self.config.num_attention_heads * self.head_dim
-    kv_size = self.num_key_value_heads * self.head_dim
-    query_states, key_states, value_states = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    query_states = query_states.view(hidden_shape).transpose(1, 2)
-    key_states = key_states.view(hidden_shape).transpose(1, 2)
-    value_states = value_states.view(hidden_shape).transpose(1, 2)
-
+    n_heads, n_kv = self.config.num_attention_heads, self.num_key_value_heads
     cos, sin = position_embeddings
-    # looked up at call time: Liger's RoPE patch replaces the module's function
-    query_states, key_states = modeling_phi3.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+    if getattr(self, QKV_ROPE_ATTR, False) and past_key_values is None and cos.shape[-1] <= self.head_dim:
+        # q, k (RoPE applied) and v written once, each contiguous (tokens, heads, head_dim): no copies around the
+        # RoPE and the attention, and one pass back into the qkv gradient
+        from orchestrator.passes.lora.kernels import qkv_rope
+
+        n = qkv.shape[:-1].numel()
+        rows = (*input_shape, cos.shape[-1])
+        q, k, v = qkv_rope(
+            qkv.reshape(n, -1),
+            cos.expand(rows).reshape(n, -1),
+            sin.expand(rows).reshape(n, -1),
+            n_heads,
+            n_kv,
+            self.head_dim,
+        )
+        query_states = q.view(*input_shape, n_heads, self.head_dim).transpose(1, 2)
+        key_states = k.view(*input_shape, n_kv, self.head_dim).transpose(1, 2)
+        value_states = v.view(*input_shape, n_kv, self.head_dim).transpose(1, 2)
+    else:
+        q_size = n_heads * self.head_dim
+        kv_size = n_kv * self.head_dim
+        query_states, key_states, value_states = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        query_states = query_states.view(hidden_shape).transpose(1, 2)
+        key_states = key_states.view(hidden_shape).transpose(1, 2)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
+        # looked up at call time: Liger's RoPE patch replaces the module's function
+        query_states, key_states = modeling_phi3.apply_rotary_pos_emb(query_states, key_states, cos, sin)
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
     attention_interface = modeling_phi3.ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -574,8 +629,14 @@ def _phi3_attention_forward(
     return attn_output, attn_weights
 
 
-def split_qkv_attention(model: Any) -> int:
-    """Give every Phi3Attention of the model the split-qkv forward; returns how many modules got it."""
+QKV_ROPE_ATTR = "_orch_qkv_rope"
+
+
+def split_qkv_attention(model: Any, rope: bool = False) -> int:
+    """Give every Phi3Attention of the model the split-qkv forward; returns how many modules got it.
+
+    rope: q, k, v and RoPE through lora_kernels.qkv_rope (one pass each way) instead of slices + apply_rotary_pos_emb.
+    """
     import types
 
     try:
@@ -590,6 +651,7 @@ def split_qkv_attention(model: Any) -> int:
         if type(module).__name__ == "Phi3Attention" and hasattr(module, "qkv_proj"):
             module.forward = types.MethodType(_phi3_attention_forward, module)
             setattr(module, PATCHED_ATTR, True)
+            setattr(module, QKV_ROPE_ATTR, rope)
             count += 1
     return count
 

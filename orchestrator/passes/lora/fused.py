@@ -178,6 +178,7 @@ def _swiglu_down_function() -> Any:
         lora_tall,
         lora_wgrad,
         swiglu_backward_2d,
+        swiglu_dropout_2d,
         swiglu_forward_2d,
     )
 
@@ -218,9 +219,8 @@ def _swiglu_down_function() -> Any:
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
                 grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
-                xd = swiglu_forward_2d(u2)  # c again
-                if mask is not None:
-                    xd.mul_(mask).mul_(ctx.keep_scale)  # the forward's dropped-out copy, from its mask
+                # c again, or straight its dropped-out copy from the kept mask (one pass either way)
+                xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
                 grad_a = lora_wgrad(gh, xd).to(ctx.dtypes[0])
                 del xd
                 grad_c = g @ weight
