@@ -198,6 +198,27 @@ def correctness(res: dict[str, Any]) -> None:
             outs.append((out.float(), ui.grad.float(), *grads))
         for name, a, b in zip(("out", "grad_u", "grad_A", "grad_B"), outs[1], outs[0], strict=True):
             checks[f"swiglu+down recompute vs separate p={p} {name}"] = rel_err(a, b)
+    # q, k, v + RoPE out of the fused qkv (Triton, both ways) vs the torch reference in fp32
+    for hq, hk, hd, rot in ((32, 32, 96, 96), (24, 8, 128, 96)):
+        n = 4096
+        qkv = torch.randn(n, (hq + 2 * hk) * hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device="cuda").float() / rot))
+        freqs = torch.arange(n, device="cuda").float()[:, None] % 1024 * inv[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+        got = lora_kernels.qkv_rope(qkv, cos, sin, hq, hk, hd)
+        grads = [torch.randn_like(t) for t in got]
+        (dqkv,) = torch.autograd.grad(got, qkv, grads)
+        qf = qkv.detach().float().requires_grad_(True)
+        ref = lora_kernels.qkv_rope_reference(qf, cos.float(), sin.float(), hq, hk, hd)
+        (rd,) = torch.autograd.grad(ref, qf, [g.float() for g in grads])
+        for name, a, b in zip(("q", "k", "v"), got, ref, strict=True):
+            checks[f"qkv_rope {hq}/{hk}x{hd} rot {rot} {name}"] = rel_err(a, b)
+        checks[f"qkv_rope {hq}/{hk}x{hd} rot {rot} dqkv"] = rel_err(dqkv, rd)
+    u = torch.randn(4096, 2 * 8192, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(4096, 8192, device="cuda") > 0.05
+    ref = lora_kernels.swiglu_reference(u.float()) * mask / 0.95
+    checks["swiglu_dropout_2d"] = rel_err(lora_kernels.swiglu_dropout_2d(u, mask, 1 / 0.95), ref)
     res["correctness_rel_err"] = checks
 
 
