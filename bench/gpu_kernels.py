@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    if not torch.cuda.is_available():
+        print("gpu_kernels: needs a CUDA GPU (it checks and times orch's CUDA kernels); this machine has none")
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:

@@ -242,3 +242,61 @@ def test_gpu_wheels_repack_drops_members_and_keeps_a_true_record(tmp_path: Path)
     assert keep_cuda13("bitsandbytes/libbitsandbytes_cuda128.so")
     assert not keep_cuda13("bitsandbytes/libbitsandbytes_cuda130.so")
     assert not keep_cuda13("bitsandbytes/libbitsandbytes_cpu.so")
+
+
+def test_gpu_call_sh_runs_rows_and_bundles_them(tmp_path: Path) -> None:
+    """The GPU machine's driver script on CPU: a rows phase (its gpu_finetune.py call and the summary it prints),
+    then the bundle the device tool brings back."""
+    import tarfile
+
+    env = _env(
+        PYTHON=sys.executable, OUT=str(tmp_path / "out"), BOUT=str(tmp_path / "bout"), WORK=str(tmp_path),
+        SITE=str(tmp_path / "site"), STEPS="2", WARMUP="0", BUDGET_S="600", ROW_TIMEOUT_S="600",
+    )  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_call.sh"), "rows@tiny@orch:fixed:dropout=0", "bundle"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "orch:fixed:dropout=0" in proc.stdout and "tok/s" in proc.stdout and "FAILED" not in proc.stdout
+    with tarfile.open(tmp_path / "out" / "bundle.tgz") as tar:
+        names = tar.getnames()
+    assert "./tiny/run.json" in names and "./tiny/row_0_orch_fixed_dropout_0.json" in names
+    assert not any(n.endswith(".safetensors") for n in names)  # the adapter and model stay on the machine
+
+
+def test_gpu_kernels_refuses_in_one_line_without_cuda(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(BENCH / "gpu_kernels.py"), "--out", str(tmp_path / "k")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == (
+        "gpu_kernels: needs a CUDA GPU (it checks and times orch's CUDA kernels); this machine has none"
+    )
+    assert not (tmp_path / "k").exists()
+
+
+def test_olive_runner_argv_and_refusal(tmp_path: Path) -> None:
+    import olive_runner
+
+    argv = olive_runner.olive_argv(tmp_path / "m", tmp_path / "d.jsonl", 20, tmp_path / "o", cuda=False)
+    flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert argv[0] == "finetune" and flags["--lora_r"] == "64" and flags["--lora_alpha"] == "16"
+    assert flags["--max_samples"] == str(20 * gpu_finetune.SETTINGS["batch_size"]) and "float32" in argv
+    cmd = [sys.executable, str(BENCH / "olive_runner.py"), "--model", str(tmp_path), "--data", str(tmp_path / "d")]
+    proc = subprocess.run([*cmd, "--json", str(tmp_path / "o.json")], env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:  # olive-ai is not one of orch's dependencies: without it, one line
+        assert proc.stderr.strip() == olive_runner.NOT_INSTALLED and proc.returncode == 1
+
+
+def test_cpu_inference_runs_tiny(tmp_path: Path) -> None:
+    before = (BENCH / "RESULTS.md").read_text()
+    cmd = [sys.executable, str(BENCH / "cpu_inference.py"), "--tiny", "--work", str(tmp_path), "--prompt-tokens", "8"]
+    proc = subprocess.run([*cmd, "--new-tokens", "4", "--repeats", "1"], env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["config"]["num_hidden_layers"] == 2 and set(r["rows"]) == {
+        "transformers fp32", "onnxruntime-genai fp32", "onnxruntime-genai int4",
+    }  # fmt: skip
+    assert r["rows"]["onnxruntime-genai fp32"]["parity"]["max_abs_diff"] < 1e-3
+    assert "| onnxruntime-genai int4 |" in proc.stdout
+    assert (BENCH / "RESULTS.md").read_text() == before  # no --write-results: the committed section stays
