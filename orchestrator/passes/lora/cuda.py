@@ -38,14 +38,25 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
 - Gradient checkpointing only when the step would not fit: an estimate of weights + activations against the GPU's
   memory (the constants are calibrated on the H100 anchor: Phi-3-mini, 8 x 1024 tokens, 47 GiB). A user's or the
   QLoRA pass's explicit `gradient_checkpointing=True` is kept.
+- No host sync in the training step (`nosync`): token counts from the CPU batch (a collator wrapper), TRL's loss
+  metrics kept on the device until the Trainer logs, the per-step NaN check of the logged loss off, padding-free
+  sample boundaries computed on the CPU where the collator gives none (TRL < 1.16), and the loss through orch's own
+  chunk loop around Liger's cross-entropy kernel (Liger's function reads `.item()` in its forward and backward).
+- Phi-3-family attention: q, k (RoPE applied) and v written by one Triton kernel from the fused qkv output, each
+  contiguous, and the qkv gradient by one kernel (`qkv_rope`; partial rotary and grouped-query heads).
+- Phi-3-family MLP: SwiGLU and the fused LoRA down_proj as one function that keeps only gate_up's output and
+  rebuilds the SwiGLU output (and its dropped-out copy, from the mask) in the backward (`mlp_recompute`): one
+  (tokens x intermediate) activation fewer per layer (~4 GiB on Phi-3-mini at 8 x 1024).
+- QLoRA: the frozen norms / embeddings / LM head back to bf16 after peft's prepare_model_for_kbit_training upcast
+  them to fp32 (`qlora_bf16`).
 - torch.compile of the decoder layers is implemented but off unless `ORCH_CUDA_FASTPATH=+compile`: not shown to
   pay (the one H100 attempt was still compiling after 70 s, with dynamo warnings on Liger's Triton kernels), and
   padding-free rows change length every step.
 
-Measured on an H200 (r=64, 8 x 1024, dropout 0.05, bench/RESULTS.md), samples all 1024 tokens long: 1.62x the plain
-transformers+peft tokens/s for the Phi-3-mini shape (MFU 41.5%, 39.0 vs 51.3 GiB) and 1.70x for Phi-4-mini's
-(43.9%, 37.2 vs 63.6 GiB), per-step loss within 0.002; QLoRA 2.2x its transformers+peft+bitsandbytes baseline on
-variable-length samples with less memory. Earlier on an H100: 2.21x on variable-length samples.
+Measured on an H100 (bench/RESULTS.md, r=64, 8 x 1024 fixed-length samples, one machine for every row of a shape):
+Phi-3-mini 1.87x transformers+peft at dropout 0.05 (0.99x Unsloth 2026.10.9), 1.93x / 0.96x Unsloth at dropout 0,
+35.0 / 29.2 GiB against Unsloth's 42.5 / 36.8; Phi-4-mini 1.82x (1.02x Unsloth); per-step loss within 0.006 of
+Unsloth's and the baseline's; QLoRA 0.89x Unsloth QLoRA (15,451 vs 17,311 tokens/s).
 
 `ORCH_CUDA_FASTPATH` (comma list of +name / -name over OPTION_NAMES) turns single choices on or off, for ablations
 and as an escape hatch; the default is the plan.
