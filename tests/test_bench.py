@@ -45,7 +45,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One run of the benchmark on the tiny shape: model + data prepared, every row in its own process."""
     root = tmp_path_factory.mktemp("bench")
     out = root / "out"
-    cmd = [sys.executable, str(BENCH / "gpu_finetune.py"), "--shape", "tiny", "--work", str(root / "work")]
+    cmd = [sys.executable, str(BENCH / "gpu_finetune.py"), "--shape", "tiny", "--work", str(root / "ob_tiny")]
     cmd += ["--out", str(out), "--steps", "2", "--warmup", "0", "--rows", ROWS, "--row-timeout-s", "600"]
     subprocess.run(cmd, env=_env(), check=True, timeout=1500, capture_output=True)
     return out
@@ -84,7 +84,7 @@ def test_every_row_runs_tiny_on_cpu(tiny_run: Path) -> None:
 
 
 def test_baseline_runner_command_line(tiny_run: Path, tmp_path: Path) -> None:
-    work = tiny_run.parent / "work"
+    work = tiny_run.parent / "ob_tiny"
     out = tmp_path / "baseline.json"
     cmd = [sys.executable, str(BENCH / "baseline_peft.py"), "--model", str(work / "model")]
     cmd += ["--data", str(work / "data_var.jsonl"), "--steps", "2", "--warmup", "1", "--json", str(out)]
@@ -244,13 +244,13 @@ def test_gpu_wheels_repack_drops_members_and_keeps_a_true_record(tmp_path: Path)
     assert not keep_cuda13("bitsandbytes/libbitsandbytes_cpu.so")
 
 
-def test_gpu_call_sh_runs_rows_and_bundles_them(tmp_path: Path) -> None:
-    """The GPU machine's driver script on CPU: a rows phase (its gpu_finetune.py call and the summary it prints),
-    then the bundle the device tool brings back."""
+def test_gpu_call_sh_runs_rows_and_bundles_them(tiny_run: Path, tmp_path: Path) -> None:
+    """The GPU machine's driver script on CPU: a rows phase (its gpu_finetune.py call on the tiny run's prepared
+    model and data, and the summary it prints), then the bundle the device tool brings back."""
     import tarfile
 
     env = _env(
-        PYTHON=sys.executable, OUT=str(tmp_path / "out"), BOUT=str(tmp_path / "bout"), WORK=str(tmp_path),
+        PYTHON=sys.executable, OUT=str(tmp_path / "out"), BOUT=str(tmp_path / "bout"), WORK=str(tiny_run.parent),
         SITE=str(tmp_path / "site"), STEPS="2", WARMUP="0", BUDGET_S="600", ROW_TIMEOUT_S="600",
     )  # fmt: skip
     proc = subprocess.run(
@@ -300,3 +300,17 @@ def test_cpu_inference_runs_tiny(tmp_path: Path) -> None:
     assert r["rows"]["onnxruntime-genai fp32"]["parity"]["max_abs_diff"] < 1e-3
     assert "| onnxruntime-genai int4 |" in proc.stdout
     assert (BENCH / "RESULTS.md").read_text() == before  # no --write-results: the committed section stays
+
+
+def test_gpu_cli_finetune_runs_orch_finetune_tiny(tmp_path: Path) -> None:
+    """The CLI benchmark's run on CPU (2 steps instead of the demo's 60): `orch finetune` as a user types it, its
+    exit status, metrics and outputs recorded; the section rendered from that record."""
+    cmd = [sys.executable, str(BENCH / "gpu_cli_finetune.py"), "run", "--out", str(tmp_path / "out")]
+    cmd += ["--work", str(tmp_path / "work"), "--max-steps", "2"]
+    subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, check=True)
+    res = json.loads((tmp_path / "out" / "cli.json").read_text())
+    assert res["rc"] == 0 and res["device"] == "cpu" and "--max_steps 2" in res["command"]
+    assert "adapter/adapter_config.json" in res["outputs"] and res["cuda_lines"] == []
+    render = [sys.executable, str(BENCH / "gpu_cli_finetune.py"), "render", str(tmp_path / "out" / "cli.json")]
+    proc = subprocess.run([*render, "--no-write"], env=_env(), capture_output=True, text=True, timeout=120, check=True)
+    assert "exit status 0" in proc.stdout and "train_steps: 2" in proc.stdout
