@@ -518,8 +518,9 @@ def render(runs: list[dict[str, Any]]) -> str:
         "MFU = tokens/s x (4 N + causal attention FLOPs per token) / 989 TFLOP/s. Peak memory: "
         "torch.cuda.max_memory_allocated / max_memory_reserved of each row's own process. Ratios are taken within one "
         "run (one call on one machine): vs HF+peft against the run's baseline row, vs Unsloth against the Unsloth "
-        "row of the same dropout (QLoRA: Unsloth QLoRA). No row saves checkpoints (orch's pass: save_strategy 'no', "
-        "its default; the others: the same setting); activation checkpointing as each row's 'how' says.",
+        "row of the same dropout (QLoRA: Unsloth QLoRA). No row saves checkpoints (orch's pass: its job has no "
+        "checkpoint_dir, so its resume checkpoints are off, and save_strategy 'no'; the others: save_strategy 'no'); "
+        "activation checkpointing as each row's 'how' says.",
         "",
     ]
     runs = sorted(runs, key=lambda r: r["name"])  # run folders are named in the order they ran
