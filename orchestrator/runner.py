@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.job import RESULT_FILE, Job, JobResult, JobState, append_event
+from orchestrator.core.progress import ProgressLines
 from orchestrator.core.secrets import SecretError
 from orchestrator.core.secrets import resolve_secret as _resolve_secret
 from orchestrator.core.versions import library_versions
@@ -46,13 +47,23 @@ class _MlflowDirect:
         self.mlflow = mlflow
         self.prefix = prefix
         self.run_id = os.environ.get("MLFLOW_RUN_ID")
+        self.logged: set[tuple[str, int]] = set()
 
     def __call__(self, event: dict[str, Any]) -> None:
         client = self.mlflow.MlflowClient()
         if not self.run_id:
             return
-        if event["type"] == "metric":
-            client.log_metric(self.run_id, self.prefix + event["name"], event["value"], step=event.get("step") or 0)
+        if event["type"] == "resume":  # a restarted attempt: the run may hold its steps up to the checkpoint
+            for name in client.get_run(self.run_id).data.metrics:
+                if name.startswith(self.prefix):
+                    self.logged.update((name, m.step) for m in client.get_metric_history(self.run_id, name))
+        elif event["type"] == "metric":
+            name, step = self.prefix + event["name"], event.get("step")
+            if step is not None:  # each (metric, step) once, as the engine's Tracker does
+                if (name, int(step)) in self.logged:
+                    return
+                self.logged.add((name, int(step)))
+            client.log_metric(self.run_id, name, event["value"], step=step or 0)
         elif event["type"] == "param":
             client.log_param(self.run_id, self.prefix + event["name"], event["value"])
 
@@ -105,12 +116,22 @@ def run_job(job: Job) -> JobResult:
     writer = rank == 0  # one result.json and one event stream per job, whatever the number of ranks
     direct = _MlflowDirect(job.tracking.metric_prefix) if job.tracking.mode == "direct" and writer else None
 
+    lines = ProgressLines()  # the job log (Docker's, Azure ML's std_log) shows progress as it goes
+
     def emit(event: dict[str, Any]) -> None:
         if not writer:
             return
         append_event(out_dir, event)
         if event["type"] == "log":
             print(event["message"], flush=True)
+        elif event["type"] == "metric":
+            lines.metric(event["name"], event["value"])
+        elif event["type"] == "progress":
+            line = lines.update(
+                event["done"], event["total"], t=event.get("t"), tokens=event.get("tokens"), desc=event.get("desc", "")
+            )
+            if line:
+                print(f"progress: {line}", flush=True)
         if direct is not None:
             direct(event)
 
@@ -164,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--output-dir", help="override the job's output_dir (Azure ML binds ${{outputs.x}} to a path at run time)"
     )
+    ap.add_argument(
+        "--checkpoint-dir", help="override the job's checkpoint_dir (a folder that outlives this attempt: resume)"
+    )
     ap.add_argument("--model-path", help="override the input model's path (bound input on Azure ML)")
     ap.add_argument("--adapter-path", help="override the input model's adapter path")
     ap.add_argument("--data-file", action="append", default=[], help="NAME=PATH override of a data config's files")
@@ -173,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     updates: dict[str, Any] = {}
     if args.output_dir:
         updates["output_dir"] = args.output_dir
+    if args.checkpoint_dir:
+        updates["checkpoint_dir"] = args.checkpoint_dir
     if job.model is not None and (args.model_path or args.adapter_path):
         model_updates = {}
         if args.model_path:

@@ -339,3 +339,18 @@ def test_azure_ml_driver_workflow_pins_the_clients_commits(hub: Any, tmp_path: P
     [dc] = out["doc"]["data_configs"]
     assert dc["load_dataset_config"]["revision"] == wiki and out["binds"] == {} and out["reads_hub"] is True
     assert snapshot_files(tmp_path / "hf", PHI3) == {}  # the client downloaded nothing: the compute will
+
+
+def test_azure_ml_host_needs_hf_token_for_a_private_model(hub: Any, tmp_path: Path) -> None:
+    """The Azure ML job downloads the model itself: a private repo without the system's hf_token is refused on the
+    client, before anything is uploaded or submitted."""
+    wf = {"input_model": {"type": "HfModel", "model_path": "acme-corp/private-phi3"},
+          "systems": {"aml": {"type": "AzureML", "config": {"aml_compute": "cpu-cluster"}}},
+          "passes": {"b": {"type": "ModelBuilder", "precision": "int4"}}, "host": "aml", "target": "aml"}  # fmt: skip
+    (tmp_path / "wf.json").write_text(json.dumps(wf))
+    proc = orch("run", "--config", "wf.json", "--dry-run", cwd=tmp_path,
+                env=hub_env(hub, tmp_path / "hf", token=HUB_TOKEN))  # fmt: skip
+    assert proc.returncode == 2 and error_lines(proc) == [
+        "orch: error: input_model.model_path: model acme-corp/private-phi3 is private or gated and the Azure ML job "
+        "downloads it: set \"hf_token\": true on system 'aml' (the job reads the workspace Key Vault's hf-token secret)"
+    ], proc.stderr[-2000:]

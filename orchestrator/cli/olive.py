@@ -44,6 +44,15 @@ ORCH_FLAGS: dict[str, tuple[Any, Any]] = {
         bool,
         typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow", rich_help_panel=ORCH),
     ),
+    "model_name": (
+        str | None,
+        typer.Option(
+            "--model-name",
+            "--model_name",
+            help="the MLflow registered model name (default: <command>-<output folder>)",
+            rich_help_panel=ORCH,
+        ),
+    ),
 }
 _TYPES = {
     "str": str | None,
@@ -163,6 +172,9 @@ def register(
             elif spec.name not in ("convert-adapters", "extract-adapters"):
                 args.append(orch["host"])
             plan = builder(*args)
+            if plan.workflow is not None and not plan.workflow.get("workflow_id"):  # names the MLflow run and model
+                output = plan.output_path or plan.workflow["engine"].get("output_dir") or spec.name
+                plan.workflow["workflow_id"] = oc.command_workflow_id(spec.name, output)
             for line in plan.notes:
                 note(line)
             if plan.workflow is None:
@@ -182,6 +194,7 @@ def register(
                 dry_run=plan.dry_run,
                 verbose=int(g.get("log_level", 3)) <= 1,
                 no_tracking=bool(orch["no_tracking"]),
+                model_name=orch["model_name"],
             )
             if plan.after is not None and not plan.dry_run:
                 plan.after(summary)

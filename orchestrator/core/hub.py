@@ -31,6 +31,12 @@ DATASET_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})
 MODEL_FILE = re.compile(r"^[^/]+\.(json|safetensors|bin|model|txt|py|jinja|tiktoken)$")
 _PINNED: dict[tuple[str, str, str], tuple[HubRef, list[str]]] = {}
 _FETCHED: dict[tuple[str, tuple[str, ...]], Path] = {}
+_PRIVATE: dict[tuple[str, str], bool] = {}
+
+
+def needs_token(repo_type: str, repo_id: str) -> bool:
+    """Whether a pinned repo is private or gated (as the hub said when it was pinned; False if not asked)."""
+    return _PRIVATE.get((repo_type, repo_id), False)
 
 
 class HubError(UserError):
@@ -180,6 +186,7 @@ def pin(ref: HubRef, *, field: str) -> tuple[HubRef, list[str]]:
             f"in the Hugging Face cache; {_local_copy_hint(ref)}"
         ) from None
     files = [s.rfilename for s in (info.siblings or [])]
+    _PRIVATE[(ref.repo_type, ref.repo_id)] = bool(getattr(info, "private", False) or getattr(info, "gated", False))
     out = (HubRef(ref.repo_id, ref.repo_type, ref.revision, info.sha), files)
     _PINNED[key] = out
     return out

@@ -474,6 +474,13 @@ class WorkflowCheck:
                 from orchestrator.core import hub
 
                 hub.pin(hub.HubRef(ref["name"], "model", ref.get("revision")), field="input_model.model_path")
+                host = self.wf.systems.get(self.host_name)
+                if self.host_is_aml() and hub.needs_token("model", ref["name"]) and not getattr(host, "hf_token", 0):
+                    raise PreflightError(
+                        f"input_model.model_path: model {ref['name']} is private or gated and the Azure ML job "
+                        f"downloads it: set \"hf_token\": true on system {self.host_name!r} (the job reads the "
+                        "workspace Key Vault's hf-token secret)"
+                    )
         adapter = getattr(im, "adapter_path", None)
         if adapter:
             check_adapter_folder(self._abs(adapter), "input_model.adapter_path")

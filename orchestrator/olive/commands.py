@@ -262,6 +262,13 @@ def make_test_model(src: str, dest: Path, trust_remote_code: bool = False, layer
     return dest
 
 
+def command_workflow_id(command: str, output_path: str) -> str:
+    """A CLI chain's workflow id, which names its MLflow run and registered model: the command and the output
+    folder (`finetune -o models/ft` -> finetune-ft), so unrelated chains never share one registered model."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(output_path)).resolve().name).strip("-.") or "output"
+    return f"{command}-{name}"
+
+
 # ---- what every command shares ------------------------------------------------------------------------------------
 
 
@@ -655,6 +662,7 @@ def auto_opt_workflow(
             model_name_or_path, trust_remote_code=trust_remote_code, task=task, adapter_path=adapter_path
         ),
         "passes": passes,
+        "workflow_id": command_workflow_id("auto-opt", output_path),
         "engine": _engine(output_path, log_level, [provider], host, target),
     }
 
@@ -1039,6 +1047,7 @@ def quantize_workflow(
         ),
         "data_configs": data_configs,
         "passes": {"quantize": pass_cfg},
+        "workflow_id": command_workflow_id("quantize", output_path),
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
     }
 

@@ -515,6 +515,7 @@ class AzureMLSystem(System):
         remote_job = job.model_copy(
             update={
                 "output_dir": "outputs",
+                "checkpoint_dir": None,  # the client's cache folder does not exist on the compute
                 "model": job.model.model_copy(update={"path": job.model.path if from_hub else "input:model",
                                                       "adapter_path": "input:adapter"
                                                       if job.model.adapter_path else None}) if job.model else None,
