@@ -139,8 +139,9 @@ def test_model_builder_olive_switches_reach_the_builder(tmp_path: Path) -> None:
     assert opts["int4_algo_config"] == "k_quant_mixed" and opts["exclude_embeds"] == "true"
     assert opts["enable_cuda_graph"] == "true" and opts["nodes_to_exclude"] == "/lm_head/MatMul"
     assert not config.checkable  # no text in: the parity and generation checks are skipped, said in the log
-    notes = _notes(_wf(passes={"mb": {"type": "ModelBuilder", "use_cuda_bf16": True}}), tmp_path)
-    assert any("use_cuda_bf16: accepted, no effect; give precision bf16" in n for n in notes)
+    config = ModelBuilderConfig(precision="int4", use_cuda_bf16=True, use_qdq=True)
+    opts = ModelBuilderPass().builder_options(config, "gpu", ModelArtifact(format="hf", path=str(tmp_path)))
+    assert opts["use_cuda_bf16"] == "true" and opts["use_qdq"] == "true"
 
 
 def test_test_model_path_stands_in_for_the_model(tmp_path: Path, tiny_model: Path) -> None:

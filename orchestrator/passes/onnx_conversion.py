@@ -132,7 +132,7 @@ class OnnxConversionPass(Pass):
         assert isinstance(config, OnnxConversionConfig)
         import torch
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes import onnx_tools, quantized_export
 
         if model is None or model.format not in ("hf", "hf_adapter"):
             raise PassError(f"OnnxConversion exports HF checkpoints, got {model.format if model else 'no model'!r}")
@@ -141,7 +141,15 @@ class OnnxConversionPass(Pass):
         if model.format == "hf_adapter":
             how = "merged into the weights" if config.merge_adapter_weights else "kept unmerged (A/B MatMuls)"
             ctx.info(f"LoRA adapter {how}")
-        hf = load_hf(model, config.merge_adapter_weights, config.torch_dtype)
+        linears = None
+        if model.format == "hf" and quantized_export.quant_method(model.path) is not None:
+            # an AWQ/GPTQ/Olive int4 checkpoint: exported from its dequantized weights, then each quantized
+            # Linear becomes a MatMulNBits holding the checkpoint's own codes (Olive exports its QuantLinear so)
+            hf = quantized_export.load_dequantized(model.path)
+            hf = hf.half() if config.torch_dtype == "float16" else hf
+            linears = quantized_export.quant_linears(model.path)
+        else:
+            hf = load_hf(model, config.merge_adapter_weights, config.torch_dtype)
         if config.device == "cuda":
             ctx.info("device cuda: traced on CPU instead (the exported graph does not depend on the device)")
 
@@ -179,6 +187,14 @@ class OnnxConversionPass(Pass):
                 torch.onnx.export(wrapped, (ids, mask, pos, *past), str(dst), dynamo=False, dynamic_axes=axes,
                                   opset_version=config.target_opset, **names)  # fmt: skip
         resave(dst, external=config.save_as_external_data)
+        if linears is not None:
+            replaced, left = quantized_export.to_matmulnbits(dst, hf, linears)
+            if not replaced:
+                raise PassError("OnnxConversion: no quantized Linear of the checkpoint was found in the exported graph")
+            ctx.info(f"{replaced} quantized Linear(s) exported as MatMulNBits with the checkpoint's codes, scales and "
+                     "zero points" + (f"; kept float: {', '.join(left)}" if left else ""))  # fmt: skip
+            if not config.save_as_external_data:
+                resave(dst, external=False)
         if config.save_metadata_for_token_generation:
             for name in METADATA:
                 if (Path(model.path) / name).is_file():

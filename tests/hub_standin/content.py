@@ -3,7 +3,7 @@ repos are (file names, configs in the README, splits), with rows made from the t
 
 Models: every id the corpus and the tests name serves the tiny Phi-3 (random weights), or the variant that carries
 the one property of the real model a config relies on (Qwen3 ties its LM head to the embedding; Phi-3.5's widths
-divide by AWQ/GPTQ's groups of 128); microsoft/Phi-4-mini-instruct serves a tiny Phi-4-mini-like model (GQA,
+divide by AWQ/GPTQ's groups of 128, as OPT-125m's do); microsoft/Phi-4-mini-instruct serves a tiny Phi-4-mini-like model (GQA,
 partial_rotary_factor 0.75, LongRoPE, tied embeddings).
 Datasets: Salesforce/wikitext (wikitext-2-raw-v1 parquet splits, README configs), mit-han-lab/pile-val-backup
 (val.jsonl.zst, split "validation" from the file name), nampdn-ai/tiny-codes, xxyyzzz/phrase_classification
@@ -31,7 +31,7 @@ PHI3_IDS = (
     "openlm-research/open_llama_7b_v2",
     "Qwen/Qwen2.5-0.5B-Instruct",
     "Qwen/Qwen3-0.6B",  # tied
-    "facebook/opt-125m",
+    "facebook/opt-125m",  # group128: its widths (768, 3072) divide by AWQ's groups of 128
     # olive-recipes entries of the corpus (c21-c28): text decoders the tiny model stands in for
     "tencent/HY-MT1.5-1.8B",  # tied (its recipes run TieWordEmbeddings)
     "Qwen/Qwen3-VL-2B-Instruct",
@@ -42,7 +42,7 @@ MODEL_VARIANTS: dict[str, dict[str, Any]] = {
     "tied": {"tie_word_embeddings": True},
     "group128": {"intermediate_size": 384},
 }
-VARIANT_OF = {"Qwen/Qwen3-0.6B": "tied", "microsoft/Phi-3.5-mini-instruct": "group128",
+VARIANT_OF = {"Qwen/Qwen3-0.6B": "tied", "microsoft/Phi-3.5-mini-instruct": "group128", "facebook/opt-125m": "group128",
               "tencent/HY-MT1.5-1.8B": "tied", "Qwen/Qwen3.5-0.8B": "tied"}  # fmt: skip
 
 

@@ -687,7 +687,8 @@ def tokenize(ds: Any, tokenizer: Any, spec: TextSpec) -> Any:
 
     # a chat template carries its own special tokens; add_special_tokens false (Olive's) adds none; else the
     # tokenizer's BOS and an EOS after each text
-    plain = spec.chat or spec.add_special_tokens is False
+    # (read with defaults: a spec made before these fields, e.g. a test's namespace, means neither)
+    plain = getattr(spec, "chat", False) or getattr(spec, "add_special_tokens", None) is False
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not plain else []
     encoded = tokenizer(list(ds["text"]), add_special_tokens=not plain)["input_ids"]
     try:
