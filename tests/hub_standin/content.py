@@ -3,8 +3,8 @@ repos are (file names, configs in the README, splits), with rows made from the t
 
 Models: every id the corpus and the tests name serves the tiny Phi-3 (random weights), or the variant that carries
 the one property of the real model a config relies on (Qwen3 ties its LM head to the embedding; Phi-3.5's widths
-divide by AWQ/GPTQ's groups of 128, as OPT-125m's do); microsoft/Phi-4-mini-instruct serves a tiny Phi-4-mini-like model (GQA,
-partial_rotary_factor 0.75, LongRoPE, tied embeddings).
+divide by AWQ/GPTQ's groups of 128, as OPT-125m's do); microsoft/Phi-4-mini-instruct serves a tiny
+Phi-4-mini-like model (GQA, partial_rotary_factor 0.75, LongRoPE, tied embeddings).
 Datasets: Salesforce/wikitext (wikitext-2-raw-v1 parquet splits, README configs), mit-han-lab/pile-val-backup
 (val.jsonl.zst, split "validation" from the file name), nampdn-ai/tiny-codes, xxyyzzz/phrase_classification
 (Olive's docs), timdettmers/openassistant-guanaco, tatsu-lab/alpaca (instruction rows for --use_chat_template).
