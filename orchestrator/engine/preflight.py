@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.errors import UserError
-from orchestrator.core.gpu import cuda_available
 from orchestrator.core.job import is_uri
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.registry import is_azureml, keyword_of
@@ -519,14 +518,15 @@ class WorkflowCheck:
             check_tracking_uri(self.tracking_uri)
 
     def _check_evaluator_device(self) -> None:
-        """The evaluator runs the model with the first execution provider on the target: a CUDA-only target on
-        this machine without a CUDA GPU is refused now, not after every pass ran."""
+        """The evaluator runs the model with the first execution provider on the target: one this machine has no
+        runtime for (DirectML, WebGPU, ...) is refused now, not after every pass ran. CUDA without a CUDA GPU is
+        not refused: the evaluation runs on the CPU execution provider, said in a note."""
         if not getattr(self.wf.engine, "evaluator", None) or self.host_is_aml(self.target_name):
             return
         first = self.providers[0]
-        if first == "CPUExecutionProvider" or (first == "CUDAExecutionProvider" and cuda_available()):
-            return
-        lacks = "no CUDA GPU" if first == "CUDAExecutionProvider" else f"no {first} runtime"
+        if first in ("CPUExecutionProvider", "CUDAExecutionProvider"):
+            return  # CUDA without a GPU here: the engine evaluates on the CPU, said (Engine._cpu_evaluation)
+        lacks = f"no {first} runtime"
         raise PreflightError(
             f"engine.evaluator: the target {self.target_name!r} evaluates with {first} (its first execution "
             f"provider) and this machine has {lacks}; list CPUExecutionProvider first, drop the evaluator, "

@@ -159,6 +159,28 @@ class Engine:
                 f"system {step.system_name!r} asks for a GPU and this host has no CUDA GPU: its passes run on the "
                 f"CPU{moved}; run on a GPU host (or --host aml) for the GPU path"
             )
+        evaluates = any(s.role == "target" for s in initial_steps(self.wf, self.host_name, self.target_name))
+        if evaluates and self._cpu_evaluation():
+            self._note(
+                f"target {self.target_name!r} evaluates with CUDAExecutionProvider and this host has no CUDA GPU: "
+                "the evaluation runs on CPUExecutionProvider (its latency is the CPU's); run on a GPU host for CUDA"
+            )
+
+    def _cpu_evaluation(self) -> bool:
+        """The target evaluates with CUDA (its first execution provider) on this host, which has no CUDA GPU:
+        evaluation runs on the CPU execution provider instead (said once in _check_devices)."""
+        return (
+            self._providers()[0] == "CUDAExecutionProvider"
+            and self._on_this_host(self.target_name)
+            and not cuda_available()
+        )
+
+    def _step_providers(self, step: Step) -> list[str]:
+        """The execution providers a step's job gets: the engine's, but the CPU for an evaluation that would ask
+        this GPU-less host for CUDA (the passes still build for the configured providers)."""
+        if step.role == "target" and self._cpu_evaluation():
+            return ["CPUExecutionProvider"]
+        return self._providers()
 
     def _gpu_missing(self, system_name: str) -> bool:
         """The system asks for a GPU (its first accelerator, as Olive reads it), runs on this host (not Azure ML)
@@ -202,7 +224,7 @@ class Engine:
                 env,
                 accelerator=self._accelerator(step.system_name),
                 processes=self.system(step.system_name).processes_for(pass_cls),
-                providers=self._providers(),
+                providers=self._step_providers(step),
             )
             step.cached = self.cache.get(step.key) is not None
             if step.role == "host":
@@ -386,7 +408,7 @@ class Engine:
             checkpoint_dir=str(self.cache.partial_dir(step.key) / "checkpoints"),
             accelerator=self._accelerator(step.system_name),
             processes_per_node=system.processes_for(load_pass(step.pass_type)),  # >1: data parallel (DDP passes)
-            execution_providers=self._providers(),
+            execution_providers=self._step_providers(step),
             secrets=secrets,
             tracking=JobTracking(mode="events", metric_prefix=f"{step.name}/"),
             log_level=int(getattr(self.wf.engine, "log_severity_level", 3) or 3),

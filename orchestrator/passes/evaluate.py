@@ -613,6 +613,22 @@ class EvaluatePass(Pass):
         dc = self._data_config(ctx, name)
         return dc if dc.get("type") in DUMMY_CONTAINERS else None
 
+    def _padded_text_shape(self, ctx: PassContext, name: str) -> dict[str, Any] | None:
+        """Latency of a plain ONNX graph on a text data config, as Olive times it: each sample is padded to
+        max_seq_len (pad_to_max_len, Olive's default) and only its shape reaches the timing, so the graph is timed
+        on [1, max_seq_len] token inputs with an empty KV cache. None when samples are not padded (their lengths
+        need the tokenizer: refused by the caller)."""
+        from orchestrator.passes.data import text_spec
+
+        dc = self._data_config(ctx, name)
+        spec = text_spec(dc)
+        if not spec.pad_to_max_len:
+            return None
+        ctx.info(f"latency on {name!r}: samples padded to max_seq_len {spec.max_len} (Olive's pad_to_max_len), "
+                 f"timed as [1, {spec.max_len}] token inputs with an empty KV cache")  # fmt: skip
+        params = {"seq_len": spec.max_len, "past_seq_len": 0, "max_seq_len": spec.max_len, "max_samples": 1}
+        return {"name": name, "type": "TransformersPromptDummyDataContainer", "load_dataset_config": params}
+
     def _session_latency(
         self, model: ModelArtifact, dummy: dict[str, Any], ep: str, uc: UserConfig, ctx: PassContext
     ) -> dict[str, float]:
@@ -716,11 +732,16 @@ class EvaluatePass(Pass):
                     "random token ids only serve latency; name a HuggingfaceContainer"
                 )
             return self._session_latency(model, dummy, ep, uc, ctx)
+        if model.format == "onnx" and metric.type == "latency" and metric.data_config:
+            padded = self._padded_text_shape(ctx, metric.data_config)
+            if padded is not None:
+                return self._session_latency(model, padded, ep, uc, ctx)
         if model.format == "onnx":
             raise PassError(
                 f"Evaluate: metric {metric.name!r} ({metric.type}) on a plain ONNX graph: orch measures these on "
                 "onnx_genai models (add ModelBuilder, or ModelBuilder metadata_only); a latency metric can time "
-                "the graph on a TransformersPromptDummyDataContainer / TransformersTokenDummyDataContainer"
+                "the graph on a TransformersPromptDummyDataContainer / TransformersTokenDummyDataContainer, or on a "
+                "text data config whose samples are padded (pre_process_data_config.pad_to_max_len true)"
             )
         if metric.type in ("latency", "throughput"):
             return speed(scorer(), uc)

@@ -41,12 +41,20 @@ class OnnxConversionConfig(PassConfig):
     parity_tolerance: float = 1e-4
 
 
-def load_hf(model: ModelArtifact, merge: bool, dtype: str | None) -> object:
+SDPA_MIN_OPSET = 14  # torch exports scaled_dot_product_attention from opset 14 on
+
+
+def load_hf(model: ModelArtifact, merge: bool, dtype: str | None, opset: int = 17) -> object:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype or "float32")
-    hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch_dtype, trust_remote_code=model.trust_remote_code)
+    # below opset 14 the attention is exported as its plain ops (eager: the same function), as transformers did
+    # when Olive's older examples (target_opset 13) were written
+    extra = {"attn_implementation": "eager"} if opset < SDPA_MIN_OPSET else {}
+    hf = AutoModelForCausalLM.from_pretrained(
+        model.path, dtype=torch_dtype, trust_remote_code=model.trust_remote_code, **extra
+    )
     if model.format == "hf_adapter":
         from peft import PeftModel
 
@@ -149,7 +157,9 @@ class OnnxConversionPass(Pass):
             hf = hf.half() if config.torch_dtype == "float16" else hf
             linears = quantized_export.quant_linears(model.path)
         else:
-            hf = load_hf(model, config.merge_adapter_weights, config.torch_dtype)
+            hf = load_hf(model, config.merge_adapter_weights, config.torch_dtype, config.target_opset)
+            if config.target_opset < SDPA_MIN_OPSET:
+                ctx.info(f"target_opset {config.target_opset}: attention exported as plain ops (eager attention)")
         if config.device == "cuda":
             ctx.info("device cuda: traced on CPU instead (the exported graph does not depend on the device)")
 
