@@ -159,7 +159,14 @@ class Engine:
                 f"system {step.system_name!r} asks for a GPU and this host has no CUDA GPU: its passes run on the "
                 f"CPU{moved}; run on a GPU host (or --host aml) for the GPU path"
             )
-        evaluates = any(s.role == "target" for s in initial_steps(self.wf, self.host_name, self.target_name))
+        steps = initial_steps(self.wf, self.host_name, self.target_name)
+        for step in steps:
+            if step.role == "host" and self._step_providers(step) != self._providers():
+                self._note(
+                    f"passes.{step.name} ({step.pass_type}) times the model with CUDAExecutionProvider and this host "
+                    "has no CUDA GPU: it runs on CPUExecutionProvider (its timings are the CPU's)"
+                )
+        evaluates = any(s.role == "target" for s in steps)
         if evaluates and self._cpu_evaluation():
             self._note(
                 f"target {self.target_name!r} evaluates with CUDAExecutionProvider and this host has no CUDA GPU: "
@@ -180,7 +187,12 @@ class Engine:
         this GPU-less host for CUDA (the passes still build for the configured providers)."""
         if step.role == "target" and self._cpu_evaluation():
             return ["CPUExecutionProvider"]
-        return self._providers()
+        providers = self._providers()
+        measures = step.role == "host" and getattr(load_pass(step.pass_type), "runs_model_on_provider", False)
+        cuda_missing = providers[0] == "CUDAExecutionProvider" and not cuda_available()
+        if measures and cuda_missing and self._on_this_host(step.system_name):
+            return ["CPUExecutionProvider"]
+        return providers
 
     def _gpu_missing(self, system_name: str) -> bool:
         """The system asks for a GPU (its first accelerator, as Olive reads it), runs on this host (not Azure ML)

@@ -507,6 +507,14 @@ PASS_KEYS: dict[str, dict[str, tuple[str, str]]] = {
         "optimize": ("note", "graph optimization is its own pass here (OrtTransformersOptimization / ModelBuilder)"),
         "dynamic": ("note", "the decoder is exported with dynamic batch and sequence axes"),
     },
+    "OptimumConversion": {
+        "components": (
+            "note",
+            "one decoder graph serves the prompt and the cached steps (what OptimumMerging makes of Optimum's two)",
+        ),
+        "extra_args": ("note", "Optimum's exporter arguments; orch exports with torch.onnx"),
+        "device": ("note", "exported on the CPU; the graph does not depend on the device"),
+    },
     "SplitModel": {
         "split_assignments": (
             "refuse",
@@ -581,6 +589,13 @@ def pass_keys(type_name: str, cfg: dict[str, Any], where: tuple[Any, ...], field
                 reader.problem([*where, "precision"], f"{precision!r}: dynamic quantization writes int8 or uint8")
             else:
                 cfg.setdefault("weight_type", "QUInt8" if precision == "uint8" else "QInt8")
+    if type_name == "OptimumConversion":
+        reader.notes.append(f"{prefix}: OptimumConversion exported by torch.onnx as OnnxConversion does (the same "
+                            "decoder graph with its KV cache, checked against transformers)")  # fmt: skip
+        fp16 = cfg.pop("fp16", None) if "fp16" not in fields else None
+        if fp16:
+            cfg.setdefault("torch_dtype", "float16")
+            reader.notes.append(f"{prefix}.fp16: read as torch_dtype float16")
     for key, (action, text) in PASS_KEYS.get(type_name, {}).items():
         if key not in cfg or key in fields:
             continue

@@ -124,6 +124,9 @@ class Pass(ABC):
     # True: the pass runs unchanged under torchrun / Azure ML's PyTorch launcher (every rank calls run; the
     # runner keeps result.json and events to rank 0), so systems may give it processes_per_node > 1.
     data_parallel: ClassVar[bool] = False
+    # runs the model on the job's first execution provider (timing): on a host without the GPU its system asks
+    # for, the engine hands it the CPU provider instead (the passes that build models keep the asked providers)
+    runs_model_on_provider: ClassVar[bool] = False
 
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements()

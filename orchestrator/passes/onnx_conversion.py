@@ -219,3 +219,39 @@ class OnnxConversionPass(Pass):
         commit_dir(tmp, final)
         ctx.log_metrics(metrics)
         return PassOutput(model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task), metrics=metrics)
+
+
+class OptimumMergingConfig(PassConfig):
+    """Olive's OptimumMerging: its keys are the external-data ones, noted by the reader."""
+
+
+class OptimumMergingPass(Pass):
+    """Olive's OptimumMerging joins Optimum's decoder and decoder-with-past graphs into one. orch's export
+    (OnnxConversion, which OptimumConversion maps to) is already that one graph: the model passes through,
+    linked into the pass's output folder."""
+
+    type_name = "OptimumMerging"
+    Config = OptimumMergingConfig
+    version = "1"
+    libraries = ("onnx",)
+
+    def requirements(self, config: PassConfig) -> Requirements:
+        return Requirements(cuda=False, environment="cpu-export")
+
+    def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
+        import os
+
+        if model is None or model.format != "onnx":
+            got = model.format if model else "no model"
+            raise PassError(f"OptimumMerging merges an exported decoder (format 'onnx'), got {got!r}")
+        src = Path(model.path)
+        tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
+        for f in (src.iterdir() if src.is_dir() else [src]):
+            if f.is_file():
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        commit_dir(tmp, ctx.out_dir / OUTPUT_DIR)
+        ctx.info("the exported decoder is already one graph for the prompt and the cached steps: nothing to merge")
+        return PassOutput(model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task), metrics={})

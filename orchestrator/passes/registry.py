@@ -32,6 +32,9 @@ PASSES: dict[str, str] = {
     "OnnxHqqQuantization": "orchestrator.passes.onnx_hqq:OnnxHqqQuantizationPass",
     "OnnxKQuantQuantization": "orchestrator.passes.onnx_kquant:OnnxKQuantQuantizationPass",
     "OnnxConversion": "orchestrator.passes.onnx_conversion:OnnxConversionPass",
+    # Olive 0.7-0.9's Optimum exporter: the same decoder graph from torch.onnx (one graph, already "merged")
+    "OptimumConversion": "orchestrator.passes.onnx_conversion:OnnxConversionPass",
+    "OptimumMerging": "orchestrator.passes.onnx_conversion:OptimumMergingPass",
     "OrtTransformersOptimization": "orchestrator.passes.ort_optimize:OrtTransformersOptimizationPass",
     "OnnxDynamicQuantization": "orchestrator.passes.onnx_dynamic_quant:OnnxDynamicQuantizationPass",
     "ExtractAdapters": "orchestrator.passes.extract_adapters:ExtractAdaptersPass",
@@ -44,7 +47,6 @@ PASSES: dict[str, str] = {
 _BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"
 # Olive passes orch does not run, and what to use instead: the config reader names them in one line each.
 UNSUPPORTED: dict[str, str] = {
-    "OptimumConversion": f"use {_BUILDER}",
     "OnnxStaticQuantization": "static QDQ quantization is for NPUs; use OnnxMatMul4Quantizer or ModelBuilder int4",
     "IncStaticQuantization": "INC static quantization (calibrated QOperator/QDQ) is not run; use "
     "IncDynamicQuantization or OnnxMatMul4Quantizer",
@@ -83,7 +85,6 @@ for _name in ("QuarkQuantization", "QuarkQuantizationVitisAI", "NVModelOptQuanti
 UNSUPPORTED.update(
     {
         "MobiusBuilder": "MobiusBuilder (mobius-ai) is not part of orch; use ModelBuilder",
-        "OptimumMerging": f"use {_BUILDER}: its decoder already serves the prompt and the cached steps",
         "PyTorchTensorParallel": "tensor-parallel sharding is not supported; the models here fit one device",
         "MoEExpertsDistributor": "mixture-of-experts sharding is not supported",
         "SDLoRA": "diffusion models are not supported",

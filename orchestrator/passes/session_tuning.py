@@ -89,6 +89,7 @@ class OrtSessionParamsTuningPass(Pass):
     Config = SessionTuningConfig
     version = "1"
     libraries = ("onnxruntime", "onnx", "numpy")
+    runs_model_on_provider = True
 
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements(cuda=False, environment="cpu-export")
