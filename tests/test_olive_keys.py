@@ -152,3 +152,31 @@ def test_test_model_path_stands_in_for_the_model(tmp_path: Path, tiny_model: Pat
     wf = load_workflow(raw, base_dir=tmp_path)
     assert json.loads((tmp_path / "tm" / "config.json").read_text())["num_hidden_layers"] == 2
     assert any("a random 2-layer copy" in n for n in wf.notes)
+
+
+def test_optimum_conversion_and_merging_run_as_the_one_decoder_export(tmp_path: Path, tiny_model: Path) -> None:
+    """Olive 0.7-0.9's OptimumConversion (+ OptimumMerging): the same KV-cache decoder graph from torch.onnx;
+    fp16 is read as torch_dtype, Optimum's own keys are noted; OptimumMerging passes the one graph through."""
+    from orchestrator.core.job import Job, ModelArtifact
+    from orchestrator.passes.base import PassContext
+    from orchestrator.passes.onnx_conversion import OnnxConversionPass, OptimumMergingPass
+
+    raw = _wf(passes={
+        "c": {"type": "OptimumConversion", "target_opset": 14, "fp16": True, "components": ["decoder_model"],
+              "extra_args": {"legacy": False}},
+        "m": {"type": "OptimumMerging", "save_as_external_data": True},
+    })  # fmt: skip
+    wf = load_workflow(raw, base_dir=tmp_path)
+    assert wf.passes["c"].config == {"target_opset": 14, "torch_dtype": "float16"}
+    assert any("OptimumConversion exported by torch.onnx" in n for n in wf.notes)
+    assert any("passes.c.components: accepted, no effect" in n for n in wf.notes)
+
+    def run(p: Any, out: Path, model: ModelArtifact) -> Any:
+        job = Job(job_id="j", pass_name="p", pass_type=p.type_name, output_dir=str(out))
+        return p.run(p.Config(), model, PassContext(job=job, out_dir=out, emit=lambda e: None))
+
+    conv = run(OnnxConversionPass(), tmp_path / "c", ModelArtifact(format="hf", path=str(tiny_model)))
+    onnx_dir = ModelArtifact(format="onnx", path=str(tmp_path / "c" / conv.model.path))
+    merged = run(OptimumMergingPass(), tmp_path / "m", onnx_dir)
+    files = sorted(f.name for f in (tmp_path / "m" / merged.model.path).iterdir())
+    assert files == sorted(f.name for f in Path(onnx_dir.path).iterdir()) and "model.onnx" in files
