@@ -29,6 +29,7 @@ PHI3_IDS = (
     "meta-llama/Llama-3.2-1B-Instruct",
     "openlm-research/open_llama_3b",
     "tiiuae/falcon-7b",
+    "mistralai/Mistral-7B-v0.1",
     "openlm-research/open_llama_7b_v2",
     "Qwen/Qwen2.5-0.5B-Instruct",
     "Qwen/Qwen3-0.6B",  # tied
