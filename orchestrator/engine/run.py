@@ -34,6 +34,7 @@ from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine'
     RunSummary,
     Step,
     StepRecord,
+    SystemNameError,
 )
 from orchestrator.engine.tracking import Tracker, flatten_params, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
@@ -60,7 +61,9 @@ class Engine:
         self.cache = Cache(self._abs(eng.cache_dir or ".orch/cache"))
         self.output_dir = self._abs(eng.output_dir) if eng.output_dir else None
         self.host_name = host or eng.host or "local"
-        self.target_name = target or eng.target or self.host_name
+        # Olive's rule, the target defaults to the host: a host given here (the CLI's --host) takes the evaluation
+        # with it unless a target is given too; the config's engine.target pairs with the config's engine.host
+        self.target_name = target or host or eng.target or self.host_name
         self.reporter: Reporter = reporter or QuietReporter()
         self.tracking_enabled = tracking
         mlflow_cfg = getattr(eng, "mlflow", None)
@@ -85,8 +88,9 @@ class Engine:
         if name not in self._systems:
             found = system_config(name, {k: s.model_dump(mode="json") for k, s in self.wf.systems.items()})
             if found is None:
-                raise EngineError(
-                    f"engine host/target {name!r} is not a system in 'systems' nor one of {', '.join(MAIN_KEYWORDS)}"
+                known = ", ".join(dict.fromkeys([*self.wf.systems, *MAIN_KEYWORDS]))
+                raise SystemNameError(
+                    f"--host/--target (engine.host/target) {name!r}: no such system; use one of {known}"
                 )
             type_name, cfg = found
             self._systems[name] = make_system(
