@@ -88,7 +88,9 @@ def register(app: typer.Typer) -> None:
 def submit(
     config: Annotated[Path, typer.Option("--config", "-c", help="workflow config (Olive format)")],
     host: Annotated[str, typer.Option("--host", help="aml (the workflow's AzureML system)")] = "aml",
-    target: Annotated[str, typer.Option("--target")] = "aml",
+    target: Annotated[
+        str | None, typer.Option("--target", help="system that evaluates, in the same job (default: the host)")
+    ] = None,
     name: Annotated[
         str | None, typer.Option("--name", help="job name (default orch-<workflow>-<hash of the job definition>)")
     ] = None,
@@ -292,7 +294,7 @@ def download(
 
 
 def aml_drive(
-    config: Annotated[Path, typer.Option("--config")],
+    config: Annotated[Path, typer.Option("--config", help="the submitted workflow (in the job's code)")],
     bind: Annotated[list[str], typer.Option("--bind", help="NAME=PATH of a bound input/output")],
 ) -> None:
     """(inside an Azure ML job) run the submitted workflow with the job's bound inputs."""

@@ -106,6 +106,27 @@ TargetOpt = Annotated[
     str | None,
     typer.Option("--target", help="system that runs evaluation (default: --host when given, else engine.target)"),
 ]
+# Olive's flags that several commands share (help text once); spellings with - or _ are both accepted
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model_name_or_path", "-m",
+        help="input model: a local Hugging Face folder, a previous command's --output_path, or azureml:name:version",
+    ),
+]  # fmt: skip
+OutputOpt = Annotated[
+    str, typer.Option("--output_path", "-o", help="output folder: model/ and manifest.json (and adapter/)")
+]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter_path", help="a PEFT LoRA adapter folder for the model")]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust_remote_code", help="let transformers run the model repository's own code")
+]
+TaskOpt = Annotated[str | None, typer.Option("--task", "-t", help="the model's task (default: text-generation)")]
+LogLevelOpt = Annotated[
+    int, typer.Option("--log_level", help="Olive's log level: 0 or 1 stream the passes' logs; 3 (default) progress")
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the plan (what runs, what is cached) and stop")]
+NoTrackingOpt = Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")]
 TrackingOpt = Annotated[
     str | None,
     typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)"),
@@ -217,8 +238,9 @@ def _package(wf: Any, summary: Any, out: Any) -> None:
         out.print(f"packaged: {dest}")
 
 
-def _guarded(fn: Any) -> Any:
-    """Turn the errors a user can act on into one line + a non-zero exit (core.errors: the one code map)."""
+def _guarded(fn: Any, *, interrupted: str = "interrupted; the running job was stopped") -> Any:
+    """Turn the errors a user can act on into one line + a non-zero exit (core.errors: the one code map); Ctrl-C
+    exits 130 with `interrupted`, which says what was stopped."""
     from orchestrator.core.cache import Cache  # noqa: F401  (cheap; keeps import errors out of the handler)
 
     try:
@@ -226,7 +248,7 @@ def _guarded(fn: Any) -> Any:
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        raise fail("interrupted; the running job was stopped", EXIT_INTERRUPTED) from None
+        raise fail(interrupted, EXIT_INTERRUPTED) from None
     except Exception as exc:  # classified below; anything else is a bug: one line + its traceback in a file
         raise classify(exc) from None
 
@@ -372,30 +394,41 @@ EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 @app.command(context_settings=EXTRA)
 def finetune(
     ctx: typer.Context,
-    model_name_or_path: Annotated[
-        str, typer.Option("--model_name_or_path", "-m", help="local model folder or azureml:// model")
-    ],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
+    model_name_or_path: ModelOpt,
+    output_path: OutputOpt,
     data_name: Annotated[str, typer.Option("--data_name", "-d", help="`json`, or a data folder/file")],
-    method: Annotated[str, typer.Option("--method")] = "lora",
-    data_files: Annotated[str | None, typer.Option("--data_files")] = None,
-    train_split: Annotated[str, typer.Option("--train_split")] = "train",
-    eval_split: Annotated[str | None, typer.Option("--eval_split")] = None,
-    text_template: Annotated[str | None, typer.Option("--text_template")] = None,
-    text_field: Annotated[str | None, typer.Option("--text_field")] = None,
-    max_seq_len: Annotated[int, typer.Option("--max_seq_len")] = 1024,
-    target_modules: Annotated[str | None, typer.Option("--target_modules")] = None,
-    lora_r: Annotated[int, typer.Option("--lora_r")] = 64,
-    lora_alpha: Annotated[int, typer.Option("--lora_alpha")] = 16,
-    lora_dropout: Annotated[float, typer.Option("--lora_dropout")] = 0.05,
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    task: Annotated[str | None, typer.Option("--task", "-t")] = None,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    method: Annotated[str, typer.Option("--method", help="lora | qlora (QLoRA needs CUDA)")] = "lora",
+    data_files: Annotated[
+        str | None, typer.Option("--data_files", help="data file(s) for --data_name json: comma-separated, globs ok")
+    ] = None,
+    train_split: Annotated[
+        str, typer.Option("--train_split", help='training rows, datasets\' split syntax: "train[:80%]"')
+    ] = "train",
+    eval_split: Annotated[
+        str | None, typer.Option("--eval_split", help='evaluation rows, e.g. "train[80%:]" (default: none)')
+    ] = None,
+    text_template: Annotated[
+        str | None, typer.Option("--text_template", help="a row as text, {column} placeholders, \\n newlines")
+    ] = None,
+    text_field: Annotated[
+        str | None, typer.Option("--text_field", help="the text column (instead of a template)")
+    ] = None,
+    max_seq_len: Annotated[int, typer.Option("--max_seq_len", help="longest training sequence, in tokens")] = 1024,
+    target_modules: Annotated[
+        str | None,
+        typer.Option("--target_modules", help="modules LoRA adapts, comma-separated (default: every linear layer)"),
+    ] = None,
+    lora_r: Annotated[int, typer.Option("--lora_r", help="LoRA rank")] = 64,
+    lora_alpha: Annotated[int, typer.Option("--lora_alpha", help="LoRA scaling alpha")] = 16,
+    lora_dropout: Annotated[float, typer.Option("--lora_dropout", help="dropout on the LoRA path")] = 0.05,
+    trust_remote_code: TrustOpt = False,
+    task: TaskOpt = None,
+    log_level: LogLevelOpt = 3,
     host: HostOpt = None,
     target: TargetOpt = None,
     tracking_uri: TrackingOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    dry_run: DryRunOpt = False,
+    no_tracking: NoTrackingOpt = False,
 ) -> None:
     """Olive's `finetune`: LoRA/QLoRA; other --name value flags go to the training arguments (e.g. --max_steps)."""
     from orchestrator.olive.commands import finetune_workflow, parse_extra_args
@@ -437,22 +470,28 @@ def finetune(
 
 @app.command("auto-opt")
 def auto_opt(
-    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    adapter_path: Annotated[str | None, typer.Option("--adapter_path")] = None,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
-    provider: Annotated[str | None, typer.Option("--provider")] = None,
-    precision: Annotated[str, typer.Option("--precision")] = "int4",
-    use_model_builder: Annotated[bool, typer.Option("--use_model_builder")] = False,
-    use_ort_genai: Annotated[bool, typer.Option("--use_ort_genai")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    task: Annotated[str | None, typer.Option("--task", "-t")] = None,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    model_name_or_path: ModelOpt,
+    output_path: OutputOpt,
+    adapter_path: AdapterOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | gpu: where the model will run")] = "cpu",
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="onnxruntime execution provider (default: the device's)")
+    ] = None,
+    precision: Annotated[str, typer.Option("--precision", help="int4 | int8 | fp16 | fp32 weights")] = "int4",
+    use_model_builder: Annotated[
+        bool, typer.Option("--use_model_builder", help="onnxruntime-genai's model builder (orch's export path anyway)")
+    ] = False,
+    use_ort_genai: Annotated[
+        bool, typer.Option("--use_ort_genai", help="an onnxruntime-genai model folder (always written)")
+    ] = False,
+    trust_remote_code: TrustOpt = False,
+    task: TaskOpt = None,
+    log_level: LogLevelOpt = 3,
     host: HostOpt = None,
     target: TargetOpt = None,
     tracking_uri: TrackingOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    dry_run: DryRunOpt = False,
+    no_tracking: NoTrackingOpt = False,
     num_splits: Annotated[
         int | None, typer.Option("--num-splits", "--num_splits", "--num_split", help="split into N pipeline parts")
     ] = None,
@@ -493,20 +532,24 @@ def auto_opt(
 
 @app.command()
 def quantize(
-    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
+    model_name_or_path: ModelOpt,
+    output_path: OutputOpt,
     algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="awq | gptq (llm-compressor) | rtn")] = "rtn",
-    precision: Annotated[str, typer.Option("--precision")] = "int4",
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    precision: Annotated[
+        str, typer.Option("--precision", help="int4 (the only weight precision orch quantizes to)")
+    ] = "int4",
+    trust_remote_code: TrustOpt = False,
+    log_level: LogLevelOpt = 3,
     data_name: Annotated[str | None, typer.Option("--data_name", "-d", help="calibration data (awq/gptq)")] = None,
-    data_files: Annotated[str | None, typer.Option("--data_files")] = None,
-    text_template: Annotated[str | None, typer.Option("--text_template")] = None,
-    text_field: Annotated[str | None, typer.Option("--text_field")] = None,
+    data_files: Annotated[str | None, typer.Option("--data_files", help="calibration data file(s) (awq/gptq)")] = None,
+    text_template: Annotated[
+        str | None, typer.Option("--text_template", help="calibration rows as text, {column} placeholders")
+    ] = None,
+    text_field: Annotated[str | None, typer.Option("--text_field", help="the calibration text column")] = None,
     host: HostOpt = None,
     tracking_uri: TrackingOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    dry_run: DryRunOpt = False,
+    no_tracking: NoTrackingOpt = False,
 ) -> None:
     """Olive's `quantize`: int4 weights by AWQ/GPTQ (llm-compressor, its own environment) or RTN (MatMulNBits /
     model builder)."""
@@ -544,7 +587,7 @@ def generate(
     prompt: Annotated[
         str | None, typer.Option("--prompt", "-p", help="one prompt; without it, chat interactively")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="most tokens to generate per answer")] = 64,
     chat: Annotated[bool, typer.Option("--chat/--raw", help="apply the model's chat template")] = True,
 ) -> None:
     """Chat with (or complete a prompt with) an exported ONNX model, via onnxruntime-genai."""
@@ -674,7 +717,7 @@ def tiny_model(
     corpus: Annotated[
         Path | None, typer.Option("--corpus", help="jsonl/text file whose text trains the tokenizer")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the random weights")] = 0,
 ) -> None:
     """Build the embedded tiny Phi-3-architecture model + tokenizer (random weights; no hub needed)."""
     from orchestrator.passes.tiny_model import build_tiny_phi3
@@ -711,7 +754,9 @@ def env_base(force: Annotated[bool, typer.Option("--force", help="rebuild even i
 @env_app.command("build")
 def env_build(
     env: Annotated[str, typer.Argument(help="a conda.yaml path or an environment family (cpu-export, cpu-train, ...)")],
-    base_image: Annotated[str | None, typer.Option("--base-image")] = None,
+    base_image: Annotated[
+        str | None, typer.Option("--base-image", help="image to build on (default: orch's base)")
+    ] = None,
     installer: Annotated[str, typer.Option("--installer", help="auto | uv | pip")] = "auto",
 ) -> None:
     """Build (or reuse) the image of a conda.yaml; build output streams live."""
@@ -976,7 +1021,7 @@ def ui_command(
         finally:
             ui.stop_mlflow_ui(proc)
 
-    _guarded(go)
+    _guarded(go, interrupted="interrupted; the MLflow UI server was stopped")
 
 
 app.command("optimize", help="Olive's `optimize`: the same as auto-opt (the model builder path).")(auto_opt)
@@ -984,18 +1029,26 @@ app.command("optimize", help="Olive's `optimize`: the same as auto-opt (the mode
 
 @app.command("capture-onnx-graph")
 def capture_onnx_graph(
-    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    adapter_path: Annotated[str | None, typer.Option("--adapter_path")] = None,
-    use_model_builder: Annotated[bool, typer.Option("--use_model_builder")] = False,
-    use_dynamo_exporter: Annotated[bool, typer.Option("--use_dynamo_exporter")] = False,
-    precision: Annotated[str, typer.Option("--precision")] = "fp32",
-    torch_dtype: Annotated[str | None, typer.Option("--torch_dtype")] = None,
-    target_opset: Annotated[int, typer.Option("--target_opset")] = 17,
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    model_name_or_path: ModelOpt,
+    output_path: OutputOpt,
+    adapter_path: AdapterOpt = None,
+    use_model_builder: Annotated[
+        bool, typer.Option("--use_model_builder", help="export with onnxruntime-genai's model builder instead of torch")
+    ] = False,
+    use_dynamo_exporter: Annotated[
+        bool, typer.Option("--use_dynamo_exporter", help="torch.onnx's dynamo exporter instead of TorchScript")
+    ] = False,
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32 | fp16 (int4/int8 with the model builder)")
+    ] = "fp32",
+    torch_dtype: Annotated[
+        str | None, typer.Option("--torch_dtype", help="dtype to load the model in: float32, float16")
+    ] = None,
+    target_opset: Annotated[int, typer.Option("--target_opset", help="ONNX opset of the exported graph")] = 17,
+    trust_remote_code: TrustOpt = False,
+    log_level: LogLevelOpt = 3,
     host: HostOpt = None,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking")] = False,
+    no_tracking: NoTrackingOpt = False,
 ) -> None:
     """Olive's `capture-onnx-graph`: torch's ONNX exporter (OnnxConversion), or the model builder."""
     from orchestrator.olive.commands import capture_onnx_graph_workflow
@@ -1014,29 +1067,33 @@ def capture_onnx_graph(
 
 @app.command("generate-adapter")
 def generate_adapter(
-    model_name_or_path: Annotated[str, typer.Option("--model_name_or_path", "-m")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    adapter_path: Annotated[str | None, typer.Option("--adapter_path")] = None,
-    adapter_type: Annotated[str, typer.Option("--adapter_type")] = "lora",
-    adapter_format: Annotated[str, typer.Option("--adapter_format")] = "onnx_adapter",
-    precision: Annotated[str, typer.Option("--precision")] = "int4",
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code")] = False,
-    log_level: Annotated[int, typer.Option("--log_level")] = 3,
+    model_name_or_path: ModelOpt,
+    output_path: OutputOpt,
+    adapter_path: AdapterOpt = None,
+    adapter_type: Annotated[str, typer.Option("--adapter_type", help="lora (the only type orch builds)")] = "lora",
+    adapter_format: Annotated[
+        str, typer.Option("--adapter_format", help="onnx_adapter | numpy: the file the weights go to")
+    ] = "onnx_adapter",
+    precision: Annotated[
+        str, typer.Option("--precision", help="the base model's weights: int4 | fp16 | fp32")
+    ] = "int4",
+    trust_remote_code: TrustOpt = False,
+    log_level: LogLevelOpt = 3,
     host: HostOpt = None,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking")] = False,
+    no_tracking: NoTrackingOpt = False,
 ) -> None:
     """Olive's `generate-adapter`: base ONNX model with LoRA inputs + model/adapter_weights.onnx_adapter. -m is an
     ONNX folder built from an adapter (ExtractAdapters on it), or an HF base model with --adapter_path (built)."""
-    from orchestrator.olive.commands import FlagError, generate_adapter_workflow
+    from orchestrator.olive.commands import FlagError, generate_adapter_workflow, model_folder
 
     def go() -> None:
         if adapter_type.lower() != "lora":
             raise FlagError(f"--adapter_type {adapter_type!r}: orch builds LoRA adapters only (no DoRA / LoHa)")
-        if (Path(model_name_or_path) / "model.onnx").is_file():
+        if (Path(model_folder(model_name_or_path)) / "model.onnx").is_file():
             from orchestrator.passes.extract_adapters import extract
 
             fmt = "numpy" if adapter_format == "numpy" else "onnx_adapter"
-            weights = extract(Path(model_name_or_path), Path(output_path) / "model", save_format=fmt)
+            weights = extract(Path(model_folder(model_name_or_path)), Path(output_path) / "model", save_format=fmt)
             print(f"{len(weights)} LoRA weights -> inputs; {output_path}/model", file=sys.stderr)
             return
         workflow = generate_adapter_workflow(
@@ -1051,11 +1108,15 @@ def generate_adapter(
 
 @app.command("convert-adapters")
 def convert_adapters_cmd(
-    adapter_path: Annotated[str, typer.Option("--adapter_path")],
-    output_path: Annotated[str, typer.Option("--output_path", "-o")],
-    adapter_format: Annotated[str, typer.Option("--adapter_format")] = "onnx_adapter",
-    dtype: Annotated[str, typer.Option("--dtype")] = "float32",
-    model_name_or_path: Annotated[str | None, typer.Option("--model_name_or_path", "-m")] = None,
+    adapter_path: Annotated[str, typer.Option("--adapter_path", help="the PEFT LoRA adapter folder to convert")],
+    output_path: OutputOpt,
+    adapter_format: Annotated[
+        str, typer.Option("--adapter_format", help="onnx_adapter | numpy: the file written")
+    ] = "onnx_adapter",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | float16 weights in the file")] = "float32",
+    model_name_or_path: Annotated[
+        str | None, typer.Option("--model_name_or_path", "-m", help="the base model (default: the adapter's base)")
+    ] = None,
     quantize_int4: Annotated[bool, typer.Option("--quantize_int4", help="refused: adapters stay float")] = False,
 ) -> None:
     """Olive's `convert-adapters`: a PEFT LoRA folder -> .onnx_adapter for the base model auto-opt built."""
@@ -1078,6 +1139,9 @@ def tune_session_params(ctx: typer.Context, host: HostOpt = None) -> None:
     from orchestrator.olive import commands as oc
 
     def go() -> None:
+        if {"-h", "--help"} & set(ctx.args):
+            _argparse_help(oc.tune_session_params_parser(), ctx, tune_session_params.__doc__ or "", host=HostOpt)
+            return
         args = oc.tune_session_params_parser().parse_args(ctx.args)
         summary = _run_workflow(oc.tune_session_params_workflow(args, host=host), base_dir=Path.cwd(),
                                 verbose=args.log_level <= 1, no_tracking=False)  # fmt: skip
@@ -1092,6 +1156,39 @@ def tune_session_params(ctx: typer.Context, host: HostOpt = None) -> None:
         print(f"Inference session parameters are saved to {dest}", file=sys.stderr)
 
     _guarded(go)
+
+
+def _argparse_help(parser: Any, ctx: typer.Context, doc: str, **typer_params: Any) -> None:
+    """--help of a command whose flags argparse parses (Olive's list syntax, `--opt_level_list 0 1 2`), in the
+    same rich layout as every other command: its flags become options of a throwaway typer command."""
+    import argparse
+    import inspect
+
+    params = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = isinstance(action, argparse._StoreTrueAction)
+        kind: Any = bool if flag else (action.type if action.type in (int, float) else str)
+        many = action.nargs in ("*", "+")
+        option = typer.Option(
+            *action.option_strings,
+            help=action.help or "",
+            metavar=None if flag else (f"<{getattr(kind, '__name__', 'str')}> ..." if many else None),
+        )
+        default = action.default if action.default is not None or not action.required else ...
+        params.append(inspect.Parameter(action.dest, inspect.Parameter.KEYWORD_ONLY,
+                                        annotation=Annotated[kind | None, option], default=default))  # fmt: skip
+
+    for name, annotation in typer_params.items():  # the command's own typer options (e.g. --host)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None))
+
+    def shadow(**kwargs: Any) -> None: ...
+
+    shadow.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    help_app = typer.Typer(add_completion=False)
+    help_app.command(help=doc)(shadow)
+    typer.main.get_command(help_app).main(["--help"], prog_name=ctx.command_path, standalone_mode=False)
 
 
 def _refusal(why: str) -> Any:
