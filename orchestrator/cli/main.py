@@ -44,10 +44,12 @@ out = Console()
 
 
 class Verbosity:
-    """The root options -q/--quiet and -v/--verbose (accepted anywhere on the line: run_cli moves them)."""
+    """The root options -q/--quiet and -v/--verbose (accepted anywhere on the line: run_cli moves them), and
+    the command's words (for one-line errors raised after its context is gone)."""
 
     quiet: bool = False
     verbose: bool = False
+    command: tuple[str, ...] = ()
 
 
 def _say(message: str) -> None:
@@ -282,11 +284,11 @@ def _install_hint(exc: ImportError) -> str | None:
 def _command_path() -> str:
     """`orch run`, `orch demo`, ...: the command being run, for one-line errors."""
     try:
-        import typer._click as click_mod  # typer >= 0.20 vendors click
+        from typer._click.globals import get_current_context  # typer >= 0.20 vendors click
     except ImportError:  # pragma: no cover - older typer
-        import click as click_mod
-    ctx = click_mod.get_current_context(silent=True)
-    return ctx.command_path if ctx is not None else "orch"
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    return ctx.command_path if ctx is not None else " ".join(["orch", *Verbosity.command])
 
 
 AZ_LOGIN_HINT = (
@@ -720,18 +722,22 @@ def tiny_model(
     seed: Annotated[int, typer.Option("--seed", help="seed of the random weights")] = 0,
 ) -> None:
     """Build the embedded tiny Phi-3-architecture model + tokenizer (random weights; no hub needed)."""
-    from orchestrator.passes.tiny_model import build_tiny_phi3
 
-    texts: list[str] = []
-    if corpus is not None:
-        for line in corpus.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                texts.append(" ".join(str(v) for v in row.values()) if isinstance(row, dict) else str(row))
-            except ValueError:
-                texts.append(line)
-    path = build_tiny_phi3(output, texts=texts, seed=seed)
-    out.print(f"wrote tiny Phi-3 model to {path}")
+    def go() -> None:
+        from orchestrator.passes.tiny_model import build_tiny_phi3
+
+        texts: list[str] = []
+        if corpus is not None:
+            for line in corpus.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    texts.append(" ".join(str(v) for v in row.values()) if isinstance(row, dict) else str(row))
+                except ValueError:
+                    texts.append(line)
+        path = build_tiny_phi3(output, texts=texts, seed=seed)
+        out.print(f"wrote tiny Phi-3 model to {path}")
+
+    _guarded(go, interrupted="interrupted")
 
 
 def _stream_line(line: str) -> None:
@@ -1226,6 +1232,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = _hoist_root_flags(list(sys.argv[1:] if argv is None else argv))
     Verbosity.quiet = Verbosity.verbose = False  # run_cli called in-process (tests) starts from the defaults
+    Verbosity.command = tuple(_command_words(argv))
 
     def on_term(signum: int, frame: Any) -> None:  # kill <pid>: stop the job and close the MLflow run KILLED
         raise KeyboardInterrupt
@@ -1269,6 +1276,19 @@ def _hoist_root_flags(argv: list[str]) -> list[str]:
     own = _declared_options(head)
     moved = [a for a in head if a in ROOT_FLAGS and a not in own]
     return moved + [a for a in head if not (a in ROOT_FLAGS and a not in own)] + tail
+
+
+def _command_words(argv: list[str]) -> list[str]:
+    """`cache ls` of `orch -q cache ls --json`: the leading words that name a command or group."""
+    command: Any = typer.main.get_command(app)
+    words = []
+    for word in (a for a in argv if not a.startswith("-")):
+        sub = getattr(command, "commands", {}).get(word)
+        if sub is None:
+            break
+        words.append(word)
+        command = sub
+    return words
 
 
 def _declared_options(head: list[str]) -> set[str]:

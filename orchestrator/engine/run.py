@@ -86,17 +86,19 @@ class Engine:
     def system(self, name: str) -> System:
         """A system by workflow name, or by keyword (local/docker/aml: the first such system in the config)."""
         if name not in self._systems:
-            found = system_config(name, {k: s.model_dump(mode="json") for k, s in self.wf.systems.items()})
-            if found is None:
-                known = ", ".join(dict.fromkeys([*self.wf.systems, *MAIN_KEYWORDS]))
-                raise SystemNameError(
-                    f"--host/--target (engine.host/target) {name!r}: no such system; use one of {known}"
-                )
-            type_name, cfg = found
+            type_name, cfg = self._system_config(name)
             self._systems[name] = make_system(
                 type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root, environment_for=environment_for
             )
         return self._systems[name]
+
+    def _system_config(self, name: str) -> tuple[str, dict[str, Any]]:
+        """(type name, config) of a system by workflow name or keyword; SystemNameError (exit 2) if none."""
+        found = system_config(name, {k: s.model_dump(mode="json") for k, s in self.wf.systems.items()})
+        if found is None:
+            known = ", ".join(dict.fromkeys([*self.wf.systems, *MAIN_KEYWORDS]))
+            raise SystemNameError(f"--host/--target (engine.host/target) {name!r}: no such system; use one of {known}")
+        return found
 
     def _input_model(self) -> tuple[ModelArtifact, str]:
         """The workflow's input model as an artifact, and its identity for cache keys."""
@@ -110,6 +112,8 @@ class Engine:
     def preflight(self, *, tracking: bool = True) -> None:
         """Every input checked before anything is hashed, written or submitted (engine/preflight.py):
         raises PreflightError (one line: the field and the fix)."""
+        for name in dict.fromkeys([self.host_name, self.target_name]):  # both named right, used or not
+            self._system_config(name)
         WorkflowCheck(
             self.wf,
             base_dir=self.base_dir,
