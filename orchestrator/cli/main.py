@@ -40,7 +40,7 @@ env_app = typer.Typer(
 app.add_typer(env_app, name="env")
 
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)  # results (paths, URIs, JSON) are never wrapped: they are copied and parsed
 
 
 class Verbosity:
@@ -88,15 +88,17 @@ def _root(
 
 
 def _quiet_libraries(*, verbose: bool) -> None:
-    """Libraries' own chatter stays out of orch's output unless -v: MLflow's INFO lines ("Successfully registered
-    model ...", "Created version ..."), azure-identity's per-credential warnings (a credential failure is one orch
-    line with a hint instead), Hugging Face progress bars in the CLI process."""
+    """Libraries' own chatter stays out of orch's output unless -v: MLflow's INFO lines and its "Successfully
+    registered model ..." / "Created version ..." prints (engine.mlflow_model reads the level), azure-identity's
+    per-credential warnings (a credential failure is one orch line with a hint instead), tqdm progress bars
+    (transformers' loading and conversion bars). Set in the environment, so the passes' processes inherit it."""
     import logging
 
     if verbose:
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' shard / GGUF bars (tqdm), here and in passes' logs
     for name in ("azure.identity", "azure.core.pipeline.policies.http_logging_policy", "msal"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
