@@ -212,7 +212,10 @@ def test_a_short_run_quiet_json_spellings_and_modes(tmp_path: Path, workflow_fac
     folder above it and as --json; the cache entry and the output are 0644 files in 0755 folders."""
     job = tmp_path / "job"
     job.mkdir()
-    cfg = workflow_factory(max_steps=2, passes=["lora"], cache_dir=str(job / ".orch" / "cache"))
+    cfg = workflow_factory(max_steps=2, passes=["lora"])
+    doc = json.loads(cfg.read_text())
+    doc["engine"]["cache_dir"] = str(job / ".orch" / "cache")
+    cfg.write_text(json.dumps(doc))
     plan = orch("run", "--config", cfg, "--dry_run", "--tracking_uri", f"sqlite:///{tmp_path}/t.db", cwd=tmp_path)
     assert plan.returncode == 0 and "1 pass(es) would run" in plan.stdout, plan.stderr
     ran = orch("run", "--config", cfg, "--no_tracking", "-q", cwd=tmp_path)

@@ -990,9 +990,13 @@ def ui_command(
     charts (loss curves, metrics); Ctrl-C stops it."""
 
     def go() -> None:
+        import importlib.util
         import time
 
         from orchestrator.cli import render as ui
+
+        if importlib.util.find_spec("flask") is None:  # the core's mlflow-skinny has no server
+            raise ModuleNotFoundError("the MLflow server is not installed", name="flask")
 
         if manifest is None:
             demo_dir = _demo_dir(create=False)

@@ -29,7 +29,7 @@ EXTRA_OF: dict[str, tuple[str, str]] = {
     "azure.keyvault": ("azure-keyvault-secrets", "azure"),
     "azure.storage.blob": ("azure-storage-blob", "azure"),
     "azure": ("azure-ai-ml", "azure"),
-    "flask": ("mlflow (the server and UI)", "ui"),
+    "flask": ("mlflow", "ui"),  # the MLflow server and UI (`orch ui`): full mlflow, not the core's skinny client
 }
 
 
