@@ -259,3 +259,26 @@ def test_the_target_follows_a_host_given_on_the_command_line(wf: Path) -> None:
     assert Engine(workflow, tracking=False).target_name == "local"
     assert Engine(workflow, host="docker", tracking=False).target_name == "docker"
     assert Engine(workflow, host="docker", target="local", tracking=False).target_name == "local"
+
+
+def test_ctrl_c_in_orch_ui_says_the_server_stopped(tmp_path: Path) -> None:
+    """Ctrl-C is how `orch ui` ends: exit 130 and one line about the MLflow server, no job (there is none)."""
+    from orchestrator.engine.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    tracker = Tracker(uri, "orch", "ui-run")
+    tracker.log_metric("lora/train_loss", 2.5, 1)
+    tracker.end("FINISHED")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"mlflow": {"tracking_uri": uri, "run_id": tracker.run_id}}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "ui", "--manifest", str(manifest), "--no-browser"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # blocks until the server answers /health and the URL is printed
+    assert f"MLflow UI on run {tracker.run_id}" in first, first
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    line = one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 130, "MLflow UI server")
+    assert "job" not in line
