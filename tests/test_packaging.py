@@ -137,12 +137,13 @@ def test_the_extras_hints_name_the_extra_that_brings_each_library() -> None:
 
 def test_a_submit_only_install_stays_light(tmp_path: Path) -> None:
     """`pip install 'orch[azure]'` is the core + the Azure SDK: MLflow's client (mlflow-skinny), no full mlflow
-    (its server and UI: Flask, pandas, scikit-learn, ~880 MB), no torch or onnxruntime. And the submit path
-    imports none of them: `orch submit --help` and the modules submit runs, with those libraries absent."""
+    (its server and UI: Flask, scikit-learn, pyarrow, ~880 MB), no torch or onnxruntime. And the submit path
+    imports none of them: `orch submit --help` and the modules submit runs, with those libraries absent.
+    (Measured once by hand: a venv of the core + azure extra is 328 MB, and logs, registers and submits.)"""
     deps = declared()
     light = deps["core"] | deps["azure"]
     assert "mlflow-skinny" in deps["core"] and "mlflow" not in light
-    assert not light & {"torch", "transformers", "onnxruntime", "onnxruntime-genai", "docker", "pandas"}
+    assert not light & {"torch", "transformers", "onnxruntime", "onnxruntime-genai", "docker", "flask", "pyarrow"}
     assert "mlflow" in deps["ui"]
     absent = ("torch", "transformers", "peft", "onnxruntime", "onnx", "docker", "flask", "pandas", "sklearn")
     code = (

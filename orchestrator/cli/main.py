@@ -860,6 +860,11 @@ def demo(
         # OpenMP threads that spin while waiting lose their core on a busy machine: passive waiting made a
         # SmolLM2 forward pass 10x faster on 2 shared cores (4.8 s -> 0.26 s), and costs nothing on an idle one
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import importlib.util
+
+        for library in ("torch", "transformers", "onnxruntime_genai"):  # before anything is written
+            if importlib.util.find_spec(library) is None:
+                raise ModuleNotFoundError(f"No module named {library!r}", name=library)
         demo_dir = _demo_dir()
         data = _demo_data(demo_dir)
         if tiny:
