@@ -3,11 +3,13 @@
 Layout under cache_dir:
     runs/<key>/          a finished pass: result.json, events.jsonl, job.log, the pass's output files, meta.json
     tmp/<key>/           the staging folder of a pass in progress (renamed to runs/<key> only on success)
+    partial/<key>/       what a pass in progress keeps across attempts (checkpoints/: core/checkpoints.py); it
+                         survives a killed run so the next attempt resumes, and is removed when <key> commits
     locks/<key>.lock     held while a pass with that key runs, so two runs sharing a cache never collide
     hashes.json          memo of folder content hashes keyed by (path, size, mtime) so big models hash once
 
-A run killed mid-pass (kill -9) leaves only tmp/<key>, which the next run holding the lock deletes: a cache entry
-exists only if the pass completed.
+A run killed mid-pass (kill -9) leaves tmp/<key>, which the next run holding the lock deletes, and partial/<key>,
+from which that run resumes: a cache entry exists only if the pass completed.
 """
 
 from __future__ import annotations
@@ -112,6 +114,10 @@ class Cache:
     def entry_dir(self, key: str) -> Path:
         return self.root / "runs" / key
 
+    def partial_dir(self, key: str) -> Path:
+        """The key's folder for state that outlives an attempt (checkpoints); not created here."""
+        return self.root / "partial" / key
+
     def get(self, key: str) -> CacheEntry | None:
         path = self.entry_dir(key)
         try:
@@ -151,6 +157,7 @@ class Cache:
             shutil.rmtree(stage)
         else:
             os.replace(stage, final)
+        self._remove_partial(key)  # the entry is in runs/<key>: its checkpoints have served
         entry = self.get(key)
         assert entry is not None
         return entry
@@ -182,19 +189,33 @@ class Cache:
             shutil.rmtree(trash, ignore_errors=True)
         return True
 
+    def _remove_partial(self, key: str) -> None:
+        """Delete partial/<key> (renamed aside first, so no reader sees a half-deleted checkpoint folder)."""
+        partial = self.partial_dir(key)
+        if not partial.exists():
+            return
+        trash = self.root / "tmp" / f".trash-partial-{key}-{os.getpid()}"
+        try:
+            os.replace(partial, trash)
+        except OSError:
+            trash = partial
+        shutil.rmtree(trash, ignore_errors=True)
+
     def clean(self) -> int:
+        """Remove every entry, and the staging and partial (checkpoint) folders of runs no longer alive."""
         n = 0
         for entry in self.entries():
             n += self.remove(entry.key)
-        if not (self.root / "tmp").is_dir():
-            return n
-        for stale in (self.root / "tmp").iterdir():
-            lock = FileLock(str(self.root / "locks" / f"{stale.name}.lock"))
-            try:
-                with lock.acquire(timeout=0):  # a staging folder whose run is alive is not ours to delete
-                    shutil.rmtree(stale, ignore_errors=True)
-            except Timeout:
+        for sub in ("tmp", "partial"):
+            if not (self.root / sub).is_dir():
                 continue
+            for stale in (self.root / sub).iterdir():
+                lock = FileLock(str(self.root / "locks" / f"{stale.name}.lock"))
+                try:
+                    with lock.acquire(timeout=0):  # a folder whose run is alive is not ours to delete
+                        shutil.rmtree(stale, ignore_errors=True)
+                except Timeout:
+                    continue
         return n
 
 

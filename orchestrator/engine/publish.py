@@ -135,6 +135,7 @@ class Publisher:
             "target": self.target_name,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "input_model": self.wf.input_model.model_dump(mode="json", exclude_none=True),
+            "input_model_identity": summary.input_identity,  # a hub model: hf://<id>@<the commit it ran on>
             "passes": [r.__dict__ for r in summary.steps],
             "final_model": {
                 "format": summary.final_model.format if summary.final_model else None,

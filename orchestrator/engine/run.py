@@ -74,6 +74,7 @@ class Engine:
         )
         self._systems: dict[str, System] = {}
         self._data = {dc.name: dc for dc in workflow.data_configs}
+        self._fetch = True  # False for a dry run: hub references are pinned (cache keys), nothing downloaded
         self.publisher = Publisher(
             workflow, self.cache, self.output_dir, self.host_name, self.target_name, self.tracking_uri, self.register_as
         )
@@ -100,13 +101,22 @@ class Engine:
             raise SystemNameError(f"--host/--target (engine.host/target) {name!r}: no such system; use one of {known}")
         return found
 
+    def _fetches(self, system_name: str) -> bool:
+        """Whether the engine downloads hub references for jobs on this system (not if the system's jobs do)."""
+        return self._fetch and not self.system(system_name).fetches_hub_refs
+
     def _input_model(self) -> tuple[ModelArtifact, str]:
         """The workflow's input model as an artifact, and its identity for cache keys."""
-        return input_model(self.wf.input_model, base_dir=self.base_dir, cache=self.cache)
+        return input_model(
+            self.wf.input_model, base_dir=self.base_dir, cache=self.cache, fetch=self._fetches(self.host_name)
+        )
 
-    def _data_files(self, names: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
+    def _data_files(
+        self, names: list[str], system_name: str | None = None
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
         """Json form of the named data configs, local data paths to hand the job, and their content hashes."""
-        return data_files([self._data[n] for n in names], base_dir=self.base_dir, cache=self.cache)
+        fetch = self._fetches(system_name or self.host_name)
+        return data_files([self._data[n] for n in names], base_dir=self.base_dir, cache=self.cache, fetch=fetch)
 
     # ---- pre-flight -------------------------------------------------------------------------------------
     def preflight(self, *, tracking: bool = True) -> None:
@@ -134,7 +144,7 @@ class Engine:
         for step in steps:
             pass_cls = load_pass(step.pass_type)
             step.data_names = pass_cls.data_refs(step.config, set(self._data))
-            _, _, data_hashes = self._data_files(step.data_names)
+            _, _, data_hashes = self._data_files(step.data_names, step.system_name)
             config = pass_cls.Config.model_validate(step.config)
             requirements = pass_cls().requirements(config)
             env = self.system(step.system_name).environment_fingerprint(
@@ -167,6 +177,7 @@ class Engine:
     # ---- running ----------------------------------------------------------------------------------------
     def run(self, *, dry_run: bool = False) -> tuple[list[Step], RunSummary | None]:
         self.preflight(tracking=not dry_run)
+        self._fetch = not dry_run
         steps = self.plan()
         self.reporter.plan(steps)
         if dry_run:
@@ -182,7 +193,8 @@ class Engine:
         tracker.set_tag("orch.host", self.host_name)
         tracker.set_tag("orch.target", self.target_name)
         records: list[StepRecord] = []
-        model, _ = self._input_model()
+        model, input_identity = self._input_model()
+        tracker.set_tag("orch.input_model", input_identity)
         status = "FAILED"
         try:
             for step in steps:
@@ -191,7 +203,8 @@ class Engine:
                 if step.role == "host" and out_model is not None:
                     model = out_model
             final_metrics = {f"{r.name}/{k}": v for r in records for k, v in r.metrics.items()}
-            summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id)
+            summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id,
+                                 input_identity=input_identity)  # fmt: skip
             if self.output_dir is not None:
                 self.publisher.publish(summary, records, steps, model, tracker)
             status = "FINISHED"
@@ -225,6 +238,7 @@ class Engine:
                             "pass_type": step.pass_type,
                             "system": step.system_name,
                             "orch": __version__,
+                            "resumed_from_step": step.resumed_from_step,
                         },
                     )
                     cached = False
@@ -251,6 +265,7 @@ class Engine:
             output_size_bytes=folder_size(out_model.path)
             if out_model and not is_uri(out_model.path) and Path(out_model.path).exists()
             else 0,
+            resumed_from_step=entry.meta.get("resumed_from_step"),  # how the entry was made, cached or not
         )
         tracker.log_metric(f"{step.name}/duration_s", result.duration_s)
         if record.output_size_bytes:
@@ -259,7 +274,7 @@ class Engine:
         return record, out_model
 
     def _execute(self, step: Step, system: System, model: ModelArtifact, stage: Path, tracker: Tracker) -> None:
-        configs, files, _ = self._data_files(step.data_names)
+        configs, files, _ = self._data_files(step.data_names, step.system_name)
         secrets = {}
         sys_cfg = self.wf.systems.get(step.system_name)
         if sys_cfg is not None and getattr(sys_cfg, "hf_token", False):
@@ -273,6 +288,8 @@ class Engine:
             data_configs=configs,
             data_files=files,
             output_dir=str(stage),
+            # outlives this attempt (the staging folder does not): a pass that can resume checkpoints here
+            checkpoint_dir=str(self.cache.partial_dir(step.key) / "checkpoints"),
             accelerator=self._accelerator(step.system_name),
             processes_per_node=system.processes_for(load_pass(step.pass_type)),  # >1: data parallel (DDP passes)
             execution_providers=self._providers(),

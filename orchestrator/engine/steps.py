@@ -29,6 +29,7 @@ class Reporter(Protocol):
     def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
     def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_note(self, step: Step, message: str) -> None: ...  # one line the user must see (resumed from step N)
     def step_end(self, step: Step, record: StepRecord) -> None: ...
 
 
@@ -38,6 +39,7 @@ class QuietReporter:
     def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
     def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_note(self, step: Step, message: str) -> None: ...
     def step_end(self, step: Step, record: StepRecord) -> None: ...
 
 
@@ -53,6 +55,7 @@ class Step:
     key: str = ""
     cached: bool = False
     data_names: list[str] = field(default_factory=list)
+    resumed_from_step: int | None = None  # the job continued a killed attempt from its checkpoint at this step
 
 
 @dataclass
@@ -68,6 +71,7 @@ class StepRecord:
     versions: dict[str, str]
     output: dict[str, Any] | None
     output_size_bytes: int = 0
+    resumed_from_step: int | None = None  # the pass's training continued from a checkpoint at this step
 
 
 @dataclass
@@ -78,4 +82,5 @@ class RunSummary:
     output_dir: Path | None
     mlflow_run_id: str | None
     model_uri: str | None = None
+    input_identity: str | None = None  # what the run started from: hf://<id>@<commit>, or the content hash
 

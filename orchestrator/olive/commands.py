@@ -85,6 +85,8 @@ def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[st
     import sys
 
     cfg = Path(model_name_or_path) / "config.json"
+    if not cfg.is_file():
+        cfg = _hub_config(model_name_or_path) or cfg
     try:
         model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
     except (OSError, ValueError):
@@ -97,6 +99,24 @@ def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[st
         "q/k/v into qkv_proj and gate/up into gate_up_proj)\n"
     )
     return mapped
+
+
+def _hub_config(model_name_or_path: str) -> Path | None:
+    """A hub model id's config.json (from the HF cache, or downloaded: the run downloads it anyway); None for a
+    path, or when the hub cannot say (the run's pre-flight reports that in one line)."""
+    from orchestrator.schema.resources import HUB_NAME
+
+    if Path(model_name_or_path).exists() or not HUB_NAME.match(model_name_or_path):
+        return None
+    from orchestrator.core import hub
+
+    try:
+        pinned, files = hub.pin(hub.HubRef(model_name_or_path), field="--model_name_or_path")
+        if "config.json" not in files:
+            return None
+        return hub.fetch(pinned, ["config.json"], field="--model_name_or_path") / "config.json"
+    except hub.HubError:
+        return None
 
 
 def data_files_arg(value: str) -> str | list[str]:
@@ -364,9 +384,9 @@ def quantize_workflow(
         )
     model_path = Path(model_folder(model_name_or_path))
     is_onnx = model_path.suffix == ".onnx" or (model_path.is_dir() and any(model_path.glob("*.onnx")))
-    if algorithm in ("awq", "gptq"):
-        if not data_name:
-            raise FlagError(f"--algorithm {algorithm} calibrates on data: give --data_name (and --data_files)")
+    if algorithm in ("awq", "gptq") and not data_name:  # as Olive: the pass's default calibration set (hub)
+        pass_cfg: dict[str, Any] = {"type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer", "bits": 4}
+    elif algorithm in ("awq", "gptq"):
         pre: dict[str, Any] = {"dataset_type": "corpus"}
         if text_template:
             pre["text_template"] = decode_escapes(text_template)
@@ -379,7 +399,7 @@ def quantize_workflow(
             {"name": "calibration", "type": "HuggingfaceContainer", "load_dataset_config": params,
              "pre_process_data_config": pre}
         )  # fmt: skip
-        pass_cfg: dict[str, Any] = {
+        pass_cfg = {
             "type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer",
             "bits": 4,
             "data_config": "calibration",

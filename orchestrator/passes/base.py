@@ -95,6 +95,14 @@ class PassContext:
     def info(self, message: str) -> None:
         self._emit({"type": "log", "message": message})
 
+    def resumed(self, step: int, history: list[tuple[str, float, int]]) -> None:
+        """Say this attempt continues a killed one from its checkpoint at `step`, and replay the metrics logged up
+        to it ((name, value, step)), so this attempt's record and a new MLflow run hold the whole curve. The
+        forwarders log each (metric, step) once, so a run that already holds them gets no second copy."""
+        self._emit({"type": "resume", "step": int(step)})
+        for name, value, at in history:
+            self._emit({"type": "metric", "name": name, "value": float(value), "step": at, "replayed": True})
+
 
 class Pass(ABC):
     """Subclass, set `type_name`, `Config`, `version`, `libraries`; implement `run`.
@@ -131,6 +139,13 @@ class Pass(ABC):
     def split_refs(cls, config: dict[str, Any]) -> list[SplitRef]:
         """The dataset splits this config names, for the pre-flight check."""
         return []
+
+    @classmethod
+    def key_config(cls, config: PassConfig) -> dict[str, Any]:
+        """The config as it enters the cache key: all of it, less what cannot change the output (a pass that
+        checkpoints drops its checkpoint settings, so changing them neither misses the cache nor orphans the
+        checkpoints of a run in progress)."""
+        return config.model_dump(mode="json")
 
     @abstractmethod
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
