@@ -39,7 +39,7 @@ from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine'
 from orchestrator.engine.tracking import Tracker, flatten_params, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
-from orchestrator.systems.registry import MAIN_KEYWORDS, make_system, system_config
+from orchestrator.systems.registry import MAIN_KEYWORDS, is_azureml, make_system, system_config
 
 
 class Engine:
@@ -177,6 +177,10 @@ class Engine:
     # ---- running ----------------------------------------------------------------------------------------
     def run(self, *, dry_run: bool = False) -> tuple[list[Step], RunSummary | None]:
         self.preflight(tracking=not dry_run)
+        if not dry_run:  # an Azure ML system's workspace settings, before any pass starts (WorkspaceError: exit 2)
+            for name in dict.fromkeys([self.host_name, self.target_name]):
+                if is_azureml(self._system_config(name)[0]):
+                    getattr(self.system(name), "settings", None)
         self._fetch = not dry_run
         steps = self.plan()
         self.reporter.plan(steps)
