@@ -135,7 +135,7 @@ ERROR_CASES = [
     ("unknown_target", ["run", "--config", "WF", "--target", "nosuch", "--dry-run"], {}, 2, ("no such system",)),
     ("no_workspace", ["status", "job-1"], {}, 2, ("no Azure ML workspace", "orch config set subscription_id")),
     ("no_workspace_logs", ["logs", "job-1"], {}, 2, ("no Azure ML workspace",)),
-    ("no_workspace_run", ["run", "--config", "WF", "--host", "aml", "--no-tracking"], {}, 2, ("no Azure ML workspace",)),
+    ("no_workspace_run", ["run", "-c", "WF", "--host", "aml", "--no-tracking"], {}, 2, ("no Azure ML workspace",)),
     ("unknown_setting", ["config", "set", "nosuch", "v"], {}, 2, ("unknown setting 'nosuch'",)),
     ("ranks", ["logs", "job-1", "--all-ranks", "--rank", "1"], {}, 2, ("--all-ranks and --rank",)),
     ("cache_dir_missing", ["cache", "ls", "--cache-dir", "/nonexistent"], {}, 2, ("/nonexistent: does not exist",)),
