@@ -52,10 +52,10 @@ class Verbosity:
     command: tuple[str, ...] = ()
 
 
-def _say(message: str) -> None:
-    """A progress or note line on stderr (plain text, never markup); --quiet drops it."""
+def _say(message: str, *, label: str = "", style: str = "cyan") -> None:
+    """A progress or note line on stderr (plain text, never markup; `label` styled); --quiet drops it."""
     if not Verbosity.quiet:
-        console.print(Text(message), highlight=False, soft_wrap=True)
+        console.print(Text(label, style=style) + Text(message), highlight=False, soft_wrap=True)
 
 
 def _version_callback(value: bool) -> None:
@@ -172,16 +172,16 @@ def _run_workflow(
 
     wf = load_workflow(source, base_dir=base_dir)
     for note in getattr(wf, "notes", []) or []:
-        _say(f"note: {note}")
+        _say(note, label="note: ")
     if wf.engine.clean_cache and not dry_run:  # Olive's clean_cache: nothing from earlier runs is reused
         from orchestrator.core.cache import Cache
 
         removed = Cache(wf.engine.cache_dir).clean()
-        _say(f"note: clean_cache: removed {removed} cached pass output(s)")
+        _say(f"clean_cache: removed {removed} cached pass output(s)", label="note: ")
     summary = None
     for flow, flow_wf in wf.flow_workflows():  # Olive's pass_flows: one run (and output model) per flow
         if flow is not None:
-            _say(f"flow {flow}: " + " -> ".join(flow_wf.passes))
+            _say(" -> ".join(flow_wf.passes), label=f"flow {flow}: ", style="bold")
         summary = _run_one(flow_wf, host, target, tracking_uri, dry_run, verbose, no_tracking)
     return summary
 
