@@ -170,6 +170,7 @@ class LoRAPass(Pass):
             f"device_map {config.device_map!r}: each training process loads the whole model onto its own device "
             "(Olive's current_device); layers are not spread over several GPUs"
         ]
+
     always_4bit: ClassVar[bool] = False
     data_parallel: ClassVar[bool] = True  # DDP through the Trainer (torchrun / Azure ML PyTorch distribution)
 
