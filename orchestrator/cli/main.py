@@ -1284,13 +1284,19 @@ def _hoist_root_flags(argv: list[str]) -> list[str]:
     head, tail = argv[:cut], argv[cut:]
     if not any(a in ROOT_FLAGS for a in head[1:]):
         return argv
-    own = _declared_options(head)
+    words, command = _command_of(head)
+    own = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)} if words else set()
     moved = [a for a in head if a in ROOT_FLAGS and a not in own]
     return moved + [a for a in head if not (a in ROOT_FLAGS and a not in own)] + tail
 
 
 def _command_words(argv: list[str]) -> list[str]:
     """`cache ls` of `orch -q cache ls --json`: the leading words that name a command or group."""
+    return _command_of(argv)[0]
+
+
+def _command_of(argv: list[str]) -> tuple[list[str], Any]:
+    """(the words naming a command or group, that click command) for a command line: `cache ls` -> cache_ls."""
     command: Any = typer.main.get_command(app)
     words = []
     for word in (a for a in argv if not a.startswith("-")):
@@ -1299,20 +1305,7 @@ def _command_words(argv: list[str]) -> list[str]:
             break
         words.append(word)
         command = sub
-    return words
-
-
-def _declared_options(head: list[str]) -> set[str]:
-    """The option names the command named in `head` declares (cache ls -> cache_ls's options)."""
-    command: Any = typer.main.get_command(app)
-    for word in (a for a in head if not a.startswith("-")):
-        sub = getattr(command, "commands", {}).get(word)
-        if sub is None:
-            break
-        command = sub
-    if command is typer.main.get_command(app) or not hasattr(command, "params"):
-        return set()
-    return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    return words, command
 
 
 def _no_type_beside_flags() -> None:
