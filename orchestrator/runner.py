@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.job import RESULT_FILE, Job, JobResult, JobState, append_event
+from orchestrator.core.progress import ProgressLines
 from orchestrator.core.secrets import SecretError
 from orchestrator.core.secrets import resolve_secret as _resolve_secret
 from orchestrator.core.versions import library_versions
@@ -115,12 +116,22 @@ def run_job(job: Job) -> JobResult:
     writer = rank == 0  # one result.json and one event stream per job, whatever the number of ranks
     direct = _MlflowDirect(job.tracking.metric_prefix) if job.tracking.mode == "direct" and writer else None
 
+    lines = ProgressLines()  # the job log (Docker's, Azure ML's std_log) shows progress as it goes
+
     def emit(event: dict[str, Any]) -> None:
         if not writer:
             return
         append_event(out_dir, event)
         if event["type"] == "log":
             print(event["message"], flush=True)
+        elif event["type"] == "metric":
+            lines.metric(event["name"], event["value"])
+        elif event["type"] == "progress":
+            line = lines.update(
+                event["done"], event["total"], t=event.get("t"), tokens=event.get("tokens"), desc=event.get("desc", "")
+            )
+            if line:
+                print(f"progress: {line}", flush=True)
         if direct is not None:
             direct(event)
 

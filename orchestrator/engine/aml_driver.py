@@ -191,7 +191,8 @@ class DriverReporter:
     def step_start(self, step: Any) -> None:
         print(f"orch: >> {step.name} ({step.pass_type})", flush=True)
 
-    def step_progress(self, step: Any, done: int, total: int, desc: str) -> None: ...
+    def step_progress(self, step: Any, done: int, total: int, desc: str, **_: Any) -> None:
+        """Nothing: the pass's job log, printed by step_log, carries its progress lines (orchestrator.runner)."""
 
     def step_log(self, step: Any, line: str) -> None:
         print(f"[{step.name}] {line}", flush=True)

@@ -19,7 +19,8 @@ from typing import Any
 from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size
 from orchestrator.core.gpu import wants_gpu
-from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
+from orchestrator.core.job import EVENTS_FILE, Job, JobTracking, ModelArtifact, is_uri
+from orchestrator.core.prompt import PromptFormat, read_prompt_format
 from orchestrator.engine.execute import follow_job
 from orchestrator.engine.inputs import data_files, input_model
 from orchestrator.engine.plan import environment_for, for_accelerator, initial_steps, step_key
@@ -36,7 +37,7 @@ from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine'
     StepRecord,
     SystemNameError,
 )
-from orchestrator.engine.tracking import Tracker, flatten_params, resolve_tracking_uri
+from orchestrator.engine.tracking import Tracker, flatten_params, plan_key, read_events, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
 from orchestrator.systems.registry import MAIN_KEYWORDS, is_azureml, make_system, system_config
@@ -54,6 +55,7 @@ class Engine:
         tracking_uri: str | None = None,
         tracking: bool = True,
         reporter: Reporter | None = None,
+        model_name: str | None = None,
     ) -> None:
         self.wf = workflow
         self.base_dir = Path(workflow.base_dir)
@@ -67,10 +69,17 @@ class Engine:
         self.reporter: Reporter = reporter or QuietReporter()
         self.tracking_enabled = tracking
         mlflow_cfg = getattr(eng, "mlflow", None)
-        self.tracking_uri = resolve_tracking_uri(tracking_uri, getattr(mlflow_cfg, "tracking_uri", None))
+        self.tracking_uri = resolve_tracking_uri(
+            tracking_uri, getattr(mlflow_cfg, "tracking_uri", None), base_dir=self.base_dir
+        )
         self.experiment = getattr(mlflow_cfg, "experiment_name", None) or "orch"
+        # the registered model's name follows the workflow: never one name shared by unrelated workflows
         self.register_as = (
-            getattr(mlflow_cfg, "register_model_name", None) or getattr(workflow, "workflow_id", None) or "orch-model"
+            model_name
+            or getattr(mlflow_cfg, "register_model_name", None)
+            or getattr(workflow, "workflow_id", None)
+            or (self.output_dir.name if self.output_dir is not None else None)
+            or "workflow"
         )
         self._systems: dict[str, System] = {}
         self._data = {dc.name: dc for dc in workflow.data_configs}
@@ -187,15 +196,7 @@ class Engine:
         if dry_run:
             return steps, None
         self.cache.ensure()
-        tracker = Tracker(
-            self.tracking_uri,
-            self.experiment,
-            getattr(self.wf, "workflow_id", None) or "workflow",
-            enabled=self.tracking_enabled,
-        )
-        tracker.log_params(flatten_params(self.wf.to_json_dict()))
-        tracker.set_tag("orch.host", self.host_name)
-        tracker.set_tag("orch.target", self.target_name)
+        tracker = self._tracker(steps)
         records: list[StepRecord] = []
         model, input_identity = self._input_model()
         tracker.set_tag("orch.input_model", input_identity)
@@ -209,6 +210,8 @@ class Engine:
             final_metrics = {f"{r.name}/{k}": v for r in records for k, v in r.metrics.items()}
             summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id,
                                  input_identity=input_identity)  # fmt: skip
+            summary.recorded, summary.model_uri = tracker.recorded, tracker.model_uri
+            summary.prompt_format = self._prompt_format(steps, records)
             if self.output_dir is not None:
                 self.publisher.publish(summary, records, steps, model, tracker)
             status = "FINISHED"
@@ -219,10 +222,39 @@ class Engine:
         finally:
             tracker.end(status)
 
+    def _prompt_format(self, steps: list[Step], records: list[StepRecord]) -> PromptFormat | None:
+        """The prompt format the final model was last fine-tuned with: the latest one recorded along the chain
+        (the input model's folder, then each pass's output; an adapter before the model it sits on)."""
+        start, _ = self._input_model()
+        host = {s.name for s in steps if s.role == "host"}
+        artifacts = [start.model_dump()] + [r.output for r in records if r.name in host and r.output]
+        found = None
+        for art in artifacts:
+            for path in (art.get("adapter_path"), art.get("path")):
+                fmt = read_prompt_format(path) if path and not is_uri(path) else None
+                if fmt is not None:
+                    found = fmt
+                    break
+        return found
 
-
-
-
+    def _tracker(self, steps: list[Step]) -> Tracker:
+        """The MLflow run of this workflow run. When every pass is cached and a finished run recorded the same
+        plan, that run is pointed to and nothing is logged again (no new run, model copy or model version)."""
+        plan = plan_key(self.register_as, [(s.name, s.key) for s in steps])
+        tracker = Tracker(
+            self.tracking_uri,
+            self.experiment,
+            getattr(self.wf, "workflow_id", None) or self.register_as,
+            enabled=self.tracking_enabled,
+            start=False,
+        )
+        recorded = tracker.find_recorded(plan) if all(s.cached for s in steps) else None
+        if recorded is not None:
+            tracker.adopt(recorded)
+            return tracker
+        tracker.start({"orch.plan": plan, "orch.host": self.host_name, "orch.target": self.target_name})
+        tracker.log_params(flatten_params(self.wf.to_json_dict()))
+        return tracker
 
     def _run_step(self, step: Step, model: ModelArtifact, tracker: Tracker) -> tuple[StepRecord, ModelArtifact | None]:
         self.reporter.step_start(step)
@@ -252,9 +284,15 @@ class Engine:
             cached = True
         result = entry.result
         out_model = result.model.with_root(entry.path) if result.model else None
-        if cached:  # metrics of a cached pass still belong in this run's record
-            for k, v in result.metrics.items():
-                tracker.log_metric(f"{step.name}/{k}", v)
+        events = read_events(entry.path / EVENTS_FILE)
+        if cached:  # a cached pass's metrics belong in this run's record as its own run logged them
+            tracker.replay(events, f"{step.name}/")
+        # final metrics the pass did not stream (train_runtime_s, ...), at its last step: no step-0 point in a curve
+        streamed = {e.get("name") for e in events if e.get("type") == "metric"}
+        last_step = max((int(e.get("step") or 0) for e in events if e.get("type") == "metric"), default=0)
+        for k, v in result.metrics.items():
+            if k not in streamed:
+                tracker.log_metric(f"{step.name}/{k}", v, last_step)
         record = StepRecord(
             name=step.name,
             pass_type=step.pass_type,
@@ -302,8 +340,6 @@ class Engine:
             log_level=int(getattr(self.wf.engine, "log_severity_level", 3) or 3),
         )
         follow_job(step, job, system, model, stage, tracker, self.reporter, self.cache)
-
-
 
     # ---- outputs ----------------------------------------------------------------------------------------
     def export(self, summary: RunSummary, dest: Path | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,13 @@ def input_model(
     return model
 
 
+def command_workflow_id(command: str, output_path: str) -> str:
+    """A CLI chain's workflow id, which names its MLflow run and registered model: the command and the output
+    folder (`finetune -o models/ft` -> finetune-ft), so unrelated chains never share one registered model."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(output_path)).resolve().name).strip("-.") or "output"
+    return f"{command}-{name}"
+
+
 def _engine(output_path: str, log_level: int, providers: list[str], host: str | None, target: str | None) -> dict:
     return {
         "output_dir": output_path,
@@ -222,6 +230,7 @@ def finetune_workflow(
             }
         ],
         "passes": {"finetune": {"type": "QLoRA" if method == "qlora" else "LoRA", **pass_config}},
+        "workflow_id": command_workflow_id("finetune", output_path),
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, target),
     }
 
@@ -298,6 +307,7 @@ def tune_session_params_workflow(args: argparse.Namespace, host: str | None = No
                 **tuning,
             }
         },
+        "workflow_id": command_workflow_id("tune-session-params", args.output_path),
         "engine": _engine(args.output_path, args.log_level, providers, host, host),
     }  # fmt: skip
 
@@ -358,6 +368,7 @@ def auto_opt_workflow(
             model_name_or_path, trust_remote_code=trust_remote_code, task=task, adapter_path=adapter_path
         ),
         "passes": passes,
+        "workflow_id": command_workflow_id("auto-opt", output_path),
         "engine": _engine(output_path, log_level, [provider], host, target),
     }
 
@@ -416,6 +427,7 @@ def quantize_workflow(
         "input_model": input_model(model_name_or_path, trust_remote_code=trust_remote_code, task=None),
         "data_configs": data_configs,
         "passes": {"quantize": pass_cfg},
+        "workflow_id": command_workflow_id("quantize", output_path),
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
     }
 
@@ -457,6 +469,7 @@ def capture_onnx_graph_workflow(
             model_name_or_path, trust_remote_code=trust_remote_code, task=None, adapter_path=adapter_path
         ),
         "passes": passes,
+        "workflow_id": command_workflow_id("capture-onnx-graph", output_path),
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
     }
 
@@ -489,6 +502,7 @@ def generate_adapter_workflow(
             "builder": {"type": "ModelBuilder", "precision": precision},
             "extract_adapters": {"type": "ExtractAdapters", "save_format": formats[adapter_format]},
         },
+        "workflow_id": command_workflow_id("generate-adapter", output_path),
         "engine": _engine(output_path, log_level, [provider], host, host),
     }
 

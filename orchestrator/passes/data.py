@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.core.hub import is_dataset_id
+from orchestrator.core.prompt import TEMPLATE_FIELD, PromptFormat
 from orchestrator.passes.base import PassError
 from orchestrator.passes.dummy_data import dummy_inputs  # noqa: F401  (the dummy containers' inputs live there)
 from orchestrator.schema.errors import translate
@@ -32,7 +33,7 @@ SUFFIX_BUILDERS = {
     ".txt": "text",
     ".arrow": "arrow",
 }
-_FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+_FIELD = TEMPLATE_FIELD
 
 # The calibration sets Olive's passes load when their config names no data_config, read from the hub as there:
 # Olive >= 0.10's get_calibration_data_config (Gptq, GptqQuantizer, SelectiveMixedPrecision): wikitext-2-raw-v1
@@ -289,6 +290,22 @@ def _script_pre_process(dc: DataConfig, ds: Any) -> tuple[Any, PreProcessDataCon
     if {"text_template", "text_cols"} & set(kwargs):
         pre = pre.model_copy(update={"text_template": None, "text_cols": ["text"]})
     return out, pre
+
+
+def prompt_format(data_config: dict[str, Any], source: str = "") -> PromptFormat:
+    """The format the training texts of a data config have (recorded beside the model for generation)."""
+    dc = _parse(data_config, None)
+    pre = dc.pre_process_data_config
+    if pre is None or dc.script_component("pre_process_data") is not None:  # a script builds the text itself
+        return PromptFormat(kind="text", source=source)
+    chat = getattr(pre, "chat_template", None)  # rows of messages through a chat template
+    if chat:
+        return PromptFormat(kind="chat_template", template=chat if isinstance(chat, str) else None, source=source)
+    if pre.text_template:
+        return PromptFormat(kind="text_template", template=pre.text_template, source=source)
+    if pre.text_cols and len(pre.text_cols) > 1:
+        return PromptFormat(kind="text_cols", columns=list(pre.text_cols), source=source)
+    return PromptFormat(kind="text", columns=list(pre.text_cols or []), source=source)
 
 
 def template_columns(template: str) -> list[str]:
