@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.text import Text
 
 from orchestrator.olive import flags as F
 
@@ -29,14 +28,19 @@ ORCH_FLAGS: dict[str, tuple[Any, Any]] = {
     ),
     "target": (
         str | None,
-        typer.Option("--target", help="system that runs evaluation (default: the host)", rich_help_panel=ORCH),
+        typer.Option(
+            "--target",
+            help="system that runs evaluation (default: --host when given, else engine.target)",
+            rich_help_panel=ORCH,
+        ),
     ),
     "tracking_uri": (
         str | None,
         typer.Option(
             "--tracking-uri",
             "--tracking_uri",
-            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)",
+            help="MLflow tracking URI (default: engine.mlflow.tracking_uri, $MLFLOW_TRACKING_URI, or mlruns.db in the "
+            "config's folder)",
             rich_help_panel=ORCH,
         ),
     ),
@@ -145,14 +149,14 @@ def register(
     *,
     run_workflow: Callable[..., Any],
     guarded: Callable[[Callable[[], Any]], Any],
-    console: Any,
+    say: Callable[..., None],
     out: Any,
 ) -> None:
     """Add the Olive commands (and the one-line refusals of the Olive commands orch does not run) to `app`."""
     from orchestrator.olive import commands as oc
 
     def note(text: str) -> None:
-        console.print(Text("note: ", style="cyan") + Text(text), highlight=False, soft_wrap=True)
+        say(text, label="note: ")  # dropped under --quiet
 
     def handle(spec: F.Command, values: dict[str, Any], extra: list[str]) -> None:
         orch = {k: values.pop(k, None) for k in ORCH_FLAGS}

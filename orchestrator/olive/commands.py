@@ -226,12 +226,24 @@ def merge_first(passes: dict[str, Any], kind: str, notes: list[str]) -> dict[str
     return out
 
 
+MODEL_MARKERS = ("config.json", "genai_config.json", "model.onnx")
+
+
+def model_folder(model_name_or_path: str) -> str:
+    """The model a path means: a previous command's --output_path (manifest.json + model/, what finetune and
+    auto-opt write) means its model/ folder, as `orch generate` reads it; anything else is taken as given."""
+    path = Path(model_name_or_path)
+    if (path / "model").is_dir() and path.is_dir() and not any((path / m).exists() for m in MODEL_MARKERS):
+        return str(path / "model")
+    return model_name_or_path
+
+
 def input_model(
     model_name_or_path: str, *, trust_remote_code: bool, task: str | None, adapter_path: str | None = None
 ) -> dict[str, Any]:
     model: dict[str, Any] = {
         "type": "HfModel",
-        "model_path": model_name_or_path,
+        "model_path": model_folder(model_name_or_path),
         "task": task or "text-generation",
         "trust_remote_code": trust_remote_code,
     }
@@ -963,7 +975,7 @@ def quantize_workflow(
             "(rtn, dynamic); fp8/nf4 need GPU toolchains orch does not ship"
         )
     bits = 8 if precision in ("int8", "uint8") else 4
-    model_path = Path(model_name_or_path)
+    model_path = Path(model_folder(model_name_or_path))
     is_onnx = (
         onnx_input
         if onnx_input is not None
