@@ -7,7 +7,6 @@ writes a file. Remote references (azureml:..., datastores) are checked where the
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import os
@@ -20,13 +19,13 @@ from typing import Any
 from orchestrator.core.errors import UserError
 from orchestrator.core.gpu import cuda_available
 from orchestrator.core.job import is_uri
+from orchestrator.core.links import check_tree, link_problem
+from orchestrator.engine.data_check import DataFileError, Needed, needed_columns, scan_file, split_rows
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.registry import is_azureml, keyword_of
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-JSON_PARSE_LIMIT = 32 << 20  # parse a whole JSON document up to this size; JSON lines: the first rows only
-ROWS_CHECKED = 1000
 
 
 class PreflightError(UserError):
@@ -186,35 +185,45 @@ def _matches(value: str, base_dir: Path) -> list[Path]:
     return [p] if p.exists() else []
 
 
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet", ".arrow")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt", ".parquet", ".arrow")  # also gzipped (.jsonl.gz)
 
 
-def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -> None:
-    """Each local file a data config names exists, is readable, is not empty, parses, and has the columns
-    its text_template / text_cols name (checked on the first rows)."""
+def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -> int | None:
+    """Each local file a data config names exists, is readable, is not empty, parses, and every row has the
+    columns its text_template / text_cols name (engine/data_check.py reads the whole file). Returns the rows of
+    all its files (None when some cannot be counted)."""
     pre = data_config.get("pre_process_data_config") or {}
     scripted = _scripted(data_config)
     if "load_dataset" in scripted:  # the user_script's function reads the data its own way (checked when it runs)
-        return
-    columns = [] if "pre_process_data" in scripted else _needed_columns(pre)
+        return None
+    needed = Needed() if "pre_process_data" in scripted else _needed_columns(pre, where)
+    total: int | None = 0
     for field, written, found in local_data_paths(data_config, base_dir):
         label = f"{where}.load_dataset_config.{field}"
         if not found:
+            problem = link_problem(_abs(written, base_dir))
             hint = "matches no file" if glob.has_magic(written) else f"not found (looked at {_abs(written, base_dir)})"
-            raise PreflightError(f"{label}: {written!r} {hint}")
+            raise PreflightError(f"{label}: {written!r} {problem or hint}")
         files: list[Path] = []
         for p in found:
             if p.is_dir():
                 if not os.access(p, os.R_OK | os.X_OK):
                     raise PreflightError(f"{label}: folder {p} is not readable (permission denied)")
-                inner = [f for f in sorted(p.rglob("*")) if f.is_file() and f.suffix.lower() in DATA_SUFFIXES]
+                check_tree(p, label)
+                inner = [f for f in sorted(p.rglob("*")) if f.is_file() and _data_suffix(f) in DATA_SUFFIXES]
                 if not inner and field != "data_dir":
                     raise PreflightError(f"{label}: folder {p} holds no data file ({', '.join(DATA_SUFFIXES)})")
                 files += inner
             else:
                 files.append(p)
         for f in files:
-            check_data_file(f, label, columns)
+            rows = check_data_file(f, label, needed)
+            total = None if total is None or rows is None else total + rows
+    return total
+
+
+def _data_suffix(path: Path) -> str:
+    return Path(path.name.lower().removesuffix(".gz")).suffix
 
 
 def _scripted(data_config: dict[str, Any]) -> set[str]:
@@ -227,7 +236,7 @@ def _scripted(data_config: dict[str, Any]) -> set[str]:
     return {kind for kind in ("load_dataset", "pre_process_data") if dc.script_component(kind) is not None}
 
 
-def _needed_columns(pre: dict[str, Any]) -> list[str]:
+def _needed_columns(pre: dict[str, Any], where: str = "data_configs") -> Needed:
     template = pre.get("text_template")
     if template:
         from orchestrator.passes.data import template_columns
@@ -235,116 +244,36 @@ def _needed_columns(pre: dict[str, Any]) -> list[str]:
         try:
             fields = template_columns(template)
         except ValueError as exc:
-            raise PreflightError(f"pre_process_data_config.text_template: {exc}") from None
-        return [c for c in fields if c]
+            raise PreflightError(f"{where}.pre_process_data_config.text_template: {exc}") from None
+        return needed_columns([c for c in fields if c], [])
     cols = pre.get("text_cols")
-    return [cols] if isinstance(cols, str) else list(cols or [])
+    return needed_columns([], [cols] if isinstance(cols, str) else list(cols or ["text"]))
 
 
-def check_data_file(path: Path, label: str, columns: list[str]) -> None:
+def check_data_file(path: Path, label: str, needed: Needed | list[str]) -> int | None:
+    """One data file read whole (engine/data_check.py); its row count, or None for a format not counted here."""
+    if isinstance(needed, list):
+        needed = needed_columns(needed, [])
     if not os.access(path, os.R_OK):
         raise PreflightError(f"{label}: {path} is not readable (permission denied)")
-    size = path.stat().st_size
-    if size == 0:
+    if path.stat().st_size == 0:
         raise PreflightError(f"{label}: {path} is empty; it needs at least one row")
-    suffix = path.suffix.lower()
-    if suffix in (".json", ".jsonl"):
-        rows = _json_rows(path, label, size)
-    elif suffix == ".csv":
-        rows = _csv_rows(path, label)
-    elif suffix == ".txt":
-        if not path.read_bytes()[: 1 << 20].strip():
-            raise PreflightError(f"{label}: {path} has only blank lines; it needs at least one row")
-        return
-    else:
-        return  # parquet/arrow: binary formats datasets checks itself
-    if rows is None:
-        return
-    if not rows:
-        raise PreflightError(f"{label}: {path} has no rows")
-    first = rows[0]
-    if not isinstance(first, dict):
-        raise PreflightError(f"{label}: {path} rows must be JSON objects (one per line), got {type(first).__name__}")
-    # "{Best Answer}" is a column; "{row.x}", "{a[0]}", "{n:>5}", "{s!r}" need the column before the suffix
-    missing = [c for c in columns if c not in first and re.split(r"[.\[:!]", c, maxsplit=1)[0] not in first]
-    if missing:
-        raise PreflightError(
-            f"{label}: {path} has no column {missing[0]!r} that the text_template/text_cols names "
-            f"(columns: {', '.join(map(str, first)) or 'none'})"
-        )
-
-
-def _json_rows(path: Path, label: str, size: int) -> list[Any] | None:
     try:
-        with path.open(encoding="utf-8") as fh:
-            head = fh.read(4096).lstrip()
-            if head.startswith("["):  # a JSON document holding a list of rows
-                if size > JSON_PARSE_LIMIT:
-                    return None  # too big to parse twice; datasets reports its own errors for it
-                fh.seek(0)
-                data = json.load(fh)
-                return list(data[:ROWS_CHECKED]) if isinstance(data, list) else [data]
-            fh.seek(0)
-            rows: list[Any] = []
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as exc:
-                    if lineno == 1 and size <= JSON_PARSE_LIMIT:  # maybe one pretty-printed JSON object
-                        try:
-                            fh.seek(0)
-                            data = json.load(fh)
-                        except ValueError:
-                            pass
-                        else:
-                            return _rows_of(data)
-                    raise PreflightError(
-                        f"{label}: {path} line {lineno} is not valid JSON ({_first_line(exc)}); fix or remove it"
-                    ) from None
-                if len(rows) >= ROWS_CHECKED:
-                    break
-            return rows
-    except UnicodeDecodeError:
-        raise PreflightError(f"{label}: {path} is not UTF-8 text; save it as UTF-8 JSON lines") from None
-    except ValueError as exc:
-        raise PreflightError(f"{label}: {path} is not valid JSON ({_first_line(exc)})") from None
-
-
-def _rows_of(data: Any) -> list[Any]:
-    """A JSON document as datasets reads it: a list of rows, or a mapping of columns (or one row)."""
-    if isinstance(data, list):
-        return data[:ROWS_CHECKED]
-    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
-        n = min(len(v) for v in data.values())
-        return [{k: v[i] for k, v in data.items()} for i in range(min(n, ROWS_CHECKED))]
-    return [data]
-
-
-def _csv_rows(path: Path, label: str) -> list[Any]:
-    try:
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = []
-            for row in reader:
-                rows.append(row)
-                if len(rows) >= ROWS_CHECKED:
-                    break
-            return rows
-    except UnicodeDecodeError:
-        raise PreflightError(f"{label}: {path} is not UTF-8 text") from None
-    except csv.Error as exc:
-        raise PreflightError(f"{label}: {path} is not valid CSV ({exc})") from None
+        return scan_file(path, label, Needed(list(needed.plain), list(needed.nested)))
+    except DataFileError as exc:
+        raise PreflightError(str(exc)) from None
 
 
 _SLICE = r"(\[\s*-?\d*%?\s*:\s*-?\d*%?\s*\](?:\((?:closest|pct1_dropremainder)\))?)?"
 SPLIT = re.compile(rf"^\s*[\w.-]+{_SLICE}(\s*\+\s*[\w.-]+{_SLICE})*\s*$")
 
 
-def check_split(field: str, split: str | None, data_config: dict[str, Any] | None = None) -> None:
-    """A datasets split expression ("train", "train[:80%]", "train[10:20]+test"): the syntax, and for data read
-    from data_files (one file or a list) the split name, which is then always "train"."""
+def check_split(
+    field: str, split: str | None, data_config: dict[str, Any] | None = None, rows: int | None = None
+) -> None:
+    """A datasets split expression ("train", "train[:80%]", "train[10:20]+test"): the syntax, for data read
+    from data_files (one file or a list) the split name, which is then always "train", and with the data's `rows`
+    known, that the split selects at least one of them."""
     if split is None:
         return
     if not isinstance(split, str) or not SPLIT.match(split):
@@ -360,6 +289,8 @@ def check_split(field: str, split: str | None, data_config: dict[str, Any] | Non
                 f"{field} {split!r}: data read from data_files has one split, 'train' (not {wrong[0]!r}); carve "
                 "parts of it with slices, e.g. train[:80%] and train[80%:]"
             )
+    if rows is not None and split_rows(split, rows) == 0:
+        raise PreflightError(f"{field} {split!r} selects no rows: the data has {rows}; widen the slice")
 
 
 # ---- tracking ---------------------------------------------------------------------------------------------
@@ -460,6 +391,7 @@ class WorkflowCheck:
         # a user_script runs where the data is read; --host / --target may name a system the reader did not check
         names = dict.fromkeys([self.host_name, self.target_name])
         remote = [n for n in names if self._system_type(n) in ("docker", "aml")]
+        rows: dict[str, int | None] = {}  # data config -> rows of its local files (None: not counted)
         for i, dc in enumerate(self.wf.data_configs):
             cfg = dc.model_dump(mode="json")
             if cfg.get("user_script") and remote:
@@ -474,15 +406,32 @@ class WorkflowCheck:
                     f"data_configs[{i}].load_dataset_config: data_name {load['data_name']!r} needs data_files "
                     "(the file(s) to read), e.g. --data_files data/train.jsonl"
                 )
-            check_data_config(cfg, self.base_dir, f"data_configs[{i}]")
-            check_split(f"data_configs[{i}].load_dataset_config.split", load.get("split"), cfg)
+            rows[dc.name] = check_data_config(cfg, self.base_dir, f"data_configs[{i}]")
+            check_split(f"data_configs[{i}].load_dataset_config.split", load.get("split"), cfg, rows[dc.name])
         data = {dc.name: dc.model_dump(mode="json") for dc in self.wf.data_configs}
         for name, entry in self.wf.passes.items():
             for ref in load_pass(entry.type).split_refs(entry.config or {}):
-                check_split(f"passes.{name}.{ref.field}", ref.split, data.get(ref.data_config or ""))
+                check_split(
+                    f"passes.{name}.{ref.field}", ref.split, data.get(ref.data_config or ""), rows.get(ref.data_config)
+                )
+            self._check_held_out(name, entry, rows)
         self._check_evaluator_device()
         if tracking:
             check_tracking_uri(self.tracking_uri)
+
+    def _check_held_out(self, name: str, entry: Any, rows: dict[str, int | None]) -> None:
+        """Rows a pass holds out for evaluation leave some of its data to train on."""
+        held = load_pass(entry.type).held_out(entry.config or {})
+        total = rows.get(held.data_config) if held is not None else None
+        if held is None or total is None:
+            return
+        size = held.size
+        left = total - (int(size) if size >= 1 else round(total * size))
+        if left < 1:
+            raise PreflightError(
+                f"passes.{name}: holding out {size!r} rows for evaluation leaves none of the {total} rows of data "
+                f"config {held.data_config!r} to train on; hold out fewer (a fraction such as 0.2 works for any size)"
+            )
 
     def _check_evaluator_device(self) -> None:
         """The evaluator runs the model with the first execution provider on the target: a CUDA-only target on

@@ -8,45 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.redact import redact, redact_obj  # noqa: F401  (re-exported: the engine's names for them)
+
 SECRET_HINTS = ("token", "secret", "password", "key", "credential", "sas")
-# user:password@ (or a bare token@) in a URI, and secret-looking query parameters (SAS sig=, token=, ...)
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
-_QUERY_SECRET = re.compile(
-    r"(?P<key>[?&;](?:sig|signature|token|access_token|password|passwd|pwd|secret|api_key|apikey|key|"
-    r"client_secret|sas|se?kret)=)(?P<value>[^&#\s'\"]+)",
-    re.IGNORECASE,
-)
 HTTP_TIMEOUT_S = "10"  # MLflow's own default is 120 s with 7 retries: a dead server would hang minutes
 HTTP_MAX_RETRIES = "1"
-
-
-def redact(text: str) -> str:
-    """Credentials inside URIs in any text -> ***: `https://u:pw@host` -> `https://u:***@host`,
-    `https://tok@host` -> `https://***@host`, `?sig=...` -> `?sig=***`."""
-    if not isinstance(text, str) or ("@" not in text and "=" not in text):
-        return text
-
-    def userinfo(m: re.Match[str]) -> str:
-        if m.group("pw") is not None:
-            return f"{m.group('scheme')}{m.group('user')}:***@"
-        return f"{m.group('scheme')}***@"
-
-    return _QUERY_SECRET.sub(lambda m: m.group("key") + "***", _USERINFO.sub(userinfo, text))
-
-
-def redact_obj(obj: Any) -> Any:
-    """redact() over every string of a JSON-like object."""
-    if isinstance(obj, dict):
-        return {k: redact_obj(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [redact_obj(v) for v in obj]
-    return redact(obj) if isinstance(obj, str) else obj
 
 
 def default_tracking_uri(cwd: Path | None = None) -> str:

@@ -258,16 +258,33 @@ def _script_pre_process(dc: DataConfig, ds: Any) -> tuple[Any, PreProcessDataCon
 
 
 def template_columns(template: str) -> list[str]:
-    """The column names a text_template refers to. "{Best Answer}" names the column "Best Answer"."""
+    """The column names a text_template refers to. "{Best Answer}" names the column "Best Answer". A brace that
+    opens or closes no field is an error (str.format would refuse it; rendering it as text would train on the
+    template's own braces): a literal brace is written twice, "{{" or "}}"."""
     cols: list[str] = []
+    pos = 0
     for m in _FIELD.finditer(template):
+        _no_stray_brace(template, pos, m.start())
+        pos = m.end()
         inner = m.group(1)
         if inner is None:
             continue
-        if not inner:
+        if not inner.strip():
             raise ValueError("text_template has an empty {} field: name a column, e.g. {prompt}")
         cols.append(inner)
+    _no_stray_brace(template, pos, len(template))
     return cols
+
+
+def _no_stray_brace(template: str, start: int, end: int) -> None:
+    for i in range(start, end):
+        if template[i] in "{}":
+            near = template[max(0, i - 12) : i + 13].replace("\n", "\\n")
+            which = "opens no closed field" if template[i] == "{" else "closes no field"
+            raise ValueError(
+                f"text_template has an unbalanced {template[i]!r} at character {i + 1} (near {near!r}) that {which}; "
+                "write {column} for a field, or double it ('{{' / '}}') for a literal brace"
+            )
 
 
 def _render(template: str, row: dict[str, Any]) -> str:

@@ -72,6 +72,16 @@ class _System(Strict):
     # distribution). "auto": one per visible GPU when accelerators ask for a GPU, else 1.
     processes_per_node: int | Literal["auto"] = "auto"
 
+    @field_validator("hf_token", mode="before")
+    @classmethod
+    def _token_flag(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lower() not in ("true", "false"):
+            raise ValueError(
+                "write hf_token: true (the job then reads the token from HF_TOKEN, `huggingface-cli login` or the "
+                "workspace Key Vault), never the token itself; the value given is not shown"
+            )
+        return v
+
     @field_validator("processes_per_node", mode="before")
     @classmethod
     def _processes(cls, v: Any) -> Any:

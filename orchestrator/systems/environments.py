@@ -166,11 +166,13 @@ def resolve_env_file(env: str | Path) -> Path:
 
 def load_env_spec(path: Path | str) -> EnvSpec:
     """Parse and validate a conda.yaml; every problem is an EnvSpecError naming the file and the field."""
+    from orchestrator.schema.files import FileReadError, read_text
+
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise EnvSpecError(f"{path}: cannot read ({exc.strerror})") from exc
+        text = read_text(path, "environment file")
+    except FileReadError as exc:  # not found, a folder, not UTF-8 (named with the encoding it looks like)
+        raise EnvSpecError(str(exc)) from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
