@@ -7,6 +7,7 @@ writes a file. Remote references (azureml:..., datastores) are checked where the
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -19,11 +20,13 @@ from typing import Any
 from orchestrator.core.errors import UserError
 from orchestrator.core.gpu import cuda_available
 from orchestrator.core.job import is_uri
-from orchestrator.core.links import check_tree, link_problem
+from orchestrator.core.links import Overlap, check_tree, link_problem, real, short
 from orchestrator.engine.data_check import DataFileError, Needed, needed_columns, scan_file, split_rows
+from orchestrator.engine.weights_check import check_weights_match_config
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.registry import is_azureml, keyword_of
 
+CACHE_INPUT_FOLDERS = ("models", "remote")  # folders of the cache that hold inputs orch made (a converted model)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
@@ -44,7 +47,13 @@ def check_name(field: str, value: str | None) -> None:
 
 
 def check_writable_dir(field: str, path: Path) -> None:
-    """path is a folder we can write, or can be created: never a file, never under a read-only parent."""
+    """path is a folder we can write, or can be created: never a file, never under a read-only parent, never
+    (through) a symlink that leads nowhere."""
+    problem = link_problem(path)
+    if problem is not None:
+        raise PreflightError(
+            f"{field} {short(path)}: {problem}; remove the link, make it point at a folder, or give another folder"
+        )
     if path.exists() and not path.is_dir():
         raise PreflightError(f"{field} {path} is a file, not a folder; give a folder path (it is created if missing)")
     probe = path
@@ -62,10 +71,18 @@ def check_writable_dir(field: str, path: Path) -> None:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except PermissionError:
         raise PreflightError(f"{what}: {path} is not readable (permission denied)") from None
-    except (UnicodeDecodeError, ValueError) as exc:
+    except OSError as exc:
+        raise PreflightError(f"{what}: {path} cannot be read ({exc.strerror or exc})") from None
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        from orchestrator.schema.files import encoding_problem
+
+        raise PreflightError(f"{what}: {path} {encoding_problem(data, exc)}") from None
+    except ValueError as exc:
         raise PreflightError(f"{what}: {path} is not valid JSON ({_first_line(exc)}); restore it") from None
 
 
@@ -99,10 +116,16 @@ def check_safetensors(path: Path, what: str) -> None:
         )
 
 
-def check_model_folder(path: Path, what: str, *, needs_tokenizer: bool = True) -> str:
+def check_model_folder(
+    path: Path, what: str, *, needs_tokenizer: bool = True, matched: set[str] | None = None
+) -> str:
     """A local input model: readable, and either ONNX (GenAI) or an HF checkpoint with config, weights and
-    tokenizer. Returns the format found (hf, onnx, onnx_genai)."""
+    tokenizer that fit each other. Returns the format found (hf, onnx, onnx_genai). `matched`: digests of
+    config + weights known to match (weights_check's memo); the digest checked here is added to it."""
     if not path.exists():
+        problem = link_problem(path)
+        if problem:
+            raise PreflightError(f"{what}: {problem}; give a local model folder (with config.json and weights)")
         raise PreflightError(f"{what}: {path} not found; give a local model folder (with config.json and weights)")
     if path.is_file():
         if path.suffix == ".onnx":
@@ -112,6 +135,7 @@ def check_model_folder(path: Path, what: str, *, needs_tokenizer: bool = True) -
         )
     if not os.access(path, os.R_OK | os.X_OK):
         raise PreflightError(f"{what}: {path} is not readable (permission denied)")
+    check_tree(path, what)  # a link loop or a link out of the folder: publishing a copy of it could never end
     if (path / "genai_config.json").exists():
         _read_json(path / "genai_config.json", what)
         return "onnx_genai"
@@ -135,16 +159,52 @@ def check_model_folder(path: Path, what: str, *, needs_tokenizer: bool = True) -
             f"{what}: {path} has no tokenizer (tokenizer.json or tokenizer.model); copy the base model's tokenizer "
             "files into it"
         )
+    for name in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        if (path / name).exists():
+            _read_json(path / name, what)
     if (path / "tokenizer.json").exists():
-        _read_json(path / "tokenizer.json", what)
+        check_tokenizer_file(path / "tokenizer.json", cfg, what)
+    if weights:
+        digest = check_weights_match_config(path, cfg, what, known=matched)
+        if digest is not None and matched is not None:
+            matched.add(digest)
     return "hf"
+
+
+def check_tokenizer_file(path: Path, cfg: dict[str, Any], what: str) -> None:
+    """tokenizer.json is a tokenizer (the `tokenizers` library reads it) whose ids fit the model's embedding."""
+    data = _read_json(path, what)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise PreflightError(
+            f"{what}: {path} is JSON but not a tokenizer (no 'model' section); copy the base model's tokenizer.json"
+        )
+    try:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(path))
+    except ImportError:
+        return
+    except Exception as exc:  # tokenizers raises its own Exception subclass with the parse error
+        raise PreflightError(
+            f"{what}: {path} is not a tokenizer the tokenizers library can read ({_first_line(exc)}); copy the base "
+            "model's tokenizer.json"
+        ) from None
+    vocab = cfg.get("vocab_size")
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and size > vocab:
+        raise PreflightError(
+            f"{what}: {path} has {size} tokens but config.json's vocab_size is {vocab}: token ids past {vocab - 1} "
+            "have no embedding; use the tokenizer that came with the model"
+        )
 
 
 def check_adapter_folder(path: Path, what: str) -> None:
     if not path.exists():
-        raise PreflightError(f"{what}: {path} not found; give the adapter folder a LoRA run wrote (adapter/)")
+        problem = link_problem(path) or f"{path} not found"
+        raise PreflightError(f"{what}: {problem}; give the adapter folder a LoRA run wrote (adapter/)")
     if not path.is_dir():
         raise PreflightError(f"{what}: {path} is a file; give the adapter folder (adapter_config.json + weights)")
+    check_tree(path, what)
     if not (path / "adapter_config.json").exists():
         raise PreflightError(f"{what}: {path} has no adapter_config.json; it is not a PEFT adapter folder")
     _read_json(path / "adapter_config.json", what)
@@ -159,11 +219,14 @@ def local_data_paths(data_config: dict[str, Any], base_dir: Path) -> list[tuple[
     load = data_config.get("load_dataset_config") or {}
     out: list[tuple[str, str, list[Path]]] = []
     files = load.get("data_files")
-    for i, value in enumerate(files if isinstance(files, list) else [files]):
-        if not isinstance(value, str) or is_uri(value):
-            continue
-        field = "data_files" if not isinstance(files, list) else f"data_files[{i}]"
-        out.append((field, value, _matches(value, base_dir)))
+    groups = files.items() if isinstance(files, dict) else [("", files)]  # {split: file(s)}, a list, one file
+    for split, group in groups:
+        prefix = f"data_files.{split}" if split else "data_files"
+        for i, value in enumerate(group if isinstance(group, list) else [group]):
+            if not isinstance(value, str) or is_uri(value):
+                continue
+            name = prefix if not isinstance(group, list) else f"{prefix}[{i}]"
+            out.append((name, value, _matches(value, base_dir)))
     for key in ("data_name", "data_dir"):
         value = load.get(key)
         if isinstance(value, str) and not is_uri(value):
@@ -350,6 +413,7 @@ class WorkflowCheck:
     target_name: str
     providers: list[str]
     tracking_uri: str
+    matched: set[str] = dataclasses.field(default_factory=set)  # weights_check digests known to match (its memo)
 
     def _abs(self, p: str | Path) -> Path:
         p = Path(p).expanduser()
@@ -366,6 +430,7 @@ class WorkflowCheck:
         check_writable_dir("engine.cache_dir", self.cache_root)
         if self.output_dir is not None:
             check_writable_dir("engine.output_dir", self.output_dir)
+        self._check_outputs_apart_from_inputs()
         im = self.wf.input_model
         ref = _as_dict(im.model_ref)
         if not is_remote(ref):
@@ -376,8 +441,7 @@ class WorkflowCheck:
             )
             if raw:
                 path = self._abs(str(raw))
-                check_model_folder(path, "input_model.model_path")
-                self._check_not_overwritten(path, "input_model.model_path")
+                check_model_folder(path, "input_model.model_path", matched=self.matched)
             elif isinstance(ref, dict) and ref.get("type") == "hf_hub" and not self.host_is_aml():
                 raise PreflightError(
                     f"input_model: {ref.get('name')!r} is neither a local folder (looked at "
@@ -387,7 +451,6 @@ class WorkflowCheck:
         adapter = getattr(im, "adapter_path", None)
         if adapter:
             check_adapter_folder(self._abs(adapter), "input_model.adapter_path")
-            self._check_not_overwritten(self._abs(adapter), "input_model.adapter_path")
         # a user_script runs where the data is read; --host / --target may name a system the reader did not check
         names = dict.fromkeys([self.host_name, self.target_name])
         remote = [n for n in names if self._system_type(n) in ("docker", "aml")]
@@ -458,15 +521,59 @@ class WorkflowCheck:
         type_name = sys_cfg.model_dump(mode="json").get("type", "") if sys_cfg is not None else (name or self.host_name)
         return is_azureml(str(type_name))
 
-    def _check_not_overwritten(self, path: Path, field: str) -> None:
-        """Publishing replaces output_dir/model and output_dir/adapter: an input there would be lost."""
-        if self.output_dir is None:
-            return
-        real = path.resolve()
-        for name in ("model", "adapter"):
-            dest = (self.output_dir / name).resolve()
-            if real == dest or dest in real.parents:
-                raise PreflightError(
-                    f"{field} {path} is inside the output folder {self.output_dir / name}, which this run "
-                    "replaces; give another --output_path / engine.output_dir"
-                )
+    def inputs(self) -> list[tuple[str, Path]]:
+        """(field, path) of every local input the run reads: the model, the adapter, the data files and folders,
+        the data scripts."""
+        from orchestrator.engine.resources import _as_dict, is_remote
+
+        found: list[tuple[str, Path]] = []
+        im = self.wf.input_model
+        ref = _as_dict(im.model_ref)
+        if not is_remote(ref):
+            raw = (
+                (ref.get("config") or {}).get("path") or ref.get("path") or ref.get("model_path")
+                if isinstance(ref, dict)
+                else ref
+            )
+            if raw:
+                found.append(("input_model.model_path", self._abs(str(raw))))
+        if getattr(im, "adapter_path", None):
+            found.append(("input_model.adapter_path", self._abs(im.adapter_path)))
+        for i, dc in enumerate(self.wf.data_configs):
+            cfg = dc.model_dump(mode="json")
+            for fld, _, paths in local_data_paths(cfg, self.base_dir):
+                found += [(f"data_configs[{i}].load_dataset_config.{fld}", p) for p in paths]
+            for key in ("user_script", "script_dir"):
+                if isinstance(cfg.get(key), str):
+                    found.append((f"data_configs[{i}].{key}", self._abs(cfg[key])))
+        return found
+
+    def _check_outputs_apart_from_inputs(self) -> None:
+        """output_dir and cache_dir are not, do not contain and do not sit inside any input, symlinks resolved:
+        publishing into a folder inside the model copies the model into itself, and a cache or output folder
+        that holds an input replaces or deletes it. The cache's own inputs (models/, remote/) are its to hold."""
+        outputs = [("engine.cache_dir", self.cache_root)]
+        if self.output_dir is not None:
+            outputs.insert(0, ("engine.output_dir", self.output_dir))
+        for in_field, inp in self.inputs():
+            for out_field, out in outputs:
+                overlap = Overlap.of(out, inp)
+                if overlap is None:
+                    continue
+                if out_field == "engine.cache_dir" and overlap.relation == "contains":
+                    inside = real(inp).relative_to(real(out)).parts
+                    if inside and inside[0] in CACHE_INPUT_FOLDERS:
+                        continue
+                what = "output folder" if out_field == "engine.output_dir" else "cache folder"
+                if overlap.relation == "contains":
+                    message = (
+                        f"{in_field} {short(inp)} is inside the {what} {short(out)} ({out_field}), which this run "
+                        f"writes and replaces parts of; give a {what} that holds no input"
+                    )
+                else:
+                    message = (
+                        f"{out_field} {short(out)} {overlap.relation} the input {in_field} {short(inp)}"
+                        + (f" (resolved: {short(real(out))})" if real(out) != Path(os.path.abspath(out)) else "")
+                        + f": orch never writes into an input; give a {what} apart from the model, adapter and data"
+                    )
+                raise PreflightError(message)

@@ -36,6 +36,7 @@ from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine'
     StepRecord,
 )
 from orchestrator.engine.tracking import Tracker, flatten_params, resolve_tracking_uri
+from orchestrator.engine.weights_check import known_matches, remember_matches
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
 from orchestrator.systems.registry import MAIN_KEYWORDS, make_system, system_config
@@ -106,7 +107,7 @@ class Engine:
     def preflight(self, *, tracking: bool = True) -> None:
         """Every input checked before anything is hashed, written or submitted (engine/preflight.py):
         raises PreflightError (one line: the field and the fix)."""
-        WorkflowCheck(
+        check = WorkflowCheck(
             self.wf,
             base_dir=self.base_dir,
             cache_root=self.cache.root,
@@ -115,7 +116,10 @@ class Engine:
             target_name=self.target_name,
             providers=self._providers(),
             tracking_uri=self.tracking_uri,
-        ).run(tracking=tracking and self.tracking_enabled)
+            matched=known_matches(self.cache.root),
+        )
+        check.run(tracking=tracking and self.tracking_enabled)
+        remember_matches(self.cache.root, check.matched)  # only once every check passed: a refusal writes nothing
 
     # ---- planning ---------------------------------------------------------------------------------------
     def plan(self) -> list[Step]:

@@ -9,6 +9,7 @@ syntax ("train[:80%]"); this module adds Olive's text_template / text_cols rende
 from __future__ import annotations
 
 import glob
+import json
 import re
 import string
 from dataclasses import dataclass
@@ -176,6 +177,8 @@ def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | Non
     if script_fn is not None:
         return _script_load(dc, script_fn, split)
     kwargs = _source(dc, base_dir, override)
+    if kwargs["path"] == "json" and "data_files" in kwargs:
+        kwargs["data_files"] = _columns_as_rows(kwargs["data_files"], dc.name)
     if dc.load_dataset_config.subset:
         kwargs["name"] = dc.load_dataset_config.subset
     try:
@@ -198,6 +201,46 @@ def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | Non
             )
         ds = ds.filter(lambda row: all(row[c] == v for c, v in filters.items()), desc=f"col_filters {dc.name}")
     return ds
+
+
+COLUMNAR_LIMIT = 512 << 20  # bytes: a mapping-of-columns JSON is parsed whole to turn it into rows
+
+
+def _columns_as_rows(files: Any, name: str) -> Any:
+    """datasets reads a JSON document that maps column names to lists as ONE row of lists; Olive's users write
+    such files as columns. Each such file is rewritten as JSON lines (a temp copy) so its rows are rows."""
+    if isinstance(files, dict):
+        return {split: _columns_as_rows(v, name) for split, v in files.items()}
+    if isinstance(files, list):
+        return [_columns_as_rows(f, name) for f in files]
+    path = Path(files)
+    if path.suffix.lower() != ".json" or not path.is_file() or path.stat().st_size > COLUMNAR_LIMIT:
+        return files
+    with path.open(encoding="utf-8-sig") as fh:
+        if not fh.read(4096).lstrip().startswith("{"):
+            return files
+        fh.seek(0)
+        try:
+            data = json.load(fh)
+        except ValueError:
+            return files  # datasets names the problem
+    if not (isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values())):
+        return files
+    lengths = {k: len(v) for k, v in data.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"data config {name!r}: {path} maps columns of unequal length ({lengths}); one value a row")
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="orch-columns-")
+    atexit.register(shutil.rmtree, folder, True)  # the job's process reads it; nothing is left behind
+    out = Path(folder) / f"{path.stem}.jsonl"
+    n = next(iter(lengths.values()))
+    with out.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            fh.write(json.dumps({k: v[i] for k, v in data.items()}, ensure_ascii=False) + "\n")
+    return str(out)
 
 
 def _as_dataset(out: Any, dc: DataConfig, what: str) -> Any:
