@@ -433,7 +433,7 @@ def generate(
 
 @cache_app.command("ls")
 def cache_ls(cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".orch/cache")) -> None:
-    """List cached pass outputs."""
+    """List cached pass outputs (damaged entries too, marked so: `orch cache clean` removes them)."""
     from rich.table import Table
 
     from orchestrator.core.cache import Cache, folder_size
@@ -451,6 +451,15 @@ def cache_ls(cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".or
             f"{folder_size(e.path) / 1e6:.1f} MB",
             f"{e.result.duration_s:.1f}s",
         )
+    for d in cache.damaged_entries():
+        table.add_row(
+            d.key[:16],
+            str(d.meta.get("pass", "")),
+            str(d.meta.get("pass_type", "")),
+            Text(f"damaged: {d.reason}", style="red"),
+            f"{folder_size(d.path) / 1e6:.1f} MB",
+            "",
+        )
     out.print(table)
 
 
@@ -459,12 +468,39 @@ def cache_clean(
     cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".orch/cache"),
     key: Annotated[str | None, typer.Option("--key", help="remove only entries whose key starts with this")] = None,
 ) -> None:
-    """Remove cached pass outputs (all, or by key prefix)."""
+    """Remove cached pass outputs (all, or by key prefix), damaged and quarantined entries included."""
     from orchestrator.core.cache import Cache
 
     cache = Cache(cache_dir)
-    n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key)) if key else cache.clean()
+    if key:
+        n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key)) + cache.remove_damaged(key)
+    else:
+        n = cache.clean()
     out.print(f"removed {n} cache entr{'y' if n == 1 else 'ies'}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".orch/cache")) -> None:
+    """Check every entry to the byte (each file's sha256 recorded when it was cached); damaged entries are moved
+    to quarantine (the next run computes them again) and the command exits 1."""
+    from orchestrator.core.cache import Cache
+
+    def go() -> None:
+        cache = Cache(cache_dir)
+        if not cache.root.is_dir():
+            raise fail(f"--cache-dir {cache.root} does not exist; give a workflow's cache folder (engine.cache_dir)")
+        sound, damaged = cache.verify()
+        for d in damaged:
+            out.print(
+                Text(f"damaged {d.key[:16]} ({d.meta.get('pass') or '?'}): {d.reason}; quarantined in {d.path}"),
+                highlight=False,
+            )
+        out.print(f"verified {sound + len(damaged)} cache entr{'y' if sound + len(damaged) == 1 else 'ies'}: "
+                  f"{sound} sound, {len(damaged)} damaged")  # fmt: skip
+        if damaged:
+            raise typer.Exit(EXIT_FAILED)
+
+    _guarded(go)
 
 
 @app.command("tiny-model")

@@ -44,6 +44,9 @@ class RichReporter:
             table.add_row(str(i), escape(s.name), s.pass_type, escape(f"{s.system_name} ({s.role})"), cache)
         self.console.print(table)
 
+    def note(self, message: str) -> None:
+        self.progress.console.print(Text("note: ", style="cyan") + Text(message), highlight=False, soft_wrap=True)
+
     def step_start(self, step: Step) -> None:
         if not self.progress.live.is_started:
             self.progress.start()

@@ -2,12 +2,17 @@
 
 Layout under cache_dir:
     runs/<key>/          a finished pass: result.json, events.jsonl, job.log, the pass's output files, meta.json
+                         (meta.json lists every file with its size and sha256, recorded at commit)
     tmp/<key>/           the staging folder of a pass in progress (renamed to runs/<key> only on success)
+    quarantine/<key>-<t>/ an entry that failed its own checks (a truncated result.json, a file missing or changed),
+                         moved aside once, with damage.json saying why: the pass is a miss and runs again
     locks/<key>.lock     held while a pass with that key runs, so two runs sharing a cache never collide
     hashes.json          memo of folder content hashes keyed by (path, size, mtime) so big models hash once
 
 A run killed mid-pass (kill -9) leaves only tmp/<key>, which the next run holding the lock deletes: a cache entry
-exists only if the pass completed.
+exists only if the pass completed. An entry damaged later (a disk error, a hand edit, a truncated copy) is found
+by `get` (cheap checks: result.json, meta.json, every file present at its recorded size) or `verify` (every
+file's sha256), quarantined and reported once, never served.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from orchestrator.core.errors import RunFailure
 from orchestrator.core.fs import atomic_write_text
-from orchestrator.core.job import RESULT_FILE, JobResult, JobState
+from orchestrator.core.job import RESULT_FILE, JobResult, JobState, is_uri
 
 META_FILE = "meta.json"
+DAMAGE_FILE = "damage.json"  # in a quarantined entry: why it was moved aside
 
 
 def stable_hash(obj: Any) -> str:
@@ -66,6 +73,25 @@ class CacheEntry:
     meta: dict[str, Any]
 
 
+@dataclass
+class DamagedEntry:
+    """An entry that failed its own checks: where it is now (runs/ until quarantined) and why."""
+
+    key: str
+    path: Path
+    reason: str
+    meta: dict[str, Any]
+
+
+def file_manifest(folder: Path) -> dict[str, list[Any]]:
+    """relative path -> [size, sha256] of every file under folder (links are not followed into folders)."""
+    out: dict[str, list[Any]] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not p.is_symlink() and p.name != META_FILE:
+            out[str(p.relative_to(folder))] = [p.stat().st_size, _file_sha256(p)]
+    return out
+
+
 class Cache:
     """Pass outputs keyed by the hash of everything that determines them."""
 
@@ -73,6 +99,8 @@ class Cache:
         # Folders are made on the first write, not here: a run refused by the pre-flight checks writes nothing.
         self.root = Path(root).resolve()
         self._made = False
+        self.damaged: list[DamagedEntry] = []  # entries this instance quarantined (the engine reports them once)
+        self._locks: dict[str, FileLock] = {}
 
     def ensure(self) -> Path:
         """Create runs/, tmp/, locks/ (once per instance); returns the root."""
@@ -113,22 +141,80 @@ class Cache:
         return self.root / "runs" / key
 
     def get(self, key: str) -> CacheEntry | None:
+        """The committed entry of `key`, or None. An entry that fails its own checks is a miss: it is moved to
+        quarantine/ (once, under the key's lock) and listed in `self.damaged` for the caller to report."""
         path = self.entry_dir(key)
+        if not path.is_dir():
+            return None
+        entry, problem = self._read_entry(key, path)
+        if problem is None:
+            return entry
+        self._quarantine_if_damaged(key)
+        return None
+
+    def _read_entry(self, key: str, path: Path, *, deep: bool = False) -> tuple[CacheEntry | None, str | None]:
+        """(entry, None) when the entry passes its checks, else (None, what is wrong). `deep`: every file's
+        sha256 against the one recorded at commit (else present at its recorded size)."""
         try:
-            result = JobResult.read(path)
+            data = json.loads((path / RESULT_FILE).read_bytes())
+        except FileNotFoundError:
+            return None, f"{RESULT_FILE} is missing"
+        except (ValueError, OSError) as exc:
+            return None, f"{RESULT_FILE} is not valid JSON, truncated or overwritten ({_first_line(exc)})"
+        try:
+            result = JobResult.model_validate(data)
+        except ValueError as exc:
+            return None, f"{RESULT_FILE} is not a pass result ({_first_line(exc)})"
+        try:
             meta = json.loads((path / META_FILE).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            return None, f"{META_FILE} is missing"
+        except (ValueError, OSError) as exc:
+            return None, f"{META_FILE} is unreadable ({_first_line(exc)})"
         if result.status != JobState.COMPLETED:
-            return None
-        return CacheEntry(key, path, result, meta)
+            return None, f"{RESULT_FILE} says {result.status.value}, not Completed"
+        for rel, (size, digest) in (meta.get("files") or {}).items():
+            p = path / rel
+            try:
+                st = p.stat()
+            except OSError:
+                return None, f"{rel} is missing"
+            if st.st_size != size:
+                return None, f"{rel} is {st.st_size} bytes, {size} when it was cached"
+            if deep and _file_sha256(p) != digest:
+                return None, f"{rel} changed since it was cached (sha256 differs)"
+        model = result.model.with_root(path) if result.model else None
+        for ref in (model.path, model.adapter_path) if model else ():
+            if ref and not is_uri(ref) and Path(ref).is_relative_to(path) and not Path(ref).exists():
+                return None, f"the model it records ({Path(ref).relative_to(path)}) is missing"
+        return CacheEntry(key, path, result, meta), None
+
+    def _quarantine_if_damaged(self, key: str, *, deep: bool = False) -> DamagedEntry | None:
+        """Under the key's lock (a concurrent run may have replaced the entry meanwhile), check again and move a
+        damaged entry to quarantine/<key>-<time>/ with damage.json; returns it (also kept in `self.damaged`)."""
+        with self.lock(key):
+            path = self.entry_dir(key)
+            if not path.is_dir():
+                return None
+            _, problem = self._read_entry(key, path, deep=deep)
+            if problem is None:
+                return None
+            meta = _read_meta(path)
+            dest = self.root / "quarantine" / f"{key}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)  # atomic: readers see the entry or nothing
+            atomic_write_text(dest / DAMAGE_FILE, json.dumps({"key": key, "reason": problem, "at": time.time()}))
+        found = DamagedEntry(key, dest, problem, meta)
+        self.damaged.append(found)
+        return found
 
     @contextmanager
     def staging(self, key: str, timeout: float = -1) -> Iterator[Path]:
         """Hold the key's lock and yield an empty staging folder. Leftovers of a killed run are removed here."""
         self.ensure()
-        lock = FileLock(str(self.root / "locks" / f"{key}.lock"))
-        with lock.acquire(timeout=timeout):
+        with self._lock_for(key).acquire(timeout=timeout):
             stage = self.root / "tmp" / key
             if stage.exists():
                 shutil.rmtree(stage)
@@ -144,32 +230,75 @@ class Cache:
         result = JobResult.read(stage)
         if result.status != JobState.COMPLETED:
             raise ValueError(f"refusing to cache a {result.status.value} pass")
-        atomic_write_text(stage / META_FILE, json.dumps({**meta, "committed_at": time.time()}, indent=2))
+        record = {**meta, "committed_at": time.time(), "files": file_manifest(stage)}  # checked by get / verify
+        atomic_write_text(stage / META_FILE, json.dumps(record, indent=2))
         final = self.entry_dir(key)
+        if final.exists() and self._read_entry(key, final)[1] is not None:
+            self._quarantine_if_damaged(key)  # a damaged entry under this key: ours replaces it
         if final.exists():  # another run finished the same key first: keep theirs
             shutil.rmtree(stage)
         else:
             os.replace(stage, final)
-        entry = self.get(key)
-        assert entry is not None
+        entry, problem = self._read_entry(key, final)
+        if entry is None:
+            raise CacheDamaged(f"cache entry {key} failed its checks right after it was written: {problem}")
         return entry
 
     @contextmanager
     def lock(self, key: str, timeout: float = -1) -> Iterator[None]:
         self.ensure()
-        with FileLock(str(self.root / "locks" / f"{key}.lock")).acquire(timeout=timeout):
+        with self._lock_for(key).acquire(timeout=timeout):
             yield
 
+    def _lock_for(self, key: str) -> FileLock:
+        """One FileLock object per key in this instance: re-entrant, so a check inside `staging` can take it."""
+        if key not in self._locks:
+            self._locks[key] = FileLock(str(self.root / "locks" / f"{key}.lock"))
+        return self._locks[key]
+
     def entries(self) -> list[CacheEntry]:
+        """Committed entries that pass their checks (read-only: nothing is moved)."""
         out = []
         if not (self.root / "runs").is_dir():
             return out
         for path in sorted((self.root / "runs").iterdir()):
-            if (path / RESULT_FILE).exists():
-                entry = self.get(path.name)
+            if path.is_dir():
+                entry, _ = self._read_entry(path.name, path)
                 if entry:
                     out.append(entry)
         return out
+
+    def damaged_entries(self) -> list[DamagedEntry]:
+        """Entries that failed their checks: those quarantined, and those in runs/ not yet found (read-only)."""
+        out: list[DamagedEntry] = []
+        runs, quarantine = self.root / "runs", self.root / "quarantine"
+        for path in sorted(runs.iterdir()) if runs.is_dir() else []:
+            if path.is_dir():
+                _, problem = self._read_entry(path.name, path)
+                if problem is not None:
+                    out.append(DamagedEntry(path.name, path, problem, _read_meta(path)))
+        for path in sorted(quarantine.iterdir()) if quarantine.is_dir() else []:
+            try:
+                damage = json.loads((path / DAMAGE_FILE).read_text())
+            except (OSError, ValueError):
+                damage = {"key": path.name.split("-", 1)[0], "reason": "quarantined"}
+            out.append(DamagedEntry(str(damage.get("key")), path, str(damage.get("reason")), _read_meta(path)))
+        return out
+
+    def verify(self) -> tuple[int, list[DamagedEntry]]:
+        """Every entry checked to the byte (each file's sha256 against meta.json's): (entries sound, the damaged
+        ones, now quarantined: the next run computes them again)."""
+        sound, damaged = 0, []
+        runs = self.root / "runs"
+        for path in sorted(runs.iterdir()) if runs.is_dir() else []:
+            if not path.is_dir():
+                continue
+            found = self._quarantine_if_damaged(path.name, deep=True)
+            if found is None:
+                sound += 1
+            else:
+                damaged.append(found)
+        return sound, damaged
 
     def remove(self, key: str) -> bool:
         path = self.entry_dir(key)
@@ -181,10 +310,23 @@ class Cache:
             shutil.rmtree(trash, ignore_errors=True)
         return True
 
+    def remove_damaged(self, prefix: str = "") -> int:
+        """Quarantined entries (and damaged ones still in runs/) whose key starts with prefix, removed."""
+        n = 0
+        for found in self.damaged_entries():
+            if found.key.startswith(prefix):
+                if found.path.parent == self.root / "runs":
+                    n += self.remove(found.key)
+                else:
+                    shutil.rmtree(found.path, ignore_errors=True)
+                    n += 1
+        return n
+
     def clean(self) -> int:
         n = 0
         for entry in self.entries():
             n += self.remove(entry.key)
+        n += self.remove_damaged()
         if not (self.root / "tmp").is_dir():
             return n
         for stale in (self.root / "tmp").iterdir():
@@ -195,6 +337,23 @@ class Cache:
             except Timeout:
                 continue
         return n
+
+
+class CacheDamaged(RunFailure):
+    """An entry that cannot be trusted right after it was written (a failing disk): exit 1, one line."""
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def folder_size(path: Path | str) -> int:

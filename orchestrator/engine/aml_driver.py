@@ -180,6 +180,9 @@ class DriverReporter:
         self._steps[key] = self._steps.get(key, -1) + 1
         self.log_metric(key, value, self._steps[key])
 
+    def note(self, message: str) -> None:
+        print(f"note: {message}", flush=True)
+
     def step_end(self, step: Any, record: Any) -> None:
         print(f"orch: << {step.name} {record.status} in {record.duration_s:.1f}s", flush=True)
         self.log_metric(f"{step.name}/duration_s", record.duration_s)

@@ -20,6 +20,7 @@ from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size
 from orchestrator.core.gpu import wants_gpu
 from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
+from orchestrator.core.links import short
 from orchestrator.engine.execute import follow_job
 from orchestrator.engine.inputs import data_files, input_model
 from orchestrator.engine.plan import environment_for, for_accelerator, initial_steps, step_key
@@ -153,6 +154,20 @@ class Engine:
                 prev = step.key
         return steps
 
+    def _report_damaged(self) -> None:
+        """Cache entries that failed their checks while planning were quarantined: said once, here."""
+        for found in self.cache.damaged:
+            self._note(
+                f"cache entry {found.key[:16]} ({found.meta.get('pass') or 'a pass'}) was damaged: {found.reason}; "
+                f"moved to {short(found.path)} (`orch cache clean` removes it), the pass runs again"
+            )
+        self.cache.damaged.clear()
+
+    def _note(self, message: str) -> None:
+        note = getattr(self.reporter, "note", None)
+        if note is not None:
+            note(message)
+
     def _accelerator(self, system_name: str) -> str:
         accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]
         return "gpu" if wants_gpu(accs[:1]) else "cpu"  # the first accelerator decides, as Olive's does
@@ -164,6 +179,7 @@ class Engine:
     def run(self, *, dry_run: bool = False) -> tuple[list[Step], RunSummary | None]:
         self.preflight(tracking=not dry_run)
         steps = self.plan()
+        self._report_damaged()
         self.reporter.plan(steps)
         if dry_run:
             return steps, None
