@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.job import RESULT_FILE, Job, JobResult, JobState, append_event
-from orchestrator.core.secrets import SecretError
+from orchestrator.core.redact import install_masking, mask, remember_secret
+from orchestrator.core.secrets import CONFIG_SECRET, SecretError, put_secret
 from orchestrator.core.secrets import resolve_secret as _resolve_secret
 from orchestrator.core.versions import library_versions
 from orchestrator.passes.base import PassContext, PassError
@@ -70,6 +71,25 @@ def await_rank0_result(out_dir: Path, timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+def _with_config_secrets(job: Job, secrets: dict[str, str]) -> Job:
+    """Secrets the engine took out of the pass / data configs (config:pass:<path>, config:data:<name>:<path>)
+    put back where the user wrote them: in this process only, never in job.json."""
+    pass_config, data_configs = job.pass_config, dict(job.data_configs)
+    for name, value in secrets.items():
+        if not name.startswith(CONFIG_SECRET):
+            continue
+        section, _, rest = name[len(CONFIG_SECRET) :].partition(":")
+        if section == "pass":
+            pass_config = put_secret(pass_config, rest, value)
+        elif section == "data":
+            data_name, _, dotted = rest.partition(":")
+            if data_name in data_configs:
+                data_configs[data_name] = put_secret(data_configs[data_name], dotted, value)
+    if pass_config is job.pass_config and data_configs == job.data_configs:
+        return job
+    return job.model_copy(update={"pass_config": pass_config, "data_configs": data_configs})
+
+
 def run_job(job: Job) -> JobResult:
     out_dir = Path(job.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +100,9 @@ def run_job(job: Job) -> JobResult:
     def emit(event: dict[str, Any]) -> None:
         if not writer:
             return
+        for key in ("message", "value"):  # a log line or param never carries a secret into events.jsonl / MLflow
+            if isinstance(event.get(key), str):
+                event = {**event, key: mask(event[key])}
         append_event(out_dir, event)
         if event["type"] == "log":
             print(event["message"], flush=True)
@@ -92,8 +115,11 @@ def run_job(job: Job) -> JobResult:
     try:
         if world > 1 and not pass_cls.data_parallel:
             raise PassError(f"{job.pass_type} does not run data-parallel: give it processes_per_node 1 (got {world})")
-        config = pass_cls.Config.model_validate(job.pass_config)
         secrets = {name: resolve_secret(src) for name, src in job.secrets.items()}
+        for value in secrets.values():
+            remember_secret(value)  # masked in everything this process prints (core.redact)
+        job = _with_config_secrets(job, secrets)
+        config = pass_cls.Config.model_validate(job.pass_config)
         if "hf_token" in secrets:  # huggingface_hub reads it from here; it never leaves this process
             os.environ["HF_TOKEN"] = secrets["hf_token"]
         ctx = PassContext(job=job, out_dir=out_dir, emit=emit, secrets=secrets)
@@ -139,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter-path", help="override the input model's adapter path")
     ap.add_argument("--data-file", action="append", default=[], help="NAME=PATH override of a data config's files")
     args = ap.parse_args(argv)
+    install_masking()  # this process's output is the job's log: secrets it resolves never reach it
 
     job = Job.read(args.job)
     updates: dict[str, Any] = {}

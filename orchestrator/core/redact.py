@@ -90,12 +90,12 @@ def is_secret_key(key: Any) -> bool:
 
 
 def redact_obj(obj: Any) -> Any:
-    """redact() over every string of a JSON-like object, and the string values of secret-looking keys masked."""
+    """mask() over every string of a JSON-like object, and the string values of secret-looking keys masked."""
     if isinstance(obj, dict):
         return {k: MASK if is_secret_key(k) and isinstance(v, str) and v else redact_obj(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [redact_obj(v) for v in obj]
-    return redact(obj) if isinstance(obj, str) else obj
+    return mask(obj) if isinstance(obj, str) else obj
 
 
 # ---- exact values: what this process knows to be secret ------------------------------------------------------

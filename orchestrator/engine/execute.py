@@ -11,7 +11,7 @@ from typing import Any
 from orchestrator.core.cache import Cache
 from orchestrator.core.job import EVENTS_FILE, Job, JobResult, JobState, ModelArtifact
 from orchestrator.engine.steps import EngineError, Reporter, Step
-from orchestrator.engine.tracking import EventTail, Tracker, redact
+from orchestrator.engine.tracking import EventTail, Tracker, mask
 from orchestrator.systems.base import System
 
 
@@ -66,7 +66,7 @@ def follow_job(
         log = _keep_log(cache, stage, job.job_id, tail_text)
         raise EngineError(
             f"pass {step.name!r} ({step.pass_type}) failed on {step.system_name} (input {model.path}): "
-            f"{redact(reason)}" + (f"; full log: {log}" if log else ""),
+            f"{mask(reason)}" + (f"; full log: {log}" if log else ""),
             log_tail=tail_text,
         )
 

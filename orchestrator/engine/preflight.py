@@ -357,6 +357,10 @@ def check_split(
 
 
 # ---- tracking ---------------------------------------------------------------------------------------------
+TRACKING_SCHEMES = (
+    "http", "https", "sqlite", "file", "postgresql", "postgres", "mysql", "mssql", "databricks", "databricks-uc",
+    "azureml", "uc",
+)  # fmt: skip
 def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
     """An http(s) MLflow server answers /health within seconds; a sqlite store's folder is writable."""
     from orchestrator.engine.tracking import redact
@@ -393,12 +397,38 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
                 "run with --no-tracking"
             ) from None
     elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
+        from orchestrator.engine.mlflow_store import is_sqlite_file, sqlite_db
+
+        db = sqlite_db(uri)
+        if db is None:
+            if uri.split("?", 1)[0] != "sqlite:///:memory:":
+                raise PreflightError(f"tracking URI {uri} names no database file; write e.g. sqlite:///mlruns.db")
+            return
+        problem = link_problem(db)
+        if problem:
+            raise PreflightError(f"tracking URI {uri}: {problem}; give another --tracking-uri")
         if db.exists() and not db.is_file():
             raise PreflightError(f"tracking URI {uri}: {db} is a folder; give the path of a .db file")
-        check_writable_dir(f"tracking URI {uri}: the folder", db.parent)
+        check_writable_dir(f"tracking URI {uri}: the folder", db.absolute().parent)
         if db.exists() and not os.access(db, os.R_OK | os.W_OK):
             raise PreflightError(f"tracking URI {uri}: {db} is not writable; give another --tracking-uri")
+        if db.exists() and not is_sqlite_file(db):
+            raise PreflightError(
+                f"tracking URI {uri}: {db} is not an SQLite database; give the path of an MLflow .db file "
+                "(a new name creates one)"
+            )
+    elif uri.startswith("sqlite:"):
+        raise PreflightError(
+            f"tracking URI {redact(uri)}: a SQLite URI has three slashes before a relative path "
+            "(sqlite:///mlruns.db) and four before an absolute one (sqlite:////home/me/mlruns.db)"
+        )
+    elif "://" in uri or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:[^\\/]", uri):
+        scheme = uri.split(":", 1)[0].lower()
+        if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+            raise PreflightError(
+                f"tracking URI {redact(uri)}: unknown scheme {scheme!r}; MLflow takes http(s)://host:port, "
+                "sqlite:///file.db, file:/folder, postgresql://, mysql://, databricks or azureml://"
+            )
 
 
 @dataclass

@@ -11,16 +11,22 @@ data made local), execute (one job followed to its end), publish (output_dir and
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size
 from orchestrator.core.gpu import wants_gpu
 from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
 from orchestrator.core.links import short
+from orchestrator.core.redact import remember_secret
+from orchestrator.core.secrets import CONFIG_SECRET, secret_files, split_secrets
 from orchestrator.engine.execute import follow_job
 from orchestrator.engine.inputs import data_files, input_model
 from orchestrator.engine.plan import environment_for, for_accelerator, initial_steps, step_key
@@ -41,6 +47,11 @@ from orchestrator.engine.weights_check import known_matches, remember_matches
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
 from orchestrator.systems.registry import MAIN_KEYWORDS, make_system, system_config
+
+
+def safe_name(name: str) -> str:
+    """A pass name as a file / container name: "a/b c" -> "a_b_c" (a '/' would make the job's log a subfolder)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:64] or "pass"
 
 
 class Engine:
@@ -71,6 +82,9 @@ class Engine:
         self.register_as = (
             getattr(mlflow_cfg, "register_model_name", None) or getattr(workflow, "workflow_id", None) or "orch-model"
         )
+        for value in split_secrets(workflow.to_json_dict())[1].values():  # tokens written into the config,
+            remember_secret(value)  # and the tracking URI's password, are masked in every line printed from now
+        remember_secret(urlsplit(self.tracking_uri).password if "://" in self.tracking_uri else None)
         self._systems: dict[str, System] = {}
         self._data = {dc.name: dc for dc in workflow.data_configs}
         self.publisher = Publisher(
@@ -132,7 +146,7 @@ class Engine:
             pass_cls = load_pass(step.pass_type)
             step.data_names = pass_cls.data_refs(step.config, set(self._data))
             _, _, data_hashes = self._data_files(step.data_names)
-            config = pass_cls.Config.model_validate(step.config)
+            config = pass_cls.Config.model_validate(split_secrets(step.config)[0])  # a token never keys the cache
             requirements = pass_cls().requirements(config)
             env = self.system(step.system_name).environment_fingerprint(
                 tuple(pass_cls.libraries),
@@ -190,6 +204,8 @@ class Engine:
             getattr(self.wf, "workflow_id", None) or "workflow",
             enabled=self.tracking_enabled,
         )
+        for note in tracker.notes:
+            self._note(note)
         tracker.log_params(flatten_params(self.wf.to_json_dict()))
         tracker.set_tag("orch.host", self.host_name)
         tracker.set_tag("orch.target", self.target_name)
@@ -276,11 +292,21 @@ class Engine:
         sys_cfg = self.wf.systems.get(step.system_name)
         if sys_cfg is not None and getattr(sys_cfg, "hf_token", False):
             secrets = system.secret_sources(["hf_token"]) if hasattr(system, "secret_sources") else {}
+        # secrets written into the pass or data config (a hub token in training_args) leave the job spec: the job
+        # carries a placeholder and a private file the runner reads (core.secrets), never the value
+        pass_config, written = split_secrets(step.config)
+        found = {f"{CONFIG_SECRET}pass:{k}": v for k, v in written.items()}
+        for name, cfg in list(configs.items()):
+            configs[name], written = split_secrets(cfg)
+            found.update({f"{CONFIG_SECRET}data:{name}:{k}": v for k, v in written.items()})
+        private = Path(tempfile.mkdtemp(prefix="orch-secrets-")) if found else None
+        if private is not None:
+            secrets = {**secrets, **secret_files(found, private)}
         job = Job(
-            job_id=f"{step.name}-{step.key[:12]}-{uuid.uuid4().hex[:6]}",
+            job_id=f"{safe_name(step.name)}-{step.key[:12]}-{uuid.uuid4().hex[:6]}",  # names files and containers
             pass_name=step.name,
             pass_type=step.pass_type,
-            pass_config=step.config,
+            pass_config=pass_config,
             model=model,
             data_configs=configs,
             data_files=files,
@@ -292,9 +318,11 @@ class Engine:
             tracking=JobTracking(mode="events", metric_prefix=f"{step.name}/"),
             log_level=int(getattr(self.wf.engine, "log_severity_level", 3) or 3),
         )
-        follow_job(step, job, system, model, stage, tracker, self.reporter, self.cache)
-
-
+        try:
+            follow_job(step, job, system, model, stage, tracker, self.reporter, self.cache)
+        finally:
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
 
     # ---- outputs ----------------------------------------------------------------------------------------
     def export(self, summary: RunSummary, dest: Path | None = None) -> None:

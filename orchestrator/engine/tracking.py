@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.redact import redact, redact_obj  # noqa: F401  (re-exported: the engine's names for them)
+from orchestrator.core.redact import mask, redact, redact_obj  # noqa: F401  (re-exported names)
+from orchestrator.engine.mlflow_store import prepare_sqlite_store
 
 SECRET_HINTS = ("token", "secret", "password", "key", "credential", "sas")
 HTTP_TIMEOUT_S = "10"  # MLflow's own default is 120 s with 7 retries: a dead server would hang minutes
@@ -39,9 +40,9 @@ def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
             else:
                 out.update(flatten_params(v, key))
     elif isinstance(obj, list):
-        out[prefix] = redact(json.dumps(obj, default=str))[:500]
+        out[prefix] = mask(json.dumps(redact_obj(obj), default=str))[:500]
     else:
-        out[prefix] = redact(str(obj))[:500]
+        out[prefix] = mask(str(obj))[:500]
     return out
 
 
@@ -123,11 +124,14 @@ class Tracker:
         self.enabled = enabled
         self.run_id: str | None = None
         self.tracking_uri = tracking_uri
+        self.notes: list[str] = []  # what the user should know once (a store repaired)
         if not enabled:
             return
         import logging
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # MLflow prints "View run ... at <tracking uri>" with the URI's password: orch prints the run masked itself
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES)
         import mlflow
@@ -143,6 +147,7 @@ class Tracker:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         try:
+            self.notes = prepare_sqlite_store(tracking_uri) if tracking_uri else []  # whole, or rebuilt (aside)
             self.client = mlflow.MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)  # creates / migrates the store (under the lock)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
