@@ -509,8 +509,27 @@ class WorkflowCheck:
                 )
             self._check_held_out(name, entry, rows)
         self._check_evaluator_device()
+        self._check_written_secrets()
         if tracking:
             check_tracking_uri(self.tracking_uri)
+
+    def _check_written_secrets(self) -> None:
+        """A token written into a pass or data config travels to a local or Docker job as a private file; an
+        Azure ML job can only read secrets from the workspace Key Vault (a value would sit in its job spec)."""
+        if not (self.host_is_aml() or self.host_is_aml(self.target_name)):
+            return
+        from orchestrator.core.secrets import split_secrets
+
+        sections = {f"passes.{n}": e.config or {} for n, e in self.wf.passes.items()}
+        sections.update({f"data_configs[{i}]": dc.model_dump(mode="json") for i, dc in enumerate(self.wf.data_configs)})
+        for where, cfg in sections.items():
+            found = split_secrets(cfg)[1]
+            if found:
+                raise PreflightError(
+                    f"{where}.{next(iter(found))}: a secret written into the workflow cannot reach an Azure ML job "
+                    "without being stored in its job spec; put it in the workspace Key Vault and set hf_token: true "
+                    "on the system (the value is not shown)"
+                )
 
     def _check_held_out(self, name: str, entry: Any, rows: dict[str, int | None]) -> None:
         """Rows a pass holds out for evaluation leave some of its data to train on."""

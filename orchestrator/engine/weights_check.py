@@ -165,7 +165,20 @@ def _expected(
         return None  # transformers renames this family's checkpoint keys while loading
     try:
         cfg = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    except Exception:  # an unknown model_type or remote code: the pass reports what transformers says
+    except Exception:  # remote code (auto_map) or a model_type this transformers does not know
+        if config.get("auto_map"):
+            return None  # the model's own code: trust_remote_code loads it in the pass
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type not in CONFIG_MAPPING_NAMES:
+            import difflib
+
+            close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise WeightsMismatch(
+                f"{what}: {folder / 'config.json'} has model_type {model_type!r}, which transformers "
+                f"{transformers.__version__} does not know; {hint}give the config.json that came with the model"
+            ) from None
         return None
     arch_names = [a for a in (config.get("architectures") or []) if isinstance(a, str)]
     cls = getattr(transformers, arch_names[0], None) if arch_names else None

@@ -17,6 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.errors import UserError
 from orchestrator.schema.errors import ConfigError
 
 
@@ -200,11 +201,11 @@ def _construct_mapping(loader: Any, node: Any) -> dict[Any, Any]:
     return out
 
 
-class DuplicateKeyError(Exception):
-    """Raised inside the YAML loader; turned into a FileReadError by load_yaml_text."""
+class DuplicateKeyError(UserError):
+    """Raised inside the YAML loader; turned into a FileReadError (naming the file) by load_yaml_text."""
 
     def __init__(self, key: Any, line: int) -> None:
-        super().__init__(key, line)
+        super().__init__(f"key {key!r} appears twice in one mapping (again at line {line})")
         self.key, self.line = key, line
 
 
