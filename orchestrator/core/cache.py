@@ -33,6 +33,7 @@ from filelock import FileLock, Timeout
 from orchestrator.core.errors import RunFailure
 from orchestrator.core.fs import atomic_write_text
 from orchestrator.core.job import RESULT_FILE, JobResult, JobState, is_uri
+from orchestrator.core.links import real
 
 META_FILE = "meta.json"
 DAMAGE_FILE = "damage.json"  # in a quarantined entry: why it was moved aside
@@ -97,7 +98,7 @@ class Cache:
 
     def __init__(self, root: Path | str) -> None:
         # Folders are made on the first write, not here: a run refused by the pre-flight checks writes nothing.
-        self.root = Path(root).resolve()
+        self.root = real(root)  # a link loop does not raise here: the pre-flight names it
         self._made = False
         self.damaged: list[DamagedEntry] = []  # entries this instance quarantined (the engine reports them once)
         self._locks: dict[str, FileLock] = {}
@@ -117,10 +118,10 @@ class Cache:
         self.ensure()
         memo_path = self.root / "hashes.json"
         with FileLock(str(self.root / "locks" / "hashes.lock")):
-            memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+            memo = _read_memo(memo_path)
         sig = stable_hash(_stat_sig(path))
         hit = memo.get(str(path))
-        if hit and hit["sig"] == sig:
+        if isinstance(hit, dict) and hit.get("sig") == sig and isinstance(hit.get("sha256"), str):
             return hit["sha256"]
         if path.is_file():
             digest = _file_sha256(path)
@@ -131,7 +132,7 @@ class Cache:
                     h.update(str(p.relative_to(path)).encode() + b"\0" + _file_sha256(p).encode() + b"\n")
             digest = h.hexdigest()
         with FileLock(str(self.root / "locks" / "hashes.lock")):
-            memo = json.loads(memo_path.read_text()) if memo_path.exists() else {}
+            memo = _read_memo(memo_path)
             memo[str(path)] = {"sig": sig, "sha256": digest}
             atomic_write_text(memo_path, json.dumps(memo, indent=1))
         return digest
@@ -341,6 +342,15 @@ class Cache:
 
 class CacheDamaged(RunFailure):
     """An entry that cannot be trusted right after it was written (a failing disk): exit 1, one line."""
+
+
+def _read_memo(path: Path) -> dict[str, Any]:
+    """hashes.json, or an empty memo when it is missing or damaged (it is only a memo: hashes are recomputed)."""
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -48,11 +48,12 @@ def link_problem(path: Path) -> str | None:
     return None
 
 
-def real(path: Path) -> Path:
-    """The path with every symlink resolved, also for paths that do not exist yet (their existing part is)."""
+def real(path: Path | str) -> Path:
+    """The path with every symlink resolved, also for paths that do not exist yet (their existing part is); a
+    loop is left where it starts (Path.resolve raises on it: the checks name it instead)."""
     try:
         return Path(os.path.realpath(path))
-    except (OSError, RuntimeError):  # a loop: realpath raises only in strict mode, but be safe
+    except (OSError, RuntimeError):
         return Path(os.path.abspath(path))
 
 

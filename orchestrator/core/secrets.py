@@ -37,7 +37,7 @@ CONFIG_SECRET = "config:"  # Job.secrets name prefix: config:<section>:<dotted p
 def split_secrets(obj: Any, path: str = "") -> tuple[Any, dict[str, str]]:
     """(obj with every string under a secret-looking key replaced by a placeholder, {dotted path: value}).
     A hub token in training_args must reach the pass, never job.json, the cache or MLflow (core.redact's keys)."""
-    from orchestrator.core.redact import is_secret_key
+    from orchestrator.core.redact import is_secret_key, redact
 
     found: dict[str, str] = {}
     if isinstance(obj, dict):
@@ -58,6 +58,10 @@ def split_secrets(obj: Any, path: str = "") -> tuple[Any, dict[str, str]]:
             items.append(item)
             found.update(inner)
         return items, found
+    if isinstance(obj, str) and path and not obj.startswith(PLACEHOLDER) and redact(obj) != obj:
+        # a credential inside a value (a SAS URL's sig=, user:password@): the rest, masked, still tells values apart
+        found[path] = obj
+        return f"{PLACEHOLDER}{path}> {redact(obj)}", found
     return obj, found
 
 

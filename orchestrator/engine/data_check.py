@@ -68,7 +68,7 @@ def scan_file(path: Path, label: str, needed: Needed) -> int | None:
                 return _text_rows(fh, path, label)
             if suffix == ".csv":
                 return _check_rows(_csv_rows(fh, path, label), path, label, needed)
-            return _check_rows(_json_rows(fh, path, label), path, label, needed)
+            return _check_rows(_json_rows(fh, path, label, whole=suffix == ".json"), path, label, needed)
     except UnicodeDecodeError:
         raise DataFileError(f"{label}: {path} {_encoding_problem(path)}") from None
     except (OSError, EOFError) as exc:
@@ -121,12 +121,25 @@ def _encoding_problem(path: Path) -> str:
 
 
 # ---- readers: (row number, row) ---------------------------------------------------------------------------------
-def _json_rows(fh: IO[str], path: Path, label: str) -> Iterator[tuple[int, Any]]:
+def _json_rows(fh: IO[str], path: Path, label: str, *, whole: bool = False) -> Iterator[tuple[int, Any]]:
+    """Rows of JSON lines, or of one JSON document (a list of rows, a mapping of columns). `whole`: a .json
+    file, read as one document first when it is one (a mapping of columns on one line is not a row)."""
     start = fh.read(4096)
     head = start.lstrip("\ufeff \t\r\n")
     if head.startswith("["):  # one JSON document: a list of rows
         yield from enumerate(_whole_json(start + fh.read(), path, label), 1)
         return
+    if whole and head.startswith("{"):
+        text = start + fh.read()
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None  # JSON lines in a .json file
+        if isinstance(doc, dict):
+            yield from enumerate(_document_rows(doc, path, label), 1)
+            return
+        fh = io.StringIO(text)
+        start = fh.read(4096)
     for lineno, line in enumerate(_chain_lines(start, fh), 1):
         if not line.strip():
             continue

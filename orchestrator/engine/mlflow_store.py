@@ -64,17 +64,29 @@ def prepare_sqlite_store(uri: str) -> list[str]:
     head = _head_revision()
     if head is None or revision == head:
         return []
-    if runs:
-        raise TrackingStoreError(
-            f"tracking URI {uri}: the store {db} is at schema {revision or 'none'}, this MLflow needs {head}, and it "
-            f"holds {runs} run(s): back it up, then run `mlflow db upgrade {uri}`, or give another --tracking-uri"
-        )
+    check_store_schema(uri)
     kept = db.with_name(f"{db.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
     _build_aside(db, replacing=kept)
     return [
         f"tracking store {db} was half-built (schema {revision or 'none'} of {head}, no runs: a first run was "
         f"stopped while MLflow created it); rebuilt it, the broken file is kept as {kept.name}"
     ]
+
+
+def check_store_schema(uri: str) -> None:
+    """Read-only (the pre-flight calls it): a store that holds runs at another schema revision than this MLflow
+    writes is an older MLflow's (or one killed mid-upgrade), for the user to upgrade; refuse it in one line."""
+    db = sqlite_db(uri)
+    if db is None or not db.is_file() or db.stat().st_size == 0 or not is_sqlite_file(db):
+        return
+    revision, runs = _store_state(db)
+    head = _head_revision()
+    if head is None or revision == head or not runs:
+        return  # whole, or repairable (nothing to lose): prepare_sqlite_store rebuilds it
+    raise TrackingStoreError(
+        f"tracking URI {uri}: the store {db} is at schema {revision or 'none'}, this MLflow needs {head}, and it "
+        f"holds {runs} run(s): back it up, then run `mlflow db upgrade {uri}`, or give another --tracking-uri"
+    )
 
 
 def _store_state(db: Path) -> tuple[str | None, int]:

@@ -308,6 +308,11 @@ def _needed_columns(pre: dict[str, Any], where: str = "data_configs") -> Needed:
             fields = template_columns(template)
         except ValueError as exc:
             raise PreflightError(f"{where}.pre_process_data_config.text_template: {exc}") from None
+        if not fields:
+            raise PreflightError(
+                f"{where}.pre_process_data_config.text_template {template[:60]!r} names no column, so every row "
+                "would train on the same text; put the columns in braces, e.g. {prompt} {response}"
+            )
         return needed_columns([c for c in fields if c], [])
     cols = pre.get("text_cols")
     return needed_columns([], [cols] if isinstance(cols, str) else list(cols or ["text"]))
@@ -397,7 +402,7 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
                 "run with --no-tracking"
             ) from None
     elif uri.startswith("sqlite:///"):
-        from orchestrator.engine.mlflow_store import is_sqlite_file, sqlite_db
+        from orchestrator.engine.mlflow_store import check_store_schema, is_sqlite_file, sqlite_db
 
         db = sqlite_db(uri)
         if db is None:
@@ -417,6 +422,7 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
                 f"tracking URI {uri}: {db} is not an SQLite database; give the path of an MLflow .db file "
                 "(a new name creates one)"
             )
+        check_store_schema(uri)
     elif uri.startswith("sqlite:"):
         raise PreflightError(
             f"tracking URI {redact(uri)}: a SQLite URI has three slashes before a relative path "
@@ -447,7 +453,7 @@ class WorkflowCheck:
 
     def _abs(self, p: str | Path) -> Path:
         p = Path(p).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p).resolve()
+        return p if p.is_absolute() else real(self.base_dir / p)
 
     def run(self, *, tracking: bool = True) -> None:
         """Every input checked before anything is hashed, written or submitted: raises PreflightError (one line:
@@ -460,7 +466,7 @@ class WorkflowCheck:
         check_writable_dir("engine.cache_dir", self.cache_root)
         if self.output_dir is not None:
             check_writable_dir("engine.output_dir", self.output_dir)
-        self._check_outputs_apart_from_inputs()
+        self._check_outputs_apart_from_inputs(tracking=tracking)
         im = self.wf.input_model
         ref = _as_dict(im.model_ref)
         if not is_remote(ref):
@@ -597,13 +603,19 @@ class WorkflowCheck:
                     found.append((f"data_configs[{i}].{key}", self._abs(cfg[key])))
         return found
 
-    def _check_outputs_apart_from_inputs(self) -> None:
+    def _check_outputs_apart_from_inputs(self, *, tracking: bool = False) -> None:
         """output_dir and cache_dir are not, do not contain and do not sit inside any input, symlinks resolved:
         publishing into a folder inside the model copies the model into itself, and a cache or output folder
-        that holds an input replaces or deletes it. The cache's own inputs (models/, remote/) are its to hold."""
+        that holds an input replaces or deletes it. The cache's own inputs (models/, remote/) are its to hold.
+        A local tracking store (sqlite file) is not written inside an input either."""
+        from orchestrator.engine.mlflow_store import sqlite_db
+
         outputs = [("engine.cache_dir", self.cache_root)]
         if self.output_dir is not None:
             outputs.insert(0, ("engine.output_dir", self.output_dir))
+        db = sqlite_db(self.tracking_uri) if tracking else None
+        if db is not None:
+            outputs.append(("the tracking store", db.absolute()))
         for in_field, inp in self.inputs():
             for out_field, out in outputs:
                 overlap = Overlap.of(out, inp)
@@ -613,7 +625,9 @@ class WorkflowCheck:
                     inside = real(inp).relative_to(real(out)).parts
                     if inside and inside[0] in CACHE_INPUT_FOLDERS:
                         continue
-                what = "output folder" if out_field == "engine.output_dir" else "cache folder"
+                what = {"engine.output_dir": "output folder", "engine.cache_dir": "cache folder"}.get(
+                    out_field, "tracking store"
+                )
                 if overlap.relation == "contains":
                     message = (
                         f"{in_field} {short(inp)} is inside the {what} {short(out)} ({out_field}), which this run "

@@ -24,7 +24,7 @@ from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size
 from orchestrator.core.gpu import wants_gpu
 from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
-from orchestrator.core.links import short
+from orchestrator.core.links import real, short
 from orchestrator.core.redact import remember_secret
 from orchestrator.core.secrets import CONFIG_SECRET, secret_files, split_secrets
 from orchestrator.engine.execute import follow_job
@@ -94,7 +94,7 @@ class Engine:
     # ---- helpers ----------------------------------------------------------------------------------------
     def _abs(self, p: str | Path) -> Path:
         p = Path(p).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p).resolve()
+        return p if p.is_absolute() else real(self.base_dir / p)  # a link loop is named by the pre-flight
 
     def system(self, name: str) -> System:
         """A system by workflow name, or by keyword (local/docker/aml: the first such system in the config)."""

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.redact import mask, redact, redact_obj  # noqa: F401  (re-exported names)
+from orchestrator.core.redact import mask, redact, redact_obj, remember_secret  # noqa: F401  (re-exported)
 from orchestrator.engine.mlflow_store import prepare_sqlite_store
 
 SECRET_HINTS = ("token", "secret", "password", "key", "credential", "sas")
@@ -136,6 +136,9 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES)
         import mlflow
         from filelock import FileLock
+
+        for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):  # masked if a library prints them
+            remember_secret(os.environ.get(name))
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)

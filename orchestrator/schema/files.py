@@ -54,6 +54,10 @@ def read_text(path: Path, what: str = "config file") -> str:
 
 def decode(data: bytes, path: Path | str, what: str = "file") -> str:
     encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    if encoding == "utf-8" and b"\0" in data[:4096]:  # ASCII in UTF-16/32 is valid UTF-8 full of NUL bytes
+        raise FileReadError(
+            f"{what} {path} is not UTF-8 (it holds NUL bytes: it looks like {guess_encoding(data)}): save it as UTF-8"
+        )
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -74,8 +78,8 @@ def encoding_problem(data: bytes, exc: UnicodeDecodeError) -> str:
 
 def guess_encoding(data: bytes) -> str:
     """A human name for the likely encoding of bytes that are not UTF-8."""
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) > 3 and data[1:2] == b"\0" and data[3:4] == b"\0"):
-        return "UTF-16 without its byte order mark"
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\0" in data[:4096]:
+        return "UTF-16 or UTF-32 without a byte order mark"
     if any(0x80 <= b <= 0x9F for b in data):
         try:
             data.decode("cp1252")

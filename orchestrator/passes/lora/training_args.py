@@ -284,6 +284,9 @@ def normalize_training_args(args: dict[str, Any]) -> tuple[dict[str, Any], list[
     problems += check_values(out)
     if problems:
         raise TrainingArgsError(problems)
+    for key, value in out.items():  # YAML's 1e3 is 1000.0: a whole-number argument gets the int it means
+        if VALUE_RULES.get(key, ("",))[0] == "int" and isinstance(value, float) and value.is_integer():
+            out[key] = int(value)
     return out, notes
 
 
