@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -644,7 +645,7 @@ TRACKER = """
 import sys
 from orchestrator.engine.tracking import Tracker
 t = Tracker(sys.argv[1], "exp", "run", enabled=True)
-print("NOTES", t.notes, flush=True)
+print("NOTES", getattr(t, "notes", None), flush=True)
 t.end("FINISHED")
 """
 
@@ -654,11 +655,16 @@ def _py(code: str, *args: str, **kw: Any) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, text=True, **kw)
 
 
-def _kill_during_creation(code: str, uri: str, watch: Path, delay: float) -> None:
-    """Start `code` on a new store, SIGKILL it `delay` seconds after `watch` (a glob) appears."""
+def _kill_during_creation(code: str, uri: str, folder: Path, delay: float, *watch: str) -> None:
+    """Start `code` on a new store, SIGKILL it `delay` seconds after a file matching one of `watch` (globs in
+    `folder`: the store, or the temporary store it is built as) appears."""
     proc = _py(code, uri, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(watch.parent.glob(watch.name)) and proc.poll() is None and time.monotonic() < deadline:
+
+    def seen() -> bool:
+        return any(list(folder.glob(w)) for w in watch)
+
+    while not seen() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
@@ -676,7 +682,7 @@ def test_a_store_half_built_by_a_killed_first_run_is_rebuilt(tmp_path: Path) -> 
     for delay in (0.4, 0.6, 0.3, 0.8, 0.2, 1.0, 0.5, 0.7):
         for f in tmp_path.glob("mlruns.db*"):
             f.unlink()
-        _kill_during_creation(MLFLOW_CREATE, uri, db, delay)
+        _kill_during_creation(MLFLOW_CREATE, uri, tmp_path, delay, db.name)
         check = _py(MLFLOW_CREATE, uri, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _, err = check.communicate(timeout=240)
         if check.returncode != 0:
@@ -697,13 +703,15 @@ def test_orch_killed_while_creating_the_store_leaves_it_whole(tmp_path: Path) ->
     db = tmp_path / "mlruns.db"
     uri = f"sqlite:///{db}"
     for delay in (0.0, 0.3, 0.8):
-        _kill_during_creation(TRACKER, uri, tmp_path / ".mlruns.db.building-*", delay)
+        for f in tmp_path.glob("*mlruns.db*"):  # a new store each time (the leftovers of the last kill too)
+            f.unlink()
+        _kill_during_creation(TRACKER, uri, tmp_path, delay, ".mlruns.db.building-*", "mlruns.db")
         assert not db.exists() or db.stat().st_size > 0
         proc = _py(TRACKER, uri, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
         assert "half-built" not in out  # built aside: there was nothing to repair
-    assert not list(tmp_path.glob(".mlruns.db.building-*"))
+        assert not list(tmp_path.glob(".mlruns.db.building-*"))  # the killed one's leftover removed
 
 
 def test_a_store_with_runs_from_another_schema_is_one_line(case: Path, capsys) -> None:
@@ -846,8 +854,13 @@ def test_a_full_output_disk_is_one_line_with_the_space_needed(case: Path) -> Non
     in the cache), publishing is refused in one line naming the folder and the sizes, nothing half-written."""
     small = case / "small"
     small.mkdir()
-    orch = f"{sys.executable} -m orchestrator.cli " + " ".join(
-        map(str, ft("--max_seq_len", "32", "--no-tracking", out=str(small / "out")))
+    orch = shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            *map(str, ft("--max_seq_len", "32", "--no-tracking", out=str(small / "out"))),
+        ]
     )
     script = (
         f"mount -t tmpfs -o size=1m tmpfs {small} && cd {case} && {orch} > {case}/stdout 2> {case}/stderr; rc=$?; "
