@@ -135,7 +135,7 @@ def run_job(job: Job) -> JobResult:
             status=JobState.FAILED,
             versions=versions,
             duration_s=time.time() - started,
-            error=str(exc),
+            error=mask(str(exc)),
         )
         if writer:
             result.write(out_dir)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 job_id=job.job_id,
                 pass_type=job.pass_type,
                 status=JobState.FAILED,
-                error=f"{type(exc).__name__}: {exc}",
+                error=mask(f"{type(exc).__name__}: {exc}"),
             ).write(job.output_dir)
         return 1
     return 0

@@ -376,7 +376,13 @@ def check_tracking_uri(uri: str, timeout: float = 3.0) -> None:
         import urllib.request
         from urllib.parse import urlsplit, urlunsplit
 
-        parts = urlsplit(uri)
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018  (raises for a port that is not a number)
+        except ValueError as exc:
+            raise PreflightError(
+                f"tracking URI {redact(uri)} is not a valid URL ({exc}); write e.g. http://127.0.0.1:5000"
+            ) from None
         host = parts.netloc.rsplit("@", 1)[-1]  # credentials stay out of the probe (and of urllib's parser)
         if not host:
             raise PreflightError(f"tracking URI {redact(uri)} has no host; write e.g. http://127.0.0.1:5000")

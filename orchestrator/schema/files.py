@@ -189,9 +189,12 @@ def _construct_bool(loader: Any, node: Any) -> bool:
 def _construct_mapping(loader: Any, node: Any) -> dict[Any, Any]:
     import yaml
 
-    loader.flatten_mapping(node)
+    own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)  # merged (<<: *anchor) pairs first, then the mapping's own: own keys override them
+    merged = len(node.value) - own
     out: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
+    seen: set[Any] = set()
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)
@@ -199,8 +202,10 @@ def _construct_mapping(loader: Any, node: Any) -> dict[Any, Any]:
             raise yaml.constructor.ConstructorError(
                 None, None, "a mapping key must be a plain value", key_node.start_mark
             ) from None
-        if key in out:
-            raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+        if i >= merged:
+            if key in seen:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1)
+            seen.add(key)
         out[key] = loader.construct_object(value_node, deep=True)
     return out
 
