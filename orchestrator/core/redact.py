@@ -63,6 +63,16 @@ def redact(text: str) -> str:
     return _PAIR_SECRET.sub(_pair, text)
 
 
+def secret_parts(text: str) -> list[str]:
+    """The credential substrings redact() would mask in `text` (a URI's password, a sig= value, a token), so
+    that exactly those are remembered, not the whole text around them."""
+    parts = [m.group("pw") or m.group("user") for m in _USERINFO.finditer(text)]
+    parts += [m.group("value") for m in _QUERY_SECRET.finditer(text)]
+    parts += [m.group(0) for m in _TOKEN_SHAPES.finditer(text)]
+    parts += [m.group("value") or m.group("cred") for m in _PAIR_SECRET.finditer(text)]
+    return [p for p in parts if p and p.lower() not in _PLAIN]
+
+
 def _pair(m: re.Match[str]) -> str:
     if m.group("auth") is not None:
         return m.group("auth") + MASK

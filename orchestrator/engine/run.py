@@ -11,6 +11,7 @@ data made local), execute (one job followed to its end), publish (output_dir and
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from orchestrator.core.cache import Cache, folder_size
 from orchestrator.core.gpu import wants_gpu
 from orchestrator.core.job import Job, JobTracking, ModelArtifact, is_uri
 from orchestrator.core.links import real, short
-from orchestrator.core.redact import remember_secret
+from orchestrator.core.redact import remember_secret, secret_parts
 from orchestrator.core.secrets import CONFIG_SECRET, secret_files, split_secrets
 from orchestrator.engine.execute import follow_job
 from orchestrator.engine.inputs import data_files, input_model
@@ -82,9 +83,11 @@ class Engine:
         self.register_as = (
             getattr(mlflow_cfg, "register_model_name", None) or getattr(workflow, "workflow_id", None) or "orch-model"
         )
-        for value in split_secrets(workflow.to_json_dict())[1].values():  # tokens written into the config,
-            remember_secret(value)  # and the tracking URI's password, are masked in every line printed from now
-        remember_secret(urlsplit(self.tracking_uri).password if "://" in self.tracking_uri else None)
+        for value in split_secrets(workflow.to_json_dict())[1].values():  # tokens written into the config, and
+            for part in secret_parts(value) or [value]:  # credentials inside URIs, masked in every line from now
+                remember_secret(part)
+        with contextlib.suppress(ValueError):  # a malformed URI is named by the pre-flight
+            remember_secret(urlsplit(self.tracking_uri).password if "://" in self.tracking_uri else None)
         self._systems: dict[str, System] = {}
         self._data = {dc.name: dc for dc in workflow.data_configs}
         self.publisher = Publisher(
