@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.job import RESULT_FILE, Job, JobResult, JobState, append_event
+from orchestrator.core.progress import ProgressLines
 from orchestrator.core.redact import install_masking, mask, remember_secret
 from orchestrator.core.secrets import CONFIG_SECRET, SecretError, put_secret
 from orchestrator.core.secrets import resolve_secret as _resolve_secret
@@ -47,13 +48,23 @@ class _MlflowDirect:
         self.mlflow = mlflow
         self.prefix = prefix
         self.run_id = os.environ.get("MLFLOW_RUN_ID")
+        self.logged: set[tuple[str, int]] = set()
 
     def __call__(self, event: dict[str, Any]) -> None:
         client = self.mlflow.MlflowClient()
         if not self.run_id:
             return
-        if event["type"] == "metric":
-            client.log_metric(self.run_id, self.prefix + event["name"], event["value"], step=event.get("step") or 0)
+        if event["type"] == "resume":  # a restarted attempt: the run may hold its steps up to the checkpoint
+            for name in client.get_run(self.run_id).data.metrics:
+                if name.startswith(self.prefix):
+                    self.logged.update((name, m.step) for m in client.get_metric_history(self.run_id, name))
+        elif event["type"] == "metric":
+            name, step = self.prefix + event["name"], event.get("step")
+            if step is not None:  # each (metric, step) once, as the engine's Tracker does
+                if (name, int(step)) in self.logged:
+                    return
+                self.logged.add((name, int(step)))
+            client.log_metric(self.run_id, name, event["value"], step=step or 0)
         elif event["type"] == "param":
             client.log_param(self.run_id, self.prefix + event["name"], event["value"])
 
@@ -90,12 +101,42 @@ def _with_config_secrets(job: Job, secrets: dict[str, str]) -> Job:
     return job.model_copy(update={"pass_config": pass_config, "data_configs": data_configs})
 
 
+def fetch_hub_refs(job: Job, emit: Any) -> Job:
+    """hf://<id>@<sha> references a system left to the job (Azure ML): downloaded here, into this machine's HF
+    cache, exactly the files the pass reads; the job then reads local folders like everywhere else."""
+    from orchestrator.core.errors import UserError
+    from orchestrator.core.hub import is_hub_uri, materialize
+
+    refs = ([job.model.path] if job.model and is_hub_uri(job.model.path) else []) + [
+        v for v in job.data_files.values() if is_hub_uri(v)
+    ]
+    if not refs:
+        return job
+    try:
+        updates: dict[str, Any] = {}
+        if job.model is not None and is_hub_uri(job.model.path):
+            local = materialize(job.model.path, field="input_model.model_path")
+            updates["model"] = job.model.model_copy(update={"path": str(local)})
+        files = dict(job.data_files)
+        for name, value in job.data_files.items():
+            if is_hub_uri(value):
+                files[name] = str(materialize(value, field=f"data_configs.{name}"))
+        updates["data_files"] = files
+    except UserError as exc:  # HubError: the one line names the reference and the fix
+        raise PassError(str(exc)) from None
+    shown = ", ".join(r.split("?", 1)[0] for r in refs)
+    emit({"t": time.time(), "type": "log", "message": f"runner: downloaded {shown} from the hub"})
+    return job.model_copy(update=updates)
+
+
 def run_job(job: Job) -> JobResult:
     out_dir = Path(job.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank, world = dist_rank()
     writer = rank == 0  # one result.json and one event stream per job, whatever the number of ranks
     direct = _MlflowDirect(job.tracking.metric_prefix) if job.tracking.mode == "direct" and writer else None
+
+    lines = ProgressLines()  # the job log (Docker's, Azure ML's std_log) shows progress as it goes
 
     def emit(event: dict[str, Any]) -> None:
         if not writer:
@@ -106,6 +147,14 @@ def run_job(job: Job) -> JobResult:
         append_event(out_dir, event)
         if event["type"] == "log":
             print(event["message"], flush=True)
+        elif event["type"] == "metric":
+            lines.metric(event["name"], event["value"])
+        elif event["type"] == "progress":
+            line = lines.update(
+                event["done"], event["total"], t=event.get("t"), tokens=event.get("tokens"), desc=event.get("desc", "")
+            )
+            if line:
+                print(f"progress: {line}", flush=True)
         if direct is not None:
             direct(event)
 
@@ -122,6 +171,7 @@ def run_job(job: Job) -> JobResult:
         config = pass_cls.Config.model_validate(job.pass_config)
         if "hf_token" in secrets:  # huggingface_hub reads it from here; it never leaves this process
             os.environ["HF_TOKEN"] = secrets["hf_token"]
+        job = fetch_hub_refs(job, emit)
         ctx = PassContext(job=job, out_dir=out_dir, emit=emit, secrets=secrets)
         emit({"t": time.time(), "type": "status", "status": JobState.RUNNING.value})
         if world > 1:
@@ -161,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--output-dir", help="override the job's output_dir (Azure ML binds ${{outputs.x}} to a path at run time)"
     )
+    ap.add_argument(
+        "--checkpoint-dir", help="override the job's checkpoint_dir (a folder that outlives this attempt: resume)"
+    )
     ap.add_argument("--model-path", help="override the input model's path (bound input on Azure ML)")
     ap.add_argument("--adapter-path", help="override the input model's adapter path")
     ap.add_argument("--data-file", action="append", default=[], help="NAME=PATH override of a data config's files")
@@ -171,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     updates: dict[str, Any] = {}
     if args.output_dir:
         updates["output_dir"] = args.output_dir
+    if args.checkpoint_dir:
+        updates["checkpoint_dir"] = args.checkpoint_dir
     if job.model is not None and (args.model_path or args.adapter_path):
         model_updates = {}
         if args.model_path:

@@ -6,13 +6,15 @@ Layout under cache_dir:
     tmp/<key>/           the staging folder of a pass in progress (renamed to runs/<key> only on success)
     quarantine/<key>-<t>/ an entry that failed its own checks (a truncated result.json, a file missing or changed),
                          moved aside once, with damage.json saying why: the pass is a miss and runs again
+    partial/<key>/       what a pass in progress keeps across attempts (checkpoints/: core/checkpoints.py); it
+                         survives a killed run so the next attempt resumes, and is removed when <key> commits
     locks/<key>.lock     held while a pass with that key runs, so two runs sharing a cache never collide
     hashes.json          memo of folder content hashes keyed by (path, size, mtime) so big models hash once
 
-A run killed mid-pass (kill -9) leaves only tmp/<key>, which the next run holding the lock deletes: a cache entry
-exists only if the pass completed. An entry damaged later (a disk error, a hand edit, a truncated copy) is found
-by `get` (cheap checks: result.json, meta.json, every file present at its recorded size) or `verify` (every
-file's sha256), quarantined and reported once, never served.
+A run killed mid-pass (kill -9) leaves tmp/<key>, which the next run holding the lock deletes, and partial/<key>,
+from which that run resumes: a cache entry exists only if the pass completed. An entry damaged later (a disk
+error, a hand edit, a truncated copy) is found by `get` (cheap checks: result.json, meta.json, every file present
+at its recorded size) or `verify` (every file's sha256), quarantined and reported once, never served.
 """
 
 from __future__ import annotations
@@ -141,6 +143,10 @@ class Cache:
     def entry_dir(self, key: str) -> Path:
         return self.root / "runs" / key
 
+    def partial_dir(self, key: str) -> Path:
+        """The key's folder for state that outlives an attempt (checkpoints); not created here."""
+        return self.root / "partial" / key
+
     def get(self, key: str) -> CacheEntry | None:
         """The committed entry of `key`, or None. An entry that fails its own checks is a miss: it is moved to
         quarantine/ (once, under the key's lock) and listed in `self.damaged` for the caller to report."""
@@ -240,6 +246,7 @@ class Cache:
             shutil.rmtree(stage)
         else:
             os.replace(stage, final)
+        self._remove_partial(key)  # the entry is in runs/<key>: its checkpoints have served
         entry, problem = self._read_entry(key, final)
         if entry is None:
             raise CacheDamaged(f"cache entry {key} failed its checks right after it was written: {problem}")
@@ -323,20 +330,34 @@ class Cache:
                     n += 1
         return n
 
+    def _remove_partial(self, key: str) -> None:
+        """Delete partial/<key> (renamed aside first, so no reader sees a half-deleted checkpoint folder)."""
+        partial = self.partial_dir(key)
+        if not partial.exists():
+            return
+        trash = self.root / "tmp" / f".trash-partial-{key}-{os.getpid()}"
+        try:
+            os.replace(partial, trash)
+        except OSError:
+            trash = partial
+        shutil.rmtree(trash, ignore_errors=True)
+
     def clean(self) -> int:
+        """Remove every entry, and the staging and partial (checkpoint) folders of runs no longer alive."""
         n = 0
         for entry in self.entries():
             n += self.remove(entry.key)
         n += self.remove_damaged()
-        if not (self.root / "tmp").is_dir():
-            return n
-        for stale in (self.root / "tmp").iterdir():
-            lock = FileLock(str(self.root / "locks" / f"{stale.name}.lock"))
-            try:
-                with lock.acquire(timeout=0):  # a staging folder whose run is alive is not ours to delete
-                    shutil.rmtree(stale, ignore_errors=True)
-            except Timeout:
+        for sub in ("tmp", "partial"):
+            if not (self.root / sub).is_dir():
                 continue
+            for stale in (self.root / sub).iterdir():
+                lock = FileLock(str(self.root / "locks" / f"{stale.name}.lock"))
+                try:
+                    with lock.acquire(timeout=0):  # a folder whose run is alive is not ours to delete
+                        shutil.rmtree(stale, ignore_errors=True)
+                except Timeout:
+                    continue
         return n
 
 

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from orchestrator.core.errors import RunFailure
 from orchestrator.core.job import ModelArtifact
+from orchestrator.core.prompt import PromptFormat
 
 EVALUATE = "Evaluate"  # the pass type that runs the workflow's evaluator
 INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when engine.evaluate_input_model is set
@@ -18,13 +19,17 @@ class EngineError(RunFailure):
 
 
 class Reporter(Protocol):
-    """What the engine tells the UI (the CLI renders it with rich; tests pass a QuietReporter)."""
+    """What the engine tells the UI (the CLI renders it with rich; tests pass a QuietReporter). step_progress's
+    `tokens` are the tokens processed so far (training) and `t` the event's time, for rates and ETAs."""
 
     def plan(self, steps: list[Step]) -> None: ...
     def step_start(self, step: Step) -> None: ...
-    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
+    def step_progress(
+        self, step: Step, done: int, total: int, desc: str, *, tokens: int | None = None, t: float | None = None
+    ) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
     def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_note(self, step: Step, message: str) -> None: ...  # one line the user must see (resumed from step N)
     def step_end(self, step: Step, record: StepRecord) -> None: ...
     def note(self, message: str) -> None: ...  # something the user should know once (a repaired store, a damaged entry)
 
@@ -38,9 +43,12 @@ class QuietReporter:
 
     def plan(self, steps: list[Step]) -> None: ...
     def step_start(self, step: Step) -> None: ...
-    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
+    def step_progress(
+        self, step: Step, done: int, total: int, desc: str, *, tokens: int | None = None, t: float | None = None
+    ) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
     def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_note(self, step: Step, message: str) -> None: ...
     def step_end(self, step: Step, record: StepRecord) -> None: ...
 
 
@@ -56,6 +64,7 @@ class Step:
     key: str = ""
     cached: bool = False
     data_names: list[str] = field(default_factory=list)
+    resumed_from_step: int | None = None  # the job continued a killed attempt from its checkpoint at this step
 
 
 @dataclass
@@ -71,6 +80,7 @@ class StepRecord:
     versions: dict[str, str]
     output: dict[str, Any] | None
     output_size_bytes: int = 0
+    resumed_from_step: int | None = None  # the pass's training continued from a checkpoint at this step
 
 
 @dataclass
@@ -81,4 +91,7 @@ class RunSummary:
     output_dir: Path | None
     mlflow_run_id: str | None
     model_uri: str | None = None
+    input_identity: str | None = None  # what the run started from: hf://<id>@<commit>, or the content hash
+    recorded: bool = False  # mlflow_run_id is an earlier run that recorded the same plan; nothing was logged
+    prompt_format: PromptFormat | None = None  # what the final model was fine-tuned on (core.prompt)
 

@@ -95,12 +95,24 @@ class PassContext:
     def log_param(self, name: str, value: Any) -> None:
         self._emit({"type": "param", "name": name, "value": str(value)})
 
-    def progress(self, done: int, total: int, desc: str = "") -> None:
-        """Progress for the host's rich progress bar (a line in events.jsonl / the job log)."""
-        self._emit({"type": "progress", "done": done, "total": total, "desc": desc})
+    def progress(self, done: int, total: int, desc: str = "", *, tokens: int | None = None) -> None:
+        """Progress for the host's bar or progress lines (events.jsonl; lines in the job log). `tokens`: tokens
+        processed so far (training), for tokens/s."""
+        event: dict[str, Any] = {"type": "progress", "done": done, "total": total, "desc": desc}
+        if tokens is not None:
+            event["tokens"] = int(tokens)
+        self._emit(event)
 
     def info(self, message: str) -> None:
         self._emit({"type": "log", "message": message})
+
+    def resumed(self, step: int, history: list[tuple[str, float, int]]) -> None:
+        """Say this attempt continues a killed one from its checkpoint at `step`, and replay the metrics logged up
+        to it ((name, value, step)), so this attempt's record and a new MLflow run hold the whole curve. The
+        forwarders log each (metric, step) once, so a run that already holds them gets no second copy."""
+        self._emit({"type": "resume", "step": int(step)})
+        for name, value, at in history:
+            self._emit({"type": "metric", "name": name, "value": float(value), "step": at, "replayed": True})
 
 
 class Pass(ABC):
@@ -138,6 +150,13 @@ class Pass(ABC):
     def split_refs(cls, config: dict[str, Any]) -> list[SplitRef]:
         """The dataset splits this config names, for the pre-flight check."""
         return []
+
+    @classmethod
+    def key_config(cls, config: PassConfig) -> dict[str, Any]:
+        """The config as it enters the cache key: all of it, less what cannot change the output (a pass that
+        checkpoints drops its checkpoint settings, so changing them neither misses the cache nor orphans the
+        checkpoints of a run in progress)."""
+        return config.model_dump(mode="json")
 
     @abstractmethod
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
