@@ -89,7 +89,7 @@ def data_files(
         hub = hub_dataset(cfg, fetch=fetch)
         if hub is not None:
             files[dc.name], identity = hub
-            hashes += [stable_hash(["hub", identity]), stable_hash(cfg)]
+            hashes += [stable_hash(["hub", identity]), stable_hash(split_secrets(cfg)[0])]
             continue
         local = resolve_data_files(cfg, base_dir=base_dir, cache=cache)
         if local is not None:
