@@ -402,7 +402,7 @@ CASES: list[tuple[str, Any, tuple[str, ...]]] = [
     (
         "tracking_db_inside_model",
         lambda c: ft("--tracking-uri", f"sqlite:///{c}/m/ml.db"),
-        ("tracking store", "is inside the input input_model.model_path"),
+        ("tracking URI", "is inside the input input_model.model_path"),
     ),
     ("template_without_fields", lambda c: ft(template="just text"), ("text_template", "names no column")),
     # 5. a secret written where a flag belongs is refused without being echoed

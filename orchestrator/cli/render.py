@@ -134,6 +134,9 @@ class LineReporter:
     def step_note(self, step: Step, message: str) -> None:
         self._say(f"{step.name}: {message}")
 
+    def note(self, message: str) -> None:
+        self._say(f"note: {message}")
+
     def step_metric(self, step: Step, name: str, value: float) -> None:
         self.lines[step.name].metric(name, value)
         self.latest[step.name][name] = value

@@ -643,12 +643,12 @@ class WorkflowCheck:
             outputs.insert(0, ("engine.output_dir", self.output_dir))
         db = sqlite_db(self.tracking_uri) if tracking else None
         if db is not None:
-            outputs.append(("the tracking store", db.absolute()))
+            outputs.append(("tracking URI", db.absolute()))
         for in_field, inp in self.inputs():
             for out_field, out in outputs:
                 overlap = Overlap.of(out, inp)
-                if overlap is None:
-                    continue
+                if overlap is None or (overlap.relation == "is inside" and not real(inp).is_dir()):
+                    continue  # a folder "inside" a file: the writable-folder checks name that
                 if out_field == "engine.cache_dir" and overlap.relation == "contains":
                     inside = real(inp).relative_to(real(out)).parts
                     if inside and inside[0] in CACHE_INPUT_FOLDERS:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.errors import UserError
+from orchestrator.core.links import real
 
 FINETUNE_DATA = "train_data"
 
@@ -143,7 +144,7 @@ def input_model(
 def command_workflow_id(command: str, output_path: str) -> str:
     """A CLI chain's workflow id, which names its MLflow run and registered model: the command and the output
     folder (`finetune -o models/ft` -> finetune-ft), so unrelated chains never share one registered model."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(output_path)).resolve().name).strip("-.") or "output"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", real(Path(str(output_path))).name).strip("-.") or "output"
     return f"{command}-{name}"
 
 
