@@ -78,22 +78,26 @@ def weights_digest(folder: Path) -> str:
 
 def known_matches(cache_root: Path) -> set[str]:
     """Digests earlier runs found matching (building the model on the meta device costs seconds of imports)."""
+    return set(_MATCHED) | _recorded(cache_root)
+
+
+def _recorded(cache_root: Path) -> set[str]:
     try:
         data = json.loads((cache_root / MEMO_FILE).read_text())
     except (OSError, ValueError):
-        return set(_MATCHED)
-    return set(_MATCHED) | ({d for d in data if isinstance(d, str)} if isinstance(data, list) else set())
+        return set()
+    return {d for d in data if isinstance(d, str)} if isinstance(data, list) else set()
 
 
 def remember_matches(cache_root: Path, digests: set[str]) -> None:
     """Record digests that matched (called once the whole pre-flight passed: a refused run writes nothing)."""
-    new = digests - known_matches(cache_root)
-    if not new:
+    recorded = _recorded(cache_root)
+    if not digests - recorded:
         return
     from orchestrator.core.fs import atomic_write_text
 
     with contextlib.suppress(OSError):  # a memo: the next run checks again
-        atomic_write_text(cache_root / MEMO_FILE, json.dumps(sorted(known_matches(cache_root) | new)))
+        atomic_write_text(cache_root / MEMO_FILE, json.dumps(sorted(recorded | digests)))
 
 
 def check_weights_match_config(
