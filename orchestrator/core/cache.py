@@ -33,7 +33,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from orchestrator.core.errors import RunFailure
-from orchestrator.core.fs import atomic_write_text
+from orchestrator.core.fs import atomic_write_text, shareable
 from orchestrator.core.job import RESULT_FILE, JobResult, JobState, is_uri
 from orchestrator.core.links import real
 
@@ -240,6 +240,7 @@ class Cache:
         record = {**meta, "committed_at": time.time(), "files": file_manifest(stage)}  # checked by get / verify
         atomic_write_text(stage / META_FILE, json.dumps(record, indent=2))
         final = self.entry_dir(key)
+        shareable(stage)  # what passes wrote privately (mkdtemp 0700, safetensors 0600) is an ordinary entry
         if final.exists() and self._read_entry(key, final)[1] is not None:
             self._quarantine_if_damaged(key)  # a damaged entry under this key: ours replaces it
         if final.exists():  # another run finished the same key first: keep theirs

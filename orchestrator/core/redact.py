@@ -25,7 +25,7 @@ MASK = "***"
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
 _QUERY_SECRET = re.compile(
     r"(?P<key>[?&;](?:sig|signature|token|access_token|password|passwd|pwd|secret|api_key|apikey|key|"
-    r"client_secret|sas|se?kret)=)(?P<value>[^&#\s'\"]+)",
+    r"client_secret|sas|se?kret)=)(?!REDACTED(?:[&#\s'\"]|$))(?P<value>[^&#\s'\"]+)",  # REDACTED: logstream's mask
     re.IGNORECASE,
 )
 # Token formats: the value alone is enough to recognise them, wherever they are printed.

@@ -42,7 +42,7 @@ def read_text(path: Path, what: str = "config file") -> str:
     try:
         data = path.read_bytes()
     except IsADirectoryError:
-        raise FileReadError(f"{what} {path} is a folder; give the path of the file") from None
+        raise FileReadError(f"{what} {path} is a folder; give the file inside it") from None
     except PermissionError:
         raise FileReadError(f"{what} {path} is not readable (permission denied)") from None
     except FileNotFoundError:
