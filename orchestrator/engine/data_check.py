@@ -222,7 +222,12 @@ def _text_rows(fh: IO[str], path: Path, label: str) -> int:
 
 
 def _binary_rows(path: Path, label: str, needed: Needed, suffix: str) -> int | None:
-    """Row count and columns of a parquet / arrow file from its metadata (no data is read)."""
+    """Row count and columns of a parquet / arrow file from its metadata (no data is read); None on a client
+    without pyarrow (a submit-only install: the pass reads the file where it runs)."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return None
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
