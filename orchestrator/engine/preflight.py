@@ -25,6 +25,7 @@ from orchestrator.core.links import Overlap, check_tree, link_problem, real, sho
 from orchestrator.engine.data_check import DataFileError, Needed, needed_columns, scan_file, split_rows
 from orchestrator.engine.weights_check import check_weights_match_config
 from orchestrator.passes.registry import load_pass
+from orchestrator.schema.resources import REMOTE_TYPES
 from orchestrator.systems.registry import is_azureml, keyword_of
 
 CACHE_INPUT_FOLDERS = ("models", "remote")  # folders of the cache that hold inputs orch made (a converted model)
@@ -229,6 +230,9 @@ def local_data_paths(data_config: dict[str, Any], base_dir: Path) -> list[tuple[
     if hub_dataset_id(load.get("data_name")):
         return out
     files = load.get("data_files")
+    if is_resource_dict(files):  # Olive's typed path ({"type": "azureml_datastore", ...}): not a split mapping
+        local = (files.get("config") or files).get("path") if files["type"] in ("file", "folder") else None
+        files = local if isinstance(local, str) else None
     groups = files.items() if isinstance(files, dict) else [("", files)]  # {split: file(s)}, a list, one file
     for split, group in groups:
         prefix = f"data_files.{split}" if split else "data_files"
@@ -244,6 +248,14 @@ def local_data_paths(data_config: dict[str, Any], base_dir: Path) -> list[tuple[
             if p.exists() or key == "data_dir" or value.startswith(("./", "../", "/", "~")):
                 out.append((key, value, [p] if p.exists() else []))
     return out
+
+
+RESOURCE_TYPES = frozenset({"file", "folder", "hf_hub", "azureml_data", *REMOTE_TYPES})
+
+
+def is_resource_dict(value: Any) -> bool:
+    """A resource written as Olive's typed dict (its "type" names a resource kind), not a {split: files} map."""
+    return isinstance(value, dict) and isinstance(value.get("type"), str) and value["type"] in RESOURCE_TYPES
 
 
 def _abs(value: str, base_dir: Path) -> Path:
