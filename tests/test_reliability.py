@@ -492,6 +492,20 @@ def test_columnar_json_trains_on_its_rows(case: Path) -> None:
     assert train[0]["text"] == f"{rows[0]['phrase']} {rows[0]['tone']}"
 
 
+def test_a_typed_data_reference_is_not_a_split_mapping(tmp_path: Path) -> None:
+    """Olive's typed resource as data_files ({type: azureml_datastore, ...}) is read where the job runs: the
+    pre-flight neither looks for files named after its keys nor counts its rows as 0 (a split would 'select none')."""
+    from orchestrator.engine.preflight import check_data_config, local_data_paths
+
+    ref = {"type": "azureml_datastore", "datastore_name": "workspaceblobstore", "relative_path": "data/tone.jsonl"}
+    cfg = {"name": "d", "load_dataset_config": {"data_name": "json", "data_files": ref, "split": "train[:50%]"}}
+    assert local_data_paths(cfg, tmp_path) == []
+    assert check_data_config(cfg, tmp_path, "data_configs[0]") is None
+    _jsonl(tmp_path / "d.jsonl", [{"phrase": "x", "tone": "Joy"}])
+    local = {"name": "d", "load_dataset_config": {"data_files": {"type": "file", "config": {"path": "d.jsonl"}}}}
+    assert [(f, w) for f, w, _ in local_data_paths(local, tmp_path)] == [("data_files", "d.jsonl")]
+
+
 # ---- copies never follow a link out of or back into their tree -------------------------------------------------
 def test_copies_never_follow_links_out_or_back(tmp_path: Path) -> None:
     from orchestrator.core.errors import UserError

@@ -282,8 +282,9 @@ def check_data_config(data_config: dict[str, Any], base_dir: Path, where: str) -
     if "load_dataset" in scripted:  # the user_script's function reads the data its own way (checked when it runs)
         return None
     needed = Needed() if "pre_process_data" in scripted else _needed_columns(pre, where)
-    total: int | None = 0
-    for field, written, found in local_data_paths(data_config, base_dir):
+    paths = local_data_paths(data_config, base_dir)
+    total: int | None = 0 if paths else None  # no local file (a hub dataset, a datastore): rows unknown here
+    for field, written, found in paths:
         label = f"{where}.load_dataset_config.{field}"
         if not found:
             problem = link_problem(_abs(written, base_dir))
