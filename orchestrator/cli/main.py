@@ -432,25 +432,36 @@ def generate(
 
 
 @cache_app.command("ls")
-def cache_ls(cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".orch/cache")) -> None:
-    """List cached pass outputs."""
+def cache_ls(
+    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".orch/cache"),
+    workspace: Annotated[
+        bool, typer.Option("--workspace", help="the Azure ML workspace's cache (orch-cache/ in its default datastore)")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
+) -> None:
+    """List cached pass outputs (this machine's, or with --workspace the workspace's)."""
     from rich.table import Table
 
     from orchestrator.core.cache import Cache, folder_size
 
+    if workspace:
+        from orchestrator.cli.azure import workspace_cache_ls
+
+        workspace_cache_ls(as_json)
+        return
     cache = Cache(cache_dir)
+    rows = [{"key": e.key, "pass": str(e.meta.get("pass", "")), "type": e.result.pass_type,
+             "status": e.result.status.value, "size_bytes": folder_size(e.path), "duration_s": e.result.duration_s}
+            for e in cache.entries()]  # fmt: skip
+    if as_json:
+        print(json.dumps({"cache": str(cache.root), "entries": rows}, indent=1))
+        return
     table = Table(title=f"cache {cache.root}")
     for col in ("key", "pass", "type", "status", "size", "duration"):
         table.add_column(col)
-    for e in cache.entries():
-        table.add_row(
-            e.key[:16],
-            str(e.meta.get("pass", "")),
-            e.result.pass_type,
-            e.result.status.value,
-            f"{folder_size(e.path) / 1e6:.1f} MB",
-            f"{e.result.duration_s:.1f}s",
-        )
+    for r in rows:
+        table.add_row(r["key"][:16], r["pass"], r["type"], r["status"], f"{r['size_bytes'] / 1e6:.1f} MB",
+                      f"{r['duration_s']:.1f}s")  # fmt: skip
     out.print(table)
 
 
@@ -458,10 +469,18 @@ def cache_ls(cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".or
 def cache_clean(
     cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path(".orch/cache"),
     key: Annotated[str | None, typer.Option("--key", help="remove only entries whose key starts with this")] = None,
+    workspace: Annotated[
+        bool, typer.Option("--workspace", help="the Azure ML workspace's cache (orch-cache/ in its default datastore)")
+    ] = False,
 ) -> None:
-    """Remove cached pass outputs (all, or by key prefix)."""
+    """Remove cached pass outputs (all, or by key prefix), here or with --workspace in the workspace."""
     from orchestrator.core.cache import Cache
 
+    if workspace:
+        from orchestrator.cli.azure import workspace_cache_clean
+
+        workspace_cache_clean(key or "")
+        return
     cache = Cache(cache_dir)
     n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key)) if key else cache.clean()
     out.print(f"removed {n} cache entr{'y' if n == 1 else 'ies'}")

@@ -40,7 +40,8 @@ class RichReporter:
         for col in ("#", "pass", "type", "system", "cache"):
             table.add_column(col)
         for i, s in enumerate(steps, 1):
-            cache = "[green]hit[/]" if s.cached else "[yellow]run[/]"
+            cache = (f"[green]hit ({s.where})[/]" if s.where and s.where != "local" else "[green]hit[/]") if s.cached \
+                else "[yellow]run[/]"
             table.add_row(str(i), escape(s.name), s.pass_type, escape(f"{s.system_name} ({s.role})"), cache)
         self.console.print(table)
 
@@ -61,7 +62,7 @@ class RichReporter:
             # the info column is rendered as markup: a log line's "[...]" must print as written
             self.progress.update(self.tasks[step.name], info=escape(line.strip()[:60]))
 
-    def step_metric(self, step: Step, name: str, value: float) -> None:
+    def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None:
         self.latest[step.name][name] = value
         shown = ", ".join(f"{k}={v:.4g}" for k, v in self.latest[step.name].items() if k in SHOWN_METRICS)
         self.progress.update(self.tasks[step.name], info=shown)
@@ -70,7 +71,8 @@ class RichReporter:
         task = self.tasks[step.name]
         total = self.progress.tasks[task].total or 1
         shown = ", ".join(f"{k}={v:.4g}" for k, v in record.metrics.items() if k in SHOWN_METRICS)
-        note = "cached" if record.cached else f"{record.duration_s:.1f}s"
+        note = (f"cached ({record.cached_in})" if record.cached_in not in ("", "local") else "cached") \
+            if record.cached else f"{record.duration_s:.1f}s" + (f" ${record.cost_usd:.4f}" if record.cost_usd else "")
         self.progress.update(task, completed=total, total=total, info=f"{note} {shown}")
         if step.role == "target" or step is None:
             self.stop()

@@ -81,12 +81,18 @@ class Job(BaseModel):
     data_configs: dict[str, dict[str, Any]] = Field(default_factory=dict)  # name -> data config (json form)
     data_files: dict[str, str] = Field(default_factory=dict)  # data config name -> local path override
     output_dir: str  # where the runner writes the pass outputs and result.json
+    # A folder that outlives a killed or restarted attempt (outside output_dir, which the next attempt starts
+    # afresh): a pass that can resume keeps its checkpoints here (layout: core/checkpoints.py). None: no resume.
+    checkpoint_dir: str | None = None
     accelerator: Literal["cpu", "gpu"] = "cpu"
     processes_per_node: int = Field(1, ge=1)  # >1: data-parallel, launched with torchrun (one code path for N=1, N>1)
     nodes: int = Field(1, ge=1)  # Azure ML instance_count
     execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     secrets: dict[str, str] = Field(default_factory=dict)  # name -> secret *source* (file path / kv ref), never a value
     tracking: JobTracking = Field(default_factory=JobTracking)
+    # The step's cache key: a system that keeps the cache where the work runs (Azure ML's workspace cache) writes
+    # the job's output straight into that key's entry, to be committed once the job completed.
+    cache_key: str | None = None
     log_level: int = 3  # Olive/ORT severity: 0 verbose .. 4 fatal
 
     def write(self, path: Path | str) -> Path:

@@ -93,6 +93,6 @@ def _on_event(step: Step, event: dict[str, Any], tracker: Tracker, reporter: Rep
         reporter.step_progress(step, int(event["done"]), int(event["total"]), event.get("desc", ""))
     elif kind == "metric":
         tracker.forward(event, f"{step.name}/")
-        reporter.step_metric(step, event["name"], event["value"])
+        reporter.step_metric(step, event["name"], event["value"], event.get("step"))
     elif kind == "param":
         tracker.forward(event, f"{step.name}/")

@@ -24,7 +24,7 @@ class Reporter(Protocol):
     def step_start(self, step: Step) -> None: ...
     def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
-    def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None: ...
     def step_end(self, step: Step, record: StepRecord) -> None: ...
 
 
@@ -33,7 +33,7 @@ class QuietReporter:
     def step_start(self, step: Step) -> None: ...
     def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
-    def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None: ...
     def step_end(self, step: Step, record: StepRecord) -> None: ...
 
 
@@ -49,6 +49,7 @@ class Step:
     key: str = ""
     cached: bool = False
     data_names: list[str] = field(default_factory=list)
+    where: str = ""  # where a cached step's entry is: "local" (this machine's cache) or a shared cache ("workspace")
 
 
 @dataclass
@@ -64,6 +65,8 @@ class StepRecord:
     versions: dict[str, str]
     output: dict[str, Any] | None
     output_size_bytes: int = 0
+    cost_usd: float | None = None  # what running it cost on its compute this time (None: no price known)
+    cached_in: str = ""  # "local" / "workspace" when it came from a cache
 
 
 @dataclass
@@ -74,4 +77,5 @@ class RunSummary:
     output_dir: Path | None
     mlflow_run_id: str | None
     model_uri: str | None = None
+    cost_usd: float | None = None  # the passes that ran, on priced compute
 
