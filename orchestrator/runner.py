@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--output-dir", help="override the job's output_dir (Azure ML binds ${{outputs.x}} to a path at run time)"
     )
+    ap.add_argument(
+        "--checkpoint-dir", help="override the job's checkpoint_dir (a folder that outlives this attempt: resume)"
+    )
     ap.add_argument("--model-path", help="override the input model's path (bound input on Azure ML)")
     ap.add_argument("--adapter-path", help="override the input model's adapter path")
     ap.add_argument("--data-file", action="append", default=[], help="NAME=PATH override of a data config's files")
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     updates: dict[str, Any] = {}
     if args.output_dir:
         updates["output_dir"] = args.output_dir
+    if args.checkpoint_dir:
+        updates["checkpoint_dir"] = args.checkpoint_dir
     if job.model is not None and (args.model_path or args.adapter_path):
         model_updates = {}
         if args.model_path:

@@ -3,11 +3,13 @@
 Layout under cache_dir:
     runs/<key>/          a finished pass: result.json, events.jsonl, job.log, the pass's output files, meta.json
     tmp/<key>/           the staging folder of a pass in progress (renamed to runs/<key> only on success)
+    partial/<key>/       what a pass in progress keeps across attempts (checkpoints/: core/checkpoints.py); it
+                         survives a killed run so the next attempt resumes, and is removed when <key> commits
     locks/<key>.lock     held while a pass with that key runs, so two runs sharing a cache never collide
     hashes.json          memo of folder content hashes keyed by (path, size, mtime) so big models hash once
 
-A run killed mid-pass (kill -9) leaves only tmp/<key>, which the next run holding the lock deletes: a cache entry
-exists only if the pass completed.
+A run killed mid-pass (kill -9) leaves tmp/<key>, which the next run holding the lock deletes, and partial/<key>,
+from which that run resumes: a cache entry exists only if the pass completed.
 
 A *shared* cache (`SharedCache`: on Azure ML the workspace's blob datastore, systems/azureml/blobcache.py) holds the
 same keys where the work runs, so every submit, every attempt of a preempted job and every client see one set of
@@ -244,6 +246,7 @@ class Cache:
             shutil.rmtree(stage)
         else:
             os.replace(stage, final)
+        self._remove_partial(key)  # the entry is in runs/<key>: its checkpoints have served
         entry = self.get(key)
         assert entry is not None
         return entry
@@ -275,19 +278,33 @@ class Cache:
             shutil.rmtree(trash, ignore_errors=True)
         return True
 
+    def _remove_partial(self, key: str) -> None:
+        """Delete partial/<key> (renamed aside first, so no reader sees a half-deleted checkpoint folder)."""
+        partial = self.partial_dir(key)
+        if not partial.exists():
+            return
+        trash = self.root / "tmp" / f".trash-partial-{key}-{os.getpid()}"
+        try:
+            os.replace(partial, trash)
+        except OSError:
+            trash = partial
+        shutil.rmtree(trash, ignore_errors=True)
+
     def clean(self) -> int:
+        """Remove every entry, and the staging and partial (checkpoint) folders of runs no longer alive."""
         n = 0
         for entry in self.entries():
             n += self.remove(entry.key)
-        if not (self.root / "tmp").is_dir():
-            return n
-        for stale in (self.root / "tmp").iterdir():
-            lock = FileLock(str(self.root / "locks" / f"{stale.name}.lock"))
-            try:
-                with lock.acquire(timeout=0):  # a staging folder whose run is alive is not ours to delete
-                    shutil.rmtree(stale, ignore_errors=True)
-            except Timeout:
+        for sub in ("tmp", "partial"):
+            if not (self.root / sub).is_dir():
                 continue
+            for stale in (self.root / sub).iterdir():
+                lock = FileLock(str(self.root / "locks" / f"{stale.name}.lock"))
+                try:
+                    with lock.acquire(timeout=0):  # a folder whose run is alive is not ours to delete
+                        shutil.rmtree(stale, ignore_errors=True)
+                except Timeout:
+                    continue
         return n
 
 

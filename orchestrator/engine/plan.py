@@ -92,7 +92,7 @@ def step_key(
             "pass": pass_type,  # the workflow's type name (two names may share one class)
             "pass_version": pass_cls.version,
             "code": code_hash(pass_cls),
-            "config": config.model_dump(mode="json"),
+            "config": pass_cls.key_config(config),
             "input": prev,
             "data": data_hashes,
             "env": env,

@@ -132,6 +132,13 @@ class Pass(ABC):
         """The dataset splits this config names, for the pre-flight check."""
         return []
 
+    @classmethod
+    def key_config(cls, config: PassConfig) -> dict[str, Any]:
+        """The config as it enters the cache key: all of it, less what cannot change the output (a pass that
+        checkpoints drops its checkpoint settings, so changing them neither misses the cache nor orphans the
+        checkpoints of a run in progress)."""
+        return config.model_dump(mode="json")
+
     @abstractmethod
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         """Do the work; write everything under ctx.out_dir; return the output model and final metrics."""

@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.cache import MANIFEST_FILE, SharedEntry, file_sha256, folder_manifest, portable_result
+from orchestrator.core.checkpoints import COMPLETE_MARKER, complete_checkpoints
 from orchestrator.core.job import RESULT_FILE, ModelArtifact, is_uri
 from orchestrator.systems.base import SystemFailure
 
 DEFAULT_PREFIX = "orch-cache"
 COMMIT = "commit.json"
-CHECKPOINT_MARKER = ".orch-complete"  # core/checkpoints: written last into a complete checkpoint-<N>/ folder
-CHECKPOINT_RX = re.compile(r"^checkpoint-(\d+)$")
 SYNC_EVERY_S = float(os.environ.get("ORCH_CHECKPOINT_SYNC_S", "2"))
 KEEP_CHECKPOINTS = 2
 DATASTORE_API = "2024-10-01-preview"  # what azure-ai-ml 1.35.2 sends for datastores (GET, listSecrets)
@@ -407,7 +406,7 @@ class WorkspaceCache:
                 continue  # a checkpoint whose files are not all there: try an older one
             tmp = folder / f".restore-{step}-{uuid.uuid4().hex[:6]}"
             try:
-                names = sorted(files, key=lambda n: n == CHECKPOINT_MARKER)  # the marker last
+                names = sorted(files, key=lambda n: n == COMPLETE_MARKER)  # the marker last
                 for name in names:
                     target = safe_join(tmp, name)
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -429,7 +428,7 @@ class WorkspaceCache:
         """One complete local checkpoint -> partial/<key>/<writer>/checkpoint-<N>/ (files, then its marker)."""
         head = f"{self._partial(key)}{writer}/"
         files = folder_manifest(folder, exclude=())
-        for name in sorted(files, key=lambda n: n == CHECKPOINT_MARKER):
+        for name in sorted(files, key=lambda n: n == COMPLETE_MARKER):
             self._upload_file(folder / name, f"{head}checkpoint-{step}/{name}")
         body = json.dumps({"key": key, "step": step, "files": files, "at": time.time()}).encode()
         self.container.upload_blob(f"{head}checkpoint-{step}.commit.json", body, overwrite=True)
@@ -500,14 +499,8 @@ class WorkspaceCache:
 
 
 def _local_checkpoints(folder: Path) -> dict[int, Path]:
-    """step -> folder of every COMPLETE checkpoint (its marker written) under folder."""
-    out = {}
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = CHECKPOINT_RX.match(p.name)
-            if m and p.is_dir() and (p / CHECKPOINT_MARKER).is_file():
-                out[int(m[1])] = p
-    return out
+    """step -> folder of every complete checkpoint (core/checkpoints: its marker written last) under folder."""
+    return dict(complete_checkpoints(folder))
 
 
 def _first(exc: BaseException) -> str:

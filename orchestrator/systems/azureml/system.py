@@ -591,6 +591,7 @@ class AzureMLSystem(System):
         remote_job = job.model_copy(
             update={
                 "output_dir": "outputs",
+                "checkpoint_dir": None,  # the client's cache folder does not exist on the compute
                 "model": job.model.model_copy(update={"path": "input:model", "adapter_path": "input:adapter"
                                                       if job.model.adapter_path else None}) if job.model else None,
                 "data_files": {k: f"input:{k}" for k in job.data_files},

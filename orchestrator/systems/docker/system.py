@@ -4,10 +4,11 @@ orch's words on this system: a Job is a container of the image built from the sy
 image (`docker_images.build_environment`, reused by content tag). The container runs the same entry point,
 `python -m orchestrator.runner --job /orch/out/job.docker.json`, with orch's source mounted read-only at
 /orch/src (PYTHONPATH: never installed, so the image survives orch edits), inputs (model, adapter, data files)
-read-only under /orch/in, secrets as read-only files under /run/secrets/<name>, and output_dir read-write at
-/orch/out. It runs as the caller's uid:gid so outputs belong to the caller. Its run record in output_dir mirrors
-LocalSystem's: job.json (host paths), job.log, plus job.docker.json (container paths) and docker.json
-(container id, mounts, final state). Cancel stops and removes the container.
+read-only under /orch/in, secrets as read-only files under /run/secrets/<name>, output_dir read-write at
+/orch/out and the job's checkpoint_dir (when it has one) read-write at /orch/checkpoints. It runs as the
+caller's uid:gid so outputs belong to the caller. Its run record in output_dir mirrors LocalSystem's: job.json
+(host paths), job.log, plus job.docker.json (container paths) and docker.json (container id, mounts, final
+state). Cancel stops and removes the container.
 
 Config mirrors Azure ML's `aml_docker_config` ({"base_image", "conda_file_path"} or {"dockerfile",
 "build_context_path"}), so a workflow moves between Docker and Azure ML by changing only the system type.
@@ -45,6 +46,7 @@ RECORD_FILE = "docker.json"
 DEFAULT_ENVIRONMENT = "cpu-export"
 SRC_MOUNT = "/orch/src"
 OUT_MOUNT = "/orch/out"
+CHECKPOINT_MOUNT = "/orch/checkpoints"  # Job.checkpoint_dir, read-write: it outlives the container (resume)
 IN_MOUNT = "/orch/in"
 SECRETS_MOUNT = "/run/secrets"
 ORCH_SOURCE_ROOT = Path(orchestrator.__file__).resolve().parents[1]
@@ -374,6 +376,9 @@ class DockerSystem(System):
 
         updates: dict[str, Any] = {"output_dir": OUT_MOUNT}
         path_map[OUT_MOUNT] = str(Path(job.output_dir).resolve())
+        if job.checkpoint_dir:
+            updates["checkpoint_dir"] = CHECKPOINT_MOUNT
+            path_map[CHECKPOINT_MOUNT] = str(Path(job.checkpoint_dir).resolve())
         if job.model is not None:
             model_updates = {"path": mount_in(job.model.path, "model")}
             if job.model.adapter_path:
@@ -415,6 +420,12 @@ class DockerSystem(System):
         cjob.write(out_dir / CONTAINER_JOB_FILE)
         for f in (JOB_FILE, CONTAINER_JOB_FILE):
             os.chmod(out_dir / f, 0o644)
+        if job.checkpoint_dir:  # made here: a bind mount needs its source; owned by the job's user like out_dir
+            ckpt = Path(job.checkpoint_dir).resolve()
+            ckpt.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0 and ckpt.stat().st_uid != int(uid):
+                os.chown(ckpt, int(uid), int(gid or uid))
+            mounts.append(Mount(target=CHECKPOINT_MOUNT, source=str(ckpt), type="bind", read_only=False))
         mounts += [
             Mount(target=OUT_MOUNT, source=str(out_dir), type="bind", read_only=False),
             Mount(
