@@ -88,15 +88,19 @@ def portable_result(result: JobResult, input_model: ModelArtifact | None, base: 
     model = doc.get("model")
     if not model:
         return doc
-    inputs = {}
-    if input_model is not None:
-        inputs = {input_model.path: "path", **({input_model.adapter_path: "adapter_path"} if input_model.adapter_path
-                                                 else {})}  # fmt: skip
+    inputs: dict[str, str] = {}
+    for fld in ("adapter_path", "path") if input_model is not None else ():
+        given = getattr(input_model, fld)
+        if given:
+            inputs[given] = fld
+            if not is_uri(given):
+                inputs[os.path.realpath(given)] = fld  # a pass records its input resolved
     for fld in ("path", "adapter_path"):
         value = model.get(fld)
         if value is None:
             continue
-        if value in inputs:
+        if value in inputs or (not is_uri(value) and os.path.realpath(value) in inputs):
+            value = value if value in inputs else os.path.realpath(value)
             model[fld] = INPUT_REF + inputs[value]
         elif base is not None and is_uri(value) and value.startswith(base.rstrip("/") + "/"):
             model[fld] = value[len(base.rstrip("/")) + 1 :].rstrip("/") or "."

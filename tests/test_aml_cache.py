@@ -1,0 +1,416 @@
+"""Azure ML runs that never lose work, on real parts: the unpatched azure-ai-ml SDK against the local stand-in, Azurite
+as the workspace's default datastore, real jobs in containers, a real MLflow server.
+
+The workspace cache (orch-cache/ in the default datastore): commit semantics on flat blob storage (an interrupted
+upload or a corrupt entry is never read; two writers of one key both end valid), a second submit from another client
+folder that changes only the evaluation runs only the evaluation; training preempted in the middle resumes from its
+last checkpoint in the same job (no step logged twice), a cancelled job's training resumes in the next submit; a Spot
+job tier reaches the job body (and a wrong one is refused); `orch status` shows a cost."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.azure
+
+REPO = Path(__file__).resolve().parents[1]
+REGISTRY = "orch-registry"
+
+
+@pytest.fixture(scope="module")
+def aml(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tone_data: Path) -> Iterator[dict[str, Any]]:
+    """One stand-in for the module: the tiny model in a registry, the tone data in the default datastore, this
+    process's workspace settings pointing at it."""
+    from tests.azure_standin import start_standin
+
+    tmp = tmp_path_factory.mktemp("amlcache")
+    saved = dict(os.environ)
+    with start_standin(tmp / "standin") as s:
+        os.environ.update(s.settings["env"])
+        os.environ["MLFLOW_TRACKING_TOKEN"] = s.mlflow_token()
+        os.environ["ORCH_AZURE_CLOUD"] = s.cloud_name
+        os.environ["ORCH_AZURE_CLOUD_METADATA"] = json.dumps(s.cloud_metadata())
+        os.environ["ORCH_PROFILE"] = str(tmp / "profile.json")
+        os.environ["ORCH_CACHE_DIR"] = str(tmp / "client-cache")
+        os.environ["ORCH_CHECKPOINT_SYNC_S"] = "1"
+        model_uri = s.seed_registry_model(REGISTRY, "tiny-phi3", "1", tiny_model)
+        data_uri = s.seed_datastore_files(tone_data, "datasets/tone/tone.jsonl")
+        try:
+            yield {"s": s, "model_uri": model_uri, "data_uri": data_uri, "tmp": tmp}
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        assert s.unknown_requests == [], s.unknown_requests
+
+
+def _cache() -> Any:
+    from orchestrator.systems.azureml.blobcache import WorkspaceCache
+    from orchestrator.systems.azureml.workspace import make_ml_client, resolve_settings
+
+    return WorkspaceCache.for_client(make_ml_client(resolve_settings()))
+
+
+def _entry_folder(root: Path, payload: bytes) -> Path:
+    """A finished local cache entry: result.json (a model folder), the model, events."""
+    from orchestrator.core.job import JobResult, JobState, ModelArtifact
+
+    root.mkdir(parents=True)
+    (root / "model").mkdir()
+    (root / "model" / "weights.bin").write_bytes(payload)
+    (root / "events.jsonl").write_text('{"type":"metric","name":"loss","value":1.0,"step":1}\n')
+    JobResult(job_id="j", pass_type="MergeAdapterWeights", status=JobState.COMPLETED,
+              model=ModelArtifact(format="hf", path="model"), metrics={"m": 1.0}).write(root)  # fmt: skip
+    return root
+
+
+# ---- commit semantics on flat-namespace blob storage -----------------------------------------------------------
+def test_uncommitted_and_corrupt_entries_are_never_read(aml: dict[str, Any], tmp_path: Path) -> None:
+    from orchestrator.systems.azureml.blobcache import COMMIT, CacheUnreadable
+
+    cache = _cache()
+    key = uuid.uuid4().hex
+    # an upload cut short: objects without a marker
+    cache.container.upload_blob(cache.objects_prefix(key, "dead") + "model/weights.bin", b"half")
+    assert cache.lookup(key) is None
+    assert {r.key: r.state for r in cache.status()}[key] == "uncommitted"
+
+    payload = os.urandom(4096)
+    entry = cache.publish(key, _entry_folder(tmp_path / "e", payload), meta={"pass": "merge"}, input_model=None)
+    assert entry is not None and cache.lookup(key) is not None
+    assert entry.files["model/weights.bin"]["size"] == 4096 and len(entry.files["model/weights.bin"]["sha256"]) == 64
+    got = tmp_path / "got"
+    cache.materialize(cache.lookup(key), got)
+    assert (got / "model" / "weights.bin").read_bytes() == payload
+
+    prefix = cache._blob_prefix(entry.uri)
+    # the same size, other bytes: found by the listing, refused by the download's sha256 check
+    cache.container.upload_blob(prefix + "model/weights.bin", os.urandom(4096), overwrite=True)
+    with pytest.raises(CacheUnreadable, match="does not match its manifest"):
+        cache.materialize(cache.lookup(key), tmp_path / "got2")
+    # a file gone: the entry is not read at all
+    cache.container.delete_blob(prefix + "model/weights.bin")
+    assert cache.lookup(key) is None
+    assert {r.key: r.state for r in cache.status()}[key] == "corrupt"
+    # a marker that is not JSON
+    cache.container.upload_blob(f"{cache.prefix}/entries/{key}/{COMMIT}", b"{not json", overwrite=True)
+    assert cache.lookup(key) is None
+    # a new writer of the key replaces the corrupt marker with a valid entry
+    again = cache.publish(key, _entry_folder(tmp_path / "e2", payload), meta={"pass": "merge"}, input_model=None)
+    assert again is not None and cache.lookup(key) is not None
+
+    res = _orch("cache", "ls", "--workspace", "--json")
+    assert res.exit_code == 0, res.output
+    listed = {e["key"]: e for e in json.loads(res.stdout)["entries"]}
+    assert listed[key]["state"] == "committed" and listed[key]["pass_name"] == "merge"
+    res = _orch("cache", "clean", "--workspace", "--key", key)
+    assert res.exit_code == 0 and "removed 1 workspace cache entry" in res.output, res.output
+    assert cache.lookup(key) is None and not list(cache.container.list_blobs(name_starts_with=prefix))
+
+
+def test_two_writers_of_one_key_both_end_valid(aml: dict[str, Any], tmp_path: Path) -> None:
+    cache = _cache()
+    key = uuid.uuid4().hex
+    folders = [_entry_folder(tmp_path / f"w{i}", os.urandom(200_000)) for i in range(2)]
+    results: list[Any] = [None, None]
+    barrier = threading.Barrier(2)
+
+    def write(i: int) -> None:
+        barrier.wait()
+        results[i] = _cache().publish(key, folders[i], meta={"pass": "merge", "writer": i}, input_model=None)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] is not None and results[1] is not None
+    assert results[0].uri == results[1].uri  # both writers hand back the one committed entry
+    got = tmp_path / "got"
+    cache.materialize(cache.lookup(key), got)
+    assert (got / "model" / "weights.bin").read_bytes() in {(f / "model" / "weights.bin").read_bytes() for f in folders}
+    listed = cache.container.list_blobs(name_starts_with=f"{cache.prefix}/entries/{key}/objects/")
+    objects = {b.name.split("/objects/")[1].split("/")[0] for b in listed}
+    assert len(objects) == 1  # the loser dropped its own objects
+    cache.remove(key)
+
+
+def test_checkpoints_sync_upload_and_restore(aml: dict[str, Any], tmp_path: Path) -> None:
+    """Complete checkpoints go up while the pass runs (files, then their marker), an interrupted one never does;
+    a new attempt restores the newest complete one; the key's commit drops them."""
+    from orchestrator.core.checkpoints import complete_checkpoints, mark_complete
+
+    cache = _cache()
+    key = uuid.uuid4().hex
+    src = tmp_path / "ckpt"
+    lines: list[str] = []
+    with cache.checkpoints(key, src, lines.append):
+        for step in (2, 4):
+            d = src / f"checkpoint-{step}"
+            d.mkdir(parents=True)
+            (d / "adapter.bin").write_bytes(os.urandom(3000 + step))
+            mark_complete(d, step)
+        (src / "checkpoint-6").mkdir()  # a save cut short: no marker
+        (src / "checkpoint-6" / "adapter.bin").write_bytes(b"half")
+        deadline = time.monotonic() + 30
+        while len(cache.remote_checkpoints(key)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert [s for s, _, _ in cache.remote_checkpoints(key)] == [4, 2]
+    assert any("checkpoint-4 saved to the workspace cache" in line for line in lines)
+    dest = tmp_path / "restored"
+    with cache.checkpoints(key, dest, lines.append):
+        assert [s for s, _ in complete_checkpoints(dest)] == [4]
+        restored = (dest / "checkpoint-4" / "adapter.bin").read_bytes()
+        assert restored == (src / "checkpoint-4" / "adapter.bin").read_bytes()
+    assert any("restored checkpoint-4" in line for line in lines)
+    cache.drop_partial(key)
+    assert cache.remote_checkpoints(key) == []
+
+
+# ---- jobs ------------------------------------------------------------------------------------------------------
+def _workflow(
+    folder: Path, aml: dict[str, Any], *, max_steps: int = 6, passes: list[str] | None = None,
+    evaluator: dict[str, Any] | None = None, system: dict[str, Any] | None = None, lora: dict[str, Any] | None = None,
+    workflow_id: str = "tone-cache",
+) -> Path:  # fmt: skip
+    """The demo workflow on the stand-in's CPU cluster, its cache and output in `folder` (a client folder)."""
+    wf = json.loads((REPO / "jobs" / "tone-classification" / "config.json").read_text())
+    wf["workflow_id"] = workflow_id
+    wf["input_model"]["config"]["model_path"] = aml["model_uri"]
+    wf["input_model"]["config"].pop("hf_config", None)
+    wf["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = aml["data_uri"]
+    wf["passes"]["lora"]["config"]["training_args"].update(max_steps=max_steps, logging_steps=2, eval_steps=1000)
+    wf["passes"]["lora"]["config"].update(lora or {})
+    if passes is not None:
+        wf["passes"] = {k: v for k, v in wf["passes"].items() if k in passes}
+    cfg = wf["systems"]["aml"]["config"]
+    cfg.update({"aml_compute": "cpu-cluster", "accelerators": ["cpu"], "hf_token": False, **(system or {})})
+    cfg["aml_docker_config"]["conda_file_path"] = str(REPO / "environments" / "aml-cpu.conda.yaml")
+    if evaluator is None:
+        wf["engine"].pop("evaluator", None)
+    else:
+        wf["evaluators"] = {"tone_eval": evaluator}
+        wf["engine"]["evaluator"] = "tone_eval"
+    wf["engine"].update(host="aml", target="aml", cache_dir=str(folder / "cache"), output_dir=str(folder / "out"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.json"
+    path.write_text(json.dumps(wf, indent=2))
+    return path
+
+
+def _orch(*args: str) -> Any:
+    from orchestrator.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def _submit(config: Path, *extra: str) -> str:
+    res = _orch("submit", "--config", str(config), *extra)
+    assert res.exit_code == 0, res.output
+    return res.stdout.strip().splitlines()[0]
+
+
+def _plan(config: Path) -> dict[str, str]:
+    res = _orch("submit", "--config", str(config), "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    return {r["pass"]: r["where"] for r in json.loads(res.stdout)["plan"]}
+
+
+def _log(s: Any, name: str) -> str:
+    return Path(s.state.jobs[name].log_path).read_text()
+
+
+def _history(s: Any, name: str, metric: str) -> list[int]:
+    import mlflow
+
+    client = mlflow.MlflowClient(s.mlflow_uri)
+    return [m.step for m in client.get_metric_history(s.state.jobs[name].mlflow_run_id, metric)]
+
+
+def _wait_checkpoint(key: str, timeout: float = 240) -> int:
+    """The newest step whose checkpoint the job has committed to the workspace cache."""
+    cache = _cache()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = cache.remote_checkpoints(key)
+        if found:
+            return found[0][0]
+        time.sleep(0.3)
+    raise AssertionError(f"no checkpoint of {key[:16]} reached the workspace cache in {timeout}s")
+
+
+EVAL = {"metrics": [{"name": "perplexity", "type": "perplexity", "data_config": "dataset_default_train",
+                     "user_config": {"max_samples": 8}}]}  # fmt: skip
+
+
+def test_second_submit_changing_only_the_evaluation_runs_only_it(aml: dict[str, Any], tmp_path: Path) -> None:
+    """Client folder A submits LoRA -> merge -> int4 ONNX -> evaluate; client folder B (an empty cache of its own)
+    changes only the evaluation: its plan and its job take every pass but the evaluation from the workspace."""
+    s = aml["s"]
+    first = _workflow(tmp_path / "client-a", aml, evaluator=EVAL)
+    name = _submit(first)
+    assert s.wait_job(name, 900) == "Completed", _log(s, name)[-3000:]
+    log_a = _log(s, name)
+    assert re.search(r"^orch: plan lora \(LoRA\) runs$", log_a, re.M), log_a[-2000:]
+    assert "orch: lora saved to the workspace cache" in log_a
+
+    changed = dict(EVAL, metrics=[dict(EVAL["metrics"][0], user_config={"max_samples": 12})])
+    second = _workflow(tmp_path / "client-b", aml, evaluator=changed)
+    assert _plan(second) == {"lora": "workspace", "merge_adapter_weights": "workspace", "builder": "workspace",
+                             "evaluate": "runs"}  # fmt: skip
+    name_b = _submit(second)
+    assert name_b != name and s.wait_job(name_b, 600) == "Completed", _log(s, name_b)[-3000:]
+    log_b = _log(s, name_b)
+    for step, verdict in (("lora", "cached"), ("merge_adapter_weights", "cached"), ("builder", "cached"),
+                          ("evaluate", "runs")):  # fmt: skip
+        assert len(re.findall(rf"^orch: plan {step} \(\w+\) ", log_b, re.M)) == 1
+        assert re.search(rf"^orch: plan {step} \(\w+\) {verdict}$", log_b, re.M), log_b[-2000:]
+    # no LoRA ran: no line of it, no training step logged (the cached pass's final metrics are logged at step 0)
+    assert "[lora]" not in log_b and set(_history(s, name_b, "lora/train_loss")) <= {0}
+    assert _history(s, name_b, "evaluate/perplexity")
+    res = _orch("download", name_b, "-o", str(tmp_path / "b-out"))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b-out" / "model" / "genai_config.json").exists()
+
+
+def test_preempted_lora_resumes_in_the_same_job(aml: dict[str, Any], tmp_path: Path) -> None:
+    """A low-priority cluster, preempted in the middle of LoRA: Azure ML requeues the job (attempt 2), which restores
+    the newest checkpoint from the workspace and trains on from there; every step is logged once."""
+    s = aml["s"]
+    config = _workflow(tmp_path, aml, max_steps=240, passes=["lora"], system={"aml_compute": "cpu-lowpri"},
+                       lora={"checkpoint_every_steps": 20}, workflow_id="tone-preempt")  # fmt: skip
+    key = _plan_keys(config)["lora"]
+    name = _submit(config)
+    step = _wait_checkpoint(key)
+    assert s.wait_job  # the job is mid-LoRA: a checkpoint is in the workspace, the pass is not committed
+    r = _admin(s, f"/_standin/jobs/{name}/preempt")
+    assert r.status_code == 200, r.text
+    assert s.wait_job(name, 900) == "Completed", _log(s, name)[-3000:]
+    log = _log(s, name)
+    assert "preempted; job requeued (attempt 2)" in log
+    resumed = [int(n) for n in re.findall(r"orch: lora resumed from step (\d+) \(attempt 2\)", log)]
+    assert resumed and resumed[0] >= step > 0, log[-3000:]
+    assert len(re.findall(r"^orch: plan lora ", log, re.M)) == 1
+    steps = _history(s, name, "lora/train_loss")
+    assert len(steps) == len(set(steps)) and max(steps) == 240, steps  # every logged step once, up to the end
+    res = _orch("status", name)
+    assert res.exit_code == 0, res.output
+    assert f"lora: resumed from step {resumed[0]}" in res.output
+    m = re.search(r"^cost: \$(\d+\.\d+)", res.output, re.M)
+    assert m and float(m[1]) > 0, res.output
+    assert "low priority" in res.output
+    assert _cache().remote_checkpoints(key) == []  # committed: its checkpoints are gone
+
+
+def test_cancelled_training_resumes_in_the_next_submit(aml: dict[str, Any], tmp_path: Path) -> None:
+    s = aml["s"]
+    config = _workflow(tmp_path, aml, max_steps=200, passes=["lora"], lora={"checkpoint_every_steps": 20},
+                       workflow_id="tone-cancel")  # fmt: skip
+    key = _plan_keys(config)["lora"]
+    name = _submit(config)
+    step = _wait_checkpoint(key)
+    assert _orch("cancel", name).exit_code == 0
+    assert s.wait_job(name, 120) == "Canceled"
+    name2 = _submit(config)
+    assert name2 != name and s.wait_job(name2, 900) == "Completed", _log(s, name2)[-3000:]
+    log = _log(s, name2)
+    resumed = [int(n) for n in re.findall(r"orch: lora resumed from step (\d+)", log)]
+    assert resumed and resumed[0] >= step > 0, log[-3000:]
+    assert "orch: plan lora (LoRA) runs" in log
+    steps = _history(s, name2, "lora/train_loss")
+    assert len(steps) == len(set(steps)) and max(steps) == 200
+
+
+def test_job_tier_reaches_the_job_body_and_a_wrong_one_is_refused(aml: dict[str, Any], tmp_path: Path) -> None:
+    s = aml["s"]
+    spot = {"queue_settings": {"job_tier": "spot"}, "max_retries": 1}
+    config = _workflow(tmp_path, aml, passes=["lora"], system=spot, workflow_id="tone-spot")
+    name = _submit(config)
+    body = s.state.jobs[name].request_props
+    assert body["queueSettings"] == {"jobTier": "Spot"}
+    assert body["tags"]["orch.max_retries"] == "1"
+    # Spot capacity is preemptible: preempted without requeue, the job ends Failed and orch submits it again
+    deadline = time.monotonic() + 300
+    while s.state.jobs[name].status != "Running" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _admin(s, f"/_standin/jobs/{name}/preempt", {"requeue": False}).status_code == 200
+    assert s.wait_job(name, 120) == "Failed"
+    res = _orch("logs", name, "-f")
+    assert res.exit_code == 0, res.output
+    assert f"submitted again as {name}-r1" in res.output and s.state.jobs[f"{name}-r1"].status == "Completed"
+    assert s.state.jobs[f"{name}-r1"].request_props["queueSettings"] == {"jobTier": "Spot"}
+    assert f"preempted: submitted again as {name}-r1 (Completed)" in _orch("status", name).output
+
+    wf = json.loads(config.read_text())
+    wf["systems"]["aml"]["config"]["queue_settings"] = {"job_tier": "Cheap"}
+    config.write_text(json.dumps(wf))
+    res = _orch("submit", "--config", str(config))
+    assert res.exit_code == 2 and "job_tier" in res.output and "Spot, Basic, Standard, Premium" in _flat(res.output)
+    wf["systems"]["aml"]["config"]["queue_settings"] = {"job_tier": "Spot", "priority": "high"}
+    config.write_text(json.dumps(wf))
+    res = _orch("submit", "--config", str(config))
+    assert res.exit_code == 2 and "priority" in res.output
+    wf["systems"]["aml"]["config"].pop("queue_settings")
+    wf["systems"]["aml"]["config"]["tier"] = "low_priority"
+    wf["passes"]["lora"]["config"]["training_args"]["max_steps"] = 7  # not in the workspace cache: it must run
+    config.write_text(json.dumps(wf))
+    uploads = len(s.requests("POST", r"/startPendingUpload$"))
+    res = _orch("submit", "--config", str(config))
+    assert res.exit_code != 0
+    assert "is a dedicated cluster but the system asks for tier low_priority" in _flat(res.output)
+    assert "cpu-lowpri" in res.output and len(s.requests("POST", r"/startPendingUpload$")) == uploads
+
+
+def test_the_service_refuses_a_job_tier_it_does_not_know(aml: dict[str, Any]) -> None:
+    """Past the SDK's own check (a body sent as the SDK serialises it, its jobTier changed), the stand-in binds
+    jobTier to the api-version's JobTier enum, as the service does, and refuses a queue priority."""
+    import requests
+    from azure.ai.ml import command
+    from azure.ai.ml._restclient.arm_ml_service._utils.model_base import SdkJSONEncoder
+    from azure.ai.ml.entities import Environment, QueueSettings
+
+    s = aml["s"]
+    ml = s.ml_client()
+    env = ml.environments.create_or_update(
+        Environment(name="tier-env", version="1", image="mcr.microsoft.com/azureml/openmpi4.1.0-ubuntu22.04")
+    )
+    job = command(command="echo hi", environment=f"azureml:{env.name}:{env.version}", compute="cpu-cluster",
+                  queue_settings=QueueSettings(job_tier="spot"))  # fmt: skip
+    body = json.loads(json.dumps(job._to_job()._to_rest_object(), cls=SdkJSONEncoder, exclude_readonly=True))
+    assert body["properties"]["queueSettings"] == {"jobTier": "Spot"}
+    url = f"{s.base_url}{s.workspace_id}/jobs/tier-{uuid.uuid4().hex[:8]}?api-version=2025-01-01-preview"
+    token = s.credential().get_token(s.aml_audience.rstrip("/") + "/.default").token
+    headers = {"Authorization": f"Bearer {token}"}
+    ca = s.settings["env"]["REQUESTS_CA_BUNDLE"]
+    for queue, needle in (({"jobTier": "Cheap"}, "jobTier 'Cheap' is not one of"), ({"jobTier": "Spot", "priority": 1},
+                          "priority")):  # fmt: skip
+        body["properties"]["queueSettings"] = queue
+        r = requests.put(url, json=body, headers=headers, verify=ca, timeout=30)
+        assert r.status_code == 400 and needle in r.text, r.text
+
+
+def _flat(text: str) -> str:
+    """CLI output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def _plan_keys(config: Path) -> dict[str, str]:
+    res = _orch("submit", "--config", str(config), "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    return {r["pass"]: r["key"] for r in json.loads(res.stdout)["plan"]}
+
+
+def _admin(s: Any, path: str, body: dict[str, Any] | None = None) -> Any:
+    import requests
+
+    return requests.post(s.base_url + path, json=body or {}, verify=s.settings["env"]["REQUESTS_CA_BUNDLE"], timeout=30)
