@@ -49,13 +49,23 @@ class _MlflowDirect:
         self.mlflow = mlflow
         self.prefix = prefix
         self.run_id = os.environ.get("MLFLOW_RUN_ID")
+        self.logged: set[tuple[str, int]] = set()
 
     def __call__(self, event: dict[str, Any]) -> None:
         client = self.mlflow.MlflowClient()
         if not self.run_id:
             return
-        if event["type"] == "metric":
-            client.log_metric(self.run_id, self.prefix + event["name"], event["value"], step=event.get("step") or 0)
+        if event["type"] == "resume":  # a restarted attempt: the run may hold its steps up to the checkpoint
+            for name in client.get_run(self.run_id).data.metrics:
+                if name.startswith(self.prefix):
+                    self.logged.update((name, m.step) for m in client.get_metric_history(self.run_id, name))
+        elif event["type"] == "metric":
+            name, step = self.prefix + event["name"], event.get("step")
+            if step is not None:  # each (metric, step) once, as the engine's Tracker does
+                if (name, int(step)) in self.logged:
+                    return
+                self.logged.add((name, int(step)))
+            client.log_metric(self.run_id, name, event["value"], step=step or 0)
         elif event["type"] == "param":
             client.log_param(self.run_id, self.prefix + event["name"], event["value"])
 

@@ -232,7 +232,7 @@ def test_report_to_values(tmp_path: Path) -> None:
     from orchestrator.passes.lora.train import build_training_args
 
     for value in ("azure_ml", "mlflow", "none", ["azure_ml"]):
-        args, _ = build_training_args(
+        args, _, _ = build_training_args(
             LoRAConfig(train_data_config="d", training_args={"report_to": value}),
             tmp_path,
             cuda=False,

@@ -67,12 +67,20 @@ class RichReporter:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in self.latest[step.name].items() if k in SHOWN_METRICS)
         self.progress.update(self.tasks[step.name], info=shown)
 
+    def step_note(self, step: Step, message: str) -> None:
+        """A line that stays (the info column only shows the latest one): e.g. `lora: resumed from step 20`."""
+        self.progress.console.print(Text(f"{step.name}: ", style="cyan") + Text(message), highlight=False)
+
     def step_end(self, step: Step, record: StepRecord) -> None:
         task = self.tasks[step.name]
         total = self.progress.tasks[task].total or 1
         shown = ", ".join(f"{k}={v:.4g}" for k, v in record.metrics.items() if k in SHOWN_METRICS)
-        note = (f"cached ({record.cached_in})" if record.cached_in not in ("", "local") else "cached") \
-            if record.cached else f"{record.duration_s:.1f}s" + (f" ${record.cost_usd:.4f}" if record.cost_usd else "")
+        if record.cached:
+            note = f"cached ({record.cached_in})" if record.cached_in not in ("", "local") else "cached"
+        else:
+            note = f"{record.duration_s:.1f}s" + (f" ${record.cost_usd:.4f}" if record.cost_usd else "")
+        if record.resumed_from_step is not None and not record.cached:
+            note += f" (resumed from step {record.resumed_from_step})"
         self.progress.update(task, completed=total, total=total, info=f"{note} {shown}")
         if step.role == "target" or step is None:
             self.stop()

@@ -203,7 +203,7 @@ class DriverReporter:
 
     A metric is logged once per (name, step) in the run: a requeued attempt of the job (Azure ML keeps its MLflow
     run) replays what the first attempt logged, and those points are skipped (the run's history is read once
-    per metric). A pass that resumed ("resumed from step N" in its log) gets `<pass>/resumed_from_step`."""
+    per metric). A pass that resumed (the engine's step_note) gets `<pass>/resumed_from_step`."""
 
     def __init__(self, attempt: int = 1, price: Any = None) -> None:
         self.run_id = os.environ.get("MLFLOW_RUN_ID")
@@ -227,7 +227,7 @@ class DriverReporter:
     def _steps_logged(self, name: str) -> set[int]:
         if name not in self._logged:
             self._logged[name] = set()
-            if self.client is not None and self.attempt > 1:  # only a requeued attempt finds points already there
+            if self.client is not None:  # a requeued attempt finds the points its first attempt logged
                 with contextlib.suppress(Exception):  # a metric the run does not have yet
                     self._logged[name] = {m.step for m in self.client.get_metric_history(self.run_id, name)}
         return self._logged[name]
@@ -259,11 +259,13 @@ class DriverReporter:
 
     def step_log(self, step: Any, line: str) -> None:
         print(f"[{step.name}] {line}", flush=True)
-        m = RESUMED_RX.search(line)
-        if m and not line.startswith("orch: "):
-            n = int(m[1])
-            print(f"orch: {step.name} resumed from step {n} (attempt {self.attempt})", flush=True)
-            self.log_metric(f"{step.name}/resumed_from_step", n, n)
+
+    def step_note(self, step: Any, message: str) -> None:
+        """A line the user must see; `resumed from step N` also becomes `<pass>/resumed_from_step` (orch status)."""
+        print(f"orch: {step.name} {message} (attempt {self.attempt})", flush=True)
+        m = RESUMED_RX.search(message)
+        if m:
+            self.log_metric(f"{step.name}/resumed_from_step", int(m[1]), int(m[1]))
 
     def step_metric(self, step: Any, name: str, value: float, at: int | None = None) -> None:
         key = f"{step.name}/{name}"

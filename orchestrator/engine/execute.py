@@ -96,3 +96,8 @@ def _on_event(step: Step, event: dict[str, Any], tracker: Tracker, reporter: Rep
         reporter.step_metric(step, event["name"], event["value"], event.get("step"))
     elif kind == "param":
         tracker.forward(event, f"{step.name}/")
+    elif kind == "resume":  # before the replayed history: the run may hold those steps already (a requeue)
+        step.resumed_from_step = int(event["step"])
+        tracker.resume(f"{step.name}/")
+        note = getattr(reporter, "step_note", None) or reporter.step_log
+        note(step, f"resumed from step {step.resumed_from_step}")

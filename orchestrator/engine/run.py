@@ -280,7 +280,8 @@ class Engine:
                         result.metrics.update(cost)
                         result.write(stage)
                     meta = {"pass": step.name, "pass_type": step.pass_type, "system": step.system_name,
-                            "orch": __version__, **({"cost_usd": cost["cost_usd"]} if cost else {})}  # fmt: skip
+                            "orch": __version__, "resumed_from_step": step.resumed_from_step,
+                            **({"cost_usd": cost["cost_usd"]} if cost else {})}  # fmt: skip
                     entry = self.cache.commit(step.key, stage, meta)
                     cached = False
                 else:
@@ -310,6 +311,7 @@ class Engine:
             else 0,
             cost_usd=cost["cost_usd"] if cost else None,
             cached_in=cached_in if cached else "",
+            resumed_from_step=entry.meta.get("resumed_from_step"),  # how the entry was made, cached or not
         )
         tracker.log_metric(f"{step.name}/duration_s", result.duration_s)
         if record.output_size_bytes:

@@ -25,6 +25,7 @@ class Reporter(Protocol):
     def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
     def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None: ...
+    def step_note(self, step: Step, message: str) -> None: ...  # one line the user must see (resumed from step N)
     def step_end(self, step: Step, record: StepRecord) -> None: ...
 
 
@@ -34,6 +35,7 @@ class QuietReporter:
     def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
     def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None: ...
+    def step_note(self, step: Step, message: str) -> None: ...
     def step_end(self, step: Step, record: StepRecord) -> None: ...
 
 
@@ -50,6 +52,7 @@ class Step:
     cached: bool = False
     data_names: list[str] = field(default_factory=list)
     where: str = ""  # where a cached step's entry is: "local" (this machine's cache) or a shared cache ("workspace")
+    resumed_from_step: int | None = None  # the job continued a killed attempt from its checkpoint at this step
 
 
 @dataclass
@@ -67,6 +70,7 @@ class StepRecord:
     output_size_bytes: int = 0
     cost_usd: float | None = None  # what running it cost on its compute this time (None: no price known)
     cached_in: str = ""  # "local" / "workspace" when it came from a cache
+    resumed_from_step: int | None = None  # the pass's training continued from a checkpoint at this step
 
 
 @dataclass

@@ -151,6 +151,7 @@ class Tracker:
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str, *, enabled: bool = True) -> None:
         self.enabled = enabled
         self.run_id: str | None = None
+        self._logged: set[tuple[str, int]] = set()  # (metric, step) forwarded from jobs: each is logged once
         self.tracking_uri = tracking_uri
         if not enabled:
             return
@@ -221,11 +222,27 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path))
 
     def forward(self, event: dict[str, Any], prefix: str) -> None:
-        """Forward one job event (metric or param) into the workflow run, namespaced by pass name."""
+        """Forward one job event (metric or param) into the workflow run, namespaced by pass name. A metric step
+        already in the run (a resumed attempt's replayed history, a step redone after the last checkpoint) is
+        not logged again."""
         if event.get("type") == "metric":
-            self.log_metric(prefix + event["name"], event["value"], event.get("step"))
+            name, step = prefix + event["name"], event.get("step")
+            if step is not None:
+                if (name, int(step)) in self._logged:
+                    return
+                self._logged.add((name, int(step)))
+            self.log_metric(name, event["value"], step)
         elif event.get("type") == "param" and self.enabled:
             self.client.log_param(self.run_id, (prefix + event["name"])[:250], str(event["value"])[:500])
+
+    def resume(self, prefix: str) -> None:
+        """A job resumed from a checkpoint: learn which steps of its metrics this run holds already (none for a
+        fresh run; those of the earlier attempt when the run is the same, as on an Azure ML requeue)."""
+        if not self.enabled:
+            return
+        for name in self.client.get_run(self.run_id).data.metrics:
+            if name.startswith(prefix):
+                self._logged.update((name, m.step) for m in self.client.get_metric_history(self.run_id, name))
 
     def log_model(self, model_dir: Path, model_format: str, register_as: str | None) -> str | None:
         """Log the final model as an MLflow pyfunc (ONNX GenAI or HF folder) and register it; returns its URI."""

@@ -95,6 +95,14 @@ class PassContext:
     def info(self, message: str) -> None:
         self._emit({"type": "log", "message": message})
 
+    def resumed(self, step: int, history: list[tuple[str, float, int]]) -> None:
+        """Say this attempt continues a killed one from its checkpoint at `step`, and replay the metrics logged up
+        to it ((name, value, step)), so this attempt's record and a new MLflow run hold the whole curve. The
+        forwarders log each (metric, step) once, so a run that already holds them gets no second copy."""
+        self._emit({"type": "resume", "step": int(step)})
+        for name, value, at in history:
+            self._emit({"type": "metric", "name": name, "value": float(value), "step": at, "replayed": True})
+
 
 class Pass(ABC):
     """Subclass, set `type_name`, `Config`, `version`, `libraries`; implement `run`.

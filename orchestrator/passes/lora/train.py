@@ -31,6 +31,15 @@ from orchestrator.passes.base import (
     Requirements,
     SplitRef,
 )
+from orchestrator.passes.lora.checkpointing import (
+    LOG_METRICS,
+    CheckpointPolicy,
+    checkpoint_callback,
+    checkpoint_policy,
+    find_resume_point,
+    logged_history,
+    loss_sum_before,
+)
 
 ADAPTER_DIR = "adapter"
 QLORA_NO_CUDA = (
@@ -97,6 +106,11 @@ class LoRAConfig(PassConfig):
     train_split: str | None = None  # `olive finetune --train_split "train[:80%]"`
     eval_split: str | None = None
     training_args: dict[str, Any] = Field(default_factory=dict)
+    # orch's resume checkpoints (passes/lora/checkpointing.py), used when training_args set no save_strategy /
+    # save_steps: a checkpoint every N minutes and/or every N steps into Job.checkpoint_dir, the newest K kept.
+    checkpoint_every_minutes: float | None = Field(10.0, gt=0)
+    checkpoint_every_steps: int | None = Field(None, gt=0)
+    checkpoints_kept: int = Field(2, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> LoRAConfig:
@@ -132,6 +146,19 @@ class LoRAPass(Pass):
     def split_refs(cls, config: dict[str, Any]) -> list[SplitRef]:
         data = config.get("train_data_config")
         return [SplitRef(key, config.get(key), data) for key in ("train_split", "eval_split")]
+
+    @classmethod
+    def key_config(cls, config: PassConfig) -> dict[str, Any]:
+        """The cache key leaves out when and where checkpoints are written (orch's checkpoint_* keys, the training
+        args' save_* keys): they change no weight of the adapter, and a changed interval must still resume the
+        killed run of the same pass. With load_best_model_at_end the save steps pick the adapter: they stay in."""
+        from orchestrator.passes.lora.checkpointing import ORCH_CHECKPOINT_KEYS, key_training_args
+
+        data = config.model_dump(mode="json")
+        for name in ORCH_CHECKPOINT_KEYS:
+            data.pop(name, None)
+        data["training_args"] = key_training_args(data.get("training_args") or {})
+        return data
 
     @classmethod
     def config_notes(cls, config: PassConfig) -> list[str]:
@@ -227,9 +254,10 @@ class LoRAPass(Pass):
             targets = resolve_target_modules(model, config.target_modules)
         cuda = torch.cuda.is_available()
         base_path = str(Path(model.path).resolve())
-        sft_kwargs, notes = build_training_args(
-            config, ctx.out_dir, cuda=cuda, qlora=qlora, has_eval=eval_ds is not None
-        )
+        sft_kwargs, notes, policy = build_training_args(
+            config, ctx.out_dir, cuda=cuda, qlora=qlora, has_eval=eval_ds is not None,
+            checkpoint_dir=ctx.job.checkpoint_dir,
+        )  # fmt: skip
         rank0 = int(os.environ.get("RANK", "0")) == 0
         info = ctx.info if rank0 else (lambda _msg: None)
         if ctx.job.accelerator == "gpu" and not cuda:  # QLoRA was refused above; a LoRA adapter is the same on CPU
@@ -309,6 +337,15 @@ class LoRAPass(Pass):
         )
 
         resume = sft_kwargs.pop("resume_from_checkpoint", None)
+        found = find_resume_point(policy, writer=rank0)
+        history: list[tuple[str, float, int]] = []
+        if found is not None:  # a killed / preempted attempt of this very key left it: continue from there
+            resume_step, resume_path = found
+            resume = str(resume_path)
+            history = logged_history(resume_path)
+            if rank0:
+                ctx.resumed(resume_step, history)
+            info(f"{self.type_name}: resumed from step {resume_step} ({resume_path.name}, {policy.root})")
         trainer_cls = SFTTrainer
         if cuda:
             from orchestrator.passes.lora import cuda as lora_cuda
@@ -321,22 +358,31 @@ class LoRAPass(Pass):
             train_dataset=train_tok,
             eval_dataset=eval_tok,
             processing_class=tokenizer,
-            callbacks=[metrics_callback(ctx, self.type_name)],
+            callbacks=[metrics_callback(ctx, self.type_name), checkpoint_callback(policy, info)],
         )
         result = trainer.train(resume_from_checkpoint=resume)
         runtime = float(result.metrics.get("train_runtime", 0.0))
         tokens = float(trainer.state.num_input_tokens_seen)
+        steps = int(trainer.state.global_step)
+        train_loss = float(result.training_loss)
+        tokens_now = tokens
+        if found is not None:  # the Trainer reports this attempt's steps only: the whole run's mean loss
+            resumed_at = found[0]
+            train_loss = (loss_sum_before(history) + train_loss * (steps - resumed_at)) / max(steps, 1)
+            tokens_now = tokens - float(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
         metrics: dict[str, float] = {
-            "train_loss": float(result.training_loss),
+            "train_loss": train_loss,
             "train_runtime_s": runtime,
             "train_tokens": tokens,
-            "tokens_per_s": tokens / runtime if runtime > 0 else 0.0,
+            "tokens_per_s": tokens_now / runtime if runtime > 0 else 0.0,  # this attempt's own speed
             "train_steps": float(trainer.state.global_step),
             "trainable_params": float(trainable),
             "world_size": float(trainer.args.world_size),  # data-parallel ranks: global batch = per-device x this
         }
         if qlora:
             metrics["base_4bit"] = 1.0
+        if found is not None:
+            metrics["resumed_from_step"] = float(found[0])
         if eval_tok is not None:
             eval_loss = float(trainer.evaluate()["eval_loss"])
             metrics["eval_loss"] = eval_loss
@@ -344,6 +390,7 @@ class LoRAPass(Pass):
 
         if trainer.is_world_process_zero():
             save_adapter(trainer.model, tokenizer, ctx.out_dir / ADAPTER_DIR)
+            # checkpoints of this attempt only die with it; Job.checkpoint_dir goes when the cache entry commits
             shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
             ctx.log_metrics(
                 {k: v for k, v in metrics.items() if k in ("eval_perplexity", "tokens_per_s")},
@@ -446,9 +493,10 @@ def resolve_target_modules(model: ModelArtifact, requested: list[str] | None) ->
 
 
 def build_training_args(
-    config: LoRAConfig, out_dir: Path, *, cuda: bool, qlora: bool, has_eval: bool
-) -> tuple[dict[str, Any], list[str]]:
-    """SFTConfig kwargs: the user's training_args (Olive names normalized), Olive's defaults, orch's fixed parts."""
+    config: LoRAConfig, out_dir: Path, *, cuda: bool, qlora: bool, has_eval: bool, checkpoint_dir: str | None = None
+) -> tuple[dict[str, Any], list[str], CheckpointPolicy]:
+    """SFTConfig kwargs: the user's training_args (Olive names normalized), Olive's defaults, orch's fixed parts;
+    and the checkpoint policy (checkpoint_dir: the job's folder that outlives the attempt, None for none)."""
     from orchestrator.passes.lora.training_args import TrainingArgsError, normalize_training_args
 
     try:
@@ -475,7 +523,7 @@ def build_training_args(
                 f"Azure ML itself; use one of {', '.join(REPORT_TO_ACCEPTED)}"
             )
     if args.get("output_dir"):
-        notes.append(f"training_args.output_dir {args['output_dir']!r} ignored: checkpoints go under the pass output")
+        notes.append(f"training_args.output_dir {args['output_dir']!r} ignored: orch decides where checkpoints go")
     eval_strategy = str(args.get("eval_strategy", "no"))
     if not has_eval and eval_strategy != "no":
         notes.append(f"eval_strategy {eval_strategy!r} set to 'no': there is no eval data set")
@@ -484,7 +532,6 @@ def build_training_args(
         args.pop("fp16")  # compute dtype of the 4-bit layers decides
 
     args.update(
-        output_dir=str(out_dir / "checkpoints"),
         report_to="none",
         use_cpu=not cuda,
         include_num_input_tokens_seen="non_padding",
@@ -497,7 +544,8 @@ def build_training_args(
     if best and "save_strategy" not in args:  # the best checkpoint is loaded back: saved as often as evaluated
         args["save_strategy"] = args["eval_strategy"]
         notes.append(f"save_strategy {args['save_strategy']!r} (as eval_strategy): load_best_model_at_end")
-    args.setdefault("save_strategy", "no")  # the adapter is saved once at the end
+    policy, checkpoint_notes = checkpoint_policy(config, args, checkpoint_dir, out_dir)  # save_strategy, output_dir
+    notes += checkpoint_notes
     args.setdefault("disable_tqdm", True)  # progress goes to ctx.progress; tqdm bars would flood the job log
     args.setdefault("logging_first_step", True)
     args.setdefault("ddp_find_unused_parameters", False)  # LoRA: frozen base params are never "unused" grads
@@ -508,7 +556,7 @@ def build_training_args(
         args.update(bf16=False, fp16=False)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU data parallel (CI's torchrun path): nccl needs CUDA
             args.setdefault("ddp_backend", "gloo")
-    return args, notes
+    return args, notes, policy
 
 
 def tokenize(ds: Any, tokenizer: Any, spec: TextSpec) -> Any:
@@ -540,7 +588,7 @@ def metrics_callback(ctx: PassContext, desc: str) -> Any:
     """A TrainerCallback that streams loss / lr / grad norm / eval loss and progress through ctx (rank 0 only)."""
     from transformers import TrainerCallback
 
-    names = {"loss": "train_loss", "eval_loss": "eval_loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm"}
+    names = LOG_METRICS
 
     class _Metrics(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
