@@ -189,7 +189,8 @@ def _workflow(
     wf["input_model"]["config"]["model_path"] = aml["model_uri"]
     wf["input_model"]["config"].pop("hf_config", None)
     wf["data_configs"][0]["load_dataset_config"]["params"]["data_files"] = aml["data_uri"]
-    wf["passes"]["lora"]["config"]["training_args"].update(max_steps=max_steps, logging_steps=2, eval_steps=1000)
+    wf["passes"]["lora"]["config"]["training_args"].update(max_steps=max_steps, logging_steps=2, eval_steps=1000,
+                                                           per_device_train_batch_size=2)  # fmt: skip
     wf["passes"]["lora"]["config"].update(lora or {})
     if passes is not None:
         wf["passes"] = {k: v for k, v in wf["passes"].items() if k in passes}
@@ -249,6 +250,8 @@ def _wait_checkpoint(key: str, timeout: float = 240) -> int:
     raise AssertionError(f"no checkpoint of {key[:16]} reached the workspace cache in {timeout}s")
 
 
+MAX_STEPS = 120  # LoRA steps of the resume tests (batch 2): long enough to be stopped in the middle
+RESUMABLE = {"checkpoint_every_steps": 10}
 EVAL = {"metrics": [{"name": "perplexity", "type": "perplexity", "data_config": "dataset_default_train",
                      "user_config": {"max_samples": 8}}]}  # fmt: skip
 
@@ -287,12 +290,13 @@ def test_preempted_lora_resumes_in_the_same_job(aml: dict[str, Any], tmp_path: P
     """A low-priority cluster, preempted in the middle of LoRA: Azure ML requeues the job (attempt 2), which restores
     the newest checkpoint from the workspace and trains on from there; every step is logged once."""
     s = aml["s"]
-    config = _workflow(tmp_path, aml, max_steps=240, passes=["lora"], system={"aml_compute": "cpu-lowpri"},
-                       lora={"checkpoint_every_steps": 20}, workflow_id="tone-preempt")  # fmt: skip
+    config = _workflow(tmp_path, aml, max_steps=MAX_STEPS, passes=["lora"], system={"aml_compute": "cpu-lowpri"},
+                       lora=RESUMABLE, workflow_id="tone-preempt")  # fmt: skip
     key = _plan_keys(config)["lora"]
     name = _submit(config)
     step = _wait_checkpoint(key)
-    assert s.wait_job  # the job is mid-LoRA: a checkpoint is in the workspace, the pass is not committed
+    _admin(s, f"/_standin/jobs/{name}/pause")  # the node stops where it is: mid-LoRA, its checkpoint saved
+    assert _cache().lookup(key) is None  # the pass has not finished
     r = _admin(s, f"/_standin/jobs/{name}/preempt")
     assert r.status_code == 200, r.text
     assert s.wait_job(name, 900) == "Completed", _log(s, name)[-3000:]
@@ -302,7 +306,7 @@ def test_preempted_lora_resumes_in_the_same_job(aml: dict[str, Any], tmp_path: P
     assert resumed and resumed[0] >= step > 0, log[-3000:]
     assert len(re.findall(r"^orch: plan lora ", log, re.M)) == 1
     steps = _history(s, name, "lora/train_loss")
-    assert len(steps) == len(set(steps)) and max(steps) == 240, steps  # every logged step once, up to the end
+    assert len(steps) == len(set(steps)) and max(steps) == MAX_STEPS, steps  # every logged step once, to the end
     res = _orch("status", name)
     assert res.exit_code == 0, res.output
     assert f"lora: resumed from step {resumed[0]}" in res.output
@@ -314,11 +318,13 @@ def test_preempted_lora_resumes_in_the_same_job(aml: dict[str, Any], tmp_path: P
 
 def test_cancelled_training_resumes_in_the_next_submit(aml: dict[str, Any], tmp_path: Path) -> None:
     s = aml["s"]
-    config = _workflow(tmp_path, aml, max_steps=200, passes=["lora"], lora={"checkpoint_every_steps": 20},
+    config = _workflow(tmp_path, aml, max_steps=MAX_STEPS, passes=["lora"], lora=RESUMABLE,
                        workflow_id="tone-cancel")  # fmt: skip
     key = _plan_keys(config)["lora"]
     name = _submit(config)
     step = _wait_checkpoint(key)
+    _admin(s, f"/_standin/jobs/{name}/pause")  # stop it where it is (mid-LoRA), then cancel
+    assert _cache().lookup(key) is None
     assert _orch("cancel", name).exit_code == 0
     assert s.wait_job(name, 120) == "Canceled"
     name2 = _submit(config)
@@ -328,7 +334,7 @@ def test_cancelled_training_resumes_in_the_next_submit(aml: dict[str, Any], tmp_
     assert resumed and resumed[0] >= step > 0, log[-3000:]
     assert "orch: plan lora (LoRA) runs" in log
     steps = _history(s, name2, "lora/train_loss")
-    assert len(steps) == len(set(steps)) and max(steps) == 200
+    assert len(steps) == len(set(steps)) and max(steps) == MAX_STEPS
 
 
 def test_job_tier_reaches_the_job_body_and_a_wrong_one_is_refused(aml: dict[str, Any], tmp_path: Path) -> None:
@@ -414,3 +420,60 @@ def _admin(s: Any, path: str, body: dict[str, Any] | None = None) -> Any:
     import requests
 
     return requests.post(s.base_url + path, json=body or {}, verify=s.settings["env"]["REQUESTS_CA_BUNDLE"], timeout=30)
+
+
+# ---- the README's example: a user's conda file, composed with orch's runtime layer ------------------------------
+def _readme_checkout(root: Path, tiny_model: Path, tone_data: Path) -> Path:
+    """The repository as the README's commands see it after `orch demo --tiny`: environments/, and the demo's job
+    folder with the tiny model and the data beside its workflows."""
+    import shutil
+
+    shutil.copytree(REPO / "environments", root / "environments")
+    job = root / "jobs" / "tone-classification"
+    job.mkdir(parents=True)
+    shutil.copy(REPO / "jobs" / "tone-classification" / "finetune-aml.json", job)
+    shutil.copytree(tiny_model, job / "models" / "tiny-phi3")
+    (job / "dataset").mkdir()
+    shutil.copy(tone_data, job / "dataset" / "dataset-classification.json")
+    return root
+
+
+def test_an_environment_lacking_a_pass_library_is_refused_before_any_upload(
+    aml: dict[str, Any], tmp_path: Path, tiny_model: Path, tone_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = aml["s"]
+    root = _readme_checkout(tmp_path, tiny_model, tone_data)
+    monkeypatch.chdir(root)
+    path = root / "jobs" / "tone-classification" / "finetune-aml.json"
+    wf = json.loads(path.read_text())
+    wf["passes"]["builder"] = {"type": "ModelBuilder", "config": {"precision": "int4"}}  # needs onnxruntime-genai
+    path.write_text(json.dumps(wf))
+    before = (len(s.requests("POST", r"/startPendingUpload$")), len(s.requests("PUT", r"/environments/")))
+    res = _orch("submit", "--config", "jobs/tone-classification/finetune-aml.json", "--host", "aml")
+    flat = _flat(res.output)
+    assert res.exit_code == 2, res.output
+    assert "cpu-train.conda.yaml" in flat and "onnxruntime-genai" in flat and "ModelBuilder" in flat, flat
+    assert "Traceback" not in res.output
+    assert (len(s.requests("POST", r"/startPendingUpload$")), len(s.requests("PUT", r"/environments/"))) == before
+
+
+@pytest.mark.timeout(1800)  # a first run builds the composed environment's image (minutes on 2 cores)
+def test_readme_azure_ml_example_runs_as_written(
+    aml: dict[str, Any], tmp_path: Path, tiny_model: Path, tone_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`orch submit --config jobs/tone-classification/finetune-aml.json --host aml` (environments/cpu-train.conda.yaml
+    on an Azure ML CPU image: no azure package in it) completes: orch added its runtime layer to the environment."""
+    s = aml["s"]
+    monkeypatch.chdir(_readme_checkout(tmp_path, tiny_model, tone_data))
+    res = _orch("submit", "--config", "jobs/tone-classification/finetune-aml.json", "--host", "aml", "--target", "aml")
+    assert res.exit_code == 0, res.output
+    name = res.stdout.strip().splitlines()[0]
+    assert s.wait_job(name, 1500) == "Completed", _log(s, name)[-3000:]
+    puts = [r for r in s.requests("PUT", r"/environments/orch-orch-cpu-train/versions/") if r["status"] in (200, 201)]
+    body = puts[-1]["body"]
+    conda = (json.loads(body) if isinstance(body, str) else body)["properties"]["condaFile"]
+    for pin in ("azureml-mlflow==1.62.0.post6", "azure-storage-blob==12.27.1", "peft==0.21.2"):
+        assert pin in conda, conda
+    res = _orch("download", name, "-o", str(tmp_path / "got"))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "got" / "model" / "config.json").exists()

@@ -41,7 +41,7 @@ from orchestrator.systems.base import SystemFailure
 
 DEFAULT_PREFIX = "orch-cache"
 COMMIT = "commit.json"
-SYNC_EVERY_S = float(os.environ.get("ORCH_CHECKPOINT_SYNC_S", "2"))
+SYNC_EVERY_S = float(os.environ.get("ORCH_CHECKPOINT_SYNC_S", "0.5"))  # a local folder listing: cheap
 KEEP_CHECKPOINTS = 2
 DATASTORE_API = "2024-10-01-preview"  # what azure-ai-ml 1.35.2 sends for datastores (GET, listSecrets)
 ENV_CACHE = "ORCH_WORKSPACE_CACHE"  # azureml://datastores/<ds>/paths/<prefix>/ : the driver job's cache location
