@@ -129,9 +129,10 @@ class WorkspaceCache:
             if (props.get("credentials") or {}).get("credentialsType") in ("AccountKey", "Sas"):
                 sec = requests.post(f"{url}/listSecrets", params={"api-version": DATASTORE_API}, headers=headers,
                                     json={"expirableSecret": True, "expireAfterHours": 1}, timeout=60)  # fmt: skip
-                sec.raise_for_status()
-                body = sec.json()
-                secret = body.get("key") or body.get("sasToken")
+                if sec.status_code not in (401, 403):  # not allowed to read the key: the identity's own blob role
+                    sec.raise_for_status()
+                    body = sec.json()
+                    secret = body.get("key") or body.get("sasToken")
         except Exception as exc:  # noqa: BLE001 - one line, no URL query (no secret is in it anyway)
             raise CacheUnreadable(f"workspace cache: datastore {datastore}: {_first(exc)}") from None
         container = ContainerClient(account_url, props["containerName"], credential=secret or credential)
