@@ -123,6 +123,9 @@ def _run_one(
         return None
     if summary.metrics:
         console.print(metrics_table(summary.metrics))
+    if summary.cost_usd is not None:
+        shares = ", ".join(f"{r.name} ${r.cost_usd:.4f}" for r in summary.steps if r.cost_usd is not None)
+        out.print(f"cost: ${summary.cost_usd:.4f} ({shares})", highlight=False)
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
     _package(wf, summary, out)
