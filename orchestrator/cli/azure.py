@@ -119,6 +119,11 @@ def submit(
         console.print(f"{verb} {info['name']}  status {info['status']}\nstudio: {info['studio_url']}")
         if info.get("attached"):
             console.print("(the same workflow is already running; --force submits another job)")
+        rows = info.get("plan") or []
+        for where, label in (("workspace", "cached in the workspace"), ("local", "cached here"), ("runs", "runs")):
+            names = [r["pass"] for r in rows if r["where"] == where]
+            if names:
+                console.print(f"{label}: {', '.join(names)}", highlight=False)
         console.print(f"follow: orch logs {info['name']} -f   |   orch status {info['name']}")
 
     _guard(go)

@@ -137,6 +137,8 @@ def submit_workflow(
     if dry_run:
         return {"name": None, "dry_run": True, "plan": plan_rows(steps),
                 "workspace_cache": shared.location if shared is not None else None}  # fmt: skip
+    if shared is not None:
+        engine.share_local_entries(steps)  # what only this machine has: the job finds it in the workspace
     if steps and all(s.cached for s in steps):
         _, summary = engine.run()
         return {"name": None, "cached": len(steps), "output_dir": str(summary.output_dir) if summary else None,

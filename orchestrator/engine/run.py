@@ -191,6 +191,38 @@ class Engine:
                     step.where = ""
         return steps
 
+    def share_local_entries(self, steps: list[Step]) -> list[str]:
+        """Steps cached on this machine only, saved into their system's shared cache (before a job that runs
+        there is submitted, so it finds them too); the names of those saved. Walks the chain of inputs as a run
+        would; stops where a step is not cached."""
+        saved: list[str] = []
+        model: ModelArtifact | None = self._input_model()[0]
+        final = model
+        for step in steps:
+            entry = self.cache.get(step.key)
+            if entry is None and step.key not in self._remote:
+                if step.role == "host":
+                    break
+                continue
+            shared = self.shared_cache_for(step)
+            given = model if step.role == "host" else final
+            if entry is not None and step.where == "local" and shared is not None:
+                with contextlib.suppress(Exception):  # best effort: the job runs the step if it is not there
+                    if shared.publish(step.key, entry.path, meta=entry.meta, input_model=given) is not None:
+                        step.where = shared.where
+                        saved.append(step.name)
+            if step.role == "host":
+                if entry is not None:
+                    result = entry.result
+                    model = result.model.with_root(entry.path) if result.model else None
+                else:
+                    remote = self._remote[step.key]
+                    model = result_from_portable(remote.result, given, root=remote.uri).model
+                final = model
+                if model is None:
+                    break
+        return saved
+
     def _needs_local(self, steps: list[Step]) -> set[str]:
         """Keys of shared-cache hits whose files must be here: the input of a step that runs, and the final model
         when it is published. Other hits stay where they are (a LoRA cached in the workspace is not downloaded
