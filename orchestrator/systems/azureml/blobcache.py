@@ -375,6 +375,8 @@ class WorkspaceCache:
         keys = [s.key for s in self.status() if s.key.startswith(key_prefix)]
         for key in keys:
             self.remove(key)
+        if not key_prefix:
+            self._delete_prefix(f"{self.prefix}/attempts/")
         return len(keys)
 
     # ---- checkpoints of a running pass --------------------------------------------------------------------
