@@ -38,6 +38,9 @@ SETTINGS: dict[str, Any] = {
     "weight_decay": 0.0,
     "optim": "adamw_torch",
     "seed": 42,
+    # the Trainer's loss / grad-norm logging (a host sync each time): Olive's and orch's default. Per-step losses
+    # come from the step timer's loss recorder, read after training, so every row's curve is still per step.
+    "logging_steps": 10,
 }
 # The QLoRA baseline's activation checkpointing (peft's prepare_model_for_kbit_training recipe)
 CHECKPOINTING = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
@@ -46,27 +49,51 @@ SETTINGS.update(json.loads(os.environ.get("BENCH_SETTINGS") or "{}"))
 
 
 class _Recorder:
-    """What the step timer collected, written as JSON by the runner."""
+    """What the step timer collected, written as JSON by the runner.
+
+    Nothing here reads a GPU value during training: per-step times are CUDA events recorded at each step's end
+    (read after the last step), token counts and losses are kept as device tensors and read at the end. The timer
+    itself so adds no host sync to any row's step (an earlier version synchronized after every step, which charged
+    each row a drained GPU queue per step).
+    """
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
         self.step_tokens: list[int] = []
         self.losses: dict[int, float] = {}
-        self.pending_tokens = 0
+        self.pending_tokens: Any = 0  # an int or a device tensor (summed without a sync)
         self.pending_embed_tokens = 0  # fallback count: input rows seen by the embedding layer (padding included)
-        self.t0: float | None = None
+        self.raw_tokens: list[Any] = []
+        self.raw_losses: list[Any] = []  # the loss tensor each training_step returned, in step order
+        self.events: list[Any] = []  # CUDA events: train begin, then one per step end
+        self.clock: list[float] = []  # host clock at the same points (CPU runs, where there are no events)
         self.train_start: float | None = None
         self.train_end: float | None = None
+
+    def finish(self) -> None:
+        """Turn the recorded events / tensors into numbers (after training: the reads cost nothing then)."""
+        if self.raw_tokens:
+            self.step_tokens = [int(t) for t in self.raw_tokens]
+            self.raw_tokens = []
+        if self.events:
+            self.step_times = [a.elapsed_time(b) / 1e3 for a, b in zip(self.events[:-1], self.events[1:], strict=True)]
+            self.events = []
+        elif len(self.clock) > 1:
+            self.step_times = [b - a for a, b in zip(self.clock[:-1], self.clock[1:], strict=True)]
+        if self.raw_losses:
+            self.losses = {i + 1: float(v) for i, v in enumerate(self.raw_losses)}
+            self.raw_losses = []
 
 
 RECORDER = _Recorder()
 
 
-def _count_tokens(kwargs: dict[str, Any]) -> int:
-    """Real tokens in a forward call: the attention mask's ones, or the row length for padding-free rows."""
+def _count_tokens(kwargs: dict[str, Any]) -> Any:
+    """Real tokens in a forward call (an int, or a device tensor read later): the attention mask's ones, or the row
+    length for padding-free rows."""
     mask = kwargs.get("attention_mask")
     if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
-        return int(mask.sum())
+        return mask.sum()
     ids = kwargs.get("input_ids")
     if ids is None:
         return 0
@@ -76,50 +103,50 @@ def _count_tokens(kwargs: dict[str, Any]) -> int:
         # padding-free row: trailing pad (pad_to_multiple_of) carries position 0 and label -100 after the last sample
         cu = kwargs.get("cu_seq_lens_q")
         if cu is not None:
-            return int(cu[-1])
+            return cu[-1]
     return int(ids.numel())
 
 
 def install_step_timer() -> None:
-    """Add the timing callback and a token-counting forward hook to every Trainer built from now on."""
+    """Add the timing callback, a loss recorder and a token-counting forward hook to every Trainer built from now on."""
     import torch
     import transformers
     from transformers import TrainerCallback
 
-    def _sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+
+    def _mark() -> None:
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            RECORDER.events.append(event)
+        RECORDER.clock.append(time.perf_counter())
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            _sync()
+            if cuda:
+                torch.cuda.synchronize()
             RECORDER.train_start = time.perf_counter()
-            RECORDER.t0 = RECORDER.train_start
+            _mark()
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             _profiler_step(state.global_step + 1)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            _sync()
+            _mark()
             _profiler_step_end(state.global_step)
-            now = time.perf_counter()
-            RECORDER.step_times.append(now - (RECORDER.t0 or now))
-            RECORDER.step_tokens.append(RECORDER.pending_tokens or RECORDER.pending_embed_tokens)
+            RECORDER.raw_tokens.append(RECORDER.pending_tokens or RECORDER.pending_embed_tokens)
             RECORDER.pending_tokens = 0
             RECORDER.pending_embed_tokens = 0
-            RECORDER.t0 = now
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                RECORDER.losses[int(state.global_step)] = float(logs["loss"])
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            _sync()
+            if cuda:
+                torch.cuda.synchronize()
             RECORDER.train_end = time.perf_counter()
 
     def _hook(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         if module.training:
-            RECORDER.pending_tokens += _count_tokens(kwargs)
+            RECORDER.pending_tokens = RECORDER.pending_tokens + _count_tokens(kwargs)
 
     def _embed_hook(module: Any, args: tuple) -> None:
         if module.training and args:
@@ -132,6 +159,14 @@ def install_step_timer() -> None:
         self.add_callback(StepTimer())
         self.model.register_forward_pre_hook(_hook, with_kwargs=True)
         self.model.get_input_embeddings().register_forward_pre_hook(_embed_hook)
+        step = self.training_step  # whatever the trainer class (TRL, Unsloth, orch) made of it
+
+        def training_step(*a: Any, **k: Any) -> Any:
+            loss = step(*a, **k)
+            RECORDER.raw_losses.append(loss.detach().float().clone())  # the step's loss as the Trainer logs it
+            return loss
+
+        self.training_step = training_step
 
     transformers.Trainer.__init__ = patched_init
 
@@ -157,7 +192,7 @@ def _profiler_step(step: int) -> None:
     import torch
 
     prof = torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], record_shapes=False
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA], record_shapes=True
     )
     prof.__enter__()
     _PROFILE.update(prof=prof, first=step, last=step + spec[2] - 1, where=spec[0])
@@ -215,6 +250,17 @@ def write_profile(prof: Any, where: Path, n_steps: int) -> None:
     lines += ["", "   ms/step   calls/step  kernel"]
     for name, ms, calls in rows[:80]:
         lines.append(f"{ms:10.3f} {calls:10d}  {name[:160]}")
+    # which tensors the memory-bound ops move: the CPU-side op with its input shapes and the GPU time it caused
+    ops = ("aten::copy_", "aten::cat", "aten::mul", "aten::mul_", "aten::add", "aten::add_", "aten::fill_", "aten::sum")
+    shaped = []
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.key in ops:
+            dev = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if dev:
+                shaped.append((evt.key, str(evt.input_shapes)[:110], dev / 1e3 / n_steps, evt.count // max(n_steps, 1)))
+    shaped.sort(key=lambda r: -r[2])
+    lines += ["", "   ms/step   calls/step  op [input shapes]"]
+    lines += [f"{ms:10.3f} {calls:10d}  {key} {shapes}" for key, shapes, ms, calls in shaped[:30]]
     (where / "profile.txt").write_text("\n".join(lines) + "\n")
     (where / "profile.json").write_text(
         json.dumps({"total_ms_per_step": total, "categories": cats, "top": rows[:80]}, indent=1)
@@ -227,6 +273,7 @@ def summarize(system: str, warmup: int, extra: dict[str, Any] | None = None) -> 
 
     cuda = torch.cuda.is_available()
     # steps under the profiler (BENCH_PROFILE) are slower: they stay out of the median
+    RECORDER.finish()
     skip = set(range(_PROFILE["first"], _PROFILE["last"] + 1)) if _PROFILE else set()
     keep = [i for i in range(warmup, len(RECORDER.step_times)) if i + 1 not in skip]
     times = [RECORDER.step_times[i] for i in keep]
@@ -330,7 +377,7 @@ def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, ql
         optim=s["optim"],
         bf16=cuda,
         use_cpu=not cuda,
-        logging_steps=1,
+        logging_steps=s["logging_steps"],
         save_strategy="no",
         report_to="none",
         seed=s["seed"],

@@ -43,6 +43,16 @@ SIZES = {
     "num_kv_heads": 16,
     "max_position_embeddings": 2048,
 }
+# --tiny (the CPU test's run of the whole script): every size small, the code paths the same
+TINY_SIZES = {
+    "vocab_size": 1000,
+    "hidden_size": 128,
+    "intermediate_size": 352,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 4,
+    "max_position_embeddings": 512,
+}
 THREADS = 2
 
 
@@ -224,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write-results", action="store_true")
     p.add_argument("--render", type=Path, help="a results.json of an earlier run: rewrite the section from it")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model (a check of the script, not a benchmark)")
     a = p.parse_args(argv)
+    if a.tiny:
+        SIZES.update(TINY_SIZES)
     if a.render:
         write_section(render(json.loads(a.render.read_text())), BENCH / "RESULTS.md")
         return 0

@@ -35,7 +35,8 @@ TEMPLATE = "### Text: {phrase}\\n### The tone is:\\n{tone}"  # backslash-n, as a
 FLAGS = ["--max_seq_len", "128", "--per_device_train_batch_size", "16", "--max_steps", "60"]
 
 
-def run(out: Path, work: Path) -> dict[str, Any]:
+def run(out: Path, work: Path, max_steps: int | None = None) -> dict[str, Any]:
+    """max_steps: another --max_steps than the demo's 60 (the CPU test's 2)."""
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(DEMO))
     from make_dataset import make_rows, write_jsonl
@@ -69,7 +70,7 @@ def run(out: Path, work: Path) -> dict[str, Any]:
         str(data),
         "--text_template",
         TEMPLATE,
-        *FLAGS,
+        *(FLAGS if max_steps is None else _with_max_steps(FLAGS, max_steps)),
         "--output_path",
         str(ft),
     ]
@@ -103,6 +104,12 @@ def run(out: Path, work: Path) -> dict[str, Any]:
     result["log_tail"] = text.strip().splitlines()[-25:]
     (out / "cli.json").write_text(json.dumps(result, indent=1, default=str))
     return result
+
+
+def _with_max_steps(flags: list[str], steps: int) -> list[str]:
+    out = list(flags)
+    out[out.index("--max_steps") + 1] = str(steps)
+    return out
 
 
 def _find(obj: Any, key: str) -> Any:
@@ -161,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--work", type=Path, default=Path("/tmp/orch_gpu_cli"))
+    r.add_argument("--max-steps", type=int, help="instead of the demo's 60 (a quick check on CPU)")
     g = sub.add_parser("render")
     g.add_argument("cli_json", type=Path)
     g.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if args.cmd == "run":
-        res = run(args.out, args.work)
+        res = run(args.out, args.work, args.max_steps)
         print(json.dumps({k: res[k] for k in ("rc", "wall_s", "cuda_lines")}, indent=1))
         return 0
     md = render(json.loads(args.cli_json.read_text()))

@@ -1,11 +1,11 @@
-"""LoRA fine-tuning throughput on one GPU: the transformers+peft baseline, Olive, orch's LoRA and QLoRA, side by side.
+"""LoRA fine-tuning throughput on one GPU: transformers+peft, Unsloth, Olive, orch's LoRA and QLoRA, side by side.
 
 One command builds the model and data once and runs every row in its own process (clean peak-memory numbers),
-in the same GPU session:
+in the same GPU session, and writes one JSON file per row plus run.json into --out:
 
-    python bench/gpu_finetune.py --out OUT                 # the full table (Phi-3-mini shape, ~8 min on an H100)
-    python bench/gpu_finetune.py --out OUT --rows orch:var:-liger/-input_cast,orch:var  # ablations
-    python bench/gpu_finetune.py --render OUT/results.json # rewrite the gpu section of bench/RESULTS.md
+    python bench/gpu_finetune.py --out OUT                 # the default rows (Phi-3-mini shape)
+    python bench/gpu_finetune.py --out OUT --rows orch:fixed:-flce,orch:fixed:dropout=0  # ablations
+    python bench/gpu_finetune.py --render bench/results/gpu_finetune   # rewrite the gpu section of bench/RESULTS.md
 
 Model: Phi3ForCausalLM from a config with Phi-3-mini's shapes (hidden 3072, 32 layers, 32 heads, intermediate
 8192, vocab 32064: 3.82 B parameters), random weights, built on the GPU and saved once in bf16; every row loads
@@ -13,16 +13,20 @@ that folder. Data: a generated corpus (a 6,000-word pseudo-language with a Marko
 something to learn), a BPE tokenizer trained on it, written as jsonl; two sets, the SAME for every row:
   var    samples of ~100-1000 tokens (uniform), as instruction data comes; batches of 8 padded to the longest
   fixed  every sample cut at exactly 1024 tokens: no padding anywhere, so only kernels can make a difference
-Rows (system:data[:ORCH_CUDA_FASTPATH]):
-  baseline  bench/baseline_peft.py: plain transformers Trainer + peft
-  olive     bench/olive_runner.py: Olive 0.13 `olive finetune` (its CLI, same settings)
-  orch      orchestrator.passes.lora.train.LoRAPass.train (orch's real pass; it picks its CUDA fast path itself)
-  qlora     orchestrator.passes.lora.train.QLoRAPass.train (bitsandbytes nf4 + double quant)
-  qlora_baseline  bench/baseline_peft.py --qlora: transformers + peft + bitsandbytes (nf4, double quant,
-            prepare_model_for_kbit_training with gradient checkpointing): the QLoRA row's own baseline
+Rows are system:data[:options], options joined by '/': +name / -name go to ORCH_CUDA_FASTPATH (orch rows),
+key=value overrides a setting of bench/baseline_peft.SETTINGS for that row (dropout=0 is lora_dropout=0).
+  baseline       bench/baseline_peft.py: plain transformers Trainer + peft
+  qlora_baseline bench/baseline_peft.py --qlora: transformers + peft + bitsandbytes (nf4, double quant,
+                 prepare_model_for_kbit_training with gradient checkpointing)
+  olive          bench/olive_runner.py: Olive 0.13 `olive finetune` (its CLI, same settings)
+  orch           orchestrator.passes.lora.train.LoRAPass.run (orch's real pass, its own data config; it picks its
+                 CUDA fast path itself)
+  qlora          orchestrator.passes.lora.train.QLoRAPass.run (bitsandbytes nf4 + double quant)
+  unsloth        bench/unsloth_runner.py: Unsloth's FastLanguageModel + TRL SFTTrainer (its own wheel set)
+  unsloth_qlora  the same with a 4-bit base and Unsloth's checkpointing
 Shapes: phi3-mini (default), phi4-mini (GQA 24/8 heads, vocab 200,064, tied embeddings, partial RoPE 0.75).
 `--profile ROW` profiles the last two steps of that row (bench/baseline_peft.py BENCH_PROFILE; those steps are
-left out of its median) and writes profile_<n>.txt beside the row's log.
+left out of its median) and writes profile_<n>/profile.txt beside the row's log.
 Numbers: tokens/s = real (non-padding) tokens per second, median of the per-step rates after the warm-up steps;
 peak memory = torch.cuda.max_memory_allocated of the row's process; MFU = tokens/s x (4 N + causal attention
 FLOPs per token of the data's samples) / 989 TFLOP/s (H100 / H200 SXM dense bf16), N = all parameters.
@@ -40,7 +44,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -49,7 +52,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
 import results_md  # noqa: E402
-from baseline_peft import SETTINGS, install_step_timer, read_texts, summarize  # noqa: E402
+from baseline_peft import SETTINGS, install_step_timer, summarize  # noqa: E402
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SHAPES: dict[str, dict[str, Any]] = {
@@ -100,7 +103,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         "lexicon": 400,
     },
 }
-DEFAULT_ROWS = "baseline:var,orch:var,olive:var,qlora:var,baseline:fixed,orch:fixed"
+# the issue-21 table: everything on fixed-length data (no padding anywhere, so only kernels make a difference)
+DEFAULT_ROWS = ",".join(
+    [
+        "baseline:fixed",
+        "orch:fixed",
+        "orch:fixed:dropout=0",
+        "unsloth:fixed",
+        "unsloth:fixed:dropout=0",
+        "qlora:fixed",
+        "unsloth_qlora:fixed",
+    ]
+)
 SECTION = "gpu"  # its markers in bench/RESULTS.md
 
 
@@ -214,21 +228,53 @@ def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# orch rows: the real LoRA / QLoRA pass
+# row specs: system:data[:options]
 
 
-def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, qlora: bool) -> dict:
-    from datasets import Dataset
+SYSTEMS = ("baseline", "qlora_baseline", "olive", "orch", "qlora", "unsloth", "unsloth_qlora")
+SETTING_ALIASES = {"dropout": "lora_dropout", "r": "lora_r", "alpha": "lora_alpha"}
 
+
+def parse_row(spec: str) -> dict[str, Any]:
+    """'orch:fixed:dropout=0/-flce' -> system, data, ORCH_CUDA_FASTPATH options, settings overrides, a file slug."""
+    system, _, rest = spec.strip().partition(":")
+    data, _, opts = rest.partition(":")
+    if system not in SYSTEMS:
+        raise ValueError(f"row {spec!r}: unknown system {system!r}; known: {', '.join(SYSTEMS)}")
+    if data not in ("var", "fixed"):
+        raise ValueError(f"row {spec!r}: data must be var or fixed, got {data!r}")
+    fastpath: list[str] = []
+    settings: dict[str, Any] = {}
+    for item in filter(None, opts.split("/")):
+        if "=" in item:
+            key, _, value = item.partition("=")
+            key = SETTING_ALIASES.get(key, key)
+            if key not in SETTINGS:
+                raise ValueError(f"row {spec!r}: unknown setting {key!r}; known: {', '.join(sorted(SETTINGS))}")
+            settings[key] = json.loads(value)
+        elif item[0] in "+-":
+            fastpath.append(item)
+        else:
+            raise ValueError(f"row {spec!r}: option {item!r} is neither +name / -name nor key=value")
+    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec.replace(":", "_").replace("/", "_"))
+    return {"system": system, "data": data, "fastpath": ",".join(fastpath), "settings": settings, "slug": slug}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# orch rows: the real LoRA / QLoRA pass, through its own run() as `orch finetune` calls it
+
+
+def orch_job(model_dir: Path, data: Path, steps: int, out_dir: Path, qlora: bool) -> tuple[Any, Any, Any]:
+    """(pass config, Job, pass class): the benchmark's settings as a user's workflow states them.
+
+    The data goes through the pass's own data config (a json file with a "text" column, line-by-line, each sample
+    cut at max_len, no padding to max_len), so the pass builds its text spec, tokenization and batches itself;
+    nothing about bf16 / packing / kernels / checkpointing is said: the pass chooses those.
+    """
     from orchestrator.core.job import Job, ModelArtifact
-    from orchestrator.passes.base import PassContext
-    from orchestrator.passes.lora import cuda as lora_cuda
     from orchestrator.passes.lora.train import LoRAConfig, LoRAPass, QLoRAPass
 
-    install_step_timer()
     s = SETTINGS
-    # the benchmark's user config: the same LoRA and training settings as every other row, and nothing about
-    # bf16 / packing / kernels / checkpointing: the pass chooses those
     training_args = {
         "per_device_train_batch_size": s["batch_size"],
         "gradient_accumulation_steps": 1,
@@ -241,9 +287,9 @@ def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json:
         "optim": s["optim"],
         "seed": s["seed"],
         "data_seed": s["seed"],
-        "logging_steps": 1,
+        "logging_steps": s["logging_steps"],
     }
-    cfg_kwargs: dict[str, Any] = {
+    cfg: dict[str, Any] = {
         "lora_r": s["lora_r"],
         "lora_alpha": s["lora_alpha"],
         "lora_dropout": s["lora_dropout"],
@@ -252,31 +298,48 @@ def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json:
         "training_args": training_args,
     }
     if qlora:
-        cfg_kwargs.update(double_quant=True, quant_type="nf4")
-    config = LoRAConfig(**cfg_kwargs)
+        cfg.update(double_quant=True, quant_type="nf4")
+    config = LoRAConfig.model_validate(cfg)
     pass_cls = QLoRAPass if qlora else LoRAPass
-    artifact = ModelArtifact(format="hf", path=str(model_dir))
-    out_dir = out_json.parent / ("qlora_out" if qlora else "lora_out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    data_config = {
+        "name": "train",
+        "type": "HuggingfaceContainer",
+        "load_dataset_config": {"data_name": "json", "data_files": str(data), "split": "train"},
+        "pre_process_data_config": {
+            "text_cols": ["text"],
+            "corpus_strategy": "line-by-line",
+            "source_max_len": s["max_len"],
+            "pad_to_max_len": False,
+        },
+    }
     job = Job(
         job_id="bench",
         pass_name="qlora" if qlora else "lora",
         pass_type=pass_cls.type_name,
         pass_config=config.model_dump(mode="json"),
-        model=artifact,
+        model=ModelArtifact(format="hf", path=str(model_dir)),
+        data_configs={"train": data_config},
         output_dir=str(out_dir),
         accelerator="gpu",
     )
-    events: list[dict] = []
-    ctx = PassContext(job=job, out_dir=out_dir, emit=events.append)
-    spec = SimpleNamespace(max_len=s["max_len"], pad_to_max_len=False, corpus_join=False, use_attention_mask=True)
-    train_ds = Dataset.from_dict({"text": read_texts(data)})
-    t0 = time.perf_counter()
-    output = pass_cls().train(config, artifact, ctx, train_ds, None, spec)
-    wall = time.perf_counter() - t0
-    plan = lora_cuda.LAST_PLAN
+    return config, job, pass_cls
+
+
+def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, qlora: bool) -> dict:
+    from orchestrator.passes.base import PassContext
+    from orchestrator.passes.lora import cuda as lora_cuda
     from orchestrator.passes.lora import kernels as lora_kernels
 
+    install_step_timer()
+    out_dir = out_json.parent / ("qlora_out" if qlora else "lora_out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config, job, pass_cls = orch_job(model_dir, data, steps, out_dir, qlora)
+    events: list[dict] = []
+    ctx = PassContext(job=job, out_dir=out_dir, emit=events.append)
+    t0 = time.perf_counter()
+    output = pass_cls().run(config, job.model, ctx)
+    wall = time.perf_counter() - t0
+    plan = lora_cuda.LAST_PLAN
     splits = {" ".join(map(str, k[:4])): v for k, v in lora_kernels._SPLIT_CACHE.items()}
     result = summarize(
         f"orch {pass_cls.type_name}",
@@ -295,7 +358,7 @@ def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the table
+# the table: rendered from the per-row JSON files of one or more runs (bench/results/gpu_finetune/<run>/)
 
 
 def flops_per_token(meta: dict[str, Any], data: str) -> float:
@@ -319,110 +382,204 @@ def loss_at(r: dict[str, Any], step: int) -> float | None:
 
 def baseline_of(system: str) -> str:
     """The row a system's ratio is taken against: QLoRA against the QLoRA baseline, the rest against the bf16 one."""
-    return "qlora_baseline" if system in ("qlora", "qlora_baseline") else "baseline"
+    return "qlora_baseline" if system in ("qlora", "qlora_baseline", "unsloth_qlora") else "baseline"
 
 
-def render(results: dict[str, Any]) -> str:
-    metas = results.get("metas") or {results["meta"]["shape"]: results["meta"]}
-    rows = results["rows"]
-    first = next(iter(metas.values()))
+def peer_of(system: str) -> str | None:
+    """The Unsloth row an orch row is compared with (same dropout): LoRA with LoRA, QLoRA with QLoRA."""
+    return {"orch": "unsloth", "qlora": "unsloth_qlora"}.get(system)
+
+
+LABELS = {
+    "baseline": "transformers+peft (baseline)",
+    "qlora_baseline": "transformers+peft+bitsandbytes QLoRA (baseline)",
+    "olive": "Olive 0.13 `olive finetune`",
+    "orch": "orch LoRA",
+    "qlora": "orch QLoRA",
+    "unsloth": "Unsloth LoRA",
+    "unsloth_qlora": "Unsloth QLoRA",
+}
+
+
+def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Runs from run folders (run.json + its row files) or folders holding run folders, sorted by folder name."""
+    folders: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if (path / "run.json").exists():
+            folders.append(path)
+        else:
+            folders += sorted(p.parent for p in path.glob("*/run.json"))
+    runs = []
+    for folder in sorted(set(folders)):
+        run = json.loads((folder / "run.json").read_text())
+        run["name"] = folder.name
+        run["rows"] = [json.loads((folder / name).read_text()) for name in run["row_files"]]
+        notes = folder / "notes.json"
+        run["notes"] = json.loads(notes.read_text()) if notes.exists() else []
+        runs.append(run)
+    if not runs:
+        raise SystemExit(f"no run.json under {', '.join(map(str, paths))}")
+    return runs
+
+
+def _ok(rows: list[dict[str, Any]], system: str, dropout: float | None = None) -> dict[str, Any] | None:
+    for r in rows:
+        same = dropout is None or abs(r.get("lora_dropout", -1) - dropout) < 1e-9
+        if r.get("ok") and r["system_id"] == system and not r.get("fastpath_options") and same:
+            return r
+    return None
+
+
+def max_loss_diff(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    la, lb = a.get("losses") or {}, b.get("losses") or {}
+    common = [k for k in la if k in lb]
+    return max(abs(la[k] - lb[k]) for k in common) if common else None
+
+
+def row_line(r: dict[str, Any], rows: list[dict[str, Any]], meta: dict[str, Any], steps: int) -> str:
+    if not r.get("ok"):
+        error = " ".join(str(r.get("error", "")).replace("|", "/").split())
+        return f"| {r['row']} | | failed: {error[:160]} | | | | | | | | |"
+    system = r["system_id"]
+    tps = r["tokens_per_s_median"]
+    base = _ok(rows, baseline_of(system))
+    peer_id = peer_of(system)
+    peer = _ok(rows, peer_id, r.get("lora_dropout")) if peer_id else None
+    mfu = tps * flops_per_token(meta, r["data"]) / peak_flops(r.get("device", ""))
+    vb = f"{tps / base['tokens_per_s_median']:.2f}x" if base else "-"
+    vu = f"{tps / peer['tokens_per_s_median']:.2f}x" if peer else "-"
+    loss_n = loss_at(r, steps)
+    diff = max_loss_diff(r, base) if base and base is not r else None
+    step1 = (r.get("step_times") or [None])[0]
+    label = LABELS.get(system, system) + (f" [{r['fastpath_options']}]" if r.get("fastpath_options") else "")
+    return (
+        f"| {label} | {r.get('lora_dropout', SETTINGS['lora_dropout']):g} | {tps:,.0f} | {vb} | {vu} "
+        f"| {r['peak_mem_allocated_gib']:.1f} / {r['peak_mem_reserved_gib']:.1f} | {mfu:.1%} "
+        f"| {'-' if loss_n is None else f'{loss_n:.3f}'} | {'-' if diff is None else f'{diff:.3f}'} "
+        f"| {'-' if step1 is None else f'{step1:.1f}'} | {how_text(system, r)} |"
+    )
+
+
+def target_lines(run: dict[str, Any]) -> list[str]:
+    """The issue's targets, checked on this run's rows (the same machine, one call)."""
+    rows, meta = run["rows"], run["meta"]
+    out = []
+    base = _ok(rows, "baseline")
+    for dropout in sorted({r.get("lora_dropout") for r in rows if r.get("ok") and r["system_id"] == "orch"}):
+        orch, uns = _ok(rows, "orch", dropout), _ok(rows, "unsloth", dropout)
+        if orch is None:
+            continue
+        bits = []
+        if base:
+            ratio = orch["tokens_per_s_median"] / base["tokens_per_s_median"]
+            if abs(base.get("lora_dropout", -1) - dropout) < 1e-9:
+                bits.append(f"{ratio:.2f}x HF+peft ({'met' if ratio >= 2.0 else 'NOT met'}: >= 2.0x)")
+            else:
+                bits.append(f"{ratio:.2f}x HF+peft's row (its dropout {base.get('lora_dropout', 0):g})")
+        if uns:
+            ratio = orch["tokens_per_s_median"] / uns["tokens_per_s_median"]
+            mem_ok = orch["peak_mem_allocated_gib"] <= uns["peak_mem_allocated_gib"]
+            bits.append(f"{ratio:.2f}x Unsloth ({'met' if ratio >= 1.05 else 'NOT met'}: >= 1.05x)")
+            bits.append(
+                f"peak {orch['peak_mem_allocated_gib']:.1f} vs Unsloth {uns['peak_mem_allocated_gib']:.1f} GiB "
+                f"({'met' if mem_ok else 'NOT met'}: no higher)"
+            )
+            d = max_loss_diff(orch, uns)
+            if d is not None:
+                bits.append(f"per-step loss within {d:.3f} of Unsloth's")
+        mfu = orch["tokens_per_s_median"] * flops_per_token(meta, orch["data"]) / peak_flops(orch.get("device", ""))
+        bits.append(f"MFU {mfu:.1%} ({'met' if mfu >= 0.5 else 'NOT met'}: >= 50%)")
+        out.append(f"orch LoRA, dropout {dropout:g}: " + "; ".join(bits))
+    q, uq = _ok(rows, "qlora"), _ok(rows, "unsloth_qlora")
+    if q and uq:
+        ratio = q["tokens_per_s_median"] / uq["tokens_per_s_median"]
+        mem_ok = q["peak_mem_allocated_gib"] <= uq["peak_mem_allocated_gib"]
+        out.append(
+            f"orch QLoRA: {ratio:.2f}x Unsloth QLoRA ({'met' if ratio >= 1.05 else 'NOT met'}: >= 1.05x); peak "
+            f"{q['peak_mem_allocated_gib']:.1f} vs {uq['peak_mem_allocated_gib']:.1f} GiB "
+            f"({'met' if mem_ok else 'NOT met'}: no more)"
+        )
+    return out
+
+
+def render(runs: list[dict[str, Any]]) -> str:
+    """The gpu section of bench/RESULTS.md, from the runs' JSON files alone."""
+    s = SETTINGS
     lines = [
-        f"Measured {results.get('date', '')} on {results.get('device', '?')}; {results.get('versions', '')}.",
-        f"LoRA r={SETTINGS['lora_r']}, alpha={SETTINGS['lora_alpha']}, dropout={SETTINGS['lora_dropout']} on "
-        f"{', '.join(SETTINGS['target_modules'])}; batch {SETTINGS['batch_size']} x max {SETTINGS['max_len']} tokens, "
-        f"AdamW lr {SETTINGS['learning_rate']} constant; {results['steps']} steps, tokens/s = median over steps "
-        f"{results['warmup'] + 1}-{results['steps']} (real tokens, padding excluded). Random weights, bf16.",
+        "Rendered by `python bench/gpu_finetune.py --render bench/results/gpu_finetune` from the per-row JSON files "
+        "under bench/results/gpu_finetune/ (tests/test_bench.py checks that this section is that rendering).",
+        "",
+        f"LoRA r={s['lora_r']}, alpha={s['lora_alpha']} on {', '.join(s['target_modules'])} (dropout per row); "
+        f"batch {s['batch_size']} x {s['max_len']} tokens, AdamW lr {s['learning_rate']} constant, the Trainer logging "
+        f"every {s['logging_steps']} steps (per-step losses are read from each step's loss tensor after training); "
+        "random weights, bf16; every row sees the same samples in the same order. tokens/s = median of the per-step "
+        "rates after the warm-up steps (per-step times from CUDA events at step ends: the timer adds no host sync). "
+        "MFU = tokens/s x (4 N + causal attention FLOPs per token) / 989 TFLOP/s. Peak memory: "
+        "torch.cuda.max_memory_allocated / max_memory_reserved of each row's own process. Ratios are taken within one "
+        "run (one call on one machine): vs HF+peft against the run's baseline row, vs Unsloth against the Unsloth "
+        "row of the same dropout (QLoRA: Unsloth QLoRA). No row saves checkpoints (orch's pass: its job has no "
+        "checkpoint_dir, so its resume checkpoints are off, and save_strategy 'no'; the others: save_strategy 'no'); "
+        "activation checkpointing as each row's 'how' says.",
         "",
     ]
-    for shape, meta in metas.items():
-        cfg = meta["config"]
+    runs = sorted(runs, key=lambda r: r["name"])  # run folders are named in the order they ran
+    summary = [(run["name"], t) for run in reversed(runs) for t in target_lines(run)]
+    if summary:
+        lines.append("Summary: the issue's targets checked on each run (newest first; details under each run):")
+        lines.append("")
+        lines += [f"- `{name}`: {t}" for name, t in summary]
+        lines.append("")
+    shown_plan = None
+    for run in runs:
+        meta, cfg = run["meta"], run["meta"]["config"]
+        lines.append(f"### `{meta['shape']}` ({run['name']}): {run.get('device', '?')}, {run.get('date', '')}")
+        lines.append("")
         lines.append(
-            f"- Model `{shape}`: Phi3ForCausalLM, {meta['n_params'] / 1e9:.2f} B parameters, hidden "
-            f"{cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads / "
-            f"{cfg['num_key_value_heads']} KV heads, vocab {cfg['vocab_size']:,}"
+            f"Phi3ForCausalLM, {meta['n_params'] / 1e9:.2f} B parameters, hidden {cfg['hidden_size']}, "
+            f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV "
+            f"heads, vocab {cfg['vocab_size']:,}"
             + (", tied embeddings" if cfg.get("tie_word_embeddings") else "")
             + (f", partial RoPE {cfg['partial_rotary_factor']}" if cfg.get("partial_rotary_factor") else "")
-        )
-    lines.append("")
-    multi = len({r.get("session", 1) for r in rows}) > 1
-    if multi:
-        lines.append(
-            "Rows marked (run N) come from the N-th call of this script, each on a fresh machine of the same kind; "
-            "every ratio is taken against the baseline of the same run (QLoRA: the QLoRA baseline)."
+            + f". {run['steps']} steps, median over steps {run['warmup'] + 1}-{run['steps']}. "
+            + f"{run.get('versions', '')}."
         )
         lines.append("")
-    n_loss = results["steps"]
-    for shape, meta in metas.items():
-        for data in ("var", "fixed"):
-            data_rows = [r for r in rows if r.get("data") == data and r.get("shape", first["shape"]) == shape]
+        for data in ("fixed", "var"):
+            data_rows = [r for r in run["rows"] if r.get("data") == data]
             if not data_rows:
                 continue
             lens = meta["lengths"][data]
             lines.append(
-                f"**`{shape}`, data `{data}`**: {len(lens)} samples, {min(lens)}-{max(lens)} tokens "
-                f"(mean {statistics.mean(lens):.0f})"
-                + (" — every row sees the same texts" if data == "var" else " — every sample exactly the max length")
+                f"Data `{data}`: {len(lens)} samples of {min(lens)}-{max(lens)} tokens "
+                f"(mean {statistics.mean(lens):.0f})."
             )
             lines.append("")
-
-            def ref(system: str, session: int, rows: list[dict[str, Any]] = data_rows) -> dict[str, Any] | None:
-                return next(
-                    (
-                        r
-                        for r in rows
-                        if r["row"].split(":")[0] == system and r.get("ok") and r.get("session", 1) == session
-                    ),
-                    None,
-                )
-
-            fpt = flops_per_token(meta, data)
-            has_olive = any(r["row"].startswith("olive") for r in data_rows)
-            olive_col = " vs Olive |" if has_olive else ""
             lines.append(
-                f"| system | tokens/s | vs its baseline |{olive_col} peak mem (alloc / reserved GiB) | MFU "
-                f"| loss @ step {n_loss} | loss @ 10 | step 1 s | how |"
+                f"| system | dropout | tokens/s | vs HF+peft | vs Unsloth | peak mem GiB (alloc / reserved) | MFU "
+                f"| loss @ {run['steps']} | max per-step loss diff vs baseline | step 1 s | how |"
             )
-            lines.append("|---|---:|---:|" + ("---:|" if has_olive else "") + "---:|---:|---:|---:|---:|---|")
-            for r in data_rows:
-                if not r.get("ok"):
-                    blanks = "| | | | | | |" + (" |" if has_olive else "")
-                    lines.append(f"| {r['row']} | failed {blanks} {r.get('error', '')[:160]} |")
-                    continue
-                tps = r["tokens_per_s_median"]
-                session = r.get("session", 1)
-                system = r["row"].split(":")[0]
-                base = ref(baseline_of(system), session)
-                olive = ref("olive", session)
-                mfu = tps * fpt / peak_flops(r.get("device", ""))
-                vb = f"{tps / base['tokens_per_s_median']:.2f}x" if base else "-"
-                vo = (f" {tps / olive['tokens_per_s_median']:.2f}x |" if olive else " - |") if has_olive else ""
-                loss_n, loss_10 = loss_at(r, n_loss), loss_at(r, 10)
-                step1 = (r.get("step_times") or [None])[0]
-                lines.append(
-                    f"| {r['system']}{' [' + r['fastpath_options'] + ']' if r.get('fastpath_options') else ''}"
-                    f"{f' (run {session})' if multi else ''} "
-                    f"| {tps:,.0f} | {vb} |{vo} {r['peak_mem_allocated_gib']:.1f} / {r['peak_mem_reserved_gib']:.1f} "
-                    f"| {mfu:.1%} | {loss_n if loss_n is None else f'{loss_n:.3f}'} "
-                    f"| {loss_10 if loss_10 is None else f'{loss_10:.3f}'} "
-                    f"| {step1 if step1 is None else f'{step1:.1f}'} | {how_text(system, r)} |"
-                )
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            lines += [row_line(r, data_rows, meta, run["steps"]) for r in data_rows]
             lines.append("")
-    for note in results.get("notes", []):
-        lines.append(f"- {note}")
-    if results.get("notes"):
-        lines.append("")
-    plans = {f"{r.get('shape', '')} {r['row']}".strip(): r.get("plan") for r in rows if r.get("ok") and r.get("plan")}
-    if plans:
-        lines.append("What orch picked on this GPU (orchestrator/passes/lora/cuda.py, printed by the pass):")
-        lines.append("")
-        first = next(iter(plans.items()))
-        for reason in first[1]:
-            lines.append(f"- {reason}")
-        for row, plan in plans.items():
-            if plan != first[1]:
-                lines.append(f"- {row}: " + "; ".join(plan))
-        lines.append("")
-    return "\n".join(lines)
+        targets = target_lines(run)
+        if targets:
+            lines.append("Targets (issue 21), this run:")
+            lines.append("")
+            lines += [f"- {t}" for t in targets]
+            lines.append("")
+        for note in run.get("notes", []):
+            lines.append(f"- {note}")
+        if run.get("notes"):
+            lines.append("")
+        plan = next((r.get("plan") for r in run["rows"] if r.get("ok") and r.get("plan")), None)
+        if plan and plan != shown_plan:
+            lines.append(f"What orch picked on this GPU ({run['name']}, printed by the pass):")
+            lines.append("")
+            lines += [f"- {reason}" for reason in plan]
+            lines.append("")
+            shown_plan = plan
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def how_text(system: str, r: dict[str, Any]) -> str:
@@ -435,69 +592,64 @@ def how_text(system: str, r: dict[str, Any]) -> str:
             "Olive's join: texts concatenated into full 1024 blocks (samples see each other); grad checkpointing "
             "(Olive's default: without it, it ran out of memory)"
         )
+    if system in ("unsloth", "unsloth_qlora"):
+        ckpt = "Unsloth checkpointing" if system == "unsloth_qlora" else "no checkpointing"
+        base = "bitsandbytes nf4 + double quant base, " if system == "unsloth_qlora" else ""
+        return (
+            f"{base}FastLanguageModel (its LoRA kernels, compiled blocks), TRL SFTTrainer as Unsloth patches it, {ckpt}"
+        )
     plan = " ".join(r.get("plan") or [])
     bits = []
     if "padding-free batches:" in plan:
-        bits.append("padding-free + varlen attention")
+        bits.append("padding-free")
     if "cuDNN's SDPA" in plan and r.get("data") == "fixed":
-        bits.append("cuDNN attention (equal-length rows)")
+        bits.append("cuDNN attention")
     if "Liger kernels:" in plan:
         bits.append("Liger RMSNorm/RoPE" + ("" if "SwiGLU: orch" in plan else "/SwiGLU"))
     if "SwiGLU: orch" in plan:
-        bits.append("orch SwiGLU kernel")
+        bits.append("orch SwiGLU")
     if "q, k, v split" in plan:
         bits.append("qkv split")
-    if "input cast off" in plan:
-        bits.append("no peft fp32 input cast")
     if "fused LoRA layers:" in plan:
-        inside = ", dropout inside" if "LoRA dropout inside" in plan else ""
-        bits.append(f"fused LoRA layers (addmm epilogue{inside})")
+        bits.append("fused LoRA layers" + (" (dropout inside)" if "LoRA dropout inside" in plan else ""))
+    if "q, k (RoPE applied) and v written by one Triton kernel" in plan:
+        bits.append("q/k/v + RoPE kernel")
+    if "recomputes silu(gate) * up" in plan:
+        bits.append("SwiGLU recomputed in down_proj's backward")
+    if "no host sync in the training step" in plan:
+        bits.append("no host syncs in the step")
+    if "QLoRA: the frozen norms" in plan:
+        bits.append("bf16 frozen params")
     if "checkpointing on" in plan:
         bits.append("grad checkpointing")
     if "torch.compile" in plan:
         bits.append("torch.compile per decoder layer")
     if "adamw_torch_fused" in plan:
         bits.append("fused AdamW")
-    bits.append("Liger fused linear CE" if "Liger's fused linear cross-entropy" in plan else "TRL fused LM head")
+    bits.append("fused linear CE" if "fused linear cross-entropy" in plan else "TRL fused LM head")
     if system == "qlora":
         bits.insert(0, "nf4 + double quant base")
     return ", ".join(bits)
-
-
-def merge_results(paths: list[Path]) -> dict[str, Any]:
-    """One table from several runs (same steps; shapes may differ): run N's rows carry session=N and their shape.
-
-    Runs of different shapes count as one session per shape (their ratios are within a run either way)."""
-    merged: dict[str, Any] | None = None
-    seen: dict[str, int] = {}
-    for path in paths:
-        res = json.loads(Path(path).read_text())
-        shape = res["meta"]["shape"]
-        seen[shape] = seen.get(shape, 0) + 1
-        for r in res["rows"]:
-            r["session"] = seen[shape]
-            r["shape"] = shape
-        if merged is None:
-            merged = res
-            merged["metas"] = {shape: res["meta"]}
-        else:
-            if res["steps"] != merged["steps"]:
-                raise SystemExit(f"{path}: another step count than {paths[0]}")
-            merged["metas"].setdefault(shape, res["meta"])
-            merged["rows"] += res["rows"]
-    assert merged is not None
-    return merged
 
 
 def write_results_md(md: str, path: Path) -> None:
     results_md.write_section(path, SECTION, f"## GPU fine-tuning (bench/gpu_finetune.py)\n\n{md}")
 
 
+def section_of(path: Path) -> str:
+    """The gpu section's body as bench/RESULTS.md holds it (what write_results_md wrote)."""
+    text = path.read_text()
+    start, end = f"<!-- {SECTION}:start -->\n", f"\n<!-- {SECTION}:end -->"
+    body = text[text.index(start) + len(start) : text.index(end)]
+    return body.removeprefix("## GPU fine-tuning (bench/gpu_finetune.py)\n\n")
+
+
 def versions() -> str:
     import importlib.metadata as md
 
     parts = []
-    for name in ("torch", "transformers", "peft", "trl", "liger-kernel", "bitsandbytes", "olive-ai"):
+    names = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "liger-kernel", "bitsandbytes")
+    for name in (*names, "unsloth", "unsloth_zoo", "olive-ai"):
         with contextlib.suppress(md.PackageNotFoundError):
             parts.append(f"{name} {md.version(name)}")
     return ", ".join(parts)
@@ -507,83 +659,104 @@ def orchestrate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
+    specs = [parse_row(r) | {"row": r.strip()} for r in args.rows.split(",") if r.strip()]  # bad specs fail first
     # in a child process: the model is built on the GPU, and the CUDA context must not outlive it into the rows
     cmd = [sys.executable, str(Path(__file__).resolve()), "prepare", str(work), args.shape, str(args.steps)]
     subprocess.run(cmd, check=True)
     meta = json.loads((work / "prepared.json").read_text())
     print(f"prepared {args.shape}: {meta['n_params'] / 1e9:.2f} B params in {meta['prepare_s']:.0f}s", flush=True)
-    results: dict[str, Any] = {
+    run: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "device": "?",  # from the rows: this process never touches the GPU (its CUDA context would count)
         "versions": versions(),
         "steps": args.steps,
         "warmup": args.warmup,
         "meta": meta,
-        "rows": [],
+        "row_files": [],
     }
     deadline = time.monotonic() + args.budget_s
     profile_rows = {r.strip() for r in (args.profile or "").split(",") if r.strip()}
-    for spec in [r.strip() for r in args.rows.split(",") if r.strip()]:
-        system, _, rest = spec.partition(":")
-        data, _, opts = rest.partition(":")
-        opts = opts.replace("/", ",")
+    base_settings = json.loads(os.environ.get("BENCH_SETTINGS") or "{}")
+    for i, spec in enumerate(specs):
+        row_json = out / f"row_{i}_{spec['slug']}.json"
+        log = out / f"row_{i}_{spec['slug']}.log"
+        settings = {**SETTINGS, **spec["settings"]}
+        ident = {"row": spec["row"], "system_id": spec["system"], "data": spec["data"], "shape": args.shape}
+        ident["lora_dropout"] = float(settings["lora_dropout"])
         left = deadline - time.monotonic()
         if left < 45:
-            results["rows"].append({"row": spec, "data": data, "ok": False, "error": "skipped: out of time budget"})
-            continue
-        row_json = out / f"row_{len(results['rows'])}_{system}_{data}.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "row", system, "--data", str(work / f"data_{data}.jsonl")]
-        cmd += ["--model", str(work / "model"), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        cmd += ["--json", str(row_json)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        env["ORCH_CUDA_FASTPATH"] = opts
-        if spec in profile_rows:
-            prof_dir = out / f"profile_{len(results['rows'])}"
-            env["BENCH_PROFILE"] = f"{prof_dir}:{args.steps - 1}:2"
-        t0 = time.perf_counter()
-        log = out / f"row_{len(results['rows'])}_{system}_{data}.log"
-        try:
-            with open(log, "w") as lf:
-                rc = subprocess.run(
-                    cmd, env=env, stdout=lf, stderr=subprocess.STDOUT, timeout=min(left, args.row_timeout_s)
-                ).returncode
-        except subprocess.TimeoutExpired:
-            rc = -9
-        wall = time.perf_counter() - t0
-        if rc == 0 and row_json.exists():
-            r = json.loads(row_json.read_text())
-            r.update(row=spec, data=data, ok=True, row_wall_s=wall, shape=args.shape)
-            results["device"] = r.get("device", results["device"])
-            r["how"] = how_text(system, r)
+            r = {**ident, "ok": False, "error": "skipped: out of time budget"}
         else:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-            r = {"row": spec, "data": data, "ok": False, "error": f"rc={rc} " + " | ".join(tail), "row_wall_s": wall}
-        results["rows"].append(r)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+            cmd = [sys.executable, str(Path(__file__).resolve()), "row", spec["system"]]
+            cmd += ["--data", str(work / f"data_{spec['data']}.jsonl"), "--model", str(work / "model")]
+            cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(row_json)]
+            env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+            env["ORCH_CUDA_FASTPATH"] = spec["fastpath"]
+            env["BENCH_SETTINGS"] = json.dumps({**base_settings, **spec["settings"]})
+            if spec["row"] in profile_rows:
+                env["BENCH_PROFILE"] = f"{out / f'profile_{i}'}:{args.steps - 1}:2"
+            t0 = time.perf_counter()
+            row_json.unlink(missing_ok=True)
+            try:
+                with open(log, "w") as lf:
+                    rc = subprocess.run(
+                        cmd, env=env, stdout=lf, stderr=subprocess.STDOUT, timeout=min(left, args.row_timeout_s)
+                    ).returncode
+            except subprocess.TimeoutExpired:
+                rc = -9
+            wall = time.perf_counter() - t0
+            if rc == 0 and row_json.exists():
+                r = {**json.loads(row_json.read_text()), **ident, "ok": True, "row_wall_s": wall}
+                run["device"] = r.get("device", run["device"])
+                r["how"] = how_text(spec["system"], r)
+            else:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+                r = {**ident, "ok": False, "error": f"rc={rc} " + " | ".join(tail), "row_wall_s": wall}
+        row_json.write_text(json.dumps(r, indent=1))
+        run["row_files"].append(row_json.name)
+        (out / "run.json").write_text(json.dumps(run, indent=1))
         brief = {k: r.get(k) for k in ("row", "ok", "tokens_per_s_median", "peak_mem_allocated_gib", "row_wall_s")}
         print(json.dumps(brief), flush=True)
         if not r["ok"]:
             print("  " + r["error"][:600], flush=True)
-    md = render(results)
+    md = render(load_runs([out]))
     (out / "RESULTS_gpu.md").write_text(md)
     print(md, flush=True)
     return 0
 
 
 def row_main(args: argparse.Namespace) -> int:
-    import olive_runner  # noqa: F401  (bench/ is on sys.path)
+    """One row in this process; a machine that cannot run it (QLoRA or Unsloth without CUDA) gets one line, exit 2."""
     from baseline_peft import run as run_baseline
 
-    if args.system == "baseline":
-        run_baseline(args.model, args.data, args.steps, args.warmup, args.json)
-    elif args.system == "qlora_baseline":
-        run_baseline(args.model, args.data, args.steps, args.warmup, args.json, qlora=True)
-    elif args.system == "olive":
-        olive_runner.run(args.model, args.data, args.steps, args.warmup, args.json)
-    elif args.system in ("orch", "qlora"):
-        run_orch_row(args.model, args.data, args.steps, args.warmup, args.json, qlora=args.system == "qlora")
-    else:
-        raise SystemExit(f"unknown system {args.system!r}")
+    from orchestrator.passes.base import PassError
+
+    try:
+        if args.system == "baseline":
+            run_baseline(args.model, args.data, args.steps, args.warmup, args.json)
+        elif args.system == "qlora_baseline":
+            run_baseline(args.model, args.data, args.steps, args.warmup, args.json, qlora=True)
+        elif args.system == "olive":
+            import olive_runner
+
+            olive_runner.run(args.model, args.data, args.steps, args.warmup, args.json)
+        elif args.system in ("orch", "qlora"):
+            run_orch_row(args.model, args.data, args.steps, args.warmup, args.json, qlora=args.system == "qlora")
+        elif args.system in ("unsloth", "unsloth_qlora"):
+            import unsloth_runner
+
+            try:
+                unsloth_runner.run(
+                    args.model, args.data, args.steps, args.warmup, args.json, qlora=args.system == "unsloth_qlora"
+                )
+            except unsloth_runner.Refusal as exc:
+                print(exc, flush=True)
+                return 2
+        else:
+            raise SystemExit(f"unknown system {args.system!r}")
+    except PassError as exc:
+        print(f"{args.system}: {exc}", flush=True)
+        return 2
     return 0
 
 
@@ -650,16 +823,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--row-timeout-s", type=float, default=300)
     p.add_argument("--profile", default="", help="comma list of row specs whose last two steps are profiled")
     p.add_argument(
-        "--render", type=Path, nargs="+", help="results.json of one or more runs: render them into bench/RESULTS.md"
+        "--render",
+        type=Path,
+        nargs="+",
+        help="run folders (run.json + row files), or folders of them: render them into bench/RESULTS.md",
     )
-    p.add_argument("--notes", type=Path, help="with --render: a text file of notes (paragraphs) under the tables")
     args = p.parse_args(argv)
     if args.render:
-        results = merge_results(args.render)
-        if args.notes:  # one note per paragraph (blank-line separated) of the file
-            paras = [" ".join(b.split()) for b in args.notes.read_text().split("\n\n") if b.strip()]
-            results["notes"] = [*results.get("notes", []), *paras]
-        write_results_md(render(results), BENCH / "RESULTS.md")
+        write_results_md(render(load_runs(args.render)), BENCH / "RESULTS.md")
         return 0
     return orchestrate(args)
 

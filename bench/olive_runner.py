@@ -87,7 +87,14 @@ def olive_argv(model: Path, data: Path, steps: int, out_dir: Path, cuda: bool = 
     return [*argv, "--bf16", "True"] if cuda else argv
 
 
+NOT_INSTALLED = 'olive: not installed: pip install "olive-ai[lora]==0.13.0" (bench/README.md lists its GPU wheels)'
+
+
 def run(model: Path, data: Path, steps: int, warmup: int, out_json: Path) -> dict:
+    import importlib.util
+
+    if importlib.util.find_spec("olive") is None:
+        raise SystemExit(NOT_INSTALLED)
     os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
     install_step_timer()
     from olive.cli.launcher import main as olive_main

@@ -23,6 +23,7 @@ from typing import Any
 from orchestrator.core.cache import MANIFEST_FILE, folder_manifest
 from orchestrator.core.fs import atomic_write_text
 from orchestrator.core.job import RESULT_FILE, Job, JobResult, JobState, append_event
+from orchestrator.core.progress import ProgressLines
 from orchestrator.core.secrets import SecretError
 from orchestrator.core.secrets import resolve_secret as _resolve_secret
 from orchestrator.core.versions import library_versions
@@ -83,6 +84,34 @@ def await_rank0_result(out_dir: Path, timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+def fetch_hub_refs(job: Job, emit: Any) -> Job:
+    """hf://<id>@<sha> references a system left to the job (Azure ML): downloaded here, into this machine's HF
+    cache, exactly the files the pass reads; the job then reads local folders like everywhere else."""
+    from orchestrator.core.errors import UserError
+    from orchestrator.core.hub import is_hub_uri, materialize
+
+    refs = ([job.model.path] if job.model and is_hub_uri(job.model.path) else []) + [
+        v for v in job.data_files.values() if is_hub_uri(v)
+    ]
+    if not refs:
+        return job
+    try:
+        updates: dict[str, Any] = {}
+        if job.model is not None and is_hub_uri(job.model.path):
+            local = materialize(job.model.path, field="input_model.model_path")
+            updates["model"] = job.model.model_copy(update={"path": str(local)})
+        files = dict(job.data_files)
+        for name, value in job.data_files.items():
+            if is_hub_uri(value):
+                files[name] = str(materialize(value, field=f"data_configs.{name}"))
+        updates["data_files"] = files
+    except UserError as exc:  # HubError: the one line names the reference and the fix
+        raise PassError(str(exc)) from None
+    shown = ", ".join(r.split("?", 1)[0] for r in refs)
+    emit({"t": time.time(), "type": "log", "message": f"runner: downloaded {shown} from the hub"})
+    return job.model_copy(update=updates)
+
+
 def run_job(job: Job) -> JobResult:
     out_dir = Path(job.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,12 +119,22 @@ def run_job(job: Job) -> JobResult:
     writer = rank == 0  # one result.json and one event stream per job, whatever the number of ranks
     direct = _MlflowDirect(job.tracking.metric_prefix) if job.tracking.mode == "direct" and writer else None
 
+    lines = ProgressLines()  # the job log (Docker's, Azure ML's std_log) shows progress as it goes
+
     def emit(event: dict[str, Any]) -> None:
         if not writer:
             return
         append_event(out_dir, event)
         if event["type"] == "log":
             print(event["message"], flush=True)
+        elif event["type"] == "metric":
+            lines.metric(event["name"], event["value"])
+        elif event["type"] == "progress":
+            line = lines.update(
+                event["done"], event["total"], t=event.get("t"), tokens=event.get("tokens"), desc=event.get("desc", "")
+            )
+            if line:
+                print(f"progress: {line}", flush=True)
         if direct is not None:
             direct(event)
 
@@ -109,6 +148,7 @@ def run_job(job: Job) -> JobResult:
         secrets = {name: resolve_secret(src) for name, src in job.secrets.items()}
         if "hf_token" in secrets:  # huggingface_hub reads it from here; it never leaves this process
             os.environ["HF_TOKEN"] = secrets["hf_token"]
+        job = fetch_hub_refs(job, emit)
         ctx = PassContext(job=job, out_dir=out_dir, emit=emit, secrets=secrets)
         emit({"t": time.time(), "type": "status", "status": JobState.RUNNING.value})
         if world > 1:

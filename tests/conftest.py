@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,12 @@ sys.path.insert(0, str(DEMO))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No test may reach the real hub: the default endpoint is a closed loopback port (connection refused at once);
+# tests that load from a hub start tests/hub_standin and point HF_ENDPOINT at it (hub_env).
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="orch-tests-hf-")  # never the developer's own HF cache
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+HUB_TOKEN = "hf_standin_private_token_7c1e"  # a fake value the stand-in accepts for its private repos
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +85,28 @@ def workflow_factory(tiny_model: Path, tone_data: Path, tmp_path: Path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hub(tiny_model: Path) -> Any:
+    """The hub stand-in serving every model and dataset the corpus and tests name (tests/hub_standin), plus a
+    private repo; fails the session's tests on any route the clients called that it does not serve."""
+    from tests.hub_standin import serve_defaults, start_hub
+    from tests.hub_standin.repos import folder_files
+
+    with start_hub() as h:
+        h.tokens.add(HUB_TOKEN)
+        h.shas = serve_defaults(h, tiny_model)
+        h.add_repo("acme-corp/private-phi3", folder_files(tiny_model), private=True)
+        yield h
+        assert h.unknown_requests == [], f"clients called routes the hub stand-in does not serve: {h.unknown_requests}"
+
+
+def hub_env(hub: Any, hf_home: Path, *, token: str | None = None, offline: bool = False) -> dict[str, str]:
+    """The environment of a subprocess that reads the hub stand-in with its own HF cache (HF_HOME)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1" if offline else "0",
+               PYTHONPATH=str(REPO), HF_HUB_DISABLE_TELEMETRY="1")  # fmt: skip
+    if token:
+        env["HF_TOKEN"] = token
+    return env

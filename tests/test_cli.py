@@ -79,8 +79,9 @@ def test_seed_finetune_then_auto_opt_then_generate(tmp_path: Path, tiny_model: P
 
 def test_flags_orch_cannot_honour_here_fail_in_one_line(tmp_path: Path, tiny_model: Path) -> None:
     awq = orch("quantize", "-m", str(tiny_model), "--algorithm", "awq", "--precision", "int4", "-o", "q", cwd=tmp_path)
-    assert awq.returncode == 2
-    assert "calibrates on data: give --data_name" in awq.stderr and "Traceback" not in awq.stderr
+    assert awq.returncode == 2  # AWQ's default calibration set is a hub data set; the suite runs offline
+    assert "dataset mit-han-lab/pile-val-backup is not in the Hugging Face cache" in awq.stderr
+    assert "Traceback" not in awq.stderr
     assert not (tmp_path / "q").exists()  # nothing half-written
 
     qlora = orch(

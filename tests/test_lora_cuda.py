@@ -226,13 +226,16 @@ def _ids(seed: int = 0, batch: int = 2, length: int = 20):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def test_split_qkv_and_orch_swiglu_leave_loss_and_gradients_unchanged(tiny_phi3) -> None:
+@pytest.mark.parametrize("rope", [False, True])
+def test_split_qkv_and_orch_swiglu_leave_loss_and_gradients_unchanged(tiny_phi3, rope: bool) -> None:
+    """rope: q, k, v and RoPE through lora_kernels.qkv_rope (its torch reference here; the Triton kernels are checked
+    against it on the GPU by bench/gpu_kernels.py)."""
     import torch
 
     ref = _lora_model(tiny_phi3)
     patched = _lora_model(tiny_phi3)
     n_layers = patched.get_base_model().config.num_hidden_layers
-    assert lora_cuda.split_qkv_attention(patched) == n_layers
+    assert lora_cuda.split_qkv_attention(patched, rope=rope) == n_layers
     assert lora_cuda.orch_swiglu_mlp(patched) == n_layers
     batch = _ids()
     l_ref, g_ref = _loss_and_grads(ref, batch)
@@ -340,15 +343,118 @@ def test_fused_ce_loss_leaves_eval_and_other_losses_to_trl(tiny_phi3) -> None:
     assert lora_cuda.fused_ce_loss(stub, model, batch, None, lora_cuda.reference_flce) is None
 
 
-def test_sft_trainer_class_subclasses_only_for_flce() -> None:
+def test_sft_trainer_class_subclasses_only_for_flce_or_nosync() -> None:
     class Base:
         pass
 
     assert lora_cuda.sft_trainer_class(Base, None) is Base
-    no = plan_cuda(H100, PHI3_MINI, {}, {"flce": False})
+    no = plan_cuda(H100, PHI3_MINI, {}, {"flce": False, "nosync": False})
     assert lora_cuda.sft_trainer_class(Base, no) is Base
-    cls = lora_cuda.sft_trainer_class(Base, plan_cuda(H100, PHI3_MINI, {}))
-    assert issubclass(cls, Base) and cls is not Base and hasattr(cls, "compute_loss")
+    for opts in ({}, {"flce": False}, {"nosync": False}):
+        cls = lora_cuda.sft_trainer_class(Base, plan_cuda(H100, PHI3_MINI, {}, opts))
+        assert issubclass(cls, Base) and cls is not Base and hasattr(cls, "compute_loss")
+
+
+def test_nosync_and_mlp_recompute_are_planned_and_turn_off() -> None:
+    plan = plan_cuda(H100, PHI3_MINI, {})
+    assert plan.nosync and plan.mlp_recompute
+    assert any("no host sync" in r for r in plan.reasons) and any("recomputes" in r for r in plan.reasons)
+    off = plan_cuda(H100, PHI3_MINI, {}, parse_options("-nosync,-mlp_recompute"))
+    assert not off.nosync and not off.mlp_recompute
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"swiglu": False}).mlp_recompute  # it rides on orch's SwiGLU
+    assert not plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {}).mlp_recompute  # no fused 4-bit layers
+    assert not plan_cuda(H100, {**PHI3_MINI, "model_type": "llama"}, {}).mlp_recompute
+
+
+def test_qkv_rope_and_qlora_bf16_are_planned_where_they_apply() -> None:
+    plan = plan_cuda(H100, PHI3_MINI, {})
+    assert plan.qkv_rope and not plan.qlora_bf16
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"qkv_rope": False}).qkv_rope
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"qkv_split": False}).qkv_rope  # it replaces the split forward's slices
+    assert not plan_cuda({**H100, "has_triton": False, "has_liger": False}, PHI3_MINI, {}).qkv_rope
+    q = plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {})
+    assert q.qlora_bf16 and any("QLoRA: the frozen norms" in r for r in q.reasons)
+    assert not plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {"fp16": True}).qlora_bf16
+
+
+def test_frozen_params_to_leaves_adapters_in_fp32(tiny_phi3) -> None:
+    import torch
+
+    model = _lora_model(tiny_phi3)
+    for param in model.parameters():  # what prepare_model_for_kbit_training leaves: everything fp32
+        param.data = param.data.float()
+    n = lora_cuda.frozen_params_to(model, "bfloat16")
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert n == len(frozen) and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_apply_plan_turns_the_per_step_nan_check_off_unless_the_user_set_it(tiny_phi3) -> None:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    opts = {"liger": False, "padding_free": False, "fused_lora": False, "qkv_split": False, "swiglu": False}
+    plan = plan_cuda(H100, PHI3_MINI, {}, opts)
+    assert lora_cuda.apply_plan(plan, model, {})["logging_nan_inf_filter"] is False
+    assert lora_cuda.apply_plan(plan, model, {"logging_nan_inf_filter": True})["logging_nan_inf_filter"] is True
+    off = plan_cuda(H100, PHI3_MINI, {}, {**opts, "nosync": False})
+    assert "logging_nan_inf_filter" not in lora_cuda.apply_plan(off, model, {})
+
+
+def test_step_metadata_counts_tokens_and_marks_samples_on_the_cpu() -> None:
+    import torch
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    packed = {"input_ids": torch.arange(9).unsqueeze(0), "labels": torch.arange(9).unsqueeze(0), "position_ids": pos}
+    out = lora_cuda.add_step_metadata(dict(packed), padding_free=True)
+    assert out["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and out["cu_seq_lens_q"] is out["cu_seq_lens_k"]
+    assert out["max_length_q"] == out["max_length_k"] == 4 and isinstance(out["max_length_q"], int)
+    assert out[lora_cuda.STEP_TOKENS_KEY] == 9
+    # a collator that gave the boundaries already (TRL >= 1.16) keeps its own
+    given = lora_cuda.add_step_metadata(
+        {**packed, "cu_seq_lens_q": torch.tensor([0, 9], dtype=torch.int32)}, padding_free=True
+    )
+    assert given["cu_seq_lens_q"].tolist() == [0, 9] and "max_length_q" not in given
+    mask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": mask}
+    out = lora_cuda.add_step_metadata(dict(padded), padding_free=False)
+    assert out[lora_cuda.STEP_TOKENS_KEY] == 7 and "cu_seq_lens_q" not in out
+
+
+def test_orch_trainer_trains_like_trl_with_no_step_sync(tiny_phi3, tmp_path) -> None:
+    """The CUDA trainer subclass on CPU (the loss through the torch reference of the fused cross-entropy): the same
+    losses as TRL's own SFTTrainer, token counts from the CPU batch, device metrics read when it logs."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    def train(cls, out):
+        model = _lora_model(tiny_phi3)
+        ids = [list(range(10 + i, 40 + i)) for i in range(8)]
+        args = SFTConfig(
+            output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=3,
+            report_to="none", use_cpu=True, bf16=False, padding_free=True, logging_nan_inf_filter=False,
+            dataset_kwargs={"skip_prepare_dataset": True}, include_num_input_tokens_seen="non_padding", seed=3,
+            data_seed=3, save_strategy="no", disable_tqdm=True, max_length=None,
+        )  # fmt: skip
+        lora_cuda.register_varlen_attention()
+        model.base_model.model.config._attn_implementation = VARLEN_ATTN
+        trainer = cls(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids}))
+        torch.manual_seed(0)
+        trainer.train()
+        return trainer
+
+    plan = plan_cuda(H100, PHI3_MINI, {})
+    orch_cls = lora_cuda.sft_trainer_class(SFTTrainer, plan)
+    orch_cls.orch_ce = staticmethod(lora_cuda.reference_flce)  # no Triton on CPU
+    ref, new = train(SFTTrainer, tmp_path / "ref"), train(orch_cls, tmp_path / "new")
+    assert isinstance(new.data_collator, lora_cuda.StepMetadataCollator)
+    ref_logs = [h for h in ref.state.log_history if "loss" in h]
+    new_logs = [h for h in new.state.log_history if "loss" in h]
+    assert new_logs[-1]["loss"] == pytest.approx(ref_logs[-1]["loss"], rel=1e-5)
+    assert isinstance(new_logs[-1]["mean_token_accuracy"], float)
+    assert new_logs[-1]["mean_token_accuracy"] == pytest.approx(ref_logs[-1]["mean_token_accuracy"], abs=1e-6)
+    assert new.state.num_input_tokens_seen == 3 * 2 * 30  # every token of the 3 padding-free rows of 2 samples
 
 
 def test_apply_plan_fuses_the_lora_layers(tiny_phi3) -> None:

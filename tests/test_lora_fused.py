@@ -191,3 +191,74 @@ def test_fused_dropout_runs_inside_only_on_cuda_with_triton() -> None:
     drop = torch.nn.Dropout(0.05).train()
     assert _fused_dropout_p(drop, torch.zeros(2, 3), 64) is None  # CPU: the layer's own module, as peft
     assert _fused_dropout_p(torch.nn.Identity(), torch.zeros(2, 3), 64) is None
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float) -> None:
+    """SwiGLU + LoRA down_proj as one function that keeps only u (fused.swiglu_down's function), against the same
+    arithmetic in eager torch with the same dropout mask: output and gradients of u, A and B."""
+    import torch
+
+    from orchestrator.passes.lora.fused import _swiglu_down_fn
+    from orchestrator.passes.lora.kernels import swiglu_reference
+
+    gen = torch.Generator().manual_seed(5)
+    tokens, inter, out_f, rank, scaling = 12, 24, 10, 4, 0.7
+    u = torch.randn(2, tokens // 2, 2 * inter, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out_f, inter, generator=gen, dtype=torch.float64)
+    a = torch.randn(rank, inter, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_f, rank, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, tokens // 2, out_f, generator=gen, dtype=torch.float64)
+
+    torch.manual_seed(11)
+    out = _swiglu_down_fn().apply(u, w, None, a, b, scaling, p, torch.float64)
+    grads = torch.autograd.grad(out, (u, a, b), g)
+
+    torch.manual_seed(11)  # the same mask: native_dropout of the SwiGLU output, as the function draws it
+    c = swiglu_reference(u.reshape(tokens, -1))
+    xd = torch.native_dropout(c, p, True)[0] if p > 0 else c
+    ref = c @ w.t() + scaling * (xd @ a.t()) @ b.t()
+    ref_grads = torch.autograd.grad(ref.view_as(out), (u, a, b), g)
+    assert torch.allclose(out, ref.view_as(out), atol=1e-12)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_swiglu_down_saves_one_activation_fewer(tiny_phi3) -> None:
+    """With recompute, down_proj's (tokens x intermediate) input is not kept for the backward."""
+    import torch
+
+    from orchestrator.passes.lora import cuda as lora_cuda
+
+    def saved_bytes(recompute: bool) -> int:
+        model = _peft_model(tiny_phi3, dropout=0.0)
+        fuse_lora_layers(model)
+        lora_cuda.orch_swiglu_mlp(model, recompute=recompute)
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**_batch())
+        return sum(seen.values())
+
+    cfg = __import__("transformers").AutoConfig.from_pretrained(tiny_phi3)
+    tokens = _batch()["input_ids"].numel()
+    saved = saved_bytes(False) - saved_bytes(True)
+    assert saved >= cfg.num_hidden_layers * tokens * cfg.intermediate_size * 4  # fp32 here: one (T x I) per layer
+
+
+def test_swiglu_down_recompute_keeps_peft_loss_and_gradients(tiny_phi3) -> None:
+    from orchestrator.passes.lora import cuda as lora_cuda
+
+    ref = _peft_model(tiny_phi3, dropout=0.0)
+    new = _peft_model(tiny_phi3, dropout=0.0)
+    fuse_lora_layers(new)
+    assert lora_cuda.orch_swiglu_mlp(new, recompute=True) == 2
+    l_ref, g_ref = _loss_and_grads(ref, _batch(), seed=1)
+    l_new, g_new = _loss_and_grads(new, _batch(), seed=1)
+    assert torch.allclose(l_new, l_ref, atol=1e-6)
+    for name, g in g_ref.items():
+        assert torch.allclose(g_new[name], g, atol=1e-6, rtol=1e-4), name

@@ -156,8 +156,12 @@ def test_config_refusals() -> None:
     from orchestrator.passes.olive_gptq import OliveGptqPass
 
     smp = SelectiveMixedPrecisionPass.Config.model_validate({"algorithm": "kld_gradient"})
-    assert "data_config" in SelectiveMixedPrecisionPass.config_problems(smp)[0]
-    assert "data_config" in OliveGptqPass.config_problems(OliveGptqPass.Config.model_validate({}))[0]
+    # no data_config: not refused, Olive's default calibration set (the workflow reader adds it, tests/test_hub.py)
+    assert SelectiveMixedPrecisionPass.config_problems(smp) == []
+    assert SelectiveMixedPrecisionPass.default_data_config(smp)["name"] == "wikitext2_train"
+    assert OliveGptqPass.default_data_config(OliveGptqPass.Config.model_validate({}))["name"] == "wikitext2_train"
+    bad = SelectiveMixedPrecisionPass.Config.model_validate({"algorithm": "kld_gradient", "bits": 8, "high_bits": 4})
+    assert "high_bits" in SelectiveMixedPrecisionPass.config_problems(bad)[0]
     gs = GraphSurgeriesPass.Config.model_validate({"surgeries": [{"surgeon": "RemoveRopeMultiCache"}]})
     assert "TieWordEmbeddings" in GraphSurgeriesPass.config_problems(gs)[0]
     with pytest.raises(ValueError):

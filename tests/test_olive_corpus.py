@@ -1,7 +1,9 @@
 """Real Olive configs and CLI lines (tests/olive_corpus/, sources and forced rewrites in corpus.json), each run
-as written in a workspace of its own: hub ids point at the tiny Phi-3 model (./tiny-model), hub data sets at
-local files with the same columns (./data/...). Each entry must end as corpus.json says: with its artifacts on
-disk, or with a one-line error that names the unsupported pass/key and what to use. Nothing ends silently.
+as written in a workspace of its own: hub ids and hub data sets load from the hub stand-in (tests/hub_standin,
+HF_ENDPOINT; tiny models and small data sets under the real names, a token as a user of gated Llama repos has);
+what remains rewritten is what this machine forces (./tiny-model for placeholders and non-hub sources, fewer
+steps). Each entry must end as corpus.json says: with its artifacts on disk, or with a one-line error that names
+the unsupported pass/key and what to use. Nothing ends silently.
 
 `python -m tests.test_olive_corpus [ID ...]` prints every entry's outcome and the corpus figure without asserting.
 """
@@ -107,39 +109,18 @@ def on_this_machine(entry: dict[str, Any]) -> dict[str, Any]:
     return {**entry, **entry["on_cuda"]} if "on_cuda" in entry and torch.cuda.is_available() else entry
 
 
-# Stand-ins for properties of the real model a config relies on: Qwen3-0.6B ties lm_head to the embedding;
-# Phi-3.5's widths divide by AWQ/GPTQ's default group of 128 (the tiny model's MLP width, 352, does not).
-MODEL_VARIANTS: dict[str, dict[str, Any]] = {
-    "tied": {"tie_word_embeddings": True},
-    "group128": {"intermediate_size": 384},
-}
+# Stand-ins for properties of the real model a config relies on (Qwen3-0.6B ties lm_head to the embedding;
+# Phi-3.5's widths divide by AWQ/GPTQ's default group of 128): the hub stand-in serves them under those ids; an
+# entry's "model" key gives ./tiny-model the same property.
+from tests.hub_standin.content import MODEL_VARIANTS, model_variant  # noqa: E402, F401
 
 
-def model_variant(tiny_model: Path, kind: str) -> Path:
-    """The tiny model with config changes (MODEL_VARIANTS), saved beside it once, same tokenizer; a tied
-    variant keeps the weights with lm_head = embedding, others are re-initialized (seed 0)."""
-    dest = tiny_model.parent / f"{tiny_model.name}-{kind}"
-    if not dest.exists():
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        if kind == "tied":
-            model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-            model.config.tie_word_embeddings = True
-            model.lm_head.weight = model.model.embed_tokens.weight
-        else:
-            config = AutoConfig.from_pretrained(tiny_model)
-            for key, value in MODEL_VARIANTS[kind].items():
-                setattr(config, key, value)
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        model.save_pretrained(dest)
-        AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
-    return dest
-
-
-def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: Path | None = None) -> Outcome:
-    """Run an entry's commands in `work`; one MLflow store for all entries (its schema is created once)."""
+def run_entry(
+    entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: Path | None = None, hub: Any = None,
+    hf_home: Path | None = None,
+) -> Outcome:  # fmt: skip
+    """Run an entry's commands in `work`; one MLflow store for all entries (its schema is created once); hub ids
+    load from `hub` (the stand-in) into the HF cache `hf_home`."""
     entry = on_this_machine(entry)
     work.mkdir(parents=True, exist_ok=True)
     if entry.get("model"):  # a property of the real model the config relies on (MODEL_VARIANTS)
@@ -153,6 +134,10 @@ def run_entry(entry: dict[str, Any], work: Path, tiny_model: Path, tracking_db: 
         (work / entry["file"]).write_text((CORPUS / entry["file"]).read_text())
     db = tracking_db or work / "ml.db"
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    if hub is not None:  # a user of these configs has the hub, and a token (Llama repos are gated)
+        from tests.conftest import HUB_TOKEN, hub_env
+
+        env.update(hub_env(hub, hf_home or work / "hf", token=HUB_TOKEN), COLUMNS="200")
     t0 = time.perf_counter()
     for argv in commands(entry):
         proc = subprocess.run(
@@ -191,9 +176,16 @@ def tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mlflow") / "corpus.db"
 
 
+@pytest.fixture(scope="module")
+def corpus_hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf")  # one HF cache for the corpus, as on one user's machine
+
+
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["id"] for e in ENTRIES])
-def test_corpus_entry(entry: dict[str, Any], tmp_path: Path, tiny_model: Path, tracking_db: Path) -> None:
-    outcome = run_entry(entry, tmp_path / "work", tiny_model, tracking_db)
+def test_corpus_entry(
+    entry: dict[str, Any], tmp_path: Path, tiny_model: Path, tracking_db: Path, hub: Any, corpus_hf_home: Path
+) -> None:
+    outcome = run_entry(entry, tmp_path / "work", tiny_model, tracking_db, hub, corpus_hf_home)
     entry = on_this_machine(entry)
     expect = entry["expect"]
     assert outcome.kind == expect, f"{entry['id']}: expected {expect}, got {outcome.kind}: {outcome.detail}"
@@ -217,16 +209,20 @@ if __name__ == "__main__":
     import tempfile
 
     from orchestrator.passes.tiny_model import build_tiny_phi3
+    from tests.conftest import HUB_TOKEN
+    from tests.hub_standin import serve_defaults, start_hub
 
     wanted = set(sys.argv[1:])
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, start_hub() as hub:
         rows = _rows(240)
         model = build_tiny_phi3(Path(tmp) / "tiny-phi3", texts=[f"{r['phrase']} {r['tone']}" for r in rows])
+        hub.tokens.add(HUB_TOKEN)
+        serve_defaults(hub, model)
         counts: dict[str, int] = {}
         for e in ENTRIES:
             if wanted and e["id"] not in wanted:
                 continue
-            o = run_entry(e, Path(tmp) / e["id"], model, Path(tmp) / "corpus.db")
+            o = run_entry(e, Path(tmp) / e["id"], model, Path(tmp) / "corpus.db", hub, Path(tmp) / "hf")
             counts[o.kind] = counts.get(o.kind, 0) + 1
             print(f"{e['id']:40s} {o.kind:8s} {o.seconds:6.1f}s  {o.detail.splitlines()[0] if o.detail else ''}")
             if o.kind == "failed":
@@ -475,7 +471,7 @@ def test_evaluator_metric_config_and_backend_honoured_or_refused_at_load(tmp_pat
         load_workflow(_ev_wf([{"name": "l", "type": "latency", "user_config": {"batch_size": 2}}]), base_dir=tmp_path)
 
 
-def test_cuda_only_evaluator_and_awq_without_data_refused_before_compute(tmp_path: Path, tiny_model: Path) -> None:
+def test_cuda_only_evaluator_refused_and_awq_without_data_reads_the_default(tmp_path: Path, tiny_model: Path) -> None:
     import torch
 
     from orchestrator.engine import Engine
@@ -498,7 +494,10 @@ def test_cuda_only_evaluator_and_awq_without_data_refused_before_compute(tmp_pat
     awq["passes"] = {"q": {"type": "AutoAWQQuantizer", "w_bit": 3}}
     with pytest.raises(ConfigError) as exc:
         load_workflow(awq, base_dir=tmp_path)
-    assert "AutoAWQQuantizer needs calibration data" in str(exc.value) and "bits=3" in str(exc.value)
+    assert "bits=3" in str(exc.value) and "calibration" not in str(exc.value)  # no data: Olive's default, below
+    awq["passes"]["q"] = {"type": "AutoAWQQuantizer"}
+    notes = load_workflow(awq, base_dir=tmp_path).notes
+    assert any("no data_config: Olive's default calibration data, mit-han-lab/pile-val-backup" in n for n in notes)
     awq["passes"]["q"] = {"type": "AutoAWQQuantizer", "data_config": "d", "version": "GEMM"}
     awq["data_configs"] = [{"name": "d", "load_dataset_config": {"data_name": "json", "data_files": ["x.jsonl"]}}]
     notes = load_workflow(awq, base_dir=tmp_path).notes

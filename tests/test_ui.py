@@ -37,6 +37,7 @@ def lora_run(tmp_path: Path) -> tuple[Path, str]:
     tracker = Tracker(uri, "orch", "tone-classification")
     for step, loss in zip((5, 10, 15, 20), (5.1, 3.2, 2.0, 1.4), strict=True):
         tracker.log_metric("lora/train_loss", loss, step)
+    tracker.log_metric("lora/eval_loss", 2.4, 10)
     for name, value in {"train_loss": 2.9, "eval_loss": 1.6, "tokens_per_s": 88.0, "train_steps": 20}.items():
         tracker.log_metric(f"lora/{name}", value)
     tracker.end("FINISHED")
@@ -54,13 +55,17 @@ def test_ui_shows_the_loss_chart_and_the_metrics(
     recorded_uri, run_id = ui.mlflow_run_ref(manifest)
     assert recorded_uri == uri
     experiment = ui.experiment_of(uri, run_id)
-    proc, base = ui.start_mlflow_ui(uri, log_path=tmp_path / "mlflow-ui.log")
+    keys = ui.loss_metric_keys(uri, run_id)
+    assert keys == ["lora/eval_loss", "lora/train_loss"]  # found in the store, whatever the pass is called
+    proc, base = ui.start_mlflow_ui(uri, log_path=tmp_path / "mlflow-ui.log", screenshot=True)
     try:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         chart_png = ARTIFACTS / "loss-chart.png"
-        dom = ui.capture_page(ui.metric_page_url(base, experiment, run_id, "lora/train_loss"), chart_png)
+        dom = ui.capture_page(ui.metric_page_url(base, experiment, run_id, keys), chart_png)
         assert "js-plotly-plot" in dom, "no chart was rendered"
-        assert "lora/train_loss" in dom
+        assert "lora/train_loss" in dom and "lora/eval_loss" in dom
+        # MLflow's assistant panel (it opens itself over a quarter of the page on localhost) is not in the picture
+        assert "mlflow assistant" not in dom.lower() and "ask a question" not in dom.lower()
         # the curve: plotly draws one trace line with a point per logged step (5, 10, 15, 20)
         lines = re.findall(r"<path[^>]*js-line[^>]*>", dom)
         paths = [m.group(1) for tag in lines if (m := re.search(r'\bd="([^"]+)"', tag))]
@@ -81,3 +86,24 @@ def test_ui_shows_the_loss_chart_and_the_metrics(
     assert run_cli(["ui", "--manifest", str(tmp_path / "nothing.json")]) == 2
     err = capsys.readouterr().err
     assert "orch: error: ui:" in err and "run the workflow first" in err and "Traceback" not in err
+
+
+def test_screenshot_without_chromium_says_so_before_starting_a_server(lora_run: tuple[Path, str], tmp_path: Path):
+    """Chromium is optional: without it, one line naming it (and --plot), exit 2, no server started."""
+    import os
+    import subprocess
+    import sys
+
+    manifest, _ = lora_run
+    empty_path, tmp = tmp_path / "bin", tmp_path / "tmp"
+    empty_path.mkdir()  # no chromium on PATH
+    tmp.mkdir()  # where a started MLflow server would write its log (orch-mlflow-ui-<port>.log)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "ui", "--manifest", str(manifest), "--screenshot", "x.png"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PATH": str(empty_path), "TMPDIR": str(tmp), "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "chromium is not installed" in proc.stderr and "--plot" in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+    assert not list(tmp.glob("orch-mlflow-ui-*.log"))  # said before any server was started

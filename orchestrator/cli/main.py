@@ -41,7 +41,20 @@ HostOpt = Annotated[
 TargetOpt = Annotated[str | None, typer.Option("--target", help="system that runs evaluation (default: the host)")]
 TrackingOpt = Annotated[
     str | None,
-    typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns.db)"),
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: engine.mlflow.tracking_uri, $MLFLOW_TRACKING_URI, or mlruns.db in the "
+        "config's folder)",
+    ),
+]
+ModelNameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-name",
+        "--model_name",
+        help="the MLflow registered model name (default: engine.mlflow.register_model_name, the workflow_id, or "
+        "<command>-<output folder> for the Olive commands)",
+    ),
 ]
 
 
@@ -75,6 +88,7 @@ def _run_workflow(
     dry_run: bool = False,
     verbose: bool = False,
     no_tracking: bool = False,
+    model_name: str | None = None,
 ) -> Any:
     from orchestrator.olive import load_workflow
 
@@ -90,7 +104,8 @@ def _run_workflow(
     for flow, flow_wf in wf.flow_workflows():  # Olive's pass_flows: one run (and output model) per flow
         if flow is not None:
             console.print(Text(f"flow {flow}: ", style="bold") + Text(" -> ".join(flow_wf.passes)), highlight=False)
-        summary = _run_one(flow_wf, host, target, tracking_uri, dry_run, verbose, no_tracking)
+        name = f"{model_name}-{flow}" if model_name and flow is not None else model_name
+        summary = _run_one(flow_wf, host, target, tracking_uri, dry_run, verbose, no_tracking, name)
     return summary
 
 
@@ -102,14 +117,21 @@ def _run_one(
     dry_run: bool,
     verbose: bool,
     no_tracking: bool,
+    model_name: str | None = None,
 ) -> Any:
     """One engine run of a checked workflow: progress, the metrics table, the output and packaging lines."""
-    from orchestrator.cli.render import RichReporter, metrics_table
+    from orchestrator.cli.render import make_reporter, metrics_table
     from orchestrator.engine import Engine
 
-    reporter = RichReporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
+    reporter = make_reporter(console, verbose=verbose or (wf.engine.log_severity_level or 3) <= 1)
     engine = Engine(
-        wf, host=host, target=target, tracking_uri=tracking_uri, tracking=not no_tracking, reporter=reporter
+        wf,
+        host=host,
+        target=target,
+        tracking_uri=tracking_uri,
+        tracking=not no_tracking,
+        reporter=reporter,
+        model_name=model_name,
     )
     try:
         steps, summary = engine.run(dry_run=dry_run)
@@ -129,8 +151,20 @@ def _run_one(
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
     _package(wf, summary, out)
-    if summary.mlflow_run_id:
-        out.print(f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)}", markup=False)
+    if summary.mlflow_run_id and summary.recorded:
+        out.print(
+            f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)} (recorded earlier: every pass "
+            "was cached, nothing was logged again)",
+            markup=False,
+            soft_wrap=True,
+        )
+    elif summary.mlflow_run_id:
+        line = f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)}"
+        out.print(line, markup=False, soft_wrap=True)
+    if summary.mlflow_run_id and summary.model_uri:
+        out.print(
+            f"mlflow: model {summary.model_uri} (registered as {engine.register_as!r})", markup=False, soft_wrap=True
+        )
     return summary
 
 
@@ -208,6 +242,7 @@ def run(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream job logs")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
+    model_name: ModelNameOpt = None,
 ) -> None:
     """Run a workflow config: passes on the host, evaluation on the target."""
     _guarded(
@@ -219,6 +254,7 @@ def run(
             dry_run=dry_run,
             verbose=verbose,
             no_tracking=no_tracking,
+            model_name=model_name,
         )
     )
 
@@ -253,6 +289,7 @@ def finetune(
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    model_name: ModelNameOpt = None,
 ) -> None:
     """Olive's `finetune`: LoRA/QLoRA; other --name value flags go to the training arguments (e.g. --max_steps)."""
     from orchestrator.olive.commands import finetune_workflow, parse_extra_args
@@ -287,6 +324,7 @@ def finetune(
             dry_run=dry_run,
             verbose=log_level <= 1,
             no_tracking=no_tracking,
+            model_name=model_name,
         )
 
     _guarded(go)
@@ -310,6 +348,7 @@ def auto_opt(
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    model_name: ModelNameOpt = None,
     num_splits: Annotated[
         int | None, typer.Option("--num-splits", "--num_splits", "--num_split", help="split into N pipeline parts")
     ] = None,
@@ -343,6 +382,7 @@ def auto_opt(
             dry_run=dry_run,
             verbose=log_level <= 1,
             no_tracking=no_tracking,
+            model_name=model_name,
         )
 
     _guarded(go)
@@ -364,6 +404,7 @@ def quantize(
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "--dry_run")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    model_name: ModelNameOpt = None,
 ) -> None:
     """Olive's `quantize`: int4 weights by AWQ/GPTQ (llm-compressor, its own environment) or RTN (MatMulNBits /
     model builder)."""
@@ -390,6 +431,7 @@ def quantize(
             dry_run=dry_run,
             verbose=log_level <= 1,
             no_tracking=no_tracking,
+            model_name=model_name,
         )
 
     _guarded(go)
@@ -399,37 +441,57 @@ def quantize(
 def generate(
     model: Annotated[Path, typer.Option("--model", "-m", help="an ONNX GenAI model folder (output_dir/model)")],
     prompt: Annotated[
-        str | None, typer.Option("--prompt", "-p", help="one prompt; without it, chat interactively")
+        str | None, typer.Option("--prompt", "-p", help="one prompt, answered on stdout; without it, a chat")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
-    chat: Annotated[bool, typer.Option("--chat/--raw", help="apply the model's chat template")] = True,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--max_new_tokens", min=1)] = 64,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--raw",
+            help="--chat: the tokenizer's chat template; --raw: the text as typed (default: the template the model "
+            "was fine-tuned with, recorded in the manifest, else the chat template)",
+            show_default=False,
+        ),
+    ] = None,
+    do_sample: Annotated[
+        bool, typer.Option("--do-sample/--greedy", help="sample the next token, or take the likeliest (default)")
+    ] = False,
+    temperature: Annotated[float | None, typer.Option("--temperature", min=0.0, help="with --do-sample")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="with --do-sample")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, help="with --do-sample")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="random seed of --do-sample")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="a system message (chat template only)")] = None,
 ) -> None:
-    """Chat with (or complete a prompt with) an exported ONNX model, via onnxruntime-genai."""
+    """Chat with an exported ONNX model (onnxruntime-genai): history kept, tokens streamed, /help for commands;
+    --prompt answers one prompt for scripts."""
 
     def go() -> None:
-        from orchestrator.passes.onnx_tools import generate as og_generate
+        from orchestrator.cli import chat as chat_ui
+        from orchestrator.passes.onnx_tools import GenaiModel
 
         model_dir = model / "model" if (model / "model" / "genai_config.json").exists() else model
         if not (model_dir / "genai_config.json").exists():
             raise fail(
                 f"--model {model}: no genai_config.json there; give an ONNX GenAI folder (an orch output_dir/model)"
             )
-        prompts = [prompt] if prompt is not None else None
-        while True:
-            if prompts is None:
-                try:
-                    text = console.input("[bold cyan]you>[/] ")
-                except (EOFError, KeyboardInterrupt):
-                    return
-                if text.strip() in ("", "exit", "quit"):
-                    return
-            else:
-                if not prompts:
-                    return
-                text = prompts.pop()
-            completion, n_tokens, seconds = og_generate(model_dir, text, max_new_tokens, chat=chat)
-            out.print(completion, highlight=False, markup=False)
-            console.print(f"[dim]{n_tokens} tokens in {seconds:.3f}s ({n_tokens / max(seconds, 1e-9):.1f} tok/s)[/]")
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "random_seed": seed}
+        flags = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "random_seed": "--seed"}
+        given = [flags[k] for k, v in sampling.items() if v is not None]
+        if given and not do_sample:
+            raise fail(f"{', '.join(given)} only change sampling: add --do-sample (greedy takes the likeliest token)")
+        search: dict[str, Any] = {"do_sample": do_sample, **{k: v for k, v in sampling.items() if v is not None}}
+        genai = GenaiModel(model_dir)  # loaded once for the whole conversation
+        prompt_format = chat_ui.recorded_format(model_dir)
+        mode = chat_ui.choose_mode(chat, prompt_format, genai.has_chat_template())
+        if system and mode != "chat":
+            raise fail("--system needs the chat template: add --chat")
+        session = chat_ui.ChatSession(
+            genai, mode, prompt_format, max_new_tokens=max_new_tokens, search=search, system=system
+        )
+        if prompt is not None:
+            chat_ui.one_completion(session, prompt, out=sys.stdout, err=sys.stderr)
+        else:
+            chat_ui.chat_loop(session, out=sys.stdout, err=sys.stderr)
 
     _guarded(go)
 
@@ -720,14 +782,20 @@ def ui_command(
     run_id: Annotated[str | None, typer.Option("--run-id", help="another run of the same tracking store")] = None,
     tracking_uri: TrackingOpt = None,
     port: Annotated[int | None, typer.Option("--port", help="local MLflow server port (default: a free one)")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot", help="write a PNG of the run's loss curves and before/after metrics (matplotlib) and exit"
+        ),
+    ] = None,
     screenshot: Annotated[
         Path | None,
-        typer.Option("--screenshot", help="write a PNG of the run's loss chart (headless Chromium) and exit"),
+        typer.Option("--screenshot", help="write a PNG of the MLflow UI's loss chart (headless Chromium) and exit"),
     ] = None,
     no_browser: Annotated[bool, typer.Option("--no-browser", help="print the URL only")] = False,
 ) -> None:
     """The MLflow UI on a workflow's run: a local MLflow server over its tracking store, opened on the run's
-    charts (loss curves, metrics); Ctrl-C stops it."""
+    charts (loss curves, metrics); Ctrl-C stops it. --plot draws the same without a browser."""
 
     def go() -> None:
         import time
@@ -745,15 +813,29 @@ def ui_command(
             else:
                 recorded_uri, recorded_run = ui.mlflow_run_ref(found)
                 uri, rid = tracking_uri or recorded_uri, run_id or recorded_run
+            if plot is not None:  # matplotlib from MLflow's metric history: no server, no browser
+                from orchestrator.engine.plots import plot_mlflow_run
+
+                picture = plot_mlflow_run(uri, rid, plot)
+                for line in picture.describe():
+                    console.print(Text(f"  {line}"), highlight=False, soft_wrap=True)
+                out.print(f"plot of run {rid}: {plot}", markup=False, soft_wrap=True)
+                return
             experiment = ui.experiment_of(uri, rid)
-            proc, base = ui.start_mlflow_ui(uri, port=port)
+            keys: list[str] = []
+            if screenshot is not None:  # what is missing is said before any server starts
+                ui.chromium_binary()
+                keys = ui.loss_metric_keys(uri, rid)
+                if not keys:
+                    raise ui.UiError(f"run {rid} logged no loss-like metric: no chart to capture")
+            proc, base = ui.start_mlflow_ui(uri, port=port, screenshot=screenshot is not None)
         except ui.UiError as exc:
             raise fail(f"ui: {exc}") from None
         try:
             page = ui.run_page_url(base, experiment, rid)
             if screenshot is not None:
-                ui.capture_page(ui.metric_page_url(base, experiment, rid, "lora/train_loss"), screenshot)
-                out.print(f"screenshot of run {rid}'s loss chart: {screenshot}")
+                ui.capture_page(ui.metric_page_url(base, experiment, rid, keys), screenshot)
+                out.print(f"screenshot of run {rid}'s loss chart ({', '.join(keys)}): {screenshot}", markup=False)
                 return
             out.print(f"MLflow UI on run {rid}: {page}  (Ctrl-C stops the server)", markup=False)
             if not no_browser:

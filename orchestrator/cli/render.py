@@ -13,9 +13,21 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.core.errors import RunFailure
+from orchestrator.core.progress import ProgressLines
 from orchestrator.engine import Step, StepRecord
 
 SHOWN_METRICS = ("train_loss", "eval_loss", "accuracy", "perplexity", "tokens_per_s", "parity_max_abs_diff")
+
+
+def plan_table(steps: list[Step]) -> Table:
+    table = Table(title="plan", show_lines=False)
+    for col in ("#", "pass", "type", "system", "cache"):
+        table.add_column(col)
+    for i, s in enumerate(steps, 1):
+        where = f" ({s.where})" if s.where and s.where != "local" else ""
+        cache = f"[green]hit{where}[/]" if s.cached else "[yellow]run[/]"
+        table.add_row(str(i), escape(s.name), s.pass_type, escape(f"{s.system_name} ({s.role})"), cache)
+    return table
 
 
 class RichReporter:
@@ -36,14 +48,7 @@ class RichReporter:
         self.latest: dict[str, dict[str, float]] = {}
 
     def plan(self, steps: list[Step]) -> None:
-        table = Table(title="plan", show_lines=False)
-        for col in ("#", "pass", "type", "system", "cache"):
-            table.add_column(col)
-        for i, s in enumerate(steps, 1):
-            cache = (f"[green]hit ({s.where})[/]" if s.where and s.where != "local" else "[green]hit[/]") if s.cached \
-                else "[yellow]run[/]"
-            table.add_row(str(i), escape(s.name), s.pass_type, escape(f"{s.system_name} ({s.role})"), cache)
-        self.console.print(table)
+        self.console.print(plan_table(steps))
 
     def step_start(self, step: Step) -> None:
         if not self.progress.live.is_started:
@@ -51,7 +56,7 @@ class RichReporter:
         self.tasks[step.name] = self.progress.add_task(escape(f"{step.name} ({step.pass_type})"), total=None, info="")
         self.latest[step.name] = {}
 
-    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None:
+    def step_progress(self, step: Step, done: int, total: int, desc: str, **_: Any) -> None:
         self.progress.update(self.tasks[step.name], completed=done, total=total)
 
     def step_log(self, step: Step, line: str) -> None:
@@ -88,6 +93,63 @@ class RichReporter:
     def stop(self) -> None:
         if self.progress.live.is_started:
             self.progress.stop()
+
+
+class LineReporter:
+    """The run as plain lines, for a stderr that is no terminal (CI, `| tee`, a log file): rich's bars would
+    print nothing until the end there. One line when a pass starts and ends, and a progress line every few seconds
+    (core.progress: step/total, loss, tokens/s, ETA). With `verbose` the job's own log is shown instead, which
+    carries the same progress lines (written by the runner)."""
+
+    def __init__(self, console: Console, *, verbose: bool = False) -> None:
+        self.console = console
+        self.verbose = verbose
+        self.lines: dict[str, ProgressLines] = {}
+        self.latest: dict[str, dict[str, float]] = {}
+
+    def _say(self, text: str) -> None:
+        self.console.print(Text(text), highlight=False, soft_wrap=True)
+        self.console.file.flush()
+
+    def plan(self, steps: list[Step]) -> None:
+        self.console.print(plan_table(steps))  # a table prints as text too
+
+    def step_start(self, step: Step) -> None:
+        self.lines[step.name] = ProgressLines()
+        self.latest[step.name] = {}
+        what = "from the cache" if step.cached else f"running on {step.system_name}"
+        self._say(f"{step.name} ({step.pass_type}): {what}")
+
+    def step_progress(
+        self, step: Step, done: int, total: int, desc: str, *, tokens: int | None = None, t: float | None = None
+    ) -> None:
+        desc = "" if desc == step.pass_type else desc  # the pass type is on the line already
+        line = self.lines[step.name].update(done, total, t=t, tokens=tokens, desc=desc)
+        if line and not self.verbose:
+            self._say(f"{step.name} ({step.pass_type}) {line}")
+
+    def step_log(self, step: Step, line: str) -> None:
+        if self.verbose:
+            self._say(f"{step.name}| {line.rstrip()}")
+
+    def step_note(self, step: Step, message: str) -> None:
+        self._say(f"{step.name}: {message}")
+
+    def step_metric(self, step: Step, name: str, value: float) -> None:
+        self.lines[step.name].metric(name, value)
+        self.latest[step.name][name] = value
+
+    def step_end(self, step: Step, record: StepRecord) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in record.metrics.items() if k in SHOWN_METRICS)
+        note = "cached" if record.cached else f"done in {record.duration_s:.1f}s"
+        self._say(f"{step.name} ({step.pass_type}): {note}" + (f"  {shown}" if shown else ""))
+
+    def stop(self) -> None: ...
+
+
+def make_reporter(console: Console, *, verbose: bool = False) -> RichReporter | LineReporter:
+    """Bars on a terminal, lines anywhere else."""
+    return RichReporter(console, verbose=verbose) if console.is_terminal else LineReporter(console, verbose=verbose)
 
 
 def metrics_table(metrics: dict[str, Any], title: str = "metrics") -> Table:
@@ -127,6 +189,18 @@ def experiment_of(tracking_uri: str, run_id: str) -> str:
     return str(row[0])
 
 
+def loss_metric_keys(tracking_uri: str, run_id: str) -> list[str]:
+    """The run's loss-like metric keys, whatever the pass calls them (read-only sqlite query)."""
+    import sqlite3
+
+    from orchestrator.engine.plots import is_loss
+
+    db = sqlite_path(tracking_uri)
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", (run_id,)).fetchall()
+    return sorted(key for (key,) in rows if is_loss(key.rpartition("/")[2]))
+
+
 def sqlite_path(tracking_uri: str) -> Path:
     if not tracking_uri.startswith("sqlite:///"):
         raise UiError(f"orch ui serves local sqlite tracking stores; {tracking_uri} is a server: open it in a browser")
@@ -153,11 +227,20 @@ class UiError(RunFailure, RuntimeError):
     """A one-line problem of `orch ui` (what is missing and the fix)."""
 
 
-def start_mlflow_ui(tracking_uri: str, *, port: int | None = None, log_path: Path | None = None) -> tuple[Any, str]:
+# The name headless Chromium loads the UI by for screenshots. MLflow's UI opens its assistant panel over a quarter
+# of the page when it is served from "localhost" / "127.0.0.1"; from another name that still is loopback (Chromium
+# resolves *.localhost itself) it does not. The server is told to accept this Host header.
+SCREENSHOT_HOST = "orch-ui.localhost"
+
+
+def start_mlflow_ui(
+    tracking_uri: str, *, port: int | None = None, log_path: Path | None = None, screenshot: bool = False
+) -> tuple[Any, str]:
     """Start `mlflow server` on 127.0.0.1 over a sqlite store; returns (process, base URL) once /health answers.
 
     One worker and no job execution: healthy in ~10 s with ~0.5 GB, where the default start spawns 15 processes
-    (../shared/FACTS.md). The caller stops the process (stop_mlflow_ui)."""
+    (../shared/FACTS.md). With `screenshot` the base URL uses SCREENSHOT_HOST. The caller stops the process
+    (stop_mlflow_ui)."""
     import os
     import subprocess
     import sys
@@ -173,6 +256,8 @@ def start_mlflow_ui(tracking_uri: str, *, port: int | None = None, log_path: Pat
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}"]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if screenshot:
+        cmd += ["--allowed-hosts", ",".join(f"{h}:{port}" for h in ("127.0.0.1", "localhost", SCREENSHOT_HOST))]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     deadline = time.monotonic() + 90
@@ -183,7 +268,7 @@ def start_mlflow_ui(tracking_uri: str, *, port: int | None = None, log_path: Pat
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
                 if resp.status == 200:
-                    return proc, base
+                    return proc, (f"http://{SCREENSHOT_HOST}:{port}" if screenshot else base)
         except OSError:
             time.sleep(0.5)
     stop_mlflow_ui(proc)
@@ -207,21 +292,23 @@ def stop_mlflow_ui(proc: Any) -> None:
         proc.wait(timeout=5)
 
 
-def metric_page_url(base_url: str, experiment_id: str, run_id: str, key: str) -> str:
-    """The MLflow UI's chart page of one metric of one run (the route its "Plot chart" links build)."""
+def metric_page_url(base_url: str, experiment_id: str, run_id: str, key: str | list[str]) -> str:
+    """The MLflow UI's chart page of one run's metrics, drawn in one chart (the route its "Plot chart" links
+    build)."""
     import json
     from urllib.parse import quote
 
-    runs, exps, keys = json.dumps([run_id]), json.dumps([experiment_id]), json.dumps([key])
+    keys_list = [key] if isinstance(key, str) else list(key)
+    runs, exps, keys = json.dumps([run_id]), json.dumps([experiment_id]), json.dumps(keys_list)
     query = (
-        f"?runs={quote(runs)}&metric={quote(json.dumps(key))}&experiments={quote(exps)}"
+        f"?runs={quote(runs)}&metric={quote(json.dumps(keys_list[0]))}&experiments={quote(exps)}"
         f"&plot_metric_keys={quote(keys)}&plot_layout={quote('{}')}&x_axis=step&y_axis_scale=linear"
         "&line_smoothness=1&show_point=false&deselected_curves=%5B%5D&last_linear_y_axis_range=%5B%5D"
     )
     return f"{base_url.rstrip('/')}/#/metric{query}"
 
 
-CHROMIUM_HINT = "apt-get install -y chromium (scripts/services.sh installs it)"
+CHROMIUM_HINT = "apt-get install -y chromium (scripts/services.sh installs it), or `orch ui --plot PNG` (matplotlib)"
 CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -250,11 +337,12 @@ def capture_page(url: str, screenshot: Path, *, budget_ms: int = 20000, size: st
     import subprocess
     import tempfile
 
-    if not url.startswith(("http://127.0.0.1:", "http://localhost:")):
+    if not url.startswith(("http://127.0.0.1:", "http://localhost:", f"http://{SCREENSHOT_HOST}:")):
         raise UiError(f"capture_page loads the local MLflow UI only, not {url}")
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="orch-chromium-") as profile:
         cmd = [chromium_binary(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}"]
+        cmd += [f"--host-resolver-rules=MAP {SCREENSHOT_HOST} 127.0.0.1"]  # loopback, never a DNS query
         cmd += [f"--virtual-time-budget={budget_ms}", f"--screenshot={screenshot}", "--dump-dom", url]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if proc.returncode != 0 or not screenshot.is_file():

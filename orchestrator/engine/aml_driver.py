@@ -40,6 +40,7 @@ def _driver_workflow(wf: Any) -> tuple[dict[str, Any], dict[str, str]]:
 
     Model and data references become placeholders that the driver replaces with the bound input paths; the
     run is local on the compute, its output folder is the job output."""
+    from orchestrator.core import hub
     from orchestrator.engine.resources import is_remote
     from orchestrator.systems.azureml.download import reference_uri
 
@@ -50,8 +51,13 @@ def _driver_workflow(wf: Any) -> tuple[dict[str, Any], dict[str, str]]:
     dumped = ref.model_dump(mode="json", exclude_none=True) if hasattr(ref, "model_dump") else ref
     if is_remote(dumped):
         binds["model"] = reference_uri(dumped)
-    elif getattr(ref, "type", None) == "hf_hub":
-        binds = {}
+    elif getattr(ref, "type", None) == "hf_hub":  # the driver downloads it on the compute, at the client's commit
+        pinned, _ = hub.pin(hub.HubRef(ref.name, "model", ref.revision), field="input_model.model_path")
+        im["model_path"] = {"type": "hf_hub", "name": ref.name, "revision": pinned.sha}
+        hf = im.get("hf_config") or {}
+        for kwargs in (im.get("load_kwargs"), hf.get("from_pretrained_args"), hf.get("model_loading_args")):
+            if isinstance(kwargs, dict):
+                kwargs.pop("revision", None)  # the pinned commit above replaces it
     else:
         binds["model"] = str(getattr(ref, "path", ref))
     if "model" in binds:
@@ -61,6 +67,11 @@ def _driver_workflow(wf: Any) -> tuple[dict[str, Any], dict[str, str]]:
         im["adapter_path"] = f"{BIND_PREFIX}adapter}}"
     for i, dc in enumerate(doc.get("data_configs") or []):
         params = dc.get("load_dataset_config") or {}
+        if hub.is_dataset_id(params.get("data_name")):  # read from the hub on the compute, at the client's commit
+            field = f"data_configs.{dc.get('name')}.load_dataset_config.data_name"
+            pinned, _ = hub.pin(hub.HubRef(params["data_name"], "dataset", params.get("revision")), field=field)
+            params["revision"] = pinned.sha
+            continue
         for key in ("data_files", "data_dir"):
             value = params.get(key)
             if value is None:
@@ -189,6 +200,7 @@ def submit_workflow(
         tags={"orch.workflow": wf.workflow_id or "workflow", "orch.kind": "driver",
               "orch.plan": json.dumps([[s.name, s.key[:16], s.where or "runs"] for s in steps])},
         environment_variables=env,
+        reads_hub=reads_hub(doc),
     )  # fmt: skip
     return {
         "name": created.name,
@@ -197,6 +209,16 @@ def submit_workflow(
         "attached": False,
         "plan": plan_rows(steps),
     }
+
+
+def reads_hub(doc: dict[str, Any]) -> bool:
+    """Whether the driver workflow reads a Hugging Face reference (its job then reaches the hub)."""
+    from orchestrator.core.hub import is_dataset_id
+
+    model_path = (doc.get("input_model") or {}).get("model_path")
+    return (isinstance(model_path, dict) and model_path.get("type") == "hf_hub") or any(
+        is_dataset_id((dc.get("load_dataset_config") or {}).get("data_name")) for dc in doc.get("data_configs") or []
+    )
 
 
 # ---- the driver (runs on the compute) -----------------------------------------------------------------------
@@ -257,7 +279,8 @@ class DriverReporter:
     def step_start(self, step: Any) -> None:
         print(f"orch: >> {step.name} ({step.pass_type})", flush=True)
 
-    def step_progress(self, step: Any, done: int, total: int, desc: str) -> None: ...
+    def step_progress(self, step: Any, done: int, total: int, desc: str, **_: Any) -> None:
+        """Nothing: the pass's job log, printed by step_log, carries its progress lines (orchestrator.runner)."""
 
     def step_log(self, step: Any, line: str) -> None:
         print(f"[{step.name}] {line}", flush=True)

@@ -90,7 +90,11 @@ def _keep_log(cache: Cache, stage: Path, job_id: str, tail: str) -> Path | None:
 def _on_event(step: Step, event: dict[str, Any], tracker: Tracker, reporter: Reporter) -> None:
     kind = event.get("type")
     if kind == "progress":
-        reporter.step_progress(step, int(event["done"]), int(event["total"]), event.get("desc", ""))
+        tokens = event.get("tokens")
+        reporter.step_progress(
+            step, int(event["done"]), int(event["total"]), event.get("desc", ""),
+            tokens=int(tokens) if tokens is not None else None, t=event.get("t"),
+        )  # fmt: skip
     elif kind == "metric":
         tracker.forward(event, f"{step.name}/")
         reporter.step_metric(step, event["name"], event["value"], event.get("step"))

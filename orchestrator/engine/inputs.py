@@ -22,11 +22,12 @@ def model_format(path: str | Path, *, has_adapter: bool = False) -> str:
     return fmt
 
 
-def input_model(im: Any, *, base_dir: Path, cache: Cache) -> tuple[ModelArtifact, str]:
-    """The workflow's input model as an artifact, and its identity for cache keys (+ the adapter's content)."""
+def input_model(im: Any, *, base_dir: Path, cache: Cache, fetch: bool = True) -> tuple[ModelArtifact, str]:
+    """The workflow's input model as an artifact, and its identity for cache keys (+ the adapter's content).
+    A hub id is downloaded into the HF cache now, or (not `fetch`) left as its pinned hf:// reference."""
     from orchestrator.engine.resources import resolve_model_ref
 
-    path, identity = resolve_model_ref(im.model_ref, base_dir=base_dir, cache=cache)
+    path, identity = resolve_model_ref(im.model_ref, base_dir=base_dir, cache=cache, fetch=fetch)
     adapter = getattr(im, "adapter_path", None)
     if adapter:
         p = Path(adapter).expanduser()
@@ -43,15 +44,22 @@ def input_model(im: Any, *, base_dir: Path, cache: Cache) -> tuple[ModelArtifact
 
 
 def data_files(
-    data_configs: list[Any], *, base_dir: Path, cache: Cache
+    data_configs: list[Any], *, base_dir: Path, cache: Cache, fetch: bool = True
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
-    """Json form of the data configs, local data paths to hand the job, and their content hashes."""
-    from orchestrator.engine.resources import resolve_data_files
+    """Json form of the data configs, local data paths to hand the job, and their content hashes. A hub dataset
+    is downloaded into the HF cache now (its snapshot folder goes to the job), or (not `fetch`) handed over as its
+    pinned hf:// reference; its identity is the commit and the files read."""
+    from orchestrator.engine.resources import hub_dataset, resolve_data_files
 
     configs, files, hashes = {}, {}, []
     for dc in data_configs:
         cfg = dc.model_dump(mode="json")
         configs[dc.name] = cfg
+        hub = hub_dataset(cfg, fetch=fetch)
+        if hub is not None:
+            files[dc.name], identity = hub
+            hashes += [stable_hash(["hub", identity]), stable_hash(cfg)]
+            continue
         local = resolve_data_files(cfg, base_dir=base_dir, cache=cache)
         if local is not None:
             files[dc.name] = str(local)

@@ -2,7 +2,8 @@
 
 A bad input should cost the user a second, not a fine-tune: the engine calls `preflight` before it plans
 (hashes), submits or opens MLflow, and every problem is one line naming the field and the fix. Nothing here
-writes a file. Remote references (azureml:..., datastores) are checked where they are downloaded.
+writes a file. Remote references (azureml:..., datastores) are checked where they are downloaded; Hugging Face
+hub ids are asked of the hub here (one short request each: it exists, the token may read it, or it is cached).
 """
 
 from __future__ import annotations
@@ -154,11 +155,20 @@ def check_adapter_folder(path: Path, what: str) -> None:
 
 
 # ---- data -------------------------------------------------------------------------------------------------
+def hub_dataset_id(data_name: Any) -> bool:
+    from orchestrator.core.hub import is_dataset_id
+
+    return is_dataset_id(data_name)
+
+
 def local_data_paths(data_config: dict[str, Any], base_dir: Path) -> list[tuple[str, str, list[Path]]]:
     """(field, as written, local matches) for every local path a data config reads: data_files as a string, a
-    list or globs, data_name or data_dir when they are paths. Remote references are left out."""
+    list or globs, data_name or data_dir when they are paths. Remote references (a hub dataset's files
+    included) are left out."""
     load = data_config.get("load_dataset_config") or {}
     out: list[tuple[str, str, list[Path]]] = []
+    if hub_dataset_id(load.get("data_name")):
+        return out
     files = load.get("data_files")
     for i, value in enumerate(files if isinstance(files, list) else [files]):
         if not isinstance(value, str) or is_uri(value):
@@ -352,7 +362,7 @@ def check_split(field: str, split: str | None, data_config: dict[str, Any] | Non
             f"{field} {split!r} is not a split expression; write e.g. train, train[:80%], train[80%:] or train[:100]"
         )
     load = (data_config or {}).get("load_dataset_config") or {}
-    if isinstance(load.get("data_files"), str | list):
+    if isinstance(load.get("data_files"), str | list) and not hub_dataset_id(load.get("data_name")):
         names = {re.split(r"[\[\s]", part.strip(), maxsplit=1)[0] for part in split.split("+")}
         wrong = sorted(names - {"train"})
         if wrong:
@@ -447,12 +457,17 @@ class WorkflowCheck:
                 path = self._abs(str(raw))
                 check_model_folder(path, "input_model.model_path")
                 self._check_not_overwritten(path, "input_model.model_path")
-            elif isinstance(ref, dict) and ref.get("type") == "hf_hub" and not self.host_is_aml():
-                raise PreflightError(
-                    f"input_model: {ref.get('name')!r} is neither a local folder (looked at "
-                    f"{self._abs(str(ref.get('name')))}) nor reachable: orch jobs on this host have no model hub; "
-                    "give a local model folder (config.json, weights, tokenizer) or an azureml:// model"
-                )
+            elif isinstance(ref, dict) and ref.get("type") == "hf_hub":  # asked of the hub now: exists, reachable
+                from orchestrator.core import hub
+
+                hub.pin(hub.HubRef(ref["name"], "model", ref.get("revision")), field="input_model.model_path")
+                host = self.wf.systems.get(self.host_name)
+                if self.host_is_aml() and hub.needs_token("model", ref["name"]) and not getattr(host, "hf_token", 0):
+                    raise PreflightError(
+                        f"input_model.model_path: model {ref['name']} is private or gated and the Azure ML job "
+                        f"downloads it: set \"hf_token\": true on system {self.host_name!r} (the job reads the "
+                        "workspace Key Vault's hf-token secret)"
+                    )
         adapter = getattr(im, "adapter_path", None)
         if adapter:
             check_adapter_folder(self._abs(adapter), "input_model.adapter_path")
@@ -474,7 +489,13 @@ class WorkflowCheck:
                     f"data_configs[{i}].load_dataset_config: data_name {load['data_name']!r} needs data_files "
                     "(the file(s) to read), e.g. --data_files data/train.jsonl"
                 )
-            check_data_config(cfg, self.base_dir, f"data_configs[{i}]")
+            if hub_dataset_id(load.get("data_name")):  # asked of the hub now; its files are read where it runs
+                from orchestrator.core import hub
+
+                field = f"data_configs[{i}].load_dataset_config.data_name"
+                hub.pin(hub.HubRef(load["data_name"], "dataset", load.get("revision")), field=field)
+            else:
+                check_data_config(cfg, self.base_dir, f"data_configs[{i}]")
             check_split(f"data_configs[{i}].load_dataset_config.split", load.get("split"), cfg)
         data = {dc.name: dc.model_dump(mode="json") for dc in self.wf.data_configs}
         for name, entry in self.wf.passes.items():

@@ -101,7 +101,12 @@ class Publisher:
         if png is not None:
             tracker.log_artifact(png)
         if model is not None:
-            summary.model_uri = tracker.log_model(folder / "model", model.format, self.register_as)
+            if summary.prompt_format is not None:  # generation formats prompts as the model was trained
+                for sub in ("model", "adapter"):
+                    if (folder / sub).is_dir():
+                        summary.prompt_format.write(folder / sub)
+            logged = tracker.log_model(folder / "model", model.format, self.register_as)
+            summary.model_uri = logged or summary.model_uri  # a recorded run's model when nothing was logged
             self._write_manifest(summary, steps, folder)
 
     def export(self, summary: RunSummary, dest: Path | None = None) -> None:
@@ -135,6 +140,7 @@ class Publisher:
             "target": self.target_name,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "input_model": self.wf.input_model.model_dump(mode="json", exclude_none=True),
+            "input_model_identity": summary.input_identity,  # a hub model: hf://<id>@<the commit it ran on>
             "passes": [r.__dict__ for r in summary.steps],
             "final_model": {
                 "format": summary.final_model.format if summary.final_model else None,
@@ -143,10 +149,13 @@ class Publisher:
                 "size_bytes": folder_size(model_dir) if model_dir.exists() else 0,
             },
             "metrics": summary.metrics,
+            "prompt_format": summary.prompt_format.model_dump() if summary.prompt_format else None,
             "mlflow": {
                 "tracking_uri": self.tracking_uri,
                 "run_id": summary.mlflow_run_id,
                 "model_uri": summary.model_uri,
+                # True: every pass was cached and this run logged nothing; run_id is the run that recorded them
+                "recorded_earlier": summary.recorded,
             },
         }
         manifest = redact_obj(manifest)  # credentials inside URIs (tracking, SAS) never reach the file

@@ -21,7 +21,8 @@ from orchestrator import __version__
 from orchestrator.core.cache import Cache, CacheEntry, SharedCache, SharedEntry, folder_size, result_from_portable
 from orchestrator.core.errors import RunFailure
 from orchestrator.core.gpu import wants_gpu
-from orchestrator.core.job import Job, JobResult, JobTracking, ModelArtifact, is_uri
+from orchestrator.core.job import EVENTS_FILE, Job, JobResult, JobTracking, ModelArtifact, is_uri
+from orchestrator.core.prompt import PromptFormat, read_prompt_format
 from orchestrator.engine.execute import follow_job
 from orchestrator.engine.inputs import data_files, input_model
 from orchestrator.engine.plan import environment_for, for_accelerator, initial_steps, step_key
@@ -37,7 +38,7 @@ from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine'
     Step,
     StepRecord,
 )
-from orchestrator.engine.tracking import Tracker, flatten_params, resolve_tracking_uri
+from orchestrator.engine.tracking import Tracker, flatten_params, plan_key, read_events, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
 from orchestrator.systems.registry import MAIN_KEYWORDS, make_system, system_config
@@ -55,6 +56,7 @@ class Engine:
         tracking_uri: str | None = None,
         tracking: bool = True,
         reporter: Reporter | None = None,
+        model_name: str | None = None,
         shared_cache: SharedCache | None = None,
         planned_keys: dict[str, str] | None = None,
         node_price: Any = None,
@@ -74,13 +76,21 @@ class Engine:
         self.reporter: Reporter = reporter or QuietReporter()
         self.tracking_enabled = tracking
         mlflow_cfg = getattr(eng, "mlflow", None)
-        self.tracking_uri = resolve_tracking_uri(tracking_uri, getattr(mlflow_cfg, "tracking_uri", None))
+        self.tracking_uri = resolve_tracking_uri(
+            tracking_uri, getattr(mlflow_cfg, "tracking_uri", None), base_dir=self.base_dir
+        )
         self.experiment = getattr(mlflow_cfg, "experiment_name", None) or "orch"
+        # the registered model's name follows the workflow: never one name shared by unrelated workflows
         self.register_as = (
-            getattr(mlflow_cfg, "register_model_name", None) or getattr(workflow, "workflow_id", None) or "orch-model"
+            model_name
+            or getattr(mlflow_cfg, "register_model_name", None)
+            or getattr(workflow, "workflow_id", None)
+            or (self.output_dir.name if self.output_dir is not None else None)
+            or "workflow"
         )
         self._systems: dict[str, System] = {}
         self._data = {dc.name: dc for dc in workflow.data_configs}
+        self._fetch = True  # False for a dry run: hub references are pinned (cache keys), nothing downloaded
         self._shared_override = shared_cache
         self._planned_keys = planned_keys
         self._node_price = node_price
@@ -121,13 +131,22 @@ class Engine:
             return self._node_price
         return self.system(step.system_name).node_price(load_pass(step.pass_type))
 
+    def _fetches(self, system_name: str) -> bool:
+        """Whether the engine downloads hub references for jobs on this system (not if the system's jobs do)."""
+        return self._fetch and not self.system(system_name).fetches_hub_refs
+
     def _input_model(self) -> tuple[ModelArtifact, str]:
         """The workflow's input model as an artifact, and its identity for cache keys."""
-        return input_model(self.wf.input_model, base_dir=self.base_dir, cache=self.cache)
+        return input_model(
+            self.wf.input_model, base_dir=self.base_dir, cache=self.cache, fetch=self._fetches(self.host_name)
+        )
 
-    def _data_files(self, names: list[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
+    def _data_files(
+        self, names: list[str], system_name: str | None = None
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
         """Json form of the named data configs, local data paths to hand the job, and their content hashes."""
-        return data_files([self._data[n] for n in names], base_dir=self.base_dir, cache=self.cache)
+        fetch = self._fetches(system_name or self.host_name)
+        return data_files([self._data[n] for n in names], base_dir=self.base_dir, cache=self.cache, fetch=fetch)
 
     # ---- pre-flight -------------------------------------------------------------------------------------
     def preflight(self, *, tracking: bool = True) -> None:
@@ -158,7 +177,7 @@ class Engine:
                     raise EngineError(f"step {step.name!r} is not in the plan this run was submitted with")
                 step.key = self._planned_keys[step.name]
             else:
-                _, _, data_hashes = self._data_files(step.data_names)
+                _, _, data_hashes = self._data_files(step.data_names, step.system_name)
                 config = pass_cls.Config.model_validate(step.config)
                 requirements = pass_cls().requirements(config)
                 self.system(step.system_name).require(step.pass_type, tuple(pass_cls.libraries))
@@ -244,23 +263,17 @@ class Engine:
     # ---- running ----------------------------------------------------------------------------------------
     def run(self, *, dry_run: bool = False) -> tuple[list[Step], RunSummary | None]:
         self.preflight(tracking=not dry_run)
+        self._fetch = not dry_run
         steps = self.plan()
         self.reporter.plan(steps)
         if dry_run:
             return steps, None
         self._needed = self._needs_local(steps)
         self.cache.ensure()
-        tracker = Tracker(
-            self.tracking_uri,
-            self.experiment,
-            getattr(self.wf, "workflow_id", None) or "workflow",
-            enabled=self.tracking_enabled,
-        )
-        tracker.log_params(flatten_params(self.wf.to_json_dict()))
-        tracker.set_tag("orch.host", self.host_name)
-        tracker.set_tag("orch.target", self.target_name)
+        tracker = self._tracker(steps)
         records: list[StepRecord] = []
-        model, _ = self._input_model()
+        model, input_identity = self._input_model()
+        tracker.set_tag("orch.input_model", input_identity)
         status = "FAILED"
         try:
             for step in steps:
@@ -274,7 +287,10 @@ class Engine:
             if total is not None:
                 final_metrics["cost_usd"] = total
                 tracker.log_metric("cost_usd", total)
-            summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id, cost_usd=total)
+            summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id,
+                                 input_identity=input_identity, cost_usd=total)  # fmt: skip
+            summary.recorded, summary.model_uri = tracker.recorded, tracker.model_uri
+            summary.prompt_format = self._prompt_format(steps, records)
             if self.output_dir is not None:
                 self.publisher.publish(summary, records, steps, model, tracker)
             status = "FINISHED"
@@ -285,10 +301,39 @@ class Engine:
         finally:
             tracker.end(status)
 
+    def _prompt_format(self, steps: list[Step], records: list[StepRecord]) -> PromptFormat | None:
+        """The prompt format the final model was last fine-tuned with: the latest one recorded along the chain
+        (the input model's folder, then each pass's output; an adapter before the model it sits on)."""
+        start, _ = self._input_model()
+        host = {s.name for s in steps if s.role == "host"}
+        artifacts = [start.model_dump()] + [r.output for r in records if r.name in host and r.output]
+        found = None
+        for art in artifacts:
+            for path in (art.get("adapter_path"), art.get("path")):
+                fmt = read_prompt_format(path) if path and not is_uri(path) else None
+                if fmt is not None:
+                    found = fmt
+                    break
+        return found
 
-
-
-
+    def _tracker(self, steps: list[Step]) -> Tracker:
+        """The MLflow run of this workflow run. When every pass is cached and a finished run recorded the same
+        plan, that run is pointed to and nothing is logged again (no new run, model copy or model version)."""
+        plan = plan_key(self.register_as, [(s.name, s.key) for s in steps])
+        tracker = Tracker(
+            self.tracking_uri,
+            self.experiment,
+            getattr(self.wf, "workflow_id", None) or self.register_as,
+            enabled=self.tracking_enabled,
+            start=False,
+        )
+        recorded = tracker.find_recorded(plan) if all(s.cached for s in steps) else None
+        if recorded is not None:
+            tracker.adopt(recorded)
+            return tracker
+        tracker.start({"orch.plan": plan, "orch.host": self.host_name, "orch.target": self.target_name})
+        tracker.log_params(flatten_params(self.wf.to_json_dict()))
+        return tracker
 
     def _run_step(self, step: Step, model: ModelArtifact, tracker: Tracker) -> tuple[StepRecord, ModelArtifact | None]:
         self.reporter.step_start(step)
@@ -324,9 +369,15 @@ class Engine:
             cached = True
         result = entry.result
         out_model = result.model.with_root(entry.path) if result.model else None
-        if cached:  # metrics of a cached pass still belong in this run's record
-            for k, v in result.metrics.items():
-                tracker.log_metric(f"{step.name}/{k}", v)
+        events = read_events(entry.path / EVENTS_FILE)
+        if cached:  # a cached pass's metrics belong in this run's record as its own run logged them
+            tracker.replay(events, f"{step.name}/")
+        # final metrics the pass did not stream (train_runtime_s, ...), at its last step: no step-0 point in a curve
+        streamed = {e.get("name") for e in events if e.get("type") == "metric"}
+        last_step = max((int(e.get("step") or 0) for e in events if e.get("type") == "metric"), default=0)
+        for k, v in result.metrics.items():
+            if k not in streamed:
+                tracker.log_metric(f"{step.name}/{k}", v, last_step)
         record = StepRecord(
             name=step.name,
             pass_type=step.pass_type,
@@ -341,9 +392,9 @@ class Engine:
             output_size_bytes=folder_size(out_model.path)
             if out_model and not is_uri(out_model.path) and Path(out_model.path).exists()
             else 0,
+            resumed_from_step=entry.meta.get("resumed_from_step"),  # how the entry was made, cached or not
             cost_usd=cost["cost_usd"] if cost else None,
             cached_in=cached_in if cached else "",
-            resumed_from_step=entry.meta.get("resumed_from_step"),  # how the entry was made, cached or not
         )
         tracker.log_metric(f"{step.name}/duration_s", result.duration_s)
         if record.output_size_bytes:
@@ -405,7 +456,7 @@ class Engine:
         tracker: Tracker,
         shared: SharedCache | None,
     ) -> None:
-        configs, files, _ = self._data_files(step.data_names)
+        configs, files, _ = self._data_files(step.data_names, step.system_name)
         secrets = {}
         sys_cfg = self.wf.systems.get(step.system_name)
         if sys_cfg is not None and getattr(sys_cfg, "hf_token", False):
@@ -437,8 +488,6 @@ class Engine:
             )
         with sync:
             follow_job(step, job, system, model, stage, tracker, self.reporter, self.cache)
-
-
 
     # ---- outputs ----------------------------------------------------------------------------------------
     def export(self, summary: RunSummary, dest: Path | None = None) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from orchestrator.core.errors import RunFailure
 from orchestrator.core.job import ModelArtifact
+from orchestrator.core.prompt import PromptFormat
 
 EVALUATE = "Evaluate"  # the pass type that runs the workflow's evaluator
 INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when engine.evaluate_input_model is set
@@ -18,11 +19,14 @@ class EngineError(RunFailure):
 
 
 class Reporter(Protocol):
-    """What the engine tells the UI (the CLI renders it with rich; tests pass a QuietReporter)."""
+    """What the engine tells the UI (the CLI renders it with rich; tests pass a QuietReporter). step_progress's
+    `tokens` are the tokens processed so far (training) and `t` the event's time, for rates and ETAs."""
 
     def plan(self, steps: list[Step]) -> None: ...
     def step_start(self, step: Step) -> None: ...
-    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
+    def step_progress(
+        self, step: Step, done: int, total: int, desc: str, *, tokens: int | None = None, t: float | None = None
+    ) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
     def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None: ...
     def step_note(self, step: Step, message: str) -> None: ...  # one line the user must see (resumed from step N)
@@ -32,7 +36,9 @@ class Reporter(Protocol):
 class QuietReporter:
     def plan(self, steps: list[Step]) -> None: ...
     def step_start(self, step: Step) -> None: ...
-    def step_progress(self, step: Step, done: int, total: int, desc: str) -> None: ...
+    def step_progress(
+        self, step: Step, done: int, total: int, desc: str, *, tokens: int | None = None, t: float | None = None
+    ) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
     def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None: ...
     def step_note(self, step: Step, message: str) -> None: ...
@@ -82,4 +88,7 @@ class RunSummary:
     mlflow_run_id: str | None
     model_uri: str | None = None
     cost_usd: float | None = None  # the passes that ran, on priced compute
+    input_identity: str | None = None  # what the run started from: hf://<id>@<commit>, or the content hash
+    recorded: bool = False  # mlflow_run_id is an earlier run that recorded the same plan; nothing was logged
+    prompt_format: PromptFormat | None = None  # what the final model was fine-tuned on (core.prompt)
 

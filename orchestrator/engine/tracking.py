@@ -1,7 +1,12 @@
 """MLflow: one MLflow run per workflow run; metrics forwarded live from jobs; the final model logged + registered.
 
 Tracking URI precedence: --tracking-uri flag > engine.mlflow.tracking_uri in the config > MLFLOW_TRACKING_URI >
-a local store in the working directory (sqlite:///mlruns.db, which also holds the model registry).
+a local store beside the workflow (<config folder>/mlruns.db, which also holds the model registry). A local store
+named relatively is resolved as outputs are: from the config's folder when the config names it, from the current
+folder when a flag or the environment does; so a run started from another folder finds the same store.
+
+A run whose passes are all cached logs nothing: it finds the run that recorded the same plan (tag orch.plan) and
+points to it. A cached pass brings its recorded metric history (its cache entry's events.jsonl) into a new run.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +55,66 @@ def redact_obj(obj: Any) -> Any:
     return redact(obj) if isinstance(obj, str) else obj
 
 
-def default_tracking_uri(cwd: Path | None = None) -> str:
-    return f"sqlite:///{(cwd or Path.cwd()) / 'mlruns.db'}"
+def default_tracking_uri(base_dir: Path | None = None) -> str:
+    return f"sqlite:///{(base_dir or Path.cwd()).resolve() / 'mlruns.db'}"
 
 
-def resolve_tracking_uri(flag: str | None, config_uri: str | None) -> str:
-    return flag or config_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+def absolute_store_uri(uri: str, base_dir: Path) -> str:
+    """A local store named relatively (`sqlite:///mlruns.db`, `file:mlruns`, `mlruns`) -> an absolute one, from
+    base_dir; servers (http, databricks, azureml) and absolute paths are returned as they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rest = uri[len("sqlite:///") :]
+        if rest and not rest.startswith(":memory:") and not Path(rest).is_absolute():
+            return f"sqlite:///{(base_dir / rest).resolve()}"
+        return uri
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return f"file://{(base_dir / uri[len('file:') :]).resolve()}"
+    if "://" not in uri and ":" not in uri.split("/")[0] and not Path(uri).is_absolute():
+        return str((base_dir / uri).resolve())
+    return uri
+
+
+def resolve_tracking_uri(flag: str | None, config_uri: str | None, base_dir: Path | None = None) -> str:
+    """The flag and $MLFLOW_TRACKING_URI as typed in the current folder; the config's URI and the default store
+    from the config's folder (base_dir), as the config's output_dir and cache_dir are."""
+    if flag:
+        return absolute_store_uri(flag, Path.cwd())
+    if config_uri:
+        return absolute_store_uri(config_uri, base_dir or Path.cwd())
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return absolute_store_uri(env, Path.cwd())
+    return default_tracking_uri(base_dir)
+
+
+def local_artifact_root(tracking_uri: str | None) -> str | None:
+    """Where a local sqlite store's artifacts go: beside the db (<db folder>/mlruns/), not under whatever folder
+    the run was started from (MLflow's default for a new experiment is ./mlruns of the current folder)."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///") :])
+    return (db.parent / "mlruns").resolve().as_uri() if db.is_absolute() else None
+
+
+def plan_key(register_as: str, steps: list[tuple[str, str]]) -> str:
+    """What a workflow run records, as one hash: the model name and every (step name, cache key). Two runs with
+    the same plan key logged the same things; a run whose passes are all cached reuses the first one's record."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([register_as, steps]).encode()).hexdigest()[:32]
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Every event of a finished job's events.jsonl (a cache entry keeps it)."""
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
 
 
 def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -139,8 +199,17 @@ def _alive(token: str) -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class RecordedRun:
+    """An earlier run that recorded the same plan: its id and the URI of the model it logged."""
+
+    run_id: str
+    model_uri: str | None
+
+
 class Tracker:
-    """The workflow's MLflow run. Methods are no-ops when tracking is off.
+    """The workflow's MLflow run. Methods are no-ops when tracking is off, and when the tracker points to a run
+    recorded earlier (`adopt`): that run is not written again.
 
     Two first runs on one new sqlite db would both run MLflow's schema migration and crash (or leave the db
     half-migrated): store creation, experiment lookup/creation and run creation happen under a file lock beside
@@ -148,11 +217,18 @@ class Tracker:
     is closed as KILLED by the next run in the same experiment.
     """
 
-    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str, *, enabled: bool = True) -> None:
+    def __init__(
+        self, tracking_uri: str | None, experiment: str, run_name: str, *, enabled: bool = True, start: bool = True
+    ) -> None:
+        """Opens the store and the experiment; with start=False the run is created later (`start`) or an earlier
+        one adopted (`adopt`)."""
         self.enabled = enabled
         self.run_id: str | None = None
         self._logged: set[tuple[str, int]] = set()  # (metric, step) forwarded from jobs: each is logged once
         self.tracking_uri = tracking_uri
+        self.run_name = run_name
+        self.recorded = False  # True: run_id is an earlier run this one only points to
+        self.model_uri: str | None = None  # the model this run logged (or the adopted run had logged)
         if not enabled:
             return
         import logging
@@ -175,14 +251,53 @@ class Tracker:
         try:
             self.client = mlflow.MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)  # creates / migrates the store (under the lock)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else self.client.create_experiment(experiment, artifact_location=local_artifact_root(tracking_uri))
+            )
             self.experiment_id = exp_id
             self.closed_stale = self._close_dead_runs()
-            tags = {"orch.workflow": run_name, "orch.process": process_token()}
-            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+            if start:
+                self.start({})
         finally:
             if lock is not None:
                 lock.release()
+
+    @property
+    def writing(self) -> bool:
+        return self.enabled and not self.recorded and self.run_id is not None
+
+    def start(self, tags: dict[str, str]) -> None:
+        """Create this workflow run's MLflow run."""
+        if not self.enabled:
+            return
+        tags = {"orch.workflow": self.run_name, "orch.process": process_token(), **tags}
+        self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags).info.run_id
+
+    def find_recorded(self, plan: str) -> RecordedRun | None:
+        """The latest finished run of this experiment that recorded `plan` (tag orch.plan), or None."""
+        if not self.enabled:
+            return None
+        try:
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`orch.plan` = '{plan}' and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+        except Exception:  # noqa: BLE001 - a store without tag search: a new run records it, as before
+            return None
+        if not runs:
+            return None
+        run = runs[0]
+        return RecordedRun(run.info.run_id, run.data.tags.get("orch.model_uri"))
+
+    def adopt(self, run: RecordedRun) -> None:
+        """Point to an earlier run instead of creating one: nothing is logged, `end` leaves it as it is."""
+        self.run_id = run.run_id
+        self.model_uri = run.model_uri
+        self.recorded = True
 
     def _close_dead_runs(self) -> list[str]:
         """RUNNING runs of this experiment whose process (by its orch.process tag) no longer exists -> KILLED."""
@@ -201,7 +316,7 @@ class Tracker:
         return closed
 
     def log_params(self, params: dict[str, str]) -> None:
-        if not self.enabled or not params:
+        if not self.writing or not params:
             return
         from mlflow.entities import Param
 
@@ -210,15 +325,15 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
-        if self.enabled:
+        if self.writing:
             self.client.log_metric(self.run_id, name, float(value), step=step or 0)
 
     def set_tag(self, key: str, value: str) -> None:
-        if self.enabled:
+        if self.writing:
             self.client.set_tag(self.run_id, key, value)
 
     def log_artifact(self, path: Path) -> None:
-        if self.enabled:
+        if self.writing:
             self.client.log_artifact(self.run_id, str(path))
 
     def forward(self, event: dict[str, Any], prefix: str) -> None:
@@ -232,26 +347,53 @@ class Tracker:
                     return
                 self._logged.add((name, int(step)))
             self.log_metric(name, event["value"], step)
-        elif event.get("type") == "param" and self.enabled:
+        elif event.get("type") == "param" and self.writing:
             self.client.log_param(self.run_id, (prefix + event["name"])[:250], str(event["value"])[:500])
 
     def resume(self, prefix: str) -> None:
         """A job resumed from a checkpoint: learn which steps of its metrics this run holds already (none for a
         fresh run; those of the earlier attempt when the run is the same, as on an Azure ML requeue)."""
-        if not self.enabled:
+        if not self.writing:
             return
         for name in self.client.get_run(self.run_id).data.metrics:
             if name.startswith(prefix):
                 self._logged.update((name, m.step) for m in self.client.get_metric_history(self.run_id, name))
 
+    def replay(self, events: list[dict[str, Any]], prefix: str) -> None:
+        """A cached pass's recorded metrics and params, as its run logged them: every step of its loss history
+        with the original step numbers and times (not one point at step 0); each (metric, step) once."""
+        if not self.writing:
+            return
+        from mlflow.entities import Metric, Param
+
+        metrics, params = [], {}
+        for event in events:
+            if event.get("type") == "metric":
+                name, step = (prefix + event["name"])[:250], int(event.get("step") or 0)
+                if (name, step) in self._logged:
+                    continue
+                self._logged.add((name, step))
+                stamp = int(float(event.get("t") or 0) * 1000)
+                metrics.append(Metric(name, float(event["value"]), stamp, step))
+            elif event.get("type") == "param":
+                params[(prefix + event["name"])[:250]] = str(event["value"])[:500]
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limits: 1000 metrics, 100 params
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
     def log_model(self, model_dir: Path, model_format: str, register_as: str | None) -> str | None:
-        """Log the final model as an MLflow pyfunc (ONNX GenAI or HF folder) and register it; returns its URI."""
-        if not self.enabled:
+        """Log the final model as an MLflow pyfunc (ONNX GenAI or HF folder) and register it; returns its URI
+        (also kept as the run's tag orch.model_uri, for runs that point to this one later)."""
+        if not self.writing:
             return None
         from orchestrator.engine.mlflow_model import log_model_folder
 
-        return log_model_folder(self.mlflow, self.run_id, model_dir, model_format, register_as)
+        self.model_uri = log_model_folder(self.mlflow, self.run_id, model_dir, model_format, register_as)
+        self.set_tag("orch.model_uri", self.model_uri)
+        return self.model_uri
 
     def end(self, status: str) -> None:
-        if self.enabled:
+        if self.writing:
             self.client.set_terminated(self.run_id, status=status)

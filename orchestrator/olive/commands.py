@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,8 @@ def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[st
     import sys
 
     cfg = Path(model_name_or_path) / "config.json"
+    if not cfg.is_file():
+        cfg = _hub_config(model_name_or_path) or cfg
     try:
         model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
     except (OSError, ValueError):
@@ -97,6 +100,24 @@ def fused_target_modules(modules: list[str], model_name_or_path: str) -> list[st
         "q/k/v into qkv_proj and gate/up into gate_up_proj)\n"
     )
     return mapped
+
+
+def _hub_config(model_name_or_path: str) -> Path | None:
+    """A hub model id's config.json (from the HF cache, or downloaded: the run downloads it anyway); None for a
+    path, or when the hub cannot say (the run's pre-flight reports that in one line)."""
+    from orchestrator.schema.resources import HUB_NAME
+
+    if Path(model_name_or_path).exists() or not HUB_NAME.match(model_name_or_path):
+        return None
+    from orchestrator.core import hub
+
+    try:
+        pinned, files = hub.pin(hub.HubRef(model_name_or_path), field="--model_name_or_path")
+        if "config.json" not in files:
+            return None
+        return hub.fetch(pinned, ["config.json"], field="--model_name_or_path") / "config.json"
+    except hub.HubError:
+        return None
 
 
 def data_files_arg(value: str) -> str | list[str]:
@@ -117,6 +138,13 @@ def input_model(
     if adapter_path:
         model["adapter_path"] = adapter_path
     return model
+
+
+def command_workflow_id(command: str, output_path: str) -> str:
+    """A CLI chain's workflow id, which names its MLflow run and registered model: the command and the output
+    folder (`finetune -o models/ft` -> finetune-ft), so unrelated chains never share one registered model."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(output_path)).resolve().name).strip("-.") or "output"
+    return f"{command}-{name}"
 
 
 def _engine(output_path: str, log_level: int, providers: list[str], host: str | None, target: str | None) -> dict:
@@ -190,6 +218,7 @@ def finetune_workflow(
             }
         ],
         "passes": {"finetune": {"type": "QLoRA" if method == "qlora" else "LoRA", **pass_config}},
+        "workflow_id": command_workflow_id("finetune", output_path),
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, target),
     }
 
@@ -250,6 +279,7 @@ def tune_session_params_workflow(args: argparse.Namespace, host: str | None = No
                 **tuning,
             }
         },
+        "workflow_id": command_workflow_id("tune-session-params", args.output_path),
         "engine": _engine(args.output_path, args.log_level, providers, host, host),
     }  # fmt: skip
 
@@ -310,6 +340,7 @@ def auto_opt_workflow(
             model_name_or_path, trust_remote_code=trust_remote_code, task=task, adapter_path=adapter_path
         ),
         "passes": passes,
+        "workflow_id": command_workflow_id("auto-opt", output_path),
         "engine": _engine(output_path, log_level, [provider], host, target),
     }
 
@@ -336,9 +367,9 @@ def quantize_workflow(
         )
     model_path = Path(model_name_or_path)
     is_onnx = model_path.suffix == ".onnx" or (model_path.is_dir() and any(model_path.glob("*.onnx")))
-    if algorithm in ("awq", "gptq"):
-        if not data_name:
-            raise FlagError(f"--algorithm {algorithm} calibrates on data: give --data_name (and --data_files)")
+    if algorithm in ("awq", "gptq") and not data_name:  # as Olive: the pass's default calibration set (hub)
+        pass_cfg: dict[str, Any] = {"type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer", "bits": 4}
+    elif algorithm in ("awq", "gptq"):
         pre: dict[str, Any] = {"dataset_type": "corpus"}
         if text_template:
             pre["text_template"] = decode_escapes(text_template)
@@ -351,7 +382,7 @@ def quantize_workflow(
             {"name": "calibration", "type": "HuggingfaceContainer", "load_dataset_config": params,
              "pre_process_data_config": pre}
         )  # fmt: skip
-        pass_cfg: dict[str, Any] = {
+        pass_cfg = {
             "type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer",
             "bits": 4,
             "data_config": "calibration",
@@ -368,6 +399,7 @@ def quantize_workflow(
         "input_model": input_model(model_name_or_path, trust_remote_code=trust_remote_code, task=None),
         "data_configs": data_configs,
         "passes": {"quantize": pass_cfg},
+        "workflow_id": command_workflow_id("quantize", output_path),
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
     }
 
@@ -409,6 +441,7 @@ def capture_onnx_graph_workflow(
             model_name_or_path, trust_remote_code=trust_remote_code, task=None, adapter_path=adapter_path
         ),
         "passes": passes,
+        "workflow_id": command_workflow_id("capture-onnx-graph", output_path),
         "engine": _engine(output_path, log_level, ["CPUExecutionProvider"], host, host),
     }
 
@@ -441,6 +474,7 @@ def generate_adapter_workflow(
             "builder": {"type": "ModelBuilder", "precision": precision},
             "extract_adapters": {"type": "ExtractAdapters", "save_format": formats[adapter_format]},
         },
+        "workflow_id": command_workflow_id("generate-adapter", output_path),
         "engine": _engine(output_path, log_level, [provider], host, host),
     }
 

@@ -202,7 +202,8 @@ _NO_EFFECT = {"attn_implementation", "_attn_implementation", "torch_dtype", "dty
 
 def _load_kwargs(raw: dict[str, Any], reader: Any) -> None:
     """input_model.load_kwargs (and hf_config's loading args): trust_remote_code is read; kwargs that only steer
-    loading are noted; the rest (quantization_config, revision, ...) would change the model and are refused.
+    loading are noted; `revision` pins a hub model's commit; the rest (quantization_config, ...) would change the
+    model and are refused.
     The other input_model keys orch does not read are said out loud too."""
     model = raw.get("input_model")
     if not isinstance(model, dict):
@@ -219,7 +220,7 @@ def _load_kwargs(raw: dict[str, Any], reader: Any) -> None:
                 f"{'.'.join(where)} {', '.join(noted)}: accepted, no effect (ModelBuilder reads the checkpoint "
                 "itself; LoRA/QLoRA choose dtype and attention for the device)"
             )
-        for key in sorted(set(kwargs) - _NO_EFFECT - {"trust_remote_code"}):
+        for key in sorted(set(kwargs) - _NO_EFFECT - {"trust_remote_code", "revision"}):
             reader.problem([*where, key], "not supported: orch loads checkpoints as saved; drop it")
     cls = hf.get("model_class")
     if isinstance(cls, str):

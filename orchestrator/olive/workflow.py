@@ -369,12 +369,34 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
             except ValidationError as exc:
                 r.problems += translate(exc, pass_cls.Config, prefix=cfg_path)
             else:  # a pass's own refusals that need nothing loaded: now, not once earlier passes ran
+                default = getattr(pass_cls, "default_data_config", lambda c: None)(checked)
+                if default is not None:
+                    _add_default_data(default, cfg, where, raw, r)
                 for msg in getattr(pass_cls, "config_problems", lambda c: [])(checked):
                     r.problem(where, msg)
                 for msg in getattr(pass_cls, "config_notes", lambda c: [])(checked):
                     r.notes.append(f"{fmt_path(where)}: {msg}")
         out[name] = PassEntry(type=type_name, config=cfg)
     return out
+
+
+def _add_default_data(
+    default: dict[str, Any], cfg: dict[str, Any], where: tuple[Any, ...], raw: dict[str, Any], r: _Reader
+) -> None:
+    """A pass with no data_config reads Olive's default calibration set: it joins data_configs (once, under
+    Olive's name, unless the file has a data config of that name) and the pass names it; a note says so."""
+    from orchestrator.passes.data import describe_data
+
+    name = default["name"]
+    if name not in _data_names(raw):
+        dcs = raw.setdefault("data_configs", [])
+        if isinstance(dcs, list):
+            dcs.append(copy.deepcopy(default))
+    cfg["data_config"] = name
+    r.notes.append(
+        f"{fmt_path(where)}: no data_config: Olive's default calibration data, {describe_data(default)} "
+        f"(data config {name!r}, read from the Hugging Face hub)"
+    )
 
 
 def _check_data_refs(cfg: dict[str, Any], cfg_path: tuple[Any, ...], raw: dict[str, Any], r: _Reader) -> None:

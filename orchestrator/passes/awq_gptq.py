@@ -137,12 +137,18 @@ class _AwqGptqPass(Pass):
         out = []
         if config.bits != 4:
             out.append(f"{cls.type_name}: bits={config.bits} is not supported: orch's AWQ/GPTQ produce int4 (W4A16)")
-        if config.data_config is None:
-            out.append(
-                f"{cls.type_name} needs calibration data: set data_config to one of the workflow's data configs "
-                "(a few hundred samples of the text the model will see); Olive's pileval default is not fetched"
-            )
         return out
+
+    @classmethod
+    def default_data_config(cls, config: PassConfig) -> dict[str, Any] | None:
+        """Without data_config, Olive's default calibration set, from the hub (the reader adds it): AutoAWQ's
+        pileval for AWQ, Olive's wikitext-2 train for GPTQ."""
+        from orchestrator.passes.data import PILE_VAL, WIKITEXT2_TRAIN
+
+        assert isinstance(config, AwqGptqConfig)
+        if config.data_config is not None:
+            return None
+        return PILE_VAL if cls.algorithm == "awq" else WIKITEXT2_TRAIN
 
     def check(self, config: AwqGptqConfig, model: ModelArtifact | None) -> None:
         """Refusals that need nothing loaded: one line each, with the fix."""
@@ -159,7 +165,7 @@ class _AwqGptqPass(Pass):
             raise PassError(
                 f"{self.type_name}: the input model is already quantized; quantize the full-precision checkpoint"
             )
-        if config.data_config is None:
+        if config.data_config is None:  # the workflow reader names Olive's default; a bare Job may lack it
             raise PassError(
                 f"{self.type_name} needs calibration data: set data_config to one of the workflow's data configs "
                 "(a few hundred samples of the text the model will see)"

@@ -88,9 +88,13 @@ class PassContext:
     def log_param(self, name: str, value: Any) -> None:
         self._emit({"type": "param", "name": name, "value": str(value)})
 
-    def progress(self, done: int, total: int, desc: str = "") -> None:
-        """Progress for the host's rich progress bar (a line in events.jsonl / the job log)."""
-        self._emit({"type": "progress", "done": done, "total": total, "desc": desc})
+    def progress(self, done: int, total: int, desc: str = "", *, tokens: int | None = None) -> None:
+        """Progress for the host's bar or progress lines (events.jsonl; lines in the job log). `tokens`: tokens
+        processed so far (training), for tokens/s."""
+        event: dict[str, Any] = {"type": "progress", "done": done, "total": total, "desc": desc}
+        if tokens is not None:
+            event["tokens"] = int(tokens)
+        self._emit(event)
 
     def info(self, message: str) -> None:
         self._emit({"type": "log", "message": message})

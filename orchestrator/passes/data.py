@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from orchestrator.core.hub import is_dataset_id
+from orchestrator.core.prompt import TEMPLATE_FIELD, PromptFormat
 from orchestrator.passes.base import PassError
 from orchestrator.passes.dummy_data import dummy_inputs  # noqa: F401  (the dummy containers' inputs live there)
 from orchestrator.schema.errors import translate
@@ -31,7 +33,30 @@ SUFFIX_BUILDERS = {
     ".txt": "text",
     ".arrow": "arrow",
 }
-_FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+_FIELD = TEMPLATE_FIELD
+
+# The calibration sets Olive's passes load when their config names no data_config, read from the hub as there:
+# Olive >= 0.10's get_calibration_data_config (Gptq, GptqQuantizer, SelectiveMixedPrecision): wikitext-2-raw-v1
+# train; AutoAWQ's (AutoAWQQuantizer) "pileval": mit-han-lab/pile-val-backup, its validation split.
+WIKITEXT2_TRAIN: dict[str, Any] = {
+    "name": "wikitext2_train",
+    "type": "HuggingfaceContainer",
+    "load_dataset_config": {"data_name": "Salesforce/wikitext", "subset": "wikitext-2-raw-v1", "split": "train"},
+    "pre_process_data_config": {"text_cols": ["text"]},
+}
+PILE_VAL: dict[str, Any] = {
+    "name": "pile_val_backup",
+    "type": "HuggingfaceContainer",
+    "load_dataset_config": {"data_name": "mit-han-lab/pile-val-backup", "split": "validation"},
+    "pre_process_data_config": {"text_cols": ["text"]},
+}
+
+
+def describe_data(data_config: dict[str, Any]) -> str:
+    """"Salesforce/wikitext wikitext-2-raw-v1, split train": a hub data config in a note line."""
+    load = data_config["load_dataset_config"]
+    subset = f" {load['subset']}" if load.get("subset") else ""
+    return f"{load['data_name']}{subset}, split {load.get('split', 'train')}"
 
 
 class DataError(PassError):
@@ -123,6 +148,9 @@ def _source(dc: DataConfig, base_dir: Path | None, override: str | None) -> dict
     files: Any = load.data_files
     if override:
         local = resolve_path(override, base_dir)
+        if local.is_dir() and is_dataset_id(name):  # a hub dataset's snapshot: data_files / data_dir inside it
+            return {"path": str(local), **({"data_files": files} if files else {}),
+                    **({"data_dir": load.data_dir} if load.data_dir else {})}  # fmt: skip
         if local.is_dir():
             return {"path": name, "data_dir": str(local)} if name in DATASET_BUILDERS else {"path": str(local)}
         files = str(local)
@@ -133,6 +161,10 @@ def _source(dc: DataConfig, base_dir: Path | None, override: str | None) -> dict
             f"data config {dc.name!r}: data_files is {getattr(files, 'uri', files)!r}, a remote resource: the "
             "system must download or mount it and pass its local path (Job.data_files)"
         )
+    if is_dataset_id(name):  # read from the hub where the job runs (the engine hands a snapshot over instead)
+        return {"path": name, **({"data_files": files} if files else {}),
+                **({"data_dir": load.data_dir} if load.data_dir else {}),
+                **({"revision": load.revision} if load.revision else {})}  # fmt: skip
     if files is None:
         path = Path(name)
         if name in DATASET_BUILDERS:
@@ -174,7 +206,7 @@ def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | Non
 
     script_fn = dc.script_component("load_dataset")
     if script_fn is not None:
-        return _script_load(dc, script_fn, split)
+        return _script_load(dc, script_fn, split, override)
     kwargs = _source(dc, base_dir, override)
     if dc.load_dataset_config.subset:
         kwargs["name"] = dc.load_dataset_config.subset
@@ -226,15 +258,18 @@ def _script_call(dc: DataConfig, fn: Any, what: str, *args: Any, **kwargs: Any) 
         ) from None
 
 
-def _script_load(dc: DataConfig, fn: Any, split: str) -> Any:
+def _script_load(dc: DataConfig, fn: Any, split: str, override: str | None = None) -> Any:
     """Olive's DataContainer.load_dataset: fn(**params), params = the load config's fields its signature names
-    + its own arguments (component_kwargs)."""
+    + its own arguments (component_kwargs). A hub data_name arrives as the snapshot folder the engine downloaded
+    (load_dataset reads it as it would the hub repo), so the job needs no hub."""
     from orchestrator.schema.user_script import call_args
 
     load = dc.load_dataset_config
     fields = {k: v for k, v in load.model_dump().items() if k not in ("type", "component_kwargs") and v is not None}
     if isinstance(load.data_files, LocalFile | LocalFolder):
         fields["data_files"] = str(load.data_files.path)
+    if override and is_dataset_id(load.data_name) and Path(override).is_dir():
+        fields["data_name"] = str(override)
     fields["split"] = split
     kwargs = call_args(fn, {**fields, **load.component_kwargs}, skip_first=False)
     return _as_dataset(_script_call(dc, fn, "load_dataset", **kwargs), dc, "load_dataset")
@@ -255,6 +290,22 @@ def _script_pre_process(dc: DataConfig, ds: Any) -> tuple[Any, PreProcessDataCon
     if {"text_template", "text_cols"} & set(kwargs):
         pre = pre.model_copy(update={"text_template": None, "text_cols": ["text"]})
     return out, pre
+
+
+def prompt_format(data_config: dict[str, Any], source: str = "") -> PromptFormat:
+    """The format the training texts of a data config have (recorded beside the model for generation)."""
+    dc = _parse(data_config, None)
+    pre = dc.pre_process_data_config
+    if pre is None or dc.script_component("pre_process_data") is not None:  # a script builds the text itself
+        return PromptFormat(kind="text", source=source)
+    chat = getattr(pre, "chat_template", None)  # rows of messages through a chat template
+    if chat:
+        return PromptFormat(kind="chat_template", template=chat if isinstance(chat, str) else None, source=source)
+    if pre.text_template:
+        return PromptFormat(kind="text_template", template=pre.text_template, source=source)
+    if pre.text_cols and len(pre.text_cols) > 1:
+        return PromptFormat(kind="text_cols", columns=list(pre.text_cols), source=source)
+    return PromptFormat(kind="text", columns=list(pre.text_cols or []), source=source)
 
 
 def template_columns(template: str) -> list[str]:

@@ -12,7 +12,7 @@ Algorithms (Olive's names):
   quantized model's next-token distribution from the fp32 one, over the calibration texts, is back-propagated to
   the quantized weights; a layer's score is |grad . (W - Q(W))|, the first-order KL saved by keeping it in full
   precision. The highest-scoring (1 - ratio) share of the layers get high_bits; `ratio` of them stay low-bit.
-  It needs calibration data (`data_config`): Olive's default is a hub data set orch does not fetch.
+  It needs calibration data (`data_config`); without one, Olive's default: wikitext-2-raw-v1 train from the hub.
 """
 
 from __future__ import annotations
@@ -52,14 +52,17 @@ class SelectiveMixedPrecisionPass(Pass):
     def config_problems(cls, config: PassConfig) -> list[str]:
         assert isinstance(config, SelectiveMixedPrecisionConfig)
         out = []
-        if config.algorithm == "kld_gradient" and config.data_config is None:
-            out.append(
-                "SelectiveMixedPrecision kld_gradient needs calibration data: set data_config to one of the "
-                "workflow's data configs (a \"text\" column); Olive's hub default is not fetched"
-            )
         if config.high_bits <= config.bits:
             out.append(f"SelectiveMixedPrecision: high_bits ({config.high_bits}) must exceed bits ({config.bits})")
         return out
+
+    @classmethod
+    def default_data_config(cls, config: PassConfig) -> dict[str, Any] | None:
+        """kld_gradient without data_config: Olive's default calibration set (wikitext-2-raw-v1 train, hub)."""
+        from orchestrator.passes.data import WIKITEXT2_TRAIN
+
+        assert isinstance(config, SelectiveMixedPrecisionConfig)
+        return WIKITEXT2_TRAIN if config.algorithm == "kld_gradient" and config.data_config is None else None
 
     @classmethod
     def config_notes(cls, config: PassConfig) -> list[str]:
@@ -84,7 +87,8 @@ class SelectiveMixedPrecisionPass(Pass):
         elif config.algorithm == "k_quant_last":
             high = []
         else:
-            assert config.data_config is not None
+            if config.data_config is None:  # the workflow reader names Olive's default; a bare Job may lack it
+                raise PassError("SelectiveMixedPrecision kld_gradient needs calibration data: set data_config")
             texts = oq.calibration_texts(ctx, config.data_config, config.num_calibration_samples, self.type_name)
             scores = kld_gradient_scores(hf_dir, texts, config, model.trust_remote_code)
             ranked = sorted(scores, key=lambda n: -scores[n])

@@ -51,20 +51,25 @@ class OliveGptqPass(Pass):
         out = []
         if config.bits not in (4, 8):
             out.append(f"Gptq: bits={config.bits}: the Olive checkpoint onnxruntime-genai reads holds 4 or 8 bits")
-        if config.data_config is None:
-            out.append(
-                'Gptq needs calibration data: set data_config to one of the workflow\'s data configs (a "text" '
-                "column); Olive's hub default (wikitext2) is not fetched"
-            )
         bad = sorted(k for o in config.overrides.values() for k in o if k not in ("bits", "group_size"))
         if bad:
             out.append(f"Gptq: overrides keys {', '.join(bad)} are not supported (bits, group_size)")
         return out
 
+    @classmethod
+    def default_data_config(cls, config: PassConfig) -> dict[str, Any] | None:
+        """Without data_config, Olive's default calibration set (wikitext-2-raw-v1 train, from the hub)."""
+        from orchestrator.passes.data import WIKITEXT2_TRAIN
+
+        assert isinstance(config, OliveGptqConfig)
+        return WIKITEXT2_TRAIN if config.data_config is None else None
+
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, OliveGptqConfig)
         for msg in self.config_problems(config):
             raise PassError(msg)
+        if config.data_config is None:  # the workflow reader names Olive's default; a bare Job may lack it
+            raise PassError("Gptq needs calibration data: set data_config to one of the workflow's data configs")
         if model is None or model.format != "hf" or model.quantized:
             raise PassError("Gptq needs a full-precision HF checkpoint (format hf) as input")
         import time

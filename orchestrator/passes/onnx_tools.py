@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -183,6 +183,40 @@ class GenaiModel:
             gen.generate_next_token()
             new.append(int(gen.get_next_tokens()[0]))
         return new
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [int(i) for i in self.tokenizer.eos_token_ids]
+
+    def stream(self, ids: Sequence[int], max_new_tokens: int, **search: Any) -> Iterator[tuple[int, str]]:
+        """(token, its text) as each token is generated: onnxruntime-genai's generator loop, decoded token by token
+        with its tokenizer stream (the pieces join to the decoded text). Stops at EOS (not yielded) or
+        max_new_tokens; `search` takes og's search options (do_sample, temperature, top_p, top_k, random_seed)."""
+        import numpy as np
+
+        search.setdefault("do_sample", False)
+        gen = self._generator(min(len(ids) + max_new_tokens, self.context_length), **search)
+        gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        pieces = self.tokenizer.create_stream()
+        eos = set(self.eos_token_ids)
+        for _ in range(max_new_tokens):
+            if gen.is_done():
+                return
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            if token in eos:
+                return
+            yield token, pieces.decode(token)
+
+    def has_chat_template(self) -> bool:
+        """Whether the tokenizer files carry a chat template (tokenizer_config.json or chat_template.jinja)."""
+        if (self.model_dir / "chat_template.jinja").is_file():
+            return True
+        config = self.model_dir / "tokenizer_config.json"
+        try:
+            return bool(json.loads(config.read_text()).get("chat_template")) if config.is_file() else False
+        except ValueError:
+            return False
 
     def timed_generation(self, ids: Sequence[int], max_new_tokens: int) -> tuple[float, list[float]]:
         """(time to first token, per-token decode seconds) of one greedy generation.

@@ -103,7 +103,18 @@ class InputModel(Strict):
             self._model_ref = parse_resource(self.hf_config.model_name, base_dir=base_dir_of(info), hub_ok=True)
         else:
             raise ValueError("no model given: set model_path or hf_config.model_name")
+        revision = self._revision()
+        if revision is not None:  # from_pretrained's revision: the hub commit, branch or tag to load
+            if getattr(self._model_ref, "type", None) != "hf_hub":
+                raise ValueError(f"revision {revision!r} applies to a hub model id, not to a local model folder")
+            self._model_ref = self._model_ref.model_copy(update={"revision": str(revision)})
         return self
+
+    def _revision(self) -> Any:
+        places: list[dict[str, Any] | None] = [self.load_kwargs]
+        if self.hf_config is not None:
+            places += [self.hf_config.from_pretrained_args, self.hf_config.model_loading_args]
+        return next((p["revision"] for p in places if p and p.get("revision") is not None), None)
 
     @property
     def model_ref(self) -> Any:
@@ -142,6 +153,7 @@ class LoadDatasetConfig(_Params):
     data_files: DataFiles | None = None
     data_dir: str | None = None
     subset: str | None = None
+    revision: str | None = None  # a hub dataset's branch, tag or commit (datasets.load_dataset's revision)
     split: str | None = "train"
     col_filters: dict[str, str | int | float | bool] | None = None  # keep rows whose columns equal these values
     component_kwargs: dict[str, Any] = Field(default_factory=dict)  # a user_script function's own arguments
@@ -158,7 +170,12 @@ class LoadDatasetConfig(_Params):
     @field_validator("data_files", mode="before")
     @classmethod
     def _parse_files(cls, v: Any, info: ValidationInfo) -> Any:
-        """Local paths become absolute strings; azureml URIs become resources (systems download/mount them)."""
+        """Local paths become absolute strings; azureml URIs become resources (systems download/mount them).
+        With a hub dataset as data_name they are paths inside its repo, kept as written."""
+        from orchestrator.core.hub import is_dataset_id
+
+        if is_dataset_id(info.data.get("data_name")):
+            return v
         if isinstance(v, list):
             return [cls._one_file(x, info) for x in v]
         if isinstance(v, str):

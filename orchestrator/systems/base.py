@@ -68,6 +68,10 @@ class System(ABC):
     """Subclasses: LocalSystem, DockerSystem, AzureMLSystem."""
 
     kind: str
+    # True: jobs on this system download Hugging Face hub references themselves (the job carries the pinned
+    # hf://<id>@<sha>; Azure ML's compute reaches the hub and reads the workspace's token). False: the engine
+    # downloads them into the host's HF cache before submitting and the job reads the local snapshot.
+    fetches_hub_refs: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any], **context: Any) -> System:

@@ -38,14 +38,25 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
 - Gradient checkpointing only when the step would not fit: an estimate of weights + activations against the GPU's
   memory (the constants are calibrated on the H100 anchor: Phi-3-mini, 8 x 1024 tokens, 47 GiB). A user's or the
   QLoRA pass's explicit `gradient_checkpointing=True` is kept.
+- No host sync in the training step (`nosync`): token counts from the CPU batch (a collator wrapper), TRL's loss
+  metrics kept on the device until the Trainer logs, the per-step NaN check of the logged loss off, padding-free
+  sample boundaries computed on the CPU where the collator gives none (TRL < 1.16), and the loss through orch's own
+  chunk loop around Liger's cross-entropy kernel (Liger's function reads `.item()` in its forward and backward).
+- Phi-3-family attention: q, k (RoPE applied) and v written by one Triton kernel from the fused qkv output, each
+  contiguous, and the qkv gradient by one kernel (`qkv_rope`; partial rotary and grouped-query heads).
+- Phi-3-family MLP: SwiGLU and the fused LoRA down_proj as one function that keeps only gate_up's output and
+  rebuilds the SwiGLU output (and its dropped-out copy, from the mask) in the backward (`mlp_recompute`): one
+  (tokens x intermediate) activation fewer per layer (~4 GiB on Phi-3-mini at 8 x 1024).
+- QLoRA: the frozen norms / embeddings / LM head back to bf16 after peft's prepare_model_for_kbit_training upcast
+  them to fp32 (`qlora_bf16`).
 - torch.compile of the decoder layers is implemented but off unless `ORCH_CUDA_FASTPATH=+compile`: not shown to
   pay (the one H100 attempt was still compiling after 70 s, with dynamo warnings on Liger's Triton kernels), and
   padding-free rows change length every step.
 
-Measured on an H200 (r=64, 8 x 1024, dropout 0.05, bench/RESULTS.md), samples all 1024 tokens long: 1.62x the plain
-transformers+peft tokens/s for the Phi-3-mini shape (MFU 41.5%, 39.0 vs 51.3 GiB) and 1.70x for Phi-4-mini's
-(43.9%, 37.2 vs 63.6 GiB), per-step loss within 0.002; QLoRA 2.2x its transformers+peft+bitsandbytes baseline on
-variable-length samples with less memory. Earlier on an H100: 2.21x on variable-length samples.
+Measured on an H100 (bench/RESULTS.md, r=64, 8 x 1024 fixed-length samples, one machine for every row of a shape):
+Phi-3-mini 1.87x transformers+peft at dropout 0.05 (0.99x Unsloth 2026.10.9), 1.93x / 0.96x Unsloth at dropout 0,
+35.0 / 29.2 GiB against Unsloth's 42.5 / 36.8; Phi-4-mini 1.82x (1.02x Unsloth); per-step loss within 0.006 of
+Unsloth's and the baseline's; QLoRA 0.89x Unsloth QLoRA (15,451 vs 17,311 tokens/s).
 
 `ORCH_CUDA_FASTPATH` (comma list of +name / -name over OPTION_NAMES) turns single choices on or off, for ablations
 and as an escape hatch; the default is the plan.
@@ -90,6 +101,10 @@ OPTION_NAMES = (
     "cudnn_attn",
     "splitk",
     "fused_dropout",
+    "nosync",
+    "mlp_recompute",
+    "qkv_rope",
+    "qlora_bf16",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -114,6 +129,10 @@ class CudaPlan:
     splitk: bool = False  # the fused LoRA layers' skinny GEMMs split along their reduction (autotuned per shape)
     fused_dropout: bool = False  # LoRA dropout inside the fused layers, its input gradient by one Triton kernel
     cudnn_attn: bool = False  # rows of equal-length samples: cuDNN SDPA over (samples, seq) instead of varlen FA2
+    nosync: bool = False  # no host sync in the training step (metrics on the device, token counts from the CPU batch)
+    mlp_recompute: bool = False  # down_proj's backward recomputes silu(gate) * up instead of keeping it (memory)
+    qkv_rope: bool = False  # q, k, v + RoPE out of the fused qkv in one Triton pass each way (lora_kernels.qkv_rope)
+    qlora_bf16: bool = False  # a 4-bit base's frozen fp32-upcast parameters back to bf16 (no fp32 residual stream)
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -322,6 +341,35 @@ def plan_cuda(
             "rows through the varlen kernel"
         )
 
+    qkv_rope = bool(qkv_split and has_triton and opts.get("qkv_rope", True))
+    if qkv_rope:
+        reasons.append(
+            "attention: q, k (RoPE applied) and v written by one Triton kernel from the fused qkv output, each "
+            "contiguous, and the qkv gradient by one kernel (no strided copies around RoPE and attention, no cat)"
+        )
+    qlora_bf16 = bool(shape.get("quantized_4bit") and bf16 and opts.get("qlora_bf16", True))
+    if qlora_bf16:
+        reasons.append(
+            "QLoRA: the frozen norms, embeddings and LM head back to bf16 after peft's prepare_model_for_kbit_training "
+            "upcast them to fp32 (bf16 autocast computes in bf16 anyway; an fp32 residual stream doubles the bytes "
+            "of every norm, residual add and cast, and the memory of every kept activation)"
+        )
+    nosync = bool(opts.get("nosync", True))
+    if nosync:
+        reasons.append(
+            "no host sync in the training step: token counts from the CPU batch, the loss metrics kept on the device "
+            "and read when the Trainer logs, no per-step NaN check of the logged loss (logging_nan_inf_filter off), "
+            "padding-free sample boundaries computed with the batch on the CPU"
+        )
+    mlp_recompute = bool(
+        fused_lora and swiglu and model_type in FUSED_GATE_UP_MODEL_TYPES and opts.get("mlp_recompute", True)
+    )
+    if mlp_recompute:
+        reasons.append(
+            "MLP: down_proj's LoRA backward recomputes silu(gate) * up from the gate_up output it keeps anyway, "
+            "instead of keeping its own (tokens x intermediate) input: one activation fewer per layer"
+        )
+
     return CudaPlan(
         bf16=bf16,
         attn_implementation=attn,
@@ -338,6 +386,10 @@ def plan_cuda(
         cudnn_attn=cudnn_attn,
         splitk=splitk,
         fused_dropout=fused_dropout,
+        nosync=nosync,
+        mlp_recompute=mlp_recompute,
+        qkv_rope=qkv_rope,
+        qlora_bf16=qlora_bf16,
         reasons=tuple(reasons),
     )
 
@@ -439,6 +491,10 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    if plan.qlora_bf16:
+        frozen_params_to(model, "bfloat16")
+    if plan.nosync:
+        out.setdefault("logging_nan_inf_filter", False)  # its isnan/isinf check reads the loss every step
     if plan.fused_adamw and out.get("optim", "adamw_torch") == "adamw_torch":
         out["optim"] = "adamw_torch_fused"
     global _CUDNN_UNIFORM
@@ -446,9 +502,9 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.liger is not None:
         apply_liger(model, plan.liger)
     if plan.qkv_split:
-        split_qkv_attention(model)
+        split_qkv_attention(model, rope=plan.qkv_rope)
     if plan.swiglu:
-        orch_swiglu_mlp(model)
+        orch_swiglu_mlp(model, recompute=plan.mlp_recompute)
     if plan.fused_lora:
         from orchestrator.passes.lora import kernels as lora_kernels
         from orchestrator.passes.lora.fused import fuse_lora_layers
@@ -459,6 +515,21 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.compile_layers:
         compile_decoder_layers(model)
     return out
+
+
+def frozen_params_to(model: Any, dtype_name: str) -> int:
+    """Cast the frozen fp32 floating-point parameters (not 4-bit weights, not the adapters) to `dtype_name`;
+    returns how many. peft's prepare_model_for_kbit_training upcasts them for fp16 stability."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad or param.dtype != torch.float32 or type(param).__name__ == "Params4bit":
+            continue
+        param.data = param.data.to(dtype)
+        count += 1
+    return count
 
 
 def _is_checkpointing(base: Any) -> bool:
@@ -519,16 +590,35 @@ def _phi3_attention_forward(
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     qkv = self.qkv_proj(hidden_states)
-    q_size = self.config.num_attention_heads * self.head_dim
-    kv_size = self.num_key_value_heads * self.head_dim
-    query_states, key_states, value_states = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    query_states = query_states.view(hidden_shape).transpose(1, 2)
-    key_states = key_states.view(hidden_shape).transpose(1, 2)
-    value_states = value_states.view(hidden_shape).transpose(1, 2)
-
+    n_heads, n_kv = self.config.num_attention_heads, self.num_key_value_heads
     cos, sin = position_embeddings
-    # looked up at call time: Liger's RoPE patch replaces the module's function
-    query_states, key_states = modeling_phi3.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+    if getattr(self, QKV_ROPE_ATTR, False) and past_key_values is None and cos.shape[-1] <= self.head_dim:
+        # q, k (RoPE applied) and v written once, each contiguous (tokens, heads, head_dim): no copies around the
+        # RoPE and the attention, and one pass back into the qkv gradient
+        from orchestrator.passes.lora.kernels import qkv_rope
+
+        n = qkv.shape[:-1].numel()
+        rows = (*input_shape, cos.shape[-1])
+        q, k, v = qkv_rope(
+            qkv.reshape(n, -1),
+            cos.expand(rows).reshape(n, -1),
+            sin.expand(rows).reshape(n, -1),
+            n_heads,
+            n_kv,
+            self.head_dim,
+        )
+        query_states = q.view(*input_shape, n_heads, self.head_dim).transpose(1, 2)
+        key_states = k.view(*input_shape, n_kv, self.head_dim).transpose(1, 2)
+        value_states = v.view(*input_shape, n_kv, self.head_dim).transpose(1, 2)
+    else:
+        q_size = n_heads * self.head_dim
+        kv_size = n_kv * self.head_dim
+        query_states, key_states, value_states = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        query_states = query_states.view(hidden_shape).transpose(1, 2)
+        key_states = key_states.view(hidden_shape).transpose(1, 2)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
+        # looked up at call time: Liger's RoPE patch replaces the module's function
+        query_states, key_states = modeling_phi3.apply_rotary_pos_emb(query_states, key_states, cos, sin)
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
     attention_interface = modeling_phi3.ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -550,8 +640,14 @@ def _phi3_attention_forward(
     return attn_output, attn_weights
 
 
-def split_qkv_attention(model: Any) -> int:
-    """Give every Phi3Attention of the model the split-qkv forward; returns how many modules got it."""
+QKV_ROPE_ATTR = "_orch_qkv_rope"
+
+
+def split_qkv_attention(model: Any, rope: bool = False) -> int:
+    """Give every Phi3Attention of the model the split-qkv forward; returns how many modules got it.
+
+    rope: q, k, v and RoPE through lora_kernels.qkv_rope (one pass each way) instead of slices + apply_rotary_pos_emb.
+    """
     import types
 
     try:
@@ -566,19 +662,34 @@ def split_qkv_attention(model: Any) -> int:
         if type(module).__name__ == "Phi3Attention" and hasattr(module, "qkv_proj"):
             module.forward = types.MethodType(_phi3_attention_forward, module)
             setattr(module, PATCHED_ATTR, True)
+            setattr(module, QKV_ROPE_ATTR, rope)
             count += 1
     return count
 
 
+MLP_RECOMPUTE_ATTR = "_orch_mlp_recompute"
+
+
 def _fused_gate_up_mlp_forward(self: Any, hidden_states: Any) -> Any:
-    """Phi3MLP.forward: down_proj(silu(gate) * up) with gate, up read in place from gate_up_proj's output."""
+    """Phi3MLP.forward: down_proj(silu(gate) * up) with gate, up read in place from gate_up_proj's output; with
+    recompute on, the SwiGLU and a fused LoRA down_proj run as one function that keeps only gate_up's output."""
     from orchestrator.passes.lora.kernels import swiglu
 
-    return self.down_proj(swiglu(self.gate_up_proj(hidden_states)))
+    u = self.gate_up_proj(hidden_states)
+    if getattr(self, MLP_RECOMPUTE_ATTR, False):
+        from orchestrator.passes.lora.fused import swiglu_down
+
+        out = swiglu_down(self.down_proj, u)
+        if out is not None:
+            return out
+    return self.down_proj(swiglu(u))
 
 
-def orch_swiglu_mlp(model: Any) -> int:
-    """Give every fused gate_up MLP (Phi3MLP, or Liger's replacement of it) orch's SwiGLU; returns the count."""
+def orch_swiglu_mlp(model: Any, recompute: bool = False) -> int:
+    """Give every fused gate_up MLP (Phi3MLP, or Liger's replacement of it) orch's SwiGLU; returns the count.
+
+    recompute: down_proj's backward recomputes the SwiGLU output (fused.swiglu_down) where down_proj is a fused
+    LoRA layer at call time; elsewhere the MLP runs as without it."""
     import types
 
     count = 0
@@ -593,6 +704,7 @@ def orch_swiglu_mlp(model: Any) -> int:
         ):
             module.forward = types.MethodType(_fused_gate_up_mlp_forward, module)
             setattr(module, PATCHED_ATTR, True)
+            setattr(module, MLP_RECOMPUTE_ATTR, recompute)
             count += 1
     return count
 
@@ -652,6 +764,128 @@ def reference_flce(weight: Any, hidden: Any, labels: Any) -> tuple[Any, Any]:
     return loss, correct.sum() / valid.sum().clamp(min=1)
 
 
+_CHUNKED_CE: Any = None
+# the arguments orch passes to Liger's cross-entropy kernel (liger-kernel 0.8.x); another signature: Liger's own path
+_LIGER_CE_ARGS = frozenset(
+    {
+        "X_ptr",
+        "X_stride",
+        "Y_ptr",
+        "Y_stride",
+        "weight_ptr",
+        "loss_ptr",
+        "z_loss_ptr",
+        "loss_stride",
+        "token_accuracy_ptr",
+        "token_accuracy_stride",
+        "predicted_tokens_ptr",
+        "predicted_tokens_stride",
+        "n_cols",
+        "n_non_ignore",
+        "sum_non_ignore_weight",
+        "weight_sum",
+        "ignore_index",
+        "lse_square_scale",
+        "label_smoothing",
+        "reduction",
+        "softcap",
+        "RETURN_Z_LOSS",
+        "RETURN_TOKEN_ACCURACY",
+        "RETURN_PREDICTED_TOKENS",
+        "BLOCK_SIZE",
+        "HAS_WEIGHT",
+        "HAS_SOFTCAPPING",
+        "HAS_GRADIENTS",
+    }
+)
+
+
+def _chunked_ce_function() -> Any:
+    """An autograd Function: the LM head GEMM and the cross-entropy in token chunks, Liger's Triton kernel for the
+    loss and its gradient, and no host sync (Liger's own fused linear cross-entropy reads the number of labelled
+    tokens with .item() in the forward and compares the output gradient with 1.0 on the host in the backward)."""
+    import torch
+    import triton
+    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+
+    if not _LIGER_CE_ARGS.issubset(getattr(liger_cross_entropy_kernel, "arg_names", ())):
+        return None
+
+    class ChunkedLinearCrossEntropy(torch.autograd.Function):
+        """(sum of token losses, number of correct argmax tokens) of hidden @ weight^T against labels (-100 ignored).
+
+        The sum reduction needs no count of labelled tokens; the caller divides by its own count on the device.
+        """
+
+        @staticmethod
+        def forward(ctx: Any, hidden: Any, weight: Any, labels: Any) -> Any:
+            n_tokens, vocab = hidden.shape[0], weight.shape[0]
+            chunk = max(1, min(n_tokens, FLCE_LOGITS_BUDGET // (2 * vocab)))
+            loss_1d = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)  # ignored rows stay 0
+            correct_1d = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+            logits = torch.empty((chunk, vocab), dtype=hidden.dtype, device=hidden.device)
+            labels = labels.contiguous()
+            for start in range(0, n_tokens, chunk):
+                end = min(start + chunk, n_tokens)
+                block = logits[: end - start]
+                torch.mm(hidden[start:end], weight.t(), out=block)
+                liger_cross_entropy_kernel[(end - start,)](
+                    X_ptr=block,
+                    X_stride=block.stride(-2),
+                    Y_ptr=labels[start:end],
+                    Y_stride=1,
+                    weight_ptr=None,
+                    loss_ptr=loss_1d[start:end],
+                    z_loss_ptr=None,
+                    loss_stride=1,
+                    token_accuracy_ptr=correct_1d[start:end],
+                    token_accuracy_stride=1,
+                    predicted_tokens_ptr=None,
+                    predicted_tokens_stride=0,
+                    n_cols=vocab,
+                    n_non_ignore=1,  # read by the "mean" reduction only
+                    sum_non_ignore_weight=1,
+                    weight_sum=0.0,
+                    ignore_index=-100,
+                    lse_square_scale=0.0,
+                    label_smoothing=0.0,
+                    reduction="sum",
+                    softcap=None,
+                    RETURN_Z_LOSS=False,
+                    RETURN_TOKEN_ACCURACY=True,
+                    RETURN_PREDICTED_TOKENS=False,
+                    BLOCK_SIZE=min(32768, triton.next_power_of_2(vocab)),
+                    HAS_WEIGHT=False,
+                    HAS_SOFTCAPPING=False,
+                    HAS_GRADIENTS=grad is not None,
+                    num_warps=32,
+                )
+                if grad is not None:  # the kernel left d loss / d logits in the chunk's logits
+                    torch.mm(block, weight, out=grad[start:end])
+            ctx.save_for_backward(grad)
+            return loss_1d.sum(), correct_1d.sum()
+
+        @staticmethod
+        def backward(ctx: Any, grad_loss: Any, _grad_correct: Any) -> tuple[Any, None, None]:
+            (grad,) = ctx.saved_tensors
+            return (None if grad is None else grad * grad_loss.to(grad.dtype)), None, None
+
+    return ChunkedLinearCrossEntropy
+
+
+def chunked_flce(weight: Any, hidden: Any, labels: Any) -> tuple[Any, Any]:
+    """(sum of the token losses, token accuracy) as device tensors, no host sync: orch's chunk loop around Liger's
+    cross-entropy kernel (Liger's own function where this liger-kernel has another kernel signature)."""
+    global _CHUNKED_CE
+    if _CHUNKED_CE is None:
+        _CHUNKED_CE = _chunked_ce_function() or False
+    if not _CHUNKED_CE:
+        return _liger_flce(weight, hidden, labels)
+    loss, correct = _CHUNKED_CE.apply(hidden, weight, labels)
+    return loss, correct / (labels != -100).sum().clamp(min=1)
+
+
 def fused_ce_loss(trainer: Any, model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any, ce: Any) -> Any:
     """The training loss of TRL's SFTTrainer.compute_loss through `ce` (a fused linear cross-entropy); None when
     TRL's own path must run (eval, another loss type, a loss function or label smoother, data parallel, a head
@@ -704,10 +938,11 @@ def fused_ce_loss(trainer: Any, model: Any, inputs: Mapping[str, Any], num_items
 
     metrics = getattr(trainer, "_metrics", None)
     if isinstance(metrics, Mapping) and "train" in metrics:
-        metrics["train"]["mean_token_accuracy"].append(float(accuracy))
+        # kept on the device (no host sync in the step): OrchSFTTrainer.log reads them when it logs
+        metrics["train"]["mean_token_accuracy"].append(accuracy.detach())
         if hasattr(trainer, "_total_train_tokens"):
             if "attention_mask" in inputs:
-                n_tok = int(inputs["attention_mask"].sum())
+                n_tok = inputs["attention_mask"].sum()
             elif "position_ids" in inputs:
                 n_tok = int(inputs["position_ids"].size(1))
             else:
@@ -717,24 +952,103 @@ def fused_ce_loss(trainer: Any, model: Any, inputs: Mapping[str, Any], num_items
     return loss
 
 
+STEP_TOKENS_KEY = "orch_step_tokens"  # a batch's real token count, counted on the CPU by StepMetadataCollator
+
+
+def add_step_metadata(batch: dict[str, Any], padding_free: bool) -> dict[str, Any]:
+    """A collated batch (CPU tensors) with its real token count under STEP_TOKENS_KEY and, for a padding-free row,
+    cu_seq_lens_q/k and max_length_q/k where the collator gave none (TRL < 1.16): computed here on the CPU, since
+    the attention would otherwise derive them from position_ids on the GPU with host syncs in every layer."""
+    ids = batch.get("input_ids")
+    pos = batch.get("position_ids")
+    mask = batch.get("attention_mask")
+    packed_row = padding_free and pos is not None and ids is not None and ids.shape[0] == 1 and mask is None
+    if packed_row and "cu_seq_lens_q" not in batch and not pos.is_cuda:
+        cu, longest = cu_seqlens_from_position_ids(pos)
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+        batch["max_length_q"] = batch["max_length_k"] = longest
+    if mask is not None and mask.dim() == 2 and not mask.is_cuda:
+        batch[STEP_TOKENS_KEY] = int(mask.sum())
+    elif packed_row and "cu_seq_lens_q" in batch and not batch["cu_seq_lens_q"].is_cuda:
+        batch[STEP_TOKENS_KEY] = int(batch["cu_seq_lens_q"][-1])
+    elif ids is not None:
+        batch[STEP_TOKENS_KEY] = int(ids.numel())
+    return batch
+
+
+class StepMetadataCollator:
+    """The trainer's own data collator, followed by add_step_metadata (attributes read through to the inner one)."""
+
+    def __init__(self, inner: Any, padding_free: bool) -> None:
+        self.inner = inner
+        self.padding_free = padding_free
+
+    def __call__(self, features: Any) -> Any:
+        return add_step_metadata(self.inner(features), self.padding_free)
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+
+def _host_value(value: Any) -> Any:
+    """A device scalar as a Python number (one sync, at logging time); anything else unchanged."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) and getattr(value, "numel", lambda: 0)() == 1 else value
+
+
 def sft_trainer_class(base_cls: Any, plan: CudaPlan | None) -> Any:
-    """base_cls (TRL's SFTTrainer), or a subclass whose training loss is Liger's fused linear cross-entropy."""
-    if plan is None or not plan.flce:
+    """base_cls (TRL's SFTTrainer), or a subclass with the plan's training-step choices: the loss through a fused
+    linear cross-entropy (plan.flce) and no host sync in the step (plan.nosync): token counts from the CPU batch,
+    TRL's metrics kept on the device and read when the Trainer logs."""
+    if plan is None or not (plan.flce or plan.nosync):
         return base_cls
 
     class OrchSFTTrainer(base_cls):  # type: ignore[misc, valid-type]
-        orch_ce = staticmethod(_liger_flce)
+        orch_ce = staticmethod(chunked_flce)
+        orch_plan = plan
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if plan.nosync and getattr(self, "data_collator", None) is not None:
+                self.data_collator = StepMetadataCollator(self.data_collator, plan.padding_free)
+
+        def _prepare_inputs(self, inputs: Any) -> Any:
+            if isinstance(inputs, Mapping) and STEP_TOKENS_KEY in inputs:
+                inputs = {k: v for k, v in inputs.items() if k != STEP_TOKENS_KEY}
+            return super()._prepare_inputs(inputs)
+
+        def _track_num_input_tokens(self, inputs: Any) -> None:
+            count = inputs.get(STEP_TOKENS_KEY) if isinstance(inputs, Mapping) else None
+            mode = str(getattr(self.args, "include_num_input_tokens_seen", "no"))
+            if count is not None and int(getattr(self.args, "world_size", 1)) == 1 and mode not in ("no", "False"):
+                self.state.num_input_tokens_seen += int(count)  # counted on the CPU batch: no .item() on the GPU
+                return
+            if isinstance(inputs, Mapping):
+                inputs = {k: v for k, v in inputs.items() if k != STEP_TOKENS_KEY}
+            super()._track_num_input_tokens(inputs)
 
         def compute_loss(
             self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
-            if not return_outputs:
+            if plan.flce and not return_outputs:
                 loss = fused_ce_loss(self, model, inputs, num_items_in_batch, self.orch_ce)
                 if loss is not None:
                     return loss
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+
+        def log(self, logs: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+            # the metrics the loss kept on the device, read now (the Trainer syncs when it logs anyway)
+            for store in (getattr(self, "_metrics", None) or {}).values():
+                for key in list(store):
+                    store[key] = [_host_value(v) for v in store[key]]
+            if hasattr(self, "_total_train_tokens"):
+                self._total_train_tokens = _host_value(self._total_train_tokens)
+            return super().log({k: _host_value(v) for k, v in logs.items()}, *args, **kwargs)
 
     OrchSFTTrainer.__qualname__ = OrchSFTTrainer.__name__ = f"Orch{base_cls.__name__}"
     return OrchSFTTrainer
@@ -863,9 +1177,12 @@ def varlen_attention_forward(
             f"({sliding_window}); set ORCH_CUDA_FASTPATH=-padding_free"
         )
     cu = cu.to(device=query.device, dtype=torch.int32)
-    q = query[0].transpose(0, 1)  # (T, H, D)
-    k = key[0].transpose(0, 1)
-    v = value[0].transpose(0, 1)
+    # squeeze, not [0]: an index's backward writes the gradient into a zero-filled (1, H, T, D) tensor (a fill and
+    # a transposing copy per q / k / v and layer: 17 ms of a 320 ms Phi-3-mini step on an H100, bench/RESULTS.md);
+    # a squeeze's backward is a view, so the gradients keep the (T, H, D) layout the attention kernels wrote
+    q = query.squeeze(0).transpose(0, 1)  # (T, H, D)
+    k = key.squeeze(0).transpose(0, 1)
+    v = value.squeeze(0).transpose(0, 1)
     out_dtype = q.dtype
     if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
         # flash kernels take half precision only; fp32 reaches here when layers were upcast (QLoRA's

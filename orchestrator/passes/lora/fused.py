@@ -170,8 +170,106 @@ def _lora_dropout_function() -> Any:
     return LoraLinearDropoutFunction
 
 
+def _swiglu_down_function() -> Any:
+    import torch
+
+    from orchestrator.passes.lora.kernels import (
+        lora_dropout_grad_add_,
+        lora_tall,
+        lora_wgrad,
+        swiglu_backward_2d,
+        swiglu_dropout_2d,
+        swiglu_forward_2d,
+    )
+
+    class LoraSwigluDownFunction(torch.autograd.Function):
+        """out = c @ W^T + bias + scaling * (dropout(c) @ A^T) @ B^T with c = silu(gate) * up of u = [gate | up].
+
+        Phi-3's MLP tail (SwiGLU, then the LoRA down_proj) as one function that keeps u, which the SwiGLU backward
+        needs anyway, and recomputes c (and its dropped-out copy from the kept mask) in the backward instead of
+        keeping them: one (tokens x intermediate) activation fewer per layer, for one extra SwiGLU pass.
+        """
+
+        @staticmethod
+        def forward(
+            ctx: Any, u: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float, p: float, dtype: Any
+        ) -> Any:
+            lead = u.shape[:-1]
+            u2 = u.reshape(-1, u.shape[-1])
+            if u2.stride(-1) != 1:
+                u2 = u2.contiguous()
+            with torch.autocast(device_type=u.device.type, enabled=False):
+                a16, b16 = a.to(dtype), b.to(dtype)
+                c = swiglu_forward_2d(u2)
+                xd, mask = torch.native_dropout(c, p, True) if p > 0 else (c, None)
+                out = torch.nn.functional.linear(c, weight, bias)
+                h = lora_tall(xd, a16)
+                out.addmm_(h, b16.t(), alpha=scaling)
+            ctx.scaling = scaling
+            ctx.keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
+            ctx.dtypes = (a.dtype, b.dtype)
+            ctx.lead = u.shape
+            ctx.save_for_backward(u2, h, weight, a16, b16, mask)
+            return out.view(*lead, out.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
+            u2, h, weight, a16, b16, mask = ctx.saved_tensors
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            with torch.autocast(device_type=g.device.type, enabled=False):
+                gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
+                grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
+                # c again, or straight its dropped-out copy from the kept mask (one pass either way)
+                xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
+                grad_a = lora_wgrad(gh, xd).to(ctx.dtypes[0])
+                del xd
+                grad_c = g @ weight
+                if mask is not None:
+                    lora_dropout_grad_add_(grad_c, gh, a16, mask, ctx.keep_scale)
+                else:
+                    grad_c.addmm_(gh, a16)
+                du = swiglu_backward_2d(u2, grad_c)
+            return du.view(ctx.lead), None, None, grad_a, grad_b, None, None, None
+
+    return LoraSwigluDownFunction
+
+
 _FUNCTION: Any = None
 _DROPOUT_FUNCTION: Any = None
+_SWIGLU_DOWN_FUNCTION: Any = None
+
+
+def _swiglu_down_fn() -> Any:
+    global _SWIGLU_DOWN_FUNCTION
+    if _SWIGLU_DOWN_FUNCTION is None:
+        _SWIGLU_DOWN_FUNCTION = _swiglu_down_function()
+    return _SWIGLU_DOWN_FUNCTION
+
+
+def swiglu_down(down_proj: Any, u: Any) -> Any:
+    """down_proj(silu(gate) * up) for u = [gate | up] through LoraSwigluDownFunction, or None where it does not
+    apply (down_proj not a fused-eligible LoRA layer for this call, an odd width, LoRA dropout that cannot run inside
+    the function: the caller then runs the SwiGLU and down_proj separately)."""
+    import torch
+
+    if not getattr(down_proj, FUSED_ATTR, False) or u.shape[-1] % 2:
+        return None
+    parts = _fast_path_parts(down_proj, u, (), {})
+    if parts is None:
+        return None
+    dropout, weight, bias, a, b, scaling = parts
+    dtype = _compute_dtype(u, weight, a, b)
+    if dtype is None:
+        return None
+    if isinstance(dropout, torch.nn.Identity) or not down_proj.training:
+        p = 0.0
+    else:
+        p = _fused_dropout_p(dropout, u, a.shape[0])  # CUDA + Triton: native_dropout, peft's masks
+        if p is None:
+            return None
+    uc = u.to(dtype)
+    bias_c = None if bias is None else bias.to(dtype)
+    return _swiglu_down_fn().apply(uc, weight.to(dtype), bias_c, a, b, float(scaling), p, dtype)
 
 
 def _fn() -> Any:

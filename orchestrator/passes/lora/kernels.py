@@ -97,7 +97,25 @@ def _kernels() -> Any:
         tl.store(du_ptr + row * stride_du + cols, d_gate.to(du_ptr.dtype.element_ty), mask=ok)
         tl.store(du_ptr + row * stride_du + n_cols + cols, d_up.to(du_ptr.dtype.element_ty), mask=ok)
 
-    return dropout_grad_add_kernel, swiglu_fwd_kernel, swiglu_bwd_kernel
+    @triton.jit
+    def swiglu_dropout_fwd_kernel(
+        u_ptr, m_ptr, c_ptr, n_cols, stride_u, stride_m, stride_c, scale, BLOCK: tl.constexpr
+    ):  # fmt: skip
+        # silu(gate) * up rounded as swiglu_fwd_kernel does, then the dropout mask and 1 / (1 - p) as native_dropout
+        # applies them (one rounding of c * scale): the forward's dropped-out copy, rebuilt from u and the mask
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        gate = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0)
+        up = tl.load(u_ptr + row * stride_u + n_cols + cols, mask=ok, other=0.0)
+        keep = tl.load(m_ptr + row * stride_m + cols, mask=ok, other=0)
+        g = gate.to(tl.float32)
+        silu = (g * tl.sigmoid(g)).to(up.dtype).to(tl.float32)
+        c = (silu * up.to(tl.float32)).to(c_ptr.dtype.element_ty).to(tl.float32)
+        out = tl.where(keep != 0, c * scale, 0.0)
+        tl.store(c_ptr + row * stride_c + cols, out.to(c_ptr.dtype.element_ty), mask=ok)
+
+    return dropout_grad_add_kernel, swiglu_fwd_kernel, swiglu_bwd_kernel, swiglu_dropout_fwd_kernel
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,6 +228,68 @@ def _swiglu_function() -> Any:
     return SwiGLUFunction
 
 
+def swiglu_backward_reference(u: Any, dc: Any) -> Any:
+    """d/du of silu(gate) * up for u = [gate | up], at least fp32 (the Triton backward's arithmetic), in u's dtype."""
+    import torch
+
+    wide = torch.promote_types(u.dtype, torch.float32)
+    gate, up = u.to(wide).chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    dcf = dc.to(wide)
+    return torch.cat([dcf * (silu * (1 - sig) + sig) * up, dcf * silu], dim=-1).to(u.dtype)
+
+
+def swiglu_forward_2d(u2: Any) -> Any:
+    """silu(gate) * up of a 2-D contiguous u2 = [gate | up]: the Triton kernel on CUDA, the torch reference else."""
+    import torch
+
+    if not _use_triton(u2):
+        return swiglu_reference(u2)
+    import triton
+
+    n_cols = u2.shape[-1] // 2
+    c = torch.empty((u2.shape[0], n_cols), device=u2.device, dtype=u2.dtype)
+    grid = (u2.shape[0], triton.cdiv(n_cols, 1024))
+    _kernels()[1][grid](u2, c, n_cols, u2.stride(0), c.stride(0), BLOCK=1024, num_warps=4)
+    return c
+
+
+def swiglu_dropout_2d(u2: Any, mask: Any, scale: float) -> Any:
+    """(silu(gate) * up) * mask * scale, rounded as the SwiGLU output and then native_dropout round them: the
+    dropped-out SwiGLU output rebuilt from u and the dropout mask, in one pass on CUDA."""
+    import torch
+
+    if not _use_triton(u2, mask):
+        return swiglu_reference(u2).mul(mask).mul_(scale)
+    import triton
+
+    n_cols = u2.shape[-1] // 2
+    out = torch.empty((u2.shape[0], n_cols), device=u2.device, dtype=u2.dtype)
+    grid = (u2.shape[0], triton.cdiv(n_cols, 1024))
+    _kernels()[3][grid](
+        u2, mask.view(torch_uint8()), out, n_cols, u2.stride(0), mask.stride(0), out.stride(0), float(scale),
+        BLOCK=1024, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def swiglu_backward_2d(u2: Any, dc2: Any) -> Any:
+    """The gradient of swiglu_forward_2d at u2 for the output gradient dc2, as one [d gate | d up] tensor."""
+    import torch
+
+    if not _use_triton(u2, dc2):
+        return swiglu_backward_reference(u2, dc2)
+    import triton
+
+    n_cols = u2.shape[-1] // 2
+    du = torch.empty_like(u2)
+    _kernels()[2][(u2.shape[0], triton.cdiv(n_cols, 1024))](
+        u2, dc2, du, n_cols, u2.stride(0), dc2.stride(0), du.stride(0), BLOCK=1024, num_warps=4
+    )
+    return du
+
+
 _SWIGLU: Any = None
 
 
@@ -317,3 +397,186 @@ def lora_tall(a: Any, bt: Any) -> Any:
     if s is None:
         s = _SPLIT_CACHE[key] = _pick_split(_tall_split, a, bt, lambda s: k % s == 0 and k // s >= 256)
     return _tall_split(a, bt, s)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# q, k, v out of Phi-3's fused qkv projection, RoPE applied, in the layouts the attention reads
+
+
+@functools.lru_cache(maxsize=1)
+def _rope_kernels() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def qkv_rope_fwd_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, out_ptr, n_tokens, stride_qkv, stride_cs,
+        HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # out holds [q (T, HQ, D) | k (T, HK, D) | v (T, HK, D)], each region contiguous; program (tokens, head)
+        head = tl.program_id(1)
+        rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        row_ok = rows < n_tokens
+        src = qkv_ptr + rows[:, None] * stride_qkv + head * D
+        if head < HQ + HK:
+            if head < HQ:
+                dst = out_ptr + rows[:, None] * (HQ * D) + head * D
+            else:
+                dst = out_ptr + n_tokens * (HQ * D) + rows[:, None] * (HK * D) + (head - HQ) * D
+            h = tl.arange(0, BLOCK_HALF)
+            m = row_ok[:, None] & (h < HALF)[None, :]
+            cs = rows[:, None] * stride_cs + h[None, :]
+            c1 = tl.load(cos_ptr + cs, mask=m, other=0.0).to(tl.float32)
+            c2 = tl.load(cos_ptr + cs + HALF, mask=m, other=0.0).to(tl.float32)
+            s1 = tl.load(sin_ptr + cs, mask=m, other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + cs + HALF, mask=m, other=0.0).to(tl.float32)
+            x1 = tl.load(src + h[None, :], mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(src + HALF + h[None, :], mask=m, other=0.0).to(tl.float32)
+            # transformers' q * cos + rotate_half(q) * sin with rotate_half(x) = [-x2, x1], in fp32
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+            tl.store(dst + h[None, :], o1.to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(dst + HALF + h[None, :], o2.to(out_ptr.dtype.element_ty), mask=m)
+            if D > 2 * HALF:  # partial rotary: the rest of the head passes through
+                p = tl.arange(0, BLOCK_PASS)
+                mp = row_ok[:, None] & (p < D - 2 * HALF)[None, :]
+                tl.store(dst + 2 * HALF + p[None, :], tl.load(src + 2 * HALF + p[None, :], mask=mp), mask=mp)
+        else:
+            dst = out_ptr + n_tokens * ((HQ + HK) * D) + rows[:, None] * (HK * D) + (head - HQ - HK) * D
+            d = tl.arange(0, BLOCK_D)
+            md = row_ok[:, None] & (d < D)[None, :]
+            tl.store(dst + d[None, :], tl.load(src + d[None, :], mask=md), mask=md)
+
+    @triton.jit
+    def qkv_rope_bwd_kernel(
+        dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqkv_ptr, n_tokens, stride_dqkv, stride_cs,
+        HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # dq (T, HQ, D), dk, dv (T, HK, D) contiguous -> dqkv (T, (HQ + 2 HK) D): RoPE undone, the three concatenated
+        head = tl.program_id(1)
+        rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        row_ok = rows < n_tokens
+        dst = dqkv_ptr + rows[:, None] * stride_dqkv + head * D
+        if head < HQ + HK:
+            if head < HQ:
+                src = dq_ptr + rows[:, None] * (HQ * D) + head * D
+            else:
+                src = dk_ptr + rows[:, None] * (HK * D) + (head - HQ) * D
+            h = tl.arange(0, BLOCK_HALF)
+            m = row_ok[:, None] & (h < HALF)[None, :]
+            cs = rows[:, None] * stride_cs + h[None, :]
+            c1 = tl.load(cos_ptr + cs, mask=m, other=0.0).to(tl.float32)
+            c2 = tl.load(cos_ptr + cs + HALF, mask=m, other=0.0).to(tl.float32)
+            s1 = tl.load(sin_ptr + cs, mask=m, other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + cs + HALF, mask=m, other=0.0).to(tl.float32)
+            d1 = tl.load(src + h[None, :], mask=m, other=0.0).to(tl.float32)
+            d2 = tl.load(src + HALF + h[None, :], mask=m, other=0.0).to(tl.float32)
+            # the transpose of the forward's rotation
+            g1 = d1 * c1 + d2 * s2
+            g2 = d2 * c2 - d1 * s1
+            tl.store(dst + h[None, :], g1.to(dqkv_ptr.dtype.element_ty), mask=m)
+            tl.store(dst + HALF + h[None, :], g2.to(dqkv_ptr.dtype.element_ty), mask=m)
+            if D > 2 * HALF:
+                p = tl.arange(0, BLOCK_PASS)
+                mp = row_ok[:, None] & (p < D - 2 * HALF)[None, :]
+                tl.store(dst + 2 * HALF + p[None, :], tl.load(src + 2 * HALF + p[None, :], mask=mp), mask=mp)
+        else:
+            src = dv_ptr + rows[:, None] * (HK * D) + (head - HQ - HK) * D
+            d = tl.arange(0, BLOCK_D)
+            md = row_ok[:, None] & (d < D)[None, :]
+            tl.store(dst + d[None, :], tl.load(src + d[None, :], mask=md), mask=md)
+
+    return qkv_rope_fwd_kernel, qkv_rope_bwd_kernel
+
+
+def qkv_rope_reference(qkv: Any, cos: Any, sin: Any, hq: int, hk: int, d: int) -> tuple[Any, Any, Any]:
+    """q, k, v (tokens, heads, head_dim) of qkv (tokens, (hq + 2 hk) d), RoPE on q and k as transformers' Phi-3
+    applies it (cos / sin (tokens, rotary_dim), rotate_half over the first rotary_dim of each head), in fp32."""
+    import torch
+
+    rot = cos.shape[-1]
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+
+    def rope(x: Any, heads: int) -> Any:
+        x = x.reshape(-1, heads, d).float()
+        c, s = cos.float()[:, None, :], sin.float()[:, None, :]
+        xr, xp = x[..., :rot], x[..., rot:]
+        half = rot // 2
+        rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+        return torch.cat([xr * c + rotated * s, xp], dim=-1).to(qkv.dtype)
+
+    return rope(q, hq), rope(k, hk), v.reshape(-1, hk, d).contiguous()
+
+
+def _qkv_rope_function() -> Any:
+    import torch
+    import triton
+
+    def blocks(d: int, half: int) -> dict[str, int]:
+        return {
+            "BLOCK_T": 16,
+            "BLOCK_HALF": triton.next_power_of_2(half),
+            "BLOCK_PASS": triton.next_power_of_2(max(d - 2 * half, 1)),
+            "BLOCK_D": triton.next_power_of_2(d),
+        }
+
+    class QKVRope(torch.autograd.Function):
+        """qkv (T, (hq + 2 hk) d) -> q, k (RoPE applied), v as contiguous (T, heads, d) tensors, in one pass; the
+        backward writes the qkv gradient in one pass too (RoPE undone, no cat, no contiguous copies)."""
+
+        @staticmethod
+        def forward(ctx: Any, qkv: Any, cos: Any, sin: Any, hq: int, hk: int, d: int) -> Any:
+            n = qkv.shape[0]
+            half = cos.shape[-1] // 2
+            out = torch.empty(n * (hq + 2 * hk) * d, device=qkv.device, dtype=qkv.dtype)
+            grid = (triton.cdiv(n, 16), hq + 2 * hk)
+            _rope_kernels()[0][grid](
+                qkv, cos, sin, out, n, qkv.stride(0), cos.stride(0), HQ=hq, HK=hk, D=d, HALF=half, **blocks(d, half)
+            )
+            ctx.save_for_backward(cos, sin)
+            ctx.dims = (hq, hk, d)
+            q = out[: n * hq * d].view(n, hq, d)
+            k = out[n * hq * d : n * (hq + hk) * d].view(n, hk, d)
+            v = out[n * (hq + hk) * d :].view(n, hk, d)
+            return q, k, v
+
+        @staticmethod
+        def backward(ctx: Any, dq: Any, dk: Any, dv: Any) -> Any:
+            cos, sin = ctx.saved_tensors
+            hq, hk, d = ctx.dims
+            n = cos.shape[0]
+            half = cos.shape[-1] // 2
+            dq, dk, dv = (
+                torch.zeros((n, h, d), device=cos.device, dtype=cos.dtype) if g is None else g.contiguous()
+                for g, h in ((dq, hq), (dk, hk), (dv, hk))
+            )
+            dqkv = torch.empty((n, (hq + 2 * hk) * d), device=dq.device, dtype=dq.dtype)
+            grid = (triton.cdiv(n, 16), hq + 2 * hk)
+            _rope_kernels()[1][grid](
+                dq, dk, dv, cos, sin, dqkv, n, dqkv.stride(0), cos.stride(0),
+                HQ=hq, HK=hk, D=d, HALF=half, **blocks(d, half),
+            )  # fmt: skip
+            return dqkv, None, None, None, None, None
+
+    return QKVRope
+
+
+_QKV_ROPE: Any = None
+
+
+def qkv_rope(qkv: Any, cos: Any, sin: Any, hq: int, hk: int, d: int) -> tuple[Any, Any, Any]:
+    """q, k, v (tokens, heads, head_dim), RoPE applied to q and k, from the fused qkv output (tokens, (hq + 2 hk) d)
+    and cos / sin (tokens, rotary_dim): the Triton kernels on CUDA, the torch reference elsewhere."""
+    global _QKV_ROPE
+    rot = cos.shape[-1]
+    fits = rot % 2 == 0 and rot <= d and qkv.dim() == 2 and qkv.shape[-1] == (hq + 2 * hk) * d
+    if not (fits and _use_triton(qkv, cos, sin)):
+        return qkv_rope_reference(qkv, cos, sin, hq, hk, d)
+    if _QKV_ROPE is None:
+        _QKV_ROPE = _qkv_rope_function()
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    return _QKV_ROPE.apply(qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), hq, hk, d)

@@ -20,6 +20,7 @@ from pydantic import AliasChoices, Field, model_validator
 
 from orchestrator.core.fs import atomic_dir
 from orchestrator.core.job import ModelArtifact
+from orchestrator.core.prompt import PromptFormat
 from orchestrator.passes import text_blocks
 from orchestrator.passes.base import (
     HeldOut,
@@ -170,6 +171,7 @@ class LoRAPass(Pass):
             f"device_map {config.device_map!r}: each training process loads the whole model onto its own device "
             "(Olive's current_device); layers are not spread over several GPUs"
         ]
+
     always_4bit: ClassVar[bool] = False
     data_parallel: ClassVar[bool] = True  # DDP through the Trainer (torchrun / Azure ML PyTorch distribution)
 
@@ -195,7 +197,11 @@ class LoRAPass(Pass):
             raise PassError(f"{self.type_name} needs an HF checkpoint (format hf) as input, got {got}{hint}")
         targets = resolve_target_modules(model, config.target_modules)
         train_ds, eval_ds, spec = self.load_data(config, ctx)
-        return self.train(config, model, ctx, train_ds, eval_ds, spec, targets=targets)
+        from orchestrator.passes.data import prompt_format
+
+        source = f"{self.type_name} pass {ctx.job.pass_name!r}, data config {config.train_data_config!r}"
+        prompt = prompt_format(ctx.job.data_configs[config.train_data_config], source)
+        return self.train(config, model, ctx, train_ds, eval_ds, spec, targets=targets, prompt=prompt)
 
     def load_data(self, config: LoRAConfig, ctx: PassContext) -> tuple[Any, Any, TextSpec]:
         """Train/eval splits from the job's data configs (orchestrator.passes.data does loading and templating)."""
@@ -238,8 +244,10 @@ class LoRAPass(Pass):
         spec: TextSpec,
         *,
         targets: list[str] | None = None,
+        prompt: PromptFormat | None = None,
     ) -> PassOutput:
-        """Train on datasets with a templated "text" column; write adapter/ (rank 0) and return the artifact."""
+        """Train on datasets with a templated "text" column; write adapter/ (rank 0) and return the artifact.
+        `prompt` (the format of the training texts) is saved beside the adapter for generation."""
         import torch
         import transformers
         from peft import LoraConfig, get_peft_model
@@ -389,7 +397,7 @@ class LoRAPass(Pass):
             metrics["eval_perplexity"] = math.exp(min(eval_loss, 50.0))
 
         if trainer.is_world_process_zero():
-            save_adapter(trainer.model, tokenizer, ctx.out_dir / ADAPTER_DIR)
+            save_adapter(trainer.model, tokenizer, ctx.out_dir / ADAPTER_DIR, prompt)
             # checkpoints of this attempt only die with it; Job.checkpoint_dir goes when the cache entry commits
             shutil.rmtree(ctx.out_dir / "checkpoints", ignore_errors=True)
             ctx.log_metrics(
@@ -602,16 +610,20 @@ def metrics_callback(ctx: PassContext, desc: str) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             every = max(1, state.max_steps // 200)  # at most ~200 progress lines per run
             if state.is_world_process_zero and (state.global_step % every == 0 or state.global_step == state.max_steps):
-                ctx.progress(state.global_step, state.max_steps, desc)
+                # tokens seen so far (non-padding, all ranks): the host turns them into tokens/s
+                ctx.progress(state.global_step, state.max_steps, desc, tokens=int(state.num_input_tokens_seen or 0))
 
     return _Metrics()
 
 
-def save_adapter(peft_model: Any, tokenizer: Any, dest: Path) -> Path:
-    """adapter_config.json + adapter_model.safetensors + tokenizer, via a temp folder renamed into place."""
+def save_adapter(peft_model: Any, tokenizer: Any, dest: Path, prompt: PromptFormat | None = None) -> Path:
+    """adapter_config.json + adapter_model.safetensors + tokenizer (+ the prompt format trained on), via a temp
+    folder renamed into place."""
     with atomic_dir(dest) as tmp:
         peft_model.save_pretrained(tmp, save_embedding_layers=False, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if prompt is not None:
+            prompt.write(tmp)
         cfg = json.loads((tmp / "adapter_config.json").read_text())
         if not cfg.get("target_modules"):
             raise PassError("the saved adapter targets no modules (internal error)")

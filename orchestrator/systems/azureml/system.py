@@ -25,6 +25,10 @@ orch's words on this system:
   to `max_retries` times; a pass's cost is nodes x hours x the cluster VM size's price (prices.py).
 - environment: the user's conda file plus orch's runtime layer (environments.AZUREML_RUNTIME_LAYER), or a refusal
   before anything is uploaded naming what is missing and the file to fix.
+- Hugging Face references (`fetches_hub_refs`): the client pins a hub model / dataset to its commit and checks it
+  exists (fail fast), the job carries `hf://<id>@<sha>` and downloads exactly those files on the compute (fast
+  network, no upload of gigabytes from a laptop; private repos with the Key Vault token), as Olive's AzureML
+  system let the job load hub models.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.fs import atomic_write_text
+from orchestrator.core.hub import is_hub_uri
 from orchestrator.core.job import (
     JOB_FILE,
     RESULT_FILE,
@@ -248,6 +253,7 @@ def _with_processes(resources: dict[str, Any] | None, processes_per_node: Any) -
 
 class AzureMLSystem(System):
     kind = "azureml"
+    fetches_hub_refs = True  # the job downloads hf:// references on the compute (module docstring)
 
     def __init__(
         self,
@@ -530,14 +536,20 @@ class AzureMLSystem(System):
         environment_variables: dict[str, str] | None = None,
         processes_per_node: int = 1,
         data_parallel: bool = False,
+        reads_hub: bool = False,
     ) -> Any:
-        """Create one command job (environment ensured first); idempotent by name."""
+        """Create one command job (environment ensured first); idempotent by name. `reads_hub`: the job downloads
+        Hugging Face references itself (with the Key Vault token when the system has hf_token), from the endpoint
+        the client pinned them on (HF_ENDPOINT, when the client sets one: a mirror)."""
         from azure.ai.ml import command as command_job
 
         distribution, resources = self._distribution(processes_per_node, data_parallel)
         env_vars = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-        if not self.hf_token:
-            env_vars["HF_HUB_OFFLINE"] = "1"  # no hub token: jobs read models from inputs only
+        if reads_hub or self.hf_token:
+            if os.environ.get("HF_ENDPOINT"):
+                env_vars["HF_ENDPOINT"] = os.environ["HF_ENDPOINT"]
+        else:
+            env_vars["HF_HUB_OFFLINE"] = "1"  # nothing to read from the hub: jobs read models from inputs only
         env_vars.update(environment_variables or {})
         queue = None
         if self.queue_settings:
@@ -573,7 +585,15 @@ class AzureMLSystem(System):
         if cache is not None:
             args.append("--manifest")  # the output becomes a workspace cache entry: its readers check the files
         refs: dict[str, str] = {}
-        if job.model is not None:
+        from_hub = job.model is not None and is_hub_uri(job.model.path)  # the job downloads it (runner)
+        if job.model is not None and from_hub:
+            refs["model"] = job.model.path
+            if job.model.adapter_path:
+                kind, path = input_for(job.model.adapter_path)
+                inputs["adapter"] = Input(type=kind, path=path)
+                args.append("--adapter-path ${{inputs.adapter}}")
+                refs["adapter"] = path
+        elif job.model is not None:
             kind, path = input_for(job.model.path)
             inputs["model"] = Input(type=kind, path=path)
             args.append("--model-path ${{inputs.model}}")
@@ -583,7 +603,11 @@ class AzureMLSystem(System):
                 inputs["adapter"] = Input(type=kind, path=path)
                 args.append("--adapter-path ${{inputs.adapter}}")
                 refs["adapter"] = path
+        hub_data = {k: v for k, v in job.data_files.items() if is_hub_uri(v)}
         for data_name, local in job.data_files.items():
+            if data_name in hub_data:
+                refs[f"data_{data_name}"] = local
+                continue
             key = _input_name("data_", data_name)
             kind, path = input_for(local)
             inputs[key] = Input(type=kind, path=path)
@@ -592,9 +616,10 @@ class AzureMLSystem(System):
             update={
                 "output_dir": "outputs",
                 "checkpoint_dir": None,  # the client's cache folder does not exist on the compute
-                "model": job.model.model_copy(update={"path": "input:model", "adapter_path": "input:adapter"
+                "model": job.model.model_copy(update={"path": job.model.path if from_hub else "input:model",
+                                                      "adapter_path": "input:adapter"
                                                       if job.model.adapter_path else None}) if job.model else None,
-                "data_files": {k: f"input:{k}" for k in job.data_files},
+                "data_files": {k: hub_data.get(k, f"input:{k}") for k in job.data_files},
                 "tracking": JobTracking(mode="direct", metric_prefix=job.tracking.metric_prefix),
             }
         )  # fmt: skip
@@ -618,6 +643,7 @@ class AzureMLSystem(System):
                   "orch.inputs": json.dumps(refs)},
             processes_per_node=job.processes_per_node,
             data_parallel=job.processes_per_node > 1 or job.pass_type in TRAINING_PASSES and self.instance_count > 1,
+            reads_hub=from_hub or bool(hub_data),
         )  # fmt: skip
         return AzureMLJobHandle(self, created.name, refs=refs, studio_url=getattr(created, "studio_url", None))
 

@@ -28,6 +28,7 @@ from typing import Any
 import orchestrator
 from orchestrator.core.fs import atomic_write_text
 from orchestrator.core.gpu import wants_gpu
+from orchestrator.core.hub import cache_mount
 from orchestrator.core.job import JOB_FILE, Job, JobResult, JobState
 from orchestrator.core.launch import resolve_processes, runner_command
 from orchestrator.schema.systems import DockerSystemConfig, ImageConfig
@@ -387,6 +388,10 @@ class DockerSystem(System):
             hp = self._path(host).resolve()
             if not hp.exists():
                 raise SystemFailure(f"job {job.job_id}: input {host} does not exist")
+            inside = ""
+            in_cache = cache_mount(self._path(host))
+            if in_cache is not None:  # an HF cache snapshot: its files link into the repo's blobs/, mount both
+                hp, inside = in_cache[0].resolve(), "/" + in_cache[1]
             target = f"{IN_MOUNT}/{name}"
             i = 1
             while target in used:
@@ -395,7 +400,7 @@ class DockerSystem(System):
             used.add(target)
             mounts.append(Mount(target=target, source=str(hp), type="bind", read_only=True))
             path_map[target] = str(hp)
-            return target
+            return target + inside
 
         updates: dict[str, Any] = {"output_dir": OUT_MOUNT}
         path_map[OUT_MOUNT] = str(Path(job.output_dir).resolve())

@@ -1,0 +1,316 @@
+"""bench/ runs, tiny, on CPU: code that no test runs rots (the GPU benchmark's orch rows once failed for weeks).
+
+- bench/gpu_finetune.py: every row's code path for 2 steps on a tiny Phi-3 through the real orchestration (one
+  process per row): the transformers+peft baseline, orch's LoRA pass at dropout 0.05 and 0, orch QLoRA's and
+  Unsloth's one-line refusals without CUDA; its row specs; the RESULTS.md section is the rendering of the committed
+  per-row JSON files; the targets it checks.
+- bench/baseline_peft.py and bench/unsloth_runner.py as command lines (the Unsloth runner: its arguments, built
+  against the installed TRL, and its refusal; unsloth itself needs a GPU).
+- bench/gpu_wheels.py: the repacked wheels install and keep a true RECORD.
+- bench/results_md.py: one section rewritten, the rest kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
+
+import gpu_finetune  # noqa: E402
+import gpu_wheels  # noqa: E402
+import results_md  # noqa: E402
+import unsloth_runner  # noqa: E402
+
+TINY = {"max_len": 128, "batch_size": 2}
+ROWS = "baseline:fixed,orch:fixed,orch:fixed:dropout=0,qlora:fixed,unsloth:fixed,unsloth_qlora:fixed"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), BENCH_SETTINGS=json.dumps(TINY), TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run of the benchmark on the tiny shape: model + data prepared, every row in its own process."""
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "out"
+    cmd = [sys.executable, str(BENCH / "gpu_finetune.py"), "--shape", "tiny", "--work", str(root / "ob_tiny")]
+    cmd += ["--out", str(out), "--steps", "2", "--warmup", "0", "--rows", ROWS, "--row-timeout-s", "600"]
+    subprocess.run(cmd, env=_env(), check=True, timeout=1500, capture_output=True)
+    return out
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    run = json.loads((out / "run.json").read_text())
+    return {r["row"]: r for r in (json.loads((out / name).read_text()) for name in run["row_files"])}
+
+
+def test_every_row_runs_tiny_on_cpu(tiny_run: Path) -> None:
+    from orchestrator.passes.lora.train import QLORA_NO_CUDA
+
+    rows = _rows(tiny_run)
+    assert list(rows) == ROWS.split(",")
+    base, orch, orch0 = rows["baseline:fixed"], rows["orch:fixed"], rows["orch:fixed:dropout=0"]
+    for r in (base, orch, orch0):
+        assert r["ok"] and r["device"] == "cpu" and r["steps"] == 2
+        assert r["step_tokens"] == [2 * 128, 2 * 128]  # fixed data: every sample exactly max_len tokens
+        assert set(r["losses"]) == {"1", "2"} and r["tokens_per_s_median"] > 0
+    # the same samples in the same order and the same model: at step 1 (lora_B = 0) the losses agree
+    assert orch["losses"]["1"] == pytest.approx(base["losses"]["1"], rel=1e-5)
+    assert orch0["losses"]["1"] == pytest.approx(base["losses"]["1"], rel=1e-5)
+    assert (orch["lora_dropout"], orch0["lora_dropout"], base["lora_dropout"]) == (0.05, 0.0, 0.05)
+    # the row's setting reached the pass: the last orch row (dropout 0) wrote this adapter
+    adapter = json.loads((tiny_run / "lora_out" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["lora_dropout"] == 0.0 and adapter["r"] == 64
+    assert any("64 train / 0 eval sequences of <= 128 tokens" in line for line in orch["pass_log"])
+    # machines without CUDA: one line each, the row marked failed, the run goes on
+    assert not rows["qlora:fixed"]["ok"] and rows["qlora:fixed"]["error"] == f"rc=2 qlora: {QLORA_NO_CUDA}"
+    why = unsloth_runner.refusal(cuda=False, installed=False)
+    for name in ("unsloth:fixed", "unsloth_qlora:fixed"):
+        assert not rows[name]["ok"] and rows[name]["error"] == f"rc=2 {why}"
+    md = (tiny_run / "RESULTS_gpu.md").read_text()
+    assert "| orch LoRA | 0.05 |" in md and "| orch LoRA | 0 |" in md and "| unsloth:fixed | | failed: rc=2" in md
+
+
+def test_baseline_runner_command_line(tiny_run: Path, tmp_path: Path) -> None:
+    work = tiny_run.parent / "ob_tiny"
+    out = tmp_path / "baseline.json"
+    cmd = [sys.executable, str(BENCH / "baseline_peft.py"), "--model", str(work / "model")]
+    cmd += ["--data", str(work / "data_var.jsonl"), "--steps", "2", "--warmup", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, check=True)
+    r = json.loads(out.read_text())
+    assert r["system"] == "transformers+peft (baseline)" and len(r["step_times"]) == 2
+    assert all(0 < n <= 2 * 128 for n in r["step_tokens"])  # var data: real tokens of padded batches
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 2
+
+
+def test_row_specs() -> None:
+    spec = gpu_finetune.parse_row("orch:fixed:dropout=0/-flce/+compile")
+    assert spec["system"] == "orch" and spec["data"] == "fixed"
+    assert spec["settings"] == {"lora_dropout": 0} and spec["fastpath"] == "-flce,+compile"
+    assert spec["slug"] == "orch_fixed_dropout_0_-flce__compile"  # file names the device tool returns: no "+"
+    assert gpu_finetune.parse_row("unsloth_qlora:var")["settings"] == {}
+    for bad, match in (
+        ("orc:fixed", "unknown system 'orc'"),
+        ("orch:fixd", "data must be var or fixed"),
+        ("orch:fixed:dropuot=0", "unknown setting 'dropuot'"),
+        ("orch:fixed:flce", "neither"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            gpu_finetune.parse_row(bad)
+    assert all(gpu_finetune.parse_row(r) for r in gpu_finetune.DEFAULT_ROWS.split(","))
+
+
+def test_unsloth_runner_builds_the_benchmark_settings(tmp_path: Path) -> None:
+    from trl import SFTConfig
+
+    settings = {**gpu_finetune.SETTINGS, "lora_dropout": 0.0}
+    load = unsloth_runner.load_kwargs(tmp_path, qlora=True, settings=settings)
+    assert load["model_name"] == str(tmp_path) and load["load_in_4bit"] is True and load["fix_tokenizer"] is False
+    assert load["max_seq_length"] == settings["max_len"] and load["use_gradient_checkpointing"] == "unsloth"
+    lora = unsloth_runner.peft_kwargs(qlora=False, settings=settings)
+    assert lora["r"] == 64 and lora["lora_alpha"] == 16 and lora["lora_dropout"] == 0.0
+    assert lora["target_modules"] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert lora["use_gradient_checkpointing"] is False and lora["random_state"] == settings["seed"]
+    # every SFTConfig argument exists in the installed TRL and keeps its value
+    cfg = SFTConfig(**{**unsloth_runner.sft_kwargs(tmp_path, 20, settings), "use_cpu": True, "bf16": False})
+    assert (cfg.max_steps, cfg.per_device_train_batch_size, cfg.learning_rate) == (20, 8, 2e-4)
+    assert cfg.logging_steps == 10 and cfg.lr_scheduler_type == "constant"
+    assert cfg.dataset_kwargs["skip_prepare_dataset"] and cfg.max_length == 1024
+
+
+def test_unsloth_runner_tokenizes_as_the_baseline(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from orchestrator.passes.tiny_model import build_tiny_phi3
+
+    tok = AutoTokenizer.from_pretrained(build_tiny_phi3(tmp_path / "m", num_layers=1, seed=0))
+    texts = ["a short text", " ".join(["word"] * 300)]
+    ids = unsloth_runner.token_ids(tok, texts, 64)
+    assert ids[0][-1] == tok.eos_token_id and len(ids[1]) == 64
+    assert ids[0][:-1] == tok(texts[0], add_special_tokens=True)["input_ids"]
+
+
+def test_unsloth_runner_refuses_in_one_line_without_cuda(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(BENCH / "unsloth_runner.py"), "--model", str(tmp_path), "--data", str(tmp_path / "d")]
+    proc = subprocess.run([*cmd, "--json", str(tmp_path / "o.json")], env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == unsloth_runner.refusal(cuda=False, installed=False)
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o.json").exists()
+    assert "not installed: pip install unsloth==2026.10.9" in unsloth_runner.refusal(cuda=True, installed=False)
+    assert unsloth_runner.refusal(cuda=True, installed=True) is None
+
+
+def test_results_md_gpu_section_is_the_rendering_of_the_committed_json() -> None:
+    runs = gpu_finetune.load_runs([BENCH / "results" / "gpu_finetune"])
+    assert runs and all(r["rows"] for r in runs)
+    assert gpu_finetune.section_of(BENCH / "RESULTS.md") == gpu_finetune.render(runs)
+
+
+def _row(system: str, tps: float, mem: float, dropout: float = 0.05, **extra: object) -> dict:
+    losses = {"1": 10.0, "2": 9.5}
+    return {"row": system, "system_id": system, "data": "fixed", "ok": True, "tokens_per_s_median": tps,
+            "peak_mem_allocated_gib": mem, "peak_mem_reserved_gib": mem, "lora_dropout": dropout, "losses": losses,
+            "step_times": [1.0, 0.5], "device": "NVIDIA H100 80GB HBM3", **extra}  # fmt: skip
+
+
+def test_targets_are_checked_on_the_rows(tmp_path: Path) -> None:
+    meta = {"shape": "phi3-mini", "n_params": 3.8e9, "lengths": {"fixed": [1024] * 4},
+            "config": {"num_hidden_layers": 32, "hidden_size": 3072, "num_attention_heads": 32,
+                       "num_key_value_heads": 32, "vocab_size": 32064}}  # fmt: skip
+    rows = [
+        _row("baseline", 14000, 51.0),
+        _row("orch", 29000, 35.0),
+        _row("unsloth", 26000, 42.0),
+        _row("orch", 28000, 30.0, dropout=0.0),
+        _row("unsloth", 27000, 29.0, dropout=0.0),
+        _row("qlora", 15000, 5.6),
+        _row("unsloth_qlora", 17000, 5.3),
+    ]
+    run = {"name": "r", "meta": meta, "rows": rows, "steps": 2, "warmup": 0}
+    lines = gpu_finetune.target_lines(run)
+    d0, d05, q = lines
+    assert d05.startswith("orch LoRA, dropout 0.05: 2.07x HF+peft (met: >= 2.0x); 1.12x Unsloth (met: >= 1.05x)")
+    assert "peak 35.0 vs Unsloth 42.0 GiB (met: no higher)" in d05 and "MFU 46.3% (NOT met: >= 50%)" in d05
+    assert d0.startswith("orch LoRA, dropout 0: 2.00x HF+peft's row (its dropout 0.05); 1.04x Unsloth (NOT met")
+    assert "peak 30.0 vs Unsloth 29.0 GiB (NOT met: no higher)" in d0
+    assert q == "orch QLoRA: 0.88x Unsloth QLoRA (NOT met: >= 1.05x); peak 5.6 vs 5.3 GiB (NOT met: no more)"
+    # a run folder renders: the table, the targets, the notes
+    folder = tmp_path / "2026-01-01-x"
+    folder.mkdir()
+    names = []
+    for i, r in enumerate(rows):
+        (folder / f"row_{i}.json").write_text(json.dumps(r))
+        names.append(f"row_{i}.json")
+    (folder / "run.json").write_text(json.dumps({**run, "rows": None, "row_files": names, "device": "H100"}))
+    (folder / "notes.json").write_text(json.dumps(["a note"]))
+    md = gpu_finetune.render(gpu_finetune.load_runs([tmp_path]))
+    assert "| orch LoRA | 0.05 | 29,000 | 2.07x | 1.12x |" in md and "- a note" in md
+    assert "- `2026-01-01-x`: orch QLoRA: 0.88x" in md
+
+
+def test_results_md_writes_only_its_section(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    results_md.write_section(path, "a", "first")
+    results_md.write_section(path, "b", "second")
+    results_md.write_section(path, "a", "again")
+    text = path.read_text()
+    assert "<!-- a:start -->\nagain\n<!-- a:end -->" in text and "<!-- b:start -->\nsecond\n<!-- b:end -->" in text
+    assert "first" not in text and text.startswith("# Benchmark results")
+    assert [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"]  # the temp file was renamed into place
+
+
+def test_gpu_wheels_repack_drops_members_and_keeps_a_true_record(tmp_path: Path) -> None:
+    wheel = tmp_path / "unsloth-2026.10.9-py3-none-any.whl"
+    files = {
+        "unsloth/__init__.py": "VERSION = 1\n",
+        "studio/backend/app.py": "x = 1\n" * 100,
+        "studio/frontend/index.html": "<html></html>\n",
+    }
+    dist = "unsloth-2026.10.9.dist-info"
+    meta = {
+        f"{dist}/METADATA": "Metadata-Version: 2.1\nName: unsloth\nVersion: 2026.10.9\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in [*files, *meta]) + f"{dist}/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in {**files, **meta, f"{dist}/RECORD": record}.items():
+            z.writestr(name, text)
+    dropped, _ = gpu_wheels.repack(wheel, gpu_wheels.DROP["unsloth"])
+    assert dropped == 2
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        kept_record = z.read(f"{dist}/RECORD").decode()
+    assert not any(n.startswith("studio/") for n in names) and "unsloth/__init__.py" in names
+    assert "studio/" not in kept_record and "unsloth/__init__.py" in kept_record
+    target = tmp_path / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(target), str(wheel)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    assert (target / "unsloth" / "__init__.py").exists() and not (target / "studio").exists()
+    keep_cuda13 = gpu_wheels.DROP["bitsandbytes"]
+    assert keep_cuda13("bitsandbytes/libbitsandbytes_cuda128.so")
+    assert not keep_cuda13("bitsandbytes/libbitsandbytes_cuda130.so")
+    assert not keep_cuda13("bitsandbytes/libbitsandbytes_cpu.so")
+
+
+def test_gpu_call_sh_runs_rows_and_bundles_them(tiny_run: Path, tmp_path: Path) -> None:
+    """The GPU machine's driver script on CPU: a rows phase (its gpu_finetune.py call on the tiny run's prepared
+    model and data, and the summary it prints), then the bundle the device tool brings back."""
+    import tarfile
+
+    env = _env(
+        PYTHON=sys.executable, OUT=str(tmp_path / "out"), BOUT=str(tmp_path / "bout"), WORK=str(tiny_run.parent),
+        SITE=str(tmp_path / "site"), STEPS="2", WARMUP="0", BUDGET_S="600", ROW_TIMEOUT_S="600",
+    )  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_call.sh"), "rows@tiny@orch:fixed:dropout=0", "bundle"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "orch:fixed:dropout=0" in proc.stdout and "tok/s" in proc.stdout and "FAILED" not in proc.stdout
+    with tarfile.open(tmp_path / "out" / "bundle.tgz") as tar:
+        names = tar.getnames()
+    assert "./tiny/run.json" in names and "./tiny/row_0_orch_fixed_dropout_0.json" in names
+    assert not any(n.endswith(".safetensors") for n in names)  # the adapter and model stay on the machine
+
+
+def test_gpu_kernels_refuses_in_one_line_without_cuda(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(BENCH / "gpu_kernels.py"), "--out", str(tmp_path / "k")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == (
+        "gpu_kernels: needs a CUDA GPU (it checks and times orch's CUDA kernels); this machine has none"
+    )
+    assert not (tmp_path / "k").exists()
+
+
+def test_olive_runner_argv_and_refusal(tmp_path: Path) -> None:
+    import olive_runner
+
+    argv = olive_runner.olive_argv(tmp_path / "m", tmp_path / "d.jsonl", 20, tmp_path / "o", cuda=False)
+    flags = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert argv[0] == "finetune" and flags["--lora_r"] == "64" and flags["--lora_alpha"] == "16"
+    assert flags["--max_samples"] == str(20 * gpu_finetune.SETTINGS["batch_size"]) and "float32" in argv
+    cmd = [sys.executable, str(BENCH / "olive_runner.py"), "--model", str(tmp_path), "--data", str(tmp_path / "d")]
+    proc = subprocess.run([*cmd, "--json", str(tmp_path / "o.json")], env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:  # olive-ai is not one of orch's dependencies: without it, one line
+        assert proc.stderr.strip() == olive_runner.NOT_INSTALLED and proc.returncode == 1
+
+
+def test_cpu_inference_runs_tiny(tmp_path: Path) -> None:
+    before = (BENCH / "RESULTS.md").read_text()
+    cmd = [sys.executable, str(BENCH / "cpu_inference.py"), "--tiny", "--work", str(tmp_path), "--prompt-tokens", "8"]
+    proc = subprocess.run([*cmd, "--new-tokens", "4", "--repeats", "1"], env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["config"]["num_hidden_layers"] == 2 and set(r["rows"]) == {
+        "transformers fp32", "onnxruntime-genai fp32", "onnxruntime-genai int4",
+    }  # fmt: skip
+    assert r["rows"]["onnxruntime-genai fp32"]["parity"]["max_abs_diff"] < 1e-3
+    assert "| onnxruntime-genai int4 |" in proc.stdout
+    assert (BENCH / "RESULTS.md").read_text() == before  # no --write-results: the committed section stays
+
+
+def test_gpu_cli_finetune_runs_orch_finetune_tiny(tmp_path: Path) -> None:
+    """The CLI benchmark's run on CPU (2 steps instead of the demo's 60): `orch finetune` as a user types it, its
+    exit status, metrics and outputs recorded; the section rendered from that record."""
+    cmd = [sys.executable, str(BENCH / "gpu_cli_finetune.py"), "run", "--out", str(tmp_path / "out")]
+    cmd += ["--work", str(tmp_path / "work"), "--max-steps", "2"]
+    subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, check=True)
+    res = json.loads((tmp_path / "out" / "cli.json").read_text())
+    assert res["rc"] == 0 and res["device"] == "cpu" and "--max_steps 2" in res["command"]
+    assert any(o.endswith("adapter/adapter_config.json") for o in res["outputs"]) and res["cuda_lines"] == []
+    render = [sys.executable, str(BENCH / "gpu_cli_finetune.py"), "render", str(tmp_path / "out" / "cli.json")]
+    proc = subprocess.run([*render, "--no-write"], env=_env(), capture_output=True, text=True, timeout=120, check=True)
+    assert "exit status 0" in proc.stdout and "train_steps: 2" in proc.stdout
