@@ -280,7 +280,7 @@ def test_second_submit_changing_only_the_evaluation_runs_only_it(aml: dict[str, 
         assert re.search(rf"^orch: plan {step} \(\w+\) {verdict}$", log_b, re.M), log_b[-2000:]
     # no LoRA ran: no line of it, no training step logged (the cached pass's final metrics are logged at step 0)
     assert "[lora]" not in log_b and set(_history(s, name_b, "lora/train_loss")) <= {0}
-    assert _history(s, name_b, "evaluate/perplexity")
+    assert _history(s, name_b, "evaluate/perplexity-perplexity")  # Olive's <metric>-<sub type>
     res = _orch("download", name_b, "-o", str(tmp_path / "b-out"))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "b-out" / "model" / "genai_config.json").exists()
@@ -318,7 +318,8 @@ def test_preempted_lora_resumes_in_the_same_job(aml: dict[str, Any], tmp_path: P
 
 def test_cancelled_training_resumes_in_the_next_submit(aml: dict[str, Any], tmp_path: Path) -> None:
     s = aml["s"]
-    config = _workflow(tmp_path, aml, max_steps=MAX_STEPS, passes=["lora"], lora=RESUMABLE,
+    # two steps more than the preemption test's LoRA: a key of its own (the workspace cache is the module's)
+    config = _workflow(tmp_path, aml, max_steps=MAX_STEPS + 2, passes=["lora"], lora=RESUMABLE,
                        workflow_id="tone-cancel")  # fmt: skip
     key = _plan_keys(config)["lora"]
     name = _submit(config)
@@ -334,13 +335,13 @@ def test_cancelled_training_resumes_in_the_next_submit(aml: dict[str, Any], tmp_
     assert resumed and resumed[0] >= step > 0, log[-3000:]
     assert "orch: plan lora (LoRA) runs" in log
     steps = _history(s, name2, "lora/train_loss")
-    assert len(steps) == len(set(steps)) and max(steps) == MAX_STEPS
+    assert len(steps) == len(set(steps)) and max(steps) == MAX_STEPS + 2
 
 
 def test_job_tier_reaches_the_job_body_and_a_wrong_one_is_refused(aml: dict[str, Any], tmp_path: Path) -> None:
     s = aml["s"]
     spot = {"queue_settings": {"job_tier": "spot"}, "max_retries": 1}
-    config = _workflow(tmp_path, aml, passes=["lora"], system=spot, workflow_id="tone-spot")
+    config = _workflow(tmp_path, aml, max_steps=5, passes=["lora"], system=spot, workflow_id="tone-spot")
     name = _submit(config)
     body = s.state.jobs[name].request_props
     assert body["queueSettings"] == {"jobTier": "Spot"}
@@ -479,3 +480,77 @@ def test_readme_azure_ml_example_runs_as_written(
     res = _orch("download", name, "-o", str(tmp_path / "got"))
     assert res.exit_code == 0, res.output
     assert (tmp_path / "got" / "model" / "config.json").exists()
+
+
+# ---- prices, environment composition, portable results (no workspace needed) -----------------------------------
+def test_prices_come_from_the_dated_table_or_the_users_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.systems.azureml.prices import PRICES_AS_OF, node_price
+    from orchestrator.systems.azureml.workspace import read_profile
+
+    dedicated = node_price("Standard_NC24ads_A100_v4", "dedicated", nodes=2)
+    assert dedicated is not None and dedicated.usd_per_hour == 3.673 and dedicated.nodes == 2
+    assert PRICES_AS_OF in dedicated.source
+    low = node_price("standard_nc24ads_a100_v4", "low_priority")
+    assert low is not None and low.usd_per_hour == pytest.approx(3.673 * 0.2) and "estimate" in low.source
+    assert node_price("Standard_Unknown_v9", "dedicated") is None
+
+    monkeypatch.setenv("ORCH_PROFILE", str(tmp_path / "profile.json"))
+    assert _orch("config", "set", "price.Standard_NC24ads_A100_v4", "3.10").exit_code == 0
+    assert _orch("config", "set", "price.Standard_NC24ads_A100_v4.low_priority", "0.74").exit_code == 0
+    bad = _orch("config", "set", "price.Standard_NC24ads_A100_v4", "cheap")
+    assert bad.exit_code == 2 and "not a number" in bad.output
+    profile = read_profile()
+    assert node_price("Standard_NC24ads_A100_v4", "dedicated", profile=profile).usd_per_hour == 3.10
+    own_low = node_price("Standard_NC24ads_A100_v4", "low_priority", profile=profile)
+    assert own_low.usd_per_hour == 0.74 and own_low.source == "price.Standard_NC24ads_A100_v4.low_priority"
+
+
+def test_compose_runtime_adds_orchs_layer_or_refuses_naming_the_file(tmp_path: Path) -> None:
+    from orchestrator.systems.environments import (
+        AZUREML_RUNTIME_LAYER,
+        RUNTIME_LAYER,
+        EnvSpecError,
+        compose_runtime,
+        load_env_spec,
+    )
+
+    train = load_env_spec(REPO / "environments" / "cpu-train.conda.yaml")
+    composed = compose_runtime(train, AZUREML_RUNTIME_LAYER)
+    added = set(composed.pip_requirements) - set(train.pip_requirements)
+    assert {"azureml-mlflow==1.62.0.post6", "azure-storage-blob==12.27.1", "azure-identity==1.27.0"} <= added
+    assert composed.hash() != train.hash() and compose_runtime(train, RUNTIME_LAYER).hash() == train.hash()
+    lora = ("torch", "transformers", "peft", "trl", "accelerate", "datasets")
+    compose_runtime(train, AZUREML_RUNTIME_LAYER, needs={"LoRA": lora, "MergeAdapterWeights": ("safetensors",)})
+    with pytest.raises(EnvSpecError, match=r"cpu-train.conda.yaml.*lacks onnxruntime-genai.*ModelBuilder imports"):
+        compose_runtime(train, AZUREML_RUNTIME_LAYER, needs={"ModelBuilder": ("onnxruntime-genai", "onnx", "torch")})
+    newer = tmp_path / "newer.conda.yaml"
+    newer.write_text((REPO / "environments" / "cpu-train.conda.yaml").read_text().replace("3.15.0", "3.17.2"))
+    with pytest.raises(EnvSpecError, match=r"mlflow-skinny==3.17.2 cannot be installed beside orch's runtime layer "
+                                           r"\(azureml-mlflow==1.62.0.post6 needs mlflow-skinny<=3.15.0\): pin "
+                                           r"mlflow-skinny==3.15.0"):  # fmt: skip
+        compose_runtime(load_env_spec(newer), AZUREML_RUNTIME_LAYER)
+    assert compose_runtime(load_env_spec(newer), RUNTIME_LAYER)  # Docker's layer has no azureml-mlflow: fine
+    old = tmp_path / "old.conda.yaml"
+    old.write_text((REPO / "environments" / "cpu-train.conda.yaml").read_text().replace("python=3.11", "python=3.8"))
+    with pytest.raises(EnvSpecError, match="python>=3.10"):
+        compose_runtime(load_env_spec(old), AZUREML_RUNTIME_LAYER)
+
+
+def test_a_shared_result_names_its_input_not_a_path_of_another_machine(tmp_path: Path) -> None:
+    from orchestrator.core.cache import portable_result, result_from_portable
+    from orchestrator.core.job import JobResult, JobState, ModelArtifact
+
+    base = tmp_path / "job-a" / "INPUT_model"
+    base.mkdir(parents=True)
+    given = ModelArtifact(format="hf", path=str(base))
+    adapter = ModelArtifact(format="hf_adapter", path=str(base.resolve()), adapter_path="adapter")
+    made = JobResult(job_id="j", pass_type="LoRA", status=JobState.COMPLETED, model=adapter)
+    doc = portable_result(made, given)
+    assert doc is not None and doc["model"] == {**doc["model"], "path": "@input:path", "adapter_path": "adapter"}
+    elsewhere = ModelArtifact(format="hf", path="/mnt/azureml/cr/j/other/INPUT_model")
+    here = result_from_portable(doc, elsewhere)
+    assert here.model.path == elsewhere.path and here.model.adapter_path == "adapter"
+    remote = result_from_portable(doc, elsewhere, root="azureml://datastores/ws/paths/orch-cache/entries/k/objects/w/")
+    assert remote.model.adapter_path == "azureml://datastores/ws/paths/orch-cache/entries/k/objects/w/adapter"
+    stray = made.model_copy(update={"model": made.model.model_copy(update={"path": "/somewhere/else"})})
+    assert portable_result(stray, given) is None  # an absolute path that is not the input cannot be shared

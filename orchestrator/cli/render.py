@@ -135,13 +135,16 @@ class LineReporter:
     def step_note(self, step: Step, message: str) -> None:
         self._say(f"{step.name}: {message}")
 
-    def step_metric(self, step: Step, name: str, value: float) -> None:
+    def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None:
         self.lines[step.name].metric(name, value)
         self.latest[step.name][name] = value
 
     def step_end(self, step: Step, record: StepRecord) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in record.metrics.items() if k in SHOWN_METRICS)
-        note = "cached" if record.cached else f"done in {record.duration_s:.1f}s"
+        if record.cached:
+            note = f"cached ({record.cached_in})" if record.cached_in not in ("", "local") else "cached"
+        else:
+            note = f"done in {record.duration_s:.1f}s" + (f" ${record.cost_usd:.4f}" if record.cost_usd else "")
         self._say(f"{step.name} ({step.pass_type}): {note}" + (f"  {shown}" if shown else ""))
 
     def stop(self) -> None: ...
