@@ -111,8 +111,8 @@ def test_uncommitted_and_corrupt_entries_are_never_read(aml: dict[str, Any], tmp
 
     res = _orch("cache", "ls", "--workspace", "--json")
     assert res.exit_code == 0, res.output
-    listed = {e["key"]: e for e in json.loads(res.stdout)["entries"]}
-    assert listed[key]["state"] == "committed" and listed[key]["pass_name"] == "merge"
+    listed = {e["key"]: e for e in json.loads(res.stdout)}
+    assert listed[key]["state"] == "committed" and listed[key]["pass"] == "merge"
     res = _orch("cache", "clean", "--workspace", "--key", key)
     assert res.exit_code == 0 and "removed 1 workspace cache entry" in res.output, res.output
     assert cache.lookup(key) is None and not list(cache.container.list_blobs(name_starts_with=prefix))

@@ -105,6 +105,8 @@ def test_submit_logs_status_download(aml: dict[str, Any], tmp_path: Path) -> Non
     assert res.exit_code == 0, res.output
     assert f"{name}: Completed" in res.output
     assert "lora/train_loss" in res.output
+    doc = json.loads(_orch("status", name, "--json").stdout)  # the same, for scripts
+    assert doc["job"] == name and doc["status"] == "Completed" and doc["metrics"]["lora/train_loss"] > 0
 
     import mlflow
 

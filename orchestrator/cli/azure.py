@@ -21,15 +21,21 @@ config_app = typer.Typer(help="Per-machine Azure ML settings (~/.config/orch/pro
 
 
 def _fail(message: str, code: int = 1, detail: str = "") -> typer.Exit:
-    console.print(f"[bold red]orch: error:[/] {message}", highlight=False)
+    """One line (main.error_line: plain text, never wrapped), the detail dim below it."""
+    from orchestrator.cli.main import error_line
+
+    error_line(message)
     if detail:
         console.print(detail, style="dim", highlight=False, markup=False)
     return typer.Exit(code)
 
 
 def _guard(fn: Any) -> Any:
-    """User-facing failures -> one line + their exit code (core.errors: 2 bad input, 1 a failed run); Ctrl-C -> exit
-    130 without touching the remote job."""
+    """User-facing failures -> one line + their exit code (core.errors: 2 bad input, 1 a failed run; Azure SDK
+    errors by main.azure_error: credentials and unknown names 2); Ctrl-C -> exit 130 without touching the remote
+    job. Anything else goes through main.classify like every other command's error."""
+    from orchestrator.cli.main import classify
+
     try:
         return fn()
     except typer.Exit:
@@ -39,10 +45,7 @@ def _guard(fn: Any) -> Any:
     except Exception as exc:
         if isinstance(exc, OrchError):  # the one code map (core.errors): bad input 2, a failed run 1
             raise _fail(str(exc), exc.exit_code, getattr(exc, "log_tail", "")) from None
-        name = type(exc).__name__
-        if name in ("ResourceNotFoundError", "HttpResponseError", "ClientAuthenticationError"):
-            raise _fail(str(exc).splitlines()[0]) from None
-        raise
+        raise classify(exc) from None
 
 
 def _system(config_path: Path | None = None) -> Any:
@@ -85,7 +88,9 @@ def register(app: typer.Typer) -> None:
 def submit(
     config: Annotated[Path, typer.Option("--config", "-c", help="workflow config (Olive format)")],
     host: Annotated[str, typer.Option("--host", help="aml (the workflow's AzureML system)")] = "aml",
-    target: Annotated[str, typer.Option("--target")] = "aml",
+    target: Annotated[
+        str | None, typer.Option("--target", help="system that evaluates, in the same job (default: the host)")
+    ] = None,
     name: Annotated[
         str | None, typer.Option("--name", help="job name (default orch-<workflow>-<hash of the job definition>)")
     ] = None,
@@ -150,13 +155,15 @@ def _workspace_cache() -> Any:
 
 def workspace_cache_ls(as_json: bool) -> None:
     """`orch cache ls --workspace`: every key under orch-cache/ of the workspace's default datastore."""
-    from dataclasses import asdict
 
     def go() -> None:
         cache = _workspace_cache()
         rows = cache.status()
-        if as_json:
-            print(json.dumps({"cache": cache.location, "entries": [asdict(r) for r in rows]}, indent=1))
+        if as_json:  # the rows of `orch cache ls --json`, plus the state and the bytes of kept checkpoints
+            doc = [{"cache": cache.location, "key": r.key, "pass": r.pass_name, "type": r.pass_type, "state": r.state,
+                    "why": r.why, "size_bytes": r.size, "checkpoint_bytes": r.partial, "committed_at": r.committed_at}
+                   for r in rows]  # fmt: skip
+            print(json.dumps(doc))
             return
         from rich.table import Table
 
@@ -222,12 +229,23 @@ def cost_lines(metrics: dict[str, float], tags: dict[str, str]) -> list[str]:
     return lines
 
 
-def status(job: Annotated[str, typer.Argument(help="job name")]) -> None:
+def status(
+    job: Annotated[str, typer.Argument(help="job name")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON: status, studio_url, error, metrics")] = False,
+) -> None:
     """State of a job and the latest of its MLflow metrics."""
 
     def go() -> None:
         handle = _system().attach(job)
         raw = handle.raw_status()
+        if as_json:
+            error = handle.error() if raw == "Failed" else None
+            doc = {"job": job, "status": raw, "studio_url": handle.studio_url, "error": error,
+                   "metrics": latest_metrics(handle)}  # fmt: skip
+            out.print_json(json.dumps(doc, default=str))
+            if raw == "Failed":
+                raise typer.Exit(1)
+            return
         out.print(f"{job}: {raw}")
         if handle.studio_url:
             console.print(f"studio: {handle.studio_url}")
@@ -299,6 +317,11 @@ def logs(
         except (typer.Exit, KeyboardInterrupt):
             raise
         except Exception as exc:
+            from orchestrator.cli.main import azure_user_error
+
+            user = None if isinstance(exc, OrchError) else azure_user_error(exc)  # credentials, unknown job: 2
+            if user is not None:
+                raise user from None
             name = type(exc).__name__
             known = isinstance(exc, OrchError)
             text = str(exc).strip() if known else f"{name}: {str(exc).strip()}"
@@ -372,7 +395,7 @@ def download(
 
 
 def aml_drive(
-    config: Annotated[Path, typer.Option("--config")],
+    config: Annotated[Path, typer.Option("--config", help="the submitted workflow (in the job's code)")],
     bind: Annotated[list[str], typer.Option("--bind", help="NAME=PATH of a bound input/output")],
 ) -> None:
     """(inside an Azure ML job) run the submitted workflow with the job's bound inputs."""

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from orchestrator.core.errors import RunFailure
@@ -34,15 +34,18 @@ class RichReporter:
     def __init__(self, console: Console | None = None, *, verbose: bool = False) -> None:
         self.console = console or Console(stderr=True)
         self.verbose = verbose
+        # fixed widths for the pass, bar, count and time; the metrics fold onto a second line rather than being
+        # cut with "..." (at 120 columns a long pass name squeezed every other column to nothing)
         self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:>4.0f}/{task.total!s:<5}"),
-            TimeElapsedColumn(),
-            TextColumn("[dim]{task.fields[info]}"),
+            SpinnerColumn(table_column=Column(no_wrap=True, min_width=1)),
+            TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, min_width=12)),
+            BarColumn(bar_width=20, table_column=Column(no_wrap=True, min_width=20)),
+            TextColumn("{task.completed:>4.0f}/{task.total!s:<5}", table_column=Column(no_wrap=True, min_width=10)),
+            TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7)),
+            TextColumn("[dim]{task.fields[info]}", table_column=Column(ratio=1, overflow="fold", min_width=20)),
             console=self.console,
             transient=False,
+            expand=True,
         )
         self.tasks: dict[str, TaskID] = {}
         self.latest: dict[str, dict[str, float]] = {}

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from filelock import FileLock, Timeout
 
-from orchestrator.core.fs import atomic_write_text
+from orchestrator.core.fs import atomic_write_text, shareable
 from orchestrator.core.job import RESULT_FILE, JobResult, JobState, ModelArtifact, is_uri
 
 META_FILE = "meta.json"
@@ -246,6 +246,7 @@ class Cache:
             raise ValueError(f"refusing to cache a {result.status.value} pass")
         atomic_write_text(stage / META_FILE, json.dumps({**meta, "committed_at": time.time()}, indent=2))
         final = self.entry_dir(key)
+        shareable(stage)  # what passes wrote privately (mkdtemp 0700, safetensors 0600) is an ordinary entry
         if final.exists():  # another run finished the same key first: keep theirs
             shutil.rmtree(stage)
         else:

@@ -1,10 +1,15 @@
 """Atomic writes, in one place: a reader (the cache, a container, the user) sees the old file or folder or the
 new one, never half of one. Everything here is a temp name beside the destination + one rename, because a
-rename within a folder is atomic and a copy is not."""
+rename within a folder is atomic and a copy is not.
+
+Modes: temp files and folders are private by construction (mkstemp 0600, mkdtemp 0700) and some writers
+(safetensors) make their files 0600 too; what lands under its real name is ordinary: files 0644 and folders 0755
+under the usual umask 022 (`shareable`), so containers running as another uid, CI and colleagues can read it.
+POSIX-only calls (fcntl's reflink ioctl, fchmod) are reached only where they exist: the module imports on Windows.
+"""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
@@ -21,6 +26,36 @@ def _umask() -> int:
 
 
 _UMASK = _umask()
+FILE_MODE = 0o666 & ~_UMASK  # 0644 under umask 022
+DIR_MODE = 0o777 & ~_UMASK  # 0755
+
+
+def shareable(path: Path) -> Path:
+    """Give `path` (a file, or a folder and everything under it) the modes of a file created normally: folders
+    DIR_MODE, files FILE_MODE (executables keep their x bits). Symlinks are left alone."""
+    path = Path(path)
+    if path.is_symlink():
+        return path
+    if path.is_dir():
+        os.chmod(path, DIR_MODE)
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                if not os.path.islink(os.path.join(root, name)):
+                    os.chmod(os.path.join(root, name), DIR_MODE)
+            for name in files:
+                _share_file(os.path.join(root, name))
+    elif path.is_file():
+        _share_file(str(path))
+    return path
+
+
+def _share_file(name: str) -> None:
+    if os.path.islink(name):
+        return
+    mode = os.stat(name).st_mode & 0o777
+    wanted = DIR_MODE if mode & 0o100 else FILE_MODE
+    if mode != wanted:
+        os.chmod(name, wanted)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -28,11 +63,11 @@ def atomic_write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result others (containers, CI) read is 0644
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; a result others (containers, CI) read is 0644
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,7 +85,8 @@ def fresh_dir(dest: Path) -> Path:
 
 
 def commit_dir(tmp: Path, dest: Path) -> Path:
-    """Put a finished temp folder in place of `dest` (an older `dest` is removed first)."""
+    """Put a finished temp folder in place of `dest` (an older `dest` is removed first), with ordinary modes."""
+    shareable(tmp)
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -79,7 +115,7 @@ def replace_dir(src: Path, dest: Path) -> None:
     else:
         tmp.mkdir(parents=True)
         copy_file(str(src), str(tmp / src.name))
-    tmp.chmod(0o755)  # staging folders are made 0700 (mkdtemp); the user's output is an ordinary folder
+    shareable(tmp)  # staging folders are made 0700 (mkdtemp); the user's output is an ordinary folder
     old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
     if dest.exists():
         dest.rename(old)
@@ -103,8 +139,10 @@ def copy_file(src: str, dst: str) -> str:
     change the other, and onnx refuses external data with several links."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         try:
+            import fcntl  # POSIX only; elsewhere the bytes are copied
+
             fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-        except OSError:
+        except (ImportError, OSError):
             shutil.copyfileobj(fin, fout, 1 << 20)
     shutil.copystat(src, dst)
     return dst

@@ -3,12 +3,14 @@ a failure turned into one EngineError line naming the pass, the cause and the ke
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
 from orchestrator.core.cache import Cache
+from orchestrator.core.extras import install_hint
 from orchestrator.core.job import EVENTS_FILE, Job, JobResult, JobState, ModelArtifact
 from orchestrator.engine.steps import EngineError, Reporter, Step
 from orchestrator.engine.tracking import EventTail, Tracker, redact
@@ -62,6 +64,10 @@ def follow_job(
     if state != JobState.COMPLETED or result is None or result.status != JobState.COMPLETED:
         reason = (result.error if result else None) or f"job ended {state.value}"
         reason = reason.strip().splitlines()[0] if reason.strip() else f"job ended {state.value}"
+        missing = re.search(r"No module named '([\w.]+)'", reason)
+        hint = install_hint(missing.group(1)) if missing else None
+        if hint:  # the system's Python lacks an extra: say which (on another system, its environment file)
+            reason += f" (this system {hint})"
         tail_text = handle.log_tail() if hasattr(handle, "log_tail") else ""
         log = _keep_log(cache, stage, job.job_id, tail_text)
         raise EngineError(

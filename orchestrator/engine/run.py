@@ -37,11 +37,12 @@ from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine'
     RunSummary,
     Step,
     StepRecord,
+    SystemNameError,
 )
 from orchestrator.engine.tracking import Tracker, flatten_params, plan_key, read_events, resolve_tracking_uri
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
-from orchestrator.systems.registry import MAIN_KEYWORDS, make_system, system_config
+from orchestrator.systems.registry import MAIN_KEYWORDS, is_azureml, make_system, system_config
 
 
 class Engine:
@@ -72,7 +73,9 @@ class Engine:
         self.cache = Cache(self._abs(eng.cache_dir or ".orch/cache"))
         self.output_dir = self._abs(eng.output_dir) if eng.output_dir else None
         self.host_name = host or eng.host or "local"
-        self.target_name = target or eng.target or self.host_name
+        # Olive's rule, the target defaults to the host: a host given here (the CLI's --host) takes the evaluation
+        # with it unless a target is given too; the config's engine.target pairs with the config's engine.host
+        self.target_name = target or host or eng.target or self.host_name
         self.reporter: Reporter = reporter or QuietReporter()
         self.tracking_enabled = tracking
         mlflow_cfg = getattr(eng, "mlflow", None)
@@ -108,12 +111,7 @@ class Engine:
     def system(self, name: str) -> System:
         """A system by workflow name, or by keyword (local/docker/aml: the first such system in the config)."""
         if name not in self._systems:
-            found = system_config(name, {k: s.model_dump(mode="json") for k, s in self.wf.systems.items()})
-            if found is None:
-                raise EngineError(
-                    f"engine host/target {name!r} is not a system in 'systems' nor one of {', '.join(MAIN_KEYWORDS)}"
-                )
-            type_name, cfg = found
+            type_name, cfg = self._system_config(name)
             self._systems[name] = make_system(
                 type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root, environment_for=environment_for
             )
@@ -130,6 +128,14 @@ class Engine:
         if self._node_price is not None:
             return self._node_price
         return self.system(step.system_name).node_price(load_pass(step.pass_type))
+
+    def _system_config(self, name: str) -> tuple[str, dict[str, Any]]:
+        """(type name, config) of a system by workflow name or keyword; SystemNameError (exit 2) if none."""
+        found = system_config(name, {k: s.model_dump(mode="json") for k, s in self.wf.systems.items()})
+        if found is None:
+            known = ", ".join(dict.fromkeys([*self.wf.systems, *MAIN_KEYWORDS]))
+            raise SystemNameError(f"--host/--target (engine.host/target) {name!r}: no such system; use one of {known}")
+        return found
 
     def _fetches(self, system_name: str) -> bool:
         """Whether the engine downloads hub references for jobs on this system (not if the system's jobs do)."""
@@ -152,6 +158,8 @@ class Engine:
     def preflight(self, *, tracking: bool = True) -> None:
         """Every input checked before anything is hashed, written or submitted (engine/preflight.py):
         raises PreflightError (one line: the field and the fix)."""
+        for name in dict.fromkeys([self.host_name, self.target_name]):  # both named right, used or not
+            self._system_config(name)
         WorkflowCheck(
             self.wf,
             base_dir=self.base_dir,
@@ -263,6 +271,10 @@ class Engine:
     # ---- running ----------------------------------------------------------------------------------------
     def run(self, *, dry_run: bool = False) -> tuple[list[Step], RunSummary | None]:
         self.preflight(tracking=not dry_run)
+        if not dry_run:  # an Azure ML system's workspace settings, before any pass starts (WorkspaceError: exit 2)
+            for name in dict.fromkeys([self.host_name, self.target_name]):
+                if is_azureml(self._system_config(name)[0]):
+                    getattr(self.system(name), "settings", None)
         self._fetch = not dry_run
         steps = self.plan()
         self.reporter.plan(steps)

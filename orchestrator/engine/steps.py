@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestrator.core.errors import RunFailure
+from orchestrator.core.errors import RunFailure, UserError
 from orchestrator.core.job import ModelArtifact
 from orchestrator.core.prompt import PromptFormat
 
@@ -16,6 +16,10 @@ INPUT_EVAL_STEP = "evaluate_input"  # the step that scores the input model when 
 
 class EngineError(RunFailure):
     """A workflow failure for the user: one line, with the failing job's log tail attached."""
+
+
+class SystemNameError(UserError):
+    """--host / --target / engine.host / engine.target names no system of the workflow: exit 2."""
 
 
 class Reporter(Protocol):

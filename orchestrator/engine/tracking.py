@@ -25,7 +25,7 @@ SECRET_HINTS = ("token", "secret", "password", "key", "credential", "sas")
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
 _QUERY_SECRET = re.compile(
     r"(?P<key>[?&;](?:sig|signature|token|access_token|password|passwd|pwd|secret|api_key|apikey|key|"
-    r"client_secret|sas|se?kret)=)(?P<value>[^&#\s'\"]+)",
+    r"client_secret|sas|se?kret)=)(?!REDACTED(?:[&#\s'\"]|$))(?P<value>[^&#\s'\"]+)",
     re.IGNORECASE,
 )
 HTTP_TIMEOUT_S = "10"  # MLflow's own default is 120 s with 7 retries: a dead server would hang minutes

@@ -126,12 +126,24 @@ def data_files_arg(value: str) -> str | list[str]:
     return parts[0] if len(parts) == 1 else parts
 
 
+MODEL_MARKERS = ("config.json", "genai_config.json", "model.onnx")
+
+
+def model_folder(model_name_or_path: str) -> str:
+    """The model a path means: a previous command's --output_path (manifest.json + model/, what finetune and
+    auto-opt write) means its model/ folder, as `orch generate` reads it; anything else is taken as given."""
+    path = Path(model_name_or_path)
+    if (path / "model").is_dir() and path.is_dir() and not any((path / m).exists() for m in MODEL_MARKERS):
+        return str(path / "model")
+    return model_name_or_path
+
+
 def input_model(
     model_name_or_path: str, *, trust_remote_code: bool, task: str | None, adapter_path: str | None = None
 ) -> dict[str, Any]:
     model: dict[str, Any] = {
         "type": "HfModel",
-        "model_path": model_name_or_path,
+        "model_path": model_folder(model_name_or_path),
         "task": task or "text-generation",
         "trust_remote_code": trust_remote_code,
     }
@@ -235,27 +247,43 @@ class _FlagParser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # type: ignore[override]
         raise FlagError(f"{self.prog}: {message}")
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """--model-name-or-path is --model_name_or_path, as in the other commands (the CLI accepts both)."""
+        if args is not None:
+            args = [_underscored(a) for a in args]
+        return super().parse_args(args, namespace)
+
+
+def _underscored(token: str) -> str:
+    if not token.startswith("--") or token == "--":
+        return token
+    name, eq, value = token.partition("=")
+    return name.replace("-", "_").replace("__", "--", 1) + eq + value
+
 
 def tune_session_params_parser() -> argparse.ArgumentParser:
     """Olive's `tune-session-params` flags (olive/cli/session_params_tuning.py), same names and list syntax."""
     p = _FlagParser(prog="tune-session-params", add_help=True)
-    p.add_argument("-m", "--model_name_or_path", required=True)
-    p.add_argument("-o", "--output_path", default="tuned-inference-settings")
-    p.add_argument("--cpu_cores", type=int)
-    p.add_argument("--io_bind", action="store_true")
-    p.add_argument("--enable_cuda_graph", action="store_true")
-    p.add_argument("--execution_mode_list", type=int, nargs="*")
-    p.add_argument("--opt_level_list", type=int, nargs="*")
-    p.add_argument("--trt_fp16_enable", action="store_true")
-    p.add_argument("--intra_thread_num_list", type=int, nargs="*")
-    p.add_argument("--inter_thread_num_list", type=int, nargs="*")
-    p.add_argument("--extra_session_config", type=json.loads)
-    p.add_argument("--disable_force_evaluate_other_eps", action="store_true")
-    p.add_argument("--enable_profiling", action="store_true")
-    p.add_argument("--predict_with_kv_cache", action="store_true")
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--provider", "--providers_list", dest="providers", nargs="*")
-    p.add_argument("--log_level", type=int, default=3)
+    p.add_argument("-m", "--model_name_or_path", required=True, help="the ONNX model folder (or a command's output)")
+    p.add_argument("-o", "--output_path", default="tuned-inference-settings",
+                   help="folder for <accelerator>.json, the fastest settings")
+    p.add_argument("--cpu_cores", type=int, help="CPU cores to tune the thread counts up to")
+    p.add_argument("--io_bind", action="store_true", help="bind inputs/outputs to the device (CUDA)")
+    p.add_argument("--enable_cuda_graph", action="store_true", help="try CUDA graphs (CUDA provider)")
+    p.add_argument("--execution_mode_list", type=int, nargs="*", help="execution modes: 0 sequential, 1 parallel")
+    p.add_argument("--opt_level_list", type=int, nargs="*", help="graph optimization levels to try: 0 1 2 99")
+    p.add_argument("--trt_fp16_enable", action="store_true", help="fp16 in the TensorRT provider")
+    p.add_argument("--intra_thread_num_list", type=int, nargs="*", help="intra-op thread counts to try")
+    p.add_argument("--inter_thread_num_list", type=int, nargs="*", help="inter-op thread counts to try")
+    p.add_argument("--extra_session_config", type=json.loads, help="JSON of session config entries to add")
+    p.add_argument("--disable_force_evaluate_other_eps", action="store_true",
+                   help="stop at the first provider that works instead of timing all")
+    p.add_argument("--enable_profiling", action="store_true", help="onnxruntime profiling of the tuning runs")
+    p.add_argument("--predict_with_kv_cache", action="store_true", help="time one token with a KV cache (decode)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="cpu | gpu: where the model will run")
+    p.add_argument("--provider", "--providers_list", dest="providers", nargs="*",
+                   help="execution providers to time (default: the device's)")
+    p.add_argument("--log_level", type=int, default=3, help="Olive's log level: 0 or 1 stream the passes' logs")
     return p
 
 
@@ -365,7 +393,7 @@ def quantize_workflow(
         raise FlagError(
             f"--precision {precision!r}: orch quantizes weights to int4 (fp8 needs a GPU toolchain orch does not ship)"
         )
-    model_path = Path(model_name_or_path)
+    model_path = Path(model_folder(model_name_or_path))
     is_onnx = model_path.suffix == ".onnx" or (model_path.is_dir() and any(model_path.glob("*.onnx")))
     if algorithm in ("awq", "gptq") and not data_name:  # as Olive: the pass's default calibration set (hub)
         pass_cfg: dict[str, Any] = {"type": "AutoAWQQuantizer" if algorithm == "awq" else "GptqQuantizer", "bits": 4}

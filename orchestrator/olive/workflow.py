@@ -111,8 +111,17 @@ class _Reader:
 
 def _read_file(path: Path) -> Any:
     if not path.is_file():
-        raise ConfigError([f"config file {path} not found"])
-    text = path.read_text(encoding="utf-8")
+        what = "is a folder; give the workflow file inside it" if path.is_dir() else "not found"
+        raise ConfigError([f"config file {path} {what}"])
+    raw_bytes = path.read_bytes()
+    try:
+        text = raw_bytes.decode("utf-8-sig")  # a BOM (Windows editors) is fine
+    except UnicodeDecodeError as exc:
+        bad = raw_bytes[exc.start : exc.start + 1].hex()
+        line = raw_bytes[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"config file {path}: not UTF-8 (byte 0x{bad} on line {line}; Latin-1 / cp1252?): save it as UTF-8"]
+        ) from None
     if path.suffix.lower() == ".json":
         dupes: list[str] = []
 

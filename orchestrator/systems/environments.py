@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from orchestrator.core.errors import UserError
+from orchestrator.core.shipped import shipped_dir
 
 ENV_PREFIX = "/opt/orch-env"  # where an environment lives inside an image
 # orch's runtime imports: its source is mounted, not installed, so every environment must carry these.
@@ -261,7 +262,7 @@ def _best(bound: str) -> str:
     return bound
 
 
-ENVIRONMENTS_DIR = Path(__file__).resolve().parents[2] / "environments"  # the repo's environments/*.conda.yaml
+ENVIRONMENTS_DIR = shipped_dir("environments")  # environments/*.conda.yaml of the checkout, or the wheel's copy
 
 
 def resolve_env_file(env: str | Path) -> Path:

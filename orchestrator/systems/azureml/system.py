@@ -321,12 +321,10 @@ class AzureMLSystem(System):
     @property
     def settings(self) -> Any:
         if self._settings is None:
-            from orchestrator.systems.azureml.workspace import WorkspaceError, resolve_settings
+            from orchestrator.systems.azureml.workspace import resolve_settings
 
-            try:
-                self._settings = resolve_settings(self.azureml_client)
-            except WorkspaceError as exc:
-                raise SystemFailure(str(exc)) from None
+            # a missing or malformed setting is the user's to give: WorkspaceError (a UserError, exit 2)
+            self._settings = resolve_settings(self.azureml_client)
         return self._settings
 
     @property
