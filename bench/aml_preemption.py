@@ -2,13 +2,15 @@
 before orch resumed training (a requeued attempt started from step 0) and now (it resumes from the newest
 checkpoint in the workspace cache), measured on the local Azure stand-in with the real SDK and real jobs.
 
-    .venv/bin/python bench/aml_preemption.py [--steps 60] [--every 10] [--preempt-at 35] [--out bench_out/aml]
+    .venv/bin/python bench/aml_preemption.py [--steps 60] [--every 10] [--preempt-at 35] [--out bench_out/aml] \
+        [--write-results]
 
 One job: the tiny Phi-3, LoRA only, on the stand-in's low-priority cluster (cpu-lowpri), checkpoints every
 `--every` steps, logging every step. When its log shows step `--preempt-at`, the stand-in preempts it (Azure ML's
 requeue: attempt 2 runs the command again from the top). The row "from step 0" is what the same preemption cost
-before: attempt 2 trains every step again. Prints a table, writes per-row JSON into --out and the table between
-<!-- aml-preemption:start/end --> in bench/RESULTS.md. Needs what tests/test_aml_cache.py needs (Azurite, dockerd,
+before: attempt 2 trains every step again. Prints a table and writes per-row JSON into --out; --write-results also
+writes the table between <!-- aml-preemption:start/end --> in bench/RESULTS.md (tests/test_aml_cache.py runs the
+script tiny without it). Needs what tests/test_aml_cache.py needs (Azurite, dockerd,
 `orch env base`); the first run builds the job image (minutes).
 """
 
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10, help="checkpoint every N steps")
     ap.add_argument("--preempt-at", type=int, default=35, help="preempt once the log shows this step")
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "aml")
+    ap.add_argument("--write-results", action="store_true", help="rewrite the aml-preemption section of RESULTS.md")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -125,7 +128,9 @@ def main() -> None:
             f"requeued attempt starting from step 0. `bench/aml_preemption.py`.\n")  # fmt: skip
     table = head + body
     print(table + note)
-    results_md.write_section(RESULTS, SECTION, "## What a preemption costs a fine-tune on Azure ML\n\n" + table + note)
+    if args.write_results:
+        title = "## What a preemption costs a fine-tune on Azure ML\n\n"
+        results_md.write_section(RESULTS, SECTION, title + table + note)
 
 
 if __name__ == "__main__":

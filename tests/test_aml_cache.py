@@ -221,6 +221,12 @@ def _submit(config: Path, *extra: str) -> str:
     return res.stdout.strip().splitlines()[0]
 
 
+def _submit_argv(argv: list[str]) -> str:
+    res = _orch(*argv)
+    assert res.exit_code == 0, res.output
+    return res.stdout.strip().splitlines()[0]
+
+
 def _plan(config: Path) -> dict[str, str]:
     res = _orch("submit", "--config", str(config), "--dry-run", "--json")
     assert res.exit_code == 0, res.output
@@ -236,6 +242,12 @@ def _history(s: Any, name: str, metric: str) -> list[int]:
 
     client = mlflow.MlflowClient(s.mlflow_uri)
     return [m.step for m in client.get_metric_history(s.state.jobs[name].mlflow_run_id, metric)]
+
+
+def _metrics(s: Any, name: str) -> dict[str, float]:
+    import mlflow
+
+    return dict(mlflow.MlflowClient(s.mlflow_uri).get_run(s.state.jobs[name].mlflow_run_id).data.metrics)
 
 
 def _wait_checkpoint(key: str, timeout: float = 240) -> int:
@@ -313,6 +325,9 @@ def test_preempted_lora_resumes_in_the_same_job(aml: dict[str, Any], tmp_path: P
     m = re.search(r"^cost: \$(\d+\.\d+)", res.output, re.M)
     assert m and float(m[1]) > 0, res.output
     assert "low priority" in res.output
+    metrics = _metrics(s, name)  # the cost reached the job's MLflow run: the pass's, its tokens per dollar, the run's
+    assert metrics["lora/cost_usd"] > 0 and metrics["cost_usd"] == pytest.approx(metrics["lora/cost_usd"])
+    assert metrics["lora/tokens_per_usd"] == pytest.approx(metrics["lora/train_tokens"] / metrics["lora/cost_usd"])
     assert _cache().remote_checkpoints(key) == []  # committed: its checkpoints are gone
 
 
@@ -465,13 +480,34 @@ def test_readme_azure_ml_example_runs_as_written(
     aml: dict[str, Any], tmp_path: Path, tiny_model: Path, tone_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`orch submit --config jobs/tone-classification/finetune-aml.json --host aml` (environments/cpu-train.conda.yaml
-    on an Azure ML CPU image: no azure package in it) completes: orch added its runtime layer to the environment."""
+    on an Azure ML CPU image: no azure package in it) completes: orch added its runtime layer to the environment.
+    Two submits of one key at once (--force: a second job, not the running one): the first is frozen mid-LoRA
+    while the second trains the same key and commits it; unfrozen, the first finishes and commits too. Both
+    complete, the workspace keeps one valid entry of the key."""
     s = aml["s"]
     monkeypatch.chdir(_readme_checkout(tmp_path, tiny_model, tone_data))
-    res = _orch("submit", "--config", "jobs/tone-classification/finetune-aml.json", "--host", "aml", "--target", "aml")
+    argv = ["submit", "--config", "jobs/tone-classification/finetune-aml.json", "--host", "aml"]
+    res = _orch(*argv, "--dry-run", "--json")
     assert res.exit_code == 0, res.output
-    name = res.stdout.strip().splitlines()[0]
-    assert s.wait_job(name, 1500) == "Completed", _log(s, name)[-3000:]
+    key = {r["pass"]: r["key"] for r in json.loads(res.stdout)["plan"]}["lora"]
+    name = _submit_argv(argv)
+    deadline = time.monotonic() + 1500  # a first run builds the composed environment's image
+    job = s.state.jobs[name]
+    while "[lora]" not in (_log(s, name) if job.log_path and Path(job.log_path).exists() else ""):
+        assert time.monotonic() < deadline and job.status not in ("Completed", "Failed", "Canceled"), job.status
+        time.sleep(0.3)
+    assert _admin(s, f"/_standin/jobs/{name}/pause").status_code == 200
+    second = _submit_argv([*argv, "--force"])
+    assert second != name and s.wait_job(second, 900) == "Completed", _log(s, second)[-3000:]
+    assert _admin(s, f"/_standin/jobs/{name}/resume").status_code == 200
+    assert s.wait_job(name, 900) == "Completed", _log(s, name)[-3000:]
+    for n in (name, second):  # both trained the key: neither found it cached when it planned
+        assert re.search(r"^orch: plan lora \(LoRA\) runs$", _log(s, n), re.M), _log(s, n)[-2000:]
+    cache = _cache()
+    assert cache.lookup(key) is not None
+    objects = {b.name.split("/objects/")[1].split("/")[0]
+               for b in cache.container.list_blobs(name_starts_with=f"{cache.prefix}/entries/{key}/objects/")}
+    assert len(objects) == 1  # the writer that lost dropped its upload
     puts = [r for r in s.requests("PUT", r"/environments/orch-orch-cpu-train/versions/") if r["status"] in (200, 201)]
     body = puts[-1]["body"]
     conda = (json.loads(body) if isinstance(body, str) else body)["properties"]["condaFile"]
@@ -554,3 +590,28 @@ def test_a_shared_result_names_its_input_not_a_path_of_another_machine(tmp_path:
     assert remote.model.adapter_path == "azureml://datastores/ws/paths/orch-cache/entries/k/objects/w/adapter"
     stray = made.model_copy(update={"model": made.model.model_copy(update={"path": "/somewhere/else"})})
     assert portable_result(stray, given) is None  # an absolute path that is not the input cannot be shared
+
+
+def test_bench_aml_preemption_runs_tiny(tmp_path: Path) -> None:
+    """bench/aml_preemption.py, 8 steps: its own stand-in, a preempted low-priority job that completes, per-row JSON
+    whose counts add up; without --write-results the committed RESULTS.md section stays."""
+    import subprocess
+    import sys
+
+    results = REPO / "bench" / "RESULTS.md"
+    before = results.read_text()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "AZURE", "MLFLOW_", "REQUESTS_CA"))}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, str(REPO / "bench" / "aml_preemption.py"), "--steps", "8", "--every", "2",
+           "--preempt-at", "5", "--out", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| steps done when preempted |" in proc.stdout
+    rows = {r["row"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json"))}
+    before_row = rows["requeued attempt from step 0 (before)"]
+    orch_row = rows["resumed from the workspace checkpoint (orch)"]
+    done = orch_row["steps_done_before_preemption"]
+    assert 5 <= done <= 8 and before_row["steps_trained_in_all"] == done + 8
+    assert orch_row["resumed_from_step"] % 2 == 0 and 0 < orch_row["resumed_from_step"] <= done
+    assert orch_row["steps_trained_in_all"] == done + 8 - orch_row["resumed_from_step"]
+    assert results.read_text() == before

@@ -239,6 +239,7 @@ def test_run_host_aml_chains_by_reference(aml: dict[str, Any], tmp_path: Path) -
     assert re.match(entry + re.escape(jobs[0].name) + "/", merge.body["inputs"]["adapter"]["uri"])
     assert re.match(entry + re.escape(merge.name) + "/", builder.body["inputs"]["model"]["uri"])
     assert (tmp_path / "out" / "model" / "genai_config.json").exists()
+    assert re.search(r"^cost: \$\d+\.\d+ \(lora \$", res.output, re.M), res.output  # the run's summary prices it
     assert s.unknown_requests == []
     # a second client folder runs nothing: every pass is committed in the workspace cache
     (tmp_path / "other").mkdir()
