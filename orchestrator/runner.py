@@ -12,6 +12,7 @@ fails the launcher and so the job.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,6 +20,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.cache import MANIFEST_FILE, folder_manifest
+from orchestrator.core.fs import atomic_write_text
 from orchestrator.core.job import RESULT_FILE, Job, JobResult, JobState, append_event
 from orchestrator.core.progress import ProgressLines
 from orchestrator.core.redact import install_masking, mask, remember_secret
@@ -217,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-path", help="override the input model's path (bound input on Azure ML)")
     ap.add_argument("--adapter-path", help="override the input model's adapter path")
     ap.add_argument("--data-file", action="append", default=[], help="NAME=PATH override of a data config's files")
+    ap.add_argument(
+        "--manifest", action="store_true",
+        help=f"after the pass, write {MANIFEST_FILE} (every output file's size and sha256): the output goes into a "
+        "shared cache entry, whose readers check it",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     install_masking()  # this process's output is the job's log: secrets it resolves never reach it
 
@@ -258,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                 error=mask(f"{type(exc).__name__}: {exc}"),
             ).write(job.output_dir)
         return 1
+    if args.manifest and dist_rank()[0] == 0:  # last: it lists everything the pass and the runner wrote
+        out = Path(job.output_dir)
+        atomic_write_text(out / MANIFEST_FILE, json.dumps(folder_manifest(out), indent=1))
     return 0
 
 

@@ -247,6 +247,9 @@ def _run_one(
         return None
     if summary.metrics and not Verbosity.quiet:
         console.print(metrics_table(summary.metrics))
+    if summary.cost_usd is not None:
+        shares = ", ".join(f"{r.name} ${r.cost_usd:.4f}" for r in summary.steps if r.cost_usd is not None)
+        out.print(f"cost: ${summary.cost_usd:.4f} ({shares})", highlight=False)
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
     _package(wf, summary, out)
@@ -731,6 +734,9 @@ CacheConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="use this workflow's cache (its engine.cache_dir)")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON (one document on stdout) instead of a table")]
+WorkspaceOpt = Annotated[
+    bool, typer.Option("--workspace", help="the Azure ML workspace's cache (orch-cache/ in its default datastore)")
+]
 CACHE_HELP = (
     "a workflow's cache is its engine.cache_dir (default .orch/cache beside its config): "
     "`orch cache ls --config WF.json` or `--cache-dir DIR`"
@@ -763,13 +769,26 @@ def _cache_roots(cache_dir: Path | None, config: Path | None) -> list[Path]:
 
 
 @cache_app.command("ls")
-def cache_ls(cache_dir: CacheDirOpt = None, config: CacheConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """List cached pass outputs (key, pass, size, duration) of one cache or of the workflow caches found; damaged
+def cache_ls(
+    cache_dir: CacheDirOpt = None,
+    config: CacheConfigOpt = None,
+    workspace: WorkspaceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List cached pass outputs (key, pass, size, duration) of one cache or of the workflow caches found, or with
+    --workspace the Azure ML workspace's; damaged
     entries too, marked so (`orch cache clean` removes them)."""
     from rich.table import Table
 
     from orchestrator.core.cache import Cache, folder_size
 
+    if workspace:
+        if cache_dir is not None or config is not None:
+            raise fail("--workspace and --cache-dir/--config: give one of them (--workspace is the workspace's cache)")
+        from orchestrator.cli.azure import workspace_cache_ls
+
+        workspace_cache_ls(as_json)
+        return
     roots = _cache_roots(cache_dir, config)
     if not roots:
         _say(f"no orch cache here (./.orch/cache does not exist, none in the folders below); {CACHE_HELP}")
@@ -808,11 +827,19 @@ def cache_clean(
     cache_dir: CacheDirOpt = None,
     config: CacheConfigOpt = None,
     key: Annotated[str | None, typer.Option("--key", help="remove only entries whose key starts with this")] = None,
+    workspace: WorkspaceOpt = False,
 ) -> None:
     """Remove cached pass outputs (all, or by key prefix) of the caches `orch cache ls` shows, damaged and
-    quarantined entries included."""
+    quarantined entries included, or with --workspace of the Azure ML workspace's."""
     from orchestrator.core.cache import Cache
 
+    if workspace:
+        if cache_dir is not None or config is not None:
+            raise fail("--workspace and --cache-dir/--config: give one of them (--workspace is the workspace's cache)")
+        from orchestrator.cli.azure import workspace_cache_clean
+
+        workspace_cache_clean(key or "")
+        return
     roots = _cache_roots(cache_dir, config)
     if not roots:
         _say(f"no orch cache here; nothing removed ({CACHE_HELP})")

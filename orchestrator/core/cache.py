@@ -15,6 +15,11 @@ A run killed mid-pass (kill -9) leaves tmp/<key>, which the next run holding the
 from which that run resumes: a cache entry exists only if the pass completed. An entry damaged later (a disk
 error, a hand edit, a truncated copy) is found by `get` (cheap checks: result.json, meta.json, every file present
 at its recorded size) or `verify` (every file's sha256), quarantined and reported once, never served.
+
+A *shared* cache (`SharedCache`: on Azure ML the workspace's blob datastore, systems/azureml/blobcache.py) holds the
+same keys where the work runs, so every submit, every attempt of a preempted job and every client see one set of
+entries. Its entries carry their manifest (`folder_manifest`: every file's size and sha256) and a result whose model
+paths are portable (`portable_result`): relative to the entry, or `@input:<field>` for a pass-through input.
 """
 
 from __future__ import annotations
@@ -28,17 +33,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from filelock import FileLock, Timeout
 
 from orchestrator.core.errors import RunFailure
 from orchestrator.core.fs import atomic_write_text, shareable
-from orchestrator.core.job import RESULT_FILE, JobResult, JobState, is_uri
+from orchestrator.core.job import RESULT_FILE, JobResult, JobState, ModelArtifact, is_uri
 from orchestrator.core.links import real
 
 META_FILE = "meta.json"
 DAMAGE_FILE = "damage.json"  # in a quarantined entry: why it was moved aside
+MANIFEST_FILE = "orch-files.json"  # a pass output's files (name -> size, sha256), written where the files are
+INPUT_REF = "@input:"  # a portable result's model path that is the pass's own input (path / adapter_path)
 
 
 def stable_hash(obj: Any) -> str:
@@ -47,7 +54,7 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -66,6 +73,93 @@ def _stat_sig(path: Path) -> list[Any]:
             st = p.stat()
             sig.append([str(p.relative_to(path)), st.st_size, st.st_mtime_ns])
     return sig
+
+
+def folder_manifest(root: Path | str, *, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, dict[str, Any]]:
+    """{relative posix name: {"size", "sha256"}} of every file under root: what a reader checks an entry against."""
+    root = Path(root)
+    out: dict[str, dict[str, Any]] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            name = p.relative_to(root).as_posix()
+            if name in exclude:
+                continue
+            out[name] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    return out
+
+
+def portable_result(result: JobResult, input_model: ModelArtifact | None, base: str | None = None) -> dict | None:
+    """The result as a shared cache stores it: model paths relative to the entry (a URI under `base`, the
+    entry's location, is made relative too) or `@input:<field>` where the pass handed its input through.
+    None when a path is neither (an absolute path elsewhere cannot be shared)."""
+    doc = json.loads(result.model_dump_json())
+    model = doc.get("model")
+    if not model:
+        return doc
+    inputs: dict[str, str] = {}
+    for fld in ("adapter_path", "path") if input_model is not None else ():
+        given = getattr(input_model, fld)
+        if given:
+            inputs[given] = fld
+            if not is_uri(given):
+                inputs[os.path.realpath(given)] = fld  # a pass records its input resolved
+    for fld in ("path", "adapter_path"):
+        value = model.get(fld)
+        if value is None:
+            continue
+        if value in inputs or (not is_uri(value) and os.path.realpath(value) in inputs):
+            value = value if value in inputs else os.path.realpath(value)
+            model[fld] = INPUT_REF + inputs[value]
+        elif base is not None and is_uri(value) and value.startswith(base.rstrip("/") + "/"):
+            model[fld] = value[len(base.rstrip("/")) + 1 :].rstrip("/") or "."
+        elif os.path.isabs(value) or is_uri(value):
+            return None
+    return doc
+
+
+def result_from_portable(doc: dict[str, Any], input_model: ModelArtifact | None, root: str | None = None) -> JobResult:
+    """A shared entry's result for this run: `@input:<field>` -> this run's input; relative paths kept (the local
+    entry roots them) or, with `root` (an entry used where it is), joined to it."""
+    doc = json.loads(json.dumps(doc))
+    model = doc.get("model")
+    for fld in ("path", "adapter_path") if model else ():
+        value = model.get(fld)
+        if isinstance(value, str) and value.startswith(INPUT_REF):
+            if input_model is None:
+                raise ValueError(f"shared entry names its input's {value[len(INPUT_REF):]} but the step has no input")
+            model[fld] = getattr(input_model, value[len(INPUT_REF) :])
+        elif isinstance(value, str) and root is not None and not os.path.isabs(value) and not is_uri(value):
+            model[fld] = root.rstrip("/") + "/" + value.removeprefix("./")
+    return JobResult.model_validate(doc)
+
+
+@dataclass
+class SharedEntry:
+    """A committed entry of a shared cache, as its commit marker describes it."""
+
+    key: str
+    uri: str  # where its files are (on Azure ML: azureml://datastores/<ds>/paths/<prefix>/)
+    files: dict[str, dict[str, Any]]  # the manifest: name -> size, sha256
+    result: dict[str, Any]  # portable_result form
+    meta: dict[str, Any]
+
+
+class SharedCache(Protocol):
+    """Cache entries kept where the work runs (Azure ML: the workspace's default datastore), beside the local
+    cache. Writers upload an entry's files first and its commit marker last; readers trust committed entries
+    only, checked against the marker's manifest; two writers of one key both end with a valid entry.
+
+    by_reference: hits are used where they are (their model paths become URIs: a client submitting jobs to the
+    same workspace); else they are downloaded (`materialize`) into the local cache first (a job on the compute)."""
+
+    where: str
+    by_reference: bool
+
+    def lookup(self, key: str) -> SharedEntry | None: ...
+    def materialize(self, entry: SharedEntry, dest: Path) -> None: ...
+    def publish(self, key: str, folder: Path, *, meta: dict[str, Any], input_model: ModelArtifact | None) -> Any: ...
+    def checkpoints(self, key: str, folder: Path, log: Any) -> Any: ...
+    def drop_partial(self, key: str) -> None: ...
 
 
 @dataclass
@@ -91,7 +185,7 @@ def file_manifest(folder: Path) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and not p.is_symlink() and p.name != META_FILE:
-            out[str(p.relative_to(folder))] = [p.stat().st_size, _file_sha256(p)]
+            out[str(p.relative_to(folder))] = [p.stat().st_size, file_sha256(p)]
     return out
 
 
@@ -126,12 +220,12 @@ class Cache:
         if isinstance(hit, dict) and hit.get("sig") == sig and isinstance(hit.get("sha256"), str):
             return hit["sha256"]
         if path.is_file():
-            digest = _file_sha256(path)
+            digest = file_sha256(path)
         else:
             h = hashlib.sha256()
             for p in sorted(path.rglob("*")):
                 if p.is_file():
-                    h.update(str(p.relative_to(path)).encode() + b"\0" + _file_sha256(p).encode() + b"\n")
+                    h.update(str(p.relative_to(path)).encode() + b"\0" + file_sha256(p).encode() + b"\n")
             digest = h.hexdigest()
         with FileLock(str(self.root / "locks" / "hashes.lock")):
             memo = _read_memo(memo_path)
@@ -190,7 +284,7 @@ class Cache:
                 return None, f"{rel} is missing"
             if st.st_size != size:
                 return None, f"{rel} is {st.st_size} bytes, {size} when it was cached"
-            if deep and _file_sha256(p) != digest:
+            if deep and file_sha256(p) != digest:
                 return None, f"{rel} changed since it was cached (sha256 differs)"
         model = result.model.with_root(path) if result.model else None
         for ref in (model.path, model.adapter_path) if model else ():

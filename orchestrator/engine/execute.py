@@ -103,7 +103,7 @@ def _on_event(step: Step, event: dict[str, Any], tracker: Tracker, reporter: Rep
         )  # fmt: skip
     elif kind == "metric":
         tracker.forward(event, f"{step.name}/")
-        reporter.step_metric(step, event["name"], event["value"])
+        reporter.step_metric(step, event["name"], event["value"], event.get("step"))
     elif kind == "param":
         tracker.forward(event, f"{step.name}/")
     elif kind == "resume":  # before the replayed history: the run may hold those steps already (a requeue)

@@ -22,9 +22,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator import __version__
-from orchestrator.core.cache import Cache, folder_size
+from orchestrator.core.cache import Cache, CacheEntry, SharedCache, SharedEntry, folder_size, result_from_portable
+from orchestrator.core.errors import RunFailure
 from orchestrator.core.gpu import wants_gpu
-from orchestrator.core.job import EVENTS_FILE, Job, JobTracking, ModelArtifact, is_uri
+from orchestrator.core.job import EVENTS_FILE, Job, JobResult, JobTracking, ModelArtifact, is_uri
 from orchestrator.core.links import real, short
 from orchestrator.core.prompt import PromptFormat, read_prompt_format
 from orchestrator.core.redact import remember_secret, secret_parts
@@ -70,7 +71,15 @@ class Engine:
         tracking: bool = True,
         reporter: Reporter | None = None,
         model_name: str | None = None,
+        shared_cache: SharedCache | None = None,
+        planned_keys: dict[str, str] | None = None,
+        node_price: Any = None,
     ) -> None:
+        """shared_cache: a cache where the work runs, for every step (the Azure ML driver passes the workspace's);
+        without it a step uses its system's own (`System.shared_cache`, e.g. AzureMLSystem's). planned_keys: step
+        name -> cache key decided by the client that submitted this run (the driver job keeps the client's keys,
+        so client and job agree on what is cached). node_price: the price of the compute every step runs on
+        (the driver's; else each system's `node_price`)."""
         self.wf = workflow
         self.base_dir = Path(workflow.base_dir)
         eng = workflow.engine
@@ -103,6 +112,11 @@ class Engine:
         self._systems: dict[str, System] = {}
         self._data = {dc.name: dc for dc in workflow.data_configs}
         self._fetch = True  # False for a dry run: hub references are pinned (cache keys), nothing downloaded
+        self._shared_override = shared_cache
+        self._planned_keys = planned_keys
+        self._node_price = node_price
+        self._remote: dict[str, SharedEntry] = {}  # key -> committed shared entry found while planning
+        self._needed: set[str] = set()  # keys whose shared entry must be local (a later step runs on it here)
         self.publisher = Publisher(
             workflow, self.cache, self.output_dir, self.host_name, self.target_name, self.tracking_uri, self.register_as
         )
@@ -120,6 +134,18 @@ class Engine:
                 type_name, cfg, base_dir=self.base_dir, cache_dir=self.cache.root, environment_for=environment_for
             )
         return self._systems[name]
+
+    def shared_cache_for(self, step: Step) -> SharedCache | None:
+        """The cache where this step's work runs, if its system keeps one (None: the local cache only)."""
+        if self._shared_override is not None:
+            return self._shared_override
+        return self.system(step.system_name).shared_cache()
+
+    def node_price_for(self, step: Step) -> Any:
+        """The price per node-hour (systems.base.NodePrice) of the compute the step runs on, or None."""
+        if self._node_price is not None:
+            return self._node_price
+        return self.system(step.system_name).node_price(load_pass(step.pass_type))
 
     def _system_config(self, name: str) -> tuple[str, dict[str, Any]]:
         """(type name, config) of a system by workflow name or keyword; SystemNameError (exit 2) if none."""
@@ -175,27 +201,42 @@ class Engine:
         for step in steps:
             pass_cls = load_pass(step.pass_type)
             step.data_names = pass_cls.data_refs(step.config, set(self._data))
-            _, _, data_hashes = self._data_files(step.data_names, step.system_name)
-            config = pass_cls.Config.model_validate(split_secrets(step.config)[0])  # a token never keys the cache
-            requirements = pass_cls().requirements(config)
-            env = self.system(step.system_name).environment_fingerprint(
-                tuple(pass_cls.libraries),
-                environment=for_accelerator(requirements.environment, self._accelerator(step.system_name)),
-            )
-            step.key = step_key(
-                step.pass_type,
-                pass_cls,
-                config,
-                prev,
-                data_hashes,
-                env,
-                accelerator=self._accelerator(step.system_name),
-                processes=self.system(step.system_name).processes_for(pass_cls),
-                providers=self._providers(),
-            )
-            step.cached = self.cache.get(step.key) is not None
+            if self._planned_keys is not None:
+                if step.name not in self._planned_keys:
+                    raise EngineError(f"step {step.name!r} is not in the plan this run was submitted with")
+                step.key = self._planned_keys[step.name]
+            else:
+                _, _, data_hashes = self._data_files(step.data_names, step.system_name)
+                config = pass_cls.Config.model_validate(split_secrets(step.config)[0])  # a token never keys the cache
+                requirements = pass_cls().requirements(config)
+                self.system(step.system_name).require(step.pass_type, tuple(pass_cls.libraries))
+                env = self.system(step.system_name).environment_fingerprint(
+                    tuple(pass_cls.libraries),
+                    environment=for_accelerator(requirements.environment, self._accelerator(step.system_name)),
+                )
+                step.key = step_key(
+                    step.pass_type,
+                    pass_cls,
+                    config,
+                    prev,
+                    data_hashes,
+                    env,
+                    accelerator=self._accelerator(step.system_name),
+                    processes=self.system(step.system_name).processes_for(pass_cls),
+                    providers=self._providers(),
+                )
             if step.role == "host":
                 prev = step.key
+        for step in steps:  # every environment checked above before the first request to a shared cache
+            step.cached, step.where = self.cache.get(step.key) is not None, "local"
+            if not step.cached:
+                shared = self.shared_cache_for(step)
+                hit = shared.lookup(step.key) if shared is not None else None
+                if hit is not None:
+                    self._remote[step.key] = hit
+                    step.cached, step.where = True, shared.where
+                else:
+                    step.where = ""
         return steps
 
     def _report_damaged(self) -> None:
@@ -211,6 +252,49 @@ class Engine:
         note = getattr(self.reporter, "note", None)
         if note is not None:
             note(message)
+
+    def share_local_entries(self, steps: list[Step]) -> list[str]:
+        """Steps cached on this machine only, saved into their system's shared cache (before a job that runs
+        there is submitted, so it finds them too); the names of those saved. Walks the chain of inputs as a run
+        would; stops where a step is not cached."""
+        saved: list[str] = []
+        model: ModelArtifact | None = self._input_model()[0]
+        final = model
+        for step in steps:
+            entry = self.cache.get(step.key)
+            if entry is None and step.key not in self._remote:
+                if step.role == "host":
+                    break
+                continue
+            shared = self.shared_cache_for(step)
+            given = model if step.role == "host" else final
+            if entry is not None and step.where == "local" and shared is not None:
+                with contextlib.suppress(Exception):  # best effort: the job runs the step if it is not there
+                    if shared.publish(step.key, entry.path, meta=entry.meta, input_model=given) is not None:
+                        step.where = shared.where
+                        saved.append(step.name)
+            if step.role == "host":
+                if entry is not None:
+                    result = entry.result
+                    model = result.model.with_root(entry.path) if result.model else None
+                else:
+                    remote = self._remote[step.key]
+                    model = result_from_portable(remote.result, given, root=remote.uri).model
+                final = model
+                if model is None:
+                    break
+        return saved
+
+    def _needs_local(self, steps: list[Step]) -> set[str]:
+        """Keys of shared-cache hits whose files must be here: the input of a step that runs, and the final model
+        when it is published. Other hits stay where they are (a LoRA cached in the workspace is not downloaded
+        when only the evaluation after the export runs)."""
+        host = [s for s in steps if s.role == "host"]
+        needed = {s.key for s, nxt in zip(host, host[1:], strict=False) if not nxt.cached}
+        targets_run = any(s.role == "target" and s.name != INPUT_EVAL_STEP and not s.cached for s in steps)
+        if host and (self.output_dir is not None or targets_run):
+            needed.add(host[-1].key)
+        return needed
 
     def _accelerator(self, system_name: str) -> str:
         accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]
@@ -232,6 +316,7 @@ class Engine:
         self.reporter.plan(steps)
         if dry_run:
             return steps, None
+        self._needed = self._needs_local(steps)
         self.cache.ensure()
         tracker = self._tracker(steps)
         for note in tracker.notes:  # a local store rebuilt
@@ -247,8 +332,13 @@ class Engine:
                 if step.role == "host" and out_model is not None:
                     model = out_model
             final_metrics = {f"{r.name}/{k}": v for r in records for k, v in r.metrics.items()}
+            costs = [r.cost_usd for r in records if r.cost_usd is not None]
+            total = sum(costs) if costs else None
+            if total is not None:
+                final_metrics["cost_usd"] = total
+                tracker.log_metric("cost_usd", total)
             summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id,
-                                 input_identity=input_identity)  # fmt: skip
+                                 input_identity=input_identity, cost_usd=total)  # fmt: skip
             summary.recorded, summary.model_uri = tracker.recorded, tracker.model_uri
             summary.prompt_format = self._prompt_format(steps, records)
             if self.output_dir is not None:
@@ -298,27 +388,33 @@ class Engine:
     def _run_step(self, step: Step, model: ModelArtifact, tracker: Tracker) -> tuple[StepRecord, ModelArtifact | None]:
         self.reporter.step_start(step)
         started = time.time()
+        shared = self.shared_cache_for(step)
         entry = self.cache.get(step.key)
+        cached_in = "local" if entry is not None else ""
+        if entry is None and step.key in self._remote and shared is not None:
+            entry = self._from_shared(step, model, shared)
+            cached_in = shared.where if entry is not None else ""
+        cost = None
         if entry is None:
             system = self.system(step.system_name)
             with self.cache.staging(step.key) as stage:
                 entry = self.cache.get(step.key)  # a concurrent run may have finished it while we waited
                 if entry is None:
-                    self._execute(step, system, model, stage, tracker)
-                    entry = self.cache.commit(
-                        step.key,
-                        stage,
-                        {
-                            "pass": step.name,
-                            "pass_type": step.pass_type,
-                            "system": step.system_name,
-                            "orch": __version__,
-                            "resumed_from_step": step.resumed_from_step,
-                        },
-                    )
+                    self._execute(step, system, model, stage, tracker, shared)
+                    result = JobResult.read(stage)
+                    cost = self._cost(step, result)
+                    if cost is not None:
+                        result.metrics.update(cost)
+                        result.write(stage)
+                    meta = {"pass": step.name, "pass_type": step.pass_type, "system": step.system_name,
+                            "orch": __version__, "resumed_from_step": step.resumed_from_step,
+                            **({"cost_usd": cost["cost_usd"]} if cost else {})}  # fmt: skip
+                    entry = self.cache.commit(step.key, stage, meta)
                     cached = False
                 else:
-                    cached = True
+                    cached, cached_in = True, "local"
+            if not cached and shared is not None:
+                self._share(step, entry, model, shared)
         else:
             cached = True
         result = entry.result
@@ -347,6 +443,8 @@ class Engine:
             if out_model and not is_uri(out_model.path) and Path(out_model.path).exists()
             else 0,
             resumed_from_step=entry.meta.get("resumed_from_step"),  # how the entry was made, cached or not
+            cost_usd=cost["cost_usd"] if cost else None,
+            cached_in=cached_in if cached else "",
         )
         tracker.log_metric(f"{step.name}/duration_s", result.duration_s)
         if record.output_size_bytes:
@@ -354,7 +452,60 @@ class Engine:
         self.reporter.step_end(step, record)
         return record, out_model
 
-    def _execute(self, step: Step, system: System, model: ModelArtifact, stage: Path, tracker: Tracker) -> None:
+    def _from_shared(self, step: Step, model: ModelArtifact, shared: SharedCache) -> CacheEntry | None:
+        """A step cached in the shared cache: used where it is (its model paths become references) unless a
+        later step runs here on it, then downloaded (checked against its manifest) into the local cache. A
+        download that fails its checks is reported and the step runs instead (None)."""
+        remote = self._remote[step.key]
+        if shared.by_reference or step.key not in self._needed:
+            result = result_from_portable(remote.result, model, root=remote.uri)
+            return CacheEntry(step.key, self.cache.entry_dir(step.key), result, dict(remote.meta))
+        with self.cache.staging(step.key) as stage:
+            try:
+                shared.materialize(remote, stage)
+            except RunFailure as exc:
+                self.reporter.step_log(step, f"orch: {exc}; running {step.name} instead")
+                return None
+            result_from_portable(remote.result, model).write(stage)  # this run's input paths
+            return self.cache.commit(step.key, stage, {**remote.meta, "from": shared.where})
+
+    def _share(self, step: Step, entry: CacheEntry, model: ModelArtifact, shared: SharedCache) -> None:
+        """A pass that ran: its entry into the shared cache (files, then the commit marker); its checkpoints
+        there are dropped. A failed upload costs the next run a rerun, not this run its result."""
+        try:
+            committed = shared.publish(step.key, entry.path, meta=entry.meta, input_model=model)
+        except Exception as exc:  # noqa: BLE001 - reported; the run goes on with its local entry
+            self.reporter.step_log(step, f"orch: could not save {step.name} to the {shared.where} cache: {exc}")
+            return
+        if committed is None:
+            self.reporter.step_log(step, f"orch: {step.name}'s result names local paths: not shared")
+            return
+        self.reporter.step_log(step, f"orch: {step.name} saved to the {shared.where} cache ({step.key[:16]})")
+        with contextlib.suppress(Exception):
+            shared.drop_partial(step.key)
+
+    def _cost(self, step: Step, result: JobResult) -> dict[str, float] | None:
+        """cost_usd = nodes x hours x price per node-hour, and tokens_per_usd for a pass that counts the tokens
+        it trained on (train_tokens)."""
+        price = self.node_price_for(step)
+        if price is None:
+            return None
+        usd = price.nodes * result.duration_s / 3600.0 * price.usd_per_hour
+        out = {"cost_usd": usd}
+        tokens = result.metrics.get("train_tokens")
+        if tokens and usd > 0:
+            out["tokens_per_usd"] = float(tokens) / usd
+        return out
+
+    def _execute(
+        self,
+        step: Step,
+        system: System,
+        model: ModelArtifact,
+        stage: Path,
+        tracker: Tracker,
+        shared: SharedCache | None,
+    ) -> None:
         configs, files, _ = self._data_files(step.data_names, step.system_name)
         secrets = {}
         sys_cfg = self.wf.systems.get(step.system_name)
@@ -387,9 +538,17 @@ class Engine:
             secrets=secrets,
             tracking=JobTracking(mode="events", metric_prefix=f"{step.name}/"),
             log_level=int(getattr(self.wf.engine, "log_severity_level", 3) or 3),
+            cache_key=step.key,
         )
+        sync = contextlib.nullcontext()
+        if shared is not None and not shared.by_reference and job.checkpoint_dir:
+            # on the compute: checkpoints restored from the shared cache first, saved there while the pass runs
+            sync = shared.checkpoints(
+                step.key, Path(job.checkpoint_dir), lambda line: self.reporter.step_log(step, line)
+            )
         try:
-            follow_job(step, job, system, model, stage, tracker, self.reporter, self.cache)
+            with sync:
+                follow_job(step, job, system, model, stage, tracker, self.reporter, self.cache)
         finally:
             if private is not None:
                 shutil.rmtree(private, ignore_errors=True)
