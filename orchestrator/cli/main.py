@@ -6,6 +6,7 @@ Errors users can fix print one line (`orch: error: ...`) and exit non-zero, neve
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -131,15 +132,23 @@ ModelNameOpt = Annotated[
 
 
 def _redact(text: str) -> str:
-    from orchestrator.engine.tracking import redact
+    """Secrets out of a line: by shape (URI credentials, token formats) and the exact values this run knows."""
+    from orchestrator.core.redact import mask
 
-    return redact(text)
+    return mask(text)
+
+
+MAX_LINE = 2000  # characters of an error line; longer runs of text (paths of a runaway copy) are cut
 
 
 def error_line(message: str) -> None:
     """`orch: error: <message>` on one line; the message is plain text (never rich markup: `[...]` survives),
-    with credentials inside URIs masked."""
+    with credentials inside URIs masked and runaway paths cut to their head and tail."""
     line = " ".join(_redact(str(message)).split("\n"))
+    if len(line) > MAX_LINE:
+        from orchestrator.core.links import short
+
+        line = " ".join(short(word) for word in line.split(" "))[: MAX_LINE * 2]
     console.print(Text("orch: error: ", style="bold red") + Text(line), highlight=False, soft_wrap=True)
 
 
@@ -218,6 +227,9 @@ def _run_one(
         return None
     if summary.metrics and not Verbosity.quiet:
         console.print(metrics_table(summary.metrics))
+    if summary.cost_usd is not None:
+        shares = ", ".join(f"{r.name} ${r.cost_usd:.4f}" for r in summary.steps if r.cost_usd is not None)
+        out.print(f"cost: ${summary.cost_usd:.4f} ({shares})", highlight=False)
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
     _package(wf, summary, out)
@@ -260,9 +272,11 @@ def _guarded(fn: Any, *, interrupted: str = "interrupted; the running job was st
     """Turn the errors a user can act on into one line + a non-zero exit (core.errors: the one code map); Ctrl-C
     exits 130 with `interrupted`, which says what was stopped."""
     from orchestrator.core.cache import Cache  # noqa: F401  (cheap; keeps import errors out of the handler)
+    from orchestrator.core.redact import masked_output
 
     try:
-        return fn()
+        with masked_output():  # every line printed here or by a library (MLflow, transformers) hides secrets
+            return fn()
     except typer.Exit:
         raise
     except KeyboardInterrupt:
@@ -288,7 +302,28 @@ def classify(exc: Exception) -> typer.Exit:
         # the one line names the pass, the cause and the full log's path; the tail only when it has no log
         tail = "" if "full log: " in str(exc) else exc.log_tail
         return fail(str(exc), exc.exit_code, tail)
+    if isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS:
+        return fail(_os_error_line(exc), EXIT_USAGE)
     return fail(f"internal error: {_first(exc)}; traceback in {_crash_log(exc)} (please report it)", EXIT_FAILED)
+
+
+# Errors of the user's machine, not of orch: a full disk or quota, a read-only or forbidden folder, a link loop.
+USER_OS_ERRORS = {
+    errno.ENOSPC: "no space left on its disk: free space there or choose a folder on another disk",
+    errno.EDQUOT: "the disk quota is exhausted: free space there or choose another folder",
+    errno.EROFS: "it is on a read-only filesystem: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "the operation is not permitted there: choose another folder",
+    errno.ELOOP: "a symlink on the way leads back to itself: remove the loop",
+    errno.ENAMETOOLONG: "the path is too long (a folder inside itself?): choose a shorter path",
+}
+
+
+def _os_error_line(exc: OSError) -> str:
+    from orchestrator.core.links import short
+
+    where = exc.filename or exc.filename2
+    return f"{short(where) if where else 'a file orch writes'}: {USER_OS_ERRORS[exc.errno]}"
 
 
 def _install_hint(exc: ImportError) -> str | None:
@@ -556,6 +591,9 @@ CacheConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="use this workflow's cache (its engine.cache_dir)")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON (one document on stdout) instead of a table")]
+WorkspaceOpt = Annotated[
+    bool, typer.Option("--workspace", help="the Azure ML workspace's cache (orch-cache/ in its default datastore)")
+]
 CACHE_HELP = (
     "a workflow's cache is its engine.cache_dir (default .orch/cache beside its config): "
     "`orch cache ls --config WF.json` or `--cache-dir DIR`"
@@ -588,22 +626,43 @@ def _cache_roots(cache_dir: Path | None, config: Path | None) -> list[Path]:
 
 
 @cache_app.command("ls")
-def cache_ls(cache_dir: CacheDirOpt = None, config: CacheConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """List cached pass outputs (key, pass, size, duration) of one cache or of the workflow caches found."""
+def cache_ls(
+    cache_dir: CacheDirOpt = None,
+    config: CacheConfigOpt = None,
+    workspace: WorkspaceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List cached pass outputs (key, pass, size, duration) of one cache or of the workflow caches found, or with
+    --workspace the Azure ML workspace's; damaged
+    entries too, marked so (`orch cache clean` removes them)."""
     from rich.table import Table
 
     from orchestrator.core.cache import Cache, folder_size
 
+    if workspace:
+        if cache_dir is not None or config is not None:
+            raise fail("--workspace and --cache-dir/--config: give one of them (--workspace is the workspace's cache)")
+        from orchestrator.cli.azure import workspace_cache_ls
+
+        workspace_cache_ls(as_json)
+        return
     roots = _cache_roots(cache_dir, config)
     if not roots:
         _say(f"no orch cache here (./.orch/cache does not exist, none in the folders below); {CACHE_HELP}")
     rows: list[dict[str, Any]] = []
     for root in roots:
-        for e in Cache(root).entries():
+        cache = Cache(root)
+        for e in cache.entries():
             rows.append({
                 "cache": str(root), "key": e.key, "pass": str(e.meta.get("pass", "")),
                 "type": e.result.pass_type, "status": e.result.status.value,
                 "size_bytes": folder_size(e.path), "duration_s": round(e.result.duration_s, 3),
+            })  # fmt: skip
+        for d in cache.damaged_entries():
+            rows.append({
+                "cache": str(root), "key": d.key, "pass": str(d.meta.get("pass", "")),
+                "type": str(d.meta.get("pass_type", "")), "status": "damaged", "reason": d.reason,
+                "size_bytes": folder_size(d.path), "duration_s": None,
             })  # fmt: skip
     if as_json:
         out.print_json(json.dumps(rows))
@@ -613,8 +672,10 @@ def cache_ls(cache_dir: CacheDirOpt = None, config: CacheConfigOpt = None, as_js
         for col in ("key", "pass", "type", "status", "size", "duration"):
             table.add_column(col)
         for r in (r for r in rows if r["cache"] == str(root)):
-            table.add_row(r["key"][:16], r["pass"], r["type"], r["status"], f"{r['size_bytes'] / 1e6:.1f} MB",
-                          f"{r['duration_s']:.1f}s")  # fmt: skip
+            damaged = r["status"] == "damaged"
+            status = Text(f"damaged: {r['reason']}", style="red") if damaged else r["status"]
+            duration = "" if damaged else f"{r['duration_s']:.1f}s"
+            table.add_row(r["key"][:16], r["pass"], r["type"], status, f"{r['size_bytes'] / 1e6:.1f} MB", duration)
         out.print(table)
 
 
@@ -623,17 +684,58 @@ def cache_clean(
     cache_dir: CacheDirOpt = None,
     config: CacheConfigOpt = None,
     key: Annotated[str | None, typer.Option("--key", help="remove only entries whose key starts with this")] = None,
+    workspace: WorkspaceOpt = False,
 ) -> None:
-    """Remove cached pass outputs (all, or by key prefix) of the caches `orch cache ls` shows."""
+    """Remove cached pass outputs (all, or by key prefix) of the caches `orch cache ls` shows, damaged and
+    quarantined entries included, or with --workspace of the Azure ML workspace's."""
     from orchestrator.core.cache import Cache
 
+    if workspace:
+        if cache_dir is not None or config is not None:
+            raise fail("--workspace and --cache-dir/--config: give one of them (--workspace is the workspace's cache)")
+        from orchestrator.cli.azure import workspace_cache_clean
+
+        workspace_cache_clean(key or "")
+        return
     roots = _cache_roots(cache_dir, config)
     if not roots:
         _say(f"no orch cache here; nothing removed ({CACHE_HELP})")
     for root in roots:
         cache = Cache(root)
-        n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key)) if key else cache.clean()
+        if key:
+            n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key))
+            n += cache.remove_damaged(key)
+        else:
+            n = cache.clean()
         out.print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {root}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: CacheDirOpt = None, config: CacheConfigOpt = None) -> None:
+    """Check every entry to the byte (each file's sha256 recorded when it was cached) of the caches `orch cache ls`
+    shows; damaged entries are moved to quarantine (the next run computes them again) and the command exits 1."""
+    from orchestrator.core.cache import Cache
+
+    def go() -> None:
+        roots = _cache_roots(cache_dir, config)
+        if not roots:
+            _say(f"no orch cache here; nothing verified ({CACHE_HELP})")
+        any_damaged = False
+        for root in roots:
+            sound, damaged = Cache(root).verify()
+            for d in damaged:
+                out.print(
+                    Text(f"damaged {d.key[:16]} ({d.meta.get('pass') or '?'}): {d.reason}; quarantined in {d.path}"),
+                    highlight=False,
+                )
+            total = sound + len(damaged)
+            out.print(f"verified {total} cache entr{'y' if total == 1 else 'ies'} in {root}: "
+                      f"{sound} sound, {len(damaged)} damaged")  # fmt: skip
+            any_damaged |= bool(damaged)
+        if any_damaged:
+            raise typer.Exit(EXIT_FAILED)
+
+    _guarded(go)
 
 
 @app.command("tiny-model")

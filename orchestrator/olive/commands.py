@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.core.errors import UserError
+from orchestrator.core.links import real
 from orchestrator.olive import flags as F
 from orchestrator.olive.flags import UNSUPPORTED_COMMANDS, Given, parse_bool, split_values  # noqa: F401
 
@@ -277,7 +278,7 @@ def make_test_model(src: str, dest: Path, trust_remote_code: bool = False, layer
 def command_workflow_id(command: str, output_path: str) -> str:
     """A CLI chain's workflow id, which names its MLflow run and registered model: the command and the output
     folder (`finetune -o models/ft` -> finetune-ft), so unrelated chains never share one registered model."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(output_path)).resolve().name).strip("-.") or "output"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", real(Path(str(output_path))).name).strip("-.") or "output"
     return f"{command}-{name}"
 
 

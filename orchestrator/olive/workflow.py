@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestrator.olive import keys as olive_keys
 from orchestrator.passes.lora.training_args import TrainingArgsError, normalize_training_args
 from orchestrator.schema.errors import ConfigError, fmt_path, nearest, suggest, translate
+from orchestrator.schema.files import load_config_file
 from orchestrator.schema.models import DataConfig, EngineConfig, EvaluatorConfig, InputModel, PassEntry
 from orchestrator.schema.resources import AzureMLClient
 from orchestrator.schema.systems import SystemConfig
@@ -111,47 +111,8 @@ class _Reader:
 
 
 def _read_file(path: Path) -> Any:
-    if not path.is_file():
-        what = "is a folder; give the workflow file inside it" if path.is_dir() else "not found"
-        raise ConfigError([f"config file {path} {what}"])
-    raw_bytes = path.read_bytes()
-    try:
-        text = raw_bytes.decode("utf-8-sig")  # a BOM (Windows editors) is fine
-    except UnicodeDecodeError as exc:
-        bad = raw_bytes[exc.start : exc.start + 1].hex()
-        line = raw_bytes[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            [f"config file {path}: not UTF-8 (byte 0x{bad} on line {line}; Latin-1 / cp1252?): save it as UTF-8"]
-        ) from None
-    if path.suffix.lower() == ".json":
-        dupes: list[str] = []
-
-        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-            seen: dict[str, Any] = {}
-            for k, v in items:
-                if k in seen:
-                    dupes.append(k)
-                seen[k] = v
-            return seen
-
-        try:
-            data = json.loads(text, object_pairs_hook=pairs)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                [f"config file {path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
-            ) from None
-        if dupes:
-            raise ConfigError([f"config file {path}: key {k!r} appears twice in one object" for k in dupes])
-        return data
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"config file {path}: invalid YAML{where}: {what}"]) from None
+    """The workflow file: UTF-8 JSON or YAML 1.2, duplicate keys refused (schema/files.py)."""
+    return load_config_file(path)
 
 
 def load_workflow(source: str | Path | dict[str, Any], *, base_dir: Path | None = None) -> WorkflowConfig:
@@ -167,7 +128,11 @@ def load_workflow(source: str | Path | dict[str, Any], *, base_dir: Path | None 
         raw = _read_file(path)
         base = Path(base_dir or path.resolve().parent).resolve()
     if not isinstance(raw, dict):
-        raise ConfigError([f"the workflow must be a mapping of sections (input_model, passes, ...), got {raw!r}"])
+        shown = repr(raw) if len(repr(raw)) <= 60 else type(raw).__name__
+        raise ConfigError([f"the workflow must be a mapping of sections (input_model, passes, ...), got {shown}"])
+    numbers = _unusable_numbers(raw, [])
+    if numbers:
+        raise ConfigError(numbers)
     reader = _Reader(base)
     _normalize(raw, reader)
     passes = _check_passes(raw, reader)
@@ -186,6 +151,26 @@ def load_workflow(source: str | Path | dict[str, Any], *, base_dir: Path | None 
         raise ConfigError(_unique(reader.problems))
     config.notes = reader.notes
     return config
+
+
+INT64_MAX = 2**63 - 1
+
+
+def _unusable_numbers(node: Any, path: list[Any]) -> list[str]:
+    """Numbers no pass can use, wherever they are written: inf / nan (JSON's and YAML's 1e999 read as inf) and
+    integers beyond 64 bits. Checked on the raw file, so free-form sections (training_args) are covered too."""
+    import math
+
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _unusable_numbers(v, [*path, k])]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _unusable_numbers(v, [*path, i])]
+    if isinstance(node, float) and not math.isfinite(node):
+        why = " (a number too large for a float reads as inf)" if math.isinf(node) else ""
+        return [f"{fmt_path(path)}: must be a finite number, got {node!r}{why}"]
+    if isinstance(node, int) and not isinstance(node, bool) and abs(node) > INT64_MAX:
+        return [f"{fmt_path(path)}: {node} is out of range (at most {INT64_MAX})"]
+    return []
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -13,16 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from orchestrator.core.errors import UserError
 from orchestrator.core.job import Job, ModelArtifact, append_event
+from orchestrator.schema.resources import refuse_bool_numbers
 
 
 class PassConfig(BaseModel):
-    """Base for every pass's config: frozen, and unknown keys are an error (the config reader names them)."""
+    """Base for every pass's config: frozen, and unknown keys are an error (the config reader names them);
+    numbers are finite and never booleans (schema.resources.Strict's rules)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
 
 
 class PassError(UserError):

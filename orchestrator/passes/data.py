@@ -9,6 +9,7 @@ syntax ("train[:80%]"); this module adds Olive's text_template / text_cols rende
 from __future__ import annotations
 
 import glob
+import json
 import re
 import string
 from dataclasses import dataclass
@@ -214,6 +215,8 @@ def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | Non
     if script_fn is not None:
         return _script_load(dc, script_fn, split, override)
     kwargs = _source(dc, base_dir, override)
+    if kwargs["path"] == "json" and "data_files" in kwargs:
+        kwargs["data_files"] = _columns_as_rows(kwargs["data_files"], dc.name)
     if dc.load_dataset_config.subset:
         kwargs["name"] = dc.load_dataset_config.subset
     try:
@@ -236,6 +239,46 @@ def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | Non
             )
         ds = ds.filter(lambda row: all(row[c] == v for c, v in filters.items()), desc=f"col_filters {dc.name}")
     return ds
+
+
+COLUMNAR_LIMIT = 512 << 20  # bytes: a mapping-of-columns JSON is parsed whole to turn it into rows
+
+
+def _columns_as_rows(files: Any, name: str) -> Any:
+    """datasets reads a JSON document that maps column names to lists as ONE row of lists; Olive's users write
+    such files as columns. Each such file is rewritten as JSON lines (a temp copy) so its rows are rows."""
+    if isinstance(files, dict):
+        return {split: _columns_as_rows(v, name) for split, v in files.items()}
+    if isinstance(files, list):
+        return [_columns_as_rows(f, name) for f in files]
+    path = Path(files)
+    if path.suffix.lower() != ".json" or not path.is_file() or path.stat().st_size > COLUMNAR_LIMIT:
+        return files
+    with path.open(encoding="utf-8-sig") as fh:
+        if not fh.read(4096).lstrip().startswith("{"):
+            return files
+        fh.seek(0)
+        try:
+            data = json.load(fh)
+        except ValueError:
+            return files  # datasets names the problem
+    if not (isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values())):
+        return files
+    lengths = {k: len(v) for k, v in data.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"data config {name!r}: {path} maps columns of unequal length ({lengths}); one value a row")
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="orch-columns-")
+    atexit.register(shutil.rmtree, folder, True)  # the job's process reads it; nothing is left behind
+    out = Path(folder) / f"{path.stem}.jsonl"
+    n = next(iter(lengths.values()))
+    with out.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            fh.write(json.dumps({k: v[i] for k, v in data.items()}, ensure_ascii=False) + "\n")
+    return str(out)
 
 
 def _as_dataset(out: Any, dc: DataConfig, what: str) -> Any:
@@ -315,16 +358,33 @@ def prompt_format(data_config: dict[str, Any], source: str = "") -> PromptFormat
 
 
 def template_columns(template: str) -> list[str]:
-    """The column names a text_template refers to. "{Best Answer}" names the column "Best Answer"."""
+    """The column names a text_template refers to. "{Best Answer}" names the column "Best Answer". A brace that
+    opens or closes no field is an error (str.format would refuse it; rendering it as text would train on the
+    template's own braces): a literal brace is written twice, "{{" or "}}"."""
     cols: list[str] = []
+    pos = 0
     for m in _FIELD.finditer(template):
+        _no_stray_brace(template, pos, m.start())
+        pos = m.end()
         inner = m.group(1)
         if inner is None:
             continue
-        if not inner:
+        if not inner.strip():
             raise ValueError("text_template has an empty {} field: name a column, e.g. {prompt}")
         cols.append(inner)
+    _no_stray_brace(template, pos, len(template))
     return cols
+
+
+def _no_stray_brace(template: str, start: int, end: int) -> None:
+    for i in range(start, end):
+        if template[i] in "{}":
+            near = template[max(0, i - 12) : i + 13].replace("\n", "\\n")
+            which = "opens no closed field" if template[i] == "{" else "closes no field"
+            raise ValueError(
+                f"text_template has an unbalanced {template[i]!r} at character {i + 1} (near {near!r}) that {which}; "
+                "write {column} for a field, or double it ('{{' / '}}') for a literal brace"
+            )
 
 
 def _render(template: str, row: dict[str, Any]) -> str:

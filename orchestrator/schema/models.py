@@ -192,6 +192,9 @@ class LoadDatasetConfig(_Params):
         return str(res.path) if isinstance(res, LocalFolder | LocalFile) else res
 
 
+MAX_SEQUENCE = 1 << 20  # tokens: beyond every model's context; padding rows to more cannot fit in memory
+
+
 class PreProcessDataConfig(_Params):
     """Olive's text-generation pre-processing: how rows become one "text" column and how long sequences are."""
 
@@ -202,8 +205,10 @@ class PreProcessDataConfig(_Params):
     corpus_strategy: Literal["join", "line-by-line", "join-random", "line-by-line-random", "join-sliding-window"] = (
         Field("line-by-line", validation_alias=AliasChoices("corpus_strategy", "strategy"))
     )  # orchestrator.passes.text_blocks packs them as Olive does
-    stride: int | None = Field(None, gt=0)  # join-sliding-window's step
-    source_max_len: int = Field(1024, gt=0, validation_alias=AliasChoices("source_max_len", "max_seq_len"))
+    stride: int | None = Field(None, gt=0, le=MAX_SEQUENCE)  # join-sliding-window's step
+    source_max_len: int = Field(
+        1024, gt=0, le=MAX_SEQUENCE, validation_alias=AliasChoices("source_max_len", "max_seq_len")
+    )
     pad_to_max_len: bool = True
     use_attention_mask: bool = True
     max_samples: int | None = Field(None, gt=0)

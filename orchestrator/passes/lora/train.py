@@ -84,12 +84,16 @@ class TextSpec(Protocol):
     chat: bool
 
 
+MAX_LORA_RANK = 65536  # no layer of any language model is wider: a larger rank cannot be a LoRA
+
+
 class LoRAConfig(PassConfig):
     """Olive's LoRA / QLoRA pass config (the names users already have in their workflow files)."""
 
     target_modules: list[str] | None = None  # None: every linear layer except the LM head
-    lora_r: int = Field(64, gt=0, validation_alias=AliasChoices("lora_r", "r"))
-    lora_alpha: float = Field(16, gt=0, validation_alias=AliasChoices("lora_alpha", "alpha"))
+    # Sane ranges, not only positive: a rank of 2**31 fails deep inside peft with a message naming no field.
+    lora_r: int = Field(64, gt=0, le=MAX_LORA_RANK, validation_alias=AliasChoices("lora_r", "r"))
+    lora_alpha: float = Field(16, gt=0, le=1e6, validation_alias=AliasChoices("lora_alpha", "alpha"))
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None
