@@ -318,7 +318,8 @@ CASES: list[tuple[str, Any, tuple[str, ...]]] = [
         lambda c: _raw_wf(c, "wf.json", _wf_text(c, lora_extra=', "eval_dataset_size": true')),
         ("eval_dataset_size", "boolean"),
     ),
-    ("max_seq_len_2_31_flag", lambda c: ft("--max_seq_len", str(2**31)), ("source_max_len", "1048576")),
+    # Olive's finetune puts --max_seq_len in the data config (pre_process_data_config.max_seq_len)
+    ("max_seq_len_2_31_flag", lambda c: ft("--max_seq_len", str(2**31)), ("max_seq_len", "1048576")),
     (
         "seq_len_true_yaml",
         lambda c: _raw_wf(
