@@ -3,10 +3,11 @@
     python bench/cpu_inference.py [--work /tmp/orch_cpu_infer] [--new-tokens 128] [--write-results]
 
 Model: a Phi-3-architecture model of ~270 M parameters (hidden 1024, 16 layers, 16 heads, intermediate 2816,
-vocab 32000) with random weights, built by orchestrator.passes.tiny_model.build_tiny_phi3 (sizes chosen so that no
-linear layer but the LM head has vocab_size outputs: onnxruntime-genai's builder would take it for the LM head).
+vocab 32000) with random weights, built by orchestrator.passes.models.tiny_model.build_tiny_phi3 (sizes chosen
+so that no linear layer but the LM head has vocab_size outputs: onnxruntime-genai's builder would take it for the
+LM head).
 Exports: `python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32|int4 -e cpu` (int4 = MatMulNBits, RTN,
-block 32). Parity: logits against transformers on the same ids (orchestrator.passes.onnx_tools.logits_parity).
+block 32). Parity: logits against transformers on the same ids (orchestrator.passes.common.onnx_tools.logits_parity).
 Timing: greedy decoding of --new-tokens tokens after a --prompt-tokens prompt, EOS ignored, 2 threads
 (torch.set_num_threads / the genai session's intra_op_num_threads), median of --repeats runs; decode tokens/s
 counts the tokens after the first (the prefill is reported apart).
@@ -65,7 +66,7 @@ def corpus() -> list[str]:
 
 
 def build(work: Path) -> Path:
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     hf = work / "hf"
     if not (hf / "config.json").exists():
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         write_section(render(json.loads(a.render.read_text())), BENCH / "RESULTS.md")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from orchestrator.passes.onnx_tools import logits_parity
+    from orchestrator.passes.common.onnx_tools import logits_parity
 
     a.work.mkdir(parents=True, exist_ok=True)
     hf = build(a.work)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf)).parameters())
-    from orchestrator.passes.onnx_tools import GenaiModel
+    from orchestrator.passes.common.onnx_tools import GenaiModel
 
     load0 = os.getloadavg()[0]
     runners: dict[str, Any] = {"transformers fp32": HFRunner(hf)}

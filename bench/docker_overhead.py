@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_md  # noqa: E402
 
 from orchestrator.core.job import Job, JobState, ModelArtifact
-from orchestrator.passes.tiny_model import build_tiny_phi3
+from orchestrator.passes.models.tiny_model import build_tiny_phi3
 from orchestrator.systems.docker.images import DEFAULT_BASE_IMAGE, build_base_image, build_environment, docker_client
 from orchestrator.systems.docker.system import DockerSystem
 from orchestrator.systems.local import LocalSystem

@@ -41,7 +41,7 @@ def run(out: Path, work: Path, max_steps: int | None = None) -> dict[str, Any]:
     sys.path.insert(0, str(DEMO))
     from make_dataset import make_rows, write_jsonl
 
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

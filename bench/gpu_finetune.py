@@ -19,9 +19,9 @@ key=value overrides a setting of bench/baseline_peft.SETTINGS for that row (drop
   qlora_baseline bench/baseline_peft.py --qlora: transformers + peft + bitsandbytes (nf4, double quant,
                  prepare_model_for_kbit_training with gradient checkpointing)
   olive          bench/olive_runner.py: Olive 0.13 `olive finetune` (its CLI, same settings)
-  orch           orchestrator.passes.lora.train.LoRAPass.run (orch's real pass, its own data config; it picks its
-                 CUDA fast path itself)
-  qlora          orchestrator.passes.lora.train.QLoRAPass.run (bitsandbytes nf4 + double quant)
+  orch           orchestrator.passes.training.lora.train.LoRAPass.run (orch's real pass, its own data config; it picks
+                 its CUDA fast path itself)
+  qlora          orchestrator.passes.training.lora.train.QLoRAPass.run (bitsandbytes nf4 + double quant)
   unsloth        bench/unsloth_runner.py: Unsloth's FastLanguageModel + TRL SFTTrainer (its own wheel set)
   unsloth_qlora  the same with a 4-bit base and Unsloth's checkpointing
 Shapes: phi3-mini (default), phi4-mini (GQA 24/8 heads, vocab 200,064, tied embeddings, partial RoPE 0.75).
@@ -165,7 +165,7 @@ def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
     words_hi = max(max_len - 24, 16)
     var = make_corpus(max(steps * 16, 400), shape["lexicon"], max(words_hi // 10, 8), words_hi, seed=1)
     fixed = make_corpus(max(steps * SETTINGS["batch_size"] + 16, 64), shape["lexicon"], max_len + 100, max_len + 120, 2)
-    from orchestrator.passes.tiny_model import train_phi3_tokenizer
+    from orchestrator.passes.models.tiny_model import train_phi3_tokenizer
 
     tok = train_phi3_tokenizer(var + fixed, shape["vocab_size"], max_len)
     for name, texts in (("var", var), ("fixed", fixed)):
@@ -272,7 +272,7 @@ def orch_job(model_dir: Path, data: Path, steps: int, out_dir: Path, qlora: bool
     nothing about bf16 / packing / kernels / checkpointing is said: the pass chooses those.
     """
     from orchestrator.core.job import Job, ModelArtifact
-    from orchestrator.passes.lora.train import LoRAConfig, LoRAPass, QLoRAPass
+    from orchestrator.passes.training.lora.train import LoRAConfig, LoRAPass, QLoRAPass
 
     s = SETTINGS
     training_args = {
@@ -327,8 +327,8 @@ def orch_job(model_dir: Path, data: Path, steps: int, out_dir: Path, qlora: bool
 
 def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, qlora: bool) -> dict:
     from orchestrator.passes.base import PassContext
-    from orchestrator.passes.lora import cuda as lora_cuda
-    from orchestrator.passes.lora import kernels as lora_kernels
+    from orchestrator.passes.training.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import kernels as lora_kernels
 
     install_step_timer()
     out_dir = out_json.parent / ("qlora_out" if qlora else "lora_out")
@@ -773,7 +773,7 @@ def check() -> int:
             print(f"import {mod}: ok {getattr(m, '__version__', '')}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every failure, keep going
             print(f"import {mod}: FAILED {type(e).__name__}: {e}"[:300], flush=True)
-    from orchestrator.passes.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import cuda as lora_cuda
 
     dev = lora_cuda.probe_device()
     print("device:", dev, flush=True)

@@ -1,4 +1,5 @@
-"""AWQ and GPTQ int4 (orchestrator/passes/awq_gptq.py, llm-compressor) on a CUDA GPU, then export and generation.
+"""AWQ and GPTQ int4 (orchestrator/passes/quantization/awq_gptq.py, llm-compressor) on a CUDA GPU, then export and
+generation.
 
 Two phases, because the GPU machine has no onnxruntime(-genai) and this one has no GPU:
 
@@ -147,7 +148,7 @@ def error_text(exc: BaseException) -> str:
 
 
 def build_model(work: Path) -> Path:
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     hf = work / "hf"
     if not (hf / "config.json").exists():
@@ -298,7 +299,7 @@ def quality(hf: Path, ckpt: Path | None, device: str, batches: list[Any]) -> dic
     import torch
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.passes.awq_gptq import load_dequantized
+    from orchestrator.passes.quantization.awq_gptq import load_dequantized
 
     ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval().to(device)
     if ckpt is not None:
@@ -369,7 +370,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported
-        os.environ.setdefault("ORCH_AWQ_CPU", "1")  # AWQ runs on CPU when asked (orchestrator/passes/awq_gptq.py)
+        os.environ.setdefault("ORCH_AWQ_CPU", "1")  # AWQ runs on CPU when asked (passes/quantization/awq_gptq.py)
     work, out = a.work.resolve(), a.out.resolve()
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -422,7 +423,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             from llmcompressor.modifiers.awq import AWQModifier  # noqa: F401
             from llmcompressor.modifiers.gptq import GPTQModifier  # noqa: F401
 
-            import orchestrator.passes.awq_gptq  # noqa: F401
+            import orchestrator.passes.quantization.awq_gptq  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - the pass reports it again, per algorithm
             res["setup"]["import_error"] = error_text(exc)
         res["setup"]["import_s"] = time.perf_counter() - t0
@@ -520,9 +521,9 @@ def export_one(algo: str, ckpt: Path, work: Path) -> dict[str, Any]:
     import numpy as np
 
     from orchestrator.core.job import Job, JobTracking, ModelArtifact
-    from orchestrator.passes import onnx_tools
-    from orchestrator.passes.awq_gptq import load_dequantized
     from orchestrator.passes.base import PassError
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.quantization.awq_gptq import load_dequantized
     from orchestrator.runner import run_job
 
     row: dict[str, Any] = {"export_ok": False}

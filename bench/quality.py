@@ -76,7 +76,7 @@ def held_out_rows(work: Path) -> Path:
     (its first 32 rows, in the demo's order)."""
     from datasets import load_dataset
 
-    from orchestrator.passes import data
+    from orchestrator.passes.common import data
 
     rows = load_dataset("json", data_files=str(DEMO / "dataset" / "dataset-classification.json"), split="train")
     _, held_out = data._carve(rows, 0.2, 42, "dataset_default_train")

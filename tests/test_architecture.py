@@ -49,7 +49,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _room(module: str) -> str | None:
-    """orchestrator.passes.lora.train -> passes; orchestrator.runner -> runner; a name that is no file -> None."""
+    """orchestrator.passes.training.lora.train -> passes; orchestrator.runner -> runner; no file -> None."""
     first = module.split(".")[1]
     if (PACKAGE / first).is_dir() or (PACKAGE / f"{first}.py").is_file():
         return first

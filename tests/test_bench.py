@@ -57,7 +57,7 @@ def _rows(out: Path) -> dict[str, dict]:
 
 
 def test_every_row_runs_tiny_on_cpu(tiny_run: Path) -> None:
-    from orchestrator.passes.lora.train import QLORA_NO_CUDA
+    from orchestrator.passes.training.lora.train import QLORA_NO_CUDA
 
     rows = _rows(tiny_run)
     assert list(rows) == ROWS.split(",")
@@ -133,7 +133,7 @@ def test_unsloth_runner_builds_the_benchmark_settings(tmp_path: Path) -> None:
 def test_unsloth_runner_tokenizes_as_the_baseline(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     tok = AutoTokenizer.from_pretrained(build_tiny_phi3(tmp_path / "m", num_layers=1, seed=0))
     texts = ["a short text", " ".join(["word"] * 300)]

@@ -659,7 +659,7 @@ def generate(
 
     def go() -> None:
         from orchestrator.cli import chat as chat_ui
-        from orchestrator.passes.onnx_tools import GenaiModel
+        from orchestrator.passes.common.onnx_tools import GenaiModel
 
         model_dir = model / "model" if (model / "model" / "genai_config.json").exists() else model
         if not (model_dir / "genai_config.json").exists():
@@ -790,7 +790,7 @@ def tiny_model(
     """Build the embedded tiny Phi-3-architecture model + tokenizer (random weights; no hub needed)."""
 
     def go() -> None:
-        from orchestrator.passes.tiny_model import build_tiny_phi3
+        from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
         texts: list[str] = []
         if corpus is not None:
@@ -932,7 +932,7 @@ def demo(
         demo_dir = _demo_dir()
         data = _demo_data(demo_dir)
         if tiny:
-            from orchestrator.passes.tiny_model import build_tiny_phi3
+            from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
             config = demo_dir / "config.json"
             model_dir = demo_dir / "models" / "tiny-phi3"
@@ -941,7 +941,7 @@ def demo(
                 texts = [" ".join(json.loads(line).values()) for line in data.read_text().splitlines()]
                 build_tiny_phi3(model_dir, texts=texts)
         else:
-            from orchestrator.passes.pretrained import PretrainedError, ensure_smollm2
+            from orchestrator.passes.models.pretrained import PretrainedError, ensure_smollm2
 
             config = demo_dir / "smollm2.json"
             try:
@@ -974,7 +974,7 @@ def demo(
                 return
             output_dir = summary.output_dir
             console.print(_demo_table(summary.metrics, [vars(r) for r in summary.steps]))
-        from orchestrator.passes.onnx_tools import generate as og_generate
+        from orchestrator.passes.common.onnx_tools import generate as og_generate
 
         text, n, secs = og_generate(output_dir / "model", DEMO_SAMPLE, 8, chat=False)
         out.print(f"sample generation: {DEMO_SAMPLE!r} -> {text!r} ({n} tokens, {secs * 1000:.1f} ms)")
@@ -1191,7 +1191,7 @@ def generate_adapter(
         if adapter_type.lower() != "lora":
             raise FlagError(f"--adapter_type {adapter_type!r}: orch builds LoRA adapters only (no DoRA / LoHa)")
         if (Path(model_folder(model_name_or_path)) / "model.onnx").is_file():
-            from orchestrator.passes.extract_adapters import extract
+            from orchestrator.passes.onnx.extract_adapters import extract
 
             fmt = "numpy" if adapter_format == "numpy" else "onnx_adapter"
             weights = extract(Path(model_folder(model_name_or_path)), Path(output_path) / "model", save_format=fmt)
@@ -1249,7 +1249,7 @@ def tune_session_params(ctx: typer.Context, host: HostOpt = None) -> None:
         if summary is None or summary.final_model is None:
             return
         from orchestrator.core.job import atomic_write_text
-        from orchestrator.passes.onnx_tools import SETTINGS_FILE
+        from orchestrator.passes.common.onnx_tools import SETTINGS_FILE
 
         settings = json.loads((Path(summary.final_model.path) / SETTINGS_FILE).read_text())
         dest = Path(args.output_path) / f"{oc.accelerator_key(args.device, settings['execution_provider'][0])}.json"

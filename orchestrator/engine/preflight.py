@@ -240,7 +240,7 @@ def _scripted(data_config: dict[str, Any]) -> set[str]:
 def _needed_columns(pre: dict[str, Any]) -> list[str]:
     template = pre.get("text_template")
     if template:
-        from orchestrator.passes.data import template_columns
+        from orchestrator.passes.common.data import template_columns
 
         try:
             fields = template_columns(template)

@@ -520,7 +520,7 @@ def convert_adapters(
     ModelBuilder + ExtractAdapters built (the builder's weight names). Phi-3's fused projections are split with the
     base model's config.json: --model_name_or_path, else the adapter's base_model_name_or_path."""
     from orchestrator.passes.base import PassError
-    from orchestrator.passes.extract_adapters import convert_peft_adapter, save_adapter
+    from orchestrator.passes.onnx.extract_adapters import convert_peft_adapter, save_adapter
 
     if quantize_int4:
         raise FlagError("--quantize_int4: orch keeps adapters float (the int4 base model's LoRA inputs are float)")

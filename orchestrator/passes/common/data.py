@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from orchestrator.core.hub import is_dataset_id
 from orchestrator.core.prompt import TEMPLATE_FIELD, PromptFormat
 from orchestrator.passes.base import PassError
-from orchestrator.passes.dummy_data import dummy_inputs  # noqa: F401  (the dummy containers' inputs live there)
+from orchestrator.passes.common.dummy_data import dummy_inputs  # noqa: F401  (the dummy containers' inputs live there)
 from orchestrator.schema.errors import translate
 from orchestrator.schema.models import DATASET_BUILDERS, DataConfig, PreProcessDataConfig
 from orchestrator.schema.resources import LocalFile, LocalFolder, resolve_path
@@ -71,7 +71,7 @@ class TextDataSpec:
     pad_to_max_len: bool = True
     corpus_join: bool = False  # a join strategy: texts concatenated into one token stream before cutting
     use_attention_mask: bool = True
-    strategy: str = "line-by-line"  # Olive's corpus strategy (orchestrator.passes.text_blocks packs it)
+    strategy: str = "line-by-line"  # Olive's corpus strategy (orchestrator.passes.common.text_blocks packs it)
     max_samples: int | None = None  # sequences the random strategies draw
     random_seed: int | None = None
     stride: int | None = None  # join-sliding-window

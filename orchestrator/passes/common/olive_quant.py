@@ -280,7 +280,7 @@ def unfuse(state: dict[str, Any], quant: dict[str, Any], cfg: dict[str, Any]) ->
 
 def calibration_texts(ctx: PassContext, data_config: str, limit: int, who: str) -> list[str]:
     """The first `limit` texts of a workflow data config (its "text" column), for calibration."""
-    from orchestrator.passes.data import load_splits
+    from orchestrator.passes.common.data import load_splits
 
     data_configs = ctx.job.data_configs
     if data_config not in data_configs:

@@ -40,7 +40,7 @@ def resave(dst: Path, *, external: bool = True) -> None:
 
 def onnx_input(model: ModelArtifact | None, pass_name: str) -> Path:
     """The .onnx file of an 'onnx' input (a plain ONNX folder); one line when the input is something else."""
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     if model is None or model.format != "onnx":
         got = "no model" if model is None else f"format {model.format!r}"
@@ -65,7 +65,7 @@ def logits_shift(src: Path, dst: Path) -> dict[str, float]:
     and how often the greedy token still agrees: int8 moves them, so this is reported, not asserted."""
     import numpy as np
 
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     ref = onnx_tools.ort_logits(src, PARITY_IDS).astype(np.float32)
     got = onnx_tools.ort_logits(dst, PARITY_IDS).astype(np.float32)

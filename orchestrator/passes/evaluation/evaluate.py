@@ -235,7 +235,7 @@ class HfScorer:
     def __init__(self, model: ModelArtifact) -> None:
         from transformers import AutoTokenizer
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         self.net = onnx_tools.load_hf_model(model.path, model.trust_remote_code)
         tok_dir = model.path
@@ -256,7 +256,7 @@ class HfScorer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def logits(self, ids: Sequence[int]) -> Any:
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         return onnx_tools.hf_logits(self.net, ids)
 
@@ -282,7 +282,7 @@ class HfScorer:
 def make_scorer(model: ModelArtifact, execution_provider: str) -> Any:
     """onnx_genai -> onnxruntime-genai; hf/hf_adapter -> transformers."""
     if model.format == "onnx_genai":
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         return onnx_tools.GenaiModel(model.path, execution_provider)
     if model.format in ("hf", "hf_adapter"):
@@ -337,7 +337,7 @@ def continuation_logprob(scorer: Scorer, prompt: str, continuation: str) -> floa
 
 def prompt_prefix(template: str, label_col: str) -> str:
     """The template up to the label's placeholder: what the model sees before it should say the label."""
-    from orchestrator.passes.data import template_columns
+    from orchestrator.passes.common.data import template_columns
 
     fields = template_columns(template)
     if label_col not in fields:
@@ -366,7 +366,7 @@ def accuracy(
         value = row[label_col]
         return str(labels[value]) if labels is not None and isinstance(value, int) else str(value)
 
-    from orchestrator.passes.data import _render
+    from orchestrator.passes.common.data import _render
 
     if not rows:
         raise PassError("Evaluate: accuracy needs labelled rows; the data gave none")
@@ -505,8 +505,8 @@ class EvaluatePass(Pass):
         return ctx.job.data_configs[name]
 
     def load_texts(self, ctx: PassContext, name: str, config: EvaluateConfig) -> list[str]:
-        """Templated texts of the evaluated rows (orchestrator.passes.data does loading and templating, as for LoRA)."""
-        from orchestrator.passes.data import load_splits
+        """Templated texts of the evaluated rows (passes.common.data loads and templates them, as for LoRA)."""
+        from orchestrator.passes.common.data import load_splits
 
         train, eval_ = load_splits(
             self._data_config(ctx, name),
@@ -525,7 +525,7 @@ class EvaluatePass(Pass):
         load_splits keeps only "text", so this mirrors it without the templating: same split, max_samples and
         eval carve-out (train_test_split with the same seed picks the same rows).
         """
-        from orchestrator.passes import data
+        from orchestrator.passes.common import data
 
         dc = data._parse(self._data_config(ctx, name), None)
         override = ctx.job.data_files.get(name)
@@ -553,8 +553,8 @@ class EvaluatePass(Pass):
         one InferenceSession on the target's execution provider (never a silent fallback to another EP)."""
         import onnxruntime as ort
 
-        from orchestrator.passes import onnx_tools
-        from orchestrator.passes.dummy_data import dummy_inputs, session_inputs
+        from orchestrator.passes.common import onnx_tools
+        from orchestrator.passes.common.dummy_data import dummy_inputs, session_inputs
 
         if model.format not in ("onnx", "onnx_genai"):
             raise PassError(

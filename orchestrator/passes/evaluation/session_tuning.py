@@ -7,7 +7,7 @@ of the config's lists (execution providers x execution modes x graph optimizatio
 thread counts), each on the same inputs (the data_config's dummy container, or DummyDataContainer-like inputs
 derived from the graph), median of timed runs after warm-up. The model is passed on unchanged (copied), with
 inference_settings.json (execution_provider, provider_options, session_options, io_bind) that
-`orchestrator.passes.onnx_tools.tuned_session` applies.
+`orchestrator.passes.common.onnx_tools.tuned_session` applies.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pydantic import Field, field_validator
 from orchestrator.core.fs import commit_dir, copy_file, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
-from orchestrator.passes.evaluate import timed_runs
-from orchestrator.passes.onnx_tools import SETTINGS_FILE, session_options
+from orchestrator.passes.common.onnx_tools import SETTINGS_FILE, session_options
+from orchestrator.passes.evaluation.evaluate import timed_runs
 
 OUTPUT_DIR = "model"
 EXECUTION_MODES = {0: "ORT_SEQUENTIAL", 1: "ORT_PARALLEL"}
@@ -146,7 +146,7 @@ class OrtSessionParamsTuningPass(Pass):
     def _inputs(self, config: SessionTuningConfig, model_file: Path, ctx: PassContext) -> dict[str, Any]:
         import onnxruntime as ort
 
-        from orchestrator.passes.dummy_data import dummy_inputs, session_inputs
+        from orchestrator.passes.common.dummy_data import dummy_inputs, session_inputs
 
         dc = DEFAULT_DUMMY
         if config.data_config is not None:
@@ -190,7 +190,7 @@ class OrtSessionParamsTuningPass(Pass):
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, SessionTuningConfig)
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         if model is None or model.format not in ("onnx", "onnx_genai"):
             got = "no model" if model is None else f"format {model.format!r}"

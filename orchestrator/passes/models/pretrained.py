@@ -90,7 +90,9 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from orchestrator.passes.tiny_model import _unsafe_widths  # the builder's LM-head trap, checked on real sizes
+    from orchestrator.passes.models.tiny_model import (
+        _unsafe_widths,  # the builder's LM-head trap, checked on real sizes
+    )
 
     hf_logging.disable_progress_bar()  # one line says what happens (ensure_smollm2), not two bars
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -63,7 +63,7 @@ def write_genai_metadata(
     build_config: Callable[[Path, Path, dict[str, str]], None],
 ) -> PassOutput:
     """onnx folder in -> onnx_genai folder out: the same graph + genai_config.json + tokenizer files."""
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     if model.format != "onnx":
         raise PassError(
@@ -112,7 +112,7 @@ def write_genai_metadata(
 def check_metadata(model_dir: Path, graph: Path, execution_provider: str, ctx: PassContext) -> dict[str, Any]:
     """onnxruntime-genai's logits == the graph's own (plain onnxruntime) on a prompt, and greedy decoding through
     genai's KV cache == the full-sequence argmax; with an extracted adapter, both with it active and without."""
-    from orchestrator.passes.extract_adapters import ADAPTER_FILE, load_adapter
+    from orchestrator.passes.onnx.extract_adapters import ADAPTER_FILE, load_adapter
 
     if execution_provider != "cpu":
         ctx.info(f"checks skipped: genai_config targets {execution_provider} and they run on CPU only")
@@ -128,7 +128,7 @@ def check_metadata(model_dir: Path, graph: Path, execution_provider: str, ctx: P
 def _check_one(model_dir: Path, graph: Path, ctx: PassContext, adapter: dict[str, Any] | None) -> dict[str, Any]:
     import numpy as np
 
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     label = "with the adapter" if adapter is not None else "base"
     og_model = onnx_tools.GenaiModel(model_dir, "cpu", use_adapter=adapter is not None)

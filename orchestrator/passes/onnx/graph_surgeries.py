@@ -60,7 +60,7 @@ class GraphSurgeriesPass(Pass):
             raise PassError("GraphSurgeries needs an ONNX model (a ModelBuilder output) as input")
         import onnx_ir as ir
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         src = Path(model.path)
         onnx_path = onnx_tools.onnx_model_file(src)

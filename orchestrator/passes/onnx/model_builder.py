@@ -228,7 +228,7 @@ class ModelBuilderPass(Pass):
         if model.format == "hf_adapter":
             opts["adapter_path"] = str(model.adapter_path)
             if config.precision in ("int4", "int8"):  # LoRA weights stay float: a swappable adapter
-                from orchestrator.passes.extract_adapters import lora_node_names
+                from orchestrator.passes.onnx.extract_adapters import lora_node_names
 
                 layers = int(json.loads((Path(model.path) / "config.json").read_text())["num_hidden_layers"])
                 opts["nodes_to_exclude"] = ",".join(lora_node_names(layers))
@@ -249,7 +249,7 @@ class ModelBuilderPass(Pass):
         if model is None:
             raise PassError("ModelBuilder needs an input model: set input_model to an HF checkpoint folder")
         if config.metadata_only:
-            from orchestrator.passes.genai_metadata import write_genai_metadata
+            from orchestrator.passes.onnx.genai_metadata import write_genai_metadata
 
             ep = resolve_execution_provider(config, ctx.job.execution_providers)
             return write_genai_metadata(model, ep, config.precision, ctx, lambda hf, out, opts: run_builder(
@@ -305,7 +305,7 @@ class ModelBuilderPass(Pass):
         ctx.info(f"building {config.precision} ONNX for {ep} from {hf_dir}")
         ctx.progress(0, 3, "build")
         t0 = time.perf_counter()
-        from orchestrator.passes.olive_quant import stage_for_builder
+        from orchestrator.passes.common.olive_quant import stage_for_builder
 
         hf_dir = stage_for_builder(hf_dir, ctx.out_dir / ".olive_staged")  # Olive checkpoint, quantized embedding
         try:
@@ -329,7 +329,7 @@ class ModelBuilderPass(Pass):
         if config.search:
             self._apply_search(tmp, config.search)
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         metrics: dict[str, float] = {
             "build_s": build_s,
@@ -354,7 +354,7 @@ class ModelBuilderPass(Pass):
     def _check_lora_float(model_dir: Path) -> None:
         import onnx
 
-        from orchestrator.passes.extract_adapters import LORA_NODE
+        from orchestrator.passes.onnx.extract_adapters import LORA_NODE
 
         proto = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
         lora = [n for n in proto.graph.node if LORA_NODE.match(n.name)]
@@ -389,7 +389,7 @@ class ModelBuilderPass(Pass):
         adapter: str | None = None,
     ) -> dict[str, float]:
         """Parity with transformers (a hard gate for fp32) and a short og generation, where this host can run it."""
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         metrics: dict[str, float] = {}
         if ep != "cpu":

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
-from orchestrator.passes.onnx_common import resave
+from orchestrator.passes.common.onnx_common import resave
 
 OUTPUT_DIR = "model"
 PARITY_IDS = [5, 9, 33, 12, 7, 100, 4, 8, 21, 17, 3, 44]
@@ -132,7 +132,7 @@ class OnnxConversionPass(Pass):
         assert isinstance(config, OnnxConversionConfig)
         import torch
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         if model is None or model.format not in ("hf", "hf_adapter"):
             raise PassError(f"OnnxConversion exports HF checkpoints, got {model.format if model else 'no model'!r}")

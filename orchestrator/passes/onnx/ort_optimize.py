@@ -12,7 +12,7 @@ from typing import Any
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
-from orchestrator.passes.onnx_common import copy_side_files, onnx_input, save_one_data_file
+from orchestrator.passes.common.onnx_common import copy_side_files, onnx_input, save_one_data_file
 
 OUTPUT_DIR = "model"
 PARITY_IDS = [5, 9, 33, 12, 7, 100, 4, 8, 21, 17, 3, 44]
@@ -51,7 +51,7 @@ class OrtTransformersOptimizationPass(Pass):
         from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         src = onnx_input(model, self.type_name)
         options = FusionOptions(config.model_type)

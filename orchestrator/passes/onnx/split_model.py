@@ -118,7 +118,7 @@ def pipeline_logits_diff(whole: Path, parts: Path, stages: list[dict[str, Any]],
     import numpy as np
     import onnxruntime as ort
 
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     try:
         ref = onnx_tools.ort_logits(whole, ids)
@@ -138,7 +138,7 @@ def pipeline_logits_diff(whole: Path, parts: Path, stages: list[dict[str, Any]],
 def _empty_feeds(sess: Any, ids: list[int], model_dir: Path) -> dict[str, Any]:
     import numpy as np
 
-    from orchestrator.passes.dummy_data import dummy_inputs, session_inputs
+    from orchestrator.passes.common.dummy_data import dummy_inputs, session_inputs
 
     prompt = {"name": "parity", "type": "TransformersPromptDummyDataContainer",
               "load_dataset_config": {"seq_len": len(ids), "past_seq_len": 0, "max_samples": 1}}  # fmt: skip
@@ -160,7 +160,7 @@ class SplitModelPass(Pass):
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, SplitModelConfig)
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         if model is None or model.format != "onnx_genai":
             got = "no model" if model is None else f"format {model.format!r}"

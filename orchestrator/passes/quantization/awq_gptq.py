@@ -143,7 +143,7 @@ class _AwqGptqPass(Pass):
     def default_data_config(cls, config: PassConfig) -> dict[str, Any] | None:
         """Without data_config, Olive's default calibration set, from the hub (the reader adds it): AutoAWQ's
         pileval for AWQ, Olive's wikitext-2 train for GPTQ."""
-        from orchestrator.passes.data import PILE_VAL, WIKITEXT2_TRAIN
+        from orchestrator.passes.common.data import PILE_VAL, WIKITEXT2_TRAIN
 
         assert isinstance(config, AwqGptqConfig)
         if config.data_config is not None:
@@ -202,7 +202,7 @@ class _AwqGptqPass(Pass):
         return self.quantize(config, model, ctx, texts)
 
     def calibration_texts(self, config: AwqGptqConfig, ctx: PassContext) -> list[str]:
-        from orchestrator.passes.data import load_splits
+        from orchestrator.passes.common.data import load_splits
 
         data_configs = ctx.job.data_configs
         if config.data_config not in data_configs:

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
-from orchestrator.passes.onnx_common import copy_side_files, logits_shift, onnx_input
+from orchestrator.passes.common.onnx_common import copy_side_files, logits_shift, onnx_input
 
 OUTPUT_DIR = "model"
 INT8_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "ConvInteger")
@@ -86,7 +86,7 @@ class IncDynamicQuantizationPass(Pass):
             ) from None
         import onnx
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         os.environ.setdefault("LOGLEVEL", "WARNING" if ctx.job.log_level >= 2 else "INFO")
         set_workspace(config.workspace or str(ctx.out_dir / "nc_workspace"))

@@ -26,8 +26,8 @@ from pydantic import Field
 
 from orchestrator.core.fs import atomic_dir
 from orchestrator.core.job import ModelArtifact
-from orchestrator.passes import olive_quant as oq
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput
+from orchestrator.passes.common import olive_quant as oq
 
 
 class SelectiveMixedPrecisionConfig(PassConfig):
@@ -59,7 +59,7 @@ class SelectiveMixedPrecisionPass(Pass):
     @classmethod
     def default_data_config(cls, config: PassConfig) -> dict[str, Any] | None:
         """kld_gradient without data_config: Olive's default calibration set (wikitext-2-raw-v1 train, hub)."""
-        from orchestrator.passes.data import WIKITEXT2_TRAIN
+        from orchestrator.passes.common.data import WIKITEXT2_TRAIN
 
         assert isinstance(config, SelectiveMixedPrecisionConfig)
         return WIKITEXT2_TRAIN if config.algorithm == "kld_gradient" and config.data_config is None else None

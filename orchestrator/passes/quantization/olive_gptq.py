@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from orchestrator.core.job import ModelArtifact
-from orchestrator.passes import olive_quant as oq
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput
+from orchestrator.passes.common import olive_quant as oq
 
 
 class OliveGptqConfig(PassConfig):
@@ -59,7 +59,7 @@ class OliveGptqPass(Pass):
     @classmethod
     def default_data_config(cls, config: PassConfig) -> dict[str, Any] | None:
         """Without data_config, Olive's default calibration set (wikitext-2-raw-v1 train, from the hub)."""
-        from orchestrator.passes.data import WIKITEXT2_TRAIN
+        from orchestrator.passes.common.data import WIKITEXT2_TRAIN
 
         assert isinstance(config, OliveGptqConfig)
         return WIKITEXT2_TRAIN if config.data_config is None else None

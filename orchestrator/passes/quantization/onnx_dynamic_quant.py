@@ -12,7 +12,7 @@ from typing import Literal
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassOutput, Requirements
-from orchestrator.passes.onnx_common import copy_side_files, logits_shift, onnx_input, resave
+from orchestrator.passes.common.onnx_common import copy_side_files, logits_shift, onnx_input, resave
 
 OUTPUT_DIR = "model"
 
@@ -45,7 +45,7 @@ class OnnxDynamicQuantizationPass(Pass):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         src = onnx_input(model, self.type_name)
         tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)

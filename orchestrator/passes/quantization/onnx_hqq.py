@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from orchestrator.passes.base import PassConfig, PassContext
-from orchestrator.passes.quantize import MatMulNBitsQuantizePass
+from orchestrator.passes.quantization.quantize import MatMulNBitsQuantizePass
 
 
 class HqqConfig(PassConfig):

@@ -59,7 +59,7 @@ class MatMulNBitsQuantizePass(Pass):
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, PassConfig)  # QuantizeConfig, or a subclass pass's own (OnnxHqqQuantization)
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         if model is None or model.format not in ("onnx", "onnx_genai"):
             got = "no model" if model is None else f"format {model.format!r}"
@@ -167,7 +167,7 @@ class MatMulNBitsQuantizePass(Pass):
         """Plain ONNX: run both graphs with onnxruntime on a few token ids, when their inputs can be fed."""
         import numpy as np
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         ids = list(range(1, 17))
         try:
@@ -185,7 +185,7 @@ class MatMulNBitsQuantizePass(Pass):
         """The quantized model still generates with onnxruntime-genai; how far its logits moved from the input's."""
         import numpy as np
 
-        from orchestrator.passes import onnx_tools
+        from orchestrator.passes.common import onnx_tools
 
         before = onnx_tools.GenaiModel(src_dir)
         after = onnx_tools.GenaiModel(out_dir)

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from orchestrator.core.job import ModelArtifact
-from orchestrator.passes import olive_quant as oq
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput
+from orchestrator.passes.common import olive_quant as oq
 
 
 class RtnConfig(PassConfig):

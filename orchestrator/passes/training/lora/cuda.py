@@ -27,7 +27,7 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   ~1 GiB logits chunks: two vocabulary-size GEMMs per step (TRL's chunked head recomputes the logits in its
   backward: three), same loss (TRL's entropy metric is not computed). Eval, data parallel, other loss types and
   heads with bias / softcapping go to TRL's own compute_loss.
-- Fused LoRA layers (orchestrator/passes/lora/fused.py) under bf16/fp16 autocast, not for a 4-bit base: the LoRA
+- Fused LoRA layers (passes/training/lora/fused.py) under bf16/fp16 autocast, not for a 4-bit base: the LoRA
   update is added inside the base matmul's epilogue and the backward is written by hand, which removes the
   full-size `* scaling` and `+` passes over every projection's output; same saved tensors, same random masks.
   LoRA dropout runs inside them (native_dropout, peft's masks) with a Triton kernel for its input gradient.
@@ -119,7 +119,7 @@ class CudaPlan:
     padding_free: bool
     disable_input_cast: bool
     liger: dict[str, bool] | None  # kwargs for liger's apply_liger_kernel_to_<type>, None: not applied
-    fused_lora: bool  # LoRA update inside the base GEMM's epilogue (orchestrator/passes/lora/fused.py)
+    fused_lora: bool  # LoRA update inside the base GEMM's epilogue (orchestrator/passes/training/lora/fused.py)
     gradient_checkpointing: bool | None  # None: leave sft_kwargs' value
     compile_layers: bool
     qkv_split: bool = False  # Phi3Attention's q/k/v taken with split (backward: one cat, not 3 zero-filled copies)
@@ -506,8 +506,8 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.swiglu:
         orch_swiglu_mlp(model, recompute=plan.mlp_recompute)
     if plan.fused_lora:
-        from orchestrator.passes.lora import kernels as lora_kernels
-        from orchestrator.passes.lora.fused import fuse_lora_layers
+        from orchestrator.passes.training.lora import kernels as lora_kernels
+        from orchestrator.passes.training.lora.fused import fuse_lora_layers
 
         lora_kernels.SPLIT_ENABLED = plan.splitk
         lora_kernels.DROPOUT_KERNEL_ENABLED = plan.fused_dropout
@@ -595,7 +595,7 @@ def _phi3_attention_forward(
     if getattr(self, QKV_ROPE_ATTR, False) and past_key_values is None and cos.shape[-1] <= self.head_dim:
         # q, k (RoPE applied) and v written once, each contiguous (tokens, heads, head_dim): no copies around the
         # RoPE and the attention, and one pass back into the qkv gradient
-        from orchestrator.passes.lora.kernels import qkv_rope
+        from orchestrator.passes.training.lora.kernels import qkv_rope
 
         n = qkv.shape[:-1].numel()
         rows = (*input_shape, cos.shape[-1])
@@ -673,11 +673,11 @@ MLP_RECOMPUTE_ATTR = "_orch_mlp_recompute"
 def _fused_gate_up_mlp_forward(self: Any, hidden_states: Any) -> Any:
     """Phi3MLP.forward: down_proj(silu(gate) * up) with gate, up read in place from gate_up_proj's output; with
     recompute on, the SwiGLU and a fused LoRA down_proj run as one function that keeps only gate_up's output."""
-    from orchestrator.passes.lora.kernels import swiglu
+    from orchestrator.passes.training.lora.kernels import swiglu
 
     u = self.gate_up_proj(hidden_states)
     if getattr(self, MLP_RECOMPUTE_ATTR, False):
-        from orchestrator.passes.lora.fused import swiglu_down
+        from orchestrator.passes.training.lora.fused import swiglu_down
 
         out = swiglu_down(self.down_proj, u)
         if out is not None:

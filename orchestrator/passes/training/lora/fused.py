@@ -45,7 +45,7 @@ FUSED_ATTR = "_orch_fused_lora"
 def _lora_function() -> Any:
     import torch
 
-    from orchestrator.passes.lora.kernels import lora_tall, lora_wgrad
+    from orchestrator.passes.training.lora.kernels import lora_tall, lora_wgrad
 
     class LoraLinearFunction(torch.autograd.Function):
         """out = x @ W^T + bias + scaling * (xd @ A^T) @ B^T, with xd the (possibly dropped-out) LoRA input.
@@ -116,7 +116,7 @@ def _lora_function() -> Any:
 def _lora_dropout_function() -> Any:
     import torch
 
-    from orchestrator.passes.lora.kernels import lora_dropout_grad_add_, lora_tall, lora_wgrad
+    from orchestrator.passes.training.lora.kernels import lora_dropout_grad_add_, lora_tall, lora_wgrad
 
     class LoraLinearDropoutFunction(torch.autograd.Function):
         """out = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T, dropout drawn inside (native_dropout)."""
@@ -173,7 +173,7 @@ def _lora_dropout_function() -> Any:
 def _swiglu_down_function() -> Any:
     import torch
 
-    from orchestrator.passes.lora.kernels import (
+    from orchestrator.passes.training.lora.kernels import (
         lora_dropout_grad_add_,
         lora_tall,
         lora_wgrad,
@@ -290,7 +290,7 @@ def _fused_dropout_p(dropout: Any, x: Any, rank: int) -> float | None:
     """The dropout probability when the dropout can run inside the fused function, else None."""
     import torch
 
-    from orchestrator.passes.lora.kernels import dropout_grad_add_supported, triton_available
+    from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, triton_available
 
     if type(dropout) is not torch.nn.Dropout or not dropout.training or dropout.inplace:
         return None

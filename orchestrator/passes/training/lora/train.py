@@ -21,7 +21,6 @@ from pydantic import AliasChoices, Field, model_validator
 from orchestrator.core.fs import atomic_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.core.prompt import PromptFormat
-from orchestrator.passes import text_blocks
 from orchestrator.passes.base import (
     HeldOut,
     Pass,
@@ -32,7 +31,8 @@ from orchestrator.passes.base import (
     Requirements,
     SplitRef,
 )
-from orchestrator.passes.lora.checkpointing import (
+from orchestrator.passes.common import text_blocks
+from orchestrator.passes.training.lora.checkpointing import (
     LOG_METRICS,
     CheckpointPolicy,
     checkpoint_callback,
@@ -70,7 +70,7 @@ TORCH_DTYPES = Literal["bfloat16", "float16", "float32"]
 
 
 class TextSpec(Protocol):
-    """The part of orchestrator.passes.data.TextDataSpec this pass reads."""
+    """The part of orchestrator.passes.common.data.TextDataSpec this pass reads."""
 
     max_len: int
     pad_to_max_len: bool
@@ -107,7 +107,7 @@ class LoRAConfig(PassConfig):
     train_split: str | None = None  # `olive finetune --train_split "train[:80%]"`
     eval_split: str | None = None
     training_args: dict[str, Any] = Field(default_factory=dict)
-    # orch's resume checkpoints (passes/lora/checkpointing.py), used when training_args set no save_strategy /
+    # orch's resume checkpoints (passes/training/lora/checkpointing.py), used when training_args set no save_strategy /
     # save_steps: a checkpoint every N minutes and/or every N steps into Job.checkpoint_dir, the newest K kept.
     checkpoint_every_minutes: float | None = Field(10.0, gt=0)
     checkpoint_every_steps: int | None = Field(None, gt=0)
@@ -117,7 +117,7 @@ class LoRAConfig(PassConfig):
     def _check(self) -> LoRAConfig:
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules is empty: leave it out to target every linear layer")
-        from orchestrator.passes.lora.training_args import normalize_training_args
+        from orchestrator.passes.training.lora.training_args import normalize_training_args
 
         normalize_training_args(dict(self.training_args))  # unknown keys fail at config time, not on the GPU
         return self
@@ -153,7 +153,7 @@ class LoRAPass(Pass):
         """The cache key leaves out when and where checkpoints are written (orch's checkpoint_* keys, the training
         args' save_* keys): they change no weight of the adapter, and a changed interval must still resume the
         killed run of the same pass. With load_best_model_at_end the save steps pick the adapter: they stay in."""
-        from orchestrator.passes.lora.checkpointing import ORCH_CHECKPOINT_KEYS, key_training_args
+        from orchestrator.passes.training.lora.checkpointing import ORCH_CHECKPOINT_KEYS, key_training_args
 
         data = config.model_dump(mode="json")
         for name in ORCH_CHECKPOINT_KEYS:
@@ -197,15 +197,15 @@ class LoRAPass(Pass):
             raise PassError(f"{self.type_name} needs an HF checkpoint (format hf) as input, got {got}{hint}")
         targets = resolve_target_modules(model, config.target_modules)
         train_ds, eval_ds, spec = self.load_data(config, ctx)
-        from orchestrator.passes.data import prompt_format
+        from orchestrator.passes.common.data import prompt_format
 
         source = f"{self.type_name} pass {ctx.job.pass_name!r}, data config {config.train_data_config!r}"
         prompt = prompt_format(ctx.job.data_configs[config.train_data_config], source)
         return self.train(config, model, ctx, train_ds, eval_ds, spec, targets=targets, prompt=prompt)
 
     def load_data(self, config: LoRAConfig, ctx: PassContext) -> tuple[Any, Any, TextSpec]:
-        """Train/eval splits from the job's data configs (orchestrator.passes.data does loading and templating)."""
-        from orchestrator.passes.data import load_splits, text_spec
+        """Train/eval splits from the job's data configs (passes.common.data loads and templates them)."""
+        from orchestrator.passes.common.data import load_splits, text_spec
 
         data_configs = ctx.job.data_configs
         for name in (config.train_data_config, config.eval_data_config):
@@ -356,7 +356,7 @@ class LoRAPass(Pass):
             info(f"{self.type_name}: resumed from step {resume_step} ({resume_path.name}, {policy.root})")
         trainer_cls = SFTTrainer
         if cuda:
-            from orchestrator.passes.lora import cuda as lora_cuda
+            from orchestrator.passes.training.lora import cuda as lora_cuda
 
             # the plan cuda_fast_path just applied: its loss choice needs a trainer subclass
             trainer_cls = lora_cuda.sft_trainer_class(SFTTrainer, lora_cuda.LAST_PLAN)
@@ -417,10 +417,10 @@ class LoRAPass(Pass):
 
     @staticmethod
     def cuda_fast_path(model: Any, sft_kwargs: dict[str, Any], train_tok: Any, info: Any) -> dict[str, Any]:
-        """The GPU engineer's CUDA choices (orchestrator.passes.lora.cuda), with their reasons logged."""
+        """The GPU engineer's CUDA choices (orchestrator.passes.training.lora.cuda), with their reasons logged."""
         import inspect
 
-        from orchestrator.passes.lora.cuda import cuda_overrides
+        from orchestrator.passes.training.lora.cuda import cuda_overrides
 
         if "notes" in inspect.signature(cuda_overrides).parameters:
             notes: list[str] = []
@@ -505,7 +505,7 @@ def build_training_args(
 ) -> tuple[dict[str, Any], list[str], CheckpointPolicy]:
     """SFTConfig kwargs: the user's training_args (Olive names normalized), Olive's defaults, orch's fixed parts;
     and the checkpoint policy (checkpoint_dir: the job's folder that outlives the attempt, None for none)."""
-    from orchestrator.passes.lora.training_args import TrainingArgsError, normalize_training_args
+    from orchestrator.passes.training.lora.training_args import TrainingArgsError, normalize_training_args
 
     try:
         args, notes = normalize_training_args(dict(config.training_args))
@@ -568,7 +568,7 @@ def build_training_args(
 
 
 def tokenize(ds: Any, tokenizer: Any, spec: TextSpec) -> Any:
-    """input_ids per sequence, packed by Olive's strategy (orchestrator.passes.text_blocks): the corpus joined and
+    """input_ids per sequence, packed by Olive's strategy (passes.common.text_blocks): the corpus joined and
     cut into max_len blocks (contiguous, sliding or random), or each text truncated to max_len (in order or drawn).
 
     EOS ends every text so the model learns where an answer stops. Padding is left to the collator (which masks
