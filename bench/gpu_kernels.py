@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -419,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
 
             res.setdefault("errors", {})[step.__name__] = traceback.format_exc()[-2000:]
             print(f"{step.__name__} FAILED: {e}", flush=True)
-        (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+        harness.write_json(args.out / "kernels.json", res)
     res["wall_s"] = time.perf_counter() - t0
-    (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    harness.write_json(args.out / "kernels.json", res)
     print(json.dumps({k: v for k, v in res.items() if k not in ("timings_ms", "correctness_rel_err")}, indent=1))
     for key in ("correctness_rel_err", "splits_ms", "timings_ms"):
         for name, value in res.get(key, {}).items():
