@@ -22,7 +22,7 @@ config_app = typer.Typer(help="Per-machine Azure ML settings (~/.config/orch/pro
 
 def _fail(message: str, code: int = 1, detail: str = "") -> typer.Exit:
     """One line (main.error_line: plain text, never wrapped), the detail dim below it."""
-    from orchestrator.cli.main import error_line
+    from orchestrator.cli.errors import error_line
 
     error_line(message)
     if detail:
@@ -34,7 +34,7 @@ def _guard(fn: Any) -> Any:
     """User-facing failures -> one line + their exit code (core.errors: 2 bad input, 1 a failed run; Azure SDK
     errors by main.azure_error: credentials and unknown names 2); Ctrl-C -> exit 130 without touching the remote
     job. Anything else goes through main.classify like every other command's error."""
-    from orchestrator.cli.main import classify
+    from orchestrator.cli.errors import classify
 
     try:
         return fn()
@@ -216,7 +216,7 @@ def logs(
         except (typer.Exit, KeyboardInterrupt):
             raise
         except Exception as exc:
-            from orchestrator.cli.main import azure_user_error
+            from orchestrator.cli.errors import azure_user_error
 
             user = None if isinstance(exc, OrchError) else azure_user_error(exc)  # credentials, unknown job: 2
             if user is not None:

@@ -1,0 +1,106 @@
+"""`orch cache ls | clean`: the content-addressed pass caches of one workflow or of those found below."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator.cli.app import JsonOpt, _say, out
+from orchestrator.cli.errors import fail
+
+cache_app = typer.Typer(help="The content-addressed pass cache.", no_args_is_help=True)
+
+
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="a cache folder (default: ./.orch/cache, else every workflow cache in the folders below, 2 deep)",
+    ),
+]
+CacheConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="use this workflow's cache (its engine.cache_dir)")
+]
+
+
+CACHE_HELP = (
+    "a workflow's cache is its engine.cache_dir (default .orch/cache beside its config): "
+    "`orch cache ls --config WF.json` or `--cache-dir DIR`"
+)
+
+
+def _cache_roots(cache_dir: Path | None, config: Path | None) -> list[Path]:
+    """The caches a cache command acts on: --cache-dir, the --config workflow's, ./.orch/cache, or (from a folder
+    above them, e.g. the repository's top) the .orch/cache folders of the workflows 1-2 folders below."""
+    if cache_dir is not None and config is not None:
+        raise fail("--cache-dir and --config: give one of them")
+    if config is not None:
+        from orchestrator.olive import load_workflow
+
+        wf = load_workflow(config)
+        root = Path(wf.engine.cache_dir or ".orch/cache").expanduser()
+        return [root if root.is_absolute() else (Path(wf.base_dir) / root).resolve()]
+    if cache_dir is not None:
+        if not cache_dir.is_dir():
+            what = "is a file" if cache_dir.exists() else "does not exist"
+            raise fail(f"--cache-dir {cache_dir}: {what}; {CACHE_HELP}")
+        if not (cache_dir / "runs").is_dir():
+            raise fail(f"--cache-dir {cache_dir}: not an orch cache (no runs/ inside); {CACHE_HELP}")
+        return [cache_dir.resolve()]
+    here = Path(".orch/cache")
+    if here.is_dir():
+        return [here.resolve()]
+    found = sorted({p.resolve() for pattern in ("*/.orch/cache", "*/*/.orch/cache") for p in Path().glob(pattern)})
+    return [p for p in found if (p / "runs").is_dir()]
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: CacheDirOpt = None, config: CacheConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """List cached pass outputs (key, pass, size, duration) of one cache or of the workflow caches found."""
+    from rich.table import Table
+
+    from orchestrator.core.cache import Cache, folder_size
+
+    roots = _cache_roots(cache_dir, config)
+    if not roots:
+        _say(f"no orch cache here (./.orch/cache does not exist, none in the folders below); {CACHE_HELP}")
+    rows: list[dict[str, Any]] = []
+    for root in roots:
+        for e in Cache(root).entries():
+            rows.append({
+                "cache": str(root), "key": e.key, "pass": str(e.meta.get("pass", "")),
+                "type": e.result.pass_type, "status": e.result.status.value,
+                "size_bytes": folder_size(e.path), "duration_s": round(e.result.duration_s, 3),
+            })  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    for root in roots:
+        table = Table(title=f"cache {root}")
+        for col in ("key", "pass", "type", "status", "size", "duration"):
+            table.add_column(col)
+        for r in (r for r in rows if r["cache"] == str(root)):
+            table.add_row(r["key"][:16], r["pass"], r["type"], r["status"], f"{r['size_bytes'] / 1e6:.1f} MB",
+                          f"{r['duration_s']:.1f}s")  # fmt: skip
+        out.print(table)
+
+
+@cache_app.command("clean")
+def cache_clean(
+    cache_dir: CacheDirOpt = None,
+    config: CacheConfigOpt = None,
+    key: Annotated[str | None, typer.Option("--key", help="remove only entries whose key starts with this")] = None,
+) -> None:
+    """Remove cached pass outputs (all, or by key prefix) of the caches `orch cache ls` shows."""
+    from orchestrator.core.cache import Cache
+
+    roots = _cache_roots(cache_dir, config)
+    if not roots:
+        _say(f"no orch cache here; nothing removed ({CACHE_HELP})")
+    for root in roots:
+        cache = Cache(root)
+        n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key)) if key else cache.clean()
+        out.print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {root}")
