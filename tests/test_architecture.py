@@ -48,6 +48,26 @@ PASSES_ALLOWED = {
 }
 
 
+# Inside cli/: app (the Typer app, root options, consoles), render and chat at the bottom; errors (one line + exit
+# code) on app; run (every command that runs a workflow) on those; the command groups side by side on top of them,
+# none importing another; main registers them all.
+CLI = PACKAGE / "cli"
+CLI_SHARED = {"app", "render", "chat", "errors", "run"}
+CLI_COMMANDS = {"olive", "cache", "env", "demo", "ui", "generate", "azure"}
+CLI_ALLOWED = {
+    "app": set(),
+    "render": set(),
+    "chat": set(),
+    "errors": {"app"},
+    "run": {"app", "errors", "render"},
+    **{group: CLI_SHARED for group in CLI_COMMANDS},
+    "main": CLI_SHARED | CLI_COMMANDS,
+    "__main__": {"main"},
+    "__init__": {"main"},
+}
+CLI_MAX_LINES = 450  # issue 22: no CLI module over ~400 lines; a group that grows past it splits
+
+
 def _module_name(path: Path) -> str:
     parts = path.relative_to(REPO).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -98,6 +118,19 @@ def _graph(root: Path, unit: typing.Callable[[str], str | None]) -> dict[str, di
 def room_graph() -> dict[str, dict[str, list[str]]]:
     """room -> {imported room: ["a.module -> b.module", ...]}."""
     return _graph(PACKAGE, _room)
+
+
+def _cli_unit(module: str) -> str | None:
+    """orchestrator.cli.cache -> cache; outside cli/ -> None; orchestrator.cli itself (`from orchestrator.cli import
+    chat` names the module chat, which the reader reports too) -> None."""
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["orchestrator", "cli"] and len(parts) > 2 else None
+
+
+def cli_graph() -> dict[str, dict[str, list[str]]]:
+    """cli module -> {imported cli module: [...]}; the package's __init__ (it re-exports main) as `__init__`."""
+    graph = _graph(CLI, lambda m: "__init__" if m == "orchestrator.cli" else _cli_unit(m))
+    return {a: {b: v for b, v in deps.items() if b != "__init__"} for a, deps in graph.items()}
 
 
 def family_graph() -> dict[str, dict[str, list[str]]]:
@@ -156,9 +189,21 @@ def test_pass_families_import_only_common_and_the_contract() -> None:
     assert _cycle(graph) is None
 
 
+def test_the_cli_by_command_group() -> None:
+    """cli/: the command groups import only the shared modules (app, errors, run, render, chat), never each other;
+    no module over ~400 lines."""
+    wrong = against(cli_graph(), CLI_ALLOWED)
+    assert wrong == {}, f"imports against the CLI's layering: {json.dumps(wrong, indent=1)}"
+    modules = {p.stem for p in CLI.glob("*.py")}
+    assert modules == set(CLI_ALLOWED), f"cli modules changed: {sorted(modules ^ set(CLI_ALLOWED))}"
+    long = {p.name: n for p in CLI.glob("*.py") if (n := len(p.read_text().splitlines())) > CLI_MAX_LINES}
+    assert long == {}, f"split these by command group: {long}"
+
+
 def test_the_layering_check_catches_an_upward_arrow() -> None:
     """The checks above are the same function on other graphs: an arrow up (common -> onnx), one between two
-    families (onnx -> quantization) and one from a lower room to a higher (passes -> engine) are each named."""
+    families (onnx -> quantization), one from a lower room to a higher (passes -> engine), one between two command
+    groups (ui -> demo) and one up inside cli/ (app -> run) are each named."""
     graph = family_graph()
     graph.setdefault("common", {})["onnx"] = ["orchestrator.passes.common.data -> orchestrator.passes.onnx.x"]
     graph.setdefault("onnx", {})["quantization"] = ["orchestrator.passes.onnx.a -> orchestrator.passes.quantization.b"]
@@ -166,6 +211,10 @@ def test_the_layering_check_catches_an_upward_arrow() -> None:
     rooms = room_graph()
     rooms.setdefault("passes", {})["engine"] = ["orchestrator.passes.base -> orchestrator.engine.run"]
     assert set(against(rooms, ALLOWED)) == {"passes -> engine"}
+    cli = cli_graph()
+    cli.setdefault("ui", {})["demo"] = ["orchestrator.cli.ui -> orchestrator.cli.demo"]
+    cli.setdefault("app", {})["run"] = ["orchestrator.cli.app -> orchestrator.cli.run"]
+    assert set(against(cli, CLI_ALLOWED)) == {"ui -> demo", "app -> run"}
 
 
 def test_passes_and_systems_do_not_know_each_other() -> None:

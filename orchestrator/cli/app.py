@@ -4,6 +4,7 @@ consoles, progress notes (`say`), and the option types several commands declare 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -125,6 +126,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON (one document 
 
 def _stream_line(line: str) -> None:
     console.print(line, style="dim", highlight=False, markup=False)
+
+
+def _demo_dir(create: bool = True) -> Path:
+    """The demo job's folder: the checkout's jobs/tone-classification, or (installed from a wheel) a copy in
+    ./jobs/tone-classification of the working folder (core.shipped)."""
+    from orchestrator.core.shipped import demo_job_dir
+
+    return demo_job_dir(create=create)
 
 
 def _no_type_beside_flags() -> None:

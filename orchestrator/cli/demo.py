@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from orchestrator.cli.app import HostOpt, TargetOpt, TrackingOpt, _say, console, out
+from orchestrator.cli.app import HostOpt, TargetOpt, TrackingOpt, _demo_dir, _say, console, out
 from orchestrator.cli.errors import _guarded, _redact, fail
 from orchestrator.cli.run import _run_workflow
 
@@ -42,14 +42,6 @@ def tiny_model(
 
 
 DEMO_SAMPLE = "### Text: I won the lottery and could not stop smiling!\n### The tone is:\n"
-
-
-def _demo_dir(create: bool = True) -> Path:
-    """The demo job's folder: the checkout's jobs/tone-classification, or (installed from a wheel) a copy in
-    ./jobs/tone-classification of the working folder (core.shipped)."""
-    from orchestrator.core.shipped import demo_job_dir
-
-    return demo_job_dir(create=create)
 
 
 def _demo_data(demo_dir: Path) -> Path:

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from orchestrator.cli.app import TrackingOpt, console, out
-from orchestrator.cli.demo import _demo_dir
+from orchestrator.cli.app import TrackingOpt, _demo_dir, console, out
 from orchestrator.cli.errors import _guarded, fail
 from orchestrator.core.errors import EXIT_FAILED
 
