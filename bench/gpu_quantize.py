@@ -296,7 +296,7 @@ def quality(hf: Path, ckpt: Path | None, device: str, batches: list[Any]) -> dic
     import torch
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.passes.quantization.awq_gptq import load_dequantized
+    from orchestrator.passes.common.gptq_layout import load_dequantized
 
     ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval().to(device)
     if ckpt is not None:
@@ -520,7 +520,7 @@ def export_one(algo: str, ckpt: Path, work: Path) -> dict[str, Any]:
     from orchestrator.core.job import Job, JobTracking, ModelArtifact
     from orchestrator.passes.base import PassError
     from orchestrator.passes.common import onnx_tools
-    from orchestrator.passes.quantization.awq_gptq import load_dequantized
+    from orchestrator.passes.common.gptq_layout import load_dequantized
     from orchestrator.runner import run_job
 
     row: dict[str, Any] = {"export_ok": False}

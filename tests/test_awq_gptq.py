@@ -27,14 +27,8 @@ import pytest
 import torch
 
 from orchestrator.passes.base import PassError
-from orchestrator.passes.quantization.awq_gptq import (
-    collect_quant_params,
-    load_dequantized,
-    pack_gptq,
-    unpack_gptq,
-    unsigned_zero_point,
-    write_gptq_checkpoint,
-)
+from orchestrator.passes.common.gptq_layout import load_dequantized, pack_gptq, unpack_gptq, write_gptq_checkpoint
+from orchestrator.passes.quantization.awq_gptq import collect_quant_params, unsigned_zero_point
 
 GS = 32
 

@@ -655,6 +655,7 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
     import torch
     import transformers
 
+    from orchestrator.passes.common.gptq_layout import load_dequantized, pack_gptq, write_gptq_checkpoint
     from orchestrator.passes.common.onnx_tools import (
         hf_encode,
         hf_logits,
@@ -662,7 +663,6 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
         matmulnbits_nodes,
         onnx_model_file,
     )
-    from orchestrator.passes.quantization.awq_gptq import load_dequantized, pack_gptq, write_gptq_checkpoint
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_phi3)
