@@ -61,6 +61,7 @@ CLI_ALLOWED = {
     "errors": {"app"},
     "run": {"app", "errors", "render"},
     **{group: CLI_SHARED for group in CLI_COMMANDS},
+    "cache": CLI_SHARED | {"azure"},  # `orch cache ls|clean --workspace`: the Azure ML workspace's cache, azure's
     "main": CLI_SHARED | CLI_COMMANDS,
     "__main__": {"main"},
     "__init__": {"main"},
