@@ -12,6 +12,7 @@ fails the launcher and so the job.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,9 +20,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.cache import MANIFEST_FILE, folder_manifest
+from orchestrator.core.fs import atomic_write_text
 from orchestrator.core.job import RESULT_FILE, Job, JobResult, JobState, append_event
 from orchestrator.core.progress import ProgressLines
-from orchestrator.core.secrets import SecretError
+from orchestrator.core.redact import install_masking, mask, remember_secret
+from orchestrator.core.secrets import CONFIG_SECRET, SecretError, put_secret
 from orchestrator.core.secrets import resolve_secret as _resolve_secret
 from orchestrator.core.versions import library_versions
 from orchestrator.passes.base import PassContext, PassError
@@ -81,6 +85,25 @@ def await_rank0_result(out_dir: Path, timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+def _with_config_secrets(job: Job, secrets: dict[str, str]) -> Job:
+    """Secrets the engine took out of the pass / data configs (config:pass:<path>, config:data:<name>:<path>)
+    put back where the user wrote them: in this process only, never in job.json."""
+    pass_config, data_configs = job.pass_config, dict(job.data_configs)
+    for name, value in secrets.items():
+        if not name.startswith(CONFIG_SECRET):
+            continue
+        section, _, rest = name[len(CONFIG_SECRET) :].partition(":")
+        if section == "pass":
+            pass_config = put_secret(pass_config, rest, value)
+        elif section == "data":
+            data_name, _, dotted = rest.partition(":")
+            if data_name in data_configs:
+                data_configs[data_name] = put_secret(data_configs[data_name], dotted, value)
+    if pass_config is job.pass_config and data_configs == job.data_configs:
+        return job
+    return job.model_copy(update={"pass_config": pass_config, "data_configs": data_configs})
+
+
 def fetch_hub_refs(job: Job, emit: Any) -> Job:
     """hf://<id>@<sha> references a system left to the job (Azure ML): downloaded here, into this machine's HF
     cache, exactly the files the pass reads; the job then reads local folders like everywhere else."""
@@ -121,6 +144,9 @@ def run_job(job: Job) -> JobResult:
     def emit(event: dict[str, Any]) -> None:
         if not writer:
             return
+        for key in ("message", "value"):  # a log line or param never carries a secret into events.jsonl / MLflow
+            if isinstance(event.get(key), str):
+                event = {**event, key: mask(event[key])}
         append_event(out_dir, event)
         if event["type"] == "log":
             print(event["message"], flush=True)
@@ -141,8 +167,11 @@ def run_job(job: Job) -> JobResult:
     try:
         if world > 1 and not pass_cls.data_parallel:
             raise PassError(f"{job.pass_type} does not run data-parallel: give it processes_per_node 1 (got {world})")
-        config = pass_cls.Config.model_validate(job.pass_config)
         secrets = {name: resolve_secret(src) for name, src in job.secrets.items()}
+        for value in secrets.values():
+            remember_secret(value)  # masked in everything this process prints (core.redact)
+        job = _with_config_secrets(job, secrets)
+        config = pass_cls.Config.model_validate(job.pass_config)
         if "hf_token" in secrets:  # huggingface_hub reads it from here; it never leaves this process
             os.environ["HF_TOKEN"] = secrets["hf_token"]
         job = fetch_hub_refs(job, emit)
@@ -159,7 +188,7 @@ def run_job(job: Job) -> JobResult:
             status=JobState.FAILED,
             versions=versions,
             duration_s=time.time() - started,
-            error=str(exc),
+            error=mask(str(exc)),
         )
         if writer:
             result.write(out_dir)
@@ -191,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-path", help="override the input model's path (bound input on Azure ML)")
     ap.add_argument("--adapter-path", help="override the input model's adapter path")
     ap.add_argument("--data-file", action="append", default=[], help="NAME=PATH override of a data config's files")
+    ap.add_argument(
+        "--manifest", action="store_true",
+        help=f"after the pass, write {MANIFEST_FILE} (every output file's size and sha256): the output goes into a "
+        "shared cache entry, whose readers check it",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    install_masking()  # this process's output is the job's log: secrets it resolves never reach it
 
     job = Job.read(args.job)
     updates: dict[str, Any] = {}
@@ -228,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
                 job_id=job.job_id,
                 pass_type=job.pass_type,
                 status=JobState.FAILED,
-                error=f"{type(exc).__name__}: {exc}",
+                error=mask(f"{type(exc).__name__}: {exc}"),
             ).write(job.output_dir)
         return 1
+    if args.manifest and dist_rank()[0] == 0:  # last: it lists everything the pass and the runner wrote
+        out = Path(job.output_dir)
+        atomic_write_text(out / MANIFEST_FILE, json.dumps(folder_manifest(out), indent=1))
     return 0
 
 

@@ -192,3 +192,133 @@ def test_extract_adapters_from_a_torch_exported_peft_graph(tmp_path: Path, tiny_
     assert np.abs(fed - full).max() < 1e-5 and np.abs(base - full).max() > 1e-3
     built, _ = _run(ModelBuilderPass(), tmp_path / "m", extracted, metadata_only=True)
     assert built.metrics["adapter_cached_decode_agreement"] == 1.0 and built.metrics["cached_decode_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("pass_type", ["OnnxBlockWiseRtnQuantization", "OnnxHqqQuantization",
+                                       "OnnxKQuantQuantization"])  # fmt: skip
+def test_weight_only_quantization_keeps_lora_inputs(tmp_path: Path, tiny_model: Path, adapter: Path,
+                                                    pass_type: str) -> None:  # fmt: skip
+    """An fp32 base built with LoRA inputs (auto-opt --precision fp32 --adapter_path) quantized by RTN / HQQ /
+    k-quant: the base MatMuls become MatMulNBits, the LoRA MatMuls keep taking their weights from the inputs, and
+    onnxruntime-genai with the adapter active stays close to the unquantized model with it (the adapter still
+    moves the logits)."""
+    from orchestrator.core.job import ModelArtifact
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.extract_adapters import ExtractAdaptersPass
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
+    from orchestrator.passes.registry import load_pass
+
+    src = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
+    _, built = _run(ModelBuilderPass(), tmp_path / "mb", src, precision="fp32")
+    _, fp32 = _run(ExtractAdaptersPass(), tmp_path / "ex", built)
+    extra: dict[str, Any] = {}
+    if pass_type == "OnnxKQuantQuantization":  # k-quant's blocks need widths divisible by 128 (the tiny MLP: 352)
+        extra["nodes_to_exclude"] = [f"/model/layers.{i}/mlp/down_proj/MatMul" for i in range(2)]
+    res, q = _run(load_pass(pass_type)(), tmp_path / "q", fp32, **extra)
+    onnx_file = Path(q.path) / "model.onnx"
+    assert onnx_tools.matmulnbits_count(onnx_file) > 0
+    import onnx
+
+    proto = onnx.load(str(onnx_file), load_external_data=False)
+    lora_inputs = [i.name for i in proto.graph.input if ".lora_" in i.name]
+    assert lora_inputs and all(
+        n.op_type == "MatMul" for n in proto.graph.node if len(n.input) > 1 and n.input[1] in lora_inputs
+    )
+    assert (Path(q.path) / "adapter_weights.onnx_adapter").is_file()
+    ref = onnx_tools.GenaiModel(fp32.path).logits(IDS)
+    got = onnx_tools.GenaiModel(q.path).logits(IDS)
+    base_q = onnx_tools.GenaiModel(q.path, use_adapter=False).logits(IDS)
+    assert np.abs(got - ref).max() < 0.5 * np.abs(ref).max()  # int4 noise, not a different model
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.5
+    assert np.abs(got - base_q).max() > 1e-3  # the adapter inputs still act
+    assert res.metrics["check_generated_tokens"] > 0
+
+
+def test_quantize_cli_on_an_int4_adapter_model_is_one_line(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
+    """auto-opt --adapter_path's int4 output (base already MatMulNBits, LoRA float inputs): quantize has nothing
+    to do and says so in one line naming the LoRA inputs, instead of breaking them."""
+    ao = orch("auto-opt", "-m", str(tiny_model), "--adapter_path", str(adapter), "--precision", "int4", "-o", "ao",
+              "--no-tracking", cwd=tmp_path)  # fmt: skip
+    assert ao.returncode == 0, ao.stderr[-2000:]
+    q = orch("quantize", "-m", "ao", "--algorithm", "rtn", "-o", "q", "--no-tracking", cwd=tmp_path)
+    errors = [ln for ln in q.stderr.splitlines() if ln.startswith("orch: error:")]
+    assert q.returncode != 0 and len(errors) == 1 and "LoRA adapter inputs stay float" in errors[0], q.stderr
+    assert "Traceback" not in q.stderr and "Invalid input name" not in q.stderr
+
+
+def _tuned_peft(tiny_model: Path, out: Path, kind: str) -> Path:
+    """A DoRA / LoHa / LoKr adapter with non-trivial weights, written by peft."""
+    import torch
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    config = {
+        "dora": LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True),
+        "loha": LoHaConfig(r=4, alpha=8, target_modules=targets),
+        "lokr": LoKrConfig(r=4, alpha=8, target_modules=targets),
+    }[kind]
+    peft = get_peft_model(net, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_dora_loha_lokr_merge_and_build_or_refuse_unmerged(tmp_path: Path, tiny_model: Path, kind: str) -> None:
+    """DoRA / LoHa / LoKr: MergeAdapterWeights folds them (merged == transformers + peft unmerged), ModelBuilder
+    builds the merged model (fp32 parity inside the pass); unmerged they are refused in one line each, since
+    onnxruntime-genai's adapters are LoRA A/B pairs (ModelBuilder, ExtractAdapters, generate-adapter,
+    convert-adapters, a workflow chain)."""
+    import torch
+    from peft import PeftModel
+
+    from orchestrator.core.job import ModelArtifact
+    from orchestrator.olive import load_workflow
+    from orchestrator.passes.base import PassError
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
+    from orchestrator.passes.training.merge import MergeAdapterWeightsPass
+    from orchestrator.schema import ConfigError
+
+    peft_dir = _tuned_peft(tiny_model, tmp_path / f"{kind}-adapter", kind)
+    src = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(peft_dir))
+    res, merged = _run(MergeAdapterWeightsPass(), tmp_path / "merged", src)
+    assert res.metrics["changed_tensors"] > 0
+    net = onnx_tools.load_hf_model(tiny_model)
+    with torch.no_grad():
+        ref = onnx_tools.hf_logits(PeftModel.from_pretrained(net, str(peft_dir)).eval(), IDS)
+    got = onnx_tools.hf_logits(onnx_tools.load_hf_model(merged.path), IDS)
+    assert np.abs(got - ref).max() < 1e-4
+    res, _ = _run(ModelBuilderPass(), tmp_path / "mb", merged, precision="fp32")
+    assert res.metrics["parity_max_abs_diff"] < 1e-4
+    with pytest.raises(PassError, match=f"a {kind.upper()} adapter cannot be built unmerged"):
+        _run(ModelBuilderPass(), tmp_path / "mb2", src, precision="fp32")
+    pass_type = {"dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}[kind]
+    (tmp_path / "d.jsonl").write_text('{"text": "a b"}\n')
+    wf = {"input_model": {"type": "HfModel", "model_path": str(tiny_model)},
+          "data_configs": [{"name": "d", "load_dataset_config": {"data_name": "json", "data_files": "d.jsonl"}}],
+          "passes": {"t": {"type": pass_type, "train_data_config": "d"}, "mb": {"type": "ModelBuilder"},
+                     "e": {"type": "ExtractAdapters"}}}  # fmt: skip
+    with pytest.raises(ConfigError, match="add a MergeAdapterWeights pass before passes.mb"):
+        load_workflow(wf, base_dir=tmp_path)
+    wf["passes"] = {"t": wf["passes"]["t"], "m": {"type": "MergeAdapterWeights"}, "mb": {"type": "ModelBuilder"}}
+    assert list(load_workflow(wf, base_dir=tmp_path).passes) == ["t", "m", "mb"]
+    gen = orch("generate-adapter", "-m", str(tiny_model), "--adapter_path", str(peft_dir), "-o", "g", cwd=tmp_path)
+    assert gen.returncode == 2 and f"a {kind.upper()} adapter has no onnxruntime-genai adapter form" in gen.stderr
+    conv = orch("convert-adapters", "-a", str(peft_dir), "-o", "c", cwd=tmp_path)
+    assert conv.returncode == 2 and "convert-adapters:" in conv.stderr and "Traceback" not in conv.stderr
+    ao = orch("auto-opt", "-m", str(tiny_model), "-a", str(peft_dir), "--precision", "fp32", "-o", "ao", "--dry-run",
+              cwd=tmp_path)  # fmt: skip
+    assert ao.returncode == 0 and f"the {kind.upper()} adapter is merged into the model before export" in ao.stderr
+
+
+def orch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/ml.db"}
+    cmd = [sys.executable, "-m", "orchestrator.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)

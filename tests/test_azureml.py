@@ -227,21 +227,27 @@ def test_run_host_aml_chains_by_reference(aml: dict[str, Any], tmp_path: Path) -
     reference; only the final model is downloaded."""
     s = aml["s"]
     before = set(s.state.jobs)
-    res = _orch("run", "--config", str(_workflow(tmp_path, aml)), "--host", "aml", "--target", "aml",
-                "--no-tracking")  # fmt: skip
+    config = _workflow(tmp_path, aml, max_steps=5)  # a LoRA no other test here trains (the workspace cache)
+    res = _orch("run", "--config", str(config), "--host", "aml", "--target", "aml", "--no-tracking")
     assert res.exit_code == 0, res.output
     jobs = [s.state.jobs[n] for n in sorted(set(s.state.jobs) - before, key=lambda n: s.state.jobs[n].created)]
     assert [j.body["tags"]["orch.pass"] for j in jobs] == ["lora", "merge_adapter_weights", "builder"]
     merge, builder = jobs[1], jobs[2]
+    # each output goes straight into its key's entry of the workspace cache, and the next pass reads it there
+    entry = r"azureml://datastores/workspaceblobstore/paths/orch-cache/entries/[0-9a-f]{32}/objects/"
     assert merge.body["inputs"]["model"]["uri"] == aml["model_uri"]
-    assert merge.body["inputs"]["adapter"]["uri"].startswith(
-        f"azureml://datastores/workspaceblobstore/paths/azureml/{jobs[0].name}/"
-    )
-    assert builder.body["inputs"]["model"]["uri"].startswith(
-        f"azureml://datastores/workspaceblobstore/paths/azureml/{merge.name}/"
-    )
+    assert re.match(entry + re.escape(jobs[0].name) + "/", merge.body["inputs"]["adapter"]["uri"])
+    assert re.match(entry + re.escape(merge.name) + "/", builder.body["inputs"]["model"]["uri"])
     assert (tmp_path / "out" / "model" / "genai_config.json").exists()
+    assert re.search(r"^cost: \$\d+\.\d+ \(lora \$", res.output, re.M), res.output  # the run's summary prices it
     assert s.unknown_requests == []
+    # a second client folder runs nothing: every pass is committed in the workspace cache
+    (tmp_path / "other").mkdir()
+    again = _orch("run", "--config", str(_workflow(tmp_path / "other", aml, max_steps=5)), "--host", "aml",
+                  "--target", "aml", "--no-tracking")  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert len(s.state.jobs) == len(before) + 3
+    assert (tmp_path / "other" / "out" / "model" / "genai_config.json").exists()
 
 
 def test_download_once_and_refuses_escaping_entries(aml: dict[str, Any], tmp_path: Path) -> None:

@@ -173,11 +173,11 @@ CASES: list[tuple[str, Any, int, tuple[str, ...]]] = [
     ("lora_r_zero", lambda c: ft("--lora_r", "0"), 2, ("lora_r", "greater than 0")),
     ("lora_dropout_one", lambda c: ft("--lora_dropout", "1.5"), 2, ("lora_dropout", "less than 1")),
     ("lora_alpha_negative", lambda c: ft("--lora_alpha", "-1"), 2, ("lora_alpha",)),
-    ("max_seq_len_zero", lambda c: ft("--max_seq_len", "0"), 2, ("source_max_len", "greater than 0")),
+    ("max_seq_len_zero", lambda c: ft("--max_seq_len", "0"), 2, ("max_seq_len", "greater than 0")),
     ("max_seq_len_word", lambda c: ft("--max_seq_len", "long"), 2, ("--max_seq_len",)),
     ("missing_output", lambda c: ["finetune", "-m", "m", "-d", "json"], 2, ("Missing option", "--output_path")),
-    ("method_unknown", lambda c: ft("--method", "dora"), 2, ("--method 'dora'", "lora or qlora")),
-    ("no_text_source", lambda c: ft(template=None), 2, ("--text_template or --text_field",)),
+    ("method_unknown", lambda c: ft("--method", "lorax"), 2, ("--method 'lorax'", "lora, qlora, dora, loha, lokr")),
+    ("no_text_source", lambda c: ft(template=None), 2, ("no column 'text'",)),  # Olive's default text column
     ("unknown_command", lambda c: ["finetun"], 2, ("No such command", "finetune")),
     ("unexpected_argument", lambda c: ft("stray"), 2, ("unexpected argument 'stray'",)),
     # the input model
@@ -399,8 +399,8 @@ CASES: list[tuple[str, Any, int, tuple[str, ...]]] = [
         ("tracking URI", "is a folder"),
     ),
     # Olive's other commands
-    ("quantize_precision", lambda c: ["quantize", "-m", "m", "--precision", "int8", "-o", "q"], 2, ("'int8'",)),
-    ("quantize_algorithm", lambda c: ["quantize", "-m", "m", "-a", "hqq", "-o", "q"], 2, ("'hqq' is not supported",)),
+    ("quantize_precision", lambda c: ["quantize", "-m", "m", "--precision", "fp8", "-o", "q"], 2, ("'fp8'",)),
+    ("quantize_algorithm", lambda c: ["quantize", "-m", "m", "--algorithm", "hqq", "-o", "q"], 2, ("HQQ quantizes",)),
     ("auto_opt_device", lambda c: ["auto-opt", "-m", "m", "--device", "npu", "-o", "o"], 2, ("--device 'npu'",)),
     ("auto_opt_precision", lambda c: ["auto-opt", "-m", "m", "--precision", "int2", "-o", "o"], 2, ("'int2'",)),
     ("auto_opt_provider", lambda c: ["auto-opt", "-m", "m", "--provider", "Foo", "-o", "o"], 2, ("'Foo'",)),
@@ -470,7 +470,7 @@ def test_text_template_keeps_non_ascii() -> None:
 
 def test_awq_on_cpu_goes_through_the_cli(case: Path, capsys) -> None:
     """`quantize --algorithm awq` plans on a machine without CUDA (the pass decides by the model's size)."""
-    args = ["quantize", "-m", "m", "-a", "awq", "-o", "q", "-d", "json", "--data_files", "d.jsonl"]
+    args = ["quantize", "-m", "m", "--algorithm", "awq", "-o", "q", "-d", "json", "--data_files", "d.jsonl"]
     rc, out, err = cli([*args, "--text_field", "phrase", "--dry-run"], capsys)
     assert rc == 0, out + err
     assert "1 pass(es) would run" in out
@@ -586,11 +586,11 @@ def test_a_run_killed_with_9_is_closed_as_killed_by_the_next(tmp_path: Path) -> 
 
 # ---- a failure inside a pass, and publishing -------------------------------------------------------------------
 def test_failure_inside_a_pass_is_one_line_with_the_log_path(case: Path, capsys) -> None:
-    """Weights that do not match config.json pass every pre-flight check but fail when the LoRA pass loads
-    them: one line naming the pass, the input and the cause; the traceback is in the log file it names; no
-    output folder, no cache entry."""
-    cfg = json.loads((case / "m/config.json").read_text())
-    _edit_json(case / "m/config.json", intermediate_size=cfg["intermediate_size"] * 2)
+    """An activation transformers does not have passes every pre-flight check (the weights fit the config) but
+    fails when the LoRA pass builds the model: one line naming the pass, the input and the cause; the traceback
+    is in the log file it names; no output folder, no cache entry. (Weights that do not fit config.json are a
+    pre-flight error now: tests/test_reliability.py.)"""
+    _edit_json(case / "m/config.json", hidden_act="no_such_activation")
     rc, out, err = cli(ft("--max_seq_len", "32", "--no-tracking"), capsys)
     line = assert_one_line(
         rc, out, err, "pass 'finetune' (LoRA) failed", str(case / "m"), "full log: ", code=1, alone=False
@@ -613,7 +613,7 @@ def test_outputs_are_copies_and_publish_is_atomic(case: Path, capsys, monkeypatc
     model = case / "fp32" / "model"
     assert _nlinks(model) == {1}
     assert _nlinks(case / ".orch/cache/runs") == {1}
-    rc, out, err = cli(["quantize", "-m", "fp32/model", "-a", "rtn", "-o", "q", "--no-tracking"], capsys)
+    rc, out, err = cli(["quantize", "-m", "fp32/model", "--algorithm", "rtn", "-o", "q", "--no-tracking"], capsys)
     assert rc == 0, out + err
     assert (case / "q/model").is_dir() and _nlinks(case / "q/model") == {1}
 

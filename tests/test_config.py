@@ -561,7 +561,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_duplicate_json_key(tmp_path: Path) -> None:
     path = tmp_path / "dup.json"
     path.write_text('{"passes": {"lora": {"type": "LoRA"}, "lora": {"type": "LoRA"}}}')
-    assert problems_of(path) == [f"config file {path}: key 'lora' appears twice in one object"]
+    assert problems_of(path) == [f"config file {path}: key 'lora' appears twice in one object (line 1); keep one"]
 
 
 def test_evaluator_metrics_checked_by_the_evaluate_pass(project: Path) -> None:

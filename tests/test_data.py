@@ -198,3 +198,42 @@ def test_join_random_trains_on_drawn_blocks(tiny_model: Path) -> None:
     ds = Dataset.from_dict({"text": [f"row {i} says hello there" for i in range(40)]})
     out = tokenize(ds, AutoTokenizer.from_pretrained(tiny_model), text_spec(dc))
     assert len(out) == 7 and all(len(ids) == 16 for ids in out["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "Joy"}]}],
+        [{"conversations": [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "Joy"}]}],
+        [{"instruction": "hi there", "input": "", "output": "Joy"}],
+        [{"prompt": "hi there", "response": "Joy"}],
+    ],
+    ids=["messages", "sharegpt", "alpaca", "prompt_response"],
+)
+def test_chat_template_renders_chat_and_instruction_rows(tmp_path: Path, tiny_model: Path, rows: list[Any]) -> None:
+    """Olive's chat_template (finetune --use_chat_template): messages, ShareGPT conversations or instruction rows
+    rendered with the tokenizer's own chat template, exactly as transformers renders the same conversation."""
+    from transformers import AutoTokenizer
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dc = {"name": "d", "load_dataset_config": {"data_name": "json", "data_files": str(tmp_path / "d.jsonl")},
+          "pre_process_data_config": {"chat_template": True}}  # fmt: skip
+    train, _ = load_splits(dc, base_dir=tmp_path, tokenizer=str(tiny_model))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    expected = tok.apply_chat_template(
+        [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "Joy"}], tokenize=False
+    )
+    assert train["text"] == [expected] and "hi there" in expected and "Joy" in expected
+    assert text_spec(dc).chat  # the template carries its own special tokens: the trainer adds none
+    with pytest.raises(DataError, match="needs the model's tokenizer"):
+        load_splits(dc, base_dir=tmp_path)
+
+
+def test_chat_template_refuses_plain_text_rows_before_training(tmp_path: Path, tiny_model: Path) -> None:
+    from orchestrator.engine.preflight import PreflightError, check_data_config
+
+    (tmp_path / "d.jsonl").write_text('{"text": "no conversation here"}\n')
+    dc = {"name": "d", "load_dataset_config": {"data_name": "json", "data_files": "d.jsonl"},
+          "pre_process_data_config": {"chat_template": True}}  # fmt: skip
+    with pytest.raises(PreflightError, match="needs chat rows"):
+        check_data_config(dc, tmp_path, "data_configs[0]")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import subprocess
 import sys
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,3 +200,95 @@ def test_realize_venv_installs_the_pip_section_and_is_idempotent(tmp_path: Path,
     again: list[str] = []
     assert realize_venv(spec, tmp_path / "venv", installer=installer, on_line=again.append) == python
     assert again == []  # the stamp says this spec is already there
+
+
+def test_an_unreachable_index_stops_the_build_in_seconds_naming_it(tmp_path: Path) -> None:
+    """A package index that accepts connections and never answers (what a firewalled CUDA wheel index looks
+    like): realize_venv stops after the probe's timeout with one line naming the index, before any venv or
+    install; a reachable loopback index passes the probe. The child process's timeout only guards the test."""
+    import socket
+
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(8)  # accepted by the kernel, never read: an HTTP request to it waits forever
+    url = f"http://127.0.0.1:{black_hole.getsockname()[1]}/simple"
+    env_file = _write(tmp_path, f"""name: t
+dependencies:
+  - python={sys.version_info.major}.{sys.version_info.minor}
+  - pip:
+      - --extra-index-url {url}
+      - numpy
+""")
+    code = f"""
+import sys
+from pathlib import Path
+from typing import Any
+from orchestrator.systems import environments as e
+e.INDEX_PROBE_TIMEOUT_S = 3
+try:
+    e.realize_venv(Path({str(env_file)!r}), Path({str(tmp_path / "venv")!r}), pip_settings=e.PipSettings(no_index=True))
+except e.EnvSpecError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+    finally:
+        black_hole.close()
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    line = proc.stdout.strip()
+    assert "\n" not in line and url in line and "is unreachable" in line and "nothing was installed" in line
+    assert not (tmp_path / "venv").exists()
+
+
+def test_package_indexes_are_the_ones_the_installer_reads() -> None:
+    from orchestrator.systems.environments import PipSettings, package_indexes, probe_indexes
+
+    host = PipSettings(index_url="https://mirror.example/simple", extra_index_urls=("https://extra.example/simple",))
+    cuda = "https://download.pytorch.org/whl/cu128"
+    assert package_indexes(host, ["--extra-index-url", cuda]) == [
+        "https://mirror.example/simple", "https://extra.example/simple", cuda]  # fmt: skip
+    assert package_indexes(PipSettings(), ["--index-url=https://own.example/simple"]) == ["https://own.example/simple"]
+    assert package_indexes(PipSettings(no_index=True), []) == []
+    with pytest.raises(EnvSpecError, match="does not exist on this host"):
+        probe_indexes(["file:///nonexistent/simple"], what="t")
+
+
+def test_a_gpu_system_on_a_host_without_cuda_runs_its_cpu_sibling_or_refuses(tmp_path: Path, tiny_model: Path) -> None:
+    """A workflow written for a GPU (a CUDA GptqQuantizer, QLoRA) on this CPU host: GptqQuantizer runs in the
+    cpu-quantize environment with one note (the gpu-quantize venv, built from the CUDA index, is never asked
+    for); QLoRA is refused at preflight, before any job, in one line."""
+    from orchestrator.core.gpu import cuda_available
+    from orchestrator.core.job import Job
+    from orchestrator.engine import Engine
+    from orchestrator.engine.plan import environment_for
+    from orchestrator.engine.preflight import PreflightError
+    from orchestrator.olive import load_workflow
+
+    if cuda_available():
+        pytest.skip("this host has a CUDA GPU: the GPU path is the right one here")
+    (tmp_path / "d.jsonl").write_text('{"text": "a b c"}\n')
+    data = [{"name": "d", "load_dataset_config": {"data_name": "json", "data_files": "d.jsonl"}}]
+    gpu = {"gpu": {"type": "LocalSystem", "accelerators": [{"device": "gpu", "execution_providers": [
+        "CUDAExecutionProvider"]}]}}  # fmt: skip
+    wf = {"input_model": {"type": "HfModel", "model_path": str(tiny_model)}, "systems": gpu, "data_configs": data,
+          "passes": {"g": {"type": "GptqQuantizer", "data_config": "d"}},
+          "engine": {"host": "gpu", "target": "gpu"}}  # fmt: skip
+    notes: list[str] = []
+
+    class Notes:
+        def __getattr__(self, name: str) -> Any:
+            return notes.append if name == "note" else (lambda *a, **k: None)
+
+    engine = Engine(load_workflow(wf, base_dir=tmp_path), tracking=False, reporter=Notes())
+    engine.preflight(tracking=False)
+    assert len(notes) == 1 and "no CUDA GPU" in notes[0] and "gpu-quantize -> cpu-quantize" in notes[0]
+    step = engine.plan()[0]
+    job = Job(job_id="j", pass_name="g", pass_type=step.pass_type, pass_config=step.config, output_dir=str(tmp_path),
+              accelerator=engine._accelerator("gpu"))  # fmt: skip
+    assert job.accelerator == "cpu" and environment_for(job) == "cpu-quantize"
+    wf["passes"] = {"q": {"type": "QLoRA", "train_data_config": "d"}}
+    del wf["systems"], wf["engine"]
+    with pytest.raises(PreflightError, match=r"passes\.q \(QLoRA\): QLoRA needs a CUDA GPU"):
+        Engine(load_workflow(wf, base_dir=tmp_path), tracking=False).preflight(tracking=False)

@@ -45,7 +45,8 @@ def snapshot_files(hf_home: Path, repo: str, kind: str = "models") -> dict[str, 
 
 
 def rtn(model: str, out: str, *extra: str) -> list[str]:
-    """`orch quantize --algorithm rtn` (ModelBuilder int4): the quickest pass that reads a whole model."""
+    """`orch quantize --algorithm rtn` (Olive >= 0.10's Rtn: an int4 Hugging Face checkpoint in out/model): the
+    quickest pass that reads a whole model."""
     return ["quantize", "--model_name_or_path", model, "--algorithm", "rtn", "--precision", "int4",
             "--output_path", out, "--no-tracking", *extra]  # fmt: skip
 
@@ -172,7 +173,7 @@ def test_private_repo_needs_the_token_which_is_never_written(hub: Any, tmp_path:
     assert wrong.returncode == 2 and "the token is not valid" in error_lines(wrong)[0], wrong.stderr
     ok = orch(*rtn("acme-corp/private-phi3", "out"), cwd=tmp_path, env=hub_env(hub, hf_home, token=HUB_TOKEN))
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert (tmp_path / "out/model/genai_config.json").is_file() and snapshot_files(hf_home, "acme-corp/private-phi3")
+    assert (tmp_path / "out/model/config.json").is_file() and snapshot_files(hf_home, "acme-corp/private-phi3")
     assert all(r["authorized"] for r in hub.requests(pattern="private-phi3") if r["status"] == 200)
     for where in (tmp_path,):  # outputs, the pass cache, logs, manifest: the token appears in none of them
         for f in where.rglob("*"):
@@ -197,7 +198,7 @@ def test_offline_uses_the_cache_or_says_how_to_get_a_copy(hub: Any, tmp_path: Pa
     before = len(hub.request_log)
     again = orch(*rtn(PHI3, "out2"), cwd=tmp_path, env=hub_env(hub, hf_home, offline=True))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (tmp_path / "out2/model/genai_config.json").is_file() and len(hub.request_log) == before
+    assert (tmp_path / "out2/model/config.json").is_file() and len(hub.request_log) == before
     # a dataset, offline without a copy: the same kind of line, for the data config's field
     data = orch("quantize", "--model_name_or_path", PHI3, "--algorithm", "gptq", "--precision", "int4",
                 "--output_path", "q", "--no-tracking", "--dry-run", cwd=tmp_path,

@@ -51,7 +51,7 @@ def make_ctx(out_dir: Path, model: Path, pass_type: str = "LoRA") -> PassContext
 def spec(max_len: int = 64, join: bool = False, pad: bool = False) -> SimpleNamespace:
     return SimpleNamespace(max_len=max_len, pad_to_max_len=pad, corpus_join=join, use_attention_mask=False,
                            strategy="join" if join else "line-by-line", max_samples=None, random_seed=None,
-                           stride=None)  # fmt: skip
+                           stride=None, add_special_tokens=None, chat=False)  # fmt: skip
 
 
 def events(out_dir: Path) -> list[dict]:

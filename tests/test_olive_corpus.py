@@ -471,7 +471,9 @@ def test_evaluator_metric_config_and_backend_honoured_or_refused_at_load(tmp_pat
         load_workflow(_ev_wf([{"name": "l", "type": "latency", "user_config": {"batch_size": 2}}]), base_dir=tmp_path)
 
 
-def test_cuda_only_evaluator_refused_and_awq_without_data_reads_the_default(tmp_path: Path, tiny_model: Path) -> None:
+def test_cuda_evaluator_without_gpu_runs_on_cpu_and_awq_without_data_reads_the_default(
+    tmp_path: Path, tiny_model: Path
+) -> None:
     import torch
 
     from orchestrator.engine import Engine
@@ -483,10 +485,26 @@ def test_cuda_only_evaluator_refused_and_awq_without_data_reads_the_default(tmp_
     raw = _ev_wf([{"name": "l", "type": "latency"}], systems=gpu, target="gpu")
     raw["input_model"]["model_path"] = str(tiny_model)
     (tmp_path / "x.jsonl").write_text('{"text": "a b"}\n')
-    engine = Engine(load_workflow(raw, base_dir=tmp_path), tracking=False)
-    if not torch.cuda.is_available():
-        with pytest.raises(PreflightError, match="evaluates with CUDAExecutionProvider .* no CUDA GPU"):
-            engine.preflight(tracking=False)
+
+    notes_seen: list[str] = []
+    reporter = type("Notes", (), {"note": staticmethod(notes_seen.append)})()
+    engine = Engine(load_workflow(raw, base_dir=tmp_path), tracking=False, reporter=reporter)
+    if not torch.cuda.is_available():  # CUDA asked of a host without it: the evaluation runs on the CPU, said
+        engine.preflight(tracking=False)
+        assert any("evaluation runs on CPUExecutionProvider" in n for n in notes_seen), notes_seen
+        evals = [s for s in engine.plan() if s.role == "target"]
+        assert evals and all(engine._step_providers(s) == ["CPUExecutionProvider"] for s in evals)
+        builds = [s for s in engine.plan() if s.role == "host"]  # the builds keep the asked provider
+        assert builds and all(engine._step_providers(s) == ["CUDAExecutionProvider"] for s in builds)
+        tuned = {**raw, "passes": {"t": {"type": "OrtSessionParamsTuning"}}}  # a timing pass times on the CPU
+        engine = Engine(load_workflow(tuned, base_dir=tmp_path), tracking=False, reporter=reporter)
+        engine.preflight(tracking=False)
+        assert any("passes.t (OrtSessionParamsTuning) times the model" in n for n in notes_seen), notes_seen
+        assert engine._step_providers(engine.plan()[0]) == ["CPUExecutionProvider"]
+    dml = {"gpu": {"type": "LocalSystem", "accelerators": [{"device": "gpu", "execution_providers": [
+        "DmlExecutionProvider"]}]}}  # fmt: skip
+    with pytest.raises(PreflightError, match="evaluates with DmlExecutionProvider .* no DmlExecutionProvider runtime"):
+        Engine(load_workflow({**raw, "systems": dml}, base_dir=tmp_path), tracking=False).preflight(tracking=False)
     raw["systems"]["gpu"]["accelerators"] = [{"device": "gpu", "execution_providers": [
         "CPUExecutionProvider", "CUDAExecutionProvider"]}]  # fmt: skip
     Engine(load_workflow(raw, base_dir=tmp_path), tracking=False).preflight(tracking=False)

@@ -74,9 +74,10 @@ DECISIONS: dict[str, tuple[str, ...]] = {
         "a chat reads stdin: one message, then the end of input",
     ),
     "orch env base": ("run",) if DOCKER else ("skip", NO_DOCKER),
-    "orch run --config jobs/tone-classification/config.json --host docker --target docker": (
-        ("as", "orch run --config jobs/tone-classification/config.json --host docker --target docker --dry-run",
-         "the plan only (image builds take minutes); tests/test_docker_workflow.py runs it in containers")
+    "orch run --config jobs/tone-classification/finetune-aml.json --host docker": (
+        ("as", "orch run --config jobs/tone-classification/finetune-aml.json --host docker --dry-run",
+         "the plan only (the cpu-train image build takes minutes); tests/test_aml_cache.py runs this workflow "
+         "on the stand-in, tests/test_docker_workflow.py runs workflows in containers")
         if DOCKER else ("skip", NO_DOCKER)
     ),
     "orch env ls ; orch env build cpu-train ; orch env rm cpu-train": (
@@ -93,6 +94,11 @@ DECISIONS: dict[str, tuple[str, ...]] = {
     ),
     "orch submit --config jobs/tone-classification/config.json --host aml": (
         "skip", "needs an Azure ML workspace; tests/test_azureml.py submits to the local stand-in"),
+    "orch submit --config jobs/tone-classification/config.json --host aml --dry-run": (
+        "skip", "plans against an Azure ML workspace's cache; tests/test_aml_cache.py runs submit --dry-run on the "
+        "stand-in"),
+    "orch cache ls --workspace ; orch cache clean --workspace --key PREFIX": (
+        "skip", "needs an Azure ML workspace; tests/test_aml_cache.py lists and cleans the stand-in's workspace cache"),
     "orch status JOB ; orch logs JOB -f ; orch cancel JOB ; orch download JOB -o out/": (
         "skip", "JOB is a submitted job of a workspace; tests/test_azureml.py runs these verbs on the stand-in"),
     "orch run --config jobs/tone-classification/config.json --host aml": (
@@ -106,6 +112,12 @@ DECISIONS: dict[str, tuple[str, ...]] = {
         "skip", "the stand-in block (see above)"),
     "orch logs <job> -f ; orch status <job> ; orch download <job> -o /tmp/aml-out": (
         "skip", "the stand-in block (see above)"),
+    "orch submit --config jobs/tone-classification/finetune-aml.json --host aml": (
+        "skip", "the stand-in block (see above); tests/test_aml_cache.py submits finetune-aml.json"),
+    "orch submit --config jobs/tone-classification/finetune-aml.json --host aml_lowpri": (
+        "skip", "the stand-in block (see above); tests/test_aml_cache.py submits to the low-priority cluster"),
+    'curl -sk -X POST "$(jq -r .base_url /tmp/standin/settings.json)/_standin/jobs/<job>/preempt"': (
+        "skip", "the stand-in block (see above); tests/test_aml_cache.py preempts a job in the middle of LoRA"),
 }
 
 
@@ -198,12 +210,12 @@ EXPECT: dict[str, Callable[[Path, str], None]] = {
         "0 pass(es) would run", out),
     "orch run --config jobs/tone-classification/config.json --host docker": lambda c, out: _in(
         "docker (target)", out),  # --host alone takes the evaluation with it
-    "orch run --config jobs/tone-classification/config.json --host docker --target docker": lambda c, out: _in(
-        "4 pass(es) would run", out),
+    "orch run --config jobs/tone-classification/finetune-aml.json --host docker": lambda c, out: _in(
+        "2 pass(es) would run", out),
     "orch env ls ; orch env build cpu-train ; orch env rm cpu-train": lambda c, out: _in("[", out[:5]),
     "orch generate --model jobs/tone-classification/outputs/smollm2/model": lambda c, out: _in("tokens", out),
-    "orch cache ls ; orch cache clean": lambda c, out: (
-        _in(str((c / JOB / ".orch/cache").resolve()), out), _in("removed", out)),
+    "orch cache ls ; orch cache verify ; orch cache clean": lambda c, out: (
+        _in(str((c / JOB / ".orch/cache").resolve()), out), _in(" sound, 0 damaged", out), _in("removed", out)),
     "orch finetune": lambda c, out: _has(c / "models/ft/adapter/adapter_model.safetensors"),
     "orch auto-opt --model_name_or_path ./models/ft/model --adapter_path": lambda c, out: _has(
         c / "models/onnx/model/adapter_weights.onnx_adapter"),

@@ -1,6 +1,7 @@
 // orch on Azure ML: workspace + its storage, Key Vault, container registry, workspace-based Application Insights
 // (on a Log Analytics workspace), a GPU compute cluster with a system-assigned identity, the role assignments that
-// let that identity read Key Vault secrets (the HF token, read by jobs at run time) and pull images / read data,
+// let that identity read Key Vault secrets (the HF token, read by jobs at run time), pull images and read/write
+// blob data (inputs, the workspace cache),
 // and the submitter's AzureML Data Scientist role on the workspace.
 //
 // Validated in CI (tests/test_infra_bicep.py) by pycep-parser and `checkov --framework bicep`. The skip-list: the
@@ -56,7 +57,7 @@ var computeName = 'gpu-cluster'
 var kvSecretsUser = '4633458b-17de-408a-b874-0445c86b69e6'
 var kvSecretsOfficer = 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
 var acrPull = '7f951dda-4ed3-4680-a7ca-43fe172d538d'
-var blobDataReader = '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
+var blobDataContributor = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
 var amlDataScientist = 'f6c7c914-8db3-469d-8ca1-694a8f32e121'
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
@@ -188,11 +189,13 @@ resource computeAcrPull 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-resource computeBlobRead 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+// The cluster's identity reads inputs and keeps orch's workspace cache (orch-cache/: finished passes, training
+// checkpoints) in the workspace storage: Storage Blob Data Contributor.
+resource computeBlobWrite 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   scope: storage
-  name: guid(storage.id, gpu.id, blobDataReader)
+  name: guid(storage.id, gpu.id, blobDataContributor)
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', blobDataReader)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', blobDataContributor)
     principalId: gpu.identity.principalId
     principalType: 'ServicePrincipal'
   }

@@ -98,10 +98,7 @@ TargetOpt = Annotated[
     str | None,
     typer.Option("--target", help="system that runs evaluation (default: --host when given, else engine.target)"),
 ]
-
-
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the plan (what runs, what is cached) and stop")]
-NoTrackingOpt = Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")]
+TrackingOpt = Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")]
 TrackingOpt = Annotated[
     str | None,
     typer.Option(

@@ -97,12 +97,25 @@ def submit(
     force: Annotated[
         bool, typer.Option("--force", help="submit a new job even if this workflow's job is still running")
     ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the plan (cached here, cached in the workspace, runs) and stop")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: the plan as JSON on stdout")] = False,
 ) -> None:
     """Queue the workflow as one Azure ML job and return: prints the job name and its studio URL. An unchanged
-    workflow whose job is still live is attached to, not submitted again (--force submits anyway)."""
+    workflow whose job is still live is attached to, not submitted again (--force submits anyway). Passes cached
+    in the workspace (by any earlier submit, from any machine) are not run again."""
 
     def go() -> None:
-        info = submit_workflow(config, host=host, target=target, name=name, force=force)
+        info = submit_workflow(config, host=host, target=target, name=name, force=force, dry_run=dry_run)
+        if info.get("dry_run"):
+            if as_json:
+                print(json.dumps(info, indent=1))
+                return
+            _print_plan(info["plan"], info.get("workspace_cache"))
+            runs = sum(not r["cached"] for r in info["plan"])
+            out.print(f"dry run: {runs} pass(es) would run, {len(info['plan']) - runs} cached; nothing was submitted")
+            return
         if info["name"] is None:
             out.print(f"all {info['cached']} passes are cached; nothing submitted. output: {info['output_dir']}")
             return
@@ -111,7 +124,67 @@ def submit(
         console.print(f"{verb} {info['name']}  status {info['status']}\nstudio: {info['studio_url']}")
         if info.get("attached"):
             console.print("(the same workflow is already running; --force submits another job)")
+        rows = info.get("plan") or []
+        for where, label in (("workspace", "cached in the workspace"), ("local", "cached here"), ("runs", "runs")):
+            names = [r["pass"] for r in rows if r["where"] == where]
+            if names:
+                console.print(f"{label}: {', '.join(names)}", highlight=False)
         console.print(f"follow: orch logs {info['name']} -f   |   orch status {info['name']}")
+
+    _guard(go)
+
+
+WHERE_TEXT = {"local": "cached here", "workspace": "cached in the workspace", "runs": "runs"}
+
+
+def _print_plan(rows: list[dict[str, Any]], location: str | None) -> None:
+    """One line per pass: `<pass> (<type>)  cached in the workspace | cached here | runs`."""
+    if location:
+        console.print(f"workspace cache: {location}", highlight=False)
+    width = max((len(f"{r['pass']} ({r['type']})") for r in rows), default=0)
+    for r in rows:
+        label = f"{r['pass']} ({r['type']})"
+        out.print(f"  {label:<{width}}  {WHERE_TEXT.get(r['where'], r['where'])}  {r['key'][:16]}", highlight=False)
+
+
+def _workspace_cache() -> Any:
+    from orchestrator.systems.azureml.blobcache import WorkspaceCache
+
+    return WorkspaceCache.for_client(_system().ml)
+
+
+def workspace_cache_ls(as_json: bool) -> None:
+    """`orch cache ls --workspace`: every key under orch-cache/ of the workspace's default datastore."""
+
+    def go() -> None:
+        cache = _workspace_cache()
+        rows = cache.status()
+        if as_json:  # the rows of `orch cache ls --json`, plus the state and the bytes of kept checkpoints
+            doc = [{"cache": cache.location, "key": r.key, "pass": r.pass_name, "type": r.pass_type, "state": r.state,
+                    "why": r.why, "size_bytes": r.size, "checkpoint_bytes": r.partial, "committed_at": r.committed_at}
+                   for r in rows]  # fmt: skip
+            print(json.dumps(doc))
+            return
+        from rich.table import Table
+
+        table = Table(title=f"workspace cache {cache.location}")
+        for col in ("key", "pass", "type", "state", "size", "checkpoints"):
+            table.add_column(col)
+        for r in rows:
+            state = r.state + (f" ({r.why})" if r.why else "")
+            table.add_row(r.key[:16], r.pass_name, r.pass_type, state, f"{r.size / 1e6:.1f} MB",
+                          f"{r.partial / 1e6:.1f} MB" if r.partial else "")  # fmt: skip
+        out.print(table)
+
+    _guard(go)
+
+
+def workspace_cache_clean(key_prefix: str) -> None:
+    """`orch cache clean --workspace [--key K]`: keys removed marker first, so no reader sees half an entry."""
+
+    def go() -> None:
+        n = _workspace_cache().clean(key_prefix)
+        out.print(f"removed {n} workspace cache entr{'y' if n == 1 else 'ies'}")
 
     _guard(go)
 
@@ -119,6 +192,12 @@ def submit(
 def latest_metrics(handle: Any) -> dict[str, float]:
     """The latest value of every metric of the job's MLflow run (run id = job name on Azure ML; the run
     tagged azureml.runId / named after the job otherwise)."""
+    run = job_run(handle)
+    return dict(run.data.metrics) if run is not None else {}
+
+
+def job_run(handle: Any) -> Any:
+    """The job's MLflow run (metrics, tags), or None."""
     from orchestrator.systems.azureml.workspace import mlflow_client
 
     client = mlflow_client(handle.ml)
@@ -132,7 +211,22 @@ def latest_metrics(handle: Any) -> dict[str, float]:
             max_results=1,
         )
         run = runs[0] if runs else None
-    return dict(run.data.metrics) if run is not None else {}
+    return run
+
+
+def cost_lines(metrics: dict[str, float], tags: dict[str, str]) -> list[str]:
+    """`cost: $X` for the run, with each pass's share and how it was priced; `<pass>: resumed from step N`."""
+    lines = []
+    passes = {k.rsplit("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/cost_usd")}
+    total = metrics.get("cost_usd", sum(passes.values()) if passes else None)
+    if total is not None:
+        shares = ", ".join(f"{k} ${v:.4f}" for k, v in sorted(passes.items()))
+        how = tags.get("orch.price")
+        lines.append(f"cost: ${total:.4f}" + (f" ({shares})" if shares else "") + (f"; priced as {how}" if how else ""))
+    for k, v in sorted(metrics.items()):
+        if k.endswith("/resumed_from_step"):
+            lines.append(f"{k.rsplit('/', 1)[0]}: resumed from step {int(v)}")
+    return lines
 
 
 def status(
@@ -155,14 +249,21 @@ def status(
         out.print(f"{job}: {raw}")
         if handle.studio_url:
             console.print(f"studio: {handle.studio_url}")
+        retry = None
         if raw == "Failed":
             err = handle.error()
             if err:
                 console.print(f"[bold red]error:[/] {err}", highlight=False, markup=False)
-        metrics = latest_metrics(handle)
+            retry = handle.retried_as()
+            if retry is not None:
+                out.print(f"preempted: submitted again as {retry[0]} ({retry[1]}); `orch status {retry[0]}`")
+        run = job_run(handle)
+        metrics = dict(run.data.metrics) if run is not None else {}
+        for line in cost_lines(metrics, dict(run.data.tags) if run is not None else {}):
+            out.print(line, highlight=False)
         for k in sorted(metrics):
             out.print(f"  {k} = {metrics[k]:.6g}")
-        if raw == "Failed":
+        if raw == "Failed" and retry is None:
             raise typer.Exit(1)
 
     _guard(go)

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from orchestrator.cli.app import JsonOpt, _say, out
-from orchestrator.cli.errors import fail
+from orchestrator.cli.errors import _guarded, fail
+from orchestrator.core.errors import EXIT_FAILED
 
 cache_app = typer.Typer(help="The content-addressed pass cache.", no_args_is_help=True)
 
@@ -26,6 +28,9 @@ CacheConfigOpt = Annotated[
 ]
 
 
+WorkspaceOpt = Annotated[
+    bool, typer.Option("--workspace", help="the Azure ML workspace's cache (orch-cache/ in its default datastore)")
+]
 CACHE_HELP = (
     "a workflow's cache is its engine.cache_dir (default .orch/cache beside its config): "
     "`orch cache ls --config WF.json` or `--cache-dir DIR`"
@@ -58,22 +63,43 @@ def _cache_roots(cache_dir: Path | None, config: Path | None) -> list[Path]:
 
 
 @cache_app.command("ls")
-def cache_ls(cache_dir: CacheDirOpt = None, config: CacheConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """List cached pass outputs (key, pass, size, duration) of one cache or of the workflow caches found."""
+def cache_ls(
+    cache_dir: CacheDirOpt = None,
+    config: CacheConfigOpt = None,
+    workspace: WorkspaceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List cached pass outputs (key, pass, size, duration) of one cache or of the workflow caches found, or with
+    --workspace the Azure ML workspace's; damaged
+    entries too, marked so (`orch cache clean` removes them)."""
     from rich.table import Table
 
     from orchestrator.core.cache import Cache, folder_size
 
+    if workspace:
+        if cache_dir is not None or config is not None:
+            raise fail("--workspace and --cache-dir/--config: give one of them (--workspace is the workspace's cache)")
+        from orchestrator.cli.azure import workspace_cache_ls
+
+        workspace_cache_ls(as_json)
+        return
     roots = _cache_roots(cache_dir, config)
     if not roots:
         _say(f"no orch cache here (./.orch/cache does not exist, none in the folders below); {CACHE_HELP}")
     rows: list[dict[str, Any]] = []
     for root in roots:
-        for e in Cache(root).entries():
+        cache = Cache(root)
+        for e in cache.entries():
             rows.append({
                 "cache": str(root), "key": e.key, "pass": str(e.meta.get("pass", "")),
                 "type": e.result.pass_type, "status": e.result.status.value,
                 "size_bytes": folder_size(e.path), "duration_s": round(e.result.duration_s, 3),
+            })  # fmt: skip
+        for d in cache.damaged_entries():
+            rows.append({
+                "cache": str(root), "key": d.key, "pass": str(d.meta.get("pass", "")),
+                "type": str(d.meta.get("pass_type", "")), "status": "damaged", "reason": d.reason,
+                "size_bytes": folder_size(d.path), "duration_s": None,
             })  # fmt: skip
     if as_json:
         out.print_json(json.dumps(rows))
@@ -83,8 +109,10 @@ def cache_ls(cache_dir: CacheDirOpt = None, config: CacheConfigOpt = None, as_js
         for col in ("key", "pass", "type", "status", "size", "duration"):
             table.add_column(col)
         for r in (r for r in rows if r["cache"] == str(root)):
-            table.add_row(r["key"][:16], r["pass"], r["type"], r["status"], f"{r['size_bytes'] / 1e6:.1f} MB",
-                          f"{r['duration_s']:.1f}s")  # fmt: skip
+            damaged = r["status"] == "damaged"
+            status = Text(f"damaged: {r['reason']}", style="red") if damaged else r["status"]
+            duration = "" if damaged else f"{r['duration_s']:.1f}s"
+            table.add_row(r["key"][:16], r["pass"], r["type"], status, f"{r['size_bytes'] / 1e6:.1f} MB", duration)
         out.print(table)
 
 
@@ -93,14 +121,55 @@ def cache_clean(
     cache_dir: CacheDirOpt = None,
     config: CacheConfigOpt = None,
     key: Annotated[str | None, typer.Option("--key", help="remove only entries whose key starts with this")] = None,
+    workspace: WorkspaceOpt = False,
 ) -> None:
-    """Remove cached pass outputs (all, or by key prefix) of the caches `orch cache ls` shows."""
+    """Remove cached pass outputs (all, or by key prefix) of the caches `orch cache ls` shows, damaged and
+    quarantined entries included, or with --workspace of the Azure ML workspace's."""
     from orchestrator.core.cache import Cache
 
+    if workspace:
+        if cache_dir is not None or config is not None:
+            raise fail("--workspace and --cache-dir/--config: give one of them (--workspace is the workspace's cache)")
+        from orchestrator.cli.azure import workspace_cache_clean
+
+        workspace_cache_clean(key or "")
+        return
     roots = _cache_roots(cache_dir, config)
     if not roots:
         _say(f"no orch cache here; nothing removed ({CACHE_HELP})")
     for root in roots:
         cache = Cache(root)
-        n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key)) if key else cache.clean()
+        if key:
+            n = sum(cache.remove(e.key) for e in cache.entries() if e.key.startswith(key))
+            n += cache.remove_damaged(key)
+        else:
+            n = cache.clean()
         out.print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {root}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: CacheDirOpt = None, config: CacheConfigOpt = None) -> None:
+    """Check every entry to the byte (each file's sha256 recorded when it was cached) of the caches `orch cache ls`
+    shows; damaged entries are moved to quarantine (the next run computes them again) and the command exits 1."""
+    from orchestrator.core.cache import Cache
+
+    def go() -> None:
+        roots = _cache_roots(cache_dir, config)
+        if not roots:
+            _say(f"no orch cache here; nothing verified ({CACHE_HELP})")
+        any_damaged = False
+        for root in roots:
+            sound, damaged = Cache(root).verify()
+            for d in damaged:
+                out.print(
+                    Text(f"damaged {d.key[:16]} ({d.meta.get('pass') or '?'}): {d.reason}; quarantined in {d.path}"),
+                    highlight=False,
+                )
+            total = sound + len(damaged)
+            out.print(f"verified {total} cache entr{'y' if total == 1 else 'ies'} in {root}: "
+                      f"{sound} sound, {len(damaged)} damaged")  # fmt: skip
+            any_damaged |= bool(damaged)
+        if any_damaged:
+            raise typer.Exit(EXIT_FAILED)
+
+    _guarded(go)

@@ -4,6 +4,7 @@ error: one line + its traceback in a file)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
 
@@ -15,15 +16,23 @@ from orchestrator.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, 
 
 
 def _redact(text: str) -> str:
-    from orchestrator.engine.tracking import redact
+    """Secrets out of a line: by shape (URI credentials, token formats) and the exact values this run knows."""
+    from orchestrator.core.redact import mask
 
-    return redact(text)
+    return mask(text)
+
+
+MAX_LINE = 2000  # characters of an error line; longer runs of text (paths of a runaway copy) are cut
 
 
 def error_line(message: str) -> None:
     """`orch: error: <message>` on one line; the message is plain text (never rich markup: `[...]` survives),
-    with credentials inside URIs masked."""
+    with credentials inside URIs masked and runaway paths cut to their head and tail."""
     line = " ".join(_redact(str(message)).split("\n"))
+    if len(line) > MAX_LINE:
+        from orchestrator.core.links import short
+
+        line = " ".join(short(word) for word in line.split(" "))[: MAX_LINE * 2]
     console.print(Text("orch: error: ", style="bold red") + Text(line), highlight=False, soft_wrap=True)
 
 
@@ -38,9 +47,11 @@ def _guarded(fn: Any, *, interrupted: str = "interrupted; the running job was st
     """Turn the errors a user can act on into one line + a non-zero exit (core.errors: the one code map); Ctrl-C
     exits 130 with `interrupted`, which says what was stopped."""
     from orchestrator.core.cache import Cache  # noqa: F401  (cheap; keeps import errors out of the handler)
+    from orchestrator.core.redact import masked_output
 
     try:
-        return fn()
+        with masked_output():  # every line printed here or by a library (MLflow, transformers) hides secrets
+            return fn()
     except typer.Exit:
         raise
     except KeyboardInterrupt:
@@ -66,7 +77,28 @@ def classify(exc: Exception) -> typer.Exit:
         # the one line names the pass, the cause and the full log's path; the tail only when it has no log
         tail = "" if "full log: " in str(exc) else exc.log_tail
         return fail(str(exc), exc.exit_code, tail)
+    if isinstance(exc, OSError) and exc.errno in USER_OS_ERRORS:
+        return fail(_os_error_line(exc), EXIT_USAGE)
     return fail(f"internal error: {_first(exc)}; traceback in {_crash_log(exc)} (please report it)", EXIT_FAILED)
+
+
+# Errors of the user's machine, not of orch: a full disk or quota, a read-only or forbidden folder, a link loop.
+USER_OS_ERRORS = {
+    errno.ENOSPC: "no space left on its disk: free space there or choose a folder on another disk",
+    errno.EDQUOT: "the disk quota is exhausted: free space there or choose another folder",
+    errno.EROFS: "it is on a read-only filesystem: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "the operation is not permitted there: choose another folder",
+    errno.ELOOP: "a symlink on the way leads back to itself: remove the loop",
+    errno.ENAMETOOLONG: "the path is too long (a folder inside itself?): choose a shorter path",
+}
+
+
+def _os_error_line(exc: OSError) -> str:
+    from orchestrator.core.links import short
+
+    where = exc.filename or exc.filename2
+    return f"{short(where) if where else 'a file orch writes'}: {USER_OS_ERRORS[exc.errno]}"
 
 
 def _install_hint(exc: ImportError) -> str | None:

@@ -10,25 +10,15 @@ from typing import Any
 
 import typer
 
-from orchestrator.cli.app import Verbosity, app
+from orchestrator.cli.app import Verbosity, _say, app, out
 from orchestrator.cli.azure import register as _register_azure
 from orchestrator.cli.cache import cache_app
 from orchestrator.cli.demo import demo, tiny_model
 from orchestrator.cli.env import env_app
-from orchestrator.cli.errors import classify, error_line
+from orchestrator.cli.errors import _guarded, classify, error_line
 from orchestrator.cli.generate import generate
-from orchestrator.cli.olive import (
-    EXTRA,
-    _register_olive_refusals,
-    auto_opt,
-    capture_onnx_graph,
-    convert_adapters_cmd,
-    finetune,
-    generate_adapter,
-    quantize,
-    tune_session_params,
-)
-from orchestrator.cli.run import run
+from orchestrator.cli.olive import register as _register_olive
+from orchestrator.cli.run import _run_workflow, run
 from orchestrator.cli.ui import ui_command
 from orchestrator.core.errors import EXIT_INTERRUPTED, EXIT_USAGE
 
@@ -55,6 +45,9 @@ def run_cli(argv: list[str] | None = None) -> int:
     if previous is not None:
         signal.signal(signal.SIGTERM, on_term)
     try:
+        from orchestrator.cli.olive import normalize
+
+        argv = normalize(argv)  # Olive's list / optional-value flags
         rv = app(args=argv, standalone_mode=False, prog_name="orch")
     except cx.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # plain `orch`: the help, as click prints it
@@ -123,20 +116,13 @@ def main() -> None:
 
 app.add_typer(cache_app, name="cache")
 app.add_typer(env_app, name="env")
-app.command()(run)
-app.command(context_settings=EXTRA)(finetune)
-app.command("auto-opt")(auto_opt)
-app.command()(quantize)
+app.command(context_settings={"allow_extra_args": False})(run)
 app.command()(generate)
 app.command("tiny-model")(tiny_model)
 app.command()(demo)
 app.command("ui")(ui_command)
-app.command("optimize", help="Olive's `optimize`: the same as auto-opt (the model builder path).")(auto_opt)
-app.command("capture-onnx-graph")(capture_onnx_graph)
-app.command("generate-adapter")(generate_adapter)
-app.command("convert-adapters")(convert_adapters_cmd)
-app.command("tune-session-params", context_settings={**EXTRA, "help_option_names": []})(tune_session_params)
-_register_olive_refusals()
+_register_olive(app, run_workflow=lambda wf, **kw: _run_workflow(wf, **kw), guarded=lambda fn: _guarded(fn),
+                say=lambda text, **kw: _say(text, **kw), out=out)  # fmt: skip
 _register_azure(app)
 
 

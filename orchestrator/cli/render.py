@@ -24,7 +24,8 @@ def plan_table(steps: list[Step]) -> Table:
     for col in ("#", "pass", "type", "system", "cache"):
         table.add_column(col)
     for i, s in enumerate(steps, 1):
-        cache = "[green]hit[/]" if s.cached else "[yellow]run[/]"
+        where = f" ({s.where})" if s.where and s.where != "local" else ""
+        cache = f"[green]hit{where}[/]" if s.cached else "[yellow]run[/]"
         table.add_row(str(i), escape(s.name), s.pass_type, escape(f"{s.system_name} ({s.role})"), cache)
     return table
 
@@ -52,6 +53,9 @@ class RichReporter:
     def plan(self, steps: list[Step]) -> None:
         self.console.print(plan_table(steps))
 
+    def note(self, message: str) -> None:
+        self.progress.console.print(Text("note: ", style="cyan") + Text(message), highlight=False, soft_wrap=True)
+
     def step_start(self, step: Step) -> None:
         if not self.progress.live.is_started:
             self.progress.start()
@@ -69,7 +73,7 @@ class RichReporter:
             # the info column is rendered as markup: a log line's "[...]" must print as written
             self.progress.update(self.tasks[step.name], info=escape(line.strip()[:60]))
 
-    def step_metric(self, step: Step, name: str, value: float) -> None:
+    def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None:
         self.latest[step.name][name] = value
         shown = ", ".join(f"{k}={v:.4g}" for k, v in self.latest[step.name].items() if k in SHOWN_METRICS)
         self.progress.update(self.tasks[step.name], info=shown)
@@ -82,7 +86,10 @@ class RichReporter:
         task = self.tasks[step.name]
         total = self.progress.tasks[task].total or 1
         shown = ", ".join(f"{k}={v:.4g}" for k, v in record.metrics.items() if k in SHOWN_METRICS)
-        note = "cached" if record.cached else f"{record.duration_s:.1f}s"
+        if record.cached:
+            note = f"cached ({record.cached_in})" if record.cached_in not in ("", "local") else "cached"
+        else:
+            note = f"{record.duration_s:.1f}s" + (f" ${record.cost_usd:.4f}" if record.cost_usd else "")
         if record.resumed_from_step is not None and not record.cached:
             note += f" (resumed from step {record.resumed_from_step})"
         self.progress.update(task, completed=total, total=total, info=f"{note} {shown}")
@@ -134,13 +141,19 @@ class LineReporter:
     def step_note(self, step: Step, message: str) -> None:
         self._say(f"{step.name}: {message}")
 
-    def step_metric(self, step: Step, name: str, value: float) -> None:
+    def note(self, message: str) -> None:
+        self._say(f"note: {message}")
+
+    def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None:
         self.lines[step.name].metric(name, value)
         self.latest[step.name][name] = value
 
     def step_end(self, step: Step, record: StepRecord) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in record.metrics.items() if k in SHOWN_METRICS)
-        note = "cached" if record.cached else f"done in {record.duration_s:.1f}s"
+        if record.cached:
+            note = f"cached ({record.cached_in})" if record.cached_in not in ("", "local") else "cached"
+        else:
+            note = f"done in {record.duration_s:.1f}s" + (f" ${record.cost_usd:.4f}" if record.cost_usd else "")
         self._say(f"{step.name} ({step.pass_type}): {note}" + (f"  {shown}" if shown else ""))
 
     def stop(self) -> None: ...

@@ -81,6 +81,9 @@ def _run_one(
         return None
     if summary.metrics and not Verbosity.quiet:
         console.print(metrics_table(summary.metrics))
+    if summary.cost_usd is not None:
+        shares = ", ".join(f"{r.name} ${r.cost_usd:.4f}" for r in summary.steps if r.cost_usd is not None)
+        out.print(f"cost: ${summary.cost_usd:.4f} ({shares})", highlight=False)
     if summary.output_dir:
         out.print(f"output: {summary.output_dir}  (manifest.json, model/)")
     _package(wf, summary, out)
@@ -119,28 +122,114 @@ def _package(wf: Any, summary: Any, out: Any) -> None:
         out.print(f"packaged: {dest}")
 
 
+OLIVE_RUN = "Olive's run flags"
+
+
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="workflow config (Olive format, JSON or YAML)")],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", "--run-config", "--run_config", help="workflow config (Olive format, JSON "
+                           "or YAML)")  # fmt: skip
+    ],
     host: HostOpt = None,
     target: TargetOpt = None,
     tracking_uri: TrackingOpt = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="print the plan (what runs, what is cached) and stop")
+        bool, typer.Option("--dry-run", "--dry_run", help="print the plan (what runs, what is cached) and stop")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream job logs")] = False,
-    no_tracking: Annotated[bool, typer.Option("--no-tracking", help="do not log to MLflow")] = False,
+    no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
+    list_required_packages: Annotated[bool, typer.Option(
+        "--list_required_packages", "--list-required-packages", "--packages", rich_help_panel=OLIVE_RUN,
+        help="list the environments and packages the workflow's passes need, and exit")] = False,
+    setup: Annotated[bool, typer.Option("--setup", rich_help_panel=OLIVE_RUN, help="Olive 0.7-0.8: build the "
+                                        "environments the passes need (side venvs on this host), and exit")] = False,
+    tempdir: Annotated[str | None, typer.Option("--tempdir", rich_help_panel=OLIVE_RUN,
+                                                help="root folder for temporary files")] = None,
+    package_config: Annotated[str | None, typer.Option("--package-config", "--package_config",
+        rich_help_panel=OLIVE_RUN, help="refused: Olive's pass package registry; orch's passes are built in")] = None,
+    model_name_or_path: Annotated[str | None, typer.Option("--model_name_or_path", "--model-name-or-path", "-m",
+        rich_help_panel=OLIVE_RUN, help="replace the workflow's input model")] = None,
+    output_path: Annotated[str | None, typer.Option("--output_path", "--output-path", "-o", rich_help_panel=OLIVE_RUN,
+                                                    help="replace the workflow's output_dir")] = None,
+    task: Annotated[str | None, typer.Option("--task", "-t", rich_help_panel=OLIVE_RUN,
+                                             help="task of the replacing model (-m)")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code", "--trust-remote-code",
+        rich_help_panel=OLIVE_RUN, help="trust remote code of the replacing model (-m)")] = False,
+    adapter_path: Annotated[str | None, typer.Option("--adapter_path", "--adapter-path", "-a",
+        rich_help_panel=OLIVE_RUN, help="adapter of the replacing model (-m)")] = None,
+    test: Annotated[str | None, typer.Option("--test", rich_help_panel=OLIVE_RUN, metavar="[DIR]",
+        help="run on a random 2-layer copy of the input model (built once at DIR, default "
+             "<output_dir>/test_model)")] = None,
+    model_script: Annotated[str | None, typer.Option("--model_script", "--model-script", rich_help_panel=OLIVE_RUN,
+        help="refused: PyTorch model-loader scripts are not run")] = None,
+    script_dir: Annotated[str | None, typer.Option("--script_dir", "--script-dir", rich_help_panel=OLIVE_RUN,
+                                                   help="refused with --model_script")] = None,
+    log_level: Annotated[int | None, typer.Option("--log_level", "--log-level", rich_help_panel=OLIVE_RUN,
+                                                  help="replace the workflow's log_severity_level")] = None,
+    disable_telemetry: Annotated[bool, typer.Option("--disable_telemetry", "--disable-telemetry",
+        rich_help_panel=OLIVE_RUN, help="accepted: orch sends no telemetry")] = False,
     model_name: ModelNameOpt = None,
 ) -> None:
-    """Run a workflow config: passes on the host, evaluation on the target."""
-    _guarded(
-        lambda: _run_workflow(
-            config,
-            host=host,
-            target=target,
-            tracking_uri=tracking_uri,
-            dry_run=dry_run,
-            verbose=verbose,
-            no_tracking=no_tracking,
+    """Run a workflow config: passes on the host, evaluation on the target. Olive's `run` flags replace the
+    input model (-m, -a, --test), output_dir (-o) and log level."""
+    from orchestrator.olive.commands import run_overrides
+
+    def go() -> Any:
+        set_tempdir(tempdir)
+        source, base_dir, notes = run_overrides(
+            config, package_config=package_config, model_name_or_path=model_name_or_path, output_path=output_path,
+            task=task, trust_remote_code=trust_remote_code, adapter_path=adapter_path, test=test,
+            model_script=model_script or script_dir, log_level=log_level, dry_run=dry_run or list_required_packages,
+        )  # fmt: skip
+        for line in notes:
+            _say(line, label="note: ")
+        if list_required_packages or setup:
+            return _packages(source, base_dir, host=host, target=target, setup=setup)
+        return _run_workflow(
+            source, base_dir=base_dir, host=host, target=target, tracking_uri=tracking_uri, dry_run=dry_run,
+            verbose=verbose or (log_level is not None and log_level <= 1), no_tracking=no_tracking,
             model_name=model_name,
-        )
-    )
+        )  # fmt: skip
+
+    _guarded(go)
+
+
+def _packages(source: Any, base_dir: Path | None, *, host: str | None, target: str | None, setup: bool) -> None:
+    """Olive's --list_required_packages / --setup: the environment each pass runs in and its packages; --setup
+    builds the side environments on this host (what a first run would build)."""
+    import tempfile
+
+    from orchestrator.core.job import Job
+    from orchestrator.engine import Engine
+    from orchestrator.olive import load_workflow
+    from orchestrator.systems.environments import load_env_spec, resolve_env_file
+
+    wf = load_workflow(source, base_dir=base_dir)
+    engine = Engine(wf, host=host, target=target, tracking=False)
+    from orchestrator.engine.plan import environment_for
+
+    shown: set[str] = set()
+    for step in engine.plan():
+        job = Job(job_id=f"setup-{step.name}", pass_name=step.name, pass_type=step.pass_type, pass_config=step.config,
+                  output_dir=tempfile.gettempdir(), accelerator=engine._accelerator(step.system_name))  # fmt: skip
+        env = environment_for(job)
+        spec = load_env_spec(resolve_env_file(env))
+        out.print(f"{step.name} ({step.pass_type}) on {step.system_name}: environment {env}", markup=False)
+        if env not in shown:
+            shown.add(env)
+            out.print("  " + " ".join(spec.pip_requirements), markup=False, highlight=False)
+        if setup and step.role == "host":
+            engine.system(step.system_name).prepare(job)
+    if setup:
+        out.print("environments ready", markup=False)
+
+
+def set_tempdir(path: str | None) -> None:
+    """Olive's --tempdir: the root of temporary files for this process and the jobs it starts."""
+    if not path:
+        return
+    import tempfile
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(Path(path).resolve())
+    tempfile.tempdir = None  # recomputed from TMPDIR

@@ -18,6 +18,7 @@ EXTRA_OF: dict[str, tuple[str, str]] = {
     "trl": ("trl", "train"),
     "gguf": ("gguf", "train"),
     "safetensors": ("safetensors", "train"),
+    "pyarrow": ("pyarrow", "train"),
     "onnxruntime_genai": ("onnxruntime-genai", "onnx"),
     "onnxruntime": ("onnxruntime", "onnx"),
     "onnxscript": ("onnxscript", "onnx"),

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from orchestrator.core.links import LinkError, check_tree, real, short
 
 
 def _umask() -> int:
@@ -108,19 +111,45 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
 
 
 def replace_dir(src: Path, dest: Path) -> None:
-    """Copy src to dest via a temp sibling + rename: dest is either the old or the new copy, never half."""
+    """Copy src to dest via a temp sibling + rename: dest is either the old or the new copy, never half. A copy
+    that fails (a link it must not follow, a full disk) leaves nothing behind."""
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    if src.is_dir():
-        shutil.copytree(src, tmp, copy_function=copy_file, symlinks=False)
-    else:
-        tmp.mkdir(parents=True)
-        copy_file(str(src), str(tmp / src.name))
-    shareable(tmp)  # staging folders are made 0700 (mkdtemp); the user's output is an ordinary folder
+    try:
+        if src.is_dir():
+            copy_tree(src, tmp)
+        else:
+            tmp.mkdir(parents=True)
+            copy_file(str(src), str(tmp / src.name))
+        shareable(tmp)  # staging folders are made 0700 (mkdtemp); the user's output is an ordinary folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
     if dest.exists():
         dest.rename(old)
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """dst (new) becomes a copy of the folder src that never follows a link out of the tree or back into it:
+    files and file links are copied as content (reflinks where the filesystem offers them: a Hugging Face cache
+    snapshot is made of file links), folder links inside the tree stay relative links, and any other link (a
+    loop, a folder outside, a dangling link) refuses the copy before a byte is written (core.links)."""
+    check_tree(src, f"cannot copy {short(src)}")
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):  # never descends into folder links
+        here = Path(dirpath)
+        target = dst / here.relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in dirnames:
+            link = here / name
+            if link.is_symlink():  # inside the tree (check_tree): the same relative link in the copy
+                os.symlink(os.path.relpath(link.resolve(), real(here)), target / name)
+        for name in filenames:
+            path = here / name
+            if not stat.S_ISREG(path.stat().st_mode):
+                raise LinkError(f"cannot copy {short(src)}: {short(path)} is not a regular file (a pipe or device)")
+            copy_file(str(path), str(target / name))
 
 
 def replace_link(link: Path, target: Path | str) -> None:

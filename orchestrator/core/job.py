@@ -90,6 +90,9 @@ class Job(BaseModel):
     execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     secrets: dict[str, str] = Field(default_factory=dict)  # name -> secret *source* (file path / kv ref), never a value
     tracking: JobTracking = Field(default_factory=JobTracking)
+    # The step's cache key: a system that keeps the cache where the work runs (Azure ML's workspace cache) writes
+    # the job's output straight into that key's entry, to be committed once the job completed.
+    cache_key: str | None = None
     log_level: int = 3  # Olive/ORT severity: 0 verbose .. 4 fatal
 
     def write(self, path: Path | str) -> Path:

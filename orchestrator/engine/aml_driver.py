@@ -5,21 +5,33 @@ orch's business. So submit sends ONE command job that runs the whole workflow on
 (`python -m orchestrator.cli aml-drive ...`, which is `orch run --host local --target local` with the job's bound
 inputs put in place of the workflow's Azure references), with the registry model and datastore data bound as job
 inputs, the final model as the job output `model`, and the workflow's metrics logged to the job's own MLflow run
-(studio charts, `orch status`). Before submitting, the client plans the run against its own cache: a fully cached
-run submits nothing and exports the cached model right away.
+(studio charts, `orch status`). Before submitting, the client plans the run against its own cache and the
+workspace cache (`orch-cache/` in the default datastore, systems/azureml/blobcache.py): a fully cached run submits
+nothing and exports the cached model right away; otherwise the job gets the client's plan (`plan.json`: every
+step's cache key), so the driver takes what the workspace holds and runs only the rest, whichever client submitted
+it. Inside the job the driver downloads only what a step that runs needs, saves every pass it ran to the workspace
+cache, and saves a running pass's checkpoints there as they are written: a requeued attempt (preemption) or a
+later submit (after a cancel or a failure) resumes from the newest one. Each pass's cost (nodes x hours x the VM
+size's price) is logged with its metrics.
 (`orch run --host aml` is the other shape: one command job per pass, chained by reference, blocking.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 DRIVER_OUTPUT = "model"
 BIND_PREFIX = "${orch.input:"  # a placeholder in the driver's workflow.json, replaced by a bound input path
+PLAN_FILE = "plan.json"  # the client's plan in the code snapshot: {"keys": {step: cache key}}
+ENV_PRICE = "ORCH_NODE_PRICE"  # the driver node's price (systems.base.NodePrice as JSON): not a secret
+RESUMED_RX = re.compile(r"resumed from step (\d+)")
 
 
 # ---- submit ------------------------------------------------------------------------------------------------
@@ -80,10 +92,36 @@ def _driver_workflow(wf: Any) -> tuple[dict[str, Any], dict[str, str]]:
     return doc, binds
 
 
+def plan_rows(steps: list[Any]) -> list[dict[str, Any]]:
+    """What `orch submit --dry-run` shows and returns (--json): each step, its key, where it is cached."""
+    return [{"pass": s.name, "type": s.pass_type, "key": s.key, "cached": s.cached, "where": s.where or "runs"}
+            for s in steps]  # fmt: skip
+
+
+def _arm_endpoint(system: Any) -> str:
+    """The cloud's resource manager endpoint, for the job's own datastore lookup (not a secret)."""
+    meta = getattr(system.settings, "cloud_metadata", None) or {}
+    if meta.get("resource_manager"):
+        return str(meta["resource_manager"])
+    try:
+        from azure.ai.ml._azure_environments import _get_base_url_from_metadata
+
+        return str(_get_base_url_from_metadata())
+    except Exception:  # noqa: BLE001 - the public cloud
+        return "https://management.azure.com/"
+
+
 def submit_workflow(
-    config: Path, *, host: str | None = None, target: str | None = None, name: str | None = None, force: bool = False
+    config: Path,
+    *,
+    host: str | None = None,
+    target: str | None = None,
+    name: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
 ) -> dict[str, Any]:
     """Plan on the client; if anything must run, submit one driver job and return {name, studio_url, ...}.
+    dry_run: the plan only ({"plan": [...]}: each pass cached here, cached in the workspace, or to run).
 
     Exactly once: the job is named after its definition (plan, code snapshot, inputs, environment, compute), so
     an unchanged workflow whose job is still live is attached to (`attached: True`) instead of submitted twice,
@@ -105,10 +143,17 @@ def submit_workflow(
     wf = load_workflow(config)
     engine = Engine(wf, host=host or "aml", target=target or host or "aml", tracking=False)
     steps = engine.plan()
+    system = engine.system(engine.host_name)
+    shared = system.shared_cache()
+    if dry_run:
+        return {"name": None, "dry_run": True, "plan": plan_rows(steps),
+                "workspace_cache": shared.location if shared is not None else None}  # fmt: skip
+    if shared is not None:
+        engine.share_local_entries(steps)  # what only this machine has: the job finds it in the workspace
     if steps and all(s.cached for s in steps):
         _, summary = engine.run()
-        return {"name": None, "cached": len(steps), "output_dir": str(summary.output_dir) if summary else None}
-    system = engine.system(engine.host_name)
+        return {"name": None, "cached": len(steps), "output_dir": str(summary.output_dir) if summary else None,
+                "plan": plan_rows(steps)}  # fmt: skip
     doc, binds = _driver_workflow(wf)
     inputs: dict[str, Any] = {}
     args = [
@@ -123,8 +168,18 @@ def submit_workflow(
     used = {engine.host_name, engine.target_name}
     if any(getattr(wf.systems.get(n), "hf_token", False) for n in used):  # the systems this run uses, no other
         env["ORCH_HF_TOKEN_SOURCE"] = system.secret_sources(["hf_token"])["hf_token"]  # a reference, not a value
-    code = code_snapshot(engine.cache.root, {"workflow.json": json.dumps(doc, indent=2).encode()})
     system.check_compute()
+    if shared is not None:  # where the job finds the workspace cache; it reaches it with its own identity
+        from orchestrator.systems.azureml.blobcache import ENV_ARM, ENV_CACHE
+
+        env[ENV_CACHE] = shared.location
+        env[ENV_ARM] = _arm_endpoint(system)
+    price = system.node_price(None)
+    if price is not None:
+        env[ENV_PRICE] = json.dumps(dataclasses.asdict(price))
+    plan = {"keys": {s.name: s.key for s in steps}}
+    code = code_snapshot(engine.cache.root, {"workflow.json": json.dumps(doc, indent=2).encode(),
+                                             PLAN_FILE: json.dumps(plan, indent=1).encode()})  # fmt: skip
     if name:
         job_name, live = name, None
     else:
@@ -143,7 +198,7 @@ def submit_workflow(
         outputs={DRIVER_OUTPUT: Output(type="uri_folder", path=output_uri(job_name, DRIVER_OUTPUT), mode=OUTPUT_MODE)},
         display_name=f"orch {wf.workflow_id or 'workflow'}",
         tags={"orch.workflow": wf.workflow_id or "workflow", "orch.kind": "driver",
-              "orch.plan": json.dumps([[s.name, s.key[:16], s.cached] for s in steps])},
+              "orch.plan": json.dumps([[s.name, s.key[:16], s.where or "runs"] for s in steps])},
         environment_variables=env,
         reads_hub=reads_hub(doc),
     )  # fmt: skip
@@ -152,6 +207,7 @@ def submit_workflow(
         "studio_url": getattr(created, "studio_url", None),
         "status": status_text(created.status),
         "attached": False,
+        "plan": plan_rows(steps),
     }
 
 
@@ -167,26 +223,58 @@ def reads_hub(doc: dict[str, Any]) -> bool:
 
 # ---- the driver (runs on the compute) -----------------------------------------------------------------------
 class DriverReporter:
-    """The engine's progress inside the driver job: lines to the job log, metrics to the job's MLflow run."""
+    """The engine's progress inside the driver job: lines to the job log, metrics to the job's MLflow run.
 
-    def __init__(self) -> None:
+    A metric is logged once per (name, step) in the run: a requeued attempt of the job (Azure ML keeps its MLflow
+    run) replays what the first attempt logged, and those points are skipped (the run's history is read once
+    per metric). A pass that resumed (the engine's step_note) gets `<pass>/resumed_from_step`."""
+
+    def __init__(self, attempt: int = 1, price: Any = None) -> None:
         self.run_id = os.environ.get("MLFLOW_RUN_ID")
         self.client = None
+        self.attempt = attempt
+        self._logged: dict[str, set[int]] = {}
+        self._counters: dict[str, int] = {}
         if self.run_id:
             import mlflow
 
             self.client = mlflow.MlflowClient()
+            if price is not None:
+                self._safe(lambda: self.client.set_tag(self.run_id, "orch.price", price.describe()))
+
+    def _safe(self, fn: Any) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - tracking is not worth failing the workflow
+            print(f"orch: mlflow: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+
+    def _steps_logged(self, name: str) -> set[int]:
+        if name not in self._logged:
+            self._logged[name] = set()
+            if self.client is not None:  # a requeued attempt finds the points its first attempt logged
+                with contextlib.suppress(Exception):  # a metric the run does not have yet
+                    self._logged[name] = {m.step for m in self.client.get_metric_history(self.run_id, name)}
+        return self._logged[name]
 
     def log_metric(self, name: str, value: float, step: int = 0) -> None:
-        if self.client is not None:
-            try:
-                self.client.log_metric(self.run_id, name, float(value), step=step)
-            except Exception as exc:  # noqa: BLE001 - a metric is not worth failing the workflow
-                print(f"orch: could not log metric {name}: {exc}", flush=True)
+        if self.client is None:
+            return
+        done = self._steps_logged(name)
+        if step in done:
+            return
+        done.add(step)
+        self._safe(lambda: self.client.log_metric(self.run_id, name, float(value), step=step))
 
     def plan(self, steps: list[Any]) -> None:
         for s in steps:
-            print(f"orch: plan {s.name} ({s.pass_type}) {'cached' if s.cached else 'runs'}", flush=True)
+            verdict = "cached" if s.cached else "runs"
+            if self.attempt == 1:
+                print(f"orch: plan {s.name} ({s.pass_type}) {verdict}", flush=True)
+            else:  # one plan line per pass in the job's log, whatever happens to the job
+                print(f"orch: attempt {self.attempt}: {s.name} ({s.pass_type}) {verdict}", flush=True)
+        remote = [s.name for s in steps if s.cached and s.where not in ("", "local")]
+        if remote:
+            print(f"orch: cached in the workspace: {', '.join(remote)}", flush=True)
 
     def step_start(self, step: Any) -> None:
         print(f"orch: >> {step.name} ({step.pass_type})", flush=True)
@@ -197,15 +285,32 @@ class DriverReporter:
     def step_log(self, step: Any, line: str) -> None:
         print(f"[{step.name}] {line}", flush=True)
 
-    def step_metric(self, step: Any, name: str, value: float) -> None:
-        self._steps = getattr(self, "_steps", {})
+    def step_note(self, step: Any, message: str) -> None:
+        """A line the user must see; `resumed from step N` also becomes `<pass>/resumed_from_step` (orch status)."""
+        print(f"orch: {step.name} {message} (attempt {self.attempt})", flush=True)
+        m = RESUMED_RX.search(message)
+        if m:
+            self.log_metric(f"{step.name}/resumed_from_step", int(m[1]), int(m[1]))
+
+    def step_metric(self, step: Any, name: str, value: float, at: int | None = None) -> None:
         key = f"{step.name}/{name}"
-        self._steps[key] = self._steps.get(key, -1) + 1
-        self.log_metric(key, value, self._steps[key])
+        if at is None:
+            self._counters[key] = self._counters.get(key, -1) + 1
+            at = self._counters[key]
+        self.log_metric(key, value, int(at))
+
+    def note(self, message: str) -> None:
+        print(f"note: {message}", flush=True)
 
     def step_end(self, step: Any, record: Any) -> None:
-        print(f"orch: << {step.name} {record.status} in {record.duration_s:.1f}s", flush=True)
+        cost = f" (${record.cost_usd:.4f})" if record.cost_usd is not None else ""
+        where = f" ({record.cached_in})" if record.cached and record.cached_in not in ("", "local") else ""
+        print(f"orch: << {step.name} {record.status}{where} in {record.duration_s:.1f}s{cost}", flush=True)
         self.log_metric(f"{step.name}/duration_s", record.duration_s)
+        if not record.cached:
+            for k in ("cost_usd", "tokens_per_usd"):
+                if k in record.metrics:
+                    self.log_metric(f"{step.name}/{k}", record.metrics[k])
 
 
 def _substitute(obj: Any, binds: dict[str, str]) -> Any:
@@ -235,14 +340,32 @@ def drive(config: Path, binds: list[str]) -> int:
         print("orch: hf_token read from Key Vault", flush=True)
     doc = _substitute(json.loads(config.read_text()), bound)
     wf = load_workflow(doc, base_dir=Path.cwd())
-    reporter = DriverReporter()
-    engine = Engine(wf, host="local", target="local", tracking=False, reporter=reporter)
+    plan_path = config.with_name(PLAN_FILE)
+    keys = json.loads(plan_path.read_text())["keys"] if plan_path.is_file() else None
+    shared, attempt = None, 1
+    from orchestrator.systems.azureml.blobcache import ENV_CACHE, WorkspaceCache
+
+    if os.environ.get(ENV_CACHE):
+        shared = WorkspaceCache.in_job(os.environ[ENV_CACHE])
+        attempt = shared.count_attempt(os.environ.get("AZUREML_RUN_ID") or "job")
+        print(f"orch: workspace cache {shared.location} (attempt {attempt})", flush=True)
+    price = None
+    if os.environ.get(ENV_PRICE):
+        from orchestrator.systems.base import NodePrice
+
+        price = NodePrice(**json.loads(os.environ[ENV_PRICE]))
+        print(f"orch: priced as {price.describe()}", flush=True)
+    reporter = DriverReporter(attempt, price)
+    engine = Engine(wf, host="local", target="local", tracking=False, reporter=reporter, shared_cache=shared,
+                    planned_keys=keys, node_price=price)  # fmt: skip
     started = time.time()
     _, summary = engine.run()
     if summary is not None:
         for k, v in summary.metrics.items():
             reporter.log_metric(k, v)
-        print(f"orch: workflow finished in {time.time() - started:.1f}s; output {summary.output_dir}", flush=True)
+        cost = f"; cost ${summary.cost_usd:.4f}" if summary.cost_usd is not None else ""
+        print(f"orch: workflow finished in {time.time() - started:.1f}s{cost}; output {summary.output_dir}",
+              flush=True)  # fmt: skip
     return 0
 
 

@@ -13,7 +13,7 @@ from orchestrator.core.cache import Cache
 from orchestrator.core.extras import install_hint
 from orchestrator.core.job import EVENTS_FILE, Job, JobResult, JobState, ModelArtifact
 from orchestrator.engine.steps import EngineError, Reporter, Step
-from orchestrator.engine.tracking import EventTail, Tracker, redact
+from orchestrator.engine.tracking import EventTail, Tracker, mask
 from orchestrator.systems.base import System
 
 
@@ -72,7 +72,7 @@ def follow_job(
         log = _keep_log(cache, stage, job.job_id, tail_text)
         raise EngineError(
             f"pass {step.name!r} ({step.pass_type}) failed on {step.system_name} (input {model.path}): "
-            f"{redact(reason)}" + (f"; full log: {log}" if log else ""),
+            f"{mask(reason)}" + (f"; full log: {log}" if log else ""),
             log_tail=tail_text,
         )
 
@@ -103,7 +103,7 @@ def _on_event(step: Step, event: dict[str, Any], tracker: Tracker, reporter: Rep
         )  # fmt: skip
     elif kind == "metric":
         tracker.forward(event, f"{step.name}/")
-        reporter.step_metric(step, event["name"], event["value"])
+        reporter.step_metric(step, event["name"], event["value"], event.get("step"))
     elif kind == "param":
         tracker.forward(event, f"{step.name}/")
     elif kind == "resume":  # before the replayed history: the run may hold those steps already (a requeue)

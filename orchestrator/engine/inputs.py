@@ -3,11 +3,13 @@ files) and the data configs a step names (every file they read hashed by content
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 from orchestrator.core.cache import Cache, stable_hash
 from orchestrator.core.job import ModelArtifact
+from orchestrator.core.secrets import split_secrets
 from orchestrator.engine.preflight import local_data_paths
 
 
@@ -43,6 +45,35 @@ def input_model(im: Any, *, base_dir: Path, cache: Cache, fetch: bool = True) ->
     return art, identity
 
 
+LOCAL = "<local: hashed by content>"
+
+
+def without_local_paths(cfg: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """The data config with every local path it reads replaced by a placeholder: those files are hashed by
+    content, so a copied data folder (or a moved one) keys the same as the original."""
+    written = {w for _, w, _ in local_data_paths(cfg, base_dir)}
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, str) and value in written:
+            return LOCAL
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        return value
+
+    out = copy.deepcopy(cfg)
+    load = out.get("load_dataset_config")
+    if isinstance(load, dict):
+        for key in ("data_files", "data_name", "data_dir"):
+            if key in load:
+                load[key] = strip(load[key])
+    for key in ("user_script", "script_dir"):  # the script's content is hashed above; its folder is where it lies
+        if out.get(key):
+            out[key] = LOCAL
+    return out
+
+
 def data_files(
     data_configs: list[Any], *, base_dir: Path, cache: Cache, fetch: bool = True
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
@@ -58,7 +89,7 @@ def data_files(
         hub = hub_dataset(cfg, fetch=fetch)
         if hub is not None:
             files[dc.name], identity = hub
-            hashes += [stable_hash(["hub", identity]), stable_hash(cfg)]
+            hashes += [stable_hash(["hub", identity]), stable_hash(split_secrets(cfg)[0])]
             continue
         local = resolve_data_files(cfg, base_dir=base_dir, cache=cache)
         if local is not None:
@@ -69,5 +100,5 @@ def data_files(
             hashes.append(stable_hash([fld, [cache.content_hash(p) for p in found]]))
         if cfg.get("user_script"):  # the script's code makes the rows: a changed script is new data
             hashes.append(stable_hash(["user_script", cache.content_hash(Path(cfg["user_script"]))]))
-        hashes.append(stable_hash(cfg))
+        hashes.append(stable_hash(split_secrets(without_local_paths(cfg, base_dir))[0]))  # content, not place
     return configs, files, hashes

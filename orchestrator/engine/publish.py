@@ -3,6 +3,7 @@ whole (a versioned folder + one symlink switch), and the model logged to MLflow.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,8 +17,10 @@ from filelock import FileLock
 
 from orchestrator import __version__
 from orchestrator.core.cache import Cache, folder_size
+from orchestrator.core.errors import UserError
 from orchestrator.core.fs import atomic_write_text, replace_dir, replace_link
 from orchestrator.core.job import ModelArtifact, is_uri
+from orchestrator.core.links import short
 from orchestrator.engine.plots import plot_training_curves
 from orchestrator.engine.steps import RunSummary, Step, StepRecord
 from orchestrator.engine.tracking import Tracker, redact_obj
@@ -70,8 +73,44 @@ class Publisher:
             version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
             vdir = versions / version
             vdir.mkdir(parents=True)
-            self._write_publication(vdir, summary, records, steps, model, tracker)
+            try:
+                self._check_space(summary)
+                self._write_publication(vdir, summary, records, steps, model, tracker)
+            except BaseException as exc:  # a half-written version is never left behind (nor switched to)
+                shutil.rmtree(vdir, ignore_errors=True)
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise self._disk_full(summary) from None
+                raise
             _switch_current(self.output_dir, version)
+
+    def _needed_bytes(self, summary: RunSummary) -> int:
+        """Bytes the publication copies: the final model (and adapter) folders."""
+        model = summary.final_model
+        if model is None:
+            return 0
+        paths = [model.path] + ([model.adapter_path] if model.format == "hf_adapter" and model.adapter_path else [])
+        return sum(folder_size(p) for p in paths if not is_uri(p) and Path(p).exists())
+
+    def _check_space(self, summary: RunSummary) -> None:
+        """Refuse before copying when output_dir's disk cannot hold the model (a copy across filesystems; on one
+        filesystem reflinks may need no space, so the copy is tried and a full disk caught as it happens)."""
+        assert self.output_dir is not None
+        model = summary.final_model
+        if model is None or is_uri(model.path) or not Path(model.path).exists():
+            return
+        if os.stat(model.path).st_dev == os.stat(self.output_dir).st_dev:
+            return
+        if shutil.disk_usage(self.output_dir).free < self._needed_bytes(summary) + (1 << 20):
+            raise self._disk_full(summary)
+
+    def _disk_full(self, summary: RunSummary) -> PublishError:
+        assert self.output_dir is not None
+        free = shutil.disk_usage(self.output_dir).free
+        return PublishError(
+            f"engine.output_dir {short(self.output_dir)}: its disk is full ({_mb(free)} free, the model needs "
+            f"{_mb(self._needed_bytes(summary))}); free space there or give another output folder: the passes' "
+            "results stay in the cache, so the rerun only publishes"
+        )
 
     def _job_output(self) -> bool:
         """output_dir is an Azure ML job output (AZURE_ML_OUTPUT_<name>), or ORCH_PUBLISH=flat: the service
@@ -160,6 +199,14 @@ class Publisher:
         }
         manifest = redact_obj(manifest)  # credentials inside URIs (tracking, SAS) never reach the file
         atomic_write_text(vdir / "manifest.json", json.dumps(manifest, indent=2, default=str))
+
+
+class PublishError(UserError):
+    """output_dir cannot take the publication (a full disk): one line with the folder and the space needed."""
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def _switch_current(output_dir: Path, version: str) -> None:

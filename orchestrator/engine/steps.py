@@ -32,19 +32,26 @@ class Reporter(Protocol):
         self, step: Step, done: int, total: int, desc: str, *, tokens: int | None = None, t: float | None = None
     ) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
-    def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None: ...
     def step_note(self, step: Step, message: str) -> None: ...  # one line the user must see (resumed from step N)
     def step_end(self, step: Step, record: StepRecord) -> None: ...
+    def note(self, message: str) -> None: ...  # something the user should know once (a repaired store, a damaged entry)
 
 
 class QuietReporter:
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
     def plan(self, steps: list[Step]) -> None: ...
     def step_start(self, step: Step) -> None: ...
     def step_progress(
         self, step: Step, done: int, total: int, desc: str, *, tokens: int | None = None, t: float | None = None
     ) -> None: ...
     def step_log(self, step: Step, line: str) -> None: ...
-    def step_metric(self, step: Step, name: str, value: float) -> None: ...
+    def step_metric(self, step: Step, name: str, value: float, at: int | None = None) -> None: ...
     def step_note(self, step: Step, message: str) -> None: ...
     def step_end(self, step: Step, record: StepRecord) -> None: ...
 
@@ -61,6 +68,7 @@ class Step:
     key: str = ""
     cached: bool = False
     data_names: list[str] = field(default_factory=list)
+    where: str = ""  # where a cached step's entry is: "local" (this machine's cache) or a shared cache ("workspace")
     resumed_from_step: int | None = None  # the job continued a killed attempt from its checkpoint at this step
 
 
@@ -77,6 +85,8 @@ class StepRecord:
     versions: dict[str, str]
     output: dict[str, Any] | None
     output_size_bytes: int = 0
+    cost_usd: float | None = None  # what running it cost on its compute this time (None: no price known)
+    cached_in: str = ""  # "local" / "workspace" when it came from a cache
     resumed_from_step: int | None = None  # the pass's training continued from a checkpoint at this step
 
 
@@ -88,6 +98,7 @@ class RunSummary:
     output_dir: Path | None
     mlflow_run_id: str | None
     model_uri: str | None = None
+    cost_usd: float | None = None  # the passes that ran, on priced compute
     input_identity: str | None = None  # what the run started from: hf://<id>@<commit>, or the content hash
     recorded: bool = False  # mlflow_run_id is an earlier run that recorded the same plan; nothing was logged
     prompt_format: PromptFormat | None = None  # what the final model was fine-tuned on (core.prompt)

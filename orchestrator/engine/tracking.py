@@ -13,50 +13,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.core.links import real
+from orchestrator.core.redact import mask, redact, redact_obj, remember_secret  # noqa: F401  (re-exported)
+from orchestrator.engine.mlflow_store import prepare_sqlite_store
+
 SECRET_HINTS = ("token", "secret", "password", "key", "credential", "sas")
-# user:password@ (or a bare token@) in a URI, and secret-looking query parameters (SAS sig=, token=, ...)
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
-_QUERY_SECRET = re.compile(
-    r"(?P<key>[?&;](?:sig|signature|token|access_token|password|passwd|pwd|secret|api_key|apikey|key|"
-    r"client_secret|sas|se?kret)=)(?!REDACTED(?:[&#\s'\"]|$))(?P<value>[^&#\s'\"]+)",
-    re.IGNORECASE,
-)
 HTTP_TIMEOUT_S = "10"  # MLflow's own default is 120 s with 7 retries: a dead server would hang minutes
 HTTP_MAX_RETRIES = "1"
 
 
-def redact(text: str) -> str:
-    """Credentials inside URIs in any text -> ***: `https://u:pw@host` -> `https://u:***@host`,
-    `https://tok@host` -> `https://***@host`, `?sig=...` -> `?sig=***`."""
-    if not isinstance(text, str) or ("@" not in text and "=" not in text):
-        return text
-
-    def userinfo(m: re.Match[str]) -> str:
-        if m.group("pw") is not None:
-            return f"{m.group('scheme')}{m.group('user')}:***@"
-        return f"{m.group('scheme')}***@"
-
-    return _QUERY_SECRET.sub(lambda m: m.group("key") + "***", _USERINFO.sub(userinfo, text))
-
-
-def redact_obj(obj: Any) -> Any:
-    """redact() over every string of a JSON-like object."""
-    if isinstance(obj, dict):
-        return {k: redact_obj(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [redact_obj(v) for v in obj]
-    return redact(obj) if isinstance(obj, str) else obj
-
-
 def default_tracking_uri(base_dir: Path | None = None) -> str:
-    return f"sqlite:///{(base_dir or Path.cwd()).resolve() / 'mlruns.db'}"
+    return f"sqlite:///{real(base_dir or Path.cwd()) / 'mlruns.db'}"
 
 
 def absolute_store_uri(uri: str, base_dir: Path) -> str:
@@ -65,12 +38,12 @@ def absolute_store_uri(uri: str, base_dir: Path) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         rest = uri[len("sqlite:///") :]
         if rest and not rest.startswith(":memory:") and not Path(rest).is_absolute():
-            return f"sqlite:///{(base_dir / rest).resolve()}"
+            return f"sqlite:///{real(base_dir / rest)}"  # a link loop is named by the pre-flight
         return uri
     if uri.startswith("file:") and not uri.startswith("file:/"):
-        return f"file://{(base_dir / uri[len('file:') :]).resolve()}"
+        return f"file://{real(base_dir / uri[len('file:') :])}"
     if "://" not in uri and ":" not in uri.split("/")[0] and not Path(uri).is_absolute():
-        return str((base_dir / uri).resolve())
+        return str(real(base_dir / uri))
     return uri
 
 
@@ -93,7 +66,7 @@ def local_artifact_root(tracking_uri: str | None) -> str | None:
     if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
         return None
     db = Path(tracking_uri[len("sqlite:///") :])
-    return (db.parent / "mlruns").resolve().as_uri() if db.is_absolute() else None
+    return (real(db.parent) / "mlruns").as_uri() if db.is_absolute() else None
 
 
 def plan_key(register_as: str, steps: list[tuple[str, str]]) -> str:
@@ -128,9 +101,9 @@ def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
             else:
                 out.update(flatten_params(v, key))
     elif isinstance(obj, list):
-        out[prefix] = redact(json.dumps(obj, default=str))[:500]
+        out[prefix] = mask(json.dumps(redact_obj(obj), default=str))[:500]
     else:
-        out[prefix] = redact(str(obj))[:500]
+        out[prefix] = mask(str(obj))[:500]
     return out
 
 
@@ -226,6 +199,7 @@ class Tracker:
         self.run_id: str | None = None
         self._logged: set[tuple[str, int]] = set()  # (metric, step) forwarded from jobs: each is logged once
         self.tracking_uri = tracking_uri
+        self.notes: list[str] = []  # what the user should know once (a store repaired)
         self.run_name = run_name
         self.recorded = False  # True: run_id is an earlier run this one only points to
         self.model_uri: str | None = None  # the model this run logged (or the adopted run had logged)
@@ -234,10 +208,15 @@ class Tracker:
         import logging
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # MLflow prints "View run ... at <tracking uri>" with the URI's password: orch prints the run masked itself
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES)
         import mlflow
         from filelock import FileLock
+
+        for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):  # masked if a library prints them
+            remember_secret(os.environ.get(name))
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -249,6 +228,7 @@ class Tracker:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         try:
+            self.notes = prepare_sqlite_store(tracking_uri) if tracking_uri else []  # whole, or rebuilt (aside)
             self.client = mlflow.MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)  # creates / migrates the store (under the lock)
             exp_id = (

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from orchestrator.olive import keys as olive_keys
 from orchestrator.passes.training.lora.training_args import TrainingArgsError, normalize_training_args
 from orchestrator.schema.errors import ConfigError, fmt_path, nearest, suggest, translate
+from orchestrator.schema.files import load_config_file
 from orchestrator.schema.models import DataConfig, EngineConfig, EvaluatorConfig, InputModel, PassEntry
 from orchestrator.schema.resources import AzureMLClient
 from orchestrator.schema.systems import SystemConfig
@@ -28,7 +28,8 @@ from orchestrator.systems.registry import MAIN_KEYWORDS, canonical_type
 
 ENGINE_KEYS = tuple(EngineConfig.model_fields)
 DATA_REF_KEYS = ("train_data_config", "eval_data_config", "data_config")
-PASS_RUN_KEYS = ("disable_search",)  # Olive search-time keys: accepted and ignored (passes run once, in order)
+# Olive's per-pass run keys (RunPassConfig), beside type/config: search and per-pass host/evaluator (keys.pass_run_keys)
+PASS_RUN_KEYS = ("disable_search", "evaluator", "host", "clean_run_cache", "output_name")
 
 
 class WorkflowConfig(BaseModel):
@@ -110,47 +111,8 @@ class _Reader:
 
 
 def _read_file(path: Path) -> Any:
-    if not path.is_file():
-        what = "is a folder; give the workflow file inside it" if path.is_dir() else "not found"
-        raise ConfigError([f"config file {path} {what}"])
-    raw_bytes = path.read_bytes()
-    try:
-        text = raw_bytes.decode("utf-8-sig")  # a BOM (Windows editors) is fine
-    except UnicodeDecodeError as exc:
-        bad = raw_bytes[exc.start : exc.start + 1].hex()
-        line = raw_bytes[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            [f"config file {path}: not UTF-8 (byte 0x{bad} on line {line}; Latin-1 / cp1252?): save it as UTF-8"]
-        ) from None
-    if path.suffix.lower() == ".json":
-        dupes: list[str] = []
-
-        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-            seen: dict[str, Any] = {}
-            for k, v in items:
-                if k in seen:
-                    dupes.append(k)
-                seen[k] = v
-            return seen
-
-        try:
-            data = json.loads(text, object_pairs_hook=pairs)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                [f"config file {path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
-            ) from None
-        if dupes:
-            raise ConfigError([f"config file {path}: key {k!r} appears twice in one object" for k in dupes])
-        return data
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"config file {path}: invalid YAML{where}: {what}"]) from None
+    """The workflow file: UTF-8 JSON or YAML 1.2, duplicate keys refused (schema/files.py)."""
+    return load_config_file(path)
 
 
 def load_workflow(source: str | Path | dict[str, Any], *, base_dir: Path | None = None) -> WorkflowConfig:
@@ -166,7 +128,11 @@ def load_workflow(source: str | Path | dict[str, Any], *, base_dir: Path | None 
         raw = _read_file(path)
         base = Path(base_dir or path.resolve().parent).resolve()
     if not isinstance(raw, dict):
-        raise ConfigError([f"the workflow must be a mapping of sections (input_model, passes, ...), got {raw!r}"])
+        shown = repr(raw) if len(repr(raw)) <= 60 else type(raw).__name__
+        raise ConfigError([f"the workflow must be a mapping of sections (input_model, passes, ...), got {shown}"])
+    numbers = _unusable_numbers(raw, [])
+    if numbers:
+        raise ConfigError(numbers)
     reader = _Reader(base)
     _normalize(raw, reader)
     passes = _check_passes(raw, reader)
@@ -187,6 +153,26 @@ def load_workflow(source: str | Path | dict[str, Any], *, base_dir: Path | None 
     return config
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _unusable_numbers(node: Any, path: list[Any]) -> list[str]:
+    """Numbers no pass can use, wherever they are written: inf / nan (JSON's and YAML's 1e999 read as inf) and
+    integers beyond 64 bits. Checked on the raw file, so free-form sections (training_args) are covered too."""
+    import math
+
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _unusable_numbers(v, [*path, k])]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _unusable_numbers(v, [*path, i])]
+    if isinstance(node, float) and not math.isfinite(node):
+        why = " (a number too large for a float reads as inf)" if math.isinf(node) else ""
+        return [f"{fmt_path(path)}: must be a finite number, got {node!r}{why}"]
+    if isinstance(node, int) and not isinstance(node, bool) and abs(node) > INT64_MAX:
+        return [f"{fmt_path(path)}: {node} is out of range (at most {INT64_MAX})"]
+    return []
+
+
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -201,12 +187,22 @@ def _normalize(raw: dict[str, Any], r: _Reader) -> None:
     if engine is None:
         engine = raw["engine"] = {}
     if isinstance(engine, dict):
-        for key in ENGINE_KEYS:
+        for key in (*ENGINE_KEYS, *olive_keys.ENGINE_NOTES):
             if key in raw:  # newer Olive puts host/target/evaluator/cache_dir... at the top level
                 value = raw.pop(key)
                 if key in engine and engine[key] != value:
                     r.problem([key], f"also set as engine.{key} to {engine[key]!r}; keep one")
                 engine[key] = value
+        for key in ("host", "target"):  # Olive allows the system itself here: it becomes a named system
+            if isinstance(engine.get(key), dict):
+                systems = raw.setdefault("systems", {})
+                if isinstance(systems, dict):
+                    name = f"{key}_system"
+                    while name in systems:
+                        name += "_"
+                    systems[name] = engine[key]
+                    engine[key] = name
+                    r.notes.append(f"engine.{key}: the system given inline is systems.{name}")
         search = engine.get("search_strategy")
         if search:
             r.notes.append("engine.search_strategy ignored: orch runs every pass once, in the order written")
@@ -241,6 +237,7 @@ def _flatten_data_config(dc: Any, path: tuple[Any, ...], r: _Reader) -> None:
     load = dc.get("load_dataset_config")
     if isinstance(load, dict):
         r.flatten(load, "data_files", (*path, "load_dataset_config", "data_files"), "config")
+    olive_keys.data_params(dc, path, r)
 
 
 _COMPONENT_PARTS = {"load_dataset": "load_dataset_config", "pre_process_data": "pre_process_data_config"}
@@ -326,6 +323,12 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
         return out
     for name, entry in passes.items():
         where: tuple[Any, ...] = ("passes", name)
+        if isinstance(entry, list):  # Olive >= 0.10: a list of alternative configs for its search
+            if len(entry) != 1:
+                r.problem(list(where), f"{len(entry)} alternative configs: Olive searches over them, orch runs each "
+                          "pass once; keep one")  # fmt: skip
+                continue
+            entry = entry[0]
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
             r.problem([*where, "type"], "required: the pass type, e.g. 'LoRA'")
             continue
@@ -353,6 +356,13 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
             cfg = {k: v for k, v in entry.items() if k not in ("type", "config", *PASS_RUN_KEYS)}
         if entry.get("disable_search") is not None:
             r.notes.append(f"{fmt_path([*where, 'disable_search'])} ignored: orch does no search")
+        olive_keys.pass_run_keys(entry, where, raw, r)
+        try:
+            fields = set(load_pass(type_name).Config.model_fields)
+        except Exception:  # not importable: its job checks the config when it runs
+            fields = None
+        if fields is not None:
+            olive_keys.pass_keys(type_name, cfg, cfg_path, fields, r)
         _check_data_refs(cfg, cfg_path, raw, r)
         to_check = cfg
         if isinstance(cfg.get("training_args"), dict):

@@ -13,16 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from orchestrator.core.errors import UserError
 from orchestrator.core.job import Job, ModelArtifact, append_event
+from orchestrator.schema.resources import refuse_bool_numbers
 
 
 class PassConfig(BaseModel):
-    """Base for every pass's config: frozen, and unknown keys are an error (the config reader names them)."""
+    """Base for every pass's config: frozen, and unknown keys are an error (the config reader names them);
+    numbers are finite and never booleans (schema.resources.Strict's rules)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
 
 
 class PassError(UserError):
@@ -35,6 +42,7 @@ class Requirements:
 
     cuda: bool = False
     environment: str = "cpu-export"  # environments/<name>.conda.yaml family: cpu-export | cpu-train | gpu-train
+    without_cuda: str = ""  # cuda=True: why it cannot run without a GPU and what to use instead (one line)
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,9 @@ class Pass(ABC):
     # True: the pass runs unchanged under torchrun / Azure ML's PyTorch launcher (every rank calls run; the
     # runner keeps result.json and events to rank 0), so systems may give it processes_per_node > 1.
     data_parallel: ClassVar[bool] = False
+    # runs the model on the job's first execution provider (timing): on a host without the GPU its system asks
+    # for, the engine hands it the CPU provider instead (the passes that build models keep the asked providers)
+    runs_model_on_provider: ClassVar[bool] = False
 
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements()

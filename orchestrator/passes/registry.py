@@ -14,6 +14,9 @@ from orchestrator.passes.base import Pass
 PASSES: dict[str, str] = {
     "LoRA": "orchestrator.passes.training.lora.train:LoRAPass",
     "QLoRA": "orchestrator.passes.training.lora.train:QLoRAPass",
+    "DoRA": "orchestrator.passes.training.lora.train:DoRAPass",
+    "LoHa": "orchestrator.passes.training.lora.train:LoHaPass",
+    "LoKr": "orchestrator.passes.training.lora.train:LoKrPass",
     "MergeAdapterWeights": "orchestrator.passes.training.merge:MergeAdapterWeightsPass",
     "ModelBuilder": "orchestrator.passes.onnx.model_builder:ModelBuilderPass",
     "OnnxMatMul4Quantizer": "orchestrator.passes.quantization.quantize:MatMulNBitsQuantizePass",
@@ -27,7 +30,11 @@ PASSES: dict[str, str] = {
     "Rtn": "orchestrator.passes.quantization.rtn:RtnPass",
     "GraphSurgeries": "orchestrator.passes.onnx.graph_surgeries:GraphSurgeriesPass",
     "OnnxHqqQuantization": "orchestrator.passes.quantization.onnx_hqq:OnnxHqqQuantizationPass",
+    "OnnxKQuantQuantization": "orchestrator.passes.quantization.onnx_kquant:OnnxKQuantQuantizationPass",
     "OnnxConversion": "orchestrator.passes.onnx.onnx_conversion:OnnxConversionPass",
+    # Olive 0.7-0.9's Optimum exporter: the same decoder graph from torch.onnx (one graph, already "merged")
+    "OptimumConversion": "orchestrator.passes.onnx.onnx_conversion:OnnxConversionPass",
+    "OptimumMerging": "orchestrator.passes.onnx.onnx_conversion:OptimumMergingPass",
     "OrtTransformersOptimization": "orchestrator.passes.onnx.ort_optimize:OrtTransformersOptimizationPass",
     "OnnxDynamicQuantization": "orchestrator.passes.quantization.onnx_dynamic_quant:OnnxDynamicQuantizationPass",
     "ExtractAdapters": "orchestrator.passes.onnx.extract_adapters:ExtractAdaptersPass",
@@ -41,7 +48,6 @@ PASSES: dict[str, str] = {
 _BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"
 # Olive passes orch does not run, and what to use instead: the config reader names them in one line each.
 UNSUPPORTED: dict[str, str] = {
-    "OptimumConversion": f"use {_BUILDER}",
     "OnnxStaticQuantization": "static QDQ quantization is for NPUs; use OnnxMatMul4Quantizer or ModelBuilder int4",
     "IncStaticQuantization": "INC static quantization (calibrated QOperator/QDQ) is not run; use "
     "IncDynamicQuantization or OnnxMatMul4Quantizer",
@@ -54,11 +60,53 @@ UNSUPPORTED: dict[str, str] = {
     "EPContextBinaryGenerator": "NPU context binaries are not supported",
     "ComposeOnnxModels": "composing split ONNX models is not supported; SplitModel writes an onnxruntime-genai "
     "pipeline of its parts",
-    "LoftQ": "use LoRA or QLoRA",
-    "DoRA": "use LoRA",
-    "LoHa": "use LoRA",
-    "LoKr": "use LoRA",
+    "LoftQ": "LoftQ's quantization-aware LoRA initialization is not run; use LoRA (or QLoRA on CUDA)",
 }
+_NPU = "NPU toolchains (QNN, SNPE, Vitis AI, QAIRT) are not part of orch; build for CPU, CUDA, DirectML or WebGPU"
+_OPENVINO = "the OpenVINO toolchain is not part of orch; use ModelBuilder for CPU / GPU"
+_VENDOR_QUANT = (
+    "vendor quantizers (AMD Quark, NVIDIA ModelOpt, Qualcomm AIMET) are not part of orch; use Gptq / Rtn / "
+    "OnnxBlockWiseRtnQuantization"
+)
+for _name in ("QNNConversion", "QNNContextBinaryGenerator", "QNNModelLibGenerator", "QNNPreprocess", "SNPEConversion",
+              "SNPEQuantization", "SNPEtoONNXConversion", "QairtEncapsulation", "QairtGenAIBuilder", "QairtMHA2SHA",
+              "QairtPipelinePass", "QairtPreparation", "VitisAIAddMetaData", "VitisAIQuantization",
+              "VitisGenerateModelLLM", "VitisGenerateModelSD", "VitisQDQQuantizer", "VitisQOpQuantizer",
+              "RyzenGenerateModelLLM", "MixedPrecisionOverrides", "DynamicToFixedShape", "InputNCHWtoNHWC",
+              "PowerOfTwoMethod"):  # fmt: skip
+    UNSUPPORTED.setdefault(_name, _NPU)
+for _name in ("OpenVINOConversion", "OpenVINOEncapsulation", "OpenVINOIoUpdate", "OpenVINOOptimumConversion",
+              "OpenVINOQuantization", "OpenVINOQuantizationWithAccuracy", "OpenVINOWeightCompression"):  # fmt: skip
+    UNSUPPORTED.setdefault(_name, _OPENVINO)
+for _name in ("QuarkQuantization", "QuarkQuantizationVitisAI", "NVModelOptQuantization", "NVModelOptGraphSurgery",
+              "AimetQuantization", "GptqModel", "OnnxBnb4Quantization", "OnnxQuantization", "quantize_static",
+              "OnnxQuantizationPreprocess", "QuantizationAwareTraining", "KQuant", "SpinQuant",
+              "AutoClip"):  # fmt: skip
+    UNSUPPORTED.setdefault(_name, _VENDOR_QUANT)
+UNSUPPORTED.update(
+    {
+        "MobiusBuilder": "MobiusBuilder (mobius-ai) is not part of orch; use ModelBuilder",
+        "PyTorchTensorParallel": "tensor-parallel sharding is not supported; the models here fit one device",
+        "MoEExpertsDistributor": "mixture-of-experts sharding is not supported",
+        "SDLoRA": "diffusion models are not supported",
+        "OrtMixedPrecision": "use ModelBuilder precision fp16 or OrtTransformersOptimization float16",
+        "OnnxFloatToFloat16": "use ModelBuilder precision fp16, or OrtTransformersOptimization float16 (with "
+        "force_fp32_ops for the op types to keep)",
+        "OnnxIODataTypeConverter": "the model builder writes float32 logits; for an fp16 graph keep_io_types in "
+        "OrtTransformersOptimization",
+        "OnnxIOFloat16ToFloat32": "the model builder writes float32 logits; for an fp16 graph keep_io_types in "
+        "OrtTransformersOptimization",
+        "OnnxPeepholeOptimizer": "use OrtTransformersOptimization (onnxruntime's fusions) or ModelBuilder",
+        "OnnxScriptFusion": "use OrtTransformersOptimization (onnxruntime's fusions) or ModelBuilder",
+        "OnnxModelOptimizer": "use OrtTransformersOptimization (onnxruntime's fusions) or ModelBuilder",
+        "OnnxOpVersionConversion": "OnnxConversion writes the target_opset asked",
+        "OnnxDiscrepancyCheck": "orch checks every export against transformers itself (parity metrics)",
+        "AppendPrePostProcessingOps": "pre/post-processing graphs (onnxruntime-extensions) are not added",
+        "InsertBeamSearch": "onnxruntime-genai runs the search (genai_config.json search options)",
+        "AddOliveMetadata": "the output folder's manifest.json records what ran",
+        "CaptureLayerAnnotations": "layer annotations are for NPU partitioning, not supported",
+    }
+)
 UNSUPPORTED["Quarot"] = UNSUPPORTED["QuaRot"]
 
 

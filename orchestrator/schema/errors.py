@@ -7,6 +7,7 @@ once, so one edit-run cycle fixes a whole file.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
@@ -15,8 +16,10 @@ from typing import Any, Union
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.core.errors import UserError
+from orchestrator.core.redact import is_secret_key, redact
 
 Loc = tuple[str | int, ...]
+_FIELD_MESSAGE = re.compile(r"^field '([^']+)': (.*)$", re.S)
 
 
 class ConfigError(UserError):
@@ -136,7 +139,7 @@ def walk(root: type[BaseModel], loc: Loc) -> tuple[list[str | int], type[BaseMod
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = redact(repr(value))
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -178,7 +181,15 @@ def translate(
                 for lead in ("Value error, ", "Assertion failed, "):
                     if msg.startswith(lead):
                         msg = msg[len(lead) :]
-                if kind not in ("value_error", "assertion_error") and not isinstance(e.get("input"), dict | list):
+                named = _FIELD_MESSAGE.match(msg)
+                if named:  # a model-level check that names its field: the field goes into the path
+                    path.append(named.group(1))
+                    msg = named.group(2)
+                if kind in ("value_error", "assertion_error") or isinstance(e.get("input"), dict | list):
+                    pass
+                elif is_secret_key(next((p for p in reversed(loc) if isinstance(p, str)), None)):
+                    msg += " (the value is not shown: it is a secret; keep secrets out of config files)"
+                else:
                     msg += f" (got {_short(e.get('input'))})"
         if relocate is not None:
             path = relocate(path)

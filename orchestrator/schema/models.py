@@ -192,6 +192,9 @@ class LoadDatasetConfig(_Params):
         return str(res.path) if isinstance(res, LocalFolder | LocalFile) else res
 
 
+MAX_SEQUENCE = 1 << 20  # tokens: beyond every model's context; padding rows to more cannot fit in memory
+
+
 class PreProcessDataConfig(_Params):
     """Olive's text-generation pre-processing: how rows become one "text" column and how long sequences are."""
 
@@ -202,12 +205,17 @@ class PreProcessDataConfig(_Params):
     corpus_strategy: Literal["join", "line-by-line", "join-random", "line-by-line-random", "join-sliding-window"] = (
         Field("line-by-line", validation_alias=AliasChoices("corpus_strategy", "strategy"))
     )  # orchestrator.passes.common.text_blocks packs them as Olive does
-    stride: int | None = Field(None, gt=0)  # join-sliding-window's step
-    source_max_len: int = Field(1024, gt=0, validation_alias=AliasChoices("source_max_len", "max_seq_len"))
+    stride: int | None = Field(None, gt=0, le=MAX_SEQUENCE)  # join-sliding-window's step
+    source_max_len: int = Field(
+        1024, gt=0, le=MAX_SEQUENCE, validation_alias=AliasChoices("source_max_len", "max_seq_len")
+    )
     pad_to_max_len: bool = True
     use_attention_mask: bool = True
     max_samples: int | None = Field(None, gt=0)
     add_special_tokens: bool | None = None
+    # Olive's chat form: each row's messages rendered with the tokenizer's chat template (True) or this Jinja one
+    chat_template: bool | str | None = None
+    message_col: str = "messages"
 
     random_seed: int | None = None  # Olive: the seed of its random strategies (required by them)
     component_kwargs: dict[str, Any] = Field(default_factory=dict)  # a user_script function's own arguments
@@ -237,6 +245,8 @@ class PreProcessDataConfig(_Params):
 
     @model_validator(mode="after")
     def _text_source(self) -> PreProcessDataConfig:
+        if self.chat_template and self.text_template:
+            raise ValueError("give chat_template or text_template, not both")
         if not self.text_cols and not self.text_template:  # Olive's default: the "text" column
             object.__setattr__(self, "text_cols", ["text"])
         return self

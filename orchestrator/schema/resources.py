@@ -22,9 +22,51 @@ WORKSPACE_MODEL = re.compile(r"^azureml:([^:@/]+)(?::([^:@]+)|@([^:@]+))?$")
 
 
 class Strict(BaseModel):
-    """Base of every config model: unknown keys are errors (the reader names the nearest valid key)."""
+    """Base of every config model: unknown keys are errors (the reader names the nearest valid key); numbers are
+    finite (`1e999` reads as inf) and never booleans (`lora_r: true` is not 1)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: Any) -> Any:
+        return refuse_bool_numbers(cls, data)
+
+
+FIELD_PREFIX = "field "  # "field 'x': msg" from a model-level check: schema.errors.translate puts x in the path
+
+
+def refuse_bool_numbers(model: type[BaseModel], data: Any) -> Any:
+    """A boolean given where a field takes numbers and not booleans: pydantic would read `true` as 1."""
+    if not isinstance(data, dict):
+        return data
+    for name, info in model.model_fields.items():
+        keys = [name, info.alias] + list(getattr(info.validation_alias, "choices", None) or [info.validation_alias])
+        for key in dict.fromkeys(k for k in keys if isinstance(k, str)):
+            value = data.get(key)
+            if isinstance(value, bool):
+                kinds = _scalar_kinds(info.annotation)
+                if bool not in kinds and kinds & {int, float}:
+                    what = "a whole number" if float not in kinds else "a number"
+                    raise ValueError(f"{FIELD_PREFIX}{key!r}: expected {what}, got {str(value).lower()} (a boolean)")
+    return data
+
+
+def _scalar_kinds(annotation: Any) -> set[Any]:
+    """The plain types a field annotation admits (Optional / Annotated / unions / Literal looked through)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _scalar_kinds(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_kinds(a) for a in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return {type(a) for a in typing.get_args(annotation)}
+    if annotation is typing.Any:
+        return {bool, int, float}
+    return {annotation} if isinstance(annotation, type) else set()
 
 
 def base_dir_of(info: ValidationInfo | None) -> Path | None:

@@ -72,6 +72,16 @@ class _System(Strict):
     # distribution). "auto": one per visible GPU when accelerators ask for a GPU, else 1.
     processes_per_node: int | Literal["auto"] = "auto"
 
+    @field_validator("hf_token", mode="before")
+    @classmethod
+    def _token_flag(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.lower() not in ("true", "false"):
+            raise ValueError(
+                "write hf_token: true (the job then reads the token from HF_TOKEN, `huggingface-cli login` or the "
+                "workspace Key Vault), never the token itself; the value given is not shown"
+            )
+        return v
+
     @field_validator("processes_per_node", mode="before")
     @classmethod
     def _processes(cls, v: Any) -> Any:
@@ -130,8 +140,45 @@ class DockerSystemConfig(_System):
         return [a.device for a in self.accelerators]
 
 
+JOB_TIERS = ("Spot", "Basic", "Standard", "Premium", "Null")  # azure-ai-ml 1.35.2 JobTierNames / the REST JobTier enum
+
+
+class QueueSettings(Strict):
+    """Azure ML's `queue_settings` of a job, in its words: `job_tier` Spot | Basic | Standard | Premium (Spot runs on
+    preemptible capacity, priced as low priority). Azure ML's job API that azure-ai-ml 1.35.2 submits with
+    (2025-01-01-preview) has no queue `priority`: it is refused here, before anything is sent."""
+
+    job_tier: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_priority(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "priority" in data:
+            raise ValueError(
+                "priority: Azure ML's job API (api-version 2025-01-01-preview, used by azure-ai-ml 1.35.2) has no "
+                "queue priority and refuses it; remove it (job_tier Spot asks for preemptible capacity)"
+            )
+        return data
+
+    @field_validator("job_tier", mode="before")
+    @classmethod
+    def _tier(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        for tier in JOB_TIERS:
+            if isinstance(v, str) and v.lower() == tier.lower():
+                return tier
+        raise ValueError(f"must be one of {', '.join(JOB_TIERS[:4])} (Azure ML's job tiers), got {v!r}")
+
+
 class AzureMLSystemConfig(_System):
-    """Jobs run as Azure ML command jobs on a compute cluster."""
+    """Jobs run as Azure ML command jobs on a compute cluster.
+
+    tier: the priority the compute cluster must have, in Azure ML's words (dedicated | low_priority): checked
+    against the cluster (`aml_compute`) before anything is submitted. queue_settings: Azure ML's job queue
+    settings (job_tier). max_retries: how many times orch submits a job again that ended Failed because its
+    low-priority node was preempted (Azure ML requeues most preempted jobs by itself). workspace_cache: keep the
+    pass cache in the workspace's default datastore (orch-cache/), shared by every submit and client."""
 
     type: Literal["AzureML"] = "AzureML"
     aml_compute: str
@@ -146,6 +193,18 @@ class AzureMLSystemConfig(_System):
     is_dev: bool = False
     datastores: str | None = None
     requirements_file: Path | None = None
+    tier: Literal["dedicated", "low_priority"] | None = None
+    queue_settings: QueueSettings | None = None
+    max_retries: int = Field(0, ge=0, le=20)
+    workspace_cache: bool = True
+
+    @field_validator("tier", mode="before")
+    @classmethod
+    def _compute_tier(cls, v: Any) -> Any:
+        """Azure ML's REST words (Dedicated, LowPriority) are its SDK's (dedicated, low_priority)."""
+        if isinstance(v, str):
+            return {"lowpriority": "low_priority", "low_priority": "low_priority"}.get(v.lower(), v.lower())
+        return v
 
 
 SystemConfig = Annotated[LocalSystemConfig | DockerSystemConfig | AzureMLSystemConfig, Field(discriminator="type")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,21 @@ from orchestrator.core.job import Job, JobResult, JobState
 
 class SystemFailure(RunFailure):
     """A user-facing failure of a system (submit refused, job failed): one line, with the log tail attached."""
+
+
+@dataclass(frozen=True)
+class NodePrice:
+    """What one node of a compute costs per hour, and how many nodes a job takes: cost = nodes x hours x price."""
+
+    vm_size: str
+    priority: str  # dedicated | low_priority (Azure ML's low-priority nodes and the Spot job tier)
+    usd_per_hour: float
+    nodes: int = 1
+    source: str = ""  # where the price comes from: orch's table (dated) or `orch config set price.<vm_size>`
+
+    def describe(self) -> str:
+        kind = "low priority" if self.priority == "low_priority" else "dedicated"
+        return f"{self.nodes} x {self.vm_size} {kind} at ${self.usd_per_hour:.4g}/h ({self.source})"
 
 
 class JobHandle(ABC):
@@ -69,6 +85,19 @@ class System(ABC):
         from orchestrator.core.versions import library_versions
 
         return library_versions(libraries)
+
+    def require(self, pass_type: str, libraries: tuple[str, ...]) -> None:
+        """A pass of the workflow will run here importing `libraries`: refuse now (a UserError naming what is
+        missing and where to add it) if this system's environment cannot have them. Default: nothing to check."""
+        return None
+
+    def shared_cache(self) -> Any:
+        """A cache kept where this system runs work (core.cache.SharedCache), or None: the local cache only."""
+        return None
+
+    def node_price(self, pass_cls: type) -> NodePrice | None:
+        """The price of the nodes a job of this pass takes, or None where compute is not billed by the hour."""
+        return None
 
     def processes_for(self, pass_cls: type) -> int:
         """Data-parallel processes per node for a pass of this class (Job.processes_per_node); 1 by default.

@@ -150,6 +150,118 @@ class EnvSpec:
         return yaml.safe_dump(doc, sort_keys=False)
 
 
+# orch's runtime layer: what orch's own code imports inside a job (the runner, the Azure ML driver, the workspace cache,
+# MLflow tracking, Key Vault secrets), pinned to versions that install together. orch's source itself travels with
+# the job (the code snapshot: the client's version); the user's conda file brings what the passes run on. The layer
+# is added to it (`compose_runtime`), never silently swapped for a user's pin: a pin that cannot live beside it is
+# refused at submit, naming the file. Docker jobs need the first group; Azure ML jobs all of it.
+RUNTIME_LAYER: dict[str, str] = {
+    "pydantic": "pydantic==2.14.3",
+    "pyyaml": "pyyaml==6.0.3",
+    "filelock": "filelock==4.2.12",
+    "rich": "rich==15.0.0",
+    "typer": "typer==0.29.2",
+    "mlflow-skinny": "mlflow-skinny==3.17.2",
+}
+AZUREML_RUNTIME_LAYER: dict[str, str] = {
+    **RUNTIME_LAYER,
+    # azureml-mlflow 1.62 (Azure ML sets MLFLOW_TRACKING_URI=azureml://...) caps mlflow-skinny and azure-storage-blob
+    "mlflow-skinny": "mlflow-skinny==3.15.0",
+    "azureml-mlflow": "azureml-mlflow==1.62.0.post6",
+    "azure-identity": "azure-identity==1.27.0",  # the job's identity: Key Vault, the workspace cache's datastore
+    "azure-keyvault-secrets": "azure-keyvault-secrets==4.12.0",
+    "azure-storage-blob": "azure-storage-blob==12.27.1",  # the workspace cache
+    "matplotlib": "matplotlib==3.11.2",  # the driver publishes training.png
+}
+# Bounds a user's own pin must keep for the layer to install beside it (azureml-mlflow 1.62.0.post6's requirements).
+LAYER_BOUNDS: dict[str, str] = {
+    "mlflow-skinny": "<=3.15.0",
+    "mlflow": "<=3.15.0",
+    "azure-storage-blob": ">=12.5.0,<=12.27.1",
+    "pydantic": ">=2.5,<3",
+}
+# Another name a requirement goes by for the layer (a user's full mlflow provides mlflow-skinny's modules).
+LAYER_ALIASES: dict[str, tuple[str, ...]] = {"mlflow-skinny": ("mlflow",), "typer": ("typer-slim",)}
+# Libraries that come with another one (its declared requirements): a pass needing the first is served by the second.
+IMPLIED_BY: dict[str, tuple[str, ...]] = {
+    "numpy": ("torch", "onnx", "onnxruntime", "transformers", "datasets", "matplotlib"),
+    "safetensors": ("transformers", "peft", "accelerate"),
+    "transformers": ("peft", "trl"),
+    "accelerate": ("peft", "trl"),
+    "datasets": ("trl",),
+    "torch": ("peft", "accelerate"),
+    "onnx": ("onnxscript", "onnx-ir"),
+    "onnx-ir": ("onnxscript",),
+    "compressed-tensors": ("llmcompressor",),
+}
+MIN_PYTHON = (3, 10)
+
+
+def compose_runtime(
+    spec: EnvSpec, layer: dict[str, str], *, needs: dict[str, tuple[str, ...]] | None = None, what: str = ""
+) -> EnvSpec:
+    """The user's spec plus orch's runtime layer: each layer package the spec does not name is added at the layer's
+    pin; one it names must keep the layer's bound. `needs` ({what needs them: libraries}) must all be in the
+    result. Refusals are one EnvSpecError naming the file and what to change (`what` names the config key)."""
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    where = f"{what} ({spec.source})" if what else str(spec.source)
+    if tuple(int(x) for x in spec.python_minor.split(".")) < MIN_PYTHON:
+        raise EnvSpecError(f"{where}: python={spec.python}, orch's runtime needs python>=3.10: set python=3.11")
+    own: dict[str, Requirement] = {}
+    for req in spec.pip_requirements:
+        try:
+            r = Requirement(req)
+        except Exception:  # noqa: BLE001 - URLs / VCS requirements: named by #egg= or not at all
+            continue
+        own[_canon(r.name)] = r
+    for name, bound in LAYER_BOUNDS.items():
+        r = own.get(name)
+        pinned = [sp.version for sp in (r.specifier if r else []) if sp.operator in ("==", "===")]
+        if r is None or not pinned or SpecifierSet(bound).contains(pinned[0], prereleases=True):
+            continue
+        by_mlflow = name in ("mlflow", "mlflow-skinny", "azure-storage-blob")
+        if by_mlflow and "azureml-mlflow" not in layer:
+            continue  # the bound is azureml-mlflow's: only Azure ML's layer has it
+        needer = layer["azureml-mlflow"] if by_mlflow else "orch"
+        raise EnvSpecError(
+            f"{where}: {r} cannot be installed beside orch's runtime layer ({needer} needs {name}{bound}): "
+            f"pin {name}{_best(bound)} in that file"
+        )
+    added = []
+    for name, pin in layer.items():
+        if name in own or any(a in own for a in LAYER_ALIASES.get(name, ())):
+            continue
+        added.append(pin)
+    have = set(own) | {_canon(Requirement(p).name) for p in added}
+    if needs:
+        missing: dict[str, list[str]] = {}
+        for who, libs in needs.items():
+            for lib in libs:
+                lib = _canon(lib)
+                if lib not in have and not any(_canon(p) in have for p in IMPLIED_BY.get(lib, ())):
+                    missing.setdefault(lib, []).append(who)
+        if missing:
+            names = ", ".join(missing)
+            users = sorted({w for ws in missing.values() for w in ws})
+            raise EnvSpecError(
+                f"{where}: lacks {names}, which {', '.join(users)} import{'s' if len(users) == 1 else ''} in the job: "
+                "add them (pinned) to the pip section of that file"
+            )
+    if not added:
+        return spec
+    return replace(spec, pip_requirements=(*spec.pip_requirements, *added))
+
+
+def _best(bound: str) -> str:
+    """The pin a bound suggests: its upper end (==X for <=X), else the bound itself."""
+    for part in bound.split(","):
+        if part.startswith("<="):
+            return "==" + part[2:]
+    return bound
+
+
 ENVIRONMENTS_DIR = shipped_dir("environments")  # environments/*.conda.yaml of the checkout, or the wheel's copy
 
 
@@ -167,11 +279,13 @@ def resolve_env_file(env: str | Path) -> Path:
 
 def load_env_spec(path: Path | str) -> EnvSpec:
     """Parse and validate a conda.yaml; every problem is an EnvSpecError naming the file and the field."""
+    from orchestrator.schema.files import FileReadError, read_text
+
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise EnvSpecError(f"{path}: cannot read ({exc.strerror})") from exc
+        text = read_text(path, "environment file")
+    except FileReadError as exc:  # not found, a folder, not UTF-8 (named with the encoding it looks like)
+        raise EnvSpecError(str(exc)) from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -458,24 +572,84 @@ def realize_venv(
         raise EnvSpecError("installer uv: no uv binary on this host")
     settings = pip_settings if pip_settings is not None else PipSettings.from_host()
     reqs = list(spec.pip_requirements)
+    # every index the install will read answers now, or the build stops in seconds naming it (an unreachable
+    # index would otherwise keep the installer retrying for many minutes)
+    probe_indexes(package_indexes(settings, spec.pip_options), cert=settings.cert, what=spec.name or str(spec.source))
     if use_uv:
         args = settings.as_pip_args() + spec.pip_options
         _run([uv_bin, "venv", "--python", sys.executable, str(dest)], on_line)  # type: ignore[list-item]
         _run(
             [uv_bin, "pip", "install", "--python", str(python), "--index-strategy", "unsafe-best-match", *args, *reqs],
             on_line,
+            env=INSTALLER_TIMEOUTS,
         )  # type: ignore[list-item]
     else:
         _run([sys.executable, "-m", "venv", str(dest)], on_line)
         # pip reads the host's pip config itself; pass only explicit settings and the spec's own options
         explicit = settings.as_pip_args() if pip_settings is not None else []
-        _run([str(python), "-m", "pip", "install", *explicit, *spec.pip_options, *reqs], on_line)
+        _run([str(python), "-m", "pip", "install", *PIP_TIMEOUTS, *explicit, *spec.pip_options, *reqs], on_line)
     stamp.write_text(json.dumps({"hash": spec.hash(), "source": str(spec.source)}))
     return python
 
 
-def _run(cmd: list[str], on_line: Callable[[str], None] | None) -> None:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+# A stalled download fails after a minute and is retried once, not the installers' defaults (pip: 5 retries with
+# backoff; uv: several minutes per request): a build that cannot progress ends with the installer's error.
+INSTALLER_TIMEOUTS = {"UV_HTTP_TIMEOUT": "60", "UV_HTTP_RETRIES": "1"}
+PIP_TIMEOUTS = ["--timeout", "60", "--retries", "1"]
+INDEX_PROBE_TIMEOUT_S = 10.0
+
+
+def package_indexes(settings: PipSettings, pip_options: list[str]) -> list[str]:
+    """The index URLs an install reads: the spec's --index-url, else the host's (PyPI when none is set), and
+    every --extra-index-url of both."""
+    main: str | None = None
+    extra: list[str] = []
+    for i, opt in enumerate(pip_options):
+        name, eq, inline = opt.partition("=")
+        value = inline if eq else (pip_options[i + 1] if i + 1 < len(pip_options) else "")
+        if name in ("--index-url", "-i") and value:
+            main = value
+        elif name == "--extra-index-url" and value:
+            extra.append(value)
+    no_index = settings.no_index or "--no-index" in pip_options
+    urls = [] if no_index else [main or settings.index_url or "https://pypi.org/simple"]
+    return list(dict.fromkeys([*urls, *settings.extra_index_urls, *extra]))
+
+
+def probe_indexes(urls: list[str], *, cert: str | None = None, what: str = "",
+                  timeout: float = INDEX_PROBE_TIMEOUT_S) -> None:  # fmt: skip
+    """Each index answers an HTTP request within `timeout` seconds (any status: it is there), a file:// index
+    exists; else EnvSpecError naming the index, how long it was given, and what to do."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=cert) if cert and os.path.isfile(cert) else None
+    for url in urls:
+        local = _local_path(url)
+        if local is not None:
+            if not local.exists():
+                raise EnvSpecError(f"{what}: package index {url} does not exist on this host; fix the index setting")
+            continue
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout, context=context):
+                pass
+        except urllib.error.HTTPError:
+            continue  # it answered: reachable (a 401/404 is the installer's to report)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise EnvSpecError(
+                f"{what}: package index {url} is unreachable from this host ({type(reason).__name__}: {reason}; "
+                f"waited {timeout:.0f} s); nothing was installed. Reach it (proxy, VPN), point pip at a mirror "
+                "(PIP_INDEX_URL / PIP_EXTRA_INDEX_URL), or run this pass where the index is reachable"
+            ) from None
+
+
+def _run(cmd: list[str], on_line: Callable[[str], None] | None, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+        env={**os.environ, **env} if env else None,
+    )  # fmt: skip
     assert proc.stdout is not None
     tail: list[str] = []
     for line in proc.stdout:

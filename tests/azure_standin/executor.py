@@ -97,10 +97,12 @@ class Executor:
         with self.s.state.lock:
             job.paused = False
 
-    def preempt(self, job: st.JobRecord) -> None:
-        """A low-priority node is taken back: the job's containers die and the job is queued again."""
+    def preempt(self, job: st.JobRecord, requeue: bool = True) -> None:
+        """A low-priority node is taken back: the job's containers die and the job is queued again (or, with
+        requeue False, ends Failed with the service's preemption error)."""
         with self.s.state.lock:
             job.preempt_requested = True
+            job.preempt_requeue = requeue
         self._stop_containers(job.name, timeout=0)
 
     def shutdown(self) -> None:
@@ -195,6 +197,14 @@ class Executor:
             except Preempted:
                 with self.s.state.lock:
                     job.preempt_requested = False
+                    requeue = job.preempt_requeue
+                    job.preempts += 1
+                if not requeue:
+                    with open(logs / "user_logs" / "std_log.txt", "a") as fh:
+                        fh.write("\nazure stand-in: low-priority node preempted; the job was not requeued\n")
+                    return "Failed", {"code": "ServiceError", "message": "The job's low-priority node was "
+                                      "preempted and capacity did not come back (JobPreempted): submit it again"}
+                with self.s.state.lock:
                     job.attempts = attempt + 1
                 with open(logs / "user_logs" / "std_log.txt", "a") as fh:
                     fh.write(f"\nazure stand-in: low-priority node preempted; job requeued (attempt {attempt + 1})\n")

@@ -481,6 +481,7 @@ def put_job(ctx: Ctx, m: re.Match[str]) -> Response:
                 existing.request_props[k] = copy.deepcopy(sent.get(k))
             return Response(200, job_body(s, existing))
     _check_job_references(s, props)
+    _check_queue_settings(props, ctx.api_version)
     with s.state.lock:
         if name in s.state.jobs:  # a concurrent PUT of the same name won the race: treat as a re-PUT
             return Response(200, job_body(s, s.state.jobs[name]))
@@ -523,8 +524,34 @@ def _check_job_references(s: StandIn, props: dict[str, Any]) -> None:
                             f"'{st.WORKSPACE}'")  # fmt: skip
 
 
+def _check_queue_settings(props: dict[str, Any], api_version: str | None) -> None:
+    """queueSettings.jobTier: the service binds it to its JobTier enum, so a value outside the api-version's
+    definition is refused (the OpenAPI check lets any string through: the enum is modelAsString)."""
+    from . import openapi
+
+    tier = (props.get("queueSettings") or {}).get("jobTier")
+    if tier is None:
+        return
+    spec = openapi._spec()["api_versions"].get(api_version or "", {}).get("definitions", {}).get("JobTier", {})
+    allowed = spec.get("enum") or []
+    if not isinstance(tier, str) or tier.lower() not in {a.lower() for a in allowed}:
+        raise HttpError(400, "InvalidRequestContent", f"The request content was invalid: properties.queueSettings."
+                        f"jobTier {tier!r} is not one of {', '.join(allowed)} (api-version {api_version})")  # fmt: skip
+
+
+def preemptible(s: StandIn, job: st.JobRecord) -> bool:
+    """A job on a low-priority cluster, or one asking for the Spot job tier, runs on capacity Azure takes back."""
+    cname = (job.body.get("computeId") or "").rstrip("/").rsplit("/", 1)[-1].lower()
+    compute = s.state.computes.get(cname)
+    low = compute is not None and compute["properties"]["properties"]["vmPriority"] == "LowPriority"
+    spot = str((job.body.get("queueSettings") or {}).get("jobTier") or "").lower() == "spot"
+    return low or spot
+
+
 def job_action(ctx: Ctx, m: re.Match[str]) -> Response:
-    """Admin: make a node stop answering (pause), answer again (resume), or preempt a low-priority job."""
+    """Admin: make a node stop answering (pause), answer again (resume), or preempt a low-priority / Spot job:
+    by default Azure ML requeues it (attempt 2 starts from the top); `{"requeue": false}` ends it Failed instead,
+    as a job whose capacity did not come back."""
     s = ctx.standin
     with s.state.lock:
         job = s.state.jobs.get(m["name"])
@@ -532,11 +559,10 @@ def job_action(ctx: Ctx, m: re.Match[str]) -> Response:
         return arm_error(404, "UserError", f"Job {m['name']} not found")
     action = m["action"]
     if action == "preempt":
-        cname = (job.body.get("computeId") or "").rstrip("/").rsplit("/", 1)[-1].lower()
-        compute = s.state.computes.get(cname)
-        if compute is None or compute["properties"]["properties"]["vmPriority"] != "LowPriority":
-            return arm_error(409, "Conflict", f"job {job.name} does not run on a low-priority compute")
-        s.executor.preempt(job)
+        if not preemptible(s, job):
+            return arm_error(409, "Conflict", f"job {job.name} does not run on a low-priority compute or Spot tier")
+        body = ctx.json() if ctx.body else {}
+        s.executor.preempt(job, requeue=bool((body or {}).get("requeue", True)))
     elif action == "pause":
         s.executor.pause(job)
     else:

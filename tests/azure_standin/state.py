@@ -78,6 +78,8 @@ class JobRecord:
     image: str | None = None  # the environment image the job ran in
     paused: bool = False  # a node stopped answering (NotResponding)
     preempt_requested: bool = False
+    preempt_requeue: bool = True  # False: the preemption ends the job Failed (capacity did not come back)
+    preempts: int = 0
     attempts: int = 1
 
 

@@ -3,11 +3,11 @@ repos are (file names, configs in the README, splits), with rows made from the t
 
 Models: every id the corpus and the tests name serves the tiny Phi-3 (random weights), or the variant that carries
 the one property of the real model a config relies on (Qwen3 ties its LM head to the embedding; Phi-3.5's widths
-divide by AWQ/GPTQ's groups of 128); microsoft/Phi-4-mini-instruct serves a tiny Phi-4-mini-like model (GQA,
-partial_rotary_factor 0.75, LongRoPE, tied embeddings).
+divide by AWQ/GPTQ's groups of 128, as OPT-125m's do); microsoft/Phi-4-mini-instruct serves a tiny
+Phi-4-mini-like model (GQA, partial_rotary_factor 0.75, LongRoPE, tied embeddings).
 Datasets: Salesforce/wikitext (wikitext-2-raw-v1 parquet splits, README configs), mit-han-lab/pile-val-backup
 (val.jsonl.zst, split "validation" from the file name), nampdn-ai/tiny-codes, xxyyzzz/phrase_classification
-(Olive's docs), timdettmers/openassistant-guanaco.
+(Olive's docs), timdettmers/openassistant-guanaco, tatsu-lab/alpaca (instruction rows for --use_chat_template).
 """
 
 from __future__ import annotations
@@ -28,16 +28,24 @@ PHI3_IDS = (
     "meta-llama/Llama-2-7b-hf",
     "meta-llama/Llama-3.2-1B-Instruct",
     "openlm-research/open_llama_3b",
+    "tiiuae/falcon-7b",
+    "mistralai/Mistral-7B-v0.1",
     "openlm-research/open_llama_7b_v2",
     "Qwen/Qwen2.5-0.5B-Instruct",
     "Qwen/Qwen3-0.6B",  # tied
-    "facebook/opt-125m",
+    "facebook/opt-125m",  # group128: its widths (768, 3072) divide by AWQ's groups of 128
+    # olive-recipes entries of the corpus (c21-c28): text decoders the tiny model stands in for
+    "tencent/HY-MT1.5-1.8B",  # tied (its recipes run TieWordEmbeddings)
+    "Qwen/Qwen3-VL-2B-Instruct",
+    "Qwen/Qwen3.5-0.8B",  # tied
+    "allenai/Olmo-3-7B-Instruct",
 )
 MODEL_VARIANTS: dict[str, dict[str, Any]] = {
     "tied": {"tie_word_embeddings": True},
     "group128": {"intermediate_size": 384},
 }
-VARIANT_OF = {"Qwen/Qwen3-0.6B": "tied", "microsoft/Phi-3.5-mini-instruct": "group128"}
+VARIANT_OF = {"Qwen/Qwen3-0.6B": "tied", "microsoft/Phi-3.5-mini-instruct": "group128", "facebook/opt-125m": "group128",
+              "tencent/HY-MT1.5-1.8B": "tied", "Qwen/Qwen3.5-0.8B": "tied"}  # fmt: skip
 
 
 def tone_rows(n: int = 240, seed: int = 7) -> list[dict[str, str]]:
@@ -137,11 +145,24 @@ def phrase_classification_files(rows: list[dict[str, str]]) -> dict[str, bytes]:
 
 
 def guanaco_files(rows: list[dict[str, str]]) -> dict[str, bytes]:
-    """timdettmers/openassistant-guanaco: a "text" column, openassistant_best_replies_{train,eval}.jsonl."""
+    """timdettmers/openassistant-guanaco: a "text" column, openassistant_best_replies_{train,eval}.jsonl; as many
+    train rows as the real one's 9,846 reach (the recipes slice "train[:4096]" / "train[4096:4224]"): the tone rows
+    repeated, numbered."""
     text = [{"text": f"### Human: {r['phrase']} ### Assistant: {r['tone']}"} for r in rows]
+    train = [{"text": f"{t['text']} ({i})"} for i, t in enumerate(text * (4400 // len(text) + 1))][:4400]
     return {"README.md": b"---\nlicense: apache-2.0\n---\n",
-            "openassistant_best_replies_train.jsonl": _jsonl(text[: len(text) * 9 // 10]),
+            "openassistant_best_replies_train.jsonl": _jsonl(train),
             "openassistant_best_replies_eval.jsonl": _jsonl(text[len(text) * 9 // 10 :])}  # fmt: skip
+
+
+def alpaca_files(rows: list[dict[str, str]]) -> dict[str, bytes]:
+    """tatsu-lab/alpaca (Olive 0.13's `finetune --use_chat_template` example): {instruction, input, output, text}
+    in data/train-00000-of-00001-*.parquet."""
+    data = [{"instruction": f"Name the tone of: {r['phrase']}", "input": "", "output": r["tone"],
+             "text": f"### Instruction:\nName the tone of: {r['phrase']}\n\n### Response:\n{r['tone']}"}
+            for r in rows]  # fmt: skip
+    return {"README.md": b"---\nlicense: cc-by-nc-4.0\n---\n",
+            "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet": _parquet(data)}  # fmt: skip
 
 
 def build_phi4_mini(out_dir: Path, tiny_model: Path) -> Path:
@@ -186,6 +207,7 @@ def serve_defaults(hub: Any, tiny_model: Path) -> dict[str, str]:
         "nampdn-ai/tiny-codes": tiny_codes_files(),
         "xxyyzzz/phrase_classification": phrase_classification_files(rows),
         "timdettmers/openassistant-guanaco": guanaco_files(rows),
+        "tatsu-lab/alpaca": alpaca_files(rows),
     }.items():
         shas[repo_id] = hub.add_repo(repo_id, files, repo_type="dataset").sha
     return shas

@@ -9,6 +9,7 @@ syntax ("train[:80%]"); this module adds Olive's text_template / text_cols rende
 from __future__ import annotations
 
 import glob
+import json
 import re
 import string
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class TextDataSpec:
     max_samples: int | None = None  # sequences the random strategies draw
     random_seed: int | None = None
     stride: int | None = None  # join-sliding-window
+    add_special_tokens: bool | None = None  # None: the tokenizer's BOS + an EOS after each text (orch's default)
+    chat: bool = False  # rendered by a chat template, which carries its own special tokens
 
 
 def text_spec(data_config: dict[str, Any]) -> TextDataSpec:
@@ -92,6 +95,8 @@ def text_spec(data_config: dict[str, Any]) -> TextDataSpec:
         max_samples=pre.max_samples,
         random_seed=pre.random_seed,
         stride=pre.stride,
+        add_special_tokens=pre.add_special_tokens,
+        chat=bool(pre.chat_template),
     )
 
 
@@ -104,12 +109,14 @@ def load_splits(
     eval_split: str | None = None,
     seed: int = 42,
     data_files_override: str | None = None,
+    tokenizer: str | None = None,
 ) -> tuple[Any, Any | None]:
     """(train, eval or None), each a datasets.Dataset with only a "text" column.
 
     `train_split`/`eval_split` override the config's split ("train[:80%]" syntax). Without eval_split,
     `eval_dataset_size` (a fraction < 1, or a row count) is carved out of train with train_test_split(seed).
     `data_files_override` is the local path a system put the data at (a downloaded datastore file, a mount).
+    `tokenizer` (a model folder) renders rows with its chat template when the config asks for chat_template.
     """
     dc = _parse(data_config, base_dir)
     if dc.is_dummy:
@@ -121,11 +128,11 @@ def load_splits(
     train, pre = _script_pre_process(dc, train)
     if pre is not None and pre.max_samples is not None and "random" not in pre.corpus_strategy:
         train = train.select(range(min(pre.max_samples, len(train))))  # random strategies draw max_samples later
-    train = render_text(train, pre, dc.name)
+    train = render_text(train, pre, dc.name, tokenizer=tokenizer)
     eval_ds = None
     if eval_split:
         eval_raw, _ = _script_pre_process(dc, _load(dc, eval_split, base_dir, data_files_override))
-        eval_ds = render_text(eval_raw, pre, dc.name)
+        eval_ds = render_text(eval_raw, pre, dc.name, tokenizer=tokenizer)
     elif eval_dataset_size:
         train, eval_ds = _carve(train, eval_dataset_size, seed, dc.name)
     return train, eval_ds
@@ -208,6 +215,8 @@ def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | Non
     if script_fn is not None:
         return _script_load(dc, script_fn, split, override)
     kwargs = _source(dc, base_dir, override)
+    if kwargs["path"] == "json" and "data_files" in kwargs:
+        kwargs["data_files"] = _columns_as_rows(kwargs["data_files"], dc.name)
     if dc.load_dataset_config.subset:
         kwargs["name"] = dc.load_dataset_config.subset
     try:
@@ -230,6 +239,46 @@ def _load(dc: DataConfig, split: str, base_dir: Path | None, override: str | Non
             )
         ds = ds.filter(lambda row: all(row[c] == v for c, v in filters.items()), desc=f"col_filters {dc.name}")
     return ds
+
+
+COLUMNAR_LIMIT = 512 << 20  # bytes: a mapping-of-columns JSON is parsed whole to turn it into rows
+
+
+def _columns_as_rows(files: Any, name: str) -> Any:
+    """datasets reads a JSON document that maps column names to lists as ONE row of lists; Olive's users write
+    such files as columns. Each such file is rewritten as JSON lines (a temp copy) so its rows are rows."""
+    if isinstance(files, dict):
+        return {split: _columns_as_rows(v, name) for split, v in files.items()}
+    if isinstance(files, list):
+        return [_columns_as_rows(f, name) for f in files]
+    path = Path(files)
+    if path.suffix.lower() != ".json" or not path.is_file() or path.stat().st_size > COLUMNAR_LIMIT:
+        return files
+    with path.open(encoding="utf-8-sig") as fh:
+        if not fh.read(4096).lstrip().startswith("{"):
+            return files
+        fh.seek(0)
+        try:
+            data = json.load(fh)
+        except ValueError:
+            return files  # datasets names the problem
+    if not (isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values())):
+        return files
+    lengths = {k: len(v) for k, v in data.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"data config {name!r}: {path} maps columns of unequal length ({lengths}); one value a row")
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="orch-columns-")
+    atexit.register(shutil.rmtree, folder, True)  # the job's process reads it; nothing is left behind
+    out = Path(folder) / f"{path.stem}.jsonl"
+    n = next(iter(lengths.values()))
+    with out.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            fh.write(json.dumps({k: v[i] for k, v in data.items()}, ensure_ascii=False) + "\n")
+    return str(out)
 
 
 def _as_dataset(out: Any, dc: DataConfig, what: str) -> Any:
@@ -309,16 +358,33 @@ def prompt_format(data_config: dict[str, Any], source: str = "") -> PromptFormat
 
 
 def template_columns(template: str) -> list[str]:
-    """The column names a text_template refers to. "{Best Answer}" names the column "Best Answer"."""
+    """The column names a text_template refers to. "{Best Answer}" names the column "Best Answer". A brace that
+    opens or closes no field is an error (str.format would refuse it; rendering it as text would train on the
+    template's own braces): a literal brace is written twice, "{{" or "}}"."""
     cols: list[str] = []
+    pos = 0
     for m in _FIELD.finditer(template):
+        _no_stray_brace(template, pos, m.start())
+        pos = m.end()
         inner = m.group(1)
         if inner is None:
             continue
-        if not inner:
+        if not inner.strip():
             raise ValueError("text_template has an empty {} field: name a column, e.g. {prompt}")
         cols.append(inner)
+    _no_stray_brace(template, pos, len(template))
     return cols
+
+
+def _no_stray_brace(template: str, start: int, end: int) -> None:
+    for i in range(start, end):
+        if template[i] in "{}":
+            near = template[max(0, i - 12) : i + 13].replace("\n", "\\n")
+            which = "opens no closed field" if template[i] == "{" else "closes no field"
+            raise ValueError(
+                f"text_template has an unbalanced {template[i]!r} at character {i + 1} (near {near!r}) that {which}; "
+                "write {column} for a field, or double it ('{{' / '}}') for a literal brace"
+            )
 
 
 def _render(template: str, row: dict[str, Any]) -> str:
@@ -348,8 +414,79 @@ def _base_name(inner: str, columns: list[str]) -> str:
     return re.split(r"[.\[]", parsed, maxsplit=1)[0]
 
 
-def render_text(ds: Any, pre: PreProcessDataConfig | None, name: str) -> Any:
-    """ds -> a Dataset with only "text": text_template over the row, else text_cols joined by newlines."""
+# Row shapes that are a conversation without a messages column, as (user columns, assistant column): Alpaca,
+# Dolly, prompt/response and question/answer data sets. The first whose columns a row has is used.
+INSTRUCTION_FORMS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("instruction", "input"), "output"),
+    (("instruction", "context"), "response"),
+    (("prompt",), "response"),
+    (("prompt",), "completion"),
+    (("question",), "answer"),
+    (("Question",), "Answer"),
+    (("input",), "output"),
+)
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def row_messages(row: dict[str, Any], message_col: str, columns: list[str]) -> list[dict[str, str]] | None:
+    """A row as chat messages: its message column ({role, content} dicts), ShareGPT `conversations`
+    ({from, value}), or instruction data (INSTRUCTION_FORMS: user = the prompt columns, assistant = the answer)."""
+    value = row.get(message_col)
+    if value is None and message_col == "messages" and "conversations" in row:
+        value = row["conversations"]
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        out = []
+        for m in value:
+            role = m.get("role") or _SHAREGPT_ROLES.get(str(m.get("from", "")).lower())
+            content = m.get("content", m.get("value"))
+            if role is None or content is None:
+                return None
+            out.append({"role": str(role), "content": str(content)})
+        return out
+    for prompt_cols, answer_col in INSTRUCTION_FORMS:
+        if prompt_cols[0] in columns and answer_col in columns:
+            prompt = "\n\n".join(str(row[c]) for c in prompt_cols if c in columns and row.get(c) not in (None, ""))
+            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row[answer_col] or "")}]
+    return None
+
+
+def _chat_text(ds: Any, pre: PreProcessDataConfig, name: str, tokenizer: str | None) -> Any:
+    """Olive's chat_template: each row's messages through the tokenizer's chat template (or a given one)."""
+    if tokenizer is None:
+        raise DataError(
+            f"data config {name!r}: chat_template needs the model's tokenizer, which this pass does not load; give "
+            "text_template or text_cols"
+        )
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    custom = pre.chat_template if isinstance(pre.chat_template, str) else None
+    if custom is None and not getattr(tok, "chat_template", None):
+        raise DataError(
+            f"data config {name!r}: the tokenizer of {tokenizer} has no chat template: give one (chat_template: "
+            "'<jinja>') or a text_template instead of --use_chat_template"
+        )
+    columns = list(ds.column_names)
+    first = ds[0] if len(ds) else {}
+    if len(ds) and row_messages(first, pre.message_col, columns) is None:
+        raise DataError(
+            f"data config {name!r}: chat_template needs chat rows: a {pre.message_col!r} column of "
+            "{role, content} messages, ShareGPT 'conversations', or instruction columns (instruction/input/output, "
+            f"prompt/response, question/answer); the data has {', '.join(columns)}"
+        )
+
+    def to_text(row: dict[str, Any]) -> dict[str, str]:
+        messages = row_messages(row, pre.message_col, columns) or []
+        return {"text": tok.apply_chat_template(messages, tokenize=False, chat_template=custom)}
+
+    return ds.map(to_text, remove_columns=columns, desc=f"chat template {name}")
+
+
+def render_text(ds: Any, pre: PreProcessDataConfig | None, name: str, *, tokenizer: str | None = None) -> Any:
+    """ds -> a Dataset with only "text": the chat template over the row's messages (chat_template), the
+    text_template over the row, else text_cols joined by newlines."""
+    if pre is not None and pre.chat_template:
+        return _chat_text(ds, pre, name, tokenizer)
     columns = list(ds.column_names)
     if pre is None:
         if "text" not in columns:

@@ -73,3 +73,12 @@ def logits_shift(src: Path, dst: Path) -> dict[str, float]:
         "logits_max_abs_diff_vs_input": float(np.abs(got - ref).max()),
         "greedy_token_agreement_vs_input": float((got.argmax(-1) == ref.argmax(-1)).mean()),
     }
+
+
+def input_weight_nodes(proto: Any) -> list[str]:
+    """Nodes whose weight is a graph input (a LoRA weight that ExtractAdapters made an input, with or without an
+    empty default): a weight-only quantizer must leave them alone, or the adapter input is baked into constants
+    (onnxruntime-genai then rejects the adapter: "Invalid input name")."""
+    inputs = {i.name for i in proto.graph.input}
+    return [n.name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+            and n.input[1] in inputs]  # fmt: skip

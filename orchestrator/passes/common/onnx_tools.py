@@ -413,14 +413,19 @@ def session_options(settings: dict[str, Any]) -> Any:
     return so
 
 
-def tuned_session(model_file: Path | str, provider: str) -> tuple[Any, dict[str, Any] | None]:
-    """An InferenceSession on `provider` with the tuned settings saved beside the model when they are for that
-    provider (else onnxruntime's defaults); returns the settings used (None: defaults)."""
+def tuned_session(
+    model_file: Path | str, provider: str, given: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any] | None]:
+    """An InferenceSession on `provider` with `given` settings (a metric's inference_settings), else the tuned
+    settings saved beside the model when they are for that provider, else onnxruntime's defaults; returns the
+    settings used (None: defaults)."""
     import onnxruntime as ort
 
     model_file = Path(model_file)
     path = model_file.parent / SETTINGS_FILE
     settings = json.loads(path.read_text()) if path.exists() else None
+    if given:
+        settings = {"execution_provider": [provider], **given}
     if settings is None or settings.get("execution_provider", [None])[0] != provider:
         return ort.InferenceSession(str(model_file), providers=[provider]), None
     so = session_options(settings.get("session_options") or {})

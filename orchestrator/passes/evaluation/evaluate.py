@@ -78,6 +78,12 @@ class UserConfig(BaseModel):
     batch_size: int = Field(1, gt=0)  # rows are scored one by one: a batch changes no perplexity/accuracy value
     runs: int | None = None  # same as repeat_test_num (wins when set)
     chat: bool = False  # wrap prompts in the tokenizer's chat template (latency, generate-accuracy)
+    # Olive's session options for the timed graph (an OrtSessionParamsTuning result's shape); latency on a dummy
+    # data container runs with them
+    inference_settings: dict[str, Any] | None = None
+    io_bind: bool = False  # Olive's I/O binding: noted (olive_notes)
+    shared_kv_buffer: bool = False  # Olive's DirectML KV buffer sharing: noted
+    run_kwargs: dict[str, Any] | None = None  # Olive's extra session.run kwargs: noted
 
 
 class MetricConfig(BaseModel):
@@ -140,13 +146,55 @@ class MetricConfig(BaseModel):
         """Checked when the config is read, not after every pass ran (sub_types: unknown_sub_types)."""
         for s in self.sub_types:
             kind = (s.goal or {}).get("type")
-            if s.goal is not None and (kind != "threshold" or not isinstance(s.goal.get("value"), int | float)):
+            if s.goal is not None and (kind not in GOAL_TYPES or not isinstance(s.goal.get("value"), int | float)):
                 raise ValueError(
-                    f"metric {self.name!r} sub_type {s.name!r}: goal {s.goal} is not supported: orch compares "
-                    'against a fixed value ({"type": "threshold", "value": N}); the improvement/degradation '
-                    "goals need Olive's search over candidates"
+                    f"metric {self.name!r} sub_type {s.name!r}: goal {s.goal} is not supported: give "
+                    f'{{"type": one of {", ".join(GOAL_TYPES)}, "value": N}}'
                 )
         return self
+
+
+# Olive's goal types: a fixed value, or a change from the input model's value (engine.evaluate_input_model)
+GOAL_TYPES = ("threshold", "min-improvement", "max-degradation", "percent-min-improvement", "percent-max-degradation")
+
+
+def goal_target(goal: dict[str, Any], higher: bool, baseline: float | None) -> float | None:
+    """The value a goal asks for: the threshold itself, or the input model's value moved by the allowed change
+    (None when a relative goal has no baseline)."""
+    kind, value = goal["type"], float(goal["value"])
+    if kind == "threshold":
+        return value
+    if baseline is None:
+        return None
+    step = value if not kind.startswith("percent") else abs(baseline) * value / 100
+    better = kind.endswith("improvement")
+    return baseline + step if higher == better else baseline - step
+
+
+def relative_goals(config: dict[str, Any], baseline: dict[str, float], final: dict[str, float]) -> tuple[
+        dict[str, float], list[str]]:  # fmt: skip
+    """Olive's improvement/degradation goals of an Evaluate config, compared once both the input model's and the
+    final model's metrics are known: ({metric-sub-goal_met: 0/1}, one line each)."""
+    checked = EvaluateConfig.model_validate(config)
+    out: dict[str, float] = {}
+    lines: list[str] = []
+    for metric in checked.metrics:
+        for sub in metric.sub_types:
+            if sub.goal is None or sub.goal["type"] == "threshold":
+                continue
+            key = f"{metric.name}-{sub.name}"
+            higher = sub.higher_is_better if sub.higher_is_better is not None else _higher_is_better(sub.name)
+            target = goal_target(sub.goal, higher, baseline.get(key))
+            if target is None or key not in final:
+                lines.append(f"goal {key} ({sub.goal['type']} {sub.goal['value']:g}) not compared: the input model "
+                             "has no value for it (an HF model has no ONNX session to time)")  # fmt: skip
+                continue
+            met = final[key] >= target if higher else final[key] <= target
+            out[f"{key}-goal_met"] = float(met)
+            verdict = "met" if met else "NOT met"
+            lines.append(f"goal {key} ({sub.goal['type']} {sub.goal['value']:g} from {baseline[key]:.4g}): "
+                         f"{'>=' if higher else '<='} {target:.4g}: {final[key]:.4g} -> {verdict}")  # fmt: skip
+    return out, lines
 
 
 def _map_metric_config(kind: str, key: str, value: Any, name: Any) -> tuple[str, Any] | None:
@@ -177,6 +225,18 @@ def olive_notes(metric: MetricConfig) -> list[str]:
     notes = []
     if metric.backend:
         notes.append(f"metric {metric.name!r}: backend {metric.backend} accepted (orch computes it natively)")
+    uc = metric.user_config
+    if uc.io_bind:
+        notes.append(f"metric {metric.name!r}: io_bind accepted, no effect on the values (CPU tensors are already "
+                     "where the session runs; onnxruntime-genai binds its own buffers)")  # fmt: skip
+    if uc.shared_kv_buffer:
+        notes.append(f"metric {metric.name!r}: shared_kv_buffer accepted, no effect (onnxruntime-genai manages "
+                     "the KV cache buffers)")  # fmt: skip
+    if uc.inference_settings:
+        notes.append(f"metric {metric.name!r}: inference_settings apply to latency timed on a dummy data container's "
+                     "graph; onnxruntime-genai generation runs with genai_config.json's session options")  # fmt: skip
+    if uc.run_kwargs:
+        notes.append(f"metric {metric.name!r}: run_kwargs accepted, no effect (sessions run with their defaults)")
     if metric.user_config.batch_size != 1:
         notes.append(
             f"metric {metric.name!r}: batch_size {metric.user_config.batch_size} accepted, changes no value "
@@ -493,6 +553,13 @@ class EvaluatePass(Pass):
         return config
 
     @classmethod
+    def compare_with_baseline(
+        cls, config: dict[str, Any], baseline: dict[str, float], final: dict[str, float]
+    ) -> tuple[dict[str, float], list[str]]:
+        """The engine's call once the input model's and the final model's metrics are in: relative goals."""
+        return relative_goals(config, baseline, final)
+
+    @classmethod
     def baseline_config(cls, config: dict[str, Any]) -> dict[str, Any]:
         """Olive's baseline (engine.evaluate_input_model): the same metrics on the same rows for the input model;
         an HF input has no ONNX runtime to time, so its speed metrics are skipped."""
@@ -546,6 +613,22 @@ class EvaluatePass(Pass):
         dc = self._data_config(ctx, name)
         return dc if dc.get("type") in DUMMY_CONTAINERS else None
 
+    def _padded_text_shape(self, ctx: PassContext, name: str) -> dict[str, Any] | None:
+        """Latency of a plain ONNX graph on a text data config, as Olive times it: each sample is padded to
+        max_seq_len (pad_to_max_len, Olive's default) and only its shape reaches the timing, so the graph is timed
+        on [1, max_seq_len] token inputs with an empty KV cache. None when samples are not padded (their lengths
+        need the tokenizer: refused by the caller)."""
+        from orchestrator.passes.common.data import text_spec
+
+        dc = self._data_config(ctx, name)
+        spec = text_spec(dc)
+        if not spec.pad_to_max_len:
+            return None
+        ctx.info(f"latency on {name!r}: samples padded to max_seq_len {spec.max_len} (Olive's pad_to_max_len), "
+                 f"timed as [1, {spec.max_len}] token inputs with an empty KV cache")  # fmt: skip
+        params = {"seq_len": spec.max_len, "past_seq_len": 0, "max_seq_len": spec.max_len, "max_samples": 1}
+        return {"name": name, "type": "TransformersPromptDummyDataContainer", "load_dataset_config": params}
+
     def _session_latency(
         self, model: ModelArtifact, dummy: dict[str, Any], ep: str, uc: UserConfig, ctx: PassContext
     ) -> dict[str, float]:
@@ -566,7 +649,7 @@ class EvaluatePass(Pass):
                 f"{', '.join(ort.get_available_providers())}); run the evaluator on a system that has it"
             )
         model_file = onnx_tools.onnx_model_file(model.path)
-        session, tuned = onnx_tools.tuned_session(model_file, ep)
+        session, tuned = onnx_tools.tuned_session(model_file, ep, uc.inference_settings)
         if tuned is not None:
             ctx.info(f"session settings from {onnx_tools.SETTINGS_FILE}: {tuned.get('session_options')}")
         feeds = dummy_inputs(dummy, session_inputs(session), Path(model.path))
@@ -603,9 +686,11 @@ class EvaluatePass(Pass):
                 ctx.info(f"{metric.name} ({metric.type}) skipped: measured on ONNX models only, this is {model.format}")
                 continue
             values = self._measure(metric, scorer, ctx, config, model, ep)
-            names = [s.name for s in metric.sub_types] or [k for k in SUB_TYPES[metric.type] if k in values] or [
-                k for k in OLIVE_LATENCY if k in values
-            ]
+            names = (
+                [s.name for s in metric.sub_types]
+                or [k for k in SUB_TYPES[metric.type] if k in values]
+                or [k for k in OLIVE_LATENCY if k in values]
+            )
             for name in names:
                 key = name if name in values else ALIASES.get(name, name)
                 if key not in values:
@@ -616,7 +701,7 @@ class EvaluatePass(Pass):
                 results[f"{metric.name}-{name}"] = float(values[key])
                 ctx.log_metric(f"{metric.name}-{name}", values[key])
             for sub in metric.sub_types:  # Olive's threshold goals: compared and reported, 1 = met
-                if sub.goal is not None:
+                if sub.goal is not None and sub.goal["type"] == "threshold":
                     value, target = results[f"{metric.name}-{sub.name}"], float(sub.goal["value"])
                     higher = sub.higher_is_better if sub.higher_is_better is not None else _higher_is_better(sub.name)
                     met = value >= target if higher else value <= target
@@ -647,11 +732,16 @@ class EvaluatePass(Pass):
                     "random token ids only serve latency; name a HuggingfaceContainer"
                 )
             return self._session_latency(model, dummy, ep, uc, ctx)
+        if model.format == "onnx" and metric.type == "latency" and metric.data_config:
+            padded = self._padded_text_shape(ctx, metric.data_config)
+            if padded is not None:
+                return self._session_latency(model, padded, ep, uc, ctx)
         if model.format == "onnx":
             raise PassError(
                 f"Evaluate: metric {metric.name!r} ({metric.type}) on a plain ONNX graph: orch measures these on "
                 "onnx_genai models (add ModelBuilder, or ModelBuilder metadata_only); a latency metric can time "
-                "the graph on a TransformersPromptDummyDataContainer / TransformersTokenDummyDataContainer"
+                "the graph on a TransformersPromptDummyDataContainer / TransformersTokenDummyDataContainer, or on a "
+                "text data config whose samples are padded (pre_process_data_config.pad_to_max_len true)"
             )
         if metric.type in ("latency", "throughput"):
             return speed(scorer(), uc)

@@ -15,14 +15,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
-from orchestrator.core.fs import commit_dir, copy_file, fresh_dir
+from orchestrator.core.fs import commit_dir, copy_tree, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 from orchestrator.passes.common.onnx_tools import SETTINGS_FILE, session_options
@@ -89,6 +88,7 @@ class OrtSessionParamsTuningPass(Pass):
     Config = SessionTuningConfig
     version = "1"
     libraries = ("onnxruntime", "onnx", "numpy")
+    runs_model_on_provider = True
 
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements(cuda=False, environment="cpu-export")
@@ -204,7 +204,7 @@ class OrtSessionParamsTuningPass(Pass):
         feed = self._inputs(config, model_file, ctx)
         final = ctx.out_dir / OUTPUT_DIR
         tmp = fresh_dir(final)
-        shutil.copytree(src_dir, tmp, copy_function=copy_file, dirs_exist_ok=True)  # reflinks where the fs has them
+        copy_tree(src_dir, tmp)  # reflinks where the fs has them; never follows a link out of the model folder
         baseline = {"execution_provider": providers[:1], "provider_options": [{}], "session_options": {},
                     "io_bind": False}  # fmt: skip
         trials = [baseline, *self.candidates(config, providers)]

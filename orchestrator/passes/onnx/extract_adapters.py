@@ -31,6 +31,8 @@ from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, P
 
 ADAPTER_FILE = "adapter_weights.onnx_adapter"
 NUMPY_FILE = "adapter_weights.npz"
+SAFETENSORS_FILE = "adapter_weights.safetensors"
+FILES = {"onnx_adapter": ADAPTER_FILE, "numpy": NUMPY_FILE, "safetensors": SAFETENSORS_FILE}
 # the builder's LoRA MatMul names (make_matmul_lora): /model/layers.{i}/{attn|mlp}/{proj}/lora_{A|B}/MatMul
 LORA_NODE = re.compile(r"^/model/layers\.(\d+)/(\w+)/(\w+)/lora_([AB])/MatMul(_Q4|_Q8)?$")
 # the projections the builder can put LoRA on, by block (Phi-3's fused ones are split into these)
@@ -89,6 +91,11 @@ def save_adapter(weights: dict[str, Any], path: Path) -> Path:
     if path.suffix == ".npz":
         np.savez(path, **weights)
         return path
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(path))
+        return path
     import onnxruntime as ort
 
     fmt = ort.AdapterFormat()
@@ -105,6 +112,10 @@ def load_adapter(path: Path) -> dict[str, Any]:
     if path.suffix == ".npz":
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(path)))
     import onnxruntime as ort
 
     fmt = ort.AdapterFormat.read_adapter(str(path))
@@ -125,9 +136,14 @@ def extract(
     import onnx
     from onnx import helper, numpy_helper
 
+    from orchestrator.passes.common.onnx_tools import onnx_model_file
+
     src = model_dir / "model.onnx"
     if not src.is_file():
-        raise PassError(f"ExtractAdapters: {model_dir} has no model.onnx")
+        try:
+            src = onnx_model_file(model_dir)
+        except (FileNotFoundError, KeyError, ValueError):
+            raise PassError(f"ExtractAdapters: {model_dir} has no ONNX model") from None
     proto = onnx.load(str(src))
     inits = {t.name: t for t in proto.graph.initializer}
     weights: dict[str, Any] = {}
@@ -173,12 +189,23 @@ def extract(
             proto.graph.initializer.append(numpy_helper.from_array(np.zeros(empty_shape, arr.dtype), name))
     tmp = fresh_dir(out_dir)
     for f in model_dir.iterdir():
-        if f.is_file() and f.name not in ("model.onnx", "model.onnx.data", ADAPTER_FILE, NUMPY_FILE):
+        if f.is_file() and f.name not in (src.name, f"{src.name}.data", "model.onnx.data", *FILES.values()):
             shutil.copy2(f, tmp / f.name)
-    onnx.save(proto, str(tmp / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
-    save_adapter(weights, tmp / (NUMPY_FILE if save_format == "numpy" else ADAPTER_FILE))
+    onnx.save(proto, str(tmp / src.name), save_as_external_data=True, location=f"{src.name}.data")
+    save_adapter(weights, tmp / FILES[save_format])
     commit_dir(tmp, out_dir)
     return weights
+
+
+def adapter_type(adapter_dir: Path) -> str:
+    """A PEFT folder's adapter kind: lora, dora (LoRA with use_dora), loha, lokr, ... ("lora" when unreadable:
+    the reader of the weights reports that)."""
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return "lora"
+    kind = str(cfg.get("peft_type", "LORA")).lower()
+    return "dora" if kind == "lora" and cfg.get("use_dora") else kind
 
 
 def _split_rows(b: Any, sizes: list[int]) -> list[Any]:
@@ -258,11 +285,11 @@ class ExtractAdaptersConfig(PassConfig):
     """Olive's fields. make_inputs=False (weights as external initializers bound through SessionOptions) has no
     onnxruntime-genai loader, so it is refused; only LoRA adapters are built by ModelBuilder."""
 
-    adapter_type: Literal["lora"] = "lora"
+    adapter_type: Literal["lora", "dora", "loha"] = "lora"  # Olive's AdapterType; only lora is extracted here
     make_inputs: bool = True
     dynamic_lora_r: bool = True
     optional_inputs: bool = True
-    save_format: Literal["onnx_adapter", "numpy"] = "onnx_adapter"
+    save_format: Literal["onnx_adapter", "numpy", "safetensors"] = "onnx_adapter"
 
     @field_validator("make_inputs")
     @classmethod
@@ -273,6 +300,14 @@ class ExtractAdaptersConfig(PassConfig):
                 "binds adapters as model inputs (og.Adapters); drop make_inputs"
             )
         return v
+
+
+def not_lora_problem(adapter_type: str) -> str:
+    return (
+        f"ExtractAdapters adapter_type {adapter_type}: a {adapter_type.upper()} adapter is not lifted out as ONNX "
+        "inputs here (onnxruntime-genai's adapters are LoRA A/B pairs with an empty default); merge it into the "
+        "model before export (MergeAdapterWeights) and drop ExtractAdapters"
+    )
 
 
 class ExtractAdaptersPass(Pass):
@@ -286,8 +321,15 @@ class ExtractAdaptersPass(Pass):
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements(cuda=False, environment="cpu-export")
 
+    @classmethod
+    def config_problems(cls, config: PassConfig) -> list[str]:
+        assert isinstance(config, ExtractAdaptersConfig)
+        return [] if config.adapter_type == "lora" else [not_lora_problem(config.adapter_type)]
+
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, ExtractAdaptersConfig)
+        if config.adapter_type != "lora":
+            raise PassError(not_lora_problem(config.adapter_type))
         if model is None or model.format not in ("onnx_genai", "onnx"):
             got = "no model" if model is None else f"format {model.format!r}"
             raise PassError(f"ExtractAdapters needs an ONNX model built from an adapter (ModelBuilder), got {got}")
@@ -296,7 +338,7 @@ class ExtractAdaptersPass(Pass):
             Path(model.path), out, dynamic_lora_r=config.dynamic_lora_r, optional_inputs=config.optional_inputs,
             save_format=config.save_format,
         )  # fmt: skip
-        file = out / (NUMPY_FILE if config.save_format == "numpy" else ADAPTER_FILE)
+        file = out / FILES[config.save_format]
         ctx.info(f"{len(weights)} LoRA weights -> model inputs; adapter written to model/{file.name}")
         metrics = {"adapter_weights": float(len(weights)), "adapter_bytes": float(file.stat().st_size)}
         ctx.log_metrics(metrics)

@@ -32,10 +32,10 @@ from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, P
 
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
 
-# precision -> execution providers the builder 0.18 supports it on (its own table of valid combinations).
+# precision -> execution providers the builder 0.18 builds it for (each combination built here).
 _VALID = {
-    "fp32": {"cpu", "cuda"},
-    "fp16": {"cuda", "dml"},
+    "fp32": {"cpu", "cuda", "dml", "webgpu"},
+    "fp16": {"cuda", "dml", "webgpu"},
     "bf16": {"cuda"},
     "int8": {"cpu", "cuda", "webgpu"},
     "int4": {"cpu", "cuda", "dml", "webgpu"},
@@ -74,6 +74,23 @@ class ModelBuilderConfig(PassConfig):
     save_as_external_data: Literal[True] = True
     all_tensors_to_one_file: Literal[True] = True
     metadata_only: bool = False  # an ONNX decoder graph in: write genai_config.json + tokenizer files for it
+    # Olive's builder switches, passed to the builder under its names (builder.py --extra_options)
+    int4_algo_config: str | None = None  # default | rtn | k_quant | rtn_last | k_quant_last | k_quant_mixed | ...
+    int4_nodes_to_exclude: list[str] | None = None
+    exclude_embeds: bool = False  # the graph takes inputs_embeds: no text-only parity/generation check
+    exclude_lm_head: bool = False  # the graph outputs hidden states: no logits check
+    include_hidden_states: bool = False
+    enable_cuda_graph: bool | None = None
+    use_qdq: bool = False
+    use_8bits_moe: bool = False
+    use_webgpu_fp32: bool = False  # the builder's: FP32 I/O on WebGPU (GPUs without fp16)
+    use_cuda_bf16: bool = False  # the builder's: BF16 I/O in quantized CUDA models
+
+    @property
+    def checkable(self) -> bool:
+        """Text in, logits at every position out: the graph transformers and onnxruntime-genai are compared on."""
+        pruned = str(self.extra_options.get("prune_lm_head", "")).lower() in ("true", "1")
+        return not (self.exclude_embeds or self.exclude_lm_head or pruned)
 
 
 def resolve_execution_provider(config: ModelBuilderConfig, job_providers: list[str]) -> str:
@@ -225,13 +242,24 @@ class ModelBuilderPass(Pass):
                 opts["accuracy_level"] = str(level)
             if config.int4_op_types_to_quantize:
                 opts["op_types_to_quantize"] = "/".join(config.int4_op_types_to_quantize)
+        if config.int4_algo_config:
+            opts["int4_algo_config"] = config.int4_algo_config
+        if config.int4_nodes_to_exclude:
+            opts["nodes_to_exclude"] = ",".join(config.int4_nodes_to_exclude)
+        for key in ("exclude_embeds", "exclude_lm_head", "include_hidden_states", "use_qdq", "use_8bits_moe",
+                    "use_webgpu_fp32", "use_cuda_bf16"):  # fmt: skip
+            if getattr(config, key):
+                opts[key] = "true"
+        if config.enable_cuda_graph is not None:
+            opts["enable_cuda_graph"] = _option_str(config.enable_cuda_graph)
         if model.format == "hf_adapter":
             opts["adapter_path"] = str(model.adapter_path)
             if config.precision in ("int4", "int8"):  # LoRA weights stay float: a swappable adapter
                 from orchestrator.passes.onnx.extract_adapters import lora_node_names
 
                 layers = int(json.loads((Path(model.path) / "config.json").read_text())["num_hidden_layers"])
-                opts["nodes_to_exclude"] = ",".join(lora_node_names(layers))
+                lora = ",".join(lora_node_names(layers))
+                opts["nodes_to_exclude"] = f"{opts['nodes_to_exclude']},{lora}" if "nodes_to_exclude" in opts else lora
         for key, value in config.extra_options.items():
             if key == "adapter_path":
                 raise PassError(
@@ -261,6 +289,15 @@ class ModelBuilderPass(Pass):
             )
         if model.format not in ("hf", "hf_adapter"):
             raise PassError(f"ModelBuilder builds from an HF checkpoint (format 'hf'), got format {model.format!r}")
+        if model.format == "hf_adapter":
+            from orchestrator.passes.onnx.extract_adapters import adapter_type
+
+            kind = adapter_type(Path(model.adapter_path or ""))
+            if kind != "lora":
+                raise PassError(
+                    f"ModelBuilder: a {kind.upper()} adapter cannot be built unmerged (the builder and "
+                    "onnxruntime-genai's adapters are LoRA A/B pairs); merge it first (MergeAdapterWeights)"
+                )
         hf_dir = Path(model.path)
         if not (hf_dir / "config.json").exists():
             raise PassError(f"ModelBuilder: {hf_dir} has no config.json; point input_model at an HF checkpoint folder")
@@ -307,6 +344,8 @@ class ModelBuilderPass(Pass):
         t0 = time.perf_counter()
         from orchestrator.passes.common.olive_quant import stage_for_builder
 
+        source_dir = hf_dir  # the checks read the checkpoint as given (the staged copy is gone by then)
+        prequantized = model.quantized or "quantization_config" in json.loads((hf_dir / "config.json").read_text())
         hf_dir = stage_for_builder(hf_dir, ctx.out_dir / ".olive_staged")  # Olive checkpoint, quantized embedding
         try:
             run_builder(hf_dir, tmp, config.precision, ep, cache, options, ctx.info)
@@ -340,7 +379,7 @@ class ModelBuilderPass(Pass):
         ctx.progress(1, 3, "check")
         if model.format == "hf_adapter":
             self._check_lora_float(tmp)
-        metrics |= self._check(config, ep, hf_dir, tmp, ctx, prequantized=model.quantized, adapter=model.adapter_path)
+        metrics |= self._check(config, ep, source_dir, tmp, ctx, prequantized=prequantized, adapter=model.adapter_path)
 
         commit_dir(tmp, final)
         ctx.progress(3, 3, "done")
@@ -395,6 +434,11 @@ class ModelBuilderPass(Pass):
         if ep != "cpu":
             ctx.info(f"post-build checks skipped: the model targets {ep} and they run on CPU only")
             return metrics
+        if not config.checkable:
+            ctx.info("parity vs transformers skipped: exclude_embeds / exclude_lm_head / prune_lm_head leave no "
+                     "per-position logits to compare")
+            return ModelBuilderPass._generation(config, model_dir, ctx, metrics) if not (
+                config.exclude_embeds or config.exclude_lm_head) else metrics
         if prequantized:
             # an AWQ/GPTQ checkpoint: transformers loads it only through optimum / gptqmodel, which the export
             # environment does not carry; the int4 values are the checkpoint's own, so the generation check remains
@@ -414,6 +458,14 @@ class ModelBuilderPass(Pass):
                     f"(>= {config.parity_tolerance}); the graph is wrong. Check the LM-head trap and rope_scaling "
                     "in config.json (FACTS: Phi-3 LongRoPE needs 'type': 'longrope')"
                 )
+        return ModelBuilderPass._generation(config, model_dir, ctx, metrics)
+
+    @staticmethod
+    def _generation(config: ModelBuilderConfig, model_dir: Path, ctx: PassContext, metrics: dict[str, float]) -> dict[
+            str, float]:  # fmt: skip
+        """A few tokens generated by onnxruntime-genai from the built folder."""
+        from orchestrator.passes.common import onnx_tools
+
         if config.check_generation:
             text, n_tokens, seconds = onnx_tools.generate(model_dir, config.parity_prompt[:40], 8)
             metrics["check_generated_tokens"] = float(n_tokens)

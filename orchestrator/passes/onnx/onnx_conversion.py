@@ -41,12 +41,20 @@ class OnnxConversionConfig(PassConfig):
     parity_tolerance: float = 1e-4
 
 
-def load_hf(model: ModelArtifact, merge: bool, dtype: str | None) -> object:
+SDPA_MIN_OPSET = 14  # torch exports scaled_dot_product_attention from opset 14 on
+
+
+def load_hf(model: ModelArtifact, merge: bool, dtype: str | None, opset: int = 17) -> object:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype or "float32")
-    hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch_dtype, trust_remote_code=model.trust_remote_code)
+    # below opset 14 the attention is exported as its plain ops (eager: the same function), as transformers did
+    # when Olive's older examples (target_opset 13) were written
+    extra = {"attn_implementation": "eager"} if opset < SDPA_MIN_OPSET else {}
+    hf = AutoModelForCausalLM.from_pretrained(
+        model.path, dtype=torch_dtype, trust_remote_code=model.trust_remote_code, **extra
+    )
     if model.format == "hf_adapter":
         from peft import PeftModel
 
@@ -133,6 +141,7 @@ class OnnxConversionPass(Pass):
         import torch
 
         from orchestrator.passes.common import onnx_tools
+        from orchestrator.passes.onnx import quantized_export
 
         if model is None or model.format not in ("hf", "hf_adapter"):
             raise PassError(f"OnnxConversion exports HF checkpoints, got {model.format if model else 'no model'!r}")
@@ -141,7 +150,17 @@ class OnnxConversionPass(Pass):
         if model.format == "hf_adapter":
             how = "merged into the weights" if config.merge_adapter_weights else "kept unmerged (A/B MatMuls)"
             ctx.info(f"LoRA adapter {how}")
-        hf = load_hf(model, config.merge_adapter_weights, config.torch_dtype)
+        linears = None
+        if model.format == "hf" and quantized_export.quant_method(model.path) is not None:
+            # an AWQ/GPTQ/Olive int4 checkpoint: exported from its dequantized weights, then each quantized
+            # Linear becomes a MatMulNBits holding the checkpoint's own codes (Olive exports its QuantLinear so)
+            hf = quantized_export.load_dequantized(model.path)
+            hf = hf.half() if config.torch_dtype == "float16" else hf
+            linears = quantized_export.quant_linears(model.path)
+        else:
+            hf = load_hf(model, config.merge_adapter_weights, config.torch_dtype, config.target_opset)
+            if config.target_opset < SDPA_MIN_OPSET:
+                ctx.info(f"target_opset {config.target_opset}: attention exported as plain ops (eager attention)")
         if config.device == "cuda":
             ctx.info("device cuda: traced on CPU instead (the exported graph does not depend on the device)")
 
@@ -179,6 +198,14 @@ class OnnxConversionPass(Pass):
                 torch.onnx.export(wrapped, (ids, mask, pos, *past), str(dst), dynamo=False, dynamic_axes=axes,
                                   opset_version=config.target_opset, **names)  # fmt: skip
         resave(dst, external=config.save_as_external_data)
+        if linears is not None:
+            replaced, left = quantized_export.to_matmulnbits(dst, hf, linears)
+            if not replaced:
+                raise PassError("OnnxConversion: no quantized Linear of the checkpoint was found in the exported graph")
+            ctx.info(f"{replaced} quantized Linear(s) exported as MatMulNBits with the checkpoint's codes, scales and "
+                     "zero points" + (f"; kept float: {', '.join(left)}" if left else ""))  # fmt: skip
+            if not config.save_as_external_data:
+                resave(dst, external=False)
         if config.save_metadata_for_token_generation:
             for name in METADATA:
                 if (Path(model.path) / name).is_file():
@@ -193,3 +220,39 @@ class OnnxConversionPass(Pass):
         commit_dir(tmp, final)
         ctx.log_metrics(metrics)
         return PassOutput(model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task), metrics=metrics)
+
+
+class OptimumMergingConfig(PassConfig):
+    """Olive's OptimumMerging: its keys are the external-data ones, noted by the reader."""
+
+
+class OptimumMergingPass(Pass):
+    """Olive's OptimumMerging joins Optimum's decoder and decoder-with-past graphs into one. orch's export
+    (OnnxConversion, which OptimumConversion maps to) is already that one graph: the model passes through,
+    linked into the pass's output folder."""
+
+    type_name = "OptimumMerging"
+    Config = OptimumMergingConfig
+    version = "1"
+    libraries = ("onnx",)
+
+    def requirements(self, config: PassConfig) -> Requirements:
+        return Requirements(cuda=False, environment="cpu-export")
+
+    def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
+        import os
+
+        if model is None or model.format != "onnx":
+            got = model.format if model else "no model"
+            raise PassError(f"OptimumMerging merges an exported decoder (format 'onnx'), got {got!r}")
+        src = Path(model.path)
+        tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
+        for f in (src.iterdir() if src.is_dir() else [src]):
+            if f.is_file():
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        commit_dir(tmp, ctx.out_dir / OUTPUT_DIR)
+        ctx.info("the exported decoder is already one graph for the prompt and the cached steps: nothing to merge")
+        return PassOutput(model=ModelArtifact(format="onnx", path=OUTPUT_DIR, task=model.task), metrics={})

@@ -31,6 +31,11 @@ class OrtOptimizeConfig(PassConfig):
     keep_io_types: bool = True
     optimization_options: dict[str, Any] | None = None
     use_gqa: bool = False
+    num_key_value_heads: int = 0  # Olive's; the GQA rewrite reads the KV heads from the model's config.json
+    force_fp32_ops: list[str] | None = None  # float16: op types kept in float32 (onnxruntime's op_block_list)
+    force_fp32_nodes: list[str] | None = None  # float16: nodes kept in float32 (node_block_list)
+    force_fp16_inputs: dict[str, list[int]] | None = None  # float16: op type -> input indices forced to float16
+    input_int32: bool = False  # Olive's BERT option; refused for decoders (config_problems)
     save_as_external_data: bool = True
     all_tensors_to_one_file: bool = True
     parity_tolerance: float = 1e-3
@@ -44,6 +49,21 @@ class OrtTransformersOptimizationPass(Pass):
 
     def requirements(self, config: PassConfig) -> Requirements:
         return Requirements(cuda=False, environment="cpu-export")
+
+    @classmethod
+    def config_problems(cls, config: PassConfig) -> list[str]:
+        assert isinstance(config, OrtOptimizeConfig)
+        if config.input_int32:
+            return ["OrtTransformersOptimization input_int32: the decoder's token ids stay int64 (what "
+                    "onnxruntime-genai feeds); drop input_int32"]  # fmt: skip
+        return []
+
+    @classmethod
+    def config_notes(cls, config: PassConfig) -> list[str]:
+        assert isinstance(config, OrtOptimizeConfig)
+        if config.num_key_value_heads:
+            return ["num_key_value_heads: accepted (use_gqa reads the KV heads from the model's config.json)"]
+        return []
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
         assert isinstance(config, OrtOptimizeConfig)
@@ -73,7 +93,10 @@ class OrtTransformersOptimizationPass(Pass):
         except (ValueError, KeyError, AssertionError) as exc:
             raise PassError(f"OrtTransformersOptimization (model_type {config.model_type!r}): {exc}") from None
         if config.float16:
-            opt.convert_float_to_float16(keep_io_types=config.keep_io_types)
+            opt.convert_float_to_float16(
+                keep_io_types=config.keep_io_types, op_block_list=config.force_fp32_ops,
+                node_block_list=config.force_fp32_nodes, force_fp16_inputs=config.force_fp16_inputs,
+            )  # fmt: skip
         gqa = replace_attention_with_gqa(opt, src, ctx) if config.use_gqa else None
         tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         domains = {o.domain for o in opt.model.opset_import}

@@ -7,6 +7,7 @@ Algorithms (Olive's names):
 - k_quant_mixed: llama.cpp's "use more bits" rule, as ORT's k_quant_mixed: the attention value projection
   (v_proj or the fused qkv_proj) and down_proj of layer i get high_bits when i < n/8, i >= 7n/8, or
   (i - n/8) % 3 == 2.
+- k_quant_down: the same layers' down_proj only (Olive's k_quant_down).
 - k_quant_last: only the LM head is high-bit: no decoder layer changes (Rtn's lm_head override carries it).
 - kld_gradient: every decoder Linear is round-to-nearest quantized to `bits` at once; the KL divergence of the
   quantized model's next-token distribution from the fp32 one, over the calibration texts, is back-propagated to
@@ -31,7 +32,9 @@ from orchestrator.passes.common import olive_quant as oq
 
 
 class SelectiveMixedPrecisionConfig(PassConfig):
-    algorithm: Literal["kld_gradient", "k_quant_mixed", "k_quant_last"] = "kld_gradient"
+    algorithm: Literal["kld_gradient", "k_quant_mixed", "k_quant_down", "k_quant_last"] = "kld_gradient"
+    high_group_size: int | None = None  # Olive's: the high-bit layers' group size (None: group_size)
+    high_sym: bool | None = None  # Olive's: see config_problems (the Olive checkpoint keeps one sym for all layers)
     bits: Literal[4, 8] = 4
     high_bits: Literal[4, 8] = 8
     ratio: float = Field(0.65, ge=0, le=1)  # share of the ranked layers that stay at `bits` (kld_gradient)
@@ -67,6 +70,9 @@ class SelectiveMixedPrecisionPass(Pass):
     @classmethod
     def config_notes(cls, config: PassConfig) -> list[str]:
         assert isinstance(config, SelectiveMixedPrecisionConfig)
+        if config.high_sym is not None and config.high_sym != config.sym:
+            return ["SelectiveMixedPrecision: high_sym differs from sym: the Olive checkpoint keeps one sym for every "
+                    "layer (overrides carry bits and group_size); drop high_sym"]  # fmt: skip
         if config.algorithm != "kld_gradient" and "ratio" in config.model_fields_set:
             return [f"SelectiveMixedPrecision: ratio is used by kld_gradient only, not by {config.algorithm}"]
         return []
@@ -82,8 +88,8 @@ class SelectiveMixedPrecisionPass(Pass):
         names = oq.linear_names(state)
         n_layers = 1 + max(int(n.split(".")[2]) for n in names)
         scores: dict[str, float] = {}
-        if config.algorithm == "k_quant_mixed":
-            high = k_quant_mixed(names, n_layers)
+        if config.algorithm in ("k_quant_mixed", "k_quant_down"):
+            high = k_quant_mixed(names, n_layers, down_only=config.algorithm == "k_quant_down")
         elif config.algorithm == "k_quant_last":
             high = []
         else:
@@ -94,7 +100,10 @@ class SelectiveMixedPrecisionPass(Pass):
             ranked = sorted(scores, key=lambda n: -scores[n])
             n_high = len(ranked) - round(config.ratio * len(ranked))
             high = sorted(ranked[:n_high], key=names.index)
-        overrides = {n: {"bits": config.high_bits} for n in high}
+        high_cfg: dict[str, int] = {"bits": config.high_bits}
+        if config.high_group_size:
+            high_cfg["group_size"] = config.high_group_size
+        overrides = {n: dict(high_cfg) for n in high}
         decision = {
             "algorithm": config.algorithm,
             "bits": config.bits,
@@ -124,13 +133,14 @@ class SelectiveMixedPrecisionPass(Pass):
         )
 
 
-def k_quant_mixed(names: list[str], n_layers: int) -> list[str]:
-    """llama.cpp / ORT k_quant_mixed: value and down projections of the first/last eighth and every third layer."""
+def k_quant_mixed(names: list[str], n_layers: int, *, down_only: bool = False) -> list[str]:
+    """llama.cpp / ORT k_quant_mixed: value and down projections of the first/last eighth and every third layer
+    (k_quant_down: the down projections only)."""
 
     def more_bits(i: int) -> bool:
         return i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2
 
-    kinds = ("self_attn.v_proj", "self_attn.qkv_proj", "mlp.down_proj")
+    kinds = ("mlp.down_proj",) if down_only else ("self_attn.v_proj", "self_attn.qkv_proj", "mlp.down_proj")
     return [n for n in names if more_bits(int(n.split(".")[2])) and n.split(".", 3)[3] in kinds]
 
 

@@ -35,6 +35,8 @@ class OliveGptqConfig(PassConfig):
     num_calibration_samples: int = Field(32, gt=0)
     max_seq_len: int = Field(256, gt=8)
     overrides: dict[str, dict[str, int]] = Field(default_factory=dict)  # module -> {bits, group_size}
+    lm_head: bool = False  # Olive's: the LM head is quantized too (GPTQ on its inputs, like the decoder layers)
+    desc_act: bool | None = None  # Olive's act-order; see config_notes
 
 
 class OliveGptqPass(Pass):
@@ -44,6 +46,14 @@ class OliveGptqPass(Pass):
     Config: ClassVar[type[PassConfig]] = OliveGptqConfig
     version: ClassVar[str] = "1"
     libraries: ClassVar[tuple[str, ...]] = ("torch", "transformers")
+
+    @classmethod
+    def config_notes(cls, config: PassConfig) -> list[str]:
+        assert isinstance(config, OliveGptqConfig)
+        if config.desc_act:
+            return ["desc_act: accepted, columns are quantized in input order (the Olive checkpoint's packed layout "
+                    "has no act-order permutation); GPTQ's error compensation still runs"]  # fmt: skip
+        return []
 
     @classmethod
     def config_problems(cls, config: PassConfig) -> list[str]:
@@ -85,9 +95,11 @@ class OliveGptqPass(Pass):
         texts = oq.calibration_texts(ctx, config.data_config, config.num_calibration_samples, self.type_name)
         fp, tok = oq.load_fp_model(hf_dir, model.trust_remote_code)
         modules = dict(fp.named_modules())
-        names = oq.linear_names(fp.state_dict())
+        names = oq.linear_names(fp.state_dict()) + (["lm_head"] * config.lm_head)
         hessians = collect_hessians(fp, [modules[n] for n in names], oq.token_batches(tok, texts, config.max_seq_len))
         state = {k: v.detach().clone() for k, v in fp.state_dict().items()}
+        if config.lm_head and "lm_head.weight" not in state:  # tied: the head's own copy is quantized
+            state["lm_head.weight"] = fp.get_output_embeddings().weight.detach().clone()
         quant: dict[str, Any] = {
             "quant_method": "olive",
             "bits": config.bits,

@@ -7,12 +7,14 @@ the quantized graph does not run.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import Field
 
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassOutput, Requirements
-from orchestrator.passes.common.onnx_common import copy_side_files, logits_shift, onnx_input, resave
+from orchestrator.passes.common.onnx_common import copy_side_files, input_weight_nodes, logits_shift, onnx_input, resave
 
 OUTPUT_DIR = "model"
 
@@ -27,6 +29,7 @@ class DynamicQuantConfig(PassConfig):
     nodes_to_exclude: list[str] | None = None
     nodes_to_quantize: list[str] | None = None
     quant_format: Literal["QOperator"] = "QOperator"
+    extra_options: dict[str, Any] = Field(default_factory=dict)  # onnxruntime quantize_dynamic's extra_options
     save_as_external_data: bool = True
     all_tensors_to_one_file: bool = True
 
@@ -48,6 +51,9 @@ class OnnxDynamicQuantizationPass(Pass):
         from orchestrator.passes.common import onnx_tools
 
         src = onnx_input(model, self.type_name)
+        kept = input_weight_nodes(onnx.load(str(src), load_external_data=False))
+        if kept:
+            ctx.info(f"{len(kept)} MatMuls take their weight from a graph input (LoRA adapter inputs): kept float")
         tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         quantize_dynamic(
             str(src),
@@ -56,11 +62,11 @@ class OnnxDynamicQuantizationPass(Pass):
             per_channel=config.per_channel,
             reduce_range=config.reduce_range,
             op_types_to_quantize=config.op_types_to_quantize,
-            nodes_to_exclude=config.nodes_to_exclude,
+            nodes_to_exclude=[*(config.nodes_to_exclude or []), *kept],
             nodes_to_quantize=config.nodes_to_quantize,
             use_external_data_format=True,
             # fused contrib ops (OrtTransformersOptimization) have no shape-inference types: their outputs are fp32
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, **config.extra_options},
         )
         resave(tmp / "model.onnx", external=config.save_as_external_data)
         copy_side_files(src.parent, tmp)

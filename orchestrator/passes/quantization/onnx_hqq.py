@@ -18,6 +18,7 @@ class HqqConfig(PassConfig):
 
     block_size: Literal[16, 32, 64, 128, 256] = 128
     axis: Literal[0, 1] = 1
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = None  # MatMulNBits compute type; None: 4 (int8) on CPU
     nodes_to_exclude: list[str] | None = None
     nodes_to_include: list[str] | None = None
     check_generation: bool = True
@@ -47,6 +48,12 @@ class OnnxHqqQuantizationPass(MatMulNBitsQuantizePass):
             algo_config=algo,
         )
         quant.process()
+        level = 4 if config.accuracy_level is None else config.accuracy_level
+        for node in quant.model.model.graph.node:  # HQQ's quantizer writes no accuracy_level: set it as RTN's does
+            if node.op_type == "MatMulNBits":
+                attrs = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend([*attrs, onnx.helper.make_attribute("accuracy_level", level)])
         data = dst.parent / f"{dst.name}.data"
         data.unlink(missing_ok=True)
         quant.model.save_model_to_file(str(dst), use_external_data_format=True)

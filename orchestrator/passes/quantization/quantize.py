@@ -27,6 +27,7 @@ class QuantizeConfig(PassConfig):
     is_symmetric: bool = True
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = None  # None: 4 (int8 compute) on CPU, the EP default elsewhere
     bits: Literal[4, 8] = 4
+    axis: Literal[0] = 0  # Olive's; MatMulNBits blocks run along the input dimension (axis 0) only
     nodes_to_exclude: list[str] | None = None  # e.g. ["/lm_head/MatMul"]
     nodes_to_include: list[str] | None = None
     op_types_to_quantize: list[Literal["MatMul", "Gather"]] | None = None  # default: MatMul
@@ -82,6 +83,11 @@ class MatMulNBitsQuantizePass(Pass):
         tmp = fresh_dir(ctx.out_dir / OUTPUT_DIR)
         ctx.progress(0, 2, "quantize")
         t0 = time.perf_counter()
+        kept = self.adapter_nodes(src)
+        if kept:
+            ctx.info(f"{len(kept)} MatMuls take their weight from a graph input (LoRA adapter inputs): kept float, "
+                     "so the adapter stays swappable; the base weights are quantized")  # fmt: skip
+            config = config.model_copy(update={"nodes_to_exclude": [*(config.nodes_to_exclude or []), *kept]})
         self._quantize(config, src, tmp / src.name, ctx)
         quantize_s = time.perf_counter() - t0
         # Everything else of the folder (genai_config.json, tokenizer, chat template) travels unchanged.
@@ -94,9 +100,10 @@ class MatMulNBitsQuantizePass(Pass):
         n_nodes = onnx_tools.matmulnbits_count(tmp / src.name)
         if n_nodes <= already:
             shutil.rmtree(tmp, ignore_errors=True)
+            lora = " (its LoRA adapter inputs stay float by design)" if kept else ""
             raise PassError(
                 f"{self.type_name}: no MatMul with constant weights was quantized in {src.name}; the model is "
-                "already quantized or nodes_to_exclude/nodes_to_include left nothing to do"
+                f"already quantized{lora} or nodes_to_exclude/nodes_to_include left nothing to do"
             )
         size_after = onnx_tools.model_size_bytes(tmp / src.name)
         metrics = {
@@ -126,6 +133,15 @@ class MatMulNBitsQuantizePass(Pass):
         return PassOutput(
             model=ModelArtifact(format=fmt, path=OUTPUT_DIR, task=model.task, quantized=True), metrics=metrics
         )
+
+    @staticmethod
+    def adapter_nodes(src: Path) -> list[str]:
+        """The MatMuls whose weight is a graph input (onnx_common.input_weight_nodes), read without the weights."""
+        import onnx
+
+        from orchestrator.passes.common.onnx_common import input_weight_nodes
+
+        return input_weight_nodes(onnx.load(str(src), load_external_data=False))
 
     @staticmethod
     def _quantize(config: QuantizeConfig, src: Path, dst: Path, ctx: PassContext) -> None:

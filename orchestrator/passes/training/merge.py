@@ -1,4 +1,5 @@
-"""MergeAdapterWeights (Olive's name): fold a LoRA adapter into its base and save a plain HF checkpoint.
+"""MergeAdapterWeights (Olive's name): fold a PEFT adapter (LoRA, DoRA, LoHa, LoKr) into its base and save a
+plain HF checkpoint.
 
 The merge is checked, not trusted: every wrapped layer's weight is compared before and after, and an adapter that
 changes nothing (an untrained LoRA has B = 0) is an error rather than a silent copy of the base.
@@ -46,7 +47,7 @@ class MergeAdapterWeightsPass(Pass):
 
         import torch
         from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         # Merge in fp32 on CPU (exact, and works with no GPU), save in the base's own dtype.
@@ -58,7 +59,7 @@ class MergeAdapterWeightsPass(Pass):
         changed, unchanged, max_delta = 0, [], 0.0
         with torch.no_grad():
             for name, layer in peft_model.named_modules():
-                if not isinstance(layer, LoraLayer):
+                if not isinstance(layer, BaseTunerLayer):
                     continue
                 weight = layer.get_base_layer().weight
                 before = weight.detach().clone()  # one layer at a time: no second copy of the whole model

@@ -17,6 +17,14 @@ orch's words on this system:
 - job names are made on the client (orch-<pass>-<uuid>) before the first attempt, and a retried submit first GETs
   the name: a timeout or dropped connection never creates a second job.
 - secrets: `hf_token: true` hands the job a Key Vault *reference*; the job reads the value with its own identity.
+- cache: the workspace cache (blobcache.py, `orch-cache/` in the default datastore) is this system's shared cache:
+  a job's output goes straight into its key's entry and is committed once the job Completed; a cached pass is
+  taken from there by reference, by any client.
+- priority and cost: `tier` (dedicated | low_priority) is checked against the cluster; `queue_settings.job_tier`
+  goes into the job body; a job that ends Failed because its low-priority node was preempted is submitted again up
+  to `max_retries` times; a pass's cost is nodes x hours x the cluster VM size's price (prices.py).
+- environment: the user's conda file plus orch's runtime layer (environments.AZUREML_RUNTIME_LAYER), or a refusal
+  before anything is uploaded naming what is missing and the file to fix.
 - Hugging Face references (`fetches_hub_refs`): the client pins a hub model / dataset to its commit and checks it
   exists (fail fast), the job carries `hf://<id>@<sha>` and downloads exactly those files on the compute (fast
   network, no upload of gigabytes from a laptop; private repos with the Key Vault token), as Olive's AzureML
@@ -31,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -58,6 +67,8 @@ RESULT_OUTPUT = "result"
 # blobfuse over flat-namespace storage is a copy + delete per blob, not atomic (infra/local-azure.md).
 OUTPUT_MODE = "upload"
 TRAINING_PASSES = ("LoRA", "QLoRA")
+PREEMPTED_RX = re.compile(r"preempt", re.IGNORECASE)  # a job that ended Failed because its node was taken back
+RETRY_RX = re.compile(r"-r(\d+)$")  # <job>-r<N>: the N-th resubmission of a preempted job
 SNAPSHOT_SUFFIXES = (".py", ".typed", ".json", ".yaml", ".yml", ".txt")
 STATE_MAP = {
     "NotStarted": JobState.QUEUED,
@@ -258,8 +269,19 @@ class AzureMLSystem(System):
         base_dir: Path | str | None = None,
         cache_dir: Path | str | None = None,
         ml_client: Any = None,
+        tier: str | None = None,
+        queue_settings: dict[str, Any] | None = None,
+        max_retries: int = 0,
+        workspace_cache: bool = True,
     ) -> None:
         self.aml_compute = aml_compute
+        self.tier = tier
+        self.queue_settings = {k: v for k, v in (queue_settings or {}).items() if v is not None}
+        self.max_retries = max_retries
+        self.workspace_cache = workspace_cache
+        self._compute_obj: Any = None
+        self._shared: Any = None
+        self._needs: dict[str, tuple[str, ...]] = {}
         self.accelerators = accelerators or ["cpu"]
         self.docker_config = {k: v for k, v in (docker_config or {}).items() if v is not None}
         self.hf_token = hf_token
@@ -289,6 +311,10 @@ class AzureMLSystem(System):
             base_dir=context.get("base_dir"),
             cache_dir=context.get("cache_dir"),
             ml_client=context.get("ml_client"),
+            tier=cfg.get("tier"),
+            queue_settings=cfg.get("queue_settings"),
+            max_retries=int(cfg.get("max_retries") or 0),
+            workspace_cache=cfg.get("workspace_cache", True) is not False,
         )
 
     # ---- workspace ----------------------------------------------------------------------------------------
@@ -328,13 +354,32 @@ class AzureMLSystem(System):
         image = dc.get("base_image") or dc.get("image_name")
         if not image:
             raise SystemFailure("AzureML system: give aml_docker_config.base_image + conda_file_path, or dockerfile")
-        spec: dict[str, Any] = {"image": image}
-        if dc.get("conda_file_path"):
-            from orchestrator.systems.environments import load_env_spec
+        env = self.composed_environment()
+        return {"image": image, "conda": env.hash(), "name": env.name}
 
-            env = load_env_spec(dc["conda_file_path"])
-            spec.update(conda=env.hash(), name=env.name)
-        return spec
+    def composed_environment(self, needs: dict[str, tuple[str, ...]] | None = None) -> Any:
+        """The job environment: the user's conda file plus orch's runtime layer (what the runner and the driver
+        import on the compute); without a conda file, python + the layer alone. Refused (EnvSpecError, one line
+        naming the file) when a pin cannot live beside the layer, or when a pass's libraries are missing."""
+        from orchestrator.systems.environments import AZUREML_RUNTIME_LAYER, EnvSpec, compose_runtime, load_env_spec
+
+        dc = self.docker_config
+        if dc.get("conda_file_path"):
+            spec = load_env_spec(dc["conda_file_path"])
+            what = "aml_docker_config.conda_file_path"
+        else:
+            spec = EnvSpec(source=Path("(no conda_file_path)"), name="orch-runtime", python="3.11",
+                           conda_deps=("pip",), pip_requirements=())  # fmt: skip
+            what = "aml_docker_config"
+        return compose_runtime(spec, AZUREML_RUNTIME_LAYER, needs=needs, what=what)
+
+    def require(self, pass_type: str, libraries: tuple[str, ...]) -> None:
+        """A pass of the workflow runs here and imports `libraries`: refuse now (before any upload or image
+        build) if the job environment lacks them. A Dockerfile environment cannot be read, so it is trusted."""
+        if not libraries or self.docker_config.get("build_context_path"):
+            return
+        self._needs[pass_type] = tuple(libraries)
+        self.composed_environment(needs=self._needs)
 
     def environment_fingerprint(self, libraries: tuple[str, ...], environment: str | None = None) -> dict[str, str]:
         """The hash of the Azure ML Environment spec (the system's image + conda file); `environment` (a pass's
@@ -362,11 +407,7 @@ class AzureMLSystem(System):
                     build=BuildContext(path=str(dc["build_context_path"]), dockerfile_path=spec["dockerfile"]),
                 )  # fmt: skip
             else:
-                conda = None
-                if dc.get("conda_file_path"):
-                    from orchestrator.systems.environments import load_env_spec
-
-                    conda = load_env_spec(dc["conda_file_path"]).to_conda_yaml()
+                conda = self.composed_environment().to_conda_yaml()
                 entity = Environment(name=name, version=version, image=spec["image"], conda_file=_yaml(conda))
             env = with_retries(lambda: self.ml.environments.create_or_update(entity), what="environment create")
         self._environment = f"azureml:{env.name}:{env.version}"
@@ -411,15 +452,53 @@ class AzureMLSystem(System):
             return PyTorchDistribution(process_count_per_instance=processes_per_node), resources
         return None, resources
 
+    def compute_info(self) -> tuple[str, str] | None:
+        """(VM size, tier: dedicated | low_priority) of the cluster jobs run on, from its GET (None: serverless
+        without an instance_type). A Spot job tier runs on preemptible capacity: low_priority."""
+        spot = (self.queue_settings.get("job_tier") or "").lower() == "spot"
+        if not self.compute:
+            size = self.resources.get("instance_type")
+            return (size, "low_priority" if spot else "dedicated") if size else None
+        if self._compute_obj is None:
+            self.check_compute()
+        size = getattr(self._compute_obj, "size", None)
+        tier = getattr(self._compute_obj, "tier", None) or "dedicated"
+        if not size:
+            return None
+        return size, "low_priority" if spot or tier == "low_priority" else "dedicated"
+
+    def node_price(self, pass_cls: type | None) -> Any:
+        """Price of the nodes a job of this pass takes (instance_count for a data-parallel pass, else 1)."""
+        from orchestrator.systems.azureml.prices import node_price
+        from orchestrator.systems.azureml.workspace import read_profile
+
+        info = self.compute_info()
+        if info is None:
+            return None
+        nodes = self.instance_count if getattr(pass_cls, "data_parallel", False) else 1
+        return node_price(info[0], info[1], nodes=nodes, profile=read_profile())
+
+    def shared_cache(self) -> Any:
+        """The workspace cache (orch-cache/ in the default datastore), used by reference; None when the system
+        says workspace_cache: false."""
+        if not self.workspace_cache:
+            return None
+        if self._shared is None:
+            from orchestrator.systems.azureml.blobcache import WorkspaceCache
+
+            self._shared = WorkspaceCache.for_client(self.ml, by_reference=True)
+        return self._shared
+
     def check_compute(self) -> None:
-        """Refuse an unknown compute before anything is uploaded or submitted (validate before compute)."""
+        """Refuse an unknown compute, or one whose tier is not the one asked for, before anything is uploaded or
+        submitted (validate before compute)."""
         from azure.core.exceptions import ResourceNotFoundError
 
         name = self.compute
         if not name:
             return  # serverless
         try:
-            with_retries(lambda: self.ml.compute.get(name), what="compute lookup")
+            self._compute_obj = with_retries(lambda: self.ml.compute.get(name), what="compute lookup")
         except ResourceNotFoundError:
             try:
                 known = sorted(c.name for c in self.ml.compute.list())
@@ -430,6 +509,17 @@ class AzureMLSystem(System):
                 f"aml_compute {name!r} does not exist in workspace {self.settings.workspace_name}{hint}: "
                 "set systems.<name>.config.aml_compute to one of them"
             ) from None
+        have = getattr(self._compute_obj, "tier", None) or "dedicated"
+        if self.tier and have != self.tier:
+            try:
+                fit = sorted(c.name for c in self.ml.compute.list() if (getattr(c, "tier", None) or "") == self.tier)
+            except Exception:  # noqa: BLE001 - the names are a hint only
+                fit = []
+            hint = f" ({self.tier} clusters in the workspace: {', '.join(fit)})" if fit else ""
+            raise SystemFailure(
+                f"aml_compute {name!r} is a {have} cluster but the system asks for tier {self.tier}{hint}: "
+                "set aml_compute to such a cluster, or change tier"
+            )
 
     def submit_command(
         self,
@@ -459,6 +549,12 @@ class AzureMLSystem(System):
         else:
             env_vars["HF_HUB_OFFLINE"] = "1"  # nothing to read from the hub: jobs read models from inputs only
         env_vars.update(environment_variables or {})
+        queue = None
+        if self.queue_settings:
+            from azure.ai.ml.entities import QueueSettings
+
+            queue = QueueSettings(**self.queue_settings)
+        retry_tags = {"orch.max_retries": str(self.max_retries)} if self.max_retries else {}
         job = command_job(
             name=name,
             display_name=display_name,
@@ -470,9 +566,10 @@ class AzureMLSystem(System):
             inputs=inputs,
             outputs=outputs,
             environment_variables=env_vars,
-            tags={**self.tags, **tags},
+            tags={**self.tags, **tags, **retry_tags},
             distribution=distribution,
             instance_count=resources.instance_count,
+            queue_settings=queue,
         )
         job.resources = resources
         return create_job_once(self.ml, job)
@@ -482,6 +579,9 @@ class AzureMLSystem(System):
 
         inputs: dict[str, Any] = {}
         args = ["python -m orchestrator.runner --job job.json", f"--output-dir ${{{{outputs.{RESULT_OUTPUT}}}}}"]
+        cache = self.shared_cache() if job.cache_key else None
+        if cache is not None:
+            args.append("--manifest")  # the output becomes a workspace cache entry: its readers check the files
         refs: dict[str, str] = {}
         from_hub = job.model is not None and is_hub_uri(job.model.path)  # the job downloads it (runner)
         if job.model is not None and from_hub:
@@ -528,7 +628,8 @@ class AzureMLSystem(System):
         name, live = claim_job_name(self.ml, definition_name(job.pass_name, definition))
         if live is not None:  # the same pass on the same inputs is running already: follow it, not a twin
             return AzureMLJobHandle(self, live.name, refs=refs, studio_url=getattr(live, "studio_url", None))
-        result_uri = output_uri(name)
+        # straight into the key's workspace cache entry (committed by the engine once the job Completed)
+        result_uri = cache.objects_uri(job.cache_key, name) if cache is not None else output_uri(name)
         created = self.submit_command(
             name=name,
             command=" ".join(args),
@@ -587,6 +688,7 @@ class AzureMLJobHandle(JobHandle):
         self._log_text: list[str] = []
         self._log_status = "NotStarted"  # the status seen by the last log poll
         self._logs_done: set[str] = set()  # files read to their end (the build log once the job runs)
+        self._retry_lock = threading.Lock()
 
     @property
     def ml(self) -> Any:
@@ -600,14 +702,67 @@ class AzureMLJobHandle(JobHandle):
         return map_state(self.raw_status())
 
     def wait(self, timeout: float | None = None, poll: float = 2.0) -> JobState:
+        """Until the job is terminal; a job that ended Failed by preemption is followed into its resubmission
+        (up to the system's max_retries): the handle then names the new job."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             state = self.status()
+            if state == JobState.FAILED and self.follow_retry() is not None:
+                continue
             if state.is_terminal():
                 return state
             if deadline is not None and time.monotonic() >= deadline:
                 return state
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+
+    # ---- preemption: Azure ML requeues a preempted job itself; one that ends Failed instead is submitted again
+    def _retry_name(self, n: int) -> str:
+        return f"{RETRY_RX.sub('', self.name)}-r{n}"
+
+    def follow_retry(self) -> str | None:
+        """If this job ended Failed because its low-priority node was preempted and retries are left (tag
+        orch.max_retries, set from the system's max_retries), submit it again as <name>-r<N> (the same command,
+        code, environment and inputs; outputs under the new name) and follow that one. Idempotent: the retry's
+        name is fixed, so two followers find one job. Returns the new name, or None."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        with self._retry_lock:
+            job = with_retries(lambda: self.ml.jobs.get(self.name), what="job lookup")
+            if status_text(job.status) != "Failed" or not PREEMPTED_RX.search(self.error() or ""):
+                return None
+            m = RETRY_RX.search(self.name)
+            done = int(m[1]) if m else 0
+            allowed = int((job.tags or {}).get("orch.max_retries") or 0)
+            if done >= allowed:
+                return None
+            new = self._retry_name(done + 1)
+            try:
+                with_retries(lambda: self.ml.jobs.get(new), what="job lookup")
+            except ResourceNotFoundError:
+                old = self.name
+                job.name = new
+                job.display_name = f"{job.display_name or old} (retry {done + 1})"
+                job.tags = {**(job.tags or {}), "orch.retry_of": old, "orch.retry": str(done + 1)}
+                for out in (job.outputs or {}).values():  # a fresh output folder: the failed one may hold a part
+                    if getattr(out, "path", None):
+                        out.path = out.path.replace(f"/{old}/", f"/{new}/")
+                create_job_once(self.ml, job)
+            self.name = self.job_id = new
+            self._offsets, self._logs_done = {}, set()
+            return new
+
+    def retried_as(self) -> tuple[str, str] | None:
+        """(name, status) of the newest resubmission of this job after a preemption, if any."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        found = None
+        for n in range(1, 21):
+            name = self._retry_name(n)
+            try:
+                found = (name, status_text(self.ml.jobs.get(name).status))
+            except ResourceNotFoundError:
+                break
+        return found
 
     def error(self) -> str | None:
         """The service's error message for a failed job (run history), one paragraph."""
@@ -701,6 +856,12 @@ class AzureMLJobHandle(JobHandle):
         from orchestrator.systems.azureml import logstream as ls
 
         raw = status_text(self.ml.jobs.get(self.name).status)
+        if raw == "Failed" and not strict:
+            old = self.name
+            if self.follow_retry() is not None:
+                self._log_status = "Queued"
+                yield f"orch: {old} ended Failed: its low-priority node was preempted; submitted again as {self.name}"
+                return
         self._log_status = raw
         details = self.ml.jobs._runs_operations.get_run_details(self.name)
         files = dict(sorted((getattr(details, "log_files", None) or {}).items()))  # name -> SAS URL: never shown

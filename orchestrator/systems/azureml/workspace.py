@@ -77,8 +77,15 @@ def write_profile_value(key: str, value: str, path: Path | None = None) -> Path:
     """`orch config set KEY VALUE`: atomically update one key of the per-machine profile."""
     from orchestrator.core.fs import atomic_write_text
 
-    if key not in PROFILE_KEYS:
-        raise WorkspaceError(f"unknown setting {key!r}; known: {', '.join(PROFILE_KEYS)}")
+    if key.startswith("price."):  # price.<vm_size>[.low_priority]: USD per node-hour (systems/azureml/prices.py)
+        from orchestrator.systems.azureml.prices import check_price_setting
+
+        if value != "":
+            value = str(check_price_setting(key, value))
+    elif key not in PROFILE_KEYS:
+        raise WorkspaceError(
+            f"unknown setting {key!r}; known: {', '.join(PROFILE_KEYS)}, price.<vm_size>[.low_priority]"
+        )
     if key == "cloud_metadata":
         _parse_metadata(value)  # refuse a bad one now, not at the next submit
     path = path or profile_path()

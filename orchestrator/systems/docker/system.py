@@ -259,6 +259,7 @@ class DockerSystem(System):
         self.pip_settings = pip_settings
         self.on_build_line = on_build_line
         self._images: dict[str, str] = {}
+        self._needs: dict[str, tuple[str, ...]] = {}  # pass type -> libraries it imports (a user's conda file)
         self._client: Any = None
 
     @classmethod
@@ -283,17 +284,36 @@ class DockerSystem(System):
         env = self.config.environment or environment or DEFAULT_ENVIRONMENT
         return base, self._path(str(env)) if str(env).endswith((".yaml", ".yml")) else resolve_env_file(env)
 
+    def _spec(self, environment: str | None) -> tuple[str, Any]:
+        """(base image, job environment): the conda file plus orch's runtime layer (environments.RUNTIME_LAYER:
+        what the runner imports, added where the file lacks it). A user's own conda file (docker_config) must
+        also hold what the workflow's passes import (`require`); orch's environment families do by design."""
+        from orchestrator.systems.environments import RUNTIME_LAYER, compose_runtime
+
+        base, env_file = self._env_file(environment)
+        dc = self.config.docker_config
+        own = dc is not None and dc.conda_file_path is not None
+        spec = compose_runtime(load_env_spec(env_file), RUNTIME_LAYER, needs=self._needs if own else None,
+                               what="docker_config.conda_file_path" if own else "")  # fmt: skip
+        return base, spec
+
+    def require(self, pass_type: str, libraries: tuple[str, ...]) -> None:
+        dc = self.config.docker_config
+        if dc is None or dc.conda_file_path is None or not libraries:
+            return
+        self._needs[pass_type] = tuple(libraries)
+        self._spec(None)
+
     def environment_fingerprint(self, libraries: tuple[str, ...], environment: str | None = None) -> dict[str, str]:
         """The image's content: base image + the normalized conda spec (its pins are the library versions)."""
         dc = self.config.docker_config
         if dc is not None and dc.dockerfile:
             return {"dockerfile": str(self._path(dc.build_context_path or ".")), "docker_file": dc.dockerfile}
-        base, env_file = self._env_file(environment)
         try:
-            spec_hash = load_env_spec(env_file).hash()
+            base, spec = self._spec(environment)
         except EnvSpecError as exc:
             raise SystemFailure(str(exc)) from exc
-        return {"base_image": base, "env_spec": spec_hash}
+        return {"base_image": base, "env_spec": spec.hash()}
 
     @property
     def client(self) -> Any:
@@ -310,8 +330,11 @@ class DockerSystem(System):
         dc = self.config.docker_config
         if dc is not None and dc.dockerfile:
             return self._dockerfile_image(dc)
-        base, env = self._env_file(self.environment_for(job) if self.environment_for else None)
-        key = f"{base}|{env}"
+        try:
+            base, env = self._spec(self.environment_for(job) if self.environment_for else None)
+        except EnvSpecError as exc:
+            raise SystemFailure(str(exc)) from exc
+        key = f"{base}|{env.hash()}"
         if key not in self._images:
             try:
                 built = build_environment(

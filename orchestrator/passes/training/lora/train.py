@@ -80,14 +80,20 @@ class TextSpec(Protocol):
     max_samples: int | None
     random_seed: int | None
     stride: int | None
+    add_special_tokens: bool | None
+    chat: bool
+
+
+MAX_LORA_RANK = 65536  # no layer of any language model is wider: a larger rank cannot be a LoRA
 
 
 class LoRAConfig(PassConfig):
     """Olive's LoRA / QLoRA pass config (the names users already have in their workflow files)."""
 
     target_modules: list[str] | None = None  # None: every linear layer except the LM head
-    lora_r: int = Field(64, gt=0, validation_alias=AliasChoices("lora_r", "r"))
-    lora_alpha: float = Field(16, gt=0, validation_alias=AliasChoices("lora_alpha", "alpha"))
+    # Sane ranges, not only positive: a rank of 2**31 fails deep inside peft with a message naming no field.
+    lora_r: int = Field(64, gt=0, le=MAX_LORA_RANK, validation_alias=AliasChoices("lora_r", "r"))
+    lora_alpha: float = Field(16, gt=0, le=1e6, validation_alias=AliasChoices("lora_alpha", "alpha"))
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None
@@ -95,6 +101,8 @@ class LoRAConfig(PassConfig):
     allow_tf32: bool = True
     ephemeral_gpu_offload: bool = False
     device_map: Literal["auto", "current_device"] | None = None  # Olive's; see LoRAPass.config_notes
+    use_dora: bool = False  # peft's DoRA (weight-decomposed LoRA); Olive's DoRA pass sets it
+    use_rslora: bool = False  # peft's rank-stabilized scaling (alpha / sqrt(r))
     # 4-bit (QLoRA) settings: any of load_in_4bit / double_quant on a "LoRA" pass makes it QLoRA.
     load_in_4bit: bool = False
     double_quant: bool = False
@@ -125,6 +133,33 @@ class LoRAConfig(PassConfig):
     @property
     def four_bit(self) -> bool:
         return self.load_in_4bit or self.double_quant
+
+
+class LycorisConfig(LoRAConfig):
+    """Olive's LoHa / LoKr fields (olive/passes/pytorch/lora.py's _lora_variant_config), peft's names."""
+
+    lora_alpha: float = Field(16, gt=0, validation_alias=AliasChoices("alpha", "lora_alpha"))
+    rank_dropout: float = Field(0.0, ge=0, lt=1)
+    module_dropout: float = Field(0.0, ge=0, lt=1)
+    use_effective_conv2d: bool = True
+    exclude_modules: list[str] | str | None = None
+    init_weights: bool = True
+    layers_to_transform: list[int] | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_4bit(self) -> LycorisConfig:
+        if self.four_bit:
+            raise ValueError("LoHa / LoKr train on a full-precision base: drop load_in_4bit / double_quant")
+        return self
+
+
+class LoKrConfig(LycorisConfig):
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
 
 
 class LoRAPass(Pass):
@@ -173,6 +208,7 @@ class LoRAPass(Pass):
         ]
 
     always_4bit: ClassVar[bool] = False
+    dora: ClassVar[bool] = False  # the DoRA pass: LoRA with use_dora
     data_parallel: ClassVar[bool] = True  # DDP through the Trainer (torchrun / Azure ML PyTorch distribution)
 
     def is_qlora(self, config: LoRAConfig) -> bool:
@@ -181,7 +217,7 @@ class LoRAPass(Pass):
     def requirements(self, config: PassConfig) -> Requirements:
         assert isinstance(config, LoRAConfig)
         if self.is_qlora(config):
-            return Requirements(cuda=True, environment="gpu-train")
+            return Requirements(cuda=True, environment="gpu-train", without_cuda=QLORA_NO_CUDA)
         return Requirements(environment="cpu-train")
 
     def run(self, config: PassConfig, model: ModelArtifact | None, ctx: PassContext) -> PassOutput:
@@ -196,15 +232,18 @@ class LoRAPass(Pass):
             hint = " (merge it first: MergeAdapterWeights)" if model and model.format == "hf_adapter" else ""
             raise PassError(f"{self.type_name} needs an HF checkpoint (format hf) as input, got {got}{hint}")
         targets = resolve_target_modules(model, config.target_modules)
-        train_ds, eval_ds, spec = self.load_data(config, ctx)
+        train_ds, eval_ds, spec = self.load_data(config, ctx, tokenizer=str(Path(model.path).resolve()))
         from orchestrator.passes.common.data import prompt_format
 
         source = f"{self.type_name} pass {ctx.job.pass_name!r}, data config {config.train_data_config!r}"
         prompt = prompt_format(ctx.job.data_configs[config.train_data_config], source)
         return self.train(config, model, ctx, train_ds, eval_ds, spec, targets=targets, prompt=prompt)
 
-    def load_data(self, config: LoRAConfig, ctx: PassContext) -> tuple[Any, Any, TextSpec]:
-        """Train/eval splits from the job's data configs (passes.common.data loads and templates them)."""
+    def load_data(
+        self, config: LoRAConfig, ctx: PassContext, tokenizer: str | None = None
+    ) -> tuple[Any, Any, TextSpec]:
+        """Train/eval splits from the job's data configs (orchestrator.passes.common.data does loading and templating;
+        `tokenizer`, the base model's folder, renders chat rows with its chat template)."""
         from orchestrator.passes.common.data import load_splits, text_spec
 
         data_configs = ctx.job.data_configs
@@ -223,6 +262,7 @@ class LoRAPass(Pass):
             eval_split=None if config.eval_data_config else config.eval_split,
             seed=seed,
             data_files_override=ctx.job.data_files.get(config.train_data_config),
+            tokenizer=tokenizer,
         )
         if config.eval_data_config:
             eval_ds, _ = load_splits(
@@ -231,6 +271,7 @@ class LoRAPass(Pass):
                 train_split=config.eval_split,
                 seed=seed,
                 data_files_override=ctx.job.data_files.get(config.eval_data_config),
+                tokenizer=tokenizer,
             )
         return train_ds, eval_ds, text_spec(train_dc)
 
@@ -250,8 +291,7 @@ class LoRAPass(Pass):
         `prompt` (the format of the training texts) is saved beside the adapter for generation."""
         import torch
         import transformers
-        from peft import LoraConfig, get_peft_model
-        from peft.tuners.lora import LoraRuntimeConfig
+        from peft import get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import SFTConfig, SFTTrainer
 
@@ -315,19 +355,7 @@ class LoRAPass(Pass):
             base = prepare_model_for_kbit_training(
                 base, use_gradient_checkpointing=bool(sft_kwargs.get("activation_checkpointing"))
             )
-        peft_model = get_peft_model(
-            base,
-            LoraConfig(
-                r=config.lora_r,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                target_modules=targets,
-                bias=config.bias,
-                modules_to_save=config.modules_to_save,
-                task_type="CAUSAL_LM",
-                runtime_config=LoraRuntimeConfig(ephemeral_gpu_offload=config.ephemeral_gpu_offload),
-            ),
-        )
+        peft_model = get_peft_model(base, self.peft_config(config, targets))
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in peft_model.parameters())
         if cuda:
@@ -415,6 +443,24 @@ class LoRAPass(Pass):
         )
         return PassOutput(model=artifact, metrics=metrics)
 
+    def peft_config(self, config: LoRAConfig, targets: list[str]) -> Any:
+        """The peft adapter config this pass trains (LoRA; DoRA is LoRA with use_dora)."""
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraRuntimeConfig
+
+        return LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=targets,
+            bias=config.bias,
+            modules_to_save=config.modules_to_save,
+            task_type="CAUSAL_LM",
+            use_dora=config.use_dora or self.dora,
+            use_rslora=config.use_rslora,
+            runtime_config=LoraRuntimeConfig(ephemeral_gpu_offload=config.ephemeral_gpu_offload),
+        )
+
     @staticmethod
     def cuda_fast_path(model: Any, sft_kwargs: dict[str, Any], train_tok: Any, info: Any) -> dict[str, Any]:
         """The GPU engineer's CUDA choices (orchestrator.passes.training.lora.cuda), with their reasons logged."""
@@ -459,6 +505,72 @@ class QLoRAPass(LoRAPass):
 
     type_name: ClassVar[str] = "QLoRA"
     always_4bit: ClassVar[bool] = True
+
+
+class DoRAPass(LoRAPass):
+    """Olive's DoRA: weight-decomposed LoRA (peft's use_dora): a magnitude vector beside A/B per layer. It merges
+    (MergeAdapterWeights) like LoRA; onnxruntime-genai cannot take it as separate adapter inputs."""
+
+    type_name: ClassVar[str] = "DoRA"
+    dora: ClassVar[bool] = True
+
+
+class LoHaPass(LoRAPass):
+    """Olive's LoHa (peft LoHaConfig): low-rank Hadamard products, trained like LoRA and merged for export."""
+
+    type_name: ClassVar[str] = "LoHa"
+    Config: ClassVar[type[PassConfig]] = LycorisConfig
+
+    def peft_config(self, config: LoRAConfig, targets: list[str]) -> Any:
+        from peft import LoHaConfig
+
+        assert isinstance(config, LycorisConfig)
+        return LoHaConfig(
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            target_modules=targets,
+            modules_to_save=config.modules_to_save,
+            task_type="CAUSAL_LM",
+            **self.lycoris_kwargs(config),
+        )
+
+    @staticmethod
+    def lycoris_kwargs(config: LycorisConfig) -> dict[str, Any]:
+        keys = (
+            "rank_dropout",
+            "module_dropout",
+            "use_effective_conv2d",
+            "exclude_modules",
+            "init_weights",
+            "layers_to_transform",
+            "layers_pattern",
+            "rank_pattern",
+            "alpha_pattern",
+        )
+        return {k: getattr(config, k) for k in keys}
+
+
+class LoKrPass(LoHaPass):
+    """Olive's LoKr (peft LoKrConfig): Kronecker-product adapters, trained like LoRA and merged for export."""
+
+    type_name: ClassVar[str] = "LoKr"
+    Config: ClassVar[type[PassConfig]] = LoKrConfig
+
+    def peft_config(self, config: LoRAConfig, targets: list[str]) -> Any:
+        from peft import LoKrConfig as PeftLoKrConfig
+
+        assert isinstance(config, LoKrConfig)
+        return PeftLoKrConfig(
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            target_modules=targets,
+            modules_to_save=config.modules_to_save,
+            task_type="CAUSAL_LM",
+            decompose_both=config.decompose_both,
+            decompose_factor=config.decompose_factor,
+            rank_dropout_scale=config.rank_dropout_scale,
+            **self.lycoris_kwargs(config),
+        )
 
 
 def resolve_target_modules(model: ModelArtifact, requested: list[str] | None) -> list[str]:
@@ -577,8 +689,12 @@ def tokenize(ds: Any, tokenizer: Any, spec: TextSpec) -> Any:
     """
     from datasets import Dataset
 
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    encoded = tokenizer(list(ds["text"]), add_special_tokens=True)["input_ids"]
+    # a chat template carries its own special tokens; add_special_tokens false (Olive's) adds none; else the
+    # tokenizer's BOS and an EOS after each text
+    # (read with defaults: a spec made before these fields, e.g. a test's namespace, means neither)
+    plain = getattr(spec, "chat", False) or getattr(spec, "add_special_tokens", None) is False
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not plain else []
+    encoded = tokenizer(list(ds["text"]), add_special_tokens=not plain)["input_ids"]
     try:
         blocks = text_blocks.pack(
             [[*ids, *eos] for ids in encoded], spec.strategy, spec.max_len, max_samples=spec.max_samples,

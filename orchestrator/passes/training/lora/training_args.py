@@ -284,12 +284,16 @@ def normalize_training_args(args: dict[str, Any]) -> tuple[dict[str, Any], list[
     problems += check_values(out)
     if problems:
         raise TrainingArgsError(problems)
+    for key, value in out.items():  # YAML's 1e3 is 1000.0: a whole-number argument gets the int it means
+        if VALUE_RULES.get(key, ("",))[0] == "int" and isinstance(value, float) and value.is_integer():
+            out[key] = int(value)
     return out, notes
 
 
-# Value rules of the training arguments users set most, checked at config time so a typo ("ten", -1e-4, 0)
+# Value rules of the training arguments users set most, checked at config time so a typo ("ten", -1e-4, 0, 1e999)
 # stops before any job is submitted instead of deep inside transformers after the model has loaded.
-# kind: "int", "number" (int or float), "bool"; bound: (operator, limit) on the value.
+# kind: "int", "number" (int or float), "bool"; bound: (operator, limit) below; upper: the largest sane value
+# (beyond it a run cannot work: numpy seeds are 32-bit, AdamW's betas are < 1, a learning rate of 1e3 diverges).
 VALUE_RULES: dict[str, tuple[str, tuple[str, float] | None]] = {
     "max_steps": ("int", (">=", -1)),
     "num_train_epochs": ("number", (">", 0)),
@@ -313,6 +317,8 @@ VALUE_RULES: dict[str, tuple[str, tuple[str, float] | None]] = {
     "seed": ("int", (">=", 0)),
     "data_seed": ("int", (">=", 0)),
     "max_length": ("int", (">=", 1)),
+    "neftune_noise_alpha": ("number", (">=", 0)),
+    "torch_empty_cache_steps": ("int", (">=", 1)),
     "bf16": ("bool", None),
     "fp16": ("bool", None),
     "gradient_checkpointing": ("bool", None),
@@ -321,15 +327,40 @@ VALUE_RULES: dict[str, tuple[str, tuple[str, float] | None]] = {
     "do_eval": ("bool", None),
     "use_cpu": ("bool", None),
 }
+UPPER: dict[str, tuple[str, float]] = {
+    "max_steps": ("<=", 2**31 - 1),
+    "num_train_epochs": ("<=", 1e6),
+    "learning_rate": ("<=", 10.0),
+    "per_device_train_batch_size": ("<=", 2**20),
+    "per_device_eval_batch_size": ("<=", 2**20),
+    "gradient_accumulation_steps": ("<=", 2**20),
+    "eval_accumulation_steps": ("<=", 2**20),
+    "dataloader_num_workers": ("<=", 1024),
+    "adam_beta1": ("<", 1.0),
+    "adam_beta2": ("<", 1.0),
+    "adam_epsilon": ("<=", 1.0),
+    "label_smoothing_factor": ("<=", 1.0),
+    "seed": ("<=", 2**32 - 1),
+    "data_seed": ("<=", 2**32 - 1),
+    "max_length": ("<=", 2**20),
+}
+INT64_MAX = 2**63 - 1
 _KIND_TEXT = {"int": "a whole number", "number": "a number", "bool": "true or false"}
 
 
 def check_values(args: dict[str, Any]) -> list[tuple[str, str]]:
-    """[(key, problem)] for values of the wrong type or out of range (None means 'the default' and passes)."""
+    """[(key, problem)] for values of the wrong type or out of range (None means 'the default' and passes).
+    Every number, named in VALUE_RULES or not, must be finite and fit in 64 bits."""
     problems: list[tuple[str, str]] = []
     for key, value in args.items():
+        if value is None:
+            continue
         rule = VALUE_RULES.get(key)
-        if rule is None or value is None:
+        problem = _finite(value)
+        if problem is not None:
+            problems.append((key, problem))
+            continue
+        if rule is None:
             continue
         kind, bound = rule
         is_bool = isinstance(value, bool)
@@ -341,12 +372,53 @@ def check_values(args: dict[str, Any]) -> list[tuple[str, str]]:
         if kind == "int" and isinstance(value, float) and value.is_integer():
             ok = True
         if not ok:
-            problems.append((key, f"expected {_KIND_TEXT[kind]}, got {value!r}"))
+            hint = " (write the number without quotes)" if isinstance(value, str) and _numeric(value) else ""
+            problems.append((key, f"expected {_KIND_TEXT[kind]}, got {value!r}{hint}"))
             continue
         if bound is not None:
             op, limit = bound
+            upper = UPPER.get(key)
             if not (value >= limit if op == ">=" else value > limit):
-                problems.append((key, f"must be {op} {limit:g}, got {value!r}"))
+                problems.append((key, f"must be {op} {_num(limit)}{_range_text(upper)}, got {value!r}"))
             elif key == "max_steps" and value == 0:
                 problems.append((key, "must be >= 1 (or -1: train num_train_epochs), got 0"))
+            elif upper is not None and not (value <= upper[1] if upper[0] == "<=" else value < upper[1]):
+                problems.append((key, f"must be {op} {_num(limit)}{_range_text(upper)}, got {value!r}"))
     return problems
+
+
+def _range_text(upper: tuple[str, float] | None) -> str:
+    return "" if upper is None else f" and {upper[0]} {_num(upper[1])}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def _finite(value: Any) -> str | None:
+    """A problem for numbers no training can use: inf/nan (JSON/YAML 1e999 reads as inf), ints beyond 64 bits."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        return f"is out of range ({value} does not fit in 64 bits)"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            inner = _finite(v)
+            if inner is not None:
+                return f"{k}: {inner}"
+    if isinstance(value, list):
+        for v in value:
+            inner = _finite(v)
+            if inner is not None:
+                return inner
+    return None
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
