@@ -147,48 +147,6 @@ def _print_plan(rows: list[dict[str, Any]], location: str | None) -> None:
         out.print(f"  {label:<{width}}  {WHERE_TEXT.get(r['where'], r['where'])}  {r['key'][:16]}", highlight=False)
 
 
-def _workspace_cache() -> Any:
-    from orchestrator.systems.azureml.blobcache import WorkspaceCache
-
-    return WorkspaceCache.for_client(_system().ml)
-
-
-def workspace_cache_ls(as_json: bool) -> None:
-    """`orch cache ls --workspace`: every key under orch-cache/ of the workspace's default datastore."""
-
-    def go() -> None:
-        cache = _workspace_cache()
-        rows = cache.status()
-        if as_json:  # the rows of `orch cache ls --json`, plus the state and the bytes of kept checkpoints
-            doc = [{"cache": cache.location, "key": r.key, "pass": r.pass_name, "type": r.pass_type, "state": r.state,
-                    "why": r.why, "size_bytes": r.size, "checkpoint_bytes": r.partial, "committed_at": r.committed_at}
-                   for r in rows]  # fmt: skip
-            print(json.dumps(doc))
-            return
-        from rich.table import Table
-
-        table = Table(title=f"workspace cache {cache.location}")
-        for col in ("key", "pass", "type", "state", "size", "checkpoints"):
-            table.add_column(col)
-        for r in rows:
-            state = r.state + (f" ({r.why})" if r.why else "")
-            table.add_row(r.key[:16], r.pass_name, r.pass_type, state, f"{r.size / 1e6:.1f} MB",
-                          f"{r.partial / 1e6:.1f} MB" if r.partial else "")  # fmt: skip
-        out.print(table)
-
-    _guard(go)
-
-
-def workspace_cache_clean(key_prefix: str) -> None:
-    """`orch cache clean --workspace [--key K]`: keys removed marker first, so no reader sees half an entry."""
-
-    def go() -> None:
-        n = _workspace_cache().clean(key_prefix)
-        out.print(f"removed {n} workspace cache entr{'y' if n == 1 else 'ies'}")
-
-    _guard(go)
-
-
 def latest_metrics(handle: Any) -> dict[str, float]:
     """The latest value of every metric of the job's MLflow run (run id = job name on Azure ML; the run
     tagged azureml.runId / named after the job otherwise)."""
