@@ -50,7 +50,7 @@ def main() -> None:
     from make_dataset import make_rows, write_jsonl
 
     from orchestrator.engine.aml_driver import submit_workflow
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
     from tests.azure_standin import start_standin
 
     with tempfile.TemporaryDirectory(prefix="orch-bench-aml-") as tmp_s:

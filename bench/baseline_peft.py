@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
+
 # The settings every row uses (the issue's: r=64 on all linear layers, bf16, 8 x 1024).
 SETTINGS: dict[str, Any] = {
     "lora_r": 64,
@@ -394,7 +396,7 @@ def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, ql
     trainer.train()
     name = "transformers+peft+bitsandbytes QLoRA (baseline)" if qlora else "transformers+peft (baseline)"
     result = summarize(name, warmup, {"attn": "sdpa", "batches": "padded to longest", "qlora": qlora})
-    out_json.write_text(json.dumps(result, indent=1))
+    harness.write_json(out_json, result)
     return result
 
 

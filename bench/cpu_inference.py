@@ -3,10 +3,11 @@
     python bench/cpu_inference.py [--work /tmp/orch_cpu_infer] [--new-tokens 128] [--write-results]
 
 Model: a Phi-3-architecture model of ~270 M parameters (hidden 1024, 16 layers, 16 heads, intermediate 2816,
-vocab 32000) with random weights, built by orchestrator.passes.tiny_model.build_tiny_phi3 (sizes chosen so that no
-linear layer but the LM head has vocab_size outputs: onnxruntime-genai's builder would take it for the LM head).
+vocab 32000) with random weights, built by orchestrator.passes.models.tiny_model.build_tiny_phi3 (sizes chosen
+so that no linear layer but the LM head has vocab_size outputs: onnxruntime-genai's builder would take it for the
+LM head).
 Exports: `python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32|int4 -e cpu` (int4 = MatMulNBits, RTN,
-block 32). Parity: logits against transformers on the same ids (orchestrator.passes.onnx_tools.logits_parity).
+block 32). Parity: logits against transformers on the same ids (orchestrator.passes.common.onnx_tools.logits_parity).
 Timing: greedy decoding of --new-tokens tokens after a --prompt-tokens prompt, EOS ignored, 2 threads
 (torch.set_num_threads / the genai session's intra_op_num_threads), median of --repeats runs; decode tokens/s
 counts the tokens after the first (the prefill is reported apart).
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results_md  # noqa: E402
+import harness  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -65,7 +66,7 @@ def corpus() -> list[str]:
 
 
 def build(work: Path) -> Path:
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     hf = work / "hf"
     if not (hf / "config.json").exists():
@@ -82,7 +83,7 @@ def export(hf: Path, work: Path, precision: str) -> tuple[Path, float]:
     cmd += ["-p", precision, "-e", "cpu", "-c", str(work / "cache")]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
-    (work / f"export_{precision}.json").write_text(json.dumps({"seconds": seconds}))
+    harness.write_json(work / f"export_{precision}.json", {"seconds": seconds}, indent=None)
     # 2 threads for the benchmark, like torch below
     cfg_path = out / "genai_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -179,18 +180,20 @@ def render(r: dict[str, Any]) -> str:
         f"{r['load_avg_1min'][0]:.1f} before, {r['load_avg_1min'][1]:.1f} after, on {r['cores']} cores), so take "
         "the ratios, measured in the same rounds, over the absolute numbers.",
         "",
-        "| runtime | weights | size MB | prefill s | decode tokens/s (median / best) | vs transformers fp32 "
-        "(median / best) | logits vs transformers (max abs diff / greedy agree) |",
-        "|---|---|---:|---:|---:|---:|---|",
+        *harness.table(
+            ["runtime", "weights", "size MB", "prefill s", "decode tokens/s (median / best)",
+             "vs transformers fp32 (median / best)", "logits vs transformers (max abs diff / greedy agree)"],
+            "llrrrrl",
+        ),  # fmt: skip
     ]
     for name, row in r["rows"].items():
         parity = row.get("parity")
         par = f"{parity['max_abs_diff']:.2g} / {parity['greedy_agree']:.0%}" if parity else "(reference)"
-        lines.append(
-            f"| {name} | {row['weights']} | {row['size_mb']:.0f} | {row['prefill_s']:.3f} "
-            f"| {row['decode_tokens_per_s']:.1f} / {row['decode_tokens_per_s_best']:.1f} "
-            f"| {row['decode_tokens_per_s'] / hf_tps:.2f}x / {row['decode_tokens_per_s_best'] / hf_best:.2f}x | {par} |"
-        )
+        lines.append(harness.row(
+            name, row["weights"], f"{row['size_mb']:.0f}", f"{row['prefill_s']:.3f}",
+            f"{row['decode_tokens_per_s']:.1f} / {row['decode_tokens_per_s_best']:.1f}",
+            f"{row['decode_tokens_per_s'] / hf_tps:.2f}x / {row['decode_tokens_per_s_best'] / hf_best:.2f}x", par,
+        ))  # fmt: skip
     lines.append("")
     int4 = r["rows"]["onnxruntime-genai int4"]["parity"]
     lines.append(
@@ -207,7 +210,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def write_section(md: str, path: Path) -> None:
-    results_md.write_section(path, SECTION, f"## CPU inference (bench/cpu_inference.py)\n\n{md}")
+    harness.write_section(path, SECTION, f"## CPU inference (bench/cpu_inference.py)\n\n{md}")
 
 
 def cpu_name() -> str:
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         write_section(render(json.loads(a.render.read_text())), BENCH / "RESULTS.md")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from orchestrator.passes.onnx_tools import logits_parity
+    from orchestrator.passes.common.onnx_tools import logits_parity
 
     a.work.mkdir(parents=True, exist_ok=True)
     hf = build(a.work)
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf)).parameters())
-    from orchestrator.passes.onnx_tools import GenaiModel
+    from orchestrator.passes.common.onnx_tools import GenaiModel
 
     load0 = os.getloadavg()[0]
     runners: dict[str, Any] = {"transformers fp32": HFRunner(hf)}
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1min": [load0, load1],
         "rows": rows,
     }
-    (a.work / "results.json").write_text(json.dumps(result, indent=1))
+    harness.write_json(a.work / "results.json", result)
     md = render(result)
     print(md)
     if a.write_results:

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results_md  # noqa: E402
+import harness  # noqa: E402
 
 from orchestrator.core.job import Job, JobState, ModelArtifact
-from orchestrator.passes.tiny_model import build_tiny_phi3
+from orchestrator.passes.models.tiny_model import build_tiny_phi3
 from orchestrator.systems.docker.images import DEFAULT_BASE_IMAGE, build_base_image, build_environment, docker_client
 from orchestrator.systems.docker.system import DockerSystem
 from orchestrator.systems.local import LocalSystem
@@ -73,7 +73,7 @@ def bench_builds(env: str) -> dict[str, tuple[float, float]]:
 
 
 def write_section(text: str) -> None:
-    results_md.write_section(RESULTS, SECTION, text.rstrip())
+    harness.write_section(RESULTS, SECTION, text.rstrip())
 
 
 def main() -> None:
@@ -93,19 +93,22 @@ def main() -> None:
         f"Job: ModelBuilder int4 on the tiny Phi-3, median of {args.runs} runs; Docker with the cached "
         f"cpu-export image (no build), orch source mounted.",
         "",
-        "| what | seconds |",
-        "|---|---|",
-        f"| LocalSystem job (median) | {med['local']:.2f} |",
-        f"| DockerSystem job, cached image (median) | {med['docker']:.2f} |",
-        f"| Docker overhead per job | {med['docker'] - med['local']:+.2f} |",
+        *harness.table(
+            ["what", "seconds"],
+            "ll",
+            [
+                ["LocalSystem job (median)", f"{med['local']:.2f}"],
+                ["DockerSystem job, cached image (median)", f"{med['docker']:.2f}"],
+                ["Docker overhead per job", f"{med['docker'] - med['local']:+.2f}"],
+            ],
+        ),
         "",
         f"Image build of `{args.build_env}` from scratch on {DEFAULT_BASE_IMAGE} (same conda.yaml, host pip "
         "settings carried; wheels downloaded through the host's package mirror/proxy):",
         "",
-        "| installer | build seconds | image MB |",
-        "|---|---|---|",
+        *harness.table(["installer", "build seconds", "image MB"], "lll",
+                       [[k, f"{s:.1f}", f"{mb:.0f}"] for k, (s, mb) in builds.items()]),  # fmt: skip
     ]
-    lines += [f"| {k} | {s:.1f} | {mb:.0f} |" for k, (s, mb) in builds.items()]
     text = "\n".join(lines) + "\n"
     print(text)
     write_section(text)

@@ -21,11 +21,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import harness
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -41,7 +42,7 @@ def run(out: Path, work: Path, max_steps: int | None = None) -> dict[str, Any]:
     sys.path.insert(0, str(DEMO))
     from make_dataset import make_rows, write_jsonl
 
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -75,10 +76,8 @@ def run(out: Path, work: Path, max_steps: int | None = None) -> dict[str, Any]:
         str(ft),
     ]
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlruns.db'}", PYTHONUNBUFFERED="1")
-    t0 = time.perf_counter()
-    with open(out / "cli.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
-    wall = time.perf_counter() - t0
+    done = harness.run_row(cmd, out / "cli.log", cwd=work, env=env, timeout=900)
+    rc, wall = done.rc, done.wall_s
     text = (out / "cli.log").read_text(errors="replace")
     result: dict[str, Any] = {
         "command": "orch " + " ".join(c if " " not in c else repr(c) for c in cmd[3:]),
@@ -102,7 +101,7 @@ def run(out: Path, work: Path, max_steps: int | None = None) -> dict[str, Any]:
     result["cuda_lines"] = sorted(cuda_lines)
     result["outputs"] = sorted(str(p.relative_to(ft)) for p in ft.rglob("*") if p.is_file())[:60] if ft.exists() else []
     result["log_tail"] = text.strip().splitlines()[-25:]
-    (out / "cli.json").write_text(json.dumps(result, indent=1, default=str))
+    harness.write_json(out / "cli.json", result)
     return result
 
 
@@ -181,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write:
         print(md)
     else:
-        sys.path.insert(0, str(BENCH))
-        import results_md
-
-        results_md.write_section(BENCH / "RESULTS.md", SECTION, md.rstrip("\n"))
+        harness.write_section(BENCH / "RESULTS.md", SECTION, md.rstrip("\n"))
     return 0
 
 

@@ -19,9 +19,9 @@ key=value overrides a setting of bench/baseline_peft.SETTINGS for that row (drop
   qlora_baseline bench/baseline_peft.py --qlora: transformers + peft + bitsandbytes (nf4, double quant,
                  prepare_model_for_kbit_training with gradient checkpointing)
   olive          bench/olive_runner.py: Olive 0.13 `olive finetune` (its CLI, same settings)
-  orch           orchestrator.passes.lora.train.LoRAPass.run (orch's real pass, its own data config; it picks its
-                 CUDA fast path itself)
-  qlora          orchestrator.passes.lora.train.QLoRAPass.run (bitsandbytes nf4 + double quant)
+  orch           orchestrator.passes.training.lora.train.LoRAPass.run (orch's real pass, its own data config; it picks
+                 its CUDA fast path itself)
+  qlora          orchestrator.passes.training.lora.train.QLoRAPass.run (bitsandbytes nf4 + double quant)
   unsloth        bench/unsloth_runner.py: Unsloth's FastLanguageModel + TRL SFTTrainer (its own wheel set)
   unsloth_qlora  the same with a 4-bit base and Unsloth's checkpointing
 Shapes: phi3-mini (default), phi4-mini (GQA 24/8 heads, vocab 200,064, tied embeddings, partial RoPE 0.75).
@@ -51,7 +51,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
-import results_md  # noqa: E402
+import harness  # noqa: E402
 from baseline_peft import SETTINGS, install_step_timer, summarize  # noqa: E402
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -165,7 +165,7 @@ def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
     words_hi = max(max_len - 24, 16)
     var = make_corpus(max(steps * 16, 400), shape["lexicon"], max(words_hi // 10, 8), words_hi, seed=1)
     fixed = make_corpus(max(steps * SETTINGS["batch_size"] + 16, 64), shape["lexicon"], max_len + 100, max_len + 120, 2)
-    from orchestrator.passes.tiny_model import train_phi3_tokenizer
+    from orchestrator.passes.models.tiny_model import train_phi3_tokenizer
 
     tok = train_phi3_tokenizer(var + fixed, shape["vocab_size"], max_len)
     for name, texts in (("var", var), ("fixed", fixed)):
@@ -223,7 +223,7 @@ def prepare(work: Path, shape_name: str, steps: int) -> dict[str, Any]:
         "lengths": {"var": lengths(var), "fixed": lengths(fixed)},
         "prepare_s": time.perf_counter() - t0,
     }
-    meta_path.write_text(json.dumps(meta))
+    harness.write_json(meta_path, meta, indent=None)
     return meta
 
 
@@ -272,7 +272,7 @@ def orch_job(model_dir: Path, data: Path, steps: int, out_dir: Path, qlora: bool
     nothing about bf16 / packing / kernels / checkpointing is said: the pass chooses those.
     """
     from orchestrator.core.job import Job, ModelArtifact
-    from orchestrator.passes.lora.train import LoRAConfig, LoRAPass, QLoRAPass
+    from orchestrator.passes.training.lora.train import LoRAConfig, LoRAPass, QLoRAPass
 
     s = SETTINGS
     training_args = {
@@ -327,8 +327,8 @@ def orch_job(model_dir: Path, data: Path, steps: int, out_dir: Path, qlora: bool
 
 def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, qlora: bool) -> dict:
     from orchestrator.passes.base import PassContext
-    from orchestrator.passes.lora import cuda as lora_cuda
-    from orchestrator.passes.lora import kernels as lora_kernels
+    from orchestrator.passes.training.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import kernels as lora_kernels
 
     install_step_timer()
     out_dir = out_json.parent / ("qlora_out" if qlora else "lora_out")
@@ -353,7 +353,7 @@ def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json:
             "pass_log": [e.get("message") for e in events if e.get("type") == "log"],
         },
     )
-    out_json.write_text(json.dumps(result, indent=1))
+    harness.write_json(out_json, result)
     return result
 
 
@@ -440,7 +440,7 @@ def max_loss_diff(a: dict[str, Any], b: dict[str, Any]) -> float | None:
 def row_line(r: dict[str, Any], rows: list[dict[str, Any]], meta: dict[str, Any], steps: int) -> str:
     if not r.get("ok"):
         error = " ".join(str(r.get("error", "")).replace("|", "/").split())
-        return f"| {r['row']} | | failed: {error[:160]} | | | | | | | | |"
+        return harness.row(r["row"], "", f"failed: {error[:160]}", *[""] * 8)
     system = r["system_id"]
     tps = r["tokens_per_s_median"]
     base = _ok(rows, baseline_of(system))
@@ -453,12 +453,12 @@ def row_line(r: dict[str, Any], rows: list[dict[str, Any]], meta: dict[str, Any]
     diff = max_loss_diff(r, base) if base and base is not r else None
     step1 = (r.get("step_times") or [None])[0]
     label = LABELS.get(system, system) + (f" [{r['fastpath_options']}]" if r.get("fastpath_options") else "")
-    return (
-        f"| {label} | {r.get('lora_dropout', SETTINGS['lora_dropout']):g} | {tps:,.0f} | {vb} | {vu} "
-        f"| {r['peak_mem_allocated_gib']:.1f} / {r['peak_mem_reserved_gib']:.1f} | {mfu:.1%} "
-        f"| {'-' if loss_n is None else f'{loss_n:.3f}'} | {'-' if diff is None else f'{diff:.3f}'} "
-        f"| {'-' if step1 is None else f'{step1:.1f}'} | {how_text(system, r)} |"
-    )
+    return harness.row(
+        label, f"{r.get('lora_dropout', SETTINGS['lora_dropout']):g}", f"{tps:,.0f}", vb, vu,
+        f"{r['peak_mem_allocated_gib']:.1f} / {r['peak_mem_reserved_gib']:.1f}", f"{mfu:.1%}",
+        "-" if loss_n is None else f"{loss_n:.3f}", "-" if diff is None else f"{diff:.3f}",
+        "-" if step1 is None else f"{step1:.1f}", how_text(system, r),
+    )  # fmt: skip
 
 
 def target_lines(run: dict[str, Any]) -> list[str]:
@@ -555,11 +555,10 @@ def render(runs: list[dict[str, Any]]) -> str:
                 f"(mean {statistics.mean(lens):.0f})."
             )
             lines.append("")
-            lines.append(
-                f"| system | dropout | tokens/s | vs HF+peft | vs Unsloth | peak mem GiB (alloc / reserved) | MFU "
-                f"| loss @ {run['steps']} | max per-step loss diff vs baseline | step 1 s | how |"
-            )
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            header = ["system", "dropout", "tokens/s", "vs HF+peft", "vs Unsloth", "peak mem GiB (alloc / reserved)",
+                      "MFU", f"loss @ {run['steps']}", "max per-step loss diff vs baseline", "step 1 s",
+                      "how"]  # fmt: skip
+            lines += harness.table(header, "lrrrrrrrrrl")
             lines += [row_line(r, data_rows, meta, run["steps"]) for r in data_rows]
             lines.append("")
         targets = target_lines(run)
@@ -633,15 +632,12 @@ def how_text(system: str, r: dict[str, Any]) -> str:
 
 
 def write_results_md(md: str, path: Path) -> None:
-    results_md.write_section(path, SECTION, f"## GPU fine-tuning (bench/gpu_finetune.py)\n\n{md}")
+    harness.write_section(path, SECTION, f"## GPU fine-tuning (bench/gpu_finetune.py)\n\n{md}")
 
 
 def section_of(path: Path) -> str:
     """The gpu section's body as bench/RESULTS.md holds it (what write_results_md wrote)."""
-    text = path.read_text()
-    start, end = f"<!-- {SECTION}:start -->\n", f"\n<!-- {SECTION}:end -->"
-    body = text[text.index(start) + len(start) : text.index(end)]
-    return body.removeprefix("## GPU fine-tuning (bench/gpu_finetune.py)\n\n")
+    return harness.section_of(path, SECTION).removeprefix("## GPU fine-tuning (bench/gpu_finetune.py)\n\n")
 
 
 def versions() -> str:
@@ -662,7 +658,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     specs = [parse_row(r) | {"row": r.strip()} for r in args.rows.split(",") if r.strip()]  # bad specs fail first
     # in a child process: the model is built on the GPU, and the CUDA context must not outlive it into the rows
     cmd = [sys.executable, str(Path(__file__).resolve()), "prepare", str(work), args.shape, str(args.steps)]
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True)  # not a row: its output goes to the terminal, and a failure stops the run
     meta = json.loads((work / "prepared.json").read_text())
     print(f"prepared {args.shape}: {meta['n_params'] / 1e9:.2f} B params in {meta['prepare_s']:.0f}s", flush=True)
     run: dict[str, Any] = {
@@ -695,32 +691,24 @@ def orchestrate(args: argparse.Namespace) -> int:
             env["BENCH_SETTINGS"] = json.dumps({**base_settings, **spec["settings"]})
             if spec["row"] in profile_rows:
                 env["BENCH_PROFILE"] = f"{out / f'profile_{i}'}:{args.steps - 1}:2"
-            t0 = time.perf_counter()
             row_json.unlink(missing_ok=True)
-            try:
-                with open(log, "w") as lf:
-                    rc = subprocess.run(
-                        cmd, env=env, stdout=lf, stderr=subprocess.STDOUT, timeout=min(left, args.row_timeout_s)
-                    ).returncode
-            except subprocess.TimeoutExpired:
-                rc = -9
-            wall = time.perf_counter() - t0
-            if rc == 0 and row_json.exists():
-                r = {**json.loads(row_json.read_text()), **ident, "ok": True, "row_wall_s": wall}
+            done = harness.run_row(cmd, log, env=env, timeout=min(left, args.row_timeout_s))
+            if done.rc == 0 and row_json.exists():
+                r = {**harness.read_json(row_json), **ident, "ok": True, "row_wall_s": done.wall_s}
                 run["device"] = r.get("device", run["device"])
                 r["how"] = how_text(spec["system"], r)
             else:
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-                r = {**ident, "ok": False, "error": f"rc={rc} " + " | ".join(tail), "row_wall_s": wall}
-        row_json.write_text(json.dumps(r, indent=1))
+                error = f"rc={done.rc} " + " | ".join(done.tail())
+                r = {**ident, "ok": False, "error": error, "row_wall_s": done.wall_s}
+        harness.write_json(row_json, r)
         run["row_files"].append(row_json.name)
-        (out / "run.json").write_text(json.dumps(run, indent=1))
+        harness.write_json(out / "run.json", run)
         brief = {k: r.get(k) for k in ("row", "ok", "tokens_per_s_median", "peak_mem_allocated_gib", "row_wall_s")}
         print(json.dumps(brief), flush=True)
         if not r["ok"]:
             print("  " + r["error"][:600], flush=True)
     md = render(load_runs([out]))
-    (out / "RESULTS_gpu.md").write_text(md)
+    harness.write_text(out / "RESULTS_gpu.md", md)
     print(md, flush=True)
     return 0
 
@@ -773,7 +761,7 @@ def check() -> int:
             print(f"import {mod}: ok {getattr(m, '__version__', '')}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every failure, keep going
             print(f"import {mod}: FAILED {type(e).__name__}: {e}"[:300], flush=True)
-    from orchestrator.passes.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import cuda as lora_cuda
 
     dev = lora_cuda.probe_device()
     print("device:", dev, flush=True)

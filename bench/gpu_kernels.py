@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -99,8 +101,8 @@ def fwd_bwd(layer: Any, x: Any, g: Any) -> Any:
 def correctness(res: dict[str, Any]) -> None:
     import torch
 
-    from orchestrator.passes.lora import kernels as lora_kernels
-    from orchestrator.passes.lora.fused import fuse_lora_layers
+    from orchestrator.passes.training.lora import kernels as lora_kernels
+    from orchestrator.passes.training.lora.fused import fuse_lora_layers
 
     checks: dict[str, float] = {}
     for rows, cols, r in ((8192, 3072, 64), (1000, 8192, 64), (777, 3072, 16), (4096, 3072, 128)):
@@ -141,7 +143,7 @@ def correctness(res: dict[str, Any]) -> None:
         for name, a, b in zip(("out", "grad_x", "grad_A", "grad_B"), outs[1], outs[0], strict=True):
             checks[f"fused dropout layer vs peft {d_in}->{d_out} {name}"] = rel_err(a, b)
     # cuDNN attention over equal-length samples, grouped-query heads (Phi-4-mini) included, vs per-sample fp32
-    from orchestrator.passes.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import cuda as lora_cuda
 
     for hq, hkv, hd in ((32, 32, 96), (24, 8, 128)):
         n, seq = 4, 512
@@ -179,7 +181,7 @@ def correctness(res: dict[str, Any]) -> None:
         checks[f"chunked flce vocab {vocab} accuracy abs"] = abs(float(acc) - float(a_ref))
         checks[f"chunked flce vocab {vocab} grad"] = rel_err(gh, g_ref)
     # SwiGLU + LoRA down_proj with the SwiGLU output recomputed vs SwiGLU then the fused layer (same seed)
-    from orchestrator.passes.lora.fused import swiglu_down
+    from orchestrator.passes.training.lora.fused import swiglu_down
 
     for p in (0.0, 0.05):
         layers = [lora_layer(8192, 3072, p) for _ in range(2)]
@@ -226,7 +228,7 @@ def splits(res: dict[str, Any]) -> None:
     """The skinny LoRA GEMMs at 8 x 1024 tokens: the plain GEMM vs each split (ms), and the split lora_kernels picks."""
     import torch
 
-    from orchestrator.passes.lora import kernels as lora_kernels
+    from orchestrator.passes.training.lora import kernels as lora_kernels
 
     out: dict[str, Any] = {}
     for width in (3072, 8192, 9216, 16384):
@@ -263,9 +265,9 @@ def timings(res: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from orchestrator.passes.lora import cuda as lora_cuda
-    from orchestrator.passes.lora import fused as lora_fused
-    from orchestrator.passes.lora import kernels as lora_kernels
+    from orchestrator.passes.training.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import fused as lora_fused
+    from orchestrator.passes.training.lora import kernels as lora_kernels
 
     t = _Timings(res)
     res["timings_ms"] = t
@@ -419,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
 
             res.setdefault("errors", {})[step.__name__] = traceback.format_exc()[-2000:]
             print(f"{step.__name__} FAILED: {e}", flush=True)
-        (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+        harness.write_json(args.out / "kernels.json", res)
     res["wall_s"] = time.perf_counter() - t0
-    (args.out / "kernels.json").write_text(json.dumps(res, indent=1))
+    harness.write_json(args.out / "kernels.json", res)
     print(json.dumps({k: v for k, v in res.items() if k not in ("timings_ms", "correctness_rel_err")}, indent=1))
     for key in ("correctness_rel_err", "splits_ms", "timings_ms"):
         for name, value in res.get(key, {}).items():

@@ -1,4 +1,5 @@
-"""AWQ and GPTQ int4 (orchestrator/passes/awq_gptq.py, llm-compressor) on a CUDA GPU, then export and generation.
+"""AWQ and GPTQ int4 (orchestrator/passes/quantization/awq_gptq.py, llm-compressor) on a CUDA GPU, then export and
+generation.
 
 Two phases, because the GPU machine has no onnxruntime(-genai) and this one has no GPU:
 
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results_md  # noqa: E402
+import harness  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -113,10 +114,7 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+write_json = harness.write_json  # results.json after every step: a run cut short keeps what it measured
 
 
 @contextlib.contextmanager
@@ -147,7 +145,7 @@ def error_text(exc: BaseException) -> str:
 
 
 def build_model(work: Path) -> Path:
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     hf = work / "hf"
     if not (hf / "config.json").exists():
@@ -298,7 +296,7 @@ def quality(hf: Path, ckpt: Path | None, device: str, batches: list[Any]) -> dic
     import torch
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.passes.awq_gptq import load_dequantized
+    from orchestrator.passes.common.gptq_layout import load_dequantized
 
     ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval().to(device)
     if ckpt is not None:
@@ -369,7 +367,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported
-        os.environ.setdefault("ORCH_AWQ_CPU", "1")  # AWQ runs on CPU when asked (orchestrator/passes/awq_gptq.py)
+        os.environ.setdefault("ORCH_AWQ_CPU", "1")  # AWQ runs on CPU when asked (passes/quantization/awq_gptq.py)
     work, out = a.work.resolve(), a.out.resolve()
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -422,7 +420,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             from llmcompressor.modifiers.awq import AWQModifier  # noqa: F401
             from llmcompressor.modifiers.gptq import GPTQModifier  # noqa: F401
 
-            import orchestrator.passes.awq_gptq  # noqa: F401
+            import orchestrator.passes.quantization.awq_gptq  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - the pass reports it again, per algorithm
             res["setup"]["import_error"] = error_text(exc)
         res["setup"]["import_s"] = time.perf_counter() - t0
@@ -520,9 +518,9 @@ def export_one(algo: str, ckpt: Path, work: Path) -> dict[str, Any]:
     import numpy as np
 
     from orchestrator.core.job import Job, JobTracking, ModelArtifact
-    from orchestrator.passes import onnx_tools
-    from orchestrator.passes.awq_gptq import load_dequantized
     from orchestrator.passes.base import PassError
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.common.gptq_layout import load_dequantized
     from orchestrator.runner import run_job
 
     row: dict[str, Any] = {"export_ok": False}
@@ -659,21 +657,22 @@ def render(r: dict[str, Any]) -> str:
         "--precision int4 --data_name json --data_files calib.jsonl` (pass defaults: groups of 128, GPTQ "
         "symmetric, AWQ with zero points) as a Job through `orchestrator.runner.run_job`.",
         "",
-        "| algorithm | device | params | calib. samples | quantize s | peak GPU mem GiB (alloc / reserved) "
-        "| checkpoint MB | ModelBuilder int4 export | MatMulNBits (block) | generation | ONNX vs dequantized "
-        "checkpoint logits (max / mean abs diff, greedy agree) | int4 vs fp model logits (rel. L2 error, greedy "
-        "agree) |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---|---|---|",
+        *harness.table(
+            ["algorithm", "device", "params", "calib. samples", "quantize s", "peak GPU mem GiB (alloc / reserved)",
+             "checkpoint MB", "ModelBuilder int4 export", "MatMulNBits (block)", "generation",
+             "ONNX vs dequantized checkpoint logits (max / mean abs diff, greedy agree)",
+             "int4 vs fp model logits (rel. L2 error, greedy agree)"],
+            "llrrrrrlrlll",
+        ),  # fmt: skip
     ]
     notes = []
     for algo, row in r.get("rows", {}).items():
         ex = fin.get("rows", {}).get(algo, {})
         device = r.get("device_name", "?") if gpu else "cpu"
-        head = f"| {algo.upper()} | {device} | {r.get('n_params', 0) / 1e6:.1f} M | {calib.get('samples')} "
+        head = [algo.upper(), device, f"{r.get('n_params', 0) / 1e6:.1f} M", calib.get("samples")]
         if not row.get("ok"):
             err = (row.get("error") or "?").replace("|", "/").splitlines()[0][:300]
-            lines.append(head + f"| failed ({_f(row.get('quantize_s'), '.1f')} s) | "
-                         + " | ".join(["-"] * 7) + " |")  # fmt: skip
+            lines.append(harness.row(*head, f"failed ({_f(row.get('quantize_s'), '.1f')} s)", *["-"] * 7))
             notes.append(f"- {algo.upper()} failed: {err}")
             continue
         mem = (
@@ -699,11 +698,8 @@ def render(r: dict[str, Any]) -> str:
                 notes.append(f"- {algo.upper()} {key.replace('_', ' ')}: {row[key].splitlines()[0][:300]}")
         q = row.get("int4_vs_fp")
         q_s = f"{q['rel_l2']:.3f} ({q['greedy_agree']:.0%})" if q else "-"
-        lines.append(
-            head
-            + f"| {row['quantize_s']:.1f} | {mem} | {_f(row.get('checkpoint_mb'), '.1f')} | {export} | {mnb} | {gen} "
-            f"| {par_s} | {q_s} |"
-        )
+        ckpt = _f(row.get("checkpoint_mb"), ".1f")
+        lines.append(harness.row(*head, f"{row['quantize_s']:.1f}", mem, ckpt, export, mnb, gen, par_s, q_s))
     lines.append("")
     rtn = r.get("rtn_vs_fp")
     if rtn:
@@ -732,7 +728,7 @@ def render(r: dict[str, Any]) -> str:
 
 
 def write_section(md: str, path: Path) -> None:
-    results_md.write_section(path, SECTION, f"## AWQ / GPTQ int4 quantization (bench/gpu_quantize.py)\n\n{md}")
+    harness.write_section(path, SECTION, f"## AWQ / GPTQ int4 quantization (bench/gpu_quantize.py)\n\n{md}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ bench/README.md). Set OLIVE_DISABLE_TELEMETRY=1 (done here).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
 from baseline_peft import SETTINGS, install_step_timer, runner_main, summarize  # noqa: E402
 
 
@@ -116,7 +116,7 @@ def run(model: Path, data: Path, steps: int, warmup: int, out_json: Path) -> dic
         warmup,
         {"attn": "sdpa", "batches": "Olive 'join': texts joined, cut into full blocks", "olive_wall_s": wall},
     )
-    out_json.write_text(json.dumps(result, indent=1))
+    harness.write_json(out_json, result)
     return result
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results_md  # noqa: E402
+import harness  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -76,7 +76,7 @@ def held_out_rows(work: Path) -> Path:
     (its first 32 rows, in the demo's order)."""
     from datasets import load_dataset
 
-    from orchestrator.passes import data
+    from orchestrator.passes.common import data
 
     rows = load_dataset("json", data_files=str(DEMO / "dataset" / "dataset-classification.json"), split="train")
     _, held_out = data._carve(rows, 0.2, 42, "dataset_default_train")
@@ -239,22 +239,22 @@ def render(res: dict[str, Any]) -> str:
         "held-out rows: token perplexity of the templated texts, accuracy = the label with the highest log-likelihood "
         "of 4, decode tokens/s on 2 threads (5 runs of 32 tokens after a 32-token prompt).",
         "",
-        "| variant | perplexity | accuracy | size MB | decode tokens/s | notes |",
-        "|---|---:|---:|---:|---:|---|",
+        *harness.table(["variant", "perplexity", "accuracy", "size MB", "decode tokens/s", "notes"], "lrrrrl"),
     ]
     for r in res["rows"]:
-        lines.append(
-            f"| {r['variant']} | {fmt(r['perplexity'], '.3f')} | {fmt(r['accuracy'], '.3f')} | "
-            f"{fmt(r['size_mb'], '.0f')} | {fmt(r['tokens_per_s'], '.1f')} | {r['how']} |"
-        )
+        lines.append(harness.row(
+            r["variant"], fmt(r["perplexity"], ".3f"), fmt(r["accuracy"], ".3f"), fmt(r["size_mb"], ".0f"),
+            fmt(r["tokens_per_s"], ".1f"), r["how"],
+        ))  # fmt: skip
     missing = [a for a in ("GPTQ", "AWQ") if not any(r["variant"].startswith(a) for r in res["rows"])]
     if missing:
-        lines.append(
-            f"| {' / '.join(missing)} int4 | not run | | | | orch's pass runs llm-compressor 0.14, which needs "
+        why = (
+            "orch's pass runs llm-compressor 0.14, which needs "
             "transformers 5.15-5.17 (this venv: 5.23): a side environment (`python bench/quality.py side ALGO`). "
             "AWQ on 2 CPU cores (ORCH_AWQ_CPU=1): its grid search reached layer 8 of 30 in 3.5 min (~14 min in all) "
-            "and was stopped for time; on a GPU it takes seconds |"
+            "and was stopped for time; on a GPU it takes seconds"
         )
+        lines.append(harness.row(f"{' / '.join(missing)} int4", "not run", "", "", "", why))
     lines += [
         "",
         "- The source weights were already 4-bit: the GGUF file stores every linear layer as Q4_1 (blocks of 32 with "
@@ -290,7 +290,7 @@ def side(algo: str, work: Path) -> None:
     result = run_job(job)
     took = time.perf_counter() - t0
     model = result.model.model_dump(mode="json") if result.model else None
-    (work / f"{algo}.json").write_text(json.dumps({"quantize_s": took, "out": job.output_dir, "model": model}))
+    harness.write_json(work / f"{algo}.json", {"quantize_s": took, "out": job.output_dir, "model": model}, indent=None)
     print(f"{algo}: {result.status} in {took:.0f} s -> {job.output_dir}")
 
 
@@ -307,11 +307,11 @@ def main() -> None:
         res = json.loads(args.render.read_text())
     else:
         res = measure(args.work)
-        (args.work / "results.json").write_text(json.dumps(res, indent=2))
+        harness.write_json(args.work / "results.json", res, indent=2)
     body = render(res)
     print(body)
     if not args.no_write:
-        results_md.write_section(BENCH / "RESULTS.md", SECTION, body)
+        harness.write_section(BENCH / "RESULTS.md", SECTION, body)
 
 
 if __name__ == "__main__":

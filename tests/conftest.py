@@ -45,7 +45,7 @@ def tone_data(tmp_path_factory: pytest.TempPathFactory, tone_rows: list[dict[str
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, tone_rows: list[dict[str, str]]) -> Path:
     """A tiny Phi-3 (random weights, BPE trained on the tone phrases). Tests must not modify it."""
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     texts = [f"{r['phrase']} {r['tone']}" for r in tone_rows]
     return build_tiny_phi3(tmp_path_factory.mktemp("models") / "tiny-phi3", texts=texts)

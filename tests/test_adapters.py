@@ -50,7 +50,7 @@ def _references(tiny_model: Path, adapter: Path) -> tuple[Any, Any]:
     import torch
     from peft import PeftModel
 
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     net = onnx_tools.load_hf_model(tiny_model)
     base = onnx_tools.hf_logits(net, IDS)
@@ -61,8 +61,8 @@ def _references(tiny_model: Path, adapter: Path) -> tuple[Any, Any]:
 
 def _build(tmp: Path, tiny_model: Path, adapter: Path, precision: str) -> Path:
     from orchestrator.core.job import ModelArtifact
-    from orchestrator.passes.extract_adapters import ExtractAdaptersPass
-    from orchestrator.passes.model_builder import ModelBuilderPass
+    from orchestrator.passes.onnx.extract_adapters import ExtractAdaptersPass
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
 
     hf_adapter = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
     _, built = _run(ModelBuilderPass(), tmp / "mb", hf_adapter, precision=precision)
@@ -72,8 +72,8 @@ def _build(tmp: Path, tiny_model: Path, adapter: Path, precision: str) -> Path:
 
 
 def test_fp32_adapter_parity_with_peft_and_base_without_it(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
-    from orchestrator.passes import onnx_tools
-    from orchestrator.passes.extract_adapters import ADAPTER_FILE, convert_peft_adapter, load_adapter
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.extract_adapters import ADAPTER_FILE, convert_peft_adapter, load_adapter
 
     folder = _build(tmp_path, tiny_model, adapter, "fp32")
     assert (folder / ADAPTER_FILE).is_file() and (folder / "genai_config.json").is_file()
@@ -91,7 +91,7 @@ def test_fp32_adapter_parity_with_peft_and_base_without_it(tmp_path: Path, tiny_
 
 
 def test_int4_base_keeps_the_adapter_float(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     folder = _build(tmp_path, tiny_model, adapter, "int4")
     assert onnx_tools.matmulnbits_count(folder) > 0  # the base is int4
@@ -130,7 +130,7 @@ def test_cli_convert_and_generate_adapter(tmp_path: Path, tiny_model: Path, adap
               "--use_model_builder", "-o", "ao", "--no-tracking")  # fmt: skip
     assert ao.returncode == 0, ao.stderr[-3000:]
     assert (tmp_path / "ao/model/genai_config.json").is_file()
-    from orchestrator.passes.extract_adapters import load_adapter
+    from orchestrator.passes.onnx.extract_adapters import load_adapter
 
     built = load_adapter(tmp_path / "ao/model/adapter_weights.onnx_adapter")
     converted = load_adapter(tmp_path / "conv/a.onnx_adapter")  # fits the base auto-opt built, name for name
@@ -150,8 +150,8 @@ def test_onnx_conversion_keeps_an_adapter_unmerged_or_merges_it(tmp_path: Path, 
     import onnx
 
     from orchestrator.core.job import ModelArtifact
-    from orchestrator.passes import onnx_tools
-    from orchestrator.passes.onnx_conversion import OnnxConversionPass
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.onnx_conversion import OnnxConversionPass
 
     model = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
     unmerged, _ = _run(OnnxConversionPass(), tmp_path / "u", model)
@@ -176,10 +176,10 @@ def test_extract_adapters_from_a_torch_exported_peft_graph(tmp_path: Path, tiny_
     import numpy as np
 
     from orchestrator.core.job import ModelArtifact
-    from orchestrator.passes import onnx_tools
-    from orchestrator.passes.extract_adapters import ADAPTER_FILE, ExtractAdaptersPass, load_adapter
-    from orchestrator.passes.model_builder import ModelBuilderPass
-    from orchestrator.passes.onnx_conversion import OnnxConversionPass
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.extract_adapters import ADAPTER_FILE, ExtractAdaptersPass, load_adapter
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
+    from orchestrator.passes.onnx.onnx_conversion import OnnxConversionPass
 
     model = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
     _, exported = _run(OnnxConversionPass(), tmp_path / "c", model, save_metadata_for_token_generation=True)
@@ -203,9 +203,9 @@ def test_weight_only_quantization_keeps_lora_inputs(tmp_path: Path, tiny_model: 
     onnxruntime-genai with the adapter active stays close to the unquantized model with it (the adapter still
     moves the logits)."""
     from orchestrator.core.job import ModelArtifact
-    from orchestrator.passes import onnx_tools
-    from orchestrator.passes.extract_adapters import ExtractAdaptersPass
-    from orchestrator.passes.model_builder import ModelBuilderPass
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.extract_adapters import ExtractAdaptersPass
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
     from orchestrator.passes.registry import load_pass
 
     src = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
@@ -280,10 +280,10 @@ def test_dora_loha_lokr_merge_and_build_or_refuse_unmerged(tmp_path: Path, tiny_
 
     from orchestrator.core.job import ModelArtifact
     from orchestrator.olive import load_workflow
-    from orchestrator.passes import onnx_tools
     from orchestrator.passes.base import PassError
-    from orchestrator.passes.merge import MergeAdapterWeightsPass
-    from orchestrator.passes.model_builder import ModelBuilderPass
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
+    from orchestrator.passes.training.merge import MergeAdapterWeightsPass
     from orchestrator.schema import ConfigError
 
     peft_dir = _tuned_peft(tiny_model, tmp_path / f"{kind}-adapter", kind)

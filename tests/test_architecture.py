@@ -1,9 +1,11 @@
 """The package's shape, checked on the real source (docs/ARCHITECTURE.md draws it).
 
 Imports are read with ast from every module of orchestrator/, function-level imports included (a lazy import is
-still a dependency), and folded onto the rooms: orchestrator.<room>. The rooms must not import each other in a
-cycle, passes and systems must not know each other, and nothing new may stand loose at the package's top level.
-`orch --help` is run in a fresh interpreter to see that it loads no torch.
+still a dependency), and folded onto the rooms (orchestrator.<room>) and, inside passes/, onto the families
+(orchestrator.passes.<family>). The rooms must not import each other in a cycle, each imports only the rooms
+below it, passes and systems must not know each other; a pass family imports only common/ and the contract, never
+another family; nothing new may stand loose at the package's top level. `orch --help` is run in a fresh
+interpreter to see that it loads no torch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,38 @@ ALLOWED = {
 }
 
 
+# Inside passes/: `passes` (base.py, the contract, and registry.py, the names) at the top of the folder; common/
+# (what several families share) below every family; the families side by side, none importing another.
+PASSES = PACKAGE / "passes"
+FAMILIES = {"models", "training", "onnx", "quantization", "evaluation"}
+PASSES_ALLOWED = {
+    "passes": set(),
+    "common": {"passes"},
+    **{family: {"passes", "common"} for family in FAMILIES},
+}
+
+
+# Inside cli/: app (the Typer app, root options, consoles), render and chat at the bottom; errors (one line + exit
+# code) on app; run (every command that runs a workflow) on those; the command groups side by side on top of them,
+# none importing another; main registers them all.
+CLI = PACKAGE / "cli"
+CLI_SHARED = {"app", "render", "chat", "errors", "run"}
+CLI_COMMANDS = {"olive", "cache", "env", "demo", "ui", "generate", "azure"}
+CLI_ALLOWED = {
+    "app": set(),
+    "render": set(),
+    "chat": set(),
+    "errors": {"app"},
+    "run": {"app", "errors", "render"},
+    **{group: CLI_SHARED for group in CLI_COMMANDS},
+    "cache": CLI_SHARED | {"azure"},  # `orch cache ls|clean --workspace`: the Azure ML workspace's cache, azure's
+    "main": CLI_SHARED | CLI_COMMANDS,
+    "__main__": {"main"},
+    "__init__": {"main"},
+}
+CLI_MAX_LINES = 450  # issue 22: no CLI module over ~400 lines; a group that grows past it splits
+
+
 def _module_name(path: Path) -> str:
     parts = path.relative_to(REPO).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -49,27 +83,67 @@ def _imports(path: Path) -> set[str]:
 
 
 def _room(module: str) -> str | None:
-    """orchestrator.passes.lora.train -> passes; orchestrator.runner -> runner; a name that is no file -> None."""
+    """orchestrator.passes.training.lora.train -> passes; orchestrator.runner -> runner; no file -> None."""
     first = module.split(".")[1]
     if (PACKAGE / first).is_dir() or (PACKAGE / f"{first}.py").is_file():
         return first
     return None  # `from orchestrator import __version__`: an attribute of the package, not a room
 
 
-def room_graph() -> dict[str, dict[str, list[str]]]:
-    """room -> {imported room: ["a.module -> b.module", ...]}."""
+def _family(module: str) -> str | None:
+    """orchestrator.passes.onnx.model_builder -> onnx; orchestrator.passes.base -> passes; outside passes/ -> None."""
+    parts = module.split(".")
+    if parts[:2] != ["orchestrator", "passes"]:
+        return None
+    if len(parts) > 2 and (PASSES / parts[2]).is_dir():
+        return parts[2]
+    return "passes"
+
+
+def _graph(root: Path, unit: typing.Callable[[str], str | None]) -> dict[str, dict[str, list[str]]]:
+    """unit -> {imported unit: ["a.module -> b.module", ...]} over the modules under `root`."""
     graph: dict[str, dict[str, list[str]]] = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted(root.rglob("*.py")):
         src = _module_name(path)
         if src == "orchestrator":
             continue
-        a = _room(src)
-        assert a is not None
+        a = unit(src)
+        assert a is not None, src
         for target in _imports(path):
-            b = _room(target)
+            b = unit(target)
             if b is not None and b != a:
                 graph.setdefault(a, {}).setdefault(b, []).append(f"{src} -> {target}")
     return graph
+
+
+def room_graph() -> dict[str, dict[str, list[str]]]:
+    """room -> {imported room: ["a.module -> b.module", ...]}."""
+    return _graph(PACKAGE, _room)
+
+
+def _cli_unit(module: str) -> str | None:
+    """orchestrator.cli.cache -> cache; outside cli/ -> None; orchestrator.cli itself (`from orchestrator.cli import
+    chat` names the module chat, which the reader reports too) -> None."""
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["orchestrator", "cli"] and len(parts) > 2 else None
+
+
+def cli_graph() -> dict[str, dict[str, list[str]]]:
+    """cli module -> {imported cli module: [...]}; the package's __init__ (it re-exports main) as `__init__`."""
+    graph = _graph(CLI, lambda m: "__init__" if m == "orchestrator.cli" else _cli_unit(m))
+    return {a: {b: v for b, v in deps.items() if b != "__init__"} for a, deps in graph.items()}
+
+
+def family_graph() -> dict[str, dict[str, list[str]]]:
+    """pass family -> {imported family: [...]}, inside orchestrator/passes/."""
+    return _graph(PASSES, _family)
+
+
+def against(graph: dict[str, dict[str, list[str]]], allowed: dict[str, set[str]]) -> dict[str, list[str]]:
+    """The arrows `allowed` does not draw (an upward one, or one between peers): "a -> b": its first imports."""
+    unknown = (set(graph) | {b for deps in graph.values() for b in deps}) - set(allowed)
+    assert not unknown, f"not in the layering (update it and docs/ARCHITECTURE.md): {sorted(unknown)}"
+    return {f"{a} -> {b}": deps[b][:3] for a, deps in graph.items() for b in deps if b not in allowed[a]}
 
 
 def _cycle(graph: dict[str, dict[str, list[str]]]) -> list[str] | None:
@@ -102,12 +176,46 @@ def test_the_rooms_import_each_other_without_cycles() -> None:
 
 
 def test_each_room_imports_only_the_rooms_below_it() -> None:
-    graph = room_graph()
-    assert set(graph) | {b for deps in graph.values() for b in deps} <= set(ALLOWED), "a room not in ALLOWED"
-    wrong = {
-        f"{a} -> {b}": deps[b][:3] for a, deps in graph.items() for b in deps if b not in ALLOWED.get(a, set())
-    }
+    wrong = against(room_graph(), ALLOWED)
     assert wrong == {}, f"imports against the layering: {json.dumps(wrong, indent=1)}"
+
+
+def test_pass_families_import_only_common_and_the_contract() -> None:
+    """passes/<family>/ imports passes/common/ and passes/base (never another family); common/ only base."""
+    graph = family_graph()
+    folders = {p.name for p in PASSES.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders == FAMILIES | {"common"}, f"families changed: {sorted(folders ^ (FAMILIES | {'common'}))}"
+    wrong = against(graph, PASSES_ALLOWED)
+    assert wrong == {}, f"imports against the pass families' layering: {json.dumps(wrong, indent=1)}"
+    assert _cycle(graph) is None
+
+
+def test_the_cli_by_command_group() -> None:
+    """cli/: the command groups import only the shared modules (app, errors, run, render, chat), never each other;
+    no module over ~400 lines."""
+    wrong = against(cli_graph(), CLI_ALLOWED)
+    assert wrong == {}, f"imports against the CLI's layering: {json.dumps(wrong, indent=1)}"
+    modules = {p.stem for p in CLI.glob("*.py")}
+    assert modules == set(CLI_ALLOWED), f"cli modules changed: {sorted(modules ^ set(CLI_ALLOWED))}"
+    long = {p.name: n for p in CLI.glob("*.py") if (n := len(p.read_text().splitlines())) > CLI_MAX_LINES}
+    assert long == {}, f"split these by command group: {long}"
+
+
+def test_the_layering_check_catches_an_upward_arrow() -> None:
+    """The checks above are the same function on other graphs: an arrow up (common -> onnx), one between two
+    families (onnx -> quantization), one from a lower room to a higher (passes -> engine), one between two command
+    groups (ui -> demo) and one up inside cli/ (app -> run) are each named."""
+    graph = family_graph()
+    graph.setdefault("common", {})["onnx"] = ["orchestrator.passes.common.data -> orchestrator.passes.onnx.x"]
+    graph.setdefault("onnx", {})["quantization"] = ["orchestrator.passes.onnx.a -> orchestrator.passes.quantization.b"]
+    assert set(against(graph, PASSES_ALLOWED)) == {"common -> onnx", "onnx -> quantization"}
+    rooms = room_graph()
+    rooms.setdefault("passes", {})["engine"] = ["orchestrator.passes.base -> orchestrator.engine.run"]
+    assert set(against(rooms, ALLOWED)) == {"passes -> engine"}
+    cli = cli_graph()
+    cli.setdefault("ui", {})["demo"] = ["orchestrator.cli.ui -> orchestrator.cli.demo"]
+    cli.setdefault("app", {})["run"] = ["orchestrator.cli.app -> orchestrator.cli.run"]
+    assert set(against(cli, CLI_ALLOWED)) == {"ui -> demo", "app -> run"}
 
 
 def test_passes_and_systems_do_not_know_each_other() -> None:

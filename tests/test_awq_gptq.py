@@ -1,6 +1,6 @@
-"""AWQ/GPTQ -> orch's GPTQ layout: the extraction and packing of orchestrator/passes/awq_gptq.py, fed the module
-state llm-compressor leaves, without llm-compressor (this venv has transformers 5.23; llm-compressor 0.14 needs
-5.15-5.17, so it runs in the gpu-quantize environment, see bench/gpu_quantize.py).
+"""AWQ/GPTQ -> orch's GPTQ layout: the extraction and packing of orchestrator/passes/quantization/awq_gptq.py, fed
+the module state llm-compressor leaves, without llm-compressor (this venv has transformers 5.23; llm-compressor 0.14
+needs 5.15-5.17, so it runs in the gpu-quantize environment, see bench/gpu_quantize.py).
 
 The state is built here on CPU with llm-compressor's own math, restated from its source:
 - `awq_smooth`: llm-compressor 0.14 AWQModifier._apply_smoothing (modifiers/transform/awq/base.py, `_smooth`), with
@@ -26,22 +26,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orchestrator.passes.awq_gptq import (
-    collect_quant_params,
-    load_dequantized,
-    pack_gptq,
-    unpack_gptq,
-    unsigned_zero_point,
-    write_gptq_checkpoint,
-)
 from orchestrator.passes.base import PassError
+from orchestrator.passes.common.gptq_layout import load_dequantized, pack_gptq, unpack_gptq, write_gptq_checkpoint
+from orchestrator.passes.quantization.awq_gptq import collect_quant_params, unsigned_zero_point
 
 GS = 32
 
 
 @pytest.fixture(scope="module")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     # hidden 128, intermediate 352: every Linear input width a multiple of GS
     return build_tiny_phi3(tmp_path_factory.mktemp("tiny") / "model", num_layers=2, seed=5)
@@ -201,7 +195,7 @@ def test_awq_state_round_trips_through_the_checkpoint_and_the_model_builder(tmp_
     import transformers
     from safetensors.torch import load_file
 
-    from orchestrator.passes.onnx_tools import GenaiModel, hf_encode, matmulnbits_nodes, onnx_model_file
+    from orchestrator.passes.common.onnx_tools import GenaiModel, hf_encode, matmulnbits_nodes, onnx_model_file
 
     gen = torch.Generator().manual_seed(0)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_phi3)
@@ -280,7 +274,7 @@ def test_awq_state_round_trips_through_the_checkpoint_and_the_model_builder(tmp_
 def test_awq_on_cpu_for_small_models_or_when_asked(monkeypatch, tmp_path, tiny_phi3) -> None:
     """AWQ without a GPU: small models run (minutes), larger ones are refused with the way out named unless
     ORCH_AWQ_CPU=1 (llm-compressor's AWQ is correct on CPU once its activation cache is not pinned, only slow)."""
-    from orchestrator.passes import awq_gptq
+    from orchestrator.passes.quantization import awq_gptq
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv(awq_gptq.AWQ_CPU_ENV, raising=False)

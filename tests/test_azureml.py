@@ -121,7 +121,7 @@ def test_submit_logs_status_download(aml: dict[str, Any], tmp_path: Path) -> Non
     assert (dest / "model" / "genai_config.json").exists()
     assert json.loads((dest / "manifest.json").read_text())["final_model"]["format"] == "onnx_genai"
     assert "registered azureml:tone-int4:1" in res.output
-    from orchestrator.passes.onnx_tools import generate
+    from orchestrator.passes.common.onnx_tools import generate
 
     text, n_tokens, _ = generate(dest / "model", "### Text: what a lovely day\n### The tone is:\n", 4, chat=False)
     assert n_tokens > 0 and isinstance(text, str)

@@ -7,7 +7,8 @@
 - bench/baseline_peft.py and bench/unsloth_runner.py as command lines (the Unsloth runner: its arguments, built
   against the installed TRL, and its refusal; unsloth itself needs a GPU).
 - bench/gpu_wheels.py: the repacked wheels install and keep a true RECORD.
-- bench/results_md.py: one section rewritten, the rest kept.
+- bench/harness.py (every benchmark's rows, JSON and RESULTS.md): one section rewritten, the rest kept; a row in its
+  own process, its time limit and its log; every bench script uses it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ sys.path.insert(0, str(BENCH))
 
 import gpu_finetune  # noqa: E402
 import gpu_wheels  # noqa: E402
-import results_md  # noqa: E402
+import harness  # noqa: E402
 import unsloth_runner  # noqa: E402
 
 TINY = {"max_len": 128, "batch_size": 2}
@@ -57,7 +58,7 @@ def _rows(out: Path) -> dict[str, dict]:
 
 
 def test_every_row_runs_tiny_on_cpu(tiny_run: Path) -> None:
-    from orchestrator.passes.lora.train import QLORA_NO_CUDA
+    from orchestrator.passes.training.lora.train import QLORA_NO_CUDA
 
     rows = _rows(tiny_run)
     assert list(rows) == ROWS.split(",")
@@ -133,7 +134,7 @@ def test_unsloth_runner_builds_the_benchmark_settings(tmp_path: Path) -> None:
 def test_unsloth_runner_tokenizes_as_the_baseline(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     tok = AutoTokenizer.from_pretrained(build_tiny_phi3(tmp_path / "m", num_layers=1, seed=0))
     texts = ["a short text", " ".join(["word"] * 300)]
@@ -202,13 +203,32 @@ def test_targets_are_checked_on_the_rows(tmp_path: Path) -> None:
 
 def test_results_md_writes_only_its_section(tmp_path: Path) -> None:
     path = tmp_path / "RESULTS.md"
-    results_md.write_section(path, "a", "first")
-    results_md.write_section(path, "b", "second")
-    results_md.write_section(path, "a", "again")
+    harness.write_section(path, "a", "first")
+    harness.write_section(path, "b", "second")
+    harness.write_section(path, "a", "again")
     text = path.read_text()
     assert "<!-- a:start -->\nagain\n<!-- a:end -->" in text and "<!-- b:start -->\nsecond\n<!-- b:end -->" in text
     assert "first" not in text and text.startswith("# Benchmark results")
     assert [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"]  # the temp file was renamed into place
+
+
+def test_harness_runs_a_row_in_its_own_process(tmp_path: Path) -> None:
+    """A row's exit status, wall time and log; a row past its time limit is killed and reads -9; JSON and tables."""
+    code = "import sys; print('measured'); sys.exit(3)"
+    done = harness.run_row([sys.executable, "-c", code], tmp_path / "a.log")
+    assert (done.rc, done.tail()) == (3, ["measured"]) and done.wall_s > 0
+    slow = harness.run_row([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "b.log", timeout=1)
+    assert slow.rc == -9
+    harness.write_json(tmp_path / "row.json", {"row": "x", "path": tmp_path})
+    assert harness.read_json(tmp_path / "row.json") == {"row": "x", "path": str(tmp_path)}
+    assert harness.table(["a", "b"], "lr", [["1", ""]]) == ["| a | b |", "|---|---:|", "| 1 | |"]
+    assert harness.section_of(BENCH / "RESULTS.md", "gpu").startswith("## GPU fine-tuning")
+
+
+def test_every_bench_script_uses_the_harness() -> None:
+    scripts = sorted(p.name for p in BENCH.glob("*.py") if p.name != "harness.py")
+    without = [name for name in scripts if "import harness" not in (BENCH / name).read_text()]
+    assert without == ["gpu_wheels.py"], without  # gpu_wheels repacks wheels: no rows, no results
 
 
 def test_gpu_wheels_repack_drops_members_and_keeps_a_true_record(tmp_path: Path) -> None:

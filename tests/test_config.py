@@ -12,7 +12,7 @@ import yaml
 
 from orchestrator.olive import load_workflow
 from orchestrator.passes import registry
-from orchestrator.passes.lora.training_args import (
+from orchestrator.passes.training.lora.training_args import (
     SFT_CONFIG_FIELDS,
     TRAINING_ARGUMENTS_FIELDS,
     TrainingArgsError,
@@ -273,7 +273,7 @@ def test_json_dict_round_trips(project: Path) -> None:
 
 
 def test_newer_olive_flat_forms(tmp_path: Path) -> None:
-    """Olive >= 0.6: flat HfModel, flat systems/passes/data params, engine keys at the top level."""
+    """Olive >= 0.6: flat HfModel, flat systems/passes/common/data params, engine keys at the top level."""
     venv = tmp_path / "venv"
     venv.mkdir()
     wf = {

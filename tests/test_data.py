@@ -1,4 +1,5 @@
-"""orchestrator.passes.data on real files through the real `datasets` library: templates, splits, eval carve-out."""
+"""orchestrator.passes.common.data on real files through the real `datasets` library: templates, splits, eval
+carve-out."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from orchestrator.olive import load_workflow
 from orchestrator.passes.base import PassError
-from orchestrator.passes.data import DataError, TextDataSpec, load_splits, text_spec
+from orchestrator.passes.common.data import DataError, TextDataSpec, load_splits, text_spec
 
 ROWS = [{"Question": f"q{i}", "Best Answer": f"a{i}", "tone": "Joy" if i % 2 else "Sad", "n": i} for i in range(10)]
 
@@ -148,9 +149,9 @@ def test_json_form_from_the_workflow_reader(tmp_path: Path, qa_file: Path) -> No
     assert text_spec({"name": "x"}) == TextDataSpec()
 
 
-# ---- Olive's text-generation strategies (orchestrator.passes.text_blocks) -----------------------------------------
+# ---- Olive's text-generation strategies (orchestrator.passes.common.text_blocks) -------------------------------
 def test_strategies_pack_as_olive_does() -> None:
-    from orchestrator.passes.text_blocks import pack
+    from orchestrator.passes.common.text_blocks import pack
 
     texts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
     assert pack(texts, "line-by-line", 2) == [[1, 2], [4, 5], [6, 7], [10]]
@@ -187,8 +188,8 @@ def test_join_random_trains_on_drawn_blocks(tiny_model: Path) -> None:
     """The LoRA tokenizer packs join-random: max_samples full blocks drawn from the whole data, not its first rows."""
     from transformers import AutoTokenizer
 
-    from orchestrator.passes.data import text_spec
-    from orchestrator.passes.lora.train import tokenize
+    from orchestrator.passes.common.data import text_spec
+    from orchestrator.passes.training.lora.train import tokenize
 
     dc = {"name": "d", "pre_process_data_config": {"strategy": "join-random", "max_samples": 7, "random_seed": 1,
                                                    "source_max_len": 16}}  # fmt: skip

@@ -16,8 +16,8 @@ import pytest
 
 from orchestrator.core.job import Job, JobResult, JobState, ModelArtifact
 from orchestrator.core.launch import resolve_processes, runner_command
-from orchestrator.passes.lora.train import LoRAPass
-from orchestrator.passes.merge import MergeAdapterWeightsPass
+from orchestrator.passes.training.lora.train import LoRAPass
+from orchestrator.passes.training.merge import MergeAdapterWeightsPass
 from orchestrator.schema.systems import LocalSystemConfig
 from orchestrator.systems.local import LocalSystem
 from tests.conftest import tone_data_config

@@ -26,7 +26,7 @@ def _built(src: Path, out: Path, tone_data: Path, **extra: Any) -> ModelArtifact
 def test_int8_embedding_shared_with_the_lm_head(tmp_path: Path, tied_model: Path, tone_data: Path) -> None:  # noqa: F811
     import onnx
 
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     # the builder's own sharing off: a float embedding Gather and an int4 LM head, as the recipes' bigger models
     built = _built(tied_model, tmp_path / "m", tone_data, extra_options={"shared_embeddings": False})

@@ -11,9 +11,9 @@ import pytest
 
 from orchestrator.core.job import Job, ModelArtifact
 from orchestrator.passes.base import PassContext, PassError, PassOutput
-from orchestrator.passes.evaluate import EvaluatePass, prompt_prefix
-from orchestrator.passes.model_builder import ModelBuilderPass
-from orchestrator.passes.tiny_model import build_tiny_phi3
+from orchestrator.passes.evaluation.evaluate import EvaluatePass, prompt_prefix
+from orchestrator.passes.models.tiny_model import build_tiny_phi3
+from orchestrator.passes.onnx.model_builder import ModelBuilderPass
 
 TONES = ["Sad", "Joy", "Fear", "Surprise"]
 PHRASES = {

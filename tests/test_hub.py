@@ -104,7 +104,7 @@ import json, sys
 from pathlib import Path
 from orchestrator.core.cache import Cache
 from orchestrator.engine.inputs import data_files
-from orchestrator.passes.data import load_splits
+from orchestrator.passes.common.data import load_splits
 from orchestrator.schema.models import DataConfig
 cfg = DataConfig.model_validate({json.dumps(dc)!s})
 configs, files, hashes = data_files([cfg], base_dir=Path.cwd(), cache=Cache(Path("cache")))

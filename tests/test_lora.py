@@ -11,9 +11,9 @@ import pytest
 
 from orchestrator.core.job import Job, ModelArtifact
 from orchestrator.passes.base import PassContext, PassError
-from orchestrator.passes.lora.train import LoRAConfig, LoRAPass, QLoRAPass, tokenize
+from orchestrator.passes.models.tiny_model import build_tiny_phi3
 from orchestrator.passes.registry import load_pass
-from orchestrator.passes.tiny_model import build_tiny_phi3
+from orchestrator.passes.training.lora.train import LoRAConfig, LoRAPass, QLoRAPass, tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "### Text: {phrase}\n### The tone is:\n{tone}"
@@ -229,7 +229,7 @@ def test_config_takes_olive_names() -> None:
 
 
 def test_report_to_values(tmp_path: Path) -> None:
-    from orchestrator.passes.lora.train import build_training_args
+    from orchestrator.passes.training.lora.train import build_training_args
 
     for value in ("azure_ml", "mlflow", "none", ["azure_ml"]):
         args, _, _ = build_training_args(
@@ -270,7 +270,7 @@ def test_checkpointing_is_spelled_for_the_installed_transformers() -> None:
 
     from trl import SFTConfig
 
-    from orchestrator.passes.lora.train import checkpointing_names_for
+    from orchestrator.passes.training.lora.train import checkpointing_names_for
 
     @dataclasses.dataclass
     class OldTrainingArguments:  # the field names of transformers 5.17's TrainingArguments that matter here

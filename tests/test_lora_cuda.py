@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.passes.lora import cuda as lora_cuda
-from orchestrator.passes.lora.cuda import (
+from orchestrator.passes.training.lora import cuda as lora_cuda
+from orchestrator.passes.training.lora.cuda import (
     VARLEN_ATTN,
     estimate_step_memory_gib,
     parse_options,
@@ -76,7 +76,7 @@ def test_new_choices_each_turn_off_and_need_their_packages() -> None:
 def test_split_gemms_compute_the_plain_products() -> None:
     import torch
 
-    from orchestrator.passes.lora import kernels as lora_kernels
+    from orchestrator.passes.training.lora import kernels as lora_kernels
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(1030, 48, generator=gen, dtype=torch.float64)
@@ -249,7 +249,7 @@ def test_split_qkv_and_orch_swiglu_leave_loss_and_gradients_unchanged(tiny_phi3,
 def test_swiglu_reference_is_phi3_mlp_arithmetic() -> None:
     import torch
 
-    from orchestrator.passes.lora.kernels import swiglu
+    from orchestrator.passes.training.lora.kernels import swiglu
 
     u = torch.randn(5, 3, 16, dtype=torch.bfloat16)
     gate, up = u.chunk(2, dim=-1)
@@ -461,7 +461,7 @@ def test_apply_plan_fuses_the_lora_layers(tiny_phi3) -> None:
     import peft
     import transformers
 
-    from orchestrator.passes.lora.fused import FUSED_ATTR
+    from orchestrator.passes.training.lora.fused import FUSED_ATTR
 
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv_proj", "down_proj"]))
@@ -473,7 +473,7 @@ def test_apply_plan_fuses_the_lora_layers(tiny_phi3) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     return build_tiny_phi3(tmp_path_factory.mktemp("tiny") / "model", num_layers=2, seed=1)
 
@@ -547,7 +547,8 @@ def test_cu_seqlens_from_position_ids() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# orchestrator/passes/awq_gptq.py (AWQ / GPTQ int4): the refusals, and the GPTQ layout that ModelBuilder reads.
+# orchestrator/passes/quantization/awq_gptq.py (AWQ / GPTQ int4): the refusals, and the GPTQ layout that
+# ModelBuilder reads.
 # (Kept in this module, the GPU engineer's test file; llm-compressor itself runs in the gpu-quantize environment.)
 
 
@@ -573,8 +574,8 @@ def _awq_ctx(tmp_path, data_configs=None):
 )
 def test_awq_gptq_refusals_need_nothing_loaded(tmp_path, kwargs, model_kwargs, match) -> None:
     from orchestrator.core.job import ModelArtifact
-    from orchestrator.passes.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig, GptqQuantizerPass
     from orchestrator.passes.base import PassError
+    from orchestrator.passes.quantization.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig, GptqQuantizerPass
 
     model = ModelArtifact(path=str(tmp_path / "nowhere"), **model_kwargs)
     for cls in (GptqQuantizerPass, AutoAWQQuantizerPass):
@@ -584,7 +585,7 @@ def test_awq_gptq_refusals_need_nothing_loaded(tmp_path, kwargs, model_kwargs, m
 
 
 def test_awq_gptq_config_takes_olive_names() -> None:
-    from orchestrator.passes.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig, GptqQuantizerPass
+    from orchestrator.passes.quantization.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig, GptqQuantizerPass
 
     awq = AwqGptqConfig.model_validate({"w_bit": 4, "q_group_size": 64, "zero_point": True, "version": "GEMM"})
     assert awq.bits == 4 and awq.group_size == 64 and not AutoAWQQuantizerPass().symmetric(awq)
@@ -606,8 +607,8 @@ def test_awq_without_cuda_is_refused_before_loading(tmp_path) -> None:
     import torch
 
     from orchestrator.core.job import ModelArtifact
-    from orchestrator.passes.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig
     from orchestrator.passes.base import PassError
+    from orchestrator.passes.quantization.awq_gptq import AutoAWQQuantizerPass, AwqGptqConfig
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -624,8 +625,8 @@ def test_awq_gptq_without_llmcompressor_names_the_environment(tmp_path, monkeypa
     """This venv (transformers 5.23) has no llm-compressor: the error says where AWQ/GPTQ run."""
     import importlib.util
 
-    from orchestrator.passes.awq_gptq import check_llmcompressor
     from orchestrator.passes.base import PassError
+    from orchestrator.passes.quantization.awq_gptq import check_llmcompressor
 
     if importlib.util.find_spec("llmcompressor") is not None:
         pytest.skip("llm-compressor is installed here")
@@ -654,8 +655,14 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
     import torch
     import transformers
 
-    from orchestrator.passes.awq_gptq import load_dequantized, pack_gptq, write_gptq_checkpoint
-    from orchestrator.passes.onnx_tools import hf_encode, hf_logits, logits_parity, matmulnbits_nodes, onnx_model_file
+    from orchestrator.passes.common.gptq_layout import load_dequantized, pack_gptq, write_gptq_checkpoint
+    from orchestrator.passes.common.onnx_tools import (
+        hf_encode,
+        hf_logits,
+        logits_parity,
+        matmulnbits_nodes,
+        onnx_model_file,
+    )
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_phi3)
@@ -707,7 +714,7 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
     # the parity check against transformers is skipped for a pre-quantized input, and the generation check runs
     from orchestrator.core.job import Job, ModelArtifact
     from orchestrator.passes.base import PassContext
-    from orchestrator.passes.model_builder import ModelBuilderPass
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
 
     events: list = []
     job = Job(job_id="j", pass_name="mb", pass_type="ModelBuilder", output_dir=str(tmp_path / "mb"))

@@ -1,4 +1,4 @@
-"""The fused LoRA Linear (orchestrator/passes/lora/fused.py) against peft's own forward, on a real tiny Phi-3.
+"""The fused LoRA Linear (orchestrator/passes/training/lora/fused.py) against peft's own forward, on a real tiny Phi-3.
 
 Same seed, same batch: the fused layers must give peft's loss and peft's adapter gradients (fp32: to rounding;
 bf16 autocast: to bf16 rounding), the same training trajectory over several optimizer steps, no more saved
@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.passes.lora.fused import FUSED_ATTR, fuse_lora_layers, unfuse_lora_layers
+from orchestrator.passes.training.lora.fused import FUSED_ATTR, fuse_lora_layers, unfuse_lora_layers
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
 
     return build_tiny_phi3(tmp_path_factory.mktemp("tiny") / "model", num_layers=2, seed=3)
 
@@ -161,7 +161,7 @@ def test_unfuse_restores_peft_forward(tiny_phi3) -> None:
 def test_dropout_inside_the_fused_function_is_peft_arithmetic() -> None:
     """The CUDA path's function (dropout drawn inside, its mask kept for the input gradient) on CPU tensors: the
     same output and gradients as peft's graph with the mask native_dropout draws for the same seed."""
-    from orchestrator.passes.lora.fused import _dropout_fn
+    from orchestrator.passes.training.lora.fused import _dropout_fn
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, 32, generator=gen, requires_grad=True)
@@ -186,7 +186,7 @@ def test_dropout_inside_the_fused_function_is_peft_arithmetic() -> None:
 
 
 def test_fused_dropout_runs_inside_only_on_cuda_with_triton() -> None:
-    from orchestrator.passes.lora.fused import _fused_dropout_p
+    from orchestrator.passes.training.lora.fused import _fused_dropout_p
 
     drop = torch.nn.Dropout(0.05).train()
     assert _fused_dropout_p(drop, torch.zeros(2, 3), 64) is None  # CPU: the layer's own module, as peft
@@ -199,8 +199,8 @@ def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float) -> None:
     arithmetic in eager torch with the same dropout mask: output and gradients of u, A and B."""
     import torch
 
-    from orchestrator.passes.lora.fused import _swiglu_down_fn
-    from orchestrator.passes.lora.kernels import swiglu_reference
+    from orchestrator.passes.training.lora.fused import _swiglu_down_fn
+    from orchestrator.passes.training.lora.kernels import swiglu_reference
 
     gen = torch.Generator().manual_seed(5)
     tokens, inter, out_f, rank, scaling = 12, 24, 10, 4, 0.7
@@ -228,7 +228,7 @@ def test_swiglu_down_saves_one_activation_fewer(tiny_phi3) -> None:
     """With recompute, down_proj's (tokens x intermediate) input is not kept for the backward."""
     import torch
 
-    from orchestrator.passes.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import cuda as lora_cuda
 
     def saved_bytes(recompute: bool) -> int:
         model = _peft_model(tiny_phi3, dropout=0.0)
@@ -251,7 +251,7 @@ def test_swiglu_down_saves_one_activation_fewer(tiny_phi3) -> None:
 
 
 def test_swiglu_down_recompute_keeps_peft_loss_and_gradients(tiny_phi3) -> None:
-    from orchestrator.passes.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import cuda as lora_cuda
 
     ref = _peft_model(tiny_phi3, dropout=0.0)
     new = _peft_model(tiny_phi3, dropout=0.0)

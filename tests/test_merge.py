@@ -11,9 +11,9 @@ import pytest
 
 from orchestrator.core.job import Job, ModelArtifact
 from orchestrator.passes.base import PassContext, PassError
-from orchestrator.passes.lora.train import LoRAConfig, LoRAPass
-from orchestrator.passes.merge import MergeAdapterWeightsPass, MergeConfig
-from orchestrator.passes.tiny_model import build_tiny_phi3
+from orchestrator.passes.models.tiny_model import build_tiny_phi3
+from orchestrator.passes.training.lora.train import LoRAConfig, LoRAPass
+from orchestrator.passes.training.merge import MergeAdapterWeightsPass, MergeConfig
 
 TEXTS = [
     f"### Text: phrase number {i} is {'happy' if i % 2 else 'sad'}\n### The tone is:\n{'Joy' if i % 2 else 'Sad'}"

@@ -97,7 +97,7 @@ def test_checkpoint_is_olive_format_with_per_layer_bits(chain: dict[str, Any]) -
 def test_matmulnbits_bits_follow_the_decision(chain: dict[str, Any]) -> None:
     import onnx
 
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     high = json.loads((Path(chain["smp"].path) / "config.json").read_text())["olive_mixed_precision"]["overrides"]
     g = onnx.load(str(onnx_tools.onnx_model_file(chain["built"].path)), load_external_data=False).graph
@@ -113,7 +113,7 @@ def test_matmulnbits_bits_follow_the_decision(chain: dict[str, Any]) -> None:
 
 def _parity(hf_dir: Path, onnx_dir: Path) -> tuple[float, float]:
     """Max |logit diff| and greedy agreement of the ONNX model vs the fp32 PyTorch model over PROMPTS."""
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     diffs, agree, n = [], 0, 0
     for p in PROMPTS:
@@ -127,7 +127,7 @@ def _parity(hf_dir: Path, onnx_dir: Path) -> tuple[float, float]:
 
 
 def test_final_model_close_to_fp32_and_smaller(chain: dict[str, Any], tied_model: Path) -> None:
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     tied = Path(chain["tied"].path)
     rel, agree = _parity(tied_model, tied)
@@ -151,9 +151,9 @@ def test_tie_refused_for_untied_model(tmp_path: Path, tiny_model: Path, tone_dat
 
 
 def test_config_refusals() -> None:
-    from orchestrator.passes.graph_surgeries import GraphSurgeriesPass
-    from orchestrator.passes.mixed_precision import SelectiveMixedPrecisionPass
-    from orchestrator.passes.olive_gptq import OliveGptqPass
+    from orchestrator.passes.onnx.graph_surgeries import GraphSurgeriesPass
+    from orchestrator.passes.quantization.mixed_precision import SelectiveMixedPrecisionPass
+    from orchestrator.passes.quantization.olive_gptq import OliveGptqPass
 
     smp = SelectiveMixedPrecisionPass.Config.model_validate({"algorithm": "kld_gradient"})
     # no data_config: not refused, Olive's default calibration set (the workflow reader adds it, tests/test_hub.py)

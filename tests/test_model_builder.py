@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from orchestrator.core.job import Job, ModelArtifact
-from orchestrator.passes import onnx_tools
 from orchestrator.passes.base import PassContext, PassError, PassOutput
-from orchestrator.passes.model_builder import ModelBuilderPass, lm_head_impostors, resolve_execution_provider
-from orchestrator.passes.tiny_model import build_tiny_phi3
+from orchestrator.passes.common import onnx_tools
+from orchestrator.passes.models.tiny_model import build_tiny_phi3
+from orchestrator.passes.onnx.model_builder import ModelBuilderPass, lm_head_impostors, resolve_execution_provider
 
 
 def run_builder_pass(

@@ -738,7 +738,7 @@ def _orch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_quantize_of_an_hf_model_is_olives_rtn_then_auto_opt_exports_it(tmp_path: Path, tiny_model: Path) -> None:
     """Olive >= 0.10: `quantize --algorithm rtn` on a Hugging Face model writes the Olive quantized checkpoint
     (Rtn); auto-opt exports it to int4 MatMulNBits; --save_config_file writes the workflow `orch run` runs."""
-    from orchestrator.passes.onnx_tools import matmulnbits_count
+    from orchestrator.passes.common.onnx_tools import matmulnbits_count
 
     q = _orch(
         "quantize",
@@ -772,7 +772,7 @@ def test_capture_with_adapter_then_generate_adapter_from_the_onnx_folder(
     onnxruntime-genai with the adapter active matches transformers + peft."""
     import numpy as np
 
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     cap = _orch(
         "capture-onnx-graph",

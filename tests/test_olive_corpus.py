@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.passes.onnx_tools import matmulnbits_count
-from orchestrator.passes.quantize import genai_provider
+from orchestrator.passes.common.onnx_tools import matmulnbits_count
+from orchestrator.passes.quantization.quantize import genai_provider
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "tests" / "olive_corpus"
@@ -208,7 +208,7 @@ def test_corpus_records_source_and_rewrites() -> None:
 if __name__ == "__main__":
     import tempfile
 
-    from orchestrator.passes.tiny_model import build_tiny_phi3
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
     from tests.conftest import HUB_TOKEN
     from tests.hub_standin import serve_defaults, start_hub
 
@@ -291,9 +291,9 @@ def test_olive_only_keys_are_honoured_refused_or_noted(tmp_path: Path) -> None:
 
 
 def test_olive_current_quantizer_names_resolve() -> None:
-    from orchestrator.passes.awq_gptq import GptqQuantizerPass
-    from orchestrator.passes.olive_gptq import OliveGptqPass
-    from orchestrator.passes.onnx_hqq import OnnxHqqQuantizationPass
+    from orchestrator.passes.quantization.awq_gptq import GptqQuantizerPass
+    from orchestrator.passes.quantization.olive_gptq import OliveGptqPass
+    from orchestrator.passes.quantization.onnx_hqq import OnnxHqqQuantizationPass
     from orchestrator.passes.registry import load_pass
 
     assert load_pass("Gptq") is OliveGptqPass  # Olive >= 0.10's Gptq writes its own quantized checkpoint
@@ -313,10 +313,10 @@ def test_phi3_target_modules_map_to_the_fused_projections(tiny_model: Path, caps
 
 def test_hqq_int4_parity_with_transformers(tmp_path: Path, tiny_model: Path) -> None:
     from orchestrator.core.job import Job, ModelArtifact
-    from orchestrator.passes import onnx_tools
     from orchestrator.passes.base import PassContext
-    from orchestrator.passes.model_builder import ModelBuilderPass
-    from orchestrator.passes.onnx_hqq import OnnxHqqQuantizationPass
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
+    from orchestrator.passes.quantization.onnx_hqq import OnnxHqqQuantizationPass
 
     def run(p: Any, out: Path, model: ModelArtifact, **cfg: Any) -> Any:
         job = Job(job_id="j", pass_name="p", pass_type=p.type_name, output_dir=str(out))
@@ -336,7 +336,7 @@ def test_hqq_int4_parity_with_transformers(tmp_path: Path, tiny_model: Path) -> 
 def test_olive_data_config_forms(tmp_path: Path) -> None:
     """params_config, col_filters, {split: file} data_files (relative to a data folder), the default text column."""
     from orchestrator.olive import load_workflow
-    from orchestrator.passes.data import load_splits
+    from orchestrator.passes.common.data import load_splits
 
     rows = [{"text": f"row {i}", "lang": "Python" if i % 2 else "C"} for i in range(10)]
     (tmp_path / "d" / "en").mkdir(parents=True)
@@ -368,11 +368,11 @@ def test_onnx_conversion_optimization_dynamic_quant_parity(tmp_path: Path, tiny_
     from transformers import AutoModelForCausalLM
 
     from orchestrator.core.job import Job, ModelArtifact
-    from orchestrator.passes import onnx_tools
     from orchestrator.passes.base import PassContext
-    from orchestrator.passes.onnx_conversion import OnnxConversionPass
-    from orchestrator.passes.onnx_dynamic_quant import OnnxDynamicQuantizationPass
-    from orchestrator.passes.ort_optimize import OrtTransformersOptimizationPass
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.onnx_conversion import OnnxConversionPass
+    from orchestrator.passes.onnx.ort_optimize import OrtTransformersOptimizationPass
+    from orchestrator.passes.quantization.onnx_dynamic_quant import OnnxDynamicQuantizationPass
 
     def run(p: Any, out: Path, model: ModelArtifact, **cfg: Any) -> Any:
         job = Job(job_id="j", pass_name="p", pass_type=p.type_name, output_dir=str(out))
@@ -440,7 +440,7 @@ def _ev_wf(metrics: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 def test_evaluator_metric_config_and_backend_honoured_or_refused_at_load(tmp_path: Path) -> None:
     from orchestrator.olive import load_workflow
-    from orchestrator.passes.evaluate import EvaluateConfig
+    from orchestrator.passes.evaluation.evaluate import EvaluateConfig
     from orchestrator.schema import ConfigError
 
     ok = [
@@ -537,9 +537,9 @@ def test_onnx_conversion_graph_has_a_kv_cache_and_dummy_latency_times_it(tmp_pat
 
     from orchestrator.core.job import ModelArtifact
     from orchestrator.passes.base import PassError
-    from orchestrator.passes.dummy_data import dummy_inputs, session_inputs
-    from orchestrator.passes.evaluate import EvaluatePass
-    from orchestrator.passes.onnx_conversion import OnnxConversionPass
+    from orchestrator.passes.common.dummy_data import dummy_inputs, session_inputs
+    from orchestrator.passes.evaluation.evaluate import EvaluatePass
+    from orchestrator.passes.onnx.onnx_conversion import OnnxConversionPass
 
     res = _run_pass(OnnxConversionPass(), tmp_path / "c", ModelArtifact(format="hf", path=str(tiny_model)),
                     save_metadata_for_token_generation=True)  # fmt: skip
@@ -582,7 +582,7 @@ def test_onnx_conversion_graph_has_a_kv_cache_and_dummy_latency_times_it(tmp_pat
 
 def test_dummy_containers_are_refused_where_text_is_needed(tmp_path: Path) -> None:
     from orchestrator.olive import load_workflow
-    from orchestrator.passes.data import DataError, load_splits
+    from orchestrator.passes.common.data import DataError, load_splits
     from orchestrator.schema import ConfigError
 
     dummy = {"name": "tok", "type": "TransformersTokenDummyDataContainer", "load_dataset_config": {"model_name": "x"}}
@@ -598,11 +598,11 @@ def test_model_builder_metadata_only_makes_the_exported_graph_a_genai_model(tmp_
     """OnnxConversion -> OrtTransformersOptimization -> ModelBuilder metadata_only (Olive's LLM chain): the same
     graph, now with genai_config.json; onnxruntime-genai's logits equal the graph's, cached decoding agrees."""
     from orchestrator.core.job import ModelArtifact
-    from orchestrator.passes import onnx_tools
     from orchestrator.passes.base import PassError
-    from orchestrator.passes.model_builder import ModelBuilderPass
-    from orchestrator.passes.onnx_conversion import OnnxConversionPass
-    from orchestrator.passes.ort_optimize import OrtTransformersOptimizationPass
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
+    from orchestrator.passes.onnx.onnx_conversion import OnnxConversionPass
+    from orchestrator.passes.onnx.ort_optimize import OrtTransformersOptimizationPass
 
     hf = ModelArtifact(format="hf", path=str(tiny_model))
 
@@ -627,9 +627,11 @@ def test_model_builder_metadata_only_makes_the_exported_graph_a_genai_model(tmp_
 def test_cache_key_code_covers_the_helpers_a_pass_imports() -> None:
     from orchestrator.core.code_identity import _closure, _source_path, code_hash
 
-    files = {n for n in _closure("orchestrator.passes.model_builder") if _source_path(n)}
-    assert {"orchestrator.passes.genai_metadata", "orchestrator.passes.onnx_tools", "orchestrator.passes.base"} <= files
-    assert code_hash("orchestrator.passes.model_builder") != code_hash("orchestrator.passes.quantize")
+    files = {n for n in _closure("orchestrator.passes.onnx.model_builder") if _source_path(n)}
+    assert {
+        "orchestrator.passes.onnx.genai_metadata", "orchestrator.passes.common.onnx_tools", "orchestrator.passes.base"
+    } <= files
+    assert code_hash("orchestrator.passes.onnx.model_builder") != code_hash("orchestrator.passes.quantization.quantize")
 
 
 def test_split_model_makes_a_genai_pipeline_that_generates_like_the_whole(tmp_path: Path, tiny_model: Path) -> None:
@@ -637,8 +639,8 @@ def test_split_model_makes_a_genai_pipeline_that_generates_like_the_whole(tmp_pa
     onnxruntime-genai's decoder-pipeline generates the same tokens; CaptureSplitInfo's plan moves into SplitModel."""
     from orchestrator.core.job import ModelArtifact
     from orchestrator.olive import load_workflow
-    from orchestrator.passes.model_builder import ModelBuilderPass
-    from orchestrator.passes.split_model import SplitModelPass
+    from orchestrator.passes.onnx.model_builder import ModelBuilderPass
+    from orchestrator.passes.onnx.split_model import SplitModelPass
     from orchestrator.schema import ConfigError
 
     wf = load_workflow({"input_model": {"type": "HfModel", "model_path": "./m"}, "passes": {

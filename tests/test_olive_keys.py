@@ -101,7 +101,7 @@ def test_inline_target_system_list_form_passes_and_docker_keys(tmp_path: Path) -
 def test_metric_user_config_keys_and_relative_goals(tmp_path: Path) -> None:
     """io_bind / shared_kv_buffer are noted; Olive's improvement/degradation goals turn the input model's
     evaluation on and are compared once both evaluations are in."""
-    from orchestrator.passes.evaluate import EvaluatePass
+    from orchestrator.passes.evaluation.evaluate import EvaluatePass
 
     metrics = [{"name": "latency", "type": "latency", "user_config": {"io_bind": True, "shared_kv_buffer": True},
                 "sub_types": [{"name": "avg", "goal": {"type": "percent-min-improvement", "value": 5}}]},
@@ -131,7 +131,7 @@ def test_olive_passes_orch_does_not_run_are_refused_with_a_reason(tmp_path: Path
 
 def test_model_builder_olive_switches_reach_the_builder(tmp_path: Path) -> None:
     from orchestrator.core.job import ModelArtifact
-    from orchestrator.passes.model_builder import ModelBuilderConfig, ModelBuilderPass
+    from orchestrator.passes.onnx.model_builder import ModelBuilderConfig, ModelBuilderPass
 
     config = ModelBuilderConfig(precision="int4", int4_algo_config="k_quant_mixed", exclude_embeds=True,
                                 enable_cuda_graph=True, int4_nodes_to_exclude=["/lm_head/MatMul"])  # fmt: skip
@@ -159,7 +159,7 @@ def test_optimum_conversion_and_merging_run_as_the_one_decoder_export(tmp_path: 
     fp16 is read as torch_dtype, Optimum's own keys are noted; OptimumMerging passes the one graph through."""
     from orchestrator.core.job import Job, ModelArtifact
     from orchestrator.passes.base import PassContext
-    from orchestrator.passes.onnx_conversion import OnnxConversionPass, OptimumMergingPass
+    from orchestrator.passes.onnx.onnx_conversion import OnnxConversionPass, OptimumMergingPass
 
     raw = _wf(passes={
         "c": {"type": "OptimumConversion", "target_opset": 14, "fp16": True, "components": ["decoder_model"],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.passes import pretrained
+from orchestrator.passes.models import pretrained
 
 
 def test_the_wheel_is_installed() -> None:

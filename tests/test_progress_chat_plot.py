@@ -166,7 +166,7 @@ def turn(chat: Pty, message: str) -> tuple[str, int]:
 def test_generate_chats_with_the_fine_tuned_template(chain: dict) -> None:
     from orchestrator.cli.chat import ChatSession, choose_mode, recorded_format
     from orchestrator.core.prompt import PromptFormat
-    from orchestrator.passes.onnx_tools import GenaiModel
+    from orchestrator.passes.common.onnx_tools import GenaiModel
 
     work = chain["work"]
     model_dir = work / "models" / "onnx" / "model"

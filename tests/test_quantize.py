@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from orchestrator.core.job import Job, ModelArtifact
-from orchestrator.passes import onnx_tools
 from orchestrator.passes.base import PassContext, PassError, PassOutput
-from orchestrator.passes.model_builder import ModelBuilderPass
-from orchestrator.passes.quantize import MatMulNBitsQuantizePass
+from orchestrator.passes.common import onnx_tools
+from orchestrator.passes.models.tiny_model import build_tiny_phi3
+from orchestrator.passes.onnx.model_builder import ModelBuilderPass
+from orchestrator.passes.quantization.quantize import MatMulNBitsQuantizePass
 from orchestrator.passes.registry import load_pass
-from orchestrator.passes.tiny_model import build_tiny_phi3
 
 
 def run_pass(p: Any, out: Path, model: ModelArtifact, **cfg: Any) -> PassOutput:

@@ -12,8 +12,8 @@ import torch
 
 from orchestrator.core.job import Job, ModelArtifact
 from orchestrator.passes.base import PassContext, PassError
-from orchestrator.passes.onnx_conversion import OnnxConversionPass
-from orchestrator.passes.onnx_tools import matmulnbits_nodes, onnx_model_file
+from orchestrator.passes.common.onnx_tools import matmulnbits_nodes, onnx_model_file
+from orchestrator.passes.onnx.onnx_conversion import OnnxConversionPass
 
 GS = 32
 
@@ -28,7 +28,7 @@ def _gptq_checkpoint(tiny_model: Path, dest: Path, *, act_order: bool = False) -
     write); returns how many Linears it quantized."""
     import transformers
 
-    from orchestrator.passes.awq_gptq import pack_gptq, write_gptq_checkpoint
+    from orchestrator.passes.common.gptq_layout import pack_gptq, write_gptq_checkpoint
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     params = {}
@@ -65,7 +65,7 @@ def test_gptq_layout_exports_as_matmulnbits_with_its_codes(tmp_path: Path, tiny_
 
 
 def test_olive_layout_from_rtn_exports_as_matmulnbits(tmp_path: Path, tiny_model: Path) -> None:
-    from orchestrator.passes.rtn import RtnPass
+    from orchestrator.passes.quantization.rtn import RtnPass
 
     rtn = _run(RtnPass(), tmp_path / "r", ModelArtifact(format="hf", path=str(tiny_model)), group_size=GS)
     model = ModelArtifact(format="hf", path=str(tmp_path / "r" / rtn.model.path), quantized=True)

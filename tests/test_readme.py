@@ -165,8 +165,8 @@ def tiny_smollm2(clone: Path, texts: list[str]) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.passes.pretrained import SOURCE_FILE, converted_dir
-    from orchestrator.passes.tiny_model import _unsafe_widths, train_phi3_tokenizer
+    from orchestrator.passes.models.pretrained import SOURCE_FILE, converted_dir
+    from orchestrator.passes.models.tiny_model import _unsafe_widths, train_phi3_tokenizer
 
     cache = clone / "jobs" / "tone-classification" / ".orch" / "cache"
     folder = converted_dir(cache)

@@ -459,7 +459,7 @@ def test_valid_neighbours_pass_the_checks(case: Path, capsys) -> None:
     _link(case, "mlink", "m")
     _write(case / "bom.json", b"\xef\xbb\xbf" + _wf_text(case).encode())
     _write(case / "u16.json", _wf_text(case).encode("utf-16"))
-    from orchestrator.passes.lora.training_args import normalize_training_args
+    from orchestrator.passes.training.lora.training_args import normalize_training_args
 
     assert normalize_training_args({"max_steps": 1e3})[0] == {"max_steps": 1000}  # YAML's 1e3, an int
     forms = [
@@ -478,7 +478,7 @@ def test_valid_neighbours_pass_the_checks(case: Path, capsys) -> None:
 
 def test_columnar_json_trains_on_its_rows(case: Path) -> None:
     """A JSON mapping of columns (the form Olive's users write) is read as rows, not as one row of lists."""
-    from orchestrator.passes.data import load_splits
+    from orchestrator.passes.common.data import load_splits
 
     rows = _rows(case)
     _write(case / "cols.json", json.dumps({k: [r[k] for r in rows] for k in rows[0]}))

@@ -22,7 +22,7 @@ from orchestrator.core.cache import Cache
 from orchestrator.core.checkpoints import COMPLETE_MARKER, complete_checkpoints, latest_complete, mark_complete
 from orchestrator.core.job import Job, ModelArtifact
 from orchestrator.passes.base import PassContext
-from orchestrator.passes.lora.train import LoRAConfig, LoRAPass
+from orchestrator.passes.training.lora.train import LoRAConfig, LoRAPass
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = "### Text: {phrase}\n### The tone is:\n{tone}"

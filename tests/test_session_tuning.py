@@ -47,7 +47,7 @@ def matmul_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tune(out: Path, model_dir: Path, eps: list[str] | None = None, **cfg: Any) -> Any:
-    from orchestrator.passes.session_tuning import OrtSessionParamsTuningPass
+    from orchestrator.passes.evaluation.session_tuning import OrtSessionParamsTuningPass
 
     p = OrtSessionParamsTuningPass()
     job = Job(job_id="j", pass_name="t", pass_type=p.type_name, output_dir=str(out), data_configs={"dummy": DUMMY},
@@ -61,7 +61,7 @@ def _tune(out: Path, model_dir: Path, eps: list[str] | None = None, **cfg: Any) 
 def test_session_tuning_times_every_combination_and_writes_olives_inference_settings(
     tmp_path: Path, matmul_model: Path
 ) -> None:
-    from orchestrator.passes import onnx_tools
+    from orchestrator.passes.common import onnx_tools
 
     res, logs = _tune(tmp_path, matmul_model, data_config="dummy", io_bind=True, intra_thread_num_list=[1, 2],
                       execution_mode_list=0, repeat_test_num=5, warmup_num=1)  # fmt: skip
@@ -89,7 +89,7 @@ def test_session_tuning_refuses_a_provider_this_onnxruntime_lacks(tmp_path: Path
 def test_session_tuning_lists_accept_one_value_and_refuse_unknown_modes() -> None:
     from pydantic import ValidationError
 
-    from orchestrator.passes.session_tuning import SessionTuningConfig
+    from orchestrator.passes.evaluation.session_tuning import SessionTuningConfig
 
     assert SessionTuningConfig(intra_thread_num_list=4).intra_thread_num_list == [4]
     with pytest.raises(ValidationError, match="execution modes"):
@@ -99,7 +99,7 @@ def test_session_tuning_lists_accept_one_value_and_refuse_unknown_modes() -> Non
 def test_inc_config_refuses_what_it_would_not_honour() -> None:
     from pydantic import ValidationError
 
-    from orchestrator.passes.inc_quantize import IncDynamicConfig
+    from orchestrator.passes.quantization.inc_quantize import IncDynamicConfig
 
     with pytest.raises(ValidationError, match="accuracy-aware tuning"):
         IncDynamicConfig(metric={"name": "acc", "type": "accuracy"})

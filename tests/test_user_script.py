@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from orchestrator.olive import load_workflow
-from orchestrator.passes.data import load_splits
+from orchestrator.passes.common.data import load_splits
 from orchestrator.schema import ConfigError
 
 SCRIPT = """

@@ -22,7 +22,7 @@ config_app = typer.Typer(help="Per-machine Azure ML settings (~/.config/orch/pro
 
 def _fail(message: str, code: int = 1, detail: str = "") -> typer.Exit:
     """One line (main.error_line: plain text, never wrapped), the detail dim below it."""
-    from orchestrator.cli.main import error_line
+    from orchestrator.cli.errors import error_line
 
     error_line(message)
     if detail:
@@ -34,7 +34,7 @@ def _guard(fn: Any) -> Any:
     """User-facing failures -> one line + their exit code (core.errors: 2 bad input, 1 a failed run; Azure SDK
     errors by main.azure_error: credentials and unknown names 2); Ctrl-C -> exit 130 without touching the remote
     job. Anything else goes through main.classify like every other command's error."""
-    from orchestrator.cli.main import classify
+    from orchestrator.cli.errors import classify
 
     try:
         return fn()
@@ -145,48 +145,6 @@ def _print_plan(rows: list[dict[str, Any]], location: str | None) -> None:
     for r in rows:
         label = f"{r['pass']} ({r['type']})"
         out.print(f"  {label:<{width}}  {WHERE_TEXT.get(r['where'], r['where'])}  {r['key'][:16]}", highlight=False)
-
-
-def _workspace_cache() -> Any:
-    from orchestrator.systems.azureml.blobcache import WorkspaceCache
-
-    return WorkspaceCache.for_client(_system().ml)
-
-
-def workspace_cache_ls(as_json: bool) -> None:
-    """`orch cache ls --workspace`: every key under orch-cache/ of the workspace's default datastore."""
-
-    def go() -> None:
-        cache = _workspace_cache()
-        rows = cache.status()
-        if as_json:  # the rows of `orch cache ls --json`, plus the state and the bytes of kept checkpoints
-            doc = [{"cache": cache.location, "key": r.key, "pass": r.pass_name, "type": r.pass_type, "state": r.state,
-                    "why": r.why, "size_bytes": r.size, "checkpoint_bytes": r.partial, "committed_at": r.committed_at}
-                   for r in rows]  # fmt: skip
-            print(json.dumps(doc))
-            return
-        from rich.table import Table
-
-        table = Table(title=f"workspace cache {cache.location}")
-        for col in ("key", "pass", "type", "state", "size", "checkpoints"):
-            table.add_column(col)
-        for r in rows:
-            state = r.state + (f" ({r.why})" if r.why else "")
-            table.add_row(r.key[:16], r.pass_name, r.pass_type, state, f"{r.size / 1e6:.1f} MB",
-                          f"{r.partial / 1e6:.1f} MB" if r.partial else "")  # fmt: skip
-        out.print(table)
-
-    _guard(go)
-
-
-def workspace_cache_clean(key_prefix: str) -> None:
-    """`orch cache clean --workspace [--key K]`: keys removed marker first, so no reader sees half an entry."""
-
-    def go() -> None:
-        n = _workspace_cache().clean(key_prefix)
-        out.print(f"removed {n} workspace cache entr{'y' if n == 1 else 'ies'}")
-
-    _guard(go)
 
 
 def latest_metrics(handle: Any) -> dict[str, float]:
@@ -317,7 +275,7 @@ def logs(
         except (typer.Exit, KeyboardInterrupt):
             raise
         except Exception as exc:
-            from orchestrator.cli.main import azure_user_error
+            from orchestrator.cli.errors import azure_user_error
 
             user = None if isinstance(exc, OrchError) else azure_user_error(exc)  # credentials, unknown job: 2
             if user is not None:

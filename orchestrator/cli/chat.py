@@ -56,7 +56,7 @@ class Reply:
 class ChatSession:
     """One conversation: history of (message, answer) turns, formatted in `mode` for every new message."""
 
-    model: Any  # passes.onnx_tools.GenaiModel
+    model: Any  # passes.common.onnx_tools.GenaiModel
     mode: Mode
     prompt_format: PromptFormat | None
     max_new_tokens: int = 64

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -240,13 +239,3 @@ def normalize(argv: list[str]) -> list[str]:
         return argv
     return argv
 
-
-def set_tempdir(path: str | None) -> None:
-    """Olive's --tempdir: the root of temporary files for this process and the jobs it starts."""
-    if not path:
-        return
-    import tempfile
-
-    Path(path).mkdir(parents=True, exist_ok=True)
-    os.environ["TMPDIR"] = str(Path(path).resolve())
-    tempfile.tempdir = None  # recomputed from TMPDIR

@@ -320,7 +320,7 @@ def _check_template_columns(columns: list[str], needed: Needed, path: Path, labe
 
 def _check_chat_row(row: dict[str, Any], chat_col: str, path: Path, label: str) -> None:
     """A chat template renders messages: the rows hold them (or ShareGPT / instruction columns it can map)."""
-    from orchestrator.passes.data import row_messages
+    from orchestrator.passes.common.data import row_messages
 
     if row_messages(row, chat_col, list(row)) is None:
         raise DataFileError(

@@ -326,7 +326,7 @@ def _needed_columns(pre: dict[str, Any], where: str = "data_configs") -> Needed:
         return Needed(chat_col=pre.get("message_col") or "messages")
     template = pre.get("text_template")
     if template:
-        from orchestrator.passes.data import template_columns
+        from orchestrator.passes.common.data import template_columns
 
         try:
             fields = template_columns(template)

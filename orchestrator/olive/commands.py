@@ -210,7 +210,7 @@ def adapter_kind(adapter_path: str | None) -> str:
     """lora, dora, loha, lokr, ... of a local PEFT folder ("lora" when none or unreadable)."""
     if not adapter_path or not Path(adapter_path).is_dir():
         return "lora"
-    from orchestrator.passes.extract_adapters import adapter_type
+    from orchestrator.passes.onnx.extract_adapters import adapter_type
 
     return adapter_type(Path(adapter_path))
 
@@ -1350,7 +1350,7 @@ def convert_adapters(
     ModelBuilder + ExtractAdapters built (the builder's weight names). Phi-3's fused projections are split with the
     base model's config.json: --model_name_or_path, else the adapter's base_model_name_or_path."""
     from orchestrator.passes.base import PassError
-    from orchestrator.passes.extract_adapters import convert_peft_adapter, save_adapter
+    from orchestrator.passes.onnx.extract_adapters import convert_peft_adapter, save_adapter
 
     if quantize_int4:
         raise FlagError("--quantize_int4: orch keeps adapters float (the int4 base model's LoRA inputs are float)")
@@ -1507,7 +1507,7 @@ def build_tune_session_params(g: Given, host: str | None) -> Plan:
 
     def write_settings(summary: Any) -> None:
         from orchestrator.core.job import atomic_write_text
-        from orchestrator.passes.onnx_tools import SETTINGS_FILE
+        from orchestrator.passes.common.onnx_tools import SETTINGS_FILE
 
         if summary is None or summary.final_model is None:
             return

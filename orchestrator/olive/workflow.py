@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.olive import keys as olive_keys
-from orchestrator.passes.lora.training_args import TrainingArgsError, normalize_training_args
+from orchestrator.passes.training.lora.training_args import TrainingArgsError, normalize_training_args
 from orchestrator.schema.errors import ConfigError, fmt_path, nearest, suggest, translate
 from orchestrator.schema.files import load_config_file
 from orchestrator.schema.models import DataConfig, EngineConfig, EvaluatorConfig, InputModel, PassEntry
@@ -404,7 +404,7 @@ def _add_default_data(
 ) -> None:
     """A pass with no data_config reads Olive's default calibration set: it joins data_configs (once, under
     Olive's name, unless the file has a data config of that name) and the pass names it; a note says so."""
-    from orchestrator.passes.data import describe_data
+    from orchestrator.passes.common.data import describe_data
 
     name = default["name"]
     if name not in _data_names(raw):

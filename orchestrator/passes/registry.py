@@ -12,36 +12,37 @@ import importlib
 from orchestrator.passes.base import Pass
 
 PASSES: dict[str, str] = {
-    "LoRA": "orchestrator.passes.lora.train:LoRAPass",
-    "QLoRA": "orchestrator.passes.lora.train:QLoRAPass",
-    "DoRA": "orchestrator.passes.lora.train:DoRAPass",
-    "LoHa": "orchestrator.passes.lora.train:LoHaPass",
-    "LoKr": "orchestrator.passes.lora.train:LoKrPass",
-    "MergeAdapterWeights": "orchestrator.passes.merge:MergeAdapterWeightsPass",
-    "ModelBuilder": "orchestrator.passes.model_builder:ModelBuilderPass",
-    "OnnxMatMul4Quantizer": "orchestrator.passes.quantize:MatMulNBitsQuantizePass",
-    "OnnxBlockWiseRtnQuantization": "orchestrator.passes.quantize:MatMulNBitsQuantizePass",
-    "Evaluate": "orchestrator.passes.evaluate:EvaluatePass",
-    "GptqQuantizer": "orchestrator.passes.awq_gptq:GptqQuantizerPass",
-    "AutoAWQQuantizer": "orchestrator.passes.awq_gptq:AutoAWQQuantizerPass",
+    "LoRA": "orchestrator.passes.training.lora.train:LoRAPass",
+    "QLoRA": "orchestrator.passes.training.lora.train:QLoRAPass",
+    "DoRA": "orchestrator.passes.training.lora.train:DoRAPass",
+    "LoHa": "orchestrator.passes.training.lora.train:LoHaPass",
+    "LoKr": "orchestrator.passes.training.lora.train:LoKrPass",
+    "MergeAdapterWeights": "orchestrator.passes.training.merge:MergeAdapterWeightsPass",
+    "ModelBuilder": "orchestrator.passes.onnx.model_builder:ModelBuilderPass",
+    "OnnxMatMul4Quantizer": "orchestrator.passes.quantization.quantize:MatMulNBitsQuantizePass",
+    "OnnxBlockWiseRtnQuantization": "orchestrator.passes.quantization.quantize:MatMulNBitsQuantizePass",
+    "Evaluate": "orchestrator.passes.evaluation.evaluate:EvaluatePass",
+    "GptqQuantizer": "orchestrator.passes.quantization.awq_gptq:GptqQuantizerPass",
+    "AutoAWQQuantizer": "orchestrator.passes.quantization.awq_gptq:AutoAWQQuantizerPass",
     # Olive >= 0.10's Gptq writes the Olive quantized checkpoint (per-layer bits); GptqQuantizer stays llm-compressor
-    "Gptq": "orchestrator.passes.olive_gptq:OliveGptqPass",
-    "SelectiveMixedPrecision": "orchestrator.passes.mixed_precision:SelectiveMixedPrecisionPass",
-    "Rtn": "orchestrator.passes.rtn:RtnPass",
-    "GraphSurgeries": "orchestrator.passes.graph_surgeries:GraphSurgeriesPass",
-    "OnnxHqqQuantization": "orchestrator.passes.onnx_hqq:OnnxHqqQuantizationPass",
-    "OnnxKQuantQuantization": "orchestrator.passes.onnx_kquant:OnnxKQuantQuantizationPass",
-    "OnnxConversion": "orchestrator.passes.onnx_conversion:OnnxConversionPass",
+    "Gptq": "orchestrator.passes.quantization.olive_gptq:OliveGptqPass",
+    "SelectiveMixedPrecision": "orchestrator.passes.quantization.mixed_precision:SelectiveMixedPrecisionPass",
+    "Rtn": "orchestrator.passes.quantization.rtn:RtnPass",
+    "GraphSurgeries": "orchestrator.passes.onnx.graph_surgeries:GraphSurgeriesPass",
+    "OnnxHqqQuantization": "orchestrator.passes.quantization.onnx_hqq:OnnxHqqQuantizationPass",
+    "OnnxKQuantQuantization": "orchestrator.passes.quantization.onnx_kquant:OnnxKQuantQuantizationPass",
+    "OnnxConversion": "orchestrator.passes.onnx.onnx_conversion:OnnxConversionPass",
     # Olive 0.7-0.9's Optimum exporter: the same decoder graph from torch.onnx (one graph, already "merged")
-    "OptimumConversion": "orchestrator.passes.onnx_conversion:OnnxConversionPass",
-    "OptimumMerging": "orchestrator.passes.onnx_conversion:OptimumMergingPass",
-    "OrtTransformersOptimization": "orchestrator.passes.ort_optimize:OrtTransformersOptimizationPass",
-    "OnnxDynamicQuantization": "orchestrator.passes.onnx_dynamic_quant:OnnxDynamicQuantizationPass",
-    "ExtractAdapters": "orchestrator.passes.extract_adapters:ExtractAdaptersPass",
-    "SplitModel": "orchestrator.passes.split_model:SplitModelPass",  # CaptureSplitInfo's num_splits is read into it
-    "IncDynamicQuantization": "orchestrator.passes.inc_quantize:IncDynamicQuantizationPass",  # cpu-inc venv
-    "OrtSessionParamsTuning": "orchestrator.passes.session_tuning:OrtSessionParamsTuningPass",
-    "OrtPerfTuning": "orchestrator.passes.session_tuning:OrtSessionParamsTuningPass",  # its name before Olive 0.8
+    "OptimumConversion": "orchestrator.passes.onnx.onnx_conversion:OnnxConversionPass",
+    "OptimumMerging": "orchestrator.passes.onnx.onnx_conversion:OptimumMergingPass",
+    "OrtTransformersOptimization": "orchestrator.passes.onnx.ort_optimize:OrtTransformersOptimizationPass",
+    "OnnxDynamicQuantization": "orchestrator.passes.quantization.onnx_dynamic_quant:OnnxDynamicQuantizationPass",
+    "ExtractAdapters": "orchestrator.passes.onnx.extract_adapters:ExtractAdaptersPass",
+    "SplitModel": "orchestrator.passes.onnx.split_model:SplitModelPass",  # CaptureSplitInfo's num_splits read into it
+    "IncDynamicQuantization": "orchestrator.passes.quantization.inc_quantize:IncDynamicQuantizationPass",  # cpu-inc
+    "OrtSessionParamsTuning": "orchestrator.passes.evaluation.session_tuning:OrtSessionParamsTuningPass",
+    # its name before Olive 0.8
+    "OrtPerfTuning": "orchestrator.passes.evaluation.session_tuning:OrtSessionParamsTuningPass",
 }
 
 _BUILDER = "ModelBuilder (it exports, fuses and quantizes in one pass)"

@@ -204,7 +204,7 @@ class PreProcessDataConfig(_Params):
     text_template: str | None = None
     corpus_strategy: Literal["join", "line-by-line", "join-random", "line-by-line-random", "join-sliding-window"] = (
         Field("line-by-line", validation_alias=AliasChoices("corpus_strategy", "strategy"))
-    )  # orchestrator.passes.text_blocks packs them as Olive does
+    )  # orchestrator.passes.common.text_blocks packs them as Olive does
     stride: int | None = Field(None, gt=0, le=MAX_SEQUENCE)  # join-sliding-window's step
     source_max_len: int = Field(
         1024, gt=0, le=MAX_SEQUENCE, validation_alias=AliasChoices("source_max_len", "max_seq_len")

@@ -1,0 +1,384 @@
+"""A fused forward/backward for peft's LoRA Linear layers: the LoRA update rides in the base GEMM's epilogue.
+
+peft computes `result = base(x) + lora_B(lora_A(dropout(x))) * scaling`. Every term there is a full-size tensor
+of the layer's output: the LoRA product is written, read back and multiplied by `scaling`, written again, then read
+with the base output and added into a third tensor; the backward runs the `* scaling` again over the output
+gradient and sums two input gradients. On an H100 those elementwise passes over (tokens x out_features) bf16
+tensors cost about as much as a tenth of a training step of a Phi-3-mini-sized model once the attention and the
+norms are fused (Liger) and there is no padding left to remove.
+
+Here the same arithmetic is done with one `addmm_` that adds `scaling * (h @ B^T)` into the base output inside the
+GEMM (beta=1, alpha=scaling), and a backward written by hand that:
+- computes the small (tokens x r) gradient `scaling * g @ B` once and uses it for A's gradient and the input's;
+- adds the LoRA path's input gradient into the base path's with another `addmm_` when there is no dropout (the
+  LoRA input is then the layer input itself);
+- saves exactly what peft's autograd graph saves (the dropped-out input and the (tokens x r) intermediate), so
+  peak memory is not higher.
+
+Dropout (peft's `lora_dropout`, 0.05 in Olive's and the benchmark's configs) on CUDA runs inside the fused
+function: `torch.native_dropout`, the very call `nn.Dropout` makes on CUDA (same random numbers for the same seed,
+so the masks are peft's), keeping its mask for the backward, where the LoRA path's input gradient
+`((g B s) A) * mask / (1 - p)` is added into the base path's by one Triton kernel (lora_kernels.py) instead of
+eager autograd's four passes (write `gh @ A`, dropout's backward, then the sum of the two input gradients). Elsewhere
+(CPU, no Triton, a LoRA rank the kernel does not take) dropout runs through the layer's own `nn.Dropout` module
+outside the fused function, as before: the masks are peft's there too (tests compare losses and gradients with
+peft's own forward).
+
+Only the plain case is fused: one active adapter, vanilla LoRA (no DoRA or other variant), no LoRA bias, adapters
+enabled and not merged, a plain `torch.nn.Linear` base with frozen weights (not bitsandbytes 4-bit: QLoRA keeps
+peft's forward), no `adapter_names` mixed batches, and either an autocast region or one dtype throughout. Anything
+else falls back to peft's own forward at call time, so disabling adapters, merging or loading a second adapter
+after fusing stays correct.
+
+`fuse_lora_layers(model)` installs it on every eligible layer and returns their count; `unfuse_lora_layers(model)`
+takes it away again.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+FUSED_ATTR = "_orch_fused_lora"
+
+
+def _lora_function() -> Any:
+    import torch
+
+    from orchestrator.passes.training.lora.kernels import lora_tall, lora_wgrad
+
+    class LoraLinearFunction(torch.autograd.Function):
+        """out = x @ W^T + bias + scaling * (xd @ A^T) @ B^T, with xd the (possibly dropped-out) LoRA input.
+
+        a, b are the adapter's own parameters (peft keeps them in fp32), cast to the compute dtype inside; their
+        gradients come back in the parameters' dtype, accumulated in fp32 (no bf16 round trip).
+        """
+
+        @staticmethod
+        def forward(
+            ctx: Any, x: Any, xd: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float, dtype: Any
+        ) -> Any:
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            same = xd is x
+            xd2 = x2 if same else xd.reshape(-1, xd.shape[-1])
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                a16, b16 = a.to(dtype), b.to(dtype)
+                out = torch.nn.functional.linear(x2, weight, bias)
+                h = lora_tall(xd2, a16)
+                out.addmm_(h, b16.t(), alpha=scaling)
+            ctx.same = same
+            ctx.scaling = scaling
+            ctx.dtypes = (a.dtype, b.dtype)
+            # keep only what the gradients asked for need (a frozen first layer's input needs no gradient)
+            need_x, need_xd, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
+            need_x = need_x or (same and need_xd)
+            ctx.save_for_backward(
+                xd2 if need_a else None,
+                h if need_b else None,
+                weight if need_x else None,
+                a16 if (need_x or need_xd) else None,
+                b16,
+            )
+            return out.view(*lead, out.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
+            xd2, h, weight, a16, b16 = ctx.saved_tensors
+            need_x, need_xd, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
+            if ctx.same:
+                need_x = need_x or need_xd
+            lead = grad_out.shape[:-1]
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_x = grad_xd = grad_a = grad_b = None
+            with torch.autocast(device_type=g.device.type, enabled=False):
+                gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
+                if need_b:
+                    grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
+                if need_a:
+                    grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
+                if need_x:
+                    grad_x = g @ weight
+                    if ctx.same:
+                        grad_x.addmm_(gh, a16)  # the LoRA path's input gradient, added inside the GEMM
+                if need_xd and not ctx.same:
+                    grad_xd = gh @ a16
+            if grad_x is not None:
+                grad_x = grad_x.view(*lead, grad_x.shape[-1])
+            if grad_xd is not None:
+                grad_xd = grad_xd.view(*lead, grad_xd.shape[-1])
+            # when x and xd are one tensor, grad_x holds both paths' gradients and the xd slot stays None
+            return grad_x, grad_xd, None, None, grad_a, grad_b, None, None
+
+    return LoraLinearFunction
+
+
+def _lora_dropout_function() -> Any:
+    import torch
+
+    from orchestrator.passes.training.lora.kernels import lora_dropout_grad_add_, lora_tall, lora_wgrad
+
+    class LoraLinearDropoutFunction(torch.autograd.Function):
+        """out = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T, dropout drawn inside (native_dropout)."""
+
+        @staticmethod
+        def forward(
+            ctx: Any, x: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float, p: float, dtype: Any
+        ) -> Any:
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                a16, b16 = a.to(dtype), b.to(dtype)
+                xd2, mask = torch.native_dropout(x2, p, True)
+                out = torch.nn.functional.linear(x2, weight, bias)
+                h = lora_tall(xd2, a16)
+                out.addmm_(h, b16.t(), alpha=scaling)
+            ctx.scaling = scaling
+            ctx.keep_scale = 1.0 / (1.0 - p)
+            ctx.dtypes = (a.dtype, b.dtype)
+            need_x, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
+            ctx.save_for_backward(
+                xd2 if need_a else None,
+                h if need_b else None,
+                weight if need_x else None,
+                a16 if need_x else None,
+                b16,
+                mask if need_x else None,
+            )
+            return out.view(*lead, out.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
+            xd2, h, weight, a16, b16, mask = ctx.saved_tensors
+            need_x, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
+            lead = grad_out.shape[:-1]
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_x = grad_a = grad_b = None
+            with torch.autocast(device_type=g.device.type, enabled=False):
+                gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
+                if need_b:
+                    grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
+                if need_a:
+                    grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
+                if need_x:
+                    grad_x = g @ weight
+                    lora_dropout_grad_add_(grad_x, gh, a16, mask, ctx.keep_scale)
+            if grad_x is not None:
+                grad_x = grad_x.view(*lead, grad_x.shape[-1])
+            return grad_x, None, None, grad_a, grad_b, None, None, None
+
+    return LoraLinearDropoutFunction
+
+
+def _swiglu_down_function() -> Any:
+    import torch
+
+    from orchestrator.passes.training.lora.kernels import (
+        lora_dropout_grad_add_,
+        lora_tall,
+        lora_wgrad,
+        swiglu_backward_2d,
+        swiglu_dropout_2d,
+        swiglu_forward_2d,
+    )
+
+    class LoraSwigluDownFunction(torch.autograd.Function):
+        """out = c @ W^T + bias + scaling * (dropout(c) @ A^T) @ B^T with c = silu(gate) * up of u = [gate | up].
+
+        Phi-3's MLP tail (SwiGLU, then the LoRA down_proj) as one function that keeps u, which the SwiGLU backward
+        needs anyway, and recomputes c (and its dropped-out copy from the kept mask) in the backward instead of
+        keeping them: one (tokens x intermediate) activation fewer per layer, for one extra SwiGLU pass.
+        """
+
+        @staticmethod
+        def forward(
+            ctx: Any, u: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float, p: float, dtype: Any
+        ) -> Any:
+            lead = u.shape[:-1]
+            u2 = u.reshape(-1, u.shape[-1])
+            if u2.stride(-1) != 1:
+                u2 = u2.contiguous()
+            with torch.autocast(device_type=u.device.type, enabled=False):
+                a16, b16 = a.to(dtype), b.to(dtype)
+                c = swiglu_forward_2d(u2)
+                xd, mask = torch.native_dropout(c, p, True) if p > 0 else (c, None)
+                out = torch.nn.functional.linear(c, weight, bias)
+                h = lora_tall(xd, a16)
+                out.addmm_(h, b16.t(), alpha=scaling)
+            ctx.scaling = scaling
+            ctx.keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
+            ctx.dtypes = (a.dtype, b.dtype)
+            ctx.lead = u.shape
+            ctx.save_for_backward(u2, h, weight, a16, b16, mask)
+            return out.view(*lead, out.shape[-1])
+
+        @staticmethod
+        def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
+            u2, h, weight, a16, b16, mask = ctx.saved_tensors
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            with torch.autocast(device_type=g.device.type, enabled=False):
+                gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
+                grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
+                # c again, or straight its dropped-out copy from the kept mask (one pass either way)
+                xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
+                grad_a = lora_wgrad(gh, xd).to(ctx.dtypes[0])
+                del xd
+                grad_c = g @ weight
+                if mask is not None:
+                    lora_dropout_grad_add_(grad_c, gh, a16, mask, ctx.keep_scale)
+                else:
+                    grad_c.addmm_(gh, a16)
+                du = swiglu_backward_2d(u2, grad_c)
+            return du.view(ctx.lead), None, None, grad_a, grad_b, None, None, None
+
+    return LoraSwigluDownFunction
+
+
+_FUNCTION: Any = None
+_DROPOUT_FUNCTION: Any = None
+_SWIGLU_DOWN_FUNCTION: Any = None
+
+
+def _swiglu_down_fn() -> Any:
+    global _SWIGLU_DOWN_FUNCTION
+    if _SWIGLU_DOWN_FUNCTION is None:
+        _SWIGLU_DOWN_FUNCTION = _swiglu_down_function()
+    return _SWIGLU_DOWN_FUNCTION
+
+
+def swiglu_down(down_proj: Any, u: Any) -> Any:
+    """down_proj(silu(gate) * up) for u = [gate | up] through LoraSwigluDownFunction, or None where it does not
+    apply (down_proj not a fused-eligible LoRA layer for this call, an odd width, LoRA dropout that cannot run inside
+    the function: the caller then runs the SwiGLU and down_proj separately)."""
+    import torch
+
+    if not getattr(down_proj, FUSED_ATTR, False) or u.shape[-1] % 2:
+        return None
+    parts = _fast_path_parts(down_proj, u, (), {})
+    if parts is None:
+        return None
+    dropout, weight, bias, a, b, scaling = parts
+    dtype = _compute_dtype(u, weight, a, b)
+    if dtype is None:
+        return None
+    if isinstance(dropout, torch.nn.Identity) or not down_proj.training:
+        p = 0.0
+    else:
+        p = _fused_dropout_p(dropout, u, a.shape[0])  # CUDA + Triton: native_dropout, peft's masks
+        if p is None:
+            return None
+    uc = u.to(dtype)
+    bias_c = None if bias is None else bias.to(dtype)
+    return _swiglu_down_fn().apply(uc, weight.to(dtype), bias_c, a, b, float(scaling), p, dtype)
+
+
+def _fn() -> Any:
+    global _FUNCTION
+    if _FUNCTION is None:
+        _FUNCTION = _lora_function()
+    return _FUNCTION
+
+
+def _dropout_fn() -> Any:
+    global _DROPOUT_FUNCTION
+    if _DROPOUT_FUNCTION is None:
+        _DROPOUT_FUNCTION = _lora_dropout_function()
+    return _DROPOUT_FUNCTION
+
+
+def _fused_dropout_p(dropout: Any, x: Any, rank: int) -> float | None:
+    """The dropout probability when the dropout can run inside the fused function, else None."""
+    import torch
+
+    from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, triton_available
+
+    if type(dropout) is not torch.nn.Dropout or not dropout.training or dropout.inplace:
+        return None
+    p = float(dropout.p)
+    if not 0.0 < p < 1.0 or not x.is_cuda or not triton_available() or not dropout_grad_add_supported(rank):
+        return None
+    return p
+
+
+def _compute_dtype(x: Any, *weights: Any) -> Any:
+    """The dtype the matmuls run in: autocast's when it is on for x's device, else x's own if all agree, else None."""
+    import torch
+
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if all(w.dtype == x.dtype for w in weights if w is not None):
+        return x.dtype
+    return None
+
+
+def _fast_path_parts(layer: Any, x: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """(dropout, weight, bias, A, B, scaling) when this call can be fused, else None."""
+    import torch
+
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}):
+        return None
+    base = layer.get_base_layer()
+    if type(base) is not torch.nn.Linear or base.weight.requires_grad:
+        return None
+    if base._forward_hooks or base._forward_pre_hooks:
+        return None
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear:
+        return None
+    if lora_a.bias is not None or lora_b.bias is not None:
+        return None
+    if not (x.is_floating_point() and base.weight.is_floating_point()):
+        return None
+    return layer.lora_dropout[name], base.weight, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name]
+
+
+def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Drop-in for peft's `lora.Linear.forward`: fused when the call allows it, peft's own forward otherwise."""
+    parts = _fast_path_parts(self, x, args, kwargs)
+    if parts is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    dropout, weight, bias, a, b, scaling = parts
+    dtype = _compute_dtype(x, weight, a, b)
+    if dtype is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    self._check_forward_args(x)
+    xc = x.to(dtype)  # no copy when x is in the compute dtype already (the usual case)
+    p = _fused_dropout_p(dropout, xc, a.shape[0])
+    if p is not None:
+        return _dropout_fn().apply(
+            xc, weight.to(dtype), None if bias is None else bias.to(dtype), a, b, float(scaling), p, dtype
+        )
+    xd = dropout(xc)  # the layer's own module: the same random mask peft would draw
+    # the output is in the compute dtype, as peft's is (the base layer's output under autocast)
+    return _fn().apply(xc, xd, weight.to(dtype), None if bias is None else bias.to(dtype), a, b, float(scaling), dtype)
+
+
+def fuse_lora_layers(model: Any) -> int:
+    """Give every peft LoRA Linear in `model` the fused forward; returns how many layers got it."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and not getattr(module, FUSED_ATTR, False):
+            module.forward = types.MethodType(fused_lora_forward, module)
+            setattr(module, FUSED_ATTR, True)
+            count += 1
+    return count
+
+
+def unfuse_lora_layers(model: Any) -> int:
+    """Put peft's own forward back on every layer fuse_lora_layers changed; returns how many."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, FUSED_ATTR, False):
+            del module.forward
+            delattr(module, FUSED_ATTR)
+            count += 1
+    return count
