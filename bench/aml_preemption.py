@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO / "jobs" / "tone-classification"))
-import results_md  # noqa: E402
+import harness  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "aml-preemption"
@@ -113,24 +113,23 @@ def main() -> None:
     ]  # fmt: skip
     for row in rows_out:
         row.update(steps=args.steps, checkpoint_every=args.every, job=name, job_seconds=round(elapsed, 1))
-        (args.out / (re.sub(r"\W+", "-", row["row"]).strip("-") + ".json")).write_text(json.dumps(row, indent=1))
-    head = ("| | steps done when preempted | resumed from | steps trained again | steps trained in all |\n"
-            "|---|---:|---:|---:|---:|\n")  # fmt: skip
-    body = "".join(
-        f"| {r['row']} | {r['steps_done_before_preemption']} | {r['resumed_from_step']} | {r['steps_trained_again']}"
-        f" | {r['steps_trained_in_all']} |\n"
-        for r in rows_out
+        harness.write_json(args.out / (re.sub(r"\W+", "-", row["row"]).strip("-") + ".json"), row)
+    cols = ("steps_done_before_preemption", "resumed_from_step", "steps_trained_again", "steps_trained_in_all")
+    lines = harness.table(
+        ["", "steps done when preempted", "resumed from", "steps trained again", "steps trained in all"],
+        "lrrrr",
+        [[r["row"], *(r[c] for c in cols)] for r in rows_out],
     )
     note = (f"\nLoRA of {args.steps} steps on the tiny Phi-3, checkpoints every {args.every}, preempted after step "
             f"{args.preempt_at} on the stand-in's low-priority cluster; measured "
             f"{time.strftime('%Y-%m-%d')} on {platform.node()} ({os.cpu_count()} CPUs): the orch row's steps come "
             f"from the job's own log (one loss line per step), the 'before' row is the same preemption with the "
             f"requeued attempt starting from step 0. `bench/aml_preemption.py`.\n")  # fmt: skip
-    table = head + body
+    table = "".join(line + "\n" for line in lines)
     print(table + note)
     if args.write_results:
         title = "## What a preemption costs a fine-tune on Azure ML\n\n"
-        results_md.write_section(RESULTS, SECTION, title + table + note)
+        harness.write_section(RESULTS, SECTION, title + table + note)
 
 
 if __name__ == "__main__":
