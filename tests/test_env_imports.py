@@ -25,17 +25,19 @@ PASSES = "orchestrator.passes."
 RUNNER = ["orchestrator.runner"]
 DRIVER = ["orchestrator.cli", "orchestrator.engine.aml_driver", "orchestrator.engine", "orchestrator.engine.plots"]
 AML_JOB = ["azureml.mlflow", "azure.identity", "azure.keyvault.secrets"]  # azureml:// tracking, Key Vault
-CPU_TRAIN = [PASSES + "lora.train", PASSES + "merge"]
-CPU_EXPORT = [PASSES + "model_builder", PASSES + "quantize", PASSES + "evaluate"]
+CPU_TRAIN = [PASSES + "training.lora.train", PASSES + "training.merge"]
+CPU_EXPORT = [PASSES + "onnx.model_builder", PASSES + "quantization.quantize", PASSES + "evaluation.evaluate"]
 # Which code runs in which environment (passes by their requirements().environment; the driver job runs all).
 RUNS_IN: dict[str, list[str]] = {
     "cpu-train": RUNNER + CPU_TRAIN,
     "cpu-export": RUNNER + CPU_EXPORT,
     "aml-cpu": RUNNER + DRIVER + CPU_TRAIN + CPU_EXPORT + AML_JOB,
-    "gpu-train": RUNNER + DRIVER + CPU_TRAIN + [PASSES + "lora.cuda", PASSES + "lora.fused"] + CPU_EXPORT + AML_JOB,
-    "gpu-quantize": RUNNER + [PASSES + "awq_gptq"],
-    "cpu-quantize": RUNNER + [PASSES + "awq_gptq"],  # its CPU sibling (the engine's for_accelerator)
-    "cpu-inc": RUNNER + [PASSES + "inc_quantize"],  # neural-compressor's numpy<2 / onnx 1.16 pins
+    "gpu-train": RUNNER + DRIVER + CPU_TRAIN + [PASSES + "training.lora.cuda", PASSES + "training.lora.fused"]
+    + CPU_EXPORT
+    + AML_JOB,
+    "gpu-quantize": RUNNER + [PASSES + "quantization.awq_gptq"],
+    "cpu-quantize": RUNNER + [PASSES + "quantization.awq_gptq"],  # its CPU sibling (the engine's for_accelerator)
+    "cpu-inc": RUNNER + [PASSES + "quantization.inc_quantize"],  # neural-compressor's numpy<2 / onnx 1.16 pins
 }
 # import name -> distribution name, where they differ
 DIST_OF = {
@@ -59,7 +61,7 @@ LOCAL = {"make_dataset"}  # the demo's data script, imported from jobs/ by `orch
 # Installed with what the file lists (a dependency of a listed package, never imported without it).
 TRANSITIVE = {"click", "triton", "numpy", "safetensors", "huggingface_hub", "requests", "packaging", "jinja2",
               "tqdm", "jwt", "sentencepiece", "psutil", "urllib3", "ml_dtypes", "azure.core", "google",
-              "pydantic_core"}  # fmt: skip
+              "pydantic_core", "pyarrow"}  # fmt: skip  (pyarrow comes with datasets)
 
 
 def _env_names() -> list[str]:
@@ -72,7 +74,7 @@ def test_every_environment_and_pass_is_placed() -> None:
     from orchestrator.passes.registry import PASSES as TABLE
 
     placed = {m for mods in RUNS_IN.values() for m in mods}
-    missing = sorted({t.split(":")[0] for t in TABLE.values()} - placed - {PASSES + "onnx_hqq"} - _cpu_export_extra())
+    missing = sorted({t.split(":")[0] for t in TABLE.values()} - placed - {PASSES + "quantization.onnx_hqq"} - _cpu_export_extra())
     assert missing == [], f"pass modules not placed in any environment: {missing}"
 
 
