@@ -74,7 +74,8 @@ def test_every_environment_and_pass_is_placed() -> None:
     from orchestrator.passes.registry import PASSES as TABLE
 
     placed = {m for mods in RUNS_IN.values() for m in mods}
-    missing = sorted({t.split(":")[0] for t in TABLE.values()} - placed - {PASSES + "quantization.onnx_hqq"} - _cpu_export_extra())
+    modules = {t.split(":")[0] for t in TABLE.values()}
+    missing = sorted(modules - placed - {PASSES + "quantization.onnx_hqq"} - _cpu_export_extra())
     assert missing == [], f"pass modules not placed in any environment: {missing}"
 
 
