@@ -20,7 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def orch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default store is under test
+    # the default store is under test: no MLflow / orch / Azure setting left in this process by an earlier test
+    # (the CLI's in-process tests set MLFLOW_LOGGING_LEVEL, --tempdir sets TMPDIR, the stand-ins export theirs)
+    leaked = ("MLFLOW_", "ORCH_", "AZURE", "MSI_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(leaked) and k != "TMPDIR"}
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
         cwd=cwd,
@@ -54,6 +57,15 @@ def runs_of(client: mlflow.MlflowClient) -> list:
     return client.search_runs([client.get_experiment_by_name("orch").experiment_id], order_by=["start_time ASC"])
 
 
+def _all_runs(client: mlflow.MlflowClient) -> list[tuple[str, str, str, str, dict]]:
+    """Every run of every experiment, deleted ones too (what a failure message needs to say where a run came from)."""
+    from mlflow.entities import ViewType
+
+    exps = client.search_experiments(view_type=ViewType.ALL)
+    runs = client.search_runs([e.experiment_id for e in exps], run_view_type=ViewType.ALL)
+    return [(r.info.run_id, r.info.experiment_id, r.info.status, r.info.lifecycle_stage, r.data.tags) for r in runs]
+
+
 def history(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
@@ -66,7 +78,7 @@ def test_reruns_leave_mlflow_clean(job: Path, tmp_path: Path) -> None:
     (run,) = runs_of(client)
     assert run.info.status == "FINISHED"
     versions = client.search_model_versions("name='tone-classification'")  # the workflow_id, not one shared name
-    assert [(int(v.version), v.run_id) for v in versions] == [(1, run.info.run_id)]
+    assert [(int(v.version), v.run_id) for v in versions] == [(1, run.info.run_id)], _all_runs(client)
     assert client.search_registered_models() and {m.name for m in client.search_registered_models()} == {
         "tone-classification"
     }
