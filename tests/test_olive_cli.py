@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -541,12 +542,15 @@ def test_run_takes_olives_run_flags(tmp_path: Path, tiny_model: Path, capsys: An
     assert rc == 0 and "environment cpu-export" in text and "onnxruntime-genai" in text, text
     rc, text = _run(["run", "--run-config", "wf.json", "--package-config", "p.json"], capsys, tmp_path)
     assert rc == 2 and "Olive's pass package registry" in text, text
+    tmpdir_before, tempdir_before = os.environ.get("TMPDIR"), tempfile.gettempdir()
     rc, text = _run(
         ["run", "--config", "wf.json", "-m", str(tiny_model), "--tempdir", str(tmp_path / "t"), "--dry-run"],
         capsys,
         tmp_path,
     )
     assert rc == 0 and (tmp_path / "t").is_dir(), text
+    # the command's temp root ends with it: a later command in this process writes where it did before
+    assert os.environ.get("TMPDIR") == tmpdir_before and tempfile.gettempdir() == tempdir_before
 
 
 @pytest.mark.parametrize("command", OLIVE_COMMANDS_NOT_RUN)

@@ -3,7 +3,9 @@ flow), the engine with its reporter, the metrics table, the output / MLflow line
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -175,21 +177,21 @@ def run(
     from orchestrator.olive.commands import run_overrides
 
     def go() -> Any:
-        set_tempdir(tempdir)
-        source, base_dir, notes = run_overrides(
-            config, package_config=package_config, model_name_or_path=model_name_or_path, output_path=output_path,
-            task=task, trust_remote_code=trust_remote_code, adapter_path=adapter_path, test=test,
-            model_script=model_script or script_dir, log_level=log_level, dry_run=dry_run or list_required_packages,
-        )  # fmt: skip
-        for line in notes:
-            _say(line, label="note: ")
-        if list_required_packages or setup:
-            return _packages(source, base_dir, host=host, target=target, setup=setup)
-        return _run_workflow(
-            source, base_dir=base_dir, host=host, target=target, tracking_uri=tracking_uri, dry_run=dry_run,
-            verbose=verbose or (log_level is not None and log_level <= 1), no_tracking=no_tracking,
-            model_name=model_name,
-        )  # fmt: skip
+        with temporary_root(tempdir):
+            source, base_dir, notes = run_overrides(
+                config, package_config=package_config, model_name_or_path=model_name_or_path, output_path=output_path,
+                task=task, trust_remote_code=trust_remote_code, adapter_path=adapter_path, test=test,
+                model_script=model_script or script_dir, log_level=log_level, dry_run=dry_run or list_required_packages,
+            )  # fmt: skip
+            for line in notes:
+                _say(line, label="note: ")
+            if list_required_packages or setup:
+                return _packages(source, base_dir, host=host, target=target, setup=setup)
+            return _run_workflow(
+                source, base_dir=base_dir, host=host, target=target, tracking_uri=tracking_uri, dry_run=dry_run,
+                verbose=verbose or (log_level is not None and log_level <= 1), no_tracking=no_tracking,
+                model_name=model_name,
+            )  # fmt: skip
 
     _guarded(go)
 
@@ -224,12 +226,24 @@ def _packages(source: Any, base_dir: Path | None, *, host: str | None, target: s
         out.print("environments ready", markup=False)
 
 
-def set_tempdir(path: str | None) -> None:
-    """Olive's --tempdir: the root of temporary files for this process and the jobs it starts."""
+@contextlib.contextmanager
+def temporary_root(path: str | None) -> Iterator[None]:
+    """Olive's --tempdir: the root of temporary files for this command and the jobs it starts; the process's own
+    TMPDIR comes back when the command ends (a command run in-process must not move every later temp file)."""
     if not path:
+        yield
         return
     import tempfile
 
     Path(path).mkdir(parents=True, exist_ok=True)
+    saved = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(Path(path).resolve())
     tempfile.tempdir = None  # recomputed from TMPDIR
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved
+        tempfile.tempdir = None
