@@ -69,7 +69,7 @@ def test_full_run_writes_model_and_manifest(full_run):
 
 
 def test_metrics_and_model_reach_mlflow(full_run):
-    client = mlflow.MlflowClient(full_run["uri"])
+    client = mlflow.MlflowClient(full_run["uri"], registry_uri=full_run["uri"])  # not the process's global one
     exp = client.get_experiment_by_name("orch")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1

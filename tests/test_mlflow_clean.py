@@ -50,7 +50,10 @@ def job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tone_data: P
 
 
 def store(job: Path) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(f"sqlite:///{job / 'mlruns.db'}")
+    uri = f"sqlite:///{job / 'mlruns.db'}"
+    # the registry named too: without it MLflow reads the process's global registry URI, which an earlier
+    # in-process test pointed at its own store (the suite then saw that store's versions here)
+    return mlflow.MlflowClient(uri, registry_uri=uri)
 
 
 def runs_of(client: mlflow.MlflowClient) -> list:

@@ -180,7 +180,7 @@ def plot_mlflow_run(tracking_uri: str, run_id: str, out_png: Path) -> RunPicture
     """`orch ui --plot`: the run's loss curves and before/after metrics from MLflow's metric history."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)  # not the global registry
     picture = picture_from_mlflow(client, run_id)
     if picture.empty():
         raise NothingToPlot(

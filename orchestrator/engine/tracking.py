@@ -229,7 +229,9 @@ class Tracker:
             lock.acquire()
         try:
             self.notes = prepare_sqlite_store(tracking_uri) if tracking_uri else []  # whole, or rebuilt (aside)
-            self.client = mlflow.MlflowClient(tracking_uri)
+            # the registry is the store's own (local sqlite, or the workspace's azureml:// URI), never the
+            # process's global registry URI, which another Tracker in this process may have set
+            self.client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
             exp = self.client.get_experiment_by_name(experiment)  # creates / migrates the store (under the lock)
             exp_id = (
                 exp.experiment_id
