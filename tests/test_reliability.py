@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests import test_bad_inputs
 from tests.test_bad_inputs import (
     REPO,
     TEMPLATE,
@@ -37,24 +38,11 @@ from tests.test_bad_inputs import (
     workflow,
 )
 
+# test_bad_inputs' fixtures: a working folder with the tone rows and a copy of the tiny model, checked untouched
+case = test_bad_inputs.case
+model_snapshot = test_bad_inputs.model_snapshot
+
 MAX_LINE = 700  # an error line about paths stays short (the issue saw one of 48,687 characters)
-
-
-@pytest.fixture(scope="module")
-def model_snapshot(tiny_model: Path):
-    before = snapshot(tiny_model)
-    yield
-    assert snapshot(tiny_model) == before, "a case modified the shared tiny model"
-
-
-@pytest.fixture
-def case(tmp_path: Path, tone_rows: list[dict[str, str]], tiny_model: Path, monkeypatch, model_snapshot) -> Path:
-    """A working directory with d.jsonl (the tone rows) and a copy of the tiny model at m/ (cases may break it)."""
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tone_rows[:40]))
-    shutil.copytree(tiny_model, tmp_path / "m")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return tmp_path
 
 
 def _rows(c: Path) -> list[dict[str, Any]]:
