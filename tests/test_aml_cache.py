@@ -36,13 +36,17 @@ def aml(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tone_data: P
 
     tmp = tmp_path_factory.mktemp("amlcache")
     saved = dict(os.environ)
-    with start_standin(tmp / "standin") as s:
+    # Timing knobs only: each job state held 0.2 s (not 0.5: no test here polls for a passing state), and orch
+    # polls a followed job every 0.2 s (ORCH_AZURE_POLL_S, a user setting; 2 s by default) so a job's end is
+    # seen at once.
+    with start_standin(tmp / "standin", state_delay_s=0.2) as s:
         os.environ.update(s.settings["env"])
         os.environ["MLFLOW_TRACKING_TOKEN"] = s.mlflow_token()
         os.environ["ORCH_AZURE_CLOUD"] = s.cloud_name
         os.environ["ORCH_AZURE_CLOUD_METADATA"] = json.dumps(s.cloud_metadata())
         os.environ["ORCH_PROFILE"] = str(tmp / "profile.json")
         os.environ["ORCH_CACHE_DIR"] = str(tmp / "client-cache")
+        os.environ["ORCH_AZURE_POLL_S"] = "0.2"
         os.environ["ORCH_CHECKPOINT_SYNC_S"] = "1"
         model_uri = s.seed_registry_model(REGISTRY, "tiny-phi3", "1", tiny_model)
         data_uri = s.seed_datastore_files(tone_data, "datasets/tone/tone.jsonl")
@@ -258,11 +262,14 @@ def _wait_checkpoint(key: str, timeout: float = 240) -> int:
         found = cache.remote_checkpoints(key)
         if found:
             return found[0][0]
-        time.sleep(0.3)
+        time.sleep(0.1)
     raise AssertionError(f"no checkpoint of {key[:16]} reached the workspace cache in {timeout}s")
 
 
-MAX_STEPS = 120  # LoRA steps of the resume tests (batch 2): long enough to be stopped in the middle
+# LoRA steps of the resume tests (batch 2): long enough to be stopped in the middle. The test pauses the node as
+# soon as checkpoint-10 reaches the workspace (the job syncs every 0.5 s, the test looks every 0.1 s): 70 steps
+# (over 3 s at the fastest pace seen, 20 steps/s) are left between them; what the resumed attempt trains is the rest.
+MAX_STEPS = 80
 RESUMABLE = {"checkpoint_every_steps": 10}
 EVAL = {"metrics": [{"name": "perplexity", "type": "perplexity", "data_config": "dataset_default_train",
                      "user_config": {"max_samples": 8}}]}  # fmt: skip

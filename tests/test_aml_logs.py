@@ -420,3 +420,24 @@ def test_redact_sas() -> None:
     assert logstream.redact_sas(f"GET {url} failed") == f"GET {url.split('sig=')[0]}sig=REDACTED failed"
     assert logstream.redact_sas("u?SIG=abc&x=1 and u%3Fsig%3Dabc%26x") == "u?SIG=REDACTED&x=1 and u%3Fsig%3DREDACTED"
     assert logstream.redact_sas("signal=3 design=ok") == "signal=3 design=ok"
+
+
+def test_the_poll_interval_is_a_user_setting(standin: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORCH_AZURE_POLL_S sets how often a followed job is polled; a value that is no interval is refused in one
+    line naming the variable (exit 2), not taken as some other number."""
+    from orchestrator.core.errors import UserError, exit_code
+
+    monkeypatch.delenv("ORCH_AZURE_POLL_S", raising=False)
+    assert logstream.poll_seconds() == logstream.POLL_S
+    monkeypatch.setenv("ORCH_AZURE_POLL_S", "0.25")
+    assert logstream.poll_seconds() == 0.25
+    for bad in ("0", "-1", "fast", "1e9"):
+        monkeypatch.setenv("ORCH_AZURE_POLL_S", bad)
+        with pytest.raises(UserError, match=r"^ORCH_AZURE_POLL_S: .* between 0\.05 and 600") as info:
+            logstream.poll_seconds()
+        assert exit_code(info.value) == 2
+    job = _job(standin, "Running", listed_std_log=True)
+    monkeypatch.setenv("ORCH_AZURE_POLL_S", "fast")
+    res = _orch("logs", job, "-f")
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.output.strip().splitlines()[-1].startswith("orch: error: ORCH_AZURE_POLL_S: 'fast'"), res.output

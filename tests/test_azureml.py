@@ -31,13 +31,17 @@ def aml(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tone_data: P
 
     tmp = tmp_path_factory.mktemp("aml")
     saved = dict(os.environ)
-    with start_standin(tmp / "standin") as s:
+    # Timing knobs only: each job state held 0.2 s (not 0.5: no test here polls for a passing state), and orch
+    # polls a followed job every 0.2 s (ORCH_AZURE_POLL_S, a user setting; 2 s by default) so a job's end is
+    # seen at once.
+    with start_standin(tmp / "standin", state_delay_s=0.2) as s:
         os.environ.update(s.settings["env"])
         os.environ["MLFLOW_TRACKING_TOKEN"] = s.mlflow_token()  # the workspace MLflow endpoint needs a token
         os.environ["ORCH_AZURE_CLOUD"] = s.cloud_name
         os.environ["ORCH_AZURE_CLOUD_METADATA"] = json.dumps(s.cloud_metadata())
         os.environ["ORCH_PROFILE"] = str(tmp / "profile.json")
         os.environ["ORCH_CACHE_DIR"] = str(tmp / "client-cache")
+        os.environ["ORCH_AZURE_POLL_S"] = "0.2"
         model_uri = s.seed_registry_model(REGISTRY, "tiny-phi3", "1", tiny_model)
         data_uri = s.seed_datastore_files(tone_data, "datasets/tone/tone.jsonl")
         s.set_secret("hf-token", HF_TOKEN)

@@ -10,11 +10,12 @@ Blobs are read with HTTP Range from a byte offset; only complete lines are shown
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.errors import RunFailure
+from orchestrator.core.errors import RunFailure, UserError
 from orchestrator.core.fs import atomic_write_text
 
 BUILD_LOG = "azureml-logs/20_image_build_log.txt"
@@ -23,7 +24,8 @@ RANK_LOG_RX = re.compile(r"^user_logs/std_log_process_(\d+)\.txt$")
 PRE_RUN_STATES = frozenset({"NotStarted", "Queued", "Preparing", "Starting", "Provisioning"})
 
 # Module settings (tests shrink them): poll interval while following, retries of one poll, backoff.
-POLL_S = 2.0
+POLL_S = 2.0  # seconds between polls of a followed job (logs -f, run --host aml); ORCH_AZURE_POLL_S overrides it
+POLL_ENV = "ORCH_AZURE_POLL_S"
 RETRY_ATTEMPTS = 8  # tries of one poll before giving up (consecutive failures; a good poll resets the count)
 RETRY_BASE_S = 0.5
 RETRY_CAP_S = 15.0
@@ -31,6 +33,21 @@ READ_TIMEOUT = (10.0, 60.0)  # requests (connect, read) seconds
 
 # sig=... as a query parameter, also inside a URL-encoded URL (%3Fsig%3D..., %26sig%3D...)
 _SIG_RX = re.compile(r"(?i)(?:(?<![a-z0-9_])|(?<=%3f)|(?<=%26))(sig(?:=|%3D|%253D))[^&\s'\"<>)\]]+")
+
+
+def poll_seconds() -> float:
+    """Seconds between two polls of a job orch follows (status and new log lines): $ORCH_AZURE_POLL_S, else POLL_S.
+    Each poll is a few small requests; a shorter interval shows a job's end sooner, a longer one asks less."""
+    raw = os.environ.get(POLL_ENV, "").strip()
+    if not raw:
+        return POLL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.05 <= value <= 600:
+        raise UserError(f"{POLL_ENV}: {raw!r} is not a poll interval; set seconds between 0.05 and 600 (default 2)")
+    return value
 
 
 def redact_sas(text: Any) -> str:

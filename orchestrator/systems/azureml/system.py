@@ -701,9 +701,13 @@ class AzureMLJobHandle(JobHandle):
     def status(self) -> JobState:
         return map_state(self.raw_status())
 
-    def wait(self, timeout: float | None = None, poll: float = 2.0) -> JobState:
+    def wait(self, timeout: float | None = None, poll: float | None = None) -> JobState:
         """Until the job is terminal; a job that ended Failed by preemption is followed into its resubmission
-        (up to the system's max_retries): the handle then names the new job."""
+        (up to the system's max_retries): the handle then names the new job. poll: seconds between status
+        requests (default logstream.poll_seconds(): $ORCH_AZURE_POLL_S, else 2)."""
+        from orchestrator.systems.azureml import logstream as ls
+
+        poll = ls.poll_seconds() if poll is None else poll
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             state = self.status()
@@ -800,7 +804,7 @@ class AzureMLJobHandle(JobHandle):
 
         from orchestrator.systems.azureml import logstream as ls
 
-        poll = ls.POLL_S if poll is None else poll
+        poll = ls.poll_seconds() if poll is None else poll
         store = ls.OffsetStore(self.system.cache_dir, self.name) if resume else None
         saved: dict[str, int] | None = None
         if store is not None:
