@@ -25,6 +25,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="orch-tests-hf-")  # never the developer's own HF cache
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
+# orch's machine-level memos (config-vs-weights checks, Docker image probes) for this session only: shared by the
+# session's in-process and subprocess runs, never the developer's ~/.cache/orch.
+os.environ["ORCH_HOME"] = tempfile.mkdtemp(prefix="orch-tests-home-")
+atexit.register(shutil.rmtree, os.environ["ORCH_HOME"], True)
 HUB_TOKEN = "hf_standin_private_token_7c1e"  # a fake value the stand-in accepts for its private repos
 
 

@@ -614,6 +614,31 @@ def test_broken_cache_entries_are_misses_quarantined_once_verified_and_cleaned(c
     assert not any((case / ".orch/cache/quarantine").iterdir()) and not any((case / ".orch/cache/runs").iterdir())
 
 
+def test_a_model_folder_checked_once_is_remembered_on_the_machine(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config-vs-weights check (torch + transformers imports: seconds) records what matched in ORCH_HOME too, so
+    a run with another cache folder skips it; a changed config.json is another digest: checked again, refused."""
+    from orchestrator.engine import weights_check as wc
+
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    config = json.loads((tiny_model / "config.json").read_text())
+    digest = wc.check_weights_match_config(tiny_model, config, "input_model.model_path")
+    assert digest == wc.weights_digest(tiny_model)
+    wc.remember_matches(tmp_path / "cache-a", {digest})
+    assert digest in json.loads((tmp_path / "home" / wc.MEMO_FILE).read_text())
+    assert digest in json.loads((tmp_path / "cache-a" / wc.MEMO_FILE).read_text())
+    assert digest in wc._recorded(wc.home_memo()) and not (tmp_path / "cache-b").exists()  # another cache: known
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    _edit_json(model / "config.json", intermediate_size=config["intermediate_size"] * 2)
+    assert wc.weights_digest(model) != digest
+    with pytest.raises(wc.WeightsMismatch, match="intermediate_size"):
+        wc.check_weights_match_config(model, json.loads((model / "config.json").read_text()), "input_model.model_path",
+                                      known=wc.known_matches(tmp_path / "cache-b"))  # fmt: skip
+
+
 def test_a_damaged_hash_memo_is_only_recomputed(tmp_path: Path) -> None:
     from orchestrator.core.cache import Cache
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -57,17 +58,25 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
-MEMO_FILE = "verified-models.json"  # in the cache folder: digests of (config, headers) that matched
+MEMO_FILE = "verified-models.json"  # in the cache folder and in ORCH_HOME: digests of (config, headers) that matched
 _MATCHED: set[str] = set()  # the same, for this process
 
 
+def home_memo() -> Path:
+    """The machine's memo ($ORCH_HOME, default ~/.cache/orch, as Docker's image probes): a model folder checked once
+    is not checked again by a run with another cache folder (each check imports torch + transformers: seconds)."""
+    return Path(os.environ.get("ORCH_HOME", Path.home() / ".cache" / "orch")) / MEMO_FILE
+
+
 def weights_digest(folder: Path) -> str:
-    """sha256 of config.json and every safetensors header (and transformers' version): what the check reads."""
+    """sha256 of config.json and every safetensors header, transformers' version and this check's own source:
+    what decides the verdict (a memo of a digest never outlives a change of any of them)."""
     import hashlib
 
     from orchestrator.core.versions import library_versions
 
     h = hashlib.sha256(json.dumps(library_versions(("transformers",))).encode())
+    h.update(Path(__file__).read_bytes())
     h.update((folder / "config.json").read_bytes())
     for f in weight_files(folder):
         with f.open("rb") as fh:
@@ -77,27 +86,31 @@ def weights_digest(folder: Path) -> str:
 
 
 def known_matches(cache_root: Path) -> set[str]:
-    """Digests earlier runs found matching (building the model on the meta device costs seconds of imports)."""
-    return set(_MATCHED) | _recorded(cache_root)
+    """Digests earlier runs found matching, in this cache or on this machine (building the model on the meta
+    device costs seconds of imports)."""
+    return set(_MATCHED) | _recorded(cache_root / MEMO_FILE) | _recorded(home_memo())
 
 
-def _recorded(cache_root: Path) -> set[str]:
+def _recorded(memo: Path) -> set[str]:
     try:
-        data = json.loads((cache_root / MEMO_FILE).read_text())
+        data = json.loads(memo.read_text())
     except (OSError, ValueError):
         return set()
     return {d for d in data if isinstance(d, str)} if isinstance(data, list) else set()
 
 
 def remember_matches(cache_root: Path, digests: set[str]) -> None:
-    """Record digests that matched (called once the whole pre-flight passed: a refused run writes nothing)."""
-    recorded = _recorded(cache_root)
-    if not digests - recorded:
-        return
+    """Record digests that matched (called once the whole pre-flight passed: a refused run writes nothing), in the
+    cache folder (it travels with the cache) and in the machine's memo."""
     from orchestrator.core.fs import atomic_write_text
 
-    with contextlib.suppress(OSError):  # a memo: the next run checks again
-        atomic_write_text(cache_root / MEMO_FILE, json.dumps(sorted(recorded | digests)))
+    for memo in (cache_root / MEMO_FILE, home_memo()):
+        recorded = _recorded(memo)
+        if not digests - recorded:
+            continue
+        with contextlib.suppress(OSError):  # a memo: the next run checks again
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo, json.dumps(sorted(recorded | digests)))
 
 
 def check_weights_match_config(
