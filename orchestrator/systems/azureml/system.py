@@ -274,6 +274,9 @@ class AzureMLSystem(System):
         max_retries: int = 0,
         workspace_cache: bool = True,
     ) -> None:
+        from orchestrator.systems.azureml import logstream
+
+        logstream.poll_seconds()  # a bad ORCH_AZURE_POLL_S is refused before anything is uploaded or submitted
         self.aml_compute = aml_compute
         self.tier = tier
         self.queue_settings = {k: v for k, v in (queue_settings or {}).items() if v is not None}
