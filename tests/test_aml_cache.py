@@ -266,10 +266,7 @@ def _wait_checkpoint(key: str, timeout: float = 240) -> int:
     raise AssertionError(f"no checkpoint of {key[:16]} reached the workspace cache in {timeout}s")
 
 
-# LoRA steps of the resume tests (batch 2): long enough to be stopped in the middle. The test pauses the node as
-# soon as checkpoint-10 reaches the workspace (the job syncs every 0.5 s, the test looks every 0.1 s): 70 steps
-# (over 3 s at the fastest pace seen, 20 steps/s) are left between them; what the resumed attempt trains is the rest.
-MAX_STEPS = 80
+MAX_STEPS = 120  # LoRA steps of the resume tests (batch 2): long enough to be stopped in the middle
 RESUMABLE = {"checkpoint_every_steps": 10}
 EVAL = {"metrics": [{"name": "perplexity", "type": "perplexity", "data_config": "dataset_default_train",
                      "user_config": {"max_samples": 8}}]}  # fmt: skip
