@@ -629,6 +629,10 @@ def test_a_model_folder_checked_once_is_remembered_on_the_machine(
     assert digest in json.loads((tmp_path / "home" / wc.MEMO_FILE).read_text())
     assert digest in json.loads((tmp_path / "cache-a" / wc.MEMO_FILE).read_text())
     assert digest in wc._recorded(wc.home_memo()) and not (tmp_path / "cache-b").exists()  # another cache: known
+    wc.home_memo().unlink()
+    assert digest not in wc._recorded(wc.home_memo())
+    wc.remember_on_machine({digest})  # a hub snapshot (no workflow cache): the machine's memo alone
+    assert digest in wc.machine_matches() and digest in json.loads(wc.home_memo().read_text())
 
     model = tmp_path / "m"
     shutil.copytree(tiny_model, model)

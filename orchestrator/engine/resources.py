@@ -77,9 +77,12 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, field: str, fetch: 
     if not fetch:
         return pinned.uri, pinned.uri
     from orchestrator.engine.preflight import check_model_folder
+    from orchestrator.engine.weights_check import machine_matches, remember_on_machine
 
     local = hub.fetch(pinned, wanted, field=field)
-    check_model_folder(local, f"{field} ({repo_id} at {pinned.sha[:12]})")
+    matched = machine_matches()  # a hub snapshot checked once on this machine is not built on the meta device again
+    check_model_folder(local, f"{field} ({repo_id} at {pinned.sha[:12]})", matched=matched)
+    remember_on_machine(matched)
     return str(local), pinned.uri
 
 

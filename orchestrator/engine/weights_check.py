@@ -102,15 +102,28 @@ def _recorded(memo: Path) -> set[str]:
 def remember_matches(cache_root: Path, digests: set[str]) -> None:
     """Record digests that matched (called once the whole pre-flight passed: a refused run writes nothing), in the
     cache folder (it travels with the cache) and in the machine's memo."""
+    for memo in (cache_root / MEMO_FILE, home_memo()):
+        _remember(memo, digests)
+
+
+def machine_matches() -> set[str]:
+    """Digests this process or this machine found matching (for folders outside a workflow's inputs: the HF cache)."""
+    return set(_MATCHED) | _recorded(home_memo())
+
+
+def remember_on_machine(digests: set[str]) -> None:
+    _remember(home_memo(), digests)
+
+
+def _remember(memo: Path, digests: set[str]) -> None:
+    recorded = _recorded(memo)
+    if not digests - recorded:
+        return
     from orchestrator.core.fs import atomic_write_text
 
-    for memo in (cache_root / MEMO_FILE, home_memo()):
-        recorded = _recorded(memo)
-        if not digests - recorded:
-            continue
-        with contextlib.suppress(OSError):  # a memo: the next run checks again
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(memo, json.dumps(sorted(recorded | digests)))
+    with contextlib.suppress(OSError):  # a memo: the next run checks again
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo, json.dumps(sorted(recorded | digests)))
 
 
 def check_weights_match_config(
