@@ -42,6 +42,8 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   metrics kept on the device until the Trainer logs, the per-step NaN check of the logged loss off, padding-free
   sample boundaries computed on the CPU where the collator gives none (TRL < 1.16), and the loss through orch's own
   chunk loop around Liger's cross-entropy kernel (Liger's function reads `.item()` in its forward and backward).
+  With it, batches go to the GPU from pinned memory without a stream sync (`non_blocking`: accelerate's
+  dataloader option; a blocking copy made every step wait for the last one while the host collated the next).
 - Phi-3-family attention: q, k (RoPE applied) and v written by one Triton kernel from the fused qkv output, each
   contiguous, and the qkv gradient by one kernel (`qkv_rope`; partial rotary and grouped-query heads).
 - Phi-3-family MLP: SwiGLU and the fused LoRA down_proj as one function that keeps only gate_up's output and
@@ -105,6 +107,7 @@ OPTION_NAMES = (
     "mlp_recompute",
     "qkv_rope",
     "qlora_bf16",
+    "non_blocking",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -133,6 +136,7 @@ class CudaPlan:
     mlp_recompute: bool = False  # down_proj's backward recomputes silu(gate) * up instead of keeping it (memory)
     qkv_rope: bool = False  # q, k, v + RoPE out of the fused qkv in one Triton pass each way (lora_kernels.qkv_rope)
     qlora_bf16: bool = False  # a 4-bit base's frozen fp32-upcast parameters back to bf16 (no fp32 residual stream)
+    non_blocking: bool = False  # batches copied to the GPU from pinned memory without a stream sync
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -361,6 +365,12 @@ def plan_cuda(
             "and read when the Trainer logs, no per-step NaN check of the logged loss (logging_nan_inf_filter off), "
             "padding-free sample boundaries computed with the batch on the CPU"
         )
+    non_blocking = bool(nosync and opts.get("non_blocking", True))
+    if non_blocking:
+        reasons.append(
+            "batches copied to the GPU from pinned memory without waiting (accelerate's non_blocking): a blocking "
+            "copy syncs the stream, so each step would start on a drained GPU while the host collates the next batch"
+        )
     mlp_recompute = bool(
         fused_lora and swiglu and model_type in FUSED_GATE_UP_MODEL_TYPES and opts.get("mlp_recompute", True)
     )
@@ -390,6 +400,7 @@ def plan_cuda(
         mlp_recompute=mlp_recompute,
         qkv_rope=qkv_rope,
         qlora_bf16=qlora_bf16,
+        non_blocking=non_blocking,
         reasons=tuple(reasons),
     )
 
@@ -495,6 +506,8 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         frozen_params_to(model, "bfloat16")
     if plan.nosync:
         out.setdefault("logging_nan_inf_filter", False)  # its isnan/isinf check reads the loss every step
+    if plan.non_blocking:
+        out.update(non_blocking_batches(out))
     if plan.fused_adamw and out.get("optim", "adamw_torch") == "adamw_torch":
         out["optim"] = "adamw_torch_fused"
     global _CUDNN_UNIFORM
@@ -515,6 +528,19 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.compile_layers:
         compile_decoder_layers(model)
     return out
+
+
+def non_blocking_batches(sft_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """SFTConfig kwargs that copy each batch to the GPU from pinned memory without waiting (accelerate's
+    `non_blocking`): a blocking copy (the default) synchronizes the stream, so every step starts by waiting for
+    the previous step's last kernel and the GPU idles while the host launches the next forward. A user's own
+    `accelerator_config.non_blocking`, an accelerator_config given as a file, or pinning turned off are kept."""
+    acc = sft_kwargs.get("accelerator_config")
+    if not sft_kwargs.get("dataloader_pin_memory", True) or not (acc is None or isinstance(acc, Mapping)):
+        return {}
+    if acc is not None and "non_blocking" in acc:
+        return {}
+    return {"accelerator_config": {**dict(acc or {}), "non_blocking": True}, "dataloader_pin_memory": True}
 
 
 def frozen_params_to(model: Any, dtype_name: str) -> int:
