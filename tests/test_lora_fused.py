@@ -23,11 +23,20 @@ def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _peft_model(path, dropout: float, seed: int = 0):
-    import peft
     import transformers
 
     torch.manual_seed(seed)
     base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    model = _with_lora(base, dropout, seed)
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False  # what lora_cuda does under autocast
+    return model
+
+
+def _with_lora(base, dropout: float, seed: int):
+    import peft
+
     cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = peft.get_peft_model(base, cfg)
     # lora_B starts at zero: give it values so the LoRA path contributes and its gradients are not trivial
@@ -36,9 +45,6 @@ def _peft_model(path, dropout: float, seed: int = 0):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False  # what lora_cuda does under autocast
     return model
 
 
@@ -78,7 +84,6 @@ def _qlora_model(path, dropout: float, seed: int = 0):
     """peft LoRA on a base whose decoder Linears are bitsandbytes nf4 + double quant (QLoRA's base, as
     BitsAndBytesConfig loads it; built here layer by layer because transformers' loader wants CUDA for it)."""
     import bitsandbytes as bnb
-    import peft
     import transformers
 
     torch.manual_seed(seed)
@@ -96,14 +101,7 @@ def _qlora_model(path, dropout: float, seed: int = 0):
                     )
                     setattr(parent, name, q.to("cpu"))  # .to() quantizes
     base.is_loaded_in_4bit = True  # what the 4-bit loader marks: peft then wraps these in its bnb LoRA layers
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = peft.get_peft_model(base, cfg)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return _with_lora(base, dropout, seed)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
