@@ -96,7 +96,7 @@ def test_metrics_and_model_reach_mlflow(full_run):
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
     recorded = json.loads((full_run["tmp"] / "out" / "manifest.json").read_text())["mlflow"]
     assert recorded["registry_uri"] == full_run["uri"] and recorded["run_id"] == run.info.run_id
-    assert recorded["registered_model"] == {"name": "tone-classification", "version": versions[0].version}
+    assert recorded["registered_model"] == {"name": "tone-classification", "version": str(versions[0].version)}
     assert f"(registered as 'tone-classification' version {versions[0].version})" in full_run["proc"].stdout
     # the registered model is a pyfunc that generates with onnxruntime-genai; loaded with MLflow's URIs pointed
     # at the store for the call only (mlflow.set_registry_uri would also export MLFLOW_REGISTRY_URI to every later

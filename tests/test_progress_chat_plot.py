@@ -122,7 +122,7 @@ def test_plot_draws_the_finetune_curves_and_refuses_an_empty_picture(chain: dict
         assert recorded["tracking_uri"] == recorded["registry_uri"] == uri
         assert recorded["registered_model"] == {"name": name, "version": "1"}
         (version,) = client.search_model_versions(f"name='{name}'")
-        assert (version.version, version.run_id) == ("1", recorded["run_id"])
+        assert (str(version.version), version.run_id) == ("1", recorded["run_id"])
         assert client.get_run(recorded["run_id"]).data.tags["orch.registered_version"] == "1"
 
     # auto-opt logged no loss and ran no evaluation: no picture, one line, exit 2
