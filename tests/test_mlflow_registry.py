@@ -118,3 +118,31 @@ def test_a_registry_the_user_names_gets_the_version_and_the_runs_stay_in_the_tra
     assert versions(tracked) == []
     assert store(tracked).get_run(tracker.run_id).info.status == "FINISHED"
     assert os.environ["MLFLOW_REGISTRY_URI"] == "sqlite:///registry.db"  # the user's setting, as it was
+
+
+@pytest.mark.azure
+def test_the_workspace_mlflow_gets_its_version_between_two_local_runs(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run tracked in the Azure ML workspace's MLflow (its https endpoint with a token, what orch reads the
+    workspace with; the stand-in's real MLflow server behind it) registers in the workspace's registry, between two
+    runs tracked in local stores in the same process: each of the three registries holds exactly its own version."""
+    from tests.azure_standin import start_standin
+
+    for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "MLFLOW_TRACKING_SERVER_CERT_PATH"):
+        monkeypatch.delenv(name, raising=False)  # the stand-in exports its CA; put back as it was afterwards
+    with start_standin(tmp_path / "standin") as s:
+        for name, value in s.settings["env"].items():
+            if name != "MLFLOW_TRACKING_URI":  # the URI is named to the Tracker, not left in the environment
+                monkeypatch.setenv(name, value)
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", s.mlflow_token())
+        before = process_globals()
+        a, b = (f"sqlite:///{tmp_path / n}.db" for n in ("a", "b"))
+        first = run_and_register(a, tiny_model)
+        workspace = run_and_register(s.mlflow_uri, tiny_model)
+        last = run_and_register(b, tiny_model)
+        assert process_globals() == before
+        assert workspace.registry_uri == s.mlflow_uri
+        assert versions(s.mlflow_uri) == [(1, workspace.run_id)]
+        assert versions(a) == [(1, first.run_id)] and versions(b) == [(1, last.run_id)]
+        assert store(s.mlflow_uri).get_run(workspace.run_id).data.tags["orch.registered_version"] == "1"
