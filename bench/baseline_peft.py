@@ -263,10 +263,60 @@ def write_profile(prof: Any, where: Path, n_steps: int) -> None:
     shaped.sort(key=lambda r: -r[2])
     lines += ["", "   ms/step   calls/step  op [input shapes]"]
     lines += [f"{ms:10.3f} {calls:10d}  {key} {shapes}" for key, shapes, ms, calls in shaped[:30]]
+    lines += ["", *host_side_lines(prof, n_steps)]
     (where / "profile.txt").write_text("\n".join(lines) + "\n")
     (where / "profile.json").write_text(
         json.dumps({"total_ms_per_step": total, "categories": cats, "top": rows[:80]}, indent=1)
     )
+
+
+def gpu_gaps(intervals: list[tuple[int, int, str]], top: int = 12) -> tuple[float, float, list[tuple]]:
+    """(busy ms, span ms, the largest gaps) of kernel intervals (start ns, end ns, name) on one GPU timeline:
+    the time between kernels is what the step loses to the host (syncs, launch overhead)."""
+    if not intervals:
+        return 0.0, 0.0, []
+    intervals = sorted(intervals)
+    busy, gaps = 0, []
+    cur_start, cur_end, cur_name = intervals[0]
+    for start, end, name in intervals[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_name, name))
+            cur_start, cur_end, cur_name = start, end, name
+        elif end > cur_end:
+            cur_end, cur_name = end, name
+    busy += cur_end - cur_start
+    gaps.sort(key=lambda g: -g[0])
+    return busy / 1e6, (cur_end - intervals[0][0]) / 1e6, gaps[:top]
+
+
+def host_side_lines(prof: Any, n_steps: int) -> list[str]:
+    """Where the GPU waits: the profiled steps' GPU timeline (busy vs span, the largest gaps between kernels) and
+    the host's CUDA runtime calls (syncs, copies, launches) per step."""
+    lines: list[str] = []
+    try:
+        intervals = []
+        for e in prof.profiler.kineto_results.events():
+            if "CUDA" in str(e.device_type()) and e.duration_ns() > 0:
+                intervals.append((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()))
+        busy, span, gaps = gpu_gaps(intervals)
+        idle = span - busy
+        lines.append(
+            f"GPU timeline of the profiled steps: {span / n_steps:.1f} ms/step span, {busy / n_steps:.1f} busy, "
+            f"{idle / n_steps:.1f} idle ({100 * idle / max(span, 1e-9):.1f}%, gaps between kernels)"
+        )
+        lines += ["   gap ms  kernel before -> kernel after (largest gaps)"]
+        lines += [f"{g / 1e6:9.3f}  {a[:70]} -> {b[:70]}" for g, a, b in gaps]
+    except Exception as exc:  # an older / newer profiler without these accessors: the kernel tables stand alone
+        lines.append(f"GPU timeline: not read ({type(exc).__name__}: {exc})")
+    calls = []
+    for evt in prof.key_averages():
+        if evt.key.startswith(("cuda", "cu")) and not evt.key.startswith("cudnn"):
+            calls.append((evt.key, evt.self_cpu_time_total / 1e3 / n_steps, evt.count // max(n_steps, 1)))
+    calls.sort(key=lambda c: -c[1])
+    lines += ["", "  host ms/step   calls/step  CUDA runtime call"]
+    lines += [f"{ms:12.3f} {n:12d}  {key}" for key, ms, n in calls[:15]]
+    return lines
 
 
 def summarize(system: str, warmup: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -617,6 +617,8 @@ def how_text(system: str, r: dict[str, Any]) -> str:
         bits.append("SwiGLU recomputed in down_proj's backward")
     if "no host sync in the training step" in plan:
         bits.append("no host syncs in the step")
+    if "pinned memory without waiting" in plan:
+        bits.append("non-blocking batch copies")
     if "QLoRA: the frozen norms" in plan:
         bits.append("bf16 frozen params")
     if "checkpointing on" in plan:

@@ -334,3 +334,21 @@ def test_gpu_cli_finetune_runs_orch_finetune_tiny(tmp_path: Path) -> None:
     render = [sys.executable, str(BENCH / "gpu_cli_finetune.py"), "render", str(tmp_path / "out" / "cli.json")]
     proc = subprocess.run([*render, "--no-write"], env=_env(), capture_output=True, text=True, timeout=120, check=True)
     assert "exit status 0" in proc.stdout and "train_steps: 2" in proc.stdout
+
+
+def test_profile_reports_gpu_gaps_and_host_calls(tmp_path: Path) -> None:
+    """The profile says where the GPU waits: merged kernel intervals give busy vs span and the largest gaps (with
+    the kernels around them); on CPU the timeline is empty and the host table still comes out."""
+    import baseline_peft
+    import torch
+
+    busy, span, gaps = baseline_peft.gpu_gaps([(0, 10, "a"), (5, 20, "b"), (50, 60, "c"), (61, 70, "d")])
+    assert (busy, span) == (39 / 1e6, 70 / 1e6)  # 0-20, 50-60, 61-70: 39 ns busy of 70
+    assert gaps == [(30, "b", "c"), (1, "c", "d")]
+    assert baseline_peft.gpu_gaps([]) == (0.0, 0.0, [])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    baseline_peft.write_profile(prof, tmp_path / "p", 1)
+    text = (tmp_path / "p" / "profile.txt").read_text()
+    assert "GPU timeline of the profiled steps: 0.0 ms/step span" in text
+    assert "CUDA runtime call" in text

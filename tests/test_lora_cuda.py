@@ -148,7 +148,10 @@ def test_memory_estimate_matches_the_h100_anchor() -> None:
 def test_qlora_keeps_peft_input_cast() -> None:
     plan = plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {"gradient_checkpointing": True})
     assert not plan.disable_input_cast and plan.padding_free and plan.gradient_checkpointing is None
-    assert not plan.fused_lora  # bitsandbytes' 4-bit layers keep peft's forward
+    # bitsandbytes' 4-bit layers go through the fused layers too (the weight dequantized inside, never kept)
+    assert plan.fused_lora and plan.fused_dropout and plan.mlp_recompute
+    assert any("4-bit base weight dequantized inside" in r for r in plan.reasons)
+    assert not plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {}, {"fused_lora": False}).fused_lora
 
 
 def test_options_override_the_plan() -> None:
@@ -362,7 +365,8 @@ def test_nosync_and_mlp_recompute_are_planned_and_turn_off() -> None:
     off = plan_cuda(H100, PHI3_MINI, {}, parse_options("-nosync,-mlp_recompute"))
     assert not off.nosync and not off.mlp_recompute
     assert not plan_cuda(H100, PHI3_MINI, {}, {"swiglu": False}).mlp_recompute  # it rides on orch's SwiGLU
-    assert not plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {}).mlp_recompute  # no fused 4-bit layers
+    assert plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {}).mlp_recompute  # 4-bit bases are fused too
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"fused_lora": False}).mlp_recompute  # it needs the fused down_proj
     assert not plan_cuda(H100, {**PHI3_MINI, "model_type": "llama"}, {}).mlp_recompute
 
 
@@ -399,6 +403,30 @@ def test_apply_plan_turns_the_per_step_nan_check_off_unless_the_user_set_it(tiny
     assert lora_cuda.apply_plan(plan, model, {"logging_nan_inf_filter": True})["logging_nan_inf_filter"] is True
     off = plan_cuda(H100, PHI3_MINI, {}, {**opts, "nosync": False})
     assert "logging_nan_inf_filter" not in lora_cuda.apply_plan(off, model, {})
+    assert "accelerator_config" not in lora_cuda.apply_plan(off, model, {})
+
+
+def test_nosync_copies_batches_without_waiting_unless_the_user_decided(tiny_phi3, tmp_path) -> None:
+    import transformers
+    from trl import SFTConfig
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    opts = {"liger": False, "padding_free": False, "fused_lora": False, "qkv_split": False, "swiglu": False}
+    plan = plan_cuda(H100, PHI3_MINI, {}, opts)
+    out = lora_cuda.apply_plan(plan, model, {"accelerator_config": {"split_batches": False}})
+    assert out["accelerator_config"] == {"split_batches": False, "non_blocking": True}
+    assert out["dataloader_pin_memory"] is True
+    # the kwargs are ones transformers takes: the Trainer's accelerator gets a non-blocking dataloader config
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **lora_cuda.apply_plan(plan, model, {}))
+    assert args.accelerator_config.non_blocking is True
+    # the user's choice stands: their non_blocking, pinning off, or a config file
+    mine = {"accelerator_config": {"non_blocking": False}}
+    assert lora_cuda.apply_plan(plan, model, mine)["accelerator_config"] == {"non_blocking": False}
+    assert "accelerator_config" not in lora_cuda.apply_plan(plan, model, {"dataloader_pin_memory": False})
+    assert lora_cuda.apply_plan(plan, model, {"accelerator_config": "acc.json"})["accelerator_config"] == "acc.json"
+    # its own switch (ablation) and nosync's
+    for off in ({**opts, "non_blocking": False}, {**opts, "nosync": False}):
+        assert "accelerator_config" not in lora_cuda.apply_plan(plan_cuda(H100, PHI3_MINI, {}, off), model, {})
 
 
 def test_step_metadata_counts_tokens_and_marks_samples_on_the_cpu() -> None:

@@ -27,9 +27,10 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   ~1 GiB logits chunks: two vocabulary-size GEMMs per step (TRL's chunked head recomputes the logits in its
   backward: three), same loss (TRL's entropy metric is not computed). Eval, data parallel, other loss types and
   heads with bias / softcapping go to TRL's own compute_loss.
-- Fused LoRA layers (passes/training/lora/fused.py) under bf16/fp16 autocast, not for a 4-bit base: the LoRA
-  update is added inside the base matmul's epilogue and the backward is written by hand, which removes the
-  full-size `* scaling` and `+` passes over every projection's output; same saved tensors, same random masks.
+- Fused LoRA layers (passes/training/lora/fused.py) under bf16/fp16 autocast: the LoRA update is added inside the
+  base matmul's epilogue and the backward is written by hand, which removes the full-size `* scaling` and `+`
+  passes over every projection's output; same saved tensors, same random masks. A bitsandbytes 4-bit base (QLoRA)
+  is dequantized inside them per call (forward and backward), as bitsandbytes' own matmul does.
   LoRA dropout runs inside them (native_dropout, peft's masks) with a Triton kernel for its input gradient.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
@@ -42,6 +43,8 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   metrics kept on the device until the Trainer logs, the per-step NaN check of the logged loss off, padding-free
   sample boundaries computed on the CPU where the collator gives none (TRL < 1.16), and the loss through orch's own
   chunk loop around Liger's cross-entropy kernel (Liger's function reads `.item()` in its forward and backward).
+  With it, batches go to the GPU from pinned memory without a stream sync (`non_blocking`: accelerate's
+  dataloader option; a blocking copy made every step wait for the last one while the host collated the next).
 - Phi-3-family attention: q, k (RoPE applied) and v written by one Triton kernel from the fused qkv output, each
   contiguous, and the qkv gradient by one kernel (`qkv_rope`; partial rotary and grouped-query heads).
 - Phi-3-family MLP: SwiGLU and the fused LoRA down_proj as one function that keeps only gate_up's output and
@@ -105,6 +108,7 @@ OPTION_NAMES = (
     "mlp_recompute",
     "qkv_rope",
     "qlora_bf16",
+    "non_blocking",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -133,6 +137,7 @@ class CudaPlan:
     mlp_recompute: bool = False  # down_proj's backward recomputes silu(gate) * up instead of keeping it (memory)
     qkv_rope: bool = False  # q, k, v + RoPE out of the fused qkv in one Triton pass each way (lora_kernels.qkv_rope)
     qlora_bf16: bool = False  # a 4-bit base's frozen fp32-upcast parameters back to bf16 (no fp32 residual stream)
+    non_blocking: bool = False  # batches copied to the GPU from pinned memory without a stream sync
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -230,13 +235,17 @@ def plan_cuda(
     fused_lora = False
     if not opts.get("fused_lora", True):
         reasons.append("fused LoRA layers off (ORCH_CUDA_FASTPATH)")
-    elif shape.get("quantized_4bit"):
-        reasons.append("peft's LoRA forward: the 4-bit base layers are bitsandbytes', not plain Linear")
     elif bf16 or fp16:
         fused_lora = True
         reasons.append(
             "fused LoRA layers: the LoRA update added inside the base matmul (addmm epilogue), hand-written "
             "backward (no full-size scaling/add passes)"
+            + (
+                "; the 4-bit base weight dequantized inside them, in the forward and again in the backward (never "
+                "kept), as bitsandbytes' own matmul does"
+                if shape.get("quantized_4bit")
+                else ""
+            )
         )
     fused_dropout = bool(fused_lora and opts.get("fused_dropout", True) and device.get("has_triton", True))
     if fused_dropout:
@@ -361,6 +370,12 @@ def plan_cuda(
             "and read when the Trainer logs, no per-step NaN check of the logged loss (logging_nan_inf_filter off), "
             "padding-free sample boundaries computed with the batch on the CPU"
         )
+    non_blocking = bool(nosync and opts.get("non_blocking", True))
+    if non_blocking:
+        reasons.append(
+            "batches copied to the GPU from pinned memory without waiting (accelerate's non_blocking): a blocking "
+            "copy syncs the stream, so each step would start on a drained GPU while the host collates the next batch"
+        )
     mlp_recompute = bool(
         fused_lora and swiglu and model_type in FUSED_GATE_UP_MODEL_TYPES and opts.get("mlp_recompute", True)
     )
@@ -390,6 +405,7 @@ def plan_cuda(
         mlp_recompute=mlp_recompute,
         qkv_rope=qkv_rope,
         qlora_bf16=qlora_bf16,
+        non_blocking=non_blocking,
         reasons=tuple(reasons),
     )
 
@@ -495,6 +511,8 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         frozen_params_to(model, "bfloat16")
     if plan.nosync:
         out.setdefault("logging_nan_inf_filter", False)  # its isnan/isinf check reads the loss every step
+    if plan.non_blocking:
+        out.update(non_blocking_batches(out))
     if plan.fused_adamw and out.get("optim", "adamw_torch") == "adamw_torch":
         out["optim"] = "adamw_torch_fused"
     global _CUDNN_UNIFORM
@@ -515,6 +533,19 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     if plan.compile_layers:
         compile_decoder_layers(model)
     return out
+
+
+def non_blocking_batches(sft_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """SFTConfig kwargs that copy each batch to the GPU from pinned memory without waiting (accelerate's
+    `non_blocking`): a blocking copy (the default) synchronizes the stream, so every step starts by waiting for
+    the previous step's last kernel and the GPU idles while the host launches the next forward. A user's own
+    `accelerator_config.non_blocking`, an accelerator_config given as a file, or pinning turned off are kept."""
+    acc = sft_kwargs.get("accelerator_config")
+    if not sft_kwargs.get("dataloader_pin_memory", True) or not (acc is None or isinstance(acc, Mapping)):
+        return {}
+    if acc is not None and "non_blocking" in acc:
+        return {}
+    return {"accelerator_config": {**dict(acc or {}), "non_blocking": True}, "dataloader_pin_memory": True}
 
 
 def frozen_params_to(model: Any, dtype_name: str) -> int:
