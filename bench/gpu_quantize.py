@@ -86,6 +86,14 @@ VERSION_NAMES = (
     "huggingface-hub",
 )
 PROMPT = "the quick brown fox jumps over the lazy dog and"
+NO_CUDA = (
+    "gpu_quantize: run needs a CUDA GPU (--device cuda, the default) and this machine has none; "
+    "`run --device cpu` runs it on CPU (slowly)"
+)
+NO_LLMCOMPRESSOR = (
+    "gpu_quantize: run needs llm-compressor 0.14.0.1 (the wheels of .whl_awq/, see bench/README.md) and this "
+    "environment has none"
+)
 
 
 def corpus(n: int, seed: int, words: tuple[int, int] = (60, 160)) -> list[str]:
@@ -363,11 +371,29 @@ def quantize_one(algo: str, hf: Path, calib: Path, work: Path, out: Path, device
     return row
 
 
+def refusal(device: str) -> str | None:
+    """Why `run` cannot start here (checked before anything is built or written), or None."""
+    import importlib.util
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return NO_CUDA
+    if importlib.util.find_spec("llmcompressor") is None:
+        return NO_LLMCOMPRESSOR
+    return None
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported
         os.environ.setdefault("ORCH_AWQ_CPU", "1")  # AWQ runs on CPU when asked (passes/quantization/awq_gptq.py)
+    why = refusal(a.device)
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     work, out = a.work.resolve(), a.out.resolve()
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -403,8 +429,6 @@ def cmd_run(a: argparse.Namespace) -> int:
         res["torch_cuda"] = torch.version.cuda
         gpu = torch.cuda.is_available()
         device = "cuda" if gpu else "cpu"
-        if a.device == "cuda" and not gpu:
-            res["setup"]["warning"] = "--device cuda but torch sees no CUDA GPU: running on CPU"
         res["device"] = device
         res["device_name"] = torch.cuda.get_device_name(0) if gpu else "cpu"
         if gpu:
@@ -635,6 +659,7 @@ def render(r: dict[str, Any]) -> str:
     fv = fin.get("versions", {})
     gpu = r.get("device") == "cuda"
     calib = r.get("calibration", {})
+    sizes = r.get("sizes", SIZES)
     lines = []
     if not gpu:
         lines += [
@@ -649,8 +674,8 @@ def render(r: dict[str, Any]) -> str:
         f"{v.get('accelerate')}, datasets {v.get('datasets')}. Export side (CPU, {fin.get('date', '?')}): "
         f"onnxruntime-genai {fv.get('onnxruntime-genai')}, onnxruntime {fv.get('onnxruntime')}, transformers "
         f"{fv.get('transformers')}.",
-        f"Model: Phi-3 architecture, {r.get('n_params', 0) / 1e6:.1f} M parameters (hidden {SIZES['hidden_size']}, "
-        f"{SIZES['num_layers']} layers, intermediate {SIZES['intermediate_size']}, vocab {SIZES['vocab_size']}), "
+        f"Model: Phi-3 architecture, {r.get('n_params', 0) / 1e6:.1f} M parameters (hidden {sizes['hidden_size']}, "
+        f"{sizes['num_layers']} layers, intermediate {sizes['intermediate_size']}, vocab {sizes['vocab_size']}), "
         f"random weights (seed 0), {r.get('model_mb_fp32', 0):.0f} MB in fp32. Calibration: {calib.get('samples')} "
         f"generated texts ({calib.get('min_tokens')}-{calib.get('max_tokens')} tokens, {calib.get('tokens')} in all) "
         "through the pass's own data_config: each algorithm runs the workflow of `orch quantize --algorithm ALGO "

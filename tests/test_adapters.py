@@ -322,3 +322,82 @@ def orch(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/ml.db"}
     cmd = [sys.executable, "-m", "orchestrator.cli", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_dynamic_quantization_keeps_lora_inputs(tmp_path: Path, tiny_model: Path, adapter: Path) -> None:
+    """OnnxConversion of the unmerged PEFT model -> ExtractAdapters -> OnnxDynamicQuantization (onnxruntime's
+    quantize_dynamic): the base MatMuls become int8 (MatMulInteger), the LoRA MatMuls stay float MatMuls fed by the
+    adapter inputs, and with the adapter fed (as arrays, and as onnxruntime serves the file: LoraAdapter bound by
+    RunOptions) the logits stay close to the float model's with it. Also with required LoRA inputs
+    (optional_inputs false), where the pass's own logits check used to stop on the unfed inputs.
+
+    Tolerance: int8 dynamic quantization rounds each weight to a per-tensor step of max|w|/127 and each
+    activation to a per-tensor uint8 step at run time. On this tiny random-weight model (logits of magnitude ~1)
+    that moves the logits by about 3% of their norm (measured 0.028-0.030 relative L2, max abs 0.03), so they must
+    stay within 10% (room for another CPU's kernels). The bound has to separate quantization noise from a broken
+    adapter: the adapter itself moves the logits by far more (asserted below), so a dropped, zeroed or baked-in
+    adapter fails it, as it fails the adapter's own delta, which must survive quantization within 25% (int8 noise
+    on both sides of a difference; a lost adapter gives 100%)."""
+    import onnx
+    import onnxruntime as ort
+
+    from orchestrator.core.job import ModelArtifact
+    from orchestrator.passes.common import onnx_tools
+    from orchestrator.passes.common.onnx_common import PARITY_IDS
+    from orchestrator.passes.onnx.extract_adapters import ADAPTER_FILE, ExtractAdaptersPass, load_adapter
+    from orchestrator.passes.onnx.onnx_conversion import OnnxConversionPass
+    from orchestrator.passes.quantization.onnx_dynamic_quant import OnnxDynamicQuantizationPass
+
+    def rel(a: Any, b: Any) -> float:
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    def lora_inputs(proto: Any) -> dict[str, list]:
+        dims = {i.name: i.type.tensor_type.shape.dim for i in proto.graph.input if ".lora_" in i.name}
+        return {name: [d.dim_param or d.dim_value for d in dim] for name, dim in dims.items()}
+
+    model = ModelArtifact(format="hf_adapter", path=str(tiny_model), adapter_path=str(adapter))
+    _, exported = _run(OnnxConversionPass(), tmp_path / "c", model)
+    for optional in (True, False):
+        ex_dir, q_dir = tmp_path / f"e-{optional}", tmp_path / f"q-{optional}"
+        _, extracted = _run(ExtractAdaptersPass(), ex_dir, exported, optional_inputs=optional)
+        res, q = _run(OnnxDynamicQuantizationPass(), q_dir, extracted)
+        weights = load_adapter(ex_dir / "model" / ADAPTER_FILE)
+        assert len(weights) == 16  # 2 layers x (qkv, o, gate_up, down) x (A, B)
+
+        src = onnx.load(str(ex_dir / "model" / "model.onnx"), load_external_data=False)
+        proto = onnx.load(str(q_dir / "model" / "model.onnx"), load_external_data=False)
+        lora = lora_inputs(proto)
+        assert lora == lora_inputs(src) and set(lora) == set(weights)  # every adapter input kept, by name and shape
+        assert all("lora_r" in shape for shape in lora.values())
+        defaults = {t.name for t in proto.graph.initializer} & set(lora)
+        assert defaults == (set(lora) if optional else set())  # the empty defaults kept only where they were
+        consumers = [n for n in proto.graph.node if set(n.input) & set(lora)]
+        assert len(consumers) == 16 and all(n.op_type == "MatMul" for n in consumers)  # float, fed by the inputs
+        # the base projections are int8: 2 layers x (qkv, o, gate_up, down) + the LM head
+        assert sum(n.op_type == "MatMulInteger" for n in proto.graph.node) == 9
+        assert (q_dir / "model" / ADAPTER_FILE).is_file()  # the adapter travels with the quantized model
+
+        ref = onnx_tools.ort_logits(ex_dir / "model", IDS, extra=weights)  # the float model, adapter fed
+        ref_base = onnx_tools.ort_logits(ex_dir / "model", IDS)  # its base (the inputs empty)
+        fed = onnx_tools.ort_logits(q_dir / "model", IDS, extra=weights)
+        base = onnx_tools.ort_logits(q_dir / "model", IDS)
+        if optional:  # the adapter file as onnxruntime serves it, bound to the inputs by name (its Python API
+            # wants required inputs in the feed before an adapter can bind them: optional inputs, Olive's default)
+            served = ort.RunOptions()
+            lora_file = ort.LoraAdapter()
+            lora_file.Load(str(q_dir / "model" / ADAPTER_FILE))
+            served.add_active_adapter(lora_file)
+            np.testing.assert_allclose(
+                onnx_tools.ort_logits(q_dir / "model", IDS, run_options=served), fed, rtol=0, atol=1e-5
+            )
+        assert rel(ref_base, ref) > 0.3  # the adapter matters: losing it would be far outside the bound below
+        assert rel(fed, ref) < 0.1, rel(fed, ref)
+        assert (fed.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
+        assert rel(fed - base, ref - ref_base) < 0.25, rel(fed - base, ref - ref_base)
+        # the pass's own report measures the model as served (adapter fed) as well as its base
+        parity = [onnx_tools.ort_logits(d / "model", PARITY_IDS, extra=weights) for d in (q_dir, ex_dir)]
+        assert res.metrics["logits_max_abs_diff_vs_input_with_adapter"] == pytest.approx(
+            float(np.abs(parity[0] - parity[1]).max()), abs=1e-5
+        )
+        assert res.metrics["greedy_token_agreement_vs_input_with_adapter"] >= 0.75
+        assert res.metrics["logits_max_abs_diff_vs_input"] > 0  # int8 did move the base logits

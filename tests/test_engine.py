@@ -16,6 +16,7 @@ import pytest
 
 from orchestrator.core.cache import Cache
 from orchestrator.engine import Engine
+from orchestrator.engine.mlflow_model import mlflow_store
 from orchestrator.olive import load_workflow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +29,14 @@ def orch(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> 
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})},
+        env={**clean_env(), "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})},
     )
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment less the MLflow URIs an earlier test may have left (a registry URI there would
+    take the model version these tests look for in their own store)."""
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +94,15 @@ def test_metrics_and_model_reach_mlflow(full_run):
     assert run.data.params["passes.lora.config.lora_r"] == "16"
     versions = client.search_model_versions("name='tone-classification'")
     assert len(versions) == 1 and versions[0].run_id == run.info.run_id
-    # the registered model is a pyfunc that generates with onnxruntime-genai
-    mlflow.set_tracking_uri(full_run["uri"])
-    mlflow.set_registry_uri(full_run["uri"])
-    model = mlflow.pyfunc.load_model(f"models:/tone-classification/{versions[0].version}")
+    recorded = json.loads((full_run["tmp"] / "out" / "manifest.json").read_text())["mlflow"]
+    assert recorded["registry_uri"] == full_run["uri"] and recorded["run_id"] == run.info.run_id
+    assert recorded["registered_model"] == {"name": "tone-classification", "version": str(versions[0].version)}
+    assert f"(registered as 'tone-classification' version {versions[0].version})" in full_run["proc"].stdout
+    # the registered model is a pyfunc that generates with onnxruntime-genai; loaded with MLflow's URIs pointed
+    # at the store for the call only (mlflow.set_registry_uri would also export MLFLOW_REGISTRY_URI to every later
+    # test's subprocesses, which would then register their models here)
+    with mlflow_store(full_run["uri"], full_run["uri"]):
+        model = mlflow.pyfunc.load_model(f"models:/tone-classification/{versions[0].version}")
     completions = model.predict(["### Text: I won the lottery\n### The tone is:\n"], params={"max_new_tokens": 4})
     assert isinstance(completions[0], str)
 

@@ -148,7 +148,10 @@ def test_memory_estimate_matches_the_h100_anchor() -> None:
 def test_qlora_keeps_peft_input_cast() -> None:
     plan = plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {"gradient_checkpointing": True})
     assert not plan.disable_input_cast and plan.padding_free and plan.gradient_checkpointing is None
-    assert not plan.fused_lora  # bitsandbytes' 4-bit layers keep peft's forward
+    # bitsandbytes' 4-bit layers go through the fused layers too (the weight dequantized inside, never kept)
+    assert plan.fused_lora and plan.fused_dropout and plan.mlp_recompute
+    assert any("4-bit base weight dequantized inside" in r for r in plan.reasons)
+    assert not plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {}, {"fused_lora": False}).fused_lora
 
 
 def test_options_override_the_plan() -> None:
@@ -362,7 +365,8 @@ def test_nosync_and_mlp_recompute_are_planned_and_turn_off() -> None:
     off = plan_cuda(H100, PHI3_MINI, {}, parse_options("-nosync,-mlp_recompute"))
     assert not off.nosync and not off.mlp_recompute
     assert not plan_cuda(H100, PHI3_MINI, {}, {"swiglu": False}).mlp_recompute  # it rides on orch's SwiGLU
-    assert not plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {}).mlp_recompute  # no fused 4-bit layers
+    assert plan_cuda(H100, {**PHI3_MINI, "quantized_4bit": True}, {}).mlp_recompute  # 4-bit bases are fused too
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"fused_lora": False}).mlp_recompute  # it needs the fused down_proj
     assert not plan_cuda(H100, {**PHI3_MINI, "model_type": "llama"}, {}).mlp_recompute
 
 

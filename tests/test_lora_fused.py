@@ -23,11 +23,20 @@ def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _peft_model(path, dropout: float, seed: int = 0):
-    import peft
     import transformers
 
     torch.manual_seed(seed)
     base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    model = _with_lora(base, dropout, seed)
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False  # what lora_cuda does under autocast
+    return model
+
+
+def _with_lora(base, dropout: float, seed: int):
+    import peft
+
     cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = peft.get_peft_model(base, cfg)
     # lora_B starts at zero: give it values so the LoRA path contributes and its gradients are not trivial
@@ -36,9 +45,6 @@ def _peft_model(path, dropout: float, seed: int = 0):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = False  # what lora_cuda does under autocast
     return model
 
 
@@ -72,6 +78,54 @@ def test_fused_matches_peft_in_fp32(tiny_phi3, dropout: float) -> None:
     for name, g in g_ref.items():
         assert g.abs().max() > 0, name
         assert torch.allclose(g_fused[name], g, atol=1e-6, rtol=1e-4), name
+
+
+def _qlora_model(path, dropout: float, seed: int = 0):
+    """peft LoRA on a base whose decoder Linears are bitsandbytes nf4 + double quant (QLoRA's base, as
+    BitsAndBytesConfig loads it; built here layer by layer because transformers' loader wants CUDA for it)."""
+    import bitsandbytes as bnb
+    import transformers
+
+    torch.manual_seed(seed)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    for layer in base.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if type(lin) is torch.nn.Linear:
+                    q = bnb.nn.Linear4bit(
+                        lin.in_features, lin.out_features, bias=lin.bias is not None,
+                        compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
+                    )  # fmt: skip
+                    q.weight = bnb.nn.Params4bit(
+                        lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+                    )
+                    setattr(parent, name, q.to("cpu"))  # .to() quantizes
+    base.is_loaded_in_4bit = True  # what the 4-bit loader marks: peft then wraps these in its bnb LoRA layers
+    return _with_lora(base, dropout, seed)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_layers_take_a_4bit_base_as_peft_does(tiny_phi3, dropout: float) -> None:
+    """QLoRA: the fused functions dequantize the nf4 weight themselves (forward and backward) and give peft's
+    bitsandbytes layers' loss and adapter gradients; the packed weight is all they keep."""
+    from orchestrator.passes.training.lora.fused import _fast_path_parts
+
+    ref = _qlora_model(tiny_phi3, dropout)
+    fused = _qlora_model(tiny_phi3, dropout)
+    lora_layers = [m for m in fused.modules() if type(m).__module__ == "peft.tuners.lora.bnb"]
+    assert len(lora_layers) == 2 * len(TARGETS)
+    assert fuse_lora_layers(fused) == 2 * len(TARGETS)
+    x = torch.randn(3, lora_layers[0].in_features)
+    parts = _fast_path_parts(lora_layers[0], x, (), {})
+    assert parts is not None and parts[1].dtype == torch.uint8 and parts[2] is not None  # packed weight + state
+    batch = _batch(2)
+    loss_ref, g_ref = _loss_and_grads(ref, batch, seed=9)
+    loss_fused, g_fused = _loss_and_grads(fused, batch, seed=9)
+    assert torch.allclose(loss_fused, loss_ref, atol=1e-5, rtol=1e-5), (float(loss_fused), float(loss_ref))
+    assert g_ref.keys() == g_fused.keys() and len(g_ref) == 4 * len(TARGETS)
+    for name, g in g_ref.items():
+        assert g.abs().max() > 0, name
+        assert torch.allclose(g_fused[name], g, atol=1e-5, rtol=1e-3), name
 
 
 def test_fused_matches_peft_under_bf16_autocast(tiny_phi3) -> None:
@@ -170,7 +224,7 @@ def test_dropout_inside_the_fused_function_is_peft_arithmetic() -> None:
     b = torch.randn(24, 16, generator=gen, requires_grad=True)
     g = torch.randn(6, 5, 24, generator=gen)
     torch.manual_seed(3)
-    out = _dropout_fn().apply(x, w, None, a, b, 0.5, 0.1, torch.float32)
+    out = _dropout_fn().apply(x, w, None, None, a, b, 0.5, 0.1, torch.float32)
     out.backward(g)
 
     torch.manual_seed(3)
@@ -211,7 +265,7 @@ def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float) -> None:
     g = torch.randn(2, tokens // 2, out_f, generator=gen, dtype=torch.float64)
 
     torch.manual_seed(11)
-    out = _swiglu_down_fn().apply(u, w, None, a, b, scaling, p, torch.float64)
+    out = _swiglu_down_fn().apply(u, w, None, None, a, b, scaling, p, torch.float64)
     grads = torch.autograd.grad(out, (u, a, b), g)
 
     torch.manual_seed(11)  # the same mask: native_dropout of the SwiGLU output, as the function draws it

@@ -30,7 +30,8 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 
 
 def env() -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # the chain's store is the default one beside it: no MLflow URI an earlier test left in this process
+    base = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     return {**base, "PYTHONPATH": str(REPO), "COLUMNS": "200", "ORCH_PROGRESS_INTERVAL": "0"}
 
 
@@ -109,10 +110,20 @@ def test_plot_draws_the_finetune_curves_and_refuses_an_empty_picture(chain: dict
 
     assert count((31, 119, 180)) > 150 and count((255, 127, 14)) > 150  # matplotlib's C0 and C1 lines
 
-    # the CLI chain registered under its own name, not one shared by every chain
-    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
+    # the CLI chain registered under its own name, not one shared by every chain, in the registry of ITS store
+    # (named: MlflowClient(uri) alone reads the process's global registry URI), each version by the run that
+    # logged it, as the manifest says
+    uri = f"sqlite:///{work / 'mlruns.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     names = {m.name for m in client.search_registered_models()}
-    assert {"finetune-ft", "auto-opt-onnx"} <= names, names
+    assert names == {"finetune-ft", "auto-opt-onnx"}, names
+    for out, name in (("models/ft", "finetune-ft"), ("models/onnx", "auto-opt-onnx")):
+        recorded = json.loads((work / out / "manifest.json").read_text())["mlflow"]
+        assert recorded["tracking_uri"] == recorded["registry_uri"] == uri
+        assert recorded["registered_model"] == {"name": name, "version": "1"}
+        (version,) = client.search_model_versions(f"name='{name}'")
+        assert (str(version.version), version.run_id) == ("1", recorded["run_id"])
+        assert client.get_run(recorded["run_id"]).data.tags["orch.registered_version"] == "1"
 
     # auto-opt logged no loss and ran no evaluation: no picture, one line, exit 2
     empty = tmp_path / "empty.png"

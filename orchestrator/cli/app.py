@@ -76,8 +76,7 @@ def _root(
 
 
 def _quiet_libraries(*, verbose: bool) -> None:
-    """Libraries' own chatter stays out of orch's output unless -v: MLflow's INFO lines and its "Successfully
-    registered model ..." / "Created version ..." prints (engine.mlflow_model reads the level), azure-identity's
+    """Libraries' own chatter stays out of orch's output unless -v: MLflow's INFO lines, azure-identity's
     per-credential warnings (a credential failure is one orch line with a hint instead), tqdm progress bars
     (transformers' loading and conversion bars). Set in the environment, so the passes' processes inherit it."""
     import logging

@@ -100,9 +100,12 @@ def _run_one(
         line = f"mlflow: run {summary.mlflow_run_id} at {_redact(engine.tracking_uri)}"
         out.print(line, markup=False, soft_wrap=True)
     if summary.mlflow_run_id and summary.model_uri:
-        out.print(
-            f"mlflow: model {summary.model_uri} (registered as {engine.register_as!r})", markup=False, soft_wrap=True
-        )
+        registered = f"registered as {engine.register_as!r}"
+        if summary.registered_version:
+            registered += f" version {summary.registered_version}"
+        if summary.registry_uri and summary.registry_uri != engine.tracking_uri:  # $MLFLOW_REGISTRY_URI
+            registered += f" in {_redact(summary.registry_uri)}"
+        out.print(f"mlflow: model {summary.model_uri} ({registered})", markup=False, soft_wrap=True)
     return summary
 
 

@@ -146,6 +146,7 @@ class Publisher:
                         summary.prompt_format.write(folder / sub)
             logged = tracker.log_model(folder / "model", model.format, self.register_as)
             summary.model_uri = logged or summary.model_uri  # a recorded run's model when nothing was logged
+            summary.registered_version = tracker.registered_version
             self._write_manifest(summary, steps, folder)
 
     def export(self, summary: RunSummary, dest: Path | None = None) -> None:
@@ -193,6 +194,13 @@ class Publisher:
                 "tracking_uri": self.tracking_uri,
                 "run_id": summary.mlflow_run_id,
                 "model_uri": summary.model_uri,
+                # where the model was registered: the tracking store's registry unless $MLFLOW_REGISTRY_URI said
+                "registry_uri": summary.registry_uri,
+                "registered_model": (
+                    {"name": self.register_as, "version": summary.registered_version}
+                    if summary.registered_version
+                    else None
+                ),
                 # True: every pass was cached and this run logged nothing; run_id is the run that recorded them
                 "recorded_earlier": summary.recorded,
             },

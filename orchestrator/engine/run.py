@@ -415,6 +415,7 @@ class Engine:
             summary = RunSummary(records, model, final_metrics, self.output_dir, tracker.run_id,
                                  input_identity=input_identity, cost_usd=total)  # fmt: skip
             summary.recorded, summary.model_uri = tracker.recorded, tracker.model_uri
+            summary.registry_uri, summary.registered_version = tracker.registry_uri, tracker.registered_version
             summary.prompt_format = self._prompt_format(steps, records)
             if self.output_dir is not None:
                 self.publisher.publish(summary, records, steps, model, tracker)

@@ -98,6 +98,8 @@ class RunSummary:
     output_dir: Path | None
     mlflow_run_id: str | None
     model_uri: str | None = None
+    registry_uri: str | None = None  # the model registry the final model was registered in
+    registered_version: str | None = None  # its version there (register_as is the name)
     cost_usd: float | None = None  # the passes that ran, on priced compute
     input_identity: str | None = None  # what the run started from: hf://<id>@<commit>, or the content hash
     recorded: bool = False  # mlflow_run_id is an earlier run that recorded the same plan; nothing was logged

@@ -5,6 +5,11 @@ a local store beside the workflow (<config folder>/mlruns.db, which also holds t
 named relatively is resolved as outputs are: from the config's folder when the config names it, from the current
 folder when a flag or the environment does; so a run started from another folder finds the same store.
 
+The final model is registered in the registry of the store the run is tracked in (a local sqlite store's own
+tables, a tracking server's registry, the Azure ML workspace's), unless $MLFLOW_REGISTRY_URI names another one.
+orch never sets MLflow's process-global URIs beyond the one call that needs them (see engine.mlflow_model): two
+Trackers in one process, one after the other or side by side, each write to and register in their own store.
+
 A run whose passes are all cached logs nothing: it finds the run that recorded the same plan (tag orch.plan) and
 points to it. A cached pass brings its recorded metric history (its cache entry's events.jsonl) into a new run.
 """
@@ -58,6 +63,14 @@ def resolve_tracking_uri(flag: str | None, config_uri: str | None, base_dir: Pat
     if env:
         return absolute_store_uri(env, Path.cwd())
     return default_tracking_uri(base_dir)
+
+
+def resolve_registry_uri(tracking_uri: str) -> str:
+    """The registry a run's model is registered in: $MLFLOW_REGISTRY_URI when the user set one (as typed in the
+    current folder), else the tracking store's own. MLflow's own default reads a process-global URI that whoever
+    ran last in the process set; orch names it instead."""
+    env = os.environ.get("MLFLOW_REGISTRY_URI")
+    return absolute_store_uri(env, Path.cwd()) if env else tracking_uri
 
 
 def local_artifact_root(tracking_uri: str | None) -> str | None:
@@ -178,6 +191,7 @@ class RecordedRun:
 
     run_id: str
     model_uri: str | None
+    registered_version: str | None = None
 
 
 class Tracker:
@@ -203,6 +217,8 @@ class Tracker:
         self.run_name = run_name
         self.recorded = False  # True: run_id is an earlier run this one only points to
         self.model_uri: str | None = None  # the model this run logged (or the adopted run had logged)
+        self.registry_uri: str | None = None  # where the model is registered (resolve_registry_uri)
+        self.registered_version: str | None = None  # the version this run registered (or the adopted run had)
         if not enabled:
             return
         import logging
@@ -221,17 +237,23 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri)
+        # no mlflow.set_tracking_uri here: it is process-global (and exported to every subprocess started later),
+        # so the next Tracker or Engine in this process would find this store; every call below names the store
+        self.tracking_uri = tracking_uri = tracking_uri or resolve_tracking_uri(None, None)
+        self.registry_uri = resolve_registry_uri(tracking_uri)
+        if "://" in self.registry_uri:  # a registry server's password is masked wherever a library prints it
+            from urllib.parse import urlsplit
+
+            remember_secret(urlsplit(self.registry_uri).password)
         lock_path = _store_lock_path(tracking_uri)
         lock = FileLock(str(lock_path), timeout=300) if lock_path is not None else None
         if lock is not None:
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         try:
-            self.notes = prepare_sqlite_store(tracking_uri) if tracking_uri else []  # whole, or rebuilt (aside)
-            # the registry is the store's own (local sqlite, or the workspace's azureml:// URI), never the
-            # process's global registry URI, which another Tracker in this process may have set
-            self.client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            self.notes = prepare_sqlite_store(tracking_uri)  # whole, or rebuilt (aside)
+            # the registry named too: MlflowClient(uri) alone reads the process's global registry URI
+            self.client = mlflow.MlflowClient(tracking_uri, registry_uri=self.registry_uri)
             exp = self.client.get_experiment_by_name(experiment)  # creates / migrates the store (under the lock)
             exp_id = (
                 exp.experiment_id
@@ -273,12 +295,14 @@ class Tracker:
         if not runs:
             return None
         run = runs[0]
-        return RecordedRun(run.info.run_id, run.data.tags.get("orch.model_uri"))
+        tags = run.data.tags
+        return RecordedRun(run.info.run_id, tags.get("orch.model_uri"), tags.get("orch.registered_version"))
 
     def adopt(self, run: RecordedRun) -> None:
         """Point to an earlier run instead of creating one: nothing is logged, `end` leaves it as it is."""
         self.run_id = run.run_id
         self.model_uri = run.model_uri
+        self.registered_version = run.registered_version
         self.recorded = True
 
     def _close_dead_runs(self) -> list[str]:
@@ -366,14 +390,21 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_model(self, model_dir: Path, model_format: str, register_as: str | None) -> str | None:
-        """Log the final model as an MLflow pyfunc (ONNX GenAI or HF folder) and register it; returns its URI
-        (also kept as the run's tag orch.model_uri, for runs that point to this one later)."""
+        """Log the final model as an MLflow pyfunc (ONNX GenAI or HF folder) in this run's store and register it in
+        this run's registry; returns its URI (also kept as the run's tags orch.model_uri and
+        orch.registered_version, for runs that point to this one later)."""
         if not self.writing:
             return None
         from orchestrator.engine.mlflow_model import log_model_folder
 
-        self.model_uri = log_model_folder(self.mlflow, self.run_id, model_dir, model_format, register_as)
+        assert self.run_id is not None and self.registry_uri is not None
+        logged = log_model_folder(
+            self.tracking_uri, self.registry_uri, self.run_id, model_dir, model_format, register_as
+        )
+        self.model_uri, self.registered_version = logged.model_uri, logged.version
         self.set_tag("orch.model_uri", self.model_uri)
+        if logged.version:
+            self.set_tag("orch.registered_version", logged.version)
         return self.model_uri
 
     def end(self, status: str) -> None:

@@ -12,6 +12,8 @@ from orchestrator.passes.base import PassError
 
 DATA_NAME = "model.onnx.data"
 PARITY_IDS = [5, 9, 33, 12, 7, 100, 4, 8, 21, 17, 3, 44]  # the prompt an int8 graph is compared on
+# ExtractAdapters' adapter file beside the model, in each of Olive's save formats (onnxruntime's AdapterFormat first)
+ADAPTER_FILES = ("adapter_weights.onnx_adapter", "adapter_weights.npz", "adapter_weights.safetensors")
 
 
 def save_one_data_file(proto: Any, dst: Path, *, external: bool = True) -> None:
@@ -60,19 +62,49 @@ def copy_side_files(src_dir: Path, dst_dir: Path) -> None:
             shutil.copy2(item, dst_dir / item.name)
 
 
+def load_adapter(path: Path) -> dict[str, Any]:
+    """An adapter file (.onnx_adapter, .npz or .safetensors) -> name -> numpy array."""
+    import numpy as np
+
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(path)))
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat.read_adapter(str(path))
+    return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}  # copies: fmt owns the data
+
+
+def adapter_beside(model_file: Path) -> dict[str, Any] | None:
+    """The LoRA weights ExtractAdapters wrote next to a model with adapter inputs, or None."""
+    found = next((model_file.parent / n for n in ADAPTER_FILES if (model_file.parent / n).is_file()), None)
+    return load_adapter(found) if found is not None else None
+
+
 def logits_shift(src: Path, dst: Path) -> dict[str, float]:
     """How far a quantized decoder graph's logits moved from its input graph's on PARITY_IDS (max abs diff),
-    and how often the greedy token still agrees: int8 moves them, so this is reported, not asserted."""
+    and how often the greedy token still agrees: int8 moves them, so this is reported, not asserted.
+
+    A model with LoRA adapter inputs (ExtractAdapters) is compared twice: as the base model (the inputs empty)
+    and with its adapter file fed (`..._with_adapter`), which is how it is served."""
     import numpy as np
 
     from orchestrator.passes.common import onnx_tools
 
-    ref = onnx_tools.ort_logits(src, PARITY_IDS).astype(np.float32)
-    got = onnx_tools.ort_logits(dst, PARITY_IDS).astype(np.float32)
-    return {
-        "logits_max_abs_diff_vs_input": float(np.abs(got - ref).max()),
-        "greedy_token_agreement_vs_input": float((got.argmax(-1) == ref.argmax(-1)).mean()),
-    }
+    def shift(extra: dict[str, Any] | None, suffix: str) -> dict[str, float]:
+        ref = onnx_tools.ort_logits(src, PARITY_IDS, extra=extra).astype(np.float32)
+        got = onnx_tools.ort_logits(dst, PARITY_IDS, extra=extra).astype(np.float32)
+        return {
+            f"logits_max_abs_diff_vs_input{suffix}": float(np.abs(got - ref).max()),
+            f"greedy_token_agreement_vs_input{suffix}": float((got.argmax(-1) == ref.argmax(-1)).mean()),
+        }
+
+    adapter = adapter_beside(onnx_tools.onnx_model_file(src))
+    return {**shift(None, ""), **(shift(adapter, "_with_adapter") if adapter is not None else {})}
 
 
 def input_weight_nodes(proto: Any) -> list[str]:

@@ -7,12 +7,15 @@ module (from a pass module, the registry, `orch --help`) stays cheap.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 GENAI_CONFIG = "genai_config.json"
+# a LoRA weight ExtractAdapters made a graph input: model.layers.0.self_attn.qkv_proj.lora_A.weight
+LORA_INPUT = re.compile(r"\.lora_[AB]\.weight$")
 
 # onnxruntime-genai names for an ONNX Runtime execution provider (og.Config.append_provider).
 _OG_PROVIDERS = {
@@ -270,8 +273,11 @@ def ort_logits(
     *,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     extra: dict[str, Any] | None = None,
+    run_options: Any = None,
 ):
     """Full-sequence logits from a decoder graph with plain onnxruntime: empty past KV, all-ones mask.
+    `run_options` (an onnxruntime RunOptions) may carry an active LoraAdapter that binds optional LoRA inputs by
+    name; LoRA inputs without a default that `extra` does not feed are fed empty (the base model).
 
     For ONNX folders without genai_config.json (format "onnx"). The KV head size comes from the graph when it
     is static, else from genai_config.json / config.json next to the model.
@@ -302,9 +308,12 @@ def ort_logits(
                 heads = heads if isinstance(heads, int) else cfg_heads
                 head_dim = head_dim if isinstance(head_dim, int) else cfg_dim
             feeds[inp.name] = np.zeros((1, heads, 0, head_dim), dtype=dtype)
+        elif LORA_INPUT.search(inp.name):  # a required LoRA input (ExtractAdapters optional_inputs false), unfed:
+            # empty along lora_r, what the optional default holds (the base model)
+            feeds[inp.name] = np.zeros([d if isinstance(d, int) else 0 for d in inp.shape], dtype=dtype)
         else:
             raise ValueError(f"ort_logits does not know how to feed input {inp.name!r} of {onnx_path.name}")
-    out = sess.run(["logits"], feeds)[0]
+    out = sess.run(["logits"], feeds, run_options)[0]
     return np.asarray(out, dtype=np.float32)[0]
 
 

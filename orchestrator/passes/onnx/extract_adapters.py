@@ -28,6 +28,7 @@ from pydantic import field_validator
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
+from orchestrator.passes.common.onnx_common import load_adapter  # noqa: F401  (re-exported: the adapter reader)
 
 ADAPTER_FILE = "adapter_weights.onnx_adapter"
 NUMPY_FILE = "adapter_weights.npz"
@@ -104,22 +105,6 @@ def save_adapter(weights: dict[str, Any], path: Path) -> Path:
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()})
     fmt.export_adapter(str(path))
     return path
-
-
-def load_adapter(path: Path) -> dict[str, Any]:
-    import numpy as np
-
-    if path.suffix == ".npz":
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return dict(load_file(str(path)))
-    import onnxruntime as ort
-
-    fmt = ort.AdapterFormat.read_adapter(str(path))
-    return {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}  # copies: fmt owns the data
 
 
 def extract(

@@ -27,9 +27,10 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   ~1 GiB logits chunks: two vocabulary-size GEMMs per step (TRL's chunked head recomputes the logits in its
   backward: three), same loss (TRL's entropy metric is not computed). Eval, data parallel, other loss types and
   heads with bias / softcapping go to TRL's own compute_loss.
-- Fused LoRA layers (passes/training/lora/fused.py) under bf16/fp16 autocast, not for a 4-bit base: the LoRA
-  update is added inside the base matmul's epilogue and the backward is written by hand, which removes the
-  full-size `* scaling` and `+` passes over every projection's output; same saved tensors, same random masks.
+- Fused LoRA layers (passes/training/lora/fused.py) under bf16/fp16 autocast: the LoRA update is added inside the
+  base matmul's epilogue and the backward is written by hand, which removes the full-size `* scaling` and `+`
+  passes over every projection's output; same saved tensors, same random masks. A bitsandbytes 4-bit base (QLoRA)
+  is dequantized inside them per call (forward and backward), as bitsandbytes' own matmul does.
   LoRA dropout runs inside them (native_dropout, peft's masks) with a Triton kernel for its input gradient.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
@@ -234,13 +235,17 @@ def plan_cuda(
     fused_lora = False
     if not opts.get("fused_lora", True):
         reasons.append("fused LoRA layers off (ORCH_CUDA_FASTPATH)")
-    elif shape.get("quantized_4bit"):
-        reasons.append("peft's LoRA forward: the 4-bit base layers are bitsandbytes', not plain Linear")
     elif bf16 or fp16:
         fused_lora = True
         reasons.append(
             "fused LoRA layers: the LoRA update added inside the base matmul (addmm epilogue), hand-written "
             "backward (no full-size scaling/add passes)"
+            + (
+                "; the 4-bit base weight dequantized inside them, in the forward and again in the backward (never "
+                "kept), as bitsandbytes' own matmul does"
+                if shape.get("quantized_4bit")
+                else ""
+            )
         )
     fused_dropout = bool(fused_lora and opts.get("fused_dropout", True) and device.get("has_triton", True))
     if fused_dropout:

@@ -25,8 +25,10 @@ outside the fused function, as before: the masks are peft's there too (tests com
 peft's own forward).
 
 Only the plain case is fused: one active adapter, vanilla LoRA (no DoRA or other variant), no LoRA bias, adapters
-enabled and not merged, a plain `torch.nn.Linear` base with frozen weights (not bitsandbytes 4-bit: QLoRA keeps
-peft's forward), no `adapter_names` mixed batches, and either an autocast region or one dtype throughout. Anything
+enabled and not merged, a frozen base that is a plain `torch.nn.Linear` or a bitsandbytes `Linear4bit` (QLoRA: its
+nf4/fp4 weight is dequantized to the compute dtype inside the function, in the forward and again in the backward,
+and never kept, as bitsandbytes' own matmul does), no `adapter_names` mixed batches, and either an autocast region
+or one dtype throughout. Anything
 else falls back to peft's own forward at call time, so disabling adapters, merging or loading a second adapter
 after fusing stays correct.
 
@@ -56,7 +58,16 @@ def _lora_function() -> Any:
 
         @staticmethod
         def forward(
-            ctx: Any, x: Any, xd: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float, dtype: Any
+            ctx: Any,
+            x: Any,
+            xd: Any,
+            weight: Any,
+            qstate: Any,
+            bias: Any,
+            a: Any,
+            b: Any,
+            scaling: float,
+            dtype: Any,
         ) -> Any:
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
@@ -64,14 +75,15 @@ def _lora_function() -> Any:
             xd2 = x2 if same else xd.reshape(-1, xd.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
                 a16, b16 = a.to(dtype), b.to(dtype)
-                out = torch.nn.functional.linear(x2, weight, bias)
+                out = torch.nn.functional.linear(x2, dense_weight(weight, qstate, dtype), bias)
                 h = lora_tall(xd2, a16)
                 out.addmm_(h, b16.t(), alpha=scaling)
             ctx.same = same
             ctx.scaling = scaling
             ctx.dtypes = (a.dtype, b.dtype)
+            ctx.qstate, ctx.dtype = qstate, dtype
             # keep only what the gradients asked for need (a frozen first layer's input needs no gradient)
-            need_x, need_xd, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
+            need_x, need_xd, _, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
             need_x = need_x or (same and need_xd)
             ctx.save_for_backward(
                 xd2 if need_a else None,
@@ -85,7 +97,7 @@ def _lora_function() -> Any:
         @staticmethod
         def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
             xd2, h, weight, a16, b16 = ctx.saved_tensors
-            need_x, need_xd, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
+            need_x, need_xd, _, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
             if ctx.same:
                 need_x = need_x or need_xd
             lead = grad_out.shape[:-1]
@@ -98,7 +110,7 @@ def _lora_function() -> Any:
                 if need_a:
                     grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
                 if need_x:
-                    grad_x = g @ weight
+                    grad_x = g @ dense_weight(weight, ctx.qstate, ctx.dtype)
                     if ctx.same:
                         grad_x.addmm_(gh, a16)  # the LoRA path's input gradient, added inside the GEMM
                 if need_xd and not ctx.same:
@@ -108,7 +120,7 @@ def _lora_function() -> Any:
             if grad_xd is not None:
                 grad_xd = grad_xd.view(*lead, grad_xd.shape[-1])
             # when x and xd are one tensor, grad_x holds both paths' gradients and the xd slot stays None
-            return grad_x, grad_xd, None, None, grad_a, grad_b, None, None
+            return grad_x, grad_xd, None, None, None, grad_a, grad_b, None, None
 
     return LoraLinearFunction
 
@@ -123,20 +135,30 @@ def _lora_dropout_function() -> Any:
 
         @staticmethod
         def forward(
-            ctx: Any, x: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float, p: float, dtype: Any
+            ctx: Any,
+            x: Any,
+            weight: Any,
+            qstate: Any,
+            bias: Any,
+            a: Any,
+            b: Any,
+            scaling: float,
+            p: float,
+            dtype: Any,
         ) -> Any:
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
                 a16, b16 = a.to(dtype), b.to(dtype)
                 xd2, mask = torch.native_dropout(x2, p, True)
-                out = torch.nn.functional.linear(x2, weight, bias)
+                out = torch.nn.functional.linear(x2, dense_weight(weight, qstate, dtype), bias)
                 h = lora_tall(xd2, a16)
                 out.addmm_(h, b16.t(), alpha=scaling)
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p)
             ctx.dtypes = (a.dtype, b.dtype)
-            need_x, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
+            ctx.qstate, ctx.dtype = qstate, dtype
+            need_x, _, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
             ctx.save_for_backward(
                 xd2 if need_a else None,
                 h if need_b else None,
@@ -150,7 +172,7 @@ def _lora_dropout_function() -> Any:
         @staticmethod
         def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
             xd2, h, weight, a16, b16, mask = ctx.saved_tensors
-            need_x, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
+            need_x, _, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
             lead = grad_out.shape[:-1]
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_a = grad_b = None
@@ -161,11 +183,11 @@ def _lora_dropout_function() -> Any:
                 if need_a:
                     grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
                 if need_x:
-                    grad_x = g @ weight
+                    grad_x = g @ dense_weight(weight, ctx.qstate, ctx.dtype)
                     lora_dropout_grad_add_(grad_x, gh, a16, mask, ctx.keep_scale)
             if grad_x is not None:
                 grad_x = grad_x.view(*lead, grad_x.shape[-1])
-            return grad_x, None, None, grad_a, grad_b, None, None, None
+            return grad_x, None, None, None, grad_a, grad_b, None, None, None
 
     return LoraLinearDropoutFunction
 
@@ -192,7 +214,16 @@ def _swiglu_down_function() -> Any:
 
         @staticmethod
         def forward(
-            ctx: Any, u: Any, weight: Any, bias: Any, a: Any, b: Any, scaling: float, p: float, dtype: Any
+            ctx: Any,
+            u: Any,
+            weight: Any,
+            qstate: Any,
+            bias: Any,
+            a: Any,
+            b: Any,
+            scaling: float,
+            p: float,
+            dtype: Any,
         ) -> Any:
             lead = u.shape[:-1]
             u2 = u.reshape(-1, u.shape[-1])
@@ -202,13 +233,14 @@ def _swiglu_down_function() -> Any:
                 a16, b16 = a.to(dtype), b.to(dtype)
                 c = swiglu_forward_2d(u2)
                 xd, mask = torch.native_dropout(c, p, True) if p > 0 else (c, None)
-                out = torch.nn.functional.linear(c, weight, bias)
+                out = torch.nn.functional.linear(c, dense_weight(weight, qstate, dtype), bias)
                 h = lora_tall(xd, a16)
                 out.addmm_(h, b16.t(), alpha=scaling)
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
             ctx.dtypes = (a.dtype, b.dtype)
             ctx.lead = u.shape
+            ctx.qstate, ctx.dtype = qstate, dtype
             ctx.save_for_backward(u2, h, weight, a16, b16, mask)
             return out.view(*lead, out.shape[-1])
 
@@ -223,13 +255,13 @@ def _swiglu_down_function() -> Any:
                 xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
                 grad_a = lora_wgrad(gh, xd).to(ctx.dtypes[0])
                 del xd
-                grad_c = g @ weight
+                grad_c = g @ dense_weight(weight, ctx.qstate, ctx.dtype)
                 if mask is not None:
                     lora_dropout_grad_add_(grad_c, gh, a16, mask, ctx.keep_scale)
                 else:
                     grad_c.addmm_(gh, a16)
                 du = swiglu_backward_2d(u2, grad_c)
-            return du.view(ctx.lead), None, None, grad_a, grad_b, None, None, None
+            return du.view(ctx.lead), None, None, None, grad_a, grad_b, None, None, None
 
     return LoraSwigluDownFunction
 
@@ -257,8 +289,8 @@ def swiglu_down(down_proj: Any, u: Any) -> Any:
     parts = _fast_path_parts(down_proj, u, (), {})
     if parts is None:
         return None
-    dropout, weight, bias, a, b, scaling = parts
-    dtype = _compute_dtype(u, weight, a, b)
+    dropout, weight, qstate, bias, a, b, scaling = parts
+    dtype = _compute_dtype(u, None if qstate is not None else weight, a, b)
     if dtype is None:
         return None
     if isinstance(dropout, torch.nn.Identity) or not down_proj.training:
@@ -269,7 +301,8 @@ def swiglu_down(down_proj: Any, u: Any) -> Any:
             return None
     uc = u.to(dtype)
     bias_c = None if bias is None else bias.to(dtype)
-    return _swiglu_down_fn().apply(uc, weight.to(dtype), bias_c, a, b, float(scaling), p, dtype)
+    w = weight if qstate is not None else weight.to(dtype)
+    return _swiglu_down_fn().apply(uc, w, qstate, bias_c, a, b, float(scaling), p, dtype)
 
 
 def _fn() -> Any:
@@ -312,8 +345,32 @@ def _compute_dtype(x: Any, *weights: Any) -> Any:
     return None
 
 
+def dense_weight(weight: Any, qstate: Any, dtype: Any) -> Any:
+    """The base layer's weight as a dense matrix: itself, or a bitsandbytes 4-bit weight dequantized (a transient
+    copy, made in the forward and again in the backward, never kept: QLoRA's memory stays 4-bit)."""
+    if qstate is None:
+        return weight
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(weight, qstate).to(dtype)
+
+
+def _base_weight(base: Any) -> tuple[Any, Any] | None:
+    """(weight, quant_state) of a base layer the fused functions take: a plain Linear's float weight (state None),
+    or a bitsandbytes Linear4bit's packed weight and its quant state (QLoRA); None for anything else."""
+    import torch
+
+    if type(base) is torch.nn.Linear:
+        return (base.weight, None) if base.weight.is_floating_point() else None
+    if type(base).__name__ == "Linear4bit" and type(base).__module__.startswith("bitsandbytes"):
+        state = getattr(base.weight, "quant_state", None)
+        if state is not None and getattr(state, "shape", None) is not None:
+            return base.weight, state
+    return None
+
+
 def _fast_path_parts(layer: Any, x: Any, args: tuple, kwargs: dict) -> tuple | None:
-    """(dropout, weight, bias, A, B, scaling) when this call can be fused, else None."""
+    """(dropout, weight, quant_state, bias, A, B, scaling) when this call can be fused, else None."""
     import torch
 
     if args or kwargs or layer.disable_adapters or layer.merged:
@@ -325,7 +382,8 @@ def _fast_path_parts(layer: Any, x: Any, args: tuple, kwargs: dict) -> tuple | N
     if name in getattr(layer, "lora_variant", {}):
         return None
     base = layer.get_base_layer()
-    if type(base) is not torch.nn.Linear or base.weight.requires_grad:
+    weight_state = _base_weight(base)
+    if weight_state is None or base.weight.requires_grad:
         return None
     if base._forward_hooks or base._forward_pre_hooks:
         return None
@@ -334,9 +392,10 @@ def _fast_path_parts(layer: Any, x: Any, args: tuple, kwargs: dict) -> tuple | N
         return None
     if lora_a.bias is not None or lora_b.bias is not None:
         return None
-    if not (x.is_floating_point() and base.weight.is_floating_point()):
+    if not x.is_floating_point():
         return None
-    return layer.lora_dropout[name], base.weight, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name]
+    weight, state = weight_state
+    return layer.lora_dropout[name], weight, state, base.bias, lora_a.weight, lora_b.weight, layer.scaling[name]
 
 
 def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -344,20 +403,20 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     parts = _fast_path_parts(self, x, args, kwargs)
     if parts is None:
         return type(self).forward(self, x, *args, **kwargs)
-    dropout, weight, bias, a, b, scaling = parts
-    dtype = _compute_dtype(x, weight, a, b)
+    dropout, weight, qstate, bias, a, b, scaling = parts
+    dtype = _compute_dtype(x, None if qstate is not None else weight, a, b)
     if dtype is None:
         return type(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
     xc = x.to(dtype)  # no copy when x is in the compute dtype already (the usual case)
+    w = weight if qstate is not None else weight.to(dtype)  # a 4-bit weight is dequantized inside, per call
+    bias_c = None if bias is None else bias.to(dtype)
     p = _fused_dropout_p(dropout, xc, a.shape[0])
     if p is not None:
-        return _dropout_fn().apply(
-            xc, weight.to(dtype), None if bias is None else bias.to(dtype), a, b, float(scaling), p, dtype
-        )
+        return _dropout_fn().apply(xc, w, qstate, bias_c, a, b, float(scaling), p, dtype)
     xd = dropout(xc)  # the layer's own module: the same random mask peft would draw
     # the output is in the compute dtype, as peft's is (the base layer's output under autocast)
-    return _fn().apply(xc, xd, weight.to(dtype), None if bias is None else bias.to(dtype), a, b, float(scaling), dtype)
+    return _fn().apply(xc, xd, w, qstate, bias_c, a, b, float(scaling), dtype)
 
 
 def fuse_lora_layers(model: Any) -> int:
@@ -366,7 +425,9 @@ def fuse_lora_layers(model: Any) -> int:
 
     count = 0
     for module in model.modules():
-        if type(module) is LoraLinear and not getattr(module, FUSED_ATTR, False):
+        # peft's LoRA Linear, or its bitsandbytes 4-bit one (QLoRA: same LoRA attributes, a Linear4bit base)
+        qlora = type(module).__name__ == "Linear4bit" and type(module).__module__ == "peft.tuners.lora.bnb"
+        if (type(module) is LoraLinear or qlora) and not getattr(module, FUSED_ATTR, False):
             module.forward = types.MethodType(fused_lora_forward, module)
             setattr(module, FUSED_ATTR, True)
             count += 1
