@@ -31,10 +31,9 @@ def aml(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tone_data: P
 
     tmp = tmp_path_factory.mktemp("aml")
     saved = dict(os.environ)
-    # Timing knobs only: each job state held 0.2 s (not 0.5: no test here polls for a passing state), and orch
-    # polls a followed job every 0.2 s (ORCH_AZURE_POLL_S, a user setting; 2 s by default) so a job's end is
-    # seen at once.
-    with start_standin(tmp / "standin", state_delay_s=0.2) as s:
+    # orch polls a followed job every 0.2 s (ORCH_AZURE_POLL_S, a user setting; 2 s by default): a job's end is seen
+    # at once. The stand-in keeps its 0.5 s per state: test_lost_answer_... needs its job unfinished when it cancels.
+    with start_standin(tmp / "standin") as s:
         os.environ.update(s.settings["env"])
         os.environ["MLFLOW_TRACKING_TOKEN"] = s.mlflow_token()  # the workspace MLflow endpoint needs a token
         os.environ["ORCH_AZURE_CLOUD"] = s.cloud_name
