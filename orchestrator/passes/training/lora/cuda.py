@@ -57,9 +57,9 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   padding-free rows change length every step.
 
 Measured on an H100 (bench/RESULTS.md, r=64, 8 x 1024 fixed-length samples, one machine for every row of a shape):
-Phi-3-mini 1.87x transformers+peft at dropout 0.05 (0.99x Unsloth 2026.10.9), 1.93x / 0.96x Unsloth at dropout 0,
-35.0 / 29.2 GiB against Unsloth's 42.5 / 36.8; Phi-4-mini 1.82x (1.02x Unsloth); per-step loss within 0.006 of
-Unsloth's and the baseline's; QLoRA 0.89x Unsloth QLoRA (15,451 vs 17,311 tokens/s).
+Phi-3-mini 2.00x transformers+peft at dropout 0.05 (1.07x Unsloth 2026.10.9), 2.08x / 1.05x Unsloth at dropout 0,
+35.0 / 29.2 GiB against Unsloth's 42.5 / 36.8; Phi-4-mini 1.95x (1.09x Unsloth), 2.01x / 1.07x at dropout 0; per-step
+loss within 0.008 of Unsloth's and the baseline's; QLoRA 1.06x Unsloth QLoRA (18,594 vs 17,567 tokens/s).
 
 `ORCH_CUDA_FASTPATH` (comma list of +name / -name over OPTION_NAMES) turns single choices on or off, for ablations
 and as an escape hatch; the default is the plan.
