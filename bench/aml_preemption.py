@@ -6,11 +6,12 @@ checkpoint in the workspace cache), measured on the local Azure stand-in with th
         [--write-results]
 
 One job: the tiny Phi-3, LoRA only, on the stand-in's low-priority cluster (cpu-lowpri), checkpoints every
-`--every` steps, logging every step. When its log shows step `--preempt-at`, the stand-in preempts it (Azure ML's
-requeue: attempt 2 runs the command again from the top). The row "from step 0" is what the same preemption cost
-before: attempt 2 trains every step again. Prints a table and writes per-row JSON into --out; --write-results also
-writes the table between <!-- aml-preemption:start/end --> in bench/RESULTS.md (tests/test_aml_cache.py runs the
-script tiny without it). Needs what tests/test_aml_cache.py needs (Azurite, dockerd,
+`--every` steps, logging every step. When its log shows step `--preempt-at` and a checkpoint saved to the workspace
+cache, the stand-in preempts it (Azure ML's requeue: attempt 2 runs the command again from the top); a preemption
+before the first upload finishes restarts from step 0, which is not what this measures. The row "from step 0" is
+what the same preemption cost before: attempt 2 trains every step again. Prints a table and writes per-row JSON
+into --out; --write-results also writes the table between <!-- aml-preemption:start/end --> in bench/RESULTS.md
+(tests/test_aml_cache.py runs the script tiny without it). Needs what tests/test_aml_cache.py needs (Azurite, dockerd,
 `orch env base`); the first run builds the job image (minutes).
 """
 
@@ -35,6 +36,7 @@ import harness  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "aml-preemption"
 LOSS_LINE = re.compile(r"^\[lora\] \{'loss'", re.M)
+SAVED_LINE = re.compile(r"orch: checkpoint-\d+ saved to the workspace cache")
 
 
 def main() -> None:
@@ -86,7 +88,9 @@ def main() -> None:
             job = s.state.jobs[name]
             while True:
                 log = Path(job.log_path).read_text() if job.log_path and Path(job.log_path).exists() else ""
-                if len(LOSS_LINE.findall(log)) >= args.preempt_at or job.status in ("Completed", "Failed"):
+                # the checkpoints upload in the background (ORCH_CHECKPOINT_SYNC_S): wait for one to be there
+                trained = len(LOSS_LINE.findall(log))
+                if (trained >= args.preempt_at and SAVED_LINE.search(log)) or job.status in ("Completed", "Failed"):
                     break
                 time.sleep(0.2)
             import requests
