@@ -311,7 +311,7 @@ def host_side_lines(prof: Any, n_steps: int) -> list[str]:
         lines.append(f"GPU timeline: not read ({type(exc).__name__}: {exc})")
     calls = []
     for evt in prof.key_averages():
-        if evt.key.startswith(("cuda", "cu")) and not evt.key.startswith("cudnn"):
+        if evt.key.startswith("cu") and not evt.key.startswith("cudnn"):  # cudaX (runtime) and cuX (driver)
             calls.append((evt.key, evt.self_cpu_time_total / 1e3 / n_steps, evt.count // max(n_steps, 1)))
     calls.sort(key=lambda c: -c[1])
     lines += ["", "  host ms/step   calls/step  CUDA runtime call"]

@@ -13,7 +13,10 @@ from orchestrator.passes.base import PassError
 DATA_NAME = "model.onnx.data"
 PARITY_IDS = [5, 9, 33, 12, 7, 100, 4, 8, 21, 17, 3, 44]  # the prompt an int8 graph is compared on
 # ExtractAdapters' adapter file beside the model, in each of Olive's save formats (onnxruntime's AdapterFormat first)
-ADAPTER_FILES = ("adapter_weights.onnx_adapter", "adapter_weights.npz", "adapter_weights.safetensors")
+ADAPTER_FILE = "adapter_weights.onnx_adapter"
+NUMPY_FILE = "adapter_weights.npz"
+SAFETENSORS_FILE = "adapter_weights.safetensors"
+ADAPTER_FILES = (ADAPTER_FILE, NUMPY_FILE, SAFETENSORS_FILE)
 
 
 def save_one_data_file(proto: Any, dst: Path, *, external: bool = True) -> None:

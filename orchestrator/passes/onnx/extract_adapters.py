@@ -28,11 +28,13 @@ from pydantic import field_validator
 from orchestrator.core.fs import commit_dir, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
-from orchestrator.passes.common.onnx_common import load_adapter  # noqa: F401  (re-exported: the adapter reader)
+from orchestrator.passes.common.onnx_common import (  # noqa: F401  (load_adapter re-exported: the adapter reader)
+    ADAPTER_FILE,
+    NUMPY_FILE,
+    SAFETENSORS_FILE,
+    load_adapter,
+)
 
-ADAPTER_FILE = "adapter_weights.onnx_adapter"
-NUMPY_FILE = "adapter_weights.npz"
-SAFETENSORS_FILE = "adapter_weights.safetensors"
 FILES = {"onnx_adapter": ADAPTER_FILE, "numpy": NUMPY_FILE, "safetensors": SAFETENSORS_FILE}
 # the builder's LoRA MatMul names (make_matmul_lora): /model/layers.{i}/{attn|mlp}/{proj}/lora_{A|B}/MatMul
 LORA_NODE = re.compile(r"^/model/layers\.(\d+)/(\w+)/(\w+)/lora_([AB])/MatMul(_Q4|_Q8)?$")

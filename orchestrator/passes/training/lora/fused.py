@@ -44,10 +44,35 @@ from typing import Any
 FUSED_ATTR = "_orch_fused_lora"
 
 
+def base_plus_lora(
+    x2: Any, xd2: Any, weight: Any, qstate: Any, bias: Any, a16: Any, b16: Any, scaling: float, dtype: Any
+) -> tuple[Any, Any]:
+    """(x2 @ W^T + bias + scaling * h @ B^T, h = xd2 @ A^T): the base GEMM with the LoRA update added in its
+    epilogue (addmm), every fused function's forward; h is what B's gradient needs."""
+    import torch
+
+    from orchestrator.passes.training.lora.kernels import lora_tall
+
+    out = torch.nn.functional.linear(x2, dense_weight(weight, qstate, dtype), bias)
+    h = lora_tall(xd2, a16)
+    out.addmm_(h, b16.t(), alpha=scaling)
+    return out, h
+
+
+def lora_out_grads(g: Any, h: Any, b16: Any, scaling: float, b_dtype: Any) -> tuple[Any, Any]:
+    """From the output gradient g: (gh = scaling * g @ B, the small (tokens x r) gradient A's and the input's
+    gradients start from; B's gradient scaling * g^T @ h in B's own dtype, or None when h is None)."""
+    from orchestrator.passes.training.lora.kernels import lora_tall, lora_wgrad
+
+    gh = lora_tall(g, b16.t().contiguous()).mul_(scaling)
+    grad_b = None if h is None else lora_wgrad(g, h).mul_(scaling).to(b_dtype)
+    return gh, grad_b
+
+
 def _lora_function() -> Any:
     import torch
 
-    from orchestrator.passes.training.lora.kernels import lora_tall, lora_wgrad
+    from orchestrator.passes.training.lora.kernels import lora_wgrad
 
     class LoraLinearFunction(torch.autograd.Function):
         """out = x @ W^T + bias + scaling * (xd @ A^T) @ B^T, with xd the (possibly dropped-out) LoRA input.
@@ -75,9 +100,7 @@ def _lora_function() -> Any:
             xd2 = x2 if same else xd.reshape(-1, xd.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
                 a16, b16 = a.to(dtype), b.to(dtype)
-                out = torch.nn.functional.linear(x2, dense_weight(weight, qstate, dtype), bias)
-                h = lora_tall(xd2, a16)
-                out.addmm_(h, b16.t(), alpha=scaling)
+                out, h = base_plus_lora(x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype)
             ctx.same = same
             ctx.scaling = scaling
             ctx.dtypes = (a.dtype, b.dtype)
@@ -104,9 +127,7 @@ def _lora_function() -> Any:
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_xd = grad_a = grad_b = None
             with torch.autocast(device_type=g.device.type, enabled=False):
-                gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
-                if need_b:
-                    grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
+                gh, grad_b = lora_out_grads(g, h if need_b else None, b16, ctx.scaling, ctx.dtypes[1])
                 if need_a:
                     grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
                 if need_x:
@@ -128,7 +149,7 @@ def _lora_function() -> Any:
 def _lora_dropout_function() -> Any:
     import torch
 
-    from orchestrator.passes.training.lora.kernels import lora_dropout_grad_add_, lora_tall, lora_wgrad
+    from orchestrator.passes.training.lora.kernels import lora_dropout_grad_add_, lora_wgrad
 
     class LoraLinearDropoutFunction(torch.autograd.Function):
         """out = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T, dropout drawn inside (native_dropout)."""
@@ -151,9 +172,7 @@ def _lora_dropout_function() -> Any:
             with torch.autocast(device_type=x.device.type, enabled=False):
                 a16, b16 = a.to(dtype), b.to(dtype)
                 xd2, mask = torch.native_dropout(x2, p, True)
-                out = torch.nn.functional.linear(x2, dense_weight(weight, qstate, dtype), bias)
-                h = lora_tall(xd2, a16)
-                out.addmm_(h, b16.t(), alpha=scaling)
+                out, h = base_plus_lora(x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype)
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p)
             ctx.dtypes = (a.dtype, b.dtype)
@@ -177,9 +196,7 @@ def _lora_dropout_function() -> Any:
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_a = grad_b = None
             with torch.autocast(device_type=g.device.type, enabled=False):
-                gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
-                if need_b:
-                    grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
+                gh, grad_b = lora_out_grads(g, h if need_b else None, b16, ctx.scaling, ctx.dtypes[1])
                 if need_a:
                     grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
                 if need_x:
@@ -197,7 +214,6 @@ def _swiglu_down_function() -> Any:
 
     from orchestrator.passes.training.lora.kernels import (
         lora_dropout_grad_add_,
-        lora_tall,
         lora_wgrad,
         swiglu_backward_2d,
         swiglu_dropout_2d,
@@ -233,9 +249,7 @@ def _swiglu_down_function() -> Any:
                 a16, b16 = a.to(dtype), b.to(dtype)
                 c = swiglu_forward_2d(u2)
                 xd, mask = torch.native_dropout(c, p, True) if p > 0 else (c, None)
-                out = torch.nn.functional.linear(c, dense_weight(weight, qstate, dtype), bias)
-                h = lora_tall(xd, a16)
-                out.addmm_(h, b16.t(), alpha=scaling)
+                out, h = base_plus_lora(c, xd, weight, qstate, bias, a16, b16, scaling, dtype)
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
             ctx.dtypes = (a.dtype, b.dtype)
@@ -249,8 +263,7 @@ def _swiglu_down_function() -> Any:
             u2, h, weight, a16, b16, mask = ctx.saved_tensors
             g = grad_out.reshape(-1, grad_out.shape[-1])
             with torch.autocast(device_type=g.device.type, enabled=False):
-                gh = lora_tall(g, b16.t().contiguous()).mul_(ctx.scaling)  # (tokens, r): small
-                grad_b = lora_wgrad(g, h).mul_(ctx.scaling).to(ctx.dtypes[1])
+                gh, grad_b = lora_out_grads(g, h, b16, ctx.scaling, ctx.dtypes[1])
                 # c again, or straight its dropped-out copy from the kept mask (one pass either way)
                 xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
                 grad_a = lora_wgrad(gh, xd).to(ctx.dtypes[0])
