@@ -113,6 +113,9 @@ def correctness(res: dict[str, Any]) -> None:
         ref = gx.float() + (gh.float() @ a.float()) * mask * (1 / 0.95)
         got = lora_kernels.lora_dropout_grad_add_(gx.clone(), gh, a, mask, 1 / 0.95)
         checks[f"dropout_grad_add {rows}x{cols} r{r}"] = rel_err(got, ref)
+        # the write-once variant (LoRA-first order): the LoRA term alone, the base GEMM adds into it after
+        got = lora_kernels.lora_dropout_grad(gh, a, mask, 1 / 0.95, torch.bfloat16)
+        checks[f"dropout_grad write {rows}x{cols} r{r}"] = rel_err(got, ref - gx.float())
     for rows, inter in ((8192, 8192), (333, 1000)):
         u = torch.randn(rows, 2 * inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dc = torch.randn(rows, inter, device="cuda", dtype=torch.bfloat16)
@@ -297,6 +300,13 @@ def timings(res: dict[str, Any]) -> None:
         nodrop = lora_layer(d_in, d_out, 0.0)
         lora_fused.fuse_lora_layers(nodrop)
         t[f"{name}: orch fused, p=0"] = fwd_bwd(nodrop, x, g)
+        saved_order = lora_fused.LORA_FIRST
+        lora_fused.LORA_FIRST = not saved_order  # the other GEMM order (fused.LORA_FIRST): base GEMM first
+        try:
+            t[f"{name}: orch fused, dropout inside, base GEMM first"] = fwd_bwd(fused, x, g)
+            t[f"{name}: orch fused, p=0, base GEMM first"] = fwd_bwd(nodrop, x, g)
+        finally:
+            lora_fused.LORA_FIRST = saved_order
         del x, g, w, peft_layer, fused, nodrop
 
     # SwiGLU
