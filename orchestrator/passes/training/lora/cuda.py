@@ -35,6 +35,8 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   LoRA dropout runs inside them (native_dropout, peft's masks) with a Triton kernel for its input gradient.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
+- Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm (`add_norm`: Liger's fused
+  add + RMSNorm, lora/add_norm.py).
 - Rows whose samples all have one length (fixed-length data) through cuDNN's SDPA as a causal batch on Hopper.
 - adamw_torch as adamw_torch_fused (the same update in one kernel).
 - Gradient checkpointing only when the step would not fit: an estimate of weights + activations against the GPU's
@@ -111,6 +113,7 @@ OPTION_NAMES = (
     "qlora_bf16",
     "non_blocking",
     "lora_first",
+    "add_norm",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -141,6 +144,7 @@ class CudaPlan:
     qlora_bf16: bool = False  # a 4-bit base's frozen fp32-upcast parameters back to bf16 (no fp32 residual stream)
     non_blocking: bool = False  # batches copied to the GPU from pinned memory without a stream sync
     lora_first: bool = False  # fused layers: the LoRA term written first, the base GEMM accumulates into it
+    add_norm: bool = False  # Phi-3 layers: the attention's residual add inside the post-attention RMSNorm (Liger)
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -302,6 +306,12 @@ def plan_cuda(
             "fused_linear_cross_entropy": False,
         }
         reasons.append(f"Liger kernels: fused RMSNorm, {'' if swiglu else 'SwiGLU, '}RoPE")
+    add_norm = bool(liger is not None and model_type in FUSED_GATE_UP_MODEL_TYPES and opts.get("add_norm", True))
+    if add_norm:
+        reasons.append(
+            "decoder layers: the attention's residual add inside the post-attention RMSNorm (Liger's fused add + "
+            "RMSNorm, one kernel each way instead of a norm plus a full-size add)"
+        )
 
     flce = False
     if not opts.get("flce", True):
@@ -417,6 +427,7 @@ def plan_cuda(
         qlora_bf16=qlora_bf16,
         non_blocking=non_blocking,
         lora_first=lora_first,
+        add_norm=add_norm,
         reasons=tuple(reasons),
     )
 
@@ -530,6 +541,10 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     _CUDNN_UNIFORM = plan.cudnn_attn
     if plan.liger is not None:
         apply_liger(model, plan.liger)
+    if plan.add_norm:
+        from orchestrator.passes.training.lora.add_norm import fuse_add_norm
+
+        fuse_add_norm(model)  # after Liger: it fuses only where the norm is Liger's
     if plan.qkv_split:
         split_qkv_attention(model, rope=plan.qkv_rope)
     if plan.swiglu:
