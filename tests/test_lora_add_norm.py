@@ -88,3 +88,38 @@ def test_apply_plan_rewrites_only_layers_with_liger_norms(tiny_phi3) -> None:
     layers = model.base_model.model.model.layers
     assert not any(is_liger_rms_norm(layer.post_attention_layernorm) for layer in layers)
     assert not any("forward" in vars(layer) for layer in layers)  # left as transformers wrote them
+
+
+def _saved_bytes(model) -> int:
+    """Bytes of the tensors autograd keeps for the backward (parameters excluded) during one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(10, 900, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+def test_rewritten_layers_stay_checkpointed(tiny_phi3) -> None:
+    """transformers wraps the class's forward with the checkpoint call; the instance forward must checkpoint itself,
+    or every rewritten layer would silently keep all its activations under gradient checkpointing (QLoRA)."""
+    models = {}
+    for name, fuse in (("plain", False), ("fused", True)):
+        model = _lora_model(tiny_phi3)
+        model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.base_model.model.enable_input_require_grads()
+        if fuse:
+            assert fuse_add_norm(model, liger_only=False) == 3
+        models[name] = model
+    full = _lora_model(tiny_phi3)
+    fuse_add_norm(full, liger_only=False)
+    checkpointed, kept_all = _saved_bytes(models["fused"]), _saved_bytes(full)
+    assert checkpointed == _saved_bytes(models["plain"])
+    assert checkpointed < kept_all / 3, (checkpointed, kept_all)
