@@ -118,6 +118,9 @@ def correctness(res: dict[str, Any]) -> None:
         ref = gx.float() + (gh.float() @ a.float()) * mask * (1 / 0.95)
         got = lora_kernels.lora_dropout_grad_add_(gx.clone(), gh, a, mask, 1 / 0.95)
         checks[f"dropout_grad_add {rows}x{cols} r{r}"] = rel_err(got, ref)
+        # the write-once variant (LoRA-first order): the LoRA term alone, the base GEMM adds into it after
+        got = lora_kernels.lora_dropout_grad(gh, a, mask, 1 / 0.95, torch.bfloat16)
+        checks[f"dropout_grad write {rows}x{cols} r{r}"] = rel_err(got, ref - gx.float())
     for rows, inter in ((8192, 8192), (333, 1000)):
         u = torch.randn(rows, 2 * inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dc = torch.randn(rows, inter, device="cuda", dtype=torch.bfloat16)
@@ -147,6 +150,30 @@ def correctness(res: dict[str, Any]) -> None:
             )
         for name, a, b in zip(("out", "grad_x", "grad_A", "grad_B"), outs[1], outs[0], strict=True):
             checks[f"fused dropout layer vs peft {d_in}->{d_out} {name}"] = rel_err(a, b)
+    # the attention's residual add inside the post-attention norm (add_norm.py: Liger's fused add + RMSNorm) vs
+    # the add, then Liger's RMSNorm patched into a Phi-3 norm as apply_liger does: forward (normed, sum), backward
+    try:
+        from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module
+        from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+
+        from orchestrator.passes.training.lora.add_norm import add_rms_norm, is_liger_rms_norm
+
+        norm = Phi3RMSNorm(3072, eps=1e-5).to("cuda", torch.bfloat16)
+        _patch_rms_norm_module(norm, eps=1e-5)
+        checks["add_norm: Liger norm recognised"] = 0.0 if is_liger_rms_norm(norm) else float("nan")
+        x = torch.randn(8192, 3072, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(8192, 3072, device="cuda", dtype=torch.bfloat16)
+        dy, ds = torch.randn_like(x), torch.randn_like(x)
+        results = []
+        for fused in (False, True):
+            xi, ri = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+            y, summed = add_rms_norm(xi, ri, norm) if fused else (norm(ri + xi), ri + xi)
+            torch.autograd.backward([y, summed], [dy, ds])
+            results.append((y.float(), summed.float(), xi.grad.float(), ri.grad.float()))
+        for name, a, b in zip(("normed", "sum", "grad_x", "grad_residual"), results[1], results[0], strict=True):
+            checks[f"add_norm fused vs add + norm {name}"] = rel_err(a, b)
+    except Exception as e:  # noqa: BLE001 - a missing Liger is a result, the other checks still run
+        res.setdefault("errors", {})["add_norm"] = f"{type(e).__name__}: {e}"[:300]
     # cuDNN attention over equal-length samples, grouped-query heads (Phi-4-mini) included, vs per-sample fp32
     from orchestrator.passes.training.lora import cuda as lora_cuda
 
@@ -401,6 +428,13 @@ def timings(res: dict[str, Any]) -> None:
         nodrop = lora_layer(d_in, d_out, 0.0)
         lora_fused.fuse_lora_layers(nodrop)
         t[f"{name}: orch fused, p=0"] = fwd_bwd(nodrop, x, g)
+        saved_order = lora_fused.LORA_FIRST
+        lora_fused.LORA_FIRST = not saved_order  # the other GEMM order (fused.LORA_FIRST): base GEMM first
+        try:
+            t[f"{name}: orch fused, dropout inside, base GEMM first"] = fwd_bwd(fused, x, g)
+            t[f"{name}: orch fused, p=0, base GEMM first"] = fwd_bwd(nodrop, x, g)
+        finally:
+            lora_fused.LORA_FIRST = saved_order
         del x, g, w, peft_layer, fused, nodrop
 
     # SwiGLU

@@ -499,6 +499,26 @@ def test_apply_plan_fuses_the_lora_layers(tiny_phi3) -> None:
     assert len(fused) == 2 * 2 and all(n.endswith(("qkv_proj", "down_proj")) for n in fused)
 
 
+def test_lora_first_gemm_order_is_planned_and_turns_off(tiny_phi3, monkeypatch: pytest.MonkeyPatch) -> None:
+    import peft
+    import transformers
+
+    from orchestrator.passes.training.lora import fused as lora_fused
+
+    monkeypatch.setattr(lora_fused, "LORA_FIRST", lora_fused.LORA_FIRST)  # restored after the test
+    plan = plan_cuda(H100, PHI3_MINI, {})
+    assert plan.lora_first and any("base GEMM accumulating" in r for r in plan.reasons)
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"fused_lora": False}).lora_first  # only the fused layers have it
+    off = plan_cuda(H100, PHI3_MINI, {}, parse_options("-lora_first,-liger,-padding_free"))
+    assert off.fused_lora and not off.lora_first
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv_proj"]))
+    lora_cuda.apply_plan(off, model, {})
+    assert lora_fused.LORA_FIRST is False
+    lora_cuda.apply_plan(plan_cuda(H100, PHI3_MINI, {}, {"liger": False, "padding_free": False}), model, {})
+    assert lora_fused.LORA_FIRST is True
+
+
 @pytest.fixture(scope="module")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
     from orchestrator.passes.models.tiny_model import build_tiny_phi3

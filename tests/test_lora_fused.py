@@ -15,6 +15,15 @@ from orchestrator.passes.training.lora.fused import FUSED_ATTR, fuse_lora_layers
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
+@pytest.fixture(params=[True, False], ids=["lora_first", "base_first"])
+def gemm_order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both orders of the fused functions' GEMMs (fused.LORA_FIRST, the plan's `lora_first` option)."""
+    from orchestrator.passes.training.lora import fused
+
+    monkeypatch.setattr(fused, "LORA_FIRST", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
     from orchestrator.passes.models.tiny_model import build_tiny_phi3
@@ -66,7 +75,7 @@ def _loss_and_grads(model, batch, *, seed: int, autocast: bool = False):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_matches_peft_in_fp32(tiny_phi3, dropout: float) -> None:
+def test_fused_matches_peft_in_fp32(tiny_phi3, dropout: float, gemm_order: bool) -> None:
     ref = _peft_model(tiny_phi3, dropout)
     fused = _peft_model(tiny_phi3, dropout)
     assert fuse_lora_layers(fused) == 2 * len(TARGETS)
@@ -105,7 +114,7 @@ def _qlora_model(path, dropout: float, seed: int = 0):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_layers_take_a_4bit_base_as_peft_does(tiny_phi3, dropout: float) -> None:
+def test_fused_layers_take_a_4bit_base_as_peft_does(tiny_phi3, dropout: float, gemm_order: bool) -> None:
     """QLoRA: the fused functions dequantize the nf4 weight themselves (forward and backward) and give peft's
     bitsandbytes layers' loss and adapter gradients; the packed weight is all they keep."""
     from orchestrator.passes.training.lora.fused import _fast_path_parts
@@ -128,7 +137,7 @@ def test_fused_layers_take_a_4bit_base_as_peft_does(tiny_phi3, dropout: float) -
         assert torch.allclose(g_fused[name], g, atol=1e-5, rtol=1e-3), name
 
 
-def test_fused_matches_peft_under_bf16_autocast(tiny_phi3) -> None:
+def test_fused_matches_peft_under_bf16_autocast(tiny_phi3, gemm_order: bool) -> None:
     ref = _peft_model(tiny_phi3, 0.05)
     fused = _peft_model(tiny_phi3, 0.05)
     fuse_lora_layers(fused)
@@ -212,7 +221,7 @@ def test_unfuse_restores_peft_forward(tiny_phi3) -> None:
     assert not any(getattr(m, FUSED_ATTR, False) or "forward" in vars(m) for m in fused.modules())
 
 
-def test_dropout_inside_the_fused_function_is_peft_arithmetic() -> None:
+def test_dropout_inside_the_fused_function_is_peft_arithmetic(gemm_order: bool) -> None:
     """The CUDA path's function (dropout drawn inside, its mask kept for the input gradient) on CPU tensors: the
     same output and gradients as peft's graph with the mask native_dropout draws for the same seed."""
     from orchestrator.passes.training.lora.fused import _dropout_fn
@@ -239,6 +248,29 @@ def test_dropout_inside_the_fused_function_is_peft_arithmetic() -> None:
     assert 0 < int((~mask).sum()) < mask.numel()  # some elements were dropped, not all
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_both_gemm_orders_give_the_lora_linear_arithmetic(gemm_order: bool, with_bias: bool) -> None:
+    """x @ W^T + bias + s * (x @ A^T) @ B^T and its gradients, whichever GEMM writes the output first (LoRA first:
+    the base GEMM accumulates into the LoRA term, forward and backward), with and without a bias (the bias rides in
+    the first GEMM)."""
+    from orchestrator.passes.training.lora.fused import _fn
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 7, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(24, 32, generator=gen, dtype=torch.float64)
+    bias = torch.randn(24, generator=gen, dtype=torch.float64) if with_bias else None
+    a = torch.randn(8, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, 24, generator=gen, dtype=torch.float64)
+    out = _fn().apply(x, x, w, None, bias, a, b, 0.75, torch.float64)
+    grads = torch.autograd.grad(out, (x, a, b), g)
+    ref = x @ w.t() + 0.75 * (x @ a.t()) @ b.t() + (0 if bias is None else bias)
+    ref_grads = torch.autograd.grad(ref, (x, a, b), g)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
 def test_fused_dropout_runs_inside_only_on_cuda_with_triton() -> None:
     from orchestrator.passes.training.lora.fused import _fused_dropout_p
 
@@ -248,7 +280,7 @@ def test_fused_dropout_runs_inside_only_on_cuda_with_triton() -> None:
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float) -> None:
+def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float, gemm_order: bool) -> None:
     """SwiGLU + LoRA down_proj as one function that keeps only u (fused.swiglu_down's function), against the same
     arithmetic in eager torch with the same dropout mask: output and gradients of u, A and B."""
     import torch

@@ -27,13 +27,16 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   ~1 GiB logits chunks: two vocabulary-size GEMMs per step (TRL's chunked head recomputes the logits in its
   backward: three), same loss (TRL's entropy metric is not computed). Eval, data parallel, other loss types and
   heads with bias / softcapping go to TRL's own compute_loss.
-- Fused LoRA layers (passes/training/lora/fused.py) under bf16/fp16 autocast: the LoRA update is added inside the
-  base matmul's epilogue and the backward is written by hand, which removes the full-size `* scaling` and `+`
-  passes over every projection's output; same saved tensors, same random masks. A bitsandbytes 4-bit base (QLoRA)
-  is dequantized inside them per call (forward and backward), as bitsandbytes' own matmul does.
+- Fused LoRA layers (passes/training/lora/fused.py) under bf16/fp16 autocast: the LoRA update and the base matmul
+  share one output tensor (the small term written first, the base GEMM accumulating into it in its epilogue:
+  `lora_first`) and the backward is written by hand, which removes the full-size `* scaling` and `+` passes over
+  every projection's output and its input gradient; same saved tensors, same random masks. A bitsandbytes 4-bit
+  base (QLoRA) is dequantized inside them per call (forward and backward), as bitsandbytes' own matmul does.
   LoRA dropout runs inside them (native_dropout, peft's masks) with a Triton kernel for its input gradient.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
+- Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm (`add_norm`: Liger's fused
+  add + RMSNorm, lora/add_norm.py).
 - Rows whose samples all have one length (fixed-length data) through cuDNN's SDPA as a causal batch on Hopper.
 - adamw_torch as adamw_torch_fused (the same update in one kernel).
 - Gradient checkpointing only when the step would not fit: an estimate of weights + activations against the GPU's
@@ -116,6 +119,8 @@ OPTION_NAMES = (
     "qkv_rope",
     "qlora_bf16",
     "non_blocking",
+    "lora_first",
+    "add_norm",
     "offload_checkpoints",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
@@ -146,6 +151,8 @@ class CudaPlan:
     qkv_rope: bool = False  # q, k, v + RoPE out of the fused qkv in one Triton pass each way (lora_kernels.qkv_rope)
     qlora_bf16: bool = False  # a 4-bit base's frozen fp32-upcast parameters back to bf16 (no fp32 residual stream)
     non_blocking: bool = False  # batches copied to the GPU from pinned memory without a stream sync
+    lora_first: bool = False  # fused layers: the LoRA term written first, the base GEMM accumulates into it
+    add_norm: bool = False  # Phi-3 layers: the attention's residual add inside the post-attention RMSNorm (Liger)
     offload_checkpoints: bool = False  # checkpointed layer inputs in pinned host memory (offload.py), copies overlapped
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
@@ -262,6 +269,13 @@ def plan_cuda(
             "LoRA dropout inside the fused layers (native_dropout: peft's masks), its input gradient added by one "
             "Triton kernel"
         )
+    lora_first = bool(fused_lora and opts.get("lora_first", True))
+    if lora_first:
+        reasons.append(
+            "fused LoRA layers: the small LoRA term written first and the base GEMM accumulating into it (forward "
+            "and input gradient): the compute-bound GEMM reads it in its epilogue instead of a memory-bound pass "
+            "reading and writing the whole output again"
+        )
     splitk = bool(fused_lora and opts.get("splitk", True))
     if splitk:
         reasons.append(
@@ -301,6 +315,12 @@ def plan_cuda(
             "fused_linear_cross_entropy": False,
         }
         reasons.append(f"Liger kernels: fused RMSNorm, {'' if swiglu else 'SwiGLU, '}RoPE")
+    add_norm = bool(liger is not None and model_type in FUSED_GATE_UP_MODEL_TYPES and opts.get("add_norm", True))
+    if add_norm:
+        reasons.append(
+            "decoder layers: the attention's residual add inside the post-attention RMSNorm (Liger's fused add + "
+            "RMSNorm, one kernel each way instead of a norm plus a full-size add)"
+        )
 
     flce = False
     if not opts.get("flce", True):
@@ -448,6 +468,8 @@ def plan_cuda(
         qkv_rope=qkv_rope,
         qlora_bf16=qlora_bf16,
         non_blocking=non_blocking,
+        lora_first=lora_first,
+        add_norm=add_norm,
         offload_checkpoints=offload_checkpoints,
         reasons=tuple(reasons),
     )
@@ -563,16 +585,22 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
     _CUDNN_UNIFORM = plan.cudnn_attn
     if plan.liger is not None:
         apply_liger(model, plan.liger)
+    if plan.add_norm:
+        from orchestrator.passes.training.lora.add_norm import fuse_add_norm
+
+        fuse_add_norm(model)  # after Liger: it fuses only where the norm is Liger's
     if plan.qkv_split:
         split_qkv_attention(model, rope=plan.qkv_rope)
     if plan.swiglu:
         orch_swiglu_mlp(model, recompute=plan.mlp_recompute)
     if plan.fused_lora:
+        from orchestrator.passes.training.lora import fused as lora_fused
         from orchestrator.passes.training.lora import kernels as lora_kernels
         from orchestrator.passes.training.lora.fused import fuse_lora_layers
 
         lora_kernels.SPLIT_ENABLED = plan.splitk
         lora_kernels.DROPOUT_KERNEL_ENABLED = plan.fused_dropout
+        lora_fused.LORA_FIRST = plan.lora_first
         fuse_lora_layers(model)
     if plan.compile_layers:
         compile_decoder_layers(model)

@@ -7,11 +7,14 @@ gradient and sums two input gradients. On an H100 those elementwise passes over 
 tensors cost about as much as a tenth of a training step of a Phi-3-mini-sized model once the attention and the
 norms are fused (Liger) and there is no padding left to remove.
 
-Here the same arithmetic is done with one `addmm_` that adds `scaling * (h @ B^T)` into the base output inside the
-GEMM (beta=1, alpha=scaling), and a backward written by hand that:
+Here the same arithmetic shares one output tensor: the skinny GEMM writes `scaling * (h @ B^T)` (alpha=scaling)
+and the base GEMM accumulates into it (`addmm_`, beta=1: a compute-bound GEMM reads it in its epilogue at almost
+no cost; `LORA_FIRST`, the plan's `lora_first`; the other order adds the LoRA term into the base output with a
+memory-bound K=r GEMM that reads and writes the whole output once more), and a backward written by hand that:
 - computes the small (tokens x r) gradient `scaling * g @ B` once and uses it for A's gradient and the input's;
-- adds the LoRA path's input gradient into the base path's with another `addmm_` when there is no dropout (the
-  LoRA input is then the layer input itself);
+- writes the LoRA path's input gradient first and lets the base GEMM `g @ W` accumulate into it, likewise (with
+  dropout the Triton kernel writes `(gh @ A) * mask / (1 - p)`; without it the LoRA input is the layer input
+  itself and the term is one `gh @ A`);
 - saves exactly what peft's autograd graph saves (the dropped-out input and the (tokens x r) intermediate), so
   peak memory is not higher.
 
@@ -44,19 +47,52 @@ from typing import Any
 FUSED_ATTR = "_orch_fused_lora"
 
 
+# lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-lora_first: the base GEMM first, the LoRA term added after it)
+LORA_FIRST = True
+
+
 def base_plus_lora(
     x2: Any, xd2: Any, weight: Any, qstate: Any, bias: Any, a16: Any, b16: Any, scaling: float, dtype: Any
 ) -> tuple[Any, Any]:
-    """(x2 @ W^T + bias + scaling * h @ B^T, h = xd2 @ A^T): the base GEMM with the LoRA update added in its
-    epilogue (addmm), every fused function's forward; h is what B's gradient needs."""
+    """(x2 @ W^T + bias + scaling * h @ B^T, h = xd2 @ A^T), every fused function's forward; h is what B's
+    gradient needs.
+
+    LoRA first: the skinny GEMM writes `scaling * h @ B^T (+ bias)` once, then the base GEMM accumulates into it
+    (beta=1: the compute-bound GEMM reads that tensor in its epilogue, nearly free). The other order writes the base
+    output and then reads and writes it again in the memory-bound K=r GEMM: 2 bytes per output element more.
+    """
     import torch
 
     from orchestrator.passes.training.lora.kernels import lora_tall
 
-    out = torch.nn.functional.linear(x2, dense_weight(weight, qstate, dtype), bias)
+    w = dense_weight(weight, qstate, dtype)
     h = lora_tall(xd2, a16)
-    out.addmm_(h, b16.t(), alpha=scaling)
+    if LORA_FIRST:
+        if bias is not None:
+            out = torch.addmm(bias, h, b16.t(), alpha=scaling)
+        else:  # beta=0: the empty tensor's contents are never read (BLAS semantics, NaNs included)
+            out = h.new_empty((h.shape[0], b16.shape[0])).addmm_(h, b16.t(), beta=0, alpha=scaling)
+        out.addmm_(x2, w.t())
+    else:
+        out = torch.nn.functional.linear(x2, w, bias)
+        out.addmm_(h, b16.t(), alpha=scaling)
     return out, h
+
+
+def input_grad(g: Any, w: Any, gh: Any, a16: Any, mask: Any, keep_scale: float) -> Any:
+    """g @ W plus the LoRA path's input gradient (gh @ A, times the dropout mask and 1 / (1 - p) when `mask` is
+    given), in the order LORA_FIRST picks: the small term written first and the base GEMM accumulating into it."""
+    import torch
+
+    from orchestrator.passes.training.lora.kernels import lora_dropout_grad, lora_dropout_grad_add_
+
+    if LORA_FIRST:
+        lora = torch.mm(gh, a16) if mask is None else lora_dropout_grad(gh, a16, mask, keep_scale, g.dtype)
+        return lora.addmm_(g, w)
+    out = g @ w
+    if mask is None:
+        return out.addmm_(gh, a16)
+    return lora_dropout_grad_add_(out, gh, a16, mask, keep_scale)
 
 
 def lora_out_grads(g: Any, h: Any, b16: Any, scaling: float, b_dtype: Any) -> tuple[Any, Any]:
@@ -131,9 +167,9 @@ def _lora_function() -> Any:
                 if need_a:
                     grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
                 if need_x:
-                    grad_x = g @ dense_weight(weight, ctx.qstate, ctx.dtype)
-                    if ctx.same:
-                        grad_x.addmm_(gh, a16)  # the LoRA path's input gradient, added inside the GEMM
+                    w = dense_weight(weight, ctx.qstate, ctx.dtype)
+                    # one tensor: the LoRA path's input gradient joins the base path's inside a GEMM
+                    grad_x = input_grad(g, w, gh, a16, None, 1.0) if ctx.same else g @ w
                 if need_xd and not ctx.same:
                     grad_xd = gh @ a16
             if grad_x is not None:
@@ -149,7 +185,7 @@ def _lora_function() -> Any:
 def _lora_dropout_function() -> Any:
     import torch
 
-    from orchestrator.passes.training.lora.kernels import lora_dropout_grad_add_, lora_wgrad
+    from orchestrator.passes.training.lora.kernels import lora_wgrad
 
     class LoraLinearDropoutFunction(torch.autograd.Function):
         """out = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T, dropout drawn inside (native_dropout)."""
@@ -200,8 +236,7 @@ def _lora_dropout_function() -> Any:
                 if need_a:
                     grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
                 if need_x:
-                    grad_x = g @ dense_weight(weight, ctx.qstate, ctx.dtype)
-                    lora_dropout_grad_add_(grad_x, gh, a16, mask, ctx.keep_scale)
+                    grad_x = input_grad(g, dense_weight(weight, ctx.qstate, ctx.dtype), gh, a16, mask, ctx.keep_scale)
             if grad_x is not None:
                 grad_x = grad_x.view(*lead, grad_x.shape[-1])
             return grad_x, None, None, None, grad_a, grad_b, None, None, None
@@ -213,7 +248,6 @@ def _swiglu_down_function() -> Any:
     import torch
 
     from orchestrator.passes.training.lora.kernels import (
-        lora_dropout_grad_add_,
         lora_wgrad,
         swiglu_backward_2d,
         swiglu_dropout_2d,
@@ -268,11 +302,7 @@ def _swiglu_down_function() -> Any:
                 xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
                 grad_a = lora_wgrad(gh, xd).to(ctx.dtypes[0])
                 del xd
-                grad_c = g @ dense_weight(weight, ctx.qstate, ctx.dtype)
-                if mask is not None:
-                    lora_dropout_grad_add_(grad_c, gh, a16, mask, ctx.keep_scale)
-                else:
-                    grad_c.addmm_(gh, a16)
+                grad_c = input_grad(g, dense_weight(weight, ctx.qstate, ctx.dtype), gh, a16, mask, ctx.keep_scale)
                 du = swiglu_backward_2d(u2, grad_c)
             return du.view(ctx.lead), None, None, None, grad_a, grad_b, None, None, None
 

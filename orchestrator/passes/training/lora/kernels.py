@@ -53,6 +53,7 @@ def _kernels() -> Any:
         R: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
     ):
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,8 +66,9 @@ def _kernels() -> Any:
         ok = row_ok[:, None] & col_ok[None, :]
         keep = tl.load(m_ptr + rows[:, None] * stride_m + cols[None, :], mask=ok, other=0)
         gx_ptrs = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
-        gx = tl.load(gx_ptrs, mask=ok, other=0.0).to(tl.float32)
-        gx += tl.where(keep != 0, acc * scale, 0.0)
+        gx = tl.where(keep != 0, acc * scale, 0.0)
+        if ACCUMULATE:
+            gx += tl.load(gx_ptrs, mask=ok, other=0.0).to(tl.float32)
         tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -138,26 +140,45 @@ def lora_dropout_grad_add_reference(grad_x: Any, gh: Any, a: Any, mask: Any, sca
 
 def lora_dropout_grad_add_(grad_x: Any, gh: Any, a: Any, mask: Any, scale: float) -> Any:
     """In place: grad_x (T, K) += ((gh (T, r) @ a (r, K)) * mask (T, K, bool)) * scale; returns grad_x."""
-    rank = gh.shape[-1]
-    if not (_use_triton(grad_x, gh, a, mask) and dropout_grad_add_supported(rank)):
+    if not _dropout_kernel_applies(grad_x, gh, a, mask):
         return lora_dropout_grad_add_reference(grad_x, gh, a, mask, scale)
+    return _run_dropout_grad(grad_x, gh, a, mask, scale, accumulate=True)
+
+
+def lora_dropout_grad(gh: Any, a: Any, mask: Any, scale: float, dtype: Any) -> Any:
+    """A new (T, K) tensor ((gh @ a) * mask) * scale in `dtype`: the LoRA path's input gradient written once, for
+    the base GEMM to accumulate into (fused.py's LoRA-first order)."""
+    import torch
+
+    out = torch.empty(mask.shape, dtype=dtype, device=mask.device)
+    if not _dropout_kernel_applies(out, gh, a, mask):
+        return torch.mul((gh @ a) * mask, scale, out=out)
+    return _run_dropout_grad(out, gh, a, mask, scale, accumulate=False)
+
+
+def _dropout_kernel_applies(out: Any, gh: Any, a: Any, mask: Any) -> bool:
+    return _use_triton(out, gh, a, mask) and dropout_grad_add_supported(gh.shape[-1])
+
+
+def _run_dropout_grad(out: Any, gh: Any, a: Any, mask: Any, scale: float, *, accumulate: bool) -> Any:
     import triton
 
+    rank = gh.shape[-1]
     kernel = _kernels()[0]
-    assert grad_x.stride(-1) == 1 and mask.stride(-1) == 1 and a.stride(-1) == 1 and gh.stride(-1) == 1
-    n_rows, n_cols = grad_x.shape
-    gh = gh.to(grad_x.dtype)
-    a = a.to(grad_x.dtype)
+    assert out.stride(-1) == 1 and mask.stride(-1) == 1 and a.stride(-1) == 1 and gh.stride(-1) == 1
+    n_rows, n_cols = out.shape
+    gh = gh.to(out.dtype)
+    a = a.to(out.dtype)
     block_m, block_n = (64, 128) if rank <= 64 else (64, 64)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
     kernel[grid](
-        grad_x,
+        out,
         gh,
         a,
         mask.view(torch_uint8()),
         n_rows,
         n_cols,
-        grad_x.stride(0),
+        out.stride(0),
         gh.stride(0),
         a.stride(0),
         mask.stride(0),
@@ -165,9 +186,10 @@ def lora_dropout_grad_add_(grad_x: Any, gh: Any, a: Any, mask: Any, scale: float
         R=rank,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        ACCUMULATE=accumulate,
         num_warps=4,
     )
-    return grad_x
+    return out
 
 
 def torch_uint8() -> Any:

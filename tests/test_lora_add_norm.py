@@ -1,0 +1,90 @@
+"""The Phi-3 decoder layer with its attention residual add fused into the post-attention norm
+(orchestrator/passes/training/lora/add_norm.py): planned where Liger's RMSNorm runs, the same loss and gradients as
+transformers' own layer. Liger's kernel itself needs CUDA + Triton: bench/gpu_kernels.py checks it on the GPU
+against Liger's add-then-RMSNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestrator.passes.training.lora import cuda as lora_cuda
+from orchestrator.passes.training.lora.add_norm import fuse_add_norm, is_liger_rms_norm, unfuse_add_norm
+from orchestrator.passes.training.lora.cuda import parse_options, plan_cuda
+
+H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": (9, 0), "total_memory_gib": 79.2, "has_liger": True,
+        "has_varlen_attn": True}  # fmt: skip
+PHI3_MINI = {"model_type": "phi3", "n_params": 3_821_079_552, "hidden_size": 3072, "intermediate_size": 8192,
+             "num_layers": 32, "vocab_size": 32064, "tokens_per_step": 8 * 1024, "quantized_4bit": False}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
+    from orchestrator.passes.models.tiny_model import build_tiny_phi3
+
+    return build_tiny_phi3(tmp_path_factory.mktemp("tiny") / "model", num_layers=3, seed=4)
+
+
+def test_add_norm_is_planned_with_liger_on_phi3_only() -> None:
+    plan = plan_cuda(H100, PHI3_MINI, {})
+    assert plan.add_norm and any("post-attention RMSNorm" in r for r in plan.reasons)
+    assert not plan_cuda(H100, PHI3_MINI, {}, parse_options("-add_norm")).add_norm
+    assert not plan_cuda(H100, PHI3_MINI, {}, parse_options("-liger")).add_norm  # the fused kernel is Liger's
+    assert not plan_cuda({**H100, "has_liger": False}, PHI3_MINI, {}).add_norm
+    assert not plan_cuda(H100, {**PHI3_MINI, "model_type": "llama"}, {}).add_norm  # only Phi-3's layer is rewritten
+
+
+def _lora_model(path):
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["qkv_proj", "o_proj", "down_proj"])
+    model = peft.get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.train()
+
+
+def _loss_and_grads(model, *, checkpointing: bool):
+    if checkpointing:
+        model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.base_model.model.enable_input_require_grads()
+    ids = torch.randint(10, 900, (2, 20), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)  # LoRA dropout masks
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_layer_forward_gives_transformers_loss_and_gradients(tiny_phi3, checkpointing: bool) -> None:
+    ref = _lora_model(tiny_phi3)
+    new = _lora_model(tiny_phi3)
+    assert fuse_add_norm(new) == 0  # no Liger RMSNorm here: nothing is rewritten by default
+    assert fuse_add_norm(new, liger_only=False) == 3
+    assert fuse_add_norm(new, liger_only=False) == 0  # idempotent
+    loss_ref, g_ref = _loss_and_grads(ref, checkpointing=checkpointing)
+    loss_new, g_new = _loss_and_grads(new, checkpointing=checkpointing)
+    assert torch.equal(loss_new, loss_ref)  # the same arithmetic, step for step, off CUDA
+    assert g_ref.keys() == g_new.keys() and len(g_ref) == 3 * 3 * 2
+    for name, g in g_ref.items():
+        assert g.abs().max() > 0, name
+        assert torch.allclose(g_new[name], g, atol=1e-7), name
+    assert unfuse_add_norm(new) == 3
+    assert not any("forward" in vars(m) for m in new.base_model.model.model.layers)
+
+
+def test_apply_plan_rewrites_only_layers_with_liger_norms(tiny_phi3) -> None:
+    model = _lora_model(tiny_phi3)
+    plan = plan_cuda(H100, PHI3_MINI, {}, {"liger": False, "padding_free": False})
+    assert not plan.add_norm
+    forced = lora_cuda.CudaPlan(**{**plan.__dict__, "add_norm": True})  # planned, but Liger did not patch the norms
+    lora_cuda.apply_plan(forced, model, {})
+    layers = model.base_model.model.model.layers
+    assert not any(is_liger_rms_norm(layer.post_attention_layernorm) for layer in layers)
+    assert not any("forward" in vars(layer) for layer in layers)  # left as transformers wrote them
