@@ -211,3 +211,21 @@ def test_callback_without_a_model_does_nothing() -> None:
     callback = offload_callback(CheckpointOffloader())
     callback.on_train_begin(None, None, None)
     assert callback.installed == 0
+
+
+def test_add_norm_layers_still_checkpoint_and_offload(tiny_phi3) -> None:
+    """add_norm replaces the Phi-3 layers' forward on the instance, which bypasses transformers' checkpointing
+    wrapper of the class forward: the replacement must checkpoint itself, so the offloader sees every layer's input
+    and the loss and gradients stay those of transformers' layers."""
+    from orchestrator.passes.training.lora.add_norm import fuse_add_norm
+
+    ref = _lora_model(tiny_phi3, 0.1)
+    model = _checkpointed(_lora_model(tiny_phi3, 0.1))
+    assert fuse_add_norm(model, liger_only=False) == LAYERS
+    offloader = CheckpointOffloader(min_bytes=1, include_cpu=True)
+    offloader.install(model)
+    loss_ref, g_ref = _loss_and_grads(ref, _batch(), seed=2)
+    loss, grads = _loss_and_grads(model, _batch(), seed=2)
+    assert offloader.packed == offloader.unpacked == LAYERS and offloader.pending() == 0
+    assert torch.allclose(loss, loss_ref, atol=1e-6, rtol=1e-6)
+    assert all(torch.allclose(grads[n], g, atol=1e-6, rtol=1e-4) for n, g in g_ref.items())

@@ -17,6 +17,7 @@ and returns their count; off CUDA (and for any other norm) the same forward adds
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from typing import Any
@@ -87,6 +88,21 @@ def _phi3_decoder_forward(
     return residual + self.resid_mlp_dropout(hidden_states)
 
 
+def _phi3_decoder_forward_checkpointed(self: Any, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+    """_phi3_decoder_forward under the layer's gradient checkpointing. transformers' GradientCheckpointingLayer puts
+    the checkpoint call in a wrapper of the class's forward, which an instance forward replaces: without this the
+    patched layers would silently keep all their activations (and nothing would reach an offloading checkpoint)."""
+    if getattr(self, "gradient_checkpointing", False) and self.training:
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False  # as transformers' wrapper does: no cache under checkpointing
+        if kwargs.get("past_key_values") is not None:
+            kwargs["past_key_values"] = None
+        return self._gradient_checkpointing_func(
+            functools.partial(_phi3_decoder_forward, self, **kwargs), hidden_states, *args
+        )
+    return _phi3_decoder_forward(self, hidden_states, *args, **kwargs)
+
+
 def _known_phi3_layer(module: Any) -> bool:
     if type(module).__name__ != "Phi3DecoderLayer":
         return False
@@ -104,7 +120,7 @@ def fuse_add_norm(model: Any, *, liger_only: bool = True) -> int:
             continue
         if liger_only and not is_liger_rms_norm(module.post_attention_layernorm):
             continue
-        module.forward = types.MethodType(_phi3_decoder_forward, module)
+        module.forward = types.MethodType(_phi3_decoder_forward_checkpointed, module)
         setattr(module, PATCHED_ATTR, True)
         count += 1
     return count
