@@ -347,7 +347,7 @@ def offload(res: dict[str, Any]) -> None:
         stack = stack_for(mode)
         h = step(stack)
         if mode == "offload":
-            out["offloaded_tensors_per_step"] = offloader.packed  # one per layer
+            out["offloaded_tensors_per_step"] = offloader.offloaded  # one per layer but the last
             out["offloaded_mib_per_step"] = offloader.offloaded_bytes / 2**20
         grads[mode] = [h.grad.float()] + [p.grad.float() for p in stack.parameters() if p.requires_grad]
         for p in stack.parameters():

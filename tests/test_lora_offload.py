@@ -87,11 +87,12 @@ def test_offloaded_checkpoint_gives_the_loss_and_gradients_of_plain_training(tin
             assert g.abs().max() > 0, name
             assert torch.allclose(g_ours[name], g, atol=1e-6, rtol=1e-4), name
             assert torch.allclose(g_hf[name], g, atol=1e-6, rtol=1e-4), name
-        # one hidden-states input per decoder layer went out and came back; every one but the first unpacked was
-        # fetched ahead; nothing stays in the offloader once the backward is done
+        # one hidden-states input per decoder layer went through the hooks; all but the last layer's (the first
+        # one the backward needs) went to the host, and each came back ahead of its unpack, during the backward of
+        # the layer after it; nothing stays in the offloader once the backward is done
         assert offloader.packed == offloader.unpacked == LAYERS * (step + 1)
-        assert offloader.prefetched == (LAYERS - 1) * (step + 1)
-        assert offloader.offloaded_bytes == LAYERS * (step + 1) * 2 * 24 * 128 * 4
+        assert offloader.offloaded == offloader.prefetched == (LAYERS - 1) * (step + 1)
+        assert offloader.offloaded_bytes == (LAYERS - 1) * (step + 1) * 2 * 24 * 128 * 4
         assert offloader.pending() == 0
 
 
@@ -118,7 +119,7 @@ def test_a_forward_without_backward_leaves_nothing_behind(tiny_phi3) -> None:
     offloader.install(model)
     model.train()
     loss = model(**_batch()).loss
-    assert offloader.packed == LAYERS and offloader.pending() == LAYERS
+    assert offloader.packed == LAYERS and offloader.pending() == LAYERS and offloader.offloaded == LAYERS - 1
     del loss
     gc.collect()
     assert offloader.pending() == 0 and offloader.unpacked == 0
@@ -151,7 +152,8 @@ def test_inputs_without_grad_go_through_the_non_reentrant_checkpoint() -> None:
     offloader.checkpoint(layer, x).square().sum().backward()
     assert offloader.packed == 0
     assert all(torch.allclose(p.grad, g) for p, g in zip(layer.parameters(), ref, strict=True))
-    # with a grad-requiring input the same call is offloaded, and its keyword arguments reach the function
+    # with a grad-requiring input the same call goes through the hooks (the newest tensor stays on the device),
+    # and its keyword arguments reach the function
     layer.zero_grad(set_to_none=True)
     xg = x.clone().requires_grad_(True)
     torch.manual_seed(3)
@@ -200,6 +202,7 @@ def test_orch_trainer_installs_the_offloader_and_trains_like_trl(tiny_phi3, tmp_
     offloader = new.orch_offloader
     assert isinstance(offloader, CheckpointOffloader)
     assert offloader.packed == offloader.unpacked == 2 * LAYERS and offloader.pending() == 0
+    assert offloader.offloaded == offloader.prefetched == 2 * (LAYERS - 1)
     layers = [m for m in new.model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert layers and all(m._gradient_checkpointing_func == offloader.checkpoint for m in layers)
     ref_losses = [h["loss"] for h in ref.state.log_history if "loss" in h]
@@ -226,6 +229,7 @@ def test_add_norm_layers_still_checkpoint_and_offload(tiny_phi3) -> None:
     offloader.install(model)
     loss_ref, g_ref = _loss_and_grads(ref, _batch(), seed=2)
     loss, grads = _loss_and_grads(model, _batch(), seed=2)
-    assert offloader.packed == offloader.unpacked == LAYERS and offloader.pending() == 0
+    assert offloader.packed == offloader.unpacked == LAYERS and offloader.offloaded == LAYERS - 1
+    assert offloader.pending() == 0
     assert torch.allclose(loss, loss_ref, atol=1e-6, rtol=1e-6)
     assert all(torch.allclose(grads[n], g, atol=1e-6, rtol=1e-4) for n, g in g_ref.items())

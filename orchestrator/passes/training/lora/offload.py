@@ -9,9 +9,10 @@ How: `CheckpointOffloader.checkpoint` is the function a transformers GradientChe
 torch.utils.checkpoint (`install` puts it on the model's layers after the Trainer enabled checkpointing). It runs
 torch's reentrant checkpoint, which saves the layer's tensor inputs through `ctx.save_for_backward` (the
 non-reentrant one keeps them in a closure, out of reach), inside a `saved_tensors_hooks` pair:
-- pack (forward): a CUDA tensor of at least `min_bytes` is copied into a pinned host buffer on the copy stream,
-  after the compute stream's work so far; `record_stream` keeps the allocator from reusing its GPU memory before
-  the copy has read it. Smaller tensors stay where they are.
+- pack (forward): a CUDA tensor of at least `min_bytes` is kept, and the one packed before it (the previous
+  layer's input) is copied into a pinned host buffer on the copy stream, after the compute stream's work so far;
+  `record_stream` keeps the allocator from reusing its GPU memory before the copy has read it. The newest one stays
+  on the GPU: the backward needs it first, and nothing would hide its copy back. Smaller tensors stay where they are.
 - unpack (backward): the layers come back in reverse order, so unpacking layer i waits (on the GPU, not the host)
   for its copy back, and starts the copy back of the layer saved before it (i - 1), which then runs during
   layer i's recompute and backward. One layer input at a time is in flight each way.
@@ -34,28 +35,30 @@ MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors (position ids, masks) are n
 class _Offloaded:
     """One saved tensor while it lives on the host: the host copy, and its way back to the device."""
 
-    __slots__ = ("__weakref__", "device", "device_copy", "host", "ready", "stored")
+    __slots__ = ("__weakref__", "device", "device_copy", "done", "host", "ready", "stored")
 
-    def __init__(self, host: Any, device: Any, stored: Any) -> None:
-        self.host = host
-        self.device = device
-        self.stored = stored  # CUDA event: the host copy is complete (None on CPU)
-        self.device_copy: Any = None  # the tensor back on its device, once a fetch started
-        self.ready: Any = None  # CUDA event: device_copy is complete (None on CPU)
+    def __init__(self, t: Any) -> None:
+        self.device = t.device
+        self.device_copy: Any = t  # on the device: the saved tensor until offloaded, then its copy back once fetched
+        self.host: Any = None  # the host copy, once offloaded
+        self.stored: Any = None  # CUDA event: the host copy is complete (None on CPU)
+        self.ready: Any = None  # CUDA event: device_copy (fetched back) is complete (None on CPU)
+        self.done = False  # unpacked
 
 
 class CheckpointOffloader:
     """A checkpoint function for transformers' layers that keeps their saved inputs in pinned host memory.
 
-    Counters (for the tests and the benchmark): `packed` tensors moved to the host, `unpacked` brought back,
-    `prefetched` brought back ahead of their unpack, `offloaded_bytes` moved to the host.
+    Counters (for the tests and the benchmark): `packed` tensors the hooks took, `offloaded` of them moved to the
+    host (`offloaded_bytes`), `unpacked` handed back to the backward, `prefetched` brought back ahead of their unpack.
     """
 
     def __init__(self, min_bytes: int = MIN_OFFLOAD_BYTES, *, include_cpu: bool = False) -> None:
         self.min_bytes = int(min_bytes)
         self.include_cpu = include_cpu
-        self.packed = self.unpacked = self.prefetched = self.offloaded_bytes = 0
-        self._order: list[weakref.ref[_Offloaded]] = []  # host-held tensors in pack order, not yet unpacked
+        self.packed = self.offloaded = self.unpacked = self.prefetched = self.offloaded_bytes = 0
+        self._order: list[weakref.ref[_Offloaded]] = []  # packed tensors in pack order, not yet unpacked
+        self._newest: weakref.ref[_Offloaded] | None = None  # the last packed one: still on the device
         self._streams: dict[Any, Any] = {}
 
     # -- the checkpoint function ------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ class CheckpointOffloader:
         return count
 
     def pending(self) -> int:
-        """Saved tensors still held on the host (0 after every backward: nothing carries over between steps)."""
+        """Packed tensors not unpacked yet (0 after every backward: nothing carries over between steps)."""
         self._order = [ref for ref in self._order if ref() is not None]
         return len(self._order)
 
@@ -115,26 +118,35 @@ class CheckpointOffloader:
         return stream
 
     def _pack(self, t: Any) -> Any:
-        import torch
-
         if not self._wanted(t):
             return t
+        previous = self._newest() if self._newest is not None else None
+        if previous is not None and not previous.done and previous.host is None:
+            self._offload(previous)
+        saved = _Offloaded(t)
+        self._newest = weakref.ref(saved)
+        self._order.append(self._newest)
+        self.packed += 1
+        return saved
+
+    def _offload(self, saved: _Offloaded) -> None:
+        import torch
+
+        t = saved.device_copy
         if t.is_cuda:
             stream = self._copy_stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete once the work so far is
             with torch.cuda.stream(stream):
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 host.copy_(t, non_blocking=True)
-                stored = torch.cuda.Event()
-                stored.record(stream)
+                saved.stored = torch.cuda.Event()
+                saved.stored.record(stream)
             t.record_stream(stream)  # its memory is not reused before the copy has read it
-            saved = _Offloaded(host, t.device, stored)
         else:
-            saved = _Offloaded(t.detach().clone(), t.device, None)
-        self._order.append(weakref.ref(saved))
-        self.packed += 1
+            host = t.detach().clone()  # the CPU stand-in of a host copy
+        saved.host, saved.device_copy = host, None
+        self.offloaded += 1
         self.offloaded_bytes += t.numel() * t.element_size()
-        return saved
 
     def _unpack(self, saved: Any) -> Any:
         import torch
@@ -150,8 +162,9 @@ class CheckpointOffloader:
         out = saved.device_copy
         if saved.ready is not None:
             torch.cuda.current_stream(saved.device).wait_event(saved.ready)
-        saved.device_copy = None  # the caller owns it now; a second unpack (retain_graph) fetches it again
-        saved.ready = None
+        if saved.host is not None:  # the caller owns the copy back now; a second unpack (retain_graph) fetches again
+            saved.device_copy = saved.ready = None
+        saved.done = True
         self.unpacked += 1
         return out
 
@@ -167,7 +180,7 @@ class CheckpointOffloader:
             earlier = self._order[i]()
             if earlier is None:
                 continue
-            if earlier.device_copy is None:
+            if earlier.device_copy is None and earlier.host is not None:
                 self._fetch(earlier)
                 self.prefetched += 1
             return
