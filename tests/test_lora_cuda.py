@@ -775,3 +775,46 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
     assert "parity_max_abs_diff" not in result.metrics and result.metrics["check_generated_tokens"] > 0
     assert any("pre-quantized" in str(e.get("message", e)) for e in events)
     assert len(matmulnbits_nodes(onnx_model_file(tmp_path / "mb" / "model"))) == 2 * 5 + 1
+
+
+def test_offload_checkpoints_is_planned_for_checkpointed_qlora_only() -> None:
+    qlora = {**PHI3_MINI, "quantized_4bit": True}
+    plan = plan_cuda(H100, qlora, {"gradient_checkpointing": True})
+    assert plan.offload_checkpoints
+    assert any("pinned host memory" in r and "~1.6 GB" in r for r in plan.reasons)  # 32 x 8192 x 3072 bf16
+    assert plan_cuda(H100, qlora, {"activation_checkpointing": True}).offload_checkpoints  # transformers 5 name
+    # without checkpointing there are no checkpointed inputs to move, forced or not
+    assert not plan_cuda(H100, qlora, {}).offload_checkpoints
+    forced_no_gc = plan_cuda(H100, qlora, {}, parse_options("+offload_checkpoints,-gc"))
+    assert not forced_no_gc.offload_checkpoints
+    assert any("gradient checkpointing is off" in r for r in forced_no_gc.reasons)
+    # the plan's own checkpointing (a step that would not fit) counts as checkpointing
+    small_gpu = {**H100, "total_memory_gib": 16.0}
+    assert plan_cuda(small_gpu, qlora, {}).gradient_checkpointing is True
+    assert plan_cuda(small_gpu, qlora, {}).offload_checkpoints
+    # plain LoRA keeps them on the GPU unless asked
+    lora = plan_cuda(H100, PHI3_MINI, {"gradient_checkpointing": True})
+    assert not lora.offload_checkpoints
+    assert any("+offload_checkpoints" in r for r in lora.reasons)
+    gc_on = {"gradient_checkpointing": True}
+    assert plan_cuda(H100, PHI3_MINI, gc_on, parse_options("+offload_checkpoints")).offload_checkpoints
+    # ORCH_CUDA_FASTPATH=-offload_checkpoints turns it off; data parallel keeps it off even when asked
+    assert not plan_cuda(H100, qlora, gc_on, parse_options("-offload_checkpoints")).offload_checkpoints
+    ddp = plan_cuda({**H100, "world_size": 2}, qlora, {"gradient_checkpointing": True}, {"offload_checkpoints": True})
+    assert not ddp.offload_checkpoints and any("2 data-parallel processes" in r for r in ddp.reasons)
+
+
+def test_sft_trainer_class_subclasses_for_offload_checkpoints() -> None:
+    class Base:
+        def __init__(self) -> None:
+            self.callbacks: list = []
+
+        def add_callback(self, callback) -> None:
+            self.callbacks.append(callback)
+
+    qlora = {**PHI3_MINI, "quantized_4bit": True}
+    plan = plan_cuda(H100, qlora, {"gradient_checkpointing": True}, {"flce": False, "nosync": False})
+    trainer = lora_cuda.sft_trainer_class(Base, plan)()
+    assert trainer.orch_offloader is not None and len(trainer.callbacks) == 1
+    off = plan_cuda(H100, qlora, {"gradient_checkpointing": True}, parse_options("-flce,-nosync,-offload_checkpoints"))
+    assert lora_cuda.sft_trainer_class(Base, off) is Base

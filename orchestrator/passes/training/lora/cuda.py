@@ -55,6 +55,13 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   (tokens x intermediate) activation fewer per layer (~4 GiB on Phi-3-mini at 8 x 1024).
 - QLoRA: the frozen norms / embeddings / LM head back to bf16 after peft's prepare_model_for_kbit_training upcast
   them to fp32 (`qlora_bf16`).
+- QLoRA with gradient checkpointing: each checkpointed decoder layer's input (the only activation checkpointing
+  keeps: 32 x 8192 x 3072 bf16 = 1.6 GB on Phi-3-mini at 8 x 1024 tokens) kept in pinned host memory from its
+  forward to its backward (`offload_checkpoints`, passes/training/lora/offload.py, as Unsloth's "unsloth"
+  checkpointing does): the copies run on a side CUDA stream, overlapped with the layers' compute, and the backward
+  brings the next layer's input back while the current one is recomputed. QLoRA's point is memory; for plain LoRA
+  it is off unless `ORCH_CUDA_FASTPATH=+offload_checkpoints` (its 1.6 GB rarely decides whether a step fits). Off
+  under data parallel (it runs torch's reentrant checkpoint, not verified with DDP).
 - torch.compile of the decoder layers is implemented but off unless `ORCH_CUDA_FASTPATH=+compile`: not shown to
   pay (the one H100 attempt was still compiling after 70 s, with dynamo warnings on Liger's Triton kernels), and
   padding-free rows change length every step.
@@ -114,6 +121,7 @@ OPTION_NAMES = (
     "non_blocking",
     "lora_first",
     "add_norm",
+    "offload_checkpoints",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -145,6 +153,7 @@ class CudaPlan:
     non_blocking: bool = False  # batches copied to the GPU from pinned memory without a stream sync
     lora_first: bool = False  # fused layers: the LoRA term written first, the base GEMM accumulates into it
     add_norm: bool = False  # Phi-3 layers: the attention's residual add inside the post-attention RMSNorm (Liger)
+    offload_checkpoints: bool = False  # checkpointed layer inputs in pinned host memory (offload.py), copies overlapped
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -405,6 +414,39 @@ def plan_cuda(
             "instead of keeping its own (tokens x intermediate) input: one activation fewer per layer"
         )
 
+    checkpointing = (
+        bool(gc)
+        if gc is not None
+        else bool(sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"))
+    )
+    offload_checkpoints = False
+    world_size = int(device.get("world_size", 1) or 1)
+    want_offload = opts.get("offload_checkpoints")
+    if not checkpointing:
+        if want_offload:
+            reasons.append("checkpointed layer inputs not offloaded: gradient checkpointing is off")
+    elif world_size > 1:
+        reasons.append(
+            f"checkpointed layer inputs kept on the GPU: {world_size} data-parallel processes (the offload runs "
+            "torch's reentrant checkpoint, not verified under DDP)"
+        )
+    elif want_offload is False:
+        reasons.append("checkpointed layer inputs kept on the GPU (offload_checkpoints off by ORCH_CUDA_FASTPATH)")
+    elif want_offload or shape.get("quantized_4bit"):
+        offload_checkpoints = True
+        layers, hidden = int(shape.get("num_layers", 0)), int(shape.get("hidden_size", 0))
+        gb = layers * int(shape.get("tokens_per_step", 0)) * hidden * 2 / 1e9
+        reasons.append(
+            f"checkpointed layer inputs (~{gb:.1f} GB) kept in pinned host memory from each layer's forward to its "
+            "backward, copied on a side stream overlapped with compute"
+            + ("" if want_offload else " (QLoRA: memory is the point)")
+        )
+    else:
+        reasons.append(
+            "checkpointed layer inputs kept on the GPU (plain LoRA; ORCH_CUDA_FASTPATH=+offload_checkpoints moves "
+            "them to host memory)"
+        )
+
     return CudaPlan(
         bf16=bf16,
         attn_implementation=attn,
@@ -428,6 +470,7 @@ def plan_cuda(
         non_blocking=non_blocking,
         lora_first=lora_first,
         add_norm=add_norm,
+        offload_checkpoints=offload_checkpoints,
         reasons=tuple(reasons),
     )
 
@@ -453,6 +496,7 @@ def probe_device(index: int | None = None) -> dict[str, Any]:
         "has_triton": importlib.util.find_spec("triton") is not None,
         "has_varlen_attn": _varlen_fn() is not None,
         "has_flash_attn": importlib.util.find_spec("flash_attn") is not None,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1),  # torchrun / accelerate launch set it
     }
 
 
@@ -1060,9 +1104,10 @@ def _host_value(value: Any) -> Any:
 
 def sft_trainer_class(base_cls: Any, plan: CudaPlan | None) -> Any:
     """base_cls (TRL's SFTTrainer), or a subclass with the plan's training-step choices: the loss through a fused
-    linear cross-entropy (plan.flce) and no host sync in the step (plan.nosync): token counts from the CPU batch,
-    TRL's metrics kept on the device and read when the Trainer logs."""
-    if plan is None or not (plan.flce or plan.nosync):
+    linear cross-entropy (plan.flce), no host sync in the step (plan.nosync): token counts from the CPU batch,
+    TRL's metrics kept on the device and read when the Trainer logs, and the checkpointed layer inputs in host
+    memory (plan.offload_checkpoints: `orch_offloader`, installed on the layers when training begins)."""
+    if plan is None or not (plan.flce or plan.nosync or plan.offload_checkpoints):
         return base_cls
 
     class OrchSFTTrainer(base_cls):  # type: ignore[misc, valid-type]
@@ -1073,6 +1118,13 @@ def sft_trainer_class(base_cls: Any, plan: CudaPlan | None) -> Any:
             super().__init__(*args, **kwargs)
             if plan.nosync and getattr(self, "data_collator", None) is not None:
                 self.data_collator = StepMetadataCollator(self.data_collator, plan.padding_free)
+            self.orch_offloader = None
+            if plan.offload_checkpoints:
+                from orchestrator.passes.training.lora.offload import CheckpointOffloader, offload_callback
+
+                # installed by the callback: the Trainer sets torch's checkpoint function on every layer in train()
+                self.orch_offloader = CheckpointOffloader()
+                self.add_callback(offload_callback(self.orch_offloader))
 
         def _prepare_inputs(self, inputs: Any) -> Any:
             if isinstance(inputs, Mapping) and STEP_TOKENS_KEY in inputs:
