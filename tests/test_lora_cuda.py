@@ -777,25 +777,29 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
     assert len(matmulnbits_nodes(onnx_model_file(tmp_path / "mb" / "model"))) == 2 * 5 + 1
 
 
-def test_offload_checkpoints_is_planned_for_checkpointed_qlora_only() -> None:
+def test_offload_checkpoints_is_planned_where_the_checkpointed_step_would_not_fit() -> None:
+    """Measured on an H100 (bench/RESULTS.md): 1.1 GiB less for 0.77x the tokens/s on Phi-3-mini QLoRA, so the
+    plan moves the checkpointed inputs to host memory only where memory decides, or when asked."""
     qlora = {**PHI3_MINI, "quantized_4bit": True}
     plan = plan_cuda(H100, qlora, {"gradient_checkpointing": True})
-    assert plan.offload_checkpoints
-    assert any("pinned host memory" in r and "~1.6 GB" in r for r in plan.reasons)  # 32 x 8192 x 3072 bf16
-    assert plan_cuda(H100, qlora, {"activation_checkpointing": True}).offload_checkpoints  # transformers 5 name
+    assert not plan.offload_checkpoints  # an 80 GB card: the checkpointed step fits
+    assert any("kept on the GPU" in r and "~1.6 GB" in r and "+offload_checkpoints" in r for r in plan.reasons)
+    small = {**H100, "total_memory_gib": 8.0}  # a laptop GPU: the checkpointed step (~8 GiB estimated) would not fit
+    tight = plan_cuda(small, qlora, {"gradient_checkpointing": True})
+    assert tight.offload_checkpoints
+    assert any("pinned host memory" in r and "~1.6 GB" in r and "GiB of 8" in r for r in tight.reasons)
+    assert plan_cuda(small, qlora, {"activation_checkpointing": True}).offload_checkpoints  # transformers 5 name
     # without checkpointing there are no checkpointed inputs to move, forced or not
     assert not plan_cuda(H100, qlora, {}).offload_checkpoints
     forced_no_gc = plan_cuda(H100, qlora, {}, parse_options("+offload_checkpoints,-gc"))
     assert not forced_no_gc.offload_checkpoints
     assert any("gradient checkpointing is off" in r for r in forced_no_gc.reasons)
     # the plan's own checkpointing (a step that would not fit) counts as checkpointing
-    small_gpu = {**H100, "total_memory_gib": 16.0}
-    assert plan_cuda(small_gpu, qlora, {}).gradient_checkpointing is True
-    assert plan_cuda(small_gpu, qlora, {}).offload_checkpoints
-    # plain LoRA keeps them on the GPU unless asked
+    assert plan_cuda(small, qlora, {}).gradient_checkpointing is True
+    assert plan_cuda(small, qlora, {}).offload_checkpoints
+    # asked for: on, also for plain LoRA on a big card
     lora = plan_cuda(H100, PHI3_MINI, {"gradient_checkpointing": True})
     assert not lora.offload_checkpoints
-    assert any("+offload_checkpoints" in r for r in lora.reasons)
     gc_on = {"gradient_checkpointing": True}
     assert plan_cuda(H100, PHI3_MINI, gc_on, parse_options("+offload_checkpoints")).offload_checkpoints
     # ORCH_CUDA_FASTPATH=-offload_checkpoints turns it off; data parallel keeps it off even when asked
@@ -813,7 +817,7 @@ def test_sft_trainer_class_subclasses_for_offload_checkpoints() -> None:
             self.callbacks.append(callback)
 
     qlora = {**PHI3_MINI, "quantized_4bit": True}
-    plan = plan_cuda(H100, qlora, {"gradient_checkpointing": True}, {"flce": False, "nosync": False})
+    plan = plan_cuda(H100, qlora, {"gradient_checkpointing": True}, parse_options("-flce,-nosync,+offload_checkpoints"))
     trainer = lora_cuda.sft_trainer_class(Base, plan)()
     assert trainer.orch_offloader is not None and len(trainer.callbacks) == 1
     off = plan_cuda(H100, qlora, {"gradient_checkpointing": True}, parse_options("-flce,-nosync,-offload_checkpoints"))

@@ -164,17 +164,22 @@ def test_inputs_without_grad_go_through_the_non_reentrant_checkpoint() -> None:
 
 
 def test_orch_trainer_installs_the_offloader_and_trains_like_trl(tiny_phi3, tmp_path) -> None:
-    """The trainer-level wiring: the CUDA plan's trainer subclass with offload_checkpoints on (QLoRA's plan, with
-    the loss and no-sync choices off so that only the offload differs) trains 2 steps with gradient checkpointing
-    and dropout 0.1 exactly like TRL's SFTTrainer, its offloader moving one tensor per layer per step."""
+    """The trainer-level wiring: the CUDA plan's trainer subclass with offload_checkpoints on (QLoRA's plan on a GPU
+    where the checkpointed step would not fit, with the loss and no-sync choices off so that only the offload
+    differs) trains 2 steps with gradient checkpointing and dropout 0.1 exactly like TRL's SFTTrainer, its
+    offloader moving one tensor per layer per step."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from orchestrator.passes.training.lora.train import checkpointing_names_for
     from tests.test_lora_cuda import H100, PHI3_MINI
 
+    small_gpu = {**H100, "total_memory_gib": 8.0}
     plan = lora_cuda.plan_cuda(
-        H100, {**PHI3_MINI, "quantized_4bit": True}, {"gradient_checkpointing": True}, {"flce": False, "nosync": False}
+        small_gpu,
+        {**PHI3_MINI, "quantized_4bit": True},
+        {"gradient_checkpointing": True},
+        {"flce": False, "nosync": False},
     )
     assert plan.offload_checkpoints and not plan.flce and not plan.nosync
     orch_cls = lora_cuda.sft_trainer_class(SFTTrainer, plan)

@@ -59,9 +59,10 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   keeps: 32 x 8192 x 3072 bf16 = 1.6 GB on Phi-3-mini at 8 x 1024 tokens) kept in pinned host memory from its
   forward to its backward (`offload_checkpoints`, passes/training/lora/offload.py, as Unsloth's "unsloth"
   checkpointing does): the copies run on a side CUDA stream, overlapped with the layers' compute, and the backward
-  brings the next layer's input back while the current one is recomputed. QLoRA's point is memory; for plain LoRA
-  it is off unless `ORCH_CUDA_FASTPATH=+offload_checkpoints` (its 1.6 GB rarely decides whether a step fits). Off
-  under data parallel (it runs torch's reentrant checkpoint, not verified with DDP).
+  brings the next layer's input back while the current one is recomputed. Planned only where the checkpointed step
+  would not fit the GPU otherwise (or `ORCH_CUDA_FASTPATH=+offload_checkpoints`): on an H100 it took Phi-3-mini
+  QLoRA from 5.5 to 4.4 GiB (Unsloth QLoRA: 5.3) but from 18,668 to 14,344 tokens/s (Unsloth: 17,278), the copies
+  not yet hidden behind the compute. Off under data parallel (torch's reentrant checkpoint, not verified with DDP).
 - torch.compile of the decoder layers is implemented but off unless `ORCH_CUDA_FASTPATH=+compile`: not shown to
   pay (the one H100 attempt was still compiling after 70 s, with dynamo warnings on Liger's Triton kernels), and
   padding-free rows change length every step.
@@ -432,20 +433,28 @@ def plan_cuda(
         )
     elif want_offload is False:
         reasons.append("checkpointed layer inputs kept on the GPU (offload_checkpoints off by ORCH_CUDA_FASTPATH)")
-    elif want_offload or shape.get("quantized_4bit"):
-        offload_checkpoints = True
+    else:
         layers, hidden = int(shape.get("num_layers", 0)), int(shape.get("hidden_size", 0))
         gb = layers * int(shape.get("tokens_per_step", 0)) * hidden * 2 / 1e9
-        reasons.append(
-            f"checkpointed layer inputs (~{gb:.1f} GB) kept in pinned host memory from each layer's forward to its "
-            "backward, copied on a side stream overlapped with compute"
-            + ("" if want_offload else " (QLoRA: memory is the point)")
-        )
-    else:
-        reasons.append(
-            "checkpointed layer inputs kept on the GPU (plain LoRA; ORCH_CUDA_FASTPATH=+offload_checkpoints moves "
-            "them to host memory)"
-        )
+        need_ckpt = estimate_step_memory_gib(shape, checkpointing=True)
+        tight = total > 0 and need_ckpt > MEMORY_HEADROOM * total
+        if want_offload or tight:
+            offload_checkpoints = True
+            why = (
+                "ORCH_CUDA_FASTPATH"
+                if want_offload
+                else f"the checkpointed step needs ~{need_ckpt:.0f} GiB of {total:.0f}"
+            )
+            reasons.append(
+                f"checkpointed layer inputs (~{gb:.1f} GB) kept in pinned host memory from each layer's forward to its "
+                f"backward, copied on a side stream ({why})"
+            )
+        else:
+            reasons.append(
+                f"checkpointed layer inputs (~{gb:.1f} GB) kept on the GPU: the checkpointed step fits "
+                f"(~{need_ckpt:.0f} of {total:.0f} GiB) and moving them to host memory costs time (QLoRA on an H100: "
+                "0.77x tokens/s for 1.1 GiB less, bench/RESULTS.md); ORCH_CUDA_FASTPATH=+offload_checkpoints moves them"
+            )
 
     return CudaPlan(
         bf16=bf16,
