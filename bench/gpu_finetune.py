@@ -611,6 +611,12 @@ def how_text(system: str, r: dict[str, Any]) -> str:
         bits.append("qkv split")
     if "fused LoRA layers:" in plan:
         bits.append("fused LoRA layers" + (" (dropout inside)" if "LoRA dropout inside" in plan else ""))
+    if "small LoRA term written first" in plan:
+        bits.append("LoRA-first GEMM order")
+    if "residual add inside the post-attention RMSNorm" in plan:
+        bits.append("fused add + RMSNorm")
+    if "kept in pinned host memory" in plan:
+        bits.append("checkpointed inputs in host memory")
     if "q, k (RoPE applied) and v written by one Triton kernel" in plan:
         bits.append("q/k/v + RoPE kernel")
     if "recomputes silu(gate) * up" in plan:

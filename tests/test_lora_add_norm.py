@@ -123,3 +123,53 @@ def test_rewritten_layers_stay_checkpointed(tiny_phi3) -> None:
     checkpointed, kept_all = _saved_bytes(models["fused"]), _saved_bytes(full)
     assert checkpointed == _saved_bytes(models["plain"])
     assert checkpointed < kept_all / 3, (checkpointed, kept_all)
+
+
+def _forward_passes_per_step(model) -> int:
+    """How many times each decoder layer's MLP ran in one training step (forward + any recomputes)."""
+    calls = []
+    mlp = model.base_model.model.model.layers[0].mlp
+    run_mlp = type(mlp).forward
+
+    def counted(self, *args, **kwargs):  # not a forward hook: torch skips module hooks in a checkpoint's recompute
+        calls.append(1)
+        return run_mlp(self, *args, **kwargs)
+
+    mlp.forward = counted.__get__(mlp)
+    _loss_and_grads(model, checkpointing=False)
+    return len(calls)
+
+
+def test_checkpointed_layers_run_their_forward_twice_per_step(tiny_phi3) -> None:
+    """Forward + one recompute, as transformers' own layers: no checkpoint nested inside another (that ran every
+    layer three times per step on the GPU machine's transformers 5.17 and cost QLoRA a quarter of its speed)."""
+    counts = {}
+    for fuse in (False, True):
+        model = _lora_model(tiny_phi3)
+        model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.base_model.model.enable_input_require_grads()
+        if fuse:
+            fuse_add_norm(model, liger_only=False)
+        counts[fuse] = _forward_passes_per_step(model)
+    assert counts == {False: 2, True: 2}
+
+
+def test_where_transformers_checkpoints_decides_the_forward() -> None:
+    """transformers 5.17 checkpoints in GradientCheckpointingLayer.__call__, later releases wrap each layer class's
+    forward; the installed one is the latter. The older layout is rebuilt here in two lines (a stand-in for that
+    release's class: only where its checkpoint call sits matters)."""
+    from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
+
+    from orchestrator.passes.training.lora.add_norm import checkpoints_in_call
+
+    assert checkpoints_in_call(Phi3DecoderLayer) is False
+
+    class GradientCheckpointingLayer(torch.nn.Module):  # transformers 5.17's layout
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    class OldPhi3DecoderLayer(GradientCheckpointingLayer):
+        pass
+
+    assert checkpoints_in_call(OldPhi3DecoderLayer) is True
+    assert checkpoints_in_call(torch.nn.Linear) is False

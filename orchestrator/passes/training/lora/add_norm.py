@@ -103,6 +103,17 @@ def _phi3_decoder_forward_checkpointed(self: Any, hidden_states: Any, *args: Any
     return _phi3_decoder_forward(self, hidden_states, *args, **kwargs)
 
 
+def checkpoints_in_call(cls: type) -> bool:
+    """Where transformers' GradientCheckpointingLayer checkpoints: in its `__call__` (5.17, the release Unsloth's wheel
+    set pins), around whatever forward the instance has, which then must not checkpoint again (a checkpoint inside
+    a checkpoint runs each layer's forward three times per step); or, in later releases, in a wrapper of the class's
+    forward, which an instance forward replaces, so that forward must checkpoint itself."""
+    for klass in cls.__mro__:
+        if klass.__name__ == "GradientCheckpointingLayer":
+            return "__call__" in vars(klass)
+    return False
+
+
 def _known_phi3_layer(module: Any) -> bool:
     if type(module).__name__ != "Phi3DecoderLayer":
         return False
@@ -120,7 +131,8 @@ def fuse_add_norm(model: Any, *, liger_only: bool = True) -> int:
             continue
         if liger_only and not is_liger_rms_norm(module.post_attention_layernorm):
             continue
-        module.forward = types.MethodType(_phi3_decoder_forward_checkpointed, module)
+        forward = _phi3_decoder_forward if checkpoints_in_call(type(module)) else _phi3_decoder_forward_checkpointed
+        module.forward = types.MethodType(forward, module)
         setattr(module, PATCHED_ATTR, True)
         count += 1
     return count

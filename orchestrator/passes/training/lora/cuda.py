@@ -61,8 +61,12 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   checkpointing does): the copies run on a side CUDA stream, overlapped with the layers' compute, and the backward
   brings the next layer's input back while the current one is recomputed. Planned only where the checkpointed step
   would not fit the GPU otherwise (or `ORCH_CUDA_FASTPATH=+offload_checkpoints`): on an H100 it took Phi-3-mini
-  QLoRA from 5.5 to 4.4 GiB (Unsloth QLoRA: 5.3) but from 18,668 to 14,344 tokens/s (Unsloth: 17,278), the copies
-  not yet hidden behind the compute. Off under data parallel (torch's reentrant checkpoint, not verified with DDP).
+  QLoRA from 5.5 to 4.4 GiB (Unsloth QLoRA: 5.3) but from 18,668 to 14,344 tokens/s (Unsloth: 17,278). That run's
+  profile says the copies were not the main cost: under the GPU image's transformers 5.17 the add_norm layers nested
+  a second checkpoint inside transformers' own, so every layer ran its forward three times (fixed since: add_norm's
+  forward checkpoints itself only where transformers does not); the copies (58 ms per step) ran mostly beside the
+  compute (GPU idle 80 of 635 ms per step). To be measured again before it becomes QLoRA's default. Off under data
+  parallel (torch's reentrant checkpoint, not verified with DDP).
 - torch.compile of the decoder layers is implemented but off unless `ORCH_CUDA_FASTPATH=+compile`: not shown to
   pay (the one H100 attempt was still compiling after 70 s, with dynamo warnings on Liger's Triton kernels), and
   padding-free rows change length every step.
@@ -453,7 +457,8 @@ def plan_cuda(
             reasons.append(
                 f"checkpointed layer inputs (~{gb:.1f} GB) kept on the GPU: the checkpointed step fits "
                 f"(~{need_ckpt:.0f} of {total:.0f} GiB) and moving them to host memory costs time (QLoRA on an H100: "
-                "0.77x tokens/s for 1.1 GiB less, bench/RESULTS.md); ORCH_CUDA_FASTPATH=+offload_checkpoints moves them"
+                "0.77x tokens/s for 1.1 GiB less in the one run so far, bench/RESULTS.md); ORCH_CUDA_FASTPATH="
+                "+offload_checkpoints moves them"
             )
 
     return CudaPlan(
