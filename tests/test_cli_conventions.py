@@ -33,6 +33,13 @@ LOOPBACK_CLOUD = json.dumps(
 )  # fmt: skip
 
 
+def ctrl_c_default() -> None:
+    """Popen preexec_fn: Ctrl-C as a terminal delivers it. A suite started in the background of a non-interactive
+    shell (`cmd &`) inherits SIGINT ignored, and a Python started with SIGINT ignored never raises
+    KeyboardInterrupt: the child must get the default disposition a user's terminal gives it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without any Azure / MLflow settings a developer's shell may carry."""
     drop = ("AZURE", "AZUREML", "MSI_", "IDENTITY_", "ORCH_AZURE", "MLFLOW_TRACKING")
@@ -187,6 +194,7 @@ def test_ctrl_c_mid_pass_exits_130_in_one_line_and_caches_nothing(tmp_path: Path
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "run", "--config", str(cfg), "--no-tracking", "-q"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+        preexec_fn=ctrl_c_default,
     )  # fmt: skip
     staging = tmp_path / "cache" / "tmp"
     deadline = time.monotonic() + 240
@@ -269,6 +277,7 @@ def test_ctrl_c_in_orch_ui_says_the_server_stopped(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "ui", "--manifest", str(manifest), "--no-browser"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+        preexec_fn=ctrl_c_default,
     )  # fmt: skip
     assert proc.stdout is not None
     first = proc.stdout.readline()  # blocks until the server answers /health and the URL is printed
