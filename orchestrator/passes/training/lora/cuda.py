@@ -71,10 +71,11 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   pay (the one H100 attempt was still compiling after 70 s, with dynamo warnings on Liger's Triton kernels), and
   padding-free rows change length every step.
 
-Measured on an H100 (bench/RESULTS.md, r=64, 8 x 1024 fixed-length samples, one machine for every row of a shape):
-Phi-3-mini 2.00x transformers+peft at dropout 0.05 (1.07x Unsloth 2026.10.9), 2.08x / 1.05x Unsloth at dropout 0,
-35.0 / 29.2 GiB against Unsloth's 42.5 / 36.8; Phi-4-mini 1.95x (1.09x Unsloth), 2.01x / 1.07x at dropout 0; per-step
-loss within 0.008 of Unsloth's and the baseline's; QLoRA 1.06x Unsloth QLoRA (18,594 vs 17,567 tokens/s).
+Measured on an H100 (bench/RESULTS.md, r=64, 8 x 1024 fixed-length samples, one machine for every row of a run):
+Phi-3-mini 2.02x transformers+peft at dropout 0.05 (run 4: 28,440 tokens/s, MFU 45.7%; run 3, before lora_first and
+add_norm: 2.00x, 1.07x Unsloth 2026.10.9), 2.08x / 1.05x Unsloth at dropout 0, 35.0 / 29.2 GiB against Unsloth's
+42.5 / 36.8; Phi-4-mini 1.95x (1.09x Unsloth), 2.01x / 1.07x at dropout 0 (run 3); per-step loss within 0.008 of
+Unsloth's and the baseline's; QLoRA 1.08x Unsloth QLoRA (run 4: 18,668 vs 17,278 tokens/s, 5.5 vs 5.3 GiB).
 
 `ORCH_CUDA_FASTPATH` (comma list of +name / -name over OPTION_NAMES) turns single choices on or off, for ablations
 and as an escape hatch; the default is the plan.
