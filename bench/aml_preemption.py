@@ -93,6 +93,11 @@ def main() -> None:
                 if (trained >= args.preempt_at and SAVED_LINE.search(log)) or job.status in ("Completed", "Failed"):
                     break
                 time.sleep(0.2)
+            if job.status in ("Completed", "Failed"):
+                raise SystemExit(
+                    f"job {name} ended {job.status} before a checkpoint reached the workspace after step "
+                    f"{args.preempt_at}: nothing to preempt (raise --steps)"
+                )
             import requests
 
             r = requests.post(f"{s.base_url}/_standin/jobs/{name}/preempt", timeout=30,
