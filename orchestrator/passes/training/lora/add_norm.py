@@ -139,10 +139,7 @@ def fuse_add_norm(model: Any, *, liger_only: bool = True) -> int:
 
 
 def unfuse_add_norm(model: Any) -> int:
-    count = 0
-    for module in model.modules():
-        if getattr(module, PATCHED_ATTR, False):
-            del module.forward
-            delattr(module, PATCHED_ATTR)
-            count += 1
-    return count
+    """Put transformers' own forward back on every layer fuse_add_norm changed; returns how many."""
+    from orchestrator.passes.training.lora.fused import restore_class_forwards
+
+    return restore_class_forwards(model, PATCHED_ATTR)

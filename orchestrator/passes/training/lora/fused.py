@@ -479,10 +479,16 @@ def fuse_lora_layers(model: Any) -> int:
 
 def unfuse_lora_layers(model: Any) -> int:
     """Put peft's own forward back on every layer fuse_lora_layers changed; returns how many."""
+    return restore_class_forwards(model, FUSED_ATTR)
+
+
+def restore_class_forwards(model: Any, marker: str) -> int:
+    """Drop the instance forward of every module marked with the attribute `marker` (its class's forward runs
+    again) and the mark; returns how many modules had one."""
     count = 0
     for module in model.modules():
-        if getattr(module, FUSED_ATTR, False):
+        if getattr(module, marker, False):
             del module.forward
-            delattr(module, FUSED_ATTR)
+            delattr(module, marker)
             count += 1
     return count
