@@ -2,6 +2,7 @@
 .PHONY: setup demo test services lint
 setup:
 	bash scripts/setup.sh
+	bash scripts/setup-triton-interpret.sh
 
 demo: setup
 	.venv/bin/orch demo

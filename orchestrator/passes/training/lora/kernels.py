@@ -12,7 +12,8 @@ padding is gone (bench/RESULTS.md has the profile):
   `[d gate | d up]` tensor in the backward (no `cat` of the two halves). Liger's rounding: `silu(gate)` is rounded
   to the activation dtype before the product, as transformers' eager `up * act_fn(gate)` does.
 
-The kernels run only on CUDA tensors with Triton installed; anything else takes the torch reference, which the CPU
+The kernels run only on CUDA tensors with Triton installed (or on CPU tensors under Triton's interpreter,
+TRITON_INTERPRET=1, as the interpreter tests run them); anything else takes the torch reference, which the CPU
 tests compare against peft / transformers and which the GPU check (bench/gpu_kernels.py) compares the kernels with.
 """
 
@@ -28,8 +29,22 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _use_triton(*tensors: Any) -> bool:
-    return triton_available() and all(t.is_cuda for t in tensors)
+def interpreting() -> bool:
+    """Triton's interpreter is on (TRITON_INTERPRET=1, read by triton at import): kernels run on CPU tensors, in
+    numpy. The CPU tests of the kernels run that way in a subprocess (tests/test_lora_philox.py)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(*tensors: Any) -> bool:
+    """The Triton kernels take these tensors: CUDA tensors, or CPU tensors under Triton's interpreter."""
+    if not triton_available():
+        return False
+    return all(t.is_cuda for t in tensors) or (interpreting() and all(t.device.type == "cpu" for t in tensors))
+
+
+_use_triton = use_triton
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,387 @@
+"""LoRA dropout whose mask is regenerated from a Philox seed inside Triton kernels instead of being stored.
+
+Why: with `torch.native_dropout` (fused.py's other mode) a LoRA layer's forward reads its input x and writes a
+dropped-out copy xd plus a bool mask, the skinny GEMM reads xd again, and the backward reads xd (A's gradient) and
+the mask (the input gradient): per element of a LoRA input about 12 bytes of memory traffic, and the saved mask
+alone is 1 byte per element (~4.5 GB over Phi-3-mini at 8 x 1024 tokens). Here one 64-bit seed per layer call
+stands for the mask, and three kernels regenerate it where it is used:
+
+- `dropout_lora_a(x, A, p, seed)`: h = dropout(x) @ A^T, reading x once (2 bytes per element);
+- `dropout_lora_a_wgrad(x, gh, p, seed)`: A's gradient gh^T @ dropout(x), reading x again (2);
+- `dropout_grad(gh, A, p, seed, dtype)` / `dropout_grad_add_(grad_x, ...)`: the LoRA path's input gradient
+  (gh @ A) * keep / (1 - p), written once (2) or added into the base path's (4);
+so ~6 bytes per element, no xd and no mask kept: the backward keeps x itself, which the layer's caller holds anyway.
+
+The random numbers: Triton's Philox4x32-10 (`tl.randint4x` / `tl.rand4x`, the counter-based generator torch's own
+CUDA dropout uses), keyed by the seed, the counter being a 64-bit offset (no overflow at any tensor size). One
+Philox call gives four 32-bit outputs, and the mask uses all four: element (row, col) of an (n_rows, n_cols) input
+takes output `(col // 32) % 4` of the counter `row * W + (col // 128) * 32 + col % 32`, W = ceil(n_cols / 128) * 32
+(128-column groups of four 32-column sub-tiles, which is how every kernel walks the columns). One Philox per
+element (tl.rand) would cost ~40 integer instructions per element, about three times what the memory traffic of
+these kernels leaves room for on an H100; one per four elements is hidden under it. An element is kept when its
+uniform `u` (tl.rand's conversion: the 32 bits as int32, negatives mirrored, times 4.6566127342e-10 in fp32) is
+>= p, so P(keep) = 1 - p; kept values are x * (1 / (1 - p)) in fp32, rounded once to x's dtype, as native_dropout
+rounds them. The masks differ from native_dropout's (another generator), the distribution is the same.
+
+`keep_mask_reference` is the pure-torch source of truth (bit-exact with the kernels: tests/test_lora_philox.py
+runs them through Triton's interpreter, bench/gpu_kernels.py on the GPU), and every kernel has a torch reference of
+the same arithmetic, which the wrappers run where the kernels do not apply (no Triton, CPU tensors outside the
+interpreter, a rank tl.dot does not take).
+
+The seed is a host integer (`draw_seed`: the CPU generator, no GPU sync). torch.utils.checkpoint restores the CPU
+RNG state before a recompute (reentrant or not, and offload.py's checkpoint, which is torch's reentrant one), so a
+recomputed forward draws the same seed and the same mask. Not for CUDA-graph capture: a host seed would be frozen
+into the graph (fused.py keeps native_dropout there).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, triton_available, use_triton
+
+GROUP = 128  # columns per Philox counter block: four sub-tiles of LANES columns share LANES counters
+LANES = 32
+# tl.rand's uint32 -> [0, 1) conversion: (x as int32, negatives mirrored to -x - 1) * SCALE in fp32
+UNIFORM_SCALE = 4.6566127342e-10
+PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)  # Philox4x32's Weyl key increments
+PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)  # Philox4x32's round multipliers
+MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class PhiloxMask:
+    """A dropout mask as the seed and probability that regenerate it (fused.py passes it where a bool mask went)."""
+
+    seed: int
+    p: float
+
+    @property
+    def scale(self) -> float:
+        return keep_scale(self.p)
+
+
+def keep_scale(p: float) -> float:
+    """1 / (1 - p), what kept elements are multiplied by (in fp32 inside the kernels)."""
+    return 1.0 / (1.0 - p)
+
+
+def draw_seed() -> int:
+    """A fresh 62-bit seed from torch's CPU generator: no device sync, reproduced by checkpointing's recompute
+    (which restores the CPU RNG state), and by torch.manual_seed / the Trainer's seed."""
+    import torch
+
+    return int(torch.randint(2**62, (), dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The torch references (CPU or any device): Philox4x32-10 as triton.language.random computes it
+
+
+def _mul_hi_lo(a: int, b: Any) -> tuple[Any, Any]:
+    """(hi, lo) 32-bit halves of a * b for a constant a < 2^32 and an int64 tensor b of values < 2^32, exactly
+    (b split in 16-bit halves so no intermediate leaves int64)."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    t = a * b_lo  # < 2^48
+    u = a * b_hi  # < 2^48
+    hi = (u + (t >> 16)) >> 16
+    lo = (((u & 0xFFFF) << 16) + t) & MASK32
+    return hi, lo
+
+
+def philox4x32_reference(seed: int, c0: Any, c1: Any, c2: Any = None, c3: Any = None) -> tuple[Any, Any, Any, Any]:
+    """Philox4x32-10 of counters (c0, c1, c2, c3) (int64 tensors of uint32 values) under key (seed low 32 bits,
+    seed high 32 bits), as triton.language.random.philox: four int64 tensors of uint32 values."""
+    import torch
+
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    zero = torch.zeros_like(c0)
+    c2 = zero if c2 is None else c2
+    c3 = zero if c3 is None else c3
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND[1], c2)
+        hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND[0], c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY[0]) & MASK32
+        k1 = (k1 + PHILOX_KEY[1]) & MASK32
+    return c0, c1, c2, c3
+
+
+def randint4x_reference(seed: int, offsets: Any) -> tuple[Any, Any, Any, Any]:
+    """tl.randint4x(seed, offsets) for int64 offsets: the counter is (offset low 32 bits, offset high 32 bits, 0, 0)."""
+    import torch
+
+    offsets = offsets.to(torch.int64)
+    if bool((offsets < 0).any()):
+        raise ValueError("offsets must be >= 0")
+    return philox4x32_reference(seed, offsets & MASK32, offsets >> 32)
+
+
+def uniform_reference(bits: Any) -> Any:
+    """tl.rand's uint32 -> float32 in [0, 1): int32 view, x < 0 -> -x - 1, times 4.6566127342e-10 in fp32."""
+    import torch
+
+    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=bits.device)
+
+
+def rand_reference(seed: int, offsets: Any) -> Any:
+    """tl.rand(seed, offsets) for int64 offsets, bit-exact."""
+    return uniform_reference(randint4x_reference(seed, offsets)[0])
+
+
+def counter_layout(rows: Any, cols: Any, n_cols: int) -> tuple[Any, Any]:
+    """(Philox counter offset, which of its four outputs) of elements (rows, cols) of an input n_cols wide."""
+    per_row = -(-n_cols // GROUP) * LANES
+    offsets = rows.to(_int64()) * per_row + (cols // GROUP) * LANES + cols % LANES
+    return offsets, (cols % GROUP) // LANES
+
+
+def uniform_block_reference(seed: int, n_rows: int, n_cols: int, device: Any = "cpu", row_start: int = 0) -> Any:
+    """The (n_rows, n_cols) fp32 uniforms the kernels draw for rows row_start.. of an input n_cols wide."""
+    import torch
+
+    rows = torch.arange(row_start, row_start + n_rows, dtype=torch.int64, device=device)[:, None]
+    cols = torch.arange(n_cols, dtype=torch.int64, device=device)[None, :]
+    offsets, which = counter_layout(rows, cols, n_cols)
+    outs = torch.stack([uniform_reference(r) for r in randint4x_reference(seed, offsets)])
+    return outs.gather(0, which.expand(n_rows, n_cols)[None]).squeeze(0)
+
+
+def keep_mask_reference(seed: int, n_rows: int, n_cols: int, p: float, device: Any = "cpu", row_start: int = 0) -> Any:
+    """The bool keep mask (True: kept, probability 1 - p) the kernels regenerate for `seed`, bit-exact."""
+    import torch
+
+    return uniform_block_reference(seed, n_rows, n_cols, device, row_start) >= torch.tensor(p, dtype=torch.float32)
+
+
+def dropout_reference(x2: Any, p: float, seed: int) -> Any:
+    """xd = x * keep * (1 / (1 - p)) computed in fp32 and rounded once to x's dtype (native_dropout's rounding)."""
+    import torch
+
+    keep = keep_mask_reference(seed, x2.shape[0], x2.shape[1], p, x2.device)
+    return torch.where(keep, x2.float() * _f32(keep_scale(p)), 0.0).to(x2.dtype)
+
+
+def dropout_lora_a_reference(x2: Any, a: Any, p: float, seed: int) -> Any:
+    """h = dropout(x) @ A^T in x's dtype, accumulated in fp32 (a half-precision GEMM's rounding)."""
+    return (dropout_reference(x2, p, seed).float() @ a.float().t()).to(x2.dtype)
+
+
+def dropout_lora_a_wgrad_reference(x2: Any, gh: Any, p: float, seed: int) -> Any:
+    """A's gradient gh^T @ dropout(x), (r, K) in fp32."""
+    return gh.to(x2.dtype).float().t() @ dropout_reference(x2, p, seed).float()
+
+
+def dropout_grad_reference(gh: Any, a: Any, p: float, seed: int, dtype: Any, grad_x: Any = None) -> Any:
+    """(gh @ A) * keep * (1 / (1 - p)) in fp32 (+ grad_x), rounded once to `dtype`: the LoRA path's input gradient."""
+    import torch
+
+    keep = keep_mask_reference(seed, gh.shape[0], a.shape[1], p, gh.device)
+    lora = gh.to(dtype).float() @ a.to(dtype).float()
+    out = torch.where(keep, lora * _f32(keep_scale(p)), 0.0)
+    if grad_x is not None:
+        out = out + grad_x.float()
+    return out.to(dtype)
+
+
+def _f32(value: float) -> Any:
+    import torch
+
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _int64() -> Any:
+    import torch
+
+    return torch.int64
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Triton kernels (their source: philox_triton.py)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Any:
+    from orchestrator.passes.training.lora import philox_triton as k
+
+    return {
+        "lora_a": k.dropout_lora_a_kernel,
+        "wgrad": k.dropout_lora_a_wgrad_kernel,
+        "grad": k.dropout_grad_kernel,
+        "uniforms": k.uniforms_kernel,
+        "rand": k.rand_kernel,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The wrappers: the kernel where it applies, the torch reference elsewhere
+
+
+def supported(rank: int) -> bool:
+    """The kernels' rank limits (tl.dot's inner size: a power of two from 16), as the mask-reading kernel's."""
+    return dropout_grad_add_supported(rank)
+
+
+def kernels_apply(*tensors: Any, rank: int) -> bool:
+    """True where the Philox kernels run for these tensors: Triton installed, CUDA tensors (or CPU tensors under
+    Triton's interpreter), a supported rank, a floating dtype Triton takes."""
+    import torch
+
+    dtypes = {torch.float16, torch.bfloat16, torch.float32}
+    return use_triton(*tensors) and supported(rank) and all(t.dtype in dtypes for t in tensors)
+
+
+def _check_seed(seed: int) -> int:
+    seed = int(seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    return seed
+
+
+def _sm_count(device: Any) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 4  # Triton's interpreter: a few programs keep the tests fast and still split the tokens
+
+
+def _contiguous_rows(t: Any) -> Any:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def dropout_lora_a(x2: Any, a: Any, p: float, seed: int) -> Any:
+    """h (T, r) = dropout(x2) @ A^T in x2's dtype, the mask drawn from `seed`; x2 is read once."""
+    import triton
+
+    seed = _check_seed(seed)
+    if not kernels_apply(x2, a, rank=a.shape[0]):
+        return dropout_lora_a_reference(x2, a, p, seed)
+    x2, a = _contiguous_rows(x2), _contiguous_rows(a.to(x2.dtype))
+    n_rows, n_cols = x2.shape
+    rank = a.shape[0]
+    h = x2.new_empty((n_rows, rank))
+    block_m = 64 if triton.cdiv(n_rows, 64) >= 2 * _sm_count(x2.device) else 32
+    if x2.device.type == "cpu":
+        block_m = 16
+    _kernels()["lora_a"][(triton.cdiv(n_rows, block_m),)](
+        x2, a, h, n_rows, n_cols, x2.stride(0), a.stride(0), h.stride(0), seed, float(p), keep_scale(p),
+        R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=_ieee(x2), num_warps=4 if rank <= 64 else 8,
+    )  # fmt: skip
+    return h
+
+
+def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | None = None) -> Any:
+    """A's gradient (r, K) fp32 = gh^T @ dropout(x2), the mask regenerated from `seed`; parallel over 128-column
+    groups and `splits` token ranges (default: enough programs for two per SM), partial sums added in fp32."""
+    import torch
+    import triton
+
+    seed = _check_seed(seed)
+    if not kernels_apply(x2, gh, rank=gh.shape[1]):
+        return dropout_lora_a_wgrad_reference(x2, gh, p, seed)
+    x2, gh = _contiguous_rows(x2), _contiguous_rows(gh.to(x2.dtype))
+    n_rows, n_cols = x2.shape
+    rank = gh.shape[1]
+    block_t = 64 if x2.device.type == "cuda" else 16
+    groups = triton.cdiv(n_cols, GROUP)
+    if splits is None:
+        splits = max(1, min(2 * _sm_count(x2.device) // groups, n_rows // (4 * block_t)))
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, max(1, splits)), block_t) * block_t
+    splits = triton.cdiv(n_rows, rows_per_split) if n_rows else 1
+    out = torch.empty((splits, rank, n_cols), device=x2.device, dtype=torch.float32)
+    _kernels()["wgrad"][(groups, splits)](
+        x2, gh, out, n_rows, n_cols, rows_per_split, x2.stride(0), gh.stride(0), out.stride(0), out.stride(1),
+        seed, float(p), keep_scale(p),
+        R=rank, BLOCK_T=block_t, LANES=LANES, IEEE=_ieee(x2), num_warps=4 if rank <= 64 else 8,
+    )  # fmt: skip
+    return out[0] if splits == 1 else out.sum(0)
+
+
+def dropout_grad(gh: Any, a: Any, p: float, seed: int, dtype: Any) -> Any:
+    """A new (T, K) tensor (gh @ A) * keep / (1 - p) in `dtype`: the LoRA path's input gradient written once, for
+    the base GEMM to accumulate into (fused.py's LoRA-first order)."""
+    import torch
+
+    seed = _check_seed(seed)
+    if not kernels_apply(gh, a, rank=gh.shape[1]) or dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return dropout_grad_reference(gh, a, p, seed, dtype)
+    out = torch.empty((gh.shape[0], a.shape[1]), device=gh.device, dtype=dtype)
+    return _run_grad(out, gh, a, p, seed, accumulate=False)
+
+
+def dropout_grad_add_(grad_x: Any, gh: Any, a: Any, p: float, seed: int) -> Any:
+    """In place: grad_x (T, K) += (gh @ A) * keep / (1 - p) (sum in fp32, rounded once); returns grad_x."""
+    seed = _check_seed(seed)
+    if not kernels_apply(grad_x, gh, a, rank=gh.shape[1]) or grad_x.stride(-1) != 1:
+        grad_x.copy_(dropout_grad_reference(gh, a, p, seed, grad_x.dtype, grad_x=grad_x))
+        return grad_x
+    return _run_grad(grad_x, gh, a, p, seed, accumulate=True)
+
+
+def _run_grad(out: Any, gh: Any, a: Any, p: float, seed: int, *, accumulate: bool) -> Any:
+    import triton
+
+    n_rows, n_cols = out.shape
+    rank = gh.shape[1]
+    gh, a = _contiguous_rows(gh.to(out.dtype)), _contiguous_rows(a.to(out.dtype))
+    block_m = 64 if out.device.type == "cuda" else 16
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, GROUP))
+    _kernels()["grad"][grid](
+        out, gh, a, n_rows, n_cols, out.stride(0), gh.stride(0), a.stride(0), seed, float(p), keep_scale(p),
+        R=rank, BLOCK_M=block_m, LANES=LANES, ACCUMULATE=accumulate, IEEE=_ieee(out),
+        num_warps=4 if rank <= 64 else 8,
+    )  # fmt: skip
+    return out
+
+
+def _ieee(t: Any) -> bool:
+    """fp32 inputs: tl.dot in full fp32 (its default would be TF32), as torch's fp32 matmul."""
+    import torch
+
+    return t.dtype == torch.float32
+
+
+def kernel_uniforms(seed: int, n_rows: int, n_cols: int, device: Any = "cpu", row_start: int = 0) -> Any:
+    """The (n_rows, n_cols) uniforms the kernels draw for rows row_start.. of an input n_cols wide, computed by
+    their own Philox helper (uniform_block_reference's counterpart; any row_start, however far beyond 2^31
+    elements: the tests and the GPU check compare the two there)."""
+    import torch
+    import triton
+
+    out = torch.empty((n_rows, n_cols), device=device, dtype=torch.float32)
+    block_m = 16
+    _kernels()["uniforms"][(triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, GROUP))](
+        out, int(row_start), n_rows, n_cols, _check_seed(seed), BLOCK_M=block_m, LANES=LANES
+    )
+    return out
+
+
+def kernel_rand(seed: int, offsets: Any) -> Any:
+    """tl.rand(seed, offsets) for int64 offsets, run as a Triton kernel (rand_reference's ground truth)."""
+    import torch
+    import triton
+
+    out = torch.empty(offsets.shape[0], device=offsets.device, dtype=torch.float32)
+    _kernels()["rand"][(triton.cdiv(offsets.shape[0], 64),)](
+        out, offsets.to(torch.int64), offsets.shape[0], _check_seed(seed), BLOCK=64
+    )
+    return out
+
+
+__all__ = [
+    "PhiloxMask",
+    "draw_seed",
+    "dropout_grad",
+    "dropout_grad_add_",
+    "dropout_lora_a",
+    "dropout_lora_a_wgrad",
+    "keep_mask_reference",
+    "triton_available",
+]
