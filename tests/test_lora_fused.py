@@ -233,7 +233,7 @@ def test_dropout_inside_the_fused_function_is_peft_arithmetic(gemm_order: bool) 
     b = torch.randn(24, 16, generator=gen, requires_grad=True)
     g = torch.randn(6, 5, 24, generator=gen)
     torch.manual_seed(3)
-    out = _dropout_fn().apply(x, w, None, None, a, b, 0.5, 0.1, torch.float32)
+    out = _dropout_fn().apply(x, w, None, None, a, b, 0.5, 0.1, torch.float32, None)  # seed None: native_dropout
     out.backward(g)
 
     torch.manual_seed(3)
@@ -297,7 +297,7 @@ def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float, gemm_order: 
     g = torch.randn(2, tokens // 2, out_f, generator=gen, dtype=torch.float64)
 
     torch.manual_seed(11)
-    out = _swiglu_down_fn().apply(u, w, None, None, a, b, scaling, p, torch.float64)
+    out = _swiglu_down_fn().apply(u, w, None, None, a, b, scaling, p, torch.float64, None)  # native_dropout
     grads = torch.autograd.grad(out, (u, a, b), g)
 
     torch.manual_seed(11)  # the same mask: native_dropout of the SwiGLU output, as the function draws it

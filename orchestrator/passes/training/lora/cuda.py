@@ -32,7 +32,11 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   `lora_first`) and the backward is written by hand, which removes the full-size `* scaling` and `+` passes over
   every projection's output and its input gradient; same saved tensors, same random masks. A bitsandbytes 4-bit
   base (QLoRA) is dequantized inside them per call (forward and backward), as bitsandbytes' own matmul does.
-  LoRA dropout runs inside them (native_dropout, peft's masks) with a Triton kernel for its input gradient.
+  LoRA dropout runs inside them: its mask regenerated from a Philox seed by Triton kernels where it is used, never
+  stored (`philox_dropout`, philox_dropout.py: ~6 instead of ~12 bytes moved per element of a LoRA input, 1 byte
+  per element less memory; the same dropout distribution, other random numbers than peft's), or with
+  `-philox_dropout` native_dropout (peft's masks) with a Triton kernel reading the stored mask for its input
+  gradient.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
 - Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm (`add_norm`: Liger's fused
@@ -51,8 +55,8 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
 - Phi-3-family attention: q, k (RoPE applied) and v written by one Triton kernel from the fused qkv output, each
   contiguous, and the qkv gradient by one kernel (`qkv_rope`; partial rotary and grouped-query heads).
 - Phi-3-family MLP: SwiGLU and the fused LoRA down_proj as one function that keeps only gate_up's output and
-  rebuilds the SwiGLU output (and its dropped-out copy, from the mask) in the backward (`mlp_recompute`): one
-  (tokens x intermediate) activation fewer per layer (~4 GiB on Phi-3-mini at 8 x 1024).
+  rebuilds the SwiGLU output in the backward (`mlp_recompute`; with `-philox_dropout` its dropped-out copy, from
+  the stored mask): one (tokens x intermediate) activation fewer per layer (~4 GiB on Phi-3-mini at 8 x 1024).
 - QLoRA: the frozen norms / embeddings / LM head back to bf16 after peft's prepare_model_for_kbit_training upcast
   them to fp32 (`qlora_bf16`).
 - QLoRA with gradient checkpointing: each checkpointed decoder layer's input (the only activation checkpointing
@@ -128,6 +132,7 @@ OPTION_NAMES = (
     "lora_first",
     "add_norm",
     "offload_checkpoints",
+    "philox_dropout",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -160,6 +165,7 @@ class CudaPlan:
     lora_first: bool = False  # fused layers: the LoRA term written first, the base GEMM accumulates into it
     add_norm: bool = False  # Phi-3 layers: the attention's residual add inside the post-attention RMSNorm (Liger)
     offload_checkpoints: bool = False  # checkpointed layer inputs in pinned host memory (offload.py), copies overlapped
+    philox_dropout: bool = False  # fused dropout's mask regenerated from a Philox seed in Triton kernels, never stored
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -270,10 +276,19 @@ def plan_cuda(
             )
         )
     fused_dropout = bool(fused_lora and opts.get("fused_dropout", True) and device.get("has_triton", True))
-    if fused_dropout:
+    philox_dropout = bool(fused_dropout and opts.get("philox_dropout", True))
+    if philox_dropout:
+        reasons.append(
+            "LoRA dropout inside the fused layers, its mask regenerated from a Philox seed by Triton kernels where it "
+            "is used (h = dropout(x) A^T, A's gradient, the input gradient) instead of stored: ~6 instead of ~12 "
+            "bytes moved per LoRA input element, no 1-byte-per-element mask kept; same dropout distribution, not "
+            "peft's random numbers (ORCH_CUDA_FASTPATH=-philox_dropout gives peft's masks)"
+        )
+    elif fused_dropout:
         reasons.append(
             "LoRA dropout inside the fused layers (native_dropout: peft's masks), its input gradient added by one "
-            "Triton kernel"
+            "Triton kernel reading the stored mask"
+            + ("; Philox dropout off (ORCH_CUDA_FASTPATH)" if "philox_dropout" in opts else "")
         )
     lora_first = bool(fused_lora and opts.get("lora_first", True))
     if lora_first:
@@ -486,6 +501,7 @@ def plan_cuda(
         lora_first=lora_first,
         add_norm=add_norm,
         offload_checkpoints=offload_checkpoints,
+        philox_dropout=philox_dropout,
         reasons=tuple(reasons),
     )
 
@@ -616,6 +632,7 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         lora_kernels.SPLIT_ENABLED = plan.splitk
         lora_kernels.DROPOUT_KERNEL_ENABLED = plan.fused_dropout
         lora_fused.LORA_FIRST = plan.lora_first
+        lora_fused.PHILOX_DROPOUT = plan.philox_dropout
         fuse_lora_layers(model)
     if plan.compile_layers:
         compile_decoder_layers(model)

@@ -15,17 +15,27 @@ memory-bound K=r GEMM that reads and writes the whole output once more), and a b
 - writes the LoRA path's input gradient first and lets the base GEMM `g @ W` accumulate into it, likewise (with
   dropout the Triton kernel writes `(gh @ A) * mask / (1 - p)`; without it the LoRA input is the layer input
   itself and the term is one `gh @ A`);
-- saves exactly what peft's autograd graph saves (the dropped-out input and the (tokens x r) intermediate), so
-  peak memory is not higher.
+- saves at most what peft's autograd graph saves (the dropped-out input, or with Philox dropout the input itself
+  and no mask, and the (tokens x r) intermediate), so peak memory is not higher.
 
-Dropout (peft's `lora_dropout`, 0.05 in Olive's and the benchmark's configs) on CUDA runs inside the fused
-function: `torch.native_dropout`, the very call `nn.Dropout` makes on CUDA (same random numbers for the same seed,
-so the masks are peft's), keeping its mask for the backward, where the LoRA path's input gradient
-`((g B s) A) * mask / (1 - p)` is added into the base path's by one Triton kernel (lora_kernels.py) instead of
-eager autograd's four passes (write `gh @ A`, dropout's backward, then the sum of the two input gradients). Elsewhere
-(CPU, no Triton, a LoRA rank the kernel does not take) dropout runs through the layer's own `nn.Dropout` module
-outside the fused function, as before: the masks are peft's there too (tests compare losses and gradients with
-peft's own forward).
+Dropout (peft's `lora_dropout`, 0.05 in Olive's and the benchmark's configs) on CUDA with Triton runs inside the
+fused function, in one of two modes (the plan's options, cuda.py):
+- `philox_dropout` (the default where `fused_dropout` is on): the mask is never stored. One 64-bit seed per layer
+  call, drawn from torch's CPU generator (no GPU sync; checkpointing's recompute restores that generator and
+  draws the same seed), stands for it, and Triton kernels regenerate it from Philox where it is used
+  (philox_dropout.py): `h = dropout(x) @ A^T` reading x once, A's gradient from x, and the LoRA path's input
+  gradient `((g B s) A) * keep / (1 - p)`. The backward keeps x (not a dropped-out copy) and no mask: ~6 bytes
+  of memory traffic per element of a LoRA input instead of ~12, and 1 byte per element less memory. The masks have
+  the distribution of nn.Dropout's, not its random numbers: with the same seed the loss differs from peft's by
+  dropout's sampling, not by rounding.
+- `ORCH_CUDA_FASTPATH=-philox_dropout`: `torch.native_dropout`, the very call `nn.Dropout` makes on CUDA (same
+  random numbers for the same seed, so the masks are peft's), keeping its mask for the backward, where the LoRA
+  path's input gradient `((g B s) A) * mask / (1 - p)` is added into the base path's by one Triton kernel
+  (lora_kernels.py) instead of eager autograd's four passes (write `gh @ A`, dropout's backward, then the sum of
+  the two input gradients). Under CUDA-graph capture this mode runs either way (a host seed would be frozen).
+Elsewhere (CPU, no Triton, a LoRA rank the kernels do not take, `-fused_dropout`) dropout runs through the layer's
+own `nn.Dropout` module outside the fused function, as before: the masks are peft's there (tests compare losses and
+gradients with peft's own forward).
 
 Only the plain case is fused: one active adapter, vanilla LoRA (no DoRA or other variant), no LoRA bias, adapters
 enabled and not merged, a frozen base that is a plain `torch.nn.Linear` or a bitsandbytes `Linear4bit` (QLoRA: its
@@ -49,13 +59,24 @@ FUSED_ATTR = "_orch_fused_lora"
 
 # lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-lora_first: the base GEMM first, the LoRA term added after it)
 LORA_FIRST = True
+# lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-philox_dropout: native_dropout with its stored mask, peft's masks)
+PHILOX_DROPOUT = True
 
 
 def base_plus_lora(
-    x2: Any, xd2: Any, weight: Any, qstate: Any, bias: Any, a16: Any, b16: Any, scaling: float, dtype: Any
+    x2: Any,
+    xd2: Any,
+    weight: Any,
+    qstate: Any,
+    bias: Any,
+    a16: Any,
+    b16: Any,
+    scaling: float,
+    dtype: Any,
+    h: Any = None,
 ) -> tuple[Any, Any]:
     """(x2 @ W^T + bias + scaling * h @ B^T, h = xd2 @ A^T), every fused function's forward; h is what B's
-    gradient needs.
+    gradient needs (given, xd2 is not read: Philox dropout computes h with the mask inside).
 
     LoRA first: the skinny GEMM writes `scaling * h @ B^T (+ bias)` once, then the base GEMM accumulates into it
     (beta=1: the compute-bound GEMM reads that tensor in its epilogue, nearly free). The other order writes the base
@@ -66,7 +87,8 @@ def base_plus_lora(
     from orchestrator.passes.training.lora.kernels import lora_tall
 
     w = dense_weight(weight, qstate, dtype)
-    h = lora_tall(xd2, a16)
+    if h is None:
+        h = lora_tall(xd2, a16)
     if LORA_FIRST:
         if bias is not None:
             out = torch.addmm(bias, h, b16.t(), alpha=scaling)
@@ -81,17 +103,27 @@ def base_plus_lora(
 
 def input_grad(g: Any, w: Any, gh: Any, a16: Any, mask: Any, keep_scale: float) -> Any:
     """g @ W plus the LoRA path's input gradient (gh @ A, times the dropout mask and 1 / (1 - p) when `mask` is
-    given), in the order LORA_FIRST picks: the small term written first and the base GEMM accumulating into it."""
+    given: a bool tensor, or a PhiloxMask whose kernels regenerate it), in the order LORA_FIRST picks: the small
+    term written first and the base GEMM accumulating into it."""
     import torch
 
+    from orchestrator.passes.training.lora import philox_dropout
     from orchestrator.passes.training.lora.kernels import lora_dropout_grad, lora_dropout_grad_add_
 
+    philox = isinstance(mask, philox_dropout.PhiloxMask)
     if LORA_FIRST:
-        lora = torch.mm(gh, a16) if mask is None else lora_dropout_grad(gh, a16, mask, keep_scale, g.dtype)
+        if mask is None:
+            lora = torch.mm(gh, a16)
+        elif philox:
+            lora = philox_dropout.dropout_grad(gh, a16, mask.p, mask.seed, g.dtype)
+        else:
+            lora = lora_dropout_grad(gh, a16, mask, keep_scale, g.dtype)
         return lora.addmm_(g, w)
     out = g @ w
     if mask is None:
         return out.addmm_(gh, a16)
+    if philox:
+        return philox_dropout.dropout_grad_add_(out, gh, a16, mask.p, mask.seed)
     return lora_dropout_grad_add_(out, gh, a16, mask, keep_scale)
 
 
@@ -185,10 +217,13 @@ def _lora_function() -> Any:
 def _lora_dropout_function() -> Any:
     import torch
 
+    from orchestrator.passes.training.lora import philox_dropout
     from orchestrator.passes.training.lora.kernels import lora_wgrad
 
     class LoraLinearDropoutFunction(torch.autograd.Function):
-        """out = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T, dropout drawn inside (native_dropout)."""
+        """out = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T, dropout drawn inside: from `seed` by the
+        Philox kernels (x kept for the backward, no mask), or by native_dropout when seed is None (xd and the mask
+        kept)."""
 
         @staticmethod
         def forward(
@@ -202,18 +237,25 @@ def _lora_dropout_function() -> Any:
             scaling: float,
             p: float,
             dtype: Any,
+            seed: int | None,
         ) -> Any:
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
                 a16, b16 = a.to(dtype), b.to(dtype)
-                xd2, mask = torch.native_dropout(x2, p, True)
-                out, h = base_plus_lora(x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype)
+                if seed is None:
+                    xd2, mask = torch.native_dropout(x2, p, True)
+                    out, h = base_plus_lora(x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype)
+                else:  # the mask from the seed, inside the kernels: A's gradient reads x itself
+                    xd2, mask = x2, None
+                    h = philox_dropout.dropout_lora_a(x2, a16, p, seed)
+                    out, h = base_plus_lora(x2, None, weight, qstate, bias, a16, b16, scaling, dtype, h=h)
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p)
+            ctx.philox = None if seed is None else philox_dropout.PhiloxMask(seed, p)
             ctx.dtypes = (a.dtype, b.dtype)
             ctx.qstate, ctx.dtype = qstate, dtype
-            need_x, _, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
+            need_x, _, _, _, need_a, need_b, _, _, _, _ = ctx.needs_input_grad
             ctx.save_for_backward(
                 xd2 if need_a else None,
                 h if need_b else None,
@@ -227,19 +269,24 @@ def _lora_dropout_function() -> Any:
         @staticmethod
         def backward(ctx: Any, grad_out: Any) -> tuple[Any, ...]:
             xd2, h, weight, a16, b16, mask = ctx.saved_tensors
-            need_x, _, _, _, need_a, need_b, _, _, _ = ctx.needs_input_grad
+            need_x, _, _, _, need_a, need_b, _, _, _, _ = ctx.needs_input_grad
             lead = grad_out.shape[:-1]
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_a = grad_b = None
+            drop = ctx.philox
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh, grad_b = lora_out_grads(g, h if need_b else None, b16, ctx.scaling, ctx.dtypes[1])
-                if need_a:
-                    grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
+                if need_a:  # xd2: the dropped-out input, or with Philox dropout the input itself
+                    wgrad = lora_wgrad(gh, xd2) if drop is None else philox_dropout.dropout_lora_a_wgrad(
+                        xd2, gh, drop.p, drop.seed
+                    )  # fmt: skip
+                    grad_a = wgrad.to(ctx.dtypes[0])
                 if need_x:
-                    grad_x = input_grad(g, dense_weight(weight, ctx.qstate, ctx.dtype), gh, a16, mask, ctx.keep_scale)
+                    w = dense_weight(weight, ctx.qstate, ctx.dtype)
+                    grad_x = input_grad(g, w, gh, a16, mask if drop is None else drop, ctx.keep_scale)
             if grad_x is not None:
                 grad_x = grad_x.view(*lead, grad_x.shape[-1])
-            return grad_x, None, None, None, grad_a, grad_b, None, None, None
+            return grad_x, None, None, None, grad_a, grad_b, None, None, None, None
 
     return LoraLinearDropoutFunction
 
@@ -247,6 +294,7 @@ def _lora_dropout_function() -> Any:
 def _swiglu_down_function() -> Any:
     import torch
 
+    from orchestrator.passes.training.lora import philox_dropout
     from orchestrator.passes.training.lora.kernels import (
         lora_wgrad,
         swiglu_backward_2d,
@@ -259,7 +307,8 @@ def _swiglu_down_function() -> Any:
 
         Phi-3's MLP tail (SwiGLU, then the LoRA down_proj) as one function that keeps u, which the SwiGLU backward
         needs anyway, and recomputes c (and its dropped-out copy from the kept mask) in the backward instead of
-        keeping them: one (tokens x intermediate) activation fewer per layer, for one extra SwiGLU pass.
+        keeping them: one (tokens x intermediate) activation fewer per layer, for one extra SwiGLU pass. With a
+        Philox `seed` no mask is kept: the kernels regenerate it from c (philox_dropout.py).
         """
 
         @staticmethod
@@ -274,6 +323,7 @@ def _swiglu_down_function() -> Any:
             scaling: float,
             p: float,
             dtype: Any,
+            seed: int | None,
         ) -> Any:
             lead = u.shape[:-1]
             u2 = u.reshape(-1, u.shape[-1])
@@ -282,10 +332,16 @@ def _swiglu_down_function() -> Any:
             with torch.autocast(device_type=u.device.type, enabled=False):
                 a16, b16 = a.to(dtype), b.to(dtype)
                 c = swiglu_forward_2d(u2)
-                xd, mask = torch.native_dropout(c, p, True) if p > 0 else (c, None)
-                out, h = base_plus_lora(c, xd, weight, qstate, bias, a16, b16, scaling, dtype)
+                mask = None
+                if p > 0 and seed is not None:  # Philox: the mask from the seed, inside the kernels
+                    h = philox_dropout.dropout_lora_a(c, a16, p, seed)
+                    out, h = base_plus_lora(c, None, weight, qstate, bias, a16, b16, scaling, dtype, h=h)
+                else:
+                    xd, mask = torch.native_dropout(c, p, True) if p > 0 else (c, None)
+                    out, h = base_plus_lora(c, xd, weight, qstate, bias, a16, b16, scaling, dtype)
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
+            ctx.philox = philox_dropout.PhiloxMask(seed, p) if p > 0 and seed is not None else None
             ctx.dtypes = (a.dtype, b.dtype)
             ctx.lead = u.shape
             ctx.qstate, ctx.dtype = qstate, dtype
@@ -298,13 +354,19 @@ def _swiglu_down_function() -> Any:
             g = grad_out.reshape(-1, grad_out.shape[-1])
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh, grad_b = lora_out_grads(g, h, b16, ctx.scaling, ctx.dtypes[1])
-                # c again, or straight its dropped-out copy from the kept mask (one pass either way)
-                xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
-                grad_a = lora_wgrad(gh, xd).to(ctx.dtypes[0])
-                del xd
-                grad_c = input_grad(g, dense_weight(weight, ctx.qstate, ctx.dtype), gh, a16, mask, ctx.keep_scale)
+                drop = ctx.philox
+                if drop is not None:  # c again; A's gradient kernel applies the regenerated mask to it
+                    c = swiglu_forward_2d(u2)
+                    grad_a = philox_dropout.dropout_lora_a_wgrad(c, gh, drop.p, drop.seed).to(ctx.dtypes[0])
+                    del c
+                else:  # c again, or straight its dropped-out copy from the kept mask (one pass either way)
+                    xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
+                    grad_a = lora_wgrad(gh, xd).to(ctx.dtypes[0])
+                    del xd
+                w = dense_weight(weight, ctx.qstate, ctx.dtype)
+                grad_c = input_grad(g, w, gh, a16, mask if drop is None else drop, ctx.keep_scale)
                 du = swiglu_backward_2d(u2, grad_c)
-            return du.view(ctx.lead), None, None, None, grad_a, grad_b, None, None, None
+            return du.view(ctx.lead), None, None, None, grad_a, grad_b, None, None, None, None
 
     return LoraSwigluDownFunction
 
@@ -339,13 +401,14 @@ def swiglu_down(down_proj: Any, u: Any) -> Any:
     if isinstance(dropout, torch.nn.Identity) or not down_proj.training:
         p = 0.0
     else:
-        p = _fused_dropout_p(dropout, u, a.shape[0])  # CUDA + Triton: native_dropout, peft's masks
+        p = _fused_dropout_p(dropout, u, a.shape[0])  # CUDA + Triton: Philox or native_dropout (peft's masks)
         if p is None:
             return None
     uc = u.to(dtype)
     bias_c = None if bias is None else bias.to(dtype)
     w = weight if qstate is not None else weight.to(dtype)
-    return _swiglu_down_fn().apply(uc, w, qstate, bias_c, a, b, float(scaling), p, dtype)
+    seed = philox_seed(uc, a.shape[0]) if p > 0 else None
+    return _swiglu_down_fn().apply(uc, w, qstate, bias_c, a, b, float(scaling), p, dtype, seed)
 
 
 def _fn() -> Any:
@@ -366,14 +429,30 @@ def _fused_dropout_p(dropout: Any, x: Any, rank: int) -> float | None:
     """The dropout probability when the dropout can run inside the fused function, else None."""
     import torch
 
-    from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, triton_available
+    from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, use_triton
 
     if type(dropout) is not torch.nn.Dropout or not dropout.training or dropout.inplace:
         return None
     p = float(dropout.p)
-    if not 0.0 < p < 1.0 or not x.is_cuda or not triton_available() or not dropout_grad_add_supported(rank):
+    # CUDA tensors (or CPU ones under Triton's interpreter: the interpreter tests)
+    if not 0.0 < p < 1.0 or not use_triton(x) or not dropout_grad_add_supported(rank):
         return None
     return p
+
+
+def philox_seed(x: Any, rank: int) -> int | None:
+    """The Philox seed of this dropout call (a fresh draw from torch's CPU generator), or None for native_dropout:
+    PHILOX_DROPOUT off, the kernels not applying to x, or a CUDA graph being captured (a host seed would be frozen
+    into the graph: every replay would drop the same elements)."""
+    import torch
+
+    from orchestrator.passes.training.lora import philox_dropout
+
+    if not PHILOX_DROPOUT or not philox_dropout.kernels_apply(x, rank=rank):
+        return None
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    return philox_dropout.draw_seed()
 
 
 def _compute_dtype(x: Any, *weights: Any) -> Any:
@@ -456,7 +535,8 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     bias_c = None if bias is None else bias.to(dtype)
     p = _fused_dropout_p(dropout, xc, a.shape[0])
     if p is not None:
-        return _dropout_fn().apply(xc, w, qstate, bias_c, a, b, float(scaling), p, dtype)
+        seed = philox_seed(xc, a.shape[0])  # drawn here: a checkpoint's recompute draws it again, the same
+        return _dropout_fn().apply(xc, w, qstate, bias_c, a, b, float(scaling), p, dtype, seed)
     xd = dropout(xc)  # the layer's own module: the same random mask peft would draw
     # the output is in the compute dtype, as peft's is (the base layer's output under autocast)
     return _fn().apply(xc, xd, w, qstate, bias_c, a, b, float(scaling), dtype)
