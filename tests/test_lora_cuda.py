@@ -519,6 +519,33 @@ def test_lora_first_gemm_order_is_planned_and_turns_off(tiny_phi3, monkeypatch: 
     assert lora_fused.LORA_FIRST is True
 
 
+def test_philox_dropout_is_planned_with_fused_dropout_and_turns_off(
+    tiny_phi3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """philox_dropout (masks regenerated from a seed, never stored) is the default wherever fused_dropout is on;
+    -philox_dropout gives native_dropout's stored masks (peft's), and apply_plan sets fused.PHILOX_DROPOUT so."""
+    import peft
+    import transformers
+
+    from orchestrator.passes.training.lora import fused as lora_fused
+
+    monkeypatch.setattr(lora_fused, "PHILOX_DROPOUT", lora_fused.PHILOX_DROPOUT)  # restored after the test
+    plan = plan_cuda(H100, PHI3_MINI, {})
+    assert plan.fused_dropout and plan.philox_dropout
+    assert any("Philox seed" in r and "-philox_dropout" in r for r in plan.reasons)
+    off = plan_cuda(H100, PHI3_MINI, {}, parse_options("-philox_dropout,-liger,-padding_free"))
+    assert off.fused_dropout and not off.philox_dropout
+    assert any("native_dropout: peft's masks" in r and "Philox dropout off" in r for r in off.reasons)
+    assert not plan_cuda(H100, PHI3_MINI, {}, parse_options("-fused_dropout")).philox_dropout  # only inside
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"fused_lora": False}).philox_dropout
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv_proj"]))
+    lora_cuda.apply_plan(off, model, {})
+    assert lora_fused.PHILOX_DROPOUT is False
+    lora_cuda.apply_plan(plan_cuda(H100, PHI3_MINI, {}, {"liger": False, "padding_free": False}), model, {})
+    assert lora_fused.PHILOX_DROPOUT is True
+
+
 @pytest.fixture(scope="module")
 def tiny_phi3(tmp_path_factory: pytest.TempPathFactory):
     from orchestrator.passes.models.tiny_model import build_tiny_phi3

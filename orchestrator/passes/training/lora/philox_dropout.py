@@ -91,17 +91,17 @@ def _mul_hi_lo(a: int, b: Any) -> tuple[Any, Any]:
     return hi, lo
 
 
-def philox4x32_reference(seed: int, c0: Any, c1: Any, c2: Any = None, c3: Any = None) -> tuple[Any, Any, Any, Any]:
-    """Philox4x32-10 of counters (c0, c1, c2, c3) (int64 tensors of uint32 values) under key (seed low 32 bits,
-    seed high 32 bits), as triton.language.random.philox: four int64 tensors of uint32 values."""
+def philox4x32_reference(
+    key: tuple[int, int], c0: Any, c1: Any, c2: Any = None, c3: Any = None
+) -> tuple[Any, Any, Any, Any]:
+    """Philox4x32-10 (Salmon et al., Random123's philox4x32_10) of counters (c0, c1, c2, c3), int64 tensors of
+    uint32 values, under key (k0, k1), as triton.language.random.philox_impl: four int64 tensors of uint32 values."""
     import torch
 
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     zero = torch.zeros_like(c0)
     c2 = zero if c2 is None else c2
     c3 = zero if c3 is None else c3
-    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    k0, k1 = key[0] & MASK32, key[1] & MASK32
     for _ in range(10):
         hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND[1], c2)
         hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND[0], c0)
@@ -115,10 +115,12 @@ def randint4x_reference(seed: int, offsets: Any) -> tuple[Any, Any, Any, Any]:
     """tl.randint4x(seed, offsets) for int64 offsets: the counter is (offset low 32 bits, offset high 32 bits, 0, 0)."""
     import torch
 
+    seed = _check_seed(seed)
     offsets = offsets.to(torch.int64)
     if bool((offsets < 0).any()):
         raise ValueError("offsets must be >= 0")
-    return philox4x32_reference(seed, offsets & MASK32, offsets >> 32)
+    # tl.philox: key (seed low 32 bits, seed high 32 bits), counter (offset low, offset high, 0, 0)
+    return philox4x32_reference((seed & MASK32, seed >> 32), offsets & MASK32, offsets >> 32)
 
 
 def uniform_reference(bits: Any) -> Any:
@@ -258,11 +260,11 @@ def _contiguous_rows(t: Any) -> Any:
 
 def dropout_lora_a(x2: Any, a: Any, p: float, seed: int) -> Any:
     """h (T, r) = dropout(x2) @ A^T in x2's dtype, the mask drawn from `seed`; x2 is read once."""
-    import triton
-
     seed = _check_seed(seed)
     if not kernels_apply(x2, a, rank=a.shape[0]):
         return dropout_lora_a_reference(x2, a, p, seed)
+    import triton
+
     x2, a = _contiguous_rows(x2), _contiguous_rows(a.to(x2.dtype))
     n_rows, n_cols = x2.shape
     rank = a.shape[0]
@@ -280,12 +282,12 @@ def dropout_lora_a(x2: Any, a: Any, p: float, seed: int) -> Any:
 def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | None = None) -> Any:
     """A's gradient (r, K) fp32 = gh^T @ dropout(x2), the mask regenerated from `seed`; parallel over 128-column
     groups and `splits` token ranges (default: enough programs for two per SM), partial sums added in fp32."""
-    import torch
-    import triton
-
     seed = _check_seed(seed)
     if not kernels_apply(x2, gh, rank=gh.shape[1]):
         return dropout_lora_a_wgrad_reference(x2, gh, p, seed)
+    import torch
+    import triton
+
     x2, gh = _contiguous_rows(x2), _contiguous_rows(gh.to(x2.dtype))
     n_rows, n_cols = x2.shape
     rank = gh.shape[1]

@@ -1,0 +1,212 @@
+"""LoRA dropout with masks regenerated from a Philox seed (orchestrator/passes/training/lora/philox_dropout.py).
+
+The references run here, in torch. The Triton kernels run too, on CPU, through Triton's interpreter: in a
+subprocess (TRITON_INTERPRET=1 must be set before triton is imported, and triton is not in the shared venv) with the
+pinned Triton that `make setup` puts in .cache/triton-interpret (scripts/setup-triton-interpret.sh). The subprocess
+(tests/lora_philox_interpreted.py) saves what the kernels and the fused layers computed; the tests compare it with
+the references here. The interpreter does not interpret bf16 (see the setup script): fp16 and fp32 run here, bf16
+in bench/gpu_kernels.py on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from orchestrator.passes.training.lora import philox_dropout as pd
+
+REPO = Path(__file__).resolve().parents[1]
+TRITON_SITE = REPO / ".cache" / "triton-interpret"
+P = 0.1
+SEED = 0x1234_5678_9ABC_DEF
+
+
+def test_philox_reference_gives_random123s_known_answers() -> None:
+    """Philox4x32-10's published test vectors (Random123 kat_vectors): counter, key -> output."""
+    vectors = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
+    for counter, key, want in vectors:
+        got = pd.philox4x32_reference(key, *(torch.tensor([c]) for c in counter))
+        assert tuple(int(t) for t in got) == want
+
+
+def test_uniforms_are_tl_rands_conversion_and_keep_about_one_minus_p() -> None:
+    bits = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1])
+    u = pd.uniform_reference(bits)
+    assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    # int32 view, negatives mirrored: 0 and 2^32 - 1 (-1) both give 0, 2^31 - 1 and 2^31 (-2^31) the maximum
+    assert u[0] == u[4] == 0.0 and u[2] == u[3]
+    keep = pd.keep_mask_reference(SEED, 512, 1000, 0.05)
+    assert keep.dtype == torch.bool and keep.shape == (512, 1000)
+    assert abs(float(keep.float().mean()) - 0.95) < 5 * (0.05 * 0.95 / keep.numel()) ** 0.5
+    assert not torch.equal(keep, pd.keep_mask_reference(SEED + 1, 512, 1000, 0.05))  # the seed matters
+    # rows are independent of how many rows are drawn: row 300 alone is row 300 of the block
+    assert torch.equal(pd.keep_mask_reference(SEED, 1, 1000, 0.05, row_start=300), keep[300:301])
+
+
+def test_counter_layout_uses_all_four_outputs_and_64_bit_offsets() -> None:
+    """Element (row, col): counter row * W + (col // 128) * 32 + col % 32, output (col // 32) % 4; distinct
+    elements never share a (counter, output) pair, also at rows whose counters pass 2^32."""
+    n_cols = 300  # W = 3 * 32 counters per row
+    rows = torch.tensor([0, 1, 2**40 // 96])[:, None].expand(3, n_cols)
+    cols = torch.arange(n_cols)[None, :].expand(3, n_cols)
+    offsets, which = pd.counter_layout(rows, cols, n_cols)
+    assert offsets.dtype == torch.int64 and int(offsets.max()) > 2**40
+    pairs = set(zip(offsets.flatten().tolist(), which.flatten().tolist(), strict=True))
+    assert len(pairs) == rows.numel()
+    assert which[0, :128].tolist() == [c // 32 for c in range(128)]
+
+
+def test_seeds_are_checked_and_drawn_from_the_cpu_generator() -> None:
+    with pytest.raises(ValueError, match="seed must be in"):
+        pd.dropout_lora_a(torch.zeros(2, 16), torch.zeros(16, 16), P, -1)
+    with pytest.raises(ValueError, match="seed must be in"):
+        pd.keep_mask_reference(2**63, 2, 16, P)
+    torch.manual_seed(4)
+    first = [pd.draw_seed(), pd.draw_seed()]
+    torch.manual_seed(4)
+    assert [pd.draw_seed(), pd.draw_seed()] == first and first[0] != first[1]
+    assert all(0 <= s < 2**62 for s in first)
+
+
+def test_without_the_kernels_the_wrappers_run_the_references() -> None:
+    """CPU tensors outside the interpreter (this process has no triton): the same arithmetic in torch."""
+    gen = torch.Generator().manual_seed(0)
+    x, a, gh = torch.randn(9, 40, generator=gen), torch.randn(16, 40, generator=gen), torch.randn(9, 16, generator=gen)
+    assert not pd.kernels_apply(x, a, rank=16)
+    keep = pd.keep_mask_reference(SEED, 9, 40, P)
+    xd = torch.where(keep, x / (1 - P), 0.0)
+    assert torch.allclose(pd.dropout_lora_a(x, a, P, SEED), xd @ a.t(), atol=1e-5)
+    assert torch.allclose(pd.dropout_lora_a_wgrad(x, gh, P, SEED), gh.t() @ xd, atol=1e-5)
+    assert torch.allclose(pd.dropout_grad(gh, a, P, SEED, torch.float32), (gh @ a) * keep / (1 - P), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernels, through Triton's interpreter
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if not (TRITON_SITE / ".orch-version").is_file():
+        pytest.fail(f"{TRITON_SITE} is missing: run `make setup` (scripts/setup-triton-interpret.sh installs it)")
+    out = tmp_path_factory.mktemp("philox") / "interpreted.pt"
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(TRITON_SITE)]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "lora_philox_interpreted.py"), str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(out, weights_only=False)
+    assert res["triton"] == (TRITON_SITE / ".orch-version").read_text().strip()
+    return res
+
+
+def test_tl_rand_and_the_kernels_uniforms_are_the_reference_bit_for_bit(interpreted: dict[str, Any]) -> None:
+    rand = interpreted["rand"]
+    assert int(rand["offsets"].max()) > 2**62  # offsets far beyond 2^31 and 2^32
+    assert torch.equal(rand["got"], pd.rand_reference(SEED, rand["offsets"]))
+    assert torch.equal(interpreted["uniforms"], pd.uniform_block_reference(SEED, 5, 300))
+    far = interpreted["uniforms_far"]
+    assert far["row_start"] * 96 > 2**39  # Philox counters past 2^32: 64-bit offsets
+    assert torch.equal(far["got"], pd.uniform_block_reference(SEED, 3, 300, row_start=far["row_start"]))
+
+
+@pytest.mark.parametrize(
+    "case", ["float16 37x300 r16", "float32 37x300 r16", "float16 70x130 r32", "float32 19x257 r64"]
+)
+def test_each_kernel_is_its_reference(interpreted: dict[str, Any], case: str) -> None:
+    dtype_name, shape, rank = case.split()
+    got = interpreted[f"kernels torch.{dtype_name} {shape} {rank}"]
+    assert got["kernels_apply"]  # the wrappers ran the kernels, not their torch fallback
+    x, a, gh, gx = got["x"], got["a"], got["gh"], got["gx"]
+    tol = {"atol": 2e-3, "rtol": 2e-3} if x.dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
+    h = pd.dropout_lora_a_reference(x, a, P, SEED)
+    assert got["h"].dtype == x.dtype and got["h"].shape == h.shape
+    assert torch.allclose(got["h"].float(), h.float(), **tol)
+    wgrad = pd.dropout_lora_a_wgrad_reference(x, gh, P, SEED)
+    for name in ("wgrad", "wgrad_3_splits"):
+        assert got[name].dtype == torch.float32 and got[name].shape == (gh.shape[1], x.shape[1])
+        assert torch.allclose(got[name], wgrad, atol=1e-4, rtol=1e-4)
+    grad = pd.dropout_grad_reference(gh, a, P, SEED, x.dtype)
+    assert got["grad"].dtype == x.dtype and torch.allclose(got["grad"].float(), grad.float(), **tol)
+    grad_add = pd.dropout_grad_reference(gh, a, P, SEED, x.dtype, grad_x=gx)
+    assert torch.allclose(got["grad_add"].float(), grad_add.float(), **tol)
+    # the mask is really applied: the dropped columns of every row give exactly 0 in the written gradient
+    keep = pd.keep_mask_reference(SEED, x.shape[0], x.shape[1], P)
+    assert int((~keep).sum()) > 0 and bool((got["grad"][~keep] == 0).all())
+    assert not torch.allclose(got["h"].float(), (x.float() @ a.float().t()), **tol)  # not the undropped product
+
+
+def _max_grad_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a["grads"].keys() == b["grads"].keys() and len(a["grads"]) == 8  # A and B of 2 x (o_proj, down_proj)
+    return max(float((a["grads"][n] - b["grads"][n]).abs().max()) for n in a["grads"])
+
+
+def test_fused_layers_in_philox_mode_are_the_eager_computation_with_the_reference_masks(
+    interpreted: dict[str, Any],
+) -> None:
+    """A tiny Phi-3 with LoRA (dropout 0.1) on o_proj and down_proj, fused, Philox dropout: the loss and every
+    LoRA gradient equal peft's eager forward whose dropout applies keep_mask_reference's mask for the same seeds."""
+    ref = interpreted["model eager reference"]
+    got = interpreted["model fused philox plain"]
+    assert torch.allclose(got["loss"], ref["loss"], atol=1e-6)
+    assert _max_grad_diff(got, ref) < 1e-6
+    # and dropout happened: peft's own nn.Dropout masks (other random numbers) give another loss
+    assert abs(float(interpreted["model peft nn.Dropout"]["loss"]) - float(ref["loss"])) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "transformers checkpoint, reentrant",
+        "transformers checkpoint, non-reentrant",
+        "offload.py CheckpointOffloader",
+    ],
+)
+def test_checkpointing_recompute_draws_the_same_masks(interpreted: dict[str, Any], mode: str) -> None:
+    """Under transformers' gradient checkpointing (torch's checkpoint, reentrant or not) and offload.py's
+    CheckpointOffloader, the recomputed forward draws the same seeds: the gradients are the un-checkpointed ones."""
+    plain = interpreted["model fused philox plain"]
+    got = interpreted[f"model fused philox {mode}"]
+    assert torch.equal(got["loss"], plain["loss"])
+    assert _max_grad_diff(got, plain) == 0.0
+    if "Offloader" in mode:
+        assert got["offloaded"] >= 1  # a layer input went through the host copy
+    # the check can fail: a checkpoint that does not restore the RNG state redraws other masks
+    unpreserved = interpreted["model fused philox checkpoint without RNG state"]
+    assert _max_grad_diff(unpreserved, plain) > 1e-4
+
+
+def test_without_philox_the_fused_layers_keep_peft_masks(interpreted: dict[str, Any]) -> None:
+    """ORCH_CUDA_FASTPATH=-philox_dropout (fused.PHILOX_DROPOUT off): native_dropout inside, its stored mask read
+    by the Triton input-gradient kernel: the same loss and gradients as peft's forward with nn.Dropout."""
+    peft_own = interpreted["model peft nn.Dropout"]
+    got = interpreted["model fused native_dropout"]
+    assert torch.allclose(got["loss"], peft_own["loss"], atol=1e-6)
+    assert _max_grad_diff(got, peft_own) < 1e-6
+
+
+def test_swiglu_down_in_philox_mode_is_the_eager_mlp_tail(interpreted: dict[str, Any]) -> None:
+    """fused.swiglu_down (SwiGLU recomputed in the backward, the mask regenerated) against silu(gate) * up, then
+    the peft layer with keep_mask_reference's mask: output, the gradient of u = [gate | up], A's and B's."""
+    fused, eager = interpreted["swiglu_down"]["fused"], interpreted["swiglu_down"]["eager"]
+    for name in ("out", "grad_u", "grad_A", "grad_B"):
+        assert torch.allclose(fused[name], eager[name], atol=1e-5, rtol=1e-5), name
