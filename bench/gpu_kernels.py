@@ -4,12 +4,18 @@
 
 1. Ceilings of this GPU: a large bf16 GEMM (TFLOP/s) and a device-to-device copy (GB/s, read + write).
 2. Correctness on fresh random inputs (bf16, against the torch reference in fp32): orch's LoRA-dropout gradient
-   kernel and SwiGLU kernel (lora_kernels.py); the fused LoRA layer with dropout against peft's own layer with the
-   same seed (same dropout masks: native_dropout is what nn.Dropout calls on CUDA).
+   kernel and SwiGLU kernel (lora_kernels.py); the fused LoRA layer with native_dropout inside
+   (-philox_dropout) against peft's own layer with the same seed (same dropout masks: native_dropout is what
+   nn.Dropout calls on CUDA). The Philox dropout kernels (philox_dropout.py): tl.rand and the kernels' uniforms
+   against the torch reference bit for bit (mismatch counts, 64-bit counters included), each kernel against its
+   reference, the keep fraction, and the fused layer in Philox mode against peft's layer whose dropout applies the
+   reference's masks for the same seed.
 3. Timings (forward + backward, median of triton.testing.do_bench) at 8 x 1024 tokens: each LoRA projection of a
    Phi-3-mini / Phi-4-mini layer through peft, orch's fused layer with dropout outside (before) and inside
-   (now); SwiGLU (Liger vs orch); q/k/v slicing vs split; attention (varlen flash vs SDPA flash vs cuDNN); the
-   LM head + loss (TRL's chunked head vs Liger's fused linear cross-entropy); the base GEMMs alone.
+   (Philox, and native_dropout with its stored mask); the dropout kernels alone (native_dropout + the skinny GEMM
+   vs dropout_lora_a, A's gradient from the saved xd vs regenerated, the input gradient reading the mask vs
+   regenerating it); SwiGLU (Liger vs orch); q/k/v slicing vs split; attention (varlen flash vs SDPA flash vs
+   cuDNN); the LM head + loss (TRL's chunked head vs Liger's fused linear cross-entropy); the base GEMMs alone.
 4. Checkpointed layer inputs offloaded to pinned host memory (passes/training/lora/offload.py, QLoRA's
    offload_checkpoints): a stack of Phi-3-mini-sized MLP blocks with LoRA and dropout 0.1 (transformers'
    GradientCheckpointingLayer) at 8 x 1024 tokens, without checkpointing, with transformers' checkpointing and with
@@ -131,25 +137,37 @@ def correctness(res: dict[str, Any]) -> None:
         got.backward(dc)
         checks[f"swiglu fwd {rows}x{inter}"] = rel_err(got, ref)
         checks[f"swiglu bwd {rows}x{inter}"] = rel_err(u.grad, uf.grad)
-    # fused LoRA layer with dropout inside vs peft's layer: same seed, same masks
-    for d_in, d_out in ((3072, 9216), (8192, 3072)):
-        ref_layer = lora_layer(d_in, d_out, 0.05)
-        fused_layer = lora_layer(d_in, d_out, 0.05)
-        fuse_lora_layers(fused_layer)
-        x = torch.randn(2048, d_in, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn(2048, d_out, device="cuda", dtype=torch.bfloat16)
-        outs = []
-        for layer in (ref_layer, fused_layer):
-            xi = x.clone().requires_grad_(True)
-            torch.manual_seed(11)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = layer(xi)
-            out.backward(g)
-            outs.append(
-                (out.float(), xi.grad.float(), layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
-            )
-        for name, a, b in zip(("out", "grad_x", "grad_A", "grad_B"), outs[1], outs[0], strict=True):
-            checks[f"fused dropout layer vs peft {d_in}->{d_out} {name}"] = rel_err(a, b)
+    # fused LoRA layer with dropout inside vs peft's layer: same seed, same masks (native_dropout: -philox_dropout;
+    # Philox: peft's layer with the reference's masks for the seeds the fused layer draws)
+    from orchestrator.passes.training.lora import fused as lora_fused
+
+    for philox in (False, True):
+        for d_in, d_out in ((3072, 9216), (8192, 3072)):
+            ref_layer = lora_layer(d_in, d_out, 0.05)
+            fused_layer = lora_layer(d_in, d_out, 0.05)
+            fuse_lora_layers(fused_layer)
+            if philox:
+                ref_layer.lora_dropout["default"] = philox_reference_dropout(0.05)
+            x = torch.randn(2048, d_in, device="cuda", dtype=torch.bfloat16)
+            g = torch.randn(2048, d_out, device="cuda", dtype=torch.bfloat16)
+            outs = []
+            saved_philox = lora_fused.PHILOX_DROPOUT
+            lora_fused.PHILOX_DROPOUT = philox
+            try:
+                for layer in (ref_layer, fused_layer):
+                    xi = x.clone().requires_grad_(True)
+                    torch.manual_seed(11)
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = layer(xi)
+                    out.backward(g)
+                    grads = (layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
+                    outs.append((out.float(), xi.grad.float(), *grads))
+            finally:
+                lora_fused.PHILOX_DROPOUT = saved_philox
+            mode = "philox dropout layer vs peft + reference masks" if philox else "fused dropout layer vs peft"
+            for name, a, b in zip(("out", "grad_x", "grad_A", "grad_B"), outs[1], outs[0], strict=True):
+                checks[f"{mode} {d_in}->{d_out} {name}"] = rel_err(a, b)
+    philox_correctness(checks)
     # the attention's residual add inside the post-attention norm (add_norm.py: Liger's fused add + RMSNorm) vs
     # the add, then Liger's RMSNorm patched into a Phi-3 norm as apply_liger does: forward (normed, sum), backward
     try:
@@ -254,6 +272,60 @@ def correctness(res: dict[str, Any]) -> None:
     ref = lora_kernels.swiglu_reference(u.float()) * mask / 0.95
     checks["swiglu_dropout_2d"] = rel_err(lora_kernels.swiglu_dropout_2d(u, mask, 1 / 0.95), ref)
     res["correctness_rel_err"] = checks
+
+
+def philox_reference_dropout(p: float) -> Any:
+    """An nn.Module for peft's lora_dropout slot: the fused layers' Philox seed draw, keep_mask_reference's mask."""
+    import torch
+
+    from orchestrator.passes.training.lora import philox_dropout as pd
+
+    class ReferenceDropout(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            x2 = x.reshape(-1, x.shape[-1])
+            return pd.dropout_reference(x2, p, pd.draw_seed()).view(x.shape)
+
+    return ReferenceDropout()
+
+
+def philox_correctness(checks: dict[str, float]) -> None:
+    """The Philox dropout kernels on the GPU against philox_dropout.py's torch references."""
+    import torch
+
+    from orchestrator.passes.training.lora import philox_dropout as pd
+
+    seed = 0x1234_5678_9ABC_DEF
+    offsets = torch.tensor([0, 1, 2**31 - 1, 2**31 + 5, 2**32 + 7, 2**40 + 3, 2**62 + 11], device="cuda")
+    offsets = torch.cat([offsets, torch.randint(0, 2**62, (4096,), device="cuda")])
+    checks["philox tl.rand vs reference (mismatches)"] = float(
+        (pd.kernel_rand(seed, offsets) != pd.rand_reference(seed, offsets)).sum()
+    )
+    for row_start in (0, 2**40 // 96):
+        got = pd.kernel_uniforms(seed, 64, 3000, "cuda", row_start=row_start)
+        want = pd.uniform_block_reference(seed, 64, 3000, "cuda", row_start=row_start)
+        checks[f"philox kernel uniforms vs reference, rows from {row_start} (mismatches)"] = float((got != want).sum())
+    keep = pd.keep_mask_reference(seed, 8192, 3072, 0.05, "cuda")
+    checks["philox keep fraction - 0.95 (abs)"] = abs(float(keep.float().mean()) - 0.95)
+    for rows, cols, r in ((8192, 3072, 64), (1000, 8192, 64), (777, 3000, 16), (4096, 8192, 128)):
+        x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(r, cols, device="cuda", dtype=torch.bfloat16) * 0.1
+        gh = torch.randn(rows, r, device="cuda", dtype=torch.bfloat16)
+        gx = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        name = f"{rows}x{cols} r{r}"
+        checks[f"philox dropout_lora_a {name}"] = rel_err(
+            pd.dropout_lora_a(x, a, 0.05, seed), pd.dropout_lora_a_reference(x, a, 0.05, seed)
+        )
+        checks[f"philox dropout_lora_a_wgrad {name}"] = rel_err(
+            pd.dropout_lora_a_wgrad(x, gh, 0.05, seed), pd.dropout_lora_a_wgrad_reference(x, gh, 0.05, seed)
+        )
+        checks[f"philox dropout_grad write {name}"] = rel_err(
+            pd.dropout_grad(gh, a, 0.05, seed, torch.bfloat16),
+            pd.dropout_grad_reference(gh, a, 0.05, seed, torch.bfloat16),
+        )
+        checks[f"philox dropout_grad add {name}"] = rel_err(
+            pd.dropout_grad_add_(gx.clone(), gh, a, 0.05, seed),
+            pd.dropout_grad_reference(gh, a, 0.05, seed, torch.bfloat16, grad_x=gx),
+        )
 
 
 def splits(res: dict[str, Any]) -> None:
@@ -418,7 +490,13 @@ def timings(res: dict[str, Any]) -> None:
         t[f"{name}: peft LoRA p=0.05"] = fwd_bwd(peft_layer, x, g)
         fused = lora_layer(d_in, d_out, 0.05)
         lora_fused.fuse_lora_layers(fused)
-        t[f"{name}: orch fused, dropout inside"] = fwd_bwd(fused, x, g)
+        t[f"{name}: orch fused, dropout inside (Philox)"] = fwd_bwd(fused, x, g)
+        saved_philox = lora_fused.PHILOX_DROPOUT
+        lora_fused.PHILOX_DROPOUT = False  # ORCH_CUDA_FASTPATH=-philox_dropout: native_dropout, its mask stored
+        try:
+            t[f"{name}: orch fused, dropout inside (native_dropout, -philox_dropout)"] = fwd_bwd(fused, x, g)
+        finally:
+            lora_fused.PHILOX_DROPOUT = saved_philox
         saved = lora_kernels.triton_available
         lora_kernels.triton_available = lambda: False  # type: ignore[assignment]  # the path before this change
         try:
@@ -436,6 +514,8 @@ def timings(res: dict[str, Any]) -> None:
         finally:
             lora_fused.LORA_FIRST = saved_order
         del x, g, w, peft_layer, fused, nodrop
+
+    philox_timings(t)
 
     # SwiGLU
     u = torch.randn(T, 2 * inter, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -529,6 +609,38 @@ def timings(res: dict[str, Any]) -> None:
             res.setdefault("errors", {})[f"liger flce {shape}"] = f"{type(e).__name__}: {e}"[:300]
         del q, k, v, go, h, wv
         torch.cuda.empty_cache()
+
+
+def philox_timings(t: Any) -> None:
+    """The dropout kernels alone at 8 x 1024 tokens, r=64, p=0.05: stored masks (native_dropout) vs regenerated."""
+    import torch
+
+    from orchestrator.passes.training.lora import kernels as lora_kernels
+    from orchestrator.passes.training.lora import philox_dropout as pd
+
+    seed, p = 0x1234_5678_9ABC_DEF, 0.05
+    for width in (3072, 8192):
+        x = torch.randn(T, width, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(64, width, device="cuda", dtype=torch.bfloat16) * 0.1
+        gh = torch.randn(T, 64, device="cuda", dtype=torch.bfloat16)
+        gx = torch.randn(T, width, device="cuda", dtype=torch.bfloat16)
+        xd, mask = torch.native_dropout(x, p, True)
+        pre = f"dropout {T}x{width} r64"
+        t[f"{pre}: fwd native_dropout + lora_tall"] = lambda x=x, a=a: lora_kernels.lora_tall(
+            torch.native_dropout(x, p, True)[0], a
+        )
+        t[f"{pre}: fwd dropout_lora_a (Philox)"] = lambda x=x, a=a: pd.dropout_lora_a(x, a, p, seed)
+        t[f"{pre}: A grad lora_wgrad(gh, saved xd)"] = lambda gh=gh, xd=xd: lora_kernels.lora_wgrad(gh, xd)
+        t[f"{pre}: A grad dropout_lora_a_wgrad (Philox)"] = lambda x=x, gh=gh: pd.dropout_lora_a_wgrad(x, gh, p, seed)
+        t[f"{pre}: input grad write, mask read"] = lambda gh=gh, a=a, mask=mask: lora_kernels.lora_dropout_grad(
+            gh, a, mask, 1 / (1 - p), torch.bfloat16
+        )
+        t[f"{pre}: input grad write (Philox)"] = lambda gh=gh, a=a: pd.dropout_grad(gh, a, p, seed, torch.bfloat16)
+        t[f"{pre}: input grad add, mask read"] = lambda gx=gx, gh=gh, a=a, mask=mask: (
+            lora_kernels.lora_dropout_grad_add_(gx, gh, a, mask, 1 / (1 - p))
+        )
+        t[f"{pre}: input grad add (Philox)"] = lambda gx=gx, gh=gh, a=a: pd.dropout_grad_add_(gx, gh, a, p, seed)
+        del x, a, gh, gx, xd, mask
 
 
 def main(argv: list[str] | None = None) -> int:
