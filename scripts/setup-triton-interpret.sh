@@ -16,8 +16,8 @@ if [ -f "$DEST/.orch-version" ] && [ "$(cat "$DEST/.orch-version")" = "$VERSION"
   exit 0
 fi
 mkdir -p .cache
-index=$(.venv/bin/python -m pip config get global.index-url 2>/dev/null || echo "https://pypi.org/simple")
-extra=$(.venv/bin/python -m pip config get global.extra-index-url 2>/dev/null || true)
+index=${PIP_INDEX_URL:-$(.venv/bin/python -m pip config get global.index-url 2>/dev/null || echo "https://pypi.org/simple")}
+extra=${PIP_EXTRA_INDEX_URL:-$(.venv/bin/python -m pip config get global.extra-index-url 2>/dev/null || true)}
 tmp=$(mktemp -d .cache/triton-interpret.tmp.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 if ! .venv/bin/python -m pip install -q --no-deps --only-binary=:all: --timeout 5 --retries 0 \
