@@ -263,11 +263,51 @@ def write_profile(prof: Any, where: Path, n_steps: int) -> None:
     shaped.sort(key=lambda r: -r[2])
     lines += ["", "   ms/step   calls/step  op [input shapes]"]
     lines += [f"{ms:10.3f} {calls:10d}  {key} {shapes}" for key, shapes, ms, calls in shaped[:30]]
+    lines += ["", *gemm_lines(prof, n_steps)]
     lines += ["", *host_side_lines(prof, n_steps)]
     (where / "profile.txt").write_text("\n".join(lines) + "\n")
     (where / "profile.json").write_text(
         json.dumps({"total_ms_per_step": total, "categories": cats, "top": rows[:80]}, indent=1)
     )
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_flops(key: str, shapes: list) -> float:
+    """2 M K N of one GEMM call from the profiler's input shapes (the last two are the matrix operands: addmm's
+    first input is the added tensor), 0 where the shapes do not say."""
+    mats = [s for s in shapes if isinstance(s, (list, tuple)) and len(s) in (2, 3)][-2:]
+    if len(mats) < 2 or len(mats[0]) != len(mats[1]) or mats[0][-1] != mats[1][-2]:
+        return 0.0
+    a, b = mats[0], mats[1]
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def gemm_lines(prof: Any, n_steps: int) -> list[str]:
+    """The step's GEMMs by shape: GPU ms per step, calls, and the TFLOP/s each reached: which matmuls sit under
+    the card's roofline (the MFU is mostly theirs)."""
+    rows = []
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.key in GEMM_OPS:
+            dev = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+            if dev:
+                flops = gemm_flops(evt.key, list(evt.input_shapes)) * evt.count
+                rows.append(
+                    (
+                        evt.key,
+                        str(evt.input_shapes)[:90],
+                        dev / 1e3 / n_steps,
+                        evt.count // max(n_steps, 1),
+                        flops / (dev / 1e6) / 1e12 if flops else 0.0,
+                    )
+                )
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    lines = [f"GEMMs by shape: {total:.1f} ms/step", "   ms/step   calls/step  TFLOP/s  op [input shapes]"]
+    lines += [f"{ms:10.3f} {calls:10d} {tf:8.0f}  {key} {shapes}" for key, shapes, ms, calls, tf in rows[:40]]
+    return lines
 
 
 def gpu_gaps(intervals: list[tuple[int, int, str]], top: int = 12) -> tuple[float, float, list[tuple]]:

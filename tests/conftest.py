@@ -55,6 +55,25 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tone_rows: list[dict[st
     return build_tiny_phi3(tmp_path_factory.mktemp("models") / "tiny-phi3", texts=texts)
 
 
+def saved_activation_bytes(forward: Any, exclude: Any = ()) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward while `forward()` runs, the storages of the
+    tensors in `exclude` (a model's parameters: they exist anyway) left out."""
+    import torch
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
 def tone_data_config(tone_data: Path, name: str = "tone") -> dict[str, Any]:
     """The json form of a data config over the tone file, as the engine puts it into a Job."""
     return {

@@ -352,3 +352,9 @@ def test_profile_reports_gpu_gaps_and_host_calls(tmp_path: Path) -> None:
     text = (tmp_path / "p" / "profile.txt").read_text()
     assert "GPU timeline of the profiled steps: 0.0 ms/step span" in text
     assert "CUDA runtime call" in text
+    assert "GEMMs by shape" in text  # empty on CPU (no device time); the FLOP count per call:
+    assert baseline_peft.gemm_flops("aten::mm", [[64, 32], [32, 16]]) == 2 * 64 * 32 * 16
+    assert baseline_peft.gemm_flops("aten::addmm", [[16], [64, 32], [32, 16], [], []]) == 2 * 64 * 32 * 16
+    assert baseline_peft.gemm_flops("aten::addmm_", [[64, 16], [64, 32], [32, 16], [], []]) == 2 * 64 * 32 * 16
+    assert baseline_peft.gemm_flops("aten::bmm", [[4, 64, 32], [4, 32, 16]]) == 2 * 4 * 64 * 32 * 16
+    assert baseline_peft.gemm_flops("aten::mm", [[64, 32], [31, 16]]) == 0.0  # shapes that do not chain

@@ -11,6 +11,7 @@ import torch
 from orchestrator.passes.training.lora import cuda as lora_cuda
 from orchestrator.passes.training.lora.add_norm import fuse_add_norm, is_liger_rms_norm, unfuse_add_norm
 from orchestrator.passes.training.lora.cuda import parse_options, plan_cuda
+from tests.conftest import saved_activation_bytes
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": (9, 0), "total_memory_gib": 79.2, "has_liger": True,
         "has_varlen_attn": True}  # fmt: skip
@@ -92,19 +93,8 @@ def test_apply_plan_rewrites_only_layers_with_liger_norms(tiny_phi3) -> None:
 
 def _saved_bytes(model) -> int:
     """Bytes of the tensors autograd keeps for the backward (parameters excluded) during one forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
     ids = torch.randint(10, 900, (2, 64), generator=torch.Generator().manual_seed(3))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
-    return sum(seen.values())
+    return saved_activation_bytes(lambda: model(input_ids=ids, labels=ids), model.parameters())
 
 
 def test_rewritten_layers_stay_checkpointed(tiny_phi3) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from orchestrator.passes.training.lora.fused import FUSED_ATTR, fuse_lora_layers, unfuse_lora_layers
+from tests.conftest import saved_activation_bytes
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
@@ -172,20 +173,9 @@ def test_training_trajectory_is_peft_s(tiny_phi3) -> None:
 def test_fused_saves_no_more_activation_bytes(tiny_phi3) -> None:
     def saved_bytes(model) -> int:
         """Bytes of the tensors autograd keeps for the backward, parameters excluded (they exist anyway)."""
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
-
         model.train()
         torch.manual_seed(0)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(**_batch())
-        return sum(seen.values())
+        return saved_activation_bytes(lambda: model(**_batch()), model.parameters())
 
     ref = _peft_model(tiny_phi3, 0.05)
     fused = _peft_model(tiny_phi3, 0.05)
@@ -312,7 +302,6 @@ def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float, gemm_order: 
 
 def test_swiglu_down_saves_one_activation_fewer(tiny_phi3) -> None:
     """With recompute, down_proj's (tokens x intermediate) input is not kept for the backward."""
-    import torch
 
     from orchestrator.passes.training.lora import cuda as lora_cuda
 
@@ -320,15 +309,7 @@ def test_swiglu_down_saves_one_activation_fewer(tiny_phi3) -> None:
         model = _peft_model(tiny_phi3, dropout=0.0)
         fuse_lora_layers(model)
         lora_cuda.orch_swiglu_mlp(model, recompute=recompute)
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(**_batch())
-        return sum(seen.values())
+        return saved_activation_bytes(lambda: model(**_batch()))
 
     cfg = __import__("transformers").AutoConfig.from_pretrained(tiny_phi3)
     tokens = _batch()["input_ids"].numel()
