@@ -643,11 +643,23 @@ def philox_timings(t: Any) -> None:
         del x, a, gh, gx, xd, mask
 
 
+def philox(res: dict[str, Any]) -> None:
+    """The Philox dropout kernels alone (their part of `correctness` and of `timings`): a short GPU call's check."""
+    checks: dict[str, float] = {}
+    philox_correctness(checks)
+    res.setdefault("correctness_rel_err", {}).update(checks)
+    t = _Timings(res)
+    philox_timings(t)
+    res.setdefault("timings_ms", {}).update(t)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument(
-        "--steps", default="ceilings,correctness,splits,timings,offload", help="comma list of the parts to run"
+        "--steps",
+        default="ceilings,correctness,splits,timings,offload",
+        help="comma list of the parts to run (philox: only the Philox dropout checks and timings)",
     )
     args = p.parse_args(argv)
     import torch
@@ -664,7 +676,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     t0 = time.perf_counter()
-    steps = {"ceilings": ceilings, "correctness": correctness, "splits": splits, "timings": timings, "offload": offload}
+    steps = {
+        "ceilings": ceilings,
+        "correctness": correctness,
+        "splits": splits,
+        "timings": timings,
+        "offload": offload,
+        "philox": philox,
+    }
     for step in (steps[name] for name in args.steps.split(",")):
         try:
             step(res)
