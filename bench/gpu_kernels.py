@@ -137,7 +137,7 @@ def correctness(res: dict[str, Any]) -> None:
         got.backward(dc)
         checks[f"swiglu fwd {rows}x{inter}"] = rel_err(got, ref)
         checks[f"swiglu bwd {rows}x{inter}"] = rel_err(u.grad, uf.grad)
-    # fused LoRA layer with dropout inside vs peft's layer: same seed, same masks (native_dropout: -philox_dropout;
+    # fused LoRA layer with dropout inside vs peft's layer: same seed, same masks (native_dropout, the default;
     # Philox: peft's layer with the reference's masks for the seeds the fused layer draws)
     from orchestrator.passes.training.lora import fused as lora_fused
 
@@ -490,11 +490,12 @@ def timings(res: dict[str, Any]) -> None:
         t[f"{name}: peft LoRA p=0.05"] = fwd_bwd(peft_layer, x, g)
         fused = lora_layer(d_in, d_out, 0.05)
         lora_fused.fuse_lora_layers(fused)
-        t[f"{name}: orch fused, dropout inside (Philox)"] = fwd_bwd(fused, x, g)
         saved_philox = lora_fused.PHILOX_DROPOUT
-        lora_fused.PHILOX_DROPOUT = False  # ORCH_CUDA_FASTPATH=-philox_dropout: native_dropout, its mask stored
+        lora_fused.PHILOX_DROPOUT = False  # the default: native_dropout, its mask stored
         try:
-            t[f"{name}: orch fused, dropout inside (native_dropout, -philox_dropout)"] = fwd_bwd(fused, x, g)
+            t[f"{name}: orch fused, dropout inside (native_dropout)"] = fwd_bwd(fused, x, g)
+            lora_fused.PHILOX_DROPOUT = True  # ORCH_CUDA_FASTPATH=+philox_dropout: the mask regenerated
+            t[f"{name}: orch fused, dropout inside (Philox, +philox_dropout)"] = fwd_bwd(fused, x, g)
         finally:
             lora_fused.PHILOX_DROPOUT = saved_philox
         saved = lora_kernels.triton_available

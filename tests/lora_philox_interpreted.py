@@ -132,6 +132,7 @@ def fused_model_outputs(res: dict[str, Any]) -> None:
         "offload.py CheckpointOffloader": {"checkpointing": {"use_reentrant": True}, "offload": True},
         "checkpoint without RNG state": {"checkpointing": {"use_reentrant": False, "preserve_rng_state": False}},
     }
+    fused.PHILOX_DROPOUT = True  # ORCH_CUDA_FASTPATH=+philox_dropout
     for name, kwargs in runs.items():
         res[f"model fused philox {name}"] = step(copy.deepcopy(model), ids, **kwargs)
     fused.PHILOX_DROPOUT = False  # ORCH_CUDA_FASTPATH=-philox_dropout: native_dropout, the stored-mask kernel

@@ -519,30 +519,33 @@ def test_lora_first_gemm_order_is_planned_and_turns_off(tiny_phi3, monkeypatch: 
     assert lora_fused.LORA_FIRST is True
 
 
-def test_philox_dropout_is_planned_with_fused_dropout_and_turns_off(
-    tiny_phi3, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """philox_dropout (masks regenerated from a seed, never stored) is the default wherever fused_dropout is on;
-    -philox_dropout gives native_dropout's stored masks (peft's), and apply_plan sets fused.PHILOX_DROPOUT so."""
+def test_philox_dropout_is_planned_with_fused_dropout_and_turns_off(tiny_phi3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """philox_dropout (masks regenerated from a seed, never stored) is opt-in (+philox_dropout) until measured on a
+    GPU; by default and with -philox_dropout the fused layers keep native_dropout's stored masks (peft's), and
+    apply_plan sets fused.PHILOX_DROPOUT so."""
     import peft
     import transformers
 
     from orchestrator.passes.training.lora import fused as lora_fused
 
     monkeypatch.setattr(lora_fused, "PHILOX_DROPOUT", lora_fused.PHILOX_DROPOUT)  # restored after the test
-    plan = plan_cuda(H100, PHI3_MINI, {})
+    default = plan_cuda(H100, PHI3_MINI, {})
+    assert default.fused_dropout and not default.philox_dropout
+    assert any("native_dropout: peft's masks" in r and "+philox_dropout" in r for r in default.reasons)
+    plan = plan_cuda(H100, PHI3_MINI, {}, parse_options("+philox_dropout"))
     assert plan.fused_dropout and plan.philox_dropout
-    assert any("Philox seed" in r and "-philox_dropout" in r for r in plan.reasons)
+    assert any("Philox seed" in r and "+philox_dropout" in r for r in plan.reasons)
     off = plan_cuda(H100, PHI3_MINI, {}, parse_options("-philox_dropout,-liger,-padding_free"))
     assert off.fused_dropout and not off.philox_dropout
     assert any("native_dropout: peft's masks" in r and "Philox dropout off" in r for r in off.reasons)
-    assert not plan_cuda(H100, PHI3_MINI, {}, parse_options("-fused_dropout")).philox_dropout  # only inside
-    assert not plan_cuda(H100, PHI3_MINI, {}, {"fused_lora": False}).philox_dropout
+    assert not plan_cuda(H100, PHI3_MINI, {}, parse_options("+philox_dropout,-fused_dropout")).philox_dropout
+    assert not plan_cuda(H100, PHI3_MINI, {}, {"fused_lora": False, "philox_dropout": True}).philox_dropout
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv_proj"]))
     lora_cuda.apply_plan(off, model, {})
     assert lora_fused.PHILOX_DROPOUT is False
-    lora_cuda.apply_plan(plan_cuda(H100, PHI3_MINI, {}, {"liger": False, "padding_free": False}), model, {})
+    asked = {"liger": False, "padding_free": False, "philox_dropout": True}
+    lora_cuda.apply_plan(plan_cuda(H100, PHI3_MINI, {}, asked), model, {})
     assert lora_fused.PHILOX_DROPOUT is True
 
 

@@ -32,11 +32,12 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   `lora_first`) and the backward is written by hand, which removes the full-size `* scaling` and `+` passes over
   every projection's output and its input gradient; same saved tensors, same random masks. A bitsandbytes 4-bit
   base (QLoRA) is dequantized inside them per call (forward and backward), as bitsandbytes' own matmul does.
-  LoRA dropout runs inside them: its mask regenerated from a Philox seed by Triton kernels where it is used, never
-  stored (`philox_dropout`, philox_dropout.py: ~6 instead of ~12 bytes moved per element of a LoRA input, 1 byte
-  per element less memory; the same dropout distribution, other random numbers than peft's), or with
-  `-philox_dropout` native_dropout (peft's masks) with a Triton kernel reading the stored mask for its input
-  gradient.
+  LoRA dropout runs inside them: native_dropout (peft's masks) with a Triton kernel reading the stored mask for its
+  input gradient, or with `+philox_dropout` its mask regenerated from a Philox seed by Triton kernels where it is
+  used, never stored (philox_dropout.py: ~6 instead of ~12 bytes moved per element of a LoRA input, 1 byte per
+  element less memory; the same dropout distribution, other random numbers than peft's). Philox dropout is opt-in
+  until it is measured on a GPU (bench/gpu_kernels.py --steps philox, the orch:fixed:+philox_dropout row): its
+  kernels are checked on CPU through Triton's interpreter (fp16/fp32), not yet in bf16 on a GPU.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
 - Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm (`add_norm`: Liger's fused
@@ -276,19 +277,23 @@ def plan_cuda(
             )
         )
     fused_dropout = bool(fused_lora and opts.get("fused_dropout", True) and device.get("has_triton", True))
-    philox_dropout = bool(fused_dropout and opts.get("philox_dropout", True))
+    philox_dropout = bool(fused_dropout and opts.get("philox_dropout", False))  # opt-in until measured on a GPU
     if philox_dropout:
         reasons.append(
             "LoRA dropout inside the fused layers, its mask regenerated from a Philox seed by Triton kernels where it "
             "is used (h = dropout(x) A^T, A's gradient, the input gradient) instead of stored: ~6 instead of ~12 "
             "bytes moved per LoRA input element, no 1-byte-per-element mask kept; same dropout distribution, not "
-            "peft's random numbers (ORCH_CUDA_FASTPATH=-philox_dropout gives peft's masks)"
+            "peft's random numbers (asked for by ORCH_CUDA_FASTPATH=+philox_dropout; not yet measured on a GPU)"
         )
     elif fused_dropout:
         reasons.append(
             "LoRA dropout inside the fused layers (native_dropout: peft's masks), its input gradient added by one "
             "Triton kernel reading the stored mask"
-            + ("; Philox dropout off (ORCH_CUDA_FASTPATH)" if "philox_dropout" in opts else "")
+            + (
+                "; Philox dropout off (ORCH_CUDA_FASTPATH)"
+                if "philox_dropout" in opts
+                else "; +philox_dropout regenerates the mask instead of storing it (opt-in until measured on a GPU)"
+            )
         )
     lora_first = bool(fused_lora and opts.get("lora_first", True))
     if lora_first:

@@ -20,7 +20,8 @@ memory-bound K=r GEMM that reads and writes the whole output once more), and a b
 
 Dropout (peft's `lora_dropout`, 0.05 in Olive's and the benchmark's configs) on CUDA with Triton runs inside the
 fused function, in one of two modes (the plan's options, cuda.py):
-- `philox_dropout` (the default where `fused_dropout` is on): the mask is never stored. One 64-bit seed per layer
+- `philox_dropout` (`ORCH_CUDA_FASTPATH=+philox_dropout`; opt-in until its kernels are measured on a GPU, checked
+  so far on CPU through Triton's interpreter): the mask is never stored. One 64-bit seed per layer
   call, drawn from torch's CPU generator (no GPU sync; checkpointing's recompute restores that generator and
   draws the same seed), stands for it, and Triton kernels regenerate it from Philox where it is used
   (philox_dropout.py): `h = dropout(x) @ A^T` reading x once, A's gradient from x, and the LoRA path's input
@@ -28,7 +29,7 @@ fused function, in one of two modes (the plan's options, cuda.py):
   of memory traffic per element of a LoRA input instead of ~12, and 1 byte per element less memory. The masks have
   the distribution of nn.Dropout's, not its random numbers: with the same seed the loss differs from peft's by
   dropout's sampling, not by rounding.
-- `ORCH_CUDA_FASTPATH=-philox_dropout`: `torch.native_dropout`, the very call `nn.Dropout` makes on CUDA (same
+- otherwise (the default): `torch.native_dropout`, the very call `nn.Dropout` makes on CUDA (same
   random numbers for the same seed, so the masks are peft's), keeping its mask for the backward, where the LoRA
   path's input gradient `((g B s) A) * mask / (1 - p)` is added into the base path's by one Triton kernel
   (lora_kernels.py) instead of eager autograd's four passes (write `gh @ A`, dropout's backward, then the sum of
@@ -59,8 +60,9 @@ FUSED_ATTR = "_orch_fused_lora"
 
 # lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-lora_first: the base GEMM first, the LoRA term added after it)
 LORA_FIRST = True
-# lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-philox_dropout: native_dropout with its stored mask, peft's masks)
-PHILOX_DROPOUT = True
+# lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=+philox_dropout: masks regenerated from a Philox seed, never stored;
+# off until measured on a GPU, see cuda.py)
+PHILOX_DROPOUT = False
 
 
 def base_plus_lora(

@@ -1,181 +1,176 @@
-"""The Triton source of philox_dropout.py's kernels (imported only where Triton is installed: philox_dropout.py
-imports it lazily, so that orch imports without Triton). Triton resolves a kernel's helper functions among the
-module's globals, hence a module of their own rather than a closure. philox_dropout.py's docstring has the Philox
-counter layout and the rounding; each kernel there has a torch reference of the same arithmetic."""
+"""The Triton source of philox_dropout.py's kernels (philox_dropout.py imports it lazily, where Triton is
+installed; without Triton this module imports and defines nothing, as every orch module must import everywhere).
+Triton resolves a kernel's helper functions among the module's globals, hence a module of their own rather than a
+closure. philox_dropout.py's docstring has the Philox counter layout and the rounding; each kernel there has a
+torch reference of the same arithmetic."""
 
 # ruff: noqa: ANN001, ANN202, N803 - Triton kernels: untyped pointer/scalar arguments, constexpr names in capitals
 
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # every orch module imports everywhere; philox_dropout.py loads the kernels only with Triton
+    triton = None
 
+if triton is not None:
 
-@triton.jit
-def _uniforms(seed, rows, c0, per_row, LANES: tl.constexpr):
-    # the four (rows, LANES) uniform tiles of the 128-column group starting at column c0 (a multiple of 128)
-    lanes = tl.arange(0, LANES)
-    offsets = rows[:, None] * per_row + (c0 // 4 + lanes)[None, :]
-    return tl.rand4x(seed, offsets)
+    @triton.jit
+    def _uniforms(seed, rows, c0, per_row, LANES: tl.constexpr):
+        # the four (rows, LANES) uniform tiles of the 128-column group starting at column c0 (a multiple of 128)
+        lanes = tl.arange(0, LANES)
+        offsets = rows[:, None] * per_row + (c0 // 4 + lanes)[None, :]
+        return tl.rand4x(seed, offsets)
 
+    @triton.jit
+    def _dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u, p, scale):
+        # x * keep * scale in fp32, rounded once to x's dtype: one (rows, cols) tile of the dropped-out input
+        ok = row_ok[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        return tl.where(u >= p, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
 
-@triton.jit
-def _dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u, p, scale):
-    # x * keep * scale in fp32, rounded once to x's dtype: one (rows, cols) tile of the dropped-out input
-    ok = row_ok[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-    return tl.where(u >= p, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
+    @triton.jit
+    def _mm(a, b, acc, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
 
+    @triton.jit
+    def _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks):
+        # A^T (cols, ranks) of A (r, K)
+        return tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None], mask=(cols < n_cols)[:, None], other=0.0)
 
-@triton.jit
-def _mm(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+    @triton.jit(do_not_specialize=["seed"])
+    def dropout_lora_a_kernel(
+        x_ptr, a_ptr, h_ptr, n_rows, n_cols, stride_x, stride_a, stride_h, seed, p, scale,
+        R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        # h[rows] = dropout(x[rows]) @ A^T: one block of rows, the whole K walked in 128-column groups
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_ok = rows < n_rows
+        lanes = tl.arange(0, LANES)
+        ranks = tl.arange(0, R)
+        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
+        acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        for c0 in range(0, n_cols, 4 * LANES):
+            u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
+            cols = c0 + lanes
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u0, p, scale),
+                      _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
+            cols = c0 + LANES + lanes
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u1, p, scale),
+                      _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
+            cols = c0 + 2 * LANES + lanes
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u2, p, scale),
+                      _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
+            cols = c0 + 3 * LANES + lanes
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u3, p, scale),
+                      _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
+        tl.store(h_ptr + rows[:, None] * stride_h + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])  # fmt: skip
 
+    @triton.jit
+    def _store_partial(out_ptr, acc, ranks, cols, n_cols, stride_r):
+        tl.store(out_ptr + ranks[:, None] * stride_r + cols[None, :], acc, mask=(cols < n_cols)[None, :])
 
-@triton.jit
-def _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks):
-    # A^T (cols, ranks) of A (r, K)
-    return tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None], mask=(cols < n_cols)[:, None], other=0.0)
+    @triton.jit(do_not_specialize=["seed"])
+    def dropout_lora_a_wgrad_kernel(
+        x_ptr, gh_ptr, out_ptr, n_rows, n_cols, rows_per_split, stride_x, stride_gh, stride_os, stride_or,
+        seed, p, scale,
+        R: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        # out[split, :, group] = gh[split's rows]^T @ dropout(x[split's rows, group]): one 128-column group of A's
+        # gradient over one range of tokens, in fp32 (the splits' partial sums are added by the caller)
+        c0 = tl.program_id(0) * 4 * LANES
+        split = tl.program_id(1)
+        lanes = tl.arange(0, LANES)
+        ranks = tl.arange(0, R)
+        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
+        acc0 = tl.zeros((R, LANES), dtype=tl.float32)
+        acc1 = tl.zeros((R, LANES), dtype=tl.float32)
+        acc2 = tl.zeros((R, LANES), dtype=tl.float32)
+        acc3 = tl.zeros((R, LANES), dtype=tl.float32)
+        start = split * rows_per_split
+        end = tl.minimum(start + rows_per_split, n_rows)
+        for t0 in range(start, end, BLOCK_T):
+            rows = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+            row_ok = rows < end
+            gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
+            ght = tl.trans(gh)
+            u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
+            acc0 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + lanes, n_cols, stride_x, u0, p, scale), acc0, IEEE)
+            acc1 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_x, u1, p, scale),
+                       acc1, IEEE)  # fmt: skip
+            acc2 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_x, u2, p, scale),
+                       acc2, IEEE)  # fmt: skip
+            acc3 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_x, u3, p, scale),
+                       acc3, IEEE)  # fmt: skip
+        base = out_ptr + split.to(tl.int64) * stride_os
+        _store_partial(base, acc0, ranks, c0 + lanes, n_cols, stride_or)
+        _store_partial(base, acc1, ranks, c0 + LANES + lanes, n_cols, stride_or)
+        _store_partial(base, acc2, ranks, c0 + 2 * LANES + lanes, n_cols, stride_or)
+        _store_partial(base, acc3, ranks, c0 + 3 * LANES + lanes, n_cols, stride_or)
 
+    @triton.jit
+    def _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, cols, n_cols, stride_gx, stride_a, ranks, u, p, scale,
+                   ACCUMULATE: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+        col_ok = cols < n_cols
+        a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=col_ok[None, :], other=0.0)
+        acc = tl.dot(gh, a, input_precision="ieee") if IEEE else tl.dot(gh, a)
+        out = tl.where(u >= p, acc * scale, 0.0)
+        ok = row_ok[:, None] & col_ok[None, :]
+        ptrs = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
+        if ACCUMULATE:
+            out += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(ptrs, out.to(gx_ptr.dtype.element_ty), mask=ok)
 
-@triton.jit(do_not_specialize=["seed"])
-def dropout_lora_a_kernel(
-    x_ptr, a_ptr, h_ptr, n_rows, n_cols, stride_x, stride_a, stride_h, seed, p, scale,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    # h[rows] = dropout(x[rows]) @ A^T: one block of rows, the whole K walked in 128-column groups
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_ok = rows < n_rows
-    lanes = tl.arange(0, LANES)
-    ranks = tl.arange(0, R)
-    per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
-    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    for c0 in range(0, n_cols, 4 * LANES):
-        u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
-        cols = c0 + lanes
-        acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u0, p, scale),
-                  _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
-        cols = c0 + LANES + lanes
-        acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u1, p, scale),
-                  _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
-        cols = c0 + 2 * LANES + lanes
-        acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u2, p, scale),
-                  _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
-        cols = c0 + 3 * LANES + lanes
-        acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u3, p, scale),
-                  _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
-    tl.store(h_ptr + rows[:, None] * stride_h + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
-             mask=row_ok[:, None])  # fmt: skip
-
-
-@triton.jit
-def _store_partial(out_ptr, acc, ranks, cols, n_cols, stride_r):
-    tl.store(out_ptr + ranks[:, None] * stride_r + cols[None, :], acc, mask=(cols < n_cols)[None, :])
-
-
-@triton.jit(do_not_specialize=["seed"])
-def dropout_lora_a_wgrad_kernel(
-    x_ptr, gh_ptr, out_ptr, n_rows, n_cols, rows_per_split, stride_x, stride_gh, stride_os, stride_or,
-    seed, p, scale,
-    R: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    # out[split, :, group] = gh[split's rows]^T @ dropout(x[split's rows, group]): one 128-column group of A's
-    # gradient over one range of tokens, in fp32 (the splits' partial sums are added by the caller)
-    c0 = tl.program_id(0) * 4 * LANES
-    split = tl.program_id(1)
-    lanes = tl.arange(0, LANES)
-    ranks = tl.arange(0, R)
-    per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
-    acc0 = tl.zeros((R, LANES), dtype=tl.float32)
-    acc1 = tl.zeros((R, LANES), dtype=tl.float32)
-    acc2 = tl.zeros((R, LANES), dtype=tl.float32)
-    acc3 = tl.zeros((R, LANES), dtype=tl.float32)
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, n_rows)
-    for t0 in range(start, end, BLOCK_T):
-        rows = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        row_ok = rows < end
+    @triton.jit(do_not_specialize=["seed"])
+    def dropout_grad_kernel(
+        gx_ptr, gh_ptr, a_ptr, n_rows, n_cols, stride_gx, stride_gh, stride_a, seed, p, scale,
+        R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        # grad_x[rows, group] (+)= (gh[rows] @ A[:, group]) * keep * scale, one 128-column group per program
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        c0 = tl.program_id(1) * 4 * LANES
+        row_ok = rows < n_rows
+        lanes = tl.arange(0, LANES)
+        ranks = tl.arange(0, R)
+        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
         gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
-        ght = tl.trans(gh)
         u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
-        acc0 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + lanes, n_cols, stride_x, u0, p, scale), acc0, IEEE)
-        acc1 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_x, u1, p, scale),
-                   acc1, IEEE)  # fmt: skip
-        acc2 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_x, u2, p, scale),
-                   acc2, IEEE)  # fmt: skip
-        acc3 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_x, u3, p, scale),
-                   acc3, IEEE)  # fmt: skip
-    base = out_ptr + split.to(tl.int64) * stride_os
-    _store_partial(base, acc0, ranks, c0 + lanes, n_cols, stride_or)
-    _store_partial(base, acc1, ranks, c0 + LANES + lanes, n_cols, stride_or)
-    _store_partial(base, acc2, ranks, c0 + 2 * LANES + lanes, n_cols, stride_or)
-    _store_partial(base, acc3, ranks, c0 + 3 * LANES + lanes, n_cols, stride_or)
+        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + lanes, n_cols, stride_gx, stride_a, ranks, u0, p, scale,
+                   ACCUMULATE, IEEE)  # fmt: skip
+        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_gx, stride_a, ranks, u1, p,
+                   scale, ACCUMULATE, IEEE)  # fmt: skip
+        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, u2,
+                   p, scale, ACCUMULATE, IEEE)  # fmt: skip
+        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, u3,
+                   p, scale, ACCUMULATE, IEEE)  # fmt: skip
 
+    @triton.jit(do_not_specialize=["seed", "row_start"])
+    def uniforms_kernel(out_ptr, row_start, n_rows, n_cols, seed, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
+        # the uniforms the kernels draw for rows row_start + (0 .. n_rows) of an input n_cols wide, through their
+        # own _uniforms (the tests check the layout and the 64-bit offsets far beyond 2^31 elements against it)
+        local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = row_start + local.to(tl.int64)
+        c0 = tl.program_id(1) * 4 * LANES
+        lanes = tl.arange(0, LANES)
+        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
+        u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
+        base = out_ptr + local[:, None].to(tl.int64) * n_cols
+        row_ok = (local < n_rows)[:, None]
+        cols = c0 + lanes
+        tl.store(base + cols[None, :], u0, mask=row_ok & (cols < n_cols)[None, :])
+        cols = c0 + LANES + lanes
+        tl.store(base + cols[None, :], u1, mask=row_ok & (cols < n_cols)[None, :])
+        cols = c0 + 2 * LANES + lanes
+        tl.store(base + cols[None, :], u2, mask=row_ok & (cols < n_cols)[None, :])
+        cols = c0 + 3 * LANES + lanes
+        tl.store(base + cols[None, :], u3, mask=row_ok & (cols < n_cols)[None, :])
 
-@triton.jit
-def _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, cols, n_cols, stride_gx, stride_a, ranks, u, p, scale,
-               ACCUMULATE: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    col_ok = cols < n_cols
-    a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=col_ok[None, :], other=0.0)
-    acc = tl.dot(gh, a, input_precision="ieee") if IEEE else tl.dot(gh, a)
-    out = tl.where(u >= p, acc * scale, 0.0)
-    ok = row_ok[:, None] & col_ok[None, :]
-    ptrs = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
-    if ACCUMULATE:
-        out += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(ptrs, out.to(gx_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def dropout_grad_kernel(
-    gx_ptr, gh_ptr, a_ptr, n_rows, n_cols, stride_gx, stride_gh, stride_a, seed, p, scale,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    # grad_x[rows, group] (+)= (gh[rows] @ A[:, group]) * keep * scale, one 128-column group per program
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    c0 = tl.program_id(1) * 4 * LANES
-    row_ok = rows < n_rows
-    lanes = tl.arange(0, LANES)
-    ranks = tl.arange(0, R)
-    per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
-    gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
-    u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
-    _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + lanes, n_cols, stride_gx, stride_a, ranks, u0, p, scale,
-               ACCUMULATE, IEEE)  # fmt: skip
-    _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_gx, stride_a, ranks, u1, p,
-               scale, ACCUMULATE, IEEE)  # fmt: skip
-    _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, u2,
-               p, scale, ACCUMULATE, IEEE)  # fmt: skip
-    _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, u3,
-               p, scale, ACCUMULATE, IEEE)  # fmt: skip
-
-
-@triton.jit(do_not_specialize=["seed", "row_start"])
-def uniforms_kernel(out_ptr, row_start, n_rows, n_cols, seed, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
-    # the uniforms the kernels draw for rows row_start + (0 .. n_rows) of an input n_cols wide, through their
-    # own _uniforms (the tests check the layout and the 64-bit offsets far beyond 2^31 elements against it)
-    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = row_start + local.to(tl.int64)
-    c0 = tl.program_id(1) * 4 * LANES
-    lanes = tl.arange(0, LANES)
-    per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
-    u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
-    base = out_ptr + local[:, None].to(tl.int64) * n_cols
-    row_ok = (local < n_rows)[:, None]
-    cols = c0 + lanes
-    tl.store(base + cols[None, :], u0, mask=row_ok & (cols < n_cols)[None, :])
-    cols = c0 + LANES + lanes
-    tl.store(base + cols[None, :], u1, mask=row_ok & (cols < n_cols)[None, :])
-    cols = c0 + 2 * LANES + lanes
-    tl.store(base + cols[None, :], u2, mask=row_ok & (cols < n_cols)[None, :])
-    cols = c0 + 3 * LANES + lanes
-    tl.store(base + cols[None, :], u3, mask=row_ok & (cols < n_cols)[None, :])
-
-
-@triton.jit(do_not_specialize=["seed"])
-def rand_kernel(out_ptr, offsets_ptr, n, seed, BLOCK: tl.constexpr):
-    # tl.rand itself at int64 offsets (the tests check rand_reference against it)
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < n
-    offsets = tl.load(offsets_ptr + i, mask=ok, other=0)
-    tl.store(out_ptr + i, tl.rand(seed, offsets), mask=ok)
+    @triton.jit(do_not_specialize=["seed"])
+    def rand_kernel(out_ptr, offsets_ptr, n, seed, BLOCK: tl.constexpr):
+        # tl.rand itself at int64 offsets (the tests check rand_reference against it)
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        offsets = tl.load(offsets_ptr + i, mask=ok, other=0)
+        tl.store(out_ptr + i, tl.rand(seed, offsets), mask=ok)
