@@ -106,6 +106,7 @@ def main() -> None:
             status = s.wait_job(name, 3600)
             elapsed = time.monotonic() - started
             log = Path(job.log_path).read_text()
+            (args.out / "job_log.txt").write_text(log)  # what the counts below come from, kept beside them
             first, _, second = log.partition("low-priority node preempted")
             done_before = len(LOSS_LINE.findall(first))  # logging every step: one loss line per step trained
             m = re.search(r"orch: lora resumed from step (\d+)", second)

@@ -615,10 +615,12 @@ def test_bench_aml_preemption_runs_tiny(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "| steps done when preempted |" in proc.stdout
     rows = {r["row"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json"))}
+    job_log = (tmp_path / "out" / "job_log.txt").read_text()
+    said = "\n".join(line[:90] for line in job_log.splitlines() if re.search(r"loss'|resum|restor|preempt|saved", line))
     before_row = rows["requeued attempt from step 0 (before)"]
     orch_row = rows["resumed from the workspace checkpoint (orch)"]
     done = orch_row["steps_done_before_preemption"]
     assert 5 <= done < 40 and before_row["steps_trained_in_all"] == done + 40
     assert orch_row["resumed_from_step"] % 2 == 0 and 0 < orch_row["resumed_from_step"] <= done
-    assert orch_row["steps_trained_in_all"] == done + 40 - orch_row["resumed_from_step"]
+    assert orch_row["steps_trained_in_all"] == done + 40 - orch_row["resumed_from_step"], said  # the job's own lines
     assert results.read_text() == before
