@@ -232,7 +232,8 @@ def _ids(seed: int = 0, batch: int = 2, length: int = 20):
 @pytest.mark.parametrize("rope", [False, True])
 def test_split_qkv_and_orch_swiglu_leave_loss_and_gradients_unchanged(tiny_phi3, rope: bool) -> None:
     """rope: q, k, v and RoPE through lora_kernels.qkv_rope (its torch reference here; the Triton kernels are checked
-    against it on the GPU by bench/gpu_kernels.py)."""
+    against it through Triton's interpreter by tests/test_lora_kernels_interpreted.py, on the GPU by
+    bench/gpu_kernels.py)."""
     import torch
 
     ref = _lora_model(tiny_phi3)

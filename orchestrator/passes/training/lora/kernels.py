@@ -31,7 +31,8 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     """Triton's interpreter is on (TRITON_INTERPRET=1, read by triton at import): kernels run on CPU tensors, in
-    numpy. The CPU tests of the kernels run that way in a subprocess (tests/test_lora_philox.py)."""
+    numpy. The CPU tests of the kernels run that way in a subprocess (tests/test_lora_kernels_interpreted.py,
+    tests/test_lora_philox.py)."""
     import os
 
     return os.environ.get("TRITON_INTERPRET") == "1"
