@@ -55,6 +55,26 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tone_rows: list[dict[st
     return build_tiny_phi3(tmp_path_factory.mktemp("models") / "tiny-phi3", texts=texts)
 
 
+def run_triton_interpreted(script: str, out: Path, timeout: int) -> dict[str, Any]:
+    """Run tests/`script` in a subprocess under Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is
+    imported; the pinned Triton lives in .cache/triton-interpret, not in the venv) and load what it saved to `out`."""
+    import subprocess
+
+    import torch
+
+    site = REPO / ".cache" / "triton-interpret"
+    if not (site / ".orch-version").is_file():
+        pytest.fail(f"{site} is missing: run `make setup` (scripts/setup-triton-interpret.sh installs it)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(site)]),
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / script), str(out)], env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(out, weights_only=False)
+    assert res["triton"] == (site / ".orch-version").read_text().strip()
+    return res
+
+
 def saved_activation_bytes(forward: Any, exclude: Any = ()) -> int:
     """Bytes of the distinct storages autograd keeps for the backward while `forward()` runs, the storages of the
     tensors in `exclude` (a model's parameters: they exist anyway) left out."""

@@ -15,37 +15,22 @@ CUDA; their split arithmetic is checked in tests/test_lora_cuda.py).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from orchestrator.passes.training.lora import kernels
+from tests.conftest import run_triton_interpreted
 
-REPO = Path(__file__).resolve().parents[1]
-TRITON_SITE = REPO / ".cache" / "triton-interpret"
 SCALE = 1 / 0.9  # tests/lora_kernels_interpreted.py's dropout scale
 DTYPES = ("float16", "float32")
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if not (TRITON_SITE / ".orch-version").is_file():
-        pytest.fail(f"{TRITON_SITE} is missing: run `make setup` (scripts/setup-triton-interpret.sh installs it)")
     out = tmp_path_factory.mktemp("kernels") / "interpreted.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(TRITON_SITE)])}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "lora_kernels_interpreted.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = torch.load(out, weights_only=False)
-    assert res["triton"] == (TRITON_SITE / ".orch-version").read_text().strip()
-    return res
+    return run_triton_interpreted("lora_kernels_interpreted.py", out, timeout=600)
 
 
 def cases(res: dict[str, Any], prefix: str, dtype: str) -> list[dict[str, Any]]:

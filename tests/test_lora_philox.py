@@ -10,19 +10,14 @@ in bench/gpu_kernels.py on the GPU.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from orchestrator.passes.training.lora import philox_dropout as pd
+from tests.conftest import run_triton_interpreted
 
-REPO = Path(__file__).resolve().parents[1]
-TRITON_SITE = REPO / ".cache" / "triton-interpret"
 P = 0.1
 SEED = 0x1234_5678_9ABC_DEF
 
@@ -100,23 +95,8 @@ def test_without_the_kernels_the_wrappers_run_the_references() -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if not (TRITON_SITE / ".orch-version").is_file():
-        pytest.fail(f"{TRITON_SITE} is missing: run `make setup` (scripts/setup-triton-interpret.sh installs it)")
     out = tmp_path_factory.mktemp("philox") / "interpreted.pt"
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(TRITON_SITE)]),
-        "HF_HUB_OFFLINE": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "lora_philox_interpreted.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = torch.load(out, weights_only=False)
-    assert res["triton"] == (TRITON_SITE / ".orch-version").read_text().strip()
-    return res
+    return run_triton_interpreted("lora_philox_interpreted.py", out, timeout=900)
 
 
 def test_tl_rand_and_the_kernels_uniforms_are_the_reference_bit_for_bit(interpreted: dict[str, Any]) -> None:
