@@ -45,8 +45,6 @@ def use_triton(*tensors: Any) -> bool:
     return all(t.is_cuda for t in tensors) or (interpreting() and all(t.device.type == "cpu" for t in tensors))
 
 
-_use_triton = use_triton
-
 
 @functools.lru_cache(maxsize=1)
 def _kernels() -> Any:
@@ -173,7 +171,7 @@ def lora_dropout_grad(gh: Any, a: Any, mask: Any, scale: float, dtype: Any) -> A
 
 
 def _dropout_kernel_applies(out: Any, gh: Any, a: Any, mask: Any) -> bool:
-    return _use_triton(out, gh, a, mask) and dropout_grad_add_supported(gh.shape[-1])
+    return use_triton(out, gh, a, mask) and dropout_grad_add_supported(gh.shape[-1])
 
 
 def _run_dropout_grad(out: Any, gh: Any, a: Any, mask: Any, scale: float, *, accumulate: bool) -> Any:
@@ -282,7 +280,7 @@ def swiglu_forward_2d(u2: Any) -> Any:
     """silu(gate) * up of a 2-D contiguous u2 = [gate | up]: the Triton kernel on CUDA, the torch reference else."""
     import torch
 
-    if not _use_triton(u2):
+    if not use_triton(u2):
         return swiglu_reference(u2)
     import triton
 
@@ -298,7 +296,7 @@ def swiglu_dropout_2d(u2: Any, mask: Any, scale: float) -> Any:
     dropped-out SwiGLU output rebuilt from u and the dropout mask, in one pass on CUDA."""
     import torch
 
-    if not _use_triton(u2, mask):
+    if not use_triton(u2, mask):
         return swiglu_reference(u2).mul(mask).mul_(scale)
     import triton
 
@@ -316,7 +314,7 @@ def swiglu_backward_2d(u2: Any, dc2: Any) -> Any:
     """The gradient of swiglu_forward_2d at u2 for the output gradient dc2, as one [d gate | d up] tensor."""
     import torch
 
-    if not _use_triton(u2, dc2):
+    if not use_triton(u2, dc2):
         return swiglu_backward_reference(u2, dc2)
     import triton
 
@@ -334,7 +332,7 @@ _SWIGLU: Any = None
 def swiglu(u: Any) -> Any:
     """silu(gate) * up for u = [gate | up] (last dim): the Triton kernel on CUDA, the torch reference elsewhere."""
     global _SWIGLU
-    if not _use_triton(u) or u.shape[-1] % 2:
+    if not use_triton(u) or u.shape[-1] % 2:
         return swiglu_reference(u)
     if _SWIGLU is None:
         _SWIGLU = _swiglu_function()
@@ -610,7 +608,7 @@ def qkv_rope(qkv: Any, cos: Any, sin: Any, hq: int, hk: int, d: int) -> tuple[An
     global _QKV_ROPE
     rot = cos.shape[-1]
     fits = rot % 2 == 0 and rot <= d and qkv.dim() == 2 and qkv.shape[-1] == (hq + 2 * hk) * d
-    if not (fits and _use_triton(qkv, cos, sin)):
+    if not (fits and use_triton(qkv, cos, sin)):
         return qkv_rope_reference(qkv, cos, sin, hq, hk, d)
     if _QKV_ROPE is None:
         _QKV_ROPE = _qkv_rope_function()

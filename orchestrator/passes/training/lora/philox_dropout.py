@@ -40,7 +40,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, triton_available, use_triton
+from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, use_triton
 
 GROUP = 128  # columns per Philox counter block: four sub-tiles of LANES columns share LANES counters
 LANES = 32
@@ -57,10 +57,6 @@ class PhiloxMask:
 
     seed: int
     p: float
-
-    @property
-    def scale(self) -> float:
-        return keep_scale(self.p)
 
 
 def keep_scale(p: float) -> float:
@@ -139,8 +135,10 @@ def rand_reference(seed: int, offsets: Any) -> Any:
 
 def counter_layout(rows: Any, cols: Any, n_cols: int) -> tuple[Any, Any]:
     """(Philox counter offset, which of its four outputs) of elements (rows, cols) of an input n_cols wide."""
+    import torch
+
     per_row = -(-n_cols // GROUP) * LANES
-    offsets = rows.to(_int64()) * per_row + (cols // GROUP) * LANES + cols % LANES
+    offsets = rows.to(torch.int64) * per_row + (cols // GROUP) * LANES + cols % LANES
     return offsets, (cols % GROUP) // LANES
 
 
@@ -198,12 +196,6 @@ def _f32(value: float) -> Any:
     return torch.tensor(value, dtype=torch.float32)
 
 
-def _int64() -> Any:
-    import torch
-
-    return torch.int64
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The Triton kernels (their source: philox_triton.py)
 
@@ -225,18 +217,13 @@ def _kernels() -> Any:
 # The wrappers: the kernel where it applies, the torch reference elsewhere
 
 
-def supported(rank: int) -> bool:
-    """The kernels' rank limits (tl.dot's inner size: a power of two from 16), as the mask-reading kernel's."""
-    return dropout_grad_add_supported(rank)
-
-
 def kernels_apply(*tensors: Any, rank: int) -> bool:
     """True where the Philox kernels run for these tensors: Triton installed, CUDA tensors (or CPU tensors under
-    Triton's interpreter), a supported rank, a floating dtype Triton takes."""
+    Triton's interpreter), a rank tl.dot takes (the mask-reading kernel's limits), a floating dtype Triton takes."""
     import torch
 
     dtypes = {torch.float16, torch.bfloat16, torch.float32}
-    return use_triton(*tensors) and supported(rank) and all(t.dtype in dtypes for t in tensors)
+    return use_triton(*tensors) and dropout_grad_add_supported(rank) and all(t.dtype in dtypes for t in tensors)
 
 
 def _check_seed(seed: int) -> int:
@@ -385,5 +372,4 @@ __all__ = [
     "dropout_lora_a",
     "dropout_lora_a_wgrad",
     "keep_mask_reference",
-    "triton_available",
 ]
