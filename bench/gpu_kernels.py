@@ -326,6 +326,29 @@ def philox_correctness(checks: dict[str, float]) -> None:
             pd.dropout_grad_add_(gx.clone(), gh, a, 0.05, seed),
             pd.dropout_grad_reference(gh, a, 0.05, seed, torch.bfloat16, grad_x=gx),
         )
+    fp32_ieee_checks(checks)
+
+
+def fp32_ieee_checks(checks: dict[str, float]) -> None:
+    """fp32 inputs: the tl.dot kernels run in IEEE fp32 (~1e-6 from float64), not TF32 (~1e-3)."""
+    import torch
+
+    from orchestrator.passes.training.lora import kernels as lora_kernels
+    from orchestrator.passes.training.lora import philox_dropout as pd
+
+    seed, rows, cols, r = 77, 2048, 3072, 64
+    gx = torch.randn(rows, cols, device="cuda")
+    gh = torch.randn(rows, r, device="cuda")
+    a = torch.randn(r, cols, device="cuda") * 0.1
+    mask = torch.rand(rows, cols, device="cuda") > 0.05
+    ref = gx.double() + (gh.double() @ a.double()) * mask * (1 / 0.95)
+    checks["fp32 dropout_grad_add vs float64"] = rel_err(
+        lora_kernels.lora_dropout_grad_add_(gx.clone(), gh, a, mask, 1 / 0.95), ref
+    )
+    keep = pd.keep_mask_reference(seed, rows, cols, 0.05, "cuda")
+    checks["fp32 philox dropout_grad add vs float64"] = rel_err(
+        pd.dropout_grad_add_(gx.clone(), gh, a, 0.05, seed), gx.double() + (gh.double() @ a.double()) * keep / 0.95
+    )
 
 
 def splits(res: dict[str, Any]) -> None:

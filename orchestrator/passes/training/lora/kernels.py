@@ -45,7 +45,6 @@ def use_triton(*tensors: Any) -> bool:
     return all(t.is_cuda for t in tensors) or (interpreting() and all(t.device.type == "cpu" for t in tensors))
 
 
-
 @functools.lru_cache(maxsize=1)
 def _kernels() -> Any:
     import triton
@@ -68,6 +67,7 @@ def _kernels() -> Any:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         ACCUMULATE: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,7 +76,10 @@ def _kernels() -> Any:
         col_ok = cols < n_cols
         gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
         a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=col_ok[None, :], other=0.0)
-        acc = tl.dot(gh, a)  # fp32 [BLOCK_M, BLOCK_N]
+        if IEEE:  # noqa: SIM108 (a constexpr branch; fp32 [BLOCK_M, BLOCK_N])
+            acc = tl.dot(gh, a, input_precision="ieee")
+        else:
+            acc = tl.dot(gh, a)
         ok = row_ok[:, None] & col_ok[None, :]
         keep = tl.load(m_ptr + rows[:, None] * stride_m + cols[None, :], mask=ok, other=0)
         gx_ptrs = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
@@ -141,6 +144,13 @@ def _kernels() -> Any:
 DROPOUT_KERNEL_ENABLED = True  # lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-fused_dropout: dropout outside)
 
 
+def ieee_dot(t: Any) -> bool:
+    """fp32 inputs: tl.dot in full fp32 (its default would be TF32), as torch's fp32 matmul."""
+    import torch
+
+    return t.dtype == torch.float32
+
+
 def dropout_grad_add_supported(rank: int) -> bool:
     """tl.dot needs the inner size to be a power of two of at least 16."""
     return DROPOUT_KERNEL_ENABLED and rank >= 16 and rank & (rank - 1) == 0 and rank <= 256
@@ -201,6 +211,7 @@ def _run_dropout_grad(out: Any, gh: Any, a: Any, mask: Any, scale: float, *, acc
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         ACCUMULATE=accumulate,
+        IEEE=ieee_dot(out),
         num_warps=4,
     )
     return out

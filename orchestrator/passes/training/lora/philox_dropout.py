@@ -40,7 +40,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, use_triton
+from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, ieee_dot, use_triton
 
 GROUP = 128  # columns per Philox counter block: four sub-tiles of LANES columns share LANES counters
 LANES = 32
@@ -261,7 +261,7 @@ def dropout_lora_a(x2: Any, a: Any, p: float, seed: int) -> Any:
         block_m = 16
     _kernels()["lora_a"][(triton.cdiv(n_rows, block_m),)](
         x2, a, h, n_rows, n_cols, x2.stride(0), a.stride(0), h.stride(0), seed, float(p), keep_scale(p),
-        R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=_ieee(x2), num_warps=4 if rank <= 64 else 8,
+        R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=ieee_dot(x2), num_warps=4 if rank <= 64 else 8,
     )  # fmt: skip
     return h
 
@@ -288,7 +288,7 @@ def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | No
     _kernels()["wgrad"][(groups, splits)](
         x2, gh, out, n_rows, n_cols, rows_per_split, x2.stride(0), gh.stride(0), out.stride(0), out.stride(1),
         seed, float(p), keep_scale(p),
-        R=rank, BLOCK_T=block_t, LANES=LANES, IEEE=_ieee(x2), num_warps=4 if rank <= 64 else 8,
+        R=rank, BLOCK_T=block_t, LANES=LANES, IEEE=ieee_dot(x2), num_warps=4 if rank <= 64 else 8,
     )  # fmt: skip
     return out[0] if splits == 1 else out.sum(0)
 
@@ -324,17 +324,10 @@ def _run_grad(out: Any, gh: Any, a: Any, p: float, seed: int, *, accumulate: boo
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, GROUP))
     _kernels()["grad"][grid](
         out, gh, a, n_rows, n_cols, out.stride(0), gh.stride(0), a.stride(0), seed, float(p), keep_scale(p),
-        R=rank, BLOCK_M=block_m, LANES=LANES, ACCUMULATE=accumulate, IEEE=_ieee(out),
+        R=rank, BLOCK_M=block_m, LANES=LANES, ACCUMULATE=accumulate, IEEE=ieee_dot(out),
         num_warps=4 if rank <= 64 else 8,
     )  # fmt: skip
     return out
-
-
-def _ieee(t: Any) -> bool:
-    """fp32 inputs: tl.dot in full fp32 (its default would be TF32), as torch's fp32 matmul."""
-    import torch
-
-    return t.dtype == torch.float32
 
 
 def kernel_uniforms(seed: int, n_rows: int, n_cols: int, device: Any = "cpu", row_start: int = 0) -> Any:
