@@ -23,6 +23,8 @@ import dataclasses
 import json
 import os
 import re
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,17 @@ def reads_hub(doc: dict[str, Any]) -> bool:
 
 
 # ---- the driver (runs on the compute) -----------------------------------------------------------------------
+_SAY_LOCK = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One whole line to the job log. print() writes the text and its newline separately, so a line from the
+    checkpoint-upload thread could land between them and glue two lines together (a loss line lost to a parser)."""
+    with _SAY_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 class DriverReporter:
     """The engine's progress inside the driver job: lines to the job log, metrics to the job's MLflow run.
 
@@ -246,7 +259,7 @@ class DriverReporter:
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - tracking is not worth failing the workflow
-            print(f"orch: mlflow: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            say(f"orch: mlflow: {type(exc).__name__}: {str(exc)[:200]}")
 
     def _steps_logged(self, name: str) -> set[int]:
         if name not in self._logged:
@@ -269,25 +282,25 @@ class DriverReporter:
         for s in steps:
             verdict = "cached" if s.cached else "runs"
             if self.attempt == 1:
-                print(f"orch: plan {s.name} ({s.pass_type}) {verdict}", flush=True)
+                say(f"orch: plan {s.name} ({s.pass_type}) {verdict}")
             else:  # one plan line per pass in the job's log, whatever happens to the job
-                print(f"orch: attempt {self.attempt}: {s.name} ({s.pass_type}) {verdict}", flush=True)
+                say(f"orch: attempt {self.attempt}: {s.name} ({s.pass_type}) {verdict}")
         remote = [s.name for s in steps if s.cached and s.where not in ("", "local")]
         if remote:
-            print(f"orch: cached in the workspace: {', '.join(remote)}", flush=True)
+            say(f"orch: cached in the workspace: {', '.join(remote)}")
 
     def step_start(self, step: Any) -> None:
-        print(f"orch: >> {step.name} ({step.pass_type})", flush=True)
+        say(f"orch: >> {step.name} ({step.pass_type})")
 
     def step_progress(self, step: Any, done: int, total: int, desc: str, **_: Any) -> None:
         """Nothing: the pass's job log, printed by step_log, carries its progress lines (orchestrator.runner)."""
 
     def step_log(self, step: Any, line: str) -> None:
-        print(f"[{step.name}] {line}", flush=True)
+        say(f"[{step.name}] {line}")
 
     def step_note(self, step: Any, message: str) -> None:
         """A line the user must see; `resumed from step N` also becomes `<pass>/resumed_from_step` (orch status)."""
-        print(f"orch: {step.name} {message} (attempt {self.attempt})", flush=True)
+        say(f"orch: {step.name} {message} (attempt {self.attempt})")
         m = RESUMED_RX.search(message)
         if m:
             self.log_metric(f"{step.name}/resumed_from_step", int(m[1]), int(m[1]))
@@ -300,12 +313,12 @@ class DriverReporter:
         self.log_metric(key, value, int(at))
 
     def note(self, message: str) -> None:
-        print(f"note: {message}", flush=True)
+        say(f"note: {message}")
 
     def step_end(self, step: Any, record: Any) -> None:
         cost = f" (${record.cost_usd:.4f})" if record.cost_usd is not None else ""
         where = f" ({record.cached_in})" if record.cached and record.cached_in not in ("", "local") else ""
-        print(f"orch: << {step.name} {record.status}{where} in {record.duration_s:.1f}s{cost}", flush=True)
+        say(f"orch: << {step.name} {record.status}{where} in {record.duration_s:.1f}s{cost}")
         self.log_metric(f"{step.name}/duration_s", record.duration_s)
         if not record.cached:
             for k in ("cost_usd", "tokens_per_usd"):
@@ -337,7 +350,7 @@ def drive(config: Path, binds: list[str]) -> int:
         from orchestrator.core.secrets import resolve_secret
 
         os.environ["HF_TOKEN"] = resolve_secret(source)  # the value lives in this process tree only
-        print("orch: hf_token read from Key Vault", flush=True)
+        say("orch: hf_token read from Key Vault")
     doc = _substitute(json.loads(config.read_text()), bound)
     wf = load_workflow(doc, base_dir=Path.cwd())
     plan_path = config.with_name(PLAN_FILE)
@@ -348,13 +361,13 @@ def drive(config: Path, binds: list[str]) -> int:
     if os.environ.get(ENV_CACHE):
         shared = WorkspaceCache.in_job(os.environ[ENV_CACHE])
         attempt = shared.count_attempt(os.environ.get("AZUREML_RUN_ID") or "job")
-        print(f"orch: workspace cache {shared.location} (attempt {attempt})", flush=True)
+        say(f"orch: workspace cache {shared.location} (attempt {attempt})")
     price = None
     if os.environ.get(ENV_PRICE):
         from orchestrator.systems.base import NodePrice
 
         price = NodePrice(**json.loads(os.environ[ENV_PRICE]))
-        print(f"orch: priced as {price.describe()}", flush=True)
+        say(f"orch: priced as {price.describe()}")
     reporter = DriverReporter(attempt, price)
     engine = Engine(wf, host="local", target="local", tracking=False, reporter=reporter, shared_cache=shared,
                     planned_keys=keys, node_price=price)  # fmt: skip
@@ -364,8 +377,5 @@ def drive(config: Path, binds: list[str]) -> int:
         for k, v in summary.metrics.items():
             reporter.log_metric(k, v)
         cost = f"; cost ${summary.cost_usd:.4f}" if summary.cost_usd is not None else ""
-        print(f"orch: workflow finished in {time.time() - started:.1f}s{cost}; output {summary.output_dir}",
-              flush=True)  # fmt: skip
+        say(f"orch: workflow finished in {time.time() - started:.1f}s{cost}; output {summary.output_dir}")
     return 0
-
-
