@@ -6,7 +6,7 @@ Two phases, because the GPU machine has no onnxruntime(-genai) and this one has 
 1. `run`, on the GPU machine: builds a ~31 M-parameter Phi-3-architecture model with random weights (seed 0, hidden
    512, 8 layers, intermediate 1536, vocab 4000: every Linear input width a multiple of group_size 128) and a
    calibration file of generated text, then runs each algorithm as `orch quantize --algorithm awq|gptq --precision
-   int4 --data_name json --data_files calib.jsonl` does: the workflow from orchestrator.olive.commands.
+   int4 --data_name json --data_files calib.jsonl` does: the workflow from orchestrator.olive.quantize.
    quantize_workflow, read by orchestrator.schema.load_workflow, handed as a Job to orchestrator.runner.run_job (the
    entry point every system runs), so the pass loads its calibration data through its data_config. Recorded per
    algorithm: wall seconds of run_job, torch.cuda.max_memory_allocated/reserved, the checkpoint size, the pass's log,
@@ -179,7 +179,7 @@ def make_job(algo: str, hf: Path, calib: Path, work: Path, gpu: bool) -> Any:
     """The Job `orch quantize --algorithm ALGO --precision int4 --data_name json --data_files CALIB` would run."""
     from orchestrator.core.job import Job, JobTracking, ModelArtifact
     from orchestrator.olive import load_workflow
-    from orchestrator.olive.commands import quantize_workflow
+    from orchestrator.olive.quantize import quantize_workflow
 
     # cuda_available=True: the CLI refuses awq/gptq on a machine without CUDA; the CPU run goes past it (the pass
     # itself then runs GPTQ on CPU, and AWQ with ORCH_AWQ_CPU=1, which `run --device cpu` sets).

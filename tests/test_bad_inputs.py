@@ -456,7 +456,7 @@ def test_secret_forms_are_redacted() -> None:
 
 
 def test_text_template_keeps_non_ascii() -> None:
-    from orchestrator.olive.commands import finetune_workflow
+    from orchestrator.olive.finetune import finetune_workflow
 
     wf = finetune_workflow(
         model_name_or_path="m",

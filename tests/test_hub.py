@@ -310,7 +310,7 @@ def test_phi3_target_modules_map_for_a_hub_id(hub: Any, tmp_path: Path) -> None:
     """`finetune -m microsoft/Phi-4-mini-instruct --target_modules q_proj,...`: the model type comes from the hub
     config (Phi-3 family: fused qkv_proj / gate_up_proj), as for a local folder."""
     asked = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
-    code = ("from orchestrator.olive.commands import fused_target_modules as f; "
+    code = ("from orchestrator.olive.finetune import fused_target_modules as f; "
             f"print(f({asked!r}, 'microsoft/Phi-4-mini-instruct'))")
     proc = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path / "hf"), capture_output=True,
                           text=True, timeout=120)  # fmt: skip

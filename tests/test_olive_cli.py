@@ -582,7 +582,7 @@ def test_olive_list_and_optional_value_grammar() -> None:
 
 
 def _quantize(tmp: Path, model: str, **kw: Any) -> dict[str, Any]:
-    from orchestrator.olive.commands import quantize_workflow
+    from orchestrator.olive.quantize import quantize_workflow
 
     wf = quantize_workflow(model_name_or_path=model, output_path=str(tmp / "q"), **kw)
     return wf["passes"]["quantize"]
@@ -590,7 +590,7 @@ def _quantize(tmp: Path, model: str, **kw: Any) -> dict[str, Any]:
 
 def test_quantize_picks_the_pass_olive_picks(tmp_path: Path, tiny_model: Path, fake_onnx: Path) -> None:
     """olive/cli/quantize.py's (model kind, algorithm, precision, implementation) -> pass, Olive >= 0.10."""
-    from orchestrator.olive.commands import FlagError
+    from orchestrator.olive.plan import FlagError
 
     hf, onnx = str(tiny_model), str(fake_onnx)
     cases = {
@@ -625,7 +625,7 @@ def test_quantize_picks_the_pass_olive_picks(tmp_path: Path, tiny_model: Path, f
 
 
 def _plan(command: str, argv: list[str]) -> Any:
-    from orchestrator.olive import commands as oc
+    from orchestrator.olive.commands import BUILDERS, given_from
     from orchestrator.olive.flags import COMMANDS
 
     spec = COMMANDS[command]
@@ -634,15 +634,15 @@ def _plan(command: str, argv: list[str]) -> Any:
     for token in it:
         flag = next(f for f in spec.flags if token in f.spellings)
         values[flag.dest] = True if flag.kind == "flag" else flag.const if flag.kind == "optional" else next(it)
-    g = oc.given_from(spec, values)
-    return oc.BUILDERS[command](g, None, None) if command in ("auto-opt", "optimize") else oc.BUILDERS[command](g, None)
+    g = given_from(spec, values)
+    return BUILDERS[command](g, None, None) if command in ("auto-opt", "optimize") else BUILDERS[command](g, None)
 
 
 def test_optimize_builds_olives_schedule(tiny_model: Path, fake_onnx: Path) -> None:
     """olive/cli/optimize.py: int4 on an HF model = Gptq (wikitext-2, as Olive's template) -> ModelBuilder int4
     (block 32, accuracy 4, MatMul and Gather); an exporter = OnnxConversion -> OrtTransformersOptimization; an
     ONNX model = blockwise RTN; NPU-only options refused."""
-    from orchestrator.olive.commands import FlagError
+    from orchestrator.olive.plan import FlagError
 
     wf = _plan("optimize", ["-m", str(tiny_model), "--precision", "int4", "--num_split", "2"]).workflow
     assert [p["type"] for p in wf["passes"].values()] == ["Gptq", "ModelBuilder", "SplitModel"]
@@ -717,7 +717,7 @@ def test_auto_opt_and_capture_follow_olive(tiny_model: Path, fake_adapter: Path)
 
 
 def test_test_flag_builds_a_two_layer_copy(tmp_path: Path, tiny_model: Path) -> None:
-    from orchestrator.olive.commands import make_test_model
+    from orchestrator.olive.model_ref import make_test_model
 
     dest = make_test_model(str(tiny_model), tmp_path / "test_model")
     cfg = json.loads((dest / "config.json").read_text())

@@ -302,7 +302,7 @@ def test_olive_current_quantizer_names_resolve() -> None:
 
 
 def test_phi3_target_modules_map_to_the_fused_projections(tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
-    from orchestrator.olive.commands import fused_target_modules
+    from orchestrator.olive.finetune import fused_target_modules
 
     asked = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert fused_target_modules(asked, str(tiny_model)) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -423,7 +423,7 @@ def test_capture_onnx_graph_then_tune_session_params(tmp_path: Path, tiny_model:
 
 
 def test_cli_data_files_comma_list() -> None:
-    from orchestrator.olive.commands import finetune_workflow
+    from orchestrator.olive.finetune import finetune_workflow
 
     wf = finetune_workflow(
         model_name_or_path="m", output_path="o", data_name="json", data_files="a.jsonl, b.jsonl", text_field="t"

@@ -1,7 +1,8 @@
 """The Olive commands of `orch` (finetune, quantize, auto-opt, optimize, capture-onnx-graph, generate-adapter,
 convert-adapters, extract-adapters, tune-session-params, run-pass), built from olive/flags.py's tables: every flag
 of Olive 0.7-0.13 with its help, both its underscore and dash spellings, grouped as Olive groups them. The
-command's values go to olive/commands.py, which returns the workflow to run (or refuses in one line)."""
+command's values go to its builder (olive/commands.py's BUILDERS: one module per command), which returns the
+workflow to run (or refuses in one line)."""
 
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ def register(
     out: Any,
 ) -> None:
     """Add the Olive commands (and the one-line refusals of the Olive commands orch does not run) to `app`."""
-    from orchestrator.olive import commands as oc
+    from orchestrator.olive.commands import BUILDERS, given_from
+    from orchestrator.olive.plan import FlagError, command_workflow_id
 
     def note(text: str) -> None:
         say(text, label="note: ")  # dropped under --quiet
@@ -162,11 +164,9 @@ def register(
 
         def go() -> None:
             if extra and not spec.extra_args:
-                raise oc.FlagError(
-                    f"{spec.name}: unknown argument(s) {' '.join(extra)} (see `orch {spec.name} --help`)"
-                )
-            g = oc.given_from(spec, values)
-            builder = oc.BUILDERS[spec.name]
+                raise FlagError(f"{spec.name}: unknown argument(s) {' '.join(extra)} (see `orch {spec.name} --help`)")
+            g = given_from(spec, values)
+            builder = BUILDERS[spec.name]
             args: list[Any] = [g]
             if spec.name == "finetune":
                 args += [extra, orch["host"], orch["target"]]
@@ -177,7 +177,7 @@ def register(
             plan = builder(*args)
             if plan.workflow is not None and not plan.workflow.get("workflow_id"):  # names the MLflow run and model
                 output = plan.output_path or plan.workflow["engine"].get("output_dir") or spec.name
-                plan.workflow["workflow_id"] = oc.command_workflow_id(spec.name, output)
+                plan.workflow["workflow_id"] = command_workflow_id(spec.name, output)
             for line in plan.notes:
                 note(line)
             if plan.workflow is None:
@@ -214,7 +214,7 @@ def register(
     def refusal(name: str, why: str) -> Callable[..., None]:
         def refuse(ctx: typer.Context) -> None:
             def go() -> None:
-                raise oc.FlagError(f"{name}: {why}")
+                raise FlagError(f"{name}: {why}")
 
             guarded(go)
 
@@ -238,4 +238,3 @@ def normalize(argv: list[str]) -> list[str]:
             return [*argv[: i + 1], *F.normalize_argv(F.RUN_FLAGS, argv[i + 1 :])]
         return argv
     return argv
-

@@ -1,9 +1,10 @@
 """Olive's command-line surface, 0.7 to 0.13, flag for flag: one table per command.
 
 Every flag a released Olive CLI command takes is listed here with its help text, so that `orch <command>` parses
-all of them (never an unknown-flag error for a real Olive flag) and olive.commands decides for each one: honoured,
-accepted with a note saying why it changes nothing, or refused in one line with what to use instead. The CLI
-builds its typer commands from these tables (cli.olive); tests walk them.
+all of them (never an unknown-flag error for a real Olive flag) and the command's builder (one module per command,
+named in olive.commands.BUILDERS) decides for each one: honoured, accepted with a note saying why it changes
+nothing, or refused in one line with what to use instead. The CLI builds its typer commands from these tables
+(cli.olive); tests walk them.
 
 Olive's argparse grammar has two forms click does not: space-separated lists (`--input_cols a b`) and flags with
 an optional value (`--test [DIR]`, `--enable_search [SAMPLER]`). `normalize_argv` rewrites those into one

@@ -372,7 +372,7 @@ def _input_model_keys(raw: dict[str, Any], reader: Any) -> None:
             return
         dest = Path(test_path) if Path(test_path).is_absolute() else reader.base_dir / test_path
         if not (dest / "config.json").is_file():
-            from orchestrator.olive.commands import make_test_model
+            from orchestrator.olive.model_ref import make_test_model
 
             origin = (
                 Path(src) if Path(src).is_absolute() or not (reader.base_dir / src).exists() else reader.base_dir / src
