@@ -15,8 +15,6 @@ from typing import Any
 from orchestrator.olive.flags import Given
 from orchestrator.olive.plan import FlagError, Plan
 
-# ---- the input model -------------------------------------------------------------------------------------------
-
 
 @dataclass
 class ModelRef:
