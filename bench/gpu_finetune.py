@@ -770,6 +770,7 @@ def check() -> int:
         except Exception as e:  # noqa: BLE001 - report every failure, keep going
             print(f"import {mod}: FAILED {type(e).__name__}: {e}"[:300], flush=True)
     from orchestrator.passes.training.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import varlen_attention
 
     dev = lora_cuda.probe_device()
     print("device:", dev, flush=True)
@@ -777,11 +778,11 @@ def check() -> int:
     lens = [700, 1024, 37, 300]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(sum(lens), 32, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
-    out = lora_cuda._varlen_call(q, k, v, cu, max(lens), 96**-0.5)
+    out = varlen_attention._varlen_call(q, k, v, cu, max(lens), 96**-0.5)
     print("varlen_attn used:", out is not None, flush=True)
     if out is None:
         return 0
-    ref = lora_cuda._segment_attention(q.float(), k.float(), v.float(), cu, 96**-0.5)
+    ref = varlen_attention._segment_attention(q.float(), k.float(), v.float(), cu, 96**-0.5)
     g = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
     rq, rk, rv = torch.autograd.grad(ref, (q, k, v), g.float())

@@ -193,7 +193,7 @@ def correctness(res: dict[str, Any]) -> None:
     except Exception as e:  # noqa: BLE001 - a missing Liger is a result, the other checks still run
         res.setdefault("errors", {})["add_norm"] = f"{type(e).__name__}: {e}"[:300]
     # cuDNN attention over equal-length samples, grouped-query heads (Phi-4-mini) included, vs per-sample fp32
-    from orchestrator.passes.training.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import fused_loss, varlen_attention
 
     for hq, hkv, hd in ((32, 32, 96), (24, 8, 128)):
         n, seq = 4, 512
@@ -202,7 +202,7 @@ def correctness(res: dict[str, Any]) -> None:
         v = torch.randn(n * seq, hkv, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         cu = torch.arange(0, n * seq + 1, seq, device="cuda", dtype=torch.int32)
         g = torch.randn(n * seq, hq, hd, device="cuda", dtype=torch.bfloat16)
-        got = lora_cuda._uniform_sdpa(q, k, v, n, seq, hd**-0.5)
+        got = varlen_attention._uniform_sdpa(q, k, v, n, seq, hd**-0.5)
         if got is None:
             checks[f"cudnn uniform {hq}/{hkv} heads"] = float("nan")
             continue
@@ -210,7 +210,7 @@ def correctness(res: dict[str, Any]) -> None:
         rep = hq // hkv
         kf, vf = (t.detach().float().repeat_interleave(rep, dim=1).requires_grad_(True) for t in (k, v))
         qf = q.detach().float().requires_grad_(True)
-        ref = lora_cuda._segment_attention(qf, kf, vf, cu, hd**-0.5)
+        ref = varlen_attention._segment_attention(qf, kf, vf, cu, hd**-0.5)
         rq, rk, rv = torch.autograd.grad(ref, (qf, kf, vf), g.float())
         rk = rk.view(rk.shape[0], hkv, rep, hd).sum(2)
         rv = rv.view(rv.shape[0], hkv, rep, hd).sum(2)
@@ -222,10 +222,10 @@ def correctness(res: dict[str, Any]) -> None:
         wv = torch.randn(vocab, 3072, device="cuda", dtype=torch.bfloat16) * 0.02
         y = torch.randint(0, vocab, (2048,), device="cuda")
         y[::7] = -100
-        loss, acc = lora_cuda.chunked_flce(wv, h, y)
+        loss, acc = fused_loss.chunked_flce(wv, h, y)
         (gh,) = torch.autograd.grad(loss / 1000, h)
         hf = h.detach().float().requires_grad_(True)
-        l_ref, a_ref = lora_cuda.reference_flce(wv.float(), hf, y)
+        l_ref, a_ref = fused_loss.reference_flce(wv.float(), hf, y)
         (g_ref,) = torch.autograd.grad(l_ref / 1000, hf)
         checks[f"chunked flce vocab {vocab} loss"] = rel_err(loss, l_ref)
         checks[f"chunked flce vocab {vocab} accuracy abs"] = abs(float(acc) - float(a_ref))
@@ -491,8 +491,8 @@ def timings(res: dict[str, Any]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from orchestrator.passes.training.lora import cuda as lora_cuda
     from orchestrator.passes.training.lora import fused as lora_fused
+    from orchestrator.passes.training.lora import fused_loss, varlen_attention
     from orchestrator.passes.training.lora import kernels as lora_kernels
 
     t = _Timings(res)
@@ -578,7 +578,7 @@ def timings(res: dict[str, Any]) -> None:
         v = torch.randn(T, hkv, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         go = torch.randn(T, hq, hd, device="cuda", dtype=torch.bfloat16)
         cu = torch.arange(0, T + 1, 1024, device="cuda", dtype=torch.int32)
-        t[f"attn {shape}: varlen flash"] = lambda q=q, k=k, v=v, cu=cu, go=go, hd=hd: lora_cuda._varlen_call(
+        t[f"attn {shape}: varlen flash"] = lambda q=q, k=k, v=v, cu=cu, go=go, hd=hd: varlen_attention._varlen_call(
             q, k, v, cu, 1024, hd**-0.5
         ).backward(go)
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -596,8 +596,8 @@ def timings(res: dict[str, Any]) -> None:
             t[f"attn {shape}: sdpa {backend.name}"] = sdpa
         if hq == hkv:
             try:
-                ref = lora_cuda._segment_attention(q.float(), k.float(), v.float(), cu, hd**-0.5)
-                got = lora_cuda._uniform_sdpa(q, k, v, 8, 1024, hd**-0.5)
+                ref = varlen_attention._segment_attention(q.float(), k.float(), v.float(), cu, hd**-0.5)
+                got = varlen_attention._uniform_sdpa(q, k, v, 8, 1024, hd**-0.5)
                 if got is not None:
                     res.setdefault("correctness_rel_err", {})[f"cudnn uniform attention {shape}"] = rel_err(got, ref)
             except Exception as e:  # noqa: BLE001
@@ -619,14 +619,14 @@ def timings(res: dict[str, Any]) -> None:
         except ImportError:
             pass
         try:
-            ce = lora_cuda._liger_flce
+            ce = fused_loss._liger_flce
 
             def liger_head(h=h, wv=wv, y=y, ce=ce) -> None:
                 loss, _ = ce(wv, h, y)
                 (loss / T).backward()
 
             t[f"lm head+loss {shape}: Liger FLCE"] = liger_head
-            l_ref, _ = lora_cuda.reference_flce(wv[:4096], h[:512].detach(), y[:512] % 4096)
+            l_ref, _ = fused_loss.reference_flce(wv[:4096], h[:512].detach(), y[:512] % 4096)
             l_got, _ = ce(wv[:4096], h[:512].detach(), y[:512] % 4096)
             res.setdefault("correctness_rel_err", {})[f"liger flce vs torch {shape}"] = rel_err(l_got, l_ref)
         except Exception as e:  # noqa: BLE001

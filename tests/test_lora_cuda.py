@@ -10,12 +10,9 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.passes.training.lora import cuda as lora_cuda
-from orchestrator.passes.training.lora.cuda import (
-    VARLEN_ATTN,
-    estimate_step_memory_gib,
-    parse_options,
-    plan_cuda,
-)
+from orchestrator.passes.training.lora import fused_loss, phi3_patches, step_trainer, varlen_attention
+from orchestrator.passes.training.lora.cuda import estimate_step_memory_gib, parse_options, plan_cuda
+from orchestrator.passes.training.lora.varlen_attention import VARLEN_ATTN
 
 H100 = {
     "name": "NVIDIA H100 80GB HBM3",
@@ -91,8 +88,8 @@ def test_split_gemms_compute_the_plain_products() -> None:
 
 
 def test_flce_chunks_hold_about_a_gib_of_logits() -> None:
-    assert lora_cuda.flce_chunk_mem_const(8192, 3072) == 21  # Phi-4-mini, 8 x 1024: chunks of 2048 tokens
-    assert lora_cuda.flce_chunk_mem_const(1 << 20, 4096) == 1  # never below Liger's default
+    assert fused_loss.flce_chunk_mem_const(8192, 3072) == 21  # Phi-4-mini, 8 x 1024: chunks of 2048 tokens
+    assert fused_loss.flce_chunk_mem_const(1 << 20, 4096) == 1  # never below Liger's default
 
 
 def test_flash_attn_package_is_preferred_when_installed() -> None:
@@ -239,8 +236,8 @@ def test_split_qkv_and_orch_swiglu_leave_loss_and_gradients_unchanged(tiny_phi3,
     ref = _lora_model(tiny_phi3)
     patched = _lora_model(tiny_phi3)
     n_layers = patched.get_base_model().config.num_hidden_layers
-    assert lora_cuda.split_qkv_attention(patched, rope=rope) == n_layers
-    assert lora_cuda.orch_swiglu_mlp(patched) == n_layers
+    assert phi3_patches.split_qkv_attention(patched, rope=rope) == n_layers
+    assert phi3_patches.orch_swiglu_mlp(patched) == n_layers
     batch = _ids()
     l_ref, g_ref = _loss_and_grads(ref, batch)
     l_new, g_new = _loss_and_grads(patched, batch)
@@ -293,7 +290,7 @@ def test_fused_ce_loss_is_the_models_own_loss(tiny_phi3, padding_free: bool) -> 
     stub = _TrainerStub()
 
     def orch_loss(model, b):
-        return lora_cuda.fused_ce_loss(stub, model, b, None, lora_cuda.reference_flce)
+        return fused_loss.fused_ce_loss(stub, model, b, None, fused_loss.reference_flce)
 
     # use_cache=False as TRL's compute_loss sets it (with a cache, transformers masks a packed row as one sequence)
     l_ref, g_ref = _loss_and_grads(ref, {**batch, "use_cache": False})
@@ -320,7 +317,7 @@ def test_fused_ce_loss_runs_the_backbone_under_the_trainers_autocast(tiny_phi3) 
             module.cast_input_dtype_enabled = False  # what lora_cuda does under autocast
     stub = _TrainerStub()
     with pytest.raises(RuntimeError, match="dtype"):  # the GPU failure this guards against: no autocast
-        lora_cuda.fused_ce_loss(stub, model.train(), _ids(), None, lora_cuda.reference_flce)
+        fused_loss.fused_ce_loss(stub, model.train(), _ids(), None, fused_loss.reference_flce)
 
     class Accelerator:
         @staticmethod
@@ -328,7 +325,7 @@ def test_fused_ce_loss_runs_the_backbone_under_the_trainers_autocast(tiny_phi3) 
             return torch.autocast("cpu", dtype=torch.bfloat16)
 
     stub.accelerator = Accelerator()
-    loss = lora_cuda.fused_ce_loss(stub, model.train(), _ids(), None, lora_cuda.reference_flce)
+    loss = fused_loss.fused_ce_loss(stub, model.train(), _ids(), None, fused_loss.reference_flce)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
@@ -339,23 +336,23 @@ def test_fused_ce_loss_leaves_eval_and_other_losses_to_trl(tiny_phi3) -> None:
     stub = _TrainerStub()
     batch = _ids()
     model.eval()
-    assert lora_cuda.fused_ce_loss(stub, model, batch, None, lora_cuda.reference_flce) is None
+    assert fused_loss.fused_ce_loss(stub, model, batch, None, fused_loss.reference_flce) is None
     model.train()
     stub.args.loss_type = "dft"
-    assert lora_cuda.fused_ce_loss(stub, model, batch, None, lora_cuda.reference_flce) is None
+    assert fused_loss.fused_ce_loss(stub, model, batch, None, fused_loss.reference_flce) is None
     stub.args.loss_type, stub.args.world_size = "nll", 2
-    assert lora_cuda.fused_ce_loss(stub, model, batch, None, lora_cuda.reference_flce) is None
+    assert fused_loss.fused_ce_loss(stub, model, batch, None, fused_loss.reference_flce) is None
 
 
 def test_sft_trainer_class_subclasses_only_for_flce_or_nosync() -> None:
     class Base:
         pass
 
-    assert lora_cuda.sft_trainer_class(Base, None) is Base
+    assert step_trainer.sft_trainer_class(Base, None) is Base
     no = plan_cuda(H100, PHI3_MINI, {}, {"flce": False, "nosync": False})
-    assert lora_cuda.sft_trainer_class(Base, no) is Base
+    assert step_trainer.sft_trainer_class(Base, no) is Base
     for opts in ({}, {"flce": False}, {"nosync": False}):
-        cls = lora_cuda.sft_trainer_class(Base, plan_cuda(H100, PHI3_MINI, {}, opts))
+        cls = step_trainer.sft_trainer_class(Base, plan_cuda(H100, PHI3_MINI, {}, opts))
         assert issubclass(cls, Base) and cls is not Base and hasattr(cls, "compute_loss")
 
 
@@ -435,19 +432,19 @@ def test_step_metadata_counts_tokens_and_marks_samples_on_the_cpu() -> None:
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     packed = {"input_ids": torch.arange(9).unsqueeze(0), "labels": torch.arange(9).unsqueeze(0), "position_ids": pos}
-    out = lora_cuda.add_step_metadata(dict(packed), padding_free=True)
+    out = step_trainer.add_step_metadata(dict(packed), padding_free=True)
     assert out["cu_seq_lens_q"].tolist() == [0, 3, 5, 9] and out["cu_seq_lens_q"] is out["cu_seq_lens_k"]
     assert out["max_length_q"] == out["max_length_k"] == 4 and isinstance(out["max_length_q"], int)
-    assert out[lora_cuda.STEP_TOKENS_KEY] == 9
+    assert out[step_trainer.STEP_TOKENS_KEY] == 9
     # a collator that gave the boundaries already (TRL >= 1.16) keeps its own
-    given = lora_cuda.add_step_metadata(
+    given = step_trainer.add_step_metadata(
         {**packed, "cu_seq_lens_q": torch.tensor([0, 9], dtype=torch.int32)}, padding_free=True
     )
     assert given["cu_seq_lens_q"].tolist() == [0, 9] and "max_length_q" not in given
     mask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
     padded = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": mask}
-    out = lora_cuda.add_step_metadata(dict(padded), padding_free=False)
-    assert out[lora_cuda.STEP_TOKENS_KEY] == 7 and "cu_seq_lens_q" not in out
+    out = step_trainer.add_step_metadata(dict(padded), padding_free=False)
+    assert out[step_trainer.STEP_TOKENS_KEY] == 7 and "cu_seq_lens_q" not in out
 
 
 def test_orch_trainer_trains_like_trl_with_no_step_sync(tiny_phi3, tmp_path) -> None:
@@ -466,7 +463,7 @@ def test_orch_trainer_trains_like_trl_with_no_step_sync(tiny_phi3, tmp_path) -> 
             dataset_kwargs={"skip_prepare_dataset": True}, include_num_input_tokens_seen="non_padding", seed=3,
             data_seed=3, save_strategy="no", disable_tqdm=True, max_length=None,
         )  # fmt: skip
-        lora_cuda.register_varlen_attention()
+        varlen_attention.register_varlen_attention()
         model.base_model.model.config._attn_implementation = VARLEN_ATTN
         trainer = cls(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids}))
         torch.manual_seed(0)
@@ -474,10 +471,10 @@ def test_orch_trainer_trains_like_trl_with_no_step_sync(tiny_phi3, tmp_path) -> 
         return trainer
 
     plan = plan_cuda(H100, PHI3_MINI, {})
-    orch_cls = lora_cuda.sft_trainer_class(SFTTrainer, plan)
-    orch_cls.orch_ce = staticmethod(lora_cuda.reference_flce)  # no Triton on CPU
+    orch_cls = step_trainer.sft_trainer_class(SFTTrainer, plan)
+    orch_cls.orch_ce = staticmethod(fused_loss.reference_flce)  # no Triton on CPU
     ref, new = train(SFTTrainer, tmp_path / "ref"), train(orch_cls, tmp_path / "new")
-    assert isinstance(new.data_collator, lora_cuda.StepMetadataCollator)
+    assert isinstance(new.data_collator, step_trainer.StepMetadataCollator)
     ref_logs = [h for h in ref.state.log_history if "loss" in h]
     new_logs = [h for h in new.state.log_history if "loss" in h]
     assert new_logs[-1]["loss"] == pytest.approx(ref_logs[-1]["loss"], rel=1e-5)
@@ -562,7 +559,7 @@ def test_padding_free_row_gives_each_sample_its_own_logits(tiny_phi3) -> None:
     import torch
     import transformers
 
-    lora_cuda.register_varlen_attention()
+    varlen_attention.register_varlen_attention()
     ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3, attn_implementation="sdpa").eval()
     packed = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3, attn_implementation=VARLEN_ATTN).eval()
     gen = torch.Generator().manual_seed(0)
@@ -595,7 +592,7 @@ def test_padding_free_gradients_match_separate_samples(tiny_phi3) -> None:
     import torch
     import transformers
 
-    lora_cuda.register_varlen_attention()
+    varlen_attention.register_varlen_attention()
     gen = torch.Generator().manual_seed(1)
     lengths = [5, 11]
     samples = [torch.randint(10, 900, (n,), generator=gen) for n in lengths]
@@ -621,7 +618,7 @@ def test_padding_free_gradients_match_separate_samples(tiny_phi3) -> None:
 def test_cu_seqlens_from_position_ids() -> None:
     import torch
 
-    cu, longest = lora_cuda.cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+    cu, longest = varlen_attention.cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
     assert cu.tolist() == [0, 3, 5, 9] and longest == 4 and cu.dtype == torch.int32
 
 
@@ -849,7 +846,7 @@ def test_sft_trainer_class_subclasses_for_offload_checkpoints() -> None:
 
     qlora = {**PHI3_MINI, "quantized_4bit": True}
     plan = plan_cuda(H100, qlora, {"gradient_checkpointing": True}, parse_options("-flce,-nosync,+offload_checkpoints"))
-    trainer = lora_cuda.sft_trainer_class(Base, plan)()
+    trainer = step_trainer.sft_trainer_class(Base, plan)()
     assert trainer.orch_offloader is not None and len(trainer.callbacks) == 1
     off = plan_cuda(H100, qlora, {"gradient_checkpointing": True}, parse_options("-flce,-nosync,-offload_checkpoints"))
-    assert lora_cuda.sft_trainer_class(Base, off) is Base
+    assert step_trainer.sft_trainer_class(Base, off) is Base

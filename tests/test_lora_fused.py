@@ -303,12 +303,12 @@ def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float, gemm_order: 
 def test_swiglu_down_saves_one_activation_fewer(tiny_phi3) -> None:
     """With recompute, down_proj's (tokens x intermediate) input is not kept for the backward."""
 
-    from orchestrator.passes.training.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import phi3_patches
 
     def saved_bytes(recompute: bool) -> int:
         model = _peft_model(tiny_phi3, dropout=0.0)
         fuse_lora_layers(model)
-        lora_cuda.orch_swiglu_mlp(model, recompute=recompute)
+        phi3_patches.orch_swiglu_mlp(model, recompute=recompute)
         return saved_activation_bytes(lambda: model(**_batch()))
 
     cfg = __import__("transformers").AutoConfig.from_pretrained(tiny_phi3)
@@ -318,12 +318,12 @@ def test_swiglu_down_saves_one_activation_fewer(tiny_phi3) -> None:
 
 
 def test_swiglu_down_recompute_keeps_peft_loss_and_gradients(tiny_phi3) -> None:
-    from orchestrator.passes.training.lora import cuda as lora_cuda
+    from orchestrator.passes.training.lora import phi3_patches
 
     ref = _peft_model(tiny_phi3, dropout=0.0)
     new = _peft_model(tiny_phi3, dropout=0.0)
     fuse_lora_layers(new)
-    assert lora_cuda.orch_swiglu_mlp(new, recompute=True) == 2
+    assert phi3_patches.orch_swiglu_mlp(new, recompute=True) == 2
     l_ref, g_ref = _loss_and_grads(ref, _batch(), seed=1)
     l_new, g_new = _loss_and_grads(new, _batch(), seed=1)
     assert torch.allclose(l_new, l_ref, atol=1e-6)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from orchestrator.passes.training.lora import cuda as lora_cuda
+from orchestrator.passes.training.lora import step_trainer
 from orchestrator.passes.training.lora.offload import CheckpointOffloader, offload_callback
 
 LAYERS = 3
@@ -182,7 +183,7 @@ def test_orch_trainer_installs_the_offloader_and_trains_like_trl(tiny_phi3, tmp_
         {"flce": False, "nosync": False},
     )
     assert plan.offload_checkpoints and not plan.flce and not plan.nosync
-    orch_cls = lora_cuda.sft_trainer_class(SFTTrainer, plan)
+    orch_cls = step_trainer.sft_trainer_class(SFTTrainer, plan)
     assert orch_cls is not SFTTrainer
 
     def train(cls, out):

@@ -9,6 +9,12 @@ tested without a GPU:
   a `CudaPlan` with a reason for every choice.
 - `apply_plan(plan, model, sft_kwargs)` does it: SFTConfig kwargs, the attention kernel, Liger kernels, peft flags.
 
+This module is the plan and its application; the mechanisms it turns on live beside it, one job per module:
+varlen_attention.py (the "orch_varlen" attention for padding-free rows), phi3_patches.py (Phi-3's split-qkv attention
+and SwiGLU MLP forwards), fused_loss.py (the loss through a fused linear cross-entropy), step_trainer.py (the
+SFTTrainer subclass: the fused loss, no host sync in the step, offloaded checkpoints), fused.py / kernels.py (the
+fused LoRA layers and their Triton kernels), add_norm.py, offload.py, unwrap.py (the model inside a PeftModel).
+
 What it picks, and why (bench/RESULTS.md has the measured effect):
 - bf16 autocast (`bf16=True`) where the GPU has bf16 (Ampere and newer), unless the user asked for fp16.
 - Padding-free batches (TRL `padding_free=True`): the batch's sequences are laid end to end in one row with
@@ -23,10 +29,10 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   autocast then casts back to bf16 -- two full copies of every projection's input per step, for nothing.
 - Liger kernels (liger-kernel, when installed; model types it supports): fused RMSNorm and RoPE (and SwiGLU where
   orch's own kernel does not apply).
-- The loss through Liger's fused linear cross-entropy, called by an SFTTrainer subclass (`sft_trainer_class`) with
-  ~1 GiB logits chunks: two vocabulary-size GEMMs per step (TRL's chunked head recomputes the logits in its
-  backward: three), same loss (TRL's entropy metric is not computed). Eval, data parallel, other loss types and
-  heads with bias / softcapping go to TRL's own compute_loss.
+- The loss through Liger's fused linear cross-entropy, called by an SFTTrainer subclass
+  (`step_trainer.sft_trainer_class`) with ~1 GiB logits chunks: two vocabulary-size GEMMs per step (TRL's chunked
+  head recomputes the logits in its backward: three), same loss (TRL's entropy metric is not computed). Eval, data
+  parallel, other loss types and heads with bias / softcapping go to TRL's own compute_loss.
 - Fused LoRA layers (passes/training/lora/fused.py) under bf16/fp16 autocast: the LoRA update and the base matmul
   share one output tensor (the small term written first, the base GEMM accumulating into it in its epilogue:
   `lora_first`) and the backward is written by hand, which removes the full-size `* scaling` and `+` passes over
@@ -91,14 +97,16 @@ evaluates a padded batch: "orch_varlen" handles padding-free rows and right-padd
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-VARLEN_ATTN = "orch_varlen"
+from orchestrator.passes.training.lora import varlen_attention
+from orchestrator.passes.training.lora.phi3_patches import orch_swiglu_mlp, split_qkv_attention
+from orchestrator.passes.training.lora.unwrap import base_model
+from orchestrator.passes.training.lora.varlen_attention import VARLEN_ATTN, register_varlen_attention, varlen_fn
+
 # Model types whose attention goes through transformers' attention interface and reads cu_seq_lens / position_ids
 # the way Llama does (decoder-only, causal, no attention sinks).
 PADDING_FREE_MODEL_TYPES = frozenset(
@@ -530,21 +538,15 @@ def probe_device(index: int | None = None) -> dict[str, Any]:
         "has_liger": importlib.util.find_spec("liger_kernel") is not None
         and importlib.util.find_spec("triton") is not None,
         "has_triton": importlib.util.find_spec("triton") is not None,
-        "has_varlen_attn": _varlen_fn() is not None,
+        "has_varlen_attn": varlen_fn() is not None,
         "has_flash_attn": importlib.util.find_spec("flash_attn") is not None,
         "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1),  # torchrun / accelerate launch set it
     }
 
 
-def _base_model(model: Any) -> Any:
-    """The transformers PreTrainedModel inside a PeftModel (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def model_shape(model: Any, sft_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The model's size and the step's token count, as the plain dict plan_cuda reads."""
-    base = _base_model(model)
+    base = base_model(model)
     cfg = base.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     n_params = sum(p.numel() for p in model.parameters())
@@ -600,11 +602,11 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         out[key] = plan.gradient_checkpointing
         if plan.gradient_checkpointing:
             out.setdefault(f"{key}_kwargs", {"use_reentrant": False})
-            base = _base_model(model)
+            base = base_model(model)
             if hasattr(base, "enable_input_require_grads"):
                 base.enable_input_require_grads()  # LoRA: the embeddings are frozen, checkpoints need a grad path
-        elif _is_checkpointing(_base_model(model)):
-            _base_model(model).gradient_checkpointing_disable()
+        elif _is_checkpointing(base_model(model)):
+            base_model(model).gradient_checkpointing_disable()
     if plan.disable_input_cast:
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
@@ -617,8 +619,7 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         out.update(non_blocking_batches(out))
     if plan.fused_adamw and out.get("optim", "adamw_torch") == "adamw_torch":
         out["optim"] = "adamw_torch_fused"
-    global _CUDNN_UNIFORM
-    _CUDNN_UNIFORM = plan.cudnn_attn
+    varlen_attention.CUDNN_UNIFORM = plan.cudnn_attn  # read by varlen_attention_forward
     if plan.liger is not None:
         apply_liger(model, plan.liger)
     if plan.add_norm:
@@ -682,7 +683,7 @@ def _is_checkpointing(base: Any) -> bool:
 def _set_attn_implementation(model: Any, name: str | None) -> None:
     if name is None:
         return
-    base = _base_model(model)
+    base = base_model(model)
     setter = getattr(base, "set_attn_implementation", None)
     if callable(setter):
         try:
@@ -698,687 +699,19 @@ def _set_attn_implementation(model: Any, name: str | None) -> None:
 
 def restore_attention(model: Any, name: str = "sdpa") -> None:
     """Put the model's attention back to a kernel that reads padding masks (before eval on padded batches)."""
-    if getattr(_base_model(model).config, "_attn_implementation", None) == VARLEN_ATTN:
+    if getattr(base_model(model).config, "_attn_implementation", None) == VARLEN_ATTN:
         _set_attn_implementation(model, name)
 
 
 def apply_liger(model: Any, kwargs: Mapping[str, bool]) -> None:
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=_base_model(model), **dict(kwargs))
-
-
-PATCHED_ATTR = "_orch_patched_forward"
-
-
-def _phi3_attention_forward(
-    self: Any,
-    hidden_states: Any,
-    position_embeddings: tuple[Any, Any],
-    attention_mask: Any,
-    past_key_values: Any = None,
-    **kwargs: Any,
-) -> tuple[Any, Any]:
-    """transformers' Phi3Attention.forward with q, k, v taken by `split` instead of three slices.
-
-    The same values (split returns the slices' views); the difference is the backward: a slice's backward writes a
-    zero tensor of the whole qkv size and copies its part in, and autograd then adds the three (six full-size passes
-    over the qkv gradient per layer); split's backward is one cat.
-    """
-    from transformers.models.phi3 import modeling_phi3
-
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    qkv = self.qkv_proj(hidden_states)
-    n_heads, n_kv = self.config.num_attention_heads, self.num_key_value_heads
-    cos, sin = position_embeddings
-    if getattr(self, QKV_ROPE_ATTR, False) and past_key_values is None and cos.shape[-1] <= self.head_dim:
-        # q, k (RoPE applied) and v written once, each contiguous (tokens, heads, head_dim): no copies around the
-        # RoPE and the attention, and one pass back into the qkv gradient
-        from orchestrator.passes.training.lora.kernels import qkv_rope
-
-        n = qkv.shape[:-1].numel()
-        rows = (*input_shape, cos.shape[-1])
-        q, k, v = qkv_rope(
-            qkv.reshape(n, -1),
-            cos.expand(rows).reshape(n, -1),
-            sin.expand(rows).reshape(n, -1),
-            n_heads,
-            n_kv,
-            self.head_dim,
-        )
-        query_states = q.view(*input_shape, n_heads, self.head_dim).transpose(1, 2)
-        key_states = k.view(*input_shape, n_kv, self.head_dim).transpose(1, 2)
-        value_states = v.view(*input_shape, n_kv, self.head_dim).transpose(1, 2)
-    else:
-        q_size = n_heads * self.head_dim
-        kv_size = n_kv * self.head_dim
-        query_states, key_states, value_states = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        query_states = query_states.view(hidden_shape).transpose(1, 2)
-        key_states = key_states.view(hidden_shape).transpose(1, 2)
-        value_states = value_states.view(hidden_shape).transpose(1, 2)
-        # looked up at call time: Liger's RoPE patch replaces the module's function
-        query_states, key_states = modeling_phi3.apply_rotary_pos_emb(query_states, key_states, cos, sin)
-    if past_key_values is not None:
-        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-    attention_interface = modeling_phi3.ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, modeling_phi3.eager_attention_forward
-    )
-    attn_output, attn_weights = attention_interface(
-        self,
-        query_states,
-        key_states,
-        value_states,
-        attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        sliding_window=getattr(self.config, "sliding_window", None),
-        **kwargs,
-    )
-    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    attn_output = self.o_proj(attn_output)
-    return attn_output, attn_weights
-
-
-QKV_ROPE_ATTR = "_orch_qkv_rope"
-
-
-def split_qkv_attention(model: Any, rope: bool = False) -> int:
-    """Give every Phi3Attention of the model the split-qkv forward; returns how many modules got it.
-
-    rope: q, k, v and RoPE through lora_kernels.qkv_rope (one pass each way) instead of slices + apply_rotary_pos_emb.
-    """
-    import types
-
-    try:
-        from transformers.models.phi3 import modeling_phi3
-    except ImportError:
-        return 0
-    needed = ("ALL_ATTENTION_FUNCTIONS", "eager_attention_forward", "apply_rotary_pos_emb")
-    if not all(hasattr(modeling_phi3, name) for name in needed):
-        return 0  # another transformers layout: keep its own forward
-    count = 0
-    for module in _base_model(model).modules():
-        if type(module).__name__ == "Phi3Attention" and hasattr(module, "qkv_proj"):
-            module.forward = types.MethodType(_phi3_attention_forward, module)
-            setattr(module, PATCHED_ATTR, True)
-            setattr(module, QKV_ROPE_ATTR, rope)
-            count += 1
-    return count
-
-
-MLP_RECOMPUTE_ATTR = "_orch_mlp_recompute"
-
-
-def _fused_gate_up_mlp_forward(self: Any, hidden_states: Any) -> Any:
-    """Phi3MLP.forward: down_proj(silu(gate) * up) with gate, up read in place from gate_up_proj's output; with
-    recompute on, the SwiGLU and a fused LoRA down_proj run as one function that keeps only gate_up's output."""
-    from orchestrator.passes.training.lora.kernels import swiglu
-
-    u = self.gate_up_proj(hidden_states)
-    if getattr(self, MLP_RECOMPUTE_ATTR, False):
-        from orchestrator.passes.training.lora.fused import swiglu_down
-
-        out = swiglu_down(self.down_proj, u)
-        if out is not None:
-            return out
-    return self.down_proj(swiglu(u))
-
-
-def orch_swiglu_mlp(model: Any, recompute: bool = False) -> int:
-    """Give every fused gate_up MLP (Phi3MLP, or Liger's replacement of it) orch's SwiGLU; returns the count.
-
-    recompute: down_proj's backward recomputes the SwiGLU output (fused.swiglu_down) where down_proj is a fused
-    LoRA layer at call time; elsewhere the MLP runs as without it."""
-    import types
-
-    count = 0
-    for module in _base_model(model).modules():
-        cfg = getattr(module, "config", None)
-        act = str(getattr(cfg, "hidden_act", ""))
-        if (
-            type(module).__name__ in ("Phi3MLP", "LigerPhi3SwiGLUMLP")
-            and hasattr(module, "gate_up_proj")
-            and hasattr(module, "down_proj")
-            and act in ("silu", "swish")
-        ):
-            module.forward = types.MethodType(_fused_gate_up_mlp_forward, module)
-            setattr(module, PATCHED_ATTR, True)
-            setattr(module, MLP_RECOMPUTE_ATTR, recompute)
-            count += 1
-    return count
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loss: Liger's fused linear cross-entropy in TRL's SFTTrainer
-
-
-FLCE_LOGITS_BUDGET = 1 << 30  # bytes of transient logits Liger's fused linear cross-entropy may hold per chunk
-
-
-def flce_chunk_mem_const(tokens: int, hidden: int, budget: int = FLCE_LOGITS_BUDGET) -> int:
-    """Liger's chunk_mem_const for ~budget bytes of bf16 logits per chunk.
-
-    Liger sizes its token chunks so that a chunk's logits hold about chunk_mem_const x tokens x hidden values; its
-    default (1) cuts a 200,064-token vocabulary into chunks of 128 tokens, GEMMs too thin to run near the GPU's
-    rate (bench/gpu_kernels.py: 61 ms for Phi-4-mini's head and loss over 8 x 1024 tokens, 49 ms for TRL's head).
-    """
-    return max(1, budget // max(1, tokens * hidden * 2))
-
-
-def _liger_flce(weight: Any, hidden: Any, labels: Any) -> tuple[Any, Any]:
-    """(sum of the token losses, token accuracy) through Liger's fused linear cross-entropy (chunked, no logits)."""
-    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-
-    loss, _, accuracy, _ = LigerFusedLinearCrossEntropyFunction.apply(
-        hidden,
-        weight,
-        labels,
-        None,  # bias
-        None,  # ce_weight
-        -100,  # ignore_index
-        0.0,  # lse_square_scale
-        0.0,  # label_smoothing
-        "sum",  # reduction
-        None,  # softcap
-        False,  # return_z_loss
-        None,  # accum_dtype
-        False,  # use_token_scaling
-        True,  # return_token_accuracy
-        False,  # return_predicted_tokens
-        None,  # ce_impl
-        None,  # ce_mode
-        flce_chunk_mem_const(hidden.shape[0], hidden.shape[1]),
-    )
-    return loss, accuracy
-
-
-def reference_flce(weight: Any, hidden: Any, labels: Any) -> tuple[Any, Any]:
-    """What _liger_flce computes, in plain torch (full logits): the CPU tests' stand-in for the Triton kernels."""
-    import torch
-
-    logits = (hidden @ weight.to(hidden.dtype).t()).float()
-    valid = labels != -100
-    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-    correct = (logits.argmax(-1) == labels) & valid
-    return loss, correct.sum() / valid.sum().clamp(min=1)
-
-
-_CHUNKED_CE: Any = None
-# the arguments orch passes to Liger's cross-entropy kernel (liger-kernel 0.8.x); another signature: Liger's own path
-_LIGER_CE_ARGS = frozenset(
-    {
-        "X_ptr",
-        "X_stride",
-        "Y_ptr",
-        "Y_stride",
-        "weight_ptr",
-        "loss_ptr",
-        "z_loss_ptr",
-        "loss_stride",
-        "token_accuracy_ptr",
-        "token_accuracy_stride",
-        "predicted_tokens_ptr",
-        "predicted_tokens_stride",
-        "n_cols",
-        "n_non_ignore",
-        "sum_non_ignore_weight",
-        "weight_sum",
-        "ignore_index",
-        "lse_square_scale",
-        "label_smoothing",
-        "reduction",
-        "softcap",
-        "RETURN_Z_LOSS",
-        "RETURN_TOKEN_ACCURACY",
-        "RETURN_PREDICTED_TOKENS",
-        "BLOCK_SIZE",
-        "HAS_WEIGHT",
-        "HAS_SOFTCAPPING",
-        "HAS_GRADIENTS",
-    }
-)
-
-
-def _chunked_ce_function() -> Any:
-    """An autograd Function: the LM head GEMM and the cross-entropy in token chunks, Liger's Triton kernel for the
-    loss and its gradient, and no host sync (Liger's own fused linear cross-entropy reads the number of labelled
-    tokens with .item() in the forward and compares the output gradient with 1.0 on the host in the backward)."""
-    import torch
-    import triton
-    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
-
-    if not _LIGER_CE_ARGS.issubset(getattr(liger_cross_entropy_kernel, "arg_names", ())):
-        return None
-
-    class ChunkedLinearCrossEntropy(torch.autograd.Function):
-        """(sum of token losses, number of correct argmax tokens) of hidden @ weight^T against labels (-100 ignored).
-
-        The sum reduction needs no count of labelled tokens; the caller divides by its own count on the device.
-        """
-
-        @staticmethod
-        def forward(ctx: Any, hidden: Any, weight: Any, labels: Any) -> Any:
-            n_tokens, vocab = hidden.shape[0], weight.shape[0]
-            chunk = max(1, min(n_tokens, FLCE_LOGITS_BUDGET // (2 * vocab)))
-            loss_1d = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)  # ignored rows stay 0
-            correct_1d = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)
-            grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-            logits = torch.empty((chunk, vocab), dtype=hidden.dtype, device=hidden.device)
-            labels = labels.contiguous()
-            for start in range(0, n_tokens, chunk):
-                end = min(start + chunk, n_tokens)
-                block = logits[: end - start]
-                torch.mm(hidden[start:end], weight.t(), out=block)
-                liger_cross_entropy_kernel[(end - start,)](
-                    X_ptr=block,
-                    X_stride=block.stride(-2),
-                    Y_ptr=labels[start:end],
-                    Y_stride=1,
-                    weight_ptr=None,
-                    loss_ptr=loss_1d[start:end],
-                    z_loss_ptr=None,
-                    loss_stride=1,
-                    token_accuracy_ptr=correct_1d[start:end],
-                    token_accuracy_stride=1,
-                    predicted_tokens_ptr=None,
-                    predicted_tokens_stride=0,
-                    n_cols=vocab,
-                    n_non_ignore=1,  # read by the "mean" reduction only
-                    sum_non_ignore_weight=1,
-                    weight_sum=0.0,
-                    ignore_index=-100,
-                    lse_square_scale=0.0,
-                    label_smoothing=0.0,
-                    reduction="sum",
-                    softcap=None,
-                    RETURN_Z_LOSS=False,
-                    RETURN_TOKEN_ACCURACY=True,
-                    RETURN_PREDICTED_TOKENS=False,
-                    BLOCK_SIZE=min(32768, triton.next_power_of_2(vocab)),
-                    HAS_WEIGHT=False,
-                    HAS_SOFTCAPPING=False,
-                    HAS_GRADIENTS=grad is not None,
-                    num_warps=32,
-                )
-                if grad is not None:  # the kernel left d loss / d logits in the chunk's logits
-                    torch.mm(block, weight, out=grad[start:end])
-            ctx.save_for_backward(grad)
-            return loss_1d.sum(), correct_1d.sum()
-
-        @staticmethod
-        def backward(ctx: Any, grad_loss: Any, _grad_correct: Any) -> tuple[Any, None, None]:
-            (grad,) = ctx.saved_tensors
-            return (None if grad is None else grad * grad_loss.to(grad.dtype)), None, None
-
-    return ChunkedLinearCrossEntropy
-
-
-def chunked_flce(weight: Any, hidden: Any, labels: Any) -> tuple[Any, Any]:
-    """(sum of the token losses, token accuracy) as device tensors, no host sync: orch's chunk loop around Liger's
-    cross-entropy kernel (Liger's own function where this liger-kernel has another kernel signature)."""
-    global _CHUNKED_CE
-    if _CHUNKED_CE is None:
-        _CHUNKED_CE = _chunked_ce_function() or False
-    if not _CHUNKED_CE:
-        return _liger_flce(weight, hidden, labels)
-    loss, correct = _CHUNKED_CE.apply(hidden, weight, labels)
-    return loss, correct / (labels != -100).sum().clamp(min=1)
-
-
-def fused_ce_loss(trainer: Any, model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any, ce: Any) -> Any:
-    """The training loss of TRL's SFTTrainer.compute_loss through `ce` (a fused linear cross-entropy); None when
-    TRL's own path must run (eval, another loss type, a loss function or label smoother, data parallel, a head
-    with bias / softcapping / logit scale, or a model without the usual backbone + lm_head layout).
-
-    Same loss as TRL's: the summed negative log-likelihood of the next-token labels (-100 ignored), divided by
-    num_items_in_batch (or the number of labelled tokens). TRL's entropy metric is not computed (it needs the full
-    softmax); its mean_token_accuracy and num_tokens metrics are kept.
-    """
-    import torch
-
-    if not model.training or getattr(trainer, "compute_loss_func", None) is not None:
-        return None
-    if getattr(trainer, "label_smoother", None) is not None or getattr(trainer, "aux_loss_enabled", False):
-        return None
-    args = trainer.args
-    if str(getattr(args, "loss_type", "nll")) != "nll" or int(getattr(args, "world_size", 1)) > 1:
-        return None
-    labels = inputs.get("labels")
-    if labels is None:
-        return None
-    base = _base_model(model)
-    backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if backbone is None or head is None or getattr(head, "bias", None) is not None or backbone is base:
-        return None
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
-        return None
-    kwargs = {k: v for k, v in inputs.items() if k != "labels"}
-    kwargs["use_cache"] = False
-    # the Trainer's mixed precision: accelerate applies it by wrapping the prepared model's forward, which this
-    # call of the backbone does not go through
-    accelerator = getattr(trainer, "accelerator", None)
-    amp = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
-    with amp:
-        hidden = backbone(**kwargs).last_hidden_state
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        y = labels[:, 1:].reshape(-1).to(h.device)
-        if labels.shape[0] > 1:  # padded batches: score only the labelled positions (padding-free rows have few)
-            keep = y != -100
-            h, y = h[keep], y[keep]
-        weight = head.weight
-        if torch.is_autocast_enabled(h.device.type):
-            dtype = torch.get_autocast_dtype(h.device.type)
-            h, weight = h.to(dtype), weight.to(dtype)  # one cast of an fp32 head per step, not one per chunk
-        loss_sum, accuracy = ce(weight, h, y)
-    num_tokens = (y != -100).sum() if num_items_in_batch is None else num_items_in_batch
-    loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
-
-    metrics = getattr(trainer, "_metrics", None)
-    if isinstance(metrics, Mapping) and "train" in metrics:
-        # kept on the device (no host sync in the step): OrchSFTTrainer.log reads them when it logs
-        metrics["train"]["mean_token_accuracy"].append(accuracy.detach())
-        if hasattr(trainer, "_total_train_tokens"):
-            if "attention_mask" in inputs:
-                n_tok = inputs["attention_mask"].sum()
-            elif "position_ids" in inputs:
-                n_tok = int(inputs["position_ids"].size(1))
-            else:
-                n_tok = int(inputs["input_ids"].numel())
-            trainer._total_train_tokens += n_tok // int(getattr(trainer, "_tp_size", 1) or 1)
-            metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
-    return loss
-
-
-STEP_TOKENS_KEY = "orch_step_tokens"  # a batch's real token count, counted on the CPU by StepMetadataCollator
-
-
-def add_step_metadata(batch: dict[str, Any], padding_free: bool) -> dict[str, Any]:
-    """A collated batch (CPU tensors) with its real token count under STEP_TOKENS_KEY and, for a padding-free row,
-    cu_seq_lens_q/k and max_length_q/k where the collator gave none (TRL < 1.16): computed here on the CPU, since
-    the attention would otherwise derive them from position_ids on the GPU with host syncs in every layer."""
-    ids = batch.get("input_ids")
-    pos = batch.get("position_ids")
-    mask = batch.get("attention_mask")
-    packed_row = padding_free and pos is not None and ids is not None and ids.shape[0] == 1 and mask is None
-    if packed_row and "cu_seq_lens_q" not in batch and not pos.is_cuda:
-        cu, longest = cu_seqlens_from_position_ids(pos)
-        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
-        batch["max_length_q"] = batch["max_length_k"] = longest
-    if mask is not None and mask.dim() == 2 and not mask.is_cuda:
-        batch[STEP_TOKENS_KEY] = int(mask.sum())
-    elif packed_row and "cu_seq_lens_q" in batch and not batch["cu_seq_lens_q"].is_cuda:
-        batch[STEP_TOKENS_KEY] = int(batch["cu_seq_lens_q"][-1])
-    elif ids is not None:
-        batch[STEP_TOKENS_KEY] = int(ids.numel())
-    return batch
-
-
-class StepMetadataCollator:
-    """The trainer's own data collator, followed by add_step_metadata (attributes read through to the inner one)."""
-
-    def __init__(self, inner: Any, padding_free: bool) -> None:
-        self.inner = inner
-        self.padding_free = padding_free
-
-    def __call__(self, features: Any) -> Any:
-        return add_step_metadata(self.inner(features), self.padding_free)
-
-    def __getattr__(self, name: str) -> Any:
-        inner = self.__dict__.get("inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-
-def _host_value(value: Any) -> Any:
-    """A device scalar as a Python number (one sync, at logging time); anything else unchanged."""
-    item = getattr(value, "item", None)
-    return item() if callable(item) and getattr(value, "numel", lambda: 0)() == 1 else value
-
-
-def sft_trainer_class(base_cls: Any, plan: CudaPlan | None) -> Any:
-    """base_cls (TRL's SFTTrainer), or a subclass with the plan's training-step choices: the loss through a fused
-    linear cross-entropy (plan.flce), no host sync in the step (plan.nosync): token counts from the CPU batch,
-    TRL's metrics kept on the device and read when the Trainer logs, and the checkpointed layer inputs in host
-    memory (plan.offload_checkpoints: `orch_offloader`, installed on the layers when training begins)."""
-    if plan is None or not (plan.flce or plan.nosync or plan.offload_checkpoints):
-        return base_cls
-
-    class OrchSFTTrainer(base_cls):  # type: ignore[misc, valid-type]
-        orch_ce = staticmethod(chunked_flce)
-        orch_plan = plan
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            if plan.nosync and getattr(self, "data_collator", None) is not None:
-                self.data_collator = StepMetadataCollator(self.data_collator, plan.padding_free)
-            self.orch_offloader = None
-            if plan.offload_checkpoints:
-                from orchestrator.passes.training.lora.offload import CheckpointOffloader, offload_callback
-
-                # installed by the callback: the Trainer sets torch's checkpoint function on every layer in train()
-                self.orch_offloader = CheckpointOffloader()
-                self.add_callback(offload_callback(self.orch_offloader))
-
-        def _prepare_inputs(self, inputs: Any) -> Any:
-            if isinstance(inputs, Mapping) and STEP_TOKENS_KEY in inputs:
-                inputs = {k: v for k, v in inputs.items() if k != STEP_TOKENS_KEY}
-            return super()._prepare_inputs(inputs)
-
-        def _track_num_input_tokens(self, inputs: Any) -> None:
-            count = inputs.get(STEP_TOKENS_KEY) if isinstance(inputs, Mapping) else None
-            mode = str(getattr(self.args, "include_num_input_tokens_seen", "no"))
-            if count is not None and int(getattr(self.args, "world_size", 1)) == 1 and mode not in ("no", "False"):
-                self.state.num_input_tokens_seen += int(count)  # counted on the CPU batch: no .item() on the GPU
-                return
-            if isinstance(inputs, Mapping):
-                inputs = {k: v for k, v in inputs.items() if k != STEP_TOKENS_KEY}
-            super()._track_num_input_tokens(inputs)
-
-        def compute_loss(
-            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            if plan.flce and not return_outputs:
-                loss = fused_ce_loss(self, model, inputs, num_items_in_batch, self.orch_ce)
-                if loss is not None:
-                    return loss
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-
-        def log(self, logs: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-            # the metrics the loss kept on the device, read now (the Trainer syncs when it logs anyway)
-            for store in (getattr(self, "_metrics", None) or {}).values():
-                for key in list(store):
-                    store[key] = [_host_value(v) for v in store[key]]
-            if hasattr(self, "_total_train_tokens"):
-                self._total_train_tokens = _host_value(self._total_train_tokens)
-            return super().log({k: _host_value(v) for k, v in logs.items()}, *args, **kwargs)
-
-    OrchSFTTrainer.__qualname__ = OrchSFTTrainer.__name__ = f"Orch{base_cls.__name__}"
-    return OrchSFTTrainer
+    _apply_liger_kernel_to_instance(model=base_model(model), **dict(kwargs))
 
 
 def compile_decoder_layers(model: Any) -> None:
     """torch.compile each decoder layer (regional compilation: one compiled graph reused by all layers)."""
-    base = _base_model(model)
+    base = base_model(model)
     inner = getattr(base, base.base_model_prefix, base)
     for layer in getattr(inner, "layers", []):
         layer.compile(dynamic=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Variable-length attention for padding-free rows
-
-
-def _varlen_fn() -> Any:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
-
-
-def cu_seqlens_from_position_ids(position_ids: Any) -> tuple[Any, int]:
-    """Sample boundaries of a padding-free row from its position_ids (each sample restarts at 0)."""
-    import torch
-
-    pos = position_ids.reshape(-1)
-    starts = torch.nonzero(pos == 0).flatten()
-    if starts.numel() == 0 or int(starts[0]) != 0:
-        starts = torch.cat([torch.zeros(1, dtype=starts.dtype, device=starts.device), starts])
-    cu = torch.cat([starts, torch.tensor([pos.numel()], device=pos.device, dtype=starts.dtype)]).to(torch.int32)
-    return cu, int(cu.diff().max())
-
-
-def _segment_attention(q: Any, k: Any, v: Any, cu: Any, scaling: float | None) -> Any:
-    """Reference / fallback: causal SDPA over each sample separately. q, k, v: (T, H, D); returns (T, H, D)."""
-    import torch
-    import torch.nn.functional as F
-
-    bounds = [int(x) for x in cu.tolist()]
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        if b <= a:
-            continue
-        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, s, D)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1))
-    return torch.cat(outs, dim=0) if outs else q.new_empty((0, *q.shape[1:]))
-
-
-_VARLEN_KW: dict[str, Any] | None = None
-
-
-def _varlen_call(q: Any, k: Any, v: Any, cu: Any, max_len: int, scaling: float | None) -> Any:
-    """torch's varlen flash attention, whichever of its signatures this torch has; None if it cannot do this call."""
-    global _VARLEN_KW
-    fn = _varlen_fn()
-    if fn is None or not q.is_cuda:
-        return None
-    if _VARLEN_KW is None:
-        params = inspect.signature(fn).parameters
-        _VARLEN_KW = {
-            "window": "window_size" in params,
-            "is_causal": "is_causal" in params,
-            "scale": "scale" in params,
-            "gqa": "enable_gqa" in params,
-        }
-    kw: dict[str, Any] = {}
-    if _VARLEN_KW["window"]:
-        kw["window_size"] = (-1, 0)
-    elif _VARLEN_KW["is_causal"]:
-        kw["is_causal"] = True
-    else:
-        return None
-    default_scale = q.shape[-1] ** -0.5
-    if scaling is not None and abs(scaling - default_scale) > 1e-12:
-        if not _VARLEN_KW["scale"]:
-            return None
-        kw["scale"] = scaling
-    if k.shape[1] != q.shape[1]:
-        if _VARLEN_KW["gqa"]:
-            kw["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-    return fn(q, k, v, cu, cu, max_len, max_len, **kw)
-
-
-def varlen_attention_forward(
-    module: Any,
-    query: Any,
-    key: Any,
-    value: Any,
-    attention_mask: Any,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    **kwargs: Any,
-) -> tuple[Any, None]:
-    """transformers attention function: per-sample causal attention over a padding-free row.
-
-    query/key/value come as (batch, heads, seq, head_dim); returns (batch, seq, heads, head_dim) as transformers'
-    own functions do. A batch that is not padding-free (batch > 1, or an explicit mask) goes to transformers' SDPA.
-    """
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu = kwargs.get("cu_seq_lens_q")
-    max_len = kwargs.get("max_length_q")
-    position_ids = kwargs.get("position_ids")
-    packed_row = query.shape[0] == 1 and attention_mask is None and (cu is not None or position_ids is not None)
-    if not packed_row or (dropout and module.training):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    if cu is None:
-        cu, max_len = cu_seqlens_from_position_ids(position_ids)
-    elif max_len is None:
-        max_len = int(cu.diff().max())
-    if sliding_window is not None and max_len > sliding_window:
-        raise ValueError(
-            f"padding-free attention: samples of {max_len} tokens exceed the model's sliding window "
-            f"({sliding_window}); set ORCH_CUDA_FASTPATH=-padding_free"
-        )
-    cu = cu.to(device=query.device, dtype=torch.int32)
-    # squeeze, not [0]: an index's backward writes the gradient into a zero-filled (1, H, T, D) tensor (a fill and
-    # a transposing copy per q / k / v and layer: 17 ms of a 320 ms Phi-3-mini step on an H100, bench/RESULTS.md);
-    # a squeeze's backward is a view, so the gradients keep the (T, H, D) layout the attention kernels wrote
-    q = query.squeeze(0).transpose(0, 1)  # (T, H, D)
-    k = key.squeeze(0).transpose(0, 1)
-    v = value.squeeze(0).transpose(0, 1)
-    out_dtype = q.dtype
-    if q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
-        # flash kernels take half precision only; fp32 reaches here when layers were upcast (QLoRA's
-        # prepare_model_for_kbit_training): compute in the autocast dtype, as transformers' flash path does
-        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
-        q, k, v = q.to(half), k.to(half), v.to(half)
-    n_samples = cu.numel() - 1
-    if _CUDNN_UNIFORM and q.is_cuda and n_samples > 0 and int(max_len) * n_samples == q.shape[0]:
-        # every sample of the row has the same length (fixed-length data): a plain causal batch for cuDNN
-        out = _uniform_sdpa(q, k, v, n_samples, int(max_len), scaling)
-        if out is not None:
-            return out.to(out_dtype).unsqueeze(0), None
-    out = _varlen_call(q.contiguous(), k.contiguous(), v.contiguous(), cu, int(max_len), scaling)
-    if out is not None:
-        out = out.to(out_dtype)
-    else:
-        if k.shape[1] != q.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = _segment_attention(q, k, v, cu, scaling)
-    return out.unsqueeze(0), None
-
-
-_CUDNN_UNIFORM = False  # set by apply_plan (plan.cudnn_attn)
-
-
-def _uniform_sdpa(q: Any, k: Any, v: Any, n: int, seq: int, scaling: float | None) -> Any:
-    """Causal attention of n equal-length samples laid end to end, (T, H, D) in and out, through cuDNN SDPA."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    qb, kb, vb = (t.contiguous().view(n, seq, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
-    try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            out = F.scaled_dot_product_attention(
-                qb, kb, vb, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
-            )
-    except RuntimeError:
-        return None  # this torch / cuDNN cannot run the shape: the varlen kernel does
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], v.shape[2])
-
-
-def register_varlen_attention() -> None:
-    """Make attn_implementation="orch_varlen" known to transformers (idempotent).
-
-    No mask function is registered on purpose: transformers then passes attention_mask=None and builds no
-    (tokens x tokens) mask for the padding-free row.
-    """
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTN, varlen_attention_forward)

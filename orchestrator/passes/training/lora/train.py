@@ -385,9 +385,10 @@ class LoRAPass(Pass):
         trainer_cls = SFTTrainer
         if cuda:
             from orchestrator.passes.training.lora import cuda as lora_cuda
+            from orchestrator.passes.training.lora import step_trainer
 
             # the plan cuda_fast_path just applied: its loss choice needs a trainer subclass
-            trainer_cls = lora_cuda.sft_trainer_class(SFTTrainer, lora_cuda.LAST_PLAN)
+            trainer_cls = step_trainer.sft_trainer_class(SFTTrainer, lora_cuda.LAST_PLAN)
         trainer = trainer_cls(
             model=peft_model,
             args=SFTConfig(**checkpointing_names_for(SFTConfig, sft_kwargs)),
