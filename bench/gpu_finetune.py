@@ -54,6 +54,8 @@ sys.path.insert(0, str(REPO))
 import harness  # noqa: E402
 from baseline_peft import SETTINGS, install_step_timer, summarize  # noqa: E402
 
+from orchestrator.passes.training.lora.cuda import parse_options  # noqa: E402
+
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 SHAPES: dict[str, dict[str, Any]] = {
     "phi3-mini": {
@@ -256,6 +258,10 @@ def parse_row(spec: str) -> dict[str, Any]:
             fastpath.append(item)
         else:
             raise ValueError(f"row {spec!r}: option {item!r} is neither +name / -name nor key=value")
+    try:  # a misspelt option fails here, before the model is built, not in the row's process on the GPU
+        parse_options(",".join(fastpath))
+    except ValueError as exc:
+        raise ValueError(f"row {spec!r}: {exc}") from None
     slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec.replace(":", "_").replace("/", "_"))
     return {"system": system, "data": data, "fastpath": ",".join(fastpath), "settings": settings, "slug": slug}
 

@@ -677,6 +677,16 @@ def philox(res: dict[str, Any]) -> None:
     res.setdefault("timings_ms", {}).update(t)
 
 
+STEPS = {
+    "ceilings": ceilings,
+    "correctness": correctness,
+    "splits": splits,
+    "timings": timings,
+    "offload": offload,
+    "philox": philox,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -686,6 +696,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of the parts to run (philox: only the Philox dropout checks and timings)",
     )
     args = p.parse_args(argv)
+    names = [n.strip() for n in args.steps.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STEPS]
+    if unknown:  # before the CUDA check: a misspelt part fails here too, not after a GPU machine started
+        print(f"gpu_kernels: --steps: unknown part(s) {', '.join(unknown)}; known: {', '.join(STEPS)}")
+        return 2
     import torch
 
     if not torch.cuda.is_available():
@@ -700,15 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     t0 = time.perf_counter()
-    steps = {
-        "ceilings": ceilings,
-        "correctness": correctness,
-        "splits": splits,
-        "timings": timings,
-        "offload": offload,
-        "philox": philox,
-    }
-    for step in (steps[name] for name in args.steps.split(",")):
+    for step in (STEPS[name] for name in names):
         try:
             step(res)
         except Exception as e:  # noqa: BLE001 - keep what the other steps measured

@@ -107,10 +107,37 @@ def test_row_specs() -> None:
         ("orch:fixd", "data must be var or fixed"),
         ("orch:fixed:dropuot=0", "unknown setting 'dropuot'"),
         ("orch:fixed:flce", "neither"),
+        ("orch:fixed:+philox_dropuot", "unknown option 'philox_dropuot'"),  # the pass would refuse it on the GPU
     ):
         with pytest.raises(ValueError, match=match):
             gpu_finetune.parse_row(bad)
     assert all(gpu_finetune.parse_row(r) for r in gpu_finetune.DEFAULT_ROWS.split(","))
+
+
+def test_every_gpu_call_in_bench_readme_parses() -> None:
+    """The GPU calls bench/README.md plans are typed into the device tool as written: every `rows@SHAPE@ROWS[@PROFILE]`
+    and `kernels@PARTS` phase in them must name a known shape, row specs that parse (systems, data, settings,
+    fast-path options) and a profiled row among them, and known kernel parts: a typo found on a lent GPU costs
+    minutes of a 30-minute budget."""
+    import re
+
+    import gpu_kernels
+
+    text = (BENCH / "README.md").read_text()
+    calls = [block for block in re.findall(r"```\n(.*?)```", text, re.S) if "gpu_call.sh" in block]
+    rows_phases = [p for c in calls for p in re.findall(r"rows@[^\s\"';]+", c)]
+    kernel_phases = [p for c in calls for p in re.findall(r"kernels@[^\s\"';]+", c)]
+    assert len(rows_phases) >= 3 and kernel_phases  # the planned calls are there to check
+    for phase in rows_phases:
+        _, shape, rows, *profile = phase.split("@")
+        assert shape in gpu_finetune.SHAPES, phase
+        specs = rows.split("%")
+        for spec in specs:
+            gpu_finetune.parse_row(spec)  # raises naming the spec and what is wrong
+        assert all(p in specs for p in profile), f"{phase}: the profiled row is not one of its rows"
+    for phase in kernel_phases:
+        parts = phase.split("@", 1)[1].split("+")
+        assert set(parts) <= set(gpu_kernels.STEPS), phase
 
 
 def test_unsloth_runner_builds_the_benchmark_settings(tmp_path: Path) -> None:
