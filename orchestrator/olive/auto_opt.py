@@ -7,7 +7,17 @@ from typing import Any
 
 from orchestrator.olive.flags import Given
 from orchestrator.olive.model_ref import _model_of, adapter_kind, input_model, merge_first
-from orchestrator.olive.plan import FlagError, Plan, _engine, _log_level, _provider, command_workflow_id, common, remote
+from orchestrator.olive.plan import (
+    FlagError,
+    Plan,
+    _engine,
+    _log_level,
+    _provider,
+    command_workflow_id,
+    common,
+    refuse_qdq_encoding,
+    remote,
+)
 
 BUILDER_PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
 
@@ -113,11 +123,7 @@ def build_auto_opt(g: Given, host: str | None, target: str | None) -> Plan:
     plan = Plan()
     common(g, plan)
     model = _model_of(g, plan)
-    if g["use_qdq_encoding"]:
-        raise FlagError(
-            "--use_qdq_encoding: QDQ encoding (MatMulNBitsToQDQ) is for NPUs and is not supported; "
-            "drop it for MatMulNBits"
-        )
+    refuse_qdq_encoding(g)
     if g["memory"] and not g["cost_model"]:
         plan.notes.append(f"--memory {g['memory']}: accepted, no effect (read only to split by a cost model)")
     for name in (

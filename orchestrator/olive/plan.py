@@ -124,6 +124,15 @@ def _engine(
     }
 
 
+def refuse_qdq_encoding(g: Given) -> None:
+    """--use_qdq_encoding (auto-opt, quantize): Olive's MatMulNBitsToQDQ for NPUs, which orch does not build."""
+    if g["use_qdq_encoding"]:
+        raise FlagError(
+            "--use_qdq_encoding: QDQ encoding (MatMulNBitsToQDQ) is for NPUs and is not supported; "
+            "drop it for MatMulNBits"
+        )
+
+
 def common(g: Given, plan: Plan) -> None:
     """The flags every Olive command shares: refusals first, then what they change."""
     if g["account_name"] or g["container_name"]:

@@ -16,6 +16,7 @@ from orchestrator.olive.plan import (
     command_workflow_id,
     common,
     data_config,
+    refuse_qdq_encoding,
     remote,
 )
 
@@ -189,11 +190,7 @@ def build_quantize(g: Given, host: str | None) -> Plan:
     plan = Plan()
     common(g, plan)
     model = _model_of(g, plan)
-    if g["use_qdq_encoding"]:
-        raise FlagError(
-            "--use_qdq_encoding: QDQ encoding (MatMulNBitsToQDQ) is for NPUs and is not supported; drop "
-            "it for MatMulNBits"
-        )
+    refuse_qdq_encoding(g)
     if g["quarot_rotate"]:
         raise FlagError("--quarot_rotate: QuaRot rotation is not supported; drop it")
     if g["act_precision"]:
