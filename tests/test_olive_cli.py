@@ -671,6 +671,9 @@ def test_optimize_builds_olives_schedule(tiny_model: Path, fake_onnx: Path) -> N
     ):
         with pytest.raises(FlagError, match=needle):
             _plan("optimize", ["-m", str(tiny_model), *argv])
+    for command in ("auto-opt", "quantize"):  # Olive's MatMulNBitsToQDQ (NPUs): refused by name, with the fix
+        with pytest.raises(FlagError, match=r"^--use_qdq_encoding: .*drop it for MatMulNBits$"):
+            _plan(command, ["-m", str(tiny_model), "--use_qdq_encoding"])
 
 
 def test_auto_opt_and_capture_follow_olive(tiny_model: Path, fake_adapter: Path) -> None:
