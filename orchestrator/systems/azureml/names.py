@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import uuid
 from typing import Any
 
 from orchestrator.core.job import JobState
@@ -22,11 +21,6 @@ RESULT_OUTPUT = "result"
 def output_uri(job_name: str, output: str = RESULT_OUTPUT, datastore: str = DEFAULT_DATASTORE) -> str:
     """Where a job's named output lives: fixed at submit time, so it is known before the job ends."""
     return f"azureml://datastores/{datastore}/paths/azureml/{job_name}/{output}/"
-
-
-def new_job_name(label: str) -> str:
-    """orch-<label>-<uuid>: a fresh name, for `--name`-less submits that must never attach (tests, --force)."""
-    return f"orch-{_slug(label)}-{uuid.uuid4().hex[:10]}"
 
 
 def _slug(label: str) -> str:
