@@ -11,7 +11,8 @@ import pytest
 
 from orchestrator.core.job import Job, ModelArtifact
 from orchestrator.passes.base import PassContext, PassError, PassOutput
-from orchestrator.passes.evaluation.evaluate import EvaluatePass, prompt_prefix
+from orchestrator.passes.evaluation.evaluate import EvaluatePass
+from orchestrator.passes.evaluation.quality import prompt_prefix
 from orchestrator.passes.models.tiny_model import build_tiny_phi3
 from orchestrator.passes.onnx.model_builder import ModelBuilderPass
 
@@ -118,6 +119,29 @@ def test_generate_method_and_prompt_prefix(setup: dict[str, Any]) -> None:
     metric = {**METRICS[1], "user_config": {"max_samples": 4, "label_col": "tone", "method": "generate"}}
     result, _ = evaluate(setup, setup["models"]["int4"], [metric])
     assert 0.0 <= result.metrics["accuracy-accuracy_score"] <= 1.0
+
+
+def test_threshold_goals_are_compared_as_soon_as_measured(setup: dict[str, Any]) -> None:
+    """Olive's threshold goals: each sub-type's direction (its own higher_is_better, else Olive's default) decides
+    met or not, reported as <metric>-<sub>-goal_met and one log line each."""
+    subs = [
+        {"name": "perplexity", "goal": {"type": "threshold", "value": 1.0}},  # lower is better: > 1 is NOT met
+        {"name": "eval_loss", "higher_is_better": True, "goal": {"type": "threshold", "value": 0.0}},  # > 0: met
+        {"name": "n_tokens", "goal": {"type": "threshold", "value": 1}},  # higher is better: met
+    ]
+    result, events = evaluate(setup, setup["models"]["hf"], [{**METRICS[0], "sub_types": subs}])
+    m = result.metrics
+    assert m["perplexity-perplexity"] > 1 and m["perplexity-eval_loss"] > 0 and m["perplexity-n_tokens"] > 1
+    goals = {k: v for k, v in m.items() if k.endswith("goal_met")}
+    assert goals == {
+        "perplexity-perplexity-goal_met": 0.0,
+        "perplexity-eval_loss-goal_met": 1.0,
+        "perplexity-n_tokens-goal_met": 1.0,
+    }
+    lines = [e["message"] for e in events if e["type"] == "log" and e["message"].startswith("goal ")]
+    assert lines[0].startswith("goal perplexity-perplexity <= 1: ") and lines[0].endswith("-> NOT met"), lines
+    assert lines[1].startswith("goal perplexity-eval_loss >= 0: ") and lines[1].endswith("-> met"), lines
+    assert len(lines) == 3
 
 
 def test_errors_are_one_line_and_actionable(setup: dict[str, Any]) -> None:

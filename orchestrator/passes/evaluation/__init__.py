@@ -1,1 +1,2 @@
-"""Evaluation: metrics of a model on the target (`evaluate`) and onnxruntime session tuning (`session_tuning`)."""
+"""Evaluation: metrics of a model on the target (`evaluate` and its parts) and onnxruntime session tuning
+(`session_tuning`)."""

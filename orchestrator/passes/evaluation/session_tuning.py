@@ -25,7 +25,7 @@ from orchestrator.core.fs import commit_dir, copy_tree, fresh_dir
 from orchestrator.core.job import ModelArtifact
 from orchestrator.passes.base import Pass, PassConfig, PassContext, PassError, PassOutput, Requirements
 from orchestrator.passes.common.onnx_tools import SETTINGS_FILE, session_options
-from orchestrator.passes.evaluation.evaluate import timed_runs
+from orchestrator.passes.evaluation.latency import timed_runs
 
 OUTPUT_DIR = "model"
 EXECUTION_MODES = {0: "ORT_SEQUENTIAL", 1: "ORT_PARALLEL"}
