@@ -317,7 +317,7 @@ def download(
         from orchestrator.core.cache import Cache
         from orchestrator.core.fs import replace_dir
         from orchestrator.systems.azureml.download import download_reference
-        from orchestrator.systems.azureml.system import RESULT_OUTPUT, output_uri
+        from orchestrator.systems.azureml.names import RESULT_OUTPUT, output_uri
 
         system = _system()
         handle = system.attach(job)

@@ -132,15 +132,10 @@ def submit_workflow(
 
     from orchestrator.engine import Engine
     from orchestrator.olive import load_workflow
-    from orchestrator.systems.azureml.system import (
-        OUTPUT_MODE,
-        claim_job_name,
-        code_snapshot,
-        definition_name,
-        input_for,
-        output_uri,
-        status_text,
-    )
+    from orchestrator.systems.azureml.jobspec import OUTPUT_MODE, input_for
+    from orchestrator.systems.azureml.names import claim_job_name, definition_name, output_uri
+    from orchestrator.systems.azureml.snapshot import code_snapshot
+    from orchestrator.systems.azureml.states import status_text
 
     wf = load_workflow(config)
     engine = Engine(wf, host=host or "aml", target=target or host or "aml", tracking=False)
