@@ -561,21 +561,23 @@ def test_olive_commands_orch_does_not_run_answer_one_line(command: str, tmp_path
 
 
 def test_olive_list_and_optional_value_grammar() -> None:
-    from orchestrator.olive import flags as F
+    from orchestrator.olive.export_flags import AUTO_OPT
+    from orchestrator.olive.flag_parsing import LIST_SEP, normalize_argv, split_values
+    from orchestrator.olive.single_pass_flags import TUNE_SESSION_PARAMS
 
     argv = ["--input_cols", "a", "b", "--test", "--enable_search", "--seed", "3", "--execution_mode_list", "0", "1"]
-    spec = (*F.AUTO_OPT.flags, *F.TUNE_SESSION_PARAMS.flags)
-    out = F.normalize_argv(spec, argv)
+    spec = (*AUTO_OPT.flags, *TUNE_SESSION_PARAMS.flags)
+    out = normalize_argv(spec, argv)
     assert out == [
-        f"--input_cols=a{F.LIST_SEP}b",
+        f"--input_cols=a{LIST_SEP}b",
         "--test=true",
         "--enable_search=sequential",
         "--seed",
         "3",
-        f"--execution_mode_list=0{F.LIST_SEP}1",
+        f"--execution_mode_list=0{LIST_SEP}1",
     ]
-    assert F.split_values(out[0].split("=", 1)[1]) == ["a", "b"]
-    assert F.normalize_argv(F.AUTO_OPT, ["--test", "dir", "-o", "x"]) == ["--test=dir", "-o", "x"]
+    assert split_values(out[0].split("=", 1)[1]) == ["a", "b"]
+    assert normalize_argv(AUTO_OPT, ["--test", "dir", "-o", "x"]) == ["--test=dir", "-o", "x"]
 
 
 # ---- what the flags build --------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The Olive commands of `orch` (finetune, quantize, auto-opt, optimize, capture-onnx-graph, generate-adapter,
-convert-adapters, extract-adapters, tune-session-params, run-pass), built from olive/flags.py's tables: every flag
-of Olive 0.7-0.13 with its help, both its underscore and dash spellings, grouped as Olive groups them. The
-command's values go to its builder (olive/commands.py's BUILDERS: one module per command), which returns the
-workflow to run (or refuses in one line)."""
+convert-adapters, extract-adapters, tune-session-params, run-pass), built from the flag tables olive/flags.py names
+(COMMANDS): every flag of Olive 0.7-0.13 with its help, both its underscore and dash spellings, grouped as Olive
+groups them. The command's values go to its builder (olive/commands.py's BUILDERS: one module per command), which
+returns the workflow to run (or refuses in one line); the Olive commands orch does not run (olive/unsupported.py)
+are answered with one line."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from typing import Annotated, Any
 
 import typer
 
-from orchestrator.olive import flags as F
+from orchestrator.olive.flag_parsing import normalize_argv
+from orchestrator.olive.flag_spec import Command, Flag
+from orchestrator.olive.flags import COMMANDS, RUN_FLAGS
+from orchestrator.olive.unsupported import UNSUPPORTED_COMMANDS
 
 ORCH = "orch"
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -68,7 +72,7 @@ _TYPES = {
 }
 
 
-def _option(flag: F.Flag) -> tuple[Any, Any]:
+def _option(flag: Flag) -> tuple[Any, Any]:
     """(annotation, default) of one Olive flag as a typer option."""
     metavar = {"list": "ITEM ...", "optional": "[VALUE]", "bool": "true|false"}.get(flag.kind)
     choices = f" [{'|'.join(flag.choices)}]" if flag.choices and len(flag.choices) <= 6 else ""
@@ -84,7 +88,7 @@ def _option(flag: F.Flag) -> tuple[Any, Any]:
     return Annotated[_TYPES[flag.kind], info], default
 
 
-def build_command(spec: F.Command, handle: Callable[[F.Command, dict[str, Any], list[str]], None]) -> Callable:
+def build_command(spec: Command, handle: Callable[[Command, dict[str, Any], list[str]], None]) -> Callable:
     """A function typer can register: keyword parameters from the table, values handed to `handle`."""
     params: list[inspect.Parameter] = []
     seen: set[str] = set()
@@ -159,7 +163,7 @@ def register(
     def note(text: str) -> None:
         say(text, label="note: ")  # dropped under --quiet
 
-    def handle(spec: F.Command, values: dict[str, Any], extra: list[str]) -> None:
+    def handle(spec: Command, values: dict[str, Any], extra: list[str]) -> None:
         orch = {k: values.pop(k, None) for k in ORCH_FLAGS}
 
         def go() -> None:
@@ -206,7 +210,7 @@ def register(
 
         guarded(go)
 
-    for spec in F.COMMANDS.values():
+    for spec in COMMANDS.values():
         app.command(spec.name, context_settings=EXTRA, help=spec.help + f" (Olive {spec.versions})")(
             build_command(spec, handle)
         )
@@ -220,7 +224,7 @@ def register(
 
         return refuse
 
-    for name, why in F.UNSUPPORTED_COMMANDS.items():
+    for name, why in UNSUPPORTED_COMMANDS.items():
         app.command(
             name, context_settings={**EXTRA, "help_option_names": []}, help=f"not supported: {why}", hidden=True
         )(refusal(name, why))
@@ -231,10 +235,10 @@ def normalize(argv: list[str]) -> list[str]:
     for i, token in enumerate(argv):
         if token.startswith("-"):
             continue
-        spec = F.COMMANDS.get(token)
+        spec = COMMANDS.get(token)
         if spec is not None:
-            return [*argv[: i + 1], *F.normalize_argv(spec, argv[i + 1 :])]
+            return [*argv[: i + 1], *normalize_argv(spec, argv[i + 1 :])]
         if token == "run":
-            return [*argv[: i + 1], *F.normalize_argv(F.RUN_FLAGS, argv[i + 1 :])]
+            return [*argv[: i + 1], *normalize_argv(RUN_FLAGS, argv[i + 1 :])]
         return argv
     return argv

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.olive.flags import Given
+from orchestrator.olive.flag_parsing import Given
 from orchestrator.olive.model_ref import adapter_kind, input_model, resolve_model
 from orchestrator.olive.plan import FlagError, Plan, _engine, _log_level, common, remote
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.olive.flags import Given
+from orchestrator.olive.flag_parsing import Given
 from orchestrator.olive.model_ref import _model_of, adapter_kind, input_model, merge_first
 from orchestrator.olive.plan import (
     FlagError,
@@ -15,6 +15,7 @@ from orchestrator.olive.plan import (
     _provider,
     command_workflow_id,
     common,
+    note_memory,
     refuse_qdq_encoding,
     remote,
 )
@@ -54,9 +55,7 @@ def auto_opt_workflow(
     num_splits = flags.get("--num-splits")
     if num_splits is not None and int(num_splits) < 2:
         raise FlagError(f"--num-splits {num_splits}: give 2 or more parts (or drop the flag)")
-    if device.lower() not in ("cpu", "gpu", "npu"):
-        raise FlagError(f"--device {device!r}: orch builds for cpu or gpu (npu needs a vendor toolchain not present)")
-    if device.lower() == "npu":
+    if device.lower() not in ("cpu", "gpu"):
         raise FlagError(f"--device {device!r}: orch builds for cpu or gpu (npu needs a vendor toolchain not present)")
     provider = _provider(provider, device)
     if precision in ("nf4", "fp4"):
@@ -124,8 +123,8 @@ def build_auto_opt(g: Given, host: str | None, target: str | None) -> Plan:
     common(g, plan)
     model = _model_of(g, plan)
     refuse_qdq_encoding(g)
-    if g["memory"] and not g["cost_model"]:
-        plan.notes.append(f"--memory {g['memory']}: accepted, no effect (read only to split by a cost model)")
+    if not g["cost_model"]:  # with --cost-model, auto_opt_workflow refuses the split
+        note_memory(g, plan)
     for name in (
         "dynamic_to_fixed_shape_dim_param",
         "dynamic_to_fixed_shape_dim_value",

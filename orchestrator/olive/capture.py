@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.olive.flags import Given, parse_bool
+from orchestrator.olive.flag_parsing import Given, parse_bool
 from orchestrator.olive.model_ref import _model_of, adapter_kind, input_model, merge_first
 from orchestrator.olive.plan import FlagError, Plan, _engine, _log_level, common, extra_mb_options, remote
 

@@ -1,4 +1,5 @@
-"""Olive's CLI commands as workflow configs, flag for flag (olive/flags.py lists every flag of Olive 0.7-0.13).
+"""Olive's CLI commands as workflow configs, flag for flag (olive/flags.py names each command's table of every
+flag of Olive 0.7-0.13).
 
 Olive builds a workflow config from its flags and runs it; orch does the same, so `orch finetune ...` and a
 workflow file are one code path. Each flag is honoured, accepted with a note that says why it changes nothing
@@ -16,15 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.olive import flags as F
 from orchestrator.olive.adapters import build_convert_adapters, build_extract_adapters, build_generate_adapter
 from orchestrator.olive.auto_opt import build_auto_opt
 from orchestrator.olive.capture import build_capture
 from orchestrator.olive.finetune import build_finetune
-from orchestrator.olive.flags import Given
+from orchestrator.olive.flag_parsing import Given
+from orchestrator.olive.flag_spec import Command
 from orchestrator.olive.model_ref import input_model, make_test_model, resolve_model
 from orchestrator.olive.optimize import build_optimize
-from orchestrator.olive.plan import FlagError, Plan
+from orchestrator.olive.plan import MODEL_SCRIPT_REFUSAL, FlagError, Plan
 from orchestrator.olive.quantize import build_quantize
 from orchestrator.olive.run_pass import build_run_pass
 from orchestrator.olive.tune_session_params import build_tune_session_params
@@ -43,7 +44,7 @@ BUILDERS: dict[str, Callable[..., Plan]] = {
 }
 
 
-def given_from(command: F.Command, values: dict[str, Any]) -> Given:
+def given_from(command: Command, values: dict[str, Any]) -> Given:
     """The typer values of a command -> Given, with the flags that differ from Olive's default marked explicit."""
     explicit = {f.dest for f in command.flags if values.get(f.dest) not in (None, False, f.default)}
     for f in command.flags:
@@ -78,10 +79,7 @@ def run_overrides(
             "(orch run-pass --list-passes lists them); drop it"
         )
     if model_script:
-        raise FlagError(
-            "--model_script: PyTorch model-loader scripts (_model_loader) are not run by orch: give a "
-            "Hugging Face model folder or hub id, or an ONNX model, as -m"
-        )
+        raise FlagError(MODEL_SCRIPT_REFUSAL)
     if not any([model_name_or_path, output_path, log_level is not None, test]):
         return config, None, []
     from orchestrator.olive.workflow import _read_file

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.olive.flags import Given
+from orchestrator.olive.flag_parsing import Given
 from orchestrator.olive.model_ref import _model_of, input_model
 from orchestrator.olive.plan import (
     FlagError,

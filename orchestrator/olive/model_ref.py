@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.olive.flags import Given
+from orchestrator.olive.flag_parsing import Given
 from orchestrator.olive.plan import FlagError, Plan
 
 

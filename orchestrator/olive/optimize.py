@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.olive.flags import Given, split_values
+from orchestrator.olive.flag_parsing import Given, split_values
 from orchestrator.olive.model_ref import _model_of, adapter_kind, input_model, merge_first
 from orchestrator.olive.plan import FlagError, Plan, _engine, _log_level, _provider, common, extra_mb_options
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from orchestrator.core.errors import UserError
 from orchestrator.core.links import real
-from orchestrator.olive.flags import Given, parse_bool, split_values
+from orchestrator.olive.flag_parsing import Given, parse_bool, split_values
+from orchestrator.olive.unsupported import GENERATIVE_ONLY, NO_MODEL_SCRIPTS, NO_SHARED_CACHE
 
 
 class FlagError(UserError):
@@ -124,6 +125,18 @@ def _engine(
     }
 
 
+# --model_script on an Olive command and on `run` (commands.run_overrides)
+MODEL_SCRIPT_REFUSAL = (
+    f"--model_script: {NO_MODEL_SCRIPTS}: give a Hugging Face model folder or hub id, or an ONNX model, as -m"
+)
+
+
+def note_memory(g: Given, plan: Plan) -> None:
+    """--memory (auto-opt, tune-session-params) only sizes a cost-model split, which orch does not make."""
+    if g["memory"]:
+        plan.notes.append(f"--memory {g['memory']}: accepted, no effect (read only to split by a cost model)")
+
+
 def refuse_qdq_encoding(g: Given) -> None:
     """--use_qdq_encoding (auto-opt, quantize): Olive's MatMulNBitsToQDQ for NPUs, which orch does not build."""
     if g["use_qdq_encoding"]:
@@ -136,21 +149,15 @@ def refuse_qdq_encoding(g: Given) -> None:
 def common(g: Given, plan: Plan) -> None:
     """The flags every Olive command shares: refusals first, then what they change."""
     if g["account_name"] or g["container_name"]:
-        raise FlagError(
-            "--account_name/--container_name: Olive's Azure Blob shared cache is not used: orch caches every pass by "
-            "content in engine.cache_dir (on Azure ML in the workspace's datastore); drop the flags"
-        )
+        raise FlagError(f"--account_name/--container_name: {NO_SHARED_CACHE}; drop the flags")
     if g["model_variant"] and g["model_variant"] != "auto":
         raise FlagError(
             f"--model_variant {g['model_variant']}: diffusion models are not supported; orch exports language models"
         )
     if g["model_script"] or g["script_dir"]:
-        raise FlagError(
-            "--model_script: PyTorch model-loader scripts (_model_loader) are not run by orch: give a Hugging Face "
-            "model folder or hub id, or an ONNX model, as -m"
-        )
+        raise FlagError(MODEL_SCRIPT_REFUSAL)
     if g["is_generative_model"] is not None and parse_bool("--is_generative_model", g["is_generative_model"]) is False:
-        raise FlagError("--is_generative_model false: orch optimizes generative language models only")
+        raise FlagError(f"--is_generative_model false: {GENERATIVE_ONLY}")
     plan.save_config = bool(g["save_config_file"])
     plan.dry_run = bool(g["dry_run"])
     plan.output_path = g["output_path"]

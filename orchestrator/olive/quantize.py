@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.olive.flags import Given
+from orchestrator.olive.flag_parsing import Given
 from orchestrator.olive.model_ref import _model_of, input_model, model_folder
 from orchestrator.olive.plan import (
     FlagError,

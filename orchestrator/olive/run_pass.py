@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.olive.flags import Given
+from orchestrator.olive.flag_parsing import Given
 from orchestrator.olive.model_ref import _model_of, input_model
 from orchestrator.olive.plan import FlagError, Plan, _engine, _log_level, _provider, common
 

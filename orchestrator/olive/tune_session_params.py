@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.olive.flags import Given, split_values
+from orchestrator.olive.flag_parsing import Given, split_values
 from orchestrator.olive.model_ref import input_model, resolve_model
-from orchestrator.olive.plan import DEVICE_PROVIDERS, FlagError, Plan, _engine, common, remote
+from orchestrator.olive.plan import DEVICE_PROVIDERS, FlagError, Plan, _engine, common, note_memory, remote
 
 
 def tune_session_params_workflow(args: argparse.Namespace | Given, host: str | None = None) -> dict[str, Any]:
@@ -84,8 +84,7 @@ def build_tune_session_params(g: Given, host: str | None) -> Plan:
     model = resolve_model(g["model_name_or_path"])
     if model.kind != "onnx":
         raise FlagError(f"-m {g['model_name_or_path']}: tune-session-params times an ONNX model (export it first)")
-    if g["memory"]:
-        plan.notes.append(f"--memory {g['memory']}: accepted, no effect (read only to split by a cost model)")
+    note_memory(g, plan)
     values = dict(g.values, model_name_or_path=model.path)
     plan.workflow = tune_session_params_workflow(Given(values, g.explicit), host=host)
     remote(g, plan.workflow, plan)

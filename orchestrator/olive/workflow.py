@@ -16,7 +16,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from orchestrator.olive import keys as olive_keys
+from orchestrator.olive.data_config_keys import data_params, params_config
+from orchestrator.olive.engine_keys import ENGINE_NOTES
+from orchestrator.olive.keys import apply as apply_keys
+from orchestrator.olive.pass_chain_keys import flow_names
+from orchestrator.olive.pass_keys import pass_keys, pass_run_keys
 from orchestrator.passes.training.lora.training_args import TrainingArgsError, normalize_training_args
 from orchestrator.schema.errors import ConfigError, fmt_path, nearest, suggest, translate
 from orchestrator.schema.files import load_config_file
@@ -28,7 +32,7 @@ from orchestrator.systems.registry import MAIN_KEYWORDS, canonical_type
 
 ENGINE_KEYS = tuple(EngineConfig.model_fields)
 DATA_REF_KEYS = ("train_data_config", "eval_data_config", "data_config")
-# Olive's per-pass run keys (RunPassConfig), beside type/config: search and per-pass host/evaluator (keys.pass_run_keys)
+# Olive's per-pass run keys (RunPassConfig), beside type/config: search and per-pass host/evaluator (pass_run_keys)
 PASS_RUN_KEYS = ("disable_search", "evaluator", "host", "clean_run_cache", "output_name")
 
 
@@ -55,7 +59,7 @@ class WorkflowConfig(BaseModel):
         if not self.pass_flows:
             return [(None, self)]
         runs: list[tuple[str | None, WorkflowConfig]] = []
-        for name, flow in zip(olive_keys.flow_names(self.pass_flows), self.pass_flows, strict=True):
+        for name, flow in zip(flow_names(self.pass_flows), self.pass_flows, strict=True):
             engine = self.engine.model_copy(
                 update={"output_dir": None if self.engine.output_dir is None else self.engine.output_dir / name}
             )
@@ -187,7 +191,7 @@ def _normalize(raw: dict[str, Any], r: _Reader) -> None:
     if engine is None:
         engine = raw["engine"] = {}
     if isinstance(engine, dict):
-        for key in (*ENGINE_KEYS, *olive_keys.ENGINE_NOTES):
+        for key in (*ENGINE_KEYS, *ENGINE_NOTES):
             if key in raw:  # newer Olive puts host/target/evaluator/cache_dir... at the top level
                 value = raw.pop(key)
                 if key in engine and engine[key] != value:
@@ -224,20 +228,20 @@ def _normalize(raw: dict[str, Any], r: _Reader) -> None:
     if isinstance(data_configs, list):
         for i, dc in enumerate(data_configs):
             _flatten_data_config(dc, ("data_configs", i), r)
-    olive_keys.apply(raw, r)  # cosmetic keys, pass_flows, execution providers from the target's accelerators
+    apply_keys(raw, r)  # cosmetic keys, pass_flows, execution providers from the target's accelerators
 
 
 def _flatten_data_config(dc: Any, path: tuple[Any, ...], r: _Reader) -> None:
     if not isinstance(dc, dict):
         return
-    olive_keys.params_config(dc, path, r)  # Olive < 0.7's params_config form
+    params_config(dc, path, r)  # Olive < 0.7's params_config form
     _components(dc, path, r)
     for part in ("load_dataset_config", "pre_process_data_config"):
         r.flatten(dc, part, (*path, part), "params")
     load = dc.get("load_dataset_config")
     if isinstance(load, dict):
         r.flatten(load, "data_files", (*path, "load_dataset_config", "data_files"), "config")
-    olive_keys.data_params(dc, path, r)
+    data_params(dc, path, r)
 
 
 _COMPONENT_PARTS = {"load_dataset": "load_dataset_config", "pre_process_data": "pre_process_data_config"}
@@ -356,13 +360,13 @@ def _check_passes(raw: dict[str, Any], r: _Reader) -> dict[str, PassEntry]:
             cfg = {k: v for k, v in entry.items() if k not in ("type", "config", *PASS_RUN_KEYS)}
         if entry.get("disable_search") is not None:
             r.notes.append(f"{fmt_path([*where, 'disable_search'])} ignored: orch does no search")
-        olive_keys.pass_run_keys(entry, where, raw, r)
+        pass_run_keys(entry, where, raw, r)
         try:
             fields = set(load_pass(type_name).Config.model_fields)
         except Exception:  # not importable: its job checks the config when it runs
             fields = None
         if fields is not None:
-            olive_keys.pass_keys(type_name, cfg, cfg_path, fields, r)
+            pass_keys(type_name, cfg, cfg_path, fields, r)
         _check_data_refs(cfg, cfg_path, raw, r)
         to_check = cfg
         if isinstance(cfg.get("training_args"), dict):
