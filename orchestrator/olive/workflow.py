@@ -10,7 +10,6 @@ together in one ConfigError.
 from __future__ import annotations
 
 import copy
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -503,11 +502,9 @@ def _check_evaluator(config: WorkflowConfig, r: _Reader) -> None:
     except ValidationError as exc:
         r.problems += translate(exc, pass_cls.Config, prefix=("evaluators", name))
         return
-    module = importlib.import_module(pass_cls.__module__)
-    check = getattr(module, "unknown_sub_types", None)
-    notes = getattr(module, "olive_notes", None)
+    metric_checks = getattr(pass_cls, "metric_checks", None)
     for i, metric in enumerate(getattr(checked, "metrics", [])):  # before any pass runs, not after all did
-        r.notes += notes(metric) if notes else []
-        problem = check(metric) if check else None
+        notes, problem = metric_checks(metric) if metric_checks else ([], None)
+        r.notes += notes
         if problem:
             r.problem(["evaluators", name, "metrics", i, "sub_types"], problem)

@@ -35,10 +35,6 @@ from orchestrator.passes.evaluation.metric_config import (
 from orchestrator.passes.evaluation.quality import accuracy, perplexity
 from orchestrator.passes.evaluation.scorers import make_scorer
 
-# The workflow reader (olive/workflow.py, _check_evaluator) checks the evaluator's metrics before any pass runs by
-# calling unknown_sub_types and olive_notes on the Evaluate pass's module: they are part of what this module offers.
-__all__ = ["EvaluateConfig", "EvaluatePass", "olive_notes", "unknown_sub_types"]
-
 
 class EvaluateConfig(PassConfig):
     """Which rows: `split` (datasets syntax, e.g. "test" or "train[80%:]") if set; else the rows that
@@ -81,6 +77,11 @@ class EvaluatePass(Pass):
     ) -> tuple[dict[str, float], list[str]]:
         """The engine's call once the input model's and the final model's metrics are in: relative goals."""
         return relative_goals(EvaluateConfig.model_validate(config).metrics, baseline, final)
+
+    @classmethod
+    def metric_checks(cls, metric: MetricConfig) -> tuple[list[str], str | None]:
+        """The workflow reader's call before any pass runs: (notes on the Olive metric, its problem or None)."""
+        return olive_notes(metric), unknown_sub_types(metric)
 
     @classmethod
     def baseline_config(cls, config: dict[str, Any]) -> dict[str, Any]:
