@@ -401,7 +401,13 @@ CASES: list[tuple[str, Any, int, tuple[str, ...]]] = [
     # Olive's other commands
     ("quantize_precision", lambda c: ["quantize", "-m", "m", "--precision", "fp8", "-o", "q"], 2, ("'fp8'",)),
     ("quantize_algorithm", lambda c: ["quantize", "-m", "m", "--algorithm", "hqq", "-o", "q"], 2, ("HQQ quantizes",)),
-    ("auto_opt_device", lambda c: ["auto-opt", "-m", "m", "--device", "npu", "-o", "o"], 2, ("--device 'npu'",)),
+    ("auto_opt_device", lambda c: ["auto-opt", "-m", "m", "--device", "npu", "-o", "o"], 2, ("--device 'npu'", "QNN")),
+    (
+        "auto_opt_cost_model",
+        lambda c: ["auto-opt", "-m", "m", "--cost-model", "cost.csv", "--memory", "16", "-o", "o"],
+        2,
+        ("--cost-model", "--num-splits N"),
+    ),
     ("auto_opt_precision", lambda c: ["auto-opt", "-m", "m", "--precision", "int2", "-o", "o"], 2, ("'int2'",)),
     ("auto_opt_provider", lambda c: ["auto-opt", "-m", "m", "--provider", "Foo", "-o", "o"], 2, ("'Foo'",)),
     (

@@ -19,6 +19,7 @@ from orchestrator.olive.plan import (
     refuse_qdq_encoding,
     remote,
 )
+from orchestrator.olive.unsupported import NO_NPU
 
 BUILDER_PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
 
@@ -46,17 +47,15 @@ def auto_opt_workflow(
     --use_model_builder), or torch's exporter chain with --use_dynamo_exporter; ExtractAdapters when an adapter
     comes along; SplitModel for --num-splits. An ONNX input is quantized to --precision."""
     flags = split_flags or {}
-    for flag in ("--memory", "--cost-model"):
-        if flags.get(flag) is not None and flag == "--cost-model":
-            raise FlagError(
-                f"{flag}: splitting by memory / a cost model is not supported; give the number of parts "
-                "(--num-splits N)"
-            )
+    if flags.get("--cost-model") is not None:  # --memory only sizes such a split: noted by plan.note_memory
+        raise FlagError(
+            "--cost-model: splitting by a cost model is not supported; give the number of parts (--num-splits N)"
+        )
     num_splits = flags.get("--num-splits")
     if num_splits is not None and int(num_splits) < 2:
         raise FlagError(f"--num-splits {num_splits}: give 2 or more parts (or drop the flag)")
     if device.lower() not in ("cpu", "gpu"):
-        raise FlagError(f"--device {device!r}: orch builds for cpu or gpu (npu needs a vendor toolchain not present)")
+        raise FlagError(f"--device {device!r}: {NO_NPU}")
     provider = _provider(provider, device)
     if precision in ("nf4", "fp4"):
         raise FlagError(

@@ -16,7 +16,7 @@ from typing import Any
 from orchestrator.core.errors import UserError
 from orchestrator.core.links import real
 from orchestrator.olive.flag_parsing import Given, parse_bool, split_values
-from orchestrator.olive.unsupported import GENERATIVE_ONLY, NO_MODEL_SCRIPTS, NO_SHARED_CACHE
+from orchestrator.olive.unsupported import GENERATIVE_ONLY, NO_MODEL_SCRIPTS, NO_NPU, NO_SHARED_CACHE
 
 
 class FlagError(UserError):
@@ -208,7 +208,7 @@ BUILDER_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecut
 def _provider(provider: str | None, device: str | None, flag: str = "--provider") -> str:
     device = (device or "cpu").lower()
     if device == "npu" and provider in (None, "CPUExecutionProvider"):
-        raise FlagError(f"--device {device!r}: orch builds for cpu or gpu (npu needs a vendor toolchain not present)")
+        raise FlagError(f"--device {device!r}: {NO_NPU}")
     provider = provider or DEVICE_PROVIDERS.get(device, "CPUExecutionProvider")
     if provider not in BUILDER_PROVIDERS:
         raise FlagError(

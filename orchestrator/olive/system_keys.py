@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.olive.unsupported import NO_NPU
+
 BUILDABLE_EPS = ("CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider", "WebGpuExecutionProvider")
 DEFAULT_EP = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -89,7 +91,7 @@ def execution_providers(raw: dict[str, Any], reader: Any) -> None:
         reader.problem(
             ["systems", target, "accelerators"],
             f"execution provider(s) {', '.join(unbuildable)}: orch builds models for "
-            f"{', '.join(BUILDABLE_EPS)} (NPU toolchains are not part of orch)",
+            f"{', '.join(BUILDABLE_EPS)} ({NO_NPU})",
         )
         return
     if eps and eps != ["CPUExecutionProvider"]:

@@ -11,6 +11,8 @@ NO_SHARED_CACHE = (
 )
 NO_MODEL_SCRIPTS = "PyTorch model-loader scripts (_model_loader) are not run by orch"
 GENERATIVE_ONLY = "orch optimizes generative language models only"
+# the same words as passes/registry.py's refusal of NPU passes (that layer cannot import this one)
+NO_NPU = "NPU toolchains (QNN, SNPE, Vitis AI, QAIRT) are not part of orch; build for CPU, CUDA, DirectML or WebGPU"
 
 # Olive commands orch does not run, and what to use instead (the CLI answers with this one line).
 UNSUPPORTED_COMMANDS: dict[str, str] = {
@@ -18,7 +20,7 @@ UNSUPPORTED_COMMANDS: dict[str, str] = {
     "accuracy / latency / throughput metrics to a workflow (`orch run --config`)",
     "shared-cache": f"{NO_SHARED_CACHE}; see `orch cache ls`, `orch cache clean`",
     "generate-cost-model": "cost-model splitting is not supported; split by layer count (auto-opt --num-splits N)",
-    "configure-qualcomm-sdk": "Qualcomm NPU toolchains are not part of orch (CPU, CUDA, DirectML and WebGPU builds)",
+    "configure-qualcomm-sdk": NO_NPU,
     "manage-aml-compute": "create Azure ML compute with orch's infra/ templates or `az ml compute create`; "
     "orch submits to an existing cluster (systems.<name>.aml_compute)",
     "diffusion-lora": "diffusion models are not supported: orch fine-tunes language models (`orch finetune`)",
