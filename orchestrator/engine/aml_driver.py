@@ -167,7 +167,7 @@ def submit_workflow(
         env["ORCH_HF_TOKEN_SOURCE"] = system.secret_sources(["hf_token"])["hf_token"]  # a reference, not a value
     system.check_compute()
     if shared is not None:  # where the job finds the workspace cache; it reaches it with its own identity
-        from orchestrator.systems.azureml.blobcache import ENV_ARM, ENV_CACHE
+        from orchestrator.systems.azureml.cache_datastore import ENV_ARM, ENV_CACHE
 
         env[ENV_CACHE] = shared.location
         env[ENV_ARM] = _arm_endpoint(system)
@@ -351,7 +351,8 @@ def drive(config: Path, binds: list[str]) -> int:
     plan_path = config.with_name(PLAN_FILE)
     keys = json.loads(plan_path.read_text())["keys"] if plan_path.is_file() else None
     shared, attempt = None, 1
-    from orchestrator.systems.azureml.blobcache import ENV_CACHE, WorkspaceCache
+    from orchestrator.systems.azureml.cache_datastore import ENV_CACHE
+    from orchestrator.systems.azureml.workspace_cache import WorkspaceCache
 
     if os.environ.get(ENV_CACHE):
         shared = WorkspaceCache.in_job(os.environ[ENV_CACHE])
