@@ -6,7 +6,7 @@ orch's business. So submit sends ONE command job that runs the whole workflow on
 inputs put in place of the workflow's Azure references), with the registry model and datastore data bound as job
 inputs, the final model as the job output `model`, and the workflow's metrics logged to the job's own MLflow run
 (studio charts, `orch status`). Before submitting, the client plans the run against its own cache and the
-workspace cache (`orch-cache/` in the default datastore, systems/azureml/blobcache.py): a fully cached run submits
+workspace cache (`orch-cache/` in the default datastore, systems/azureml/workspace_cache.py): a fully cached run submits
 nothing and exports the cached model right away; otherwise the job gets the client's plan (`plan.json`: every
 step's cache key), so the driver takes what the workspace holds and runs only the rest, whichever client submitted
 it. Inside the job the driver downloads only what a step that runs needs, saves every pass it ran to the workspace
