@@ -517,10 +517,37 @@ def test_lora_first_gemm_order_is_planned_and_turns_off(tiny_phi3, monkeypatch: 
     assert lora_fused.LORA_FIRST is True
 
 
+def test_philox_dropout_is_planned_instead_of_checkpointing_where_the_masks_tip_the_step_over() -> None:
+    """On a 48 GiB GPU Phi-3-mini's 8 x 1024-token step is estimated at ~45 GiB with stored dropout masks and ~39
+    without (headroom 0.85 x 48 = 40.8): Philox dropout (0.97x tokens/s) instead of checkpointing (a recompute of
+    every layer's forward). Not where it would not fit anyway, nor at dropout 0, nor against an explicit choice."""
+    l40s = {**H100, "name": "NVIDIA L40S", "capability": (8, 9), "total_memory_gib": 48.0}
+    shape = {**PHI3_MINI, "lora_dropout": 0.05}
+    assert lora_cuda.philox_saving_gib(shape) == pytest.approx(5.75)  # (5 x 3072 + 8192) B x 8192 tokens x 32 layers
+    plan = plan_cuda(l40s, shape, {})
+    assert plan.philox_dropout and plan.gradient_checkpointing is False
+    assert any("instead of gradient checkpointing" in r and "~45 GiB with stored masks" in r for r in plan.reasons)
+    assert any("no gradient checkpointing: the step fits (~39 GiB of 48 GiB)" in r for r in plan.reasons)
+    # the H100 fits the step with stored masks: peft's masks, no Philox
+    assert not plan_cuda(H100, shape, {}).philox_dropout
+    # 24 GiB: without the masks it still would not fit, so checkpointing (and the stored masks) as before
+    small = plan_cuda({**l40s, "total_memory_gib": 24.0}, shape, {})
+    assert small.gradient_checkpointing is True and not small.philox_dropout
+    # dropout 0: no masks to save
+    zero = plan_cuda(l40s, {**shape, "lora_dropout": 0.0}, {})
+    assert zero.gradient_checkpointing is True and not zero.philox_dropout
+    # the user's own choices win: checkpointing asked for, -philox_dropout, or gc forced
+    assert not plan_cuda(l40s, shape, {"gradient_checkpointing": True}).philox_dropout
+    no_philox = plan_cuda(l40s, shape, {}, parse_options("-philox_dropout"))
+    assert not no_philox.philox_dropout and no_philox.gradient_checkpointing is True
+    assert not plan_cuda(l40s, shape, {}, parse_options("+gc")).philox_dropout
+    assert not plan_cuda(l40s, shape, {}, parse_options("-fused_dropout")).philox_dropout
+
+
 def test_philox_dropout_is_planned_with_fused_dropout_and_turns_off(tiny_phi3, monkeypatch: pytest.MonkeyPatch) -> None:
-    """philox_dropout (masks regenerated from a seed, never stored) is opt-in (+philox_dropout) until measured on a
-    GPU; by default and with -philox_dropout the fused layers keep native_dropout's stored masks (peft's), and
-    apply_plan sets fused.PHILOX_DROPOUT so."""
+    """philox_dropout (masks regenerated from a seed, never stored) is opt-in (+philox_dropout) where the step fits
+    either way (0.97x tokens/s on an H100); by default and with -philox_dropout the fused layers keep native_dropout's
+    stored masks (peft's), and apply_plan sets fused.PHILOX_DROPOUT so."""
     import peft
     import transformers
 
@@ -850,3 +877,20 @@ def test_sft_trainer_class_subclasses_for_offload_checkpoints() -> None:
     assert trainer.orch_offloader is not None and len(trainer.callbacks) == 1
     off = plan_cuda(H100, qlora, {"gradient_checkpointing": True}, parse_options("-flce,-nosync,-offload_checkpoints"))
     assert step_trainer.sft_trainer_class(Base, off) is Base
+
+
+def test_model_shape_reads_the_adapters_dropout_and_the_step(tiny_phi3) -> None:
+    """plan_cuda's memory choices read the shape: the LoRA dropout from the PeftModel's config (the largest of its
+    adapters: Philox saves masks only where there are masks), the step's tokens from batch x max length."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
+    cfg = peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["qkv_proj", "down_proj"])
+    model = peft.get_peft_model(base, cfg)
+    shape = lora_cuda.model_shape(model, {"per_device_train_batch_size": 2, "max_length": 64})
+    assert shape["lora_dropout"] == pytest.approx(0.1)
+    assert shape["tokens_per_step"] == 128 and shape["model_type"] == "phi3"
+    assert shape["num_layers"] == 2 and shape["hidden_size"] == base.config.hidden_size
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)  # (peft wrote its config into `base`)
+    assert lora_cuda.model_shape(plain, {})["lora_dropout"] == 0.0  # no adapter, no dropout

@@ -41,9 +41,11 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   LoRA dropout runs inside them: native_dropout (peft's masks) with a Triton kernel reading the stored mask for its
   input gradient, or with `+philox_dropout` its mask regenerated from a Philox seed by Triton kernels where it is
   used, never stored (philox_dropout.py: ~6 instead of ~12 bytes moved per element of a LoRA input, 1 byte per
-  element less memory; the same dropout distribution, other random numbers than peft's). Philox dropout is opt-in
-  until it is measured on a GPU (bench/gpu_kernels.py --steps philox, the orch:fixed:+philox_dropout row): its
-  kernels are checked on CPU through Triton's interpreter (fp16/fp32), not yet in bf16 on a GPU.
+  element less memory; the same dropout distribution, other random numbers than peft's). Measured on an H100 (run
+  5): its kernels match their references in bf16 and fp32, and it costs 3% of speed (0.97x tokens/s: regenerating
+  the mask in the backward costs more than reading it) for 5.8 GiB less on Phi-3-mini at 8 x 1024 tokens (35.0 ->
+  29.2 GiB). So it is planned where that memory decides: where the step fits without its stored masks but not with
+  them, Philox dropout instead of gradient checkpointing; elsewhere opt-in (`+philox_dropout`).
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
 - Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm (`add_norm`: Liger's fused
@@ -76,7 +78,8 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   profile says the copies were not the main cost: under the GPU image's transformers 5.17 the add_norm layers nested
   a second checkpoint inside transformers' own, so every layer ran its forward three times (fixed since: add_norm's
   forward checkpoints itself only where transformers does not); the copies (58 ms per step) ran mostly beside the
-  compute (GPU idle 80 of 635 ms per step). To be measured again before it becomes QLoRA's default. Off under data
+  compute (GPU idle 80 of 635 ms per step). Measured again after the fix (run 5): 16,160 against 18,490 tokens/s
+  (0.87x) for 4.4 instead of 5.5 GiB, so it stays where the checkpointed step would not fit. Off under data
   parallel (torch's reentrant checkpoint, not verified with DDP).
 - torch.compile of the decoder layers is implemented but off unless `ORCH_CUDA_FASTPATH=+compile`: not shown to
   pay (the one H100 attempt was still compiling after 70 s, with dynamo warnings on Liger's Triton kernels), and
@@ -85,8 +88,9 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
 Measured on an H100 (bench/RESULTS.md, r=64, 8 x 1024 fixed-length samples, one machine for every row of a run):
 Phi-3-mini 2.02x transformers+peft at dropout 0.05 (run 4: 28,440 tokens/s, MFU 45.7%; run 3, before lora_first and
 add_norm: 2.00x, 1.07x Unsloth 2026.10.9), 2.08x / 1.05x Unsloth at dropout 0, 35.0 / 29.2 GiB against Unsloth's
-42.5 / 36.8; Phi-4-mini 1.95x (1.09x Unsloth), 2.01x / 1.07x at dropout 0 (run 3); per-step loss within 0.008 of
-Unsloth's and the baseline's; QLoRA 1.08x Unsloth QLoRA (run 4: 18,668 vs 17,278 tokens/s, 5.5 vs 5.3 GiB).
+42.5 / 36.8; Phi-4-mini 2.04x at dropout 0.05 (run 5b: 28,858 tokens/s, MFU 46.5%; run 3, before lora_first and
+add_norm: 1.95x, 1.09x Unsloth), 2.01x / 1.07x Unsloth at dropout 0 (run 3); per-step loss within 0.008 of
+Unsloth's and the baseline's; QLoRA 1.01-1.08x Unsloth QLoRA at 5.5 vs 5.3 GiB (runs 3, 4, 5b).
 
 `ORCH_CUDA_FASTPATH` (comma list of +name / -name over OPTION_NAMES) turns single choices on or off, for ablations
 and as an escape hatch; the default is the plan.
@@ -119,6 +123,11 @@ LIGER_MODEL_TYPES = frozenset({"phi3", "llama", "mistral", "qwen2", "qwen3", "ge
 ACT_HIDDEN_FACTOR = 12
 ACT_INTERMEDIATE_FACTOR = 4
 MEMORY_HEADROOM = 0.85  # plan to use at most this share of the GPU's memory
+# What Philox dropout saves per token per decoder layer against stored masks, in bytes: the 1-byte masks of the
+# qkv, gate_up and down_proj inputs, and at o_proj (whose input the attention keeps anyway) its dropped-out copy
+# and mask, (5 * hidden + intermediate). Measured on an H100 at 8 x 1024 tokens, dropout 0.05: 5.8 GiB on
+# Phi-3-mini (35.0 -> 29.2 GiB) and 5.7 on Phi-4-mini (33.4 -> 27.7), for 0.97x tokens/s (bench/RESULTS.md run 5).
+PHILOX_SAVED_HIDDEN_FACTOR = 5
 OPTION_NAMES = (
     "liger",
     "padding_free",
@@ -212,6 +221,14 @@ def estimate_step_memory_gib(shape: Mapping[str, Any], *, checkpointing: bool) -
     return (weight_bytes + act + optimizer + logits) / 2**30
 
 
+def philox_saving_gib(shape: Mapping[str, Any]) -> float:
+    """GiB of stored dropout masks (and o_proj's dropped-out input) that Philox dropout does not keep."""
+    hidden = int(shape.get("hidden_size", 0))
+    inter = int(shape.get("intermediate_size", 0) or 4 * hidden)
+    per_token_layer = PHILOX_SAVED_HIDDEN_FACTOR * hidden + inter
+    return int(shape.get("tokens_per_step", 0)) * int(shape.get("num_layers", 0)) * per_token_layer / 2**30
+
+
 def plan_cuda(
     device: Mapping[str, Any],
     shape: Mapping[str, Any],
@@ -222,7 +239,7 @@ def plan_cuda(
 
     device: capability (major, minor), total_memory_gib, has_liger, has_varlen_attn, has_flash_attn.
     shape: model_type, n_params, trainable_params, hidden_size, intermediate_size, num_layers, vocab_size,
-           tokens_per_step (batch x max length), quantized_4bit, attn_implementation.
+           tokens_per_step (batch x max length), quantized_4bit, attn_implementation, lora_dropout.
     sft_kwargs: the SFTConfig kwargs so far (the user's training_args plus the pass's).
     options: {name: bool} forced choices (ORCH_CUDA_FASTPATH), names in OPTION_NAMES.
     """
@@ -285,13 +302,32 @@ def plan_cuda(
             )
         )
     fused_dropout = bool(fused_lora and opts.get("fused_dropout", True) and device.get("has_triton", True))
-    philox_dropout = bool(fused_dropout and opts.get("philox_dropout", False))  # opt-in until measured on a GPU
+    total = float(device.get("total_memory_gib", 0.0))
+    need = estimate_step_memory_gib(shape, checkpointing=False)
+    saving = philox_saving_gib(shape) if fused_dropout and float(shape.get("lora_dropout", 0.0) or 0.0) > 0 else 0.0
+    # Philox dropout costs ~3% of speed (the backward regenerates the mask), checkpointing a recompute of every
+    # layer's forward: where the step fits without its stored masks and checkpointing is nobody's explicit choice,
+    # Philox instead of checkpointing
+    philox_for_memory = bool(
+        saving > 0
+        and total > 0
+        and "gc" not in opts
+        and not (sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"))
+        and need > MEMORY_HEADROOM * total >= need - saving
+    )
+    philox_dropout = bool(fused_dropout and opts.get("philox_dropout", philox_for_memory))
     if philox_dropout:
         reasons.append(
             "LoRA dropout inside the fused layers, its mask regenerated from a Philox seed by Triton kernels where it "
-            "is used (h = dropout(x) A^T, A's gradient, the input gradient) instead of stored: ~6 instead of ~12 "
-            "bytes moved per LoRA input element, no 1-byte-per-element mask kept; same dropout distribution, not "
-            "peft's random numbers (asked for by ORCH_CUDA_FASTPATH=+philox_dropout; not yet measured on a GPU)"
+            "is used (h = dropout(x) A^T, A's gradient, the input gradient) instead of stored: no mask kept (~"
+            f"{philox_saving_gib(shape):.1f} GiB less here); same dropout distribution, not peft's random numbers; "
+            + (
+                "asked for by ORCH_CUDA_FASTPATH=+philox_dropout"
+                if opts.get("philox_dropout")
+                else f"instead of gradient checkpointing: the step needs ~{need:.0f} GiB with stored masks, "
+                f"~{need - saving:.0f} without, the GPU has {total:.0f} GiB"
+            )
+            + " (0.97x tokens/s on an H100 where the step fits either way, bench/RESULTS.md)"
         )
     elif fused_dropout:
         reasons.append(
@@ -300,7 +336,8 @@ def plan_cuda(
             + (
                 "; Philox dropout off (ORCH_CUDA_FASTPATH)"
                 if "philox_dropout" in opts
-                else "; +philox_dropout regenerates the mask instead of storing it (opt-in until measured on a GPU)"
+                else "; +philox_dropout regenerates the mask instead of storing it (~5.8 GiB less on Phi-3-mini at "
+                "8 x 1024 tokens for 0.97x tokens/s on an H100; planned by itself where it saves checkpointing)"
             )
         )
     lora_first = bool(fused_lora and opts.get("lora_first", True))
@@ -369,8 +406,8 @@ def plan_cuda(
         )
 
     gc: bool | None = None
-    total = float(device.get("total_memory_gib", 0.0))
-    need = estimate_step_memory_gib(shape, checkpointing=False)
+    if philox_dropout:
+        need -= saving
     if "gc" in opts:
         gc = opts["gc"]
         reasons.append(f"gradient checkpointing {'on' if gc else 'off'} (ORCH_CUDA_FASTPATH)")
@@ -554,6 +591,7 @@ def model_shape(model: Any, sft_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     max_len = int(sft_kwargs.get("max_length") or 0) or int(getattr(text_cfg, "max_position_embeddings", 2048))
     max_len = min(max_len, int(sft_kwargs.get("orch_max_len", max_len)))
     batch = int(sft_kwargs.get("per_device_train_batch_size", 8))
+    peft_configs = (getattr(model, "peft_config", None) or {}).values()
     return {
         "model_type": getattr(text_cfg, "model_type", getattr(cfg, "model_type", "")),
         "n_params": n_params,
@@ -565,6 +603,7 @@ def model_shape(model: Any, sft_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         "tokens_per_step": batch * max_len,
         "quantized_4bit": bool(getattr(base, "is_loaded_in_4bit", False)),
         "attn_implementation": getattr(cfg, "_attn_implementation", None),
+        "lora_dropout": max((float(getattr(c, "lora_dropout", 0) or 0) for c in peft_configs), default=0.0),
     }
 
 
