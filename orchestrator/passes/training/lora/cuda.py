@@ -523,7 +523,7 @@ def plan_cuda(
             reasons.append(
                 f"checkpointed layer inputs (~{gb:.1f} GB) kept on the GPU: the checkpointed step fits "
                 f"(~{need_ckpt:.0f} of {total:.0f} GiB) and moving them to host memory costs time (QLoRA on an H100: "
-                "0.77x tokens/s for 1.1 GiB less in the one run so far, bench/RESULTS.md); ORCH_CUDA_FASTPATH="
+                "0.87x tokens/s for 1.1 GiB less, run 5 in bench/RESULTS.md); ORCH_CUDA_FASTPATH="
                 "+offload_checkpoints moves them"
             )
 
