@@ -833,7 +833,7 @@ def test_gptq_layout_exports_through_the_model_builder(tmp_path, tiny_phi3) -> N
 
 
 def test_offload_checkpoints_is_planned_where_the_checkpointed_step_would_not_fit() -> None:
-    """Measured on an H100 (bench/RESULTS.md): 1.1 GiB less for 0.77x the tokens/s on Phi-3-mini QLoRA, so the
+    """Measured on an H100 (bench/RESULTS.md): 1.1 GiB less for 0.87x the tokens/s on Phi-3-mini QLoRA (run 5), so the
     plan moves the checkpointed inputs to host memory only where memory decides, or when asked."""
     qlora = {**PHI3_MINI, "quantized_4bit": True}
     plan = plan_cuda(H100, qlora, {"gradient_checkpointing": True})
