@@ -59,8 +59,8 @@ def aml(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tone_data: P
 
 
 def _cache() -> Any:
-    from orchestrator.systems.azureml.blobcache import WorkspaceCache
     from orchestrator.systems.azureml.workspace import make_ml_client, resolve_settings
+    from orchestrator.systems.azureml.workspace_cache import WorkspaceCache
 
     return WorkspaceCache.for_client(make_ml_client(resolve_settings()))
 
@@ -80,7 +80,8 @@ def _entry_folder(root: Path, payload: bytes) -> Path:
 
 # ---- commit semantics on flat-namespace blob storage -----------------------------------------------------------
 def test_uncommitted_and_corrupt_entries_are_never_read(aml: dict[str, Any], tmp_path: Path) -> None:
-    from orchestrator.systems.azureml.blobcache import COMMIT, CacheUnreadable
+    from orchestrator.systems.azureml.cache_blobs import CacheUnreadable
+    from orchestrator.systems.azureml.workspace_cache import COMMIT
 
     cache = _cache()
     key = uuid.uuid4().hex
@@ -167,9 +168,9 @@ def test_checkpoints_sync_upload_and_restore(aml: dict[str, Any], tmp_path: Path
         (src / "checkpoint-6").mkdir()  # a save cut short: no marker
         (src / "checkpoint-6" / "adapter.bin").write_bytes(b"half")
         deadline = time.monotonic() + 30
-        while len(cache.remote_checkpoints(key)) < 2 and time.monotonic() < deadline:
+        while len(cache.partial.remote_checkpoints(key)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-    assert [s for s, _, _ in cache.remote_checkpoints(key)] == [4, 2]
+    assert [s for s, _, _ in cache.partial.remote_checkpoints(key)] == [4, 2]
     assert any("checkpoint-4 saved to the workspace cache" in line for line in lines)
     dest = tmp_path / "restored"
     with cache.checkpoints(key, dest, lines.append):
@@ -178,7 +179,7 @@ def test_checkpoints_sync_upload_and_restore(aml: dict[str, Any], tmp_path: Path
         assert restored == (src / "checkpoint-4" / "adapter.bin").read_bytes()
     assert any("restored checkpoint-4" in line for line in lines)
     cache.drop_partial(key)
-    assert cache.remote_checkpoints(key) == []
+    assert cache.partial.remote_checkpoints(key) == []
 
 
 # ---- jobs ------------------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def _wait_checkpoint(key: str, timeout: float = 240) -> int:
     cache = _cache()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = cache.remote_checkpoints(key)
+        found = cache.partial.remote_checkpoints(key)
         if found:
             return found[0][0]
         time.sleep(0.1)
@@ -332,7 +333,7 @@ def test_preempted_lora_resumes_in_the_same_job(aml: dict[str, Any], tmp_path: P
     metrics = _metrics(s, name)  # the cost reached the job's MLflow run: the pass's, its tokens per dollar, the run's
     assert metrics["lora/cost_usd"] > 0 and metrics["cost_usd"] == pytest.approx(metrics["lora/cost_usd"])
     assert metrics["lora/tokens_per_usd"] == pytest.approx(metrics["lora/train_tokens"] / metrics["lora/cost_usd"])
-    assert _cache().remote_checkpoints(key) == []  # committed: its checkpoints are gone
+    assert _cache().partial.remote_checkpoints(key) == []  # committed: its checkpoints are gone
 
 
 def test_cancelled_training_resumes_in_the_next_submit(aml: dict[str, Any], tmp_path: Path) -> None:
@@ -546,13 +547,8 @@ def test_prices_come_from_the_dated_table_or_the_users_own(tmp_path: Path, monke
 
 
 def test_compose_runtime_adds_orchs_layer_or_refuses_naming_the_file(tmp_path: Path) -> None:
-    from orchestrator.systems.environments import (
-        AZUREML_RUNTIME_LAYER,
-        RUNTIME_LAYER,
-        EnvSpecError,
-        compose_runtime,
-        load_env_spec,
-    )
+    from orchestrator.systems.environments.runtime_layer import AZUREML_RUNTIME_LAYER, RUNTIME_LAYER, compose_runtime
+    from orchestrator.systems.environments.spec import EnvSpecError, load_env_spec
 
     train = load_env_spec(REPO / "environments" / "cpu-train.conda.yaml")
     composed = compose_runtime(train, AZUREML_RUNTIME_LAYER)

@@ -27,7 +27,7 @@ from orchestrator.systems.docker.images import (
     list_environments,
 )
 from orchestrator.systems.docker.system import CONTAINER_JOB_FILE, LOG_FILE, DockerSystem
-from orchestrator.systems.environments import EnvSpecError
+from orchestrator.systems.environments.spec import EnvSpecError
 
 pytestmark = pytest.mark.docker
 

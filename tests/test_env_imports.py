@@ -121,7 +121,7 @@ def _is_module(name: str) -> bool:
 
 
 def _listed(conda: Path) -> set[str]:
-    from orchestrator.systems.environments import load_env_spec
+    from orchestrator.systems.environments.spec import load_env_spec
 
     spec = load_env_spec(conda)
     return {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in spec.pip_requirements}

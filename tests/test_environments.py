@@ -14,13 +14,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.systems.environments import (
-    EnvSpecError,
-    PipSettings,
-    load_env_spec,
-    realize_venv,
-    serve_local_indexes,
-)
+from orchestrator.systems.environments.local_venv import realize_venv
+from orchestrator.systems.environments.package_indexes import PipSettings, serve_local_indexes
+from orchestrator.systems.environments.runtime_layer import require_runtime_deps
+from orchestrator.systems.environments.spec import EnvSpecError, load_env_spec
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_FILES = sorted((REPO / "environments").glob("*.conda.yaml"))
@@ -67,7 +64,7 @@ def test_shipped_environments_are_valid_and_pinned_as_constraints() -> None:
     assert {p.name for p in ENV_FILES} >= {"cpu-export.conda.yaml", "cpu-train.conda.yaml", "gpu-train.conda.yaml"}
     for path in ENV_FILES:
         spec = load_env_spec(path)
-        spec.check(require_orch_deps=True)
+        require_runtime_deps(spec)
         assert spec.python == "3.11", path  # the default base image's python
         for req in spec.pip_requirements:
             name, _, ver = req.partition("==")
@@ -116,7 +113,7 @@ def test_bad_specs_are_one_line_errors_naming_the_file(tmp_path: Path, text: str
 def test_missing_orch_runtime_deps_and_python_mismatch(tmp_path: Path) -> None:
     path = _write(tmp_path, GOOD.replace("      - typer==0.29.2\n", "").replace("rich==", "richer=="))
     with pytest.raises(EnvSpecError, match=r"lacks orch's runtime deps rich, typer"):
-        load_env_spec(path).check()
+        require_runtime_deps(load_env_spec(path))
     spec = load_env_spec(_write(tmp_path, GOOD.replace("python=3.11", "python=3.10"), "old.yaml"))
     with pytest.raises(EnvSpecError) as err:
         spec.check_python("3.11.2", image="orch/base:bookworm-py311")
@@ -223,11 +220,14 @@ dependencies:
 import sys
 from pathlib import Path
 from typing import Any
-from orchestrator.systems import environments as e
-e.INDEX_PROBE_TIMEOUT_S = 3
+from orchestrator.systems.environments import package_indexes
+from orchestrator.systems.environments.local_venv import realize_venv
+from orchestrator.systems.environments.spec import EnvSpecError
+package_indexes.INDEX_PROBE_TIMEOUT_S = 3
 try:
-    e.realize_venv(Path({str(env_file)!r}), Path({str(tmp_path / "venv")!r}), pip_settings=e.PipSettings(no_index=True))
-except e.EnvSpecError as exc:
+    realize_venv(Path({str(env_file)!r}), Path({str(tmp_path / "venv")!r}),
+                 pip_settings=package_indexes.PipSettings(no_index=True))
+except EnvSpecError as exc:
     print(exc)
     sys.exit(3)
 """
@@ -243,7 +243,7 @@ except e.EnvSpecError as exc:
 
 
 def test_package_indexes_are_the_ones_the_installer_reads() -> None:
-    from orchestrator.systems.environments import PipSettings, package_indexes, probe_indexes
+    from orchestrator.systems.environments.package_indexes import PipSettings, package_indexes, probe_indexes
 
     host = PipSettings(index_url="https://mirror.example/simple", extra_index_urls=("https://extra.example/simple",))
     cuda = "https://download.pytorch.org/whl/cu128"

@@ -267,7 +267,7 @@ def test_the_installed_wheel_runs_the_demo_in_an_empty_folder(venv: Path, tmp_pa
     version = subprocess.run([str(orch), "--version"], cwd=tmp_path, capture_output=True, text=True, env=wheel_env())
     assert version.returncode == 0 and version.stdout.strip() == f"orch {__version__}", version.stderr
 
-    code = "from orchestrator.systems.environments import resolve_env_file as r; print(r('cpu-train'))"
+    code = "from orchestrator.systems.environments.spec import resolve_env_file as r; print(r('cpu-train'))"
     found = subprocess.run(
         [str(python), "-c", code],
         cwd=tmp_path, capture_output=True, text=True, env=wheel_env(),
@@ -297,7 +297,7 @@ def test_the_installed_wheel_runs_the_demo_in_an_empty_folder(venv: Path, tmp_pa
 def test_the_checkout_still_reads_its_own_files() -> None:
     """In a clone, environments/ and jobs/ of the repository are the ones used (what README names)."""
     from orchestrator.core.shipped import demo_job_dir, is_checkout
-    from orchestrator.systems.environments import ENVIRONMENTS_DIR
+    from orchestrator.systems.environments.spec import ENVIRONMENTS_DIR
 
     assert is_checkout() and ENVIRONMENTS_DIR == REPO / "environments"
     assert demo_job_dir(create=False) == REPO / "jobs" / "tone-classification"

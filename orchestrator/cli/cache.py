@@ -174,7 +174,7 @@ def cache_verify(cache_dir: CacheDirOpt = None, config: CacheConfigOpt = None) -
 # ---- the Azure ML workspace's cache (--workspace): the one arrow from this group to the Azure verbs
 def _workspace_cache() -> Any:
     from orchestrator.cli.azure import _system
-    from orchestrator.systems.azureml.blobcache import WorkspaceCache
+    from orchestrator.systems.azureml.workspace_cache import WorkspaceCache
 
     return WorkspaceCache.for_client(_system().ml)
 

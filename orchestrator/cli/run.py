@@ -207,7 +207,7 @@ def _packages(source: Any, base_dir: Path | None, *, host: str | None, target: s
     from orchestrator.core.job import Job
     from orchestrator.engine import Engine
     from orchestrator.olive import load_workflow
-    from orchestrator.systems.environments import load_env_spec, resolve_env_file
+    from orchestrator.systems.environments.spec import load_env_spec, resolve_env_file
 
     wf = load_workflow(source, base_dir=base_dir)
     engine = Engine(wf, host=host, target=target, tracking=False)

@@ -16,10 +16,10 @@ from which that run resumes: a cache entry exists only if the pass completed. An
 error, a hand edit, a truncated copy) is found by `get` (cheap checks: result.json, meta.json, every file present
 at its recorded size) or `verify` (every file's sha256), quarantined and reported once, never served.
 
-A *shared* cache (`SharedCache`: on Azure ML the workspace's blob datastore, systems/azureml/blobcache.py) holds the
-same keys where the work runs, so every submit, every attempt of a preempted job and every client see one set of
-entries. Its entries carry their manifest (`folder_manifest`: every file's size and sha256) and a result whose model
-paths are portable (`portable_result`): relative to the entry, or `@input:<field>` for a pass-through input.
+A *shared* cache (`SharedCache`: on Azure ML the workspace's blob datastore, systems/azureml/workspace_cache.py)
+holds the same keys where the work runs, so every submit, every attempt of a preempted job and every client see one
+set of entries. Its entries carry their manifest (`folder_manifest`: every file's size and sha256) and a result whose
+model paths are portable (`portable_result`): relative to the entry, or `@input:<field>` for a pass-through input.
 """
 
 from __future__ import annotations

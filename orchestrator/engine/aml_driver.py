@@ -6,7 +6,7 @@ orch's business. So submit sends ONE command job that runs the whole workflow on
 inputs put in place of the workflow's Azure references), with the registry model and datastore data bound as job
 inputs, the final model as the job output `model`, and the workflow's metrics logged to the job's own MLflow run
 (studio charts, `orch status`). Before submitting, the client plans the run against its own cache and the
-workspace cache (`orch-cache/` in the default datastore, systems/azureml/blobcache.py): a fully cached run submits
+workspace cache (`orch-cache/` in the default datastore, systems/azureml/workspace_cache.py): a fully cached run submits
 nothing and exports the cached model right away; otherwise the job gets the client's plan (`plan.json`: every
 step's cache key), so the driver takes what the workspace holds and runs only the rest, whichever client submitted
 it. Inside the job the driver downloads only what a step that runs needs, saves every pass it ran to the workspace
@@ -167,7 +167,7 @@ def submit_workflow(
         env["ORCH_HF_TOKEN_SOURCE"] = system.secret_sources(["hf_token"])["hf_token"]  # a reference, not a value
     system.check_compute()
     if shared is not None:  # where the job finds the workspace cache; it reaches it with its own identity
-        from orchestrator.systems.azureml.blobcache import ENV_ARM, ENV_CACHE
+        from orchestrator.systems.azureml.cache_datastore import ENV_ARM, ENV_CACHE
 
         env[ENV_CACHE] = shared.location
         env[ENV_ARM] = _arm_endpoint(system)
@@ -351,7 +351,8 @@ def drive(config: Path, binds: list[str]) -> int:
     plan_path = config.with_name(PLAN_FILE)
     keys = json.loads(plan_path.read_text())["keys"] if plan_path.is_file() else None
     shared, attempt = None, 1
-    from orchestrator.systems.azureml.blobcache import ENV_CACHE, WorkspaceCache
+    from orchestrator.systems.azureml.cache_datastore import ENV_CACHE
+    from orchestrator.systems.azureml.workspace_cache import WorkspaceCache
 
     if os.environ.get(ENV_CACHE):
         shared = WorkspaceCache.in_job(os.environ[ENV_CACHE])

@@ -34,7 +34,7 @@ def environment_for(job: Job) -> str:
 def for_accelerator(environment: str, accelerator: str) -> str:
     """A gpu-* family's CPU sibling (gpu-quantize -> cpu-quantize) for a job on a CPU, when there is one: its
     torch is the CPU build, so a CPU system never installs CUDA wheels it cannot use."""
-    from orchestrator.systems.environments import ENVIRONMENTS_DIR
+    from orchestrator.systems.environments.spec import ENVIRONMENTS_DIR
 
     if accelerator == "cpu" and environment.startswith("gpu-"):
         sibling = "cpu-" + environment.removeprefix("gpu-")

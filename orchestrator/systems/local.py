@@ -26,14 +26,8 @@ from pathlib import Path
 from orchestrator.core.job import JOB_FILE, Job, JobResult, JobState
 from orchestrator.core.launch import ProcessesPerNode, resolve_processes, runner_command
 from orchestrator.systems.base import JobHandle, System, SystemFailure
-from orchestrator.systems.environments import (
-    EnvSpec,
-    EnvSpecError,
-    load_env_spec,
-    realize_venv,
-    resolve_env_file,
-    venv_realized,
-)
+from orchestrator.systems.environments.local_venv import realize_venv, venv_realized
+from orchestrator.systems.environments.spec import EnvSpec, EnvSpecError, load_env_spec, resolve_env_file
 
 LOG_FILE = "job.log"
 PID_FILE = "job.pid"

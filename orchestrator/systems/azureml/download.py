@@ -124,7 +124,7 @@ def _ml_client(ml_client: Any | None) -> Any:
     return make_ml_client(resolve_settings())
 
 
-def _datastore_source(ml: Any, datastore: str, path: str) -> BlobSource:
+def datastore_source(ml: Any, datastore: str, path: str) -> BlobSource:
     from azure.storage.blob import ContainerClient
 
     ds = ml.datastores.get(datastore, include_secrets=True)
@@ -191,7 +191,7 @@ def _workspace_model_source(ml: Any, name: str, version: str | None, label: str 
     uri = model.path or ""
     m = DATASTORE_RX.match(uri)
     if m:
-        return _datastore_source(ml, m[1], m[2]), f"azureml:{name}:{model.version}"
+        return datastore_source(ml, m[1], m[2]), f"azureml:{name}:{model.version}"
     raise DownloadError(f"azureml:{name}:{model.version}: model path {uri!r} is not a datastore path")
 
 
@@ -213,7 +213,7 @@ def resolve_source(uri: str, ml: Any) -> tuple[BlobSource, str]:
         return resolve_source(base + ("/" + m[3] if m[3] else "/"), ml)
     m = DATASTORE_RX.match(uri)
     if m:
-        return _datastore_source(ml, m[1], m[2]), uri
+        return datastore_source(ml, m[1], m[2]), uri
     m = WS_MODEL_RX.match(uri)
     if m:
         return _workspace_model_source(ml, m[1], m[2], m[3])

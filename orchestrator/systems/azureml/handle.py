@@ -267,7 +267,7 @@ class AzureMLJobHandle(JobHandle):
 
     def output_files(self, output: str = RESULT_OUTPUT) -> Any:
         """(container client, prefix) of a named output (the fixed datastore path set at submit)."""
-        from orchestrator.systems.azureml.download import DATASTORE_RX, _datastore_source
+        from orchestrator.systems.azureml.download import DATASTORE_RX, datastore_source
 
         job = with_retries(lambda: self.ml.jobs.get(self.name), what="job")
         out = (job.outputs or {}).get(output)
@@ -275,7 +275,7 @@ class AzureMLJobHandle(JobHandle):
         m = DATASTORE_RX.match(uri)
         if not m:
             raise SystemFailure(f"output {output} of {self.name} is not on a datastore ({uri})")
-        src = _datastore_source(self.ml, m[1], m[2])
+        src = datastore_source(self.ml, m[1], m[2])
         return src, uri
 
     def outputs(self, dest: Path | None = None) -> Path:

@@ -37,7 +37,8 @@ def composed(docker_config: dict[str, Any], needs: dict[str, tuple[str, ...]] | 
     """The job environment: the user's conda file plus orch's runtime layer (what the runner and the driver
     import on the compute); without a conda file, python + the layer alone. Refused (EnvSpecError, one line
     naming the file) when a pin cannot live beside the layer, or when a pass's libraries are missing."""
-    from orchestrator.systems.environments import AZUREML_RUNTIME_LAYER, EnvSpec, compose_runtime, load_env_spec
+    from orchestrator.systems.environments.runtime_layer import AZUREML_RUNTIME_LAYER, compose_runtime
+    from orchestrator.systems.environments.spec import EnvSpec, load_env_spec
 
     dc = docker_config
     if dc.get("conda_file_path"):

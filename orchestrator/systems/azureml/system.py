@@ -17,14 +17,14 @@ orch's words on this system:
 - job names are made on the client (orch-<pass>-<uuid>) before the first attempt, and a retried submit first GETs
   the name: a timeout or dropped connection never creates a second job.
 - secrets: `hf_token: true` hands the job a Key Vault *reference*; the job reads the value with its own identity.
-- cache: the workspace cache (blobcache.py, `orch-cache/` in the default datastore) is this system's shared cache:
-  a job's output goes straight into its key's entry and is committed once the job Completed; a cached pass is
-  taken from there by reference, by any client.
+- cache: the workspace cache (workspace_cache.py, `orch-cache/` in the default datastore) is this system's shared
+  cache: a job's output goes straight into its key's entry and is committed once the job Completed; a cached pass
+  is taken from there by reference, by any client.
 - priority and cost: `tier` (dedicated | low_priority) is checked against the cluster; `queue_settings.job_tier`
   goes into the job body; a job that ends Failed because its low-priority node was preempted is submitted again up
   to `max_retries` times; a pass's cost is nodes x hours x the cluster VM size's price (prices.py).
-- environment: the user's conda file plus orch's runtime layer (environments.AZUREML_RUNTIME_LAYER), or a refusal
-  before anything is uploaded naming what is missing and the file to fix.
+- environment: the user's conda file plus orch's runtime layer (AZUREML_RUNTIME_LAYER of environments/runtime_layer),
+  or a refusal before anything is uploaded naming what is missing and the file to fix.
 - Hugging Face references (`fetches_hub_refs`): the client pins a hub model / dataset to its commit and checks it
   exists (fail fast), the job carries `hf://<id>@<sha>` and downloads exactly those files on the compute (fast
   network, no upload of gigabytes from a laptop; private repos with the Key Vault token), as Olive's AzureML
@@ -234,7 +234,7 @@ class AzureMLSystem(System):
         if not self.workspace_cache:
             return None
         if self._shared is None:
-            from orchestrator.systems.azureml.blobcache import WorkspaceCache
+            from orchestrator.systems.azureml.workspace_cache import WorkspaceCache
 
             self._shared = WorkspaceCache.for_client(self.ml, by_reference=True)
         return self._shared

@@ -27,18 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import orchestrator
-from orchestrator.systems.environments import (
-    ENV_PREFIX,
-    EnvSpec,
-    EnvSpecError,
-    PipSettings,
-    load_env_spec,
-    resolve_env_file,
-    serve_local_indexes,
-)
+from orchestrator.systems.environments.local_venv import NO_UV, host_uv
+from orchestrator.systems.environments.package_indexes import PipSettings, serve_local_indexes
+from orchestrator.systems.environments.runtime_layer import require_runtime_deps
+from orchestrator.systems.environments.spec import EnvSpec, EnvSpecError, load_env_spec, resolve_env_file
 
 LineCallback = Callable[[str], None]
 
+ENV_PREFIX = "/opt/orch-env"  # where an environment lives inside an image
 DEFAULT_BASE_IMAGE = "orch/base:bookworm-py311"
 DEFAULT_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -241,7 +237,8 @@ def build_environment(
     """
     started = time.monotonic()
     spec = env if isinstance(env, EnvSpec) else load_env_spec(resolve_env_file(env))
-    spec.check(require_orch_deps=require_orch_deps)
+    if require_orch_deps:
+        require_runtime_deps(spec)
     client = docker_client()
     base = _image_or_none(client, base_image)
     if base is None:
@@ -303,20 +300,10 @@ def _choose_installer(installer: str, probe: ImageProbe) -> str:
     if installer == "auto":
         if probe.conda:
             return probe.conda
-        return "uv" if _uv_binary() else "pip"
-    if installer == "uv" and not _uv_binary():
-        raise EnvSpecError("installer uv: no uv binary on this host (pip install uv, or use installer pip)")
+        return "uv" if host_uv() else "pip"
+    if installer == "uv" and not host_uv():
+        raise EnvSpecError(NO_UV)
     return installer
-
-
-def _uv_binary() -> Path | None:
-    """The host's uv (a static-enough ELF), carried into the build stage; the image never keeps it."""
-    import sys
-
-    for candidate in (Path(sys.executable).parent / "uv", shutil.which("uv")):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
 
 
 def _write_context(
@@ -333,8 +320,8 @@ def _write_context(
         pip_options += ["--find-links", "/orch-build/wheels"]
     (build / "requirements.txt").write_text("\n".join(spec.pip_requirements) + "\n")
     (build / "environment.yaml").write_text(spec.to_conda_yaml(prefix_pip_options=pip_options))
-    if installer == "uv":
-        shutil.copy2(_uv_binary(), build / "uv")  # type: ignore[arg-type]
+    if installer == "uv":  # the host's uv (a static-enough ELF) goes into the build stage; the image never keeps it
+        shutil.copy2(host_uv(), build / "uv")  # type: ignore[arg-type]
     has_cert = bool(settings.cert and Path(settings.cert).is_file())
     if has_cert:
         shutil.copy2(settings.cert, build / "ca.pem")  # type: ignore[arg-type]

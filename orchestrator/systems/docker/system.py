@@ -39,7 +39,8 @@ from orchestrator.systems.docker.images import (
     build_environment,
     docker_client,
 )
-from orchestrator.systems.environments import EnvSpecError, PipSettings, load_env_spec, resolve_env_file
+from orchestrator.systems.environments.package_indexes import PipSettings
+from orchestrator.systems.environments.spec import EnvSpecError, load_env_spec, resolve_env_file
 
 LOG_FILE = "job.log"
 CONTAINER_JOB_FILE = "job.docker.json"
@@ -285,10 +286,11 @@ class DockerSystem(System):
         return base, self._path(str(env)) if str(env).endswith((".yaml", ".yml")) else resolve_env_file(env)
 
     def _spec(self, environment: str | None) -> tuple[str, Any]:
-        """(base image, job environment): the conda file plus orch's runtime layer (environments.RUNTIME_LAYER:
-        what the runner imports, added where the file lacks it). A user's own conda file (docker_config) must
-        also hold what the workflow's passes import (`require`); orch's environment families do by design."""
-        from orchestrator.systems.environments import RUNTIME_LAYER, compose_runtime
+        """(base image, job environment): the conda file plus orch's runtime layer (RUNTIME_LAYER of
+        environments/runtime_layer: what the runner imports, added where the file lacks it). A user's own conda file
+        (docker_config) must also hold what the workflow's passes import (`require`); orch's environment families
+        do by design."""
+        from orchestrator.systems.environments.runtime_layer import RUNTIME_LAYER, compose_runtime
 
         base, env_file = self._env_file(environment)
         dc = self.config.docker_config

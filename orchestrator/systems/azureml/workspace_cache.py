@@ -15,41 +15,39 @@ lists the objects once); a download checks each file's sha256 too. An upload cut
 marker: never read, removed by `clean`. Two writers of one key each upload into their own folder; the first
 marker wins, the second writer finds a valid marker and drops its own objects: both end with a valid entry.
 
-Credentials are those the SDK gets for the datastore: `datastores.get(include_secrets=True)` (listSecrets) on the
-client, and inside a job the same two REST calls made with the job's own identity (no secret travels in the job).
+This module is the entries, their listing and cleaning, and the attempt counters. How the cache reaches its
+datastore: cache_datastore; the blob operations it is made of: cache_blobs; a running pass's checkpoints
+(partial/): cache_checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.core.cache import MANIFEST_FILE, SharedEntry, file_sha256, folder_manifest, portable_result
-from orchestrator.core.checkpoints import COMPLETE_MARKER, complete_checkpoints
 from orchestrator.core.job import RESULT_FILE, ModelArtifact, is_uri
-from orchestrator.systems.base import SystemFailure
+from orchestrator.systems.azureml.cache_blobs import (
+    CacheUnreadable,
+    delete_prefix,
+    listing,
+    read_json,
+    upload_file,
+    writer_id,
+)
+from orchestrator.systems.azureml.cache_checkpoints import PartialCheckpoints
+from orchestrator.systems.azureml.cache_datastore import default_datastore, job_datastore
+from orchestrator.systems.azureml.logstream import describe
 
 DEFAULT_PREFIX = "orch-cache"
 COMMIT = "commit.json"
-SYNC_EVERY_S = float(os.environ.get("ORCH_CHECKPOINT_SYNC_S", "0.5"))  # a local folder listing: cheap
-KEEP_CHECKPOINTS = 2
-DATASTORE_API = "2024-10-01-preview"  # what azure-ai-ml 1.35.2 sends for datastores (GET, listSecrets)
-ENV_CACHE = "ORCH_WORKSPACE_CACHE"  # azureml://datastores/<ds>/paths/<prefix>/ : the driver job's cache location
-ENV_ARM = "ORCH_ARM_ENDPOINT"  # the cloud's resource manager endpoint, for the job's own datastore lookup
-
-
-class CacheUnreadable(SystemFailure):
-    """The workspace cache cannot be reached (credentials, network)."""
 
 
 @dataclass
@@ -66,15 +64,6 @@ class RemoteStatus:
     partial: int = 0  # bytes of checkpoints kept for the key
 
 
-def _writer_id() -> str:
-    job = os.environ.get("AZUREML_RUN_ID")
-    return f"{job or 'client'}-{uuid.uuid4().hex[:8]}"
-
-
-def _is_missing(exc: BaseException) -> bool:
-    return type(exc).__name__ == "ResourceNotFoundError"
-
-
 class WorkspaceCache:
     """Entries under `prefix` of one blob container (the workspace's default datastore)."""
 
@@ -85,57 +74,20 @@ class WorkspaceCache:
         self.datastore = datastore
         self.prefix = prefix.strip("/")
         self.by_reference = by_reference
+        self.partial = PartialCheckpoints(container, self.prefix)
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
     def for_client(cls, ml: Any, *, by_reference: bool = True, prefix: str = DEFAULT_PREFIX) -> WorkspaceCache:
         """The workspace's default datastore, with the credentials the SDK gets for it (listSecrets)."""
-        from orchestrator.systems.azureml.download import _datastore_source
-
-        try:
-            name = ml.datastores.get_default().name
-            src = _datastore_source(ml, name, prefix)
-        except Exception as exc:  # noqa: BLE001 - SDK/HTTP errors: one line
-            raise CacheUnreadable(f"workspace cache: cannot open the default datastore: {_first(exc)}") from None
-        return cls(src.container, datastore=name, prefix=prefix, by_reference=by_reference)
+        container, name = default_datastore(ml, prefix)
+        return cls(container, datastore=name, prefix=prefix, by_reference=by_reference)
 
     @classmethod
     def in_job(cls, location: str) -> WorkspaceCache:
         """Inside an Azure ML job: the datastore of `location` (azureml://datastores/<ds>/paths/<prefix>/), reached
-        with the job's identity: GET the datastore and listSecrets, as the SDK does, else the identity itself."""
-        import requests
-        from azure.storage.blob import ContainerClient
-
-        from orchestrator.systems.azureml.workspace import make_credential
-
-        m = re.match(r"^azureml://datastores/([^/]+)/paths/(.+?)/?$", location)
-        if not m:
-            raise CacheUnreadable(f"{ENV_CACHE}: not an azureml://datastores/<name>/paths/<prefix> URI: {location!r}")
-        datastore, prefix = m[1], m[2]
-        arm = os.environ.get(ENV_ARM, "https://management.azure.com/").rstrip("/")
-        ws = (f"/subscriptions/{os.environ['AZUREML_ARM_SUBSCRIPTION']}/resourceGroups/"
-              f"{os.environ['AZUREML_ARM_RESOURCEGROUP']}/providers/Microsoft.MachineLearningServices/workspaces/"
-              f"{os.environ['AZUREML_ARM_WORKSPACE_NAME']}")  # fmt: skip
-        credential = make_credential()
-        token = credential.get_token(arm + "/.default").token
-        headers = {"Authorization": f"Bearer {token}"}
-        url = f"{arm}{ws}/datastores/{datastore}"
-        try:
-            got = requests.get(url, params={"api-version": DATASTORE_API}, headers=headers, timeout=60)
-            got.raise_for_status()
-            props = got.json()["properties"]
-            account_url = f"{props.get('protocol') or 'https'}://{props['accountName']}.blob.{props['endpoint']}"
-            secret: Any = None
-            if (props.get("credentials") or {}).get("credentialsType") in ("AccountKey", "Sas"):
-                sec = requests.post(f"{url}/listSecrets", params={"api-version": DATASTORE_API}, headers=headers,
-                                    json={"expirableSecret": True, "expireAfterHours": 1}, timeout=60)  # fmt: skip
-                if sec.status_code not in (401, 403):  # not allowed to read the key: the identity's own blob role
-                    sec.raise_for_status()
-                    body = sec.json()
-                    secret = body.get("key") or body.get("sasToken")
-        except Exception as exc:  # noqa: BLE001 - one line, no URL query (no secret is in it anyway)
-            raise CacheUnreadable(f"workspace cache: datastore {datastore}: {_first(exc)}") from None
-        container = ContainerClient(account_url, props["containerName"], credential=secret or credential)
+        with the job's identity."""
+        container, datastore, prefix = job_datastore(location)
         return cls(container, datastore=datastore, prefix=prefix, by_reference=False)
 
     @property
@@ -161,26 +113,6 @@ class WorkspaceCache:
         return uri[len(head) :] if uri.startswith(head) else None
 
     # ---- reading ------------------------------------------------------------------------------------------
-    def _read_json(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
-        """(document, etag) of a JSON blob; (None, None) when absent; ({}, etag) when it is not valid JSON."""
-        blob = self.container.get_blob_client(name)
-        try:
-            dl = blob.download_blob()
-            data = dl.readall()
-            etag = dl.properties.etag
-        except Exception as exc:
-            if _is_missing(exc):
-                return None, None
-            raise
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            return {}, etag
-        return (doc if isinstance(doc, dict) else {}), etag
-
-    def _listing(self, blob_prefix: str) -> dict[str, int]:
-        return {b.name[len(blob_prefix) :]: b.size for b in self.container.list_blobs(name_starts_with=blob_prefix)}
-
     def _check(self, key: str, doc: dict[str, Any] | None) -> tuple[SharedEntry | None, str]:
         """A marker's entry if it is whole (every listed file there, with its size), else (None, why)."""
         if doc is None:
@@ -192,7 +124,7 @@ class WorkspaceCache:
             blob_prefix = self._blob_prefix(uri)
             if blob_prefix is None or not blob_prefix.startswith(self._entry(key)) or not isinstance(files, dict):
                 return None, "marker points outside its entry"
-            have = self._listing(blob_prefix)
+            have = listing(self.container, blob_prefix)
             for name, info in files.items():
                 if have.get(name) != int(info["size"]) or not isinstance(info.get("sha256"), str):
                     return None, f"{name}: {'missing' if name not in have else 'size differs'}"
@@ -205,10 +137,10 @@ class WorkspaceCache:
     def lookup(self, key: str) -> SharedEntry | None:
         """The committed, whole entry of `key`, or None (absent, uncommitted or corrupt: never read)."""
         try:
-            doc, _ = self._read_json(self._entry(key) + COMMIT)
+            doc, _ = read_json(self.container, self._entry(key) + COMMIT)
             entry, _why = self._check(key, doc)
         except Exception as exc:  # noqa: BLE001
-            raise CacheUnreadable(f"workspace cache: reading {key[:16]}: {_first(exc)}") from None
+            raise CacheUnreadable(f"workspace cache: reading {key[:16]}: {describe(exc)}") from None
         return entry
 
     def materialize(self, entry: SharedEntry, dest: Path) -> None:
@@ -239,7 +171,7 @@ class WorkspaceCache:
 
         result = JobResult.read(folder)
         job_prefix = self._job_objects(key, result)
-        writer_prefix = job_prefix or self.objects_prefix(key, _writer_id())
+        writer_prefix = job_prefix or self.objects_prefix(key, writer_id())
         portable = portable_result(result, self._as_given(input_model), self._uri(writer_prefix))
         if portable is None:
             return None
@@ -247,12 +179,12 @@ class WorkspaceCache:
             files = self._job_manifest(job_prefix)
             record = {n: f for n, f in folder_manifest(folder).items() if n not in files}
             for name in record:  # what only the client holds of the job (its log, meta.json)
-                self._upload_file(folder / name, writer_prefix + name)
+                upload_file(self.container, folder / name, writer_prefix + name)
             files.update(record)
         else:
             files = folder_manifest(folder)
             for name in files:
-                self._upload_file(folder / name, writer_prefix + name)
+                upload_file(self.container, folder / name, writer_prefix + name)
         writer = writer_prefix.rstrip("/").rsplit("/", 1)[-1]
         doc = {"format": 1, "key": key, "uri": self._uri(writer_prefix), "files": files, "result": portable,
                "meta": {**meta, "committed_at": time.time(), "writer": writer}}  # fmt: skip
@@ -282,18 +214,14 @@ class WorkspaceCache:
         return None
 
     def _job_manifest(self, prefix: str) -> dict[str, dict[str, Any]]:
-        doc, _ = self._read_json(prefix + MANIFEST_FILE)
+        doc, _ = read_json(self.container, prefix + MANIFEST_FILE)
         if not doc:
             raise CacheUnreadable(f"workspace cache: {prefix}{MANIFEST_FILE} missing: the job wrote no manifest")
-        have = self._listing(prefix)
+        have = listing(self.container, prefix)
         for name, info in doc.items():
             if have.get(name) != int(info["size"]):
                 raise CacheUnreadable(f"workspace cache: the job's output {prefix}{name} is not whole")
         return dict(doc)
-
-    def _upload_file(self, path: Path, name: str) -> None:
-        with path.open("rb") as fh:
-            self.container.upload_blob(name, fh, overwrite=True, max_concurrency=4)
 
     def _commit(self, key: str, doc: dict[str, Any], writer_prefix: str, *, own_objects: bool) -> SharedEntry:
         """Create the marker; if another writer's is there, keep a valid one (and drop our objects), replace a
@@ -311,11 +239,11 @@ class WorkspaceCache:
                     raise CacheUnreadable(f"workspace cache: committed {key[:16]} but it does not read back: {why}")
                 return entry
             except ResourceExistsError:
-                theirs, etag = self._read_json(self._entry(key) + COMMIT)
+                theirs, etag = read_json(self.container, self._entry(key) + COMMIT)
                 entry, _ = self._check(key, theirs)
                 if entry is not None:  # a concurrent writer committed first: theirs stands, ours goes
                     if own_objects:
-                        self._delete_prefix(writer_prefix)
+                        delete_prefix(self.container, writer_prefix)
                     return entry
                 with contextlib.suppress(ResourceModifiedError):
                     marker.upload_blob(data, overwrite=True, etag=etag, match_condition=MatchConditions.IfNotModified)
@@ -323,14 +251,6 @@ class WorkspaceCache:
                     if entry is not None:
                         return entry
         raise CacheUnreadable(f"workspace cache: could not commit {key[:16]} (the marker kept changing)")
-
-    def _delete_prefix(self, blob_prefix: str) -> int:
-        n = 0
-        for b in list(self.container.list_blobs(name_starts_with=blob_prefix)):
-            with contextlib.suppress(Exception):
-                self.container.delete_blob(b.name)
-                n += 1
-        return n
 
     # ---- listing and cleaning -----------------------------------------------------------------------------
     def status(self) -> list[RemoteStatus]:
@@ -355,7 +275,7 @@ class WorkspaceCache:
             if key not in markers:
                 out.append(RemoteStatus(key, "uncommitted", sizes[key], partial=partial.get(key, 0)))
                 continue
-            doc, _ = self._read_json(self._entry(key) + COMMIT)
+            doc, _ = read_json(self.container, self._entry(key) + COMMIT)
             entry, why = self._check(key, doc)
             meta = (doc or {}).get("meta") or {}
             out.append(RemoteStatus(
@@ -368,7 +288,8 @@ class WorkspaceCache:
         """Delete a key: its marker first (readers stop trusting it), then its objects and checkpoints."""
         with contextlib.suppress(Exception):
             self.container.delete_blob(self._entry(key) + COMMIT)
-        return self._delete_prefix(self._entry(key)) + self._delete_prefix(f"{self.prefix}/partial/{key}/")
+        removed = delete_prefix(self.container, self._entry(key))
+        return removed + delete_prefix(self.container, self.partial.prefix_of(key))
 
     def clean(self, key_prefix: str = "") -> int:
         """Remove every key (or those starting with key_prefix); the number of keys removed."""
@@ -376,138 +297,23 @@ class WorkspaceCache:
         for key in keys:
             self.remove(key)
         if not key_prefix:
-            self._delete_prefix(f"{self.prefix}/attempts/")
+            delete_prefix(self.container, f"{self.prefix}/attempts/")
         return len(keys)
 
-    # ---- checkpoints of a running pass --------------------------------------------------------------------
-    def _partial(self, key: str) -> str:
-        return f"{self.prefix}/partial/{key}/"
-
-    def remote_checkpoints(self, key: str) -> list[tuple[int, str, dict[str, Any]]]:
-        """(step, blob folder, manifest) of every committed checkpoint of `key`, newest first."""
-        out = []
-        head = self._partial(key)
-        for b in self.container.list_blobs(name_starts_with=head):
-            m = re.match(r"^([^/]+)/checkpoint-(\d+)\.commit\.json$", b.name[len(head) :])
-            if m:
-                doc, _ = self._read_json(b.name)
-                if doc and isinstance(doc.get("files"), dict):
-                    out.append((int(m[2]), f"{head}{m[1]}/checkpoint-{m[2]}/", doc["files"]))
-        return sorted(out, key=lambda t: t[0], reverse=True)
-
-    def restore_checkpoint(self, key: str, folder: Path) -> int | None:
-        """Download the newest complete checkpoint of `key` into folder/checkpoint-<N>/ (files checked, the
-        completeness marker written last), unless folder already holds one as new. Returns N, or None."""
-        from orchestrator.systems.azureml.download import safe_join
-
-        have = _local_checkpoints(folder)
-        for step, blob_folder, files in self.remote_checkpoints(key):
-            if have and max(have) >= step:
-                return None
-            listing = self._listing(blob_folder)
-            if any(listing.get(n) != int(i["size"]) for n, i in files.items()):
-                continue  # a checkpoint whose files are not all there: try an older one
-            tmp = folder / f".restore-{step}-{uuid.uuid4().hex[:6]}"
-            try:
-                names = sorted(files, key=lambda n: n == COMPLETE_MARKER)  # the marker last
-                for name in names:
-                    target = safe_join(tmp, name)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with target.open("wb") as fh:
-                        self.container.download_blob(blob_folder + name, max_concurrency=4).readinto(fh)
-                    if file_sha256(target) != files[name]["sha256"]:
-                        raise CacheUnreadable(f"checkpoint-{step}: {name} does not match its manifest")
-                final = folder / f"checkpoint-{step}"
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                return step
-            except CacheUnreadable:
-                continue
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return None
-
-    def upload_checkpoint(self, key: str, writer: str, step: int, folder: Path) -> None:
-        """One complete local checkpoint -> partial/<key>/<writer>/checkpoint-<N>/ (files, then its marker)."""
-        head = f"{self._partial(key)}{writer}/"
-        files = folder_manifest(folder, exclude=())
-        for name in sorted(files, key=lambda n: n == COMPLETE_MARKER):
-            self._upload_file(folder / name, f"{head}checkpoint-{step}/{name}")
-        body = json.dumps({"key": key, "step": step, "files": files, "at": time.time()}).encode()
-        self.container.upload_blob(f"{head}checkpoint-{step}.commit.json", body, overwrite=True)
-        for _, blob_folder, _ in self.remote_checkpoints(key)[KEEP_CHECKPOINTS:]:
-            with contextlib.suppress(Exception):  # marker first: a reader never sees a half-deleted one
-                self.container.delete_blob(blob_folder.rstrip("/") + ".commit.json")
-            self._delete_prefix(blob_folder)
-
-    @contextlib.contextmanager
-    def checkpoints(self, key: str, folder: Path, log: Callable[[str], None]) -> Iterator[None]:
-        """Around a pass run: restore the newest workspace checkpoint of `key` into folder first, then upload
-        every new complete checkpoint the pass writes there (a background thread, every SYNC_EVERY_S; once more
-        at the end), so a requeued attempt or a later submit resumes from it."""
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            step = self.restore_checkpoint(key, folder)
-        except Exception as exc:  # noqa: BLE001 - no checkpoint: the pass starts from step 0
-            log(f"orch: could not restore checkpoints from the workspace: {_first(exc)}")
-            step = None
-        if step is not None:
-            log(f"orch: restored checkpoint-{step} of {key[:16]} from the workspace cache")
-        writer = _writer_id()
-        done: set[int] = set(_local_checkpoints(folder))  # what the workspace has already (restored)
-        stop = threading.Event()
-
-        def sync() -> None:
-            for n, path in sorted(_local_checkpoints(folder).items()):
-                if n in done:
-                    continue
-                try:
-                    self.upload_checkpoint(key, writer, n, path)
-                    done.add(n)
-                    log(f"orch: checkpoint-{n} saved to the workspace cache")
-                except FileNotFoundError:
-                    continue  # pruned by the trainer while we uploaded: a newer one exists
-                except Exception as exc:  # noqa: BLE001 - the next round tries again
-                    log(f"orch: checkpoint-{n} upload failed, will retry: {_first(exc)}")
-
-        def loop() -> None:
-            while not stop.wait(SYNC_EVERY_S):
-                sync()
-
-        thread = threading.Thread(target=loop, name=f"ckpt-sync-{key[:8]}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=60)
-            sync()
+    # ---- checkpoints of a running pass (cache_checkpoints) ------------------------------------------------
+    def checkpoints(self, key: str, folder: Path, log: Callable[[str], None]) -> AbstractContextManager[None]:
+        """Around a pass run: its newest workspace checkpoint restored into folder, every new one uploaded."""
+        return self.partial.checkpoints(key, folder, log)
 
     def drop_partial(self, key: str) -> None:
-        """The key is committed: its checkpoints have served (markers first, then files)."""
-        head = self._partial(key)
-        names = [b.name for b in self.container.list_blobs(name_starts_with=head)]
-        for name in sorted(names, key=lambda n: not n.endswith(".commit.json")):
-            with contextlib.suppress(Exception):
-                self.container.delete_blob(name)
+        """The key is committed: its checkpoints have served."""
+        self.partial.drop(key)
 
     # ---- driver attempts ----------------------------------------------------------------------------------
     def count_attempt(self, job: str) -> int:
         """1 for a driver job's first start, 2 after Azure ML requeued it (preemption), ..."""
         name = f"{self.prefix}/attempts/{job}.json"
-        doc, _ = self._read_json(name)
+        doc, _ = read_json(self.container, name)
         n = int((doc or {}).get("attempts", 0)) + 1
         self.container.upload_blob(name, json.dumps({"attempts": n, "at": time.time()}).encode(), overwrite=True)
         return n
-
-
-def _local_checkpoints(folder: Path) -> dict[int, Path]:
-    """step -> folder of every complete checkpoint (core/checkpoints: its marker written last) under folder."""
-    return dict(complete_checkpoints(folder))
-
-
-def _first(exc: BaseException) -> str:
-    from orchestrator.systems.azureml.logstream import redact_sas
-
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return redact_sas(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:300]
