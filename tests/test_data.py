@@ -230,7 +230,8 @@ def test_chat_template_renders_chat_and_instruction_rows(tmp_path: Path, tiny_mo
 
 
 def test_chat_template_refuses_plain_text_rows_before_training(tmp_path: Path, tiny_model: Path) -> None:
-    from orchestrator.engine.preflight import PreflightError, check_data_config
+    from orchestrator.engine.data_config_check import check_data_config
+    from orchestrator.engine.preflight_error import PreflightError
 
     (tmp_path / "d.jsonl").write_text('{"text": "no conversation here"}\n')
     dc = {"name": "d", "load_dataset_config": {"data_name": "json", "data_files": "d.jsonl"},

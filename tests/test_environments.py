@@ -263,7 +263,7 @@ def test_a_gpu_system_on_a_host_without_cuda_runs_its_cpu_sibling_or_refuses(tmp
     from orchestrator.core.job import Job
     from orchestrator.engine import Engine
     from orchestrator.engine.plan import environment_for
-    from orchestrator.engine.preflight import PreflightError
+    from orchestrator.engine.preflight_error import PreflightError
     from orchestrator.olive import load_workflow
 
     if cuda_available():
@@ -286,7 +286,7 @@ def test_a_gpu_system_on_a_host_without_cuda_runs_its_cpu_sibling_or_refuses(tmp
     assert len(notes) == 1 and "no CUDA GPU" in notes[0] and "gpu-quantize -> cpu-quantize" in notes[0]
     step = engine.plan()[0]
     job = Job(job_id="j", pass_name="g", pass_type=step.pass_type, pass_config=step.config, output_dir=str(tmp_path),
-              accelerator=engine._accelerator("gpu"))  # fmt: skip
+              accelerator=engine.devices.accelerator("gpu"))  # fmt: skip
     assert job.accelerator == "cpu" and environment_for(job) == "cpu-quantize"
     wf["passes"] = {"q": {"type": "QLoRA", "train_data_config": "d"}}
     del wf["systems"], wf["engine"]

@@ -477,7 +477,7 @@ def test_cuda_evaluator_without_gpu_runs_on_cpu_and_awq_without_data_reads_the_d
     import torch
 
     from orchestrator.engine import Engine
-    from orchestrator.engine.preflight import PreflightError
+    from orchestrator.engine.preflight_error import PreflightError
     from orchestrator.olive import load_workflow
     from orchestrator.schema import ConfigError
 
@@ -493,14 +493,14 @@ def test_cuda_evaluator_without_gpu_runs_on_cpu_and_awq_without_data_reads_the_d
         engine.preflight(tracking=False)
         assert any("evaluation runs on CPUExecutionProvider" in n for n in notes_seen), notes_seen
         evals = [s for s in engine.plan() if s.role == "target"]
-        assert evals and all(engine._step_providers(s) == ["CPUExecutionProvider"] for s in evals)
+        assert evals and all(engine.devices.step_providers(s) == ["CPUExecutionProvider"] for s in evals)
         builds = [s for s in engine.plan() if s.role == "host"]  # the builds keep the asked provider
-        assert builds and all(engine._step_providers(s) == ["CUDAExecutionProvider"] for s in builds)
+        assert builds and all(engine.devices.step_providers(s) == ["CUDAExecutionProvider"] for s in builds)
         tuned = {**raw, "passes": {"t": {"type": "OrtSessionParamsTuning"}}}  # a timing pass times on the CPU
         engine = Engine(load_workflow(tuned, base_dir=tmp_path), tracking=False, reporter=reporter)
         engine.preflight(tracking=False)
         assert any("passes.t (OrtSessionParamsTuning) times the model" in n for n in notes_seen), notes_seen
-        assert engine._step_providers(engine.plan()[0]) == ["CPUExecutionProvider"]
+        assert engine.devices.step_providers(engine.plan()[0]) == ["CPUExecutionProvider"]
     dml = {"gpu": {"type": "LocalSystem", "accelerators": [{"device": "gpu", "execution_providers": [
         "DmlExecutionProvider"]}]}}  # fmt: skip
     with pytest.raises(PreflightError, match="evaluates with DmlExecutionProvider .* no DmlExecutionProvider runtime"):

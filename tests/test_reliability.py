@@ -484,7 +484,8 @@ def test_columnar_json_trains_on_its_rows(case: Path) -> None:
 def test_a_typed_data_reference_is_not_a_split_mapping(tmp_path: Path) -> None:
     """Olive's typed resource as data_files ({type: azureml_datastore, ...}) is read where the job runs: the
     pre-flight neither looks for files named after its keys nor counts its rows as 0 (a split would 'select none')."""
-    from orchestrator.engine.preflight import check_data_config, local_data_paths
+    from orchestrator.engine.data_config_check import check_data_config
+    from orchestrator.engine.data_paths import local_data_paths
 
     ref = {"type": "azureml_datastore", "datastore_name": "workspaceblobstore", "relative_path": "data/tone.jsonl"}
     cfg = {"name": "d", "load_dataset_config": {"data_name": "json", "data_files": ref, "split": "train[:50%]"}}

@@ -125,7 +125,7 @@ def test_registry_stand_in_matches_olive_names(tmp_path: Path) -> None:
 
 def test_engine_refuses_a_remote_host_and_keys_the_cache_on_the_script(tmp_path: Path, tiny_model: Path) -> None:
     from orchestrator.engine import Engine
-    from orchestrator.engine.preflight import PreflightError
+    from orchestrator.engine.preflight_error import PreflightError
 
     _files(tmp_path)
     raw = _wf(OLIVE_06)

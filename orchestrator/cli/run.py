@@ -215,8 +215,9 @@ def _packages(source: Any, base_dir: Path | None, *, host: str | None, target: s
 
     shown: set[str] = set()
     for step in engine.plan():
+        accelerator = engine.devices.accelerator(step.system_name)
         job = Job(job_id=f"setup-{step.name}", pass_name=step.name, pass_type=step.pass_type, pass_config=step.config,
-                  output_dir=tempfile.gettempdir(), accelerator=engine._accelerator(step.system_name))  # fmt: skip
+                  output_dir=tempfile.gettempdir(), accelerator=accelerator)  # fmt: skip
         env = environment_for(job)
         spec = load_env_spec(resolve_env_file(env))
         out.print(f"{step.name} ({step.pass_type}) on {step.system_name}: environment {env}", markup=False)

@@ -57,6 +57,13 @@ def real(path: Path | str) -> Path:
         return Path(os.path.abspath(path))
 
 
+def written_path(base_dir: Path, path: str | Path) -> Path:
+    """A path as a workflow writes it: ~ expanded, a relative one taken from the workflow's folder and resolved
+    (`real`: a link loop is left for the checks to name)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else real(base_dir / p)
+
+
 def within(inner: Path, outer: Path) -> bool:
     """inner is outer or lies inside it (both already resolved)."""
     return inner == outer or outer in inner.parents

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from orchestrator.core.errors import UserError
+from orchestrator.engine.preflight_error import first_line
 
 WHOLE_FILE_LIMIT = 1 << 30  # bytes of one file read row by row; beyond, the first GiB (datasets checks the rest)
 
@@ -154,7 +155,7 @@ def _json_rows(fh: IO[str], path: Path, label: str, *, whole: bool = False) -> I
                 yield from enumerate(_document_rows(doc, path, label), 1)
                 return
             raise DataFileError(
-                f"{label}: {path} line {lineno} is not valid JSON ({_first_line(exc)}); fix or remove it"
+                f"{label}: {path} line {lineno} is not valid JSON ({first_line(exc)}); fix or remove it"
             ) from None
     return
 
@@ -177,7 +178,7 @@ def _whole_json(text: str, path: Path, label: str) -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise DataFileError(f"{label}: {path} is not valid JSON ({_first_line(exc)})") from None
+        raise DataFileError(f"{label}: {path} is not valid JSON ({first_line(exc)})") from None
 
 
 def _document_rows(data: Any, path: Path, label: str) -> list[Any]:
@@ -246,7 +247,7 @@ def _binary_rows(path: Path, label: str, needed: Needed, suffix: str) -> int | N
                     table = pa.ipc.open_file(source).read_all()
             rows, columns = table.num_rows, list(table.column_names)
     except Exception as exc:  # pyarrow's many error types: the file is not what its name says
-        raise DataFileError(f"{label}: {path} is not a readable {suffix[1:]} file ({_first_line(exc)})") from None
+        raise DataFileError(f"{label}: {path} is not a readable {suffix[1:]} file ({first_line(exc)})") from None
     missing = [c for c in needed.plain if c not in columns]
     if missing:
         raise DataFileError(
@@ -328,11 +329,6 @@ def _check_chat_row(row: dict[str, Any], chat_col: str, path: Path, label: str) 
             "{role, content} messages, ShareGPT 'conversations', or instruction columns (instruction/input/"
             f"output, prompt/response, question/answer); its columns are {', '.join(map(str, row)) or 'none'}"
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---- splits -----------------------------------------------------------------------------------------------------

@@ -1,20 +1,96 @@
-"""One job submitted and followed to its end: logs pumped on a thread, events turned into progress and metrics,
-a failure turned into one EngineError line naming the pass, the cause and the kept log."""
+"""One step run as a job: the Job built for its system (secrets written into a config leave the spec for private
+files, checkpoints go where they outlive the attempt), submitted and followed to its end: logs pumped on a thread,
+events turned into progress and metrics, a failure turned into one EngineError line naming the pass, the cause
+and the kept log."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import tempfile
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
-from orchestrator.core.cache import Cache
+from orchestrator.core.cache import Cache, SharedCache
 from orchestrator.core.extras import install_hint
-from orchestrator.core.job import EVENTS_FILE, Job, JobResult, JobState, ModelArtifact
+from orchestrator.core.job import EVENTS_FILE, Job, JobResult, JobState, JobTracking, ModelArtifact
+from orchestrator.core.secrets import CONFIG_SECRET, secret_files, split_secrets
 from orchestrator.engine.steps import EngineError, Reporter, Step
 from orchestrator.engine.tracking import EventTail, Tracker, mask
+from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
+
+
+def safe_name(name: str) -> str:
+    """A pass name as a file / container name: "a/b c" -> "a_b_c" (a '/' would make the job's log a subfolder)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:64] or "pass"
+
+
+def run_step_job(
+    step: Step,
+    system: System,
+    model: ModelArtifact,
+    stage: Path,
+    tracker: Tracker,
+    reporter: Reporter,
+    cache: Cache,
+    shared: SharedCache | None,
+    *,
+    configs: dict[str, dict[str, Any]],
+    files: dict[str, str],
+    hf_token: bool,
+    accelerator: str,
+    providers: list[str],
+    log_level: int,
+) -> None:
+    """The step's Job (its data configs and local data files, the system's hf_token secret when it names one,
+    the device and execution providers it runs with) run to its end; its outputs land in `stage`. A shared
+    cache that keeps checkpoints restores them first and saves them while the pass runs."""
+    secrets = {}
+    if hf_token:
+        secrets = system.secret_sources(["hf_token"]) if hasattr(system, "secret_sources") else {}
+    # secrets written into the pass or data config (a hub token in training_args) leave the job spec: the job
+    # carries a placeholder and a private file the runner reads (core.secrets), never the value
+    pass_config, written = split_secrets(step.config)
+    found = {f"{CONFIG_SECRET}pass:{k}": v for k, v in written.items()}
+    for name, cfg in list(configs.items()):
+        configs[name], written = split_secrets(cfg)
+        found.update({f"{CONFIG_SECRET}data:{name}:{k}": v for k, v in written.items()})
+    private = Path(tempfile.mkdtemp(prefix="orch-secrets-")) if found else None
+    if private is not None:
+        secrets = {**secrets, **secret_files(found, private)}
+    job = Job(
+        job_id=f"{safe_name(step.name)}-{step.key[:12]}-{uuid.uuid4().hex[:6]}",  # names files and containers
+        pass_name=step.name,
+        pass_type=step.pass_type,
+        pass_config=pass_config,
+        model=model,
+        data_configs=configs,
+        data_files=files,
+        output_dir=str(stage),
+        # outlives this attempt (the staging folder does not): a pass that can resume checkpoints here
+        checkpoint_dir=str(cache.partial_dir(step.key) / "checkpoints"),
+        accelerator=accelerator,
+        processes_per_node=system.processes_for(load_pass(step.pass_type)),  # >1: data parallel (DDP passes)
+        execution_providers=providers,
+        secrets=secrets,
+        tracking=JobTracking(mode="events", metric_prefix=f"{step.name}/"),
+        log_level=log_level,
+        cache_key=step.key,
+    )
+    sync = contextlib.nullcontext()
+    if shared is not None and not shared.by_reference and job.checkpoint_dir:
+        # on the compute: checkpoints restored from the shared cache first, saved there while the pass runs
+        sync = shared.checkpoints(step.key, Path(job.checkpoint_dir), lambda line: reporter.step_log(step, line))
+    try:
+        with sync:
+            follow_job(step, job, system, model, stage, tracker, reporter, cache)
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def follow_job(

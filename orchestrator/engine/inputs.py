@@ -10,7 +10,7 @@ from typing import Any
 from orchestrator.core.cache import Cache, stable_hash
 from orchestrator.core.job import ModelArtifact
 from orchestrator.core.secrets import split_secrets
-from orchestrator.engine.preflight import local_data_paths
+from orchestrator.engine.data_paths import local_data_paths
 
 
 def model_format(path: str | Path, *, has_adapter: bool = False) -> str:

@@ -37,6 +37,13 @@ def is_remote(ref: Any) -> bool:
     return isinstance(ref, dict) and ref.get("type") in REMOTE_TYPES
 
 
+def local_model_path(ref: Any) -> Any:
+    """What a local model reference names, as written: its config.path, path or model_path (a dict) or itself."""
+    if isinstance(ref, dict):
+        return (ref.get("config") or {}).get("path") or ref.get("path") or ref.get("model_path")
+    return ref
+
+
 def resolve_model_ref(
     ref: Any, *, base_dir: Path, cache: Cache, field: str = "input_model", fetch: bool = True
 ) -> tuple[str, str]:
@@ -48,8 +55,7 @@ def resolve_model_ref(
         from orchestrator.systems.azureml.download import download_reference
 
         return download_reference(ref, cache=cache, field=field)
-    if isinstance(ref, dict):
-        ref = ref.get("config", {}).get("path") or ref.get("path") or ref.get("model_path")
+    ref = local_model_path(ref)
     if not ref:
         raise ResourceError(f"{field}: no model given (set model_path or hf_config.model_name to a local folder)")
     path = Path(str(ref)).expanduser()
@@ -76,7 +82,7 @@ def resolve_hub_model(repo_id: str, revision: str | None, *, field: str, fetch: 
         )
     if not fetch:
         return pinned.uri, pinned.uri
-    from orchestrator.engine.preflight import check_model_folder
+    from orchestrator.engine.model_check import check_model_folder
     from orchestrator.engine.weights_check import machine_matches, remember_on_machine
 
     local = hub.fetch(pinned, wanted, field=field)

@@ -6,38 +6,34 @@ another is the previous pass's key (content-addressed by derivation), so the who
 which come from the cache — is known on the client before anything is submitted.
 The engine never knows how a system moves bytes: it hands Jobs to `System.submit` and reads their results.
 Its parts: steps (what is planned and reported), plan (steps and their cache keys), inputs (the input model and
-data made local), execute (one job followed to its end), publish (output_dir and the manifest), preflight.
+data made local), devices (each step's device and execution providers on this host), shared_steps (the shared
+cache's hits and uploads), execute (one step's job built and followed to its end), run_results (relative goals,
+cost, prompt format), publish (output_dir and the manifest), preflight (every input checked first).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
-import shutil
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator import __version__
-from orchestrator.core.cache import Cache, CacheEntry, SharedCache, SharedEntry, folder_size, result_from_portable
-from orchestrator.core.errors import RunFailure
-from orchestrator.core.gpu import cuda_available, wants_gpu
-from orchestrator.core.job import EVENTS_FILE, Job, JobResult, JobTracking, ModelArtifact, is_uri
-from orchestrator.core.links import real, short
-from orchestrator.core.prompt import PromptFormat, read_prompt_format
+from orchestrator.core.cache import Cache, SharedCache, folder_size
+from orchestrator.core.job import EVENTS_FILE, JobResult, ModelArtifact, is_uri
+from orchestrator.core.links import short, written_path
 from orchestrator.core.redact import remember_secret, secret_parts
-from orchestrator.core.secrets import CONFIG_SECRET, secret_files, split_secrets
-from orchestrator.engine.execute import follow_job
+from orchestrator.core.secrets import split_secrets
+from orchestrator.engine.devices import HostDevices
+from orchestrator.engine.execute import run_step_job
 from orchestrator.engine.inputs import data_files, input_model
 from orchestrator.engine.plan import environment_for, for_accelerator, initial_steps, step_key
-from orchestrator.engine.preflight import PreflightError, WorkflowCheck
+from orchestrator.engine.preflight import WorkflowCheck
 from orchestrator.engine.publish import Publisher
-from orchestrator.engine.steps import (  # noqa: F401  (re-exported: the engine's public names)
-    EVALUATE,
-    INPUT_EVAL_STEP,
+from orchestrator.engine.run_results import baseline_comparison, final_prompt_format, step_cost
+from orchestrator.engine.shared_steps import SharedSteps, needs_local
+from orchestrator.engine.steps import (
     EngineError,
     QuietReporter,
     Reporter,
@@ -51,11 +47,6 @@ from orchestrator.engine.weights_check import known_matches, remember_matches
 from orchestrator.passes.registry import load_pass
 from orchestrator.systems.base import System
 from orchestrator.systems.registry import MAIN_KEYWORDS, is_azureml, make_system, system_config
-
-
-def safe_name(name: str) -> str:
-    """A pass name as a file / container name: "a/b c" -> "a_b_c" (a '/' would make the job's log a subfolder)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:64] or "pass"
 
 
 class Engine:
@@ -83,8 +74,9 @@ class Engine:
         self.wf = workflow
         self.base_dir = Path(workflow.base_dir)
         eng = workflow.engine
-        self.cache = Cache(self._abs(eng.cache_dir or ".orch/cache"))
-        self.output_dir = self._abs(eng.output_dir) if eng.output_dir else None
+        # a link loop in either folder is named by the pre-flight
+        self.cache = Cache(written_path(self.base_dir, eng.cache_dir or ".orch/cache"))
+        self.output_dir = written_path(self.base_dir, eng.output_dir) if eng.output_dir else None
         self.host_name = host or eng.host or "local"
         # Olive's rule, the target defaults to the host: a host given here (the CLI's --host) takes the evaluation
         # with it unless a target is given too; the config's engine.target pairs with the config's engine.host
@@ -115,17 +107,15 @@ class Engine:
         self._shared_override = shared_cache
         self._planned_keys = planned_keys
         self._node_price = node_price
-        self._remote: dict[str, SharedEntry] = {}  # key -> committed shared entry found while planning
-        self._needed: set[str] = set()  # keys whose shared entry must be local (a later step runs on it here)
+        self.devices = HostDevices(workflow, self.host_name, self.target_name, self.system)
+        self.shared_steps = SharedSteps(
+            self.cache, self.shared_cache_for, lambda step, line: self.reporter.step_log(step, line)
+        )
         self.publisher = Publisher(
             workflow, self.cache, self.output_dir, self.host_name, self.target_name, self.tracking_uri, self.register_as
         )
 
     # ---- helpers ----------------------------------------------------------------------------------------
-    def _abs(self, p: str | Path) -> Path:
-        p = Path(p).expanduser()
-        return p if p.is_absolute() else real(self.base_dir / p)  # a link loop is named by the pre-flight
-
     def system(self, name: str) -> System:
         """A system by workflow name, or by keyword (local/docker/aml: the first such system in the config)."""
         if name not in self._systems:
@@ -185,82 +175,13 @@ class Engine:
             output_dir=self.output_dir,
             host_name=self.host_name,
             target_name=self.target_name,
-            providers=self._providers(),
+            providers=self.devices.providers(),
             tracking_uri=self.tracking_uri,
             matched=known_matches(self.cache.root),
         )
         check.run(tracking=tracking and self.tracking_enabled)
-        self._check_devices()
+        self.devices.check(self._note)
         remember_matches(self.cache.root, check.matched)  # only once every check passed: a refusal writes nothing
-
-    def _check_devices(self) -> None:
-        """A system on this host that asks for a GPU this host lacks: a CUDA-only pass is refused now (one line,
-        what to use instead), the others run on CPU in their CPU environment, said once. Never a GPU environment
-        built (CUDA wheels downloaded) for a machine that cannot use it."""
-        said: set[str] = set()
-        for step in initial_steps(self.wf, self.host_name, self.target_name):
-            if step.role != "host" or not self._on_this_host(step.system_name):
-                continue
-            pass_cls = load_pass(step.pass_type)
-            req = pass_cls().requirements(pass_cls.Config.model_validate(step.config))
-            if req.cuda and not cuda_available():
-                why = req.without_cuda or f"{step.pass_type} needs a CUDA GPU; run it on a GPU system"
-                raise PreflightError(f"passes.{step.name} ({step.pass_type}): {why}")
-            if step.system_name in said or not self._gpu_missing(step.system_name):
-                continue
-            said.add(step.system_name)
-            env = for_accelerator(req.environment, "cpu")
-            moved = f" (environment {req.environment} -> {env})" if env != req.environment else ""
-            self._note(
-                f"system {step.system_name!r} asks for a GPU and this host has no CUDA GPU: its passes run on the "
-                f"CPU{moved}; run on a GPU host (or --host aml) for the GPU path"
-            )
-        steps = initial_steps(self.wf, self.host_name, self.target_name)
-        for step in steps:
-            if step.role == "host" and self._step_providers(step) != self._providers():
-                self._note(
-                    f"passes.{step.name} ({step.pass_type}) times the model with CUDAExecutionProvider and this host "
-                    "has no CUDA GPU: it runs on CPUExecutionProvider (its timings are the CPU's)"
-                )
-        evaluates = any(s.role == "target" for s in steps)
-        if evaluates and self._cpu_evaluation():
-            self._note(
-                f"target {self.target_name!r} evaluates with CUDAExecutionProvider and this host has no CUDA GPU: "
-                "the evaluation runs on CPUExecutionProvider (its latency is the CPU's); run on a GPU host for CUDA"
-            )
-
-    def _cpu_evaluation(self) -> bool:
-        """The target evaluates with CUDA (its first execution provider) on this host, which has no CUDA GPU:
-        evaluation runs on the CPU execution provider instead (said once in _check_devices)."""
-        return (
-            self._providers()[0] == "CUDAExecutionProvider"
-            and self._on_this_host(self.target_name)
-            and not cuda_available()
-        )
-
-    def _step_providers(self, step: Step) -> list[str]:
-        """The execution providers a step's job gets: the engine's, but the CPU for an evaluation that would ask
-        this GPU-less host for CUDA (the passes still build for the configured providers)."""
-        if step.role == "target" and self._cpu_evaluation():
-            return ["CPUExecutionProvider"]
-        providers = self._providers()
-        measures = step.role == "host" and getattr(load_pass(step.pass_type), "runs_model_on_provider", False)
-        cuda_missing = providers[0] == "CUDAExecutionProvider" and not cuda_available()
-        if measures and cuda_missing and self._on_this_host(step.system_name):
-            return ["CPUExecutionProvider"]
-        return providers
-
-    def _gpu_missing(self, system_name: str) -> bool:
-        """The system asks for a GPU (its first accelerator, as Olive reads it), runs on this host (not Azure ML)
-        and this host has no usable CUDA device."""
-        accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]
-        return wants_gpu(accs[:1]) and self._on_this_host(system_name) and not cuda_available()
-
-    def _on_this_host(self, system_name: str) -> bool:
-        """Local and Docker systems use this machine's devices; Azure ML brings its own."""
-        sys_cfg = self.wf.systems.get(system_name)
-        kind = str(sys_cfg.model_dump(mode="json").get("type", "")) if sys_cfg is not None else system_name
-        return not is_azureml(kind)
 
     # ---- planning ---------------------------------------------------------------------------------------
     def plan(self) -> list[Step]:
@@ -282,7 +203,7 @@ class Engine:
                 self.system(step.system_name).require(step.pass_type, tuple(pass_cls.libraries))
                 env = self.system(step.system_name).environment_fingerprint(
                     tuple(pass_cls.libraries),
-                    environment=for_accelerator(requirements.environment, self._accelerator(step.system_name)),
+                    environment=for_accelerator(requirements.environment, self.devices.accelerator(step.system_name)),
                 )
                 step.key = step_key(
                     step.pass_type,
@@ -291,22 +212,13 @@ class Engine:
                     prev,
                     data_hashes,
                     env,
-                    accelerator=self._accelerator(step.system_name),
+                    accelerator=self.devices.accelerator(step.system_name),
                     processes=self.system(step.system_name).processes_for(pass_cls),
-                    providers=self._step_providers(step),
+                    providers=self.devices.step_providers(step),
                 )
             if step.role == "host":
                 prev = step.key
-        for step in steps:  # every environment checked above before the first request to a shared cache
-            step.cached, step.where = self.cache.get(step.key) is not None, "local"
-            if not step.cached:
-                shared = self.shared_cache_for(step)
-                hit = shared.lookup(step.key) if shared is not None else None
-                if hit is not None:
-                    self._remote[step.key] = hit
-                    step.cached, step.where = True, shared.where
-                else:
-                    step.where = ""
+        self.shared_steps.look_up(steps)  # every environment checked above, before the first shared-cache request
         return steps
 
     def _report_damaged(self) -> None:
@@ -324,58 +236,9 @@ class Engine:
             note(message)
 
     def share_local_entries(self, steps: list[Step]) -> list[str]:
-        """Steps cached on this machine only, saved into their system's shared cache (before a job that runs
-        there is submitted, so it finds them too); the names of those saved. Walks the chain of inputs as a run
-        would; stops where a step is not cached."""
-        saved: list[str] = []
-        model: ModelArtifact | None = self._input_model()[0]
-        final = model
-        for step in steps:
-            entry = self.cache.get(step.key)
-            if entry is None and step.key not in self._remote:
-                if step.role == "host":
-                    break
-                continue
-            shared = self.shared_cache_for(step)
-            given = model if step.role == "host" else final
-            if entry is not None and step.where == "local" and shared is not None:
-                with contextlib.suppress(Exception):  # best effort: the job runs the step if it is not there
-                    if shared.publish(step.key, entry.path, meta=entry.meta, input_model=given) is not None:
-                        step.where = shared.where
-                        saved.append(step.name)
-            if step.role == "host":
-                if entry is not None:
-                    result = entry.result
-                    model = result.model.with_root(entry.path) if result.model else None
-                else:
-                    remote = self._remote[step.key]
-                    model = result_from_portable(remote.result, given, root=remote.uri).model
-                final = model
-                if model is None:
-                    break
-        return saved
-
-    def _needs_local(self, steps: list[Step]) -> set[str]:
-        """Keys of shared-cache hits whose files must be here: the input of a step that runs, and the final model
-        when it is published. Other hits stay where they are (a LoRA cached in the workspace is not downloaded
-        when only the evaluation after the export runs)."""
-        host = [s for s in steps if s.role == "host"]
-        needed = {s.key for s, nxt in zip(host, host[1:], strict=False) if not nxt.cached}
-        targets_run = any(s.role == "target" and s.name != INPUT_EVAL_STEP and not s.cached for s in steps)
-        if host and (self.output_dir is not None or targets_run):
-            needed.add(host[-1].key)
-        return needed
-
-    def _accelerator(self, system_name: str) -> str:
-        """The device a job runs on: the system's first accelerator decides, as Olive's does; a GPU asked on
-        this host without one is the CPU (_check_devices said so, or refused a CUDA-only pass)."""
-        accs = getattr(self.system(system_name), "accelerators", None) or ["cpu"]
-        if not wants_gpu(accs[:1]) or self._gpu_missing(system_name):
-            return "cpu"
-        return "gpu"
-
-    def _providers(self) -> list[str]:
-        return list(getattr(self.wf.engine, "execution_providers", None) or ["CPUExecutionProvider"])
+        """Steps cached on this machine only, saved into their system's shared cache before a job that runs there
+        is submitted (shared_steps.SharedSteps.share_local_entries, from this workflow's input model)."""
+        return self.shared_steps.share_local_entries(steps, self._input_model()[0])
 
     # ---- running ----------------------------------------------------------------------------------------
     def run(self, *, dry_run: bool = False) -> tuple[list[Step], RunSummary | None]:
@@ -390,7 +253,7 @@ class Engine:
         self.reporter.plan(steps)
         if dry_run:
             return steps, None
-        self._needed = self._needs_local(steps)
+        self.shared_steps.needed = needs_local(steps, publishes=self.output_dir is not None)
         self.cache.ensure()
         tracker = self._tracker(steps)
         for note in tracker.notes:  # a local store rebuilt
@@ -406,7 +269,7 @@ class Engine:
                 if step.role == "host" and out_model is not None:
                     model = out_model
             final_metrics = {f"{r.name}/{k}": v for r in records for k, v in r.metrics.items()}
-            final_metrics |= self._baseline_comparison(steps, records, tracker)
+            final_metrics |= baseline_comparison(steps, records, tracker, self._note)
             costs = [r.cost_usd for r in records if r.cost_usd is not None]
             total = sum(costs) if costs else None
             if total is not None:
@@ -416,7 +279,7 @@ class Engine:
                                  input_identity=input_identity, cost_usd=total)  # fmt: skip
             summary.recorded, summary.model_uri = tracker.recorded, tracker.model_uri
             summary.registry_uri, summary.registered_version = tracker.registry_uri, tracker.registered_version
-            summary.prompt_format = self._prompt_format(steps, records)
+            summary.prompt_format = final_prompt_format(self._input_model()[0], steps, records)
             if self.output_dir is not None:
                 self.publisher.publish(summary, records, steps, model, tracker)
             status = "FINISHED"
@@ -426,39 +289,6 @@ class Engine:
             raise
         finally:
             tracker.end(status)
-
-    def _baseline_comparison(self, steps: list[Step], records: list[StepRecord], tracker: Tracker) -> dict[str, float]:
-        """Olive's relative goals: the final evaluation against the input model's (engine.evaluate_input_model),
-        compared by the Evaluate pass once both are known; each result is a note and a metric."""
-        by_name = {r.name: r for r in records}
-        final = next((s for s in steps if s.role == "target" and s.name != INPUT_EVAL_STEP), None)
-        if final is None or INPUT_EVAL_STEP not in by_name or final.name not in by_name:
-            return {}
-        compare = getattr(load_pass(final.pass_type), "compare_with_baseline", None)
-        if compare is None:
-            return {}
-        results, lines = compare(final.config, by_name[INPUT_EVAL_STEP].metrics, by_name[final.name].metrics)
-        for line in lines:
-            self._note(line)
-        out = {f"{final.name}/{k}": v for k, v in results.items()}
-        for k, v in out.items():
-            tracker.log_metric(k, v)
-        return out
-
-    def _prompt_format(self, steps: list[Step], records: list[StepRecord]) -> PromptFormat | None:
-        """The prompt format the final model was last fine-tuned with: the latest one recorded along the chain
-        (the input model's folder, then each pass's output; an adapter before the model it sits on)."""
-        start, _ = self._input_model()
-        host = {s.name for s in steps if s.role == "host"}
-        artifacts = [start.model_dump()] + [r.output for r in records if r.name in host and r.output]
-        found = None
-        for art in artifacts:
-            for path in (art.get("adapter_path"), art.get("path")):
-                fmt = read_prompt_format(path) if path and not is_uri(path) else None
-                if fmt is not None:
-                    found = fmt
-                    break
-        return found
 
     def _tracker(self, steps: list[Step]) -> Tracker:
         """The MLflow run of this workflow run. When every pass is cached and a finished run recorded the same
@@ -485,8 +315,8 @@ class Engine:
         shared = self.shared_cache_for(step)
         entry = self.cache.get(step.key)
         cached_in = "local" if entry is not None else ""
-        if entry is None and step.key in self._remote and shared is not None:
-            entry = self._from_shared(step, model, shared)
+        if entry is None and step.key in self.shared_steps.remote and shared is not None:
+            entry = self.shared_steps.fetch(step, model, shared)
             cached_in = shared.where if entry is not None else ""
         cost = None
         if entry is None:
@@ -496,7 +326,7 @@ class Engine:
                 if entry is None:
                     self._execute(step, system, model, stage, tracker, shared)
                     result = JobResult.read(stage)
-                    cost = self._cost(step, result)
+                    cost = step_cost(self.node_price_for(step), result)
                     if cost is not None:
                         result.metrics.update(cost)
                         result.write(stage)
@@ -508,7 +338,7 @@ class Engine:
                 else:
                     cached, cached_in = True, "local"
             if not cached and shared is not None:
-                self._share(step, entry, model, shared)
+                self.shared_steps.publish(step, entry, model, shared)
         else:
             cached = True
         result = entry.result
@@ -546,51 +376,6 @@ class Engine:
         self.reporter.step_end(step, record)
         return record, out_model
 
-    def _from_shared(self, step: Step, model: ModelArtifact, shared: SharedCache) -> CacheEntry | None:
-        """A step cached in the shared cache: used where it is (its model paths become references) unless a
-        later step runs here on it, then downloaded (checked against its manifest) into the local cache. A
-        download that fails its checks is reported and the step runs instead (None)."""
-        remote = self._remote[step.key]
-        if shared.by_reference or step.key not in self._needed:
-            result = result_from_portable(remote.result, model, root=remote.uri)
-            return CacheEntry(step.key, self.cache.entry_dir(step.key), result, dict(remote.meta))
-        with self.cache.staging(step.key) as stage:
-            try:
-                shared.materialize(remote, stage)
-            except RunFailure as exc:
-                self.reporter.step_log(step, f"orch: {exc}; running {step.name} instead")
-                return None
-            result_from_portable(remote.result, model).write(stage)  # this run's input paths
-            return self.cache.commit(step.key, stage, {**remote.meta, "from": shared.where})
-
-    def _share(self, step: Step, entry: CacheEntry, model: ModelArtifact, shared: SharedCache) -> None:
-        """A pass that ran: its entry into the shared cache (files, then the commit marker); its checkpoints
-        there are dropped. A failed upload costs the next run a rerun, not this run its result."""
-        try:
-            committed = shared.publish(step.key, entry.path, meta=entry.meta, input_model=model)
-        except Exception as exc:  # noqa: BLE001 - reported; the run goes on with its local entry
-            self.reporter.step_log(step, f"orch: could not save {step.name} to the {shared.where} cache: {exc}")
-            return
-        if committed is None:
-            self.reporter.step_log(step, f"orch: {step.name}'s result names local paths: not shared")
-            return
-        self.reporter.step_log(step, f"orch: {step.name} saved to the {shared.where} cache ({step.key[:16]})")
-        with contextlib.suppress(Exception):
-            shared.drop_partial(step.key)
-
-    def _cost(self, step: Step, result: JobResult) -> dict[str, float] | None:
-        """cost_usd = nodes x hours x price per node-hour, and tokens_per_usd for a pass that counts the tokens
-        it trained on (train_tokens)."""
-        price = self.node_price_for(step)
-        if price is None:
-            return None
-        usd = price.nodes * result.duration_s / 3600.0 * price.usd_per_hour
-        out = {"cost_usd": usd}
-        tokens = result.metrics.get("train_tokens")
-        if tokens and usd > 0:
-            out["tokens_per_usd"] = float(tokens) / usd
-        return out
-
     def _execute(
         self,
         step: Step,
@@ -600,52 +385,19 @@ class Engine:
         tracker: Tracker,
         shared: SharedCache | None,
     ) -> None:
+        """The step's job (execute.run_step_job) with what the engine knows of it: its data, whether its system
+        passes the hub token, the device and execution providers it gets on this host, the log level."""
         configs, files, _ = self._data_files(step.data_names, step.system_name)
-        secrets = {}
         sys_cfg = self.wf.systems.get(step.system_name)
-        if sys_cfg is not None and getattr(sys_cfg, "hf_token", False):
-            secrets = system.secret_sources(["hf_token"]) if hasattr(system, "secret_sources") else {}
-        # secrets written into the pass or data config (a hub token in training_args) leave the job spec: the job
-        # carries a placeholder and a private file the runner reads (core.secrets), never the value
-        pass_config, written = split_secrets(step.config)
-        found = {f"{CONFIG_SECRET}pass:{k}": v for k, v in written.items()}
-        for name, cfg in list(configs.items()):
-            configs[name], written = split_secrets(cfg)
-            found.update({f"{CONFIG_SECRET}data:{name}:{k}": v for k, v in written.items()})
-        private = Path(tempfile.mkdtemp(prefix="orch-secrets-")) if found else None
-        if private is not None:
-            secrets = {**secrets, **secret_files(found, private)}
-        job = Job(
-            job_id=f"{safe_name(step.name)}-{step.key[:12]}-{uuid.uuid4().hex[:6]}",  # names files and containers
-            pass_name=step.name,
-            pass_type=step.pass_type,
-            pass_config=pass_config,
-            model=model,
-            data_configs=configs,
-            data_files=files,
-            output_dir=str(stage),
-            # outlives this attempt (the staging folder does not): a pass that can resume checkpoints here
-            checkpoint_dir=str(self.cache.partial_dir(step.key) / "checkpoints"),
-            accelerator=self._accelerator(step.system_name),
-            processes_per_node=system.processes_for(load_pass(step.pass_type)),  # >1: data parallel (DDP passes)
-            execution_providers=self._step_providers(step),
-            secrets=secrets,
-            tracking=JobTracking(mode="events", metric_prefix=f"{step.name}/"),
+        run_step_job(
+            step, system, model, stage, tracker, self.reporter, self.cache, shared,
+            configs=configs,
+            files=files,
+            hf_token=bool(sys_cfg is not None and getattr(sys_cfg, "hf_token", False)),
+            accelerator=self.devices.accelerator(step.system_name),
+            providers=self.devices.step_providers(step),
             log_level=int(getattr(self.wf.engine, "log_severity_level", 3) or 3),
-            cache_key=step.key,
-        )
-        sync = contextlib.nullcontext()
-        if shared is not None and not shared.by_reference and job.checkpoint_dir:
-            # on the compute: checkpoints restored from the shared cache first, saved there while the pass runs
-            sync = shared.checkpoints(
-                step.key, Path(job.checkpoint_dir), lambda line: self.reporter.step_log(step, line)
-            )
-        try:
-            with sync:
-                follow_job(step, job, system, model, stage, tracker, self.reporter, self.cache)
-        finally:
-            if private is not None:
-                shutil.rmtree(private, ignore_errors=True)
+        )  # fmt: skip
 
     # ---- outputs ----------------------------------------------------------------------------------------
     def export(self, summary: RunSummary, dest: Path | None = None) -> None:

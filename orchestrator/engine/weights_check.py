@@ -36,11 +36,23 @@ class WeightsMismatch(UserError):
     """config.json and the weights disagree: one line naming the architecture, the tensors and the fix."""
 
 
+def read_safetensors_header(path: Path) -> tuple[int, Any]:
+    """(length, parsed JSON) of a .safetensors file's header: 8 bytes of little-endian length, then that much
+    JSON. ValueError for a file too short or a length out of range (a truncated or foreign file)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 0 or n > min(size - 8, 100 << 20):
+            raise ValueError("header length out of range")
+        return n, json.loads(fh.read(n))
+
+
 def safetensors_header(path: Path) -> dict[str, Any]:
     """name -> {"dtype", "shape"} of one .safetensors file (its JSON header only)."""
-    with path.open("rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
+    _, header = read_safetensors_header(path)
     return {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
 
 
