@@ -53,8 +53,10 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
 - Rows whose samples all have one length (fixed-length data) through cuDNN's SDPA as a causal batch on Hopper.
 - adamw_torch as adamw_torch_fused (the same update in one kernel).
 - Gradient checkpointing only when the step would not fit: an estimate of weights + activations against the GPU's
-  memory (the constants are calibrated on the H100 anchor: Phi-3-mini, 8 x 1024 tokens, 47 GiB). A user's or the
-  QLoRA pass's explicit `gradient_checkpointing=True` is kept.
+  memory, on the fast path from what its layers keep (calibrated on run 5's measured peaks: Phi-3-mini at 8 x 1024
+  tokens 35.0 GiB, estimated 36.4; plain transformers + peft's conservative factors elsewhere). Where the stored
+  dropout masks tip the step over (e.g. Phi-3-mini at 8 x 1024 on a 40 GB A100), Philox dropout instead. A user's or
+  the QLoRA pass's explicit `gradient_checkpointing=True` is kept.
 - No host sync in the training step (`nosync`): token counts from the CPU batch (a collator wrapper), TRL's loss
   metrics kept on the device until the Trainer logs, the per-step NaN check of the logged loss off, padding-free
   sample boundaries computed on the CPU where the collator gives none (TRL < 1.16), and the loss through orch's own
@@ -107,6 +109,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.passes.training.lora import varlen_attention
+from orchestrator.passes.training.lora.fused_loss import FLCE_LOGITS_BUDGET
 from orchestrator.passes.training.lora.phi3_patches import orch_swiglu_mlp, split_qkv_attention
 from orchestrator.passes.training.lora.unwrap import base_model
 from orchestrator.passes.training.lora.varlen_attention import VARLEN_ATTN, register_varlen_attention, varlen_fn
@@ -122,6 +125,13 @@ LIGER_MODEL_TYPES = frozenset({"phi3", "llama", "mistral", "qwen2", "qwen3", "ge
 # fits the H100 anchor (Phi-3-mini, 32 layers, 8 x 1024 tokens: 47 GiB peak with 7.6 GB of bf16 weights).
 ACT_HIDDEN_FACTOR = 12
 ACT_INTERMEDIATE_FACTOR = 4
+# On the fast path (fused LoRA layers, q/k/v + RoPE kernel, SwiGLU recompute, fused linear cross-entropy) a layer
+# keeps its input and its norm, q/k/v, the attention output and the residual after it, the MLP's norm and gate_up's
+# output: (6 x hidden + qkv width + 2 x intermediate) bf16 values per token. Measured peaks on an H100, 8 x 1024
+# tokens, dropout 0: Phi-3-mini 29.2 GiB, Phi-4-mini 27.7 (this estimate: 30.6 / 29.0); with stored dropout masks
+# 35.0 / 33.4 (36.4 / 34.8); QLoRA checkpointed 5.5 (6.3) (bench/RESULTS.md runs 3 and 5).
+FAST_PATH_ACT_HIDDEN_FACTOR = 6
+FAST_PATH_ACT_INTERMEDIATE_FACTOR = 2
 MEMORY_HEADROOM = 0.85  # plan to use at most this share of the GPU's memory
 # What Philox dropout saves per token per decoder layer against stored masks, in bytes: the 1-byte masks of the
 # qkv, gate_up and down_proj inputs, and at o_proj (whose input the attention keeps anyway) its dropped-out copy
@@ -204,20 +214,38 @@ def parse_options(text: str | None) -> dict[str, bool]:
     return out
 
 
-def estimate_step_memory_gib(shape: Mapping[str, Any], *, checkpointing: bool) -> float:
-    """Weights + activations + optimizer state of one training step, in GiB (an estimate, not a measurement)."""
+def estimate_step_memory_gib(
+    shape: Mapping[str, Any], *, checkpointing: bool, fast_path: bool = False, stored_masks: bool = False
+) -> float:
+    """Weights + activations + optimizer state of one training step, in GiB (an estimate, not a measurement).
+
+    `fast_path`: the activations and the loss as the plan's measured fast path keeps them (FAST_PATH_ACT_*, the
+    fused linear cross-entropy's logits chunk); else the conservative factors of plain transformers + peft.
+    `stored_masks`: the fused layers' stored dropout masks (what Philox dropout does not keep) on top.
+    """
     n_params = float(shape.get("n_params", 0))
     weight_bytes = n_params * (0.55 if shape.get("quantized_4bit") else 2.0)
     hidden = int(shape.get("hidden_size", 0))
     inter = int(shape.get("intermediate_size", 0) or 4 * hidden)
     layers = int(shape.get("num_layers", 0))
     tokens = int(shape.get("tokens_per_step", 0))
-    per_token_layer = (ACT_HIDDEN_FACTOR * hidden + ACT_INTERMEDIATE_FACTOR * inter) * 2
+    vocab = int(shape.get("vocab_size", 0))
+    if fast_path:
+        heads = int(shape.get("num_attention_heads", 0) or 1)
+        kv_heads = int(shape.get("num_key_value_heads", 0) or heads)
+        qkv_width = hidden + 2 * hidden * kv_heads // heads
+        kept = FAST_PATH_ACT_HIDDEN_FACTOR * hidden + qkv_width + FAST_PATH_ACT_INTERMEDIATE_FACTOR * inter
+        per_token_layer = kept * 2
+        logits = min(FLCE_LOGITS_BUDGET, tokens * vocab * 2)
+    else:
+        per_token_layer = (ACT_HIDDEN_FACTOR * hidden + ACT_INTERMEDIATE_FACTOR * inter) * 2
+        logits = tokens * vocab * 4 * 2
+    if stored_masks:
+        per_token_layer += PHILOX_SAVED_HIDDEN_FACTOR * hidden + inter
     # with checkpointing: the layer inputs are kept, and one layer's activations live during its recompute
     act = tokens * (layers * hidden * 2 + per_token_layer) if checkpointing else tokens * layers * per_token_layer
     trainable = float(shape.get("trainable_params", 0))
     optimizer = trainable * 16  # fp32 weight + grad + two Adam moments
-    logits = tokens * int(shape.get("vocab_size", 0)) * 4 * 2
     return (weight_bytes + act + optimizer + logits) / 2**30
 
 
@@ -238,8 +266,9 @@ def plan_cuda(
     """Choose the CUDA fast path. Pure: plain dicts in, a CudaPlan with its reasons out.
 
     device: capability (major, minor), total_memory_gib, has_liger, has_varlen_attn, has_flash_attn.
-    shape: model_type, n_params, trainable_params, hidden_size, intermediate_size, num_layers, vocab_size,
-           tokens_per_step (batch x max length), quantized_4bit, attn_implementation, lora_dropout.
+    shape: model_type, n_params, trainable_params, hidden_size, num_attention_heads, num_key_value_heads,
+           intermediate_size, num_layers, vocab_size, tokens_per_step (batch x max length), quantized_4bit,
+           attn_implementation, lora_dropout.
     sft_kwargs: the SFTConfig kwargs so far (the user's training_args plus the pass's).
     options: {name: bool} forced choices (ORCH_CUDA_FASTPATH), names in OPTION_NAMES.
     """
@@ -299,45 +328,6 @@ def plan_cuda(
                 "kept), as bitsandbytes' own matmul does"
                 if shape.get("quantized_4bit")
                 else ""
-            )
-        )
-    fused_dropout = bool(fused_lora and opts.get("fused_dropout", True) and device.get("has_triton", True))
-    total = float(device.get("total_memory_gib", 0.0))
-    need = estimate_step_memory_gib(shape, checkpointing=False)
-    saving = philox_saving_gib(shape) if fused_dropout and float(shape.get("lora_dropout", 0.0) or 0.0) > 0 else 0.0
-    # Philox dropout costs ~3% of speed (the backward regenerates the mask), checkpointing a recompute of every
-    # layer's forward: where the step fits without its stored masks and checkpointing is nobody's explicit choice,
-    # Philox instead of checkpointing
-    philox_for_memory = bool(
-        saving > 0
-        and total > 0
-        and "gc" not in opts
-        and not (sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"))
-        and need > MEMORY_HEADROOM * total >= need - saving
-    )
-    philox_dropout = bool(fused_dropout and opts.get("philox_dropout", philox_for_memory))
-    if philox_dropout:
-        reasons.append(
-            "LoRA dropout inside the fused layers, its mask regenerated from a Philox seed by Triton kernels where it "
-            "is used (h = dropout(x) A^T, A's gradient, the input gradient) instead of stored: no mask kept (~"
-            f"{philox_saving_gib(shape):.1f} GiB less here); same dropout distribution, not peft's random numbers; "
-            + (
-                "asked for by ORCH_CUDA_FASTPATH=+philox_dropout"
-                if opts.get("philox_dropout")
-                else f"instead of gradient checkpointing: the step needs ~{need:.0f} GiB with stored masks, "
-                f"~{need - saving:.0f} without, the GPU has {total:.0f} GiB"
-            )
-            + " (0.97x tokens/s on an H100 where the step fits either way, bench/RESULTS.md)"
-        )
-    elif fused_dropout:
-        reasons.append(
-            "LoRA dropout inside the fused layers (native_dropout: peft's masks), its input gradient added by one "
-            "Triton kernel reading the stored mask"
-            + (
-                "; Philox dropout off (ORCH_CUDA_FASTPATH)"
-                if "philox_dropout" in opts
-                else "; +philox_dropout regenerates the mask instead of storing it (~5.8 GiB less on Phi-3-mini at "
-                "8 x 1024 tokens for 0.97x tokens/s on an H100; planned by itself where it saves checkpointing)"
             )
         )
     lora_first = bool(fused_lora and opts.get("lora_first", True))
@@ -405,23 +395,6 @@ def plan_cuda(
             "two vocabulary-size GEMMs per step where TRL's head recomputes the logits in the backward, three)"
         )
 
-    gc: bool | None = None
-    if philox_dropout:
-        need -= saving
-    if "gc" in opts:
-        gc = opts["gc"]
-        reasons.append(f"gradient checkpointing {'on' if gc else 'off'} (ORCH_CUDA_FASTPATH)")
-    elif sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"):
-        reasons.append("gradient checkpointing on: asked for by the config (or the QLoRA pass)")
-    elif total > 0 and need > MEMORY_HEADROOM * total:
-        gc = True
-        reasons.append(
-            f"gradient checkpointing on: the step needs ~{need:.0f} GiB without it, the GPU has {total:.0f} GiB"
-        )
-    else:
-        gc = False
-        reasons.append(f"no gradient checkpointing: the step fits (~{need:.0f} GiB of {total:.0f} GiB)")
-
     compile_layers = bool(opts.get("compile", False))
     if compile_layers:
         reasons.append("torch.compile of each decoder layer (ORCH_CUDA_FASTPATH)")
@@ -485,6 +458,67 @@ def plan_cuda(
             "instead of keeping its own (tokens x intermediate) input: one activation fewer per layer"
         )
 
+    fused_dropout = bool(fused_lora and opts.get("fused_dropout", True) and device.get("has_triton", True))
+    # the step's memory, on the measured fast path where it is taken (fused layers, q/k/v + RoPE kernel, SwiGLU
+    # recompute, fused linear cross-entropy), with the stored dropout masks counted where there are any
+    fast_path = bool(fused_lora and flce and qkv_rope and mlp_recompute)
+    masks = fused_dropout and float(shape.get("lora_dropout", 0.0) or 0.0) > 0
+    total = float(device.get("total_memory_gib", 0.0))
+    need = estimate_step_memory_gib(shape, checkpointing=False, fast_path=fast_path, stored_masks=masks)
+    saving = philox_saving_gib(shape) if masks else 0.0
+    # Philox dropout costs ~3% of speed (the backward regenerates the mask), checkpointing a recompute of every
+    # layer's forward: where the step fits without its stored masks and checkpointing is nobody's explicit choice,
+    # Philox instead of checkpointing
+    philox_for_memory = bool(
+        saving > 0
+        and total > 0
+        and "gc" not in opts
+        and not (sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"))
+        and need > MEMORY_HEADROOM * total >= need - saving
+    )
+    philox_dropout = bool(fused_dropout and opts.get("philox_dropout", philox_for_memory))
+    if philox_dropout:
+        reasons.append(
+            "LoRA dropout inside the fused layers, its mask regenerated from a Philox seed by Triton kernels where it "
+            "is used (h = dropout(x) A^T, A's gradient, the input gradient) instead of stored: no mask kept (~"
+            f"{philox_saving_gib(shape):.1f} GiB less here); same dropout distribution, not peft's random numbers; "
+            + (
+                "asked for by ORCH_CUDA_FASTPATH=+philox_dropout"
+                if opts.get("philox_dropout")
+                else f"instead of gradient checkpointing: the step needs ~{need:.0f} GiB with stored masks, "
+                f"~{need - saving:.0f} without, the GPU has {total:.0f} GiB"
+            )
+            + " (0.97x tokens/s on an H100 where the step fits either way, bench/RESULTS.md)"
+        )
+    elif fused_dropout:
+        reasons.append(
+            "LoRA dropout inside the fused layers (native_dropout: peft's masks), its input gradient added by one "
+            "Triton kernel reading the stored mask"
+            + (
+                "; Philox dropout off (ORCH_CUDA_FASTPATH)"
+                if "philox_dropout" in opts
+                else "; +philox_dropout regenerates the mask instead of storing it (~5.8 GiB less on Phi-3-mini at "
+                "8 x 1024 tokens for 0.97x tokens/s on an H100; planned by itself where it saves checkpointing)"
+            )
+        )
+
+    gc: bool | None = None
+    if philox_dropout:
+        need -= saving
+    if "gc" in opts:
+        gc = opts["gc"]
+        reasons.append(f"gradient checkpointing {'on' if gc else 'off'} (ORCH_CUDA_FASTPATH)")
+    elif sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"):
+        reasons.append("gradient checkpointing on: asked for by the config (or the QLoRA pass)")
+    elif total > 0 and need > MEMORY_HEADROOM * total:
+        gc = True
+        reasons.append(
+            f"gradient checkpointing on: the step needs ~{need:.0f} GiB without it, the GPU has {total:.0f} GiB"
+        )
+    else:
+        gc = False
+        reasons.append(f"no gradient checkpointing: the step fits (~{need:.0f} GiB of {total:.0f} GiB)")
+
     checkpointing = (
         bool(gc)
         if gc is not None
@@ -506,7 +540,7 @@ def plan_cuda(
     else:
         layers, hidden = int(shape.get("num_layers", 0)), int(shape.get("hidden_size", 0))
         gb = layers * int(shape.get("tokens_per_step", 0)) * hidden * 2 / 1e9
-        need_ckpt = estimate_step_memory_gib(shape, checkpointing=True)
+        need_ckpt = estimate_step_memory_gib(shape, checkpointing=True, fast_path=fast_path, stored_masks=masks)
         tight = total > 0 and need_ckpt > MEMORY_HEADROOM * total
         if want_offload or tight:
             offload_checkpoints = True
@@ -597,6 +631,8 @@ def model_shape(model: Any, sft_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         "n_params": n_params,
         "trainable_params": trainable,
         "hidden_size": int(getattr(text_cfg, "hidden_size", 0)),
+        "num_attention_heads": int(getattr(text_cfg, "num_attention_heads", 0) or 0),
+        "num_key_value_heads": int(getattr(text_cfg, "num_key_value_heads", 0) or 0),
         "intermediate_size": int(getattr(text_cfg, "intermediate_size", 0) or 0),
         "num_layers": int(getattr(text_cfg, "num_hidden_layers", 0)),
         "vocab_size": int(getattr(text_cfg, "vocab_size", 0)),
