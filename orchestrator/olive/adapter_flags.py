@@ -15,6 +15,14 @@ from orchestrator.olive.shared_flags import (
 )
 
 WEIGHT_FORMATS = ("onnx_adapter", "numpy", "safetensors", "pt")
+# generate-adapter and convert-adapters write the same adapter weights file
+ADAPTER_FORMAT = Flag(
+    "--adapter_format",
+    "onnx_adapter (default) | numpy | safetensors",
+    default="onnx_adapter",
+    choices=WEIGHT_FORMATS,
+    group=EXPORT,
+)
 
 
 GENERATE_ADAPTER = Command(
@@ -31,13 +39,7 @@ GENERATE_ADAPTER = Command(
             choices=("lora", "dora", "loha"),
             group=EXPORT,
         ),
-        Flag(
-            "--adapter_format",
-            "onnx_adapter (default) | numpy | safetensors",
-            default="onnx_adapter",
-            choices=WEIGHT_FORMATS,
-            group=EXPORT,
-        ),
+        ADAPTER_FORMAT,
         Flag(
             "--precision",
             "orch: precision of the ONNX model built from an HF base + --adapter_path",
@@ -59,13 +61,7 @@ CONVERT_ADAPTERS = Command(
     "auto-opt / generate-adapter built (the builder's weight names).",
     (
         Flag("--adapter_path", "PEFT LoRA adapter folder", short="-a", required=True),
-        Flag(
-            "--adapter_format",
-            "onnx_adapter (default) | numpy | safetensors",
-            default="onnx_adapter",
-            choices=WEIGHT_FORMATS,
-            group=EXPORT,
-        ),
+        ADAPTER_FORMAT,
         Flag("--output_path", "output file (the format's suffix is added)", short="-o", required=True, group=OUTPUT),
         Flag("--dtype", "float32 | float16", default="float32", choices=("float32", "float16"), group=EXPORT),
         Flag("--quantize_int4", "refused: the base model's LoRA inputs are float", kind="flag", group=QUANT),

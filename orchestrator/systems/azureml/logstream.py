@@ -17,6 +17,7 @@ from typing import Any
 
 from orchestrator.core.errors import RunFailure, UserError
 from orchestrator.core.fs import atomic_write_text
+from orchestrator.systems.azureml import retries
 
 BUILD_LOG = "azureml-logs/20_image_build_log.txt"
 SINGLE_LOG = "user_logs/std_log.txt"
@@ -79,7 +80,6 @@ def is_transient(exc: BaseException) -> bool:
     a body cut short (ChunkedEncodingError), azure-core's ServiceRequestError / ServiceResponseError, HTTP
     408/429/5xx from run history or the blob, and the LogReadErrors marked retry."""
     import requests
-    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
     if isinstance(exc, LogReadError):
         return exc.retry
@@ -87,12 +87,7 @@ def is_transient(exc: BaseException) -> bool:
         return "CERTIFICATE_VERIFY_FAILED" not in str(exc)
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
         return True
-    if isinstance(exc, (ServiceRequestError, ServiceResponseError, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, HttpResponseError):
-        code = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
-        return code in (408, 429) or (code is not None and code >= 500)
-    return False
+    return retries.is_transient(exc)  # azure-core's connection errors, timeouts, HTTP 408/429/5xx
 
 
 def backoff(failures: int) -> float:
