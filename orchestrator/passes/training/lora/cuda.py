@@ -241,7 +241,7 @@ def estimate_step_memory_gib(
         per_token_layer = (ACT_HIDDEN_FACTOR * hidden + ACT_INTERMEDIATE_FACTOR * inter) * 2
         logits = tokens * vocab * 4 * 2
     if stored_masks:
-        per_token_layer += PHILOX_SAVED_HIDDEN_FACTOR * hidden + inter
+        per_token_layer += stored_mask_bytes(shape)
     # with checkpointing: the layer inputs are kept, and one layer's activations live during its recompute
     act = tokens * (layers * hidden * 2 + per_token_layer) if checkpointing else tokens * layers * per_token_layer
     trainable = float(shape.get("trainable_params", 0))
@@ -249,12 +249,15 @@ def estimate_step_memory_gib(
     return (weight_bytes + act + optimizer + logits) / 2**30
 
 
-def philox_saving_gib(shape: Mapping[str, Any]) -> float:
-    """GiB of stored dropout masks (and o_proj's dropped-out input) that Philox dropout does not keep."""
+def stored_mask_bytes(shape: Mapping[str, Any]) -> int:
+    """Bytes per token per decoder layer of the fused layers' stored dropout masks (and o_proj's dropped-out input)."""
     hidden = int(shape.get("hidden_size", 0))
-    inter = int(shape.get("intermediate_size", 0) or 4 * hidden)
-    per_token_layer = PHILOX_SAVED_HIDDEN_FACTOR * hidden + inter
-    return int(shape.get("tokens_per_step", 0)) * int(shape.get("num_layers", 0)) * per_token_layer / 2**30
+    return PHILOX_SAVED_HIDDEN_FACTOR * hidden + (int(shape.get("intermediate_size", 0)) or 4 * hidden)
+
+
+def philox_saving_gib(shape: Mapping[str, Any]) -> float:
+    """GiB of stored dropout masks over the whole step that Philox dropout does not keep."""
+    return int(shape.get("tokens_per_step", 0)) * int(shape.get("num_layers", 0)) * stored_mask_bytes(shape) / 2**30
 
 
 def plan_cuda(
