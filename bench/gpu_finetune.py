@@ -616,7 +616,13 @@ def how_text(system: str, r: dict[str, Any]) -> str:
     if "q, k, v split" in plan:
         bits.append("qkv split")
     if "fused LoRA layers:" in plan:
-        bits.append("fused LoRA layers" + (" (dropout inside)" if "LoRA dropout inside" in plan else ""))
+        masks = (
+            ", masks as bits" if "kept as 1 bit per element" in plan
+            else ", masks regenerated" if "mask regenerated from a Philox seed" in plan
+            else ", stored masks" if "stored byte masks" in plan
+            else ""
+        )  # fmt: skip
+        bits.append("fused LoRA layers" + (f" (dropout inside{masks})" if "LoRA dropout inside" in plan else ""))
     if "small LoRA term written first" in plan:
         bits.append("LoRA-first GEMM order")
     if "residual add inside the post-attention RMSNorm" in plan:

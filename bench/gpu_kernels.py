@@ -141,7 +141,7 @@ def correctness(res: dict[str, Any]) -> None:
     # Philox: peft's layer with the reference's masks for the seeds the fused layer draws)
     from orchestrator.passes.training.lora import fused as lora_fused
 
-    for philox in (False, True):
+    for philox, bits in ((False, False), (True, False), (True, True)):
         for d_in, d_out in ((3072, 9216), (8192, 3072)):
             ref_layer = lora_layer(d_in, d_out, 0.05)
             fused_layer = lora_layer(d_in, d_out, 0.05)
@@ -151,8 +151,8 @@ def correctness(res: dict[str, Any]) -> None:
             x = torch.randn(2048, d_in, device="cuda", dtype=torch.bfloat16)
             g = torch.randn(2048, d_out, device="cuda", dtype=torch.bfloat16)
             outs = []
-            saved_philox = lora_fused.PHILOX_DROPOUT
-            lora_fused.PHILOX_DROPOUT = philox
+            saved_philox, saved_bits = lora_fused.PHILOX_DROPOUT, lora_fused.BIT_MASKS
+            lora_fused.PHILOX_DROPOUT, lora_fused.BIT_MASKS = philox, bits
             try:
                 for layer in (ref_layer, fused_layer):
                     xi = x.clone().requires_grad_(True)
@@ -163,8 +163,10 @@ def correctness(res: dict[str, Any]) -> None:
                     grads = (layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
                     outs.append((out.float(), xi.grad.float(), *grads))
             finally:
-                lora_fused.PHILOX_DROPOUT = saved_philox
-            mode = "philox dropout layer vs peft + reference masks" if philox else "fused dropout layer vs peft"
+                lora_fused.PHILOX_DROPOUT, lora_fused.BIT_MASKS = saved_philox, saved_bits
+            mode = "fused dropout layer vs peft"
+            if philox:
+                mode = f"philox dropout layer{' (keep bits)' if bits else ''} vs peft + reference masks"
             for name, a, b in zip(("out", "grad_x", "grad_A", "grad_B"), outs[1], outs[0], strict=True):
                 checks[f"{mode} {d_in}->{d_out} {name}"] = rel_err(a, b)
     philox_correctness(checks)
@@ -324,6 +326,19 @@ def philox_correctness(checks: dict[str, float]) -> None:
         )
         checks[f"philox dropout_grad add {name}"] = rel_err(
             pd.dropout_grad_add_(gx.clone(), gh, a, 0.05, seed),
+            pd.dropout_grad_reference(gh, a, 0.05, seed, torch.bfloat16, grad_x=gx),
+        )
+        # keep bits: written by the forward kernel, read by the backward ones (given a wrong seed: they must read)
+        bits = pd.new_bits(rows, cols, "cuda").fill_(0x5A5A5A5A)
+        pd.dropout_lora_a(x, a, 0.05, seed, bits=bits)
+        want_bits = pd.pack_keep_bits(pd.keep_mask_reference(seed, rows, cols, 0.05, "cuda"))
+        checks[f"bits written vs reference {name} (mismatching words)"] = float((bits != want_bits).sum())
+        checks[f"bits dropout_lora_a_wgrad {name}"] = rel_err(
+            pd.dropout_lora_a_wgrad(x, gh, 0.05, seed + 1, bits=bits),
+            pd.dropout_lora_a_wgrad_reference(x, gh, 0.05, seed),
+        )
+        checks[f"bits dropout_grad add {name}"] = rel_err(
+            pd.dropout_grad_add_(gx.clone(), gh, a, 0.05, seed + 1, bits=bits),
             pd.dropout_grad_reference(gh, a, 0.05, seed, torch.bfloat16, grad_x=gx),
         )
     fp32_ieee_checks(checks)
@@ -513,14 +528,16 @@ def timings(res: dict[str, Any]) -> None:
         t[f"{name}: peft LoRA p=0.05"] = fwd_bwd(peft_layer, x, g)
         fused = lora_layer(d_in, d_out, 0.05)
         lora_fused.fuse_lora_layers(fused)
-        saved_philox = lora_fused.PHILOX_DROPOUT
-        lora_fused.PHILOX_DROPOUT = False  # the default: native_dropout, its mask stored
+        saved_philox, saved_bits = lora_fused.PHILOX_DROPOUT, lora_fused.BIT_MASKS
+        lora_fused.PHILOX_DROPOUT, lora_fused.BIT_MASKS = False, False  # -philox_dropout: native_dropout's mask
         try:
-            t[f"{name}: orch fused, dropout inside (native_dropout)"] = fwd_bwd(fused, x, g)
+            t[f"{name}: orch fused, dropout inside (native_dropout, -philox_dropout)"] = fwd_bwd(fused, x, g)
             lora_fused.PHILOX_DROPOUT = True  # ORCH_CUDA_FASTPATH=+philox_dropout: the mask regenerated
-            t[f"{name}: orch fused, dropout inside (Philox, +philox_dropout)"] = fwd_bwd(fused, x, g)
+            t[f"{name}: orch fused, dropout inside (Philox regenerated, +philox_dropout)"] = fwd_bwd(fused, x, g)
+            lora_fused.BIT_MASKS = True  # the default: Philox's mask kept as bits
+            t[f"{name}: orch fused, dropout inside (Philox, keep bits)"] = fwd_bwd(fused, x, g)
         finally:
-            lora_fused.PHILOX_DROPOUT = saved_philox
+            lora_fused.PHILOX_DROPOUT, lora_fused.BIT_MASKS = saved_philox, saved_bits
         saved = lora_kernels.triton_available
         lora_kernels.triton_available = lambda: False  # type: ignore[assignment]  # the path before this change
         try:
@@ -664,7 +681,18 @@ def philox_timings(t: Any) -> None:
             lora_kernels.lora_dropout_grad_add_(gx, gh, a, mask, 1 / (1 - p))
         )
         t[f"{pre}: input grad add (Philox)"] = lambda gx=gx, gh=gh, a=a: pd.dropout_grad_add_(gx, gh, a, p, seed)
-        del x, a, gh, gx, xd, mask
+        bits = pd.new_bits(T, width, "cuda")
+        t[f"{pre}: fwd dropout_lora_a writing bits"] = lambda x=x, a=a, b=bits: pd.dropout_lora_a(x, a, p, seed, bits=b)
+        t[f"{pre}: A grad dropout_lora_a_wgrad, bits read"] = lambda x=x, gh=gh, b=bits: pd.dropout_lora_a_wgrad(
+            x, gh, p, seed, bits=b
+        )
+        t[f"{pre}: input grad write, bits read"] = lambda gh=gh, a=a, b=bits: pd.dropout_grad(
+            gh, a, p, seed, torch.bfloat16, bits=b
+        )
+        t[f"{pre}: input grad add, bits read"] = lambda gx=gx, gh=gh, a=a, b=bits: pd.dropout_grad_add_(
+            gx, gh, a, p, seed, bits=b
+        )
+        del x, a, gh, gx, xd, mask, bits
 
 
 def philox(res: dict[str, Any]) -> None:

@@ -41,6 +41,8 @@ def kernel_outputs(res: dict[str, Any]) -> None:
         a = (torch.randn(r, k, generator=gen) * 0.1).to(dtype)
         gh = torch.randn(n, r, generator=gen).to(dtype)
         gx = torch.randn(n, k, generator=gen).to(dtype)
+        bits = pd.new_bits(n, k, x.device).fill_(0x5A5A5A5A)  # garbage: the forward must write every word
+        h_bits = pd.dropout_lora_a(x, a, P, SEED, bits=bits)
         res[f"kernels {dtype} {n}x{k} r{r}"] = {
             "kernels_apply": pd.kernels_apply(x, a, gh, rank=r),
             "x": x, "a": a, "gh": gh, "gx": gx,
@@ -49,6 +51,12 @@ def kernel_outputs(res: dict[str, Any]) -> None:
             "wgrad_3_splits": pd.dropout_lora_a_wgrad(x, gh, P, SEED, splits=3),
             "grad": pd.dropout_grad(gh, a, P, SEED, dtype),
             "grad_add": pd.dropout_grad_add_(gx.clone(), gh, a, P, SEED),
+            # keep bits: written by the forward, read by the backward kernels (a wrong seed proves they are read)
+            "bits": bits, "h_bits": h_bits,
+            "wgrad_bits": pd.dropout_lora_a_wgrad(x, gh, P, SEED + 1, bits=bits),
+            "wgrad_bits_3_splits": pd.dropout_lora_a_wgrad(x, gh, P, SEED + 1, splits=3, bits=bits),
+            "grad_bits": pd.dropout_grad(gh, a, P, SEED + 1, dtype, bits=bits),
+            "grad_add_bits": pd.dropout_grad_add_(gx.clone(), gh, a, P, SEED + 1, bits=bits),
         }  # fmt: skip
 
 
@@ -135,6 +143,12 @@ def fused_model_outputs(res: dict[str, Any]) -> None:
     fused.PHILOX_DROPOUT = True  # ORCH_CUDA_FASTPATH=+philox_dropout
     for name, kwargs in runs.items():
         res[f"model fused philox {name}"] = step(copy.deepcopy(model), ids, **kwargs)
+    fused.BIT_MASKS = True  # the default: Philox masks kept as bits
+    try:
+        for name, kwargs in runs.items():
+            res[f"model fused bits {name}"] = step(copy.deepcopy(model), ids, **kwargs)
+    finally:
+        fused.BIT_MASKS = False
     fused.PHILOX_DROPOUT = False  # ORCH_CUDA_FASTPATH=-philox_dropout: native_dropout, the stored-mask kernel
     try:
         res["model fused native_dropout"] = step(copy.deepcopy(model), ids)
@@ -173,13 +187,20 @@ def swiglu_down_outputs(res: dict[str, Any]) -> None:
     outs = {}
     for name, fn in (
         ("fused", lambda ui: fused.swiglu_down(layer, ui)),
+        # u as the MLP passes it: another function's output, its gradient written over it in the backward
+        ("fused bits, u overwritten", lambda ui: fused.swiglu_down(layer, ui * 1, overwrite_u=True)),
         ("eager", lambda ui: reference(swiglu_reference(ui))),
     ):
         ui = u.clone().requires_grad_(True)
+        owner = layer if name.startswith("fused") else reference
+        owner.zero_grad(set_to_none=True)
         torch.manual_seed(9)
-        out = fn(ui)
-        out.backward(g)
-        owner = layer if name == "fused" else reference
+        fused.BIT_MASKS = "bits" in name
+        try:
+            out = fn(ui)
+            out.backward(g)
+        finally:
+            fused.BIT_MASKS = False
         outs[name] = {
             "out": out.detach(),
             "grad_u": ui.grad,

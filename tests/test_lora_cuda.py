@@ -517,34 +517,50 @@ def test_lora_first_gemm_order_is_planned_and_turns_off(tiny_phi3, monkeypatch: 
     assert lora_fused.LORA_FIRST is True
 
 
-def test_philox_dropout_is_planned_instead_of_checkpointing_where_the_masks_tip_the_step_over() -> None:
-    """On a 40 GB A100 Phi-3-mini's 8 x 1024-token step is estimated at ~36 GiB with stored dropout masks and ~31
-    without (headroom 0.85 x 39.4 = 33.5; measured on an H100: 35.0 and 29.2): Philox dropout (0.97x tokens/s)
-    instead of checkpointing (a recompute of every layer's forward). Not where the step fits with its masks or would
-    not fit without them, nor at dropout 0, nor against an explicit choice."""
+def test_dropout_masks_are_bits_and_regenerated_only_where_the_bits_tip_the_step_over() -> None:
+    """Phi-3-mini at 8 x 1024 tokens, dropout 0.05: ~36 GiB with native_dropout's stored masks, ~31 with the masks
+    as bits, ~31 with none (measured on an H100: 35.0 stored, 29.2 none). Bits by default: a 40 GB A100 (headroom
+    0.85 x 39.4 = 33.5) trains without checkpointing. Regenerating them (0.97x tokens/s) only where the bits tip the
+    step over and nothing kept fits, instead of checkpointing; not at dropout 0, nor against an explicit choice."""
     a100 = {**H100, "name": "NVIDIA A100-SXM4-40GB", "capability": (8, 0), "total_memory_gib": 39.4}
     shape = {**PHI3_MINI, "lora_dropout": 0.05, "num_attention_heads": 32, "num_key_value_heads": 32}
     assert lora_cuda.philox_saving_gib(shape) == pytest.approx(5.75)  # (5 x 3072 + 8192) B x 8192 tokens x 32 layers
-    plan = plan_cuda(a100, shape, {})
-    assert plan.philox_dropout and plan.gradient_checkpointing is False
-    assert any("instead of gradient checkpointing" in r and "~36 GiB with stored masks" in r for r in plan.reasons)
-    assert any("no gradient checkpointing: the step fits (~31 GiB of 39 GiB)" in r for r in plan.reasons)
-    # 48 GiB (an L40S) and the H100 fit the step with its stored masks: peft's masks, no checkpointing
-    for roomy in ({**a100, "total_memory_gib": 48.0}, H100):
-        fits = plan_cuda(roomy, shape, {})
-        assert not fits.philox_dropout and fits.gradient_checkpointing is False
-    # 32 GiB: without the masks it still would not fit, so checkpointing (and the stored masks) as before
-    small = {**a100, "total_memory_gib": 32.0}
-    assert plan_cuda(small, shape, {}).gradient_checkpointing is True and not plan_cuda(small, shape, {}).philox_dropout
-    # dropout 0: no masks, nothing for Philox to save
-    zero = plan_cuda(small, {**shape, "lora_dropout": 0.0}, {})
-    assert zero.gradient_checkpointing is True and not zero.philox_dropout
-    # the user's own choices win: checkpointing asked for, -philox_dropout, or gc forced
-    assert not plan_cuda(a100, shape, {"gradient_checkpointing": True}).philox_dropout
-    no_philox = plan_cuda(a100, shape, {}, parse_options("-philox_dropout"))
-    assert not no_philox.philox_dropout and no_philox.gradient_checkpointing is True
-    assert not plan_cuda(a100, shape, {}, parse_options("+gc")).philox_dropout
-    assert not plan_cuda(a100, shape, {}, parse_options("-fused_dropout")).philox_dropout
+    assert lora_cuda.bit_masks_gib(shape) == pytest.approx(0.53, abs=0.01)  # (3 x 3072 + 8192) / 8 B per token-layer
+    for gpu in (a100, H100):
+        plan = plan_cuda(gpu, shape, {})
+        assert plan.philox_dropout and plan.bit_masks and plan.gradient_checkpointing is False
+        assert any("kept as 1 bit per element" in r and "~5.2 GiB less" in r for r in plan.reasons)
+    assert any(
+        "no gradient checkpointing: the step fits (~31 GiB of 39 GiB)" in r for r in plan_cuda(a100, shape, {}).reasons
+    )
+    # 36.4 GiB (0.85 x 36.4 = 30.9): the bits tip it over, nothing kept fits: regenerated instead of checkpointing
+    tight = plan_cuda({**a100, "total_memory_gib": 36.4}, shape, {})
+    assert tight.philox_dropout and not tight.bit_masks and tight.gradient_checkpointing is False
+    assert any("instead of gradient checkpointing" in r and "with the masks as bits" in r for r in tight.reasons)
+    # 32 GiB: no mask mode fits, so checkpointing, with the bits
+    small = plan_cuda({**a100, "total_memory_gib": 32.0}, shape, {})
+    assert small.gradient_checkpointing is True and small.bit_masks
+    # dropout 0: no masks, nothing to regenerate for memory
+    zero = plan_cuda({**a100, "total_memory_gib": 36.4}, {**shape, "lora_dropout": 0.0}, {})
+    assert zero.bit_masks and not any("instead of gradient checkpointing" in r for r in zero.reasons)
+    # the user's own choices win: peft's stored masks (-philox_dropout, or -bit_masks alone) need checkpointing on
+    # the A100; +philox_dropout regenerates; checkpointing asked for or forced keeps the bits
+    for text in ("-philox_dropout", "-bit_masks", "+bit_masks,-philox_dropout"):
+        stored = plan_cuda(a100, shape, {}, parse_options(text))
+        assert not stored.philox_dropout and not stored.bit_masks and stored.gradient_checkpointing is True, text
+        assert any("native_dropout's stored byte masks" in r for r in stored.reasons)
+    regen = plan_cuda(H100, shape, {}, parse_options("+philox_dropout"))
+    assert (
+        regen.philox_dropout
+        and not regen.bit_masks
+        and any("asked for by ORCH_CUDA_FASTPATH" in r for r in regen.reasons)
+    )
+    assert plan_cuda(H100, shape, {}, parse_options("+philox_dropout,+bit_masks")).bit_masks
+    tight_asked = {**a100, "total_memory_gib": 36.4}
+    assert plan_cuda(tight_asked, shape, {"gradient_checkpointing": True}).bit_masks
+    assert plan_cuda(tight_asked, shape, {}, parse_options("+gc")).bit_masks
+    off = plan_cuda(a100, shape, {}, parse_options("-fused_dropout"))
+    assert not off.philox_dropout and not off.bit_masks
 
 
 def test_the_fast_paths_memory_estimate_follows_the_measured_peaks() -> None:
@@ -563,34 +579,26 @@ def test_the_fast_paths_memory_estimate_follows_the_measured_peaks() -> None:
     assert estimate_step_memory_gib(phi3, checkpointing=False) > 40  # plain transformers + peft: 51.3 measured
 
 
-def test_philox_dropout_is_planned_with_fused_dropout_and_turns_off(tiny_phi3, monkeypatch: pytest.MonkeyPatch) -> None:
-    """philox_dropout (masks regenerated from a seed, never stored) is opt-in (+philox_dropout) where the step fits
-    either way (0.97x tokens/s on an H100); by default and with -philox_dropout the fused layers keep native_dropout's
-    stored masks (peft's), and apply_plan sets fused.PHILOX_DROPOUT so."""
+def test_dropout_mask_modes_reach_the_fused_layers(tiny_phi3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply_plan sets fused.PHILOX_DROPOUT / BIT_MASKS from the plan's mask mode: bits by default, regenerated
+    with +philox_dropout, native_dropout's stored masks with -philox_dropout; none without fused LoRA layers."""
     import peft
     import transformers
 
     from orchestrator.passes.training.lora import fused as lora_fused
 
     monkeypatch.setattr(lora_fused, "PHILOX_DROPOUT", lora_fused.PHILOX_DROPOUT)  # restored after the test
-    default = plan_cuda(H100, PHI3_MINI, {})
-    assert default.fused_dropout and not default.philox_dropout
-    assert any("native_dropout: peft's masks" in r and "+philox_dropout" in r for r in default.reasons)
-    plan = plan_cuda(H100, PHI3_MINI, {}, parse_options("+philox_dropout"))
-    assert plan.fused_dropout and plan.philox_dropout
-    assert any("Philox seed" in r and "+philox_dropout" in r for r in plan.reasons)
-    off = plan_cuda(H100, PHI3_MINI, {}, parse_options("-philox_dropout,-liger,-padding_free"))
-    assert off.fused_dropout and not off.philox_dropout
-    assert any("native_dropout: peft's masks" in r and "Philox dropout off" in r for r in off.reasons)
+    monkeypatch.setattr(lora_fused, "BIT_MASKS", lora_fused.BIT_MASKS)
     assert not plan_cuda(H100, PHI3_MINI, {}, parse_options("+philox_dropout,-fused_dropout")).philox_dropout
     assert not plan_cuda(H100, PHI3_MINI, {}, {"fused_lora": False, "philox_dropout": True}).philox_dropout
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv_proj"]))
-    lora_cuda.apply_plan(off, model, {})
-    assert lora_fused.PHILOX_DROPOUT is False
-    asked = {"liger": False, "padding_free": False, "philox_dropout": True}
-    lora_cuda.apply_plan(plan_cuda(H100, PHI3_MINI, {}, asked), model, {})
-    assert lora_fused.PHILOX_DROPOUT is True
+    cpu = {"liger": False, "padding_free": False}
+    for text, want in (("", (True, True)), ("+philox_dropout", (True, False)), ("-philox_dropout", (False, False))):
+        plan = plan_cuda(H100, {**PHI3_MINI, "lora_dropout": 0.1}, {}, {**cpu, **parse_options(text)})
+        assert (plan.philox_dropout, plan.bit_masks) == want, text
+        lora_cuda.apply_plan(plan, model, {})
+        assert want == (lora_fused.PHILOX_DROPOUT, lora_fused.BIT_MASKS), text
 
 
 @pytest.fixture(scope="module")

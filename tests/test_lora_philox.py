@@ -133,6 +133,37 @@ def test_each_kernel_is_its_reference(interpreted: dict[str, Any], case: str) ->
     keep = pd.keep_mask_reference(SEED, x.shape[0], x.shape[1], P)
     assert int((~keep).sum()) > 0 and bool((got["grad"][~keep] == 0).all())
     assert not torch.allclose(got["h"].float(), (x.float() @ a.float().t()), **tol)  # not the undropped product
+    # keep bits: the forward wrote the mask (every word: the buffer started as garbage) and the same h; the
+    # backward kernels read the bits (they were given a wrong seed) and give the regenerating kernels' results
+    assert torch.equal(got["bits"], pd.pack_keep_bits(keep))
+    assert torch.equal(got["h_bits"], got["h"])
+    assert torch.equal(got["wgrad_bits"], got["wgrad"]) and torch.equal(
+        got["wgrad_bits_3_splits"], got["wgrad_3_splits"]
+    )
+    assert torch.equal(got["grad_bits"], got["grad"]) and torch.equal(got["grad_add_bits"], got["grad_add"])
+
+
+def test_keep_bits_pack_and_unpack_every_column() -> None:
+    """Bit j of word w is column 32 w + j (the sign bit too); widths that are not a multiple of 32 pad with 0."""
+    keep = pd.keep_mask_reference(SEED, 7, 70, 0.5)
+    bits = pd.pack_keep_bits(keep)
+    assert bits.dtype == torch.int32 and bits.shape == (7, 3)
+    assert torch.equal(pd.unpack_keep_bits(bits, 70), keep)
+    one = torch.zeros(1, 40, dtype=torch.bool)
+    one[0, 31] = one[0, 33] = True
+    assert pd.pack_keep_bits(one).tolist() == [[-(2**31), 2]]
+    # without the kernels the wrappers write and read the bits through the references
+    x, a = torch.randn(9, 70), torch.randn(16, 70) * 0.1
+    out = pd.new_bits(9, 70, x.device)
+    h = pd.dropout_lora_a(x, a, P, SEED, bits=out)
+    assert torch.equal(out, pd.pack_keep_bits(pd.keep_mask_reference(SEED, 9, 70, P)))
+    assert torch.equal(h, pd.dropout_lora_a_reference(x, a, P, SEED))
+    gh = torch.randn(9, 16)
+    assert torch.equal(
+        pd.dropout_lora_a_wgrad(x, gh, P, SEED + 1, bits=out), pd.dropout_lora_a_wgrad_reference(x, gh, P, SEED)
+    )
+    with pytest.raises(ValueError, match=r"keep bits must be a row-contiguous int32 \(9, 3\)"):
+        pd.dropout_grad(gh, a, P, SEED, torch.float32, bits=out[:, :2])
 
 
 def _max_grad_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -175,6 +206,23 @@ def test_checkpointing_recompute_draws_the_same_masks(interpreted: dict[str, Any
     assert _max_grad_diff(unpreserved, plain) > 1e-4
 
 
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "plain",
+        "transformers checkpoint, reentrant",
+        "transformers checkpoint, non-reentrant",
+        "offload.py CheckpointOffloader",
+    ],
+)
+def test_fused_layers_with_keep_bits_are_the_regenerating_ones(interpreted: dict[str, Any], mode: str) -> None:
+    """BIT_MASKS (the default): the masks drawn in the forward and kept as bits give the loss and gradients of the
+    regenerating mode, also where checkpointing recomputes the forward (the recompute writes the same bits)."""
+    got, want = interpreted[f"model fused bits {mode}"], interpreted[f"model fused philox {mode}"]
+    assert torch.equal(got["loss"], want["loss"])
+    assert _max_grad_diff(got, want) == 0.0
+
+
 def test_without_philox_the_fused_layers_keep_peft_masks(interpreted: dict[str, Any]) -> None:
     """ORCH_CUDA_FASTPATH=-philox_dropout (fused.PHILOX_DROPOUT off): native_dropout inside, its stored mask read
     by the Triton input-gradient kernel: the same loss and gradients as peft's forward with nn.Dropout."""
@@ -187,6 +235,9 @@ def test_without_philox_the_fused_layers_keep_peft_masks(interpreted: dict[str, 
 def test_swiglu_down_in_philox_mode_is_the_eager_mlp_tail(interpreted: dict[str, Any]) -> None:
     """fused.swiglu_down (SwiGLU recomputed in the backward, the mask regenerated) against silu(gate) * up, then
     the peft layer with keep_mask_reference's mask: output, the gradient of u = [gate | up], A's and B's."""
-    fused, eager = interpreted["swiglu_down"]["fused"], interpreted["swiglu_down"]["eager"]
-    for name in ("out", "grad_u", "grad_A", "grad_B"):
-        assert torch.allclose(fused[name], eager[name], atol=1e-5, rtol=1e-5), name
+    outs = interpreted["swiglu_down"]
+    eager = outs["eager"]
+    # also with the keep bits and u's gradient written over u (the MLP's own gate_up output)
+    for fused in (outs["fused"], outs["fused bits, u overwritten"]):
+        for name in ("out", "grad_u", "grad_A", "grad_B"):
+            assert torch.allclose(fused[name], eager[name], atol=1e-5, rtol=1e-5), name

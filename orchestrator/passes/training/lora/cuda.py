@@ -138,6 +138,8 @@ MEMORY_HEADROOM = 0.85  # plan to use at most this share of the GPU's memory
 # and mask, (5 * hidden + intermediate). Measured on an H100 at 8 x 1024 tokens, dropout 0.05: 5.8 GiB on
 # Phi-3-mini (35.0 -> 29.2 GiB) and 5.7 on Phi-4-mini (33.4 -> 27.7), for 0.97x tokens/s (bench/RESULTS.md run 5).
 PHILOX_SAVED_HIDDEN_FACTOR = 5
+# LoRA inputs of hidden width per decoder layer (qkv_proj, o_proj, gate_up_proj; down_proj's is intermediate-wide)
+LORA_INPUTS_HIDDEN_FACTOR = 3
 OPTION_NAMES = (
     "liger",
     "padding_free",
@@ -161,6 +163,7 @@ OPTION_NAMES = (
     "add_norm",
     "offload_checkpoints",
     "philox_dropout",
+    "bit_masks",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -193,7 +196,8 @@ class CudaPlan:
     lora_first: bool = False  # fused layers: the LoRA term written first, the base GEMM accumulates into it
     add_norm: bool = False  # Phi-3 layers: the attention's residual add inside the post-attention RMSNorm (Liger)
     offload_checkpoints: bool = False  # checkpointed layer inputs in pinned host memory (offload.py), copies overlapped
-    philox_dropout: bool = False  # fused dropout's mask regenerated from a Philox seed in Triton kernels, never stored
+    philox_dropout: bool = False  # fused dropout's mask drawn from a Philox seed by Triton kernels
+    bit_masks: bool = False  # with philox_dropout: the mask kept as 1 bit per element, else regenerated where used
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -215,13 +219,19 @@ def parse_options(text: str | None) -> dict[str, bool]:
 
 
 def estimate_step_memory_gib(
-    shape: Mapping[str, Any], *, checkpointing: bool, fast_path: bool = False, stored_masks: bool = False
+    shape: Mapping[str, Any],
+    *,
+    checkpointing: bool,
+    fast_path: bool = False,
+    stored_masks: bool = False,
+    bit_masks: bool = False,
 ) -> float:
     """Weights + activations + optimizer state of one training step, in GiB (an estimate, not a measurement).
 
     `fast_path`: the activations and the loss as the plan's measured fast path keeps them (FAST_PATH_ACT_*, the
     fused linear cross-entropy's logits chunk); else the conservative factors of plain transformers + peft.
-    `stored_masks`: the fused layers' stored dropout masks (what Philox dropout does not keep) on top.
+    `stored_masks`: the fused layers' stored dropout masks (what Philox dropout does not keep) on top; `bit_masks`:
+    Philox's masks kept as bits instead.
     """
     n_params = float(shape.get("n_params", 0))
     weight_bytes = n_params * (0.55 if shape.get("quantized_4bit") else 2.0)
@@ -242,6 +252,8 @@ def estimate_step_memory_gib(
         logits = tokens * vocab * 4 * 2
     if stored_masks:
         per_token_layer += stored_mask_bytes(shape)
+    elif bit_masks:
+        per_token_layer += bit_mask_bytes(shape)
     # with checkpointing: the layer inputs are kept, and one layer's activations live during its recompute
     act = tokens * (layers * hidden * 2 + per_token_layer) if checkpointing else tokens * layers * per_token_layer
     trainable = float(shape.get("trainable_params", 0))
@@ -258,6 +270,80 @@ def stored_mask_bytes(shape: Mapping[str, Any]) -> int:
 def philox_saving_gib(shape: Mapping[str, Any]) -> float:
     """GiB of stored dropout masks over the whole step that Philox dropout does not keep."""
     return int(shape.get("tokens_per_step", 0)) * int(shape.get("num_layers", 0)) * stored_mask_bytes(shape) / 2**30
+
+
+def bit_mask_bytes(shape: Mapping[str, Any]) -> float:
+    """Bytes per token per decoder layer of Philox's masks kept as bits: one bit per element of each LoRA input."""
+    hidden = int(shape.get("hidden_size", 0))
+    return (LORA_INPUTS_HIDDEN_FACTOR * hidden + (int(shape.get("intermediate_size", 0)) or 4 * hidden)) / 8
+
+
+def bit_masks_gib(shape: Mapping[str, Any]) -> float:
+    """GiB of keep bits over the whole step (what regenerating the masks saves on top of keeping them as bits)."""
+    return int(shape.get("tokens_per_step", 0)) * int(shape.get("num_layers", 0)) * bit_mask_bytes(shape) / 2**30
+
+
+def dropout_mask_mode(
+    opts: Mapping[str, bool],
+    sft_kwargs: Mapping[str, Any],
+    fused_dropout: bool,
+    masks: bool,
+    need: float,
+    shape: Mapping[str, Any],
+    total: float,
+) -> tuple[str, str]:
+    """(mode, reason) for the fused layers' dropout masks: "stored" (native_dropout's byte mask: peft's random
+    numbers), "bits" (drawn by the Philox kernels, kept as 1 bit per element) or "regenerate" (drawn again from the
+    seed where used, nothing kept); "none" without fused dropout. `masks`: the adapter has dropout (else the mode
+    is still set, for an adapter whose dropout the shape did not show, but costs no memory).
+
+    Bits by default: the forward's kernel draws and packs the mask while it reads x once, and the backward kernels
+    read 1 bit per element where the stored mode reads a byte and a dropped-out copy. Regenerating keeps nothing
+    but runs Philox twice more in the backward (0.97x tokens/s against stored masks, run 5): only where the step
+    does not fit with the bits but does without them, instead of gradient checkpointing, or when asked for
+    (`+philox_dropout,-bit_masks`). `-philox_dropout` (or `-bit_masks` alone) keeps peft's own masks.
+    """
+    if not fused_dropout:
+        return "none", "LoRA dropout through the layers' own nn.Dropout (fused dropout off)"
+    explicit_ckpt = bool(sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"))
+    if opts.get("philox_dropout") is False or (opts.get("bit_masks") is False and "philox_dropout" not in opts):
+        return "stored", (
+            "LoRA dropout inside the fused layers with native_dropout's stored byte masks (peft's random numbers; "
+            "ORCH_CUDA_FASTPATH), its input gradient added by one Triton kernel reading the mask"
+        )
+    with_bits = need - philox_saving_gib(shape) + bit_masks_gib(shape)
+    regenerate_for_memory = bool(
+        masks
+        and total > 0
+        and "gc" not in opts
+        and "bit_masks" not in opts
+        and not explicit_ckpt
+        and with_bits > MEMORY_HEADROOM * total >= with_bits - bit_masks_gib(shape)
+    )
+    if opts.get("bit_masks") is False or (opts.get("philox_dropout") and "bit_masks" not in opts):
+        why = "asked for by ORCH_CUDA_FASTPATH"
+    elif regenerate_for_memory:
+        why = (
+            f"instead of gradient checkpointing: the step needs ~{with_bits:.0f} GiB with the masks as bits, "
+            f"~{with_bits - bit_masks_gib(shape):.0f} without, the GPU has {total:.0f} GiB"
+        )
+    else:
+        return "bits", (
+            "LoRA dropout inside the fused layers, its mask drawn from a Philox seed by the Triton kernel that "
+            "computes h = dropout(x) A^T and kept as 1 bit per element, which A's and the input's gradient kernels "
+            + (
+                f"read (~{philox_saving_gib(shape) - bit_masks_gib(shape):.1f} GiB less than native_dropout's byte "
+                "masks and dropped-out copies here)"
+                if masks
+                else "read (none here: dropout 0)"
+            )
+            + "; same dropout distribution, not peft's random numbers (-philox_dropout keeps peft's)"
+        )
+    return "regenerate", (
+        "LoRA dropout inside the fused layers, its mask regenerated from a Philox seed by Triton kernels where it is "
+        f"used (h = dropout(x) A^T, A's gradient, the input gradient), nothing kept (~{philox_saving_gib(shape):.1f} "
+        f"GiB less than stored masks); {why} (0.97x tokens/s against stored masks on an H100, bench/RESULTS.md)"
+    )
 
 
 def plan_cuda(
@@ -468,46 +554,13 @@ def plan_cuda(
     masks = fused_dropout and float(shape.get("lora_dropout", 0.0) or 0.0) > 0
     total = float(device.get("total_memory_gib", 0.0))
     need = estimate_step_memory_gib(shape, checkpointing=False, fast_path=fast_path, stored_masks=masks)
-    saving = philox_saving_gib(shape) if masks else 0.0
-    # Philox dropout costs ~3% of speed (the backward regenerates the mask), checkpointing a recompute of every
-    # layer's forward: where the step fits without its stored masks and checkpointing is nobody's explicit choice,
-    # Philox instead of checkpointing
-    philox_for_memory = bool(
-        saving > 0
-        and total > 0
-        and "gc" not in opts
-        and not (sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"))
-        and need > MEMORY_HEADROOM * total >= need - saving
-    )
-    philox_dropout = bool(fused_dropout and opts.get("philox_dropout", philox_for_memory))
-    if philox_dropout:
-        reasons.append(
-            "LoRA dropout inside the fused layers, its mask regenerated from a Philox seed by Triton kernels where it "
-            "is used (h = dropout(x) A^T, A's gradient, the input gradient) instead of stored: no mask kept (~"
-            f"{philox_saving_gib(shape):.1f} GiB less here); same dropout distribution, not peft's random numbers; "
-            + (
-                "asked for by ORCH_CUDA_FASTPATH=+philox_dropout"
-                if opts.get("philox_dropout")
-                else f"instead of gradient checkpointing: the step needs ~{need:.0f} GiB with stored masks, "
-                f"~{need - saving:.0f} without, the GPU has {total:.0f} GiB"
-            )
-            + " (0.97x tokens/s on an H100 where the step fits either way, bench/RESULTS.md)"
-        )
-    elif fused_dropout:
-        reasons.append(
-            "LoRA dropout inside the fused layers (native_dropout: peft's masks), its input gradient added by one "
-            "Triton kernel reading the stored mask"
-            + (
-                "; Philox dropout off (ORCH_CUDA_FASTPATH)"
-                if "philox_dropout" in opts
-                else "; +philox_dropout regenerates the mask instead of storing it (~5.8 GiB less on Phi-3-mini at "
-                "8 x 1024 tokens for 0.97x tokens/s on an H100; planned by itself where it saves checkpointing)"
-            )
-        )
+    mask_mode, why_masks = dropout_mask_mode(opts, sft_kwargs, fused_dropout, masks, need, shape, total)
+    philox_dropout, bit_masks = mask_mode in ("bits", "regenerate"), mask_mode == "bits"
+    if masks and philox_dropout:  # the estimate counted native_dropout's stored masks
+        need -= philox_saving_gib(shape) - (bit_masks_gib(shape) if bit_masks else 0.0)
+    reasons.append(why_masks)
 
     gc: bool | None = None
-    if philox_dropout:
-        need -= saving
     if "gc" in opts:
         gc = opts["gc"]
         reasons.append(f"gradient checkpointing {'on' if gc else 'off'} (ORCH_CUDA_FASTPATH)")
@@ -543,7 +596,9 @@ def plan_cuda(
     else:
         layers, hidden = int(shape.get("num_layers", 0)), int(shape.get("hidden_size", 0))
         gb = layers * int(shape.get("tokens_per_step", 0)) * hidden * 2 / 1e9
-        need_ckpt = estimate_step_memory_gib(shape, checkpointing=True, fast_path=fast_path, stored_masks=masks)
+        need_ckpt = estimate_step_memory_gib(
+            shape, checkpointing=True, fast_path=fast_path, stored_masks=mask_mode == "stored", bit_masks=bit_masks
+        )
         tight = total > 0 and need_ckpt > MEMORY_HEADROOM * total
         if want_offload or tight:
             offload_checkpoints = True
@@ -589,6 +644,7 @@ def plan_cuda(
         add_norm=add_norm,
         offload_checkpoints=offload_checkpoints,
         philox_dropout=philox_dropout,
+        bit_masks=bit_masks,
         reasons=tuple(reasons),
     )
 
@@ -717,6 +773,7 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         lora_kernels.DROPOUT_KERNEL_ENABLED = plan.fused_dropout
         lora_fused.LORA_FIRST = plan.lora_first
         lora_fused.PHILOX_DROPOUT = plan.philox_dropout
+        lora_fused.BIT_MASKS = plan.bit_masks
         fuse_lora_layers(model)
     if plan.compile_layers:
         compile_decoder_layers(model)

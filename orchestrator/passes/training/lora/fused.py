@@ -53,6 +53,7 @@ takes it away again.
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 from typing import Any
 
 FUSED_ATTR = "_orch_fused_lora"
@@ -63,6 +64,9 @@ LORA_FIRST = True
 # lora_cuda's plan sets it (masks regenerated from a Philox seed, never stored: where that memory saves checkpointing,
 # or ORCH_CUDA_FASTPATH=+philox_dropout; 0.97x tokens/s where the step fits either way, see cuda.py)
 PHILOX_DROPOUT = False
+# lora_cuda's plan sets it: the Philox masks drawn in the forward kept as keep bits (1 bit per element) for the
+# backward kernels to read, instead of being regenerated there (philox_dropout.py, "bit masks")
+BIT_MASKS = False
 
 
 def base_plus_lora(
@@ -117,7 +121,7 @@ def input_grad(g: Any, w: Any, gh: Any, a16: Any, mask: Any, keep_scale: float) 
         if mask is None:
             lora = torch.mm(gh, a16)
         elif philox:
-            lora = philox_dropout.dropout_grad(gh, a16, mask.p, mask.seed, g.dtype)
+            lora = philox_dropout.dropout_grad(gh, a16, mask.p, mask.seed, g.dtype, bits=mask.bits)
         else:
             lora = lora_dropout_grad(gh, a16, mask, keep_scale, g.dtype)
         return lora.addmm_(g, w)
@@ -125,7 +129,7 @@ def input_grad(g: Any, w: Any, gh: Any, a16: Any, mask: Any, keep_scale: float) 
     if mask is None:
         return out.addmm_(gh, a16)
     if philox:
-        return philox_dropout.dropout_grad_add_(out, gh, a16, mask.p, mask.seed)
+        return philox_dropout.dropout_grad_add_(out, gh, a16, mask.p, mask.seed, bits=mask.bits)
     return lora_dropout_grad_add_(out, gh, a16, mask, keep_scale)
 
 
@@ -248,9 +252,9 @@ def _lora_dropout_function() -> Any:
                 if seed is None:
                     xd2, mask = torch.native_dropout(x2, p, True)
                     out, h = base_plus_lora(x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype)
-                else:  # the mask from the seed, inside the kernels: A's gradient reads x itself
-                    xd2, mask = x2, None
-                    h = philox_dropout.dropout_lora_a(x2, a16, p, seed)
+                else:  # the mask from the seed, inside the kernels (kept as bits or regenerated): A's gradient reads x
+                    xd2, mask = x2, (philox_dropout.new_bits(*x2.shape, x2.device) if BIT_MASKS else None)
+                    h = philox_dropout.dropout_lora_a(x2, a16, p, seed, bits=mask)
                     out, h = base_plus_lora(x2, None, weight, qstate, bias, a16, b16, scaling, dtype, h=h)
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p)
@@ -264,7 +268,7 @@ def _lora_dropout_function() -> Any:
                 weight if need_x else None,
                 a16 if need_x else None,
                 b16,
-                mask if need_x else None,
+                mask if need_x or (need_a and seed is not None) else None,  # keep bits: A's gradient reads them too
             )
             return out.view(*lead, out.shape[-1])
 
@@ -275,12 +279,12 @@ def _lora_dropout_function() -> Any:
             lead = grad_out.shape[:-1]
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_a = grad_b = None
-            drop = ctx.philox
+            drop = ctx.philox if ctx.philox is None or mask is None else replace(ctx.philox, bits=mask)
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh, grad_b = lora_out_grads(g, h if need_b else None, b16, ctx.scaling, ctx.dtypes[1])
                 if need_a:  # xd2: the dropped-out input, or with Philox dropout the input itself
                     wgrad = lora_wgrad(gh, xd2) if drop is None else philox_dropout.dropout_lora_a_wgrad(
-                        xd2, gh, drop.p, drop.seed
+                        xd2, gh, drop.p, drop.seed, bits=drop.bits
                     )  # fmt: skip
                     grad_a = wgrad.to(ctx.dtypes[0])
                 if need_x:
@@ -326,6 +330,7 @@ def _swiglu_down_function() -> Any:
             p: float,
             dtype: Any,
             seed: int | None,
+            overwrite_u: bool,
         ) -> Any:
             lead = u.shape[:-1]
             u2 = u.reshape(-1, u.shape[-1])
@@ -335,8 +340,9 @@ def _swiglu_down_function() -> Any:
                 a16, b16 = a.to(dtype), b.to(dtype)
                 c = swiglu_forward_2d(u2)
                 mask = None
-                if p > 0 and seed is not None:  # Philox: the mask from the seed, inside the kernels
-                    h = philox_dropout.dropout_lora_a(c, a16, p, seed)
+                if p > 0 and seed is not None:  # Philox: the mask from the seed, inside the kernels (bits kept or not)
+                    mask = philox_dropout.new_bits(*c.shape, c.device) if BIT_MASKS else None
+                    h = philox_dropout.dropout_lora_a(c, a16, p, seed, bits=mask)
                     out, h = base_plus_lora(c, None, weight, qstate, bias, a16, b16, scaling, dtype, h=h)
                 else:
                     xd, mask = torch.native_dropout(c, p, True) if p > 0 else (c, None)
@@ -347,6 +353,7 @@ def _swiglu_down_function() -> Any:
             ctx.dtypes = (a.dtype, b.dtype)
             ctx.lead = u.shape
             ctx.qstate, ctx.dtype = qstate, dtype
+            ctx.overwrite_u = overwrite_u
             ctx.save_for_backward(u2, h, weight, a16, b16, mask)
             return out.view(*lead, out.shape[-1])
 
@@ -356,10 +363,11 @@ def _swiglu_down_function() -> Any:
             g = grad_out.reshape(-1, grad_out.shape[-1])
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh, grad_b = lora_out_grads(g, h, b16, ctx.scaling, ctx.dtypes[1])
-                drop = ctx.philox
-                if drop is not None:  # c again; A's gradient kernel applies the regenerated mask to it
+                drop = ctx.philox if ctx.philox is None or mask is None else replace(ctx.philox, bits=mask)
+                if drop is not None:  # c again; A's gradient kernel applies the mask (its bits, or regenerated)
                     c = swiglu_forward_2d(u2)
-                    grad_a = philox_dropout.dropout_lora_a_wgrad(c, gh, drop.p, drop.seed).to(ctx.dtypes[0])
+                    grad_a = philox_dropout.dropout_lora_a_wgrad(c, gh, drop.p, drop.seed, bits=drop.bits)
+                    grad_a = grad_a.to(ctx.dtypes[0])
                     del c
                 else:  # c again, or straight its dropped-out copy from the kept mask (one pass either way)
                     xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
@@ -367,8 +375,12 @@ def _swiglu_down_function() -> Any:
                     del xd
                 w = dense_weight(weight, ctx.qstate, ctx.dtype)
                 grad_c = input_grad(g, w, gh, a16, mask if drop is None else drop, ctx.keep_scale)
-                du = swiglu_backward_2d(u2, grad_c)
-            return du.view(ctx.lead), None, None, None, grad_a, grad_b, None, None, None, None
+                del w, gh
+                # overwrite_u: written over u2, which nothing reads after this (gate_up's output, the MLP's own
+                # intermediate): one (tokens x 2 intermediate) tensor less at the MLP's backward, where QLoRA's
+                # checkpointed step peaks (a second backward through this graph is refused: u2's version changed)
+                du = swiglu_backward_2d(u2, grad_c, out=u2 if ctx.overwrite_u else None)
+            return du.view(ctx.lead), None, None, None, grad_a, grad_b, None, None, None, None, None
 
     return LoraSwigluDownFunction
 
@@ -385,10 +397,12 @@ def _swiglu_down_fn() -> Any:
     return _SWIGLU_DOWN_FUNCTION
 
 
-def swiglu_down(down_proj: Any, u: Any) -> Any:
+def swiglu_down(down_proj: Any, u: Any, overwrite_u: bool = False) -> Any:
     """down_proj(silu(gate) * up) for u = [gate | up] through LoraSwigluDownFunction, or None where it does not
     apply (down_proj not a fused-eligible LoRA layer for this call, an odd width, LoRA dropout that cannot run inside
-    the function: the caller then runs the SwiGLU and down_proj separately)."""
+    the function: the caller then runs the SwiGLU and down_proj separately).
+
+    overwrite_u: the backward writes u's gradient over u (the caller's own intermediate, read by nothing else)."""
     import torch
 
     if not getattr(down_proj, FUSED_ATTR, False) or u.shape[-1] % 2:
@@ -410,7 +424,7 @@ def swiglu_down(down_proj: Any, u: Any) -> Any:
     bias_c = None if bias is None else bias.to(dtype)
     w = weight if qstate is not None else weight.to(dtype)
     seed = philox_seed(uc, a.shape[0]) if p > 0 else None
-    return _swiglu_down_fn().apply(uc, w, qstate, bias_c, a, b, float(scaling), p, dtype, seed)
+    return _swiglu_down_fn().apply(uc, w, qstate, bias_c, a, b, float(scaling), p, dtype, seed, overwrite_u)
 
 
 def _fn() -> Any:

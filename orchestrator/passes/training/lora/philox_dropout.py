@@ -12,6 +12,13 @@ stands for the mask, and three kernels regenerate it where it is used:
   (gh @ A) * keep / (1 - p), written once (2) or added into the base path's (4);
 so ~6 bytes per element, no xd and no mask kept: the backward keeps x itself, which the layer's caller holds anyway.
 
+Regenerating costs compute: the two backward kernels run about twice as long as their stored-mask counterparts on an
+H100 (Philox is ~40 integer instructions per four elements). So each kernel also takes the mask as keep bits
+(`bits`, an int32 (n_rows, ceil(n_cols / 32)) tensor, `new_bits`): `dropout_lora_a` draws the mask from the seed
+and writes it there as well (1/16 of x's bytes), and the backward kernels read the bits instead of running Philox.
+That keeps 1 bit per element instead of native_dropout's byte and its dropped-out copy, with the backward's memory
+traffic of the stored mask (fused.py's BIT_MASKS; bit j of word w is column 32 w + j).
+
 The random numbers: Triton's Philox4x32-10 (`tl.randint4x` / `tl.rand4x`, the counter-based generator torch's own
 CUDA dropout uses), keyed by the seed, the counter being a 64-bit offset (no overflow at any tensor size). One
 Philox call gives four 32-bit outputs, and the mask uses all four: element (row, col) of an (n_rows, n_cols) input
@@ -37,7 +44,7 @@ into the graph (fused.py keeps native_dropout there).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, ieee_dot, use_triton
@@ -53,10 +60,12 @@ MASK32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class PhiloxMask:
-    """A dropout mask as the seed and probability that regenerate it (fused.py passes it where a bool mask went)."""
+    """A dropout mask as the seed and probability that regenerate it, or with `bits` the keep bits drawn from them
+    in the forward (fused.py passes it where a bool mask went)."""
 
     seed: int
     p: float
+    bits: Any = field(default=None, compare=False)
 
 
 def keep_scale(p: float) -> float:
@@ -160,11 +169,47 @@ def keep_mask_reference(seed: int, n_rows: int, n_cols: int, p: float, device: A
     return uniform_block_reference(seed, n_rows, n_cols, device, row_start) >= torch.tensor(p, dtype=torch.float32)
 
 
-def dropout_reference(x2: Any, p: float, seed: int) -> Any:
+def pack_keep_bits(keep: Any) -> Any:
+    """A bool (n_rows, n_cols) keep mask as the kernels' keep bits: int32 (n_rows, ceil(n_cols / 32)), bit j of
+    word w is column 32 w + j (columns past n_cols are 0)."""
+    import torch
+
+    n_rows, n_cols = keep.shape
+    words = -(-n_cols // LANES)
+    padded = torch.zeros((n_rows, words * LANES), dtype=torch.int64, device=keep.device)
+    padded[:, :n_cols] = keep.to(torch.int64)
+    packed = (padded.view(n_rows, words, LANES) << torch.arange(LANES, device=keep.device)).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_keep_bits(bits: Any, n_cols: int) -> Any:
+    """pack_keep_bits' inverse: the bool (n_rows, n_cols) keep mask."""
+    import torch
+
+    shifts = torch.arange(LANES, device=bits.device, dtype=torch.int64)
+    flags = (bits.to(torch.int64)[:, :, None] >> shifts) & 1
+    return flags.reshape(bits.shape[0], -1)[:, :n_cols].bool()
+
+
+def new_bits(n_rows: int, n_cols: int, device: Any) -> Any:
+    """An uninitialized keep-bits tensor for an (n_rows, n_cols) input, for dropout_lora_a to fill."""
+    import torch
+
+    return torch.empty((n_rows, -(-n_cols // LANES)), dtype=torch.int32, device=device)
+
+
+def _keep(seed: int, n_rows: int, n_cols: int, p: float, device: Any, bits: Any) -> Any:
+    """The keep mask: read from `bits` where given, else regenerated from the seed."""
+    if bits is not None:
+        return unpack_keep_bits(bits, n_cols)
+    return keep_mask_reference(seed, n_rows, n_cols, p, device)
+
+
+def dropout_reference(x2: Any, p: float, seed: int, bits: Any = None) -> Any:
     """xd = x * keep * (1 / (1 - p)) computed in fp32 and rounded once to x's dtype (native_dropout's rounding)."""
     import torch
 
-    keep = keep_mask_reference(seed, x2.shape[0], x2.shape[1], p, x2.device)
+    keep = _keep(seed, x2.shape[0], x2.shape[1], p, x2.device, bits)
     return torch.where(keep, x2.float() * _f32(keep_scale(p)), 0.0).to(x2.dtype)
 
 
@@ -173,16 +218,18 @@ def dropout_lora_a_reference(x2: Any, a: Any, p: float, seed: int) -> Any:
     return (dropout_reference(x2, p, seed).float() @ a.float().t()).to(x2.dtype)
 
 
-def dropout_lora_a_wgrad_reference(x2: Any, gh: Any, p: float, seed: int) -> Any:
-    """A's gradient gh^T @ dropout(x), (r, K) in fp32."""
-    return gh.to(x2.dtype).float().t() @ dropout_reference(x2, p, seed).float()
+def dropout_lora_a_wgrad_reference(x2: Any, gh: Any, p: float, seed: int, bits: Any = None) -> Any:
+    """A's gradient gh^T @ dropout(x), (r, K) in fp32 (the mask from `bits` where given)."""
+    return gh.to(x2.dtype).float().t() @ dropout_reference(x2, p, seed, bits).float()
 
 
-def dropout_grad_reference(gh: Any, a: Any, p: float, seed: int, dtype: Any, grad_x: Any = None) -> Any:
+def dropout_grad_reference(
+    gh: Any, a: Any, p: float, seed: int, dtype: Any, grad_x: Any = None, bits: Any = None
+) -> Any:
     """(gh @ A) * keep * (1 / (1 - p)) in fp32 (+ grad_x), rounded once to `dtype`: the LoRA path's input gradient."""
     import torch
 
-    keep = keep_mask_reference(seed, gh.shape[0], a.shape[1], p, gh.device)
+    keep = _keep(seed, gh.shape[0], a.shape[1], p, gh.device, bits)
     lora = gh.to(dtype).float() @ a.to(dtype).float()
     out = torch.where(keep, lora * _f32(keep_scale(p)), 0.0)
     if grad_x is not None:
@@ -245,10 +292,32 @@ def _contiguous_rows(t: Any) -> Any:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def dropout_lora_a(x2: Any, a: Any, p: float, seed: int) -> Any:
-    """h (T, r) = dropout(x2) @ A^T in x2's dtype, the mask drawn from `seed`; x2 is read once."""
+def _bits_args(bits: Any, fallback: Any) -> tuple[Any, int, int, int]:
+    """(pointer tensor, words per row, row stride, BITS mode) for a kernel: bits read (2) or none (0); the forward
+    passes its own mode 1."""
+    if bits is None:
+        return fallback, 0, 0, 0
+    return bits, bits.shape[1], bits.stride(0), 2
+
+
+def _check_bits(bits: Any, n_rows: int, n_cols: int) -> None:
+    import torch
+
+    words = -(-n_cols // LANES)
+    if bits.dtype != torch.int32 or tuple(bits.shape) != (n_rows, words) or bits.stride(-1) != 1:
+        raise ValueError(f"keep bits must be a row-contiguous int32 ({n_rows}, {words}) tensor, got {bits.dtype} "
+                         f"{tuple(bits.shape)}")  # fmt: skip
+
+
+def dropout_lora_a(x2: Any, a: Any, p: float, seed: int, bits: Any = None) -> Any:
+    """h (T, r) = dropout(x2) @ A^T in x2's dtype, the mask drawn from `seed`; x2 is read once. With `bits`
+    (new_bits) the mask is also written there, for the backward kernels to read instead of regenerating it."""
     seed = _check_seed(seed)
+    if bits is not None:
+        _check_bits(bits, x2.shape[0], x2.shape[1])
     if not kernels_apply(x2, a, rank=a.shape[0]):
+        if bits is not None:
+            bits.copy_(pack_keep_bits(keep_mask_reference(seed, x2.shape[0], x2.shape[1], p, x2.device)))
         return dropout_lora_a_reference(x2, a, p, seed)
     import triton
 
@@ -259,19 +328,25 @@ def dropout_lora_a(x2: Any, a: Any, p: float, seed: int) -> Any:
     block_m = 64 if triton.cdiv(n_rows, 64) >= 2 * _sm_count(x2.device) else 32
     if x2.device.type == "cpu":
         block_m = 16
+    words = -(-n_cols // LANES)
     _kernels()["lora_a"][(triton.cdiv(n_rows, block_m),)](
-        x2, a, h, n_rows, n_cols, x2.stride(0), a.stride(0), h.stride(0), seed, float(p), keep_scale(p),
-        R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=ieee_dot(x2), num_warps=4 if rank <= 64 else 8,
+        x2, a, h, x2 if bits is None else bits, n_rows, n_cols, words, x2.stride(0), a.stride(0), h.stride(0),
+        0 if bits is None else bits.stride(0), seed, float(p), keep_scale(p),
+        R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=ieee_dot(x2), BITS=0 if bits is None else 1,
+        num_warps=4 if rank <= 64 else 8,
     )  # fmt: skip
     return h
 
 
-def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | None = None) -> Any:
-    """A's gradient (r, K) fp32 = gh^T @ dropout(x2), the mask regenerated from `seed`; parallel over 128-column
-    groups and `splits` token ranges (default: enough programs for two per SM), partial sums added in fp32."""
+def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | None = None, bits: Any = None) -> Any:
+    """A's gradient (r, K) fp32 = gh^T @ dropout(x2), the mask regenerated from `seed` or read from `bits`;
+    parallel over 128-column groups and `splits` token ranges (default: enough programs for two per SM), partial
+    sums added in fp32."""
     seed = _check_seed(seed)
+    if bits is not None:
+        _check_bits(bits, x2.shape[0], x2.shape[1])
     if not kernels_apply(x2, gh, rank=gh.shape[1]):
-        return dropout_lora_a_wgrad_reference(x2, gh, p, seed)
+        return dropout_lora_a_wgrad_reference(x2, gh, p, seed, bits)
     import torch
     import triton
 
@@ -285,36 +360,41 @@ def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | No
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, max(1, splits)), block_t) * block_t
     splits = triton.cdiv(n_rows, rows_per_split) if n_rows else 1
     out = torch.empty((splits, rank, n_cols), device=x2.device, dtype=torch.float32)
+    bits_t, words, stride_b, mode = _bits_args(bits, x2)
     _kernels()["wgrad"][(groups, splits)](
-        x2, gh, out, n_rows, n_cols, rows_per_split, x2.stride(0), gh.stride(0), out.stride(0), out.stride(1),
-        seed, float(p), keep_scale(p),
-        R=rank, BLOCK_T=block_t, LANES=LANES, IEEE=ieee_dot(x2), num_warps=4 if rank <= 64 else 8,
+        x2, gh, out, bits_t, n_rows, n_cols, words, rows_per_split, x2.stride(0), gh.stride(0), out.stride(0),
+        out.stride(1), stride_b, seed, float(p), keep_scale(p),
+        R=rank, BLOCK_T=block_t, LANES=LANES, IEEE=ieee_dot(x2), BITS=mode, num_warps=4 if rank <= 64 else 8,
     )  # fmt: skip
     return out[0] if splits == 1 else out.sum(0)
 
 
-def dropout_grad(gh: Any, a: Any, p: float, seed: int, dtype: Any) -> Any:
+def dropout_grad(gh: Any, a: Any, p: float, seed: int, dtype: Any, bits: Any = None) -> Any:
     """A new (T, K) tensor (gh @ A) * keep / (1 - p) in `dtype`: the LoRA path's input gradient written once, for
-    the base GEMM to accumulate into (fused.py's LoRA-first order)."""
+    the base GEMM to accumulate into (fused.py's LoRA-first order); the mask from `bits` where given."""
     import torch
 
     seed = _check_seed(seed)
+    if bits is not None:
+        _check_bits(bits, gh.shape[0], a.shape[1])
     if not kernels_apply(gh, a, rank=gh.shape[1]) or dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return dropout_grad_reference(gh, a, p, seed, dtype)
+        return dropout_grad_reference(gh, a, p, seed, dtype, bits=bits)
     out = torch.empty((gh.shape[0], a.shape[1]), device=gh.device, dtype=dtype)
-    return _run_grad(out, gh, a, p, seed, accumulate=False)
+    return _run_grad(out, gh, a, p, seed, bits, accumulate=False)
 
 
-def dropout_grad_add_(grad_x: Any, gh: Any, a: Any, p: float, seed: int) -> Any:
+def dropout_grad_add_(grad_x: Any, gh: Any, a: Any, p: float, seed: int, bits: Any = None) -> Any:
     """In place: grad_x (T, K) += (gh @ A) * keep / (1 - p) (sum in fp32, rounded once); returns grad_x."""
     seed = _check_seed(seed)
+    if bits is not None:
+        _check_bits(bits, grad_x.shape[0], grad_x.shape[1])
     if not kernels_apply(grad_x, gh, a, rank=gh.shape[1]) or grad_x.stride(-1) != 1:
-        grad_x.copy_(dropout_grad_reference(gh, a, p, seed, grad_x.dtype, grad_x=grad_x))
+        grad_x.copy_(dropout_grad_reference(gh, a, p, seed, grad_x.dtype, grad_x=grad_x, bits=bits))
         return grad_x
-    return _run_grad(grad_x, gh, a, p, seed, accumulate=True)
+    return _run_grad(grad_x, gh, a, p, seed, bits, accumulate=True)
 
 
-def _run_grad(out: Any, gh: Any, a: Any, p: float, seed: int, *, accumulate: bool) -> Any:
+def _run_grad(out: Any, gh: Any, a: Any, p: float, seed: int, bits: Any, *, accumulate: bool) -> Any:
     import triton
 
     n_rows, n_cols = out.shape
@@ -322,10 +402,11 @@ def _run_grad(out: Any, gh: Any, a: Any, p: float, seed: int, *, accumulate: boo
     gh, a = _contiguous_rows(gh.to(out.dtype)), _contiguous_rows(a.to(out.dtype))
     block_m = 64 if out.device.type == "cuda" else 16
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, GROUP))
+    bits_t, words, stride_b, mode = _bits_args(bits, out)
     _kernels()["grad"][grid](
-        out, gh, a, n_rows, n_cols, out.stride(0), gh.stride(0), a.stride(0), seed, float(p), keep_scale(p),
-        R=rank, BLOCK_M=block_m, LANES=LANES, ACCUMULATE=accumulate, IEEE=ieee_dot(out),
-        num_warps=4 if rank <= 64 else 8,
+        out, gh, a, bits_t, n_rows, n_cols, words, out.stride(0), gh.stride(0), a.stride(0), stride_b, seed,
+        float(p), keep_scale(p), R=rank, BLOCK_M=block_m, LANES=LANES, ACCUMULATE=accumulate, IEEE=ieee_dot(out),
+        BITS=mode, num_warps=4 if rank <= 64 else 8,
     )  # fmt: skip
     return out
 
@@ -365,4 +446,7 @@ __all__ = [
     "dropout_lora_a",
     "dropout_lora_a_wgrad",
     "keep_mask_reference",
+    "new_bits",
+    "pack_keep_bits",
+    "unpack_keep_bits",
 ]

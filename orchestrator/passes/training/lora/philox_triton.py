@@ -22,11 +22,49 @@ if triton is not None:
         return tl.rand4x(seed, offsets)
 
     @triton.jit
-    def _dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u, p, scale):
+    def _write_bits(bits_ptr, rows, row_ok, word, n_words, stride_b, keep, LANES: tl.constexpr):
+        # one int32 per row: bit j of word w is the keep flag of column 32 w + j
+        pow2 = tl.full((LANES,), 1, tl.int32) << tl.arange(0, LANES)
+        packed = tl.sum(tl.where(keep, pow2[None, :], 0), axis=1)
+        tl.store(bits_ptr + rows * stride_b + word, packed, mask=row_ok & ((rows * 0 + word) < n_words))
+
+    @triton.jit
+    def _read_bits(bits_ptr, rows, row_ok, word, n_words, stride_b, LANES: tl.constexpr):
+        packed = tl.load(bits_ptr + rows * stride_b + word, mask=row_ok & ((rows * 0 + word) < n_words), other=0)
+        return ((packed[:, None] >> tl.arange(0, LANES)[None, :]) & 1) != 0
+
+    @triton.jit
+    def _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES: tl.constexpr,
+               BITS: tl.constexpr):  # fmt: skip
+        # the four (rows, LANES) keep tiles of the 128-column group at column c0: drawn from Philox (BITS 0; BITS 1
+        # also writes them as keep bits, one int32 per row and 32 columns), or read back from those bits (BITS 2)
+        w = c0 // LANES
+        if BITS == 2:
+            k0 = _read_bits(bits_ptr, rows, row_ok, w, n_words, stride_b, LANES)
+            k1 = _read_bits(bits_ptr, rows, row_ok, w + 1, n_words, stride_b, LANES)
+            k2 = _read_bits(bits_ptr, rows, row_ok, w + 2, n_words, stride_b, LANES)
+            k3 = _read_bits(bits_ptr, rows, row_ok, w + 3, n_words, stride_b, LANES)
+        else:
+            u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
+            k0, k1, k2, k3 = u0 >= p, u1 >= p, u2 >= p, u3 >= p
+            if BITS == 1:  # columns past the input's width written as 0 (the kernels never read them)
+                lanes = tl.arange(0, LANES)
+                k0 = k0 & ((c0 + lanes) < n_cols)[None, :]
+                k1 = k1 & ((c0 + LANES + lanes) < n_cols)[None, :]
+                k2 = k2 & ((c0 + 2 * LANES + lanes) < n_cols)[None, :]
+                k3 = k3 & ((c0 + 3 * LANES + lanes) < n_cols)[None, :]
+                _write_bits(bits_ptr, rows, row_ok, w, n_words, stride_b, k0, LANES)
+                _write_bits(bits_ptr, rows, row_ok, w + 1, n_words, stride_b, k1, LANES)
+                _write_bits(bits_ptr, rows, row_ok, w + 2, n_words, stride_b, k2, LANES)
+                _write_bits(bits_ptr, rows, row_ok, w + 3, n_words, stride_b, k3, LANES)
+        return k0, k1, k2, k3
+
+    @triton.jit
+    def _dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, keep, scale):
         # x * keep * scale in fp32, rounded once to x's dtype: one (rows, cols) tile of the dropped-out input
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-        return tl.where(u >= p, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
+        return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
 
     @triton.jit
     def _mm(a, b, acc, IEEE: tl.constexpr):
@@ -41,10 +79,11 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed"])
     def dropout_lora_a_kernel(
-        x_ptr, a_ptr, h_ptr, n_rows, n_cols, stride_x, stride_a, stride_h, seed, p, scale,
-        R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr,
+        x_ptr, a_ptr, h_ptr, bits_ptr, n_rows, n_cols, n_words, stride_x, stride_a, stride_h, stride_b, seed, p,
+        scale, R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
-        # h[rows] = dropout(x[rows]) @ A^T: one block of rows, the whole K walked in 128-column groups
+        # h[rows] = dropout(x[rows]) @ A^T: one block of rows, the whole K walked in 128-column groups (BITS 1: the
+        # keep bits written too)
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = rows < n_rows
         lanes = tl.arange(0, LANES)
@@ -52,18 +91,19 @@ if triton is not None:
         per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
         acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
         for c0 in range(0, n_cols, 4 * LANES):
-            u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
+            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES,
+                                    BITS)  # fmt: skip
             cols = c0 + lanes
-            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u0, p, scale),
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k0, scale),
                       _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
             cols = c0 + LANES + lanes
-            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u1, p, scale),
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k1, scale),
                       _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
             cols = c0 + 2 * LANES + lanes
-            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u2, p, scale),
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k2, scale),
                       _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
             cols = c0 + 3 * LANES + lanes
-            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, u3, p, scale),
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k3, scale),
                       _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
         tl.store(h_ptr + rows[:, None] * stride_h + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
                  mask=row_ok[:, None])  # fmt: skip
@@ -74,9 +114,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed"])
     def dropout_lora_a_wgrad_kernel(
-        x_ptr, gh_ptr, out_ptr, n_rows, n_cols, rows_per_split, stride_x, stride_gh, stride_os, stride_or,
-        seed, p, scale,
-        R: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr,
+        x_ptr, gh_ptr, out_ptr, bits_ptr, n_rows, n_cols, n_words, rows_per_split, stride_x, stride_gh, stride_os,
+        stride_or, stride_b, seed, p, scale,
+        R: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
         # out[split, :, group] = gh[split's rows]^T @ dropout(x[split's rows, group]): one 128-column group of A's
         # gradient over one range of tokens, in fp32 (the splits' partial sums are added by the caller)
@@ -96,13 +136,14 @@ if triton is not None:
             row_ok = rows < end
             gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
             ght = tl.trans(gh)
-            u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
-            acc0 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + lanes, n_cols, stride_x, u0, p, scale), acc0, IEEE)
-            acc1 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_x, u1, p, scale),
+            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES,
+                                    BITS)  # fmt: skip
+            acc0 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + lanes, n_cols, stride_x, k0, scale), acc0, IEEE)
+            acc1 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_x, k1, scale),
                        acc1, IEEE)  # fmt: skip
-            acc2 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_x, u2, p, scale),
+            acc2 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_x, k2, scale),
                        acc2, IEEE)  # fmt: skip
-            acc3 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_x, u3, p, scale),
+            acc3 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_x, k3, scale),
                        acc3, IEEE)  # fmt: skip
         base = out_ptr + split.to(tl.int64) * stride_os
         _store_partial(base, acc0, ranks, c0 + lanes, n_cols, stride_or)
@@ -111,12 +152,12 @@ if triton is not None:
         _store_partial(base, acc3, ranks, c0 + 3 * LANES + lanes, n_cols, stride_or)
 
     @triton.jit
-    def _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, cols, n_cols, stride_gx, stride_a, ranks, u, p, scale,
+    def _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, cols, n_cols, stride_gx, stride_a, ranks, keep, scale,
                    ACCUMULATE: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
         col_ok = cols < n_cols
         a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=col_ok[None, :], other=0.0)
         acc = tl.dot(gh, a, input_precision="ieee") if IEEE else tl.dot(gh, a)
-        out = tl.where(u >= p, acc * scale, 0.0)
+        out = tl.where(keep, acc * scale, 0.0)
         ok = row_ok[:, None] & col_ok[None, :]
         ptrs = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
         if ACCUMULATE:
@@ -125,8 +166,9 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed"])
     def dropout_grad_kernel(
-        gx_ptr, gh_ptr, a_ptr, n_rows, n_cols, stride_gx, stride_gh, stride_a, seed, p, scale,
-        R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,
+        gx_ptr, gh_ptr, a_ptr, bits_ptr, n_rows, n_cols, n_words, stride_gx, stride_gh, stride_a, stride_b, seed, p,
+        scale, R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, ACCUMULATE: tl.constexpr,
+        IEEE: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
         # grad_x[rows, group] (+)= (gh[rows] @ A[:, group]) * keep * scale, one 128-column group per program
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -136,15 +178,15 @@ if triton is not None:
         ranks = tl.arange(0, R)
         per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
         gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
-        u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
-        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + lanes, n_cols, stride_gx, stride_a, ranks, u0, p, scale,
+        k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES, BITS)
+        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + lanes, n_cols, stride_gx, stride_a, ranks, k0, scale,
                    ACCUMULATE, IEEE)  # fmt: skip
-        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_gx, stride_a, ranks, u1, p,
+        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_gx, stride_a, ranks, k1,
                    scale, ACCUMULATE, IEEE)  # fmt: skip
-        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, u2,
-                   p, scale, ACCUMULATE, IEEE)  # fmt: skip
-        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, u3,
-                   p, scale, ACCUMULATE, IEEE)  # fmt: skip
+        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, k2,
+                   scale, ACCUMULATE, IEEE)  # fmt: skip
+        _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, k3,
+                   scale, ACCUMULATE, IEEE)  # fmt: skip
 
     @triton.jit(do_not_specialize=["seed", "row_start"])
     def uniforms_kernel(out_ptr, row_start, n_rows, n_cols, seed, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
