@@ -619,7 +619,7 @@ def how_text(system: str, r: dict[str, Any]) -> str:
         masks = (
             ", masks as bits" if "kept as 1 bit per element" in plan
             else ", masks regenerated" if "mask regenerated from a Philox seed" in plan
-            else ", stored masks" if "stored byte masks" in plan
+            else ", stored masks" if "stored byte masks" in plan or "native_dropout: peft's masks" in plan
             else ""
         )  # fmt: skip
         bits.append("fused LoRA layers" + (f" (dropout inside{masks})" if "LoRA dropout inside" in plan else ""))
