@@ -7,6 +7,8 @@ logits each sample gives alone (no attention across samples), on a real tiny Phi
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from orchestrator.passes.training.lora import cuda as lora_cuda
@@ -517,48 +519,51 @@ def test_lora_first_gemm_order_is_planned_and_turns_off(tiny_phi3, monkeypatch: 
     assert lora_fused.LORA_FIRST is True
 
 
-def test_dropout_masks_are_bits_and_regenerated_only_where_the_bits_tip_the_step_over() -> None:
-    """Phi-3-mini at 8 x 1024 tokens, dropout 0.05: ~36 GiB with native_dropout's stored masks, ~31 with the masks
-    as bits, ~31 with none (measured on an H100: 35.0 stored, 29.2 none). Bits by default: a 40 GB A100 (headroom
-    0.85 x 39.4 = 33.5) trains without checkpointing. Regenerating them (0.97x tokens/s) only where the bits tip the
-    step over and nothing kept fits, instead of checkpointing; not at dropout 0, nor against an explicit choice."""
+def test_dropout_masks_are_stored_where_they_fit_and_bits_where_memory_decides() -> None:
+    """Phi-3-mini at 8 x 1024 tokens, dropout 0.05: ~36 GiB with native_dropout's byte masks, ~31 with the masks as
+    bits, ~31 with none (measured on an H100: 35.0, 29.8, 29.2). Byte masks are the fastest (bits 0.99x), so they
+    stay where the step fits (the H100); a 40 GB A100 (headroom 0.85 x 39.4 = 33.5) gets bits instead of
+    checkpointing, a GPU where only nothing kept fits regenerates them, and checkpointed steps (QLoRA) keep bits."""
     a100 = {**H100, "name": "NVIDIA A100-SXM4-40GB", "capability": (8, 0), "total_memory_gib": 39.4}
     shape = {**PHI3_MINI, "lora_dropout": 0.05, "num_attention_heads": 32, "num_key_value_heads": 32}
     assert lora_cuda.philox_saving_gib(shape) == pytest.approx(5.75)  # (5 x 3072 + 8192) B x 8192 tokens x 32 layers
     assert lora_cuda.bit_masks_gib(shape) == pytest.approx(0.53, abs=0.01)  # (3 x 3072 + 8192) / 8 B per token-layer
-    for gpu in (a100, H100):
-        plan = plan_cuda(gpu, shape, {})
-        assert plan.philox_dropout and plan.bit_masks and plan.gradient_checkpointing is False
-        assert any("kept as 1 bit per element" in r and "~5.2 GiB less" in r for r in plan.reasons)
-    assert any(
-        "no gradient checkpointing: the step fits (~31 GiB of 39 GiB)" in r for r in plan_cuda(a100, shape, {}).reasons
-    )
+
+    def mode(plan: Any) -> str:
+        return "stored" if not plan.philox_dropout else "bits" if plan.bit_masks else "regenerate"
+
+    h100 = plan_cuda(H100, shape, {})
+    assert mode(h100) == "stored" and h100.gradient_checkpointing is False
+    assert any("stored byte masks" in r and "the fastest mode" in r and "+bit_masks" in r for r in h100.reasons)
+    plan = plan_cuda(a100, shape, {})
+    assert mode(plan) == "bits" and plan.gradient_checkpointing is False
+    assert any("kept as 1 bit per element" in r and "~5.2 GiB less" in r and "instead of gradient checkpointing" in r
+               for r in plan.reasons)  # fmt: skip
+    assert any("no gradient checkpointing: the step fits (~31 GiB of 39 GiB)" in r for r in plan.reasons)
     # 36.4 GiB (0.85 x 36.4 = 30.9): the bits tip it over, nothing kept fits: regenerated instead of checkpointing
     tight = plan_cuda({**a100, "total_memory_gib": 36.4}, shape, {})
-    assert tight.philox_dropout and not tight.bit_masks and tight.gradient_checkpointing is False
+    assert mode(tight) == "regenerate" and tight.gradient_checkpointing is False
     assert any("instead of gradient checkpointing" in r and "with the masks as bits" in r for r in tight.reasons)
-    # 32 GiB: no mask mode fits, so checkpointing, with the bits
+    # 32 GiB: no mask mode fits, so checkpointing, with the bits (a recomputed layer's masks are at the peak)
     small = plan_cuda({**a100, "total_memory_gib": 32.0}, shape, {})
-    assert small.gradient_checkpointing is True and small.bit_masks
-    # dropout 0: no masks, nothing to regenerate for memory
-    zero = plan_cuda({**a100, "total_memory_gib": 36.4}, {**shape, "lora_dropout": 0.0}, {})
-    assert zero.bit_masks and not any("instead of gradient checkpointing" in r for r in zero.reasons)
-    # the user's own choices win: peft's stored masks (-philox_dropout, or -bit_masks alone) need checkpointing on
-    # the A100; +philox_dropout regenerates; checkpointing asked for or forced keeps the bits
-    for text in ("-philox_dropout", "-bit_masks", "+bit_masks,-philox_dropout"):
-        stored = plan_cuda(a100, shape, {}, parse_options(text))
-        assert not stored.philox_dropout and not stored.bit_masks and stored.gradient_checkpointing is True, text
-        assert any("native_dropout's stored byte masks" in r for r in stored.reasons)
-    regen = plan_cuda(H100, shape, {}, parse_options("+philox_dropout"))
-    assert (
-        regen.philox_dropout
-        and not regen.bit_masks
-        and any("asked for by ORCH_CUDA_FASTPATH" in r for r in regen.reasons)
+    assert small.gradient_checkpointing is True and mode(small) == "bits"
+    # checkpointing asked for (the QLoRA pass asks) or forced: bits, wherever the step fits
+    for gpu, sft, opts in ((H100, {"gradient_checkpointing": True}, {}), (H100, {}, parse_options("+gc"))):
+        assert mode(plan_cuda(gpu, shape, sft, opts)) == "bits"
+    # dropout 0: nothing stored either way
+    assert not any(
+        "instead of gradient checkpointing" in r
+        for r in plan_cuda({**a100, "total_memory_gib": 36.4}, {**shape, "lora_dropout": 0.0}, {}).reasons
     )
-    assert plan_cuda(H100, shape, {}, parse_options("+philox_dropout,+bit_masks")).bit_masks
-    tight_asked = {**a100, "total_memory_gib": 36.4}
-    assert plan_cuda(tight_asked, shape, {"gradient_checkpointing": True}).bit_masks
-    assert plan_cuda(tight_asked, shape, {}, parse_options("+gc")).bit_masks
+    # the user's own choices win
+    for text, want in (("-philox_dropout", "stored"), ("-bit_masks", "stored"),
+                       ("+bit_masks,-philox_dropout", "stored"), ("+philox_dropout", "regenerate"),
+                       ("+philox_dropout,-bit_masks", "regenerate"), ("+bit_masks", "bits"),
+                       ("+philox_dropout,+bit_masks", "bits")):  # fmt: skip
+        got = plan_cuda(a100, shape, {}, parse_options(text))
+        assert mode(got) == want, text
+        assert got.gradient_checkpointing is (want == "stored"), text  # byte masks do not fit the A100 uncheckpointed
+        assert any("asked for by ORCH_CUDA_FASTPATH" in r for r in got.reasons), text
     off = plan_cuda(a100, shape, {}, parse_options("-fused_dropout"))
     assert not off.philox_dropout and not off.bit_masks
 
@@ -580,8 +585,8 @@ def test_the_fast_paths_memory_estimate_follows_the_measured_peaks() -> None:
 
 
 def test_dropout_mask_modes_reach_the_fused_layers(tiny_phi3, monkeypatch: pytest.MonkeyPatch) -> None:
-    """apply_plan sets fused.PHILOX_DROPOUT / BIT_MASKS from the plan's mask mode: bits by default, regenerated
-    with +philox_dropout, native_dropout's stored masks with -philox_dropout; none without fused LoRA layers."""
+    """apply_plan sets fused.PHILOX_DROPOUT / BIT_MASKS from the plan's mask mode: stored where the step fits, bits
+    with checkpointing or +bit_masks, regenerated with +philox_dropout; none without fused LoRA layers."""
     import peft
     import transformers
 
@@ -594,8 +599,14 @@ def test_dropout_mask_modes_reach_the_fused_layers(tiny_phi3, monkeypatch: pytes
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_phi3)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv_proj"]))
     cpu = {"liger": False, "padding_free": False}
-    for text, want in (("", (True, True)), ("+philox_dropout", (True, False)), ("-philox_dropout", (False, False))):
-        plan = plan_cuda(H100, {**PHI3_MINI, "lora_dropout": 0.1}, {}, {**cpu, **parse_options(text)})
+    for text, sft, want in (
+        ("", {}, (False, False)),
+        ("", {"gradient_checkpointing": True}, (True, True)),
+        ("+bit_masks", {}, (True, True)),
+        ("+philox_dropout", {}, (True, False)),
+        ("-philox_dropout", {"gradient_checkpointing": True}, (False, False)),
+    ):
+        plan = plan_cuda(H100, {**PHI3_MINI, "lora_dropout": 0.1}, sft, {**cpu, **parse_options(text)})
         assert (plan.philox_dropout, plan.bit_masks) == want, text
         lora_cuda.apply_plan(plan, model, {})
         assert want == (lora_fused.PHILOX_DROPOUT, lora_fused.BIT_MASKS), text

@@ -38,14 +38,14 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   `lora_first`) and the backward is written by hand, which removes the full-size `* scaling` and `+` passes over
   every projection's output and its input gradient; same saved tensors, same random masks. A bitsandbytes 4-bit
   base (QLoRA) is dequantized inside them per call (forward and backward), as bitsandbytes' own matmul does.
-  LoRA dropout runs inside them: native_dropout (peft's masks) with a Triton kernel reading the stored mask for its
-  input gradient, or with `+philox_dropout` its mask regenerated from a Philox seed by Triton kernels where it is
-  used, never stored (philox_dropout.py: ~6 instead of ~12 bytes moved per element of a LoRA input, 1 byte per
-  element less memory; the same dropout distribution, other random numbers than peft's). Measured on an H100 (run
-  5): its kernels match their references in bf16 and fp32, and it costs 3% of speed (0.97x tokens/s: regenerating
-  the mask in the backward costs more than reading it) for 5.8 GiB less on Phi-3-mini at 8 x 1024 tokens (35.0 ->
-  29.2 GiB). So it is planned where that memory decides: where the step fits without its stored masks but not with
-  them, Philox dropout instead of gradient checkpointing; elsewhere opt-in (`+philox_dropout`).
+  LoRA dropout runs inside them, its mask in one of three modes (`dropout_mask_mode`): native_dropout's byte mask
+  (peft's random numbers) with a Triton kernel reading it for the input gradient; a Philox mask drawn by the Triton
+  kernel that computes h = dropout(x) A^T and kept as 1 bit per element for the backward kernels (`bit_masks`); or
+  the Philox mask regenerated where it is used, nothing kept (`+philox_dropout`). Measured on an H100 at 8 x 1024
+  tokens (runs 5 and 6): byte masks are the fastest, bits 0.99x for 5.2 GiB less on Phi-3-mini, regenerating
+  0.97x for 5.8 GiB less. So byte masks where the step fits with them; bits where checkpointing is on (a recomputed
+  layer's masks sit at the step's peak: QLoRA 5.1 instead of 5.5 GiB) or where only bits avoid checkpointing;
+  regenerated where only nothing kept does. Philox masks have dropout's distribution, not peft's random numbers.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
 - Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm (`add_norm`: Liger's fused
@@ -55,8 +55,8 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
 - Gradient checkpointing only when the step would not fit: an estimate of weights + activations against the GPU's
   memory, on the fast path from what its layers keep (calibrated on run 5's measured peaks: Phi-3-mini at 8 x 1024
   tokens 35.0 GiB, estimated 36.4; plain transformers + peft's conservative factors elsewhere). Where the stored
-  dropout masks tip the step over (e.g. Phi-3-mini at 8 x 1024 on a 40 GB A100), Philox dropout instead. A user's or
-  the QLoRA pass's explicit `gradient_checkpointing=True` is kept.
+  dropout masks tip the step over (e.g. Phi-3-mini at 8 x 1024 on a 40 GB A100), the masks as bits instead. A user's
+  or the QLoRA pass's explicit `gradient_checkpointing=True` is kept.
 - No host sync in the training step (`nosync`): token counts from the CPU batch (a collator wrapper), TRL's loss
   metrics kept on the device until the Trainer logs, the per-step NaN check of the logged loss off, padding-free
   sample boundaries computed on the CPU where the collator gives none (TRL < 1.16), and the loss through orch's own
@@ -66,8 +66,9 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
 - Phi-3-family attention: q, k (RoPE applied) and v written by one Triton kernel from the fused qkv output, each
   contiguous, and the qkv gradient by one kernel (`qkv_rope`; partial rotary and grouped-query heads).
 - Phi-3-family MLP: SwiGLU and the fused LoRA down_proj as one function that keeps only gate_up's output and
-  rebuilds the SwiGLU output in the backward (`mlp_recompute`; with `-philox_dropout` its dropped-out copy, from
-  the stored mask): one (tokens x intermediate) activation fewer per layer (~4 GiB on Phi-3-mini at 8 x 1024).
+  rebuilds the SwiGLU output in the backward (`mlp_recompute`; with byte masks its dropped-out copy, from the
+  stored mask), and writes gate_up's gradient over gate_up's output: one (tokens x intermediate) activation fewer
+  per layer (~4 GiB on Phi-3-mini at 8 x 1024).
 - QLoRA: the frozen norms / embeddings / LM head back to bf16 after peft's prepare_model_for_kbit_training upcast
   them to fp32 (`qlora_bf16`).
 - QLoRA with gradient checkpointing: each checkpointed decoder layer's input (the only activation checkpointing
@@ -294,55 +295,71 @@ def dropout_mask_mode(
 ) -> tuple[str, str]:
     """(mode, reason) for the fused layers' dropout masks: "stored" (native_dropout's byte mask: peft's random
     numbers), "bits" (drawn by the Philox kernels, kept as 1 bit per element) or "regenerate" (drawn again from the
-    seed where used, nothing kept); "none" without fused dropout. `masks`: the adapter has dropout (else the mode
-    is still set, for an adapter whose dropout the shape did not show, but costs no memory).
+    seed where used, nothing kept); "none" without fused dropout. `masks`: the adapter has dropout (else the choice
+    costs no memory); `need`: the step's estimate with stored masks and without checkpointing.
 
-    Bits by default: the forward's kernel draws and packs the mask while it reads x once, and the backward kernels
-    read 1 bit per element where the stored mode reads a byte and a dropped-out copy. Regenerating keeps nothing
-    but runs Philox twice more in the backward (0.97x tokens/s against stored masks, run 5): only where the step
-    does not fit with the bits but does without them, instead of gradient checkpointing, or when asked for
-    (`+philox_dropout,-bit_masks`). `-philox_dropout` (or `-bit_masks` alone) keeps peft's own masks.
+    Measured on an H100 at 8 x 1024 tokens (run 6): stored masks are the fastest (bits 0.994x on Phi-3-mini and
+    0.991x on Phi-4-mini, regenerating 0.97x) and the largest (bits 5.2 GiB less, regenerating 5.8). So stored
+    where the step fits with them; bits where checkpointing is on (asked for, as the QLoRA pass does: a recomputed
+    layer's masks are at the step's peak, 5.1 instead of 5.5 GiB for Phi-3-mini QLoRA, 0.98x) or where only they
+    let the step fit without it; regenerated where only nothing kept fits. `+bit_masks`, `+philox_dropout` (alone:
+    regenerate) and `-philox_dropout` / `-bit_masks` (stored) override.
     """
     if not fused_dropout:
         return "none", "LoRA dropout through the layers' own nn.Dropout (fused dropout off)"
-    explicit_ckpt = bool(sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"))
-    if opts.get("philox_dropout") is False or (opts.get("bit_masks") is False and "philox_dropout" not in opts):
-        return "stored", (
-            "LoRA dropout inside the fused layers with native_dropout's stored byte masks (peft's random numbers; "
-            "ORCH_CUDA_FASTPATH), its input gradient added by one Triton kernel reading the mask"
-        )
-    with_bits = need - philox_saving_gib(shape) + bit_masks_gib(shape)
-    regenerate_for_memory = bool(
-        masks
-        and total > 0
-        and "gc" not in opts
-        and "bit_masks" not in opts
-        and not explicit_ckpt
-        and with_bits > MEMORY_HEADROOM * total >= with_bits - bit_masks_gib(shape)
+    saving = philox_saving_gib(shape) if masks else 0.0
+    bits_cost = bit_masks_gib(shape) if masks else 0.0
+    with_bits = need - saving + bits_cost
+    fits = lambda gib: total <= 0 or gib <= MEMORY_HEADROOM * total  # noqa: E731
+    checkpointing = bool(
+        opts.get("gc") or sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing")
     )
-    if opts.get("bit_masks") is False or (opts.get("philox_dropout") and "bit_masks" not in opts):
-        why = "asked for by ORCH_CUDA_FASTPATH"
-    elif regenerate_for_memory:
-        why = (
-            f"instead of gradient checkpointing: the step needs ~{with_bits:.0f} GiB with the masks as bits, "
-            f"~{with_bits - bit_masks_gib(shape):.0f} without, the GPU has {total:.0f} GiB"
+    asked = "philox_dropout" in opts or "bit_masks" in opts
+    if opts.get("philox_dropout") is False or (opts.get("bit_masks") is False and not opts.get("philox_dropout")):
+        mode, why = "stored", "asked for by ORCH_CUDA_FASTPATH"
+    elif opts.get("bit_masks"):
+        mode, why = "bits", "asked for by ORCH_CUDA_FASTPATH"
+    elif opts.get("philox_dropout"):
+        mode, why = "regenerate", "asked for by ORCH_CUDA_FASTPATH"
+    elif checkpointing:
+        mode, why = "bits", "gradient checkpointing is on: a recomputed layer's masks are at the step's peak"
+    elif fits(need):
+        mode, why = "stored", f"the step fits with them (~{need:.0f} GiB of {total:.0f}): the fastest mode"
+    elif fits(with_bits):
+        mode, why = (
+            "bits",
+            (
+                f"instead of gradient checkpointing: the step needs ~{need:.0f} GiB with byte masks, ~{with_bits:.0f} "
+                f"with bits, the GPU has {total:.0f} GiB"
+            ),
+        )
+    elif fits(with_bits - bits_cost):
+        mode, why = (
+            "regenerate",
+            (
+                f"instead of gradient checkpointing: the step needs ~{with_bits:.0f} GiB with the masks as bits, "
+                f"~{with_bits - bits_cost:.0f} with none kept, the GPU has {total:.0f} GiB"
+            ),
         )
     else:
-        return "bits", (
+        mode, why = "bits", "the step needs gradient checkpointing even without masks"
+    if mode == "stored":
+        return mode, (
+            "LoRA dropout inside the fused layers with native_dropout's stored byte masks (peft's random numbers), "
+            f"its input gradient added by one Triton kernel reading the mask; {why}"
+            + ("" if asked else " (+bit_masks keeps them as bits: ~5 GiB less on Phi-3-mini at 8 x 1024, 0.99x)")
+        )
+    if mode == "bits":
+        return mode, (
             "LoRA dropout inside the fused layers, its mask drawn from a Philox seed by the Triton kernel that "
             "computes h = dropout(x) A^T and kept as 1 bit per element, which A's and the input's gradient kernels "
-            + (
-                f"read (~{philox_saving_gib(shape) - bit_masks_gib(shape):.1f} GiB less than native_dropout's byte "
-                "masks and dropped-out copies here)"
-                if masks
-                else "read (none here: dropout 0)"
-            )
-            + "; same dropout distribution, not peft's random numbers (-philox_dropout keeps peft's)"
+            + (f"read (~{saving - bits_cost:.1f} GiB less than byte masks here)" if masks else "read")
+            + f"; same dropout distribution, not peft's random numbers (-philox_dropout keeps peft's); {why}"
         )
-    return "regenerate", (
+    return mode, (
         "LoRA dropout inside the fused layers, its mask regenerated from a Philox seed by Triton kernels where it is "
-        f"used (h = dropout(x) A^T, A's gradient, the input gradient), nothing kept (~{philox_saving_gib(shape):.1f} "
-        f"GiB less than stored masks); {why} (0.97x tokens/s against stored masks on an H100, bench/RESULTS.md)"
+        f"used (h = dropout(x) A^T, A's gradient, the input gradient), nothing kept (~{saving:.1f} GiB less than "
+        f"byte masks); {why} (0.97x tokens/s against stored masks on an H100, bench/RESULTS.md)"
     )
 
 

@@ -20,20 +20,20 @@ memory-bound K=r GEMM that reads and writes the whole output once more), and a b
 
 Dropout (peft's `lora_dropout`, 0.05 in Olive's and the benchmark's configs) on CUDA with Triton runs inside the
 fused function, in one of two modes (the plan's options, cuda.py):
-- `philox_dropout` (`ORCH_CUDA_FASTPATH=+philox_dropout`; opt-in until its kernels are measured on a GPU, checked
-  so far on CPU through Triton's interpreter): the mask is never stored. One 64-bit seed per layer
-  call, drawn from torch's CPU generator (no GPU sync; checkpointing's recompute restores that generator and
-  draws the same seed), stands for it, and Triton kernels regenerate it from Philox where it is used
-  (philox_dropout.py): `h = dropout(x) @ A^T` reading x once, A's gradient from x, and the LoRA path's input
-  gradient `((g B s) A) * keep / (1 - p)`. The backward keeps x (not a dropped-out copy) and no mask: ~6 bytes
-  of memory traffic per element of a LoRA input instead of ~12, and 1 byte per element less memory. The masks have
-  the distribution of nn.Dropout's, not its random numbers: with the same seed the loss differs from peft's by
-  dropout's sampling, not by rounding.
-- otherwise (the default): `torch.native_dropout`, the very call `nn.Dropout` makes on CUDA (same
-  random numbers for the same seed, so the masks are peft's), keeping its mask for the backward, where the LoRA
-  path's input gradient `((g B s) A) * mask / (1 - p)` is added into the base path's by one Triton kernel
-  (lora_kernels.py) instead of eager autograd's four passes (write `gh @ A`, dropout's backward, then the sum of
-  the two input gradients). Under CUDA-graph capture this mode runs either way (a host seed would be frozen).
+- `PHILOX_DROPOUT` (the plan's `philox_dropout`): the mask comes from a Philox seed, one 64-bit seed per layer
+  call drawn from torch's CPU generator (no GPU sync; checkpointing's recompute restores that generator and draws
+  the same seed), and Triton kernels use it (philox_dropout.py): `h = dropout(x) @ A^T` reading x once, A's gradient
+  from x, and the LoRA path's input gradient `((g B s) A) * keep / (1 - p)`. The backward keeps x (not a
+  dropped-out copy). With `BIT_MASKS` (the plan's `bit_masks`: checkpointed steps, or where only it avoids
+  checkpointing) the forward's kernel also writes the mask as 1 bit per element and the backward kernels read it;
+  without, they regenerate it (nothing kept, Philox run again: 0.97x). The masks have the distribution of
+  nn.Dropout's, not its random numbers: with the same seed the loss differs from peft's by dropout's sampling, not
+  by rounding.
+- otherwise (the default where the step fits: the fastest, run 6): `torch.native_dropout`, the very call `nn.Dropout`
+  makes on CUDA (same random numbers for the same seed, so the masks are peft's), keeping its mask for the backward,
+  where the LoRA path's input gradient `((g B s) A) * mask / (1 - p)` is added into the base path's by one Triton
+  kernel (lora_kernels.py) instead of eager autograd's four passes (write `gh @ A`, dropout's backward, then the sum
+  of the two input gradients). Under CUDA-graph capture this mode runs either way (a host seed would be frozen).
 Elsewhere (CPU, no Triton, a LoRA rank the kernels do not take, `-fused_dropout`) dropout runs through the layer's
 own `nn.Dropout` module outside the fused function, as before: the masks are peft's there (tests compare losses and
 gradients with peft's own forward).
@@ -61,8 +61,8 @@ FUSED_ATTR = "_orch_fused_lora"
 
 # lora_cuda's plan sets it (ORCH_CUDA_FASTPATH=-lora_first: the base GEMM first, the LoRA term added after it)
 LORA_FIRST = True
-# lora_cuda's plan sets it (masks regenerated from a Philox seed, never stored: where that memory saves checkpointing,
-# or ORCH_CUDA_FASTPATH=+philox_dropout; 0.97x tokens/s where the step fits either way, see cuda.py)
+# lora_cuda's plan sets it (masks drawn from a Philox seed by Triton kernels, kept as bits or regenerated where used:
+# where that memory matters, see cuda.py's dropout_mask_mode)
 PHILOX_DROPOUT = False
 # lora_cuda's plan sets it: the Philox masks drawn in the forward kept as keep bits (1 bit per element) for the
 # backward kernels to read, instead of being regenerated there (philox_dropout.py, "bit masks")
