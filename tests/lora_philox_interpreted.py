@@ -187,7 +187,8 @@ def swiglu_down_outputs(res: dict[str, Any]) -> None:
     outs = {}
     for name, fn in (
         ("fused", lambda ui: fused.swiglu_down(layer, ui)),
-        ("fused bits", lambda ui: fused.swiglu_down(layer, ui)),
+        # u as the MLP passes it: another function's output, its gradient written over it in the backward
+        ("fused bits, u overwritten", lambda ui: fused.swiglu_down(layer, ui * 1, overwrite_u=True)),
         ("eager", lambda ui: reference(swiglu_reference(ui))),
     ):
         ui = u.clone().requires_grad_(True)

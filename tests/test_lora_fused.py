@@ -287,7 +287,7 @@ def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float, gemm_order: 
     g = torch.randn(2, tokens // 2, out_f, generator=gen, dtype=torch.float64)
 
     torch.manual_seed(11)
-    out = _swiglu_down_fn().apply(u, w, None, None, a, b, scaling, p, torch.float64, None)  # native_dropout
+    out = _swiglu_down_fn().apply(u, w, None, None, a, b, scaling, p, torch.float64, None, False)  # native_dropout
     grads = torch.autograd.grad(out, (u, a, b), g)
 
     torch.manual_seed(11)  # the same mask: native_dropout of the SwiGLU output, as the function draws it
@@ -298,6 +298,35 @@ def test_swiglu_down_recompute_is_the_mlp_tail_arithmetic(p: float, gemm_order: 
     assert torch.allclose(out, ref.view_as(out), atol=1e-12)
     for got, want in zip(grads, ref_grads, strict=True):
         assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_swiglu_down_writes_us_gradient_over_u_only_when_asked() -> None:
+    """overwrite_u (the MLP's own gate_up output): the backward writes du over u, saving a (tokens x 2 I) tensor;
+    the gradients are unchanged, and a second backward through the graph is refused instead of reading du as u."""
+    from orchestrator.passes.training.lora.fused import _swiglu_down_fn
+
+    gen = torch.Generator().manual_seed(6)
+    leaf = torch.randn(10, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    a = torch.randn(4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    results = {}
+    for overwrite in (False, True):
+        u = leaf * 1  # an intermediate, as gate_up's output is
+        before = u.detach().clone()
+        out = _swiglu_down_fn().apply(u, w, None, None, a, b, 0.5, 0.0, torch.float64, None, overwrite)
+        grads = torch.autograd.grad(out, (leaf, a, b), g, retain_graph=True)
+        results[overwrite] = grads
+        if overwrite:
+            assert torch.equal(u.detach(), grads[0])  # du (= d leaf, the product by 1) now lives in u's memory
+            with pytest.raises(RuntimeError, match="inplace"):  # autograd sees u changed
+                torch.autograd.grad(out, (leaf, a, b), g)
+        else:
+            assert torch.equal(u.detach(), before)
+            torch.autograd.grad(out, (leaf, a, b), g)  # the graph still runs a second time
+    for got, want in zip(results[True], results[False], strict=True):
+        assert torch.equal(got, want)
 
 
 def test_swiglu_down_saves_one_activation_fewer(tiny_phi3) -> None:

@@ -237,6 +237,7 @@ def test_swiglu_down_in_philox_mode_is_the_eager_mlp_tail(interpreted: dict[str,
     the peft layer with keep_mask_reference's mask: output, the gradient of u = [gate | up], A's and B's."""
     outs = interpreted["swiglu_down"]
     eager = outs["eager"]
-    for fused in (outs["fused"], outs["fused bits"]):  # masks regenerated, and kept as bits
+    # also with the keep bits and u's gradient written over u (the MLP's own gate_up output)
+    for fused in (outs["fused"], outs["fused bits, u overwritten"]):
         for name in ("out", "grad_u", "grad_A", "grad_B"):
             assert torch.allclose(fused[name], eager[name], atol=1e-5, rtol=1e-5), name

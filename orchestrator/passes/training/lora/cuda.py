@@ -67,7 +67,8 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   contiguous, and the qkv gradient by one kernel (`qkv_rope`; partial rotary and grouped-query heads).
 - Phi-3-family MLP: SwiGLU and the fused LoRA down_proj as one function that keeps only gate_up's output and
   rebuilds the SwiGLU output in the backward (`mlp_recompute`; with byte masks its dropped-out copy, from the
-  stored mask): one (tokens x intermediate) activation fewer per layer (~4 GiB on Phi-3-mini at 8 x 1024).
+  stored mask), and writes gate_up's gradient over gate_up's output: one (tokens x intermediate) activation fewer
+  per layer (~4 GiB on Phi-3-mini at 8 x 1024).
 - QLoRA: the frozen norms / embeddings / LM head back to bf16 after peft's prepare_model_for_kbit_training upcast
   them to fp32 (`qlora_bf16`).
 - QLoRA with gradient checkpointing: each checkpointed decoder layer's input (the only activation checkpointing

@@ -330,6 +330,7 @@ def _swiglu_down_function() -> Any:
             p: float,
             dtype: Any,
             seed: int | None,
+            overwrite_u: bool,
         ) -> Any:
             lead = u.shape[:-1]
             u2 = u.reshape(-1, u.shape[-1])
@@ -352,6 +353,7 @@ def _swiglu_down_function() -> Any:
             ctx.dtypes = (a.dtype, b.dtype)
             ctx.lead = u.shape
             ctx.qstate, ctx.dtype = qstate, dtype
+            ctx.overwrite_u = overwrite_u
             ctx.save_for_backward(u2, h, weight, a16, b16, mask)
             return out.view(*lead, out.shape[-1])
 
@@ -373,8 +375,12 @@ def _swiglu_down_function() -> Any:
                     del xd
                 w = dense_weight(weight, ctx.qstate, ctx.dtype)
                 grad_c = input_grad(g, w, gh, a16, mask if drop is None else drop, ctx.keep_scale)
-                du = swiglu_backward_2d(u2, grad_c)
-            return du.view(ctx.lead), None, None, None, grad_a, grad_b, None, None, None, None
+                del w, gh
+                # overwrite_u: written over u2, which nothing reads after this (gate_up's output, the MLP's own
+                # intermediate): one (tokens x 2 intermediate) tensor less at the MLP's backward, where QLoRA's
+                # checkpointed step peaks (a second backward through this graph is refused: u2's version changed)
+                du = swiglu_backward_2d(u2, grad_c, out=u2 if ctx.overwrite_u else None)
+            return du.view(ctx.lead), None, None, None, grad_a, grad_b, None, None, None, None, None
 
     return LoraSwigluDownFunction
 
@@ -391,10 +397,12 @@ def _swiglu_down_fn() -> Any:
     return _SWIGLU_DOWN_FUNCTION
 
 
-def swiglu_down(down_proj: Any, u: Any) -> Any:
+def swiglu_down(down_proj: Any, u: Any, overwrite_u: bool = False) -> Any:
     """down_proj(silu(gate) * up) for u = [gate | up] through LoraSwigluDownFunction, or None where it does not
     apply (down_proj not a fused-eligible LoRA layer for this call, an odd width, LoRA dropout that cannot run inside
-    the function: the caller then runs the SwiGLU and down_proj separately)."""
+    the function: the caller then runs the SwiGLU and down_proj separately).
+
+    overwrite_u: the backward writes u's gradient over u (the caller's own intermediate, read by nothing else)."""
     import torch
 
     if not getattr(down_proj, FUSED_ATTR, False) or u.shape[-1] % 2:
@@ -416,7 +424,7 @@ def swiglu_down(down_proj: Any, u: Any) -> Any:
     bias_c = None if bias is None else bias.to(dtype)
     w = weight if qstate is not None else weight.to(dtype)
     seed = philox_seed(uc, a.shape[0]) if p > 0 else None
-    return _swiglu_down_fn().apply(uc, w, qstate, bias_c, a, b, float(scaling), p, dtype, seed)
+    return _swiglu_down_fn().apply(uc, w, qstate, bias_c, a, b, float(scaling), p, dtype, seed, overwrite_u)
 
 
 def _fn() -> Any:

@@ -321,19 +321,24 @@ def swiglu_dropout_2d(u2: Any, mask: Any, scale: float) -> Any:
     return out
 
 
-def swiglu_backward_2d(u2: Any, dc2: Any) -> Any:
-    """The gradient of swiglu_forward_2d at u2 for the output gradient dc2, as one [d gate | d up] tensor."""
+def swiglu_backward_2d(u2: Any, dc2: Any, out: Any = None) -> Any:
+    """The gradient of swiglu_forward_2d at u2 for the output gradient dc2, as one [d gate | d up] tensor; written
+    into `out` where given, which may be u2 itself (each element is read before it is written, by the same program)
+    when the caller needs u2 no more: its autograd version is bumped, so a graph still holding it refuses to run."""
     import torch
 
     if not use_triton(u2, dc2):
-        return swiglu_backward_reference(u2, dc2)
+        du = swiglu_backward_reference(u2, dc2)
+        return du if out is None else out.copy_(du)
     import triton
 
     n_cols = u2.shape[-1] // 2
-    du = torch.empty_like(u2)
+    du = torch.empty_like(u2) if out is None else out
     _kernels()[2][(u2.shape[0], triton.cdiv(n_cols, 1024))](
         u2, dc2, du, n_cols, u2.stride(0), dc2.stride(0), du.stride(0), BLOCK=1024, num_warps=4
     )
+    if out is not None:
+        torch.autograd.graph.increment_version(out)  # the kernel's write, as an in-place torch op would count it
     return du
 
 

@@ -124,7 +124,7 @@ def _fused_gate_up_mlp_forward(self: Any, hidden_states: Any) -> Any:
     if getattr(self, MLP_RECOMPUTE_ATTR, False):
         from orchestrator.passes.training.lora.fused import swiglu_down
 
-        out = swiglu_down(self.down_proj, u)
+        out = swiglu_down(self.down_proj, u, overwrite_u=True)  # u: this MLP's own, its gradient written over it
         if out is not None:
             return out
     return self.down_proj(swiglu(u))
