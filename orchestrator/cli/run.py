@@ -13,6 +13,7 @@ import typer
 
 from orchestrator.cli.app import HostOpt, ModelNameOpt, TargetOpt, TrackingOpt, Verbosity, _say, console, out
 from orchestrator.cli.errors import _guarded, _redact
+from orchestrator.olive.flags import run_flag_help
 
 
 def _run_workflow(
@@ -132,8 +133,10 @@ OLIVE_RUN = "Olive's run flags"
 
 def run(
     config: Annotated[
-        Path, typer.Option("--config", "-c", "--run-config", "--run_config", help="workflow config (Olive format, JSON "
-                           "or YAML)")  # fmt: skip
+        Path,
+        typer.Option(
+            "--config", "-c", "--run-config", "--run_config", help="workflow config (Olive format, JSON or YAML)"
+        ),  # fmt: skip
     ],
     host: HostOpt = None,
     target: TargetOpt = None,
@@ -143,36 +146,86 @@ def run(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="stream job logs")] = False,
     no_tracking: Annotated[bool, typer.Option("--no-tracking", "--no_tracking", help="do not log to MLflow")] = False,
-    list_required_packages: Annotated[bool, typer.Option(
-        "--list_required_packages", "--list-required-packages", "--packages", rich_help_panel=OLIVE_RUN,
-        help="list the environments and packages the workflow's passes need, and exit")] = False,
-    setup: Annotated[bool, typer.Option("--setup", rich_help_panel=OLIVE_RUN, help="Olive 0.7-0.8: build the "
-                                        "environments the passes need (side venvs on this host), and exit")] = False,
-    tempdir: Annotated[str | None, typer.Option("--tempdir", rich_help_panel=OLIVE_RUN,
-                                                help="root folder for temporary files")] = None,
-    package_config: Annotated[str | None, typer.Option("--package-config", "--package_config",
-        rich_help_panel=OLIVE_RUN, help="refused: Olive's pass package registry; orch's passes are built in")] = None,
-    model_name_or_path: Annotated[str | None, typer.Option("--model_name_or_path", "--model-name-or-path", "-m",
-        rich_help_panel=OLIVE_RUN, help="replace the workflow's input model")] = None,
-    output_path: Annotated[str | None, typer.Option("--output_path", "--output-path", "-o", rich_help_panel=OLIVE_RUN,
-                                                    help="replace the workflow's output_dir")] = None,
-    task: Annotated[str | None, typer.Option("--task", "-t", rich_help_panel=OLIVE_RUN,
-                                             help="task of the replacing model (-m)")] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust_remote_code", "--trust-remote-code",
-        rich_help_panel=OLIVE_RUN, help="trust remote code of the replacing model (-m)")] = False,
-    adapter_path: Annotated[str | None, typer.Option("--adapter_path", "--adapter-path", "-a",
-        rich_help_panel=OLIVE_RUN, help="adapter of the replacing model (-m)")] = None,
-    test: Annotated[str | None, typer.Option("--test", rich_help_panel=OLIVE_RUN, metavar="[DIR]",
-        help="run on a random 2-layer copy of the input model (built once at DIR, default "
-             "<output_dir>/test_model)")] = None,
-    model_script: Annotated[str | None, typer.Option("--model_script", "--model-script", rich_help_panel=OLIVE_RUN,
-        help="refused: PyTorch model-loader scripts are not run")] = None,
-    script_dir: Annotated[str | None, typer.Option("--script_dir", "--script-dir", rich_help_panel=OLIVE_RUN,
-                                                   help="refused with --model_script")] = None,
-    log_level: Annotated[int | None, typer.Option("--log_level", "--log-level", rich_help_panel=OLIVE_RUN,
-                                                  help="replace the workflow's log_severity_level")] = None,
-    disable_telemetry: Annotated[bool, typer.Option("--disable_telemetry", "--disable-telemetry",
-        rich_help_panel=OLIVE_RUN, help="accepted: orch sends no telemetry")] = False,
+    list_required_packages: Annotated[
+        bool,
+        typer.Option(
+            "--list_required_packages",
+            "--list-required-packages",
+            "--packages",
+            rich_help_panel=OLIVE_RUN,
+            help=run_flag_help("--list_required_packages"),
+        ),
+    ] = False,
+    setup: Annotated[bool, typer.Option("--setup", rich_help_panel=OLIVE_RUN, help=run_flag_help("--setup"))] = False,
+    tempdir: Annotated[
+        str | None, typer.Option("--tempdir", rich_help_panel=OLIVE_RUN, help=run_flag_help("--tempdir"))
+    ] = None,
+    package_config: Annotated[
+        str | None,
+        typer.Option(
+            "--package-config", "--package_config", rich_help_panel=OLIVE_RUN, help=run_flag_help("--package-config")
+        ),
+    ] = None,
+    model_name_or_path: Annotated[
+        str | None,
+        typer.Option(
+            "--model_name_or_path",
+            "--model-name-or-path",
+            "-m",
+            rich_help_panel=OLIVE_RUN,
+            help=run_flag_help("--model_name_or_path"),
+        ),
+    ] = None,
+    output_path: Annotated[
+        str | None,
+        typer.Option(
+            "--output_path", "--output-path", "-o", rich_help_panel=OLIVE_RUN, help=run_flag_help("--output_path")
+        ),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option("--task", "-t", rich_help_panel=OLIVE_RUN, help=run_flag_help("--task"))
+    ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust_remote_code",
+            "--trust-remote-code",
+            rich_help_panel=OLIVE_RUN,
+            help=run_flag_help("--trust_remote_code"),
+        ),
+    ] = False,
+    adapter_path: Annotated[
+        str | None,
+        typer.Option(
+            "--adapter_path", "--adapter-path", "-a", rich_help_panel=OLIVE_RUN, help=run_flag_help("--adapter_path")
+        ),
+    ] = None,
+    test: Annotated[
+        str | None, typer.Option("--test", rich_help_panel=OLIVE_RUN, metavar="[DIR]", help=run_flag_help("--test"))
+    ] = None,
+    model_script: Annotated[
+        str | None,
+        typer.Option(
+            "--model_script", "--model-script", rich_help_panel=OLIVE_RUN, help=run_flag_help("--model_script")
+        ),
+    ] = None,
+    script_dir: Annotated[
+        str | None,
+        typer.Option("--script_dir", "--script-dir", rich_help_panel=OLIVE_RUN, help=run_flag_help("--script_dir")),
+    ] = None,
+    log_level: Annotated[
+        int | None,
+        typer.Option("--log_level", "--log-level", rich_help_panel=OLIVE_RUN, help=run_flag_help("--log_level")),
+    ] = None,
+    disable_telemetry: Annotated[
+        bool,
+        typer.Option(
+            "--disable_telemetry",
+            "--disable-telemetry",
+            rich_help_panel=OLIVE_RUN,
+            help=run_flag_help("--disable_telemetry"),
+        ),
+    ] = False,
     model_name: ModelNameOpt = None,
 ) -> None:
     """Run a workflow config: passes on the host, evaluation on the target. Olive's `run` flags replace the

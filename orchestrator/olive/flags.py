@@ -29,7 +29,7 @@ RUN_FLAGS = (
     ),
     Flag(
         "--setup",
-        "Olive 0.7-0.8: build the environments the workflow's passes need (side venvs), and exit",
+        "Olive 0.7-0.8: build the environments the passes need (side venvs on this host), and exit",
         kind="flag",
         group=OTHER,
     ),
@@ -37,12 +37,12 @@ RUN_FLAGS = (
     Flag("--package-config", "refused: Olive's pass package registry; orch's passes are built in", group=OTHER),
     Flag("--model_name_or_path", "replace the workflow's input model", short="-m"),
     Flag("--output_path", "replace the workflow's output_dir", short="-o", group=OUTPUT),
-    Flag("--task", "task of the replacing model", short="-t"),
-    Flag("--trust_remote_code", "trust remote code of the replacing model", kind="flag"),
-    Flag("--adapter_path", "adapter of the replacing model", short="-a"),
+    Flag("--task", "task of the replacing model (-m)", short="-t"),
+    Flag("--trust_remote_code", "trust remote code of the replacing model (-m)", kind="flag"),
+    Flag("--adapter_path", "adapter of the replacing model (-m)", short="-a"),
     Flag(
         "--test",
-        "run on a random 2-layer copy of the input model (saved to DIR, default <output_dir>/test_model)",
+        "run on a random 2-layer copy of the input model (built once at DIR, default <output_dir>/test_model)",
         kind="optional",
         const="true",
     ),
@@ -51,6 +51,15 @@ RUN_FLAGS = (
     Flag("--log_level", "replace the workflow's log_severity_level", kind="int", group=OUTPUT),
     *telemetry_flags(),
 )
+
+
+def run_flag_help(name: str) -> str:
+    """The help text of RUN_FLAGS' flag `name`: `orch run`'s typer options read it, so it is written once."""
+    for flag in RUN_FLAGS:
+        if flag.name == name:
+            return flag.help
+    raise KeyError(name)
+
 
 COMMANDS: dict[str, Command] = {
     c.name: c
