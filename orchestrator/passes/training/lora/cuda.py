@@ -309,6 +309,7 @@ def dropout_mask_mode(
         return "none", "LoRA dropout through the layers' own nn.Dropout (fused dropout off)"
     saving = philox_saving_gib(shape) if masks else 0.0
     bits_cost = bit_masks_gib(shape) if masks else 0.0
+    layers = max(1, int(shape.get("num_layers", 1) or 1))
     with_bits = need - saving + bits_cost
     fits = lambda gib: total <= 0 or gib <= MEMORY_HEADROOM * total  # noqa: E731
     checkpointing = bool(
@@ -343,6 +344,7 @@ def dropout_mask_mode(
         )
     else:
         mode, why = "bits", "the step needs gradient checkpointing even without masks"
+        checkpointing = True
     if mode == "stored":
         return mode, (
             "LoRA dropout inside the fused layers with native_dropout's stored byte masks (peft's random numbers), "
@@ -353,7 +355,13 @@ def dropout_mask_mode(
         return mode, (
             "LoRA dropout inside the fused layers, its mask drawn from a Philox seed by the Triton kernel that "
             "computes h = dropout(x) A^T and kept as 1 bit per element, which A's and the input's gradient kernels "
-            + (f"read (~{saving - bits_cost:.1f} GiB less than byte masks here)" if masks else "read")
+            + (
+                "read"
+                if not masks
+                else f"read (~{(saving - bits_cost) / layers:.2f} GiB less than byte masks at a recomputed layer)"
+                if checkpointing
+                else f"read (~{saving - bits_cost:.1f} GiB less than byte masks here)"
+            )
             + f"; same dropout distribution, not peft's random numbers (-philox_dropout keeps peft's); {why}"
         )
     return mode, (
