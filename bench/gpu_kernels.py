@@ -386,6 +386,65 @@ def splits(res: dict[str, Any]) -> None:
     res["splits_ms"] = out
 
 
+def fold(res: dict[str, Any]) -> None:
+    """Where the LoRA term could ride inside the base GEMM instead of beside it (the MFU candidates, forward, r=64,
+    8 x 1024 tokens, each Phi-3-mini projection): today's LoRA-first order (the skinny GEMM writes s h B^T over
+    the whole output, the base GEMM reads it back in its epilogue) against the base GEMM alone (the floor), the
+    weight merged per step (x (W + s B A)^T: one GEMM, exact only at dropout 0), and one K-concatenated GEMM
+    [x | h] [W | s B]^T with and without building [x | h] (without: what producers writing into a wider buffer
+    would give). Also the backward's input gradient at dropout 0 the same ways. Timings only; correctness of each
+    form is checked against the LoRA-first result (max abs diff, bf16)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    t = _Timings(res)
+    checks: dict[str, float] = {}
+    s_ = 2.0
+    for name, (d_in, d_out) in {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 16384),
+                                "down": (8192, 3072)}.items():  # fmt: skip
+        x = torch.randn(T, d_in, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) * 0.02
+        a = torch.randn(64, d_in, device="cuda", dtype=torch.bfloat16) * 0.02
+        b = torch.randn(d_out, 64, device="cuda", dtype=torch.bfloat16) * 0.02
+        g = torch.randn(T, d_out, device="cuda", dtype=torch.bfloat16)
+        h = x @ a.t()
+        gh = (g @ b) * s_
+        wcat = torch.cat([w, b * s_], dim=1)  # (out, in + r)
+        xh = torch.cat([x, h], dim=1)
+        wa = torch.cat([w, a], dim=0)  # (out + r, in): the backward's [g | gh] @ [W ; A] = g W + gh A
+        ggh = torch.cat([g, gh], dim=1)
+
+        def lora_first(x: Any = x, h: Any = h, w: Any = w, b: Any = b) -> Any:
+            out = h.new_empty((h.shape[0], b.shape[0])).addmm_(h, b.t(), beta=0, alpha=s_)
+            return out.addmm_(x, w.t())
+
+        ref = lora_first()
+        t[f"fold {name} {d_in}->{d_out}: base GEMM alone (floor)"] = lambda x=x, w=w: F.linear(x, w)
+        t[f"fold {name} {d_in}->{d_out}: LoRA-first (today)"] = lora_first
+        t[f"fold {name} {d_in}->{d_out}: merged weight W + s B A (dropout 0)"] = lambda x=x, w=w, a=a, b=b: F.linear(
+            x, torch.addmm(w, b, a, alpha=s_)
+        )
+        t[f"fold {name} {d_in}->{d_out}: [x | h] [W | sB]^T incl. the cat"] = lambda x=x, h=h, wc=wcat: F.linear(
+            torch.cat([x, h], dim=1), wc
+        )
+        t[f"fold {name} {d_in}->{d_out}: [x | h] [W | sB]^T, buffer given"] = lambda xh=xh, wc=wcat: F.linear(xh, wc)
+        checks[f"fold {name} merged weight vs LoRA-first (max abs)"] = float(
+            (F.linear(x, torch.addmm(w, b, a, alpha=s_)).float() - ref.float()).abs().max()
+        )
+        checks[f"fold {name} K-concatenated vs LoRA-first (max abs)"] = float(
+            (F.linear(xh, wcat).float() - ref.float()).abs().max()
+        )
+        # backward input gradient at dropout 0: gh @ A written first, g @ W accumulated (today), or one GEMM
+        t[f"fold {name} bwd: LoRA-first (today)"] = lambda g=g, w=w, gh=gh, a=a: torch.mm(gh, a).addmm_(g, w)
+        t[f"fold {name} bwd: [g | s gB] [W ; A], buffer given"] = lambda ggh=ggh, wa=wa: ggh @ wa
+        checks[f"fold {name} bwd K-concatenated vs LoRA-first (max abs)"] = float(
+            ((ggh @ wa).float() - torch.mm(gh, a).addmm_(g, w).float()).abs().max()
+        )
+        del x, w, a, b, g, h, gh, wcat, xh, wa, ggh, ref
+    res.setdefault("correctness_rel_err", {}).update(checks)
+    res.setdefault("timings_ms", {}).update(t)
+
+
 OFFLOAD_LAYERS = 16
 
 
@@ -712,6 +771,7 @@ STEPS = {
     "timings": timings,
     "offload": offload,
     "philox": philox,
+    "fold": fold,
 }
 
 
@@ -721,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--steps",
         default="ceilings,correctness,splits,timings,offload",
-        help="comma list of the parts to run (philox: only the Philox dropout checks and timings)",
+        help="comma list of the parts to run (philox: only the Philox dropout checks and timings; fold: the "
+        "LoRA term inside the base GEMM, the MFU candidates)",
     )
     args = p.parse_args(argv)
     names = [n.strip() for n in args.steps.split(",") if n.strip()]
