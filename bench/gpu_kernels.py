@@ -386,27 +386,30 @@ def splits(res: dict[str, Any]) -> None:
     res["splits_ms"] = out
 
 
-def fold(res: dict[str, Any]) -> None:
+def fold(res: dict[str, Any], device: str = "cuda", tokens: int = T, dtype: Any = None) -> None:
     """Where the LoRA term could ride inside the base GEMM instead of beside it (the MFU candidates, forward, r=64,
     8 x 1024 tokens, each Phi-3-mini projection): today's LoRA-first order (the skinny GEMM writes s h B^T over
     the whole output, the base GEMM reads it back in its epilogue) against the base GEMM alone (the floor), the
     weight merged per step (x (W + s B A)^T: one GEMM, exact only at dropout 0), and one K-concatenated GEMM
     [x | h] [W | s B]^T with and without building [x | h] (without: what producers writing into a wider buffer
     would give). Also the backward's input gradient at dropout 0 the same ways. Timings only; correctness of each
-    form is checked against the LoRA-first result (max abs diff, bf16)."""
+    form is checked against the LoRA-first result (max abs diff, bf16). `device`, `tokens`, `dtype`: the CPU test
+    runs the arithmetic small (its timings then record their error)."""
     import torch
     import torch.nn.functional as F  # noqa: N812
+
+    dtype = dtype or torch.bfloat16
 
     t = _Timings(res)
     checks: dict[str, float] = {}
     s_ = 2.0
     for name, (d_in, d_out) in {"qkv": (3072, 9216), "o": (3072, 3072), "gate_up": (3072, 16384),
                                 "down": (8192, 3072)}.items():  # fmt: skip
-        x = torch.randn(T, d_in, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) * 0.02
-        a = torch.randn(64, d_in, device="cuda", dtype=torch.bfloat16) * 0.02
-        b = torch.randn(d_out, 64, device="cuda", dtype=torch.bfloat16) * 0.02
-        g = torch.randn(T, d_out, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, d_in, device=device, dtype=dtype)
+        w = torch.randn(d_out, d_in, device=device, dtype=dtype) * 0.02
+        a = torch.randn(64, d_in, device=device, dtype=dtype) * 0.02
+        b = torch.randn(d_out, 64, device=device, dtype=dtype) * 0.02
+        g = torch.randn(tokens, d_out, device=device, dtype=dtype)
         h = x @ a.t()
         gh = (g @ b) * s_
         wcat = torch.cat([w, b * s_], dim=1)  # (out, in + r)

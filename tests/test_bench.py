@@ -19,6 +19,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -320,6 +321,21 @@ def test_gpu_kernels_refuses_in_one_line_without_cuda(tmp_path: Path) -> None:
         "gpu_kernels: needs a CUDA GPU (it checks and times orch's CUDA kernels); this machine has none"
     )
     assert not (tmp_path / "k").exists()
+
+
+def test_gpu_kernels_fold_forms_equal_todays_lora_first_result() -> None:
+    """The `fold` step's GEMM forms (merged weight, K-concatenated forward and backward) compute what the LoRA-first
+    order computes: run small on CPU in fp32 (its timings need CUDA and record their error here)."""
+    import gpu_kernels
+    import torch
+
+    res: dict[str, Any] = {}
+    gpu_kernels.fold(res, device="cpu", tokens=32, dtype=torch.float32)
+    checks = res["correctness_rel_err"]
+    assert len(checks) == 12  # 3 forms x 4 projections
+    assert all(v < 1e-4 for v in checks.values()), checks
+    # every form was handed to the timer (without CUDA each records its error instead of a time)
+    assert len(res["timings_ms"]) + len(res.get("errors", {})) == 28
 
 
 def test_olive_runner_argv_and_refusal(tmp_path: Path) -> None:
