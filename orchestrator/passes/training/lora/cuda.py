@@ -284,6 +284,13 @@ def bit_masks_gib(shape: Mapping[str, Any]) -> float:
     return int(shape.get("tokens_per_step", 0)) * int(shape.get("num_layers", 0)) * bit_mask_bytes(shape) / 2**30
 
 
+def mask_mode_need_gib(mode: str, need: float, shape: Mapping[str, Any], masks: bool) -> float:
+    """The step's estimate under a mask mode, from `need` (the estimate with native_dropout's byte masks)."""
+    if not masks or mode not in ("bits", "regenerate"):
+        return need
+    return need - philox_saving_gib(shape) + (bit_masks_gib(shape) if mode == "bits" else 0.0)
+
+
 def dropout_mask_mode(
     opts: Mapping[str, bool],
     sft_kwargs: Mapping[str, Any],
@@ -310,7 +317,8 @@ def dropout_mask_mode(
     saving = philox_saving_gib(shape) if masks else 0.0
     bits_cost = bit_masks_gib(shape) if masks else 0.0
     layers = max(1, int(shape.get("num_layers", 1) or 1))
-    with_bits = need - saving + bits_cost
+    with_bits = mask_mode_need_gib("bits", need, shape, masks)
+    with_none = mask_mode_need_gib("regenerate", need, shape, masks)
     fits = lambda gib: total <= 0 or gib <= MEMORY_HEADROOM * total  # noqa: E731
     checkpointing = bool(
         opts.get("gc") or sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing")
@@ -334,12 +342,12 @@ def dropout_mask_mode(
                 f"with bits, the GPU has {total:.0f} GiB"
             ),
         )
-    elif fits(with_bits - bits_cost):
+    elif fits(with_none):
         mode, why = (
             "regenerate",
             (
                 f"instead of gradient checkpointing: the step needs ~{with_bits:.0f} GiB with the masks as bits, "
-                f"~{with_bits - bits_cost:.0f} with none kept, the GPU has {total:.0f} GiB"
+                f"~{with_none:.0f} with none kept, the GPU has {total:.0f} GiB"
             ),
         )
     else:
@@ -581,8 +589,7 @@ def plan_cuda(
     need = estimate_step_memory_gib(shape, checkpointing=False, fast_path=fast_path, stored_masks=masks)
     mask_mode, why_masks = dropout_mask_mode(opts, sft_kwargs, fused_dropout, masks, need, shape, total)
     philox_dropout, bit_masks = mask_mode in ("bits", "regenerate"), mask_mode == "bits"
-    if masks and philox_dropout:  # the estimate counted native_dropout's stored masks
-        need -= philox_saving_gib(shape) - (bit_masks_gib(shape) if bit_masks else 0.0)
+    need = mask_mode_need_gib(mask_mode, need, shape, masks)
     reasons.append(why_masks)
 
     gc: bool | None = None

@@ -169,13 +169,18 @@ def keep_mask_reference(seed: int, n_rows: int, n_cols: int, p: float, device: A
     return uniform_block_reference(seed, n_rows, n_cols, device, row_start) >= torch.tensor(p, dtype=torch.float32)
 
 
+def bit_words(n_cols: int) -> int:
+    """int32 words of keep bits per row of an input n_cols wide."""
+    return -(-n_cols // LANES)
+
+
 def pack_keep_bits(keep: Any) -> Any:
     """A bool (n_rows, n_cols) keep mask as the kernels' keep bits: int32 (n_rows, ceil(n_cols / 32)), bit j of
     word w is column 32 w + j (columns past n_cols are 0)."""
     import torch
 
     n_rows, n_cols = keep.shape
-    words = -(-n_cols // LANES)
+    words = bit_words(n_cols)
     padded = torch.zeros((n_rows, words * LANES), dtype=torch.int64, device=keep.device)
     padded[:, :n_cols] = keep.to(torch.int64)
     packed = (padded.view(n_rows, words, LANES) << torch.arange(LANES, device=keep.device)).sum(-1)
@@ -195,7 +200,7 @@ def new_bits(n_rows: int, n_cols: int, device: Any) -> Any:
     """An uninitialized keep-bits tensor for an (n_rows, n_cols) input, for dropout_lora_a to fill."""
     import torch
 
-    return torch.empty((n_rows, -(-n_cols // LANES)), dtype=torch.int32, device=device)
+    return torch.empty((n_rows, bit_words(n_cols)), dtype=torch.int32, device=device)
 
 
 def _keep(seed: int, n_rows: int, n_cols: int, p: float, device: Any, bits: Any) -> Any:
@@ -292,18 +297,18 @@ def _contiguous_rows(t: Any) -> Any:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _bits_args(bits: Any, fallback: Any) -> tuple[Any, int, int, int]:
-    """(pointer tensor, words per row, row stride, BITS mode) for a kernel: bits read (2) or none (0); the forward
-    passes its own mode 1."""
+def _bits_args(bits: Any, fallback: Any, mode: int = 2) -> tuple[Any, int, int, int]:
+    """(pointer tensor, words per row, row stride, BITS mode) for a kernel: `mode` with bits (1 written by the
+    forward, 2 read by the backward), 0 and `fallback` as the unused pointer without."""
     if bits is None:
         return fallback, 0, 0, 0
-    return bits, bits.shape[1], bits.stride(0), 2
+    return bits, bits.shape[1], bits.stride(0), mode
 
 
 def _check_bits(bits: Any, n_rows: int, n_cols: int) -> None:
     import torch
 
-    words = -(-n_cols // LANES)
+    words = bit_words(n_cols)
     if bits.dtype != torch.int32 or tuple(bits.shape) != (n_rows, words) or bits.stride(-1) != 1:
         raise ValueError(f"keep bits must be a row-contiguous int32 ({n_rows}, {words}) tensor, got {bits.dtype} "
                          f"{tuple(bits.shape)}")  # fmt: skip
@@ -328,11 +333,10 @@ def dropout_lora_a(x2: Any, a: Any, p: float, seed: int, bits: Any = None) -> An
     block_m = 64 if triton.cdiv(n_rows, 64) >= 2 * _sm_count(x2.device) else 32
     if x2.device.type == "cpu":
         block_m = 16
-    words = -(-n_cols // LANES)
+    bits_t, words, stride_b, mode = _bits_args(bits, x2, mode=1)
     _kernels()["lora_a"][(triton.cdiv(n_rows, block_m),)](
-        x2, a, h, x2 if bits is None else bits, n_rows, n_cols, words, x2.stride(0), a.stride(0), h.stride(0),
-        0 if bits is None else bits.stride(0), seed, float(p), keep_scale(p),
-        R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=ieee_dot(x2), BITS=0 if bits is None else 1,
+        x2, a, h, bits_t, n_rows, n_cols, words, x2.stride(0), a.stride(0), h.stride(0), stride_b, seed, float(p),
+        keep_scale(p), R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=ieee_dot(x2), BITS=mode,
         num_warps=4 if rank <= 64 else 8,
     )  # fmt: skip
     return h

@@ -23,7 +23,8 @@ if triton is not None:
 
     @triton.jit
     def _write_bits(bits_ptr, rows, row_ok, word, n_words, stride_b, keep, LANES: tl.constexpr):
-        # one int32 per row: bit j of word w is the keep flag of column 32 w + j
+        # one int32 per row: bit j of word w is the keep flag of column 32 w + j (`rows * 0 + word`: the word as a
+        # (rows,) tensor, so the mask is one; a scalar comparison there fails in Triton's interpreter)
         pow2 = tl.full((LANES,), 1, tl.int32) << tl.arange(0, LANES)
         packed = tl.sum(tl.where(keep, pow2[None, :], 0), axis=1)
         tl.store(bits_ptr + rows * stride_b + word, packed, mask=row_ok & ((rows * 0 + word) < n_words))
