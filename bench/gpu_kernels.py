@@ -767,6 +767,125 @@ def philox(res: dict[str, Any]) -> None:
     res.setdefault("timings_ms", {}).update(t)
 
 
+def tune_candidates() -> dict[str, list[Any]]:
+    """The launch shapes the `tune` step times per kernel (philox_dropout.Launch: rows per program, programs per
+    SM, warps, pipeline stages)."""
+    from orchestrator.passes.training.lora.philox_dropout import Launch
+
+    return {
+        "lora_a": [Launch(b, s, w, st) for b in (16, 32, 64) for s in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)],
+        "wgrad": [Launch(b, s, w, st) for b in (32, 64, 128) for s in (2, 4, 8) for w in (4, 8) for st in (2, 3)],
+        "grad": [Launch(b, 0, w, 1) for b in (32, 64, 128) for w in (2, 4, 8)],
+    }
+
+
+def tune(res: dict[str, Any], device: str = "cuda", tokens: int = T, widths: tuple[int, ...] = (3072, 8192),
+         candidates: dict[str, list[Any]] | None = None) -> None:  # fmt: skip
+    """The Philox dropout kernels' launch shapes (philox_dropout.LAUNCH) swept at r=64, 8 x 1024 tokens, Phi-3-mini's
+    LoRA input widths: the forward writing keep bits, A's gradient and the input gradient reading them, and each at
+    p = 0 (the kernels as plain skinny GEMMs), beside what they replace (native_dropout + cuBLAS, cuBLAS alone) and
+    the memory floor (the bytes each must move at the copy rate `ceilings` measures). Per kernel the pick is the
+    shape with the least total time over widths and modes. The CPU test runs it tiny (its timings record errors)."""
+    from orchestrator.passes.training.lora import philox_dropout as pd
+
+    candidates = candidates or tune_candidates()
+    out: dict[str, Any] = {"candidates": {k: [str(c) for c in v] for k, v in candidates.items()}, "runs": {}}
+    saved = dict(pd.LAUNCH)
+    try:
+        for width in widths:
+            _tune_width(out, res.get("copy_gbs"), device, tokens, width, candidates)
+    finally:
+        pd.LAUNCH.update(saved)
+    picks: dict[str, Any] = {}
+    for kernel, cfgs in candidates.items():
+        rows = [r for n, r in out["runs"].items() if n.startswith(kernel + " ")]
+        totals = {str(c): sum(r.get(str(c)) or float("inf") for r in rows) for c in cfgs}
+        best = min(totals, key=lambda c: totals[c])
+        picks[kernel] = {
+            "launch": best,
+            "total_ms": totals[best],
+            "default_total_ms": sum(r.get("default_ms") or float("inf") for r in rows),
+            "baseline_total_ms": sum(r.get("baseline_ms") or float("inf") for r in rows),
+        }
+    out["picks"] = picks
+    res["tune"] = out
+    nan = float("nan")
+    for name, row in out["runs"].items():
+        us = {k: 1e3 * (row.get(k) or nan) for k in (picks[name.split()[0]]["launch"], "default_ms", "baseline_ms")}
+        pick_us, default_us, baseline_us = us.values()
+        floor_us = 1e3 * (row.get("floor_ms") or nan)
+        print(f"tune {name:28s} pick {pick_us:8.1f} us  default {default_us:8.1f}  baseline {baseline_us:8.1f}  "
+              f"floor {floor_us:7.1f}")  # fmt: skip
+    for kernel, pick in picks.items():
+        print(f"tune pick {kernel}: {pick}")
+
+
+def _tune_width(
+    out: dict[str, Any], copy_gbs: float | None, device: str, tokens: int, width: int, candidates: dict[str, Any]
+) -> None:
+    """One input width of `tune`: every kernel mode at every candidate launch shape, its baseline and floor."""
+    import torch
+
+    from orchestrator.passes.training.lora import kernels as lora_kernels
+    from orchestrator.passes.training.lora import philox_dropout as pd
+
+    seed, p, rank = 0x1234_5678_9ABC_DEF, 0.05, 64
+    timer = bench_ms if device == "cuda" else _cpu_ms
+    x = torch.randn(tokens, width, device=device, dtype=torch.bfloat16)
+    a = torch.randn(rank, width, device=device, dtype=torch.bfloat16) * 0.1
+    gh = torch.randn(tokens, rank, device=device, dtype=torch.bfloat16)
+    bits = pd.new_bits(tokens, width, device)
+    pd.dropout_lora_a(x, a, p, seed, bits=bits)
+    xd, mask = torch.native_dropout(x, p, True)
+    runs = {
+        "lora_a bits": lambda: pd.dropout_lora_a(x, a, p, seed, bits=bits),
+        "lora_a p0": lambda: pd.dropout_lora_a(x, a, 0.0, seed),
+        "wgrad bits": lambda: pd.dropout_lora_a_wgrad(x, gh, p, seed, bits=bits),
+        "wgrad p0": lambda: pd.dropout_lora_a_wgrad(x, gh, 0.0, seed),
+        "grad bits": lambda: pd.dropout_grad(gh, a, p, seed, torch.bfloat16, bits=bits),
+        "grad p0": lambda: pd.dropout_grad(gh, a, 0.0, seed, torch.bfloat16),
+    }
+    baselines = {
+        "lora_a bits": lambda: lora_kernels.lora_tall(torch.native_dropout(x, p, True)[0], a),
+        "lora_a p0": lambda: lora_kernels.lora_tall(x, a),
+        "wgrad bits": lambda: lora_kernels.lora_wgrad(gh, xd),
+        "wgrad p0": lambda: lora_kernels.lora_wgrad(gh, x),
+        "grad bits": lambda: lora_kernels.lora_dropout_grad(gh, a, mask, 1 / (1 - p), torch.bfloat16),
+        "grad p0": lambda: torch.mm(gh, a),
+    }
+    for name, fn in runs.items():
+        kernel = name.split()[0]
+        row: dict[str, Any] = {"baseline_ms": _timed(timer, baselines[name], out, f"{name} {width} baseline")}
+        if copy_gbs:  # each moves ~2 bytes per element of x (read, or the gradient written) plus 1/8 of keep bits
+            row["floor_ms"] = 2.125 * tokens * width / copy_gbs / 1e6
+        saved = pd.LAUNCH[kernel]
+        try:
+            for cfg in candidates[kernel]:
+                pd.LAUNCH[kernel] = cfg
+                row[str(cfg)] = _timed(timer, fn, out, f"{name} {width} {cfg}")
+        finally:
+            pd.LAUNCH[kernel] = saved
+        row["default_ms"] = _timed(timer, fn, out, f"{name} {width} default")
+        out["runs"][f"{name} {tokens}x{width}"] = row
+
+
+def _cpu_ms(fn: Any) -> float:
+    import time as _time
+
+    start = _time.perf_counter()
+    fn()
+    return (_time.perf_counter() - start) * 1e3
+
+
+def _timed(timer: Any, fn: Any, out: dict[str, Any], name: str) -> float | None:
+    """fn's time in ms, or None with the error recorded: one failing launch shape must not stop the sweep."""
+    try:
+        return timer(fn)
+    except Exception as e:  # noqa: BLE001
+        out.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:300]
+        return None
+
+
 STEPS = {
     "ceilings": ceilings,
     "correctness": correctness,
@@ -775,6 +894,7 @@ STEPS = {
     "offload": offload,
     "philox": philox,
     "fold": fold,
+    "tune": tune,
 }
 
 

@@ -47,6 +47,13 @@ def kernel_outputs(res: dict[str, Any]) -> None:
             "kernels_apply": pd.kernels_apply(x, a, gh, rank=r),
             "x": x, "a": a, "gh": gh, "gx": gx,
             "h": pd.dropout_lora_a(x, a, P, SEED),
+            "h_1_split": pd.dropout_lora_a(x, a, P, SEED, splits=1),
+            "h_3_splits": pd.dropout_lora_a(x, a, P, SEED, splits=3),
+            # p = 0: the same kernels as plain skinny GEMMs (no mask drawn or read)
+            "h_p0": pd.dropout_lora_a(x, a, 0.0, SEED),
+            "wgrad_p0": pd.dropout_lora_a_wgrad(x, gh, 0.0, SEED),
+            "grad_p0": pd.dropout_grad(gh, a, 0.0, SEED, dtype),
+            "grad_add_p0": pd.dropout_grad_add_(gx.clone(), gh, a, 0.0, SEED),
             "wgrad": pd.dropout_lora_a_wgrad(x, gh, P, SEED),
             "wgrad_3_splits": pd.dropout_lora_a_wgrad(x, gh, P, SEED, splits=3),
             "grad": pd.dropout_grad(gh, a, P, SEED, dtype),
@@ -77,7 +84,7 @@ class ReferenceDropout(torch.nn.Module):
         return out.to(x.dtype).view(x.shape)
 
 
-def tiny_model() -> Any:
+def tiny_model(dropout: float = P) -> Any:
     import peft
     import transformers
 
@@ -87,7 +94,7 @@ def tiny_model() -> Any:
         num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     base = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=P, target_modules=["o_proj", "down_proj"])
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=["o_proj", "down_proj"])
     model = peft.get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -154,6 +161,15 @@ def fused_model_outputs(res: dict[str, Any]) -> None:
         res["model fused native_dropout"] = step(copy.deepcopy(model), ids)
     finally:
         fused.PHILOX_DROPOUT = True
+    # dropout 0: the skinny products by the p = 0 Triton kernels (TRITON_SKINNY) against peft's own forward
+    zero = tiny_model(dropout=0.0)
+    res["model p0 peft"] = step(copy.deepcopy(zero), ids)
+    fused.fuse_lora_layers(zero)
+    fused.TRITON_SKINNY = True
+    try:
+        res["model p0 fused triton_skinny"] = step(copy.deepcopy(zero), ids)
+    finally:
+        fused.TRITON_SKINNY = False
 
 
 def swiglu_down_outputs(res: dict[str, Any]) -> None:

@@ -338,6 +338,31 @@ def test_gpu_kernels_fold_forms_equal_todays_lora_first_result() -> None:
     assert len(res["timings_ms"]) + len(res.get("errors", {})) == 28
 
 
+def test_gpu_kernels_tune_sweeps_every_launch_shape_and_restores_the_plan() -> None:
+    """The `tune` step runs every kernel mode at every candidate launch shape beside its baseline, picks one shape per
+    kernel and leaves philox_dropout.LAUNCH as it found it (small on CPU: the torch references stand in for the
+    kernels)."""
+    import gpu_kernels
+
+    from orchestrator.passes.training.lora import philox_dropout as pd
+
+    before = dict(pd.LAUNCH)
+    candidates = {k: v[:2] for k, v in gpu_kernels.tune_candidates().items()}
+    res: dict[str, Any] = {"copy_gbs": 1000.0}
+    gpu_kernels.tune(res, device="cpu", tokens=32, widths=(300,), candidates=candidates)
+    assert before == pd.LAUNCH
+    tune = res["tune"]
+    assert not tune.get("errors"), tune.get("errors")
+    assert set(tune["runs"]) == {f"{k} {m} 32x300" for k in ("lora_a", "wgrad", "grad") for m in ("bits", "p0")}
+    for name, row in tune["runs"].items():
+        shapes = [str(c) for c in candidates[name.split()[0]]]
+        assert all(row[c] > 0 for c in shapes) and row["baseline_ms"] > 0 and row["default_ms"] > 0
+        assert row["floor_ms"] == pytest.approx(2.125 * 32 * 300 / 1000.0 / 1e6)
+    assert {k: v["launch"] in [str(c) for c in candidates[k]] for k, v in tune["picks"].items()} == {
+        "lora_a": True, "wgrad": True, "grad": True
+    }
+
+
 def test_olive_runner_argv_and_refusal(tmp_path: Path) -> None:
     import olive_runner
 

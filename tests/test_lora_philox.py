@@ -119,8 +119,15 @@ def test_each_kernel_is_its_reference(interpreted: dict[str, Any], case: str) ->
     x, a, gh, gx = got["x"], got["a"], got["gh"], got["gx"]
     tol = {"atol": 2e-3, "rtol": 2e-3} if x.dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
     h = pd.dropout_lora_a_reference(x, a, P, SEED)
-    assert got["h"].dtype == x.dtype and got["h"].shape == h.shape
-    assert torch.allclose(got["h"].float(), h.float(), **tol)
+    for name in ("h", "h_1_split", "h_3_splits"):  # the columns split (fp32 partial sums) or walked by one program
+        assert got[name].dtype == x.dtype and got[name].shape == h.shape
+        assert torch.allclose(got[name].float(), h.float(), **tol)
+    # p = 0: the kernels as plain skinny GEMMs, x itself
+    assert torch.allclose(got["h_p0"].float(), (x.float() @ a.float().t()).to(x.dtype).float(), **tol)
+    assert torch.allclose(got["wgrad_p0"], gh.float().t() @ x.float(), atol=1e-4, rtol=1e-4)
+    plain_grad = gh.float() @ a.float()
+    assert torch.allclose(got["grad_p0"].float(), plain_grad.to(x.dtype).float(), **tol)
+    assert torch.allclose(got["grad_add_p0"].float(), (plain_grad + gx.float()).to(x.dtype).float(), **tol)
     wgrad = pd.dropout_lora_a_wgrad_reference(x, gh, P, SEED)
     for name in ("wgrad", "wgrad_3_splits"):
         assert got[name].dtype == torch.float32 and got[name].shape == (gh.shape[1], x.shape[1])
@@ -221,6 +228,15 @@ def test_fused_layers_with_keep_bits_are_the_regenerating_ones(interpreted: dict
     got, want = interpreted[f"model fused bits {mode}"], interpreted[f"model fused philox {mode}"]
     assert torch.equal(got["loss"], want["loss"])
     assert _max_grad_diff(got, want) == 0.0
+
+
+def test_triton_skinny_products_at_dropout_0_are_pefts_forward(interpreted: dict[str, Any]) -> None:
+    """TRITON_SKINNY (ORCH_CUDA_FASTPATH=+triton_skinny) at LoRA dropout 0: h = x A^T, A's gradient and the input
+    gradient's LoRA term by the p = 0 kernels give peft's loss and LoRA gradients."""
+    want, got = interpreted["model p0 peft"], interpreted["model p0 fused triton_skinny"]
+    assert torch.allclose(got["loss"], want["loss"], atol=1e-6)
+    assert len(got["grads"]) == len(want["grads"]) > 0
+    assert _max_grad_diff(got, want) < 1e-6
 
 
 def test_without_philox_the_fused_layers_keep_peft_masks(interpreted: dict[str, Any]) -> None:

@@ -165,6 +165,7 @@ OPTION_NAMES = (
     "offload_checkpoints",
     "philox_dropout",
     "bit_masks",
+    "triton_skinny",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -199,6 +200,7 @@ class CudaPlan:
     offload_checkpoints: bool = False  # checkpointed layer inputs in pinned host memory (offload.py), copies overlapped
     philox_dropout: bool = False  # fused dropout's mask drawn from a Philox seed by Triton kernels
     bit_masks: bool = False  # with philox_dropout: the mask kept as 1 bit per element, else regenerated where used
+    triton_skinny: bool = False  # LoRA's skinny products over the tokens by the p = 0 Triton kernels, not cuBLAS
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -459,6 +461,12 @@ def plan_cuda(
             "and input gradient): the compute-bound GEMM reads it in its epilogue instead of a memory-bound pass "
             "reading and writing the whole output again"
         )
+    triton_skinny = bool(fused_lora and opts.get("triton_skinny", False) and device.get("has_triton", True))
+    if triton_skinny:
+        reasons.append(
+            "fused LoRA layers: h = x A^T, A's gradient and the input gradient's LoRA term by Triton kernels split "
+            "for enough programs in flight (philox_dropout.py at p = 0) instead of cuBLAS (ORCH_CUDA_FASTPATH)"
+        )
     splitk = bool(fused_lora and opts.get("splitk", True))
     if splitk:
         reasons.append(
@@ -677,6 +685,7 @@ def plan_cuda(
         offload_checkpoints=offload_checkpoints,
         philox_dropout=philox_dropout,
         bit_masks=bit_masks,
+        triton_skinny=triton_skinny,
         reasons=tuple(reasons),
     )
 
@@ -806,6 +815,7 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         lora_fused.LORA_FIRST = plan.lora_first
         lora_fused.PHILOX_DROPOUT = plan.philox_dropout
         lora_fused.BIT_MASKS = plan.bit_masks
+        lora_fused.TRITON_SKINNY = plan.triton_skinny
         fuse_lora_layers(model)
     if plan.compile_layers:
         compile_decoder_layers(model)

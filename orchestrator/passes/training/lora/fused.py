@@ -67,6 +67,9 @@ PHILOX_DROPOUT = False
 # lora_cuda's plan sets it: the Philox masks drawn in the forward kept as keep bits (1 bit per element) for the
 # backward kernels to read, instead of being regenerated there (philox_dropout.py, "bit masks")
 BIT_MASKS = False
+# lora_cuda's plan sets it: LoRA's skinny products over the tokens (h = x A^T, A's gradient gh^T x, the input
+# gradient's gh A) by philox_dropout's Triton kernels at p = 0 (split for enough programs in flight) instead of cuBLAS
+TRITON_SKINNY = False
 
 
 def base_plus_lora(
@@ -90,11 +93,9 @@ def base_plus_lora(
     """
     import torch
 
-    from orchestrator.passes.training.lora.kernels import lora_tall
-
     w = dense_weight(weight, qstate, dtype)
     if h is None:
-        h = lora_tall(xd2, a16)
+        h = lora_a_product(xd2, a16)
     if LORA_FIRST:
         if bias is not None:
             out = torch.addmm(bias, h, b16.t(), alpha=scaling)
@@ -105,6 +106,32 @@ def base_plus_lora(
         out = torch.nn.functional.linear(x2, w, bias)
         out.addmm_(h, b16.t(), alpha=scaling)
     return out, h
+
+
+def _skinny(*tensors: Any, rank: int) -> bool:
+    from orchestrator.passes.training.lora import philox_dropout
+
+    return TRITON_SKINNY and philox_dropout.kernels_apply(*tensors, rank=rank)
+
+
+def lora_a_product(x2: Any, a16: Any) -> Any:
+    """h = x2 @ A^T (T, r): cuBLAS (lora_tall), or the p = 0 Triton kernel where TRITON_SKINNY is on."""
+    from orchestrator.passes.training.lora import philox_dropout
+    from orchestrator.passes.training.lora.kernels import lora_tall
+
+    if _skinny(x2, a16, rank=a16.shape[0]):
+        return philox_dropout.dropout_lora_a(x2, a16, 0.0, 0)
+    return lora_tall(x2, a16)
+
+
+def lora_a_grad(gh: Any, x2: Any) -> Any:
+    """A's gradient gh^T @ x2 (r, K) in fp32: cuBLAS (lora_wgrad), or the p = 0 Triton kernel (TRITON_SKINNY)."""
+    from orchestrator.passes.training.lora import philox_dropout
+    from orchestrator.passes.training.lora.kernels import lora_wgrad
+
+    if _skinny(x2, gh, rank=gh.shape[1]):
+        return philox_dropout.dropout_lora_a_wgrad(x2, gh, 0.0, 0)
+    return lora_wgrad(gh, x2)
 
 
 def input_grad(g: Any, w: Any, gh: Any, a16: Any, mask: Any, keep_scale: float) -> Any:
@@ -119,7 +146,8 @@ def input_grad(g: Any, w: Any, gh: Any, a16: Any, mask: Any, keep_scale: float) 
     philox = isinstance(mask, philox_dropout.PhiloxMask)
     if LORA_FIRST:
         if mask is None:
-            lora = torch.mm(gh, a16)
+            skinny = _skinny(gh, a16, rank=gh.shape[1]) and g.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            lora = philox_dropout.dropout_grad(gh, a16, 0.0, 0, g.dtype) if skinny else torch.mm(gh, a16)
         elif philox:
             lora = philox_dropout.dropout_grad(gh, a16, mask.p, mask.seed, g.dtype, bits=mask.bits)
         else:
@@ -145,8 +173,6 @@ def lora_out_grads(g: Any, h: Any, b16: Any, scaling: float, b_dtype: Any) -> tu
 
 def _lora_function() -> Any:
     import torch
-
-    from orchestrator.passes.training.lora.kernels import lora_wgrad
 
     class LoraLinearFunction(torch.autograd.Function):
         """out = x @ W^T + bias + scaling * (xd @ A^T) @ B^T, with xd the (possibly dropped-out) LoRA input.
@@ -203,7 +229,7 @@ def _lora_function() -> Any:
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh, grad_b = lora_out_grads(g, h if need_b else None, b16, ctx.scaling, ctx.dtypes[1])
                 if need_a:
-                    grad_a = lora_wgrad(gh, xd2).to(ctx.dtypes[0])
+                    grad_a = lora_a_grad(gh, xd2).to(ctx.dtypes[0])
                 if need_x:
                     w = dense_weight(weight, ctx.qstate, ctx.dtype)
                     # one tensor: the LoRA path's input gradient joins the base path's inside a GEMM
@@ -224,7 +250,6 @@ def _lora_dropout_function() -> Any:
     import torch
 
     from orchestrator.passes.training.lora import philox_dropout
-    from orchestrator.passes.training.lora.kernels import lora_wgrad
 
     class LoraLinearDropoutFunction(torch.autograd.Function):
         """out = x @ W^T + bias + scaling * (dropout(x) @ A^T) @ B^T, dropout drawn inside: from `seed` by the
@@ -283,7 +308,7 @@ def _lora_dropout_function() -> Any:
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh, grad_b = lora_out_grads(g, h if need_b else None, b16, ctx.scaling, ctx.dtypes[1])
                 if need_a:  # xd2: the dropped-out input, or with Philox dropout the input itself
-                    wgrad = lora_wgrad(gh, xd2) if drop is None else philox_dropout.dropout_lora_a_wgrad(
+                    wgrad = lora_a_grad(gh, xd2) if drop is None else philox_dropout.dropout_lora_a_wgrad(
                         xd2, gh, drop.p, drop.seed, bits=drop.bits
                     )  # fmt: skip
                     grad_a = wgrad.to(ctx.dtypes[0])
@@ -302,7 +327,6 @@ def _swiglu_down_function() -> Any:
 
     from orchestrator.passes.training.lora import philox_dropout
     from orchestrator.passes.training.lora.kernels import (
-        lora_wgrad,
         swiglu_backward_2d,
         swiglu_dropout_2d,
         swiglu_forward_2d,
@@ -371,7 +395,7 @@ def _swiglu_down_function() -> Any:
                     del c
                 else:  # c again, or straight its dropped-out copy from the kept mask (one pass either way)
                     xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
-                    grad_a = lora_wgrad(gh, xd).to(ctx.dtypes[0])
+                    grad_a = lora_a_grad(gh, xd).to(ctx.dtypes[0])
                     del xd
                 w = dense_weight(weight, ctx.qstate, ctx.dtype)
                 grad_c = input_grad(g, w, gh, a16, mask if drop is None else drop, ctx.keep_scale)

@@ -68,6 +68,29 @@ class PhiloxMask:
     bits: Any = field(default=None, compare=False)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How one kernel is spread over the GPU: rows per program (`block`), programs aimed at per SM (`per_sm`, the
+    split of the other axis: the forward's columns, A's gradient's tokens; 0 for the input gradient, whose grid is
+    its tiles), warps per program and software-pipeline stages. bench/gpu_kernels.py's `tune` step times the
+    candidates on the GPU; LAUNCH holds the measured choice."""
+
+    block: int
+    per_sm: int
+    warps: int
+    stages: int
+
+
+# H100 (bench/results/gpu_kernels, tune step): the forward and A's gradient read x far below the memory's rate with
+# one program per row block or per column group (too few programs in flight), hence the splits
+LAUNCH: dict[str, Launch] = {
+    "lora_a": Launch(block=32, per_sm=4, warps=4, stages=3),
+    "wgrad": Launch(block=64, per_sm=4, warps=4, stages=3),
+    "grad": Launch(block=64, per_sm=0, warps=4, stages=1),
+}
+NO_DROPOUT = 3  # the kernels' BITS mode for p = 0: x itself, nothing drawn or read (plain skinny GEMMs)
+
+
 def keep_scale(p: float) -> float:
     """1 / (1 - p), what kept elements are multiplied by (in fp32 inside the kernels)."""
     return 1.0 / (1.0 - p)
@@ -314,9 +337,11 @@ def _check_bits(bits: Any, n_rows: int, n_cols: int) -> None:
                          f"{tuple(bits.shape)}")  # fmt: skip
 
 
-def dropout_lora_a(x2: Any, a: Any, p: float, seed: int, bits: Any = None) -> Any:
+def dropout_lora_a(x2: Any, a: Any, p: float, seed: int, bits: Any = None, splits: int | None = None) -> Any:
     """h (T, r) = dropout(x2) @ A^T in x2's dtype, the mask drawn from `seed`; x2 is read once. With `bits`
-    (new_bits) the mask is also written there, for the backward kernels to read instead of regenerating it."""
+    (new_bits) the mask is also written there, for the backward kernels to read instead of regenerating it. p = 0:
+    x2 @ A^T (no mask). The columns are split into `splits` ranges (default: LAUNCH's programs per SM), their fp32
+    partial sums added before the one rounding to x2's dtype."""
     seed = _check_seed(seed)
     if bits is not None:
         _check_bits(bits, x2.shape[0], x2.shape[1])
@@ -324,22 +349,38 @@ def dropout_lora_a(x2: Any, a: Any, p: float, seed: int, bits: Any = None) -> An
         if bits is not None:
             bits.copy_(pack_keep_bits(keep_mask_reference(seed, x2.shape[0], x2.shape[1], p, x2.device)))
         return dropout_lora_a_reference(x2, a, p, seed)
+    import torch
     import triton
 
     x2, a = _contiguous_rows(x2), _contiguous_rows(a.to(x2.dtype))
     n_rows, n_cols = x2.shape
     rank = a.shape[0]
+    launch = LAUNCH["lora_a"]
+    block_m = 16 if x2.device.type == "cpu" else launch.block
+    row_blocks = triton.cdiv(n_rows, block_m)
+    groups = triton.cdiv(n_cols, GROUP)
+    if splits is None:
+        splits = triton.cdiv(launch.per_sm * _sm_count(x2.device), row_blocks)
+    per_split = triton.cdiv(groups, max(1, min(splits, groups))) * GROUP
+    splits = triton.cdiv(n_cols, per_split) if n_cols else 1
     h = x2.new_empty((n_rows, rank))
-    block_m = 64 if triton.cdiv(n_rows, 64) >= 2 * _sm_count(x2.device) else 32
-    if x2.device.type == "cpu":
-        block_m = 16
+    out = h if splits == 1 else torch.empty((splits, n_rows, rank), device=x2.device, dtype=torch.float32)
     bits_t, words, stride_b, mode = _bits_args(bits, x2, mode=1)
-    _kernels()["lora_a"][(triton.cdiv(n_rows, block_m),)](
-        x2, a, h, bits_t, n_rows, n_cols, words, x2.stride(0), a.stride(0), h.stride(0), stride_b, seed, float(p),
-        keep_scale(p), R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=ieee_dot(x2), BITS=mode,
-        num_warps=4 if rank <= 64 else 8,
+    if p == 0 and bits is None:
+        mode = NO_DROPOUT
+    _kernels()["lora_a"][(row_blocks, splits)](
+        x2, a, out, bits_t, n_rows, n_cols, words, per_split, x2.stride(0), a.stride(0),
+        out.stride(0) if splits > 1 else 0, out.stride(-2), stride_b, seed, float(p), keep_scale(p),
+        R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=ieee_dot(x2), BITS=mode, num_warps=_warps(launch, rank),
+        num_stages=launch.stages,
     )  # fmt: skip
+    if splits > 1:
+        h.copy_(out.sum(0))  # fp32 sum of the splits, rounded once
     return h
+
+
+def _warps(launch: Launch, rank: int) -> int:
+    return max(launch.warps, 8) if rank > 64 else launch.warps
 
 
 def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | None = None, bits: Any = None) -> Any:
@@ -357,18 +398,22 @@ def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | No
     x2, gh = _contiguous_rows(x2), _contiguous_rows(gh.to(x2.dtype))
     n_rows, n_cols = x2.shape
     rank = gh.shape[1]
-    block_t = 64 if x2.device.type == "cuda" else 16
+    launch = LAUNCH["wgrad"]
+    block_t = launch.block if x2.device.type == "cuda" else 16
     groups = triton.cdiv(n_cols, GROUP)
     if splits is None:
-        splits = max(1, min(2 * _sm_count(x2.device) // groups, n_rows // (4 * block_t)))
+        splits = max(1, min(launch.per_sm * _sm_count(x2.device) // groups, n_rows // (4 * block_t)))
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, max(1, splits)), block_t) * block_t
     splits = triton.cdiv(n_rows, rows_per_split) if n_rows else 1
     out = torch.empty((splits, rank, n_cols), device=x2.device, dtype=torch.float32)
     bits_t, words, stride_b, mode = _bits_args(bits, x2)
+    if p == 0 and bits is None:
+        mode = NO_DROPOUT
     _kernels()["wgrad"][(groups, splits)](
         x2, gh, out, bits_t, n_rows, n_cols, words, rows_per_split, x2.stride(0), gh.stride(0), out.stride(0),
         out.stride(1), stride_b, seed, float(p), keep_scale(p),
-        R=rank, BLOCK_T=block_t, LANES=LANES, IEEE=ieee_dot(x2), BITS=mode, num_warps=4 if rank <= 64 else 8,
+        R=rank, BLOCK_T=block_t, LANES=LANES, IEEE=ieee_dot(x2), BITS=mode, num_warps=_warps(launch, rank),
+        num_stages=launch.stages,
     )  # fmt: skip
     return out[0] if splits == 1 else out.sum(0)
 
@@ -404,13 +449,16 @@ def _run_grad(out: Any, gh: Any, a: Any, p: float, seed: int, bits: Any, *, accu
     n_rows, n_cols = out.shape
     rank = gh.shape[1]
     gh, a = _contiguous_rows(gh.to(out.dtype)), _contiguous_rows(a.to(out.dtype))
-    block_m = 64 if out.device.type == "cuda" else 16
+    launch = LAUNCH["grad"]
+    block_m = launch.block if out.device.type == "cuda" else 16
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, GROUP))
     bits_t, words, stride_b, mode = _bits_args(bits, out)
+    if p == 0 and bits is None:
+        mode = NO_DROPOUT
     _kernels()["grad"][grid](
         out, gh, a, bits_t, n_rows, n_cols, words, out.stride(0), gh.stride(0), a.stride(0), stride_b, seed,
         float(p), keep_scale(p), R=rank, BLOCK_M=block_m, LANES=LANES, ACCUMULATE=accumulate, IEEE=ieee_dot(out),
-        BITS=mode, num_warps=4 if rank <= 64 else 8,
+        BITS=mode, num_warps=_warps(launch, rank), num_stages=launch.stages,
     )  # fmt: skip
     return out
 

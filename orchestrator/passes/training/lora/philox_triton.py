@@ -40,6 +40,8 @@ if triton is not None:
         # the four (rows, LANES) keep tiles of the 128-column group at column c0: drawn from Philox (BITS 0; BITS 1
         # also writes them as keep bits, one int32 per row and 32 columns), or read back from those bits (BITS 2)
         w = c0 // LANES
+        if BITS == 3:  # no dropout (p = 0): nothing drawn, nothing read; _dropped passes x through
+            return 0, 0, 0, 0
         if BITS == 2:
             k0 = _read_bits(bits_ptr, rows, row_ok, w, n_words, stride_b, LANES)
             k1 = _read_bits(bits_ptr, rows, row_ok, w + 1, n_words, stride_b, LANES)
@@ -61,10 +63,13 @@ if triton is not None:
         return k0, k1, k2, k3
 
     @triton.jit
-    def _dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, keep, scale):
-        # x * keep * scale in fp32, rounded once to x's dtype: one (rows, cols) tile of the dropped-out input
+    def _dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, keep, scale, BITS: tl.constexpr):
+        # x * keep * scale in fp32, rounded once to x's dtype: one (rows, cols) tile of the dropped-out input (BITS 3,
+        # no dropout: x itself)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        if BITS == 3:
+            return x
         return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
 
     @triton.jit
@@ -80,33 +85,39 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed"])
     def dropout_lora_a_kernel(
-        x_ptr, a_ptr, h_ptr, bits_ptr, n_rows, n_cols, n_words, stride_x, stride_a, stride_h, stride_b, seed, p,
-        scale, R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
+        x_ptr, a_ptr, h_ptr, bits_ptr, n_rows, n_cols, n_words, cols_per_split, stride_x, stride_a, stride_hs,
+        stride_h, stride_b, seed, p, scale,
+        R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
-        # h[rows] = dropout(x[rows]) @ A^T: one block of rows, the whole K walked in 128-column groups (BITS 1: the
-        # keep bits written too)
+        # h[split, rows] = dropout(x[rows, split's columns]) @ A[:, split's columns]^T: one block of rows, the
+        # split's 128-column groups walked in turn (BITS 1: the keep bits written too); with several splits h_ptr
+        # holds fp32 partial sums the caller adds, with one it is h itself
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        split = tl.program_id(1)
         row_ok = rows < n_rows
         lanes = tl.arange(0, LANES)
         ranks = tl.arange(0, R)
         per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
         acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-        for c0 in range(0, n_cols, 4 * LANES):
+        c_start = split * cols_per_split
+        c_end = tl.minimum(c_start + cols_per_split, n_cols)
+        for c0 in range(c_start, c_end, 4 * LANES):
             k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES,
                                     BITS)  # fmt: skip
             cols = c0 + lanes
-            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k0, scale),
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k0, scale, BITS),
                       _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
             cols = c0 + LANES + lanes
-            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k1, scale),
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k1, scale, BITS),
                       _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
             cols = c0 + 2 * LANES + lanes
-            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k2, scale),
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k2, scale, BITS),
                       _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
             cols = c0 + 3 * LANES + lanes
-            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k3, scale),
+            acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k3, scale, BITS),
                       _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
-        tl.store(h_ptr + rows[:, None] * stride_h + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
+        base = h_ptr + split.to(tl.int64) * stride_hs
+        tl.store(base + rows[:, None] * stride_h + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
                  mask=row_ok[:, None])  # fmt: skip
 
     @triton.jit
@@ -139,13 +150,14 @@ if triton is not None:
             ght = tl.trans(gh)
             k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES,
                                     BITS)  # fmt: skip
-            acc0 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + lanes, n_cols, stride_x, k0, scale), acc0, IEEE)
-            acc1 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_x, k1, scale),
-                       acc1, IEEE)  # fmt: skip
-            acc2 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_x, k2, scale),
-                       acc2, IEEE)  # fmt: skip
-            acc3 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_x, k3, scale),
-                       acc3, IEEE)  # fmt: skip
+            acc0 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + lanes, n_cols, stride_x, k0, scale, BITS),
+                       acc0, IEEE)  # fmt: skip
+            acc1 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_x, k1, scale,
+                                     BITS), acc1, IEEE)  # fmt: skip
+            acc2 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_x, k2, scale,
+                                     BITS), acc2, IEEE)  # fmt: skip
+            acc3 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_x, k3, scale,
+                                     BITS), acc3, IEEE)  # fmt: skip
         base = out_ptr + split.to(tl.int64) * stride_os
         _store_partial(base, acc0, ranks, c0 + lanes, n_cols, stride_or)
         _store_partial(base, acc1, ranks, c0 + LANES + lanes, n_cols, stride_or)
@@ -154,11 +166,11 @@ if triton is not None:
 
     @triton.jit
     def _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, cols, n_cols, stride_gx, stride_a, ranks, keep, scale,
-                   ACCUMULATE: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                   ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
         col_ok = cols < n_cols
         a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=col_ok[None, :], other=0.0)
         acc = tl.dot(gh, a, input_precision="ieee") if IEEE else tl.dot(gh, a)
-        out = tl.where(keep, acc * scale, 0.0)
+        out = acc if BITS == 3 else tl.where(keep, acc * scale, 0.0)  # BITS 3: no dropout
         ok = row_ok[:, None] & col_ok[None, :]
         ptrs = gx_ptr + rows[:, None] * stride_gx + cols[None, :]
         if ACCUMULATE:
@@ -181,13 +193,13 @@ if triton is not None:
         gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
         k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES, BITS)
         _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + lanes, n_cols, stride_gx, stride_a, ranks, k0, scale,
-                   ACCUMULATE, IEEE)  # fmt: skip
+                   ACCUMULATE, IEEE, BITS)  # fmt: skip
         _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_gx, stride_a, ranks, k1,
-                   scale, ACCUMULATE, IEEE)  # fmt: skip
+                   scale, ACCUMULATE, IEEE, BITS)  # fmt: skip
         _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 2 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, k2,
-                   scale, ACCUMULATE, IEEE)  # fmt: skip
+                   scale, ACCUMULATE, IEEE, BITS)  # fmt: skip
         _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + 3 * LANES + lanes, n_cols, stride_gx, stride_a, ranks, k3,
-                   scale, ACCUMULATE, IEEE)  # fmt: skip
+                   scale, ACCUMULATE, IEEE, BITS)  # fmt: skip
 
     @triton.jit(do_not_specialize=["seed", "row_start"])
     def uniforms_kernel(out_ptr, row_start, n_rows, n_cols, seed, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
