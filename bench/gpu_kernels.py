@@ -772,10 +772,11 @@ def tune_candidates() -> dict[str, list[Any]]:
     SM, warps, pipeline stages)."""
     from orchestrator.passes.training.lora.philox_dropout import Launch
 
+    # one pipeline depth: each (block, warps, stages) is a Triton compile (~2 s), the programs per SM are not
     return {
-        "lora_a": [Launch(b, s, w, st) for b in (16, 32, 64) for s in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)],
-        "wgrad": [Launch(b, s, w, st) for b in (32, 64, 128) for s in (2, 4, 8) for w in (4, 8) for st in (2, 3)],
-        "grad": [Launch(b, 0, w, 1) for b in (32, 64, 128) for w in (2, 4, 8)],
+        "lora_a": [Launch(b, s, w, 3) for b in (16, 32, 64) for s in (1, 2, 4, 8) for w in (4, 8)],
+        "wgrad": [Launch(b, s, w, 3) for b in (32, 64, 128) for s in (2, 4, 8) for w in (4, 8)],
+        "grad": [Launch(b, 0, w, 1) for b in (32, 64, 128) for w in (4, 8)],
     }
 
 
