@@ -80,6 +80,32 @@ def test_fused_layer_forward_gives_transformers_loss_and_gradients(tiny_phi3, ch
     assert not any("forward" in vars(m) for m in new.base_model.model.model.layers)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_mlp_residual_add_rides_into_the_next_layers_input_norm(tiny_phi3, checkpointing: bool) -> None:
+    """Each layer but the last hands the next its input norm with the sum (computed with its residual add); not a
+    registered submodule (state_dict unchanged); not under gradient checkpointing; the loss and gradients stay
+    transformers' (the test above) and unfuse takes the links away."""
+    from orchestrator.passes.training.lora.add_norm import NEXT_NORM_ATTR, PRENORMED_ATTR
+
+    model = _lora_model(tiny_phi3)
+    keys = set(model.state_dict())
+    fuse_add_norm(model, liger_only=False)
+    layers = model.base_model.model.model.layers
+    assert [vars(layer).get(NEXT_NORM_ATTR) for layer in layers] == [
+        layers[1].input_layernorm,
+        layers[2].input_layernorm,
+        None,
+    ]
+    assert set(model.state_dict()) == keys
+    handed = []
+    for layer in layers:
+        layer.register_forward_hook(lambda _m, _a, out: handed.append(hasattr(out, PRENORMED_ATTR)))
+    _loss_and_grads(model, checkpointing=checkpointing)
+    assert handed == ([False, False, False] if checkpointing else [True, True, False])
+    unfuse_add_norm(model)
+    assert not any(NEXT_NORM_ATTR in vars(layer) for layer in layers)
+
+
 def test_apply_plan_rewrites_only_layers_with_liger_norms(tiny_phi3) -> None:
     model = _lora_model(tiny_phi3)
     plan = plan_cuda(H100, PHI3_MINI, {}, {"liger": False, "padding_free": False})

@@ -8,8 +8,11 @@ the norm's gradient with the residual's gradient added in), with the arithmetic 
 uses for these layers (same casting mode, same offset). The H100 profile of a Phi-3-mini step (bench/results)
 has 3.3 ms of forward residual adds and 2.9 ms of backward gradient adds, half of them this layer's.
 
-Only the add inside a layer is fused: the MLP's residual add ends the layer, and the next layer's input norm runs
-after HF's decoder loop hands the sum over.
+The MLP's residual add, which ends a layer, is fused the same way into the next layer's input norm: a layer whose
+successor in the decoder stack has Liger's RMSNorm as its input norm returns the sum with the normed copy riding
+on it (an attribute of the sum tensor, checked against the norm and the tensor's version), and that layer takes it
+instead of normalizing again. The last layer (the model's final norm is not rewritten) and layers under gradient
+checkpointing (a recomputed layer must not hand a tensor past its own checkpoint) add as transformers does.
 
 `fuse_add_norm(model)` installs the forward on every Phi3DecoderLayer whose post-attention norm is Liger's RMSNorm
 and returns their count; off CUDA (and for any other norm) the same forward adds and normalizes separately.
@@ -23,6 +26,8 @@ import types
 from typing import Any
 
 PATCHED_ATTR = "_orch_add_norm"
+NEXT_NORM_ATTR = "_orch_next_norm"  # in a layer's __dict__ (not a registered submodule): the next layer's input norm
+PRENORMED_ATTR = "_orch_prenormed"  # on a layer's output: (norm, norm(output), output's version) for the next layer
 # the forward signature this file's replacement reproduces (transformers 5.x Phi3DecoderLayer.forward)
 PHI3_LAYER_PARAMS = (
     "self",
@@ -71,7 +76,7 @@ def _phi3_decoder_forward(
 ) -> Any:
     """Phi3DecoderLayer.forward with `residual + attention output` and post_attention_layernorm as one step."""
     residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states = _input_norm(hidden_states, self.input_layernorm)
     hidden_states, _ = self.self_attn(
         hidden_states=hidden_states,
         attention_mask=attention_mask,
@@ -84,8 +89,24 @@ def _phi3_decoder_forward(
     hidden_states, residual = add_rms_norm(
         self.resid_attn_dropout(hidden_states), residual, self.post_attention_layernorm
     )
-    hidden_states = self.mlp(hidden_states)
-    return residual + self.resid_mlp_dropout(hidden_states)
+    hidden_states = self.resid_mlp_dropout(self.mlp(hidden_states))
+    next_norm = vars(self).get(NEXT_NORM_ATTR)
+    if next_norm is None or (getattr(self, "gradient_checkpointing", False) and self.training):
+        return residual + hidden_states
+    normed, summed = add_rms_norm(hidden_states, residual, next_norm)
+    setattr(summed, PRENORMED_ATTR, (next_norm, normed, summed._version))
+    return summed
+
+
+def _input_norm(hidden_states: Any, norm: Any) -> Any:
+    """norm(hidden_states): the copy the previous layer normalized with its residual add where it rides on the
+    tensor (same norm module, tensor unchanged since), else computed here."""
+    stash = getattr(hidden_states, PRENORMED_ATTR, None)
+    if stash is None:
+        return norm(hidden_states)
+    delattr(hidden_states, PRENORMED_ATTR)  # taken once: the tensor no longer holds the normed copy alive
+    stash_norm, normed, version = stash
+    return normed if stash_norm is norm and version == hidden_states._version else norm(hidden_states)
 
 
 def _phi3_decoder_forward_checkpointed(self: Any, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
@@ -135,11 +156,31 @@ def fuse_add_norm(model: Any, *, liger_only: bool = True) -> int:
         module.forward = types.MethodType(forward, module)
         setattr(module, PATCHED_ATTR, True)
         count += 1
+    _link_next_norms(model, liger_only)
     return count
+
+
+def _link_next_norms(model: Any, liger_only: bool) -> None:
+    """Each rewritten layer whose successor in its decoder stack (a ModuleList) is rewritten too and normalizes its
+    input with Liger's RMSNorm (any norm with liger_only=False) gets that norm: its residual add is fused into it."""
+    import torch
+
+    for stack in model.modules():
+        if not isinstance(stack, torch.nn.ModuleList):
+            continue
+        layers = list(stack)
+        for layer, nxt in zip(layers, layers[1:], strict=False):
+            if not (getattr(layer, PATCHED_ATTR, False) and getattr(nxt, PATCHED_ATTR, False)):
+                continue
+            if liger_only and not is_liger_rms_norm(nxt.input_layernorm):
+                continue
+            vars(layer)[NEXT_NORM_ATTR] = nxt.input_layernorm  # not setattr: that would register a submodule
 
 
 def unfuse_add_norm(model: Any) -> int:
     """Put transformers' own forward back on every layer fuse_add_norm changed; returns how many."""
     from orchestrator.passes.training.lora.fused import restore_class_forwards
 
+    for module in model.modules():
+        vars(module).pop(NEXT_NORM_ATTR, None)
     return restore_class_forwards(model, PATCHED_ATTR)
