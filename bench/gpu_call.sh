@@ -12,6 +12,7 @@
 # cli      bench/gpu_cli_finetune.py run (orch finetune through the CLI; needs .whl_cli, see bench/README.md)
 # quant    bench/gpu_quantize.py run (AWQ + GPTQ; needs .whl_awq)
 # bundle   packs $BOUT and every small file under $OUT into $OUT/bundle.tgz (the tool returns at most 8 files)
+# LAUNCH   a kernels.json whose tune picks the orch rows run the Philox kernels at (e.g. $BOUT/kernels/kernels.json)
 # Budgets: BUDGET_S (rows of one shape, default 420 s), ROW_TIMEOUT_S (one row, default 150 s), STEPS (20), WARMUP (5).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -53,7 +54,8 @@ for phase in "$@"; do
       budget=${BUDGET_S:-420}
       PYTHONPATH=$SITE:$REPO timeout $((budget + 240)) $PY bench/gpu_finetune.py --shape "$shape" \
         --work "${WORK:-/tmp}/ob_$shape" --out "$BOUT/$shape" --steps "${STEPS:-20}" --warmup "${WARMUP:-5}" \
-        --budget-s "$budget" --row-timeout-s "${ROW_TIMEOUT_S:-150}" --rows "$rows" --profile "${profile:-}" 2>&1 \
+        --budget-s "$budget" --row-timeout-s "${ROW_TIMEOUT_S:-150}" --rows "$rows" --profile "${profile:-}" \
+        ${LAUNCH:+--launch "$LAUNCH"} 2>&1 \
         | grep -v '^|' | tail -30
       $PY - "$BOUT/$shape" <<'EOF'
 import json, sys

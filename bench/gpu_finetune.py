@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -331,11 +332,31 @@ def orch_job(model_dir: Path, data: Path, steps: int, out_dir: Path, qlora: bool
     return config, job, pass_cls
 
 
+def tuned_launch(kernels_json: Path) -> dict[str, dict[str, int]]:
+    """{kernel: Launch fields} picked by a gpu_kernels.py `tune` step (its kernels.json); a file without one fails
+    here, before any row starts."""
+    tune = harness.read_json(kernels_json).get("tune") or {}
+    picks = {k: v.get("fields") for k, v in (tune.get("picks") or {}).items()}
+    if not picks or not all(picks.values()):
+        raise SystemExit(f"--launch: {kernels_json} has no tune picks (run bench/gpu_kernels.py --steps tune)")
+    return picks
+
+
+def apply_launch() -> dict[str, Any]:
+    """The row process's Philox launch shapes: BENCH_LAUNCH's (the same call's tune picks) over the defaults."""
+    from orchestrator.passes.training.lora import philox_dropout as pd
+
+    for kernel, fields in json.loads(os.environ.get("BENCH_LAUNCH") or "{}").items():
+        pd.LAUNCH[kernel] = pd.Launch(**fields)
+    return {k: dataclasses.asdict(v) for k, v in pd.LAUNCH.items()}
+
+
 def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json: Path, qlora: bool) -> dict:
     from orchestrator.passes.base import PassContext
     from orchestrator.passes.training.lora import cuda as lora_cuda
     from orchestrator.passes.training.lora import kernels as lora_kernels
 
+    launch = apply_launch()
     install_step_timer()
     out_dir = out_json.parent / ("qlora_out" if qlora else "lora_out")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,6 +375,7 @@ def run_orch_row(model_dir: Path, data: Path, steps: int, warmup: int, out_json:
             "plan": list(plan.reasons) if plan else [],
             "fastpath_options": os.environ.get("ORCH_CUDA_FASTPATH", ""),
             "split_picks": splits,  # the skinny-GEMM splits lora_kernels timed and kept, per shape
+            "philox_launch": launch,  # the Philox kernels' launch shapes (a tune step's picks where given)
             "pass_metrics": output.metrics,
             "pass_wall_s": wall,
             "pass_log": [e.get("message") for e in events if e.get("type") == "log"],
@@ -692,6 +714,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     }
     deadline = time.monotonic() + args.budget_s
     profile_rows = {r.strip() for r in (args.profile or "").split(",") if r.strip()}
+    launch = tuned_launch(args.launch) if getattr(args, "launch", None) else {}
     base_settings = json.loads(os.environ.get("BENCH_SETTINGS") or "{}")
     for i, spec in enumerate(specs):
         row_json = out / f"row_{i}_{spec['slug']}.json"
@@ -709,6 +732,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
             env["ORCH_CUDA_FASTPATH"] = spec["fastpath"]
             env["BENCH_SETTINGS"] = json.dumps({**base_settings, **spec["settings"]})
+            if launch:
+                env["BENCH_LAUNCH"] = json.dumps(launch)
             if spec["row"] in profile_rows:
                 env["BENCH_PROFILE"] = f"{out / f'profile_{i}'}:{args.steps - 1}:2"
             row_json.unlink(missing_ok=True)
@@ -831,6 +856,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=3600, help="stop starting rows after this many seconds")
     p.add_argument("--row-timeout-s", type=float, default=300)
     p.add_argument("--profile", default="", help="comma list of row specs whose last two steps are profiled")
+    p.add_argument(
+        "--launch",
+        type=Path,
+        help="a gpu_kernels.py kernels.json with a `tune` step: orch rows run the Philox kernels at its picked launch "
+        "shapes (measured in the same device call) instead of philox_dropout.LAUNCH's",
+    )
     p.add_argument(
         "--render",
         type=Path,

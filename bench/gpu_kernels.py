@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -802,8 +803,10 @@ def tune(res: dict[str, Any], device: str = "cuda", tokens: int = T, widths: tup
         rows = [r for n, r in out["runs"].items() if n.startswith(kernel + " ")]
         totals = {str(c): sum(r.get(str(c)) or float("inf") for r in rows) for c in cfgs}
         best = min(totals, key=lambda c: totals[c])
+        fields = next(dataclasses.asdict(c) for c in cfgs if str(c) == best)
         picks[kernel] = {
             "launch": best,
+            "fields": fields,
             "total_ms": totals[best],
             "default_total_ms": sum(r.get("default_ms") or float("inf") for r in rows),
             "baseline_total_ms": sum(r.get("baseline_ms") or float("inf") for r in rows),

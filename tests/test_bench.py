@@ -338,7 +338,9 @@ def test_gpu_kernels_fold_forms_equal_todays_lora_first_result() -> None:
     assert len(res["timings_ms"]) + len(res.get("errors", {})) == 28
 
 
-def test_gpu_kernels_tune_sweeps_every_launch_shape_and_restores_the_plan() -> None:
+def test_gpu_kernels_tune_sweeps_every_launch_shape_and_restores_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The `tune` step runs every kernel mode at every candidate launch shape beside its baseline, picks one shape per
     kernel and leaves philox_dropout.LAUNCH as it found it (small on CPU: the torch references stand in for the
     kernels)."""
@@ -359,8 +361,26 @@ def test_gpu_kernels_tune_sweeps_every_launch_shape_and_restores_the_plan() -> N
         assert all(row[c] > 0 for c in shapes) and row["baseline_ms"] > 0 and row["default_ms"] > 0
         assert row["floor_ms"] == pytest.approx(2.125 * 32 * 300 / 1000.0 / 1e6)
     assert {k: v["launch"] in [str(c) for c in candidates[k]] for k, v in tune["picks"].items()} == {
-        "lora_a": True, "wgrad": True, "grad": True
+        "lora_a": True,
+        "wgrad": True,
+        "grad": True,
     }
+    # the picks reach the rows: gpu_finetune --launch reads them, each orch row's process applies them
+    import gpu_finetune
+
+    kernels_json = tmp_path / "kernels.json"
+    kernels_json.write_text(json.dumps(res))
+    picks = gpu_finetune.tuned_launch(kernels_json)
+    assert picks == {k: v["fields"] for k, v in tune["picks"].items()}
+    monkeypatch.setenv("BENCH_LAUNCH", json.dumps(picks))
+    try:
+        assert gpu_finetune.apply_launch() == picks
+        assert pd.LAUNCH["lora_a"] == pd.Launch(**picks["lora_a"])
+    finally:
+        pd.LAUNCH.update(before)
+    (tmp_path / "none.json").write_text(json.dumps({"device": "x"}))
+    with pytest.raises(SystemExit, match="has no tune picks"):
+        gpu_finetune.tuned_launch(tmp_path / "none.json")
 
 
 def test_olive_runner_argv_and_refusal(tmp_path: Path) -> None:
