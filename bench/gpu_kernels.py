@@ -813,6 +813,12 @@ def tune(res: dict[str, Any], device: str = "cuda", tokens: int = T, widths: tup
         }
     out["picks"] = picks
     res["tune"] = out
+    if device == "cuda":  # the picked shapes compute what the references compute (the rows then run them)
+        pd.LAUNCH.update({k: pd.Launch(**v["fields"]) for k, v in picks.items()})
+        try:
+            res.setdefault("correctness_rel_err", {}).update(picks_correctness())
+        finally:
+            pd.LAUNCH.update(saved)
     nan = float("nan")
     for name, row in out["runs"].items():
         us = {k: 1e3 * (row.get(k) or nan) for k in (picks[name.split()[0]]["launch"], "default_ms", "baseline_ms")}
@@ -871,6 +877,39 @@ def _tune_width(
             pd.LAUNCH[kernel] = saved
         row["default_ms"] = _timed(timer, fn, out, f"{name} {width} default")
         out["runs"][f"{name} {tokens}x{width}"] = row
+
+
+def picks_correctness() -> dict[str, float]:
+    """The Philox kernels at philox_dropout.LAUNCH (tune sets its picks) against the torch references: keep bits
+    written and read (the backward given a wrong seed, so it must read them) and p = 0, at the step's widths and
+    an odd size."""
+    import torch
+
+    from orchestrator.passes.training.lora import philox_dropout as pd
+
+    seed, p, checks = 0x1234_5678_9ABC_DEF, 0.05, {}
+    for rows, cols, r in ((8192, 3072, 64), (8192, 8192, 64), (777, 3000, 16)):
+        x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(r, cols, device="cuda", dtype=torch.bfloat16) * 0.1
+        gh = torch.randn(rows, r, device="cuda", dtype=torch.bfloat16)
+        name = f"tune picks {rows}x{cols} r{r}"
+        bits = pd.new_bits(rows, cols, "cuda").fill_(0x5A5A5A5A)
+        checks[f"{name}: dropout_lora_a writing bits"] = rel_err(
+            pd.dropout_lora_a(x, a, p, seed, bits=bits), pd.dropout_lora_a_reference(x, a, p, seed)
+        )
+        want_bits = pd.pack_keep_bits(pd.keep_mask_reference(seed, rows, cols, p, "cuda"))
+        checks[f"{name}: bits written (mismatching words)"] = float((bits != want_bits).sum())
+        checks[f"{name}: wgrad reading bits"] = rel_err(
+            pd.dropout_lora_a_wgrad(x, gh, p, seed + 1, bits=bits), pd.dropout_lora_a_wgrad_reference(x, gh, p, seed)
+        )
+        checks[f"{name}: grad reading bits"] = rel_err(
+            pd.dropout_grad(gh, a, p, seed + 1, torch.bfloat16, bits=bits),
+            pd.dropout_grad_reference(gh, a, p, seed, torch.bfloat16),
+        )
+        checks[f"{name}: p0 lora_a"] = rel_err(pd.dropout_lora_a(x, a, 0.0, seed), x.float() @ a.float().t())
+        checks[f"{name}: p0 wgrad"] = rel_err(pd.dropout_lora_a_wgrad(x, gh, 0.0, seed), gh.float().t() @ x.float())
+        checks[f"{name}: p0 grad"] = rel_err(pd.dropout_grad(gh, a, 0.0, seed, torch.bfloat16), gh.float() @ a.float())
+    return checks
 
 
 def _cpu_ms(fn: Any) -> float:
