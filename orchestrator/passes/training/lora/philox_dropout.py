@@ -81,12 +81,13 @@ class Launch:
     stages: int
 
 
-# H100 (bench/results/gpu_kernels, tune step): the forward and A's gradient read x far below the memory's rate with
-# one program per row block or per column group (too few programs in flight), hence the splits
+# The shapes runs 6 and 7 measured (bench/RESULTS.md): the forward one program per 32 rows walking all columns (no
+# split), A's gradient two programs per SM. On the H100 these kernels moved x at a quarter to a half of the memory's
+# rate (bench/results/gpu_kernels/2026-12-07-h100-6-philox-bits.json); the tune step measures the candidates.
 LAUNCH: dict[str, Launch] = {
-    "lora_a": Launch(block=32, per_sm=4, warps=4, stages=3),
-    "wgrad": Launch(block=64, per_sm=4, warps=4, stages=3),
-    "grad": Launch(block=64, per_sm=0, warps=4, stages=1),
+    "lora_a": Launch(block=32, per_sm=1, warps=4, stages=3),
+    "wgrad": Launch(block=64, per_sm=2, warps=4, stages=3),
+    "grad": Launch(block=64, per_sm=0, warps=4, stages=3),
 }
 NO_DROPOUT = 3  # the kernels' BITS mode for p = 0: x itself, nothing drawn or read (plain skinny GEMMs)
 
