@@ -46,10 +46,14 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   0.97x for 5.8 GiB less. So byte masks where the step fits with them; bits where checkpointing is on (a recomputed
   layer's masks sit at the step's peak: QLoRA 5.1 instead of 5.5 GiB) or where only bits avoid checkpointing;
   regenerated where only nothing kept does. Philox masks have dropout's distribution, not peft's random numbers.
+- `+triton_skinny` (off until the GPU measures it): LoRA's skinny products over the tokens (h = x A^T, A's
+  gradient, the input gradient's LoRA term) at dropout 0 by philox_dropout.py's kernels at p = 0, split for enough
+  programs in flight, instead of cuBLAS.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
-- Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm (`add_norm`: Liger's fused
-  add + RMSNorm, lora/add_norm.py).
+- Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm, and the MLP's inside the
+  next layer's input RMSNorm where gradient checkpointing is off (`add_norm`: Liger's fused add + RMSNorm,
+  lora/add_norm.py).
 - Rows whose samples all have one length (fixed-length data) through cuDNN's SDPA as a causal batch on Hopper.
 - adamw_torch as adamw_torch_fused (the same update in one kernel).
 - Gradient checkpointing only when the step would not fit: an estimate of weights + activations against the GPU's
@@ -509,8 +513,9 @@ def plan_cuda(
     add_norm = bool(liger is not None and model_type in FUSED_GATE_UP_MODEL_TYPES and opts.get("add_norm", True))
     if add_norm:
         reasons.append(
-            "decoder layers: the attention's residual add inside the post-attention RMSNorm (Liger's fused add + "
-            "RMSNorm, one kernel each way instead of a norm plus a full-size add)"
+            "decoder layers: the attention's residual add inside the post-attention RMSNorm, and without gradient "
+            "checkpointing the MLP's inside the next layer's input RMSNorm (Liger's fused add + RMSNorm, one kernel "
+            "each way instead of a norm plus a full-size add)"
         )
 
     flce = False
