@@ -40,9 +40,12 @@ if triton is not None:
         # the four (rows, LANES) keep tiles of the 128-column group at column c0: drawn from Philox (BITS 0; BITS 1
         # also writes them as keep bits, one int32 per row and 32 columns), or read back from those bits (BITS 2)
         w = c0 // LANES
-        if BITS == 3:  # no dropout (p = 0): nothing drawn, nothing read; _dropped passes x through
-            return 0, 0, 0, 0
-        if BITS == 2:
+        if BITS == 3:  # no dropout (p = 0): nothing drawn or read, placeholders _dropped never reads
+            k0 = row_ok
+            k1 = row_ok
+            k2 = row_ok
+            k3 = row_ok
+        elif BITS == 2:
             k0 = _read_bits(bits_ptr, rows, row_ok, w, n_words, stride_b, LANES)
             k1 = _read_bits(bits_ptr, rows, row_ok, w + 1, n_words, stride_b, LANES)
             k2 = _read_bits(bits_ptr, rows, row_ok, w + 2, n_words, stride_b, LANES)
@@ -68,9 +71,7 @@ if triton is not None:
         # no dropout: x itself)
         ok = row_ok[:, None] & (cols < n_cols)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-        if BITS == 3:
-            return x
-        return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
+        return x if BITS == 3 else tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
 
     @triton.jit
     def _mm(a, b, acc, IEEE: tl.constexpr):
