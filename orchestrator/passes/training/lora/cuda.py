@@ -46,9 +46,9 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   0.97x for 5.8 GiB less. So byte masks where the step fits with them; bits where checkpointing is on (a recomputed
   layer's masks sit at the step's peak: QLoRA 5.1 instead of 5.5 GiB) or where only bits avoid checkpointing;
   regenerated where only nothing kept does. Philox masks have dropout's distribution, not peft's random numbers.
-- `+triton_skinny` (off until the GPU measures it): LoRA's skinny products over the tokens (h = x A^T, A's
-  gradient, the input gradient's LoRA term) at dropout 0 by philox_dropout.py's kernels at p = 0, split for enough
-  programs in flight, instead of cuBLAS.
+- `+triton_skinny` (opt-in): LoRA's skinny products over the tokens (h = x A^T, A's gradient, the input
+  gradient's LoRA term) at dropout 0 by philox_dropout.py's kernels at p = 0 instead of cuBLAS. Measured slower on
+  an H100 (run 8: 0.98x tokens/s, 29,664 vs 30,238; cuBLAS's h = x A^T 29 vs 38 us at 8192 x 3072), so off.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
 - Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm, and the MLP's inside the
@@ -69,10 +69,12 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   dataloader option; a blocking copy made every step wait for the last one while the host collated the next).
 - Phi-3-family attention: q, k (RoPE applied) and v written by one Triton kernel from the fused qkv output, each
   contiguous, and the qkv gradient by one kernel (`qkv_rope`; partial rotary and grouped-query heads).
-- Phi-3-family MLP: SwiGLU and the fused LoRA down_proj as one function that keeps only gate_up's output and
-  rebuilds the SwiGLU output in the backward (`mlp_recompute`; with byte masks its dropped-out copy, from the
-  stored mask), and writes gate_up's gradient over gate_up's output: one (tokens x intermediate) activation fewer
-  per layer (~4 GiB on Phi-3-mini at 8 x 1024).
+- Phi-3-family MLP, where memory needs it (the step would not fit with it, or gradient checkpointing is on): SwiGLU
+  and the fused LoRA down_proj as one function that keeps only gate_up's output and rebuilds the SwiGLU output in
+  the backward (`mlp_recompute`; with byte masks its dropped-out copy, from the stored mask), and writes gate_up's
+  gradient over gate_up's output: one (tokens x intermediate) activation fewer per layer (~4 GiB on Phi-3-mini at
+  8 x 1024). Elsewhere the SwiGLU output is kept: on an H100 (run 8) keeping it gave 1.02x tokens/s at dropout 0
+  (30,238 vs 29,639, 33.2 vs 29.2 GiB) and 1.02x at dropout 0.05 (29,058 vs 28,507, 39.0 vs 35.0 GiB).
 - QLoRA: the frozen norms / embeddings / LM head back to bf16 after peft's prepare_model_for_kbit_training upcast
   them to fp32 (`qlora_bf16`).
 - QLoRA with gradient checkpointing: each checkpointed decoder layer's input (the only activation checkpointing
@@ -385,6 +387,42 @@ def dropout_mask_mode(
     )
 
 
+def mlp_keep_gib(shape: Mapping[str, Any]) -> float:
+    """GiB over the step of the SwiGLU outputs kept for down_proj's backward: what recomputing them saves."""
+    inter = int(shape.get("intermediate_size", 0)) or 4 * int(shape.get("hidden_size", 0))
+    return int(shape.get("tokens_per_step", 0)) * int(shape.get("num_layers", 0)) * inter * 2 / 2**30
+
+
+def mlp_recompute_choice(
+    opts: Mapping[str, bool],
+    mlp_fused: bool,
+    checkpointing: bool,
+    need: float,
+    shape: Mapping[str, Any],
+    total: float,
+) -> tuple[bool, str]:
+    """(recompute, reason): whether down_proj's LoRA backward rebuilds silu(gate) * up from gate_up's output
+    (fused.swiglu_down: one (tokens x intermediate) activation fewer per layer, for one more SwiGLU pass over it in
+    the backward) or keeps it. Kept where the step fits with it (the pass costs time), rebuilt where it would not,
+    and under gradient checkpointing (a recomputed layer's activations are its peak); `need`: the step's estimate
+    with it rebuilt. ORCH_CUDA_FASTPATH's `mlp_recompute` overrides."""
+    if not mlp_fused:
+        return False, ""
+    keep = mlp_keep_gib(shape)
+    rebuilt = (
+        "MLP: down_proj's LoRA backward recomputes silu(gate) * up from the gate_up output it keeps anyway, "
+        f"instead of keeping its own (tokens x intermediate) input (~{keep:.1f} GiB less over the step); "
+    )
+    kept = "MLP: silu(gate) * up kept for down_proj's LoRA backward (one SwiGLU pass fewer per layer there); "
+    if "mlp_recompute" in opts:
+        return bool(opts["mlp_recompute"]), (rebuilt if opts["mlp_recompute"] else kept) + "ORCH_CUDA_FASTPATH"
+    if checkpointing:
+        return True, rebuilt + "gradient checkpointing is on: a recomputed layer's activations are the step's peak"
+    if total > 0 and need + keep > MEMORY_HEADROOM * total:
+        return True, rebuilt + f"keeping it would need ~{need + keep:.0f} GiB of {total:.0f}"
+    return False, kept + f"the step fits with it (~{need + keep:.0f} GiB of {total:.0f})"
+
+
 def plan_cuda(
     device: Mapping[str, Any],
     shape: Mapping[str, Any],
@@ -468,8 +506,8 @@ def plan_cuda(
     triton_skinny = bool(fused_lora and opts.get("triton_skinny", False) and device.get("has_triton", True))
     if triton_skinny:
         reasons.append(
-            "fused LoRA layers: h = x A^T, A's gradient and the input gradient's LoRA term by Triton kernels split "
-            "for enough programs in flight (philox_dropout.py at p = 0) instead of cuBLAS (ORCH_CUDA_FASTPATH)"
+            "fused LoRA layers: h = x A^T, A's gradient and the input gradient's LoRA term by Triton kernels "
+            "(philox_dropout.py at p = 0) instead of cuBLAS (ORCH_CUDA_FASTPATH; 0.98x on an H100, run 8)"
         )
     splitk = bool(fused_lora and opts.get("splitk", True))
     if splitk:
@@ -584,19 +622,12 @@ def plan_cuda(
             "batches copied to the GPU from pinned memory without waiting (accelerate's non_blocking): a blocking "
             "copy syncs the stream, so each step would start on a drained GPU while the host collates the next batch"
         )
-    mlp_recompute = bool(
-        fused_lora and swiglu and model_type in FUSED_GATE_UP_MODEL_TYPES and opts.get("mlp_recompute", True)
-    )
-    if mlp_recompute:
-        reasons.append(
-            "MLP: down_proj's LoRA backward recomputes silu(gate) * up from the gate_up output it keeps anyway, "
-            "instead of keeping its own (tokens x intermediate) input: one activation fewer per layer"
-        )
+    mlp_fused = bool(fused_lora and swiglu and model_type in FUSED_GATE_UP_MODEL_TYPES)
 
     fused_dropout = bool(fused_lora and opts.get("fused_dropout", True) and device.get("has_triton", True))
     # the step's memory, on the measured fast path where it is taken (fused layers, q/k/v + RoPE kernel, SwiGLU
     # recompute, fused linear cross-entropy), with the stored dropout masks counted where there are any
-    fast_path = bool(fused_lora and flce and qkv_rope and mlp_recompute)
+    fast_path = bool(fused_lora and flce and qkv_rope and mlp_fused)
     masks = fused_dropout and float(shape.get("lora_dropout", 0.0) or 0.0) > 0
     total = float(device.get("total_memory_gib", 0.0))
     need = estimate_step_memory_gib(shape, checkpointing=False, fast_path=fast_path, stored_masks=masks)
@@ -625,6 +656,9 @@ def plan_cuda(
         if gc is not None
         else bool(sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"))
     )
+    mlp_recompute, why_mlp = mlp_recompute_choice(opts, mlp_fused, checkpointing, need, shape, total)
+    if why_mlp:
+        reasons.append(why_mlp)
     offload_checkpoints = False
     world_size = int(device.get("world_size", 1) or 1)
     want_offload = opts.get("offload_checkpoints")

@@ -81,13 +81,16 @@ class Launch:
     stages: int
 
 
-# The shapes runs 6 and 7 measured (bench/RESULTS.md): the forward one program per 32 rows walking all columns (no
-# split), A's gradient two programs per SM. On the H100 these kernels moved x at a quarter to a half of the memory's
-# rate (bench/results/gpu_kernels/2026-12-07-h100-6-philox-bits.json); the tune step measures the candidates.
+# The tune step's picks on an H100 (bench/results/gpu_kernels/2026-12-07-h100-8b-tune.json, 8 x 1024 tokens, r=64,
+# widths 3072 and 8192, keep bits and p = 0): the forward one program per 32 rows walking all columns (no column
+# split: every split and block size within 3% of it), A's gradient 64 rows per step and two programs per SM (the
+# same), the input gradient 128 rows and 8 warps per program (0.98x the time of 64 rows and 4 warps). The forward
+# writing bits runs at 4x the memory floor whatever the shape (76 us against 18 at 8192 x 3072; 38 us at p = 0):
+# drawing Philox's numbers and packing the bits is its cost, not how few programs run.
 LAUNCH: dict[str, Launch] = {
     "lora_a": Launch(block=32, per_sm=1, warps=4, stages=3),
     "wgrad": Launch(block=64, per_sm=2, warps=4, stages=3),
-    "grad": Launch(block=64, per_sm=0, warps=4, stages=3),
+    "grad": Launch(block=128, per_sm=0, warps=8, stages=1),
 }
 NO_DROPOUT = 3  # the kernels' BITS mode for p = 0: x itself, nothing drawn or read (plain skinny GEMMs)
 
