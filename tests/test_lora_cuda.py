@@ -358,6 +358,26 @@ def test_sft_trainer_class_subclasses_only_for_flce_or_nosync() -> None:
         assert issubclass(cls, Base) and cls is not Base and hasattr(cls, "compute_loss")
 
 
+def test_bits_where_byte_masks_would_leave_no_room_for_the_kept_swiglu_outputs() -> None:
+    """A GPU where the step fits with byte masks, but only with the SwiGLU outputs rebuilt, while keep bits fit with
+    them kept: bits and kept outputs (the faster pair on the H100, run 8); an H100 keeps both byte masks and them."""
+    shape = {**PHI3_MINI, "lora_dropout": 0.05}
+    need = estimate_step_memory_gib(shape, checkpointing=False, fast_path=True, stored_masks=True)
+    with_bits = lora_cuda.mask_mode_need_gib("bits", need, shape, True)
+    keep = lora_cuda.mlp_keep_gib(shape)
+    assert max(need, with_bits + keep) < need + keep
+    limit = (max(need, with_bits + keep) + need + keep) / 2  # between what fits and what does not
+    card = {**H100, "name": "a 48 GB card", "capability": (8, 6), "total_memory_gib": limit / lora_cuda.MEMORY_HEADROOM}
+    plan = plan_cuda(card, shape, {})
+    assert plan.bit_masks and not plan.mlp_recompute and plan.gradient_checkpointing is False
+    assert any("no room for keeping the SwiGLU outputs" in r for r in plan.reasons)
+    roomy = plan_cuda(H100, shape, {})
+    assert not roomy.philox_dropout and not roomy.mlp_recompute  # byte masks and the outputs kept
+    # an explicit choice of either is kept as asked
+    assert not plan_cuda(card, shape, {}, parse_options("-bit_masks")).bit_masks
+    assert plan_cuda(card, shape, {}, parse_options("+mlp_recompute")).mlp_recompute
+
+
 def test_nosync_planned_and_mlp_recompute_only_where_memory_needs_it() -> None:
     """The SwiGLU output is kept for down_proj's backward where the step fits with it (H100 run 8: 1.02x tokens/s
     for 4 GiB more) and rebuilt where it would not fit or under gradient checkpointing; options force either."""
