@@ -803,6 +803,9 @@ def tune(res: dict[str, Any], device: str = "cuda", tokens: int = T, widths: tup
         rows = [r for n, r in out["runs"].items() if n.startswith(kernel + " ")]
         totals = {str(c): sum(r.get(str(c)) or float("inf") for r in rows) for c in cfgs}
         best = min(totals, key=lambda c: totals[c])
+        if totals[best] == float("inf"):  # every shape failed in some mode (its errors are under tune's errors)
+            picks[kernel] = {"launch": None, "fields": None, "error": "no launch shape ran in every mode"}
+            continue
         fields = next(dataclasses.asdict(c) for c in cfgs if str(c) == best)
         picks[kernel] = {
             "launch": best,
@@ -814,14 +817,15 @@ def tune(res: dict[str, Any], device: str = "cuda", tokens: int = T, widths: tup
     out["picks"] = picks
     res["tune"] = out
     if device == "cuda":  # the picked shapes compute what the references compute (the rows then run them)
-        pd.LAUNCH.update({k: pd.Launch(**v["fields"]) for k, v in picks.items()})
+        pd.LAUNCH.update({k: pd.Launch(**v["fields"]) for k, v in picks.items() if v["fields"]})
         try:
             res.setdefault("correctness_rel_err", {}).update(picks_correctness())
         finally:
             pd.LAUNCH.update(saved)
     nan = float("nan")
     for name, row in out["runs"].items():
-        us = {k: 1e3 * (row.get(k) or nan) for k in (picks[name.split()[0]]["launch"], "default_ms", "baseline_ms")}
+        pick = picks[name.split()[0]]["launch"] or "none"
+        us = {k: 1e3 * (row.get(k) or nan) for k in (pick, "default_ms", "baseline_ms")}
         pick_us, default_us, baseline_us = us.values()
         floor_us = 1e3 * (row.get("floor_ms") or nan)
         print(f"tune {name:28s} pick {pick_us:8.1f} us  default {default_us:8.1f}  baseline {baseline_us:8.1f}  "

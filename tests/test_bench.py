@@ -381,6 +381,21 @@ def test_gpu_kernels_tune_sweeps_every_launch_shape_and_restores_the_plan(
     (tmp_path / "none.json").write_text(json.dumps({"device": "x"}))
     with pytest.raises(SystemExit, match="has no tune picks"):
         gpu_finetune.tuned_launch(tmp_path / "none.json")
+    # run 8: a kernel mode that does not compile fails every shape; then no kernel gets a pick, each failure is
+    # recorded, and the rows refuse to start on the file
+    def does_not_compile(fn: Any) -> float:
+        raise RuntimeError("CompilationError (a stand-in: the timer is where a launch compiles)")
+
+    monkeypatch.setattr(gpu_kernels, "_cpu_ms", does_not_compile)
+    res_broken: dict[str, Any] = {}
+    gpu_kernels.tune(res_broken, device="cpu", tokens=32, widths=(300,), candidates=candidates)
+    assert before == pd.LAUNCH
+    assert all(v["fields"] is None for v in res_broken["tune"]["picks"].values())
+    # six kernel modes, each timed as its baseline, two candidate shapes and the default
+    assert len(res_broken["tune"]["errors"]) == 6 * 4
+    (tmp_path / "broken.json").write_text(json.dumps(res_broken))
+    with pytest.raises(SystemExit, match="the tune picked nothing for grad, lora_a, wgrad"):
+        gpu_finetune.tuned_launch(tmp_path / "broken.json")
 
 
 def test_olive_runner_argv_and_refusal(tmp_path: Path) -> None:
