@@ -331,7 +331,7 @@ def dropout_mask_mode(
     layers = max(1, int(shape.get("num_layers", 1) or 1))
     with_bits = mask_mode_need_gib("bits", need, shape, masks)
     with_none = mask_mode_need_gib("regenerate", need, shape, masks)
-    fits = lambda gib: total <= 0 or gib <= MEMORY_HEADROOM * total  # noqa: E731
+    fits = lambda gib: fits_gpu(gib, total)  # noqa: E731
     checkpointing = bool(
         opts.get("gc") or sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing")
     )
@@ -399,6 +399,11 @@ def dropout_mask_mode(
     )
 
 
+def fits_gpu(gib: float, total: float) -> bool:
+    """A step estimated at `gib` fits a GPU of `total` GiB (MEMORY_HEADROOM of it; an unknown size fits anything)."""
+    return total <= 0 or gib <= MEMORY_HEADROOM * total
+
+
 def mlp_keep_gib(shape: Mapping[str, Any]) -> float:
     """GiB over the step of the SwiGLU outputs kept for down_proj's backward: what recomputing them saves."""
     inter = int(shape.get("intermediate_size", 0)) or 4 * int(shape.get("hidden_size", 0))
@@ -430,7 +435,7 @@ def mlp_recompute_choice(
         return bool(opts["mlp_recompute"]), (rebuilt if opts["mlp_recompute"] else kept) + "ORCH_CUDA_FASTPATH"
     if checkpointing:
         return True, rebuilt + "gradient checkpointing is on: a recomputed layer's activations are the step's peak"
-    if total > 0 and need + keep > MEMORY_HEADROOM * total:
+    if not fits_gpu(need + keep, total):
         return True, rebuilt + f"keeping it would need ~{need + keep:.0f} GiB of {total:.0f}"
     return False, kept + f"the step fits with it (~{need + keep:.0f} GiB of {total:.0f})"
 
@@ -655,7 +660,7 @@ def plan_cuda(
         reasons.append(f"gradient checkpointing {'on' if gc else 'off'} (ORCH_CUDA_FASTPATH)")
     elif sft_kwargs.get("gradient_checkpointing") or sft_kwargs.get("activation_checkpointing"):
         reasons.append("gradient checkpointing on: asked for by the config (or the QLoRA pass)")
-    elif total > 0 and need > MEMORY_HEADROOM * total:
+    elif not fits_gpu(need, total):
         gc = True
         reasons.append(
             f"gradient checkpointing on: the step needs ~{need:.0f} GiB without it, the GPU has {total:.0f} GiB"
@@ -691,7 +696,7 @@ def plan_cuda(
         need_ckpt = estimate_step_memory_gib(
             shape, checkpointing=True, fast_path=fast_path, stored_masks=mask_mode == "stored", bit_masks=bit_masks
         )
-        tight = total > 0 and need_ckpt > MEMORY_HEADROOM * total
+        tight = not fits_gpu(need_ckpt, total)
         if want_offload or tight:
             offload_checkpoints = True
             why = (
