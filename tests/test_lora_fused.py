@@ -16,13 +16,15 @@ from tests.conftest import saved_activation_bytes
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-@pytest.fixture(params=[True, False], ids=["lora_first", "base_first"])
+@pytest.fixture(params=["lora_first", "base_first", "k_concat"])
 def gemm_order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both orders of the fused functions' GEMMs (fused.LORA_FIRST, the plan's `lora_first` option)."""
+    """Every arrangement of the fused functions' GEMMs: both orders (fused.LORA_FIRST, the plan's `lora_first`
+    option), and the LoRA term inside the base GEMM of the wide layers (fused.K_CONCAT, `k_concat`)."""
     from orchestrator.passes.training.lora import fused
 
-    monkeypatch.setattr(fused, "LORA_FIRST", request.param)
-    return request.param
+    monkeypatch.setattr(fused, "LORA_FIRST", request.param != "base_first")
+    monkeypatch.setattr(fused, "K_CONCAT", request.param == "k_concat")
+    return request.param != "base_first"
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +360,63 @@ def test_swiglu_down_recompute_keeps_peft_loss_and_gradients(tiny_phi3) -> None:
     assert torch.allclose(l_new, l_ref, atol=1e-6)
     for name, g in g_ref.items():
         assert torch.allclose(g_new[name], g, atol=1e-6, rtol=1e-4), name
+
+
+def test_k_concat_is_the_lora_linear_arithmetic_in_one_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """K_CONCAT: a weight at least twice as wide out as in becomes the first columns of an (out, in + r) buffer
+    and the forward is [x | h] [W | sB]^T; output and gradients are the LoRA Linear's (float64: exact to rounding),
+    the weight's values, shape and Parameter object are unchanged, a narrow weight is left alone, and
+    unwiden_weights gives the weight its own storage back."""
+    from orchestrator.passes.training.lora import fused
+
+    monkeypatch.setattr(fused, "K_CONCAT", True)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(72, 32, generator=gen, dtype=torch.float64), requires_grad=False)
+    w_before = w.detach().clone()
+    bias = torch.randn(72, generator=gen, dtype=torch.float64)
+    a = torch.randn(8, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(72, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, 72, generator=gen, dtype=torch.float64)
+    assert fused.widen_weight(w, 8, torch.float64)
+    wide = getattr(w, fused.WIDE_ATTR)
+    assert wide.shape == (72, 40) and w.data_ptr() == wide.data_ptr() and w.stride() == (40, 1)
+    assert torch.equal(w, w_before) and w.shape == (72, 32)
+    for with_bias in (None, bias):
+        out = fused._fn().apply(x, x, w, None, with_bias, a, b, 0.75, torch.float64)
+        grads = torch.autograd.grad(out, (x, a, b), g)
+        ref = x @ w_before.t() + 0.75 * (x @ a.t()) @ b.t() + (0 if with_bias is None else with_bias)
+        ref_grads = torch.autograd.grad(ref, (x, a, b), g)
+        assert torch.allclose(out, ref, atol=1e-12)
+        assert torch.allclose(wide[:, 32:], 0.75 * b.detach())  # s B written into the buffer's last r columns
+        for got, want in zip(grads, ref_grads, strict=True):
+            assert torch.allclose(got, want, atol=1e-10)
+    narrow = torch.nn.Parameter(torch.randn(24, 32, dtype=torch.float64), requires_grad=False)
+    assert not fused.widen_weight(narrow, 8, torch.float64) and narrow.is_contiguous()  # 24 < 2 x 32: no gain
+    assert not fused.widen_weight(torch.nn.Parameter(torch.randn(72, 32), requires_grad=False), 8, torch.float64)
+    holder = torch.nn.Module()
+    holder.w = w
+    assert fused.unwiden_weights(holder) == 1
+    assert w.is_contiguous() and torch.equal(w, w_before) and getattr(w, fused.WIDE_ATTR, None) is None
+
+
+def test_k_concat_widens_only_the_wide_layers_and_unfuse_restores_them(
+    tiny_phi3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the tiny Phi-3: qkv_proj (3x) and gate_up_proj (5.5x) get the (out, in + r) buffer at their first fused
+    forward, o_proj and down_proj do not; the state dict's values are unchanged; unfuse gives every weight its own
+    contiguous storage back."""
+    from orchestrator.passes.training.lora import fused as lora_fused
+
+    monkeypatch.setattr(lora_fused, "K_CONCAT", True)
+    model = _peft_model(tiny_phi3, 0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse_lora_layers(model)
+    _loss_and_grads(model, _batch(), seed=1)
+    widened = {n for n, p in model.named_parameters() if getattr(p, lora_fused.WIDE_ATTR, None) is not None}
+    assert all(("qkv_proj" in n or "gate_up_proj" in n) and n.endswith("base_layer.weight") for n in widened)
+    assert len(widened) == 4  # 2 layers x (qkv_proj, gate_up_proj)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "lora_" not in k)
+    unfuse_lora_layers(model)
+    assert all(p.is_contiguous() and getattr(p, lora_fused.WIDE_ATTR, None) is None for p in model.parameters())

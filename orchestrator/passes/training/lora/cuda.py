@@ -172,6 +172,7 @@ OPTION_NAMES = (
     "philox_dropout",
     "bit_masks",
     "triton_skinny",
+    "k_concat",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -207,6 +208,7 @@ class CudaPlan:
     philox_dropout: bool = False  # fused dropout's mask drawn from a Philox seed by Triton kernels
     bit_masks: bool = False  # with philox_dropout: the mask kept as 1 bit per element, else regenerated where used
     triton_skinny: bool = False  # LoRA's skinny products over the tokens by the p = 0 Triton kernels, not cuBLAS
+    k_concat: bool = False  # wide layers' LoRA term inside the base GEMM: [x | h] [W | sB]^T, one GEMM (fused.py)
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -526,6 +528,13 @@ def plan_cuda(
             "fused LoRA layers: h = x A^T, A's gradient and the input gradient's LoRA term by Triton kernels "
             "(philox_dropout.py at p = 0) instead of cuBLAS (ORCH_CUDA_FASTPATH; 0.98x on an H100, run 8)"
         )
+    k_concat = bool(fused_lora and opts.get("k_concat", False))
+    if k_concat:
+        reasons.append(
+            "fused LoRA layers at least twice as wide out as in (qkv_proj, gate_up_proj): [x | h] [W | sB]^T as one "
+            "GEMM (K = in + r; W kept as the first columns of an (out, in + r) buffer, 2% more weight memory) "
+            "instead of s h B^T written over the whole output and read back by the base GEMM"
+        )
     splitk = bool(fused_lora and opts.get("splitk", True))
     if splitk:
         reasons.append(
@@ -743,6 +752,7 @@ def plan_cuda(
         philox_dropout=philox_dropout,
         bit_masks=bit_masks,
         triton_skinny=triton_skinny,
+        k_concat=k_concat,
         reasons=tuple(reasons),
     )
 
@@ -873,6 +883,7 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         lora_fused.PHILOX_DROPOUT = plan.philox_dropout
         lora_fused.BIT_MASKS = plan.bit_masks
         lora_fused.TRITON_SKINNY = plan.triton_skinny
+        lora_fused.K_CONCAT = plan.k_concat
         fuse_lora_layers(model)
     if plan.compile_layers:
         compile_decoder_layers(model)

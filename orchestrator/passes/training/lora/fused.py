@@ -70,6 +70,12 @@ BIT_MASKS = False
 # lora_cuda's plan sets it: LoRA's skinny products over the tokens (h = x A^T, A's gradient gh^T x, the input
 # gradient's gh A) by philox_dropout's Triton kernels at p = 0 (split for enough programs in flight) instead of cuBLAS
 TRITON_SKINNY = False
+# lora_cuda's plan sets it: where a layer's output is at least K_CONCAT_MIN_RATIO times as wide as its input (Phi-3's
+# qkv_proj and gate_up_proj), the LoRA term rides inside the base GEMM as extra reduction columns: [x | h] [W | sB]^T
+# (one GEMM, K = in + r) instead of a skinny GEMM writing s h B^T over the whole output for the base GEMM to read
+K_CONCAT = False
+K_CONCAT_MIN_RATIO = 2.0
+WIDE_ATTR = "_orch_wide_weight"  # on a base weight that is a view of its (out, in + r) buffer [W | s B]
 
 
 def base_plus_lora(
@@ -96,6 +102,12 @@ def base_plus_lora(
     w = dense_weight(weight, qstate, dtype)
     if h is None:
         h = lora_a_product(xd2, a16)
+    wide = _wide_of(weight, h.shape[1]) if qstate is None else None
+    if wide is not None:  # [x | h] [W | sB]^T: one GEMM, no full-size LoRA term written and read back
+        torch.mul(b16, scaling, out=wide[:, x2.shape[1] :])
+        xh = torch.cat([x2, h], dim=1)
+        out = torch.mm(xh, wide.t()) if bias is None else torch.addmm(bias, xh, wide.t())
+        return out, h
     if LORA_FIRST:
         if bias is not None:
             out = torch.addmm(bias, h, b16.t(), alpha=scaling)
@@ -106,6 +118,50 @@ def base_plus_lora(
         out = torch.nn.functional.linear(x2, w, bias)
         out.addmm_(h, b16.t(), alpha=scaling)
     return out, h
+
+
+def _wide_of(weight: Any, rank: int) -> Any:
+    """The (out, in + r) buffer [W | s B] a base weight is the first `in` columns of (K_CONCAT), or None."""
+    wide = getattr(weight, WIDE_ATTR, None) if K_CONCAT else None
+    if wide is None or wide.shape != (weight.shape[0], weight.shape[1] + rank):
+        return None
+    if weight.data_ptr() != wide.data_ptr() or weight.stride() != wide.stride():
+        return None  # the weight was replaced since (a loaded state dict, a cast): it is no view of this buffer now
+    return wide
+
+
+def widen_weight(weight: Any, rank: int, dtype: Any) -> bool:
+    """Make a frozen base weight (out, in) the first `in` columns of an (out, in + r) buffer, so base_plus_lora can
+    run [x | h] [W | s B]^T as one GEMM; only where K_CONCAT is on, the weight is in the compute dtype and the
+    output is at least K_CONCAT_MIN_RATIO times the input (the [x | h] copy, 4 bytes per input element, must cost
+    less than the full-size LoRA term's write and read back, 4 per output element). Costs r / in more weight
+    memory (2% at r = 64 on Phi-3-mini's widths); unwiden_weights undoes it. True where the buffer is in place."""
+    import torch
+
+    if not K_CONCAT or weight.dtype != dtype or weight.dim() != 2:
+        return False
+    out_f, in_f = weight.shape
+    if out_f < K_CONCAT_MIN_RATIO * in_f:
+        return False
+    if _wide_of(weight, rank) is not None:
+        return True
+    with torch.no_grad():
+        wide = torch.empty((out_f, in_f + rank), dtype=weight.dtype, device=weight.device)
+        wide[:, :in_f].copy_(weight.data)
+        weight.data = wide[:, :in_f]  # the Parameter object stays: optimizers, hooks and state_dict keys unchanged
+    setattr(weight, WIDE_ATTR, wide)
+    return True
+
+
+def unwiden_weights(model: Any) -> int:
+    """Give every widened base weight its own contiguous storage back (before saving or merging); returns how many."""
+    count = 0
+    for param in model.parameters():
+        if getattr(param, WIDE_ATTR, None) is not None:
+            param.data = param.data.contiguous()
+            delattr(param, WIDE_ATTR)
+            count += 1
+    return count
 
 
 def _skinny(*tensors: Any, rank: int) -> bool:
@@ -571,6 +627,8 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         return type(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
     xc = x.to(dtype)  # no copy when x is in the compute dtype already (the usual case)
+    if qstate is None:
+        widen_weight(weight, a.shape[0], dtype)
     w = weight if qstate is not None else weight.to(dtype)  # a 4-bit weight is dequantized inside, per call
     bias_c = None if bias is None else bias.to(dtype)
     p = _fused_dropout_p(dropout, xc, a.shape[0])
@@ -598,7 +656,9 @@ def fuse_lora_layers(model: Any) -> int:
 
 
 def unfuse_lora_layers(model: Any) -> int:
-    """Put peft's own forward back on every layer fuse_lora_layers changed; returns how many."""
+    """Put peft's own forward back on every layer fuse_lora_layers changed (and their base weights in storage of
+    their own again); returns how many."""
+    unwiden_weights(model)
     return restore_class_forwards(model, FUSED_ATTR)
 
 
