@@ -6,10 +6,10 @@
 2. Correctness on fresh random inputs (bf16, against the torch reference in fp32): orch's LoRA-dropout gradient
    kernel and SwiGLU kernel (lora_kernels.py); the fused LoRA layer with native_dropout inside
    (-philox_dropout) against peft's own layer with the same seed (same dropout masks: native_dropout is what
-   nn.Dropout calls on CUDA). The Philox dropout kernels (philox_dropout.py): tl.rand and the kernels' uniforms
-   against the torch reference bit for bit (mismatch counts, 64-bit counters included), each kernel against its
-   reference, the keep fraction, and the fused layer in Philox mode against peft's layer whose dropout applies the
-   reference's masks for the same seed.
+   nn.Dropout calls on CUDA). The Philox dropout kernels (philox_dropout.py): tl.randint4x (7 rounds) and the
+   kernels' 16-bit values against the torch reference bit for bit (mismatch counts, 64-bit counters included), each
+   kernel against its reference, the keep fraction, and the fused layer in Philox mode against peft's layer whose
+   dropout applies the reference's masks for the same seed.
 3. Timings (forward + backward, median of triton.testing.do_bench) at 8 x 1024 tokens: each LoRA projection of a
    Phi-3-mini / Phi-4-mini layer through peft, orch's fused layer with dropout outside (before) and inside
    (Philox, and native_dropout with its stored mask); the dropout kernels alone (native_dropout + the skinny GEMM
@@ -300,15 +300,19 @@ def philox_correctness(checks: dict[str, float]) -> None:
     seed = 0x1234_5678_9ABC_DEF
     offsets = torch.tensor([0, 1, 2**31 - 1, 2**31 + 5, 2**32 + 7, 2**40 + 3, 2**62 + 11], device="cuda")
     offsets = torch.cat([offsets, torch.randint(0, 2**62, (4096,), device="cuda")])
-    checks["philox tl.rand vs reference (mismatches)"] = float(
-        (pd.kernel_rand(seed, offsets) != pd.rand_reference(seed, offsets)).sum()
+    got4, want4 = pd.kernel_randint4x(seed, offsets), pd.randint4x_reference(seed, offsets)
+    checks[f"philox tl.randint4x({pd.PHILOX_ROUNDS} rounds) vs reference (mismatches)"] = float(
+        sum(int((g != w).sum()) for g, w in zip(got4, want4, strict=True))
     )
-    for row_start in (0, 2**40 // 96):
-        got = pd.kernel_uniforms(seed, 64, 3000, "cuda", row_start=row_start)
-        want = pd.uniform_block_reference(seed, 64, 3000, "cuda", row_start=row_start)
-        checks[f"philox kernel uniforms vs reference, rows from {row_start} (mismatches)"] = float((got != want).sum())
+    for row_start in (0, 2**40 // 48):
+        got = pd.kernel_halves(seed, 64, 3000, "cuda", row_start=row_start)
+        want = pd.halves_block_reference(seed, 64, 3000, "cuda", row_start=row_start)
+        checks[f"philox kernel 16-bit values vs reference, rows from {row_start} (mismatches)"] = float(
+            (got != want).sum()
+        )
     keep = pd.keep_mask_reference(seed, 8192, 3072, 0.05, "cuda")
-    checks["philox keep fraction - 0.95 (abs)"] = abs(float(keep.float().mean()) - 0.95)
+    want_keep = 1 - pd.drop_threshold(0.05) / 65536
+    checks["philox keep fraction - (1 - THRESH / 65536) (abs)"] = abs(float(keep.float().mean()) - want_keep)
     for rows, cols, r in ((8192, 3072, 64), (1000, 8192, 64), (777, 3000, 16), (4096, 8192, 128)):
         x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
         a = torch.randn(r, cols, device="cuda", dtype=torch.bfloat16) * 0.1

@@ -30,11 +30,12 @@ KERNEL_CASES = (
 def kernel_outputs(res: dict[str, Any]) -> None:
     from orchestrator.passes.training.lora import philox_dropout as pd
 
-    offsets = torch.tensor([0, 1, 77, 2**31 - 1, 2**31 + 5, 2**32 + 7, 2**40 + 3, 2**62 + 11])
-    res["rand"] = {"offsets": offsets, "got": pd.kernel_rand(SEED, offsets)}
-    res["uniforms"] = pd.kernel_uniforms(SEED, 5, 300)
-    # rows whose Philox counters lie beyond 2^40 (W = 96 counters per row of 300 columns): 64-bit offsets
-    res["uniforms_far"] = {"row_start": 2**40 // 96, "got": pd.kernel_uniforms(SEED, 3, 300, row_start=2**40 // 96)}
+    offsets = torch.tensor([0, 1, 77, 2**31 - 1, 2**31 + 5, 2**32 + 7, 2**40 + 3, 2**62 + 11, 2**63 - 1])
+    for rounds in (pd.PHILOX_ROUNDS, 10):  # the kernels' rounds, and the default (Random123's known answers)
+        res[f"randint4x rounds={rounds}"] = {"offsets": offsets, "got": pd.kernel_randint4x(SEED, offsets, rounds)}
+    res["halves"] = pd.kernel_halves(SEED, 5, 300)
+    # rows whose Philox counters lie beyond 2^40 (W = 48 counters per row of 300 columns): 64-bit offsets
+    res["halves_far"] = {"row_start": 2**40 // 48, "got": pd.kernel_halves(SEED, 3, 300, row_start=2**40 // 48)}
     gen = torch.Generator().manual_seed(0)
     for dtype, n, k, r in KERNEL_CASES:
         x = torch.randn(n, k, generator=gen).to(dtype)

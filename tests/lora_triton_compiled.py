@@ -15,13 +15,13 @@ import os
 import sys
 from typing import Any
 
-FLOAT_ARGS = {"p", "scale"}
+FLOAT_ARGS = {"scale"}
 INT64_ARGS = {"seed", "row_start"}
 
 
 def signature(fn: Any, pointers: dict[str, str]) -> dict[str, str]:
     """The kernel's parameters typed as the wrappers pass them: *_ptr pointers (bf16 unless `pointers` says),
-    seeds int64, probabilities and scales fp32, other scalars int32, constexprs constexpr."""
+    seeds int64, scales fp32, other scalars (the dropout threshold among them) int32, constexprs constexpr."""
     sig = {}
     for param in fn.params:
         name = param.name
@@ -47,11 +47,12 @@ def cases() -> list[tuple[str, Any, dict[str, Any], dict[str, str], int]]:
     its wrapper sizes them)."""
     from orchestrator.passes.training.lora import kernels as lora_kernels
     from orchestrator.passes.training.lora import philox_triton as pt
+    from orchestrator.passes.training.lora.philox_dropout import PHILOX_ROUNDS
 
     out = []
     for bits in (0, 1, 2, 3):  # regenerate, write keep bits, read them, no dropout (p = 0)
         for ieee, ptr in ((False, "*bf16"), (True, "*fp32")):
-            lanes = {"LANES": 32, "IEEE": ieee, "BITS": bits}
+            lanes = {"LANES": 32, "ROUNDS": PHILOX_ROUNDS, "IEEE": ieee, "BITS": bits}
             x = {"x_ptr": ptr, "a_ptr": ptr, "gh_ptr": ptr, "gx_ptr": ptr, "bits_ptr": "*i32"}
             out.append((f"philox lora_a BITS={bits} ieee={ieee}", pt.dropout_lora_a_kernel,
                         {"R": 64, "BLOCK_M": 32, **lanes}, {**x, "h_ptr": "*fp32"}, 4))  # fmt: skip
@@ -60,8 +61,10 @@ def cases() -> list[tuple[str, Any, dict[str, Any], dict[str, str], int]]:
             for acc in (False, True):
                 out.append((f"philox grad BITS={bits} accumulate={acc} ieee={ieee}", pt.dropout_grad_kernel,
                             {"R": 16, "BLOCK_M": 128, "ACCUMULATE": acc, **lanes}, x, 8))  # fmt: skip
-    out.append(("philox uniforms", pt.uniforms_kernel, {"BLOCK_M": 16, "LANES": 32}, {"out_ptr": "*fp32"}, 4))
-    out.append(("philox rand", pt.rand_kernel, {"BLOCK": 1024}, {"out_ptr": "*fp32", "offsets_ptr": "*i64"}, 4))
+    out.append(("philox halves", pt.halves_kernel, {"BLOCK_M": 16, "LANES": 32, "ROUNDS": PHILOX_ROUNDS},
+                {"out_ptr": "*i32"}, 4))  # fmt: skip
+    out.append(("philox randint4x", pt.randint4x_kernel, {"BLOCK": 1024, "ROUNDS": PHILOX_ROUNDS},
+                {"out_ptr": "*i32", "offsets_ptr": "*i64"}, 4))  # fmt: skip
     dropout_grad_add, swiglu_fwd, swiglu_bwd, swiglu_dropout_fwd = lora_kernels._kernels()
     for acc in (False, True):
         out.append((f"dropout_grad_add accumulate={acc}", dropout_grad_add,

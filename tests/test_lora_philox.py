@@ -38,31 +38,80 @@ def test_philox_reference_gives_random123s_known_answers() -> None:
         assert tuple(int(t) for t in got) == want
 
 
-def test_uniforms_are_tl_rands_conversion_and_keep_about_one_minus_p() -> None:
-    bits = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1])
-    u = pd.uniform_reference(bits)
-    assert u.dtype == torch.float32 and float(u.min()) >= 0.0 and float(u.max()) < 1.0
-    # int32 view, negatives mirrored: 0 and 2^32 - 1 (-1) both give 0, 2^31 - 1 and 2^31 (-2^31) the maximum
-    assert u[0] == u[4] == 0.0 and u[2] == u[3]
+def test_randint4x_reference_runs_the_kernels_7_rounds() -> None:
+    """philox4x32_reference(rounds=n) runs n of the rounds whose 10 give the known answers above (the interpreter
+    test checks 7 against Triton's randint4x(n_rounds=7)); randint4x_reference's default is the kernels'
+    PHILOX_ROUNDS = 7, and the round count changes the output."""
+    counter = [torch.tensor([0x243F6A88 + i]) for i in range(4)]
+    key = (0xA4093822, 0x299F31D0)
+    outs = {n: tuple(int(t) for t in pd.philox4x32_reference(key, *counter, rounds=n)) for n in (6, 7, 10)}
+    assert len(set(outs.values())) == 3
+    assert pd.PHILOX_ROUNDS == 7
+    offsets = torch.tensor([5, 2**33 + 1])
+    for got, want in zip(
+        pd.randint4x_reference(SEED, offsets),
+        pd.philox4x32_reference((SEED & pd.MASK32, SEED >> 32), offsets & pd.MASK32, offsets >> 32, rounds=7),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
+
+
+def test_drop_threshold_is_p_in_units_of_2_to_the_minus_16() -> None:
+    """THRESH = round(p * 65536): p = 0 keeps everything, p quantized by at most 2^-17 < 7.7e-6."""
+    assert pd.drop_threshold(0.05) == 3277
+    assert pd.drop_threshold(0.0) == 0
+    assert pd.drop_threshold(0.1) == 6554
+    assert pd.drop_threshold(0.5) == 32768
+    assert pd.drop_threshold(1 / 65536) == 1
+    assert pd.drop_threshold(0.999999) == 65536  # rounds to "drop everything" (P(keep) = 0)
+    for p in (0.0, 1e-6, 0.05, 0.1, 0.3, 0.5, 0.9, 0.99):
+        assert abs(pd.drop_threshold(p) / 65536 - p) <= 2**-17 < 7.7e-6
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="dropout probability"):
+            pd.drop_threshold(bad)
+
+
+def test_16_bit_values_and_keep_fraction_one_minus_thresh_over_65536() -> None:
+    halves = pd.halves_block_reference(SEED, 512, 1000)
+    assert halves.dtype == torch.int32 and halves.shape == (512, 1000)
+    assert int(halves.min()) >= 0 and int(halves.max()) < 65536
+    assert abs(float(halves.float().mean()) / 65535 - 0.5) < 0.01  # uniform over [0, 65536)
+    for p in (0.05, 0.5):
+        keep = pd.keep_mask_reference(SEED, 512, 1000, p)
+        assert keep.dtype == torch.bool and keep.shape == (512, 1000)
+        assert torch.equal(keep, halves >= pd.drop_threshold(p))
+        want = 1 - pd.drop_threshold(p) / 65536
+        assert abs(float(keep.float().mean()) - want) < 5 * (want * (1 - want) / keep.numel()) ** 0.5
+    assert bool(pd.keep_mask_reference(SEED, 512, 1000, 0.0).all())  # THRESH 0: every element kept
     keep = pd.keep_mask_reference(SEED, 512, 1000, 0.05)
-    assert keep.dtype == torch.bool and keep.shape == (512, 1000)
-    assert abs(float(keep.float().mean()) - 0.95) < 5 * (0.05 * 0.95 / keep.numel()) ** 0.5
     assert not torch.equal(keep, pd.keep_mask_reference(SEED + 1, 512, 1000, 0.05))  # the seed matters
     # rows are independent of how many rows are drawn: row 300 alone is row 300 of the block
     assert torch.equal(pd.keep_mask_reference(SEED, 1, 1000, 0.05, row_start=300), keep[300:301])
+    # a column's value is the half its layout names: counter_layout and randint4x_reference, element by element
+    rows, cols = torch.tensor([0, 3, 511, 200]), torch.tensor([0, 1, 999, 130])
+    offsets, which, half = pd.counter_layout(rows, cols, 1000)
+    outs = torch.stack(pd.randint4x_reference(SEED, offsets))
+    words = outs.gather(0, which[None]).squeeze(0)
+    assert ((words >> (16 * half)) & 0xFFFF).tolist() == halves[rows, cols].tolist()
 
 
-def test_counter_layout_uses_all_four_outputs_and_64_bit_offsets() -> None:
-    """Element (row, col): counter row * W + (col // 128) * 32 + col % 32, output (col // 32) % 4; distinct
-    elements never share a (counter, output) pair, also at rows whose counters pass 2^32."""
-    n_cols = 300  # W = 3 * 32 counters per row
-    rows = torch.tensor([0, 1, 2**40 // 96])[:, None].expand(3, n_cols)
-    cols = torch.arange(n_cols)[None, :].expand(3, n_cols)
-    offsets, which = pd.counter_layout(rows, cols, n_cols)
-    assert offsets.dtype == torch.int64 and int(offsets.max()) > 2**40
-    pairs = set(zip(offsets.flatten().tolist(), which.flatten().tolist(), strict=True))
-    assert len(pairs) == rows.numel()
+def test_counter_layout_uses_all_eight_halves_and_64_bit_offsets() -> None:
+    """Element (row, col): counter row * W + (col // 128) * 16 + (col % 32) // 2, output (col % 128) // 32, half
+    col % 2, W = ceil(n_cols / 128) * 16; distinct elements never share a (counter, output, half) triple, also at
+    rows whose counters pass 2^32 and 2^62; every triple of a full group is used."""
+    n_cols = 300  # W = 3 * 16 counters per row
+    rows = torch.tensor([0, 1, 2**40 // 48, 2**62 // 48])[:, None].expand(4, n_cols)
+    cols = torch.arange(n_cols)[None, :].expand(4, n_cols)
+    offsets, which, half = pd.counter_layout(rows, cols, n_cols)
+    assert offsets.dtype == torch.int64 and int(offsets.max()) > 2**62
+    triples = set(zip(offsets.flatten().tolist(), which.flatten().tolist(), half.flatten().tolist(), strict=True))
+    assert len(triples) == rows.numel()
+    assert int(offsets[1, 0]) == 48 and int(offsets[0, 299]) == 2 * 16 + (299 % 32) // 2
     assert which[0, :128].tolist() == [c // 32 for c in range(128)]
+    assert half[0, :4].tolist() == [0, 1, 0, 1] and offsets[0, :4].tolist() == [0, 0, 1, 1]
+    # the first full group of a row: its 16 counters x 4 outputs x 2 halves, each once
+    first = set(zip(offsets[0, :128].tolist(), which[0, :128].tolist(), half[0, :128].tolist(), strict=True))
+    assert first == {(c, o, h) for c in range(16) for o in range(4) for h in range(2)}
 
 
 def test_seeds_are_checked_and_drawn_from_the_cpu_generator() -> None:
@@ -83,6 +132,7 @@ def test_without_the_kernels_the_wrappers_run_the_references() -> None:
     x, a, gh = torch.randn(9, 40, generator=gen), torch.randn(16, 40, generator=gen), torch.randn(9, 16, generator=gen)
     assert not pd.kernels_apply(x, a, rank=16)
     keep = pd.keep_mask_reference(SEED, 9, 40, P)
+    assert not bool(keep.all())
     xd = torch.where(keep, x / (1 - P), 0.0)
     assert torch.allclose(pd.dropout_lora_a(x, a, P, SEED), xd @ a.t(), atol=1e-5)
     assert torch.allclose(pd.dropout_lora_a_wgrad(x, gh, P, SEED), gh.t() @ xd, atol=1e-5)
@@ -99,14 +149,20 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return run_triton_interpreted("lora_philox_interpreted.py", out, timeout=900)
 
 
-def test_tl_rand_and_the_kernels_uniforms_are_the_reference_bit_for_bit(interpreted: dict[str, Any]) -> None:
-    rand = interpreted["rand"]
-    assert int(rand["offsets"].max()) > 2**62  # offsets far beyond 2^31 and 2^32
-    assert torch.equal(rand["got"], pd.rand_reference(SEED, rand["offsets"]))
-    assert torch.equal(interpreted["uniforms"], pd.uniform_block_reference(SEED, 5, 300))
-    far = interpreted["uniforms_far"]
-    assert far["row_start"] * 96 > 2**39  # Philox counters past 2^32: 64-bit offsets
-    assert torch.equal(far["got"], pd.uniform_block_reference(SEED, 3, 300, row_start=far["row_start"]))
+def test_tl_randint4x_and_the_kernels_halves_are_the_reference_bit_for_bit(interpreted: dict[str, Any]) -> None:
+    """Triton's own randint4x(n_rounds=7) (and 10) at offsets past 2^31, 2^32 and 2^62 is philox4x32_reference's
+    Philox; the kernels' 16-bit values are halves_block_reference's, also at rows whose counters pass 2^40."""
+    for rounds in (pd.PHILOX_ROUNDS, 10):
+        got = interpreted[f"randint4x rounds={rounds}"]
+        offsets = got["offsets"]
+        assert int(offsets.max()) > 2**62 and bool((offsets > 2**32).any())
+        want = pd.randint4x_reference(SEED, offsets, rounds=rounds)
+        for k in range(4):
+            assert torch.equal(got["got"][k], want[k]), (rounds, k)
+    assert torch.equal(interpreted["halves"], pd.halves_block_reference(SEED, 5, 300))
+    far = interpreted["halves_far"]
+    assert far["row_start"] * 48 > 2**39  # Philox counters past 2^32: 64-bit offsets
+    assert torch.equal(far["got"], pd.halves_block_reference(SEED, 3, 300, row_start=far["row_start"]))
 
 
 @pytest.mark.parametrize(

@@ -13,22 +13,34 @@ stands for the mask, and three kernels regenerate it where it is used:
 so ~6 bytes per element, no xd and no mask kept: the backward keeps x itself, which the layer's caller holds anyway.
 
 Regenerating costs compute: the two backward kernels run about twice as long as their stored-mask counterparts on an
-H100 (Philox is ~40 integer instructions per four elements). So each kernel also takes the mask as keep bits
+H100 (drawing the mask is integer arithmetic, see below). So each kernel also takes the mask as keep bits
 (`bits`, an int32 (n_rows, ceil(n_cols / 32)) tensor, `new_bits`): `dropout_lora_a` draws the mask from the seed
 and writes it there as well (1/16 of x's bytes), and the backward kernels read the bits instead of running Philox.
 That keeps 1 bit per element instead of native_dropout's byte and its dropped-out copy, with the backward's memory
 traffic of the stored mask (fused.py's BIT_MASKS; bit j of word w is column 32 w + j).
 
-The random numbers: Triton's Philox4x32-10 (`tl.randint4x` / `tl.rand4x`, the counter-based generator torch's own
-CUDA dropout uses), keyed by the seed, the counter being a 64-bit offset (no overflow at any tensor size). One
-Philox call gives four 32-bit outputs, and the mask uses all four: element (row, col) of an (n_rows, n_cols) input
-takes output `(col // 32) % 4` of the counter `row * W + (col // 128) * 32 + col % 32`, W = ceil(n_cols / 128) * 32
-(128-column groups of four 32-column sub-tiles, which is how every kernel walks the columns). One Philox per
-element (tl.rand) would cost ~40 integer instructions per element, about three times what the memory traffic of
-these kernels leaves room for on an H100; one per four elements is hidden under it. An element is kept when its
-uniform `u` (tl.rand's conversion: the 32 bits as int32, negatives mirrored, times 4.6566127342e-10 in fp32) is
->= p, so P(keep) = 1 - p; kept values are x * (1 / (1 - p)) in fp32, rounded once to x's dtype, as native_dropout
-rounds them. The masks differ from native_dropout's (another generator), the distribution is the same.
+The random numbers: Triton's Philox4x32 (`tl.randint4x`, the counter-based generator torch's own CUDA dropout uses
+with 10 rounds) with PHILOX_ROUNDS = 7 rounds, keyed by the seed, the counter being a 64-bit offset (no overflow at
+any tensor size). One Philox call gives four 32-bit outputs and each gives two 16-bit values (its low half, then its
+high half), so one call draws eight elements: element (row, col) of an (n_rows, n_cols) input takes half `col % 2`
+(0: the low 16 bits) of output `(col % 128) // 32` of the counter `row * W + (col // 128) * 16 + (col % 32) // 2`,
+W = ceil(n_cols / 128) * 16 (128-column groups of four 32-column sub-tiles, which is how every kernel walks the
+columns: a (rows, 16) tile of counters gives the group's four (rows, 32) sub-tiles, sub-tile j the interleaved low
+and high halves of output j). An element is kept when its 16-bit value is >= THRESH = round(p * 65536)
+(`drop_threshold`, computed on the host, an integer compare in the kernels): P(keep) = 1 - THRESH / 65536, i.e. p
+quantized to a multiple of 1/65536 (off by at most 2^-17 < 7.7e-6; p = 0.05 drops with probability 3277 / 65536 =
+0.0500031). Kept values are x * (1 / (1 - p)) in fp32, rounded once to x's dtype, as native_dropout rounds them. The
+masks differ from native_dropout's (another generator), the distribution is the same up to that quantization.
+
+Why 7 rounds and 16-bit values: the forward kernel drawing the mask and writing keep bits took 76 us against 38 us
+at p = 0 for an 8192 x 3072 input on an H100 (187 against 74 us at 8192 x 8192;
+bench/results/gpu_kernels/2026-12-07-h100-8b-tune.json), at 4x the memory floor whatever the launch shape: the
+cost is Philox's arithmetic. Philox4x32-10 with four elements per call and tl.rand's float conversion is ~26 integer
+operations per element; 7 rounds (the fewest that Random123's authors found Crush-resistant, Salmon et al., SC'11,
+"Parallel random numbers: as easy as 1, 2, 3"; a dropout mask needs far less) and eight elements per call cut
+Philox's share to 7/10 x 1/2 of it, ~9, plus ~3 to extract and compare a 16-bit value instead of converting to
+float: by that count the mask is 2-3x cheaper to draw (bench/gpu_kernels.py's `philox` and `tune` steps measure it).
+philox4x32_reference keeps Random123's 10-round known answers as its default (tests/test_lora_philox.py checks them).
 
 `keep_mask_reference` is the pure-torch source of truth (bit-exact with the kernels: tests/test_lora_philox.py
 runs them through Triton's interpreter, bench/gpu_kernels.py on the GPU), and every kernel has a torch reference of
@@ -49,10 +61,12 @@ from typing import Any
 
 from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported, ieee_dot, use_triton
 
-GROUP = 128  # columns per Philox counter block: four sub-tiles of LANES columns share LANES counters
+GROUP = 128  # columns per Philox counter block: four sub-tiles of LANES columns share COUNTERS counters
 LANES = 32
-# tl.rand's uint32 -> [0, 1) conversion: (x as int32, negatives mirrored to -x - 1) * SCALE in fp32
-UNIFORM_SCALE = 4.6566127342e-10
+COUNTERS = LANES // 2  # counters per row of a group: each of a counter's 4 outputs gives 2 columns of a sub-tile
+PHILOX_ROUNDS = 7  # the kernels' Philox rounds (Random123's Philox4x32-10 has 10; 7 is Crush-resistant)
+HALF_BITS = 16  # the bits of one random value: each 32-bit Philox output gives two
+HALF_RANGE = 1 << HALF_BITS
 PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)  # Philox4x32's Weyl key increments
 PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)  # Philox4x32's round multipliers
 MASK32 = 0xFFFFFFFF
@@ -109,7 +123,7 @@ def draw_seed() -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The torch references (CPU or any device): Philox4x32-10 as triton.language.random computes it
+# The torch references (CPU or any device): Philox4x32 as triton.language.random computes it
 
 
 def _mul_hi_lo(a: int, b: Any) -> tuple[Any, Any]:
@@ -124,17 +138,18 @@ def _mul_hi_lo(a: int, b: Any) -> tuple[Any, Any]:
 
 
 def philox4x32_reference(
-    key: tuple[int, int], c0: Any, c1: Any, c2: Any = None, c3: Any = None
+    key: tuple[int, int], c0: Any, c1: Any, c2: Any = None, c3: Any = None, rounds: int = 10
 ) -> tuple[Any, Any, Any, Any]:
-    """Philox4x32-10 (Salmon et al., Random123's philox4x32_10) of counters (c0, c1, c2, c3), int64 tensors of
-    uint32 values, under key (k0, k1), as triton.language.random.philox_impl: four int64 tensors of uint32 values."""
+    """Philox4x32 with `rounds` rounds (10: Salmon et al., Random123's philox4x32_10) of counters (c0, c1, c2, c3),
+    int64 tensors of uint32 values, under key (k0, k1), as triton.language.random.philox_impl(n_rounds=rounds): four
+    int64 tensors of uint32 values."""
     import torch
 
     zero = torch.zeros_like(c0)
     c2 = zero if c2 is None else c2
     c3 = zero if c3 is None else c3
     k0, k1 = key[0] & MASK32, key[1] & MASK32
-    for _ in range(10):
+    for _ in range(rounds):
         hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND[1], c2)
         hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND[0], c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
@@ -143,57 +158,60 @@ def philox4x32_reference(
     return c0, c1, c2, c3
 
 
-def randint4x_reference(seed: int, offsets: Any) -> tuple[Any, Any, Any, Any]:
-    """tl.randint4x(seed, offsets) for int64 offsets: the counter is (offset low 32 bits, offset high 32 bits, 0, 0)."""
+def randint4x_reference(seed: int, offsets: Any, rounds: int = PHILOX_ROUNDS) -> tuple[Any, Any, Any, Any]:
+    """tl.randint4x(seed, offsets, n_rounds=rounds) for int64 offsets (the kernels' PHILOX_ROUNDS by default): the
+    key is (seed low 32 bits, seed high 32 bits), the counter (offset low 32 bits, offset high 32 bits, 0, 0); four
+    int64 tensors of uint32 values."""
     import torch
 
     seed = _check_seed(seed)
     offsets = offsets.to(torch.int64)
     if bool((offsets < 0).any()):
         raise ValueError("offsets must be >= 0")
-    # tl.philox: key (seed low 32 bits, seed high 32 bits), counter (offset low, offset high, 0, 0)
-    return philox4x32_reference((seed & MASK32, seed >> 32), offsets & MASK32, offsets >> 32)
+    return philox4x32_reference((seed & MASK32, seed >> 32), offsets & MASK32, offsets >> 32, rounds=rounds)
 
 
-def uniform_reference(bits: Any) -> Any:
-    """tl.rand's uint32 -> float32 in [0, 1): int32 view, x < 0 -> -x - 1, times 4.6566127342e-10 in fp32."""
+def drop_threshold(p: float) -> int:
+    """THRESH = round(p * 65536), what the kernels compare each element's 16-bit value with (kept where >= THRESH):
+    P(keep) = 1 - THRESH / 65536, p quantized to a multiple of 1/65536 (error <= 2^-17 < 7.7e-6). p = 0 gives 0
+    (every element kept), p = 0.05 gives 3277."""
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return round(p * HALF_RANGE)
+
+
+def counter_layout(rows: Any, cols: Any, n_cols: int) -> tuple[Any, Any, Any]:
+    """(Philox counter offset, which of its four outputs, which half: 0 the low 16 bits, 1 the high) of elements
+    (rows, cols) of an input n_cols wide: counter row * W + (col // 128) * 16 + (col % 32) // 2 with
+    W = ceil(n_cols / 128) * 16, output (col % 128) // 32, half col % 2."""
     import torch
 
-    signed = torch.where(bits >= 2**31, bits - 2**32, bits)
-    signed = torch.where(signed < 0, -signed - 1, signed)
-    return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=bits.device)
+    per_row = -(-n_cols // GROUP) * COUNTERS
+    offsets = rows.to(torch.int64) * per_row + (cols // GROUP) * COUNTERS + (cols % LANES) // 2
+    return offsets, (cols % GROUP) // LANES, cols % 2
 
 
-def rand_reference(seed: int, offsets: Any) -> Any:
-    """tl.rand(seed, offsets) for int64 offsets, bit-exact."""
-    return uniform_reference(randint4x_reference(seed, offsets)[0])
-
-
-def counter_layout(rows: Any, cols: Any, n_cols: int) -> tuple[Any, Any]:
-    """(Philox counter offset, which of its four outputs) of elements (rows, cols) of an input n_cols wide."""
+def halves_block_reference(seed: int, n_rows: int, n_cols: int, device: Any = "cpu", row_start: int = 0) -> Any:
+    """The (n_rows, n_cols) 16-bit values (int32 in [0, 65536)) the kernels draw for rows row_start.. of an input
+    n_cols wide, bit-exact: each row's W counters drawn once, each column taking its (counter, output, half) of
+    counter_layout."""
     import torch
 
-    per_row = -(-n_cols // GROUP) * LANES
-    offsets = rows.to(torch.int64) * per_row + (cols // GROUP) * LANES + cols % LANES
-    return offsets, (cols % GROUP) // LANES
-
-
-def uniform_block_reference(seed: int, n_rows: int, n_cols: int, device: Any = "cpu", row_start: int = 0) -> Any:
-    """The (n_rows, n_cols) fp32 uniforms the kernels draw for rows row_start.. of an input n_cols wide."""
-    import torch
-
+    per_row = -(-n_cols // GROUP) * COUNTERS
     rows = torch.arange(row_start, row_start + n_rows, dtype=torch.int64, device=device)[:, None]
-    cols = torch.arange(n_cols, dtype=torch.int64, device=device)[None, :]
-    offsets, which = counter_layout(rows, cols, n_cols)
-    outs = torch.stack([uniform_reference(r) for r in randint4x_reference(seed, offsets)])
-    return outs.gather(0, which.expand(n_rows, n_cols)[None]).squeeze(0)
+    counters = rows * per_row + torch.arange(per_row, dtype=torch.int64, device=device)[None, :]
+    outs = torch.stack(randint4x_reference(seed, counters), dim=-1).reshape(n_rows, per_row * 4)
+    cols = torch.arange(n_cols, dtype=torch.int64, device=device)
+    local, which, half = counter_layout(torch.zeros_like(cols), cols, n_cols)  # the counter within the row
+    words = outs[:, local * 4 + which]
+    return ((words >> (HALF_BITS * half)) & (HALF_RANGE - 1)).to(torch.int32)
 
 
 def keep_mask_reference(seed: int, n_rows: int, n_cols: int, p: float, device: Any = "cpu", row_start: int = 0) -> Any:
-    """The bool keep mask (True: kept, probability 1 - p) the kernels regenerate for `seed`, bit-exact."""
-    import torch
-
-    return uniform_block_reference(seed, n_rows, n_cols, device, row_start) >= torch.tensor(p, dtype=torch.float32)
+    """The bool keep mask (True: kept, probability 1 - drop_threshold(p) / 65536) the kernels regenerate for `seed`,
+    bit-exact."""
+    return halves_block_reference(seed, n_rows, n_cols, device, row_start) >= drop_threshold(p)
 
 
 def bit_words(n_cols: int) -> int:
@@ -287,8 +305,8 @@ def _kernels() -> Any:
         "lora_a": k.dropout_lora_a_kernel,
         "wgrad": k.dropout_lora_a_wgrad_kernel,
         "grad": k.dropout_grad_kernel,
-        "uniforms": k.uniforms_kernel,
-        "rand": k.rand_kernel,
+        "halves": k.halves_kernel,
+        "randint4x": k.randint4x_kernel,
     }
 
 
@@ -374,9 +392,9 @@ def dropout_lora_a(x2: Any, a: Any, p: float, seed: int, bits: Any = None, split
         mode = NO_DROPOUT
     _kernels()["lora_a"][(row_blocks, splits)](
         x2, a, out, bits_t, n_rows, n_cols, words, per_split, x2.stride(0), a.stride(0),
-        out.stride(0) if splits > 1 else 0, out.stride(-2), stride_b, seed, float(p), keep_scale(p),
-        R=rank, BLOCK_M=block_m, LANES=LANES, IEEE=ieee_dot(x2), BITS=mode, num_warps=_warps(launch, rank),
-        num_stages=launch.stages,
+        out.stride(0) if splits > 1 else 0, out.stride(-2), stride_b, seed, drop_threshold(p), keep_scale(p),
+        R=rank, BLOCK_M=block_m, LANES=LANES, ROUNDS=PHILOX_ROUNDS, IEEE=ieee_dot(x2), BITS=mode,
+        num_warps=_warps(launch, rank), num_stages=launch.stages,
     )  # fmt: skip
     if splits > 1:
         h.copy_(out.sum(0))  # fp32 sum of the splits, rounded once
@@ -415,9 +433,9 @@ def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | No
         mode = NO_DROPOUT
     _kernels()["wgrad"][(groups, splits)](
         x2, gh, out, bits_t, n_rows, n_cols, words, rows_per_split, x2.stride(0), gh.stride(0), out.stride(0),
-        out.stride(1), stride_b, seed, float(p), keep_scale(p),
-        R=rank, BLOCK_T=block_t, LANES=LANES, IEEE=ieee_dot(x2), BITS=mode, num_warps=_warps(launch, rank),
-        num_stages=launch.stages,
+        out.stride(1), stride_b, seed, drop_threshold(p), keep_scale(p),
+        R=rank, BLOCK_T=block_t, LANES=LANES, ROUNDS=PHILOX_ROUNDS, IEEE=ieee_dot(x2), BITS=mode,
+        num_warps=_warps(launch, rank), num_stages=launch.stages,
     )  # fmt: skip
     return out[0] if splits == 1 else out.sum(0)
 
@@ -461,42 +479,47 @@ def _run_grad(out: Any, gh: Any, a: Any, p: float, seed: int, bits: Any, *, accu
         mode = NO_DROPOUT
     _kernels()["grad"][grid](
         out, gh, a, bits_t, n_rows, n_cols, words, out.stride(0), gh.stride(0), a.stride(0), stride_b, seed,
-        float(p), keep_scale(p), R=rank, BLOCK_M=block_m, LANES=LANES, ACCUMULATE=accumulate, IEEE=ieee_dot(out),
-        BITS=mode, num_warps=_warps(launch, rank), num_stages=launch.stages,
+        drop_threshold(p), keep_scale(p), R=rank, BLOCK_M=block_m, LANES=LANES, ROUNDS=PHILOX_ROUNDS,
+        ACCUMULATE=accumulate, IEEE=ieee_dot(out), BITS=mode, num_warps=_warps(launch, rank),
+        num_stages=launch.stages,
     )  # fmt: skip
     return out
 
 
-def kernel_uniforms(seed: int, n_rows: int, n_cols: int, device: Any = "cpu", row_start: int = 0) -> Any:
-    """The (n_rows, n_cols) uniforms the kernels draw for rows row_start.. of an input n_cols wide, computed by
-    their own Philox helper (uniform_block_reference's counterpart; any row_start, however far beyond 2^31
-    elements: the tests and the GPU check compare the two there)."""
+def kernel_halves(seed: int, n_rows: int, n_cols: int, device: Any = "cpu", row_start: int = 0) -> Any:
+    """The (n_rows, n_cols) 16-bit values (int32) the kernels draw for rows row_start.. of an input n_cols wide,
+    computed by their own Philox helper (halves_block_reference's counterpart; any row_start, however far beyond
+    2^31 elements: the tests and the GPU check compare the two there)."""
     import torch
     import triton
 
-    out = torch.empty((n_rows, n_cols), device=device, dtype=torch.float32)
+    out = torch.empty((n_rows, n_cols), device=device, dtype=torch.int32)
     block_m = 16
-    _kernels()["uniforms"][(triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, GROUP))](
-        out, int(row_start), n_rows, n_cols, _check_seed(seed), BLOCK_M=block_m, LANES=LANES
+    _kernels()["halves"][(triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, GROUP))](
+        out, int(row_start), n_rows, n_cols, _check_seed(seed), BLOCK_M=block_m, LANES=LANES, ROUNDS=PHILOX_ROUNDS
     )
     return out
 
 
-def kernel_rand(seed: int, offsets: Any) -> Any:
-    """tl.rand(seed, offsets) for int64 offsets, run as a Triton kernel (rand_reference's ground truth)."""
+def kernel_randint4x(seed: int, offsets: Any, rounds: int = PHILOX_ROUNDS) -> tuple[Any, Any, Any, Any]:
+    """tl.randint4x(seed, offsets, n_rounds=rounds) for int64 offsets, run as a Triton kernel: four int64 tensors of
+    uint32 values (randint4x_reference's ground truth)."""
     import torch
     import triton
 
-    out = torch.empty(offsets.shape[0], device=offsets.device, dtype=torch.float32)
-    _kernels()["rand"][(triton.cdiv(offsets.shape[0], 64),)](
-        out, offsets.to(torch.int64), offsets.shape[0], _check_seed(seed), BLOCK=64
+    n = offsets.shape[0]
+    out = torch.empty((4, n), device=offsets.device, dtype=torch.int32)
+    _kernels()["randint4x"][(triton.cdiv(n, 64),)](
+        out, offsets.to(torch.int64), n, _check_seed(seed), BLOCK=64, ROUNDS=rounds
     )
-    return out
+    words = out.to(torch.int64) & MASK32  # the uint32 outputs were stored as their int32 bit patterns
+    return words[0], words[1], words[2], words[3]
 
 
 __all__ = [
     "PhiloxMask",
     "draw_seed",
+    "drop_threshold",
     "dropout_grad",
     "dropout_grad_add_",
     "dropout_lora_a",

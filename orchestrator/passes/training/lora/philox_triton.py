@@ -1,8 +1,9 @@
 """The Triton source of philox_dropout.py's kernels (philox_dropout.py imports it lazily, where Triton is
 installed; without Triton this module imports and defines nothing, as every orch module must import everywhere).
 Triton resolves a kernel's helper functions among the module's globals, hence a module of their own rather than a
-closure. philox_dropout.py's docstring has the Philox counter layout and the rounding; each kernel there has a
-torch reference of the same arithmetic."""
+closure. philox_dropout.py's docstring has the Philox counter layout (PHILOX_ROUNDS rounds, two 16-bit values per
+32-bit output, eight elements per call), the integer threshold and the rounding; each kernel there has a torch
+reference of the same arithmetic."""
 
 # ruff: noqa: ANN001, ANN202, N803 - Triton kernels: untyped pointer/scalar arguments, constexpr names in capitals
 
@@ -15,11 +16,20 @@ except ImportError:  # every orch module imports everywhere; philox_dropout.py l
 if triton is not None:
 
     @triton.jit
-    def _uniforms(seed, rows, c0, per_row, LANES: tl.constexpr):
-        # the four (rows, LANES) uniform tiles of the 128-column group starting at column c0 (a multiple of 128)
-        lanes = tl.arange(0, LANES)
-        offsets = rows[:, None] * per_row + (c0 // 4 + lanes)[None, :]
-        return tl.rand4x(seed, offsets)
+    def _split16(o):
+        # a (rows, LANES / 2) tile of 32-bit Philox outputs as the (rows, LANES) tile of their 16-bit halves, column
+        # 2 i the low half of o[:, i], 2 i + 1 the high half (randint4x gives uint32, so >> is logical; the mask
+        # after the shift keeps it right for a signed type too); int32 values in [0, 65536)
+        return tl.interleave(o & 0xFFFF, (o >> 16) & 0xFFFF).to(tl.int32)
+
+    @triton.jit
+    def _halves(seed, rows, c0, per_row, LANES: tl.constexpr, ROUNDS: tl.constexpr):
+        # the four (rows, LANES) 16-bit tiles of the 128-column group starting at column c0 (a multiple of 128): one
+        # Philox call per LANES / 2 counters of a row (c0 // 8 = the group's first counter), output j for sub-tile j
+        counters = tl.arange(0, LANES // 2)
+        offsets = rows[:, None] * per_row + (c0 // 8 + counters)[None, :]
+        o0, o1, o2, o3 = tl.randint4x(seed, offsets, n_rounds=ROUNDS)
+        return _split16(o0), _split16(o1), _split16(o2), _split16(o3)
 
     @triton.jit
     def _write_bits(bits_ptr, rows, row_ok, word, n_words, stride_b, keep, LANES: tl.constexpr):
@@ -35,10 +45,11 @@ if triton is not None:
         return ((packed[:, None] >> tl.arange(0, LANES)[None, :]) & 1) != 0
 
     @triton.jit
-    def _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES: tl.constexpr,
-               BITS: tl.constexpr):  # fmt: skip
-        # the four (rows, LANES) keep tiles of the 128-column group at column c0: drawn from Philox (BITS 0; BITS 1
-        # also writes them as keep bits, one int32 per row and 32 columns), or read back from those bits (BITS 2)
+    def _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, thresh, LANES: tl.constexpr,
+               ROUNDS: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+        # the four (rows, LANES) keep tiles of the 128-column group at column c0: drawn from Philox, kept where the
+        # 16-bit value >= thresh (BITS 0; BITS 1 also writes them as keep bits, one int32 per row and 32 columns),
+        # or read back from those bits (BITS 2)
         w = c0 // LANES
         if BITS == 3:  # no dropout (p = 0): nothing drawn or read, placeholders _dropped never reads
             k0 = row_ok
@@ -51,8 +62,8 @@ if triton is not None:
             k2 = _read_bits(bits_ptr, rows, row_ok, w + 2, n_words, stride_b, LANES)
             k3 = _read_bits(bits_ptr, rows, row_ok, w + 3, n_words, stride_b, LANES)
         else:
-            u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
-            k0, k1, k2, k3 = u0 >= p, u1 >= p, u2 >= p, u3 >= p
+            h0, h1, h2, h3 = _halves(seed, rows, c0, per_row, LANES, ROUNDS)
+            k0, k1, k2, k3 = h0 >= thresh, h1 >= thresh, h2 >= thresh, h3 >= thresh
             if BITS == 1:  # columns past the input's width written as 0 (the kernels never read them)
                 lanes = tl.arange(0, LANES)
                 k0 = k0 & ((c0 + lanes) < n_cols)[None, :]
@@ -84,11 +95,12 @@ if triton is not None:
         # A^T (cols, ranks) of A (r, K)
         return tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None], mask=(cols < n_cols)[:, None], other=0.0)
 
-    @triton.jit(do_not_specialize=["seed"])
+    @triton.jit(do_not_specialize=["seed", "thresh"])
     def dropout_lora_a_kernel(
         x_ptr, a_ptr, h_ptr, bits_ptr, n_rows, n_cols, n_words, cols_per_split, stride_x, stride_a, stride_hs,
-        stride_h, stride_b, seed, p, scale,
-        R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
+        stride_h, stride_b, seed, thresh, scale,
+        R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, ROUNDS: tl.constexpr, IEEE: tl.constexpr,
+        BITS: tl.constexpr,
     ):  # fmt: skip
         # h[split, rows] = dropout(x[rows, split's columns]) @ A[:, split's columns]^T: one block of rows, the
         # split's 128-column groups walked in turn (BITS 1: the keep bits written too); with several splits h_ptr
@@ -98,13 +110,13 @@ if triton is not None:
         row_ok = rows < n_rows
         lanes = tl.arange(0, LANES)
         ranks = tl.arange(0, R)
-        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
+        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * (LANES // 2)
         acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
         c_start = split * cols_per_split
         c_end = tl.minimum(c_start + cols_per_split, n_cols)
         for c0 in range(c_start, c_end, 4 * LANES):
-            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES,
-                                    BITS)  # fmt: skip
+            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, thresh,
+                                    LANES, ROUNDS, BITS)  # fmt: skip
             cols = c0 + lanes
             acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k0, scale, BITS),
                       _a_tile_t(a_ptr, cols, n_cols, stride_a, ranks), acc, IEEE)  # fmt: skip
@@ -125,11 +137,12 @@ if triton is not None:
     def _store_partial(out_ptr, acc, ranks, cols, n_cols, stride_r):
         tl.store(out_ptr + ranks[:, None] * stride_r + cols[None, :], acc, mask=(cols < n_cols)[None, :])
 
-    @triton.jit(do_not_specialize=["seed"])
+    @triton.jit(do_not_specialize=["seed", "thresh"])
     def dropout_lora_a_wgrad_kernel(
         x_ptr, gh_ptr, out_ptr, bits_ptr, n_rows, n_cols, n_words, rows_per_split, stride_x, stride_gh, stride_os,
-        stride_or, stride_b, seed, p, scale,
-        R: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
+        stride_or, stride_b, seed, thresh, scale,
+        R: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, ROUNDS: tl.constexpr, IEEE: tl.constexpr,
+        BITS: tl.constexpr,
     ):  # fmt: skip
         # out[split, :, group] = gh[split's rows]^T @ dropout(x[split's rows, group]): one 128-column group of A's
         # gradient over one range of tokens, in fp32 (the splits' partial sums are added by the caller)
@@ -137,7 +150,7 @@ if triton is not None:
         split = tl.program_id(1)
         lanes = tl.arange(0, LANES)
         ranks = tl.arange(0, R)
-        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
+        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * (LANES // 2)
         acc0 = tl.zeros((R, LANES), dtype=tl.float32)
         acc1 = tl.zeros((R, LANES), dtype=tl.float32)
         acc2 = tl.zeros((R, LANES), dtype=tl.float32)
@@ -149,8 +162,8 @@ if triton is not None:
             row_ok = rows < end
             gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
             ght = tl.trans(gh)
-            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES,
-                                    BITS)  # fmt: skip
+            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, thresh,
+                                    LANES, ROUNDS, BITS)  # fmt: skip
             acc0 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + lanes, n_cols, stride_x, k0, scale, BITS),
                        acc0, IEEE)  # fmt: skip
             acc1 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_x, k1, scale,
@@ -178,11 +191,11 @@ if triton is not None:
             out += tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
         tl.store(ptrs, out.to(gx_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit(do_not_specialize=["seed"])
+    @triton.jit(do_not_specialize=["seed", "thresh"])
     def dropout_grad_kernel(
-        gx_ptr, gh_ptr, a_ptr, bits_ptr, n_rows, n_cols, n_words, stride_gx, stride_gh, stride_a, stride_b, seed, p,
-        scale, R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, ACCUMULATE: tl.constexpr,
-        IEEE: tl.constexpr, BITS: tl.constexpr,
+        gx_ptr, gh_ptr, a_ptr, bits_ptr, n_rows, n_cols, n_words, stride_gx, stride_gh, stride_a, stride_b, seed,
+        thresh, scale, R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, ROUNDS: tl.constexpr,
+        ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
         # grad_x[rows, group] (+)= (gh[rows] @ A[:, group]) * keep * scale, one 128-column group per program
         rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -190,9 +203,10 @@ if triton is not None:
         row_ok = rows < n_rows
         lanes = tl.arange(0, LANES)
         ranks = tl.arange(0, R)
-        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
+        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * (LANES // 2)
         gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
-        k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, p, LANES, BITS)
+        k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, thresh, LANES,
+                                ROUNDS, BITS)  # fmt: skip
         _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + lanes, n_cols, stride_gx, stride_a, ranks, k0, scale,
                    ACCUMULATE, IEEE, BITS)  # fmt: skip
         _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + LANES + lanes, n_cols, stride_gx, stride_a, ranks, k1,
@@ -203,30 +217,36 @@ if triton is not None:
                    scale, ACCUMULATE, IEEE, BITS)  # fmt: skip
 
     @triton.jit(do_not_specialize=["seed", "row_start"])
-    def uniforms_kernel(out_ptr, row_start, n_rows, n_cols, seed, BLOCK_M: tl.constexpr, LANES: tl.constexpr):
-        # the uniforms the kernels draw for rows row_start + (0 .. n_rows) of an input n_cols wide, through their
-        # own _uniforms (the tests check the layout and the 64-bit offsets far beyond 2^31 elements against it)
+    def halves_kernel(out_ptr, row_start, n_rows, n_cols, seed, BLOCK_M: tl.constexpr, LANES: tl.constexpr,
+                      ROUNDS: tl.constexpr):  # fmt: skip
+        # the 16-bit values the kernels draw for rows row_start + (0 .. n_rows) of an input n_cols wide, through their
+        # own _halves (the tests check the layout and the 64-bit offsets far beyond 2^31 elements against it)
         local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = row_start + local.to(tl.int64)
         c0 = tl.program_id(1) * 4 * LANES
         lanes = tl.arange(0, LANES)
-        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * LANES
-        u0, u1, u2, u3 = _uniforms(seed, rows, c0, per_row, LANES)
+        per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * (LANES // 2)
+        h0, h1, h2, h3 = _halves(seed, rows, c0, per_row, LANES, ROUNDS)
         base = out_ptr + local[:, None].to(tl.int64) * n_cols
         row_ok = (local < n_rows)[:, None]
         cols = c0 + lanes
-        tl.store(base + cols[None, :], u0, mask=row_ok & (cols < n_cols)[None, :])
+        tl.store(base + cols[None, :], h0, mask=row_ok & (cols < n_cols)[None, :])
         cols = c0 + LANES + lanes
-        tl.store(base + cols[None, :], u1, mask=row_ok & (cols < n_cols)[None, :])
+        tl.store(base + cols[None, :], h1, mask=row_ok & (cols < n_cols)[None, :])
         cols = c0 + 2 * LANES + lanes
-        tl.store(base + cols[None, :], u2, mask=row_ok & (cols < n_cols)[None, :])
+        tl.store(base + cols[None, :], h2, mask=row_ok & (cols < n_cols)[None, :])
         cols = c0 + 3 * LANES + lanes
-        tl.store(base + cols[None, :], u3, mask=row_ok & (cols < n_cols)[None, :])
+        tl.store(base + cols[None, :], h3, mask=row_ok & (cols < n_cols)[None, :])
 
     @triton.jit(do_not_specialize=["seed"])
-    def rand_kernel(out_ptr, offsets_ptr, n, seed, BLOCK: tl.constexpr):
-        # tl.rand itself at int64 offsets (the tests check rand_reference against it)
+    def randint4x_kernel(out_ptr, offsets_ptr, n, seed, BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
+        # tl.randint4x(seed, offsets, n_rounds=ROUNDS) itself at int64 offsets, its four uint32 outputs stored as
+        # int32 bit patterns in rows 0..3 of out (the tests check randint4x_reference against it)
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < n
         offsets = tl.load(offsets_ptr + i, mask=ok, other=0)
-        tl.store(out_ptr + i, tl.rand(seed, offsets), mask=ok)
+        o0, o1, o2, o3 = tl.randint4x(seed, offsets, n_rounds=ROUNDS)
+        tl.store(out_ptr + i, o0.to(tl.int32, bitcast=True), mask=ok)
+        tl.store(out_ptr + n + i, o1.to(tl.int32, bitcast=True), mask=ok)
+        tl.store(out_ptr + 2 * n + i, o2.to(tl.int32, bitcast=True), mask=ok)
+        tl.store(out_ptr + 3 * n + i, o3.to(tl.int32, bitcast=True), mask=ok)
