@@ -193,6 +193,7 @@ def correctness(res: dict[str, Any]) -> None:
             results.append((y.float(), summed.float(), xi.grad.float(), ri.grad.float()))
         for name, a, b in zip(("normed", "sum", "grad_x", "grad_residual"), results[1], results[0], strict=True):
             checks[f"add_norm fused vs add + norm {name}"] = rel_err(a, b)
+        add_norm_frozen_backward(res, checks, norm, x, r, dy, ds)
     except Exception as e:  # noqa: BLE001 - a missing Liger is a result, the other checks still run
         res.setdefault("errors", {})["add_norm"] = f"{type(e).__name__}: {e}"[:300]
     # cuDNN attention over equal-length samples, grouped-query heads (Phi-4-mini) included, vs per-sample fp32
@@ -550,6 +551,34 @@ def offload(res: dict[str, Any]) -> None:
     out["d2h_gbs"] = x.numel() * 2 / bench_ms(lambda: host.copy_(x, non_blocking=True)) / 1e6
     out["h2d_gbs"] = x.numel() * 2 / bench_ms(lambda: x.copy_(host, non_blocking=True)) / 1e6
     res["offload"] = out
+
+
+def add_norm_frozen_backward(
+    res: dict[str, Any], checks: dict[str, float], norm: Any, x: Any, r: Any, dy: Any, ds: Any
+) -> None:
+    """add_norm's backward for a frozen norm weight (Liger's kernel, one row per program) against Liger's own
+    backward (one program per SM): the same gradients bit for bit (max abs difference, 0 expected), and both
+    backwards' times."""
+    import torch
+    from liger_kernel.ops import LigerFusedAddRMSNormFunction
+
+    from orchestrator.passes.training.lora.add_norm import fused_add_rms_norm_function
+
+    weight = norm.weight.detach().requires_grad_(False)
+    t = _Timings(res)
+    grads = []
+    for name, fn in (("Liger's", LigerFusedAddRMSNormFunction), ("orch frozen-weight", fused_add_rms_norm_function())):
+        xi, ri = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+        y, summed = fn.apply(xi, ri, weight, norm.variance_epsilon, norm.offset, norm.casting_mode, False)
+        grads.append(torch.autograd.grad([y, summed], [xi, ri], [dy, ds], retain_graph=True))
+        t[f"add_norm backward {tuple(x.shape)}: {name}"] = lambda y=y, s=summed, xi=xi, ri=ri: torch.autograd.grad(
+            [y, s], [xi, ri], [dy, ds], retain_graph=True
+        )
+    for i, name in enumerate(("grad_x", "grad_residual")):
+        checks[f"add_norm frozen-weight backward vs Liger's {name} (max abs)"] = float(
+            (grads[1][i].float() - grads[0][i].float()).abs().max()
+        )
+    res.setdefault("timings_ms", {}).update(t)
 
 
 class _Timings(dict):

@@ -378,7 +378,7 @@ def test_k_concat_is_the_lora_linear_arithmetic_in_one_gemm(monkeypatch: pytest.
     a = torch.randn(8, 32, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(72, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, 7, 72, generator=gen, dtype=torch.float64)
-    assert fused.widen_weight(w, 8, torch.float64)
+    assert fused.widen_weight(w, 8)
     wide = getattr(w, fused.WIDE_ATTR)
     assert wide.shape == (72, 40) and w.data_ptr() == wide.data_ptr() and w.stride() == (40, 1)
     assert torch.equal(w, w_before) and w.shape == (72, 32)
@@ -392,8 +392,8 @@ def test_k_concat_is_the_lora_linear_arithmetic_in_one_gemm(monkeypatch: pytest.
         for got, want in zip(grads, ref_grads, strict=True):
             assert torch.allclose(got, want, atol=1e-10)
     narrow = torch.nn.Parameter(torch.randn(24, 32, dtype=torch.float64), requires_grad=False)
-    assert not fused.widen_weight(narrow, 8, torch.float64) and narrow.is_contiguous()  # 24 < 2 x 32: no gain
-    assert not fused.widen_weight(torch.nn.Parameter(torch.randn(72, 32), requires_grad=False), 8, torch.float64)
+    assert not fused.widen_weight(narrow, 8) and narrow.is_contiguous()  # 24 < 2 x 32: no gain
+    assert not fused.widen_weight(torch.nn.Parameter(torch.randn(72, 32)), 8)  # trainable: not a frozen base weight
     holder = torch.nn.Module()
     holder.w = w
     assert fused.unwiden_weights(holder) == 1
@@ -403,16 +403,18 @@ def test_k_concat_is_the_lora_linear_arithmetic_in_one_gemm(monkeypatch: pytest.
 def test_k_concat_widens_only_the_wide_layers_and_unfuse_restores_them(
     tiny_phi3, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the tiny Phi-3: qkv_proj (3x) and gate_up_proj (5.5x) get the (out, in + r) buffer at their first fused
-    forward, o_proj and down_proj do not; the state dict's values are unchanged; unfuse gives every weight its own
-    contiguous storage back."""
+    """On the tiny Phi-3: qkv_proj (3x) and gate_up_proj (5.5x) get the (out, in + r) buffer when the layers are
+    fused, o_proj and down_proj do not; the state dict's values are unchanged and a step gives peft's loss; unfuse
+    gives every weight its own contiguous storage back."""
     from orchestrator.passes.training.lora import fused as lora_fused
 
     monkeypatch.setattr(lora_fused, "K_CONCAT", True)
     model = _peft_model(tiny_phi3, 0.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fuse_lora_layers(model)
-    _loss_and_grads(model, _batch(), seed=1)
+    loss, _ = _loss_and_grads(model, _batch(), seed=1)
+    loss_ref, _ = _loss_and_grads(_peft_model(tiny_phi3, 0.0), _batch(), seed=1)
+    assert torch.allclose(loss, loss_ref, atol=1e-6, rtol=1e-6)
     widened = {n for n, p in model.named_parameters() if getattr(p, lora_fused.WIDE_ATTR, None) is not None}
     assert all(("qkv_proj" in n or "gate_up_proj" in n) and n.endswith("base_layer.weight") for n in widened)
     assert len(widened) == 4  # 2 layers x (qkv_proj, gate_up_proj)

@@ -49,6 +49,13 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
 - `+triton_skinny` (opt-in): LoRA's skinny products over the tokens (h = x A^T, A's gradient, the input
   gradient's LoRA term) at dropout 0 by philox_dropout.py's kernels at p = 0 instead of cuBLAS. Measured slower on
   an H100 (run 8: 0.98x tokens/s, 29,664 vs 30,238; cuBLAS's h = x A^T 29 vs 38 us at 8192 x 3072), so off.
+- `k_concat`: in the fused layers at least twice as wide out as in (Phi-3's qkv_proj and gate_up_proj) the LoRA
+  term rides inside the base GEMM as extra reduction columns, [x | h] [W | sB]^T: no s h B^T written over the whole
+  output and read back (~0.8 GB per Phi-3-mini layer at 8 x 1024 tokens), for a copy of the input into [x | h] and
+  a GEMM 2% deeper. The frozen W lives as the first columns of an (out, in + r) buffer (fused.widen_weight; unfuse
+  gives it its own storage back; +0.2 GiB on Phi-3-mini). H100 run 9, same call: 30,424 -> 30,786 tokens/s at
+  dropout 0 (1.012x), 29,262 -> 29,594 at 0.05 (1.011x); bench/gpu_kernels.py `fold` per projection: qkv 0.760 ->
+  0.737 ms, gate_up 1.361 -> 1.251 (o and down would lose to the copy: not widened). A 4-bit base is not widened.
 - Phi-3-family layers (fused qkv_proj / gate_up_proj): q, k, v taken by split (one cat in the backward, not three
   zero-filled qkv-size tensors), and orch's SwiGLU kernel reading gate and up in place (lora_kernels.py).
 - Phi-3-family layers: the attention's residual add inside the post-attention RMSNorm, and the MLP's inside the
@@ -528,12 +535,13 @@ def plan_cuda(
             "fused LoRA layers: h = x A^T, A's gradient and the input gradient's LoRA term by Triton kernels "
             "(philox_dropout.py at p = 0) instead of cuBLAS (ORCH_CUDA_FASTPATH; 0.98x on an H100, run 8)"
         )
-    k_concat = bool(fused_lora and opts.get("k_concat", False))
+    k_concat = bool(fused_lora and opts.get("k_concat", True))
     if k_concat:
         reasons.append(
             "fused LoRA layers at least twice as wide out as in (qkv_proj, gate_up_proj): [x | h] [W | sB]^T as one "
             "GEMM (K = in + r; W kept as the first columns of an (out, in + r) buffer, 2% more weight memory) "
-            "instead of s h B^T written over the whole output and read back by the base GEMM"
+            "instead of s h B^T written over the whole output and read back by the base GEMM (H100 run 9: 1.012x "
+            "tokens/s at dropout 0, 1.011x at 0.05)"
         )
     splitk = bool(fused_lora and opts.get("splitk", True))
     if splitk:

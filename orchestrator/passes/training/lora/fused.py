@@ -130,15 +130,16 @@ def _wide_of(weight: Any, rank: int) -> Any:
     return wide
 
 
-def widen_weight(weight: Any, rank: int, dtype: Any) -> bool:
+def widen_weight(weight: Any, rank: int) -> bool:
     """Make a frozen base weight (out, in) the first `in` columns of an (out, in + r) buffer, so base_plus_lora can
-    run [x | h] [W | s B]^T as one GEMM; only where K_CONCAT is on, the weight is in the compute dtype and the
-    output is at least K_CONCAT_MIN_RATIO times the input (the [x | h] copy, 4 bytes per input element, must cost
-    less than the full-size LoRA term's write and read back, 4 per output element). Costs r / in more weight
-    memory (2% at r = 64 on Phi-3-mini's widths); unwiden_weights undoes it. True where the buffer is in place."""
+    run [x | h] [W | s B]^T as one GEMM; only where K_CONCAT is on and the output is at least K_CONCAT_MIN_RATIO
+    times the input (the [x | h] copy, 4 bytes per input element, must cost less than the full-size LoRA term's
+    write and read back, 4 per output element). Done when the layers are fused, not in a step (the weight moves
+    once); a forward in another dtype than the weight's does not use the buffer. Costs r / in more weight memory
+    (2% at r = 64 on Phi-3-mini's widths); unwiden_weights undoes it. True where the buffer is in place."""
     import torch
 
-    if not K_CONCAT or weight.dtype != dtype or weight.dim() != 2:
+    if not K_CONCAT or not weight.is_floating_point() or weight.requires_grad or weight.dim() != 2:
         return False
     out_f, in_f = weight.shape
     if out_f < K_CONCAT_MIN_RATIO * in_f:
@@ -627,8 +628,6 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         return type(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x)
     xc = x.to(dtype)  # no copy when x is in the compute dtype already (the usual case)
-    if qstate is None:
-        widen_weight(weight, a.shape[0], dtype)
     w = weight if qstate is not None else weight.to(dtype)  # a 4-bit weight is dequantized inside, per call
     bias_c = None if bias is None else bias.to(dtype)
     p = _fused_dropout_p(dropout, xc, a.shape[0])
@@ -641,7 +640,9 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def fuse_lora_layers(model: Any) -> int:
-    """Give every peft LoRA Linear in `model` the fused forward; returns how many layers got it."""
+    """Give every peft LoRA Linear in `model` the fused forward (and with K_CONCAT the wide ones' base weight its
+    (out, in + r) buffer); returns how many layers got it."""
+    import torch
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     count = 0
@@ -652,6 +653,11 @@ def fuse_lora_layers(model: Any) -> int:
             module.forward = types.MethodType(fused_lora_forward, module)
             setattr(module, FUSED_ATTR, True)
             count += 1
+            base = module.get_base_layer()
+            if type(base) is torch.nn.Linear and len(module.active_adapters) == 1:
+                name = module.active_adapters[0]
+                if name in module.lora_A:
+                    widen_weight(base.weight, module.lora_A[name].weight.shape[0])
     return count
 
 
