@@ -578,6 +578,24 @@ def add_norm_frozen_backward(
         checks[f"add_norm frozen-weight backward vs Liger's {name} (max abs)"] = float(
             (grads[1][i].float() - grads[0][i].float()).abs().max()
         )
+    # the normed rows written with 64 free columns after each (for a widened LoRA layer's h): same values, strides
+    xi, ri = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    y_ref, s_ref = LigerFusedAddRMSNormFunction.apply(
+        x, r, weight, norm.variance_epsilon, norm.offset, norm.casting_mode, False
+    )
+    y, summed = fused_add_rms_norm_function().apply(
+        xi, ri, weight, norm.variance_epsilon, norm.offset, norm.casting_mode, False, 64
+    )
+    wide_ok = y.stride(-2) == x.shape[-1] + 64
+    checks["add_norm with 64 free columns: normed vs Liger's (max abs; nan: not wide)"] = (
+        float((y.float() - y_ref.float()).abs().max()) if wide_ok else float("nan")
+    )
+    sum_diff = (summed.float() - s_ref.float()).abs().max()
+    checks["add_norm with 64 free columns: sum vs Liger's (max abs)"] = float(sum_diff)
+    g_wide = torch.autograd.grad([y, summed], [xi, ri], [dy, ds])
+    checks["add_norm with 64 free columns: grad_x vs Liger's (max abs)"] = float(
+        (g_wide[0].float() - grads[0][0].float()).abs().max()
+    )
     res.setdefault("timings_ms", {}).update(t)
 
 

@@ -189,3 +189,28 @@ def test_where_transformers_checkpoints_decides_the_forward() -> None:
 
     assert checkpoints_in_call(OldPhi3DecoderLayer) is True
     assert checkpoints_in_call(torch.nn.Linear) is False
+
+
+def test_norms_feeding_widened_layers_reserve_the_rank_as_free_columns(tiny_phi3, monkeypatch) -> None:
+    """With k_concat, input_layernorm (-> qkv_proj) and post_attention_layernorm (-> gate_up_proj) of every add_norm
+    layer get the adapter's rank as free columns after each normed row where that layer was widened (on CUDA
+    add_rms_norm writes them there, bench/gpu_kernels.py checks it against Liger's); unfuse removes them."""
+    from orchestrator.passes.training.lora import fused as lora_fused
+    from orchestrator.passes.training.lora.add_norm import SPARE_COLS_ATTR, reserve_lora_columns
+
+    monkeypatch.setattr(lora_fused, "K_CONCAT", True)
+    model = _lora_model(tiny_phi3)
+    fuse_add_norm(model, liger_only=False)
+    lora_fused.fuse_lora_layers(model)
+    layers = model.base_model.model.model.layers
+    rank = layers[0].self_attn.qkv_proj.lora_A["default"].weight.shape[0]
+    # this model's adapters: qkv_proj (3x wider out: widened), o_proj, down_proj (narrower: not); no gate_up_proj
+    assert reserve_lora_columns(model) == len(layers)
+    for layer in layers:
+        assert vars(layer.input_layernorm)[SPARE_COLS_ATTR] == rank
+        assert SPARE_COLS_ATTR not in vars(layer.post_attention_layernorm)
+    unfuse_add_norm(model)
+    assert not any(SPARE_COLS_ATTR in vars(m) for m in model.modules())
+    lora_fused.unfuse_lora_layers(model)
+    fuse_add_norm(model, liger_only=False)
+    assert reserve_lora_columns(model) == 0  # nothing widened: no room reserved

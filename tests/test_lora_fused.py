@@ -422,3 +422,50 @@ def test_k_concat_widens_only_the_wide_layers_and_unfuse_restores_them(
     assert all(torch.equal(after[k], v) for k, v in before.items() if "lora_" not in k)
     unfuse_lora_layers(model)
     assert all(p.is_contiguous() and getattr(p, lora_fused.WIDE_ATTR, None) is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("spare", [8, 12])
+def test_k_concat_writes_h_into_the_producers_free_columns(monkeypatch: pytest.MonkeyPatch, spare: int) -> None:
+    """An input whose producer left free columns after each row (add_norm's normed rows, tagged WIDE_INPUT_ATTR):
+    the widened layer writes h there and runs [x | h] [W | sB]^T on that storage (no cat); output and gradients
+    are the LoRA Linear's, with dropout inside too (native_dropout's mask); x's values and autograd version are
+    untouched. Fewer free columns than the rank: the copy, same result."""
+    from orchestrator.passes.training.lora import fused
+
+    monkeypatch.setattr(fused, "K_CONCAT", True)
+    gen = torch.Generator().manual_seed(6)
+    buf = torch.randn(3, 7, 32 + spare, generator=gen, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.randn(72, 32, generator=gen, dtype=torch.float64), requires_grad=False)
+    w_ref = w.detach().clone()
+    a = torch.randn(8, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(72, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, 72, generator=gen, dtype=torch.float64)
+    assert fused.widen_weight(w, 8)
+    for rank_room in (spare, 4):  # 4 < r = 8: not enough room, the cat path
+        x = buf[..., :32].requires_grad_(True)  # a leaf view: its rows are 32 + spare apart
+        setattr(x, fused.WIDE_INPUT_ATTR, rank_room)
+        x_before, version = x.detach().clone(), x._version
+        out = fused._fn().apply(x, x, w, None, None, a, b, 0.5, torch.float64)
+        grads = torch.autograd.grad(out, (x, a, b), g)
+        xr = x_before.clone().requires_grad_(True)
+        ref = xr @ w_ref.t() + 0.5 * (xr @ a.t()) @ b.t()
+        ref_grads = torch.autograd.grad(ref, (xr, a, b), g)
+        assert torch.allclose(out, ref, atol=1e-12)
+        for got, want in zip(grads, ref_grads, strict=True):
+            assert torch.allclose(got, want, atol=1e-10)
+        assert torch.equal(x.detach(), x_before) and x._version == version
+        h = (x_before @ a.detach().t()).reshape(-1, 8)
+        wrote = torch.allclose(buf[..., 32:40].reshape(-1, 8), h, atol=1e-12)
+        assert wrote == (rank_room >= 8)
+        buf[..., 32:] = 0.0
+    # dropout inside (the CUDA path's function, native_dropout's mask on CPU tensors)
+    x = buf[..., :32].requires_grad_(True)
+    setattr(x, fused.WIDE_INPUT_ATTR, spare)
+    torch.manual_seed(3)
+    out = fused._dropout_fn().apply(x, w, None, None, a, b, 0.5, 0.1, torch.float64, None)
+    torch.manual_seed(3)
+    _, mask = torch.native_dropout(x.detach().reshape(-1, 32), 0.1, True)
+    flat = x.detach().reshape(-1, 32)
+    ref = flat @ w_ref.t() + 0.5 * ((flat * mask / 0.9) @ a.detach().t()) @ b.detach().t()
+    assert torch.allclose(out.reshape(-1, 72), ref, atol=1e-12)
+    assert torch.allclose(buf[..., 32:40].reshape(-1, 8), (flat * mask / 0.9) @ a.detach().t(), atol=1e-12)

@@ -28,6 +28,7 @@ from typing import Any
 PATCHED_ATTR = "_orch_add_norm"
 NEXT_NORM_ATTR = "_orch_next_norm"  # in a layer's __dict__ (not a registered submodule): the next layer's input norm
 PRENORMED_ATTR = "_orch_prenormed"  # on a layer's output: (norm, norm(output), output's version) for the next layer
+SPARE_COLS_ATTR = "_orch_spare_cols"  # on a norm module: free columns to leave after each row of its output
 # the forward signature this file's replacement reproduces (transformers 5.x Phi3DecoderLayer.forward)
 PHI3_LAYER_PARAMS = (
     "self",
@@ -53,11 +54,20 @@ def is_liger_rms_norm(norm: Any) -> bool:
 
 
 def add_rms_norm(x: Any, residual: Any, norm: Any) -> tuple[Any, Any]:
-    """(norm(residual + x), residual + x): one Liger kernel each way on CUDA with Liger's RMSNorm, else two steps."""
+    """(norm(residual + x), residual + x): one Liger kernel each way on CUDA with Liger's RMSNorm, else two steps.
+    Where the norm feeds a LoRA layer whose LoRA term rides in its base GEMM (reserve_lora_columns), the normed rows
+    are written with that many free columns after each (tagged fused.WIDE_INPUT_ATTR): the layer writes h there and
+    runs [x | h] [W | sB]^T without copying x into a wider tensor."""
     if x.is_cuda and is_liger_rms_norm(norm) and getattr(norm, "weight", None) is not None:
-        return fused_add_rms_norm_function().apply(
-            x, residual, norm.weight, norm.variance_epsilon, norm.offset, norm.casting_mode, False
+        spare = int(vars(norm).get(SPARE_COLS_ATTR, 0))
+        normed, summed = fused_add_rms_norm_function().apply(
+            x, residual, norm.weight, norm.variance_epsilon, norm.offset, norm.casting_mode, False, spare
         )
+        if spare and normed.shape[-1] + spare == normed.stride(-2):
+            from orchestrator.passes.training.lora.fused import WIDE_INPUT_ATTR
+
+            setattr(normed, WIDE_INPUT_ATTR, spare)
+        return normed, summed
     summed = residual + x
     return norm(summed), summed
 
@@ -73,19 +83,48 @@ def fused_add_rms_norm_function() -> Any:
     With the weight frozen there is nothing to sum: one row per program (as Liger's forward launches) keeps every
     SM's memory pipes full. Same kernel, same arithmetic, bit for bit. A trainable norm weight, or a Liger without
     the kernel this expects, keeps Liger's own backward."""
+    import torch
     from liger_kernel.ops import LigerFusedAddRMSNormFunction
 
     try:
         from liger_kernel.ops.fused_add_rms_norm import _fused_add_rms_norm_backward_kernel as kernel
-        from liger_kernel.ops.utils import torch_to_triton_dtype
-    except ImportError:  # another Liger layout: its own backward
+        from liger_kernel.ops.fused_add_rms_norm import _fused_add_rms_norm_forward_kernel as forward_kernel
+        from liger_kernel.ops.fused_add_rms_norm import _str_to_casting_mode
+        from liger_kernel.ops.utils import calculate_settings, torch_to_triton_dtype
+    except ImportError:  # another Liger layout: its own function (no spare columns either)
         return LigerFusedAddRMSNormFunction
 
     class FrozenWeightFusedAddRMSNorm(LigerFusedAddRMSNormFunction):
         @staticmethod
+        def forward(
+            ctx: Any, x: Any, r: Any, w: Any, eps: float, offset: float = 0.0, casting_mode: Any = "llama",
+            in_place: bool = False, spare: int = 0,
+        ) -> tuple[Any, Any]:  # fmt: skip
+            """Liger's forward; with `spare` > 0 the normed rows are written into an (n, dim + spare) buffer."""
+            if spare <= 0:
+                return LigerFusedAddRMSNormFunction.forward(ctx, x, r, w, eps, offset, casting_mode, in_place)
+            mode = _str_to_casting_mode[casting_mode] if isinstance(casting_mode, str) else casting_mode
+            shape, dim = x.shape, x.shape[-1]
+            x2, r2 = x.reshape(-1, dim).contiguous(), r.reshape(-1, dim).contiguous()
+            n_rows = x2.shape[0]
+            block, warps = calculate_settings(dim)
+            y = torch.empty((n_rows, dim + spare), dtype=x.dtype, device=x.device)[:, :dim]
+            s = torch.empty_like(x2)
+            fp32_rstd = mode in (_str_to_casting_mode["llama"], _str_to_casting_mode["gemma"])
+            rstd = torch.empty(n_rows, dtype=torch.float32 if fp32_rstd else x.dtype, device=x.device)
+            forward_kernel[(n_rows,)](
+                y, y.stride(0), s, s.stride(0), x2, x2.stride(0), r2, r2.stride(0), w, w.stride(0), rstd,
+                rstd.stride(0), dim, eps, offset, mode, BLOCK_SIZE=block, num_warps=warps, num_stages=2,
+            )  # fmt: skip
+            ctx.offset, ctx.casting_mode, ctx.in_place = offset, mode, in_place
+            ctx.BLOCK_SIZE, ctx.num_warps, ctx.num_stages = block, warps, 2
+            ctx.save_for_backward(s, w, rstd)
+            return y.view(*shape[:-1], dim), s.view(shape)
+
+        @staticmethod
         def backward(ctx: Any, d_y: Any, d_s_out: Any) -> tuple[Any, ...]:
             if ctx.needs_input_grad[2]:
-                return LigerFusedAddRMSNormFunction.backward(ctx, d_y, d_s_out)[:7]
+                return (*LigerFusedAddRMSNormFunction.backward(ctx, d_y, d_s_out)[:7], None)
             s, w, rstd = ctx.saved_tensors
             shape = d_y.shape
             dim = shape[-1]
@@ -101,9 +140,30 @@ def fused_add_rms_norm_function() -> Any:
                 num_stages=ctx.num_stages, has_dS_out=d_s2 is not None, COMPUTE_DW=False,
             )  # fmt: skip
             d_x = d_x.view(shape)
-            return d_x, d_x, None, None, None, None, None
+            return d_x, d_x, None, None, None, None, None, None
 
     return FrozenWeightFusedAddRMSNorm
+
+
+def reserve_lora_columns(model: Any) -> int:
+    """Give the two norms of every add_norm layer that feed a widened LoRA layer (fused.widen_weight: input_layernorm
+    -> qkv_proj, post_attention_layernorm -> gate_up_proj) the adapter's rank as free columns after each output
+    row, so the layer's [x | h] needs no copy of x; returns how many norms got them."""
+    from orchestrator.passes.training.lora.fused import WIDE_ATTR
+
+    count = 0
+    for layer in model.modules():
+        if not getattr(layer, PATCHED_ATTR, False):
+            continue
+        pairs = ((layer.input_layernorm, getattr(layer.self_attn, "qkv_proj", None)),
+                 (layer.post_attention_layernorm, getattr(layer.mlp, "gate_up_proj", None)))  # fmt: skip
+        for norm, proj in pairs:
+            base = getattr(proj, "get_base_layer", lambda: None)()
+            wide = getattr(getattr(base, "weight", None), WIDE_ATTR, None)
+            if wide is not None:
+                vars(norm)[SPARE_COLS_ATTR] = wide.shape[1] - base.weight.shape[1]
+                count += 1
+    return count
 
 
 def _phi3_decoder_forward(
@@ -225,4 +285,5 @@ def unfuse_add_norm(model: Any) -> int:
 
     for module in model.modules():
         vars(module).pop(NEXT_NORM_ATTR, None)
+        vars(module).pop(SPARE_COLS_ATTR, None)
     return restore_class_forwards(model, PATCHED_ATTR)

@@ -893,6 +893,10 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         lora_fused.TRITON_SKINNY = plan.triton_skinny
         lora_fused.K_CONCAT = plan.k_concat
         fuse_lora_layers(model)
+        if plan.add_norm and plan.k_concat:
+            from orchestrator.passes.training.lora.add_norm import reserve_lora_columns
+
+            reserve_lora_columns(model)  # the norms feeding widened layers leave room for h after each row
     if plan.compile_layers:
         compile_decoder_layers(model)
     return out

@@ -76,6 +76,9 @@ TRITON_SKINNY = False
 K_CONCAT = False
 K_CONCAT_MIN_RATIO = 2.0
 WIDE_ATTR = "_orch_wide_weight"  # on a base weight that is a view of its (out, in + r) buffer [W | s B]
+# on an activation whose producer left this many free columns after each of its rows (add_norm's normed copy): a
+# widened layer writes h there and runs [x | h] [W | sB]^T on that storage, no copy of x into a wider tensor
+WIDE_INPUT_ATTR = "_orch_spare_cols"
 
 
 def base_plus_lora(
@@ -89,6 +92,7 @@ def base_plus_lora(
     scaling: float,
     dtype: Any,
     h: Any = None,
+    x_spare: int = 0,
 ) -> tuple[Any, Any]:
     """(x2 @ W^T + bias + scaling * h @ B^T, h = xd2 @ A^T), every fused function's forward; h is what B's
     gradient needs (given, xd2 is not read: Philox dropout computes h with the mask inside).
@@ -105,7 +109,11 @@ def base_plus_lora(
     wide = _wide_of(weight, h.shape[1]) if qstate is None else None
     if wide is not None:  # [x | h] [W | sB]^T: one GEMM, no full-size LoRA term written and read back
         torch.mul(b16, scaling, out=wide[:, x2.shape[1] :])
-        xh = torch.cat([x2, h], dim=1)
+        xh = _spare_columns_view(x2, h.shape[1], x_spare)
+        if xh is None:
+            xh = torch.cat([x2, h], dim=1)
+        else:  # the producer's free columns: h written there (not through x's autograd view: x is unchanged)
+            xh[:, x2.shape[1] :].copy_(h)
         out = torch.mm(xh, wide.t()) if bias is None else torch.addmm(bias, xh, wide.t())
         return out, h
     if LORA_FIRST:
@@ -118,6 +126,19 @@ def base_plus_lora(
         out = torch.nn.functional.linear(x2, w, bias)
         out.addmm_(h, b16.t(), alpha=scaling)
     return out, h
+
+
+def _spare_columns_view(x2: Any, rank: int, spare: int) -> Any:
+    """[x | free columns] as one (T, in + rank) matrix over x2's own storage where its producer left `spare` >= rank
+    free columns after each row (WIDE_INPUT_ATTR), else None. Built from x2.data: writing h there must not bump
+    the version of x, which autograd may hold (its values do not change)."""
+    import torch
+
+    n_cols = x2.shape[1]
+    if spare < rank or x2.stride(1) != 1 or x2.stride(0) != n_cols + spare or x2.shape[0] == 0:
+        return None
+    base = x2.data
+    return torch.as_strided(base, (x2.shape[0], n_cols + rank), (x2.stride(0), 1), base.storage_offset())
 
 
 def _wide_of(weight: Any, rank: int) -> Any:
@@ -257,7 +278,9 @@ def _lora_function() -> Any:
             xd2 = x2 if same else xd.reshape(-1, xd.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
                 a16, b16 = a.to(dtype), b.to(dtype)
-                out, h = base_plus_lora(x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype)
+                out, h = base_plus_lora(
+                    x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype, x_spare=getattr(x, WIDE_INPUT_ATTR, 0)
+                )
             ctx.same = same
             ctx.scaling = scaling
             ctx.dtypes = (a.dtype, b.dtype)
@@ -331,13 +354,16 @@ def _lora_dropout_function() -> Any:
             x2 = x.reshape(-1, x.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
                 a16, b16 = a.to(dtype), b.to(dtype)
+                spare = getattr(x, WIDE_INPUT_ATTR, 0)
                 if seed is None:
                     xd2, mask = torch.native_dropout(x2, p, True)
-                    out, h = base_plus_lora(x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype)
+                    out, h = base_plus_lora(x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype, x_spare=spare)
                 else:  # the mask from the seed, inside the kernels (kept as bits or regenerated): A's gradient reads x
                     xd2, mask = x2, (philox_dropout.new_bits(*x2.shape, x2.device) if BIT_MASKS else None)
                     h = philox_dropout.dropout_lora_a(x2, a16, p, seed, bits=mask)
-                    out, h = base_plus_lora(x2, None, weight, qstate, bias, a16, b16, scaling, dtype, h=h)
+                    out, h = base_plus_lora(
+                        x2, None, weight, qstate, bias, a16, b16, scaling, dtype, h=h, x_spare=spare
+                    )
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p)
             ctx.philox = None if seed is None else philox_dropout.PhiloxMask(seed, p)

@@ -430,21 +430,27 @@ def _pick_split(fn: Any, a: Any, b: Any, ok: Any) -> int:
 def lora_wgrad(a: Any, b: Any) -> Any:
     """a^T @ b in fp32 for a (T, M), b (T, N): the LoRA matrices' weight gradients (reduction over tokens)."""
     n_rows = a.shape[0]
-    if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and a.is_contiguous() and b.is_contiguous()):
+    if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and _unit_rows(a) and _unit_rows(b)):
         return (a.t() @ b).float()
-    key = ("w", a.shape[1], b.shape[1], _bucket(n_rows), a.dtype, a.device.index)
+    key = ("w", a.shape[1], b.shape[1], _bucket(n_rows), a.dtype, a.device.index, a.stride(0), b.stride(0))
     s = _SPLIT_CACHE.get(key)
     if s is None:
         s = _SPLIT_CACHE[key] = _pick_split(_wgrad_split, a, b, lambda s: n_rows // s >= 256)
     return _wgrad_split(a, b, s)
 
 
+def _unit_rows(t: Any) -> bool:
+    """A 2-D tensor of contiguous rows (row stride >= its width: a contiguous one, or the first columns of a wider
+    buffer, as add_norm's normed rows with room for h), which the split GEMMs take as strided batches, no copy."""
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+
+
 def lora_tall(a: Any, bt: Any) -> Any:
     """a @ bt^T for a (T, K), bt (N, K) contiguous with N small: h = x A^T and g B of a LoRA layer."""
     n_rows, k = a.shape
-    if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and a.is_contiguous() and bt.is_contiguous()):
+    if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and _unit_rows(a) and bt.is_contiguous()):
         return a @ bt.t()
-    key = ("t", k, bt.shape[0], _bucket(n_rows), a.dtype, a.device.index)
+    key = ("t", k, bt.shape[0], _bucket(n_rows), a.dtype, a.device.index, a.stride(0))
     s = _SPLIT_CACHE.get(key)
     if s is None:
         s = _SPLIT_CACHE[key] = _pick_split(_tall_split, a, bt, lambda s: k % s == 0 and k // s >= 256)
