@@ -189,7 +189,9 @@ def correctness(res: dict[str, Any]) -> None:
         for fused in (False, True):
             xi, ri = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
             y, summed = add_rms_norm(xi, ri, norm) if fused else (norm(ri + xi), ri + xi)
-            torch.autograd.backward([y, summed], [dy, ds])
+            # clones: Liger's RMSNorm backward writes its input gradient over the incoming one (in_place), which
+            # corrupted dy for the fused side here until run 10 (its 0.169 "grad_x" error was this, not the kernel)
+            torch.autograd.backward([y, summed], [dy.clone(), ds.clone()])
             results.append((y.float(), summed.float(), xi.grad.float(), ri.grad.float()))
         for name, a, b in zip(("normed", "sum", "grad_x", "grad_residual"), results[1], results[0], strict=True):
             checks[f"add_norm fused vs add + norm {name}"] = rel_err(a, b)
@@ -335,10 +337,10 @@ def philox_correctness(checks: dict[str, float]) -> None:
             pd.dropout_grad_reference(gh, a, 0.05, seed, torch.bfloat16, grad_x=gx),
         )
         # keep bits: written by the forward kernel, read by the backward ones (given a wrong seed: they must read)
-        bits = pd.new_bits(rows, cols, "cuda").fill_(0x5A5A5A5A)
+        bits = pd.new_bits(rows, cols, "cuda").fill_(0x5A)
         pd.dropout_lora_a(x, a, 0.05, seed, bits=bits)
         want_bits = pd.pack_keep_bits(pd.keep_mask_reference(seed, rows, cols, 0.05, "cuda"))
-        checks[f"bits written vs reference {name} (mismatching words)"] = float((bits != want_bits).sum())
+        checks[f"bits written vs reference {name} (mismatching bytes)"] = float((bits != want_bits).sum())
         checks[f"bits dropout_lora_a_wgrad {name}"] = rel_err(
             pd.dropout_lora_a_wgrad(x, gh, 0.05, seed + 1, bits=bits),
             pd.dropout_lora_a_wgrad_reference(x, gh, 0.05, seed),
@@ -948,12 +950,12 @@ def picks_correctness() -> dict[str, float]:
         a = torch.randn(r, cols, device="cuda", dtype=torch.bfloat16) * 0.1
         gh = torch.randn(rows, r, device="cuda", dtype=torch.bfloat16)
         name = f"tune picks {rows}x{cols} r{r}"
-        bits = pd.new_bits(rows, cols, "cuda").fill_(0x5A5A5A5A)
+        bits = pd.new_bits(rows, cols, "cuda").fill_(0x5A)
         checks[f"{name}: dropout_lora_a writing bits"] = rel_err(
             pd.dropout_lora_a(x, a, p, seed, bits=bits), pd.dropout_lora_a_reference(x, a, p, seed)
         )
         want_bits = pd.pack_keep_bits(pd.keep_mask_reference(seed, rows, cols, p, "cuda"))
-        checks[f"{name}: bits written (mismatching words)"] = float((bits != want_bits).sum())
+        checks[f"{name}: bits written (mismatching bytes)"] = float((bits != want_bits).sum())
         checks[f"{name}: wgrad reading bits"] = rel_err(
             pd.dropout_lora_a_wgrad(x, gh, p, seed + 1, bits=bits), pd.dropout_lora_a_wgrad_reference(x, gh, p, seed)
         )
