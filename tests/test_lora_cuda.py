@@ -456,6 +456,11 @@ def test_nosync_copies_batches_without_waiting_unless_the_user_decided(tiny_phi3
     assert lora_cuda.apply_plan(plan, model, mine)["accelerator_config"] == {"non_blocking": False}
     assert "accelerator_config" not in lora_cuda.apply_plan(plan, model, {"dataloader_pin_memory": False})
     assert lora_cuda.apply_plan(plan, model, {"accelerator_config": "acc.json"})["accelerator_config"] == "acc.json"
+    # the plan's DataLoader workers (loader_workers), unless the user set dataloader_num_workers, or turned off
+    assert out["dataloader_num_workers"] == 2 and out["dataloader_persistent_workers"] is True
+    assert lora_cuda.apply_plan(plan, model, {"dataloader_num_workers": 0})["dataloader_num_workers"] == 0
+    no_workers = plan_cuda(H100, PHI3_MINI, {}, {**opts, "loader_workers": False})
+    assert "dataloader_num_workers" not in lora_cuda.apply_plan(no_workers, model, {})
     # its own switch (ablation) and nosync's
     for off in ({**opts, "non_blocking": False}, {**opts, "nosync": False}):
         assert "accelerator_config" not in lora_cuda.apply_plan(plan_cuda(H100, PHI3_MINI, {}, off), model, {})
@@ -483,19 +488,20 @@ def test_step_metadata_counts_tokens_and_marks_samples_on_the_cpu() -> None:
 
 def test_orch_trainer_trains_like_trl_with_no_step_sync(tiny_phi3, tmp_path) -> None:
     """The CUDA trainer subclass on CPU (the loss through the torch reference of the fused cross-entropy): the same
-    losses as TRL's own SFTTrainer, token counts from the CPU batch, device metrics read when it logs."""
+    losses as TRL's own SFTTrainer, token counts from the CPU batch, device metrics read when it logs; its batches
+    collated by the plan's DataLoader worker processes (loader_workers: the collator wrapper works there)."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    def train(cls, out):
+    def train(cls, out, **loader):
         model = _lora_model(tiny_phi3)
         ids = [list(range(10 + i, 40 + i)) for i in range(8)]
         args = SFTConfig(
             output_dir=str(out), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=3,
             report_to="none", use_cpu=True, bf16=False, padding_free=True, logging_nan_inf_filter=False,
             dataset_kwargs={"skip_prepare_dataset": True}, include_num_input_tokens_seen="non_padding", seed=3,
-            data_seed=3, save_strategy="no", disable_tqdm=True, max_length=None,
+            data_seed=3, save_strategy="no", disable_tqdm=True, max_length=None, **loader,
         )  # fmt: skip
         varlen_attention.register_varlen_attention()
         model.base_model.model.config._attn_implementation = VARLEN_ATTN
@@ -507,7 +513,14 @@ def test_orch_trainer_trains_like_trl_with_no_step_sync(tiny_phi3, tmp_path) -> 
     plan = plan_cuda(H100, PHI3_MINI, {})
     orch_cls = step_trainer.sft_trainer_class(SFTTrainer, plan)
     orch_cls.orch_ce = staticmethod(fused_loss.reference_flce)  # no Triton on CPU
-    ref, new = train(SFTTrainer, tmp_path / "ref"), train(orch_cls, tmp_path / "new")
+    loader = lora_cuda.loader_worker_kwargs({})
+    assert loader == {
+        "dataloader_num_workers": 2, "dataloader_persistent_workers": True, "dataloader_prefetch_factor": 2,
+    }  # fmt: skip
+    assert plan.loader_workers and not plan_cuda(H100, PHI3_MINI, {}, {"loader_workers": False}).loader_workers
+    assert lora_cuda.loader_worker_kwargs({"dataloader_num_workers": 0}) == {}  # the user's own choice stands
+    ref, new = train(SFTTrainer, tmp_path / "ref"), train(orch_cls, tmp_path / "new", **loader)
+    assert new.args.dataloader_num_workers == 2 and new.get_train_dataloader().num_workers == 2
     assert isinstance(new.data_collator, step_trainer.StepMetadataCollator)
     ref_logs = [h for h in ref.state.log_history if "loss" in h]
     new_logs = [h for h in new.state.log_history if "loss" in h]
