@@ -42,8 +42,10 @@ def kernel_outputs(res: dict[str, Any]) -> None:
         a = (torch.randn(r, k, generator=gen) * 0.1).to(dtype)
         gh = torch.randn(n, r, generator=gen).to(dtype)
         gx = torch.randn(n, k, generator=gen).to(dtype)
-        bits = pd.new_bits(n, k, x.device).fill_(0x5A5A5A5A)  # garbage: the forward must write every word
+        bits = pd.new_bits(n, k, x.device).fill_(0x5A)  # garbage: the forward must write every byte
         h_bits = pd.dropout_lora_a(x, a, P, SEED, bits=bits)
+        bits_3_splits = pd.new_bits(n, k, x.device).fill_(0xA5)  # each column split writes its groups' bytes
+        h_bits_3_splits = pd.dropout_lora_a(x, a, P, SEED, bits=bits_3_splits, splits=3)
         res[f"kernels {dtype} {n}x{k} r{r}"] = {
             "kernels_apply": pd.kernels_apply(x, a, gh, rank=r),
             "x": x, "a": a, "gh": gh, "gx": gx,
@@ -60,7 +62,7 @@ def kernel_outputs(res: dict[str, Any]) -> None:
             "grad": pd.dropout_grad(gh, a, P, SEED, dtype),
             "grad_add": pd.dropout_grad_add_(gx.clone(), gh, a, P, SEED),
             # keep bits: written by the forward, read by the backward kernels (a wrong seed proves they are read)
-            "bits": bits, "h_bits": h_bits,
+            "bits": bits, "h_bits": h_bits, "bits_3_splits": bits_3_splits, "h_bits_3_splits": h_bits_3_splits,
             "wgrad_bits": pd.dropout_lora_a_wgrad(x, gh, P, SEED + 1, bits=bits),
             "wgrad_bits_3_splits": pd.dropout_lora_a_wgrad(x, gh, P, SEED + 1, splits=3, bits=bits),
             "grad_bits": pd.dropout_grad(gh, a, P, SEED + 1, dtype, bits=bits),

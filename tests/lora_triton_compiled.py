@@ -53,7 +53,7 @@ def cases() -> list[tuple[str, Any, dict[str, Any], dict[str, str], int]]:
     for bits in (0, 1, 2, 3):  # regenerate, write keep bits, read them, no dropout (p = 0)
         for ieee, ptr in ((False, "*bf16"), (True, "*fp32")):
             lanes = {"LANES": 32, "ROUNDS": PHILOX_ROUNDS, "IEEE": ieee, "BITS": bits}
-            x = {"x_ptr": ptr, "a_ptr": ptr, "gh_ptr": ptr, "gx_ptr": ptr, "bits_ptr": "*i32"}
+            x = {"x_ptr": ptr, "a_ptr": ptr, "gh_ptr": ptr, "gx_ptr": ptr, "bits_ptr": "*u8"}
             out.append((f"philox lora_a BITS={bits} ieee={ieee}", pt.dropout_lora_a_kernel,
                         {"R": 64, "BLOCK_M": 32, **lanes}, {**x, "h_ptr": "*fp32"}, 4))  # fmt: skip
             out.append((f"philox wgrad BITS={bits} ieee={ieee}", pt.dropout_lora_a_wgrad_kernel,

@@ -196,28 +196,63 @@ def test_each_kernel_is_its_reference(interpreted: dict[str, Any], case: str) ->
     keep = pd.keep_mask_reference(SEED, x.shape[0], x.shape[1], P)
     assert int((~keep).sum()) > 0 and bool((got["grad"][~keep] == 0).all())
     assert not torch.allclose(got["h"].float(), (x.float() @ a.float().t()), **tol)  # not the undropped product
-    # keep bits: the forward wrote the mask (every word: the buffer started as garbage) and the same h; the
-    # backward kernels read the bits (they were given a wrong seed) and give the regenerating kernels' results
-    assert torch.equal(got["bits"], pd.pack_keep_bits(keep))
-    assert torch.equal(got["h_bits"], got["h"])
+    # keep bits: the forward wrote the mask (every byte, columns past the width as 0 bits: the buffer started as
+    # garbage), also split over the columns, and the same h; the backward kernels read the bits (they were given a
+    # wrong seed) and give the regenerating kernels' results
+    want_bits = pd.pack_keep_bits(keep)
+    assert got["bits"].dtype == torch.uint8 and got["bits"].shape == (x.shape[0], -(-x.shape[1] // 128) * 16)
+    assert torch.equal(got["bits"], want_bits) and torch.equal(got["bits_3_splits"], want_bits)
+    assert torch.equal(pd.unpack_keep_bits(got["bits"], x.shape[1]), keep)
+    past = pd.bit_position(torch.arange(x.shape[1], -(-x.shape[1] // 128) * 128))  # the last group's padding
+    assert not bool(((got["bits"][:, past[0]].int() >> past[1]) & 1).any())
+    assert torch.equal(got["h_bits"], got["h"]) and torch.equal(got["h_bits_3_splits"], got["h_3_splits"])
     assert torch.equal(got["wgrad_bits"], got["wgrad"]) and torch.equal(
         got["wgrad_bits_3_splits"], got["wgrad_3_splits"]
     )
     assert torch.equal(got["grad_bits"], got["grad"]) and torch.equal(got["grad_add_bits"], got["grad_add"])
 
 
-def test_keep_bits_pack_and_unpack_every_column() -> None:
-    """Bit j of word w is column 32 w + j (the sign bit too); widths that are not a multiple of 32 pad with 0."""
-    keep = pd.keep_mask_reference(SEED, 7, 70, 0.5)
+def test_keep_bits_are_counter_major_bytes() -> None:
+    """Per row and 128-column group 16 bytes, byte c for the group's Philox counter c: bit 2 j + h of byte 16 g + c is
+    column 128 g + 32 j + 2 c + h (output j's half h); widths that are not a multiple of 128 pad with 0 bits."""
+    hand = [(0, 0, 0), (1, 0, 1), (2, 1, 0), (31, 15, 1), (32, 0, 2), (33, 0, 3), (127, 15, 7), (128, 16, 0)]
+    hand += [(128 + 64 + 2 * 5 + 1, 16 + 5, 5), (2 * 128 + 32 + 2 * 5, 32 + 5, 2), (299, 32 + 5, 3)]
+    for col, byte, bit in hand:  # (column, byte, bit) worked out by hand; 300 columns: 3 groups, 48 bytes
+        assert pd.bit_position(torch.tensor(col)) == (byte, bit), col
+        one = torch.zeros(1, 300, dtype=torch.bool)
+        one[0, col] = True
+        packed = pd.pack_keep_bits(one)
+        assert packed.dtype == torch.uint8 and packed.shape == (1, 48)
+        want = torch.zeros(1, 48, dtype=torch.uint8)
+        want[0, byte] = 1 << bit
+        assert torch.equal(packed, want), col
+    # every column of a group: its own (byte, bit), each once, a counter's byte holding its 4 outputs x 2 halves
+    byte, bit = pd.bit_position(torch.arange(128))
+    assert len(set(zip(byte.tolist(), bit.tolist(), strict=True))) == 128
+    offsets, which, half = pd.counter_layout(torch.zeros(128, dtype=torch.int64), torch.arange(128), 128)
+    assert torch.equal(byte, offsets) and torch.equal(bit, 2 * which + half)
+    assert [pd.bit_bytes(n) for n in (1, 128, 129, 257, 300, 3072)] == [16, 16, 32, 48, 48, 384]
+
+
+@pytest.mark.parametrize("n_cols", [1, 70, 128, 130, 257, 300])
+def test_keep_bits_pack_and_unpack_round_trip(n_cols: int) -> None:
+    keep = pd.keep_mask_reference(SEED, 7, n_cols, 0.5)
     bits = pd.pack_keep_bits(keep)
-    assert bits.dtype == torch.int32 and bits.shape == (7, 3)
-    assert torch.equal(pd.unpack_keep_bits(bits, 70), keep)
-    one = torch.zeros(1, 40, dtype=torch.bool)
-    one[0, 31] = one[0, 33] = True
-    assert pd.pack_keep_bits(one).tolist() == [[-(2**31), 2]]
-    # without the kernels the wrappers write and read the bits through the references
+    assert bits.dtype == torch.uint8 and bits.shape == (7, pd.bit_bytes(n_cols))
+    assert torch.equal(pd.unpack_keep_bits(bits, n_cols), keep)
+    byte, bit = pd.bit_position(torch.arange(n_cols))
+    assert torch.equal(((bits[:, byte].int() >> bit) & 1).bool(), keep)  # each column at its (byte, bit)
+    # the padding past n_cols: 0 bits, so the bytes are those of the mask padded with False to a group multiple
+    padded = torch.zeros(7, -(-n_cols // 128) * 128, dtype=torch.bool)
+    padded[:, :n_cols] = keep
+    assert torch.equal(pd.pack_keep_bits(padded), bits)
+    assert int(bits.int().sum()) > 0 and int(bits.max()) <= 255
+
+
+def test_without_the_kernels_the_wrappers_write_and_read_the_bits_through_the_references() -> None:
     x, a = torch.randn(9, 70), torch.randn(16, 70) * 0.1
     out = pd.new_bits(9, 70, x.device)
+    assert out.dtype == torch.uint8 and out.shape == (9, 16)
     h = pd.dropout_lora_a(x, a, P, SEED, bits=out)
     assert torch.equal(out, pd.pack_keep_bits(pd.keep_mask_reference(SEED, 9, 70, P)))
     assert torch.equal(h, pd.dropout_lora_a_reference(x, a, P, SEED))
@@ -225,8 +260,14 @@ def test_keep_bits_pack_and_unpack_every_column() -> None:
     assert torch.equal(
         pd.dropout_lora_a_wgrad(x, gh, P, SEED + 1, bits=out), pd.dropout_lora_a_wgrad_reference(x, gh, P, SEED)
     )
-    with pytest.raises(ValueError, match=r"keep bits must be a row-contiguous int32 \(9, 3\)"):
-        pd.dropout_grad(gh, a, P, SEED, torch.float32, bits=out[:, :2])
+    assert torch.equal(
+        pd.dropout_grad(gh, a, P, SEED + 1, torch.float32, bits=out),
+        pd.dropout_grad_reference(gh, a, P, SEED, torch.float32),
+    )
+    with pytest.raises(ValueError, match=r"keep bits must be a row-contiguous uint8 \(9, 16\)"):
+        pd.dropout_grad(gh, a, P, SEED, torch.float32, bits=out[:, :8])
+    with pytest.raises(ValueError, match=r"keep bits must be a row-contiguous uint8 \(9, 16\)"):
+        pd.dropout_grad(gh, a, P, SEED, torch.float32, bits=out.to(torch.int32))
 
 
 def _max_grad_diff(a: dict[str, Any], b: dict[str, Any]) -> float:

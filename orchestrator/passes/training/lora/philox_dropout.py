@@ -14,10 +14,12 @@ so ~6 bytes per element, no xd and no mask kept: the backward keeps x itself, wh
 
 Regenerating costs compute: the two backward kernels run about twice as long as their stored-mask counterparts on an
 H100 (drawing the mask is integer arithmetic, see below). So each kernel also takes the mask as keep bits
-(`bits`, an int32 (n_rows, ceil(n_cols / 32)) tensor, `new_bits`): `dropout_lora_a` draws the mask from the seed
-and writes it there as well (1/16 of x's bytes), and the backward kernels read the bits instead of running Philox.
-That keeps 1 bit per element instead of native_dropout's byte and its dropped-out copy, with the backward's memory
-traffic of the stored mask (fused.py's BIT_MASKS; bit j of word w is column 32 w + j).
+(`bits`, a uint8 (n_rows, ceil(n_cols / 128) * 16) tensor, `new_bits`): `dropout_lora_a` draws the mask from the
+seed and writes it there as well (1/16 of x's bytes), and the backward kernels read the bits instead of running
+Philox. That keeps 1 bit per element instead of native_dropout's byte and its dropped-out copy, with the backward's
+memory traffic of the stored mask (fused.py's BIT_MASKS). The bits are counter-major bytes (layout below): per row
+and 128-column group 16 bytes, byte c for the group's Philox counter c, its bit 2 j + h the keep flag of the element
+that output j's half h decides, column 128 g + 32 j + 2 c + h (`pack_keep_bits`; columns past n_cols are 0 bits).
 
 The random numbers: Triton's Philox4x32 (`tl.randint4x`, the counter-based generator torch's own CUDA dropout uses
 with 10 rounds) with PHILOX_ROUNDS = 7 rounds, keyed by the seed, the counter being a 64-bit offset (no overflow at
@@ -42,6 +44,13 @@ Philox's share to 7/10 x 1/2 of it, ~9, plus ~3 to extract and compare a 16-bit 
 float: by that count the mask is 2-3x cheaper to draw (bench/gpu_kernels.py's `philox` and `tune` steps measure it).
 philox4x32_reference keeps Random123's 10-round known answers as its default (tests/test_lora_philox.py checks them).
 
+Why counter-major bytes: with bit j of an int32 word w the flag of column 32 w + j (the previous format) the forward
+writing bits took 77 us against 46 us regenerating (BITS 0) and 38 us at p = 0 for an 8192 x 3072 bf16 input, r=64,
+on an H100 (190 / 110 / 75 us at 8192 x 8192): packing a word summed a (rows, 32) tile whose 32 lanes sit in other
+threads, a cross-thread reduction per word, four per group. A counter's byte is made from its own four outputs in the
+thread that drew them, and a row's 16 bytes of a group are one contiguous store; the readers load a (rows, 32) tile
+of bytes per group (lane l reads byte l // 2, two lanes one byte, from L1) and shift out bit 2 j + l % 2.
+
 `keep_mask_reference` is the pure-torch source of truth (bit-exact with the kernels: tests/test_lora_philox.py
 runs them through Triton's interpreter, bench/gpu_kernels.py on the GPU), and every kernel has a torch reference of
 the same arithmetic, which the wrappers run where the kernels do not apply (no Triton, CPU tensors outside the
@@ -64,6 +73,7 @@ from orchestrator.passes.training.lora.kernels import dropout_grad_add_supported
 GROUP = 128  # columns per Philox counter block: four sub-tiles of LANES columns share COUNTERS counters
 LANES = 32
 COUNTERS = LANES // 2  # counters per row of a group: each of a counter's 4 outputs gives 2 columns of a sub-tile
+OUTPUTS = GROUP // LANES  # a counter's outputs a group uses, output j for sub-tile j (a keep-bits byte: 2 x 4 bits)
 PHILOX_ROUNDS = 7  # the kernels' Philox rounds (Random123's Philox4x32-10 has 10; 7 is Crush-resistant)
 HALF_BITS = 16  # the bits of one random value: each 32-bit Philox output gives two
 HALF_RANGE = 1 << HALF_BITS
@@ -214,38 +224,51 @@ def keep_mask_reference(seed: int, n_rows: int, n_cols: int, p: float, device: A
     return halves_block_reference(seed, n_rows, n_cols, device, row_start) >= drop_threshold(p)
 
 
-def bit_words(n_cols: int) -> int:
-    """int32 words of keep bits per row of an input n_cols wide."""
-    return -(-n_cols // LANES)
+def bit_bytes(n_cols: int) -> int:
+    """Bytes of keep bits per row of an input n_cols wide: 16 per 128-column group (one per Philox counter), n_cols / 8
+    when n_cols is a multiple of 128."""
+    return -(-n_cols // GROUP) * COUNTERS
+
+
+def bit_position(col: Any) -> tuple[Any, Any]:
+    """(byte within the row, bit within the byte) of column `col`'s keep flag: column 128 g + 32 j + 2 c + h (output
+    j's half h of the group's counter c) is bit 2 j + h of byte 16 g + c."""
+    return (col // GROUP) * COUNTERS + (col % LANES) // 2, 2 * ((col % GROUP) // LANES) + col % 2
 
 
 def pack_keep_bits(keep: Any) -> Any:
-    """A bool (n_rows, n_cols) keep mask as the kernels' keep bits: int32 (n_rows, ceil(n_cols / 32)), bit j of
-    word w is column 32 w + j (columns past n_cols are 0)."""
+    """A bool (n_rows, n_cols) keep mask as the kernels' keep bits: uint8 (n_rows, ceil(n_cols / 128) * 16), counter-
+    major: bit 2 j + h of byte 16 g + c is column 128 g + 32 j + 2 c + h (columns past n_cols are 0)."""
     import torch
 
     n_rows, n_cols = keep.shape
-    words = bit_words(n_cols)
-    padded = torch.zeros((n_rows, words * LANES), dtype=torch.int64, device=keep.device)
-    padded[:, :n_cols] = keep.to(torch.int64)
-    packed = (padded.view(n_rows, words, LANES) << torch.arange(LANES, device=keep.device)).sum(-1)
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    groups = -(-n_cols // GROUP)
+    padded = torch.zeros((n_rows, groups * GROUP), dtype=torch.int32, device=keep.device)
+    padded[:, :n_cols] = keep.to(torch.int32)
+    # (row, group, j, c, h) -> (row, group, c, j, h): a counter's 8 flags, bit 2 j + h
+    flags = padded.view(n_rows, groups, OUTPUTS, COUNTERS, 2).permute(0, 1, 3, 2, 4)
+    flags = flags.reshape(n_rows, groups, COUNTERS, 2 * OUTPUTS)
+    packed = (flags << torch.arange(8, device=keep.device, dtype=torch.int32)).sum(-1)
+    return packed.to(torch.uint8).reshape(n_rows, groups * COUNTERS)
 
 
 def unpack_keep_bits(bits: Any, n_cols: int) -> Any:
     """pack_keep_bits' inverse: the bool (n_rows, n_cols) keep mask."""
     import torch
 
-    shifts = torch.arange(LANES, device=bits.device, dtype=torch.int64)
-    flags = (bits.to(torch.int64)[:, :, None] >> shifts) & 1
-    return flags.reshape(bits.shape[0], -1)[:, :n_cols].bool()
+    n_rows, groups = bits.shape[0], bits.shape[1] // COUNTERS
+    shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
+    flags = (bits.to(torch.int32).view(n_rows, groups, COUNTERS, 1) >> shifts) & 1  # (row, group, c, 2 j + h)
+    flags = flags.view(n_rows, groups, COUNTERS, OUTPUTS, 2).permute(0, 1, 3, 2, 4)  # (row, group, j, c, h)
+    return flags.reshape(n_rows, groups * GROUP)[:, :n_cols].bool()
 
 
 def new_bits(n_rows: int, n_cols: int, device: Any) -> Any:
-    """An uninitialized keep-bits tensor for an (n_rows, n_cols) input, for dropout_lora_a to fill."""
+    """An uninitialized keep-bits tensor for an (n_rows, n_cols) input, for dropout_lora_a to fill: uint8
+    (n_rows, bit_bytes(n_cols)), 1 bit per element (n_cols rounded up to a multiple of 128)."""
     import torch
 
-    return torch.empty((n_rows, bit_words(n_cols)), dtype=torch.int32, device=device)
+    return torch.empty((n_rows, bit_bytes(n_cols)), dtype=torch.uint8, device=device)
 
 
 def _keep(seed: int, n_rows: int, n_cols: int, p: float, device: Any, bits: Any) -> Any:
@@ -343,7 +366,7 @@ def _contiguous_rows(t: Any) -> Any:
 
 
 def _bits_args(bits: Any, fallback: Any, mode: int = 2) -> tuple[Any, int, int, int]:
-    """(pointer tensor, words per row, row stride, BITS mode) for a kernel: `mode` with bits (1 written by the
+    """(pointer tensor, bytes per row, row stride, BITS mode) for a kernel: `mode` with bits (1 written by the
     forward, 2 read by the backward), 0 and `fallback` as the unused pointer without."""
     if bits is None:
         return fallback, 0, 0, 0
@@ -353,9 +376,9 @@ def _bits_args(bits: Any, fallback: Any, mode: int = 2) -> tuple[Any, int, int, 
 def _check_bits(bits: Any, n_rows: int, n_cols: int) -> None:
     import torch
 
-    words = bit_words(n_cols)
-    if bits.dtype != torch.int32 or tuple(bits.shape) != (n_rows, words) or bits.stride(-1) != 1:
-        raise ValueError(f"keep bits must be a row-contiguous int32 ({n_rows}, {words}) tensor, got {bits.dtype} "
+    width = bit_bytes(n_cols)
+    if bits.dtype != torch.uint8 or tuple(bits.shape) != (n_rows, width) or bits.stride(-1) != 1:
+        raise ValueError(f"keep bits must be a row-contiguous uint8 ({n_rows}, {width}) tensor, got {bits.dtype} "
                          f"{tuple(bits.shape)}")  # fmt: skip
 
 
@@ -387,11 +410,11 @@ def dropout_lora_a(x2: Any, a: Any, p: float, seed: int, bits: Any = None, split
     splits = triton.cdiv(n_cols, per_split) if n_cols else 1
     h = x2.new_empty((n_rows, rank))
     out = h if splits == 1 else torch.empty((splits, n_rows, rank), device=x2.device, dtype=torch.float32)
-    bits_t, words, stride_b, mode = _bits_args(bits, x2, mode=1)
+    bits_t, n_bytes, stride_b, mode = _bits_args(bits, x2, mode=1)
     if p == 0 and bits is None:
         mode = NO_DROPOUT
     _kernels()["lora_a"][(row_blocks, splits)](
-        x2, a, out, bits_t, n_rows, n_cols, words, per_split, x2.stride(0), a.stride(0),
+        x2, a, out, bits_t, n_rows, n_cols, n_bytes, per_split, x2.stride(0), a.stride(0),
         out.stride(0) if splits > 1 else 0, out.stride(-2), stride_b, seed, drop_threshold(p), keep_scale(p),
         R=rank, BLOCK_M=block_m, LANES=LANES, ROUNDS=PHILOX_ROUNDS, IEEE=ieee_dot(x2), BITS=mode,
         num_warps=_warps(launch, rank), num_stages=launch.stages,
@@ -428,11 +451,11 @@ def dropout_lora_a_wgrad(x2: Any, gh: Any, p: float, seed: int, splits: int | No
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, max(1, splits)), block_t) * block_t
     splits = triton.cdiv(n_rows, rows_per_split) if n_rows else 1
     out = torch.empty((splits, rank, n_cols), device=x2.device, dtype=torch.float32)
-    bits_t, words, stride_b, mode = _bits_args(bits, x2)
+    bits_t, n_bytes, stride_b, mode = _bits_args(bits, x2)
     if p == 0 and bits is None:
         mode = NO_DROPOUT
     _kernels()["wgrad"][(groups, splits)](
-        x2, gh, out, bits_t, n_rows, n_cols, words, rows_per_split, x2.stride(0), gh.stride(0), out.stride(0),
+        x2, gh, out, bits_t, n_rows, n_cols, n_bytes, rows_per_split, x2.stride(0), gh.stride(0), out.stride(0),
         out.stride(1), stride_b, seed, drop_threshold(p), keep_scale(p),
         R=rank, BLOCK_T=block_t, LANES=LANES, ROUNDS=PHILOX_ROUNDS, IEEE=ieee_dot(x2), BITS=mode,
         num_warps=_warps(launch, rank), num_stages=launch.stages,
@@ -474,11 +497,11 @@ def _run_grad(out: Any, gh: Any, a: Any, p: float, seed: int, bits: Any, *, accu
     launch = LAUNCH["grad"]
     block_m = launch.block if out.device.type == "cuda" else 16
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, GROUP))
-    bits_t, words, stride_b, mode = _bits_args(bits, out)
+    bits_t, n_bytes, stride_b, mode = _bits_args(bits, out)
     if p == 0 and bits is None:
         mode = NO_DROPOUT
     _kernels()["grad"][grid](
-        out, gh, a, bits_t, n_rows, n_cols, words, out.stride(0), gh.stride(0), a.stride(0), stride_b, seed,
+        out, gh, a, bits_t, n_rows, n_cols, n_bytes, out.stride(0), gh.stride(0), a.stride(0), stride_b, seed,
         drop_threshold(p), keep_scale(p), R=rank, BLOCK_M=block_m, LANES=LANES, ROUNDS=PHILOX_ROUNDS,
         ACCUMULATE=accumulate, IEEE=ieee_dot(out), BITS=mode, num_warps=_warps(launch, rank),
         num_stages=launch.stages,

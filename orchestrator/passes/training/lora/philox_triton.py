@@ -2,8 +2,9 @@
 installed; without Triton this module imports and defines nothing, as every orch module must import everywhere).
 Triton resolves a kernel's helper functions among the module's globals, hence a module of their own rather than a
 closure. philox_dropout.py's docstring has the Philox counter layout (PHILOX_ROUNDS rounds, two 16-bit values per
-32-bit output, eight elements per call), the integer threshold and the rounding; each kernel there has a torch
-reference of the same arithmetic."""
+32-bit output, eight elements per call), the integer threshold, the rounding and the keep bits' counter-major bytes
+(written by the forward in BITS mode 1, one byte per Philox counter made in the thread that drew it, read by the
+backward kernels in BITS mode 2); each kernel there has a torch reference of the same arithmetic."""
 
 # ruff: noqa: ANN001, ANN202, N803 - Triton kernels: untyped pointer/scalar arguments, constexpr names in capitals
 
@@ -23,57 +24,89 @@ if triton is not None:
         return tl.interleave(o & 0xFFFF, (o >> 16) & 0xFFFF).to(tl.int32)
 
     @triton.jit
-    def _halves(seed, rows, c0, per_row, LANES: tl.constexpr, ROUNDS: tl.constexpr):
-        # the four (rows, LANES) 16-bit tiles of the 128-column group starting at column c0 (a multiple of 128): one
-        # Philox call per LANES / 2 counters of a row (c0 // 8 = the group's first counter), output j for sub-tile j
+    def _outputs(seed, rows, c0, per_row, LANES: tl.constexpr, ROUNDS: tl.constexpr):
+        # the four (rows, LANES / 2) tiles of 32-bit Philox outputs of the 128-column group starting at column c0 (a
+        # multiple of 128): one Philox call per counter, c0 // 8 the group's first counter of a row, output j for
+        # sub-tile j
         counters = tl.arange(0, LANES // 2)
         offsets = rows[:, None] * per_row + (c0 // 8 + counters)[None, :]
         o0, o1, o2, o3 = tl.randint4x(seed, offsets, n_rounds=ROUNDS)
+        return o0, o1, o2, o3
+
+    @triton.jit
+    def _halves(seed, rows, c0, per_row, LANES: tl.constexpr, ROUNDS: tl.constexpr):
+        # the four (rows, LANES) 16-bit tiles of the 128-column group at column c0, sub-tile j output j's halves
+        o0, o1, o2, o3 = _outputs(seed, rows, c0, per_row, LANES, ROUNDS)
         return _split16(o0), _split16(o1), _split16(o2), _split16(o3)
 
     @triton.jit
-    def _write_bits(bits_ptr, rows, row_ok, word, n_words, stride_b, keep, LANES: tl.constexpr):
-        # one int32 per row: bit j of word w is the keep flag of column 32 w + j (`rows * 0 + word`: the word as a
-        # (rows,) tensor, so the mask is one; a scalar comparison there fails in Triton's interpreter)
-        pow2 = tl.full((LANES,), 1, tl.int32) << tl.arange(0, LANES)
-        packed = tl.sum(tl.where(keep, pow2[None, :], 0), axis=1)
-        tl.store(bits_ptr + rows * stride_b + word, packed, mask=row_ok & ((rows * 0 + word) < n_words))
+    def _pair_keeps(o, thresh, col, n_cols):
+        # the keep flags of a (rows, LANES / 2) tile of outputs' low and high halves, the low half of counter c
+        # deciding column col[c] and the high half col[c] + 1 (columns past the input's width: False)
+        lo = ((o & 0xFFFF).to(tl.int32) >= thresh) & (col < n_cols)[None, :]
+        hi = (((o >> 16) & 0xFFFF).to(tl.int32) >= thresh) & ((col + 1) < n_cols)[None, :]
+        return lo, hi
 
     @triton.jit
-    def _read_bits(bits_ptr, rows, row_ok, word, n_words, stride_b, LANES: tl.constexpr):
-        packed = tl.load(bits_ptr + rows * stride_b + word, mask=row_ok & ((rows * 0 + word) < n_words), other=0)
-        return ((packed[:, None] >> tl.arange(0, LANES)[None, :]) & 1) != 0
+    def _bit(flag, shift: tl.constexpr):
+        return flag.to(tl.int32) << shift
 
     @triton.jit
-    def _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, thresh, LANES: tl.constexpr,
+    def _draw_and_write(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_bytes, stride_b, thresh,
+                        LANES: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
+        # BITS 1: the group's four (rows, LANES) keep tiles, and its keep bits written as counter-major bytes: byte c
+        # of the group (one per Philox counter) holds in bit 2 j + h the flag of output j's half h, i.e. of column
+        # c0 + 32 j + 2 c + h. Each byte is made from one counter's four outputs in the thread that drew them (no
+        # cross-lane reduction), the (rows, LANES / 2) tile of bytes stored at once (16 contiguous bytes per row)
+        o0, o1, o2, o3 = _outputs(seed, rows, c0, per_row, LANES, ROUNDS)
+        counters = tl.arange(0, LANES // 2)
+        col = c0 + 2 * counters
+        lo0, hi0 = _pair_keeps(o0, thresh, col, n_cols)
+        lo1, hi1 = _pair_keeps(o1, thresh, col + LANES, n_cols)
+        lo2, hi2 = _pair_keeps(o2, thresh, col + 2 * LANES, n_cols)
+        lo3, hi3 = _pair_keeps(o3, thresh, col + 3 * LANES, n_cols)
+        byte = (_bit(lo0, 0) | _bit(hi0, 1) | _bit(lo1, 2) | _bit(hi1, 3) | _bit(lo2, 4) | _bit(hi2, 5)
+                | _bit(lo3, 6) | _bit(hi3, 7))  # fmt: skip
+        idx = c0 // 8 + counters
+        tl.store(bits_ptr + rows[:, None] * stride_b + idx[None, :], byte.to(tl.uint8),
+                 mask=row_ok[:, None] & (idx < n_bytes)[None, :])  # fmt: skip
+        return tl.interleave(lo0, hi0), tl.interleave(lo1, hi1), tl.interleave(lo2, hi2), tl.interleave(lo3, hi3)
+
+    @triton.jit
+    def _read_bits(bits_ptr, rows, row_ok, c0, n_bytes, stride_b, LANES: tl.constexpr):
+        # BITS 2: the group's four (rows, LANES) keep tiles from its counter-major bytes: lane l of every sub-tile
+        # reads byte c0 // 8 + l // 2 (two lanes share a byte, one (rows, LANES) load for the four sub-tiles), sub-tile
+        # j takes its bit 2 j + l % 2
+        lanes = tl.arange(0, LANES)
+        idx = c0 // 8 + lanes // 2
+        packed = tl.load(bits_ptr + rows[:, None] * stride_b + idx[None, :],
+                         mask=row_ok[:, None] & (idx < n_bytes)[None, :], other=0).to(tl.int32)  # fmt: skip
+        shift = (lanes % 2)[None, :]
+        k0 = ((packed >> shift) & 1) != 0
+        k1 = ((packed >> (shift + 2)) & 1) != 0
+        k2 = ((packed >> (shift + 4)) & 1) != 0
+        k3 = ((packed >> (shift + 6)) & 1) != 0
+        return k0, k1, k2, k3
+
+    @triton.jit
+    def _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_bytes, stride_b, thresh, LANES: tl.constexpr,
                ROUNDS: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
         # the four (rows, LANES) keep tiles of the 128-column group at column c0: drawn from Philox, kept where the
-        # 16-bit value >= thresh (BITS 0; BITS 1 also writes them as keep bits, one int32 per row and 32 columns),
-        # or read back from those bits (BITS 2)
-        w = c0 // LANES
+        # 16-bit value >= thresh (BITS 0; BITS 1 also writes them as keep bits, 16 bytes per row and group, columns
+        # past the input's width written as 0), or read back from those bits (BITS 2)
         if BITS == 3:  # no dropout (p = 0): nothing drawn or read, placeholders _dropped never reads
             k0 = row_ok
             k1 = row_ok
             k2 = row_ok
             k3 = row_ok
         elif BITS == 2:
-            k0 = _read_bits(bits_ptr, rows, row_ok, w, n_words, stride_b, LANES)
-            k1 = _read_bits(bits_ptr, rows, row_ok, w + 1, n_words, stride_b, LANES)
-            k2 = _read_bits(bits_ptr, rows, row_ok, w + 2, n_words, stride_b, LANES)
-            k3 = _read_bits(bits_ptr, rows, row_ok, w + 3, n_words, stride_b, LANES)
+            k0, k1, k2, k3 = _read_bits(bits_ptr, rows, row_ok, c0, n_bytes, stride_b, LANES)
+        elif BITS == 1:
+            k0, k1, k2, k3 = _draw_and_write(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_bytes, stride_b,
+                                             thresh, LANES, ROUNDS)  # fmt: skip
         else:
             h0, h1, h2, h3 = _halves(seed, rows, c0, per_row, LANES, ROUNDS)
             k0, k1, k2, k3 = h0 >= thresh, h1 >= thresh, h2 >= thresh, h3 >= thresh
-            if BITS == 1:  # columns past the input's width written as 0 (the kernels never read them)
-                lanes = tl.arange(0, LANES)
-                k0 = k0 & ((c0 + lanes) < n_cols)[None, :]
-                k1 = k1 & ((c0 + LANES + lanes) < n_cols)[None, :]
-                k2 = k2 & ((c0 + 2 * LANES + lanes) < n_cols)[None, :]
-                k3 = k3 & ((c0 + 3 * LANES + lanes) < n_cols)[None, :]
-                _write_bits(bits_ptr, rows, row_ok, w, n_words, stride_b, k0, LANES)
-                _write_bits(bits_ptr, rows, row_ok, w + 1, n_words, stride_b, k1, LANES)
-                _write_bits(bits_ptr, rows, row_ok, w + 2, n_words, stride_b, k2, LANES)
-                _write_bits(bits_ptr, rows, row_ok, w + 3, n_words, stride_b, k3, LANES)
         return k0, k1, k2, k3
 
     @triton.jit
@@ -97,7 +130,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed", "thresh"])
     def dropout_lora_a_kernel(
-        x_ptr, a_ptr, h_ptr, bits_ptr, n_rows, n_cols, n_words, cols_per_split, stride_x, stride_a, stride_hs,
+        x_ptr, a_ptr, h_ptr, bits_ptr, n_rows, n_cols, n_bytes, cols_per_split, stride_x, stride_a, stride_hs,
         stride_h, stride_b, seed, thresh, scale,
         R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, ROUNDS: tl.constexpr, IEEE: tl.constexpr,
         BITS: tl.constexpr,
@@ -115,7 +148,7 @@ if triton is not None:
         c_start = split * cols_per_split
         c_end = tl.minimum(c_start + cols_per_split, n_cols)
         for c0 in range(c_start, c_end, 4 * LANES):
-            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, thresh,
+            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_bytes, stride_b, thresh,
                                     LANES, ROUNDS, BITS)  # fmt: skip
             cols = c0 + lanes
             acc = _mm(_dropped(x_ptr, rows, row_ok, cols, n_cols, stride_x, k0, scale, BITS),
@@ -139,7 +172,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed", "thresh"])
     def dropout_lora_a_wgrad_kernel(
-        x_ptr, gh_ptr, out_ptr, bits_ptr, n_rows, n_cols, n_words, rows_per_split, stride_x, stride_gh, stride_os,
+        x_ptr, gh_ptr, out_ptr, bits_ptr, n_rows, n_cols, n_bytes, rows_per_split, stride_x, stride_gh, stride_os,
         stride_or, stride_b, seed, thresh, scale,
         R: tl.constexpr, BLOCK_T: tl.constexpr, LANES: tl.constexpr, ROUNDS: tl.constexpr, IEEE: tl.constexpr,
         BITS: tl.constexpr,
@@ -162,7 +195,7 @@ if triton is not None:
             row_ok = rows < end
             gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
             ght = tl.trans(gh)
-            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, thresh,
+            k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_bytes, stride_b, thresh,
                                     LANES, ROUNDS, BITS)  # fmt: skip
             acc0 = _mm(ght, _dropped(x_ptr, rows, row_ok, c0 + lanes, n_cols, stride_x, k0, scale, BITS),
                        acc0, IEEE)  # fmt: skip
@@ -193,7 +226,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["seed", "thresh"])
     def dropout_grad_kernel(
-        gx_ptr, gh_ptr, a_ptr, bits_ptr, n_rows, n_cols, n_words, stride_gx, stride_gh, stride_a, stride_b, seed,
+        gx_ptr, gh_ptr, a_ptr, bits_ptr, n_rows, n_cols, n_bytes, stride_gx, stride_gh, stride_a, stride_b, seed,
         thresh, scale, R: tl.constexpr, BLOCK_M: tl.constexpr, LANES: tl.constexpr, ROUNDS: tl.constexpr,
         ACCUMULATE: tl.constexpr, IEEE: tl.constexpr, BITS: tl.constexpr,
     ):  # fmt: skip
@@ -205,7 +238,7 @@ if triton is not None:
         ranks = tl.arange(0, R)
         per_row = tl.cdiv(n_cols, 4 * LANES).to(tl.int64) * (LANES // 2)
         gh = tl.load(gh_ptr + rows[:, None] * stride_gh + ranks[None, :], mask=row_ok[:, None], other=0.0)
-        k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_words, stride_b, thresh, LANES,
+        k0, k1, k2, k3 = _keeps(seed, bits_ptr, rows, row_ok, c0, n_cols, per_row, n_bytes, stride_b, thresh, LANES,
                                 ROUNDS, BITS)  # fmt: skip
         _grad_tile(gx_ptr, gh, a_ptr, rows, row_ok, c0 + lanes, n_cols, stride_gx, stride_a, ranks, k0, scale,
                    ACCUMULATE, IEEE, BITS)  # fmt: skip
