@@ -38,6 +38,11 @@ Elsewhere (CPU, no Triton, a LoRA rank the kernels do not take, `-fused_dropout`
 own `nn.Dropout` module outside the fused function, as before: the masks are peft's there (tests compare losses and
 gradients with peft's own forward).
 
+The wide layers (output at least twice the input: Phi-3's qkv_proj and gate_up_proj) go further under `K_CONCAT`
+(the plan's `k_concat`): their frozen W becomes the first columns of an (out, in + r) buffer when the layers are
+fused, and the forward is one GEMM [x | h] [W | sB]^T (K = in + r), no full-size LoRA term written at all (H100 run
+9: 1.012x tokens/s). unfuse_lora_layers gives the weights their own storage back.
+
 Only the plain case is fused: one active adapter, vanilla LoRA (no DoRA or other variant), no LoRA bias, adapters
 enabled and not merged, a frozen base that is a plain `torch.nn.Linear` or a bitsandbytes `Linear4bit` (QLoRA: its
 nf4/fp4 weight is dequantized to the compute dtype inside the function, in the forward and again in the backward,
@@ -99,7 +104,10 @@ def base_plus_lora(
 
     LoRA first: the skinny GEMM writes `scaling * h @ B^T (+ bias)` once, then the base GEMM accumulates into it
     (beta=1: the compute-bound GEMM reads that tensor in its epilogue, nearly free). The other order writes the base
-    output and then reads and writes it again in the memory-bound K=r GEMM: 2 bytes per output element more.
+    output and then reads and writes it again in the memory-bound K=r GEMM: 2 bytes per output element more. Where
+    the weight was widened (K_CONCAT, widen_weight) neither: s B goes into the buffer's last r columns and one GEMM
+    runs [x | h] [W | sB]^T, [x | h] being x's own storage where its producer left `x_spare` >= r free columns per
+    row (add_norm's normed rows), else a copy.
     """
     import torch
 
