@@ -82,7 +82,7 @@ def fused_add_rms_norm_function() -> Any:
     memory rate (H100 run 9: 7.6 ms per Phi-3-mini step over 63 calls, 120 us each against ~67 us for its 200 MB).
     With the weight frozen there is nothing to sum: one row per program (as Liger's forward launches) keeps every
     SM's memory pipes full. Same kernel, same arithmetic, bit for bit. A trainable norm weight, or a Liger without
-    the kernel this expects, keeps Liger's own backward."""
+    the kernels this expects, keeps Liger's own forward and backward (and its rows no free columns)."""
     import torch
     from liger_kernel.ops import LigerFusedAddRMSNormFunction
 
@@ -91,8 +91,8 @@ def fused_add_rms_norm_function() -> Any:
         from liger_kernel.ops.fused_add_rms_norm import _fused_add_rms_norm_forward_kernel as forward_kernel
         from liger_kernel.ops.fused_add_rms_norm import _str_to_casting_mode
         from liger_kernel.ops.utils import calculate_settings, torch_to_triton_dtype
-    except ImportError:  # another Liger layout: its own function (no spare columns either)
-        return LigerFusedAddRMSNormFunction
+    except ImportError:  # another Liger layout: the same signature, Liger's own arithmetic and launches
+        kernel = forward_kernel = None
 
     class FrozenWeightFusedAddRMSNorm(LigerFusedAddRMSNormFunction):
         @staticmethod
@@ -101,7 +101,7 @@ def fused_add_rms_norm_function() -> Any:
             in_place: bool = False, spare: int = 0,
         ) -> tuple[Any, Any]:  # fmt: skip
             """Liger's forward; with `spare` > 0 the normed rows are written into an (n, dim + spare) buffer."""
-            if spare <= 0:
+            if spare <= 0 or forward_kernel is None:
                 return LigerFusedAddRMSNormFunction.forward(ctx, x, r, w, eps, offset, casting_mode, in_place)
             mode = _str_to_casting_mode[casting_mode] if isinstance(casting_mode, str) else casting_mode
             shape, dim = x.shape, x.shape[-1]
@@ -123,7 +123,7 @@ def fused_add_rms_norm_function() -> Any:
 
         @staticmethod
         def backward(ctx: Any, d_y: Any, d_s_out: Any) -> tuple[Any, ...]:
-            if ctx.needs_input_grad[2]:
+            if ctx.needs_input_grad[2] or kernel is None:
                 return (*LigerFusedAddRMSNormFunction.backward(ctx, d_y, d_s_out)[:7], None)
             s, w, rstd = ctx.saved_tensors
             shape = d_y.shape
