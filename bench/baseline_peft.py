@@ -71,6 +71,7 @@ class _Recorder:
         self.clock: list[float] = []  # host clock at the same points (CPU runs, where there are no events)
         self.train_start: float | None = None
         self.train_end: float | None = None
+        self.host_lead_ms: list[float] = []  # per step: how far the host ran ahead of the GPU (host_lead_ms())
 
     def finish(self) -> None:
         """Turn the recorded events / tensors into numbers (after training: the reads cost nothing then)."""
@@ -79,6 +80,7 @@ class _Recorder:
             self.raw_tokens = []
         if self.events:
             self.step_times = [a.elapsed_time(b) / 1e3 for a, b in zip(self.events[:-1], self.events[1:], strict=True)]
+            self.host_lead_ms = host_lead_ms(self.events, self.clock)
             self.events = []
         elif len(self.clock) > 1:
             self.step_times = [b - a for a, b in zip(self.clock[:-1], self.clock[1:], strict=True)]
@@ -88,6 +90,16 @@ class _Recorder:
 
 
 RECORDER = _Recorder()
+
+
+def host_lead_ms(events: list[Any], clock: list[float]) -> list[float]:
+    """Per step, how long after the host recorded the step's end event the GPU reached it (ms). The first event is
+    recorded on an idle GPU (a sync just before it), so event i ran at clock[0] + elapsed(0, i) on the host's clock.
+    Near 0 the GPU waited for the host (the step is host-bound); tens of ms: the host ran ahead and launch cost is
+    hidden."""
+    if len(events) < 2 or len(clock) != len(events):
+        return []
+    return [1e3 * (clock[0] + events[0].elapsed_time(e) / 1e3 - c) for e, c in zip(events[1:], clock[1:], strict=True)]
 
 
 def _count_tokens(kwargs: dict[str, Any]) -> Any:
@@ -177,6 +189,25 @@ def install_step_timer() -> None:
 # DIR/profile.txt (kernels by GPU time) and DIR/profile.json (the same, summed into categories). The steps it covers
 # are slower (the profiler's own cost): take tokens/s from a run without it.
 _PROFILE: dict[str, Any] = {}
+# the same steps count, HOST_PROFILE_BEFORE steps earlier, run under cProfile (DIR/host_profile.txt): where the host's
+# Python time goes when the GPU waits on it (cProfile slows the host: read the shares, not the times)
+_HOST_PROFILE: dict[str, Any] = {}
+HOST_PROFILE_BEFORE = 3
+
+
+def write_host_profile(prof: Any, where: Path, n_steps: int, top: int = 45) -> None:
+    """The host's Python functions by own time and by cumulative time, per step, into where/host_profile.txt."""
+    import io
+    import pstats
+
+    where.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+    buf.write(f"host Python time per step under cProfile: {1e3 * total / max(n_steps, 1):.1f} ms ({n_steps} steps)\n")
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    (where / "host_profile.txt").write_text(buf.getvalue(), encoding="utf-8")
 
 
 def _profile_spec() -> tuple[Path, int, int] | None:
@@ -189,6 +220,12 @@ def _profile_spec() -> tuple[Path, int, int] | None:
 
 def _profiler_step(step: int) -> None:
     spec = _profile_spec()
+    if spec is not None and step == spec[1] - HOST_PROFILE_BEFORE and not _HOST_PROFILE:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        _HOST_PROFILE.update(prof=prof, first=step, last=step + spec[2] - 1, where=spec[0])
     if spec is None or step != spec[1] or _PROFILE:
         return
     import torch
@@ -201,6 +238,10 @@ def _profiler_step(step: int) -> None:
 
 
 def _profiler_step_end(step: int) -> None:
+    if _HOST_PROFILE and "done" not in _HOST_PROFILE and step == _HOST_PROFILE["last"]:
+        _HOST_PROFILE["prof"].disable()
+        _HOST_PROFILE["done"] = True
+        write_host_profile(_HOST_PROFILE["prof"], _HOST_PROFILE["where"], step - _HOST_PROFILE["first"] + 1)
     if not _PROFILE or "done" in _PROFILE or step != _PROFILE["last"]:
         return
     prof = _PROFILE["prof"]
@@ -367,6 +408,8 @@ def summarize(system: str, warmup: int, extra: dict[str, Any] | None = None) -> 
     # steps under the profiler (BENCH_PROFILE) are slower: they stay out of the median
     RECORDER.finish()
     skip = set(range(_PROFILE["first"], _PROFILE["last"] + 1)) if _PROFILE else set()
+    if _HOST_PROFILE:
+        skip |= set(range(_HOST_PROFILE["first"], _HOST_PROFILE["last"] + 1))
     keep = [i for i in range(warmup, len(RECORDER.step_times)) if i + 1 not in skip]
     times = [RECORDER.step_times[i] for i in keep]
     tokens = [RECORDER.step_tokens[i] for i in keep]
@@ -387,6 +430,10 @@ def summarize(system: str, warmup: int, extra: dict[str, Any] | None = None) -> 
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "profiled_steps": sorted(skip),
     }
+    leads = [RECORDER.host_lead_ms[i] for i in keep if i < len(RECORDER.host_lead_ms)]
+    if leads:  # the GPU's lag behind the host at each step end (host_lead_ms)
+        out["host_lead_ms_median"] = statistics.median(leads)
+        out["host_lead_ms"] = RECORDER.host_lead_ms
     if extra:
         out.update(extra)
     return out

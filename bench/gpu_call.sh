@@ -70,6 +70,7 @@ for name in json.loads((run / "run.json").read_text())["row_files"]:
         print(f"{r['row']:40s} FAILED {r.get('error', '')[:300]}")
 EOF
       for f in $BOUT/$shape/profile_*/profile.txt; do [ -f "$f" ] && head -25 "$f"; done
+      for f in $BOUT/$shape/profile_*/host_profile.txt; do [ -f "$f" ] && head -40 "$f"; done
       ;;
     cli)
       PYTHONPATH=$SITE:/tmp/site_cli:$REPO timeout 300 $PY bench/gpu_cli_finetune.py run --out /tmp/cli 2>&1 | tail -30

@@ -26,7 +26,8 @@ key=value overrides a setting of bench/baseline_peft.SETTINGS for that row (drop
   unsloth_qlora  the same with a 4-bit base and Unsloth's checkpointing
 Shapes: phi3-mini (default), phi4-mini (GQA 24/8 heads, vocab 200,064, tied embeddings, partial RoPE 0.75).
 `--profile ROW` profiles the last two steps of that row (bench/baseline_peft.py BENCH_PROFILE; those steps are
-left out of its median) and writes profile_<n>/profile.txt beside the row's log.
+left out of its median) and writes profile_<n>/profile.txt beside the row's log; two earlier steps run under cProfile
+(profile_<n>/host_profile.txt: the host's Python by function), also left out of the median.
 Numbers: tokens/s = real (non-padding) tokens per second, median of the per-step rates after the warm-up steps;
 peak memory = torch.cuda.max_memory_allocated of the row's process; MFU = tokens/s x (4 N + causal attention
 FLOPs per token of the data's samples) / 989 TFLOP/s (H100 / H200 SXM dense bf16), N = all parameters.

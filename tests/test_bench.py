@@ -85,6 +85,21 @@ def test_every_row_runs_tiny_on_cpu(tiny_run: Path) -> None:
     assert "| orch LoRA | 0.05 |" in md and "| orch LoRA | 0 |" in md and "| unsloth:fixed | | failed: rc=2" in md
 
 
+def test_profiled_row_writes_gpu_and_host_profiles(tiny_run: Path, tmp_path: Path) -> None:
+    """--profile on a row: the torch profiler's table for its last two steps and cProfile's for two earlier ones,
+    all four steps left out of the median (5 steps: step 1 is the only one measured)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(BENCH / "gpu_finetune.py"), "--shape", "tiny", "--work", str(tiny_run.parent / "ob_tiny")]
+    cmd += ["--out", str(out), "--steps", "5", "--warmup", "0", "--rows", "orch:fixed:dropout=0"]
+    cmd += ["--profile", "orch:fixed:dropout=0", "--row-timeout-s", "600"]
+    subprocess.run(cmd, env=_env(), check=True, timeout=900, capture_output=True)
+    row = _rows(out)["orch:fixed:dropout=0"]
+    assert row["ok"] and row["steps"] == 5 and row["profiled_steps"] == [1, 2, 4, 5]
+    assert (out / "profile_0" / "profile.txt").read_text().startswith("GPU kernel time per step")
+    host = (out / "profile_0" / "host_profile.txt").read_text()
+    assert host.startswith("host Python time per step under cProfile") and "training_step" in host
+
+
 def test_baseline_runner_command_line(tiny_run: Path, tmp_path: Path) -> None:
     work = tiny_run.parent / "ob_tiny"
     out = tmp_path / "baseline.json"
@@ -449,6 +464,27 @@ def test_profile_reports_gpu_gaps_and_host_calls(tmp_path: Path) -> None:
     assert (busy, span) == (39 / 1e6, 70 / 1e6)  # 0-20, 50-60, 61-70: 39 ns busy of 70
     assert gaps == [(30, "b", "c"), (1, "c", "d")]
     assert baseline_peft.gpu_gaps([]) == (0.0, 0.0, [])
+
+    class _Event:  # stands for a CUDA event (none on CPU): its GPU time in ms since the first
+        def __init__(self, at_ms: float) -> None:
+            self.at_ms = at_ms
+
+        def elapsed_time(self, other: _Event) -> float:
+            return other.at_ms - self.at_ms
+
+    # the host recorded step ends at 10 and 20 ms; the GPU reached them at 40 ms (host ahead) and 20 ms (waiting)
+    leads = baseline_peft.host_lead_ms([_Event(0), _Event(40), _Event(20)], [1.0, 1.010, 1.020])
+    assert [round(x, 6) for x in leads] == [30.0, 0.0]
+    assert baseline_peft.host_lead_ms([_Event(0)], [1.0]) == []
+    import cProfile
+
+    host = cProfile.Profile()
+    host.enable()
+    sorted(range(1000), key=lambda i: -i)
+    host.disable()
+    baseline_peft.write_host_profile(host, tmp_path / "p", 2)
+    host_text = (tmp_path / "p" / "host_profile.txt").read_text()
+    assert host_text.startswith("host Python time per step under cProfile:") and "<lambda>" in host_text
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         torch.ones(64, 64) @ torch.ones(64, 64)
     baseline_peft.write_profile(prof, tmp_path / "p", 1)
