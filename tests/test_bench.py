@@ -89,8 +89,9 @@ def test_profiled_row_writes_gpu_and_host_profiles(tiny_run: Path, tmp_path: Pat
     """--profile on a row: the torch profiler's table for its last two steps and cProfile's for two earlier ones,
     all four steps left out of the median (5 steps: step 1 is the only one measured)."""
     out = tmp_path / "out"
-    cmd = [sys.executable, str(BENCH / "gpu_finetune.py"), "--shape", "tiny", "--work", str(tiny_run.parent / "ob_tiny")]
-    cmd += ["--out", str(out), "--steps", "5", "--warmup", "0", "--rows", "orch:fixed:dropout=0"]
+    cmd = [sys.executable, str(BENCH / "gpu_finetune.py"), "--shape", "tiny"]
+    cmd += ["--work", str(tiny_run.parent / "ob_tiny"), "--out", str(out), "--steps", "5", "--warmup", "0"]
+    cmd += ["--rows", "orch:fixed:dropout=0"]
     cmd += ["--profile", "orch:fixed:dropout=0", "--row-timeout-s", "600"]
     subprocess.run(cmd, env=_env(), check=True, timeout=900, capture_output=True)
     row = _rows(out)["orch:fixed:dropout=0"]

@@ -61,6 +61,8 @@ import types
 from dataclasses import replace
 from typing import Any
 
+from orchestrator.passes.training.lora.adapter_casts import compute_copies, invalidate, release
+
 FUSED_ATTR = "_orch_fused_lora"
 
 
@@ -80,6 +82,9 @@ TRITON_SKINNY = False
 # (one GEMM, K = in + r) instead of a skinny GEMM writing s h B^T over the whole output for the base GEMM to read
 K_CONCAT = False
 K_CONCAT_MIN_RATIO = 2.0
+# lora_cuda's plan sets it: A and B in the compute dtype kept between calls, refreshed once per optimizer step for all
+# layers together (adapter_casts.py), instead of two casts per call
+CACHED_CASTS = False
 WIDE_ATTR = "_orch_wide_weight"  # on a base weight that is a view of its (out, in + r) buffer [W | s B]
 # on an activation whose producer left this many free columns after each of its rows (add_norm's normed copy): a
 # widened layer writes h there and runs [x | h] [W | sB]^T on that storage, no copy of x into a wider tensor
@@ -194,6 +199,11 @@ def unwiden_weights(model: Any) -> int:
     return count
 
 
+def _compute_copies(a: Any, b: Any, dtype: Any) -> tuple[Any, Any]:
+    """A and B in the compute dtype: the cached copies (CACHED_CASTS) or a cast in this call."""
+    return compute_copies(a, b, dtype) if CACHED_CASTS else (a.to(dtype), b.to(dtype))
+
+
 def _skinny(*tensors: Any, rank: int) -> bool:
     from orchestrator.passes.training.lora import philox_dropout
 
@@ -252,8 +262,8 @@ def lora_out_grads(g: Any, h: Any, b16: Any, scaling: float, b_dtype: Any) -> tu
     gradients start from; B's gradient scaling * g^T @ h in B's own dtype, or None when h is None)."""
     from orchestrator.passes.training.lora.kernels import lora_tall, lora_wgrad
 
-    gh = lora_tall(g, b16.t().contiguous()).mul_(scaling)
-    grad_b = None if h is None else lora_wgrad(g, h).mul_(scaling).to(b_dtype)
+    gh = lora_tall(g, b16.t().contiguous(), scale=scaling)  # B^T: contiguous already (adapter_casts), no copy
+    grad_b = None if h is None else lora_wgrad(g, h, scale=scaling).to(b_dtype)
     return gh, grad_b
 
 
@@ -285,7 +295,7 @@ def _lora_function() -> Any:
             same = xd is x
             xd2 = x2 if same else xd.reshape(-1, xd.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
-                a16, b16 = a.to(dtype), b.to(dtype)
+                a16, b16 = _compute_copies(a, b, dtype)
                 out, h = base_plus_lora(
                     x2, xd2, weight, qstate, bias, a16, b16, scaling, dtype, x_spare=getattr(x, WIDE_INPUT_ATTR, 0)
                 )
@@ -361,7 +371,7 @@ def _lora_dropout_function() -> Any:
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
             with torch.autocast(device_type=x.device.type, enabled=False):
-                a16, b16 = a.to(dtype), b.to(dtype)
+                a16, b16 = _compute_copies(a, b, dtype)
                 spare = getattr(x, WIDE_INPUT_ATTR, 0)
                 if seed is None:
                     xd2, mask = torch.native_dropout(x2, p, True)
@@ -452,7 +462,7 @@ def _swiglu_down_function() -> Any:
             if u2.stride(-1) != 1:
                 u2 = u2.contiguous()
             with torch.autocast(device_type=u.device.type, enabled=False):
-                a16, b16 = a.to(dtype), b.to(dtype)
+                a16, b16 = _compute_copies(a, b, dtype)
                 c = swiglu_forward_2d(u2)
                 mask = None
                 if p > 0 and seed is not None:  # Philox: the mask from the seed, inside the kernels (bits kept or not)
@@ -692,6 +702,7 @@ def fuse_lora_layers(model: Any) -> int:
                 name = module.active_adapters[0]
                 if name in module.lora_A:
                     widen_weight(base.weight, module.lora_A[name].weight.shape[0])
+    invalidate()  # adapters loaded or changed since the last fused step are copied afresh
     return count
 
 
@@ -699,6 +710,7 @@ def unfuse_lora_layers(model: Any) -> int:
     """Put peft's own forward back on every layer fuse_lora_layers changed (and their base weights in storage of
     their own again); returns how many."""
     unwiden_weights(model)
+    release(model.parameters())
     return restore_class_forwards(model, FUSED_ATTR)
 
 

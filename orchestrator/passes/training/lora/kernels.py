@@ -376,33 +376,49 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _wgrad_split(a: Any, b: Any, s: int) -> Any:
-    """a^T @ b (a: (T, M), b: (T, N)) in fp32, the T reduction split into s batched parts."""
+def _mm(a: Any, b: Any, scale: float) -> Any:
+    """scale * a @ b, the scale in the GEMM's epilogue (alpha; beta=0 never reads the empty output)."""
+    if scale == 1.0:
+        return a @ b
+    return a.new_empty((a.shape[0], b.shape[1])).addmm_(a, b, beta=0, alpha=scale)
+
+
+def _bmm(a: Any, b: Any, scale: float) -> Any:
+    """scale * a @ b batched, the scale as the GEMM's alpha."""
+    import torch
+
+    if scale == 1.0:
+        return torch.bmm(a, b)
+    return torch.baddbmm(a.new_empty((a.shape[0], a.shape[1], b.shape[2])), a, b, beta=0, alpha=scale)
+
+
+def _wgrad_split(a: Any, b: Any, s: int, scale: float = 1.0) -> Any:
+    """scale * a^T @ b (a: (T, M), b: (T, N)) in fp32, the T reduction split into s batched parts."""
     import torch
 
     if s == 1:
-        return (a.t() @ b).float()
+        return _mm(a.t(), b, scale).float()
     n_rows = a.shape[0]
     chunk = n_rows // s
     main = chunk * s
-    out = torch.bmm(a[:main].reshape(s, chunk, a.shape[1]).transpose(1, 2), b[:main].reshape(s, chunk, b.shape[1]))
-    out = out.sum(0, dtype=torch.float32)
+    parts = _bmm(a[:main].reshape(s, chunk, a.shape[1]).transpose(1, 2), b[:main].reshape(s, chunk, b.shape[1]), scale)
+    out = parts.sum(0, dtype=torch.float32)
     if main < n_rows:
-        out += (a[main:].t() @ b[main:]).float()
+        out += _mm(a[main:].t(), b[main:], scale).float()
     return out
 
 
-def _tall_split(a: Any, bt: Any, s: int) -> Any:
-    """a @ bt^T (a: (T, K), bt: (N, K) with N small), the K reduction split into s batched parts."""
+def _tall_split(a: Any, bt: Any, s: int, scale: float = 1.0) -> Any:
+    """scale * a @ bt^T (a: (T, K), bt: (N, K) with N small), the K reduction split into s batched parts."""
     import torch
 
     if s == 1:
-        return a @ bt.t()
+        return _mm(a, bt.t(), scale)
     n_rows, k = a.shape
     part = k // s
     a3 = a.reshape(n_rows, s, part).transpose(0, 1)  # (s, T, K/s), a strided batch: no copy
     b3 = bt.reshape(bt.shape[0], s, part).permute(1, 2, 0)  # (s, K/s, N)
-    return torch.bmm(a3, b3).sum(0, dtype=torch.float32).to(a.dtype)
+    return _bmm(a3, b3, scale).sum(0, dtype=torch.float32).to(a.dtype)
 
 
 def _pick_split(fn: Any, a: Any, b: Any, ok: Any) -> int:
@@ -427,16 +443,17 @@ def _pick_split(fn: Any, a: Any, b: Any, ok: Any) -> int:
     return best if best_ms < (1 - SPLIT_MIN_GAIN) * plain_ms else 1
 
 
-def lora_wgrad(a: Any, b: Any) -> Any:
-    """a^T @ b in fp32 for a (T, M), b (T, N): the LoRA matrices' weight gradients (reduction over tokens)."""
+def lora_wgrad(a: Any, b: Any, scale: float = 1.0) -> Any:
+    """scale * a^T @ b in fp32 for a (T, M), b (T, N): the LoRA matrices' weight gradients (reduction over tokens;
+    the scale inside the GEMM, not one more pass over the result)."""
     n_rows = a.shape[0]
     if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and _unit_rows(a) and _unit_rows(b)):
-        return (a.t() @ b).float()
+        return _mm(a.t(), b, scale).float()
     key = ("w", a.shape[1], b.shape[1], _bucket(n_rows), a.dtype, a.device.index, a.stride(0), b.stride(0))
     s = _SPLIT_CACHE.get(key)
     if s is None:
         s = _SPLIT_CACHE[key] = _pick_split(_wgrad_split, a, b, lambda s: n_rows // s >= 256)
-    return _wgrad_split(a, b, s)
+    return _wgrad_split(a, b, s, scale)
 
 
 def _unit_rows(t: Any) -> bool:
@@ -445,16 +462,16 @@ def _unit_rows(t: Any) -> bool:
     return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
 
 
-def lora_tall(a: Any, bt: Any) -> Any:
-    """a @ bt^T for a (T, K), bt (N, K) contiguous with N small: h = x A^T and g B of a LoRA layer."""
+def lora_tall(a: Any, bt: Any, scale: float = 1.0) -> Any:
+    """scale * a @ bt^T for a (T, K), bt (N, K) contiguous with N small: h = x A^T and s g B of a LoRA layer."""
     n_rows, k = a.shape
     if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and _unit_rows(a) and bt.is_contiguous()):
-        return a @ bt.t()
+        return _mm(a, bt.t(), scale)
     key = ("t", k, bt.shape[0], _bucket(n_rows), a.dtype, a.device.index, a.stride(0))
     s = _SPLIT_CACHE.get(key)
     if s is None:
         s = _SPLIT_CACHE[key] = _pick_split(_tall_split, a, bt, lambda s: k % s == 0 and k // s >= 256)
-    return _tall_split(a, bt, s)
+    return _tall_split(a, bt, s, scale)
 
 
 # --------------------------------------------------------------------------------------------------------------
