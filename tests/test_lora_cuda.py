@@ -86,6 +86,14 @@ def test_split_gemms_compute_the_plain_products() -> None:
     bt = torch.randn(16, 64, generator=gen)
     for s in (1, 2, 4):
         assert torch.allclose(lora_kernels._tall_split(x, bt, s), x @ bt.t(), atol=1e-4)
+        # the LoRA scaling inside the GEMM (alpha) and, in bf16, one rounding of the fp32 sum of the parts
+        scaled = lora_kernels._tall_split(x.bfloat16(), bt.bfloat16(), s, scale=2.0)
+        assert scaled.dtype == torch.bfloat16
+        assert torch.allclose(
+            scaled.float(), 2.0 * (x.bfloat16().float() @ bt.bfloat16().float().t()), rtol=2e-2, atol=0.1
+        )
+    for s in (1, 2, 4, 8):
+        assert torch.allclose(lora_kernels._wgrad_split(a, b, s, scale=0.5).double(), 0.5 * (a.t() @ b), atol=1e-4)
     assert torch.equal(lora_kernels.lora_wgrad(a.float(), b.float()), (a.float().t() @ b.float()))  # CPU: plain
 
 

@@ -424,6 +424,28 @@ def test_k_concat_widens_only_the_wide_layers_and_unfuse_restores_them(
     assert all(p.is_contiguous() and getattr(p, lora_fused.WIDE_ATTR, None) is None for p in model.parameters())
 
 
+def test_k_concat_widens_again_a_weight_moved_after_fusing(tiny_phi3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LoRA pass fuses a model still on the CPU and the Trainer then moves it to the GPU, which gives every
+    weight new storage: the first forward after the move widens the weight where it now is (H100 runs 10 and 11
+    ran without k_concat, its buffer left on the CPU), and the loss is still peft's."""
+    from orchestrator.passes.training.lora import fused as lora_fused
+
+    monkeypatch.setattr(lora_fused, "K_CONCAT", True)
+    model = _peft_model(tiny_phi3, 0.0)
+    fuse_lora_layers(model)
+    _loss_and_grads(model, _batch(), seed=1)  # widened where it is
+    wide_weights = [
+        m.get_base_layer().weight for n, m in model.named_modules() if n.endswith(("qkv_proj", "gate_up_proj"))
+    ]
+    assert len(wide_weights) == 4 and all(lora_fused._wide_of(w, 8) is not None for w in wide_weights)
+    model.to(torch.float64).to(torch.float32)  # what a move to another device does to the weights: new storage
+    assert all(lora_fused._wide_of(w, 8) is None for w in wide_weights)  # the old buffer is no view of them now
+    loss, _ = _loss_and_grads(model, _batch(), seed=1)
+    assert all(lora_fused._wide_of(w, 8) is not None for w in wide_weights)  # widened again, in its new place
+    loss_ref, _ = _loss_and_grads(_peft_model(tiny_phi3, 0.0), _batch(), seed=1)
+    assert torch.allclose(loss, loss_ref, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("spare", [8, 12])
 def test_k_concat_writes_h_into_the_producers_free_columns(monkeypatch: pytest.MonkeyPatch, spare: int) -> None:
     """An input whose producer left free columns after each row (add_norm's normed rows, tagged WIDE_INPUT_ATTR):

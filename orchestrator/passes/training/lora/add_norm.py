@@ -146,10 +146,12 @@ def fused_add_rms_norm_function() -> Any:
 
 
 def reserve_lora_columns(model: Any) -> int:
-    """Give the two norms of every add_norm layer that feed a widened LoRA layer (fused.widen_weight: input_layernorm
-    -> qkv_proj, post_attention_layernorm -> gate_up_proj) the adapter's rank as free columns after each output
-    row, so the layer's [x | h] needs no copy of x; returns how many norms got them."""
-    from orchestrator.passes.training.lora.fused import WIDE_ATTR
+    """Give the two norms of every add_norm layer that feed a LoRA layer k_concat widens (fused.widens:
+    input_layernorm -> qkv_proj, post_attention_layernorm -> gate_up_proj) the adapter's rank as free columns after
+    each output row, so the layer's [x | h] needs no copy of x; returns how many norms got them."""
+    import torch
+
+    from orchestrator.passes.training.lora.fused import FUSED_ATTR, widens
 
     count = 0
     for layer in model.modules():
@@ -159,9 +161,11 @@ def reserve_lora_columns(model: Any) -> int:
                  (layer.post_attention_layernorm, getattr(layer.mlp, "gate_up_proj", None)))  # fmt: skip
         for norm, proj in pairs:
             base = getattr(proj, "get_base_layer", lambda: None)()
-            wide = getattr(getattr(base, "weight", None), WIDE_ATTR, None)
-            if wide is not None:
-                vars(norm)[SPARE_COLS_ATTR] = wide.shape[1] - base.weight.shape[1]
+            if not getattr(proj, FUSED_ATTR, False) or type(base) is not torch.nn.Linear or not widens(base.weight):
+                continue
+            active = [name for name in proj.active_adapters if name in proj.lora_A]
+            if len(active) == 1:
+                vars(norm)[SPARE_COLS_ATTR] = proj.lora_A[active[0]].weight.shape[0]
                 count += 1
     return count
 

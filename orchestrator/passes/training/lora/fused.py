@@ -164,22 +164,30 @@ def _wide_of(weight: Any, rank: int) -> Any:
     return wide
 
 
-def widen_weight(weight: Any, rank: int) -> bool:
-    """Make a frozen base weight (out, in) the first `in` columns of an (out, in + r) buffer, so base_plus_lora can
-    run [x | h] [W | s B]^T as one GEMM; only where K_CONCAT is on and the output is at least K_CONCAT_MIN_RATIO
-    times the input (the [x | h] copy, 4 bytes per input element, must cost less than the full-size LoRA term's
-    write and read back, 4 per output element). Done when the layers are fused, not in a step (the weight moves
-    once); a forward in another dtype than the weight's does not use the buffer. Costs r / in more weight memory
-    (2% at r = 64 on Phi-3-mini's widths); unwiden_weights undoes it. True where the buffer is in place."""
-    import torch
-
+def widens(weight: Any) -> bool:
+    """Whether K_CONCAT gives this base weight the (out, in + r) buffer: a frozen float matrix whose output is at
+    least K_CONCAT_MIN_RATIO times its input (the [x | h] copy, 4 bytes per input element, must cost less than the
+    full-size LoRA term's write and read back, 4 per output element)."""
     if not K_CONCAT or not weight.is_floating_point() or weight.requires_grad or weight.dim() != 2:
         return False
-    out_f, in_f = weight.shape
-    if out_f < K_CONCAT_MIN_RATIO * in_f:
+    return weight.shape[0] >= K_CONCAT_MIN_RATIO * weight.shape[1]
+
+
+def widen_weight(weight: Any, rank: int) -> bool:
+    """Make a frozen base weight (out, in) the first `in` columns of an (out, in + r) buffer, so base_plus_lora can
+    run [x | h] [W | s B]^T as one GEMM, where `widens(weight)`. Done when the layers are fused (weights already on
+    a GPU) and again by the first forward after the weight got new storage: the LoRA pass fuses a model still on
+    the CPU, which the Trainer then moves (run 10 and 11 ran the LoRA-first path for that reason, k_concat's buffer
+    left behind on the CPU); a forward in another dtype than the weight's does not use the buffer. Costs r / in
+    more weight memory (2% at r = 64 on Phi-3-mini's widths); unwiden_weights undoes it. True where the buffer is
+    in place."""
+    import torch
+
+    if not widens(weight):
         return False
     if _wide_of(weight, rank) is not None:
         return True
+    out_f, in_f = weight.shape
     with torch.no_grad():
         wide = torch.empty((out_f, in_f + rank), dtype=weight.dtype, device=weight.device)
         wide[:, :in_f].copy_(weight.data)
@@ -674,6 +682,8 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     xc = x.to(dtype)  # no copy when x is in the compute dtype already (the usual case)
     w = weight if qstate is not None else weight.to(dtype)  # a 4-bit weight is dequantized inside, per call
     bias_c = None if bias is None else bias.to(dtype)
+    if K_CONCAT and w is weight:  # in place already, or the weight moved since it was fused: widened here, once
+        widen_weight(weight, a.shape[0])
     p = _fused_dropout_p(dropout, xc, a.shape[0])
     if p is not None:
         seed = philox_seed(xc, a.shape[0])  # drawn here: a checkpoint's recompute draws it again, the same
@@ -698,9 +708,9 @@ def fuse_lora_layers(model: Any) -> int:
             setattr(module, FUSED_ATTR, True)
             count += 1
             base = module.get_base_layer()
-            if type(base) is torch.nn.Linear and len(module.active_adapters) == 1:
+            if type(base) is torch.nn.Linear and base.weight.is_cuda and len(module.active_adapters) == 1:
                 name = module.active_adapters[0]
-                if name in module.lora_A:
+                if name in module.lora_A:  # (a weight still to move is widened by its first forward instead)
                     widen_weight(base.weight, module.lora_A[name].weight.shape[0])
     invalidate()  # adapters loaded or changed since the last fused step are copied afresh
     return count

@@ -410,7 +410,6 @@ def _wgrad_split(a: Any, b: Any, s: int, scale: float = 1.0) -> Any:
 
 def _tall_split(a: Any, bt: Any, s: int, scale: float = 1.0) -> Any:
     """scale * a @ bt^T (a: (T, K), bt: (N, K) with N small), the K reduction split into s batched parts."""
-    import torch
 
     if s == 1:
         return _mm(a, bt.t(), scale)
@@ -418,7 +417,8 @@ def _tall_split(a: Any, bt: Any, s: int, scale: float = 1.0) -> Any:
     part = k // s
     a3 = a.reshape(n_rows, s, part).transpose(0, 1)  # (s, T, K/s), a strided batch: no copy
     b3 = bt.reshape(bt.shape[0], s, part).permute(1, 2, 0)  # (s, K/s, N)
-    return _bmm(a3, b3, scale).sum(0, dtype=torch.float32).to(a.dtype)
+    # summed in fp32 inside the reduction and written in a's dtype once (no fp32 tensor and cast kernel after it)
+    return _bmm(a3, b3, scale).sum(0)
 
 
 def _pick_split(fn: Any, a: Any, b: Any, ok: Any) -> int:
