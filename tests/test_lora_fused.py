@@ -444,6 +444,12 @@ def test_k_concat_widens_again_a_weight_moved_after_fusing(tiny_phi3, monkeypatc
     assert all(lora_fused._wide_of(w, 8) is not None for w in wide_weights)  # widened again, in its new place
     loss_ref, _ = _loss_and_grads(_peft_model(tiny_phi3, 0.0), _batch(), seed=1)
     assert torch.allclose(loss, loss_ref, atol=1e-6, rtol=1e-6)
+    model.to(torch.float64).to(torch.float32)
+    with torch.inference_mode():  # an evaluation first: no inference tensor may become the weight's storage
+        model(**_batch())
+    assert all(lora_fused._wide_of(w, 8) is None and not w.is_inference() for w in wide_weights)
+    loss_after_eval, _ = _loss_and_grads(model, _batch(), seed=1)  # trains (widened now), peft's loss
+    assert torch.allclose(loss_after_eval, loss_ref, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("spare", [8, 12])

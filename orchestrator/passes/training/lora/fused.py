@@ -196,6 +196,16 @@ def widen_weight(weight: Any, rank: int) -> bool:
     return True
 
 
+def _may_allocate_weights(weight: Any) -> bool:
+    """Whether a forward may give this weight new storage: not under inference mode (an inference tensor as the
+    weight could not be saved for a later training backward) nor during a CUDA-graph capture."""
+    import torch
+
+    if torch.is_inference_mode_enabled():
+        return False
+    return not (weight.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def unwiden_weights(model: Any) -> int:
     """Give every widened base weight its own contiguous storage back (before saving or merging); returns how many."""
     count = 0
@@ -682,7 +692,7 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     xc = x.to(dtype)  # no copy when x is in the compute dtype already (the usual case)
     w = weight if qstate is not None else weight.to(dtype)  # a 4-bit weight is dequantized inside, per call
     bias_c = None if bias is None else bias.to(dtype)
-    if K_CONCAT and w is weight:  # in place already, or the weight moved since it was fused: widened here, once
+    if K_CONCAT and w is weight and _may_allocate_weights(weight):  # moved since fused: widened here, once
         widen_weight(weight, a.shape[0])
     p = _fused_dropout_p(dropout, xc, a.shape[0])
     if p is not None:
