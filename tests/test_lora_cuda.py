@@ -497,7 +497,8 @@ def test_step_metadata_counts_tokens_and_marks_samples_on_the_cpu() -> None:
 def test_orch_trainer_trains_like_trl_with_no_step_sync(tiny_phi3, tmp_path) -> None:
     """The CUDA trainer subclass on CPU (the loss through the torch reference of the fused cross-entropy): the same
     losses as TRL's own SFTTrainer, token counts from the CPU batch, device metrics read when it logs; its batches
-    collated by the plan's DataLoader worker processes (loader_workers: the collator wrapper works there)."""
+    collated by the plan's DataLoader worker processes (loader_workers: the collator wrapper works there); the same
+    gradient norm and flop count without the Trainer's per-step walks over every parameter."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -536,6 +537,13 @@ def test_orch_trainer_trains_like_trl_with_no_step_sync(tiny_phi3, tmp_path) -> 
     assert isinstance(new_logs[-1]["mean_token_accuracy"], float)
     assert new_logs[-1]["mean_token_accuracy"] == pytest.approx(ref_logs[-1]["mean_token_accuracy"], abs=1e-6)
     assert new.state.num_input_tokens_seen == 3 * 2 * 30  # every token of the 3 padding-free rows of 2 samples
+    # no per-step walk over every parameter: the clipping list and the flop count's total made once, same results
+    assert new_logs[-1]["grad_norm"] == pytest.approx(ref_logs[-1]["grad_norm"], rel=1e-5)
+    assert new.state.total_flos == ref.state.total_flos > 0
+    trainable = [p for p in new.model.parameters() if p.requires_grad]
+    assert new._orch_trainable is not None and len(new._orch_trainable) == len(trainable) > 0
+    assert all(a is b for a, b in zip(new._orch_trainable, trainable, strict=True))
+    assert new._orch_flop_params == 6 * new.model.num_parameters(exclude_embeddings=True)
 
 
 def test_apply_plan_fuses_the_lora_layers(tiny_phi3) -> None:
