@@ -598,6 +598,19 @@ def add_norm_frozen_backward(
     checks["add_norm with 64 free columns: grad_x vs Liger's (max abs)"] = float(
         (g_wide[0].float() - grads[0][0].float()).abs().max()
     )
+    # the incoming gradient with a row stride of its own (wide_backward hands over [g W + gh A | gh]'s first
+    # columns): the frozen-weight backward reads the rows where they are, the same gradients
+    xi, ri = x.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    y, summed = fused_add_rms_norm_function().apply(
+        xi, ri, weight, norm.variance_epsilon, norm.offset, norm.casting_mode, False
+    )
+    dy_strided = torch.empty((*dy.shape[:-1], dy.shape[-1] + 64), dtype=dy.dtype, device=dy.device)[..., : dy.shape[-1]]
+    dy_strided.copy_(dy)
+    g_strided = torch.autograd.grad([y, summed], [xi, ri], [dy_strided, ds.clone()])
+    for i, name in enumerate(("grad_x", "grad_residual")):
+        checks[f"add_norm frozen-weight backward, strided incoming rows, {name} vs Liger's (max abs)"] = float(
+            (g_strided[i].float() - grads[0][i].float()).abs().max()
+        )
     res.setdefault("timings_ms", {}).update(t)
 
 

@@ -16,14 +16,16 @@ from tests.conftest import saved_activation_bytes
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-@pytest.fixture(params=["lora_first", "base_first", "k_concat"])
+@pytest.fixture(params=["lora_first", "base_first", "k_concat", "wide_backward"])
 def gemm_order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Every arrangement of the fused functions' GEMMs: both orders (fused.LORA_FIRST, the plan's `lora_first`
-    option), and the LoRA term inside the base GEMM of the wide layers (fused.K_CONCAT, `k_concat`)."""
+    option), the LoRA term inside the base GEMM of the wide layers (fused.K_CONCAT, `k_concat`), and their
+    backward through the same buffer (fused.WIDE_BACKWARD, `wide_backward`)."""
     from orchestrator.passes.training.lora import fused
 
     monkeypatch.setattr(fused, "LORA_FIRST", request.param != "base_first")
-    monkeypatch.setattr(fused, "K_CONCAT", request.param == "k_concat")
+    monkeypatch.setattr(fused, "K_CONCAT", request.param in ("k_concat", "wide_backward"))
+    monkeypatch.setattr(fused, "WIDE_BACKWARD", request.param == "wide_backward")
     return request.param != "base_first"
 
 
@@ -497,3 +499,38 @@ def test_k_concat_writes_h_into_the_producers_free_columns(monkeypatch: pytest.M
     ref = flat @ w_ref.t() + 0.5 * ((flat * mask / 0.9) @ a.detach().t()) @ b.detach().t()
     assert torch.allclose(out.reshape(-1, 72), ref, atol=1e-12)
     assert torch.allclose(buf[..., 32:40].reshape(-1, 8), (flat * mask / 0.9) @ a.detach().t(), atol=1e-12)
+
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_wide_backward_takes_gh_from_the_base_gemm(monkeypatch: pytest.MonkeyPatch, tagged: bool) -> None:
+    """WIDE_BACKWARD: a widened layer's backward is g [W | sB] = [g W | s g B] in one GEMM, no skinny GEMM over g
+    for gh, and the LoRA Linear's gradients. The input gradient keeps the buffer's row stride where x's producer
+    left free columns (add_norm, whose backward takes strided rows), else comes back in storage of its own."""
+    from orchestrator.passes.training.lora import fused, kernels
+
+    monkeypatch.setattr(fused, "K_CONCAT", True)
+    monkeypatch.setattr(fused, "WIDE_BACKWARD", True)
+    gen = torch.Generator().manual_seed(9)
+    buf = torch.randn(3, 7, 32 + 8, generator=gen, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.randn(72, 32, generator=gen, dtype=torch.float64), requires_grad=False)
+    w_ref = w.detach().clone()
+    a = torch.randn(8, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(72, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, 72, generator=gen, dtype=torch.float64)
+    assert fused.widen_weight(w, 8)
+    x = (buf[..., :32] if tagged else buf[..., :32].contiguous()).requires_grad_(True)
+    if tagged:
+        setattr(x, fused.WIDE_INPUT_ATTR, 8)
+    x_before = x.detach().clone()
+    out = fused._fn().apply(x, x, w, None, None, a, b, 0.5, torch.float64)
+
+    def no_skinny_gemm(*args, **kwargs):
+        raise AssertionError("gh by a GEMM of its own")
+
+    monkeypatch.setattr(kernels, "lora_tall", no_skinny_gemm)
+    gx, ga, gb = torch.autograd.grad(out, (x, a, b), g)
+    xr = x_before.clone().requires_grad_(True)
+    ref = xr @ w_ref.t() + 0.5 * (xr @ a.t()) @ b.t()
+    for got, want in zip((gx, ga, gb), torch.autograd.grad(ref, (xr, a, b), g), strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+    assert gx.stride(-2) == (40 if tagged else 32)  # [g W + gh A | gh]'s first columns, or a copy

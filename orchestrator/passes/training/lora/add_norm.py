@@ -128,7 +128,9 @@ def fused_add_rms_norm_function() -> Any:
             s, w, rstd = ctx.saved_tensors
             shape = d_y.shape
             dim = shape[-1]
-            d_y2 = d_y.reshape(-1, dim).contiguous()
+            d_y2 = d_y.reshape(-1, dim)  # rows with a stride of their own (the wide backward's grad_x) taken as is
+            if d_y2.stride(-1) != 1 or ctx.in_place:
+                d_y2 = d_y2.contiguous()
             d_s2 = None if d_s_out is None else d_s_out.reshape(-1, dim).contiguous()
             s2 = s.reshape(-1, dim)
             d_x = d_y2 if ctx.in_place else d_y2.new_empty(d_y2.shape)

@@ -56,6 +56,11 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   gives it its own storage back; +0.2 GiB on Phi-3-mini). H100 run 9, same call: 30,424 -> 30,786 tokens/s at
   dropout 0 (1.012x), 29,262 -> 29,594 at 0.05 (1.011x); bench/gpu_kernels.py `fold` per projection: qkv 0.760 ->
   0.737 ms, gate_up 1.361 -> 1.251 (o and down would lose to the copy: not widened). A 4-bit base is not widened.
+- `wide_backward`: a widened layer's backward reads k_concat's buffer too, g [W | sB] = [g W | s g B] in one GEMM
+  (N = in + r, 2% wider), instead of a skinny GEMM s g B that reads the whole output gradient again (profile of run
+  11: 5.1 ms per Phi-3-mini step for qkv_proj's and gate_up_proj's); g W + gh A is then accumulated in place, and
+  the input gradient goes to add_norm's backward with the buffer's row stride (elsewhere copied to its own
+  storage). Layers whose dropout runs inside the fused function keep the separate GEMM. Not yet measured on a GPU.
 - `cached_casts`: the fused layers' A and B in the compute dtype are kept between calls and refreshed once per
   optimizer step, all stale ones in one foreach copy (adapter_casts.py; B stored transposed, the layout the
   backward's g @ B reads), and the LoRA scaling rides in the backward GEMMs' alpha: ~400 fewer small kernels and
@@ -192,6 +197,7 @@ OPTION_NAMES = (
     "k_concat",
     "loader_workers",
     "cached_casts",
+    "wide_backward",
 )
 # Model types whose attention is transformers' Phi3Attention (one fused qkv_proj sliced into q, k, v)
 QKV_SPLIT_MODEL_TYPES = frozenset({"phi3"})
@@ -230,6 +236,7 @@ class CudaPlan:
     k_concat: bool = False  # wide layers' LoRA term inside the base GEMM: [x | h] [W | sB]^T, one GEMM (fused.py)
     loader_workers: bool = False  # batches collated by DataLoader worker processes ahead of the step, not between
     cached_casts: bool = False  # fused layers' A and B in bf16 kept between calls, refreshed once per optimizer step
+    wide_backward: bool = False  # widened layers' backward: g [W | sB] = [g W | gh] in one GEMM (k_concat's buffer)
     reasons: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -557,6 +564,13 @@ def plan_cuda(
             "instead of s h B^T written over the whole output and read back by the base GEMM (H100 run 9: 1.012x "
             "tokens/s at dropout 0, 1.011x at 0.05)"
         )
+    wide_backward = bool(k_concat and opts.get("wide_backward", True))
+    if wide_backward:
+        reasons.append(
+            "the widened layers' backward through the same buffer: g [W | sB] = [g W | s g B] as one GEMM (N = in + "
+            "r), so s g B needs no skinny GEMM re-reading the whole output gradient (on Phi-3-mini's gate_up_proj "
+            "268 MB a layer), and the input gradient handed to add_norm's backward with the buffer's row stride"
+        )
     cached_casts = bool(fused_lora and opts.get("cached_casts", True))
     if cached_casts:
         reasons.append(
@@ -794,6 +808,7 @@ def plan_cuda(
         k_concat=k_concat,
         loader_workers=loader_workers,
         cached_casts=cached_casts,
+        wide_backward=wide_backward,
         reasons=tuple(reasons),
     )
 
@@ -928,6 +943,7 @@ def apply_plan(plan: CudaPlan, model: Any, sft_kwargs: Mapping[str, Any]) -> dic
         lora_fused.TRITON_SKINNY = plan.triton_skinny
         lora_fused.K_CONCAT = plan.k_concat
         lora_fused.CACHED_CASTS = plan.cached_casts
+        lora_fused.WIDE_BACKWARD = plan.wide_backward
         fuse_lora_layers(model)
         if plan.add_norm and plan.k_concat:
             from orchestrator.passes.training.lora.add_norm import reserve_lora_columns

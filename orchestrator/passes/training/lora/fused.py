@@ -82,6 +82,9 @@ TRITON_SKINNY = False
 # (one GEMM, K = in + r) instead of a skinny GEMM writing s h B^T over the whole output for the base GEMM to read
 K_CONCAT = False
 K_CONCAT_MIN_RATIO = 2.0
+# lora_cuda's plan sets it: a widened layer's backward reads the same buffer, g [W | sB] = [g W | gh] in one GEMM
+# (gh needs no skinny GEMM re-reading the whole output gradient); layers without dropout inside the fused function
+WIDE_BACKWARD = False
 # lora_cuda's plan sets it: A and B in the compute dtype kept between calls, refreshed once per optimizer step for all
 # layers together (adapter_casts.py), instead of two casts per call
 CACHED_CASTS = False
@@ -321,6 +324,9 @@ def _lora_function() -> Any:
             ctx.scaling = scaling
             ctx.dtypes = (a.dtype, b.dtype)
             ctx.qstate, ctx.dtype = qstate, dtype
+            # x's producer left free columns after its rows (add_norm): its backward reads a gradient with that
+            # row stride, so the wide backward may hand it [g W + gh A | gh]'s first columns without a copy
+            ctx.strided_grad_ok = getattr(x, WIDE_INPUT_ATTR, 0) > 0
             # keep only what the gradients asked for need (a frozen first layer's input needs no gradient)
             need_x, need_xd, _, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
             need_x = need_x or (same and need_xd)
@@ -342,6 +348,11 @@ def _lora_function() -> Any:
             lead = grad_out.shape[:-1]
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_xd = grad_a = grad_b = None
+            wide = _wide_of(weight, b16.shape[1]) if WIDE_BACKWARD and ctx.same and weight is not None else None
+            if wide is not None and wide.dtype == g.dtype and ctx.qstate is None:
+                with torch.autocast(device_type=g.device.type, enabled=False):
+                    grad_x, grad_a, grad_b = _wide_backward(g, wide, xd2, h, a16, ctx, need_a, need_b)
+                return grad_x.view(*lead, grad_x.shape[-1]), None, None, None, None, grad_a, grad_b, None, None
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh, grad_b = lora_out_grads(g, h if need_b else None, b16, ctx.scaling, ctx.dtypes[1])
                 if need_a:
@@ -360,6 +371,22 @@ def _lora_function() -> Any:
             return grad_x, grad_xd, None, None, None, grad_a, grad_b, None, None
 
     return LoraLinearFunction
+
+
+def _wide_backward(g: Any, wide: Any, xd2: Any, h: Any, a16: Any, ctx: Any, need_a: bool, need_b: bool) -> tuple:
+    """A widened layer's backward (WIDE_BACKWARD): g [W | sB] = [g W | gh] in one GEMM, the forward's buffer read
+    the other way, so gh = s g B costs no GEMM of its own over g (on Phi-3-mini's gate_up_proj a read of 268 MB
+    per layer); then g W + gh A in place and the adapters' gradients. (grad_x, grad_a, grad_b); grad_x has the
+    buffer's row stride where x's producer takes that (ctx.strided_grad_ok), else its own storage."""
+    from orchestrator.passes.training.lora.kernels import lora_wgrad
+
+    n_in = wide.shape[1] - a16.shape[0]
+    gxh = g @ wide  # (T, in + r)
+    gh = gxh[:, n_in:]
+    grad_b = lora_wgrad(g, h, scale=ctx.scaling).to(ctx.dtypes[1]) if need_b else None
+    grad_a = lora_a_grad(gh, xd2).to(ctx.dtypes[0]) if need_a else None
+    grad_x = gxh[:, :n_in].addmm_(gh, a16)  # disjoint columns of one buffer: gh is read, g W accumulated into
+    return (grad_x if ctx.strided_grad_ok else grad_x.contiguous()), grad_a, grad_b
 
 
 def _lora_dropout_function() -> Any:
