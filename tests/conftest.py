@@ -77,21 +77,21 @@ def run_triton_interpreted(script: str, out: Path, timeout: int) -> dict[str, An
 
 def saved_activation_bytes(forward: Any, exclude: Any = ()) -> int:
     """Bytes of the distinct storages autograd keeps for the backward while `forward()` runs, the storages of the
-    tensors in `exclude` (a model's parameters: they exist anyway) left out."""
+    tensors in `exclude` (a model's parameters: they exist anyway) left out, as they are after the forward (a
+    fused layer's first forward may give a frozen weight new storage: k_concat's wide buffer)."""
     import torch
 
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    params = list(exclude)
     seen: dict[int, int] = {}
 
     def pack(t: Any) -> Any:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
-    return sum(seen.values())
+    skip = {t.untyped_storage().data_ptr() for t in params}
+    return sum(n for ptr, n in seen.items() if ptr not in skip)
 
 
 def tone_data_config(tone_data: Path, name: str = "tone") -> dict[str, Any]:
