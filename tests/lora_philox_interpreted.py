@@ -87,7 +87,7 @@ class ReferenceDropout(torch.nn.Module):
         return out.to(x.dtype).view(x.shape)
 
 
-def tiny_model(dropout: float = P) -> Any:
+def tiny_model(dropout: float = P, targets: tuple[str, ...] = ("o_proj", "down_proj")) -> Any:
     import peft
     import transformers
 
@@ -97,7 +97,7 @@ def tiny_model(dropout: float = P) -> Any:
         num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     base = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=["o_proj", "down_proj"])
+    config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=list(targets))
     model = peft.get_peft_model(base, config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -164,6 +164,18 @@ def fused_model_outputs(res: dict[str, Any]) -> None:
         res["model fused native_dropout"] = step(copy.deepcopy(model), ids)
     finally:
         fused.PHILOX_DROPOUT = True
+    # the widened layers (qkv_proj 3x, gate_up_proj 4x their input): [x | h] [W | sB]^T and the backward through
+    # the same buffer (K_CONCAT + WIDE_BACKWARD) against the separate GEMMs, Philox masks regenerated and as bits
+    wide = tiny_model(targets=("qkv_proj", "gate_up_proj"))
+    fused.fuse_lora_layers(wide)
+    for bits in (False, True):
+        fused.BIT_MASKS = bits
+        try:
+            res[f"model wide bits={bits} separate"] = step(copy.deepcopy(wide), ids)
+            fused.K_CONCAT = fused.WIDE_BACKWARD = True
+            res[f"model wide bits={bits} wide_backward"] = step(copy.deepcopy(wide), ids)
+        finally:
+            fused.K_CONCAT = fused.WIDE_BACKWARD = fused.BIT_MASKS = False
     # dropout 0: the skinny products by the p = 0 Triton kernels (TRITON_SKINNY) against peft's own forward
     zero = tiny_model(dropout=0.0)
     res["model p0 peft"] = step(copy.deepcopy(zero), ids)

@@ -534,3 +534,21 @@ def test_wide_backward_takes_gh_from_the_base_gemm(monkeypatch: pytest.MonkeyPat
     for got, want in zip((gx, ga, gb), torch.autograd.grad(ref, (xr, a, b), g), strict=True):
         assert torch.allclose(got, want, atol=1e-10)
     assert gx.stride(-2) == (40 if tagged else 32)  # [g W + gh A | gh]'s first columns, or a copy
+    # dropout inside the fused function (native_dropout's mask on CPU tensors): the mask's term added in place
+    monkeypatch.undo()
+    monkeypatch.setattr(fused, "K_CONCAT", True)
+    monkeypatch.setattr(fused, "WIDE_BACKWARD", True)
+    x = (buf[..., :32] if tagged else buf[..., :32].contiguous()).requires_grad_(True)
+    if tagged:
+        setattr(x, fused.WIDE_INPUT_ATTR, 8)
+    torch.manual_seed(3)
+    out = fused._dropout_fn().apply(x, w, None, None, a, b, 0.5, 0.1, torch.float64, None)
+    monkeypatch.setattr(kernels, "lora_tall", no_skinny_gemm)
+    gx, ga, gb = torch.autograd.grad(out, (x, a, b), g)
+    torch.manual_seed(3)
+    _, mask = torch.native_dropout(x_before.reshape(-1, 32), 0.1, True)
+    xr = x_before.clone().requires_grad_(True)
+    ref = xr @ w_ref.t() + 0.5 * ((xr * mask.reshape(xr.shape) / 0.9) @ a.t()) @ b.t()
+    for got, want in zip((gx, ga, gb), torch.autograd.grad(ref, (xr, a, b), g), strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+    assert gx.stride(-2) == (40 if tagged else 32)

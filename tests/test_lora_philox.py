@@ -327,6 +327,20 @@ def test_fused_layers_with_keep_bits_are_the_regenerating_ones(interpreted: dict
     assert _max_grad_diff(got, want) == 0.0
 
 
+@pytest.mark.parametrize("bits", [False, True])
+def test_widened_layers_backward_through_their_buffer_is_the_separate_gemms(
+    interpreted: dict[str, Any], bits: bool
+) -> None:
+    """qkv_proj and gate_up_proj widened (k_concat) with their backward through the same buffer (wide_backward):
+    the Philox masks' term added into [g W | gh]'s first columns by the kernels, the loss and the adapters'
+    gradients those of the separate GEMMs (fp32: to rounding)."""
+    sep, wide = interpreted[f"model wide bits={bits} separate"], interpreted[f"model wide bits={bits} wide_backward"]
+    assert torch.allclose(wide["loss"], sep["loss"], rtol=1e-6, atol=1e-6)
+    assert set(wide["grads"]) == set(sep["grads"]) and len(sep["grads"]) == 8
+    for name, grad in sep["grads"].items():
+        assert torch.allclose(wide["grads"][name], grad, rtol=1e-4, atol=1e-6), name
+
+
 def test_triton_skinny_products_at_dropout_0_are_pefts_forward(interpreted: dict[str, Any]) -> None:
     """TRITON_SKINNY (ORCH_CUDA_FASTPATH=+triton_skinny) at LoRA dropout 0: h = x A^T, A's gradient and the input
     gradient's LoRA term by the p = 0 kernels give peft's loss and LoRA gradients."""

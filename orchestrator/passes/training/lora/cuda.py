@@ -60,7 +60,8 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   (N = in + r, 2% wider), instead of a skinny GEMM s g B that reads the whole output gradient again (profile of run
   11: 5.1 ms per Phi-3-mini step for qkv_proj's and gate_up_proj's); g W + gh A is then accumulated in place, and
   the input gradient goes to add_norm's backward with the buffer's row stride (elsewhere copied to its own
-  storage). Layers whose dropout runs inside the fused function keep the separate GEMM. Not yet measured on a GPU.
+  storage); with dropout inside the fused function the mask's term is added there by its Triton kernel. Not yet
+  measured on a GPU.
 - `cached_casts`: the fused layers' A and B in the compute dtype are kept between calls and refreshed once per
   optimizer step, all stale ones in one foreach copy (adapter_casts.py; B stored transposed, the layout the
   backward's g @ B reads), and the LoRA scaling rides in the backward GEMMs' alpha: ~400 fewer small kernels and

@@ -83,7 +83,7 @@ TRITON_SKINNY = False
 K_CONCAT = False
 K_CONCAT_MIN_RATIO = 2.0
 # lora_cuda's plan sets it: a widened layer's backward reads the same buffer, g [W | sB] = [g W | gh] in one GEMM
-# (gh needs no skinny GEMM re-reading the whole output gradient); layers without dropout inside the fused function
+# (gh needs no skinny GEMM re-reading the whole output gradient), with or without dropout inside the fused function
 WIDE_BACKWARD = False
 # lora_cuda's plan sets it: A and B in the compute dtype kept between calls, refreshed once per optimizer step for all
 # layers together (adapter_casts.py), instead of two casts per call
@@ -373,19 +373,33 @@ def _lora_function() -> Any:
     return LoraLinearFunction
 
 
-def _wide_backward(g: Any, wide: Any, xd2: Any, h: Any, a16: Any, ctx: Any, need_a: bool, need_b: bool) -> tuple:
+def _wide_backward(
+    g: Any, wide: Any, xd2: Any, h: Any, a16: Any, ctx: Any, need_a: bool, need_b: bool, drop: Any = None
+) -> tuple:
     """A widened layer's backward (WIDE_BACKWARD): g [W | sB] = [g W | gh] in one GEMM, the forward's buffer read
     the other way, so gh = s g B costs no GEMM of its own over g (on Phi-3-mini's gate_up_proj a read of 268 MB
-    per layer); then g W + gh A in place and the adapters' gradients. (grad_x, grad_a, grad_b); grad_x has the
-    buffer's row stride where x's producer takes that (ctx.strided_grad_ok), else its own storage."""
-    from orchestrator.passes.training.lora.kernels import lora_wgrad
+    per layer); then g W + gh A (times the dropout mask / (1 - p) where `drop` is given: native_dropout's bool mask
+    or a PhiloxMask) in place and the adapters' gradients. (grad_x, grad_a, grad_b); grad_x has the buffer's row
+    stride where x's producer takes that (ctx.strided_grad_ok), else its own storage."""
+    from orchestrator.passes.training.lora import philox_dropout
+    from orchestrator.passes.training.lora.kernels import lora_dropout_grad_add_, lora_wgrad
 
     n_in = wide.shape[1] - a16.shape[0]
     gxh = g @ wide  # (T, in + r)
     gh = gxh[:, n_in:]
     grad_b = lora_wgrad(g, h, scale=ctx.scaling).to(ctx.dtypes[1]) if need_b else None
-    grad_a = lora_a_grad(gh, xd2).to(ctx.dtypes[0]) if need_a else None
-    grad_x = gxh[:, :n_in].addmm_(gh, a16)  # disjoint columns of one buffer: gh is read, g W accumulated into
+    philox = isinstance(drop, philox_dropout.PhiloxMask)
+    grad_a = None
+    if need_a:  # xd2: the dropped-out input, or with Philox dropout the input itself (the mask regenerated or read)
+        wgrad = philox_dropout.dropout_lora_a_wgrad(xd2, gh, drop.p, drop.seed, bits=drop.bits) if philox else None
+        grad_a = (lora_a_grad(gh, xd2) if wgrad is None else wgrad).to(ctx.dtypes[0])
+    grad_x = gxh[:, :n_in]  # disjoint columns of one buffer: gh is read, the LoRA path's term accumulated into g W
+    if drop is None:
+        grad_x.addmm_(gh, a16)
+    elif philox:
+        philox_dropout.dropout_grad_add_(grad_x, gh, a16, drop.p, drop.seed, bits=drop.bits)
+    else:
+        lora_dropout_grad_add_(grad_x, gh, a16, drop, ctx.keep_scale)
     return (grad_x if ctx.strided_grad_ok else grad_x.contiguous()), grad_a, grad_b
 
 
@@ -429,6 +443,7 @@ def _lora_dropout_function() -> Any:
                     )
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p)
+            ctx.strided_grad_ok = getattr(x, WIDE_INPUT_ATTR, 0) > 0  # see LoraLinearFunction
             ctx.philox = None if seed is None else philox_dropout.PhiloxMask(seed, p)
             ctx.dtypes = (a.dtype, b.dtype)
             ctx.qstate, ctx.dtype = qstate, dtype
@@ -451,6 +466,13 @@ def _lora_dropout_function() -> Any:
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_a = grad_b = None
             drop = ctx.philox if ctx.philox is None or mask is None else replace(ctx.philox, bits=mask)
+            wide = _wide_of(weight, b16.shape[1]) if WIDE_BACKWARD and weight is not None else None
+            if wide is not None and wide.dtype == g.dtype and ctx.qstate is None:
+                with torch.autocast(device_type=g.device.type, enabled=False):
+                    grad_x, grad_a, grad_b = _wide_backward(
+                        g, wide, xd2, h, a16, ctx, need_a, need_b, drop=mask if drop is None else drop
+                    )
+                return grad_x.view(*lead, grad_x.shape[-1]), None, None, None, grad_a, grad_b, None, None, None, None
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh, grad_b = lora_out_grads(g, h if need_b else None, b16, ctx.scaling, ctx.dtypes[1])
                 if need_a:  # xd2: the dropped-out input, or with Philox dropout the input itself
