@@ -454,6 +454,22 @@ def test_k_concat_widens_again_a_weight_moved_after_fusing(tiny_phi3, monkeypatc
     assert torch.allclose(loss_after_eval, loss_ref, atol=1e-6, rtol=1e-6)
 
 
+def _widened_case(seed: int, spare: int) -> tuple:
+    """(buf, w, w_ref, a, b, g): rows of 32 inputs with `spare` free columns after each, a frozen (72, 32) weight
+    widened for r = 8 (K_CONCAT on), its values, A, B and an output gradient; float64."""
+    from orchestrator.passes.training.lora import fused
+
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.randn(3, 7, 32 + spare, generator=gen, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.randn(72, 32, generator=gen, dtype=torch.float64), requires_grad=False)
+    w_ref = w.detach().clone()
+    a = torch.randn(8, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(72, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 7, 72, generator=gen, dtype=torch.float64)
+    assert fused.widen_weight(w, 8)
+    return buf, w, w_ref, a, b, g
+
+
 @pytest.mark.parametrize("spare", [8, 12])
 def test_k_concat_writes_h_into_the_producers_free_columns(monkeypatch: pytest.MonkeyPatch, spare: int) -> None:
     """An input whose producer left free columns after each row (add_norm's normed rows, tagged WIDE_INPUT_ATTR):
@@ -463,14 +479,7 @@ def test_k_concat_writes_h_into_the_producers_free_columns(monkeypatch: pytest.M
     from orchestrator.passes.training.lora import fused
 
     monkeypatch.setattr(fused, "K_CONCAT", True)
-    gen = torch.Generator().manual_seed(6)
-    buf = torch.randn(3, 7, 32 + spare, generator=gen, dtype=torch.float64)
-    w = torch.nn.Parameter(torch.randn(72, 32, generator=gen, dtype=torch.float64), requires_grad=False)
-    w_ref = w.detach().clone()
-    a = torch.randn(8, 32, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(72, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(3, 7, 72, generator=gen, dtype=torch.float64)
-    assert fused.widen_weight(w, 8)
+    buf, w, w_ref, a, b, g = _widened_case(seed=6, spare=spare)
     for rank_room in (spare, 4):  # 4 < r = 8: not enough room, the cat path
         x = buf[..., :32].requires_grad_(True)  # a leaf view: its rows are 32 + spare apart
         setattr(x, fused.WIDE_INPUT_ATTR, rank_room)
@@ -510,14 +519,7 @@ def test_wide_backward_takes_gh_from_the_base_gemm(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(fused, "K_CONCAT", True)
     monkeypatch.setattr(fused, "WIDE_BACKWARD", True)
-    gen = torch.Generator().manual_seed(9)
-    buf = torch.randn(3, 7, 32 + 8, generator=gen, dtype=torch.float64)
-    w = torch.nn.Parameter(torch.randn(72, 32, generator=gen, dtype=torch.float64), requires_grad=False)
-    w_ref = w.detach().clone()
-    a = torch.randn(8, 32, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(72, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(3, 7, 72, generator=gen, dtype=torch.float64)
-    assert fused.widen_weight(w, 8)
+    buf, w, w_ref, a, b, g = _widened_case(seed=9, spare=8)
     x = (buf[..., :32] if tagged else buf[..., :32].contiguous()).requires_grad_(True)
     if tagged:
         setattr(x, fused.WIDE_INPUT_ATTR, 8)

@@ -52,8 +52,12 @@ def _install_hook() -> None:
         _STATE["hook"] = register_optimizer_step_post_hook(lambda *_: invalidate())
 
 
-def _plain(a: Any, b: Any, dtype: Any) -> tuple[Any, Any]:
-    return a.to(dtype), b.to(dtype)
+def may_keep_tensors(t: Any) -> bool:
+    """Whether a tensor made now may outlive this call: not under inference mode (an inference tensor could not be
+    saved for a later training backward) nor during a CUDA-graph capture (its memory belongs to the graph)."""
+    import torch
+
+    return not (torch.is_inference_mode_enabled() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def _current(entry: _Copy | None, param: Any) -> bool:
@@ -95,12 +99,10 @@ def _refresh(dtype: Any) -> None:
 def compute_copies(a: Any, b: Any, dtype: Any) -> tuple[Any, Any]:
     """(A, B) in `dtype` for a fused LoRA layer's GEMMs: cached copies kept current with the parameters (the
     parameters themselves when already in dtype)."""
-    import torch
-
     if a.dtype == dtype and b.dtype == dtype:
         return a, b
-    if torch.is_inference_mode_enabled() or (a.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return _plain(a, b, dtype)
+    if not may_keep_tensors(a):
+        return a.to(dtype), b.to(dtype)
     _install_hook()
     copies = _copies()
     ea, eb = copies.get(a), copies.get(b)
@@ -109,7 +111,7 @@ def compute_copies(a: Any, b: Any, dtype: Any) -> tuple[Any, Any]:
     for param, transposed in ((a, False), (b, True)):
         entry = copies.get(param)
         if entry is None or entry.copy.dtype != dtype:
-            copies[param] = _Copy(_new_copy(param, dtype, transposed), generation=-1, version=-1, data_ptr=-1)
+            copies[param] = _Copy(_new_copy(param, dtype, transposed), -1, -1, param.data_ptr())  # stale: filled now
     _refresh(dtype)
     return copies[a].copy, copies[b].copy
 

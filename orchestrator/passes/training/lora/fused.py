@@ -61,7 +61,7 @@ import types
 from dataclasses import replace
 from typing import Any
 
-from orchestrator.passes.training.lora.adapter_casts import compute_copies, invalidate, release
+from orchestrator.passes.training.lora.adapter_casts import compute_copies, invalidate, may_keep_tensors, release
 
 FUSED_ATTR = "_orch_fused_lora"
 
@@ -119,6 +119,8 @@ def base_plus_lora(
     """
     import torch
 
+    from orchestrator.passes.training.lora.kernels import scaled_mm
+
     w = dense_weight(weight, qstate, dtype)
     if h is None:
         h = lora_a_product(xd2, a16)
@@ -133,10 +135,8 @@ def base_plus_lora(
         out = torch.mm(xh, wide.t()) if bias is None else torch.addmm(bias, xh, wide.t())
         return out, h
     if LORA_FIRST:
-        if bias is not None:
-            out = torch.addmm(bias, h, b16.t(), alpha=scaling)
-        else:  # beta=0: the empty tensor's contents are never read (BLAS semantics, NaNs included)
-            out = h.new_empty((h.shape[0], b16.shape[0])).addmm_(h, b16.t(), beta=0, alpha=scaling)
+        # scaling as the GEMM's alpha (without a bias kernels.scaled_mm: beta=0, the empty output never read)
+        out = scaled_mm(h, b16.t(), scaling) if bias is None else torch.addmm(bias, h, b16.t(), alpha=scaling)
         out.addmm_(x2, w.t())
     else:
         out = torch.nn.functional.linear(x2, w, bias)
@@ -197,16 +197,6 @@ def widen_weight(weight: Any, rank: int) -> bool:
         weight.data = wide[:, :in_f]  # the Parameter object stays: optimizers, hooks and state_dict keys unchanged
     setattr(weight, WIDE_ATTR, wide)
     return True
-
-
-def _may_allocate_weights(weight: Any) -> bool:
-    """Whether a forward may give this weight new storage: not under inference mode (an inference tensor as the
-    weight could not be saved for a later training backward) nor during a CUDA-graph capture."""
-    import torch
-
-    if torch.is_inference_mode_enabled():
-        return False
-    return not (weight.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def unwiden_weights(model: Any) -> int:
@@ -348,8 +338,8 @@ def _lora_function() -> Any:
             lead = grad_out.shape[:-1]
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_xd = grad_a = grad_b = None
-            wide = _wide_of(weight, b16.shape[1]) if WIDE_BACKWARD and ctx.same and weight is not None else None
-            if wide is not None and wide.dtype == g.dtype and ctx.qstate is None:
+            wide = _backward_wide(weight, b16, g, ctx) if ctx.same else None
+            if wide is not None:
                 with torch.autocast(device_type=g.device.type, enabled=False):
                     grad_x, grad_a, grad_b = _wide_backward(g, wide, xd2, h, a16, ctx, need_a, need_b)
                 return grad_x.view(*lead, grad_x.shape[-1]), None, None, None, None, grad_a, grad_b, None, None
@@ -371,6 +361,15 @@ def _lora_function() -> Any:
             return grad_x, grad_xd, None, None, None, grad_a, grad_b, None, None
 
     return LoraLinearFunction
+
+
+def _backward_wide(weight: Any, b16: Any, g: Any, ctx: Any) -> Any:
+    """The [W | sB] buffer a fused function's backward reads under WIDE_BACKWARD (a saved, widened, unquantized
+    weight in g's dtype), else None."""
+    if not WIDE_BACKWARD or weight is None or ctx.qstate is not None:
+        return None
+    wide = _wide_of(weight, b16.shape[1])
+    return wide if wide is not None and wide.dtype == g.dtype else None
 
 
 def _wide_backward(
@@ -466,8 +465,8 @@ def _lora_dropout_function() -> Any:
             g = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x = grad_a = grad_b = None
             drop = ctx.philox if ctx.philox is None or mask is None else replace(ctx.philox, bits=mask)
-            wide = _wide_of(weight, b16.shape[1]) if WIDE_BACKWARD and weight is not None else None
-            if wide is not None and wide.dtype == g.dtype and ctx.qstate is None:
+            wide = _backward_wide(weight, b16, g, ctx)
+            if wide is not None:
                 with torch.autocast(device_type=g.device.type, enabled=False):
                     grad_x, grad_a, grad_b = _wide_backward(
                         g, wide, xd2, h, a16, ctx, need_a, need_b, drop=mask if drop is None else drop
@@ -741,7 +740,7 @@ def fused_lora_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     xc = x.to(dtype)  # no copy when x is in the compute dtype already (the usual case)
     w = weight if qstate is not None else weight.to(dtype)  # a 4-bit weight is dequantized inside, per call
     bias_c = None if bias is None else bias.to(dtype)
-    if K_CONCAT and w is weight and _may_allocate_weights(weight):  # moved since fused: widened here, once
+    if K_CONCAT and w is weight and may_keep_tensors(weight):  # moved since fused: widened here, once
         widen_weight(weight, a.shape[0])
     p = _fused_dropout_p(dropout, xc, a.shape[0])
     if p is not None:

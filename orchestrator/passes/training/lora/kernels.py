@@ -376,7 +376,7 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _mm(a: Any, b: Any, scale: float) -> Any:
+def scaled_mm(a: Any, b: Any, scale: float) -> Any:
     """scale * a @ b, the scale in the GEMM's epilogue (alpha; beta=0 never reads the empty output)."""
     if scale == 1.0:
         return a @ b
@@ -397,14 +397,14 @@ def _wgrad_split(a: Any, b: Any, s: int, scale: float = 1.0) -> Any:
     import torch
 
     if s == 1:
-        return _mm(a.t(), b, scale).float()
+        return scaled_mm(a.t(), b, scale).float()
     n_rows = a.shape[0]
     chunk = n_rows // s
     main = chunk * s
     parts = _bmm(a[:main].reshape(s, chunk, a.shape[1]).transpose(1, 2), b[:main].reshape(s, chunk, b.shape[1]), scale)
     out = parts.sum(0, dtype=torch.float32)
     if main < n_rows:
-        out += _mm(a[main:].t(), b[main:], scale).float()
+        out += scaled_mm(a[main:].t(), b[main:], scale).float()
     return out
 
 
@@ -412,7 +412,7 @@ def _tall_split(a: Any, bt: Any, s: int, scale: float = 1.0) -> Any:
     """scale * a @ bt^T (a: (T, K), bt: (N, K) with N small), the K reduction split into s batched parts."""
 
     if s == 1:
-        return _mm(a, bt.t(), scale)
+        return scaled_mm(a, bt.t(), scale)
     n_rows, k = a.shape
     part = k // s
     a3 = a.reshape(n_rows, s, part).transpose(0, 1)  # (s, T, K/s), a strided batch: no copy
@@ -448,7 +448,7 @@ def lora_wgrad(a: Any, b: Any, scale: float = 1.0) -> Any:
     the scale inside the GEMM, not one more pass over the result)."""
     n_rows = a.shape[0]
     if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and _unit_rows(a) and _unit_rows(b)):
-        return _mm(a.t(), b, scale).float()
+        return scaled_mm(a.t(), b, scale).float()
     key = ("w", a.shape[1], b.shape[1], _bucket(n_rows), a.dtype, a.device.index, a.stride(0), b.stride(0))
     s = _SPLIT_CACHE.get(key)
     if s is None:
@@ -466,7 +466,7 @@ def lora_tall(a: Any, bt: Any, scale: float = 1.0) -> Any:
     """scale * a @ bt^T for a (T, K), bt (N, K) contiguous with N small: h = x A^T and s g B of a LoRA layer."""
     n_rows, k = a.shape
     if not (SPLIT_ENABLED and a.is_cuda and n_rows >= 2048 and _unit_rows(a) and bt.is_contiguous()):
-        return _mm(a, bt.t(), scale)
+        return scaled_mm(a, bt.t(), scale)
     key = ("t", k, bt.shape[0], _bucket(n_rows), a.dtype, a.device.index, a.stride(0))
     s = _SPLIT_CACHE.get(key)
     if s is None:

@@ -66,17 +66,6 @@ def _host_value(value: Any) -> Any:
     return item() if callable(item) and getattr(value, "numel", lambda: 0)() == 1 else value
 
 
-class _OneToken:
-    """Stands for a one-token input_ids in the Trainer's flop count (only its numel() is read)."""
-
-    @staticmethod
-    def numel() -> int:
-        return 1
-
-
-_ONE_TOKEN = _OneToken()
-
-
 def _plain_clipping(trainer: Any, model: Any) -> bool:
     """Whether the Trainer would clip through accelerate's plain path (one process or DDP, no sharded or mixed-mesh
     gradients, no SageMaker model parallelism), where the parameter list passed in is all that matters."""
@@ -84,8 +73,8 @@ def _plain_clipping(trainer: Any, model: Any) -> bool:
 
     if trainer.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
         return False
-    mixed = getattr(trainer, "_has_mixed_mesh_grads", None)
-    return not (mixed is not None and mixed(model)) and not getattr(trainer, "is_fsdp_enabled", False)
+    mixed = getattr(trainer, "_has_mixed_mesh_grads", None)  # (FSDP has a distributed type of its own)
+    return not (mixed is not None and mixed(model))
 
 
 def sft_trainer_class(base_cls: Any, plan: CudaPlan | None) -> Any:
@@ -125,8 +114,10 @@ def sft_trainer_class(base_cls: Any, plan: CudaPlan | None) -> Any:
             main = getattr(self.model, "main_input_name", "input_ids")
             if not (plan.nosync and isinstance(inputs, Mapping) and main in inputs):
                 return super().floating_point_ops(inputs)
-            if getattr(self, "_orch_flop_params", None) is None:
-                self._orch_flop_params = super().floating_point_ops({main: _ONE_TOKEN})  # 6 x parameters
+            if getattr(self, "_orch_flop_params", None) is None:  # the Trainer's own count for one token
+                import torch
+
+                self._orch_flop_params = super().floating_point_ops({main: torch.zeros(1, dtype=torch.long)})
             return self._orch_flop_params * int(inputs[main].numel())
 
         def _clip_grad_norm(self, model: Any) -> Any:
