@@ -41,6 +41,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -456,11 +457,15 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def _ok(rows: list[dict[str, Any]], system: str, dropout: float | None = None) -> dict[str, Any] | None:
-    for r in rows:
-        same = dropout is None or abs(r.get("lora_dropout", -1) - dropout) < 1e-9
-        if r.get("ok") and r["system_id"] == system and not r.get("fastpath_options") and same:
-            return r
-    return None
+    """The run's row of `system` at `dropout` with the plan's defaults; of several, the first not profiled (a
+    profiled row's neighbouring steps run on a drained GPU queue: the profile is for reading, not for the median)."""
+    same = [
+        r
+        for r in rows
+        if r.get("ok") and r["system_id"] == system and not r.get("fastpath_options")
+        and (dropout is None or abs(r.get("lora_dropout", -1) - dropout) < 1e-9)
+    ]  # fmt: skip
+    return next((r for r in same if not r.get("profiled_steps")), same[0] if same else None)
 
 
 def max_loss_diff(a: dict[str, Any], b: dict[str, Any]) -> float | None:
@@ -535,6 +540,11 @@ def target_lines(run: dict[str, Any]) -> list[str]:
     return out
 
 
+def run_order(name: str) -> list[Any]:
+    """A run folder's sort key: its numbers as numbers ('2026-12-07-h100-12' after '2026-12-07-h100-9')."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def render(runs: list[dict[str, Any]]) -> str:
     """The gpu section of bench/RESULTS.md, from the runs' JSON files alone."""
     s = SETTINGS
@@ -555,7 +565,7 @@ def render(runs: list[dict[str, Any]]) -> str:
         "activation checkpointing as each row's 'how' says.",
         "",
     ]
-    runs = sorted(runs, key=lambda r: r["name"])  # run folders are named in the order they ran
+    runs = sorted(runs, key=lambda r: run_order(r["name"]))  # run folders are named in the order they ran
     summary = [(run["name"], t) for run in reversed(runs) for t in target_lines(run)]
     if summary:
         lines.append("Summary: the issue's targets checked on each run (newest first; details under each run):")

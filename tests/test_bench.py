@@ -86,19 +86,62 @@ def test_every_row_runs_tiny_on_cpu(tiny_run: Path) -> None:
 
 
 def test_profiled_row_writes_gpu_and_host_profiles(tiny_run: Path, tmp_path: Path) -> None:
-    """--profile on a row: the torch profiler's table for its last two steps and cProfile's for two earlier ones,
-    all four steps left out of the median (5 steps: step 1 is the only one measured)."""
+    """--profile on a row: the torch profiler's table for its last two steps and cProfile's for two earlier ones;
+    those steps and the one between them left out of the median (6 steps: step 1 is the only one measured)."""
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCH / "gpu_finetune.py"), "--shape", "tiny"]
-    cmd += ["--work", str(tiny_run.parent / "ob_tiny"), "--out", str(out), "--steps", "5", "--warmup", "0"]
+    cmd += ["--work", str(tiny_run.parent / "ob_tiny"), "--out", str(out), "--steps", "6", "--warmup", "0"]
     cmd += ["--rows", "orch:fixed:dropout=0"]
     cmd += ["--profile", "orch:fixed:dropout=0", "--row-timeout-s", "600"]
     subprocess.run(cmd, env=_env(), check=True, timeout=900, capture_output=True)
     row = _rows(out)["orch:fixed:dropout=0"]
-    assert row["ok"] and row["steps"] == 5 and row["profiled_steps"] == [1, 2, 4, 5]
+    assert row["ok"] and row["steps"] == 6 and row["profiled_steps"] == [2, 3, 4, 5, 6]
+    assert row["tokens_per_s_median"] == pytest.approx(row["step_tokens"][0] / row["step_times"][0])
     assert (out / "profile_0" / "profile.txt").read_text().startswith("GPU kernel time per step")
     host = (out / "profile_0" / "host_profile.txt").read_text()
     assert host.startswith("host Python time per step under cProfile") and "training_step" in host
+
+
+def test_profiled_window_covers_the_steps_a_profile_perturbs() -> None:
+    """cProfile on steps 16-17 and torch.profiler on 19-20 of 20: 16-20 leave the median (step 18 starts on a GPU
+    whose queue drained while the profiled host fell behind); a window ending before the last step takes the next."""
+    import baseline_peft
+
+    assert baseline_peft.profiled_window([{"first": 19, "last": 20}, {"first": 16, "last": 17}], 20) == {
+        16, 17, 18, 19, 20
+    }  # fmt: skip
+    assert baseline_peft.profiled_window([{"first": 3, "last": 4}], 10) == {3, 4, 5}
+    assert baseline_peft.profiled_window([], 10) == set()
+
+
+def test_kernel_categories_of_an_h100_profile() -> None:
+    """Kernel names from an H100 profile of an orch row land in the category that does the work: Liger's add +
+    RMSNorm kernels are not the LM head's loss, PyTorch's reduce / elementwise kernels are not Triton's."""
+    import baseline_peft
+
+    expected = {
+        "_fused_add_rms_norm_backward_kernel": "Liger / orch Triton",
+        "_rms_norm_forward_kernel": "Liger / orch Triton",
+        "swiglu_bwd_kernel": "Liger / orch Triton",
+        "qkv_rope_fwd_kernel": "Liger / orch Triton",
+        "liger_cross_entropy_kernel": "LM head loss (Triton)",
+        "element_mul_kernel": "LM head loss (Triton)",
+        "nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_NNT": "GEMM (cuBLAS / CUTLASS)",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "GEMM (cuBLAS / CUTLASS)",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention (flash / cudnn)",
+        "void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*)": "attention (flash / cudnn)",
+        "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16>>": "reductions",
+        "void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, true>": "reductions",
+        "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda>": "copies / casts",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "elementwise",
+        "Memset (Device)": "elementwise",
+        "Memcpy DtoD (Device -> Device)": "copies / casts",
+        "void at::native::(anonymous namespace)::fused_dropout_kernel_vec<c10::BFloat16>": "dropout (PyTorch)",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>": (
+            "optimizer"
+        ),
+    }
+    assert {name: baseline_peft.kernel_category(name) for name in expected} == expected
 
 
 def test_baseline_runner_command_line(tiny_run: Path, tmp_path: Path) -> None:
@@ -231,6 +274,14 @@ def test_targets_are_checked_on_the_rows(tmp_path: Path) -> None:
     assert d0.startswith("orch LoRA, dropout 0: 2.00x HF+peft's row (its dropout 0.05); 1.04x Unsloth (NOT met")
     assert "peak 30.0 vs Unsloth 29.0 GiB (NOT met: no higher)" in d0
     assert q == "orch QLoRA: 0.88x Unsloth QLoRA (NOT met: >= 1.05x); peak 5.6 vs 5.3 GiB (NOT met: no more)"
+    # a profiled row first and a repeat of it after: the targets read the repeat (a profile perturbs its neighbours)
+    profiled = {**_row("orch", 26000, 30.0, dropout=0.0), "profiled_steps": [16, 17, 18, 19, 20]}
+    repeat = _row("orch", 28500, 30.0, dropout=0.0)
+    d0 = gpu_finetune.target_lines({**run, "rows": [profiled, *rows[:3], rows[4], repeat]})[0]
+    assert d0.startswith("orch LoRA, dropout 0: 2.04x HF+peft's row (its dropout 0.05); 1.06x Unsloth (met")
+    assert gpu_finetune.target_lines({**run, "rows": [profiled, rows[4]]})[0].startswith(
+        "orch LoRA, dropout 0: 0.96x Unsloth"
+    )  # only the profiled row: it is read
     # a run folder renders: the table, the targets, the notes
     folder = tmp_path / "2026-01-01-x"
     folder.mkdir()
@@ -243,6 +294,15 @@ def test_targets_are_checked_on_the_rows(tmp_path: Path) -> None:
     md = gpu_finetune.render(gpu_finetune.load_runs([tmp_path]))
     assert "| orch LoRA | 0.05 | 29,000 | 2.07x | 1.12x |" in md and "- a note" in md
     assert "- `2026-01-01-x`: orch QLoRA: 0.88x" in md
+
+
+def test_runs_render_in_the_order_they_ran() -> None:
+    names = ["2026-12-07-h100-10-phi3-mini", "2026-12-07-h100-9-phi3-mini", "2026-12-06-h100-2b-phi4-mini",
+             "2026-12-07-h100-12-phi3-mini", "2026-12-06-h100-2a-phi3-mini"]  # fmt: skip
+    assert sorted(names, key=gpu_finetune.run_order) == [
+        "2026-12-06-h100-2a-phi3-mini", "2026-12-06-h100-2b-phi4-mini", "2026-12-07-h100-9-phi3-mini",
+        "2026-12-07-h100-10-phi3-mini", "2026-12-07-h100-12-phi3-mini",
+    ]  # fmt: skip
 
 
 def test_results_md_writes_only_its_section(tmp_path: Path) -> None:
