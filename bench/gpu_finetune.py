@@ -247,7 +247,9 @@ def parse_row(spec: str) -> dict[str, Any]:
     if system not in SYSTEMS:
         raise ValueError(f"row {spec!r}: unknown system {system!r}; known: {', '.join(SYSTEMS)}")
     if data not in ("var", "fixed"):
-        raise ValueError(f"row {spec!r}: data must be var or fixed, got {data!r}")
+        head, sep, _ = data.partition("/")
+        hint = f" (options go after a second colon: {system}:{head}:{data[len(head) + 1 :]})" if sep else ""
+        raise ValueError(f"row {spec!r}: data must be var or fixed, got {data!r}{hint}")
     fastpath: list[str] = []
     settings: dict[str, Any] = {}
     for item in filter(None, opts.split("/")):

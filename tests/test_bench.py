@@ -165,6 +165,7 @@ def test_row_specs() -> None:
     for bad, match in (
         ("orc:fixed", "unknown system 'orc'"),
         ("orch:fixd", "data must be var or fixed"),
+        ("orch:fixed/-k_concat", r"options go after a second colon: orch:fixed:-k_concat"),  # run 12's typo
         ("orch:fixed:dropuot=0", "unknown setting 'dropuot'"),
         ("orch:fixed:flce", "neither"),
         ("orch:fixed:+philox_dropuot", "unknown option 'philox_dropuot'"),  # the pass would refuse it on the GPU

@@ -510,6 +510,48 @@ def test_k_concat_writes_h_into_the_producers_free_columns(monkeypatch: pytest.M
     assert torch.allclose(buf[..., 32:40].reshape(-1, 8), (flat * mask / 0.9) @ a.detach().t(), atol=1e-12)
 
 
+def test_dropout_over_the_producers_whole_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input in add_norm's wider rows: native_dropout runs over the whole contiguous rows (CUDA's vectorized
+    kernel; forced here on CPU tensors) and the function keeps the first columns of its outputs, with the rows'
+    stride. Output and gradients are the LoRA Linear's under that mask; the free columns' contents (NaN here, as
+    uninitialized memory may be) reach nothing."""
+    from orchestrator.passes.training.lora import fused
+
+    monkeypatch.setattr(fused, "K_CONCAT", True)  # free columns after add_norm's rows exist for k_concat
+    buf, w, w_ref, a, b, g = _widened_case(seed=12, spare=8)
+    rows = buf.reshape(-1, 40)
+    rows[:, 32:] = float("nan")
+    x2 = rows[:, :32]
+    torch.manual_seed(5)
+    xd2, mask = fused.dropout_rows(x2, 0.25, 8)
+    torch.manual_seed(5)
+    want_xd, want_mask = torch.native_dropout(rows.clone(), 0.25, True)
+    assert xd2.shape == mask.shape == x2.shape and xd2.stride(0) == mask.stride(0) == 40
+    assert torch.equal(mask, want_mask[:, :32]) and torch.equal(xd2, want_xd[:, :32])
+    assert torch.isfinite(xd2).all() and torch.allclose(xd2, x2 * mask / 0.75, rtol=1e-15, atol=0)
+    torch.manual_seed(5)
+    xd_plain, _ = fused.dropout_rows(x2, 0.25, 0)  # no free columns: the input itself
+    assert xd_plain.is_contiguous() and xd_plain.shape == x2.shape
+
+    monkeypatch.setattr(fused, "_vectorized_dropout", lambda x2: True)
+    buf, w, w_ref, a, b, g = _widened_case(seed=12, spare=8)
+    buf[..., 32:] = float("nan")
+    x = buf[..., :32].requires_grad_(True)
+    setattr(x, fused.WIDE_INPUT_ATTR, 8)
+    x_before = x.detach().clone()
+    torch.manual_seed(3)
+    out = fused._dropout_fn().apply(x, w, None, None, a, b, 0.5, 0.1, torch.float64, None)
+    gx, ga, gb = torch.autograd.grad(out, (x, a, b), g)
+    torch.manual_seed(3)
+    rows_before = torch.cat([x_before, torch.zeros_like(x_before[..., :8])], -1).reshape(-1, 40)
+    mask = torch.native_dropout(rows_before, 0.1, True)[1][:, :32].reshape(x_before.shape)
+    xr = x_before.clone().requires_grad_(True)
+    ref = xr @ w_ref.t() + 0.5 * ((xr * mask / 0.9) @ a.t()) @ b.t()
+    assert torch.allclose(out, ref, atol=1e-12)
+    for got, want in zip((gx, ga, gb), torch.autograd.grad(ref, (xr, a, b), g), strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
 @pytest.mark.parametrize("tagged", [True, False])
 def test_wide_backward_takes_gh_from_the_base_gemm(monkeypatch: pytest.MonkeyPatch, tagged: bool) -> None:
     """WIDE_BACKWARD: a widened layer's backward is g [W | sB] = [g W | s g B] in one GEMM, no skinny GEMM over g

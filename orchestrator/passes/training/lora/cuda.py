@@ -39,7 +39,8 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
   every projection's output and its input gradient; same saved tensors, same random masks. A bitsandbytes 4-bit
   base (QLoRA) is dequantized inside them per call (forward and backward), as bitsandbytes' own matmul does.
   LoRA dropout runs inside them, its mask in one of three modes (`dropout_mask_mode`): native_dropout's byte mask
-  (peft's random numbers) with a Triton kernel reading it for the input gradient; a Philox mask drawn by the Triton
+  (peft's random numbers, except for inputs written into wider rows for k_concat: drawn over the whole rows, for
+  PyTorch's vectorized kernel) with a Triton kernel reading it for the input gradient; a Philox mask drawn by the Triton
   kernel that computes h = dropout(x) A^T and kept as 1 bit per element for the backward kernels (`bit_masks`); or
   the Philox mask regenerated where it is used, nothing kept (`+philox_dropout`). Measured on an H100 at 8 x 1024
   tokens (runs 5 and 6): byte masks are the fastest, bits 0.99x for 5.2 GiB less on Phi-3-mini, regenerating
