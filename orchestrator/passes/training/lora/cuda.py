@@ -341,13 +341,13 @@ def dropout_mask_mode(
     total: float,
     keep_gib: float = 0.0,
 ) -> tuple[str, str]:
-    """(mode, reason) for the fused layers' dropout masks: "stored" (native_dropout's byte mask: peft's random
-    numbers), "bits" (drawn by the Philox kernels, kept as 1 bit per element) or "regenerate" (drawn again from the
-    seed where used, nothing kept); "none" without fused dropout. `masks`: the adapter has dropout (else the choice
-    costs no memory); `need`: the step's estimate with stored masks and without checkpointing; `keep_gib`: what
-    keeping the SwiGLU outputs adds (mlp_keep_gib, 0 where that is not the plan's to choose): where byte masks fit
-    only with them rebuilt and bits fit with them kept, bits (H100 run 8: bits with the outputs kept 28,900 tokens/s,
-    byte masks with them rebuilt 28,507).
+    """(mode, reason) for the fused layers' dropout masks: "stored" (native_dropout's byte mask: PyTorch's own
+    draws, peft's where the input is its own tensor), "bits" (drawn by the Philox kernels, kept as 1 bit per element)
+    or "regenerate" (drawn again from the seed where used, nothing kept); "none" without fused dropout. `masks`: the
+    adapter has dropout (else the choice costs no memory); `need`: the step's estimate with stored masks and without
+    checkpointing; `keep_gib`: what keeping the SwiGLU outputs adds (mlp_keep_gib, 0 where that is not the plan's to
+    choose): where byte masks fit only with them rebuilt and bits fit with them kept, bits (H100 run 8: bits with the
+    outputs kept 28,900 tokens/s, byte masks with them rebuilt 28,507).
 
     Measured on an H100 at 8 x 1024 tokens (run 6): stored masks are the fastest (bits 0.994x on Phi-3-mini and
     0.991x on Phi-4-mini, regenerating 0.97x) and the largest (bits 5.2 GiB less, regenerating 5.8). So stored
@@ -407,7 +407,7 @@ def dropout_mask_mode(
         checkpointing = True
     if mode == "stored":
         return mode, (
-            "LoRA dropout inside the fused layers with native_dropout's stored byte masks (peft's random numbers), "
+            "LoRA dropout inside the fused layers with native_dropout's stored byte masks (PyTorch's own draws), "
             f"its input gradient added by one Triton kernel reading the mask; {why}"
             + ("" if asked else " (+bit_masks keeps them as bits: ~5 GiB less on Phi-3-mini at 8 x 1024, 0.99x)")
         )
