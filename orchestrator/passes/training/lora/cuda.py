@@ -36,7 +36,7 @@ What it picks, and why (bench/RESULTS.md has the measured effect):
 - Fused LoRA layers (passes/training/lora/fused.py) under bf16/fp16 autocast: the LoRA update and the base matmul
   share one output tensor (the small term written first, the base GEMM accumulating into it in its epilogue:
   `lora_first`) and the backward is written by hand, which removes the full-size `* scaling` and `+` passes over
-  every projection's output and its input gradient; same saved tensors, same random masks. A bitsandbytes 4-bit
+  every projection's output and its input gradient; same saved tensors. A bitsandbytes 4-bit
   base (QLoRA) is dequantized inside them per call (forward and backward), as bitsandbytes' own matmul does.
   LoRA dropout runs inside them, its mask in one of three modes (`dropout_mask_mode`): native_dropout's byte mask
   (peft's random numbers, except for inputs written into wider rows for k_concat: drawn over the whole rows, for
