@@ -77,6 +77,8 @@ def tolerances(dtype: torch.dtype) -> dict[str, float]:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_grad_kernel_is_the_reference_in_both_modes(interpreted: dict[str, Any], dtype: str) -> None:
+    masks = [got["mask"] for got in cases(interpreted, "dropout", dtype)]
+    assert {m.stride(0) == m.shape[1] for m in masks} == {True, False}  # contiguous masks and wider rows' columns
     for got in cases(interpreted, "dropout", dtype):
         gx, gh, a, mask = got["gx"], got["gh"], got["a"], got["mask"]
         assert got["add_launches"] == {"dropout_grad_add_kernel": 1}  # the kernel, not the torch fallback
