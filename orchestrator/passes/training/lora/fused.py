@@ -255,11 +255,14 @@ def lora_a_product(x2: Any, a16: Any) -> Any:
     return lora_tall(x2, a16)
 
 
-def lora_a_grad(gh: Any, x2: Any) -> Any:
-    """A's gradient gh^T @ x2 (r, K) in fp32: cuBLAS (lora_wgrad), or the p = 0 Triton kernel (TRITON_SKINNY)."""
+def lora_a_grad(gh: Any, x2: Any, philox: Any = None) -> Any:
+    """A's gradient gh^T @ x2 (r, K) in fp32: cuBLAS (lora_wgrad), or the p = 0 Triton kernel (TRITON_SKINNY); with
+    a PhiloxMask, x2 is the input before dropout and the Triton kernel applies the mask (its bits, or regenerated)."""
     from orchestrator.passes.training.lora import philox_dropout
     from orchestrator.passes.training.lora.kernels import lora_wgrad
 
+    if philox is not None:
+        return philox_dropout.dropout_lora_a_wgrad(x2, gh, philox.p, philox.seed, bits=philox.bits)
     if _skinny(x2, gh, rank=gh.shape[1]):
         return philox_dropout.dropout_lora_a_wgrad(x2, gh, 0.0, 0)
     return lora_wgrad(gh, x2)
@@ -412,10 +415,8 @@ def _wide_backward(
     gh = gxh[:, n_in:]
     grad_b = lora_wgrad(g, h, scale=ctx.scaling).to(ctx.dtypes[1]) if need_b else None
     philox = isinstance(drop, philox_dropout.PhiloxMask)
-    grad_a = None
-    if need_a:  # xd2: the dropped-out input, or with Philox dropout the input itself (the mask regenerated or read)
-        wgrad = philox_dropout.dropout_lora_a_wgrad(xd2, gh, drop.p, drop.seed, bits=drop.bits) if philox else None
-        grad_a = (lora_a_grad(gh, xd2) if wgrad is None else wgrad).to(ctx.dtypes[0])
+    # xd2: the dropped-out input, or with Philox dropout the input itself (the mask regenerated or read)
+    grad_a = lora_a_grad(gh, xd2, drop if philox else None).to(ctx.dtypes[0]) if need_a else None
     grad_x = gxh[:, :n_in]  # disjoint columns of one buffer: gh is read, the LoRA path's term accumulated into g W
     if drop is None:
         grad_x.addmm_(gh, a16)
@@ -466,7 +467,7 @@ def _lora_dropout_function() -> Any:
                     )
             ctx.scaling = scaling
             ctx.keep_scale = 1.0 / (1.0 - p)
-            ctx.strided_grad_ok = getattr(x, WIDE_INPUT_ATTR, 0) > 0  # see LoraLinearFunction
+            ctx.strided_grad_ok = spare > 0  # see LoraLinearFunction
             ctx.philox = None if seed is None else philox_dropout.PhiloxMask(seed, p)
             ctx.dtypes = (a.dtype, b.dtype)
             ctx.qstate, ctx.dtype = qstate, dtype
@@ -499,10 +500,7 @@ def _lora_dropout_function() -> Any:
             with torch.autocast(device_type=g.device.type, enabled=False):
                 gh, grad_b = lora_out_grads(g, h if need_b else None, b16, ctx.scaling, ctx.dtypes[1])
                 if need_a:  # xd2: the dropped-out input, or with Philox dropout the input itself
-                    wgrad = lora_a_grad(gh, xd2) if drop is None else philox_dropout.dropout_lora_a_wgrad(
-                        xd2, gh, drop.p, drop.seed, bits=drop.bits
-                    )  # fmt: skip
-                    grad_a = wgrad.to(ctx.dtypes[0])
+                    grad_a = lora_a_grad(gh, xd2, drop).to(ctx.dtypes[0])
                 if need_x:
                     w = dense_weight(weight, ctx.qstate, ctx.dtype)
                     grad_x = input_grad(g, w, gh, a16, mask if drop is None else drop, ctx.keep_scale)
@@ -581,8 +579,7 @@ def _swiglu_down_function() -> Any:
                 drop = ctx.philox if ctx.philox is None or mask is None else replace(ctx.philox, bits=mask)
                 if drop is not None:  # c again; A's gradient kernel applies the mask (its bits, or regenerated)
                     c = swiglu_forward_2d(u2)
-                    grad_a = philox_dropout.dropout_lora_a_wgrad(c, gh, drop.p, drop.seed, bits=drop.bits)
-                    grad_a = grad_a.to(ctx.dtypes[0])
+                    grad_a = lora_a_grad(gh, c, drop).to(ctx.dtypes[0])
                     del c
                 else:  # c again, or straight its dropped-out copy from the kept mask (one pass either way)
                     xd = swiglu_forward_2d(u2) if mask is None else swiglu_dropout_2d(u2, mask, ctx.keep_scale)
